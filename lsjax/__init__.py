@@ -1,0 +1,19 @@
+"""Label-smoothed losses in JAX: pure, jittable, optax-style functions.
+
+Every public function has a PyTorch twin of the same name and keywords in ``lstorch``; the
+twins are listed in ``parity_tests.registry`` and proven equal by ``python -m parity_tests``.
+This package never imports torch.
+"""
+
+from lsjax.seed_modules import kl_label_smoothing_loss, label_smoothing_loss
+from lsjax.smoothed import smoothed_cross_entropy
+from lsjax.soft import soft_target_cross_entropy
+from lsjax.torch_mirror import cross_entropy
+
+__all__ = [
+    "cross_entropy",
+    "kl_label_smoothing_loss",
+    "label_smoothing_loss",
+    "smoothed_cross_entropy",
+    "soft_target_cross_entropy",
+]

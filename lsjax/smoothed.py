@@ -1,0 +1,317 @@
+"""The label-smoothed cross-entropy family in JAX: one closed-form core, no one-hot ever built.
+
+Every loss of this package with integer targets reduces to :func:`smoothed_cross_entropy`; its
+PyTorch twin is ``lstorch.smoothed_cross_entropy`` (same name, same keywords, same meaning).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import lsspec
+
+Array = jax.Array
+ArrayLike = Any
+
+
+def _is_traced(value: Any) -> bool:
+    return isinstance(value, jax.core.Tracer)
+
+
+def _xlogx(value: Array) -> Array:
+    """x * log(x) with 0 log 0 = 0, so smoothing = 1 (confidence 0) stays finite."""
+    return jax.scipy.special.xlogy(value, value)
+
+
+def _times(scale: Array, term: Array) -> Array:
+    """``scale * term`` that is exactly 0 when ``scale`` is 0, even where ``term`` is infinite.
+
+    With smoothing = 0 and a -inf logit the smoothing term is +inf; ``0 * inf`` would be NaN.
+    """
+    return jnp.where(scale == 0, jnp.zeros_like(term), scale * term)
+
+
+def _concrete_scalar(fn: str, name: str, value: Any) -> Any:
+    """A concrete scalar option as a Python float (for checking); traced values pass through."""
+    if value is None or _is_traced(value):
+        return value
+    if np.ndim(value) != 0:
+        raise lsspec.shape_error(fn, name, np.shape(value), "a scalar")
+    return float(np.asarray(value))
+
+
+def _check_arrays(fn, logits, labels, axis, weight, where):
+    """Shared input checks; returns (logits, labels, class axis as a non-negative int)."""
+    logits = jnp.asarray(logits)
+    labels = jnp.asarray(labels)
+    if not jnp.issubdtype(logits.dtype, jnp.floating):
+        raise lsspec.dtype_error(fn, "logits", logits.dtype, "a floating dtype")
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise lsspec.dtype_error(fn, "labels", labels.dtype, "an integer dtype")
+    if logits.ndim < 1:
+        raise lsspec.shape_error(fn, "logits", logits.shape, "at least one dimension")
+    axis = lsspec.check_axis(fn, axis, logits.ndim)
+    row_shape = logits.shape[:axis] + logits.shape[axis + 1 :]
+    if labels.shape != row_shape:
+        raise lsspec.shape_error(
+            fn, "labels", labels.shape, f"the logits' shape without the class axis, {row_shape}"
+        )
+    num_classes = logits.shape[axis]
+    if weight is not None and jnp.shape(weight) != (num_classes,):
+        raise lsspec.shape_error(fn, "weight", jnp.shape(weight), f"shape ({num_classes},)")
+    if where is not None:
+        if jnp.shape(where) != row_shape:
+            raise lsspec.shape_error(
+                fn, "where", jnp.shape(where), f"the labels' shape {row_shape}"
+            )
+        if jnp.asarray(where).dtype != jnp.bool_:
+            raise lsspec.dtype_error(fn, "where", jnp.asarray(where).dtype, "dtype bool")
+    return logits, labels, axis
+
+
+def _check_label_range(fn, labels, counted, num_classes, ignore_index):
+    """Concrete labels out of range raise; traced ones give NaN rows (see the core)."""
+    if _is_traced(labels) or _is_traced(counted):
+        return
+    labels_np = np.asarray(labels)
+    bad = np.asarray(counted) & ((labels_np < 0) | (labels_np >= num_classes))
+    if bad.any():
+        raise lsspec.label_range_error(fn, labels_np[bad].tolist(), num_classes, ignore_index)
+
+
+def smoothed_cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    smoothing: float | Array = 0.0,
+    convention: str = "uniform",
+    ignore_index: int | None = None,
+    pad_index: int | None = None,
+    weight: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    axis: int = -1,
+    reduction: str = "none",
+    normalizer: float | Array | None = None,
+    kl: bool = False,
+    from_log_probs: bool = False,
+) -> Array:
+    r"""Label-smoothed cross-entropy from integer labels, in closed form.
+
+    The smoothed target of a row is ``q = (1 - eps) * onehot(y) + eps * u``, with ``u`` uniform
+    over the convention's support ``S`` (SEMANTICS.md §1). The loss is computed without building
+    ``q`` from three per-row statistics, ``lse = logsumexp(x)``, ``x_y`` and ``sum_c x_c``::
+
+        loss = (1 - eps) * (lse - x_y) + eps * (lse - mean_{c in S} x_c)
+
+    ``mean_S x`` is ``sum(x)/K`` (``"uniform"``), ``(sum(x) - x_y)/(K-1)`` (``"others"``) or
+    ``(sum(x) - x_y - x_pad)/(K-2)`` (``"others_but_pad"``). The gradient with respect to the
+    logits is ``g * (softmax(x) - q)``; extra memory is O(rows), never O(rows x K).
+
+    With class ``weight`` ``w`` (torch's semantics, SEMANTICS.md §4) a row is
+    ``(1 - eps) * w_y * (lse - x_y) + eps * sum_{c in S} w_c (lse - x_c) / |S|`` and ``"mean"``
+    divides by the sum of ``w_y`` over counted rows.
+
+    Reproduces:
+      * ``convention="uniform"``: ``torch.nn.functional.cross_entropy(x, y, weight=w,
+        ignore_index=i, reduction=r, label_smoothing=eps)`` (class axis given by ``axis``), and
+        ``optax.softmax_cross_entropy(x, optax.smooth_labels(onehot(y), eps))``;
+      * ``convention="others"``: the seed ``LabelSmoothingLoss(classes, smoothing)``, fairseq's
+        ``label_smoothed_nll_loss`` (with ``from_log_probs=True``) and T5X/Flax (with ``kl=True``);
+      * ``convention="others_but_pad", kl=True, from_log_probs=True``: the OpenNMT-style seed
+        ``LabelSmoothingLoss(label_smoothing, tgt_vocab_size, ignore_index)``.
+
+    Args:
+      logits: float array; the class axis is ``axis``. bf16/fp16 are accumulated in float32.
+      labels: int array with the logits' shape minus the class axis.
+      smoothing: ``eps`` in [0, 1]; a Python float or a scalar array (may be traced).
+      convention: ``"uniform"`` | ``"others"`` | ``"others_but_pad"``.
+      ignore_index: rows whose label equals it count for nothing (torch's ``ignore_index``).
+      pad_index: the pad column, required by and only allowed with ``"others_but_pad"``. It never
+        receives smoothing mass, and rows whose label is the pad count for nothing.
+      weight: per-class weights, shape ``(K,)``. Treated as a constant (not differentiated).
+      where: boolean row mask with the labels' shape (optax's ``where``); False rows count for
+        nothing.
+      axis: the class axis of ``logits``.
+      reduction: ``"none"`` (the labels' shape, 0 on rows that do not count), ``"sum"`` or
+        ``"mean"`` (sum over counted rows of ``w_y``, or their number without weights).
+      normalizer: with ``reduction="mean"``, divide the sum by this instead (for gradient
+        accumulation: the token count of the whole accumulated batch).
+      kl: return the KL form, the loss minus the target's entropy (SEMANTICS.md §2): same
+        gradient, minimum 0, finite at smoothing = 1. Not defined with ``weight``.
+      from_log_probs: ``logits`` already are log-probabilities: the loss is ``-sum_c q_c x_c``
+        and its gradient ``-q`` (the seed's KL module and fairseq take log-probs).
+
+    Returns:
+      The loss in ``float32`` for bf16/fp16/float32 logits and ``float64`` for float64 logits:
+      per row with ``reduction="none"``, else a scalar. When no row counts, ``"mean"`` returns 0
+      with a zero gradient (torch returns NaN there).
+
+    Errors and traced inputs: every bad option raises ``ValueError``/``TypeError`` naming the
+    argument. Labels out of range raise when they are concrete; under ``jit`` such a row's loss
+    (and so any reduction over it) is NaN, never a plausible number. A traced ``smoothing``
+    outside [0, 1] likewise gives NaN.
+
+    References:
+      Szegedy et al. 2016, "Rethinking the Inception Architecture for Computer Vision";
+      Müller, Kornblith & Hinton 2019, "When Does Label Smoothing Help?".
+    """
+    fn = "smoothed_cross_entropy"
+    logits, labels, axis = _check_arrays(fn, logits, labels, axis, weight, where)
+    num_classes = logits.shape[axis]
+    lsspec.check_options(
+        fn,
+        num_classes=num_classes,
+        smoothing=_concrete_scalar(fn, "smoothing", smoothing),
+        convention=convention,
+        reduction=reduction,
+        pad_index=pad_index,
+        ignore_index=ignore_index,
+        normalizer=_concrete_scalar(fn, "normalizer", normalizer),
+        kl=kl,
+        has_weight=weight is not None,
+        from_log_probs=from_log_probs,
+    )
+    counted = jnp.ones(labels.shape, dtype=bool)
+    if ignore_index is not None:
+        counted = counted & (labels != ignore_index)
+    if pad_index is not None:
+        counted = counted & (labels != pad_index)
+    if where is not None:
+        counted = counted & jnp.asarray(where)
+    _check_label_range(fn, labels, counted, num_classes, ignore_index)
+
+    x = jnp.moveaxis(logits, axis, -1)
+    compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    eps = jax.lax.stop_gradient(jnp.asarray(smoothing, compute_dtype))
+    if weight is not None:
+        weight = jax.lax.stop_gradient(jnp.asarray(weight, compute_dtype))
+    options = _Options(convention, pad_index, kl, from_log_probs)
+    loss = _row_loss(options, x, labels, counted, eps, weight)
+    w_y = 1.0 if weight is None else weight[jnp.where(counted, labels, 0).clip(0, num_classes - 1)]
+    row_weight = jnp.where(counted, w_y, 0.0).astype(compute_dtype)
+    return _reduce(loss, row_weight, reduction, normalizer)
+
+
+class _Options(NamedTuple):
+    """The static (hashable) options of the core."""
+
+    convention: str
+    pad_index: int | None
+    kl: bool
+    from_log_probs: bool
+
+
+def _row_terms(options, x, labels, counted, eps, weight):
+    """Per-row statistics of the closed form; ``x`` is (..., K), class axis last.
+
+    Only O(rows) values come out: lse, x_y, sum over the support of ``w_c x_c`` and of ``w_c``.
+    Each reduction reads ``x`` in its own dtype and accumulates in float32 (or float64): there is
+    no float32 copy of a bf16 ``x``. Rows that do not count may hold NaN here; callers mask them.
+    """
+    num_classes = x.shape[-1]
+    compute_dtype = eps.dtype
+    in_range = (labels >= 0) & (labels < num_classes)
+    safe_labels = jnp.where(counted & in_range, labels, 0)
+    if options.from_log_probs:
+        lse = jnp.zeros(labels.shape, compute_dtype)
+    else:
+        lse = jax.nn.logsumexp(x.astype(compute_dtype), axis=-1)
+    x_y = jnp.take_along_axis(x, safe_labels[..., None], axis=-1)[..., 0].astype(compute_dtype)
+    if weight is None:
+        w_y = w_pad = 1.0
+        support_sum = jnp.sum(x, axis=-1, dtype=compute_dtype)
+        support_weight = float(num_classes)
+    else:
+        w_y = weight[safe_labels]
+        w_pad = weight[options.pad_index] if options.pad_index is not None else 0.0
+        support_sum = jnp.sum(x.astype(compute_dtype) * weight, axis=-1)
+        support_weight = jnp.sum(weight)
+    if options.convention != "uniform":
+        support_sum = support_sum - w_y * x_y
+        support_weight = support_weight - w_y
+    if options.convention == "others_but_pad":
+        support_sum = support_sum - w_pad * x[..., options.pad_index].astype(compute_dtype)
+        support_weight = support_weight - w_pad
+    # A counted row whose label is out of range, or a (traced) smoothing outside [0, 1], gives
+    # NaN: never a plausible number.
+    bad = counted & ~(in_range & (eps >= 0) & (eps <= 1))
+    return lse, x_y, w_y, support_sum, support_weight, safe_labels, bad
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _row_loss(options, x, labels, counted, eps, weight):
+    """The closed-form core: the per-row loss, 0 on rows that do not count."""
+    lse, x_y, w_y, support_sum, support_weight, _, bad = _row_terms(
+        options, x, labels, counted, eps, weight
+    )
+    num_classes = x.shape[-1]
+    size = lsspec.support_size(options.convention, num_classes)
+    confidence = 1.0 - eps
+    true_term = w_y * (lse - x_y)
+    smooth_term = (support_weight * lse - support_sum) / size
+    loss = _times(confidence, true_term) + _times(eps, smooth_term)
+    if options.kl:  # Subtract the entropy of q: add sum_c q_c log q_c, a constant per row.
+        uniform = options.convention == "uniform"
+        on_target = confidence + eps / num_classes if uniform else confidence
+        off_target_count = num_classes - 1 if uniform else size
+        loss = loss + _xlogx(on_target) + off_target_count * _xlogx(eps / size)
+    loss = jnp.where(bad, jnp.nan, loss)
+    return jnp.where(counted, loss, 0.0)
+
+
+@_row_loss.defjvp
+def _row_loss_jvp(options, primals, tangents):
+    """d loss_row = sum_c r_c dx_c with r = A * softmax(x) - t (logits) or r = -t (log-probs).
+
+    ``t_c = (1 - eps) w_y [c = y] + (eps / |S|) w_c [c in S]`` is the (weighted) smoothed target
+    and ``A = sum_c t_c``. ``r`` is elementwise in ``x`` and per-row statistics, so under ``jit``
+    the gradient ``g * r`` is one fused pass that writes the output: no rows x K temporary.
+    Only ``x`` is differentiated (labels, masks, smoothing and weights are constants).
+    """
+    x, labels, counted, eps, weight = primals
+    dx = tangents[0]
+    loss = _row_loss(options, x, labels, counted, eps, weight)
+    lse, _, w_y, _, support_weight, safe_labels, bad = _row_terms(
+        options, x, labels, counted, eps, weight
+    )
+    num_classes = x.shape[-1]
+    size = lsspec.support_size(options.convention, num_classes)
+    keep = counted[..., None]
+    classes = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    is_target = classes == safe_labels[..., None]
+    in_support = jnp.ones(x.shape, bool)
+    if options.convention != "uniform":
+        in_support = ~is_target
+    if options.convention == "others_but_pad":
+        in_support = in_support & (classes != options.pad_index)
+    w = 1.0 if weight is None else weight
+    on_true = (1.0 - eps) * w_y
+    per_class = eps / size
+    target = jnp.where(is_target, on_true[..., None], 0.0) + jnp.where(
+        in_support, per_class * w, 0.0
+    )
+    if options.from_log_probs:
+        coefficient = -target
+    else:
+        mass = on_true + per_class * support_weight
+        safe_x = jnp.where(keep, x, 0).astype(eps.dtype)
+        safe_lse = jnp.where(counted, lse, 0.0)[..., None]
+        coefficient = mass[..., None] * jnp.exp(safe_x - safe_lse) - target
+    coefficient = jnp.where(keep, jnp.where(bad[..., None], jnp.nan, coefficient), 0.0)
+    return loss, jnp.sum(coefficient * dx.astype(eps.dtype), axis=-1)
+
+
+def _reduce(loss, row_weight, reduction, normalizer):
+    if reduction == "none":
+        return loss
+    total = jnp.sum(loss)
+    if reduction == "sum":
+        return total
+    denominator = jnp.sum(row_weight) if normalizer is None else jnp.asarray(normalizer, loss.dtype)
+    nothing_counts = denominator == 0
+    return jnp.where(nothing_counts, 0.0, total / jnp.where(nothing_counts, 1.0, denominator))

@@ -1,0 +1,157 @@
+"""Framework-free specification shared by ``lsjax`` and ``lstorch``.
+
+This package holds what does not depend on an array library: the names of the conventions and
+reductions, the size of each convention's smoothing support, and the checks of plain Python
+options with their error messages. Keeping them here means the JAX and the PyTorch functions
+reject the same bad input with the same words, while each framework package still installs and
+imports alone (this module imports nothing but the standard library).
+
+The conventions (SEMANTICS.md §1), with ``K`` classes and target ``y``:
+
+============== ================================ ====================== ==============
+convention     support of the smoothing mass    mass on each other     mass on ``y``
+============== ================================ ====================== ==============
+uniform        all K classes                    eps / K                1 - eps + eps/K
+others         every class but y                eps / (K - 1)          1 - eps
+others_but_pad every class but y and pad_index  eps / (K - 2)          1 - eps
+============== ================================ ====================== ==============
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+CONVENTIONS = ("uniform", "others", "others_but_pad")
+REDUCTIONS = ("none", "sum", "mean")
+
+# Smallest number of classes for which each convention's support is non-empty.
+MIN_CLASSES = {"uniform": 1, "others": 2, "others_but_pad": 3}
+
+
+def support_size(convention: str, num_classes: int) -> int:
+    """Number of classes that share the smoothing mass ``eps`` in one row."""
+    return num_classes - {"uniform": 0, "others": 1, "others_but_pad": 2}[convention]
+
+
+def check_choice(fn: str, name: str, value: object, allowed: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{fn}: `{name}` must be one of {list(allowed)}; got {value!r}.")
+    return value
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_smoothing(fn: str, smoothing: object, name: str = "smoothing") -> None:
+    """Raise unless a concrete ``smoothing`` lies in [0, 1]. Non-numbers are left to the caller."""
+    if is_number(smoothing) and not (0.0 <= float(smoothing) <= 1.0):
+        raise ValueError(f"{fn}: `{name}` must be in [0, 1]; got {smoothing!r}.")
+
+
+def check_axis(fn: str, axis: object, ndim: int, name: str = "axis") -> int:
+    """Return ``axis`` as a non-negative int, or raise naming the allowed range."""
+    if not isinstance(axis, numbers.Integral) or isinstance(axis, bool) or not -ndim <= axis < ndim:
+        raise ValueError(
+            f"{fn}: `{name}` must be an int in [{-ndim}, {ndim - 1}] for logits with {ndim} "
+            f"dimension(s); got {axis!r}."
+        )
+    return int(axis) % ndim
+
+
+def check_options(
+    fn: str,
+    *,
+    num_classes: int,
+    smoothing: object,
+    convention: str,
+    reduction: str,
+    pad_index: object,
+    ignore_index: object,
+    normalizer: object,
+    kl: bool,
+    has_weight: bool,
+    from_log_probs: bool,
+) -> None:
+    """Check every plain option of ``smoothed_cross_entropy`` (the same in both frameworks)."""
+    check_choice(fn, "convention", convention, CONVENTIONS)
+    check_choice(fn, "reduction", reduction, REDUCTIONS)
+    check_smoothing(fn, smoothing)
+    minimum = MIN_CLASSES[convention]
+    if num_classes < minimum:
+        raise ValueError(
+            f"{fn}: convention={convention!r} needs at least {minimum} classes along the class "
+            f"axis; got {num_classes}."
+        )
+    if convention == "others_but_pad":
+        if not isinstance(pad_index, numbers.Integral) or not 0 <= pad_index < num_classes:
+            raise ValueError(
+                f"{fn}: convention='others_but_pad' needs `pad_index`, an int in "
+                f"[0, {num_classes - 1}]; got {pad_index!r}."
+            )
+    elif pad_index is not None:
+        raise ValueError(
+            f"{fn}: `pad_index` is only used by convention='others_but_pad'; got "
+            f"pad_index={pad_index!r} with convention={convention!r}."
+        )
+    if ignore_index is not None and not isinstance(ignore_index, numbers.Integral):
+        raise ValueError(f"{fn}: `ignore_index` must be an int or None; got {ignore_index!r}.")
+    if normalizer is not None:
+        if reduction != "mean":
+            raise ValueError(
+                f"{fn}: `normalizer` replaces the denominator of reduction='mean'; got "
+                f"normalizer={normalizer!r} with reduction={reduction!r}."
+            )
+        if is_number(normalizer) and not (normalizer > 0 and math.isfinite(normalizer)):
+            raise ValueError(f"{fn}: `normalizer` must be a finite number > 0; got {normalizer!r}.")
+    if kl and has_weight:
+        raise ValueError(
+            f"{fn}: kl=True is not defined with class `weight` (weights make the target a "
+            "non-distribution, so it has no entropy to subtract); use kl=False."
+        )
+    del from_log_probs  # Every combination with from_log_probs is allowed.
+
+
+def shape_error(fn: str, name: str, got: tuple, allowed: str) -> ValueError:
+    return ValueError(f"{fn}: `{name}` must have {allowed}; got shape {tuple(got)}.")
+
+
+def dtype_error(fn: str, name: str, got: object, allowed: str) -> TypeError:
+    return TypeError(f"{fn}: `{name}` must have {allowed}; got dtype {got}.")
+
+
+def label_range_error(
+    fn: str, bad: list[int], num_classes: int, ignore_index: object
+) -> ValueError:
+    extra = f" or equal ignore_index={ignore_index}" if ignore_index is not None else ""
+    return ValueError(
+        f"{fn}: `labels` must lie in [0, {num_classes - 1}]{extra}; got out-of-range values "
+        f"{sorted(set(bad))[:5]}."
+    )
+
+
+def check_declared_classes(fn: str, name: str, declared: object, actual: int) -> None:
+    """The seed modules take the class count in their constructor; it must match the input."""
+    if not isinstance(declared, numbers.Integral) or declared != actual:
+        raise ValueError(
+            f"{fn}: `{name}` must equal the size of the class axis, {actual}; got {declared!r}."
+        )
+
+
+def seed_kl_options(fn: str, label_smoothing: object, ignore_index: object, vocab: int) -> dict:
+    """Options of ``smoothed_cross_entropy`` that reproduce the seed's OpenNMT-style KL module.
+
+    ``0 <= ignore_index < vocab`` is the pad column ("others_but_pad", exactly the seed); a
+    negative ``ignore_index`` excludes no column ("others") and only zeroes the rows it labels.
+    """
+    if is_number(label_smoothing) and not 0.0 < label_smoothing <= 1.0:
+        raise ValueError(f"{fn}: `label_smoothing` must be in (0, 1]; got {label_smoothing!r}.")
+    if not isinstance(ignore_index, numbers.Integral) or ignore_index >= vocab:
+        raise ValueError(
+            f"{fn}: `ignore_index` must be an int below tgt_vocab_size={vocab} (a pad column, or "
+            f"negative for none); got {ignore_index!r}."
+        )
+    if ignore_index >= 0:
+        return {"convention": "others_but_pad", "pad_index": int(ignore_index)}
+    return {"convention": "others", "ignore_index": int(ignore_index)}

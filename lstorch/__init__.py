@@ -1,0 +1,21 @@
+"""Label-smoothed losses in PyTorch: functions and ``nn.Module`` s.
+
+Every public function has a JAX twin of the same name and keywords in ``lsjax``; the twins are
+listed in ``parity_tests.registry`` and proven equal by ``python -m parity_tests``. This package
+never imports jax.
+"""
+
+from lstorch.modules import KLLabelSmoothingLoss, LabelSmoothingLoss, SmoothedCrossEntropyLoss
+from lstorch.seed_modules import kl_label_smoothing_loss, label_smoothing_loss
+from lstorch.smoothed import smoothed_cross_entropy
+from lstorch.soft import soft_target_cross_entropy
+
+__all__ = [
+    "KLLabelSmoothingLoss",
+    "LabelSmoothingLoss",
+    "SmoothedCrossEntropyLoss",
+    "kl_label_smoothing_loss",
+    "label_smoothing_loss",
+    "smoothed_cross_entropy",
+    "soft_target_cross_entropy",
+]

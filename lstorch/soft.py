@@ -1,0 +1,75 @@
+"""Cross-entropy against soft (probability) targets in PyTorch, optionally smoothed.
+
+Twin: ``lsjax.soft_target_cross_entropy``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import lsspec
+from lstorch.smoothed import _compute_dtype, _concrete_scalar, _reduce
+
+
+def soft_target_cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    smoothing: float | torch.Tensor = 0.0,
+    weight: torch.Tensor | None = None,
+    where: torch.Tensor | None = None,
+    axis: int = -1,
+    reduction: str = "none",
+) -> torch.Tensor:
+    r"""Cross-entropy against a given distribution, mixed with the uniform one (PyTorch).
+
+    With ``t' = (1 - eps) * t + eps / K`` and ``lp = x - logsumexp(x)``, a row's loss is
+    ``-sum_c w_c t'_c lp_c``, computed from per-row sums without building ``t'``::
+
+        loss = (1 - eps) * (lse * sum(w t) - sum(w t x)) + (eps/K) * (lse * sum(w) - sum(w x))
+
+    Same keywords and semantics as ``lsjax.soft_target_cross_entropy``. Reproduces
+    ``torch.nn.functional.cross_entropy(x, t, weight=w, reduction=r, label_smoothing=eps)`` for
+    probability targets (class axis ``axis``; ``"mean"`` divides by the number of rows that
+    ``where`` keeps, even with weights, as torch does). Returns float32 for bf16/fp16/float32
+    logits and float64 for float64.
+    """
+    fn = "soft_target_cross_entropy"
+    for name, value in (("logits", logits), ("targets", targets)):
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+            raise lsspec.dtype_error(fn, name, got, "a floating dtype (a float torch.Tensor)")
+    if targets.shape != logits.shape:
+        raise lsspec.shape_error(
+            fn, "targets", tuple(targets.shape), f"the logits' shape {tuple(logits.shape)}"
+        )
+    axis = lsspec.check_axis(fn, axis, logits.ndim)
+    lsspec.check_choice(fn, "reduction", reduction, lsspec.REDUCTIONS)
+    lsspec.check_smoothing(fn, _concrete_scalar(fn, "smoothing", smoothing))
+    num_classes = logits.shape[axis]
+    row_shape = tuple(logits.shape[:axis]) + tuple(logits.shape[axis + 1 :])
+    if weight is not None and tuple(weight.shape) != (num_classes,):
+        raise lsspec.shape_error(fn, "weight", tuple(weight.shape), f"shape ({num_classes},)")
+    if where is not None and tuple(where.shape) != row_shape:
+        raise lsspec.shape_error(fn, "where", tuple(where.shape), f"shape {row_shape}")
+    counted = (
+        torch.ones(row_shape, dtype=torch.bool, device=logits.device)
+        if where is None
+        else where.to(torch.bool)
+    )
+
+    compute_dtype = _compute_dtype(logits.dtype)
+    keep = counted.unsqueeze(-1)
+    x = torch.where(keep, logits.movedim(axis, -1), 0).to(compute_dtype)
+    t = torch.where(keep, targets.movedim(axis, -1), 0).to(compute_dtype)
+    w = 1.0 if weight is None else weight.detach().to(compute_dtype)
+    eps = torch.as_tensor(smoothing, dtype=compute_dtype, device=logits.device).detach()
+
+    lse = torch.logsumexp(x, dim=-1)
+    given = lse * (w * t).sum(-1) - (w * t * x).sum(-1)
+    total_w = num_classes if weight is None else w.sum()
+    uniform = (lse * total_w - (w * x).sum(-1)) / num_classes
+    loss = torch.where(eps == 0, given, (1 - eps) * given + eps * uniform)
+    valid = counted & (eps >= 0) & (eps <= 1)
+    loss = torch.where(valid, loss, torch.where(counted, torch.nan, 0.0))
+    return _reduce(loss, counted.to(compute_dtype), reduction, None)
