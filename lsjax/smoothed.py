@@ -36,6 +36,33 @@ def _times(scale: Array, term: Array) -> Array:
     return jnp.where(scale == 0, jnp.zeros_like(term), scale * term)
 
 
+def _upcast_alone(x: Array, compute_dtype, companion: Array) -> Array:
+    """``x.astype(compute_dtype)`` for ONE reduction to fuse into.
+
+    When two reductions read the same upcast, XLA computes the upcast once and materialises it:
+    a float32 copy of a bf16 ``x``. An optimisation barrier (an identity) over ``x`` and a
+    per-reduction ``companion`` array keeps each upcast apart: barriers with different operands
+    cannot be merged by common-subexpression elimination, so each upcast fuses into its own
+    reduction. (A constant companion does not survive XLA's constant folding under x64.)
+    """
+    if x.dtype == compute_dtype:
+        return x
+    x, _ = jax.lax.optimization_barrier((x, companion))
+    return x.astype(compute_dtype)
+
+
+def _logsumexp(x: Array, compute_dtype) -> Array:
+    """logsumexp over the last axis, accumulated in ``compute_dtype``.
+
+    The max is taken in ``x``'s own dtype (exact), so the upcast feeds a single reduction and
+    XLA fuses it there: a bf16 ``x`` never gets a float32 copy. A row of -inf gives -inf.
+    """
+    peak = jnp.max(x, axis=-1).astype(compute_dtype)
+    peak = jax.lax.stop_gradient(jnp.where(jnp.isfinite(peak), peak, 0.0))
+    total = jnp.sum(jnp.exp(_upcast_alone(x, compute_dtype, peak) - peak[..., None]), axis=-1)
+    return jnp.log(total) + peak
+
+
 def _concrete_scalar(fn: str, name: str, value: Any) -> Any:
     """A concrete scalar option as a Python float (for checking); traced values pass through."""
     if value is None or _is_traced(value):
@@ -220,16 +247,16 @@ def _row_terms(options, x, labels, counted, eps, weight):
     if options.from_log_probs:
         lse = jnp.zeros(labels.shape, compute_dtype)
     else:
-        lse = jax.nn.logsumexp(x.astype(compute_dtype), axis=-1)
+        lse = _logsumexp(x, compute_dtype)
     x_y = jnp.take_along_axis(x, safe_labels[..., None], axis=-1)[..., 0].astype(compute_dtype)
     if weight is None:
         w_y = w_pad = 1.0
-        support_sum = jnp.sum(x, axis=-1, dtype=compute_dtype)
+        support_sum = jnp.sum(_upcast_alone(x, compute_dtype, labels), axis=-1)
         support_weight = float(num_classes)
     else:
         w_y = weight[safe_labels]
         w_pad = weight[options.pad_index] if options.pad_index is not None else 0.0
-        support_sum = jnp.sum(x.astype(compute_dtype) * weight, axis=-1)
+        support_sum = jnp.sum(_upcast_alone(x, compute_dtype, labels) * weight, axis=-1)
         support_weight = jnp.sum(weight)
     if options.convention != "uniform":
         support_sum = support_sum - w_y * x_y
@@ -243,13 +270,8 @@ def _row_terms(options, x, labels, counted, eps, weight):
     return lse, x_y, w_y, support_sum, support_weight, safe_labels, bad
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _row_loss(options, x, labels, counted, eps, weight):
-    """The closed-form core: the per-row loss, 0 on rows that do not count."""
-    lse, x_y, w_y, support_sum, support_weight, _, bad = _row_terms(
-        options, x, labels, counted, eps, weight
-    )
-    num_classes = x.shape[-1]
+def _loss_from_terms(options, terms, counted, eps, num_classes):
+    lse, x_y, w_y, support_sum, support_weight, _, bad = terms
     size = lsspec.support_size(options.convention, num_classes)
     confidence = 1.0 - eps
     true_term = w_y * (lse - x_y)
@@ -264,6 +286,13 @@ def _row_loss(options, x, labels, counted, eps, weight):
     return jnp.where(counted, loss, 0.0)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _row_loss(options, x, labels, counted, eps, weight):
+    """The closed-form core: the per-row loss, 0 on rows that do not count."""
+    terms = _row_terms(options, x, labels, counted, eps, weight)
+    return _loss_from_terms(options, terms, counted, eps, x.shape[-1])
+
+
 @_row_loss.defjvp
 def _row_loss_jvp(options, primals, tangents):
     """d loss_row = sum_c r_c dx_c with r = A * softmax(x) - t (logits) or r = -t (log-probs).
@@ -272,13 +301,13 @@ def _row_loss_jvp(options, primals, tangents):
     and ``A = sum_c t_c``. ``r`` is elementwise in ``x`` and per-row statistics, so under ``jit``
     the gradient ``g * r`` is one fused pass that writes the output: no rows x K temporary.
     Only ``x`` is differentiated (labels, masks, smoothing and weights are constants).
+    The statistics are computed once and serve both the loss and ``r``.
     """
     x, labels, counted, eps, weight = primals
     dx = tangents[0]
-    loss = _row_loss(options, x, labels, counted, eps, weight)
-    lse, _, w_y, _, support_weight, safe_labels, bad = _row_terms(
-        options, x, labels, counted, eps, weight
-    )
+    terms = _row_terms(options, x, labels, counted, eps, weight)
+    loss = _loss_from_terms(options, terms, counted, eps, x.shape[-1])
+    lse, _, w_y, _, support_weight, safe_labels, bad = terms
     num_classes = x.shape[-1]
     size = lsspec.support_size(options.convention, num_classes)
     keep = counted[..., None]

@@ -83,7 +83,7 @@ def _check_arrays(fn, logits, labels, axis, weight, where):
                 fn, "where", tuple(where.shape), f"the labels' shape {row_shape}"
             )
         if where.dtype != torch.bool:
-            raise lsspec.dtype_error(fn, "where", where.dtype, "dtype torch.bool")
+            raise lsspec.dtype_error(fn, "where", where.dtype, "dtype bool")
     return axis
 
 

@@ -1,0 +1,12 @@
+"""Cross-framework verification: the twin registry, ``compare`` and the report.
+
+* :func:`compare` runs the same NumPy-made inputs through a JAX and a PyTorch function and
+  checks outputs and gradients (public: use it on your own port).
+* :data:`registry.TWINS` lists every twin of ``lsjax`` and ``lstorch``.
+* ``python -m parity_tests`` runs every twin in float64, float32 and bfloat16, and every float64
+  oracle, prints a table and exits non-zero on any failure.
+"""
+
+from parity_tests.compare import DEFAULT_TOLERANCES, Report, compare, compare_with_oracle
+
+__all__ = ["DEFAULT_TOLERANCES", "Report", "compare", "compare_with_oracle"]

@@ -1,0 +1,383 @@
+"""THE registry of twins: every JAX function with its PyTorch twin, inputs, grid and oracle.
+
+Read by the pytest suite (``tests/test_parity.py``, ``tests/test_oracles.py``) and by the report
+(``python -m parity_tests``). A new twin is one :class:`Twin` entry in :data:`TWINS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable
+
+import numpy as np
+import optax
+import torch.nn.functional as F
+
+import lsjax
+import lstorch
+from parity_tests import oracles
+
+SMOOTHINGS = (0.0, 0.1, 0.5, 1.0)
+NUM_CLASSES = (2, 3, 1000)
+REDUCTIONS = ("none", "sum", "mean")
+CONVENTIONS = ("uniform", "others", "others_but_pad")
+IGNORE = -100
+
+
+@dataclasses.dataclass(frozen=True)
+class Twin:
+    """A JAX function, its PyTorch twin, and how to test them.
+
+    ``jax_fn``/``torch_fn``: ``fn(x, *args, **kwargs)`` with ``x`` the differentiated input.
+    ``make_inputs(rng, case) -> (args, kwargs)`` builds NumPy inputs for one grid case.
+    ``oracle``: a float64 NumPy function from ``oracles.py`` taking the same inputs, or None.
+    ``tolerances``: ``{dtype: (rtol, atol)}`` overriding ``compare.DEFAULT_TOLERANCES``.
+    """
+
+    name: str
+    jax_fn: Callable
+    torch_fn: Callable
+    make_inputs: Callable
+    cases: tuple[dict, ...]
+    oracle: Callable | None = None
+    tolerances: dict | None = None
+
+
+def _grid(**axes) -> list[dict]:
+    names = list(axes)
+    return [dict(zip(names, values, strict=True)) for values in itertools.product(*axes.values())]
+
+
+def _logits(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    # Spread 3: probabilities from ~1e-4 to ~1 in a row, neither flat nor one-hot.
+    return 3.0 * rng.standard_normal(shape)
+
+
+def _log_softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    shifted = x - x.max(axis=axis, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+
+
+# --------------------------------------------------------------------------------------------
+# smoothed_cross_entropy (and its module form)
+
+
+def _smoothed_cases() -> tuple[dict, ...]:
+    """Every convention x smoothing x K x reduction x ignored rows x weights; the class axis,
+    ``where``, ``kl`` and ``from_log_probs`` rotate through the cases so each meets every
+    convention; plus the all-ignored 'mean' case."""
+    cases = []
+    main = _grid(
+        convention=CONVENTIONS,
+        smoothing=SMOOTHINGS,
+        num_classes=NUM_CLASSES,
+        reduction=REDUCTIONS,
+        ignored=(False, True),
+        weighted=(False, True),
+    )
+    for index, case in enumerate(main):
+        if case["convention"] == "others_but_pad" and case["num_classes"] < 3:
+            continue
+        case["axis"] = (-1, 1)[index % 2]
+        case["masked"] = index % 3 == 0
+        case["kl"] = index % 4 < 2 and not case["weighted"]
+        case["from_log_probs"] = index % 5 == 0
+        cases.append(case)
+    for convention in CONVENTIONS:
+        cases.append(
+            dict(
+                convention=convention,
+                smoothing=0.1,
+                num_classes=3,
+                reduction="mean",
+                ignored=True,
+                weighted=True,
+                axis=-1,
+                masked=False,
+                kl=False,
+                from_log_probs=False,
+                all_ignored=True,
+            )
+        )
+    return tuple(cases)
+
+
+def _smoothed_inputs(rng: np.random.Generator, case: dict):
+    num_classes, axis = case["num_classes"], case["axis"]
+    shape = (7, num_classes) if axis == -1 else (3, num_classes, 5)  # odd row counts
+    row_shape = shape[:1] + shape[2:] if axis == 1 else shape[:-1]
+    logits = _logits(rng, shape)
+    if case["from_log_probs"]:
+        logits = _log_softmax(logits, axis)
+    labels = rng.integers(0, num_classes, size=row_shape)
+    kwargs = dict(
+        smoothing=case["smoothing"],
+        convention=case["convention"],
+        axis=axis,
+        reduction=case["reduction"],
+        kl=case["kl"],
+        from_log_probs=case["from_log_probs"],
+    )
+    if case["convention"] == "others_but_pad":
+        kwargs["pad_index"] = num_classes // 2
+    if case["ignored"]:
+        kwargs["ignore_index"] = IGNORE
+        drop = rng.random(row_shape) < (1.0 if case.get("all_ignored") else 0.3)
+        labels = np.where(drop, IGNORE, labels)
+    if case["weighted"]:
+        kwargs["weight"] = rng.uniform(0.5, 2.0, size=num_classes)
+    if case["masked"]:
+        kwargs["where"] = rng.random(row_shape) < 0.8
+    return (logits, labels), kwargs
+
+
+def _module_call(logits, labels, *, where=None, **options):
+    """``lstorch.SmoothedCrossEntropyLoss(**options)(logits, labels, where)``."""
+    options.setdefault("ignore_index", None)
+    return lstorch.SmoothedCrossEntropyLoss(**options)(logits, labels, where)
+
+
+# --------------------------------------------------------------------------------------------
+# The seed modules
+
+
+def _seed_ce_cases() -> tuple[dict, ...]:
+    return tuple(_grid(smoothing=SMOOTHINGS, num_classes=NUM_CLASSES, dim=(-1, 0, 1)))
+
+
+def _seed_ce_inputs(rng: np.random.Generator, case: dict):
+    num_classes, dim = case["num_classes"], case["dim"]
+    shape = {-1: (9, num_classes), 0: (num_classes, 9), 1: (3, num_classes, 5)}[dim]
+    row_shape = tuple(size for axis, size in enumerate(shape) if axis != dim % len(shape))
+    labels = rng.integers(0, num_classes, size=row_shape)
+    return (_logits(rng, shape), labels), dict(
+        classes=num_classes, smoothing=case["smoothing"], dim=dim
+    )
+
+
+def _seed_ce_module(pred, target, *, classes, smoothing, dim):
+    return lstorch.LabelSmoothingLoss(classes, smoothing, dim)(pred, target)
+
+
+def _seed_kl_cases() -> tuple[dict, ...]:
+    cases = _grid(smoothing=(0.1, 0.5, 1.0), num_classes=(3, 1000), pad=("first", "last", None))
+    cases += _grid(smoothing=(0.1, 1.0), num_classes=(2,), pad=(None,))
+    return tuple(cases)
+
+
+def _seed_kl_inputs(rng: np.random.Generator, case: dict):
+    num_classes = case["num_classes"]
+    ignore_index = {"first": 0, "last": num_classes - 1, None: IGNORE}[case["pad"]]
+    log_probs = _log_softmax(_logits(rng, (11, num_classes)), -1)
+    target = rng.integers(0, num_classes, size=11)
+    target[rng.random(11) < 0.3] = ignore_index  # padding rows
+    return (log_probs, target), dict(
+        label_smoothing=case["smoothing"], tgt_vocab_size=num_classes, ignore_index=ignore_index
+    )
+
+
+def _seed_kl_module(output, target, *, label_smoothing, tgt_vocab_size, ignore_index):
+    return lstorch.KLLabelSmoothingLoss(label_smoothing, tgt_vocab_size, ignore_index)(
+        output, target
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# torch.nn.functional.cross_entropy and its JAX mirror; soft targets
+
+
+def _cross_entropy_cases() -> tuple[dict, ...]:
+    cases = []
+    for index, case in enumerate(
+        _grid(
+            layout=("C", "NC", "NCd"),
+            soft=(False, True),
+            smoothing=SMOOTHINGS,
+            num_classes=NUM_CLASSES,
+            reduction=REDUCTIONS,
+        )
+    ):
+        case["weighted"] = index % 2 == 0
+        case["ignored"] = not case["soft"] and index % 3 != 0 and case["layout"] != "C"
+        cases.append(case)
+    return tuple(cases)
+
+
+def _cross_entropy_inputs(rng: np.random.Generator, case: dict):
+    num_classes = case["num_classes"]
+    shape = {"C": (num_classes,), "NC": (7, num_classes), "NCd": (3, num_classes, 5)}[
+        case["layout"]
+    ]
+    row_shape = shape[:1] + shape[2:] if len(shape) > 1 else ()
+    logits = _logits(rng, shape)
+    if case["soft"]:
+        target = rng.dirichlet(np.ones(num_classes), size=row_shape)
+        target = np.moveaxis(target, -1, 1) if len(shape) > 1 else target
+    else:
+        target = rng.integers(0, num_classes, size=row_shape)
+        if case["ignored"]:
+            target = np.where(rng.random(row_shape) < 0.3, IGNORE, target)
+            target.flat[0] = 0  # at least one row counts: torch's all-ignored 'mean' is NaN
+    kwargs = dict(reduction=case["reduction"], label_smoothing=case["smoothing"])
+    if case["weighted"]:
+        # Multiples of 1/64 in [0.5, 2]: exact in bf16, so torch's bf16 run (which needs bf16
+        # weights) and the float32 reference see the same weights.
+        kwargs["weight"] = np.round(rng.uniform(0.5, 2.0, size=num_classes) * 64) / 64
+    return (logits, target), kwargs
+
+
+def _soft_cases() -> tuple[dict, ...]:
+    cases = []
+    for index, case in enumerate(
+        _grid(
+            smoothing=SMOOTHINGS,
+            num_classes=NUM_CLASSES,
+            reduction=REDUCTIONS,
+            weighted=(False, True),
+        )
+    ):
+        case["axis"] = (-1, 0, 1)[index % 3]
+        case["masked"] = index % 2 == 1
+        cases.append(case)
+    return tuple(cases)
+
+
+def _soft_inputs(rng: np.random.Generator, case: dict):
+    num_classes, axis = case["num_classes"], case["axis"]
+    shape = {-1: (7, num_classes), 0: (num_classes, 7), 1: (3, num_classes, 5)}[axis]
+    row_shape = tuple(size for dim, size in enumerate(shape) if dim != axis % len(shape))
+    targets = np.moveaxis(rng.dirichlet(np.ones(num_classes), size=row_shape), -1, axis)
+    kwargs = dict(smoothing=case["smoothing"], axis=axis, reduction=case["reduction"])
+    if case["weighted"]:
+        kwargs["weight"] = rng.uniform(0.5, 2.0, size=num_classes)
+    if case["masked"]:
+        kwargs["where"] = rng.random(row_shape) < 0.8
+    return (_logits(rng, shape), targets), kwargs
+
+
+# --------------------------------------------------------------------------------------------
+# optax's route, as a JAX-side implementation of the uniform convention
+
+
+def _optax_cases() -> tuple[dict, ...]:
+    return tuple(_grid(smoothing=SMOOTHINGS, num_classes=NUM_CLASSES, masked=(False, True)))
+
+
+def _optax_inputs(rng: np.random.Generator, case: dict):
+    num_classes = case["num_classes"]
+    labels = rng.integers(0, num_classes, size=9)
+    kwargs = dict(smoothing=case["smoothing"], num_classes=num_classes)
+    if case["masked"]:
+        kwargs["where"] = rng.random(9) < 0.7
+    return (_logits(rng, (9, num_classes)), labels), kwargs
+
+
+def _optax_route(logits, labels, *, smoothing, num_classes, where=None):
+    """``optax.softmax_cross_entropy(x, optax.smooth_labels(one_hot(y), eps))`` per row.
+
+    optax computes in its input's dtype (in bf16 its loss is rounded to 0.25 steps, optax#1020),
+    so low-precision logits are upcast to float32 first, as a careful user would do.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    targets = optax.smooth_labels(
+        jax.nn.one_hot(labels, num_classes, dtype=logits.dtype), smoothing
+    )
+    mask = None if where is None else where[:, None]
+    rows = optax.softmax_cross_entropy(logits, targets, where=mask)
+    return rows if where is None else rows * where
+
+
+def _lstorch_uniform(logits, labels, *, smoothing, num_classes, where=None):
+    del num_classes
+    return lstorch.smoothed_cross_entropy(logits, labels, smoothing=smoothing, where=where)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _torch_cross_entropy(input, target, weight=None, **options):
+    """torch's own ``F.cross_entropy``; it wants ``weight`` in the input's dtype (bf16 too)."""
+    return F.cross_entropy(
+        input, target, None if weight is None else weight.to(input.dtype), **options
+    )
+
+
+# Tolerances for torch's OWN kernels (the twin of lsjax.cross_entropy is F.cross_entropy itself):
+#  * float32: torch's log-softmax over the class axis 1 of an (N, C, d) input has a relative
+#    error up to ~2.3e-5 against the float64 oracle at C=1000 (lsjax: 1.4e-6); 5e-5 covers it.
+#  * bfloat16: torch computes its log-softmax in bf16 steps (x - max - log-sum), so its error is
+#    ABSOLUTE, of the order of the bf16 ulp of the largest logit (2**-8 * |x| ~ 0.03 for these
+#    logits, |x| <= ~10), whatever the loss's size: a true loss of 0.0084 comes out as 0.0132.
+#    lsjax stays within the default bf16 tolerance of the float32 value; torch's own kernel needs
+#    rtol = atol = 2**-6 (measured worst: 0.022 absolute on a row loss of 7.2).
+_TORCH_NATIVE = {"float32": (5e-5, 1e-6), "bfloat16": (2.0**-6, 2.0**-6)}
+
+TWINS: tuple[Twin, ...] = (
+    Twin(
+        "smoothed_cross_entropy",
+        lsjax.smoothed_cross_entropy,
+        lstorch.smoothed_cross_entropy,
+        _smoothed_inputs,
+        _smoothed_cases(),
+        oracles.smoothed_cross_entropy,
+    ),
+    Twin(
+        "SmoothedCrossEntropyLoss (module)",
+        lsjax.smoothed_cross_entropy,
+        _module_call,
+        _smoothed_inputs,
+        _smoothed_cases()[::7],
+        oracles.smoothed_cross_entropy,
+    ),
+    Twin(
+        "label_smoothing_loss / LabelSmoothingLoss",
+        lsjax.label_smoothing_loss,
+        _seed_ce_module,
+        _seed_ce_inputs,
+        _seed_ce_cases(),
+        oracles.seed_label_smoothing_loss,
+    ),
+    Twin(
+        "kl_label_smoothing_loss / KLLabelSmoothingLoss",
+        lsjax.kl_label_smoothing_loss,
+        _seed_kl_module,
+        _seed_kl_inputs,
+        _seed_kl_cases(),
+        oracles.seed_kl_label_smoothing_loss,
+    ),
+    Twin(
+        "cross_entropy / F.cross_entropy",
+        lsjax.cross_entropy,
+        _torch_cross_entropy,
+        _cross_entropy_inputs,
+        _cross_entropy_cases(),
+        oracles.torch_cross_entropy,
+        tolerances=_TORCH_NATIVE,
+    ),
+    Twin(
+        "soft_target_cross_entropy",
+        lsjax.soft_target_cross_entropy,
+        lstorch.soft_target_cross_entropy,
+        _soft_inputs,
+        _soft_cases(),
+        oracles.soft_target_cross_entropy,
+    ),
+    Twin(
+        "optax smooth_labels route / lstorch uniform",
+        _optax_route,
+        _lstorch_uniform,
+        _optax_inputs,
+        _optax_cases(),
+    ),
+)
+
+
+def by_name(name: str) -> Twin:
+    for twin in TWINS:
+        if twin.name == name:
+            return twin
+    raise KeyError(f"no twin named {name!r}; known: {[twin.name for twin in TWINS]}")

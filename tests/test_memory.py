@@ -1,0 +1,122 @@
+"""Memory is O(rows), never O(rows x K): measured deterministically, not timed.
+
+* JAX: XLA's own accounting of the compiled ``value_and_grad`` of the mean loss
+  (``memory_analysis().temp_size_in_bytes``) at rows=4096, K=32000 is under 1% of the logits'
+  bytes, for every convention and option that changes the program (the optax one-hot route
+  needs about 2x the logits).
+* PyTorch: the tensors the autograd graph saves for backward are the input itself and O(rows)
+  statistics (``F.cross_entropy`` saves a rows x K log-softmax).
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lsjax
+import lstorch
+
+ROWS, CLASSES = 4096, 32000
+VARIANTS = [
+    ("uniform", {}),
+    ("uniform", {"ignore_index": -100, "weight": True}),
+    ("others", {}),
+    ("others", {"where": True, "kl": True}),
+    ("others_but_pad", {"pad_index": 0}),
+    ("others_but_pad", {"pad_index": 0, "from_log_probs": True, "ignore_index": -100}),
+]
+
+
+def _temp_bytes(loss, dtype):
+    logits = jax.ShapeDtypeStruct((ROWS, CLASSES), dtype)
+    labels = jax.ShapeDtypeStruct((ROWS,), jnp.int32)
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(logits, labels).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    ("convention", "options"), VARIANTS, ids=[f"{c}-{sorted(o)}" for c, o in VARIANTS]
+)
+def test_jax_value_and_grad_temporaries_are_o_rows(convention, options, dtype):
+    options = dict(options)
+    weight = jnp.linspace(0.5, 2.0, CLASSES) if options.pop("weight", False) else None
+    use_where = options.pop("where", False)
+
+    def loss(logits, labels):
+        where = (labels % 3 != 0) if use_where else None
+        return lsjax.smoothed_cross_entropy(
+            logits,
+            labels,
+            smoothing=0.1,
+            convention=convention,
+            weight=weight,
+            where=where,
+            reduction="mean",
+            **options,
+        )
+
+    temp = _temp_bytes(loss, dtype)
+    logits_bytes = ROWS * CLASSES * 4  # the float32 logits' bytes
+    assert temp < 0.01 * logits_bytes, f"{temp} bytes of temporaries ({temp / logits_bytes:.2%})"
+
+
+def test_the_optax_route_is_what_the_bound_rules_out():
+    # The measurement can fail: the one-hot route materialises rows x K temporaries.
+    def loss(logits, labels):
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, CLASSES), 0.1)
+        return optax.softmax_cross_entropy(logits, targets).mean()
+
+    assert _temp_bytes(loss, jnp.float32) > ROWS * CLASSES * 4
+
+
+def _saved_tensor_bytes(loss_fn, logits):
+    """Bytes of every tensor autograd saves for backward, except the input logits itself."""
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss_fn(logits)
+    extra = [
+        t for t in saved if t.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr()
+    ]
+    return sum(t.numel() * t.element_size() for t in extra), len(saved) - len(extra)
+
+
+@pytest.mark.parametrize(
+    ("convention", "options"), VARIANTS, ids=[f"{c}-{sorted(o)}" for c, o in VARIANTS]
+)
+def test_torch_autograd_saves_only_the_input_and_row_statistics(convention, options):
+    options = dict(options)
+    rows, classes = 512, 4000
+    weight = torch.linspace(0.5, 2.0, classes) if options.pop("weight", False) else None
+    use_where = options.pop("where", False)
+    logits = torch.randn(rows, classes, requires_grad=True)
+    labels = torch.randint(1, classes, (rows,))
+    where = (labels % 3 != 0) if use_where else None
+    extra, input_saves = _saved_tensor_bytes(
+        lambda x: lstorch.smoothed_cross_entropy(
+            x,
+            labels,
+            smoothing=0.1,
+            convention=convention,
+            weight=weight,
+            where=where,
+            reduction="mean",
+            **options,
+        ),
+        logits,
+    )
+    assert input_saves >= 1  # backward recomputes from the input...
+    # ...and otherwise keeps O(rows) values (labels, masks, lse) and the (K,) weight.
+    assert extra <= 64 * rows + 8 * classes, extra
+    # F.cross_entropy, for contrast, keeps a rows x K log-softmax.
+    theirs, _ = _saved_tensor_bytes(
+        lambda x: F.cross_entropy(x, labels, label_smoothing=0.1), logits
+    )
+    assert theirs >= rows * classes * 4

@@ -1,0 +1,238 @@
+"""lsjax under jit, grad, vmap and higher-order differentiation; lstorch modules and double
+backward. Expected values come from the eager call (checked against the oracles elsewhere) or
+from torch's own F.cross_entropy."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lsjax
+import lstorch
+
+OPTIONS = [
+    dict(smoothing=0.1),
+    dict(smoothing=0.3, convention="others", ignore_index=-100, reduction="mean"),
+    dict(smoothing=0.5, convention="others_but_pad", pad_index=1, kl=True, reduction="sum"),
+    dict(
+        smoothing=1.0, convention="uniform", from_log_probs=True, reduction="mean", normalizer=11.0
+    ),
+]
+
+
+def _inputs(dtype=np.float64, rows=6, classes=5, seed=0):
+    rng = np.random.default_rng(seed)
+    logits = jnp.asarray(3 * rng.standard_normal((rows, classes)), dtype)
+    labels = rng.integers(0, classes, size=rows)
+    labels[0] = -100
+    labels[1] = 2
+    return logits, jnp.asarray(labels)
+
+
+def _clean(labels, options):
+    # Rows labelled -100 only make sense with ignore_index=-100.
+    return labels if options.get("ignore_index") == -100 else jnp.where(labels < 0, 0, labels)
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=str)
+def test_jit_matches_eager_value_and_grad(options):
+    logits, labels = _inputs()
+    labels = _clean(labels, options)
+    loss = functools.partial(lsjax.smoothed_cross_entropy, **options)
+    scalar = lambda x, y: jnp.sum(loss(x, y))  # noqa: E731
+    eager = jax.value_and_grad(scalar)(logits, labels)
+    jitted = jax.jit(jax.value_and_grad(scalar))(logits, labels)
+    np.testing.assert_allclose(jitted[0], eager[0], rtol=1e-12)
+    np.testing.assert_allclose(jitted[1], eager[1], rtol=1e-12, atol=1e-15)
+
+
+def test_options_are_static_and_hashable_in_a_jitted_function():
+    logits, labels = _inputs(np.float32)
+    fn = jax.jit(
+        lsjax.smoothed_cross_entropy,
+        static_argnames=("smoothing", "convention", "reduction", "pad_index"),
+    )
+    a = fn(
+        logits,
+        labels.clip(0),
+        smoothing=0.2,
+        convention="others_but_pad",
+        pad_index=3,
+        reduction="mean",
+    )
+    b = lsjax.smoothed_cross_entropy(
+        logits,
+        labels.clip(0),
+        smoothing=0.2,
+        convention="others_but_pad",
+        pad_index=3,
+        reduction="mean",
+    )
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_traced_smoothing_under_jit_matches_concrete():
+    logits, labels = _inputs()
+    labels = labels.clip(0)
+    fn = jax.jit(lambda x, y, eps: lsjax.smoothed_cross_entropy(x, y, smoothing=eps))
+    for eps in (0.0, 0.25, 1.0):
+        np.testing.assert_allclose(
+            fn(logits, labels, eps),
+            lsjax.smoothed_cross_entropy(logits, labels, smoothing=eps),
+            rtol=1e-12,
+        )
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=str)
+def test_vmap_over_a_batch_axis_equals_the_loop(options):
+    logits = jnp.stack([_inputs(seed=s)[0] for s in range(3)])
+    labels = jnp.stack([_clean(_inputs(seed=s)[1], options) for s in range(3)])
+    fn = functools.partial(lsjax.smoothed_cross_entropy, **options)
+    batched = jax.vmap(jax.value_and_grad(lambda x, y: jnp.sum(fn(x, y))))(logits, labels)
+    for index in range(3):
+        value, grad = jax.value_and_grad(lambda x, y: jnp.sum(fn(x, y)))(
+            logits[index], labels[index]
+        )
+        np.testing.assert_allclose(batched[0][index], value, rtol=1e-12)
+        np.testing.assert_allclose(batched[1][index], grad, rtol=1e-12, atol=1e-15)
+
+
+def test_hessian_vector_product_matches_torch():
+    logits, labels = _inputs()
+    labels = labels.clip(0)
+    weight = np.linspace(0.5, 2.0, 5)
+    rng = np.random.default_rng(1)
+    vector = rng.standard_normal(logits.shape)
+
+    def jax_loss(x):
+        return lsjax.smoothed_cross_entropy(
+            x, labels, smoothing=0.3, weight=weight, reduction="mean"
+        )
+
+    _, hvp = jax.jvp(jax.grad(jax_loss), (logits,), (jnp.asarray(vector),))
+
+    def torch_loss(x):
+        return F.cross_entropy(
+            x, torch.tensor(np.asarray(labels)), torch.as_tensor(weight), label_smoothing=0.3
+        )
+
+    _, expected = torch.autograd.functional.hvp(
+        torch_loss, torch.tensor(np.asarray(logits)), torch.as_tensor(vector)
+    )
+    np.testing.assert_allclose(hvp, expected.numpy(), rtol=1e-10, atol=1e-13)
+    # lstorch's double backward agrees too.
+    _, ours = torch.autograd.functional.hvp(
+        lambda x: lstorch.smoothed_cross_entropy(
+            x,
+            torch.tensor(np.asarray(labels)),
+            smoothing=0.3,
+            weight=torch.as_tensor(weight),
+            reduction="mean",
+        ),
+        torch.tensor(np.asarray(logits)),
+        torch.as_tensor(vector),
+    )
+    np.testing.assert_allclose(ours.numpy(), expected.numpy(), rtol=1e-10, atol=1e-13)
+
+
+def test_all_rows_ignored_mean_is_zero_with_zero_gradient_in_both_frameworks():
+    logits, _ = _inputs()
+    labels = np.full(6, -100)
+    value, grad = jax.value_and_grad(
+        lambda x: lsjax.smoothed_cross_entropy(
+            x, labels, smoothing=0.1, ignore_index=-100, reduction="mean"
+        )
+    )(logits)
+    assert float(value) == 0.0 and not np.any(grad)
+    x = torch.tensor(np.asarray(logits)).requires_grad_()
+    loss = lstorch.smoothed_cross_entropy(
+        x, torch.as_tensor(labels), smoothing=0.1, ignore_index=-100, reduction="mean"
+    )
+    loss.backward()
+    assert loss.item() == 0.0 and not x.grad.any()
+    # torch's own function returns NaN here: the documented difference.
+    assert torch.isnan(F.cross_entropy(x, torch.as_tensor(labels), label_smoothing=0.1))
+
+
+def test_nan_in_an_ignored_row_reaches_neither_loss_nor_gradient():
+    logits, labels = _inputs()
+    logits = logits.at[0].set(jnp.nan)  # row 0 is labelled -100
+    value, grad = jax.value_and_grad(
+        lambda x: lsjax.smoothed_cross_entropy(
+            x, labels, smoothing=0.1, ignore_index=-100, reduction="mean"
+        )
+    )(logits)
+    assert np.isfinite(value) and np.isfinite(grad).all() and not np.any(grad[0])
+    x = torch.tensor(np.asarray(logits)).requires_grad_()
+    loss = lstorch.smoothed_cross_entropy(
+        x, torch.tensor(np.asarray(labels)), smoothing=0.1, ignore_index=-100, reduction="mean"
+    )
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all() and not x.grad[0].any()
+    np.testing.assert_allclose(loss.item(), float(value), rtol=1e-12)
+
+
+def test_smoothing_one_kl_form_is_finite():
+    logits, labels = _inputs()
+    labels = labels.clip(0)
+    for module, array in ((lsjax, jnp.asarray), (lstorch, torch.as_tensor)):
+        value = module.smoothed_cross_entropy(
+            array(np.asarray(logits)),
+            array(np.asarray(labels)),
+            smoothing=1.0,
+            kl=True,
+            convention="others",
+        )
+        assert np.isfinite(np.asarray(value)).all() and (np.asarray(value) >= -1e-12).all()
+
+
+def test_bf16_loss_is_float32_and_as_accurate_as_float32_rounded_once():
+    logits, labels = _inputs(rows=64, classes=1000)
+    labels = labels.clip(0)
+    low = logits.astype(jnp.bfloat16)
+    value = lsjax.smoothed_cross_entropy(low, labels, smoothing=0.1, reduction="mean")
+    reference = lsjax.smoothed_cross_entropy(
+        low.astype(jnp.float64), labels, smoothing=0.1, reduction="mean"
+    )
+    assert value.dtype == jnp.float32
+    # Accumulated in float32: the error is float32's, nowhere near bf16's 2**-8.
+    np.testing.assert_allclose(value, reference, rtol=1e-6)
+    torch_value = lstorch.smoothed_cross_entropy(
+        torch.tensor(np.asarray(low.astype(jnp.float32))).bfloat16(),
+        torch.tensor(np.asarray(labels)),
+        smoothing=0.1,
+        reduction="mean",
+    )
+    assert torch_value.dtype == torch.float32
+    np.testing.assert_allclose(torch_value.item(), reference, rtol=1e-6)
+
+
+def test_module_forms_match_their_functions():
+    logits, labels = _inputs()
+    x = torch.tensor(np.asarray(logits))
+    y = torch.tensor(np.asarray(labels))
+    module = lstorch.SmoothedCrossEntropyLoss(smoothing=0.2, convention="others")
+    expected = lstorch.smoothed_cross_entropy(
+        x, y, smoothing=0.2, convention="others", ignore_index=-100, reduction="mean"
+    )
+    torch.testing.assert_close(module(x, y), expected)
+    assert "convention='others'" in repr(module)
+    seed = lstorch.LabelSmoothingLoss(5, 0.1)
+    assert seed.cls == 5 and seed.confidence == pytest.approx(0.9)
+    torch.testing.assert_close(
+        seed(x, y.clamp(0)), lstorch.label_smoothing_loss(x, y.clamp(0), classes=5, smoothing=0.1)
+    )
+
+
+def test_seed_ce_dim_works_for_any_class_axis():
+    # The seed only handled the last axis of 2-D input; here dim=1 of a 3-D input equals moving
+    # the class axis last.
+    rng = np.random.default_rng(3)
+    pred = torch.as_tensor(rng.standard_normal((4, 7, 6)))
+    target = torch.as_tensor(rng.integers(0, 7, size=(4, 6)))
+    moved = lstorch.LabelSmoothingLoss(7, 0.2, dim=-1)(pred.movedim(1, -1), target)
+    torch.testing.assert_close(lstorch.LabelSmoothingLoss(7, 0.2, dim=1)(pred, target), moved)
