@@ -292,7 +292,13 @@ def _row_loss_gradient(options, x, labels, counted, eps, weight, lse, grad_rows)
 
 
 class _RowLoss(torch.autograd.Function):
-    """Per-row closed-form loss; backward recomputes softmax from ``x`` and the saved lse."""
+    """Per-row closed-form loss; backward recomputes softmax from ``x`` and the saved lse.
+
+    ``setup_context`` + ``generate_vmap_rule`` make it work under ``torch.func`` (grad, vmap)
+    and ``torch.compile`` (fullgraph) as well as plain autograd.
+    """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(x, labels, counted, eps, weight, options):

@@ -181,8 +181,8 @@ def test_smoothing_one_kl_form_is_finite():
     labels = labels.clip(0)
     for module, array in ((lsjax, jnp.asarray), (lstorch, torch.as_tensor)):
         value = module.smoothed_cross_entropy(
-            array(np.asarray(logits)),
-            array(np.asarray(labels)),
+            array(np.array(logits)),
+            array(np.array(labels)),
             smoothing=1.0,
             kl=True,
             convention="others",
