@@ -109,18 +109,19 @@ def _torch_candidates(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, C
 
 
 def _torch_peak_bytes(run: Callable) -> int:
-    """Peak of live CPU allocations during ``run`` (profiler memory records)."""
+    """Peak of live CPU allocations during ``run``, from the profiler's memory accounting.
+
+    Every allocation and free is attributed to exactly one innermost op (its
+    ``self_cpu_memory_usage``) or to a bare ``[memory]`` record; summed in start order they give
+    the live bytes over time (to the resolution of one op), and their maximum is the peak.
+    """
     with torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
     ) as profile:
         run()
-    records = sorted(
-        (event for event in profile.events() if event.name == "[memory]"),
-        key=lambda event: event.time_range.start,
-    )
     live = peak = 0
-    for record in records:
-        live += record.cpu_memory_usage
+    for event in sorted(profile.events(), key=lambda event: event.time_range.start):
+        live += event.self_cpu_memory_usage
         peak = max(peak, live)
     return peak
 

@@ -218,7 +218,7 @@ def smoothed_cross_entropy(
     if weight is not None:
         weight = jax.lax.stop_gradient(jnp.asarray(weight, compute_dtype))
     options = _Options(convention, pad_index, kl, from_log_probs)
-    loss = _row_loss(options, x, labels, counted, eps, weight)
+    loss = _row_loss_jit(options, x, labels, counted, eps, weight)
     w_y = 1.0 if weight is None else weight[jnp.where(counted, labels, 0).clip(0, num_classes - 1)]
     row_weight = jnp.where(counted, w_y, 0.0).astype(compute_dtype)
     return _reduce(loss, row_weight, reduction, normalizer)
@@ -344,3 +344,9 @@ def _reduce(loss, row_weight, reduction, normalizer):
     denominator = jnp.sum(row_weight) if normalizer is None else jnp.asarray(normalizer, loss.dtype)
     nothing_counts = denominator == 0
     return jnp.where(nothing_counts, 0.0, total / jnp.where(nothing_counts, 1.0, denominator))
+
+
+# The core as one compiled program per (options, shapes): inside a user's jit it is inlined;
+# called eagerly (or under eager grad/vmap) it runs as one cached executable instead of dozens of
+# primitives dispatched one by one.
+_row_loss_jit = jax.jit(_row_loss, static_argnums=(0,))
