@@ -1,0 +1,101 @@
+"""The catalogue of bad inputs shown in the README, and the table generated from it.
+
+``python -m tests.bad_inputs`` prints the table; ``--write`` puts it into README.md between the
+``<!-- bad-inputs:start -->`` and ``<!-- bad-inputs:end -->`` markers. ``tests/test_readme.py``
+fails when the README's table differs from what the code raises today, so it cannot drift.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+START, END = "<!-- bad-inputs:start -->", "<!-- bad-inputs:end -->"
+
+
+def _data(num_classes=5):
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((4, num_classes)).astype(np.float32), rng.integers(0, num_classes, 4)
+
+
+def _call(options=None, num_classes=5, logits=None, labels=None):
+    def run(module, array):
+        x, y = _data(num_classes)
+        x = x if logits is None else logits
+        y = y if labels is None else labels
+        extra = {k: array(v) if isinstance(v, np.ndarray) else v for k, v in (options or {}).items()}
+        return module.smoothed_cross_entropy(array(x), array(y), **extra)
+
+    return run
+
+
+# (what the user did, the call with logits of shape (4, 5) unless said otherwise)
+CASES = [
+    ("`smoothing` outside [0, 1]", _call({"smoothing": 1.5})),
+    ("unknown `convention`", _call({"convention": "eps/K"})),
+    ("unknown `reduction`", _call({"reduction": "avg"})),
+    ("labels out of range (concrete)", _call(labels=np.array([0, 1, 7, 2]))),
+    ("`labels` shape not the logits' minus the class axis", _call(labels=np.zeros((4, 1), int))),
+    ("`weight` of the wrong length", _call({"weight": np.ones(4, np.float32)})),
+    ("`where` of the wrong shape", _call({"where": np.ones(3, bool)})),
+    ("`where` not boolean", _call({"where": np.ones(4, np.float32)})),
+    ("integer logits", _call(logits=np.zeros((4, 5), np.int32))),
+    ("float labels", _call(labels=np.zeros(4, np.float32))),
+    ("K < 2 with `others`", _call({"convention": "others"}, num_classes=1)),
+    ("K < 3 with `others_but_pad`", _call({"convention": "others_but_pad", "pad_index": 0}, 2)),
+    ("`others_but_pad` without `pad_index`", _call({"convention": "others_but_pad"})),
+    ("`pad_index` with another convention", _call({"pad_index": 0})),
+    ("`normalizer` without reduction='mean'", _call({"normalizer": 8.0})),
+    ("`kl=True` with class weights", _call({"kl": True, "weight": np.ones(5, np.float32)})),
+    ("`axis` out of range", _call({"axis": 2})),
+]
+
+
+def raised(run, module, array) -> tuple[str, str]:
+    """(exception type name, message) that ``run`` raises; AssertionError if it raises none."""
+    try:
+        run(module, array)
+    except (ValueError, TypeError) as error:
+        return type(error).__name__, str(error)
+    raise AssertionError("no error was raised")
+
+
+def normalise(message: str) -> str:
+    """Framework-neutral wording: torch prints dtypes as ``torch.float32``, JAX as ``float32``."""
+    return re.sub(r"\btorch\.", "", message).replace(" (a float torch.Tensor)", "").replace(
+        " (an int torch.Tensor)", ""
+    )
+
+
+def table() -> str:
+    import jax.numpy as jnp
+
+    import lsjax
+
+    lines = ["| bad input | error | message (both frameworks) |", "|---|---|---|"]
+    for description, run in CASES:
+        kind, message = raised(run, lsjax, jnp.asarray)
+        lines.append(f"| {description} | `{kind}` | {normalise(message)} |")
+    return "\n".join(lines)
+
+
+def readme_block() -> str:
+    text = README.read_text()
+    return text[text.index(START) + len(START) : text.index(END)].strip()
+
+
+def main() -> None:
+    generated = table()
+    if "--write" in sys.argv:
+        text = README.read_text()
+        head, tail = text[: text.index(START) + len(START)], text[text.index(END) :]
+        README.write_text(f"{head}\n{generated}\n{tail}")
+    print(generated)
+
+
+if __name__ == "__main__":
+    main()

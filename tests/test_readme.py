@@ -1,0 +1,21 @@
+"""The README's table of bad inputs is what the code raises today, in both frameworks."""
+
+import jax.numpy as jnp
+import pytest
+import torch
+
+import lsjax
+import lstorch
+from tests.bad_inputs import CASES, normalise, raised, readme_block, table
+
+
+def test_readme_error_table_is_current():
+    assert readme_block() == table(), "run `python -m tests.bad_inputs --write` and commit"
+
+
+@pytest.mark.parametrize(("description", "run"), CASES, ids=[c[0] for c in CASES])
+def test_torch_raises_the_same_error_with_the_same_words(description, run):
+    jax_kind, jax_message = raised(run, lsjax, jnp.asarray)
+    torch_kind, torch_message = raised(run, lstorch, torch.as_tensor)
+    assert torch_kind == jax_kind
+    assert normalise(torch_message) == normalise(jax_message)

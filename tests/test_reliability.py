@@ -1,0 +1,206 @@
+"""Non-finite inputs, every transformation users apply, and determinism, in both frameworks.
+
+Expected values come from torch's own functions (hvp, F.cross_entropy), from the plain eager
+call of the same loss (itself checked against the float64 oracle in test_parity/test_properties),
+or need none (finiteness, bitwise equality).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import lsjax
+import lstorch
+
+CONFIGS = [
+    dict(smoothing=0.1, reduction="mean", ignore_index=-100),
+    dict(smoothing=0.4, convention="others", reduction="sum", ignore_index=-100),
+    dict(smoothing=0.7, convention="others_but_pad", pad_index=3, reduction="none"),
+    dict(smoothing=1.0, convention="others", kl=True, reduction="mean", ignore_index=-100),
+]
+
+
+def _data(rows=7, classes=6, seed=0):
+    rng = np.random.default_rng(seed)
+    logits = 3 * rng.standard_normal((rows, classes))
+    labels = rng.integers(0, classes, size=rows)
+    labels[1] = -100
+    return logits, labels
+
+
+def _labels_for(config, labels):
+    return labels if config.get("ignore_index") == -100 else np.where(labels < 0, 3, labels)
+
+
+def _both(logits, labels, config):
+    """(loss, grad) from each framework for sum(loss) in float64."""
+    out = {}
+    value, grad = jax.value_and_grad(
+        lambda x: jnp.sum(lsjax.smoothed_cross_entropy(x, jnp.asarray(labels), **config))
+    )(jnp.asarray(logits))
+    out["jax"] = (np.asarray(value), np.asarray(grad))
+    x = torch.tensor(logits, requires_grad=True)
+    loss = lstorch.smoothed_cross_entropy(x, torch.tensor(labels), **config).sum()
+    loss.backward()
+    out["torch"] = (loss.detach().numpy(), x.grad.numpy())
+    return out
+
+
+# ---------------------------------------------------------------------------------- non-finite
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_non_finite_in_a_row_that_does_not_count_reaches_nothing(config, bad):
+    logits, labels = _data()
+    labels = _labels_for(config, labels)
+    uncounted = 1 if config.get("ignore_index") == -100 else int(np.flatnonzero(labels == 3)[0])
+    clean = _both(logits, labels, config)
+    logits[uncounted, :] = bad
+    for framework, (value, grad) in _both(logits, labels, config).items():
+        assert np.isfinite(value) and np.isfinite(grad).all(), framework
+        assert not grad[uncounted].any(), framework
+        np.testing.assert_allclose(value, clean[framework][0], rtol=1e-12)
+        np.testing.assert_allclose(grad, clean[framework][1], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_in_a_where_false_row_reaches_nothing(bad):
+    logits, labels = _data()
+    labels = np.where(labels < 0, 0, labels)
+    where = np.ones(7, bool)
+    where[4] = False
+    logits[4, 2] = bad
+    value, grad = jax.value_and_grad(
+        lambda x: lsjax.smoothed_cross_entropy(
+            x, labels, smoothing=0.2, where=jnp.asarray(where), reduction="mean"
+        )
+    )(logits)
+    assert np.isfinite(value) and np.isfinite(grad).all() and not grad[4].any()
+    x = torch.tensor(logits, requires_grad=True)
+    loss = lstorch.smoothed_cross_entropy(
+        x, torch.tensor(labels), smoothing=0.2, where=torch.tensor(where), reduction="mean"
+    )
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all() and not x.grad[4].any()
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_nan_in_a_counted_row_propagates(config):
+    logits, labels = _data()
+    labels = _labels_for(config, labels)
+    logits[0, 2] = np.nan  # row 0 counts in every config
+    for framework, (value, grad) in _both(logits, labels, config).items():
+        assert np.isnan(value), framework
+        assert np.isnan(grad[0]).all(), framework
+        assert np.isfinite(np.delete(grad, 0, axis=0)).all(), framework  # other rows unharmed
+
+
+def test_minus_inf_logit_without_a_class_mask_gives_an_honest_inf():
+    # SEMANTICS §7: with no class mask, the uniform term of a class at -inf is +inf.
+    logits, labels = _data()
+    labels = np.where(labels < 0, 0, labels)
+    logits[:, 5] = -np.inf
+    labels[labels == 5] = 0
+    rows = lsjax.smoothed_cross_entropy(logits, labels, smoothing=0.1)
+    assert np.isposinf(rows).all()
+    no_smoothing = lsjax.smoothed_cross_entropy(logits, labels, smoothing=0.0)
+    assert np.isfinite(no_smoothing).all()  # eps = 0 never multiplies the inf (no 0 * inf NaN)
+    torch_rows = lstorch.smoothed_cross_entropy(
+        torch.tensor(logits), torch.tensor(labels), smoothing=0.0
+    )
+    np.testing.assert_allclose(torch_rows.numpy(), no_smoothing, rtol=1e-12)
+
+
+# ------------------------------------------------------------------------- JAX transformations
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_jacfwd_equals_jacrev(config):
+    logits, labels = _data(rows=3, classes=4)
+    labels = np.where(labels < 0, 0, labels) if config.get("ignore_index") != -100 else labels
+    config = {**config, "pad_index": 3} if "pad_index" in config else config
+    fn = functools.partial(lsjax.smoothed_cross_entropy, labels=jnp.asarray(labels), **config)
+    forward = jax.jacfwd(fn)(jnp.asarray(logits))
+    reverse = jax.jacrev(fn)(jnp.asarray(logits))
+    np.testing.assert_allclose(forward, reverse, rtol=1e-12, atol=1e-15)
+
+
+def test_checkpoint_and_donation_change_nothing():
+    logits, labels = _data(rows=33, classes=101)
+    labels = np.where(labels < 0, 0, labels)
+    loss = functools.partial(lsjax.smoothed_cross_entropy, smoothing=0.1, reduction="mean")
+    plain = jax.jit(jax.value_and_grad(loss))(jnp.asarray(logits), jnp.asarray(labels))
+    remat = jax.jit(jax.value_and_grad(jax.checkpoint(loss)))(
+        jnp.asarray(logits), jnp.asarray(labels)
+    )
+    donated = jax.jit(jax.value_and_grad(loss), donate_argnums=0)(
+        jnp.asarray(logits), jnp.asarray(labels)
+    )
+    for value, grad in (remat, donated):
+        np.testing.assert_array_equal(value, plain[0])
+        np.testing.assert_array_equal(grad, plain[1])
+
+
+# ----------------------------------------------------------------------- torch transformations
+
+
+def _torch_loss(labels, config):
+    return functools.partial(lstorch.smoothed_cross_entropy, labels=torch.tensor(labels), **config)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_torch_func_grad_and_vmap(config):
+    logits = np.stack([_data(seed=s)[0] for s in range(3)])
+    labels = _labels_for(config, _data()[1])
+    loss = _torch_loss(labels, config)
+    scalar = lambda x: loss(x).sum()  # noqa: E731
+    batched = torch.func.vmap(torch.func.grad(scalar))(torch.tensor(logits))
+    for index in range(3):
+        x = torch.tensor(logits[index], requires_grad=True)
+        scalar(x).backward()
+        torch.testing.assert_close(batched[index], x.grad, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(
+            torch.func.grad(scalar)(torch.tensor(logits[index])), x.grad, rtol=1e-12, atol=1e-15
+        )
+
+
+def test_torch_compile_fullgraph_with_reduction_none():
+    torch._dynamo.reset()
+    logits, labels = _data()
+    config = dict(smoothing=0.3, convention="others", ignore_index=-100, reduction="none")
+    loss = _torch_loss(labels, config)
+    compiled = torch.compile(loss, fullgraph=True)
+    cotangent = torch.linspace(0.5, 1.5, 7, dtype=torch.float64)  # a non-scalar upstream grad
+    eager_x = torch.tensor(logits, requires_grad=True)
+    compiled_x = torch.tensor(logits, requires_grad=True)
+    eager, compiled_out = loss(eager_x), compiled(compiled_x)
+    eager.backward(cotangent)
+    compiled_out.backward(cotangent)
+    torch.testing.assert_close(compiled_out, eager, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(compiled_x.grad, eager_x.grad, rtol=1e-12, atol=1e-15)
+
+
+# --------------------------------------------------------------------------------- determinism
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_bitwise_deterministic_across_calls(config):
+    logits, labels = _data(rows=257, classes=1001)
+    labels = _labels_for(config, labels)
+    first, second = _both(logits, labels, config), _both(logits, labels, config)
+    for framework in first:
+        for a, b in zip(first[framework], second[framework], strict=True):
+            assert a.tobytes() == b.tobytes(), framework
+    jitted = jax.jit(
+        jax.value_and_grad(
+            lambda x: jnp.sum(lsjax.smoothed_cross_entropy(x, jnp.asarray(labels), **config))
+        )
+    )
+    runs = [jitted(jnp.asarray(logits, jnp.float32)) for _ in range(2)]
+    assert np.asarray(runs[0][0]).tobytes() == np.asarray(runs[1][0]).tobytes()
+    assert np.asarray(runs[0][1]).tobytes() == np.asarray(runs[1][1]).tobytes()
