@@ -301,18 +301,21 @@ def fit_temperature(
     if slope_hi <= 0:  # NLL non-increasing over the whole range: largest beta wins.
         return t_min
     beta = min(max(1.0, beta_lo), beta_hi)  # start from T = 1 (no scaling)
+    tolerance = 1e-13 * (1.0 + np.abs(x_y).mean())
     for _ in range(200):
         slope, curvature = slope_and_curvature(beta)
+        if abs(slope) <= tolerance:
+            break
+        # The root stays inside [beta_lo, beta_hi]: slope(beta_lo) < 0 < slope(beta_hi).
         if slope > 0:
             beta_hi = beta
         else:
             beta_lo = beta
-        if slope == 0 or beta_hi - beta_lo <= 1e-12 * beta_hi:
+        if beta_hi - beta_lo <= 1e-12 * beta_hi:
+            beta = 0.5 * (beta_lo + beta_hi)
             break
         newton = beta - slope / curvature if curvature > 0 else np.nan
         beta = newton if beta_lo < newton < beta_hi else 0.5 * (beta_lo + beta_hi)
-        if abs(slope) <= 1e-13 * (1.0 + np.abs(x_y).mean()):
-            break
     return float(1.0 / beta)
 
 

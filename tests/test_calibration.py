@@ -151,7 +151,9 @@ def test_temperature_hand_case():
     assert calibration.fit_temperature(logits, labels) == pytest.approx(2 / math.log(3), rel=1e-10)
 
 
-@pytest.mark.parametrize("seed,scale", [(0, 1.0), (1, 5.0), (2, 0.2)])
+@pytest.mark.parametrize(
+    "seed,scale", [(seed, scale) for seed in range(4) for scale in (0.2, 0.5, 1.0, 2.0, 5.0)]
+)
 def test_temperature_matches_scipy_minimiser(seed, scale):
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 10, size=300)
