@@ -329,8 +329,8 @@ def plot_reliability_diagram(
 ) -> Any:
     """Draw a reliability diagram (Guo et al. 2017, Fig. 1) and return the matplotlib Axes.
 
-    Bars show ``acc(B_m)`` over each bin ``((m-1)/M, m/M]``; a hatched bar shows the gap to
-    ``conf(B_m)``; the diagonal is perfect calibration; the ECE is written in the legend.
+    Bars show ``acc(B_m)`` over each bin ``((m-1)/M, m/M]``; a hatched bar spans the gap between
+    ``acc(B_m)`` and ``conf(B_m)``; the diagonal is perfect calibration; the legend gives the ECE.
     Empty bins draw nothing. matplotlib is imported here only (``lsjax`` does not need it).
 
     Args:
@@ -355,15 +355,14 @@ def plot_reliability_diagram(
     ax.bar(left, accuracy, width=width, align="edge", edgecolor="black", label="accuracy")
     ax.bar(
         left,
-        confidence - accuracy,
-        bottom=accuracy,
+        np.abs(confidence - accuracy),
+        bottom=np.minimum(accuracy, confidence),
         width=width,
         align="edge",
-        color="tab:red",
-        alpha=0.3,
+        facecolor="none",
         hatch="//",
         edgecolor="tab:red",
-        label=f"gap (ECE {ece:.3f})",
+        label=f"gap to confidence (ECE {ece:.3f})",
     )
     ax.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
     ax.set_xlim(0, 1)

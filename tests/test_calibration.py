@@ -196,11 +196,14 @@ def test_plot_reliability_diagram_draws_the_bin_accuracies(tmp_path):
     matplotlib = pytest.importorskip("matplotlib")
     matplotlib.use("Agg")
     ax = calibration.plot_reliability_diagram(HAND_PROBS, HAND_LABELS, num_bins=3, title="hand")
-    # Two non-empty bins: two accuracy bars, then two gap bars on top of them.
+    # Two non-empty bins: two accuracy bars, then two gap bars from min(acc, conf) to max.
     heights = [patch.get_height() for patch in ax.patches]
-    np.testing.assert_allclose(heights, [2 / 3, 1 / 2, 0.5 - 2 / 3, 0.8 - 1 / 2], rtol=1e-12)
+    bottoms = [patch.get_y() for patch in ax.patches]
+    np.testing.assert_allclose(heights, [2 / 3, 1 / 2, 2 / 3 - 0.5, 0.8 - 1 / 2], rtol=1e-12)
+    np.testing.assert_allclose(bottoms, [0, 0, 0.5, 1 / 2], rtol=1e-12)
+    np.testing.assert_allclose([patch.get_x() for patch in ax.patches[:2]], [1 / 3, 2 / 3])
     legend = [text.get_text() for text in ax.get_legend().get_texts()]
-    assert "gap (ECE 0.220)" in legend, legend
+    assert "gap to confidence (ECE 0.220)" in legend, legend
     ax.figure.savefig(tmp_path / "diagram.png")
     assert (tmp_path / "diagram.png").stat().st_size > 0
 
