@@ -111,10 +111,10 @@ def torch_mlp_from_flax(model: MLP):
     layers = []
     for layer in (model.hidden1, model.hidden2, model.output):
         kernel = np.asarray(layer.kernel[...])
-        linear = torch.nn.Linear(*kernel.shape, dtype=torch.from_numpy(kernel).dtype)
+        linear = torch.nn.Linear(*kernel.shape, dtype=getattr(torch, str(kernel.dtype)))
         with torch.no_grad():
             linear.weight.copy_(torch.from_numpy(kernel.T.copy()))
-            linear.bias.copy_(torch.from_numpy(np.asarray(layer.bias[...])))
+            linear.bias.copy_(torch.from_numpy(np.array(layer.bias[...])))
         layers += [linear, torch.nn.ReLU()]
     return torch.nn.Sequential(*layers[:-1])
 

@@ -27,12 +27,6 @@ import lstorch
 import digits_common as common
 import flax_train
 
-# float64 runs need x64; every array of the examples names its dtype, so float32 runs are unchanged.
-jax.config.update("jax_enable_x64", True)
-# The matrices are tiny (64 x 128): one thread is faster than two that wait on each other,
-# and on a shared 2-core machine it is several times faster.
-torch.set_num_threads(1)
-
 # Largest allowed per-step |loss_jax - loss_torch| / |loss_torch|.
 # float64: the bound. The two frameworks add and multiply in different orders (matmul
 #   blocking, Adam's formula), so they differ by roundings of 2^-53 ~ 1.1e-16 that training
@@ -176,6 +170,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # float64 runs need x64; every array of the examples names its dtype, so float32 runs are
+    # unchanged by it.
+    jax.config.update("jax_enable_x64", True)
+    # The matrices are tiny (64 x 128): one thread is faster than two that wait on each other,
+    # several times faster on a shared 2-core machine.
+    torch.set_num_threads(1)
     config = flax_train.config_from_args(args)
     if args.compare:
         return run_compare(args, config)
