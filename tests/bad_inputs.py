@@ -27,7 +27,9 @@ def _call(options=None, num_classes=5, logits=None, labels=None):
         x, y = _data(num_classes)
         x = x if logits is None else logits
         y = y if labels is None else labels
-        extra = {k: array(v) if isinstance(v, np.ndarray) else v for k, v in (options or {}).items()}
+        extra = {
+            k: array(v) if isinstance(v, np.ndarray) else v for k, v in (options or {}).items()
+        }
         return module.smoothed_cross_entropy(array(x), array(y), **extra)
 
     return run
@@ -66,8 +68,10 @@ def raised(run, module, array) -> tuple[str, str]:
 
 def normalise(message: str) -> str:
     """Framework-neutral wording: torch prints dtypes as ``torch.float32``, JAX as ``float32``."""
-    return re.sub(r"\btorch\.", "", message).replace(" (a float torch.Tensor)", "").replace(
-        " (an int torch.Tensor)", ""
+    return (
+        re.sub(r"\btorch\.", "", message)
+        .replace(" (a float torch.Tensor)", "")
+        .replace(" (an int torch.Tensor)", "")
     )
 
 
