@@ -264,6 +264,8 @@ def smoothed_cross_entropy(
     row_weight = jnp.where(counted, w_y, 0.0).astype(compute_dtype)
     if with_z:
         loss, z_part = loss
+        if not return_z_loss:
+            return _reduce(loss, row_weight, reduction, normalizer)
         return (
             _reduce(loss, row_weight, reduction, normalizer),
             _reduce(z_part, row_weight, reduction, normalizer),
