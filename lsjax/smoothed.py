@@ -51,16 +51,44 @@ def _upcast_alone(x: Array, compute_dtype, companion: Array) -> Array:
     return x.astype(compute_dtype)
 
 
-def _logsumexp(x: Array, compute_dtype) -> Array:
-    """logsumexp over the last axis, accumulated in ``compute_dtype``.
+def _logsumexp(x: Array, compute_dtype, class_mask: Array | None = None) -> Array:
+    """logsumexp over the last axis (over the allowed classes), accumulated in ``compute_dtype``.
 
     The max is taken in ``x``'s own dtype (exact), so the upcast feeds a single reduction and
     XLA fuses it there: a bf16 ``x`` never gets a float32 copy. A row of -inf gives -inf.
+    With a ``class_mask`` the masked terms are multiplied by 0 (``exp(x - peak) <= 1``, so
+    never ``inf * 0``); a select, or a masked max, would be materialised over rows x K by
+    XLA:CPU. The stabilising max is therefore taken over EVERY column: exact whenever masked
+    columns hold -inf or logits not far above the allowed ones; masked logits more than ~80
+    (float32) above every allowed logit underflow the sum (a documented limitation of the JAX
+    class_mask path; lstorch masks before its max).
     """
     peak = jnp.max(x, axis=-1).astype(compute_dtype)
     peak = jax.lax.stop_gradient(jnp.where(jnp.isfinite(peak), peak, 0.0))
-    total = jnp.sum(jnp.exp(_upcast_alone(x, compute_dtype, peak) - peak[..., None]), axis=-1)
-    return jnp.log(total) + peak
+    terms = jnp.exp(_upcast_alone(x, compute_dtype, peak) - peak[..., None])
+    if class_mask is not None:
+        terms = terms * _mask_for(class_mask, compute_dtype, peak)
+    return jnp.log(jnp.sum(terms, axis=-1)) + peak
+
+
+def _mask_for(class_mask: Array, dtype, companion: Array) -> Array:
+    """The (K,) mask as 0/1 values, kept apart for ONE consumer.
+
+    XLA shares identical broadcasts of the same (K,) constant between reductions and then
+    materialises the shared rows x K broadcast; a barrier with a per-consumer ``companion``
+    (as in :func:`_upcast_alone`) makes each use distinct, so each broadcast fuses.
+    """
+    mask, _ = jax.lax.optimization_barrier((class_mask.astype(dtype), companion))
+    return mask
+
+
+def _zero_masked(x: Array, class_mask: Array, companion: Array) -> Array:
+    """``x`` with masked columns set to 0, by arithmetic XLA fuses into the reduction that reads
+    it (a select would be materialised): masked values, -inf included, are raised to the
+    dtype's lowest finite value and multiplied by 0; allowed columns are untouched."""
+    floor = jnp.where(class_mask, -jnp.inf, jnp.finfo(x.dtype).min).astype(x.dtype)
+    floor, mask, _ = jax.lax.optimization_barrier((floor, class_mask.astype(x.dtype), companion))
+    return jnp.maximum(x, floor) * mask
 
 
 def _concrete_scalar(fn: str, name: str, value: Any) -> Any:
@@ -298,36 +326,38 @@ def _row_terms(options, x, labels, counted, eps, weight, class_mask=None):
     in_range = (labels >= 0) & (labels < num_classes)
     safe_labels = jnp.where(counted & in_range, labels, 0)
     size = lsspec.support_size(options.convention, num_classes)
-    x_summed = x
+    # The upcast comes first (kept apart from the other reductions), then the mask: a barrier
+    # over an already-masked array would materialise it.
+    x_summed = _upcast_alone(x, compute_dtype, labels)
     if class_mask is not None:
-        x_summed = jnp.where(class_mask, x, jnp.zeros((), x.dtype))
+        x_summed = _zero_masked(x_summed, class_mask, labels)
         size = size - jnp.sum(~class_mask)
         if options.convention == "others_but_pad":
             size = size + ~class_mask[options.pad_index]  # a masked pad is not excluded twice
     if options.from_log_probs:
         lse = jnp.zeros(labels.shape, compute_dtype)
-    elif class_mask is None:
-        lse = _logsumexp(x, compute_dtype)
     else:
-        lse = _logsumexp(jnp.where(class_mask, x, jnp.array(-jnp.inf, x.dtype)), compute_dtype)
+        lse = _logsumexp(x, compute_dtype, class_mask)
     x_y = jnp.take_along_axis(x, safe_labels[..., None], axis=-1)[..., 0].astype(compute_dtype)
     mask_weight = 1.0 if class_mask is None else class_mask.astype(compute_dtype)
     if weight is None:
         w_y = 1.0
         w_pad = 1.0 if class_mask is None else mask_weight[options.pad_index or 0]
-        support_sum = jnp.sum(_upcast_alone(x_summed, compute_dtype, labels), axis=-1)
+        support_sum = jnp.sum(x_summed, axis=-1)
         support_weight = float(num_classes) if class_mask is None else jnp.sum(mask_weight)
     else:
         masked_weight = weight * mask_weight
         w_y = weight[safe_labels]
         w_pad = masked_weight[options.pad_index] if options.pad_index is not None else 0.0
-        support_sum = jnp.sum(_upcast_alone(x_summed, compute_dtype, labels) * weight, axis=-1)
+        support_sum = jnp.sum(x_summed * weight, axis=-1)
         support_weight = jnp.sum(masked_weight)
     if options.convention != "uniform":
         support_sum = support_sum - w_y * x_y
         support_weight = support_weight - w_y
     if options.convention == "others_but_pad":
-        x_pad = x_summed[..., options.pad_index].astype(compute_dtype)
+        x_pad = x[..., options.pad_index].astype(compute_dtype)
+        if class_mask is not None:  # a masked pad is already out of the support
+            x_pad = jnp.where(class_mask[options.pad_index], x_pad, 0.0)
         support_sum = support_sum - w_pad * x_pad
         support_weight = support_weight - w_pad
     # A counted row whose label is out of range (or masked), or a (traced) smoothing outside
@@ -392,9 +422,9 @@ def _row_loss_jvp(options, primals, tangents):
         in_support = ~is_target
     if options.convention == "others_but_pad":
         in_support = in_support & (classes != options.pad_index)
-    if class_mask is not None:
-        in_support = in_support & class_mask
     w = 1.0 if weight is None else weight
+    if class_mask is not None:  # masked classes leave the support (a (K,) product, not a select)
+        w = w * class_mask.astype(eps.dtype)
     on_true = (1.0 - eps) * w_y
     per_class = eps / size
     target = jnp.where(is_target, on_true[..., None], 0.0) + jnp.where(
@@ -407,9 +437,13 @@ def _row_loss_jvp(options, primals, tangents):
         mass = on_true + per_class * support_weight
         safe_x = jnp.where(keep, x, 0).astype(eps.dtype)
         safe_lse = jnp.where(counted, lse, 0.0)[..., None]
-        softmax = jnp.exp(safe_x - safe_lse)
-        if class_mask is not None:
-            softmax = jnp.where(class_mask, softmax, 0.0)
+        if class_mask is None:
+            softmax = jnp.exp(safe_x - safe_lse)
+        else:
+            # 0 on masked classes by a (K,) product: allowed x - lse <= 0, so the clamp only
+            # keeps a masked logit (finite or -inf) from overflowing before it is zeroed.
+            shifted = jnp.minimum(safe_x - safe_lse, 0.0)
+            softmax = jnp.exp(shifted) * _mask_for(class_mask, eps.dtype, lse)
         if options.with_z:
             mass = mass + 2.0 * z * jnp.where(counted, lse, 0.0)
         coefficient = mass[..., None] * softmax - target
