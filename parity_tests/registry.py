@@ -472,7 +472,12 @@ def _keras_cce_inputs(rng: np.random.Generator, case: dict):
         y_true = np.eye(num_classes)[rng.integers(0, num_classes, size=7)]
     y_pred = logits
     if not case["from_logits"]:  # probabilities, rows not summing to 1 (Keras normalises)
-        y_pred = np.exp(_log_softmax(logits, -1)) * rng.uniform(0.5, 2.0, size=(7, 1))
+        # Spread 1, so no probability sits near Keras's clip at 1e-7 (where a finite difference
+        # of step 1e-6 would cross it) except the one placed below it on purpose at K=1000.
+        y_pred = np.exp(_log_softmax(logits / 3, -1)) * rng.uniform(0.5, 2.0, size=(7, 1))
+        if num_classes == 1000:
+            y_pred[:, 0] = 1e-9  # clipped: Keras passes no gradient there
+
     kwargs = dict(from_logits=case["from_logits"], label_smoothing=case["label_smoothing"])
     return (y_pred, y_true), kwargs
 
