@@ -5,15 +5,19 @@ twins are listed in ``parity_tests.registry`` and proven equal by ``python -m pa
 This package never imports torch.
 """
 
+from lsjax import compat
+from lsjax.binary import sigmoid_binary_cross_entropy
 from lsjax.seed_modules import kl_label_smoothing_loss, label_smoothing_loss
 from lsjax.smoothed import smoothed_cross_entropy
 from lsjax.soft import soft_target_cross_entropy
 from lsjax.torch_mirror import cross_entropy
 
 __all__ = [
+    "compat",
     "cross_entropy",
     "kl_label_smoothing_loss",
     "label_smoothing_loss",
+    "sigmoid_binary_cross_entropy",
     "smoothed_cross_entropy",
     "soft_target_cross_entropy",
 ]

@@ -51,16 +51,44 @@ def _upcast_alone(x: Array, compute_dtype, companion: Array) -> Array:
     return x.astype(compute_dtype)
 
 
-def _logsumexp(x: Array, compute_dtype) -> Array:
-    """logsumexp over the last axis, accumulated in ``compute_dtype``.
+def _logsumexp(x: Array, compute_dtype, class_mask: Array | None = None) -> Array:
+    """logsumexp over the last axis (over the allowed classes), accumulated in ``compute_dtype``.
 
     The max is taken in ``x``'s own dtype (exact), so the upcast feeds a single reduction and
     XLA fuses it there: a bf16 ``x`` never gets a float32 copy. A row of -inf gives -inf.
+    With a ``class_mask`` the masked terms are multiplied by 0 (``exp(x - peak) <= 1``, so
+    never ``inf * 0``); a select, or a masked max, would be materialised over rows x K by
+    XLA:CPU. The stabilising max is therefore taken over EVERY column: exact whenever masked
+    columns hold -inf or logits not far above the allowed ones; masked logits more than ~80
+    (float32) above every allowed logit underflow the sum (a documented limitation of the JAX
+    class_mask path; lstorch masks before its max).
     """
     peak = jnp.max(x, axis=-1).astype(compute_dtype)
     peak = jax.lax.stop_gradient(jnp.where(jnp.isfinite(peak), peak, 0.0))
-    total = jnp.sum(jnp.exp(_upcast_alone(x, compute_dtype, peak) - peak[..., None]), axis=-1)
-    return jnp.log(total) + peak
+    terms = jnp.exp(_upcast_alone(x, compute_dtype, peak) - peak[..., None])
+    if class_mask is not None:
+        terms = terms * _mask_for(class_mask, compute_dtype, peak)
+    return jnp.log(jnp.sum(terms, axis=-1)) + peak
+
+
+def _mask_for(class_mask: Array, dtype, companion: Array) -> Array:
+    """The (K,) mask as 0/1 values, kept apart for ONE consumer.
+
+    XLA shares identical broadcasts of the same (K,) constant between reductions and then
+    materialises the shared rows x K broadcast; a barrier with a per-consumer ``companion``
+    (as in :func:`_upcast_alone`) makes each use distinct, so each broadcast fuses.
+    """
+    mask, _ = jax.lax.optimization_barrier((class_mask.astype(dtype), companion))
+    return mask
+
+
+def _zero_masked(x: Array, class_mask: Array, companion: Array) -> Array:
+    """``x`` with masked columns set to 0, by arithmetic XLA fuses into the reduction that reads
+    it (a select would be materialised): masked values, -inf included, are raised to the
+    dtype's lowest finite value and multiplied by 0; allowed columns are untouched."""
+    floor = jnp.where(class_mask, -jnp.inf, jnp.finfo(x.dtype).min).astype(x.dtype)
+    floor, mask, _ = jax.lax.optimization_barrier((floor, class_mask.astype(x.dtype), companion))
+    return jnp.maximum(x, floor) * mask
 
 
 def _concrete_scalar(fn: str, name: str, value: Any) -> Any:
@@ -72,7 +100,7 @@ def _concrete_scalar(fn: str, name: str, value: Any) -> Any:
     return float(np.asarray(value))
 
 
-def _check_arrays(fn, logits, labels, axis, weight, where):
+def _check_arrays(fn, logits, labels, axis, weight, where, class_mask=None):
     """Shared input checks; returns (logits, labels, class axis as a non-negative int)."""
     logits = jnp.asarray(logits)
     labels = jnp.asarray(labels)
@@ -98,17 +126,29 @@ def _check_arrays(fn, logits, labels, axis, weight, where):
             )
         if jnp.asarray(where).dtype != jnp.bool_:
             raise lsspec.dtype_error(fn, "where", jnp.asarray(where).dtype, "dtype bool")
+    if class_mask is not None:
+        if jnp.shape(class_mask) != (num_classes,):
+            raise lsspec.shape_error(
+                fn, "class_mask", jnp.shape(class_mask), f"shape ({num_classes},)"
+            )
+        if jnp.asarray(class_mask).dtype != jnp.bool_:
+            raise lsspec.dtype_error(fn, "class_mask", jnp.asarray(class_mask).dtype, "dtype bool")
     return logits, labels, axis
 
 
-def _check_label_range(fn, labels, counted, num_classes, ignore_index):
-    """Concrete labels out of range raise; traced ones give NaN rows (see the core)."""
+def _check_label_range(fn, labels, counted, num_classes, ignore_index, class_mask=None):
+    """Concrete labels out of range (or of a masked class) raise; traced ones give NaN rows."""
     if _is_traced(labels) or _is_traced(counted):
         return
     labels_np = np.asarray(labels)
     bad = np.asarray(counted) & ((labels_np < 0) | (labels_np >= num_classes))
     if bad.any():
         raise lsspec.label_range_error(fn, labels_np[bad].tolist(), num_classes, ignore_index)
+    if class_mask is not None and not _is_traced(class_mask):
+        allowed = np.asarray(class_mask)
+        masked = np.asarray(counted) & ~allowed[np.clip(labels_np, 0, num_classes - 1)]
+        if masked.any():
+            raise lsspec.masked_label_error(fn, labels_np[masked].tolist())
 
 
 def smoothed_cross_entropy(
@@ -126,7 +166,10 @@ def smoothed_cross_entropy(
     normalizer: float | Array | None = None,
     kl: bool = False,
     from_log_probs: bool = False,
-) -> Array:
+    class_mask: ArrayLike | None = None,
+    z_loss: float | Array = 0.0,
+    return_z_loss: bool = False,
+) -> Array | tuple[Array, Array]:
     r"""Label-smoothed cross-entropy from integer labels, in closed form.
 
     The smoothed target of a row is ``q = (1 - eps) * onehot(y) + eps * u``, with ``u`` uniform
@@ -143,6 +186,12 @@ def smoothed_cross_entropy(
     ``(1 - eps) * w_y * (lse - x_y) + eps * sum_{c in S} w_c (lse - x_c) / |S|`` and ``"mean"``
     divides by the sum of ``w_y`` over counted rows.
 
+    With a ``class_mask`` ``m`` (SEMANTICS.md §7) the masked classes (``m_c = False``) leave both
+    the softmax and the support: ``lse = logsumexp_{m_c} x_c``, ``S`` holds allowed classes only
+    and ``K`` becomes ``sum(m)``; masked logits may be ``-inf`` and loss and gradient stay finite.
+    With ``z_loss`` ``z`` every counted row adds ``z * lse**2`` (the PaLM/T5X z-loss), whose
+    gradient is ``2 z lse softmax(x)``; ``z = 0`` leaves the loss and its gradient untouched.
+
     Reproduces:
       * ``convention="uniform"``: ``torch.nn.functional.cross_entropy(x, y, weight=w,
         ignore_index=i, reduction=r, label_smoothing=eps)`` (class axis given by ``axis``), and
@@ -150,7 +199,11 @@ def smoothed_cross_entropy(
       * ``convention="others"``: the seed ``LabelSmoothingLoss(classes, smoothing)``, fairseq's
         ``label_smoothed_nll_loss`` (with ``from_log_probs=True``) and T5X/Flax (with ``kl=True``);
       * ``convention="others_but_pad", kl=True, from_log_probs=True``: the OpenNMT-style seed
-        ``LabelSmoothingLoss(label_smoothing, tgt_vocab_size, ignore_index)``.
+        ``LabelSmoothingLoss(label_smoothing, tgt_vocab_size, ignore_index)``;
+      * ``convention="uniform", class_mask=m``: ``optax.softmax_cross_entropy(x,
+        optax.smooth_labels(onehot(y), eps, where=m), where=m)``;
+      * ``convention="others", kl=True, z_loss=z, return_z_loss=True``: the per-token loss and
+        z-loss of T5X's ``compute_weighted_cross_entropy`` (see ``lsjax.compat.t5x``).
 
     Args:
       logits: float array; the class axis is ``axis``. bf16/fp16 are accumulated in float32.
@@ -172,6 +225,13 @@ def smoothed_cross_entropy(
         gradient, minimum 0, finite at smoothing = 1. Not defined with ``weight``.
       from_log_probs: ``logits`` already are log-probabilities: the loss is ``-sum_c q_c x_c``
         and its gradient ``-q`` (the seed's KL module and fairseq take log-probs).
+      class_mask: boolean ``(K,)``; False classes leave the softmax and the smoothing support.
+        A counted row whose label is a masked class raises (concrete) or is NaN (traced).
+      z_loss: ``z >= 0``; adds ``z * lse**2`` to every counted row. Needs logits (not allowed
+        with ``from_log_probs=True``).
+      return_z_loss: also return the z-loss part alone, reduced like the loss:
+        ``(loss, z_part)`` where ``loss`` already includes ``z_part`` (T5X's convention). The
+        z-part's gradient is ``2 z lse softmax(x)``.
 
     Returns:
       The loss in ``float32`` for bf16/fp16/float32 logits and ``float64`` for float64 logits:
@@ -188,7 +248,7 @@ def smoothed_cross_entropy(
       Müller, Kornblith & Hinton 2019, "When Does Label Smoothing Help?".
     """
     fn = "smoothed_cross_entropy"
-    logits, labels, axis = _check_arrays(fn, logits, labels, axis, weight, where)
+    logits, labels, axis = _check_arrays(fn, logits, labels, axis, weight, where, class_mask)
     num_classes = logits.shape[axis]
     lsspec.check_options(
         fn,
@@ -203,6 +263,10 @@ def smoothed_cross_entropy(
         has_weight=weight is not None,
         from_log_probs=from_log_probs,
     )
+    z_value = _concrete_scalar(fn, "z_loss", z_loss)
+    lsspec.check_z_loss(fn, z_value, from_log_probs=from_log_probs, return_z_loss=return_z_loss)
+    if class_mask is not None and not _is_traced(class_mask):
+        lsspec.check_class_mask_support(fn, np.asarray(class_mask).tolist(), convention, pad_index)
     counted = jnp.ones(labels.shape, dtype=bool)
     if ignore_index is not None:
         counted = counted & (labels != ignore_index)
@@ -210,17 +274,30 @@ def smoothed_cross_entropy(
         counted = counted & (labels != pad_index)
     if where is not None:
         counted = counted & jnp.asarray(where)
-    _check_label_range(fn, labels, counted, num_classes, ignore_index)
+    _check_label_range(fn, labels, counted, num_classes, ignore_index, class_mask)
 
     x = jnp.moveaxis(logits, axis, -1)
     compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
     eps = jax.lax.stop_gradient(jnp.asarray(smoothing, compute_dtype))
     if weight is not None:
         weight = jax.lax.stop_gradient(jnp.asarray(weight, compute_dtype))
-    options = _Options(convention, pad_index, kl, from_log_probs)
-    loss = _row_loss_jit(options, x, labels, counted, eps, weight)
+    if class_mask is not None:
+        class_mask = jax.lax.stop_gradient(jnp.asarray(class_mask))
+    # z-loss is compiled in only when it can matter: a concrete 0 leaves the program unchanged.
+    with_z = return_z_loss or not (lsspec.is_number(z_value) and z_value == 0)
+    z = jax.lax.stop_gradient(jnp.asarray(z_loss, compute_dtype)) if with_z else None
+    options = _Options(convention, pad_index, kl, from_log_probs, with_z)
+    loss = _row_loss_jit(options, x, labels, counted, eps, weight, class_mask, z)
     w_y = 1.0 if weight is None else weight[jnp.where(counted, labels, 0).clip(0, num_classes - 1)]
     row_weight = jnp.where(counted, w_y, 0.0).astype(compute_dtype)
+    if with_z:
+        loss, z_part = loss
+        if not return_z_loss:
+            return _reduce(loss, row_weight, reduction, normalizer)
+        return (
+            _reduce(loss, row_weight, reduction, normalizer),
+            _reduce(z_part, row_weight, reduction, normalizer),
+        )
     return _reduce(loss, row_weight, reduction, normalizer)
 
 
@@ -231,85 +308,112 @@ class _Options(NamedTuple):
     pad_index: int | None
     kl: bool
     from_log_probs: bool
+    with_z: bool = False
 
 
-def _row_terms(options, x, labels, counted, eps, weight):
+def _row_terms(options, x, labels, counted, eps, weight, class_mask=None):
     """Per-row statistics of the closed form; ``x`` is (..., K), class axis last.
 
-    Only O(rows) values come out: lse, x_y, sum over the support of ``w_c x_c`` and of ``w_c``.
+    Only O(rows) values come out: lse, x_y, sum over the support of ``w_c x_c`` and of ``w_c``,
+    and the support's size (a static int, or a scalar array under a ``class_mask``).
     Each reduction reads ``x`` in its own dtype and accumulates in float32 (or float64): there is
     no float32 copy of a bf16 ``x``. Rows that do not count may hold NaN here; callers mask them.
+    Masked classes are replaced inside each reduction (``-inf`` for lse, 0 for the sums), so a
+    ``-inf`` logit in a masked column never meets a multiplication.
     """
     num_classes = x.shape[-1]
     compute_dtype = eps.dtype
     in_range = (labels >= 0) & (labels < num_classes)
     safe_labels = jnp.where(counted & in_range, labels, 0)
+    size = lsspec.support_size(options.convention, num_classes)
+    # The upcast comes first (kept apart from the other reductions), then the mask: a barrier
+    # over an already-masked array would materialise it.
+    x_summed = _upcast_alone(x, compute_dtype, labels)
+    if class_mask is not None:
+        x_summed = _zero_masked(x_summed, class_mask, labels)
+        size = size - jnp.sum(~class_mask)
+        if options.convention == "others_but_pad":
+            size = size + ~class_mask[options.pad_index]  # a masked pad is not excluded twice
     if options.from_log_probs:
         lse = jnp.zeros(labels.shape, compute_dtype)
     else:
-        lse = _logsumexp(x, compute_dtype)
+        lse = _logsumexp(x, compute_dtype, class_mask)
     x_y = jnp.take_along_axis(x, safe_labels[..., None], axis=-1)[..., 0].astype(compute_dtype)
+    mask_weight = 1.0 if class_mask is None else class_mask.astype(compute_dtype)
     if weight is None:
-        w_y = w_pad = 1.0
-        support_sum = jnp.sum(_upcast_alone(x, compute_dtype, labels), axis=-1)
-        support_weight = float(num_classes)
+        w_y = 1.0
+        w_pad = 1.0 if class_mask is None else mask_weight[options.pad_index or 0]
+        support_sum = jnp.sum(x_summed, axis=-1)
+        support_weight = float(num_classes) if class_mask is None else jnp.sum(mask_weight)
     else:
+        masked_weight = weight * mask_weight
         w_y = weight[safe_labels]
-        w_pad = weight[options.pad_index] if options.pad_index is not None else 0.0
-        support_sum = jnp.sum(_upcast_alone(x, compute_dtype, labels) * weight, axis=-1)
-        support_weight = jnp.sum(weight)
+        w_pad = masked_weight[options.pad_index] if options.pad_index is not None else 0.0
+        support_sum = jnp.sum(x_summed * weight, axis=-1)
+        support_weight = jnp.sum(masked_weight)
     if options.convention != "uniform":
         support_sum = support_sum - w_y * x_y
         support_weight = support_weight - w_y
     if options.convention == "others_but_pad":
-        support_sum = support_sum - w_pad * x[..., options.pad_index].astype(compute_dtype)
+        x_pad = x[..., options.pad_index].astype(compute_dtype)
+        if class_mask is not None:  # a masked pad is already out of the support
+            x_pad = jnp.where(class_mask[options.pad_index], x_pad, 0.0)
+        support_sum = support_sum - w_pad * x_pad
         support_weight = support_weight - w_pad
-    # A counted row whose label is out of range, or a (traced) smoothing outside [0, 1], gives
-    # NaN: never a plausible number.
-    bad = counted & ~(in_range & (eps >= 0) & (eps <= 1))
-    return lse, x_y, w_y, support_sum, support_weight, safe_labels, bad
+    # A counted row whose label is out of range (or masked), or a (traced) smoothing outside
+    # [0, 1], gives NaN: never a plausible number.
+    valid = in_range & (eps >= 0) & (eps <= 1)
+    if class_mask is not None:
+        valid = valid & class_mask[safe_labels]
+    bad = counted & ~valid
+    return lse, x_y, w_y, support_sum, support_weight, safe_labels, bad, size
 
 
-def _loss_from_terms(options, terms, counted, eps, num_classes):
-    lse, x_y, w_y, support_sum, support_weight, _, bad = terms
-    size = lsspec.support_size(options.convention, num_classes)
+def _loss_from_terms(options, terms, counted, eps, z):
+    """Per-row loss (and, with ``options.with_z``, the z-loss part alone): 0 where not counted."""
+    lse, x_y, w_y, support_sum, support_weight, _, bad, size = terms
     confidence = 1.0 - eps
     true_term = w_y * (lse - x_y)
     smooth_term = (support_weight * lse - support_sum) / size
     loss = _times(confidence, true_term) + _times(eps, smooth_term)
     if options.kl:  # Subtract the entropy of q: add sum_c q_c log q_c, a constant per row.
         uniform = options.convention == "uniform"
-        on_target = confidence + eps / num_classes if uniform else confidence
-        off_target_count = num_classes - 1 if uniform else size
+        on_target = confidence + eps / size if uniform else confidence
+        off_target_count = size - 1 if uniform else size
         loss = loss + _xlogx(on_target) + off_target_count * _xlogx(eps / size)
-    loss = jnp.where(bad, jnp.nan, loss)
-    return jnp.where(counted, loss, 0.0)
+    if not options.with_z:
+        return jnp.where(counted, jnp.where(bad, jnp.nan, loss), 0.0)
+    z_part = jnp.where(bad, jnp.nan, _times(z, jnp.square(lse)))
+    loss = jnp.where(bad, jnp.nan, loss + z_part)
+    return jnp.where(counted, loss, 0.0), jnp.where(counted, z_part, 0.0)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _row_loss(options, x, labels, counted, eps, weight):
-    """The closed-form core: the per-row loss, 0 on rows that do not count."""
-    terms = _row_terms(options, x, labels, counted, eps, weight)
-    return _loss_from_terms(options, terms, counted, eps, x.shape[-1])
+def _row_loss(options, x, labels, counted, eps, weight, class_mask, z):
+    """The closed-form core: the per-row loss, 0 on rows that do not count.
+
+    With ``options.with_z`` it returns ``(loss, z_part)``, the loss including the z-loss.
+    """
+    terms = _row_terms(options, x, labels, counted, eps, weight, class_mask)
+    return _loss_from_terms(options, terms, counted, eps, z)
 
 
 @_row_loss.defjvp
 def _row_loss_jvp(options, primals, tangents):
-    """d loss_row = sum_c r_c dx_c with r = A * softmax(x) - t (logits) or r = -t (log-probs).
+    """d loss_row = sum_c r_c dx_c with r = (A + 2 z lse) * p - t (logits) or r = -t (log-probs).
 
-    ``t_c = (1 - eps) w_y [c = y] + (eps / |S|) w_c [c in S]`` is the (weighted) smoothed target
-    and ``A = sum_c t_c``. ``r`` is elementwise in ``x`` and per-row statistics, so under ``jit``
-    the gradient ``g * r`` is one fused pass that writes the output: no rows x K temporary.
-    Only ``x`` is differentiated (labels, masks, smoothing and weights are constants).
-    The statistics are computed once and serve both the loss and ``r``.
+    ``t_c = (1 - eps) w_y [c = y] + (eps / |S|) w_c [c in S]`` is the (weighted) smoothed target,
+    ``A = sum_c t_c`` and ``p`` the softmax over the allowed classes (0 on masked ones). The
+    z-part alone has ``d z_row = sum_c 2 z lse p_c dx_c``. ``r`` is elementwise in ``x`` and
+    per-row statistics, so under ``jit`` the gradient ``g * r`` is one fused pass that writes the
+    output: no rows x K temporary. Only ``x`` is differentiated (labels, masks, smoothing,
+    weights and z are constants). The statistics are computed once for the loss and ``r``.
     """
-    x, labels, counted, eps, weight = primals
+    x, labels, counted, eps, weight, class_mask, z = primals
     dx = tangents[0]
-    terms = _row_terms(options, x, labels, counted, eps, weight)
-    loss = _loss_from_terms(options, terms, counted, eps, x.shape[-1])
-    lse, _, w_y, _, support_weight, safe_labels, bad = terms
-    num_classes = x.shape[-1]
-    size = lsspec.support_size(options.convention, num_classes)
+    terms = _row_terms(options, x, labels, counted, eps, weight, class_mask)
+    loss = _loss_from_terms(options, terms, counted, eps, z)
+    lse, _, w_y, _, support_weight, safe_labels, bad, size = terms
     keep = counted[..., None]
     classes = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
     is_target = classes == safe_labels[..., None]
@@ -319,20 +423,37 @@ def _row_loss_jvp(options, primals, tangents):
     if options.convention == "others_but_pad":
         in_support = in_support & (classes != options.pad_index)
     w = 1.0 if weight is None else weight
+    if class_mask is not None:  # masked classes leave the support (a (K,) product, not a select)
+        w = w * class_mask.astype(eps.dtype)
     on_true = (1.0 - eps) * w_y
     per_class = eps / size
     target = jnp.where(is_target, on_true[..., None], 0.0) + jnp.where(
         in_support, per_class * w, 0.0
     )
+    dx = dx.astype(eps.dtype)
     if options.from_log_probs:
         coefficient = -target
     else:
         mass = on_true + per_class * support_weight
         safe_x = jnp.where(keep, x, 0).astype(eps.dtype)
         safe_lse = jnp.where(counted, lse, 0.0)[..., None]
-        coefficient = mass[..., None] * jnp.exp(safe_x - safe_lse) - target
+        if class_mask is None:
+            softmax = jnp.exp(safe_x - safe_lse)
+        else:
+            # 0 on masked classes by a (K,) product: allowed x - lse <= 0, so the clamp only
+            # keeps a masked logit (finite or -inf) from overflowing before it is zeroed.
+            shifted = jnp.minimum(safe_x - safe_lse, 0.0)
+            softmax = jnp.exp(shifted) * _mask_for(class_mask, eps.dtype, lse)
+        if options.with_z:
+            mass = mass + 2.0 * z * jnp.where(counted, lse, 0.0)
+        coefficient = mass[..., None] * softmax - target
     coefficient = jnp.where(keep, jnp.where(bad[..., None], jnp.nan, coefficient), 0.0)
-    return loss, jnp.sum(coefficient * dx.astype(eps.dtype), axis=-1)
+    loss_tangent = jnp.sum(coefficient * dx, axis=-1)
+    if not options.with_z:
+        return loss, loss_tangent
+    z_coefficient = (2.0 * z * jnp.where(counted, lse, 0.0))[..., None] * softmax
+    z_coefficient = jnp.where(keep, jnp.where(bad[..., None], jnp.nan, z_coefficient), 0.0)
+    return loss, (loss_tangent, jnp.sum(z_coefficient * dx, axis=-1))
 
 
 def _reduce(loss, row_weight, reduction, normalizer):

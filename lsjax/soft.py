@@ -21,7 +21,10 @@ def soft_target_cross_entropy(
     where: ArrayLike | None = None,
     axis: int = -1,
     reduction: str = "none",
-) -> jax.Array:
+    from_log_probs: bool = False,
+    z_loss: float | jax.Array = 0.0,
+    return_z_loss: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Cross-entropy against a given distribution, mixed with the uniform one.
 
     With ``t' = (1 - eps) * t + eps / K`` and ``lp = x - logsumexp(x)``, a row's loss is
@@ -30,7 +33,9 @@ def soft_target_cross_entropy(
         loss = (1 - eps) * (lse * sum(w t) - sum(w t x)) + (eps/K) * (lse * sum(w) - sum(w x))
 
     The gradient with respect to the logits is ``g * (A * softmax(x) - w t')`` with
-    ``A = sum_c w_c t'_c``.
+    ``A = sum_c w_c t'_c``. ``from_log_probs=True`` takes ``x`` as log-probabilities
+    (``lse = 0``, gradient ``-w t'``); ``z_loss = z`` adds ``z * lse**2`` per counted row and
+    ``return_z_loss=True`` returns ``(loss, z_part)``, the loss including the z-part.
 
     Reproduces ``torch.nn.functional.cross_entropy(x, t, weight=w, reduction=r,
     label_smoothing=eps)`` for probability targets (whose ``"mean"`` divides by the number of
@@ -46,6 +51,9 @@ def soft_target_cross_entropy(
       where: boolean row mask of the logits' shape without the class axis.
       axis: the class axis.
       reduction: ``"none"`` | ``"sum"`` | ``"mean"`` (over rows that ``where`` keeps; 0 if none).
+      from_log_probs: ``logits`` are log-probabilities: the loss is ``-sum_c w_c t'_c x_c``.
+      z_loss: ``z >= 0``, adds ``z * logsumexp(x)**2`` per counted row (needs logits).
+      return_z_loss: return ``(loss, z_part)`` (the loss includes the z-part), reduced alike.
 
     Returns:
       float32 for bf16/fp16/float32 logits, float64 for float64: per row, or a scalar.
@@ -61,6 +69,8 @@ def soft_target_cross_entropy(
     axis = lsspec.check_axis(fn, axis, logits.ndim)
     lsspec.check_choice(fn, "reduction", reduction, lsspec.REDUCTIONS)
     lsspec.check_smoothing(fn, _concrete_scalar(fn, "smoothing", smoothing))
+    z_value = _concrete_scalar(fn, "z_loss", z_loss)
+    lsspec.check_z_loss(fn, z_value, from_log_probs=from_log_probs, return_z_loss=return_z_loss)
     num_classes = logits.shape[axis]
     row_shape = logits.shape[:axis] + logits.shape[axis + 1 :]
     if weight is not None and jnp.shape(weight) != (num_classes,):
@@ -76,10 +86,21 @@ def soft_target_cross_entropy(
     w = 1.0 if weight is None else jax.lax.stop_gradient(jnp.asarray(weight, compute_dtype))
     eps = jnp.asarray(smoothing, compute_dtype)
 
-    lse = jax.nn.logsumexp(x, axis=-1)
+    lse = jnp.zeros(x.shape[:-1], compute_dtype) if from_log_probs else jax.nn.logsumexp(x, axis=-1)
     given = lse * jnp.sum(w * t, axis=-1) - jnp.sum(w * t * x, axis=-1)
     total_w = num_classes if weight is None else jnp.sum(w)
     uniform = (lse * total_w - jnp.sum(w * x, axis=-1)) / num_classes
     loss = jnp.where(eps == 0, given, (1 - eps) * given + eps * uniform)
-    loss = jnp.where(counted & (eps >= 0) & (eps <= 1), loss, jnp.where(counted, jnp.nan, 0.0))
-    return _reduce(loss, counted.astype(compute_dtype), reduction, None)
+    valid = counted & (eps >= 0) & (eps <= 1)
+    z_part = jnp.asarray(z_loss, compute_dtype) * jnp.square(lse)
+    if return_z_loss or not (lsspec.is_number(z_value) and z_value == 0):
+        loss = loss + z_part
+    loss = jnp.where(valid, loss, jnp.where(counted, jnp.nan, 0.0))
+    row_weight = counted.astype(compute_dtype)
+    if return_z_loss:
+        z_part = jnp.where(valid, z_part, jnp.where(counted, jnp.nan, 0.0))
+        return (
+            _reduce(loss, row_weight, reduction, None),
+            _reduce(z_part, row_weight, reduction, None),
+        )
+    return _reduce(loss, row_weight, reduction, None)

@@ -155,3 +155,81 @@ def seed_kl_options(fn: str, label_smoothing: object, ignore_index: object, voca
     if ignore_index >= 0:
         return {"convention": "others_but_pad", "pad_index": int(ignore_index)}
     return {"convention": "others", "ignore_index": int(ignore_index)}
+
+
+def check_z_loss(fn: str, z_loss: object, *, from_log_probs: bool, return_z_loss: bool) -> None:
+    """``z_loss`` is a finite number >= 0 and needs logits (there is no logsumexp of log-probs)."""
+    if is_number(z_loss) and not (z_loss >= 0 and math.isfinite(z_loss)):
+        raise ValueError(f"{fn}: `z_loss` must be a finite number >= 0; got {z_loss!r}.")
+    uses_z = return_z_loss or not (is_number(z_loss) and z_loss == 0)
+    if from_log_probs and uses_z:
+        raise ValueError(
+            f"{fn}: `z_loss` (and return_z_loss=True) needs logits: with from_log_probs=True "
+            f"there is no logsumexp to penalise; got z_loss={z_loss!r}, "
+            f"return_z_loss={return_z_loss!r}."
+        )
+
+
+def check_class_mask_support(
+    fn: str, allowed: list[bool], convention: str, pad_index: object
+) -> None:
+    """A concrete ``class_mask`` must leave the convention at least one class to smooth over."""
+    num_allowed = sum(bool(value) for value in allowed)
+    size = num_allowed - (convention != "uniform")
+    if convention == "others_but_pad" and bool(allowed[pad_index]):
+        size -= 1
+    if size < 1:
+        raise ValueError(
+            f"{fn}: `class_mask` allows {num_allowed} class(es), which leaves convention="
+            f"{convention!r} no class to spread the smoothing over; allow more classes."
+        )
+
+
+def masked_label_error(fn: str, bad: list[int]) -> ValueError:
+    return ValueError(
+        f"{fn}: `labels` of counted rows must be classes that `class_mask` allows (True); got "
+        f"labels of masked classes {sorted(set(bad))[:5]}."
+    )
+
+
+def check_positive_below_one(fn: str, name: str, value: object) -> None:
+    """timm asserts ``smoothing < 1``; here: a number in [0, 1)."""
+    if is_number(value) and not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{fn}: `{name}` must be in [0, 1); got {value!r}.")
+
+
+def check_broadcastable(fn: str, name: str, got: tuple, target: tuple) -> None:
+    """``got`` must broadcast to ``target`` (e.g. torch's ``pos_weight`` of shape ``(C,)``)."""
+    ok = len(got) <= len(target) and all(
+        size in (1, want) for size, want in zip(reversed(got), reversed(target), strict=False)
+    )
+    if not ok:
+        raise shape_error(fn, name, got, f"a shape that broadcasts to the logits' {tuple(target)}")
+
+
+# Keras's ``backend.epsilon()``: probabilities are clipped to [KERAS_EPSILON, 1 - KERAS_EPSILON].
+KERAS_EPSILON = 1e-7
+
+
+def fairseq_labels_shape(fn: str, target_shape: tuple, lprobs_shape: tuple) -> bool:
+    """fairseq takes ``target`` as ``lprobs.shape[:-1]`` or that plus a trailing 1.
+
+    Returns True when the trailing 1 is there (fairseq then keeps it in unreduced outputs).
+    """
+    rows = tuple(lprobs_shape[:-1])
+    if tuple(target_shape) == rows:
+        return False
+    if tuple(target_shape) == (*rows, 1):
+        return True
+    raise shape_error(fn, "target", target_shape, f"shape {rows} or {(*rows, 1)}")
+
+
+def check_t5x_targets(fn: str, logits_shape: tuple, targets_shape: tuple) -> None:
+    """T5X: integer ``targets`` have the logits' shape without the last (vocabulary) axis."""
+    if tuple(targets_shape) != tuple(logits_shape[:-1]):
+        raise shape_error(
+            fn,
+            "targets",
+            targets_shape,
+            f"the logits' shape without the last axis, {tuple(logits_shape[:-1])}",
+        )

@@ -5,6 +5,8 @@ listed in ``parity_tests.registry`` and proven equal by ``python -m parity_tests
 never imports jax.
 """
 
+from lstorch import compat
+from lstorch.binary import sigmoid_binary_cross_entropy
 from lstorch.modules import KLLabelSmoothingLoss, LabelSmoothingLoss, SmoothedCrossEntropyLoss
 from lstorch.seed_modules import kl_label_smoothing_loss, label_smoothing_loss
 from lstorch.smoothed import smoothed_cross_entropy
@@ -14,8 +16,10 @@ __all__ = [
     "KLLabelSmoothingLoss",
     "LabelSmoothingLoss",
     "SmoothedCrossEntropyLoss",
+    "compat",
     "kl_label_smoothing_loss",
     "label_smoothing_loss",
+    "sigmoid_binary_cross_entropy",
     "smoothed_cross_entropy",
     "soft_target_cross_entropy",
 ]

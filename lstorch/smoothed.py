@@ -20,6 +20,7 @@ class _Options(NamedTuple):
     pad_index: int | None
     kl: bool
     from_log_probs: bool
+    with_z: bool = False
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -51,7 +52,7 @@ def _concrete_scalar(fn: str, name: str, value: object) -> object:
     return float(value)
 
 
-def _check_arrays(fn, logits, labels, axis, weight, where):
+def _check_arrays(fn, logits, labels, axis, weight, where, class_mask=None):
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         got = logits.dtype if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise lsspec.dtype_error(fn, "logits", got, "a floating dtype (a float torch.Tensor)")
@@ -84,16 +85,27 @@ def _check_arrays(fn, logits, labels, axis, weight, where):
             )
         if where.dtype != torch.bool:
             raise lsspec.dtype_error(fn, "where", where.dtype, "dtype bool")
+    if class_mask is not None:
+        if tuple(class_mask.shape) != (num_classes,):
+            raise lsspec.shape_error(
+                fn, "class_mask", tuple(class_mask.shape), f"shape ({num_classes},)"
+            )
+        if class_mask.dtype != torch.bool:
+            raise lsspec.dtype_error(fn, "class_mask", class_mask.dtype, "dtype bool")
     return axis
 
 
-def _check_label_range(fn, labels, counted, num_classes, ignore_index):
-    """Labels out of range raise (as torch does); under torch.compile the row gives NaN."""
+def _check_label_range(fn, labels, counted, num_classes, ignore_index, class_mask=None):
+    """Labels out of range (or of a masked class) raise; under torch.compile the row is NaN."""
     if torch.compiler.is_compiling():
         return
     bad = counted & ((labels < 0) | (labels >= num_classes))
     if bool(bad.any()):
         raise lsspec.label_range_error(fn, labels[bad].tolist(), num_classes, ignore_index)
+    if class_mask is not None:
+        masked = counted & ~class_mask[labels.clamp(0, num_classes - 1)]
+        if bool(masked.any()):
+            raise lsspec.masked_label_error(fn, labels[masked].tolist())
 
 
 def smoothed_cross_entropy(
@@ -111,7 +123,10 @@ def smoothed_cross_entropy(
     normalizer: float | torch.Tensor | None = None,
     kl: bool = False,
     from_log_probs: bool = False,
-) -> torch.Tensor:
+    class_mask: torch.Tensor | None = None,
+    z_loss: float | torch.Tensor = 0.0,
+    return_z_loss: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Label-smoothed cross-entropy from integer labels, in closed form (PyTorch).
 
     Same formula, keywords and semantics as ``lsjax.smoothed_cross_entropy`` (whose docstring
@@ -136,7 +151,7 @@ def smoothed_cross_entropy(
     break the graph) such a row's loss is NaN.
     """
     fn = "smoothed_cross_entropy"
-    axis = _check_arrays(fn, logits, labels, axis, weight, where)
+    axis = _check_arrays(fn, logits, labels, axis, weight, where, class_mask)
     num_classes = logits.shape[axis]
     smoothing_value = _concrete_scalar(fn, "smoothing", smoothing)
     lsspec.check_options(
@@ -152,6 +167,10 @@ def smoothed_cross_entropy(
         has_weight=weight is not None,
         from_log_probs=from_log_probs,
     )
+    z_value = _concrete_scalar(fn, "z_loss", z_loss)
+    lsspec.check_z_loss(fn, z_value, from_log_probs=from_log_probs, return_z_loss=return_z_loss)
+    if class_mask is not None and not torch.compiler.is_compiling():
+        lsspec.check_class_mask_support(fn, class_mask.tolist(), convention, pad_index)
     counted = torch.ones_like(labels, dtype=torch.bool)
     if ignore_index is not None:
         counted = counted & (labels != ignore_index)
@@ -159,18 +178,29 @@ def smoothed_cross_entropy(
         counted = counted & (labels != pad_index)
     if where is not None:
         counted = counted & where
-    _check_label_range(fn, labels, counted, num_classes, ignore_index)
+    _check_label_range(fn, labels, counted, num_classes, ignore_index, class_mask)
 
     x = logits.movedim(axis, -1)
     compute_dtype = _compute_dtype(logits.dtype)
     eps = torch.as_tensor(smoothing, dtype=compute_dtype, device=logits.device).detach()
     if weight is not None:
         weight = weight.detach().to(compute_dtype)
-    options = _Options(convention, pad_index, kl, from_log_probs)
-    loss, _ = _RowLoss.apply(x, labels, counted, eps, weight, options)
+    if class_mask is not None:
+        class_mask = class_mask.detach().to(logits.device)
+    with_z = return_z_loss or _is_tensor_option(z_value) or z_value != 0
+    z = torch.as_tensor(z_loss if with_z else 0.0, dtype=compute_dtype, device=logits.device)
+    options = _Options(convention, pad_index, kl, from_log_probs, with_z)
+    loss, z_part, _ = _RowLoss.apply(
+        x, labels, counted, eps, weight, class_mask, z.detach(), options
+    )
     safe_labels = torch.where(counted, labels, 0).clamp(0, num_classes - 1)
     w_y = 1.0 if weight is None else weight[safe_labels]
     row_weight = torch.where(counted, w_y, 0.0).to(compute_dtype)
+    if return_z_loss:
+        return (
+            _reduce(loss, row_weight, reduction, normalizer),
+            _reduce(z_part, row_weight, reduction, normalizer),
+        )
     return _reduce(loss, row_weight, reduction, normalizer)
 
 
@@ -188,11 +218,31 @@ def _reduce(loss, row_weight, reduction, normalizer):
     return torch.where(nothing_counts, 0.0, total / torch.where(nothing_counts, 1.0, denominator))
 
 
-def _row_terms(options, x, labels, counted, eps, weight):
+def _masked_logsumexp(x, class_mask, compute_dtype):
+    """logsumexp over the allowed classes (all of them without a mask)."""
+    upcast = x.to(compute_dtype)
+    if class_mask is not None:
+        upcast = upcast.masked_fill(~class_mask, -torch.inf)
+    return torch.logsumexp(upcast, dim=-1)
+
+
+def _support_size(options, num_classes, class_mask):
+    """``|S|``: a static int, or a 0-d tensor under a ``class_mask``."""
+    size = lsspec.support_size(options.convention, num_classes)
+    if class_mask is None:
+        return size
+    size = size - (~class_mask).sum()
+    if options.convention == "others_but_pad":
+        size = size + (~class_mask[options.pad_index]).long()  # a masked pad is not excluded twice
+    return size
+
+
+def _row_terms(options, x, labels, counted, eps, weight, class_mask):
     """Per-row statistics of the closed form; ``x`` is (..., K), class axis last.
 
     Only O(rows) values come out: lse, x_y, sum over the support of ``w_c x_c`` and of ``w_c``.
-    Rows that do not count may hold NaN here; callers mask them.
+    Rows that do not count may hold NaN here; callers mask them. Masked classes are filled with
+    ``-inf`` (lse) or 0 (sums) before each reduction, so a ``-inf`` logit there is harmless.
     """
     num_classes = x.shape[-1]
     compute_dtype = eps.dtype
@@ -202,62 +252,90 @@ def _row_terms(options, x, labels, counted, eps, weight):
         lse = torch.zeros(labels.shape, dtype=compute_dtype, device=x.device)
     else:
         # For bf16/fp16 this upcast is a temporary float32 copy, freed before backward.
-        lse = torch.logsumexp(x.to(compute_dtype), dim=-1)
+        lse = _masked_logsumexp(x, class_mask, compute_dtype)
     x_y = x.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1).to(compute_dtype)
-    if weight is None:
-        w_y = w_pad = 1.0
-        support_sum = x.sum(-1, dtype=compute_dtype)
-        support_weight = float(num_classes)
+    if class_mask is None:
+        mask_weight = torch.ones((), dtype=compute_dtype, device=x.device)
+        x_summed = x
     else:
+        mask_weight = class_mask.to(compute_dtype)
+        x_summed = x.masked_fill(~class_mask, 0)
+    if weight is None:
+        w_y = 1.0
+        w_pad = mask_weight.expand(num_classes)[options.pad_index or 0]
+        support_sum = x_summed.sum(-1, dtype=compute_dtype)
+        support_weight = mask_weight.expand(num_classes).sum()
+    else:
+        masked_weight = weight * mask_weight
         w_y = weight[safe_labels]
-        w_pad = weight[options.pad_index] if options.pad_index is not None else 0.0
-        support_sum = torch.matmul(x.to(compute_dtype), weight)
-        support_weight = weight.sum()
+        w_pad = masked_weight[options.pad_index] if options.pad_index is not None else 0.0
+        support_sum = torch.matmul(x_summed.to(compute_dtype), weight)
+        support_weight = masked_weight.sum()
     if options.convention != "uniform":
         support_sum = support_sum - w_y * x_y
         support_weight = support_weight - w_y
     if options.convention == "others_but_pad":
-        support_sum = support_sum - w_pad * x[..., options.pad_index].to(compute_dtype)
+        support_sum = support_sum - w_pad * x_summed[..., options.pad_index].to(compute_dtype)
         support_weight = support_weight - w_pad
-    bad = counted & ~(in_range & (eps >= 0) & (eps <= 1))
+    bad = _bad_rows(labels, counted, eps, class_mask, num_classes)
     return lse, x_y, w_y, support_sum, support_weight, safe_labels, bad
 
 
-def _row_loss_forward(options, x, labels, counted, eps, weight):
+def _bad_rows(labels, counted, eps, class_mask, num_classes):
+    """Counted rows whose label is out of range or masked, or any row under a smoothing outside
+    [0, 1] (a tensor option): they give NaN, never a plausible number."""
+    in_range = (labels >= 0) & (labels < num_classes)
+    valid = in_range & (eps >= 0) & (eps <= 1)
+    if class_mask is not None:
+        valid = valid & class_mask[torch.where(in_range, labels, 0)]
+    return counted & ~valid
+
+
+def _row_loss_forward(options, x, labels, counted, eps, weight, class_mask, z):
     lse, x_y, w_y, support_sum, support_weight, _, bad = _row_terms(
-        options, x, labels, counted, eps, weight
+        options, x, labels, counted, eps, weight, class_mask
     )
-    num_classes = x.shape[-1]
-    size = lsspec.support_size(options.convention, num_classes)
+    size = _support_size(options, x.shape[-1], class_mask)
     confidence = 1.0 - eps
     true_term = w_y * (lse - x_y)
     smooth_term = (support_weight * lse - support_sum) / size
     loss = _times(confidence, true_term) + _times(eps, smooth_term)
     if options.kl:  # Subtract the entropy of q: add sum_c q_c log q_c, a constant per row.
         uniform = options.convention == "uniform"
-        on_target = confidence + eps / num_classes if uniform else confidence
-        off_target_count = num_classes - 1 if uniform else size
+        on_target = confidence + eps / size if uniform else confidence
+        off_target_count = size - 1 if uniform else size
         loss = loss + _xlogx(on_target) + off_target_count * _xlogx(eps / size)
+    if options.with_z:
+        z_part = torch.where(bad, torch.nan, _times(z, lse.square()))
+        loss = loss + z_part
+        z_part = torch.where(counted, z_part, 0.0)
+    else:
+        z_part = torch.zeros_like(loss)
     loss = torch.where(bad, torch.nan, loss)
-    return torch.where(counted, loss, 0.0), lse
+    return torch.where(counted, loss, 0.0), z_part, lse
 
 
-def _row_loss_gradient(options, x, labels, counted, eps, weight, lse, grad_rows):
-    """``grad_rows[..., None] * r`` with ``r = A * softmax(x) - t`` (logits) or ``-t`` (log-probs).
+def _row_loss_gradient(options, x, labels, counted, eps, weight, class_mask, z, lse, grads):
+    """``g * r + g_z * 2 z lse p`` with ``r = (A + 2 z lse) * p - t`` (logits) or ``-t``.
 
-    ``t_c = (1 - eps) w_y [c = y] + (eps / |S|) w_c [c in S]``, ``A = sum_c t_c``. Built in one
-    rows x K buffer with in-place updates, unless a graph is being recorded (double backward),
-    where the same steps run out of place so autograd can differentiate them.
+    ``t_c = (1 - eps) w_y [c = y] + (eps / |S|) w_c [c in S]``, ``A = sum_c t_c``, ``p`` the
+    softmax over the allowed classes, ``g``/``g_z`` the upstream gradients of the loss and of the
+    z-part. Built in one rows x K buffer with in-place updates (the row scales are applied
+    before the target is subtracted, so no second buffer is needed), unless a graph is being
+    recorded (double backward), where the same steps run out of place.
     """
+    grad_rows, grad_z = grads
     inplace = not torch.is_grad_enabled()
     num_classes = x.shape[-1]
-    size = lsspec.support_size(options.convention, num_classes)
+    size = _support_size(options, num_classes, class_mask)
     in_range = (labels >= 0) & (labels < num_classes)
     safe_labels = torch.where(counted & in_range, labels, 0)
-    bad = counted & ~(in_range & (eps >= 0) & (eps <= 1))
+    bad = _bad_rows(labels, counted, eps, class_mask, num_classes)
     w = torch.ones((), dtype=eps.dtype, device=x.device) if weight is None else weight
     w_full = w.expand(num_classes)
-    w_y = w_full[safe_labels]
+    if class_mask is not None:
+        w_full = w_full * class_mask.to(eps.dtype)  # masked classes leave the support
+    w_y = w.expand(num_classes)[safe_labels]
     on_true = (1.0 - eps) * w_y
     per_class = eps / size
     support_weight = w_full.sum()
@@ -265,34 +343,41 @@ def _row_loss_gradient(options, x, labels, counted, eps, weight, lse, grad_rows)
         support_weight = support_weight - w_y
     if options.convention == "others_but_pad":
         support_weight = support_weight - w_full[options.pad_index]
+    g = grad_rows.to(eps.dtype)
 
-    def update(tensor, method, *args):
-        return getattr(tensor, method + "_")(*args) if inplace else getattr(tensor, method)(*args)
+    def update(tensor, method, *args, **kwargs):
+        method = method + "_" if inplace else method
+        return getattr(tensor, method)(*args, **kwargs)
 
     if options.from_log_probs:
         grad = torch.zeros(x.shape, dtype=eps.dtype, device=x.device)
     else:
-        safe_lse = torch.where(counted, lse, 0.0).unsqueeze(-1)
-        grad = update(x.to(eps.dtype) - safe_lse, "exp")  # softmax(x)
-        grad = update(grad, "mul", (on_true + per_class * support_weight).unsqueeze(-1))
-    # - t: the smoothing mass over the support, then the confidence on the target.
-    grad = update(grad, "sub", per_class * w)
+        safe_lse = torch.where(counted, lse, 0.0)
+        grad = update(x.to(eps.dtype) - safe_lse.unsqueeze(-1), "exp")  # softmax(x)
+        if class_mask is not None:
+            grad = update(grad, "masked_fill", ~class_mask, 0.0)
+        scale = g * (on_true + per_class * support_weight)
+        if options.with_z:
+            scale = scale + 2.0 * z * safe_lse * (g + grad_z.to(eps.dtype))
+        grad = update(grad, "mul", scale.unsqueeze(-1))
+    # - g t: the smoothing mass over the support, then the confidence on the target.
+    grad = update(grad, "addcmul", g.unsqueeze(-1), per_class * w_full, value=-1)
     correction = -on_true
     if options.convention != "uniform":
-        correction = correction + per_class * w_y  # y is not in the support
+        correction = correction + per_class * w_full[safe_labels]  # y is not in the support
+    correction = g * correction
     grad = update(grad, "scatter_add", -1, safe_labels.unsqueeze(-1), correction.unsqueeze(-1))
     if options.convention == "others_but_pad":
         pad_column = torch.full_like(safe_labels, options.pad_index).unsqueeze(-1)
-        pad_mass = (per_class * w_full[options.pad_index]).expand(pad_column.shape)
-        grad = update(grad, "scatter_add", -1, pad_column, pad_mass.to(grad.dtype))
+        pad_mass = g * per_class * w_full[options.pad_index]
+        grad = update(grad, "scatter_add", -1, pad_column, pad_mass.unsqueeze(-1).to(grad.dtype))
     grad = update(grad, "masked_fill", bad.unsqueeze(-1), torch.nan)
     grad = update(grad, "masked_fill", ~counted.unsqueeze(-1), 0.0)
-    grad = update(grad, "mul", grad_rows.unsqueeze(-1))
     return grad.to(x.dtype)
 
 
 class _RowLoss(torch.autograd.Function):
-    """Per-row closed-form loss; backward recomputes softmax from ``x`` and the saved lse.
+    """Per-row closed-form loss and z-part; backward recomputes softmax from ``x`` and saved lse.
 
     ``setup_context`` + ``generate_vmap_rule`` make it work under ``torch.func`` (grad, vmap)
     and ``torch.compile`` (fullgraph) as well as plain autograd.
@@ -301,26 +386,29 @@ class _RowLoss(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, labels, counted, eps, weight, options):
-        loss, lse = _row_loss_forward(options, x, labels, counted, eps, weight)
-        return loss, lse
+    def forward(x, labels, counted, eps, weight, class_mask, z, options):
+        return _row_loss_forward(options, x, labels, counted, eps, weight, class_mask, z)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, labels, counted, eps, weight, options = inputs
-        _, lse = output
+        x, labels, counted, eps, weight, class_mask, z, options = inputs
+        _, _, lse = output
         ctx.options = options
-        ctx.has_weight = weight is not None
-        ctx.save_for_backward(x, labels, counted, eps, lse, *([weight] if ctx.has_weight else []))
+        ctx.optional = (weight is not None, class_mask is not None)
+        extra = [t for t in (weight, class_mask) if t is not None]
+        ctx.save_for_backward(x, labels, counted, eps, z, lse, *extra)
         ctx.mark_non_differentiable(lse)
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_lse):
+    def backward(ctx, grad_loss, grad_z, grad_lse):
         del grad_lse  # lse is an internal statistic, never differentiated.
-        x, labels, counted, eps, lse, *rest = ctx.saved_tensors
-        weight = rest[0] if ctx.has_weight else None
+        x, labels, counted, eps, z, lse, *rest = ctx.saved_tensors
+        weight = rest.pop(0) if ctx.optional[0] else None
+        class_mask = rest.pop(0) if ctx.optional[1] else None
         if torch.is_grad_enabled() and not ctx.options.from_log_probs:
             # Double backward: lse must be a function of x for the Hessian to be right.
-            lse = torch.logsumexp(x.to(eps.dtype), dim=-1)
-        grad = _row_loss_gradient(ctx.options, x, labels, counted, eps, weight, lse, grad_loss)
-        return grad, None, None, None, None, None
+            lse = _masked_logsumexp(x, class_mask, eps.dtype)
+        grad = _row_loss_gradient(
+            ctx.options, x, labels, counted, eps, weight, class_mask, z, lse, (grad_loss, grad_z)
+        )
+        return grad, None, None, None, None, None, None, None

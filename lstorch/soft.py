@@ -20,7 +20,10 @@ def soft_target_cross_entropy(
     where: torch.Tensor | None = None,
     axis: int = -1,
     reduction: str = "none",
-) -> torch.Tensor:
+    from_log_probs: bool = False,
+    z_loss: float | torch.Tensor = 0.0,
+    return_z_loss: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Cross-entropy against a given distribution, mixed with the uniform one (PyTorch).
 
     With ``t' = (1 - eps) * t + eps / K`` and ``lp = x - logsumexp(x)``, a row's loss is
@@ -28,7 +31,8 @@ def soft_target_cross_entropy(
 
         loss = (1 - eps) * (lse * sum(w t) - sum(w t x)) + (eps/K) * (lse * sum(w) - sum(w x))
 
-    Same keywords and semantics as ``lsjax.soft_target_cross_entropy``. Reproduces
+    Same keywords and semantics as ``lsjax.soft_target_cross_entropy`` (``from_log_probs``,
+    ``z_loss``, ``return_z_loss`` included). Reproduces
     ``torch.nn.functional.cross_entropy(x, t, weight=w, reduction=r, label_smoothing=eps)`` for
     probability targets (class axis ``axis``; ``"mean"`` divides by the number of rows that
     ``where`` keeps, even with weights, as torch does). Returns float32 for bf16/fp16/float32
@@ -46,6 +50,8 @@ def soft_target_cross_entropy(
     axis = lsspec.check_axis(fn, axis, logits.ndim)
     lsspec.check_choice(fn, "reduction", reduction, lsspec.REDUCTIONS)
     lsspec.check_smoothing(fn, _concrete_scalar(fn, "smoothing", smoothing))
+    z_value = _concrete_scalar(fn, "z_loss", z_loss)
+    lsspec.check_z_loss(fn, z_value, from_log_probs=from_log_probs, return_z_loss=return_z_loss)
     num_classes = logits.shape[axis]
     row_shape = tuple(logits.shape[:axis]) + tuple(logits.shape[axis + 1 :])
     if weight is not None and tuple(weight.shape) != (num_classes,):
@@ -65,11 +71,24 @@ def soft_target_cross_entropy(
     w = 1.0 if weight is None else weight.detach().to(compute_dtype)
     eps = torch.as_tensor(smoothing, dtype=compute_dtype, device=logits.device).detach()
 
-    lse = torch.logsumexp(x, dim=-1)
+    if from_log_probs:
+        lse = torch.zeros(x.shape[:-1], dtype=compute_dtype, device=x.device)
+    else:
+        lse = torch.logsumexp(x, dim=-1)
     given = lse * (w * t).sum(-1) - (w * t * x).sum(-1)
     total_w = num_classes if weight is None else w.sum()
     uniform = (lse * total_w - (w * x).sum(-1)) / num_classes
     loss = torch.where(eps == 0, given, (1 - eps) * given + eps * uniform)
     valid = counted & (eps >= 0) & (eps <= 1)
+    z_part = torch.as_tensor(z_loss, dtype=compute_dtype, device=x.device) * lse.square()
+    if return_z_loss or isinstance(z_value, torch.Tensor) or z_value != 0:
+        loss = loss + z_part
     loss = torch.where(valid, loss, torch.where(counted, torch.nan, 0.0))
-    return _reduce(loss, counted.to(compute_dtype), reduction, None)
+    row_weight = counted.to(compute_dtype)
+    if return_z_loss:
+        z_part = torch.where(valid, z_part, torch.where(counted, torch.nan, 0.0))
+        return (
+            _reduce(loss, row_weight, reduction, None),
+            _reduce(z_part, row_weight, reduction, None),
+        )
+    return _reduce(loss, row_weight, reduction, None)

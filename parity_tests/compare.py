@@ -203,7 +203,14 @@ def run_torch(fn: Callable, args: tuple, kwargs: dict, dtype: str, cotangents=No
         torch.tensor(np.asarray(c)).to(leaf.dtype)
         for c, leaf in zip(cotangents, leaves, strict=True)
     ]
-    grads = torch.autograd.grad(leaves, x, cot, allow_unused=True)[0]
+    # Outputs that carry no gradient (a count, or one detached on purpose, as T5X's z-loss)
+    # contribute nothing to the pull-back.
+    pairs = [(leaf, c) for leaf, c in zip(leaves, cot, strict=True) if leaf.requires_grad]
+    grads = None
+    if pairs:
+        grads = torch.autograd.grad(
+            [leaf for leaf, _ in pairs], x, [c for _, c in pairs], allow_unused=True
+        )[0]
     grad = torch.zeros_like(x) if grads is None else grads
     return outputs, grad.detach().to(torch.float64).numpy()
 
@@ -333,7 +340,9 @@ def compare_with_oracle(
     """Compare one framework's function with a float64 NumPy oracle, output and gradient.
 
     ``oracle(*args, **kwargs)`` takes the NumPy inputs and returns ``(output, vjp)`` with
-    ``vjp(cotangent)`` the gradient with respect to the first input (see ``oracles.py``).
+    ``vjp(cotangent)`` the gradient with respect to the first input (see ``oracles.py``). An
+    oracle of a function with several outputs returns them as a tuple, and its ``vjp`` takes a
+    list with one cotangent per output.
     """
     run = {"jax": run_jax, "torch": run_torch}[framework]
     results = []
@@ -342,12 +351,14 @@ def compare_with_oracle(
         shown = {**case, **{k: v for k, v in kwargs.items() if not isinstance(v, np.ndarray)}}
         try:
             expected, vjp = oracle(*args, **kwargs)
-            cotangent = _cotangents(np.random.default_rng(seed + index), [expected])[0]
-            expected_grad = vjp(cotangent)
-            outputs, grad = run(fn, args, kwargs, "float64", [cotangent])
-            loss_diff = max_abs_diff(outputs, [expected])
+            several = isinstance(expected, tuple)
+            expected = [np.asarray(out) for out in (expected if several else [expected])]
+            cotangents = _cotangents(np.random.default_rng(seed + index), expected)
+            expected_grad = vjp(cotangents if several else cotangents[0])
+            outputs, grad = run(fn, args, kwargs, "float64", cotangents)
+            loss_diff = max_abs_diff(outputs, expected)
             grad_diff = max_abs_diff([grad], [expected_grad])
-            passed = allclose(outputs, [np.asarray(expected)], rtol, atol) and allclose(
+            passed = allclose(outputs, expected, rtol, atol) and allclose(
                 [grad], [expected_grad], rtol, atol
             )
             results.append(CaseResult(shown, "float64", loss_diff, grad_diff, passed))

@@ -63,8 +63,16 @@ def smoothed_cross_entropy(
     normalizer=None,
     kl=False,
     from_log_probs=False,
+    class_mask=None,
+    z_loss=0.0,
+    return_z_loss=False,
 ):
-    """SEMANTICS §1-§5 with a dense target ``t_c = (1-eps) w_y [c=y] + eps w_c u_c``."""
+    """SEMANTICS §1-§5 with a dense target ``t_c = (1-eps) w_y [c=y] + eps w_c u_c``.
+
+    A ``class_mask`` removes classes from the support and from the softmax (their log-prob is
+    -inf and their target 0; SEMANTICS §7). ``z_loss`` adds ``z * lse**2`` per counted row, with
+    gradient ``2 z lse softmax``; ``return_z_loss`` returns ``(loss, z_part)``.
+    """
     x = np.moveaxis(np.asarray(logits, np.float64), axis, -1)
     labels = np.asarray(labels)
     num_classes = x.shape[-1]
@@ -81,7 +89,8 @@ def smoothed_cross_entropy(
     safe_labels = np.where(counted, labels, 0)
 
     onehot = np.arange(num_classes) == safe_labels[..., None]
-    support = np.ones(x.shape, bool)
+    allowed = np.ones(num_classes, bool) if class_mask is None else np.asarray(class_mask, bool)
+    support = np.broadcast_to(allowed, x.shape).copy()
     if convention in ("others", "others_but_pad"):
         support &= ~onehot
     if convention == "others_but_pad":
@@ -90,27 +99,46 @@ def smoothed_cross_entropy(
     q = (1 - eps) * onehot + eps * uniform  # the smoothed target distribution
     t = w[safe_labels][..., None] * (1 - eps) * onehot + eps * w * uniform  # weighted target
 
-    safe_x = np.where(counted[..., None], x, 0.0)
-    log_probs = safe_x if from_log_probs else _log_softmax(safe_x)
-    rows = -(t * log_probs).sum(axis=-1)
+    safe_x = np.where(counted[..., None] & allowed, x, 0.0)
+    if from_log_probs:
+        log_probs = safe_x
+    else:  # log-softmax over the allowed classes; -inf on the masked ones
+        allowed_x = np.where(allowed, safe_x, -np.inf)
+        lse = np.log(np.exp(allowed_x - allowed_x.max(-1, keepdims=True)).sum(-1))
+        lse = lse + allowed_x.max(-1)
+        log_probs = np.where(allowed, safe_x - lse[..., None], -np.inf)
+    finite_log_probs = np.where(np.isfinite(log_probs), log_probs, 0.0)  # t is 0 where -inf
+    rows = -(t * finite_log_probs).sum(axis=-1)
     if kl:
         rows = rows + _xlogx(q).sum(axis=-1)
     if from_log_probs:
         grad_rows = -t
     else:
         grad_rows = t.sum(axis=-1, keepdims=True) * np.exp(log_probs) - t
-    rows = np.where(counted, rows, 0.0)
-    grad_rows = np.where(counted[..., None], grad_rows, 0.0)
+    z_rows = np.zeros(rows.shape)
+    z_grad_rows = np.zeros(grad_rows.shape)
+    if z_loss or return_z_loss:
+        z_rows = z_loss * lse**2
+        z_grad_rows = 2 * z_loss * lse[..., None] * np.exp(log_probs)
+        rows, grad_rows = rows + z_rows, grad_rows + z_grad_rows
+    keep = counted[..., None]
     denominators = np.where(counted, w[safe_labels], 0.0)
-    return _reduce(
-        rows,
-        grad_rows,
-        denominators,
-        reduction,
-        normalizer,
-        axis % np.ndim(logits),
-        np.ndim(logits),
-    )
+    reduced = [
+        _reduce(
+            np.where(counted, value, 0.0),
+            np.where(keep, grad, 0.0),
+            denominators,
+            reduction,
+            normalizer,
+            axis % np.ndim(logits),
+            np.ndim(logits),
+        )
+        for value, grad in ((rows, grad_rows), (z_rows, z_grad_rows))
+    ]
+    if not return_z_loss:
+        return reduced[0]
+    (loss, loss_vjp), (z_part, z_vjp) = reduced
+    return (loss, z_part), lambda cots: loss_vjp(cots[0]) + z_vjp(cots[1])
 
 
 def soft_target_cross_entropy(
@@ -210,3 +238,196 @@ def seed_kl_label_smoothing_loss(
     q[target == ignore_index] = 0.0
     total = (_xlogx(q) - np.where(q > 0, q * x, 0.0)).sum()
     return total, lambda cot: float(cot) * -q
+
+
+def sigmoid_binary_cross_entropy(
+    logits, labels, *, smoothing=0.0, pos_weight=None, reduction="none"
+):
+    """``-[pw y' log s + (1 - y') log(1 - s)]``, ``y' = y (1 - eps) + eps/2``, ``s = sigmoid(x)``.
+
+    ``log s = -log(1 + exp(-x))`` and ``log(1 - s) = -log(1 + exp(x))`` via ``np.logaddexp``;
+    the gradient is the textbook ``pw y' (s - 1) + (1 - y') s``.
+    """
+    x = np.asarray(logits, np.float64)
+    y = np.asarray(labels, np.float64) * (1 - smoothing) + smoothing / 2
+    pw = 1.0 if pos_weight is None else np.asarray(pos_weight, np.float64)
+    sig = 1.0 / (1.0 + np.exp(-x))
+    loss = pw * y * np.logaddexp(0.0, -x) + (1 - y) * np.logaddexp(0.0, x)
+    grad = pw * y * (sig - 1) + (1 - y) * sig
+    if reduction == "none":
+        return loss, lambda cot: np.asarray(cot) * grad
+    scale = 1.0 if reduction == "sum" else 1.0 / loss.size
+    return loss.sum() * scale, lambda cot: float(cot) * scale * grad
+
+
+def fairseq_label_smoothed_nll_loss(
+    lprobs, target, epsilon, ignore_index=None, reduce=True, *, pre_2021=False
+):
+    """fairseq's function read line by line (SEMANTICS §6), dense; returns (loss, nll_loss)."""
+    lp = np.asarray(lprobs, np.float64)
+    target = np.asarray(target)
+    trailing = target.ndim == lp.ndim
+    labels = target[..., 0] if trailing else target
+    vocab = lp.shape[-1]
+    ignored = np.zeros(labels.shape, bool) if ignore_index is None else labels == ignore_index
+    safe = np.where(ignored, 0, labels)
+    onehot = (np.arange(vocab) == safe[..., None]).astype(np.float64)
+    nll = np.where(ignored, 0.0, -np.take_along_axis(lp, safe[..., None], -1)[..., 0])
+    smooth = np.where(ignored, 0.0, -lp.sum(-1))
+    if pre_2021:
+        eps_i = epsilon / vocab
+        loss = (1 - epsilon) * nll + eps_i * smooth
+        d_loss = -((1 - epsilon) * onehot + eps_i)
+    else:
+        eps_i = epsilon / (vocab - 1)
+        loss = (1 - epsilon - eps_i) * nll + eps_i * smooth
+        d_loss = -((1 - epsilon - eps_i) * onehot + eps_i)
+    keep = ~ignored[..., None]
+    d_loss, d_nll = np.where(keep, d_loss, 0.0), np.where(keep, -onehot, 0.0)
+    if reduce:
+        outputs = (loss.sum(), nll.sum())
+        return outputs, lambda cots: float(cots[0]) * d_loss + float(cots[1]) * d_nll
+    if ignore_index is not None:  # fairseq keeps the gathered (..., 1) shape here
+        loss, nll = loss[..., None], nll[..., None]
+    return (
+        (loss, nll),
+        lambda cots: (
+            np.reshape(cots[0], labels.shape)[..., None] * d_loss
+            + np.reshape(cots[1], labels.shape)[..., None] * d_nll
+        ),
+    )
+
+
+def t5x_cross_entropy_with_logits(logits, targets, z_loss):
+    """T5X's function and its CUSTOM gradient (not the derivative when rows of ``targets`` do
+    not sum to 1, and blind to the z-part's cotangent): ``g ((1 + 2 z lse) p - t)``."""
+    x = np.asarray(logits, np.float64)
+    t = np.asarray(targets, np.float64)
+    log_probs = _log_softmax(x)
+    lse = (x - log_probs)[..., 0]
+    z_part = z_loss * lse**2
+    loss = -(t * log_probs).sum(-1) + z_part
+    deriv = (1 + 2 * z_loss * lse)[..., None] * np.exp(log_probs) - t
+    return (loss, z_part), lambda cots: np.asarray(cots[0])[..., None] * deriv
+
+
+def t5x_compute_weighted_cross_entropy(
+    logits, targets, weights=None, label_smoothing=0.0, z_loss=0.0, loss_normalizing_factor=None
+):
+    """T5X's ``compute_weighted_cross_entropy`` read line by line, with a dense one-hot soft
+    target and T5X's own ``normalizing_constant`` (``xlogy`` for ``c log c``, SEMANTICS §2)."""
+    x = np.asarray(logits, np.float64)
+    targets = np.asarray(targets)
+    vocab = x.shape[-1]
+    confidence = 1.0 - label_smoothing
+    low = (1.0 - confidence) / (vocab - 1)
+    normalizing_constant = -(_xlogx(confidence) + (vocab - 1) * low * np.log(low + 1e-20))
+    soft = np.where(np.arange(vocab) == targets[..., None], confidence, low)
+    (loss, z_part), vjp = t5x_cross_entropy_with_logits(x, soft, z_loss)
+    loss = loss - normalizing_constant
+    scale = np.ones(targets.shape)
+    weight_sum = float(targets.size)
+    if weights is not None:
+        scale = np.asarray(weights, np.float64)
+        weight_sum = scale.sum()
+    if loss_normalizing_factor is not None:
+        scale = scale / loss_normalizing_factor
+    outputs = ((loss * scale).sum(), (z_part * scale).sum(), np.float64(weight_sum))
+    return outputs, lambda cots: vjp([float(cots[0]) * scale, None])
+
+
+def hf_label_smoother(logits, labels, *, epsilon=0.1, ignore_index=-100, shift_labels=False):
+    """The Trainer's ``LabelSmoother`` read line by line (SEMANTICS §6), dense."""
+    x = np.asarray(logits, np.float64)
+    labels = np.asarray(labels)
+    if shift_labels:
+        x, labels = x[..., :-1, :], labels[..., 1:]
+    if labels.ndim == x.ndim:
+        labels = labels[..., 0]
+    vocab = x.shape[-1]
+    padding = labels == ignore_index
+    clamped = np.maximum(labels, 0)
+    log_probs = _log_softmax(x)
+    nll = np.where(padding, 0.0, -np.take_along_axis(log_probs, clamped[..., None], -1)[..., 0])
+    smooth = np.where(padding, 0.0, -log_probs.sum(-1))
+    active = padding.size - padding.sum()
+    value = (1 - epsilon) * nll.sum() / active + epsilon * smooth.sum() / (active * vocab)
+    q = (1 - epsilon) * (np.arange(vocab) == clamped[..., None]) + epsilon / vocab
+    grad = np.where(padding[..., None], 0.0, np.exp(log_probs) - q) / active
+
+    def vjp(cot):
+        full = float(cot) * grad
+        if shift_labels:  # the dropped last position gets no gradient
+            pad = [(0, 0)] * (full.ndim - 2) + [(0, 1), (0, 0)]
+            full = np.pad(full, pad)
+        return full
+
+    return value, vjp
+
+
+def keras_categorical_crossentropy(
+    y_pred, y_true, *, from_logits=False, label_smoothing=0.0, axis=-1
+):
+    """Keras 3's function (``y_pred`` first here, the differentiated input); dense.
+
+    ``t = y_true (1 - eps) + eps / K``; ``-sum t log p`` with ``p`` the softmax of logits, or
+    Keras's ``clip(y_pred / sum(y_pred), 1e-7, 1 - 1e-7)`` (the clip passes no gradient).
+    """
+    num_classes = np.shape(y_true)[-1]  # Keras's own choice, whatever ``axis`` is
+    p_in = np.moveaxis(np.asarray(y_pred, np.float64), axis, -1)
+    t = np.moveaxis(np.asarray(y_true, np.float64), axis, -1)
+    t = t * (1 - label_smoothing) + label_smoothing / num_classes
+    if from_logits:
+        log_probs = _log_softmax(p_in)
+        grad = t.sum(-1, keepdims=True) * np.exp(log_probs) - t
+    else:
+        total = p_in.sum(-1, keepdims=True)
+        q = p_in / total
+        clipped = np.clip(q, 1e-7, 1 - 1e-7)
+        log_probs = np.log(clipped)
+        free = (q > 1e-7) & (q < 1 - 1e-7)
+        # d/dp_j of -sum_c t_c log q_c over unclipped c, with dq_c/dp_j = (δ_cj - q_c) / total
+        grad = ((t * free).sum(-1, keepdims=True) - np.where(free, t / q, 0.0)) / total
+    rows = -(t * log_probs).sum(-1)
+    return rows, lambda cot: np.moveaxis(np.asarray(cot)[..., None] * grad, -1, axis)
+
+
+def keras_binary_crossentropy(y_pred, y_true, *, from_logits=False, label_smoothing=0.0, axis=-1):
+    """Keras 3's function (``y_pred`` first here): mean over ``axis`` of the elementwise
+    ``-[y' log p + (1 - y') log(1 - p)]``, ``y' = y (1 - eps) + eps/2``."""
+    z = np.asarray(y_pred, np.float64)
+    y = np.asarray(y_true, np.float64) * (1 - label_smoothing) + label_smoothing / 2
+    count = z.shape[axis]
+    if from_logits:
+        elementwise = y * np.logaddexp(0.0, -z) + (1 - y) * np.logaddexp(0.0, z)
+        grad = 1.0 / (1.0 + np.exp(-z)) - y
+    else:
+        p = np.clip(z, 1e-7, 1 - 1e-7)
+        elementwise = -(y * np.log(p) + (1 - y) * np.log(1 - p))
+        free = (z > 1e-7) & (z < 1 - 1e-7)
+        grad = np.where(free, -y / p + (1 - y) / (1 - p), 0.0)
+    value = elementwise.mean(axis=axis)
+    return value, lambda cot: np.expand_dims(np.asarray(cot), axis) * grad / count
+
+
+def timm_label_smoothing_cross_entropy(x, target, *, smoothing=0.1):
+    """timm: ``mean_rows((1 - s) nll + s * (-mean_c lp))``, dense."""
+    x = np.asarray(x, np.float64)
+    target = np.asarray(target)
+    num_classes = x.shape[-1]
+    log_probs = _log_softmax(x)
+    nll = -np.take_along_axis(log_probs, target[..., None], -1)[..., 0]
+    rows = (1 - smoothing) * nll + smoothing * -log_probs.mean(-1)
+    q = (1 - smoothing) * (np.arange(num_classes) == target[..., None]) + smoothing / num_classes
+    grad = (np.exp(log_probs) - q) / rows.size
+    return rows.mean(), lambda cot: float(cot) * grad
+
+
+def timm_soft_target_cross_entropy(x, target):
+    """timm: ``mean_rows(-sum_c t_c log_softmax(x)_c)``, dense."""
+    x = np.asarray(x, np.float64)
+    t = np.asarray(target, np.float64)
+    log_probs = _log_softmax(x)
+    rows = -(t * log_probs).sum(-1)
+    grad = (t.sum(-1, keepdims=True) * np.exp(log_probs) - t) / rows.size
+    return rows.mean(), lambda cot: float(cot) * grad

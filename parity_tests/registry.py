@@ -15,7 +15,9 @@ import optax
 import torch.nn.functional as F
 
 import lsjax
+import lsjax.compat
 import lstorch
+import lstorch.compat
 from parity_tests import oracles
 
 SMOOTHINGS = (0.0, 0.1, 0.5, 1.0)
@@ -42,6 +44,9 @@ class Twin:
     cases: tuple[dict, ...]
     oracle: Callable | None = None
     tolerances: dict | None = None
+    # True when the twins reproduce a peer's custom gradient that is not the derivative of the
+    # output (T5X's): the oracle carries that rule, and the finite-difference check skips it.
+    custom_gradient: bool = False
 
 
 def _grid(**axes) -> list[dict]:
@@ -297,6 +302,275 @@ def _lstorch_uniform(logits, labels, *, smoothing, num_classes, where=None):
 
 
 # --------------------------------------------------------------------------------------------
+# New core capabilities: class_mask and z_loss on smoothed_cross_entropy; binary smoothing
+
+
+def _mask_z_cases() -> tuple[dict, ...]:
+    """Every convention x K x {mask, mask with -inf logits, z-loss, z-loss returned, both};
+    smoothing, reduction, kl and ignored rows rotate."""
+    cases = []
+    for index, case in enumerate(
+        _grid(
+            convention=CONVENTIONS,
+            num_classes=(3, 1000),
+            extra=("mask", "mask_inf", "z", "z_return", "mask_z_return"),
+        )
+    ):
+        case["smoothing"] = SMOOTHINGS[index % 4]
+        case["reduction"] = REDUCTIONS[index % 3]
+        case["kl"] = index % 2 == 0
+        case["ignored"] = index % 3 != 1
+        cases.append(case)
+    return tuple(cases)
+
+
+def _mask_z_inputs(rng: np.random.Generator, case: dict):
+    num_classes, convention = case["num_classes"], case["convention"]
+    pad_index = num_classes // 2
+    logits = _logits(rng, (7, num_classes))
+    kwargs = dict(
+        smoothing=case["smoothing"],
+        convention=convention,
+        reduction=case["reduction"],
+        kl=case["kl"],
+    )
+    if convention == "others_but_pad":
+        kwargs["pad_index"] = pad_index
+    allowed = np.ones(num_classes, bool)
+    if "mask" in case["extra"]:
+        if num_classes == 3:  # one class masked: the pad itself under others_but_pad
+            allowed[pad_index if convention == "others_but_pad" else 2] = False
+        else:
+            allowed &= rng.random(num_classes) < 0.7
+            allowed[:2] = True
+        kwargs["class_mask"] = allowed
+        if case["extra"] == "mask_inf":
+            logits[:, ~allowed] = -np.inf
+    if "z" in case["extra"]:
+        kwargs["z_loss"] = 0.1  # large beside T5X's 1e-4, so its term is well above rounding
+        kwargs["return_z_loss"] = "return" in case["extra"]
+    choices = np.flatnonzero(allowed & (np.arange(num_classes) != pad_index))
+    labels = rng.choice(choices, size=7)
+    if case["ignored"]:
+        kwargs["ignore_index"] = IGNORE
+        labels[rng.random(7) < 0.3] = IGNORE
+    return (logits, labels), kwargs
+
+
+def _binary_cases() -> tuple[dict, ...]:
+    return tuple(_grid(smoothing=(0.0, 0.1, 1.0), reduction=REDUCTIONS, pos_weight=(False, True)))
+
+
+def _binary_inputs(rng: np.random.Generator, case: dict):
+    shape = (7, 5)
+    labels = np.where(rng.random(shape) < 0.5, rng.integers(0, 2, shape), rng.random(shape))
+    kwargs = dict(smoothing=case["smoothing"], reduction=case["reduction"])
+    if case["pos_weight"]:
+        kwargs["pos_weight"] = rng.uniform(0.5, 3.0, size=5)
+    return (_logits(rng, shape), labels), kwargs
+
+
+# --------------------------------------------------------------------------------------------
+# The peers (SEMANTICS §6): lsjax.compat / lstorch.compat
+
+
+def _fairseq_cases() -> tuple[dict, ...]:
+    cases = _grid(
+        epsilon=(0.0, 0.1, 1.0),
+        num_classes=NUM_CLASSES,
+        ignored=(False, True),
+        reduce=(True, False),
+    )
+    for index, case in enumerate(cases):
+        case["pre_2021"] = index % 2 == 1
+        case["trailing"] = index % 3 == 0
+    return tuple(cases)
+
+
+def _fairseq_inputs(rng: np.random.Generator, case: dict):
+    num_classes = case["num_classes"]
+    lprobs = _log_softmax(_logits(rng, (9, num_classes)), -1)
+    target = rng.integers(0, num_classes, size=9)
+    kwargs = dict(epsilon=case["epsilon"], reduce=case["reduce"], pre_2021=case["pre_2021"])
+    if case["ignored"]:
+        kwargs["ignore_index"] = 1  # fairseq's padding_idx: a real column
+        target[rng.random(9) < 0.3] = 1
+    if case["trailing"]:
+        target = target[:, None]
+    return (lprobs, target), kwargs
+
+
+def _t5x_xent_cases() -> tuple[dict, ...]:
+    return tuple(
+        _grid(num_classes=NUM_CLASSES, z_loss=(0.0, 1e-4, 0.1), targets=("distribution", "any"))
+    )
+
+
+def _t5x_xent_inputs(rng: np.random.Generator, case: dict):
+    num_classes = case["num_classes"]
+    targets = rng.dirichlet(np.ones(num_classes), size=(3, 5))
+    if case["targets"] == "any":  # rows not summing to 1: T5X's gradient is its own rule there
+        targets = targets * rng.uniform(0.3, 2.0, size=(3, 5, 1))
+    return (_logits(rng, (3, 5, num_classes)), targets), dict(z_loss=case["z_loss"])
+
+
+def _t5x_weighted_cases() -> tuple[dict, ...]:
+    cases = _grid(
+        label_smoothing=(0.0, 0.1, 1.0),
+        num_classes=NUM_CLASSES,
+        z_loss=(0.0, 1e-4),
+        weighted=(False, True),
+    )
+    for index, case in enumerate(cases):
+        case["normalized"] = index % 3 == 0
+    return tuple(cases)
+
+
+def _t5x_weighted_inputs(rng: np.random.Generator, case: dict):
+    num_classes = case["num_classes"]
+    kwargs = dict(label_smoothing=case["label_smoothing"], z_loss=case["z_loss"])
+    if case["weighted"]:
+        kwargs["weights"] = np.where(rng.random((3, 5)) < 0.3, 0.0, rng.uniform(0.5, 2, (3, 5)))
+    if case["normalized"]:
+        kwargs["loss_normalizing_factor"] = 11.0
+    targets = rng.integers(0, num_classes, size=(3, 5))
+    return (_logits(rng, (3, 5, num_classes)), targets), kwargs
+
+
+def _hf_cases() -> tuple[dict, ...]:
+    return tuple(
+        _grid(epsilon=(0.0, 0.1, 1.0), num_classes=NUM_CLASSES, shift_labels=(False, True))
+    )
+
+
+def _hf_inputs(rng: np.random.Generator, case: dict):
+    num_classes = case["num_classes"]
+    labels = rng.integers(0, num_classes, size=(3, 5))
+    labels[rng.random((3, 5)) < 0.3] = IGNORE
+    labels[:, 2] = 0  # rows that count, shifted or not (HF's all-ignored mean is NaN)
+    kwargs = dict(epsilon=case["epsilon"], shift_labels=case["shift_labels"])
+    return (_logits(rng, (3, 5, num_classes)), labels), kwargs
+
+
+def _keras_cce_cases() -> tuple[dict, ...]:
+    return tuple(
+        _grid(
+            from_logits=(True, False),
+            label_smoothing=(0.0, 0.1, 1.0),
+            num_classes=NUM_CLASSES,
+            soft=(False, True),
+        )
+    )
+
+
+def _keras_cce_inputs(rng: np.random.Generator, case: dict):
+    num_classes = case["num_classes"]
+    logits = _logits(rng, (7, num_classes))
+    if case["soft"]:
+        y_true = rng.dirichlet(np.ones(num_classes), size=7)
+    else:
+        y_true = np.eye(num_classes)[rng.integers(0, num_classes, size=7)]
+    y_pred = logits
+    if not case["from_logits"]:  # probabilities, rows not summing to 1 (Keras normalises)
+        # Spread 1, so no probability sits near Keras's clip at 1e-7 (where a finite difference
+        # of step 1e-6 would cross it) except the one placed below it on purpose at K=1000.
+        y_pred = np.exp(_log_softmax(logits / 3, -1)) * rng.uniform(0.5, 2.0, size=(7, 1))
+        if num_classes == 1000:
+            y_pred[:, 0] = 1e-9  # clipped: Keras passes no gradient there
+
+    kwargs = dict(from_logits=case["from_logits"], label_smoothing=case["label_smoothing"])
+    return (y_pred, y_true), kwargs
+
+
+def _keras_binary_cases() -> tuple[dict, ...]:
+    return tuple(_grid(from_logits=(True, False), label_smoothing=(0.0, 0.1, 1.0), axis=(-1, 0)))
+
+
+def _keras_binary_inputs(rng: np.random.Generator, case: dict):
+    logits = _logits(rng, (7, 5))
+    y_true = rng.integers(0, 2, size=(7, 5)).astype(np.float64)
+    y_pred = logits if case["from_logits"] else 1.0 / (1.0 + np.exp(-logits))
+    kwargs = dict(
+        from_logits=case["from_logits"], label_smoothing=case["label_smoothing"], axis=case["axis"]
+    )
+    return (y_pred, y_true), kwargs
+
+
+def _keras_first(function):
+    """Keras takes ``(y_true, y_pred)``; the suite differentiates its first argument."""
+
+    def swapped(y_pred, y_true, **options):
+        return function(y_true, y_pred, **options)
+
+    return swapped
+
+
+def _timm_cases() -> tuple[dict, ...]:
+    return tuple(_grid(smoothing=(0.0, 0.1, 0.5, 0.9), num_classes=NUM_CLASSES))
+
+
+def _timm_inputs(rng: np.random.Generator, case: dict):
+    num_classes = case["num_classes"]
+    target = rng.integers(0, num_classes, size=9)
+    return (_logits(rng, (9, num_classes)), target), dict(smoothing=case["smoothing"])
+
+
+def _timm_soft_cases() -> tuple[dict, ...]:
+    return tuple(_grid(num_classes=NUM_CLASSES, mixup=(False, True)))
+
+
+def _timm_soft_inputs(rng: np.random.Generator, case: dict):
+    num_classes = case["num_classes"]
+    if case["mixup"]:  # lam * onehot(a) + (1 - lam) * onehot(b), as timm's Mixup builds them
+        eye = np.eye(num_classes)
+        lam = rng.uniform(0, 1, size=(9, 1))
+        a, b = rng.integers(0, num_classes, size=(2, 9))
+        target = lam * eye[a] + (1 - lam) * eye[b]
+    else:
+        target = rng.dirichlet(np.ones(num_classes), size=9)
+    return (_logits(rng, (9, num_classes)), target), {}
+
+
+# optax's route with a class mask: smooth_labels(where=m) + softmax_cross_entropy(where=m)
+
+
+def _optax_mask_cases() -> tuple[dict, ...]:
+    return tuple(_grid(smoothing=(0.0, 0.1, 1.0), num_classes=(3, 1000), masked=(False, True)))
+
+
+def _optax_mask_inputs(rng: np.random.Generator, case: dict):
+    num_classes = case["num_classes"]
+    allowed = np.ones(num_classes, bool)
+    allowed[rng.permutation(num_classes)[: max(1, num_classes // 3)]] = False
+    labels = rng.choice(np.flatnonzero(allowed), size=9)
+    kwargs = dict(smoothing=case["smoothing"], class_mask=allowed)
+    if case["masked"]:
+        kwargs["where"] = rng.random(9) < 0.7
+    return (_logits(rng, (9, num_classes)), labels), kwargs
+
+
+def _optax_masked_route(logits, labels, *, smoothing, class_mask, where=None):
+    """``optax.softmax_cross_entropy(x, optax.smooth_labels(one_hot(y), eps, where=m),
+    where=m)`` per row, ``m`` the class mask broadcast over the rows; rows that ``where``
+    drops are zeroed. Low-precision logits are upcast to float32 first (optax#1020)."""
+    import jax
+    import jax.numpy as jnp
+
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    mask = jnp.broadcast_to(class_mask, logits.shape)
+    one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+    targets = optax.smooth_labels(one_hot, smoothing, where=mask)
+    rows = optax.softmax_cross_entropy(logits, targets, where=mask)
+    return rows if where is None else jnp.where(where, rows, 0.0)
+
+
+def _lstorch_class_mask(logits, labels, *, smoothing, class_mask, where=None):
+    return lstorch.smoothed_cross_entropy(
+        logits, labels, smoothing=smoothing, class_mask=class_mask, where=where
+    )
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def _torch_cross_entropy(input, target, weight=None, **options):
@@ -372,6 +646,95 @@ TWINS: tuple[Twin, ...] = (
         _lstorch_uniform,
         _optax_inputs,
         _optax_cases(),
+    ),
+    Twin(
+        "smoothed_cross_entropy (class_mask, z_loss)",
+        lsjax.smoothed_cross_entropy,
+        lstorch.smoothed_cross_entropy,
+        _mask_z_inputs,
+        _mask_z_cases(),
+        oracles.smoothed_cross_entropy,
+    ),
+    Twin(
+        "sigmoid_binary_cross_entropy",
+        lsjax.sigmoid_binary_cross_entropy,
+        lstorch.sigmoid_binary_cross_entropy,
+        _binary_inputs,
+        _binary_cases(),
+        oracles.sigmoid_binary_cross_entropy,
+    ),
+    Twin(
+        "optax smooth_labels(where=class_mask) route / lstorch class_mask",
+        _optax_masked_route,
+        _lstorch_class_mask,
+        _optax_mask_inputs,
+        _optax_mask_cases(),
+    ),
+    Twin(
+        "fairseq.label_smoothed_nll_loss",
+        lsjax.compat.fairseq.label_smoothed_nll_loss,
+        lstorch.compat.fairseq.label_smoothed_nll_loss,
+        _fairseq_inputs,
+        _fairseq_cases(),
+        oracles.fairseq_label_smoothed_nll_loss,
+    ),
+    Twin(
+        "t5x.cross_entropy_with_logits",
+        lsjax.compat.t5x.cross_entropy_with_logits,
+        lstorch.compat.t5x.cross_entropy_with_logits,
+        _t5x_xent_inputs,
+        _t5x_xent_cases(),
+        oracles.t5x_cross_entropy_with_logits,
+        custom_gradient=True,
+    ),
+    Twin(
+        "t5x.compute_weighted_cross_entropy",
+        lsjax.compat.t5x.compute_weighted_cross_entropy,
+        lstorch.compat.t5x.compute_weighted_cross_entropy,
+        _t5x_weighted_inputs,
+        _t5x_weighted_cases(),
+        oracles.t5x_compute_weighted_cross_entropy,
+        custom_gradient=True,
+    ),
+    Twin(
+        "hf.label_smoother",
+        lsjax.compat.hf.label_smoother,
+        lstorch.compat.hf.label_smoother,
+        _hf_inputs,
+        _hf_cases(),
+        oracles.hf_label_smoother,
+    ),
+    Twin(
+        "keras.categorical_crossentropy",
+        _keras_first(lsjax.compat.keras.categorical_crossentropy),
+        _keras_first(lstorch.compat.keras.categorical_crossentropy),
+        _keras_cce_inputs,
+        _keras_cce_cases(),
+        oracles.keras_categorical_crossentropy,
+    ),
+    Twin(
+        "keras.binary_crossentropy",
+        _keras_first(lsjax.compat.keras.binary_crossentropy),
+        _keras_first(lstorch.compat.keras.binary_crossentropy),
+        _keras_binary_inputs,
+        _keras_binary_cases(),
+        oracles.keras_binary_crossentropy,
+    ),
+    Twin(
+        "timm.label_smoothing_cross_entropy",
+        lsjax.compat.timm.label_smoothing_cross_entropy,
+        lstorch.compat.timm.label_smoothing_cross_entropy,
+        _timm_inputs,
+        _timm_cases(),
+        oracles.timm_label_smoothing_cross_entropy,
+    ),
+    Twin(
+        "timm.soft_target_cross_entropy",
+        lsjax.compat.timm.soft_target_cross_entropy,
+        lstorch.compat.timm.soft_target_cross_entropy,
+        _timm_soft_inputs,
+        _timm_soft_cases(),
+        oracles.timm_soft_target_cross_entropy,
     ),
 )
 

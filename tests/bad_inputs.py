@@ -67,12 +67,11 @@ def raised(run, module, array) -> tuple[str, str]:
 
 
 def normalise(message: str) -> str:
-    """Framework-neutral wording: torch prints dtypes as ``torch.float32``, JAX as ``float32``."""
-    return (
-        re.sub(r"\btorch\.", "", message)
-        .replace(" (a float torch.Tensor)", "")
-        .replace(" (an int torch.Tensor)", "")
-    )
+    """Framework-neutral wording: torch prints dtypes as ``torch.float32`` and says what a
+    tensor argument must be; JAX prints ``float32``."""
+    for aside in (" (a float torch.Tensor)", " (an int torch.Tensor)"):
+        message = message.replace(aside, "")
+    return re.sub(r"\btorch\.", "", message)
 
 
 def table() -> str:

@@ -26,7 +26,20 @@ VARIANTS = [
     ("others", {"where": True, "kl": True}),
     ("others_but_pad", {"pad_index": 0}),
     ("others_but_pad", {"pad_index": 0, "from_log_probs": True, "ignore_index": -100}),
+    ("uniform", {"class_mask": True, "z_loss": True}),
+    ("others_but_pad", {"pad_index": 0, "class_mask": True, "weight": True, "z_loss": True}),
 ]
+
+
+def _mask_and_z(options, classes, module):
+    """Pop the class_mask / z_loss flags into real options (a mask over every 7th class)."""
+    extra = {}
+    if options.pop("class_mask", False):
+        extra["class_mask"] = module.arange(classes) % 7 != 3
+    if options.pop("z_loss", False):
+        extra["z_loss"] = 1e-4
+        extra["return_z_loss"] = True
+    return extra
 
 
 def _temp_bytes(loss, dtype):
@@ -44,10 +57,11 @@ def test_jax_value_and_grad_temporaries_are_o_rows(convention, options, dtype):
     options = dict(options)
     weight = jnp.linspace(0.5, 2.0, CLASSES) if options.pop("weight", False) else None
     use_where = options.pop("where", False)
+    extra = _mask_and_z(options, CLASSES, jnp)
 
     def loss(logits, labels):
         where = (labels % 3 != 0) if use_where else None
-        return lsjax.smoothed_cross_entropy(
+        value = lsjax.smoothed_cross_entropy(
             logits,
             labels,
             smoothing=0.1,
@@ -56,7 +70,9 @@ def test_jax_value_and_grad_temporaries_are_o_rows(convention, options, dtype):
             where=where,
             reduction="mean",
             **options,
+            **extra,
         )
+        return value[0] + value[1] if extra.get("return_z_loss") else value
 
     temp = _temp_bytes(loss, dtype)
     logits_bytes = ROWS * CLASSES * 4  # the float32 logits' bytes
@@ -96,8 +112,11 @@ def test_torch_autograd_saves_only_the_input_and_row_statistics(convention, opti
     rows, classes = 512, 4000
     weight = torch.linspace(0.5, 2.0, classes) if options.pop("weight", False) else None
     use_where = options.pop("where", False)
+    mask_and_z = _mask_and_z(options, classes, torch)
     logits = torch.randn(rows, classes, requires_grad=True)
     labels = torch.randint(1, classes, (rows,))
+    if "class_mask" in mask_and_z:
+        labels = torch.where(labels % 7 == 3, 1, labels)  # labels of allowed classes
     where = (labels % 3 != 0) if use_where else None
     extra, input_saves = _saved_tensor_bytes(
         lambda x: lstorch.smoothed_cross_entropy(
@@ -109,6 +128,7 @@ def test_torch_autograd_saves_only_the_input_and_row_statistics(convention, opti
             where=where,
             reduction="mean",
             **options,
+            **mask_and_z,
         ),
         logits,
     )

@@ -1,0 +1,71 @@
+"""Binary / multi-label cross-entropy from logits with label smoothing, in JAX.
+
+Twin: ``lstorch.sigmoid_binary_cross_entropy``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+import lsspec
+from lsjax.smoothed import ArrayLike, _concrete_scalar, _reduce
+
+
+def sigmoid_binary_cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    smoothing: float | jax.Array = 0.0,
+    pos_weight: ArrayLike | None = None,
+    reduction: str = "none",
+) -> jax.Array:
+    r"""Sigmoid cross-entropy of every element, labels smoothed toward 1/2, stable from logits.
+
+    With ``y' = y * (1 - eps) + eps / 2`` and ``softplus(z) = log(1 + exp(z))`` (computed as
+    ``logaddexp(z, 0)``, never as ``log(sigmoid)``)::
+
+        loss = pos_weight * y' * softplus(-x) + (1 - y') * softplus(x)
+
+    i.e. ``-[pos_weight * y' log sigmoid(x) + (1 - y') log(1 - sigmoid(x))]``; its gradient is
+    ``sigmoid(x) * (pos_weight * y' + 1 - y') - pos_weight * y'``.
+
+    Reproduces ``torch.nn.functional.binary_cross_entropy_with_logits(x, y', pos_weight=pw,
+    reduction=r)``, ``optax.sigmoid_binary_cross_entropy(x, y')`` (no ``pos_weight``) and,
+    averaged over the last axis, Keras ``BinaryCrossentropy(from_logits=True,
+    label_smoothing=eps)`` (see ``lsjax.compat.keras``).
+
+    Args:
+      logits: float array of any shape; bf16/fp16 are computed in float32.
+      labels: float array of the logits' shape, targets in [0, 1] (multi-label, soft or hard).
+      smoothing: ``eps`` in [0, 1]: each label becomes ``y * (1 - eps) + eps / 2``.
+      pos_weight: weight of the positive term, broadcast against the logits (torch's
+        ``pos_weight``, e.g. shape ``(C,)``); a constant.
+      reduction: ``"none"`` (elementwise), ``"sum"`` or ``"mean"`` (over all elements).
+
+    Returns:
+      float32 for bf16/fp16/float32 logits, float64 for float64.
+    """
+    fn = "sigmoid_binary_cross_entropy"
+    logits = jnp.asarray(logits)
+    labels = jnp.asarray(labels)
+    for name, value in (("logits", logits), ("labels", labels)):
+        if not jnp.issubdtype(value.dtype, jnp.floating):
+            raise lsspec.dtype_error(fn, name, value.dtype, "a floating dtype")
+    if labels.shape != logits.shape:
+        raise lsspec.shape_error(fn, "labels", labels.shape, f"the logits' shape {logits.shape}")
+    if pos_weight is not None:
+        lsspec.check_broadcastable(fn, "pos_weight", jnp.shape(pos_weight), logits.shape)
+    lsspec.check_choice(fn, "reduction", reduction, lsspec.REDUCTIONS)
+    lsspec.check_smoothing(fn, _concrete_scalar(fn, "smoothing", smoothing))
+
+    compute_dtype = jnp.promote_types(logits.dtype, jnp.float32)
+    x = logits.astype(compute_dtype)
+    eps = jax.lax.stop_gradient(jnp.asarray(smoothing, compute_dtype))
+    target = labels.astype(compute_dtype) * (1.0 - eps) + eps / 2
+    positive = target * jnp.logaddexp(-x, 0.0)
+    if pos_weight is not None:
+        positive = jax.lax.stop_gradient(jnp.asarray(pos_weight, compute_dtype)) * positive
+    loss = positive + (1.0 - target) * jnp.logaddexp(x, 0.0)
+    loss = jnp.where((eps >= 0) & (eps <= 1), loss, jnp.nan)  # a traced eps outside [0, 1]
+    return _reduce(loss, jnp.ones(loss.shape, compute_dtype), reduction, None)

@@ -1,0 +1,43 @@
+"""The Hugging Face Trainer's ``LabelSmoother`` in JAX (twin: ``lstorch.compat.hf``)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from lsjax.smoothed import ArrayLike, smoothed_cross_entropy
+
+
+def label_smoother(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    epsilon: float = 0.1,
+    ignore_index: int = -100,
+    shift_labels: bool = False,
+) -> jax.Array:
+    r"""``transformers.trainer_pt_utils.LabelSmoother(epsilon, ignore_index)(logits, labels)``.
+
+    SEMANTICS.md §6: with ``lp = log_softmax(logits)`` and ``n`` the number of rows whose label
+    is not ``ignore_index``::
+
+        (1 - eps) * sum_rows(-lp[y]) / n + eps * sum_rows(-sum_c lp_c) / (n * K)
+
+    the uniform convention averaged over counted rows: ``smoothed_cross_entropy(logits, labels,
+    smoothing=epsilon, ignore_index=ignore_index, reduction="mean")``. ``shift_labels=True``
+    drops the last position of ``logits`` (axis -2) and the first of ``labels`` (causal LM).
+    ``labels`` may carry a trailing axis of 1, as HF accepts.
+
+    Differences: when every row is ignored this returns 0 with a zero gradient (HF: NaN, 0/0);
+    a negative label other than ``ignore_index`` raises (HF clamps it to class 0 and counts it).
+    """
+    logits = jnp.asarray(logits)
+    labels = jnp.asarray(labels)
+    if shift_labels:
+        logits = logits[..., :-1, :]
+        labels = labels[..., 1:]
+    if labels.ndim == logits.ndim:
+        labels = labels[..., 0]
+    return smoothed_cross_entropy(
+        logits, labels, smoothing=epsilon, ignore_index=ignore_index, reduction="mean"
+    )

@@ -1,0 +1,36 @@
+"""timm's ``LabelSmoothingCrossEntropy`` and ``SoftTargetCrossEntropy`` in JAX.
+
+Twins: ``lstorch.compat.timm``.
+"""
+
+from __future__ import annotations
+
+import jax
+
+import lsspec
+from lsjax.smoothed import ArrayLike, _concrete_scalar, smoothed_cross_entropy
+from lsjax.soft import soft_target_cross_entropy as _soft_target
+
+
+def label_smoothing_cross_entropy(
+    x: ArrayLike, target: ArrayLike, *, smoothing: float = 0.1
+) -> jax.Array:
+    r"""``timm.loss.LabelSmoothingCrossEntropy(smoothing)(x, target)``.
+
+    ``mean_rows((1 - s) * (-lp[y]) + s * (-mean_c lp_c))`` with ``lp = log_softmax(x)`` (class
+    axis last): the uniform convention, batch mean, i.e. ``smoothed_cross_entropy(x, target,
+    smoothing=smoothing, reduction="mean")``. As timm (which asserts it), ``smoothing`` must be
+    below 1.
+    """
+    fn = "label_smoothing_cross_entropy"
+    lsspec.check_positive_below_one(fn, "smoothing", _concrete_scalar(fn, "smoothing", smoothing))
+    return smoothed_cross_entropy(x, target, smoothing=smoothing, reduction="mean")
+
+
+def soft_target_cross_entropy(x: ArrayLike, target: ArrayLike) -> jax.Array:
+    r"""``timm.loss.SoftTargetCrossEntropy()(x, target)``: ``mean_rows(-sum_c t_c lp_c)``.
+
+    ``lp = log_softmax(x)`` over the last axis; targets are taken as given (mixup/cutmix).
+    That is ``lsjax.soft_target_cross_entropy(x, target, reduction="mean")``.
+    """
+    return _soft_target(x, target, reduction="mean")

@@ -1,0 +1,57 @@
+"""Binary / multi-label cross-entropy from logits with label smoothing, in PyTorch.
+
+Twin: ``lsjax.sigmoid_binary_cross_entropy``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import lsspec
+from lstorch.smoothed import _compute_dtype, _concrete_scalar, _reduce
+
+
+def sigmoid_binary_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    smoothing: float | torch.Tensor = 0.0,
+    pos_weight: torch.Tensor | None = None,
+    reduction: str = "none",
+) -> torch.Tensor:
+    r"""Sigmoid cross-entropy of every element, labels smoothed toward 1/2 (PyTorch).
+
+    With ``y' = y * (1 - eps) + eps / 2``::
+
+        loss = pos_weight * y' * softplus(-x) + (1 - y') * softplus(x)
+
+    (``softplus(z) = logaddexp(z, 0)``), gradient ``sigmoid(x) (pos_weight y' + 1 - y') -
+    pos_weight y'``. Same keywords and semantics as ``lsjax.sigmoid_binary_cross_entropy``.
+    Reproduces ``torch.nn.functional.binary_cross_entropy_with_logits(x, y', pos_weight=pw,
+    reduction=r)``; returns float32 for bf16/fp16/float32 logits and float64 for float64.
+    """
+    fn = "sigmoid_binary_cross_entropy"
+    for name, value in (("logits", logits), ("labels", labels)):
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+            raise lsspec.dtype_error(fn, name, got, "a floating dtype (a float torch.Tensor)")
+    if labels.shape != logits.shape:
+        raise lsspec.shape_error(
+            fn, "labels", tuple(labels.shape), f"the logits' shape {tuple(logits.shape)}"
+        )
+    if pos_weight is not None:
+        lsspec.check_broadcastable(fn, "pos_weight", tuple(pos_weight.shape), tuple(logits.shape))
+    lsspec.check_choice(fn, "reduction", reduction, lsspec.REDUCTIONS)
+    lsspec.check_smoothing(fn, _concrete_scalar(fn, "smoothing", smoothing))
+
+    compute_dtype = _compute_dtype(logits.dtype)
+    x = logits.to(compute_dtype)
+    eps = torch.as_tensor(smoothing, dtype=compute_dtype, device=x.device).detach()
+    zero = torch.zeros((), dtype=compute_dtype, device=x.device)
+    target = labels.to(compute_dtype) * (1.0 - eps) + eps / 2
+    positive = target * torch.logaddexp(-x, zero)
+    if pos_weight is not None:
+        positive = pos_weight.detach().to(compute_dtype) * positive
+    loss = positive + (1.0 - target) * torch.logaddexp(x, zero)
+    loss = torch.where((eps >= 0) & (eps <= 1), loss, torch.nan)  # a tensor eps outside [0, 1]
+    return _reduce(loss, torch.ones_like(loss), reduction, None)

@@ -1,0 +1,44 @@
+"""fairseq's ``label_smoothed_nll_loss`` in PyTorch (twin: ``lsjax.compat.fairseq``)."""
+
+from __future__ import annotations
+
+import torch
+
+import lsspec
+from lstorch.smoothed import smoothed_cross_entropy
+
+
+def label_smoothed_nll_loss(
+    lprobs: torch.Tensor,
+    target: torch.Tensor,
+    epsilon: float,
+    ignore_index: int | None = None,
+    reduce: bool = True,
+    *,
+    pre_2021: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""fairseq's ``label_smoothed_nll_loss(lprobs, target, epsilon, ignore_index, reduce)``.
+
+    ``loss = (1 - epsilon - eps_i) * nll + eps_i * smooth`` with ``nll = -lprobs[y]``,
+    ``smooth = -sum(lprobs)``, ``eps_i = epsilon / (V - 1)`` (``pre_2021=True``: ``eps_i =
+    epsilon / V``, ``loss = (1 - epsilon) * nll + eps_i * smooth``), ignored rows zeroed,
+    summed when ``reduce``: ``smoothed_cross_entropy(lprobs, target, smoothing=epsilon,
+    convention="others", from_log_probs=True, ...)``. Same return structure and documented
+    differences as ``lsjax.compat.fairseq.label_smoothed_nll_loss``.
+    """
+    fn = "label_smoothed_nll_loss"
+    trailing = lsspec.fairseq_labels_shape(fn, tuple(target.shape), tuple(lprobs.shape))
+    labels = target[..., 0] if trailing else target
+    options = dict(
+        from_log_probs=True,
+        ignore_index=ignore_index,
+        reduction="sum" if reduce else "none",
+    )
+    convention = "uniform" if pre_2021 else "others"
+    loss = smoothed_cross_entropy(
+        lprobs, labels, smoothing=epsilon, convention=convention, **options
+    )
+    nll_loss = smoothed_cross_entropy(lprobs, labels, smoothing=0.0, **options)
+    if not reduce and ignore_index is not None:
+        return loss.unsqueeze(-1), nll_loss.unsqueeze(-1)
+    return loss, nll_loss

@@ -1,0 +1,33 @@
+"""The Hugging Face Trainer's ``LabelSmoother`` in PyTorch (twin: ``lsjax.compat.hf``)."""
+
+from __future__ import annotations
+
+import torch
+
+from lstorch.smoothed import smoothed_cross_entropy
+
+
+def label_smoother(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    epsilon: float = 0.1,
+    ignore_index: int = -100,
+    shift_labels: bool = False,
+) -> torch.Tensor:
+    r"""``transformers.trainer_pt_utils.LabelSmoother(epsilon, ignore_index)(logits, labels)``.
+
+    ``(1 - eps) * sum(-lp[y]) / n + eps * sum(-sum_c lp_c) / (n K)`` over the ``n`` rows not
+    labelled ``ignore_index``: ``smoothed_cross_entropy(logits, labels, smoothing=epsilon,
+    ignore_index=ignore_index, reduction="mean")``; ``shift_labels=True`` drops the last logit
+    position and the first label. Same documented differences as ``lsjax.compat.hf``: all rows
+    ignored gives 0 (HF: NaN); other negative labels raise (HF clamps them to class 0).
+    """
+    if shift_labels:
+        logits = logits[..., :-1, :]
+        labels = labels[..., 1:]
+    if labels.ndim == logits.ndim:
+        labels = labels[..., 0]
+    return smoothed_cross_entropy(
+        logits, labels, smoothing=epsilon, ignore_index=ignore_index, reduction="mean"
+    )

@@ -1,0 +1,62 @@
+"""Keras 3's ``categorical_crossentropy`` and ``binary_crossentropy`` in PyTorch.
+
+Twins: ``lsjax.compat.keras``. Keras puts ``y_true`` first, as here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import lsspec
+from lstorch.binary import sigmoid_binary_cross_entropy
+from lstorch.smoothed import _compute_dtype
+from lstorch.soft import soft_target_cross_entropy
+
+
+def categorical_crossentropy(
+    y_true: torch.Tensor,
+    y_pred: torch.Tensor,
+    *,
+    from_logits: bool = False,
+    label_smoothing: float = 0.0,
+    axis: int = -1,
+) -> torch.Tensor:
+    r"""``keras.losses.categorical_crossentropy(y_true, y_pred, from_logits, label_smoothing,
+    axis)``: ``t = y_true (1 - eps) + eps / K``, ``-sum_c t_c log p_c`` with ``p`` the softmax
+    of logits or Keras's normalised-and-clipped (``[1e-7, 1 - 1e-7]``) probabilities. Same
+    binding and documented differences as ``lsjax.compat.keras.categorical_crossentropy``.
+    """
+    compute_dtype = _compute_dtype(y_pred.dtype)
+    y_true = y_true.to(compute_dtype)
+    if not from_logits:
+        lsspec.check_axis("categorical_crossentropy", axis, y_pred.ndim)
+        probs = y_pred.to(compute_dtype)
+        probs = probs / probs.sum(dim=axis, keepdim=True)
+        y_pred = torch.log(probs.clamp(lsspec.KERAS_EPSILON, 1.0 - lsspec.KERAS_EPSILON))
+    return soft_target_cross_entropy(
+        y_pred, y_true, smoothing=label_smoothing, axis=axis, from_log_probs=not from_logits
+    )
+
+
+def binary_crossentropy(
+    y_true: torch.Tensor,
+    y_pred: torch.Tensor,
+    *,
+    from_logits: bool = False,
+    label_smoothing: float = 0.0,
+    axis: int = -1,
+) -> torch.Tensor:
+    r"""``keras.losses.binary_crossentropy(y_true, y_pred, from_logits, label_smoothing, axis)``:
+    labels ``y (1 - eps) + eps / 2``, elementwise sigmoid cross-entropy (probabilities clipped
+    to ``[1e-7, 1 - 1e-7]`` when not ``from_logits``), mean over ``axis``. Same binding as
+    ``lsjax.compat.keras.binary_crossentropy``.
+    """
+    compute_dtype = _compute_dtype(y_pred.dtype)
+    lsspec.check_axis("binary_crossentropy", axis, max(y_pred.ndim, 1))
+    if not from_logits:
+        probs = y_pred.to(compute_dtype).clamp(lsspec.KERAS_EPSILON, 1.0 - lsspec.KERAS_EPSILON)
+        y_pred = torch.log(probs) - torch.log1p(-probs)
+    elementwise = sigmoid_binary_cross_entropy(
+        y_pred, y_true.to(compute_dtype), smoothing=label_smoothing
+    )
+    return elementwise.mean(dim=axis)

@@ -1,0 +1,79 @@
+"""T5X's (and the Flax WMT example's) cross-entropy in PyTorch (twins: ``lsjax.compat.t5x``)."""
+
+from __future__ import annotations
+
+import torch
+
+import lsspec
+from lstorch.smoothed import _compute_dtype, smoothed_cross_entropy
+from lstorch.soft import soft_target_cross_entropy
+
+
+def cross_entropy_with_logits(
+    logits: torch.Tensor, targets: torch.Tensor, z_loss: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""``t5x.losses.cross_entropy_with_logits(logits, targets, z_loss)``, with T5X's gradient.
+
+    ``loss = -sum_c targets_c (x_c - lse) + z_loss lse**2``, ``z_part = z_loss lse**2``; returns
+    ``(loss, z_part)``. Backward is T5X's custom rule: ``g ((1 + 2 z_loss lse) softmax -
+    targets)`` for the logits, ``-g log_softmax`` for the targets, the z-part's cotangent
+    ignored. See ``lsjax.compat.t5x.cross_entropy_with_logits``.
+    """
+    z = torch.as_tensor(z_loss, dtype=_compute_dtype(logits.dtype), device=logits.device)
+    return _CrossEntropyWithLogits.apply(logits, targets, z)
+
+
+class _CrossEntropyWithLogits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, z_loss):
+        ctx.save_for_backward(logits, targets, z_loss)
+        return soft_target_cross_entropy(logits, targets, z_loss=z_loss, return_z_loss=True)
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_z_part):
+        del grad_z_part  # T5X drops the z-part's cotangent ("only used for logging").
+        logits, targets, z_loss = ctx.saved_tensors
+        x = logits.to(z_loss.dtype)
+        log_softmax = torch.log_softmax(x, dim=-1)
+        lse = torch.logsumexp(x, dim=-1, keepdim=True)
+        deriv = (1.0 + 2.0 * z_loss * lse) * log_softmax.exp() - targets.to(z_loss.dtype)
+        g = grad_loss.unsqueeze(-1)
+        return (g * deriv).to(logits.dtype), (-g * log_softmax).to(targets.dtype), None
+
+
+def compute_weighted_cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    loss_normalizing_factor: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""``t5x.losses.compute_weighted_cross_entropy`` (the Flax WMT example's without z_loss).
+
+    Per token ``smoothed_cross_entropy(logits, targets, smoothing=label_smoothing,
+    convention="others", kl=True, z_loss=z_loss, return_z_loss=True)``; loss and z-loss times
+    ``weights``, divided by ``loss_normalizing_factor``, summed. Returns ``(loss, z_loss,
+    weight_sum)``; the z-loss output carries no gradient (T5X ignores its cotangent). Same
+    documented differences as ``lsjax.compat.t5x.compute_weighted_cross_entropy``.
+    """
+    fn = "compute_weighted_cross_entropy"
+    lsspec.check_t5x_targets(fn, tuple(logits.shape), tuple(targets.shape))
+    loss, z_part = smoothed_cross_entropy(
+        logits,
+        targets,
+        smoothing=label_smoothing,
+        convention="others",
+        kl=True,
+        z_loss=z_loss,
+        return_z_loss=True,
+    )
+    z_part = z_part.detach()  # T5X's custom gradient ignores the z-loss output.
+    weight_sum = torch.tensor(float(targets.numel()), dtype=loss.dtype, device=loss.device)
+    if weights is not None:
+        weights = weights.to(loss.dtype)
+        loss, z_part = loss * weights, z_part * weights
+        weight_sum = weights.sum()
+    if loss_normalizing_factor is not None:
+        loss, z_part = loss / loss_normalizing_factor, z_part / loss_normalizing_factor
+    return loss.sum(), z_part.sum(), weight_sum

@@ -1,0 +1,32 @@
+"""timm's ``LabelSmoothingCrossEntropy`` and ``SoftTargetCrossEntropy`` in PyTorch.
+
+Twins: ``lsjax.compat.timm``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import lsspec
+from lstorch.smoothed import _concrete_scalar, smoothed_cross_entropy
+from lstorch.soft import soft_target_cross_entropy as _soft_target
+
+
+def label_smoothing_cross_entropy(
+    x: torch.Tensor, target: torch.Tensor, *, smoothing: float = 0.1
+) -> torch.Tensor:
+    r"""``timm.loss.LabelSmoothingCrossEntropy(smoothing)(x, target)``.
+
+    ``mean_rows((1 - s) * (-lp[y]) + s * (-mean_c lp_c))``: ``smoothed_cross_entropy(x, target,
+    smoothing=smoothing, reduction="mean")``; ``smoothing`` must be below 1, as timm asserts.
+    """
+    fn = "label_smoothing_cross_entropy"
+    value = _concrete_scalar(fn, "smoothing", smoothing)
+    lsspec.check_positive_below_one(fn, "smoothing", value)
+    return smoothed_cross_entropy(x, target, smoothing=smoothing, reduction="mean")
+
+
+def soft_target_cross_entropy(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    r"""``timm.loss.SoftTargetCrossEntropy()(x, target)``: ``mean_rows(-sum_c t_c lp_c)``,
+    i.e. ``lstorch.soft_target_cross_entropy(x, target, reduction="mean")``."""
+    return _soft_target(x, target, reduction="mean")

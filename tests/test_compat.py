@@ -1,0 +1,333 @@
+"""The new core capabilities and the peers' twins, beyond the registry's parity rows.
+
+Expected values come from an oracle that is not the code under test: optax, torch's own
+functions, finite differences, or the float64 NumPy oracles of ``parity_tests.oracles``.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lsjax
+import lsjax.compat
+import lstorch
+import lstorch.compat
+from parity_tests import oracles
+
+FRAMEWORKS = {
+    "jax": (lsjax, lambda a: jnp.asarray(a)),
+    "torch": (lstorch, lambda a: torch.as_tensor(a)),
+}
+
+
+@pytest.fixture(params=list(FRAMEWORKS))
+def framework(request):
+    return FRAMEWORKS[request.param]
+
+
+def _value_and_grad(module, array, fn, x, *args, **kwargs):
+    """Loss (summed when it is not a scalar) and its gradient, as float64 NumPy."""
+    if module is lsjax:
+        value, grad = jax.value_and_grad(lambda x: jnp.sum(fn(x, *args, **kwargs)))(array(x))
+        return np.asarray(value), np.asarray(grad)
+    x = torch.tensor(x, requires_grad=True)
+    value = fn(x, *args, **kwargs).sum()
+    (grad,) = torch.autograd.grad(value, x)
+    return value.detach().numpy(), grad.numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# class_mask
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("use_where", [False, True])
+def test_class_mask_equals_optax_smooth_labels_where(smoothing, use_where):
+    rng = np.random.default_rng(3)
+    logits = jnp.asarray(3 * rng.standard_normal((9, 11)))
+    allowed = np.arange(11) % 4 != 1
+    labels = jnp.asarray(rng.choice(np.flatnonzero(allowed), size=9))
+    where = jnp.asarray(rng.random(9) < 0.7) if use_where else None
+    mask = jnp.broadcast_to(jnp.asarray(allowed), logits.shape)
+
+    def optax_loss(x):
+        targets = optax.smooth_labels(
+            jax.nn.one_hot(labels, 11, dtype=x.dtype), smoothing, where=mask
+        )
+        rows = optax.softmax_cross_entropy(x, targets, where=mask)
+        return rows if where is None else jnp.where(where, rows, 0.0)
+
+    def our_loss(x):
+        return lsjax.smoothed_cross_entropy(
+            x, labels, smoothing=smoothing, class_mask=jnp.asarray(allowed), where=where
+        )
+
+    cotangent = jnp.asarray(rng.uniform(0.5, 1.5, size=9))
+    ours, our_vjp = jax.vjp(our_loss, logits)
+    theirs, their_vjp = jax.vjp(optax_loss, logits)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        our_vjp(cotangent)[0], their_vjp(cotangent)[0], rtol=1e-10, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("convention", ["uniform", "others", "others_but_pad"])
+def test_masked_minus_inf_logits_equal_dropping_the_columns(framework, convention):
+    # SEMANTICS §7: masked classes leave the softmax and the support, so -inf logits there give
+    # the loss of the same rows with those columns removed, and a zero gradient there.
+    module, array = framework
+    rng = np.random.default_rng(5)
+    allowed = np.array([True, True, False, True, True, False])
+    logits = 3 * rng.standard_normal((7, 6))
+    labels = rng.choice([0, 3, 4], size=7)
+    masked_logits = np.where(allowed, logits, -np.inf)
+    options = dict(smoothing=0.2, convention=convention, reduction="sum")
+    dropped_options = dict(options)
+    if convention == "others_but_pad":
+        options["pad_index"] = 1
+        dropped_options["pad_index"] = 1  # column 1 keeps its index once 2 and 5 are dropped
+    value, grad = _value_and_grad(
+        module,
+        array,
+        module.smoothed_cross_entropy,
+        masked_logits,
+        array(labels),
+        class_mask=array(allowed),
+        **options,
+    )
+    remap = np.cumsum(allowed) - 1
+    expected, vjp = oracles.smoothed_cross_entropy(
+        logits[:, allowed], remap[labels], **dropped_options
+    )
+    assert np.isfinite(value) and np.isfinite(grad).all()
+    np.testing.assert_allclose(value, expected, rtol=1e-10)
+    np.testing.assert_allclose(grad[:, allowed], vjp(1.0), rtol=1e-10, atol=1e-12)
+    assert (grad[:, ~allowed] == 0).all()
+
+
+def test_minus_inf_without_a_class_mask_is_honestly_infinite(framework):
+    module, array = framework
+    logits = np.array([[0.5, -np.inf, 1.0]])
+    value = module.smoothed_cross_entropy(array(logits), array(np.array([0])), smoothing=0.1)
+    assert np.isposinf(float(value[0]))
+
+
+# --------------------------------------------------------------------------------------------
+# z_loss
+
+
+def test_z_loss_zero_changes_nothing_bit_for_bit(framework):
+    module, array = framework
+    rng = np.random.default_rng(1)
+    logits, labels = 3 * rng.standard_normal((7, 5)), rng.integers(0, 5, size=7)
+    plain = _value_and_grad(
+        module, array, module.smoothed_cross_entropy, logits, array(labels), smoothing=0.1
+    )
+    zero = _value_and_grad(
+        module,
+        array,
+        module.smoothed_cross_entropy,
+        logits,
+        array(labels),
+        smoothing=0.1,
+        z_loss=0.0,
+    )
+    np.testing.assert_array_equal(plain[0], zero[0])
+    np.testing.assert_array_equal(plain[1], zero[1])
+    loss, z_part = module.smoothed_cross_entropy(
+        array(logits), array(labels), smoothing=0.1, return_z_loss=True
+    )
+    assert np.all(np.asarray(z_part) == 0)
+    np.testing.assert_array_equal(
+        np.asarray(loss), np.asarray(plain_rows(module, array, logits, labels))
+    )
+
+
+def plain_rows(module, array, logits, labels):
+    return module.smoothed_cross_entropy(array(logits), array(labels), smoothing=0.1)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_z_loss_matches_the_oracle_and_comes_back_alone(framework, reduction):
+    module, array = framework
+    rng = np.random.default_rng(2)
+    logits, labels = 3 * rng.standard_normal((7, 5)), rng.integers(0, 5, size=7)
+    labels[0] = -100
+    options = dict(smoothing=0.1, ignore_index=-100, z_loss=1e-2, reduction=reduction)
+    loss, z_part = module.smoothed_cross_entropy(
+        array(logits), array(labels), return_z_loss=True, **options
+    )
+    (expected_loss, expected_z), _ = oracles.smoothed_cross_entropy(
+        logits, labels, return_z_loss=True, **options
+    )
+    np.testing.assert_allclose(np.asarray(loss), expected_loss, rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(z_part), expected_z, rtol=1e-10)
+    assert np.all(np.asarray(z_part) >= 0) and np.any(np.asarray(z_part) > 0)
+
+
+# --------------------------------------------------------------------------------------------
+# sigmoid_binary_cross_entropy against torch and optax
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_sigmoid_bce_equals_torch_bce_with_logits(smoothing, reduction):
+    rng = np.random.default_rng(4)
+    x = torch.tensor(3 * rng.standard_normal((7, 5)), requires_grad=True)
+    y = torch.tensor(rng.integers(0, 2, size=(7, 5)).astype(np.float64))
+    pos_weight = torch.tensor(rng.uniform(0.5, 3.0, size=5))
+    ours = lstorch.sigmoid_binary_cross_entropy(
+        x, y, smoothing=smoothing, pos_weight=pos_weight, reduction=reduction
+    )
+    theirs = F.binary_cross_entropy_with_logits(
+        x, y * (1 - smoothing) + smoothing / 2, pos_weight=pos_weight, reduction=reduction
+    )
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        torch.autograd.grad(ours.sum(), x)[0], torch.autograd.grad(theirs.sum(), x)[0]
+    )
+    jax_rows = lsjax.sigmoid_binary_cross_entropy(
+        jnp.asarray(x.detach().numpy()), jnp.asarray(y.numpy()), smoothing=smoothing
+    )
+    optax_rows = optax.sigmoid_binary_cross_entropy(
+        jnp.asarray(x.detach().numpy()), jnp.asarray(y.numpy() * (1 - smoothing) + smoothing / 2)
+    )
+    np.testing.assert_allclose(jax_rows, optax_rows, rtol=1e-10, atol=1e-12)
+
+
+def test_sigmoid_bce_is_finite_for_huge_logits(framework):
+    module, array = framework
+    x = np.array([[-1e4, 1e4, 0.0]])
+    value, grad = _value_and_grad(
+        module,
+        array,
+        module.sigmoid_binary_cross_entropy,
+        x,
+        array(np.array([[1.0, 0.0, 1.0]])),
+        smoothing=0.1,
+    )
+    assert np.isfinite(value) and np.isfinite(grad).all()
+
+
+# --------------------------------------------------------------------------------------------
+# T5X's custom gradient
+
+
+def _finite_differences(loss, x, step=1e-6):
+    grad = np.zeros_like(x)
+    for index in np.ndindex(x.shape):
+        up, down = x.copy(), x.copy()
+        up[index] += step
+        down[index] -= step
+        grad[index] = (loss(up) - loss(down)) / (2 * step)
+    return grad
+
+
+@pytest.mark.parametrize("name", ["jax", "torch"])
+def test_t5x_gradient_is_the_derivative_for_distributions_and_drops_the_z_part(name):
+    module, array = FRAMEWORKS[name]
+    rng = np.random.default_rng(6)
+    logits = 3 * rng.standard_normal((4, 5))
+    targets = rng.dirichlet(np.ones(5), size=4)  # rows sum to 1: T5X's rule is the derivative
+    fn = module.compat.t5x.cross_entropy_with_logits
+
+    def grad_of(pick):
+        if name == "jax":
+            return np.asarray(
+                jax.grad(lambda x: pick(fn(x, array(targets), 0.1)).sum())(array(logits))
+            )
+        x = torch.tensor(logits, requires_grad=True)
+        return torch.autograd.grad(pick(fn(x, array(targets), 0.1)).sum(), x)[0].numpy()
+
+    def loss_value(x):
+        return oracles.t5x_cross_entropy_with_logits(x, targets, 0.1)[0][0].sum()
+
+    np.testing.assert_allclose(
+        grad_of(lambda out: out[0]), _finite_differences(loss_value, logits), rtol=1e-6, atol=1e-7
+    )
+    # T5X ignores the z-loss output's cotangent ("only used for logging"): zero gradient.
+    assert np.all(grad_of(lambda out: out[1]) == 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input names the argument, the value and what is allowed (messages from lsspec)
+
+
+def test_class_mask_errors(framework):
+    module, array = framework
+    rng = np.random.default_rng(0)
+    logits, labels = rng.standard_normal((4, 5)), np.array([0, 1, 2, 3])
+    with pytest.raises(ValueError, match=r"`class_mask` must have shape \(5,\); got shape \(4,\)"):
+        module.smoothed_cross_entropy(
+            array(logits), array(labels), class_mask=array(np.ones(4, bool))
+        )
+    with pytest.raises(TypeError, match=r"`class_mask` must have dtype bool; got dtype .*int"):
+        module.smoothed_cross_entropy(
+            array(logits), array(labels), class_mask=array(np.ones(5, int))
+        )
+    with pytest.raises(
+        ValueError, match=r"classes that `class_mask` allows .*masked classes \[3\]"
+    ):
+        module.smoothed_cross_entropy(
+            array(logits), array(labels), class_mask=array(np.arange(5) != 3)
+        )
+    with pytest.raises(ValueError, match=r"`class_mask` allows 1 class\(es\), which leaves "):
+        module.smoothed_cross_entropy(
+            array(logits),
+            array(np.zeros(4, int)),
+            convention="others",
+            class_mask=array(np.arange(5) == 0),
+        )
+
+
+def test_z_loss_errors(framework):
+    module, array = framework
+    rng = np.random.default_rng(0)
+    logits, labels = rng.standard_normal((4, 5)), np.array([0, 1, 2, 3])
+    with pytest.raises(ValueError, match=r"`z_loss` must be a finite number >= 0; got -0\.1"):
+        module.smoothed_cross_entropy(array(logits), array(labels), z_loss=-0.1)
+    with pytest.raises(ValueError, match=r"`z_loss` \(and return_z_loss=True\) needs logits"):
+        module.smoothed_cross_entropy(
+            array(logits), array(labels), z_loss=1e-4, from_log_probs=True
+        )
+
+
+def test_compat_errors(framework):
+    module, array = framework
+    rng = np.random.default_rng(0)
+    logits, labels = rng.standard_normal((4, 5)), np.array([0, 1, 2, 3])
+    with pytest.raises(ValueError, match=r"`smoothing` must be in \[0, 1\); got 1\.0"):
+        module.compat.timm.label_smoothing_cross_entropy(
+            array(logits), array(labels), smoothing=1.0
+        )
+    with pytest.raises(
+        ValueError, match=r"`target` must have shape \(4,\) or \(4, 1\); got shape \(4, 2\)"
+    ):
+        module.compat.fairseq.label_smoothed_nll_loss(
+            array(logits), array(np.zeros((4, 2), int)), 0.1
+        )
+    with pytest.raises(
+        ValueError, match=r"`targets` must have the logits' shape without the last axis"
+    ):
+        module.compat.t5x.compute_weighted_cross_entropy(array(logits), array(labels[:3]))
+    with pytest.raises(ValueError, match=r"`pos_weight` must have a shape that broadcasts"):
+        module.sigmoid_binary_cross_entropy(
+            array(logits), array(np.zeros((4, 5))), pos_weight=array(np.ones(3))
+        )
+
+
+def test_fairseq_keeps_its_unreduced_shapes(framework):
+    module, array = framework
+    rng = np.random.default_rng(0)
+    lprobs = np.log(rng.dirichlet(np.ones(5), size=4))
+    target = np.array([0, 1, 2, 1])
+    fn = module.compat.fairseq.label_smoothed_nll_loss
+    loss, nll = fn(array(lprobs), array(target), 0.1, ignore_index=1, reduce=False)
+    assert tuple(loss.shape) == tuple(nll.shape) == (4, 1)  # fairseq keeps gather's (N, 1)
+    loss, nll = fn(array(lprobs), array(target), 0.1, reduce=False)
+    assert tuple(loss.shape) == tuple(nll.shape) == (4,)
+    assert float(nll[1]) == pytest.approx(-lprobs[1, 1], rel=1e-12)
