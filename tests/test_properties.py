@@ -262,3 +262,42 @@ def test_huge_vocabulary(num_classes, smoothing, seed):
             )
             assert abs(value - expected) <= 1e-5 * abs(expected), (dtype, value, expected)
             np.testing.assert_allclose(grad, expected_grad, rtol=grad_rtol, atol=grad_atol)
+
+
+@given(smoothed_cases(logits_input=True), st.data())
+@_fraction(0.25)
+def test_minus_inf_in_masked_classes_stays_finite(case, data):
+    """A class mask removes classes from the softmax and the smoothing support: logits of -inf
+    there (a masked vocabulary) give a finite loss and gradient in both frameworks, equal to the
+    oracle's on the same logits with the masked columns set to 0."""
+    (logits, labels), kwargs = case
+    axis = kwargs["axis"] % logits.ndim
+    num_classes = logits.shape[axis]
+    needed = {"uniform": 1, "others": 2, "others_but_pad": 3}[kwargs["convention"]]
+    if num_classes < needed + 1:
+        return  # nothing left to mask
+    masked = data.draw(
+        st.sets(st.integers(0, num_classes - 1), min_size=1, max_size=num_classes - needed)
+    )
+    masked -= {kwargs.get("pad_index")}
+    class_mask = np.ones(num_classes, bool)
+    class_mask[sorted(masked)] = False
+    allowed = np.flatnonzero(class_mask)
+    moved_labels = np.where(
+        np.isin(labels, allowed) | (labels == -100), labels, allowed[labels % len(allowed)]
+    )
+    kwargs = {**kwargs, "class_mask": class_mask, "kl": False}
+    expected, vjp = oracles.smoothed_cross_entropy(logits, moved_labels, **kwargs)
+    cotangent = np.random.default_rng(3).uniform(0.5, 1.5, size=np.shape(expected))
+    expected_grad = vjp(cotangent)
+    shape = [1] * logits.ndim
+    shape[axis] = num_classes
+    with_inf = np.where(class_mask.reshape(shape), logits, -np.inf)
+    for run, module in ((run_jax, lsjax), (run_torch, lstorch)):
+        (value,), grad = run(
+            module.smoothed_cross_entropy, (with_inf, moved_labels), kwargs, "float64", [cotangent]
+        )
+        assert np.isfinite(value).all() and np.isfinite(grad).all(), (run.__name__, kwargs)
+        scale = max(1.0, float(np.abs(logits).max()))
+        assert allclose([value], [expected], 1e-10, 1e-12 * scale), (run.__name__, kwargs)
+        assert allclose([grad], [expected_grad], 1e-10, 1e-12 * scale), (run.__name__, kwargs)
