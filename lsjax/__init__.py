@@ -5,6 +5,7 @@ twins are listed in ``parity_tests.registry`` and proven equal by ``python -m pa
 This package never imports torch.
 """
 
+from lsjax.fused import fused_linear_smoothed_cross_entropy
 from lsjax.seed_modules import kl_label_smoothing_loss, label_smoothing_loss
 from lsjax.smoothed import smoothed_cross_entropy
 from lsjax.soft import soft_target_cross_entropy
@@ -12,6 +13,7 @@ from lsjax.torch_mirror import cross_entropy
 
 __all__ = [
     "cross_entropy",
+    "fused_linear_smoothed_cross_entropy",
     "kl_label_smoothing_loss",
     "label_smoothing_loss",
     "smoothed_cross_entropy",
