@@ -5,15 +5,18 @@ listed in ``parity_tests.registry`` and proven equal by ``python -m parity_tests
 never imports jax.
 """
 
+from lstorch.fused import FusedLinearSmoothedCrossEntropyLoss, fused_linear_smoothed_cross_entropy
 from lstorch.modules import KLLabelSmoothingLoss, LabelSmoothingLoss, SmoothedCrossEntropyLoss
 from lstorch.seed_modules import kl_label_smoothing_loss, label_smoothing_loss
 from lstorch.smoothed import smoothed_cross_entropy
 from lstorch.soft import soft_target_cross_entropy
 
 __all__ = [
+    "FusedLinearSmoothedCrossEntropyLoss",
     "KLLabelSmoothingLoss",
     "LabelSmoothingLoss",
     "SmoothedCrossEntropyLoss",
+    "fused_linear_smoothed_cross_entropy",
     "kl_label_smoothing_loss",
     "label_smoothing_loss",
     "smoothed_cross_entropy",
