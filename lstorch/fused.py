@@ -115,10 +115,14 @@ def _check_fused(fn, hidden, weight, bias, labels):
         None if bias is None else tuple(bias.shape),
         tuple(labels.shape),
     )
+
+    def name(dtype):  # "float32", as JAX spells it, so both frameworks say the same words
+        return str(dtype).removeprefix("torch.")
+
     if weight.dtype != hidden.dtype:
-        raise lsspec.dtype_mismatch_error(fn, "weight", weight.dtype, hidden.dtype)
+        raise lsspec.dtype_mismatch_error(fn, "weight", name(weight.dtype), name(hidden.dtype))
     if bias is not None and bias.dtype != hidden.dtype:
-        raise lsspec.dtype_mismatch_error(fn, "bias", bias.dtype, hidden.dtype)
+        raise lsspec.dtype_mismatch_error(fn, "bias", name(bias.dtype), name(hidden.dtype))
 
 
 def _chunks(num_classes: int, chunk_size: int):
