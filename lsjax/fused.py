@@ -220,6 +220,31 @@ def _chunk_logits(hidden, weight, bias, start, size, compute_dtype):
     return jnp.dot(hidden, weight_chunk.T, precision=_HIGHEST) + bias_chunk
 
 
+def _varying_axes(value) -> set:
+    """The manual mesh axes ``value`` varies over inside ``shard_map`` (empty outside)."""
+    manual = getattr(jax.typeof(value), "manual_axis_type", None)
+    return set(getattr(manual, "varying", ()) or ())
+
+
+def _varying(value, *references):
+    """``value`` marked as varying over every mesh axis the references vary over.
+
+    Inside ``shard_map`` a loop's carry must keep one type; a fresh constant is invariant while
+    the loop's updates vary over the batch and vocabulary axes. Outside it, a no-op.
+    """
+    axes = set()
+    for reference in references:
+        axes |= _varying_axes(reference)
+    missing = tuple(sorted(axes - _varying_axes(value)))
+    return jax.lax.pcast(value, missing, to="varying") if missing else value
+
+
+def _sum_to_type(cotangent, primal):
+    """psum ``cotangent`` over the mesh axes it varies over and ``primal`` does not."""
+    axes = tuple(sorted(_varying_axes(cotangent) - _varying_axes(primal)))
+    return jax.lax.psum(cotangent, axes) if axes else cotangent
+
+
 def _psum(value, options):
     return value if options.axis_name is None else jax.lax.psum(value, options.axis_name)
 
@@ -235,7 +260,7 @@ def _local_lse(options, hidden, weight, bias, compute_dtype):
         logits = jnp.where(_fresh(index, offset, chunk), logits, -jnp.inf)
         return jnp.logaddexp(lse, jax.nn.logsumexp(logits, axis=-1)), None
 
-    lse = jnp.full(hidden.shape[:1], -jnp.inf, compute_dtype)
+    lse = _varying(jnp.full(hidden.shape[:1], -jnp.inf, compute_dtype), hidden, weight, bias)
     lse, _ = jax.lax.scan(step, lse, jnp.arange(count))
     if options.axis_name is not None:  # global lse: all-reduce of the max and of the sum-exp
         peak = jax.lax.pmax(lse, options.axis_name)
@@ -342,14 +367,17 @@ def _fused_rows_bwd(options, residuals, grad_rows):
         d_bias = jax.lax.dynamic_update_slice_in_dim(d_bias, update, offset, 0)
         return d_hidden, d_weight, d_bias
 
+    everything = (hidden, weight, bias, grad_rows)
     carry = (
-        jnp.zeros(hidden.shape, compute_dtype),
-        jnp.zeros(weight.shape, weight.dtype),
-        jnp.zeros(bias.shape, bias.dtype),
+        _varying(jnp.zeros(hidden.shape, compute_dtype), *everything),
+        _varying(jnp.zeros(weight.shape, weight.dtype), *everything),
+        _varying(jnp.zeros(bias.shape, bias.dtype), *everything),
     )
     d_hidden, d_weight, d_bias = jax.lax.fori_loop(0, count, step, carry)
-    d_hidden = _psum(d_hidden, options)
-    return d_hidden.astype(hidden.dtype), d_weight, d_bias, None, None, None
+    # Inside shard_map: d hidden sums every vocabulary shard's part, d weight / d bias every
+    # batch shard's rows (a psum over the axes the cotangent varies over and the input does not).
+    d_hidden = _sum_to_type(d_hidden.astype(hidden.dtype), hidden)
+    return d_hidden, _sum_to_type(d_weight, weight), _sum_to_type(d_bias, bias), None, None, None
 
 
 _fused_rows.defvjp(_fused_rows_fwd, _fused_rows_bwd)
