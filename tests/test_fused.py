@@ -250,3 +250,36 @@ def test_bad_input_gets_the_same_clear_error_in_both_frameworks():
     assert "`labels` must lie in [0, 4]; got out-of-range values [7]" in message
     message = _both_raise(ValueError, convention="others_but_pad")
     assert "needs `pad_index`" in message
+
+
+def test_the_lm_head_example_prints_the_memory_comparison():
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(root / "examples" / "large_vocab_lm_head.py"),
+            "--rows=256",
+            "--features=32",
+            "--vocab=8192",
+            "--repeats=1",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    rows = dict(
+        ((framework, variant), float(mib))
+        for framework, variant, mib in re.findall(
+            r"^(jax|torch)\s+(dense|fused)\s+([0-9.]+)", done.stdout, re.M
+        )
+    )
+    assert len(rows) == 4, done.stdout
+    # XLA's numbers are deterministic: the fused temporaries are a fraction of the dense ones.
+    assert rows["jax", "fused"] < 0.25 * rows["jax", "dense"], done.stdout
