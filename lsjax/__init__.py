@@ -7,6 +7,7 @@ This package never imports torch.
 
 from lsjax import compat
 from lsjax.binary import sigmoid_binary_cross_entropy
+from lsjax.fused import fused_linear_smoothed_cross_entropy
 from lsjax.seed_modules import kl_label_smoothing_loss, label_smoothing_loss
 from lsjax.smoothed import smoothed_cross_entropy
 from lsjax.soft import soft_target_cross_entropy
@@ -15,6 +16,7 @@ from lsjax.torch_mirror import cross_entropy
 __all__ = [
     "compat",
     "cross_entropy",
+    "fused_linear_smoothed_cross_entropy",
     "kl_label_smoothing_loss",
     "label_smoothing_loss",
     "sigmoid_binary_cross_entropy",

@@ -233,3 +233,38 @@ def check_t5x_targets(fn: str, logits_shape: tuple, targets_shape: tuple) -> Non
             targets_shape,
             f"the logits' shape without the last axis, {tuple(logits_shape[:-1])}",
         )
+
+
+def check_chunk_size(fn: str, chunk_size: object) -> int:
+    """``chunk_size`` of the fused losses: a positive int (classes per chunk)."""
+    positive_int = isinstance(chunk_size, numbers.Integral) and not isinstance(chunk_size, bool)
+    if not positive_int or chunk_size < 1:
+        raise ValueError(f"{fn}: `chunk_size` must be a positive int; got {chunk_size!r}.")
+    return int(chunk_size)
+
+
+def check_linear_shapes(
+    fn: str, hidden_shape: tuple, weight_shape: tuple, bias_shape: tuple | None, labels_shape: tuple
+) -> None:
+    """Shapes of the fused losses: hidden (..., D), weight (V, D), bias (V,), labels (...)."""
+    hidden_shape, weight_shape = tuple(hidden_shape), tuple(weight_shape)
+    if len(hidden_shape) < 1:
+        raise shape_error(fn, "hidden", hidden_shape, "at least one dimension (..., D)")
+    features = hidden_shape[-1]
+    if len(weight_shape) != 2 or weight_shape[1] != features:
+        raise shape_error(
+            fn, "weight", weight_shape, f"shape (V, {features}) (classes x hidden features)"
+        )
+    if bias_shape is not None and tuple(bias_shape) != (weight_shape[0],):
+        raise shape_error(fn, "bias", bias_shape, f"shape ({weight_shape[0]},)")
+    if tuple(labels_shape) != hidden_shape[:-1]:
+        raise shape_error(
+            fn,
+            "labels",
+            labels_shape,
+            f"the hidden's shape without the last axis, {hidden_shape[:-1]}",
+        )
+
+
+def dtype_mismatch_error(fn: str, name: str, got: object, expected: object) -> TypeError:
+    return TypeError(f"{fn}: `{name}` must have the hidden's dtype {expected}; got dtype {got}.")

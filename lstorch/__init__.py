@@ -7,16 +7,19 @@ never imports jax.
 
 from lstorch import compat
 from lstorch.binary import sigmoid_binary_cross_entropy
+from lstorch.fused import FusedLinearSmoothedCrossEntropyLoss, fused_linear_smoothed_cross_entropy
 from lstorch.modules import KLLabelSmoothingLoss, LabelSmoothingLoss, SmoothedCrossEntropyLoss
 from lstorch.seed_modules import kl_label_smoothing_loss, label_smoothing_loss
 from lstorch.smoothed import smoothed_cross_entropy
 from lstorch.soft import soft_target_cross_entropy
 
 __all__ = [
+    "FusedLinearSmoothedCrossEntropyLoss",
     "KLLabelSmoothingLoss",
     "LabelSmoothingLoss",
     "SmoothedCrossEntropyLoss",
     "compat",
+    "fused_linear_smoothed_cross_entropy",
     "kl_label_smoothing_loss",
     "label_smoothing_loss",
     "sigmoid_binary_cross_entropy",

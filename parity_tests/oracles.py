@@ -431,3 +431,57 @@ def timm_soft_target_cross_entropy(x, target):
     rows = -(t * log_probs).sum(-1)
     grad = (t.sum(-1, keepdims=True) * np.exp(log_probs) - t) / rows.size
     return rows.mean(), lambda cot: float(cot) * grad
+
+
+def fused_linear_smoothed_cross_entropy(
+    hidden,
+    weight,
+    labels,
+    *,
+    bias=None,
+    smoothing=0.0,
+    convention="uniform",
+    ignore_index=None,
+    pad_index=None,
+    reduction="mean",
+    chunk_size=None,
+    wrt="hidden",
+):
+    """The dense route in float64: ``smoothed_cross_entropy(hidden @ weight.T + bias, ...)``.
+
+    The logits' gradient ``G`` (rows x V, from the dense oracle above) is carried back through
+    the linear layer by the chain rule: ``d hidden = G @ weight``, ``d weight = G.T @ hidden``,
+    ``d bias = sum_rows G``; ``wrt`` names which one the vjp returns. ``chunk_size`` is an
+    implementation detail of the fused losses and changes nothing here.
+    """
+    del chunk_size
+    hidden = np.asarray(hidden, np.float64)
+    weight = np.asarray(weight, np.float64)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    bias_values = np.zeros(weight.shape[0]) if bias is None else np.asarray(bias, np.float64)
+    logits = flat @ weight.T + bias_values
+    output, logits_vjp = smoothed_cross_entropy(
+        logits,
+        np.asarray(labels).reshape(-1),
+        smoothing=smoothing,
+        convention=convention,
+        ignore_index=ignore_index,
+        pad_index=pad_index,
+        reduction=reduction,
+    )
+    if reduction == "none":
+        output = output.reshape(np.shape(labels))
+
+    def vjp(cotangent):
+        grad_logits = logits_vjp(
+            np.asarray(cotangent).reshape(np.shape(output.reshape(-1)))
+            if reduction == "none"
+            else cotangent
+        )
+        if wrt == "hidden":
+            return (grad_logits @ weight).reshape(hidden.shape)
+        if wrt == "weight":
+            return grad_logits.T @ flat
+        return grad_logits.sum(axis=0)
+
+    return output, vjp

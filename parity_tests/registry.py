@@ -570,6 +570,117 @@ def _lstorch_class_mask(logits, labels, *, smoothing, class_mask, where=None):
     )
 
 
+# fused_linear_smoothed_cross_entropy: one twin per differentiated argument (compare()
+# differentiates the first), each against the float64 dense oracle as well.
+
+
+def _fused_cases() -> tuple[dict, ...]:
+    """Every convention x reduction x smoothing, at K=37 in chunks of 8 (ragged: the last chunk
+    is shifted back and masked), and a few shapes placed so the grid needs few compilations:
+    K=3 in one chunk (uniform, ``"sum"``), K=300 in chunks of 64 (uniform, ``"none"``), a 2-D
+    row shape (others, ``"none"``), no bias (others_but_pad, ``"none"``); ignored rows alternate;
+    plus the all-ignored 'mean' case. Compiling the eager JAX runs is most of these twins' cost:
+    the smoothing, the reduction and the ignored rows are not part of the compiled core's key,
+    shapes and the bias's presence are."""
+    cases = []
+    for index, case in enumerate(
+        _grid(convention=CONVENTIONS, reduction=REDUCTIONS, smoothing=(0.0, 0.1, 1.0))
+    ):
+        uniform, none = case["convention"] == "uniform", case["reduction"] == "none"
+        case["num_classes"], case["chunk_size"] = (37, 8)
+        if uniform and case["reduction"] == "sum":
+            case["num_classes"], case["chunk_size"] = (3, 2048)
+        elif uniform and none:
+            case["num_classes"], case["chunk_size"] = (300, 64)
+        case["row_shape"] = (3, 5) if none and case["convention"] == "others" else (7,)
+        case["ignored"] = index % 2 == 0
+        case["biased"] = not (none and case["convention"] == "others_but_pad")
+        cases.append(case)
+    cases.append(
+        dict(
+            convention="others",
+            reduction="mean",
+            smoothing=0.1,
+            num_classes=37,
+            chunk_size=8,
+            ignored=True,
+            biased=True,
+            row_shape=(7,),
+            all_ignored=True,
+        )
+    )
+    return tuple(cases)
+
+
+def _fused_arrays(rng: np.random.Generator, case: dict):
+    """(hidden, weight, bias or None, labels) and the options, as NumPy values."""
+    features, num_classes = 6, case["num_classes"]
+    hidden = rng.standard_normal((*case["row_shape"], features))
+    # Scale 1/sqrt(D) * 3: logits spread ~3 as in _logits.
+    weight = 3.0 / np.sqrt(features) * rng.standard_normal((num_classes, features))
+    bias = rng.standard_normal(num_classes) if case["biased"] else None
+    labels = rng.integers(0, num_classes, size=case["row_shape"])
+    kwargs = dict(
+        smoothing=case["smoothing"],
+        convention=case["convention"],
+        reduction=case["reduction"],
+        chunk_size=case["chunk_size"],
+    )
+    if case["convention"] == "others_but_pad":
+        kwargs["pad_index"] = num_classes // 2
+    if case["ignored"]:
+        kwargs["ignore_index"] = IGNORE
+        drop = rng.random(case["row_shape"]) < (1.0 if case.get("all_ignored") else 0.3)
+        labels = np.where(drop, IGNORE, labels)
+    return hidden, weight, bias, labels, kwargs
+
+
+def _fused_inputs(rng, case):
+    """``(packed, labels)``: hidden, weight and bias raveled into the ONE differentiated input,
+    so a single comparison checks the gradients of all three (``compare`` differentiates the
+    first argument only)."""
+    hidden, weight, bias, labels, kwargs = _fused_arrays(rng, case)
+    parts = [hidden.ravel(), weight.ravel()] + ([] if bias is None else [bias])
+    layout = dict(hidden_shape=hidden.shape, weight_shape=weight.shape, biased=bias is not None)
+    return (np.concatenate(parts), labels), {**kwargs, **layout}
+
+
+def _unpack(packed, hidden_shape, weight_shape, biased):
+    """(hidden, weight, bias or None) from the packed input, in either framework."""
+    sizes = [int(np.prod(hidden_shape)), int(np.prod(weight_shape))]
+    hidden = packed[: sizes[0]].reshape(hidden_shape)
+    weight = packed[sizes[0] : sizes[0] + sizes[1]].reshape(weight_shape)
+    bias = packed[sizes[0] + sizes[1] :] if biased else None
+    return hidden, weight, bias
+
+
+def _fused_packed(fused):
+    def call(packed, labels, *, hidden_shape, weight_shape, biased, **options):
+        hidden, weight, bias = _unpack(packed, hidden_shape, weight_shape, biased)
+        return fused(hidden, weight, labels, bias=bias, **options)
+
+    return call
+
+
+def _fused_module(packed, labels, *, hidden_shape, weight_shape, biased, **options):
+    """``lstorch.FusedLinearSmoothedCrossEntropyLoss(**options)(hidden, weight, labels, bias)``."""
+    options.setdefault("ignore_index", None)
+    hidden, weight, bias = _unpack(packed, hidden_shape, weight_shape, biased)
+    return lstorch.FusedLinearSmoothedCrossEntropyLoss(**options)(hidden, weight, labels, bias)
+
+
+def _fused_oracle(packed, labels, *, hidden_shape, weight_shape, biased, **options):
+    """The float64 dense oracle; its vjp is the packed (hidden, weight, bias) gradient."""
+    hidden, weight, bias = _unpack(packed, hidden_shape, weight_shape, biased)
+    output, vjps = {}, {}
+    for wrt in ("hidden", "weight", "bias"):
+        output, vjps[wrt] = oracles.fused_linear_smoothed_cross_entropy(
+            hidden, weight, labels, bias=bias, wrt=wrt, **options
+        )
+    names = ("hidden", "weight", "bias") if biased else ("hidden", "weight")
+    return output, lambda cot: np.concatenate([vjps[n](cot).ravel() for n in names])
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -735,6 +846,22 @@ TWINS: tuple[Twin, ...] = (
         _timm_soft_inputs,
         _timm_soft_cases(),
         oracles.timm_soft_target_cross_entropy,
+    ),
+    Twin(
+        "fused_linear_smoothed_cross_entropy [d hidden, weight, bias]",
+        _fused_packed(lsjax.fused_linear_smoothed_cross_entropy),
+        _fused_packed(lstorch.fused_linear_smoothed_cross_entropy),
+        _fused_inputs,
+        _fused_cases(),
+        _fused_oracle,
+    ),
+    Twin(
+        "FusedLinearSmoothedCrossEntropyLoss (module)",
+        _fused_packed(lsjax.fused_linear_smoothed_cross_entropy),
+        _fused_module,
+        _fused_inputs,
+        _fused_cases()[1::4],
+        _fused_oracle,
     ),
 )
 

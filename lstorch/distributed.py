@@ -1,0 +1,169 @@
+"""Vocabulary-parallel label-smoothed cross-entropy over ``torch.distributed``.
+
+Each rank of ``group`` holds the logits of one contiguous slice of the vocabulary (rank ``r`` of
+``n`` holds classes ``[r * V_local, (r + 1) * V_local)``, ``K = n * V_local``), as in Megatron's
+tensor-parallel output layer, and the same labels. The loss is the closed form of SEMANTICS.md
+§1 with GLOBAL statistics, so every rank gets the single-device loss and the slice of the
+single-device gradient that belongs to its logits (Megatron's label smoothing uses the local
+vocabulary size and the local mean instead: loss and gradients differ between ranks,
+Megatron-LM#737).
+
+Communication per call: two all-reduces of O(rows) values (the max; then the sum-exp, the
+target's logit, the sum of the logits and the pad's logit packed in one tensor). Backward needs
+none: ``g * (softmax - q)`` on the local slice uses the global lse saved by the forward.
+
+The JAX counterparts are ``lsjax.smoothed_cross_entropy`` on logits placed by a
+``NamedSharding`` and ``lsjax.sharded.sharded_fused_linear_smoothed_cross_entropy``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+import lsspec
+from lstorch.smoothed import _compute_dtype, _concrete_scalar, _reduce, _times
+
+
+def vocab_parallel_smoothed_cross_entropy(
+    local_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+    smoothing: float | torch.Tensor = 0.0,
+    convention: str = "uniform",
+    ignore_index: int | None = None,
+    pad_index: int | None = None,
+    reduction: str = "none",
+) -> torch.Tensor:
+    r"""``smoothed_cross_entropy`` of logits split over the vocabulary across ``group``'s ranks.
+
+    With ``x`` the (global) logits of a row, ``K = world_size * V_local``::
+
+        lse = m + log(all_reduce_sum(sum_local exp(x - m))),  m = all_reduce_max(max_local x)
+        loss = (1 - eps) * (lse - x_y) + eps * (lse - mean_{c in S} x_c)
+
+    where ``x_y``, ``sum_c x_c`` and ``x_pad`` are all-reduced sums of each rank's share (only
+    the rank holding the class contributes). Every rank returns the same loss, bit for bit, equal
+    to ``lstorch.smoothed_cross_entropy(full_logits, labels, ...)``; the gradient with respect to
+    ``local_logits`` is that rank's slice of the full gradient.
+
+    Args:
+      local_logits: ``(..., V_local)``, this rank's slice of the class axis (the last axis).
+      labels: global class indices, the same on every rank, shape ``local_logits.shape[:-1]``.
+      group: the process group the vocabulary is split over (default: the world).
+      smoothing, convention, ignore_index, pad_index, reduction: as ``smoothed_cross_entropy``
+        (``pad_index`` is a global class index).
+    """
+    fn = "vocab_parallel_smoothed_cross_entropy"
+    if not isinstance(local_logits, torch.Tensor) or not local_logits.is_floating_point():
+        got = getattr(local_logits, "dtype", type(local_logits).__name__)
+        raise lsspec.dtype_error(fn, "local_logits", got, "a floating dtype (a float torch.Tensor)")
+    if (
+        not isinstance(labels, torch.Tensor)
+        or labels.is_floating_point()
+        or labels.dtype == torch.bool
+    ):
+        got = getattr(labels, "dtype", type(labels).__name__)
+        raise lsspec.dtype_error(fn, "labels", got, "an integer dtype (an int torch.Tensor)")
+    if tuple(labels.shape) != tuple(local_logits.shape[:-1]):
+        raise lsspec.shape_error(
+            fn,
+            "labels",
+            tuple(labels.shape),
+            f"the logits' shape without the class axis, {tuple(local_logits.shape[:-1])}",
+        )
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    local_classes = local_logits.shape[-1]
+    num_classes = world * local_classes
+    lsspec.check_options(
+        fn,
+        num_classes=num_classes,
+        smoothing=_concrete_scalar(fn, "smoothing", smoothing),
+        convention=convention,
+        reduction=reduction,
+        pad_index=pad_index,
+        ignore_index=ignore_index,
+        normalizer=None,
+        kl=False,
+        has_weight=False,
+        from_log_probs=False,
+    )
+    counted = torch.ones_like(labels, dtype=torch.bool)
+    if ignore_index is not None:
+        counted = counted & (labels != ignore_index)
+    if pad_index is not None:
+        counted = counted & (labels != pad_index)
+    bad = counted & ((labels < 0) | (labels >= num_classes))
+    if bool(bad.any()):
+        raise lsspec.label_range_error(fn, labels[bad].tolist(), num_classes, ignore_index)
+    compute_dtype = _compute_dtype(local_logits.dtype)
+    eps = torch.as_tensor(smoothing, dtype=compute_dtype, device=local_logits.device).detach()
+    layout = (convention, pad_index, rank * local_classes, num_classes, group)
+    loss = _VocabParallelRows.apply(local_logits, labels, counted, eps, layout)
+    return _reduce(loss, counted.to(compute_dtype), reduction, None)
+
+
+def _local_column(x, classes, start):
+    """``x[..., classes - start]`` where this rank holds the class, else 0 (compute dtype)."""
+    local = classes - start
+    here = (local >= 0) & (local < x.shape[-1])
+    value = x.gather(-1, torch.where(here, local, 0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(here, value, 0.0)
+
+
+class _VocabParallelRows(torch.autograd.Function):
+    """Per-row loss from global statistics; backward is local (softmax from the global lse)."""
+
+    @staticmethod
+    def forward(ctx, x, labels, counted, eps, layout):
+        convention, pad_index, start, num_classes, group = layout
+        compute_dtype = eps.dtype
+        with torch.no_grad():
+            peak = x.amax(dim=-1).to(compute_dtype)
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+            peak = torch.where(torch.isfinite(peak), peak, 0.0)
+            safe_labels = torch.where(counted, labels, 0)
+            sums = torch.stack(
+                [
+                    torch.exp(x.to(compute_dtype) - peak.unsqueeze(-1)).sum(-1),
+                    _local_column(x, safe_labels, start).to(compute_dtype),
+                    x.sum(-1, dtype=compute_dtype),
+                    _local_column(x, torch.full_like(labels, pad_index or 0), start).to(
+                        compute_dtype
+                    ),
+                ]
+            )
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+            sum_exp, x_y, total, x_pad = sums
+            lse = torch.log(sum_exp) + peak
+            support_sum = total
+            if convention != "uniform":
+                support_sum = support_sum - x_y
+            if convention == "others_but_pad":
+                support_sum = support_sum - x_pad
+            size = lsspec.support_size(convention, num_classes)
+            loss = _times(1.0 - eps, lse - x_y) + _times(eps, lse - support_sum / size)
+            loss = torch.where(counted, loss, 0.0)
+        ctx.layout = layout
+        ctx.save_for_backward(x, labels, counted, eps, lse)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        """``g * (softmax(x) - q)`` on this rank's classes; no communication."""
+        x, labels, counted, eps, lse = ctx.saved_tensors
+        convention, pad_index, start, num_classes, _ = ctx.layout
+        size = lsspec.support_size(convention, num_classes)
+        classes = torch.arange(start, start + x.shape[-1], device=x.device)
+        safe_labels = torch.where(counted, labels, 0).unsqueeze(-1)
+        is_target = classes == safe_labels
+        in_support = torch.ones_like(is_target) if convention == "uniform" else ~is_target
+        if convention == "others_but_pad":
+            in_support = in_support & (classes != pad_index)
+        target = torch.where(is_target, 1.0 - eps, 0.0) + torch.where(in_support, eps / size, 0.0)
+        safe_lse = torch.where(counted, lse, 0.0).unsqueeze(-1)
+        grad = torch.exp(x.to(eps.dtype) - safe_lse) - target
+        grad = grad * grad_loss.to(eps.dtype).unsqueeze(-1)
+        grad = torch.where(counted.unsqueeze(-1), grad, 0.0)
+        return grad.to(x.dtype), None, None, None, None

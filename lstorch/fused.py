@@ -1,0 +1,287 @@
+"""Fused linear + label-smoothed cross-entropy in PyTorch: the rows x V logits are never built.
+
+Twin of ``lsjax.fused_linear_smoothed_cross_entropy`` (same name, keywords and meaning). The core
+is a ``torch.autograd.Function`` that walks the vocabulary in chunks of ``chunk_size`` classes,
+saves only the inputs and the per-row logsumexp for backward, and recomputes each chunk's logits
+there.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import lsspec
+from lstorch.smoothed import _compute_dtype, _concrete_scalar, _reduce, _times
+
+DEFAULT_CHUNK_SIZE = 2048
+
+
+def fused_linear_smoothed_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    smoothing: float | torch.Tensor = 0.0,
+    convention: str = "uniform",
+    ignore_index: int | None = None,
+    pad_index: int | None = None,
+    reduction: str = "mean",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    r"""``smoothed_cross_entropy(F.linear(hidden, weight, bias), labels, ...)`` without the logits.
+
+    Same formula, keywords and semantics as ``lsjax.fused_linear_smoothed_cross_entropy`` (whose
+    docstring carries the full description). With ``x = hidden @ weight.T + bias``::
+
+        loss = (1 - eps) * (lse - x_y) + eps * (lse - mean_{c in S} x_c)
+
+    ``lse`` is accumulated over vocabulary chunks, ``x_y = hidden . weight[y] + bias[y]`` and
+    ``sum_c x_c = hidden . weight.sum(0) + bias.sum()`` (a rank-1 product: no pass over the
+    logits). Backward recomputes each chunk's logits and forms ``g * (softmax(x) - q)`` one
+    ``rows x chunk_size`` block at a time.
+
+    Reproduces ``lstorch.smoothed_cross_entropy(F.linear(hidden, weight, bias), labels, ...)``
+    and so, for ``convention="uniform"``, ``F.cross_entropy(F.linear(hidden, weight, bias),
+    labels, label_smoothing=eps, ignore_index=i, reduction=r)`` (except that when no row counts
+    ``"mean"`` returns 0 with a zero gradient, where torch returns NaN).
+
+    ``weight`` is ``(V, D)``, the layout of ``nn.Linear(D, V).weight`` and of a tied embedding.
+    Returns float32 for bf16/fp16/float32 inputs (every logit, lse and sum accumulated in
+    float32), float64 for float64; gradients come back in the inputs' dtypes.
+    """
+    fn = "fused_linear_smoothed_cross_entropy"
+    _check_fused(fn, hidden, weight, bias, labels)
+    num_classes = weight.shape[0]
+    lsspec.check_options(
+        fn,
+        num_classes=num_classes,
+        smoothing=_concrete_scalar(fn, "smoothing", smoothing),
+        convention=convention,
+        reduction=reduction,
+        pad_index=pad_index,
+        ignore_index=ignore_index,
+        normalizer=None,
+        kl=False,
+        has_weight=False,
+        from_log_probs=False,
+    )
+    chunk_size = lsspec.check_chunk_size(fn, chunk_size)
+    counted = torch.ones_like(labels, dtype=torch.bool)
+    if ignore_index is not None:
+        counted = counted & (labels != ignore_index)
+    if pad_index is not None:
+        counted = counted & (labels != pad_index)
+    if not torch.compiler.is_compiling():
+        bad = counted & ((labels < 0) | (labels >= num_classes))
+        if bool(bad.any()):
+            raise lsspec.label_range_error(fn, labels[bad].tolist(), num_classes, ignore_index)
+    compute_dtype = _compute_dtype(hidden.dtype)
+    eps = torch.as_tensor(smoothing, dtype=compute_dtype, device=hidden.device).detach()
+    if bias is None:
+        bias = torch.zeros(num_classes, dtype=hidden.dtype, device=hidden.device)
+    loss, _ = _FusedRows.apply(
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight,
+        bias,
+        labels.reshape(-1),
+        counted.reshape(-1),
+        eps,
+        (convention, pad_index, chunk_size),
+    )
+    return _reduce(loss.reshape(labels.shape), counted.to(compute_dtype), reduction, None)
+
+
+def _check_fused(fn, hidden, weight, bias, labels):
+    for name, tensor in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if name == "bias" and tensor is None:
+            continue
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            got = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise lsspec.dtype_error(fn, name, got, "a floating dtype (a float torch.Tensor)")
+    if (
+        not isinstance(labels, torch.Tensor)
+        or labels.is_floating_point()
+        or labels.is_complex()
+        or labels.dtype == torch.bool
+    ):
+        got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise lsspec.dtype_error(fn, "labels", got, "an integer dtype (an int torch.Tensor)")
+    lsspec.check_linear_shapes(
+        fn,
+        tuple(hidden.shape),
+        tuple(weight.shape),
+        None if bias is None else tuple(bias.shape),
+        tuple(labels.shape),
+    )
+
+    def name(dtype):  # "float32", as JAX spells it, so both frameworks say the same words
+        return str(dtype).removeprefix("torch.")
+
+    if weight.dtype != hidden.dtype:
+        raise lsspec.dtype_mismatch_error(fn, "weight", name(weight.dtype), name(hidden.dtype))
+    if bias is not None and bias.dtype != hidden.dtype:
+        raise lsspec.dtype_mismatch_error(fn, "bias", name(bias.dtype), name(hidden.dtype))
+
+
+def _chunks(num_classes: int, chunk_size: int):
+    return [
+        (start, min(start + chunk_size, num_classes)) for start in range(0, num_classes, chunk_size)
+    ]
+
+
+def _chunk_logits(hidden, weight, bias, start, stop, compute_dtype):
+    """Logits of classes [start, stop) in ``compute_dtype``: (N, stop - start)."""
+    weight_chunk = weight[start:stop].to(compute_dtype)
+    return torch.addmm(bias[start:stop].to(compute_dtype), hidden, weight_chunk.T)
+
+
+def _terms(options, hidden, weight, bias, labels, counted, eps):
+    convention, pad_index, chunk_size = options
+    compute_dtype = eps.dtype
+    num_classes = weight.shape[0]
+    hidden = hidden.to(compute_dtype)
+    lse = torch.full(labels.shape, -torch.inf, dtype=compute_dtype, device=hidden.device)
+    for start, stop in _chunks(num_classes, chunk_size):
+        logits = _chunk_logits(hidden, weight, bias, start, stop, compute_dtype)
+        lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
+    in_range = (labels >= 0) & (labels < num_classes)
+    safe_labels = torch.where(counted & in_range, labels, 0)
+
+    def column(classes):
+        rows = weight[classes].to(compute_dtype)
+        return (hidden * rows).sum(-1) + bias[classes].to(compute_dtype)
+
+    x_y = column(safe_labels)
+    # sum_c x_c = hidden . (sum_c weight_c) + sum_c bias_c: rank 1, no pass over the logits.
+    support_sum = hidden @ weight.sum(0, dtype=compute_dtype) + bias.sum(dtype=compute_dtype)
+    if convention != "uniform":
+        support_sum = support_sum - x_y
+    if convention == "others_but_pad":
+        support_sum = support_sum - column(torch.full_like(labels, pad_index))
+    bad = counted & ~(in_range & (eps >= 0) & (eps <= 1))
+    size = lsspec.support_size(convention, num_classes)
+    loss = _times(1.0 - eps, lse - x_y) + _times(eps, lse - support_sum / size)
+    loss = torch.where(counted, torch.where(bad, torch.nan, loss), 0.0)
+    return loss, lse
+
+
+class _FusedRows(torch.autograd.Function):
+    """Per-row loss of ``F.linear(hidden, weight, bias)``; backward recomputes chunk logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, counted, eps, options):
+        with torch.no_grad():
+            loss, lse = _terms(options, hidden, weight, bias, labels, counted, eps)
+        ctx.options = options
+        ctx.save_for_backward(hidden, weight, bias, labels, counted, eps, lse)
+        ctx.mark_non_differentiable(lse)
+        return loss, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse):
+        """Per chunk: ``coeff = g * (softmax(x) - q)`` (rows x chunk), then
+        ``d hidden += coeff @ W_chunk``, ``d W_chunk = coeff.T @ hidden``, ``d b_chunk = sum
+        coeff``, with ``q_c = (1 - eps) [c = y] + eps / |S| [c in S]``."""
+        del grad_lse  # lse is an internal statistic, never differentiated.
+        hidden, weight, bias, labels, counted, eps, lse = ctx.saved_tensors
+        convention, pad_index, chunk_size = ctx.options
+        compute_dtype = eps.dtype
+        num_classes = weight.shape[0]
+        size = lsspec.support_size(convention, num_classes)
+        in_range = (labels >= 0) & (labels < num_classes)
+        safe_labels = torch.where(counted & in_range, labels, 0).unsqueeze(-1)
+        bad = counted & ~(in_range & (eps >= 0) & (eps <= 1))
+        scale = torch.where(bad, torch.nan, grad_loss.to(compute_dtype))
+        scale = torch.where(counted, scale, 0.0).unsqueeze(-1)
+        keep = counted.unsqueeze(-1)
+        safe_lse = torch.where(counted, lse, 0.0).unsqueeze(-1)
+        on_true = 1.0 - eps
+        per_class = eps / size
+        hidden_c = hidden.to(compute_dtype)
+        d_hidden = torch.zeros_like(hidden_c)
+        d_weight = torch.empty_like(weight)
+        d_bias = torch.empty_like(bias)
+        with torch.no_grad():
+            for start, stop in _chunks(num_classes, chunk_size):
+                coeff = _chunk_logits(hidden_c, weight, bias, start, stop, compute_dtype)
+                coeff.sub_(safe_lse).exp_()  # softmax, in the logits' buffer
+                classes = torch.arange(start, stop, device=hidden.device).unsqueeze(0)
+                is_target = classes == safe_labels
+                if convention == "uniform":
+                    coeff.sub_(per_class)
+                else:
+                    coeff.sub_(torch.where(is_target, 0.0, per_class))
+                if convention == "others_but_pad" and start <= pad_index < stop:
+                    coeff[:, pad_index - start] += per_class
+                coeff.sub_(torch.where(is_target, on_true, 0.0))
+                coeff.mul_(scale)
+                # Select, do not multiply: 0 * NaN would leak a non-counted row's NaN features.
+                coeff.masked_fill_(~keep, 0.0)
+                weight_chunk = weight[start:stop].to(compute_dtype)
+                d_hidden.addmm_(coeff, weight_chunk)
+                d_weight[start:stop] = (coeff.T @ hidden_c).to(weight.dtype)
+                d_bias[start:stop] = coeff.sum(0).to(bias.dtype)
+        return d_hidden.to(hidden.dtype), d_weight, d_bias, None, None, None, None
+
+
+class FusedLinearSmoothedCrossEntropyLoss(nn.Module):
+    """Module form of :func:`fused_linear_smoothed_cross_entropy` (the same keywords).
+
+    ``forward(hidden, weight, labels, bias=None)`` takes the output layer's parameters, so a
+    model keeps its own ``nn.Linear`` (or tied embedding) and hands ``head.weight`` /
+    ``head.bias`` here instead of calling the head. As ``SmoothedCrossEntropyLoss``, the default
+    reduction is ``"mean"`` and ``ignore_index`` defaults to -100.
+
+    Example::
+
+        head = nn.Linear(512, 131072)
+        loss_fn = FusedLinearSmoothedCrossEntropyLoss(smoothing=0.1)
+        loss = loss_fn(features, head.weight, labels, head.bias)
+    """
+
+    def __init__(
+        self,
+        *,
+        smoothing: float = 0.0,
+        convention: str = "uniform",
+        ignore_index: int | None = -100,
+        pad_index: int | None = None,
+        reduction: str = "mean",
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        super().__init__()
+        self.smoothing = smoothing
+        self.convention = convention
+        self.ignore_index = ignore_index
+        self.pad_index = pad_index
+        self.reduction = reduction
+        self.chunk_size = chunk_size
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return fused_linear_smoothed_cross_entropy(
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            smoothing=self.smoothing,
+            convention=self.convention,
+            ignore_index=self.ignore_index,
+            pad_index=self.pad_index,
+            reduction=self.reduction,
+            chunk_size=self.chunk_size,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"smoothing={self.smoothing}, convention={self.convention!r}, "
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+            f"chunk_size={self.chunk_size}"
+        )

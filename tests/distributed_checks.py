@@ -1,0 +1,89 @@
+"""The torch.distributed checks of tests/test_distributed.py: ``python distributed_checks.py N``.
+
+Spawns N gloo processes on CPU (MASTER_ADDR=127.0.0.1, a free port). Every rank holds its slice
+of the same logits and computes ``vocab_parallel_smoothed_cross_entropy`` and its gradient for
+each case, and the dense ``lstorch.smoothed_cross_entropy`` of the full logits as reference;
+rank files are collected and one JSON object is printed.
+"""
+
+import json
+import os
+import pathlib
+import socket
+import sys
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+ROWS, LOCAL_VOCAB = 11, 7
+CASES = [
+    ("uniform", None, "none", 0.1),
+    ("others", None, "mean", 0.1),
+    ("others_but_pad", 4, "sum", 0.3),
+    ("uniform", None, "mean", 1.0),
+]
+
+
+def worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    import lstorch
+    from lstorch.distributed import vocab_parallel_smoothed_cross_entropy
+
+    results = []
+    for index, (convention, pad_index, reduction, smoothing) in enumerate(CASES):
+        generator = torch.Generator().manual_seed(index)  # the same data on every rank
+        vocab = world * LOCAL_VOCAB
+        logits = 3 * torch.randn(ROWS, vocab, generator=generator, dtype=torch.float64)
+        labels = torch.randint(0, vocab, (ROWS,), generator=generator)
+        labels[torch.rand(ROWS, generator=generator) < 0.3] = -100
+        cotangent = torch.rand(ROWS, generator=generator, dtype=torch.float64) + 0.5
+        options = dict(
+            smoothing=smoothing,
+            convention=convention,
+            pad_index=pad_index,
+            ignore_index=-100,
+            reduction=reduction,
+        )
+        for dtype in (torch.float64, torch.float32):
+            full = logits.to(dtype).requires_grad_(True)
+            dense = lstorch.smoothed_cross_entropy(full, labels, **options)
+            cot = cotangent.to(dense.dtype) if dense.ndim else torch.tensor(1.0, dtype=dense.dtype)
+            (dense_grad,) = torch.autograd.grad(dense, full, cot)
+            local = full.detach()[:, rank * LOCAL_VOCAB : (rank + 1) * LOCAL_VOCAB].clone()
+            local.requires_grad_(True)
+            loss = vocab_parallel_smoothed_cross_entropy(local, labels, **options)
+            (grad,) = torch.autograd.grad(loss, local, cot)
+            expected_grad = dense_grad[:, rank * LOCAL_VOCAB : (rank + 1) * LOCAL_VOCAB]
+            results.append(
+                dict(
+                    case=f"{convention}/{reduction}/{smoothing}/{str(dtype)[6:]}",
+                    loss_bytes=loss.detach().numpy().tobytes().hex(),
+                    loss_diff=float((loss - dense).detach().abs().max()),
+                    loss_scale=float(dense.detach().abs().max()),
+                    grad_diff=float((grad - expected_grad).abs().max()),
+                )
+            )
+    pathlib.Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    world = int(sys.argv[1])
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(worker, args=(world, port, out_dir), nprocs=world, join=True)
+        ranks = [
+            json.loads(pathlib.Path(out_dir, f"rank{rank}.json").read_text())
+            for rank in range(world)
+        ]
+    print(json.dumps({"world": world, "ranks": ranks}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""The 8-device JAX checks of tests/test_sharded.py, run in a subprocess.
+
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` must be set before JAX is imported, so
+the test starts this script with it; it prints one JSON object of measurements.
+"""
+
+import json
+import os
+import re
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import lsjax
+from lsjax.sharded import sharded_fused_linear_smoothed_cross_entropy
+
+ROWS, FEATURES, VOCAB = 32, 8, 1024  # V/4 = 256 per device: rows x V/4 would be an all-gather
+
+
+def all_gathers(hlo: str) -> list[tuple[int, ...]]:
+    """Result shapes of every all-gather in a compiled HLO text."""
+    shapes = []
+    for line in hlo.splitlines():
+        if "all-gather(" in line or "all-gather-start(" in line:
+            head = line.split("=", 1)[1]
+            for dims in re.findall(r"\[([\d,]*)\]", head.split("all-gather")[0]):
+                shapes.append(tuple(int(d) for d in dims.split(",") if d))
+    return shapes
+
+
+def biggest(shapes):
+    return max((int(np.prod(s)) for s in shapes), default=0)
+
+
+def main() -> None:
+    assert jax.device_count() == 8, jax.devices()
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("batch", "vocab"))
+    rng = np.random.default_rng(0)
+    hidden = rng.standard_normal((ROWS, FEATURES)).astype(np.float32)
+    weight = (rng.standard_normal((VOCAB, FEATURES)) / np.sqrt(FEATURES)).astype(np.float32)
+    bias = rng.standard_normal(VOCAB).astype(np.float32)
+    labels = rng.integers(0, VOCAB, ROWS).astype(np.int32)
+    labels[rng.random(ROWS) < 0.25] = -100
+    logits = np.asarray(
+        jnp.dot(hidden, weight.T, precision=jax.lax.Precision.HIGHEST) + bias, np.float32
+    )
+    results = {"logits": [], "fused": []}
+
+    # 1. smoothed_cross_entropy on logits sharded (batch, vocab) by a NamedSharding under jit.
+    for convention, pad_index, reduction in (
+        ("uniform", None, "none"),
+        ("others", None, "mean"),
+        ("others_but_pad", 5, "sum"),
+    ):
+        for _ in (0,):  # (one body per case)
+            options = dict(
+                smoothing=0.1,
+                convention=convention,
+                pad_index=pad_index,
+                ignore_index=-100,
+                reduction=reduction,
+            )
+
+            def loss(x, y, options=options):
+                out = lsjax.smoothed_cross_entropy(x, y, **options)
+                return out, jax.grad(
+                    lambda x: jnp.sum(lsjax.smoothed_cross_entropy(x, y, **options))
+                )(x)
+
+            single = jax.jit(loss)(jnp.asarray(logits), jnp.asarray(labels))
+            x = jax.device_put(logits, NamedSharding(mesh, PartitionSpec("batch", "vocab")))
+            y = jax.device_put(labels, NamedSharding(mesh, PartitionSpec("batch")))
+            compiled = jax.jit(loss).lower(x, y).compile()
+            sharded = compiled(x, y)
+            gathers = all_gathers(compiled.as_text())
+            results["logits"].append(
+                dict(
+                    case=f"{convention}/{reduction}",
+                    loss_diff=float(np.max(np.abs(np.asarray(sharded[0]) - np.asarray(single[0])))),
+                    grad_diff=float(np.max(np.abs(np.asarray(sharded[1]) - np.asarray(single[1])))),
+                    loss_scale=float(np.max(np.abs(np.asarray(single[0])))),
+                    grad_sharded=str(sharded[1].sharding.spec),
+                    replicas_identical=bool(
+                        reduction == "none"
+                        or len(
+                            {np.asarray(s.data).tobytes() for s in sharded[0].addressable_shards}
+                        )
+                        == 1
+                    ),
+                    biggest_all_gather=biggest(gathers),
+                )
+            )
+
+    # 2. The fused loss with the weight split over the vocabulary (shard_map).
+    for convention, pad_index, reduction in (
+        ("uniform", None, "mean"),
+        ("others", None, "none"),
+        ("others_but_pad", 300, "sum"),
+    ):
+        for _ in (0,):  # (one body per case)
+            options = dict(
+                smoothing=0.1,
+                convention=convention,
+                pad_index=pad_index,
+                ignore_index=-100,
+                reduction=reduction,
+                chunk_size=96,  # ragged within each shard's 256 classes
+            )
+
+            def single(h, w, b, y, options=options):
+                def scalar(h, w, b):
+                    return jnp.sum(
+                        lsjax.fused_linear_smoothed_cross_entropy(h, w, y, bias=b, **options)
+                    )
+
+                out = lsjax.fused_linear_smoothed_cross_entropy(h, w, y, bias=b, **options)
+                return out, jax.grad(scalar, argnums=(0, 1, 2))(h, w, b)
+
+            def split(h, w, b, y, options=options):
+                def scalar(h, w, b):
+                    return jnp.sum(
+                        sharded_fused_linear_smoothed_cross_entropy(
+                            h, w, y, bias=b, mesh=mesh, **options
+                        )
+                    )
+
+                out = sharded_fused_linear_smoothed_cross_entropy(
+                    h, w, y, bias=b, mesh=mesh, **options
+                )
+                return out, jax.grad(scalar, argnums=(0, 1, 2))(h, w, b)
+
+            args = [jnp.asarray(a) for a in (hidden, weight, bias, labels)]
+            expected = jax.jit(single)(*args)
+            placed = [
+                jax.device_put(hidden, NamedSharding(mesh, PartitionSpec("batch", None))),
+                jax.device_put(weight, NamedSharding(mesh, PartitionSpec("vocab", None))),
+                jax.device_put(bias, NamedSharding(mesh, PartitionSpec("vocab"))),
+                jax.device_put(labels, NamedSharding(mesh, PartitionSpec("batch"))),
+            ]
+            compiled = jax.jit(split).lower(*placed).compile()
+            got = compiled(*placed)
+            # The dense single-device loss, too (the fused loss's own reference).
+            dense = lsjax.smoothed_cross_entropy(
+                jnp.asarray(logits),
+                jnp.asarray(labels),
+                **{k: v for k, v in options.items() if k != "chunk_size"},
+            )
+            flat_got, flat_expected = jax.tree.leaves(got), jax.tree.leaves(expected)
+            results["fused"].append(
+                dict(
+                    case=f"{convention}/{reduction}",
+                    diffs=[
+                        float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                        for a, b in zip(flat_got, flat_expected, strict=True)
+                    ],
+                    scales=[float(np.max(np.abs(np.asarray(b)))) for b in flat_expected],
+                    dense_diff=float(np.max(np.abs(np.asarray(got[0]) - np.asarray(dense)))),
+                    biggest_all_gather=biggest(all_gathers(compiled.as_text())),
+                    # Bit-for-bit: every device's copy of the (replicated) loss is the same.
+                    replicas_identical=bool(
+                        reduction == "none"
+                        or len({np.asarray(s.data).tobytes() for s in got[0].addressable_shards})
+                        == 1
+                    ),
+                )
+            )
+    # Control: the parser does see an all-gather of the logits when one is asked for.
+    x = jax.device_put(logits, NamedSharding(mesh, PartitionSpec("batch", "vocab")))
+    gather = jax.jit(lambda x: x * 2, out_shardings=NamedSharding(mesh, PartitionSpec()))
+    results["control_all_gather"] = biggest(all_gathers(gather.lower(x).compile().as_text()))
+    results["rows_x_vocab_per_device"] = ROWS // 2 * VOCAB // 4
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""``lstorch.distributed.vocab_parallel_smoothed_cross_entropy`` over 3 gloo processes on CPU.
+
+One subprocess (``tests/distributed_checks.py 3``) spawns the ranks, each holding a third of the
+vocabulary of the same logits. On every rank: the loss equals the dense single-process loss
+(global K, global lse, global sums and 'mean' denominator), the gradient equals that rank's slice
+of the dense gradient, and the loss is bit-for-bit the same on all ranks.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+WORLD = 3
+# (rtol, atol) by dtype: the sharded sums are added in another order than the dense ones.
+TOLERANCES = {"float64": (1e-12, 1e-14), "float32": (1e-6, 1e-6)}
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "distributed_checks.py"), str(WORLD)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["world"] == WORLD and len(result["ranks"]) == WORLD
+    return result["ranks"]
+
+
+def test_every_rank_gets_the_dense_loss_and_its_slice_of_the_dense_gradient(ranks):
+    assert len(ranks[0]) == 8  # 4 cases x (float64, float32)
+    for rank in ranks:
+        for case in rank:
+            rtol, atol = TOLERANCES[case["case"].rsplit("/", 1)[1]]
+            assert case["loss_diff"] <= atol + rtol * case["loss_scale"], case
+            assert case["grad_diff"] <= atol + rtol, case  # entries are O(1)
+
+
+def test_the_loss_is_bit_for_bit_identical_on_every_rank(ranks):
+    for index in range(len(ranks[0])):
+        assert len({rank[index]["loss_bytes"] for rank in ranks}) == 1, ranks[0][index]["case"]

@@ -1,0 +1,65 @@
+"""Vocabulary-sharded losses on 8 simulated CPU devices (a 2 x 4 batch x vocab mesh).
+
+The device count is fixed when JAX is imported, so every JAX check runs in ONE subprocess
+(``tests/sharded_checks.py``) started with ``--xla_force_host_platform_device_count=8``; this
+test reads its JSON. Checked, for the sharded logits (``smoothed_cross_entropy`` under jit with a
+NamedSharding) and the sharded weight (``sharded_fused_linear_smoothed_cross_entropy``):
+single-device loss and gradients (global K, sums and 'mean' denominator), the same loss bytes on
+every device, and no all-gather of a rows x V array in the compiled HLO (a control shows the
+HLO reader does see one when the program asks for it).
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# float32 with a different summation order (per shard, then all-reduced): the loss differs by a
+# few ulps of its size, gradients by a few ulps of their largest entry.
+RTOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def results():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "sharded_checks.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_hlo_reader_sees_an_all_gather_of_the_logits(results):
+    assert results["control_all_gather"] >= results["rows_x_vocab_per_device"]
+
+
+def test_sharded_logits_give_the_single_device_loss_and_gradient(results):
+    assert len(results["logits"]) == 3
+    for case in results["logits"]:
+        assert case["loss_diff"] <= 4 * RTOL * case["loss_scale"], case
+        assert case["grad_diff"] <= 1e-7, case  # gradient entries are O(1/rows)
+        assert case["grad_sharded"] == "P('batch', 'vocab')", case
+        assert case["replicas_identical"], case
+        assert case["biggest_all_gather"] < results["rows_x_vocab_per_device"], case
+
+
+def test_sharded_weight_gives_the_single_device_fused_and_dense_results(results):
+    assert len(results["fused"]) == 3
+    for case in results["fused"]:
+        for diff, scale in zip(case["diffs"], case["scales"], strict=True):
+            assert diff <= 4 * RTOL * max(scale, 1.0), case
+        assert case["dense_diff"] <= 4 * RTOL * case["scales"][0], case
+        assert case["replicas_identical"], case
+        assert case["biggest_all_gather"] < results["rows_x_vocab_per_device"], case
