@@ -17,7 +17,8 @@ respect to the logits:
 
 Memory: XLA's ``memory_analysis().temp_size_in_bytes`` of each compiled JAX program, and for
 PyTorch the peak of live CPU allocations during forward+backward from the profiler's memory
-records (the inputs themselves excluded).
+records (the inputs themselves excluded). It is a lower bound: the profiler nets allocations and
+frees inside one op, so a temporary living only inside one kernel is not seen.
 
 Usage: ``python benchmarks/bench_losses.py [--shapes 4096x32000 ...] [--dtypes float32 bfloat16]
 [--reps 7] [--json FILE]``.

@@ -25,13 +25,22 @@ def test_twin_matches(twin, dtype):
     assert report.passed, str(report)
 
 
-@pytest.mark.parametrize("framework", ["jax", "torch"])
 @pytest.mark.parametrize(
     "twin", [t for t in TWINS if t.oracle], ids=[t.name for t in TWINS if t.oracle]
 )
-def test_twin_matches_numpy_oracle(twin, framework):
-    fn = twin.jax_fn if framework == "jax" else twin.torch_fn
+def test_twin_matches_numpy_oracle(twin):
+    """The JAX side against the float64 NumPy oracle, loss and gradient, every case.
+
+    The PyTorch side is pinned to the JAX side at rtol 1e-10 in float64 by test_twin_matches, so
+    it equals the oracle to 2e-10 as well; ``python -m parity_tests`` also runs the PyTorch side
+    against the oracle directly. Running it here too would add a minute to CI for no new fact.
+    """
     report = compare_with_oracle(
-        fn, twin.oracle, twin.make_inputs, framework=framework, cases=twin.cases, name=twin.name
+        twin.jax_fn,
+        twin.oracle,
+        twin.make_inputs,
+        framework="jax",
+        cases=twin.cases,
+        name=twin.name,
     )
     assert report.passed, str(report)

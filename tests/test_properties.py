@@ -122,7 +122,7 @@ def test_jax_and_torch_equal_the_numpy_oracle(case):
 
 @pytest.mark.parametrize("twin", TWINS, ids=[twin.name for twin in TWINS])
 @given(data=st.data())
-@_fraction(0.03)
+@_fraction(0.02)
 def test_every_registered_twin_on_random_cases_and_seeds(twin, data):
     case = data.draw(st.sampled_from(twin.cases))
     seed = data.draw(st.integers(0, 2**31 - 1))
