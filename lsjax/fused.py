@@ -113,10 +113,6 @@ def fused_linear_smoothed_cross_entropy(
         reduction=reduction,
         pad_index=pad_index,
         ignore_index=ignore_index,
-        normalizer=None,
-        kl=False,
-        has_weight=False,
-        from_log_probs=False,
     )
     chunk_size = lsspec.check_chunk_size(fn, chunk_size)
     counted = _counted(labels, ignore_index, pad_index)

@@ -76,10 +76,6 @@ def sharded_fused_linear_smoothed_cross_entropy(
         reduction=reduction,
         pad_index=pad_index,
         ignore_index=ignore_index,
-        normalizer=None,
-        kl=False,
-        has_weight=False,
-        from_log_probs=False,
     )
     chunk_size = lsspec.check_chunk_size(fn, chunk_size)
     for name, axis, size in (("vocab_axis", vocab_axis, weight.shape[0]),) + (

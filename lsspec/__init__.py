@@ -69,12 +69,15 @@ def check_options(
     reduction: str,
     pad_index: object,
     ignore_index: object,
-    normalizer: object,
-    kl: bool,
-    has_weight: bool,
-    from_log_probs: bool,
+    normalizer: object = None,
+    kl: bool = False,
+    has_weight: bool = False,
+    from_log_probs: bool = False,
 ) -> None:
-    """Check every plain option of ``smoothed_cross_entropy`` (the same in both frameworks)."""
+    """Check every plain option of ``smoothed_cross_entropy`` (the same in both frameworks).
+
+    The last four default to "not used", for the losses that have no such option (the fused and
+    the vocabulary-parallel losses)."""
     check_choice(fn, "convention", convention, CONVENTIONS)
     check_choice(fn, "reduction", reduction, REDUCTIONS)
     check_smoothing(fn, smoothing)

@@ -84,10 +84,6 @@ def vocab_parallel_smoothed_cross_entropy(
         reduction=reduction,
         pad_index=pad_index,
         ignore_index=ignore_index,
-        normalizer=None,
-        kl=False,
-        has_weight=False,
-        from_log_probs=False,
     )
     counted = torch.ones_like(labels, dtype=torch.bool)
     if ignore_index is not None:
