@@ -57,44 +57,41 @@ def main() -> None:
         ("others", None, "mean"),
         ("others_but_pad", 5, "sum"),
     ):
-        for _ in (0,):  # (one body per case)
-            options = dict(
-                smoothing=0.1,
-                convention=convention,
-                pad_index=pad_index,
-                ignore_index=-100,
-                reduction=reduction,
+        options = dict(
+            smoothing=0.1,
+            convention=convention,
+            pad_index=pad_index,
+            ignore_index=-100,
+            reduction=reduction,
+        )
+
+        def loss(x, y, options=options):
+            out = lsjax.smoothed_cross_entropy(x, y, **options)
+            return out, jax.grad(lambda x: jnp.sum(lsjax.smoothed_cross_entropy(x, y, **options)))(
+                x
             )
 
-            def loss(x, y, options=options):
-                out = lsjax.smoothed_cross_entropy(x, y, **options)
-                return out, jax.grad(
-                    lambda x: jnp.sum(lsjax.smoothed_cross_entropy(x, y, **options))
-                )(x)
-
-            single = jax.jit(loss)(jnp.asarray(logits), jnp.asarray(labels))
-            x = jax.device_put(logits, NamedSharding(mesh, PartitionSpec("batch", "vocab")))
-            y = jax.device_put(labels, NamedSharding(mesh, PartitionSpec("batch")))
-            compiled = jax.jit(loss).lower(x, y).compile()
-            sharded = compiled(x, y)
-            gathers = all_gathers(compiled.as_text())
-            results["logits"].append(
-                dict(
-                    case=f"{convention}/{reduction}",
-                    loss_diff=float(np.max(np.abs(np.asarray(sharded[0]) - np.asarray(single[0])))),
-                    grad_diff=float(np.max(np.abs(np.asarray(sharded[1]) - np.asarray(single[1])))),
-                    loss_scale=float(np.max(np.abs(np.asarray(single[0])))),
-                    grad_sharded=str(sharded[1].sharding.spec),
-                    replicas_identical=bool(
-                        reduction == "none"
-                        or len(
-                            {np.asarray(s.data).tobytes() for s in sharded[0].addressable_shards}
-                        )
-                        == 1
-                    ),
-                    biggest_all_gather=biggest(gathers),
-                )
+        single = jax.jit(loss)(jnp.asarray(logits), jnp.asarray(labels))
+        x = jax.device_put(logits, NamedSharding(mesh, PartitionSpec("batch", "vocab")))
+        y = jax.device_put(labels, NamedSharding(mesh, PartitionSpec("batch")))
+        compiled = jax.jit(loss).lower(x, y).compile()
+        sharded = compiled(x, y)
+        gathers = all_gathers(compiled.as_text())
+        results["logits"].append(
+            dict(
+                case=f"{convention}/{reduction}",
+                loss_diff=float(np.max(np.abs(np.asarray(sharded[0]) - np.asarray(single[0])))),
+                grad_diff=float(np.max(np.abs(np.asarray(sharded[1]) - np.asarray(single[1])))),
+                loss_scale=float(np.max(np.abs(np.asarray(single[0])))),
+                grad_sharded=str(sharded[1].sharding.spec),
+                replicas_identical=bool(
+                    reduction == "none"
+                    or len({np.asarray(s.data).tobytes() for s in sharded[0].addressable_shards})
+                    == 1
+                ),
+                biggest_all_gather=biggest(gathers),
             )
+        )
 
     # 2. The fused loss with the weight split over the vocabulary (shard_map).
     for convention, pad_index, reduction in (
@@ -102,73 +99,69 @@ def main() -> None:
         ("others", None, "none"),
         ("others_but_pad", 300, "sum"),
     ):
-        for _ in (0,):  # (one body per case)
-            options = dict(
-                smoothing=0.1,
-                convention=convention,
-                pad_index=pad_index,
-                ignore_index=-100,
-                reduction=reduction,
-                chunk_size=96,  # ragged within each shard's 256 classes
-            )
+        options = dict(
+            smoothing=0.1,
+            convention=convention,
+            pad_index=pad_index,
+            ignore_index=-100,
+            reduction=reduction,
+            chunk_size=96,  # ragged within each shard's 256 classes
+        )
 
-            def single(h, w, b, y, options=options):
-                def scalar(h, w, b):
-                    return jnp.sum(
-                        lsjax.fused_linear_smoothed_cross_entropy(h, w, y, bias=b, **options)
-                    )
-
-                out = lsjax.fused_linear_smoothed_cross_entropy(h, w, y, bias=b, **options)
-                return out, jax.grad(scalar, argnums=(0, 1, 2))(h, w, b)
-
-            def split(h, w, b, y, options=options):
-                def scalar(h, w, b):
-                    return jnp.sum(
-                        sharded_fused_linear_smoothed_cross_entropy(
-                            h, w, y, bias=b, mesh=mesh, **options
-                        )
-                    )
-
-                out = sharded_fused_linear_smoothed_cross_entropy(
-                    h, w, y, bias=b, mesh=mesh, **options
+        def single(h, w, b, y, options=options):
+            def scalar(h, w, b):
+                return jnp.sum(
+                    lsjax.fused_linear_smoothed_cross_entropy(h, w, y, bias=b, **options)
                 )
-                return out, jax.grad(scalar, argnums=(0, 1, 2))(h, w, b)
 
-            args = [jnp.asarray(a) for a in (hidden, weight, bias, labels)]
-            expected = jax.jit(single)(*args)
-            placed = [
-                jax.device_put(hidden, NamedSharding(mesh, PartitionSpec("batch", None))),
-                jax.device_put(weight, NamedSharding(mesh, PartitionSpec("vocab", None))),
-                jax.device_put(bias, NamedSharding(mesh, PartitionSpec("vocab"))),
-                jax.device_put(labels, NamedSharding(mesh, PartitionSpec("batch"))),
-            ]
-            compiled = jax.jit(split).lower(*placed).compile()
-            got = compiled(*placed)
-            # The dense single-device loss, too (the fused loss's own reference).
-            dense = lsjax.smoothed_cross_entropy(
-                jnp.asarray(logits),
-                jnp.asarray(labels),
-                **{k: v for k, v in options.items() if k != "chunk_size"},
-            )
-            flat_got, flat_expected = jax.tree.leaves(got), jax.tree.leaves(expected)
-            results["fused"].append(
-                dict(
-                    case=f"{convention}/{reduction}",
-                    diffs=[
-                        float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-                        for a, b in zip(flat_got, flat_expected, strict=True)
-                    ],
-                    scales=[float(np.max(np.abs(np.asarray(b)))) for b in flat_expected],
-                    dense_diff=float(np.max(np.abs(np.asarray(got[0]) - np.asarray(dense)))),
-                    biggest_all_gather=biggest(all_gathers(compiled.as_text())),
-                    # Bit-for-bit: every device's copy of the (replicated) loss is the same.
-                    replicas_identical=bool(
-                        reduction == "none"
-                        or len({np.asarray(s.data).tobytes() for s in got[0].addressable_shards})
-                        == 1
-                    ),
+            out = lsjax.fused_linear_smoothed_cross_entropy(h, w, y, bias=b, **options)
+            return out, jax.grad(scalar, argnums=(0, 1, 2))(h, w, b)
+
+        def split(h, w, b, y, options=options):
+            def scalar(h, w, b):
+                return jnp.sum(
+                    sharded_fused_linear_smoothed_cross_entropy(
+                        h, w, y, bias=b, mesh=mesh, **options
+                    )
                 )
+
+            out = sharded_fused_linear_smoothed_cross_entropy(h, w, y, bias=b, mesh=mesh, **options)
+            return out, jax.grad(scalar, argnums=(0, 1, 2))(h, w, b)
+
+        args = [jnp.asarray(a) for a in (hidden, weight, bias, labels)]
+        expected = jax.jit(single)(*args)
+        placed = [
+            jax.device_put(hidden, NamedSharding(mesh, PartitionSpec("batch", None))),
+            jax.device_put(weight, NamedSharding(mesh, PartitionSpec("vocab", None))),
+            jax.device_put(bias, NamedSharding(mesh, PartitionSpec("vocab"))),
+            jax.device_put(labels, NamedSharding(mesh, PartitionSpec("batch"))),
+        ]
+        compiled = jax.jit(split).lower(*placed).compile()
+        got = compiled(*placed)
+        # The dense single-device loss, too (the fused loss's own reference).
+        dense = lsjax.smoothed_cross_entropy(
+            jnp.asarray(logits),
+            jnp.asarray(labels),
+            **{k: v for k, v in options.items() if k != "chunk_size"},
+        )
+        flat_got, flat_expected = jax.tree.leaves(got), jax.tree.leaves(expected)
+        results["fused"].append(
+            dict(
+                case=f"{convention}/{reduction}",
+                diffs=[
+                    float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                    for a, b in zip(flat_got, flat_expected, strict=True)
+                ],
+                scales=[float(np.max(np.abs(np.asarray(b)))) for b in flat_expected],
+                dense_diff=float(np.max(np.abs(np.asarray(got[0]) - np.asarray(dense)))),
+                biggest_all_gather=biggest(all_gathers(compiled.as_text())),
+                # Bit-for-bit: every device's copy of the (replicated) loss is the same.
+                replicas_identical=bool(
+                    reduction == "none"
+                    or len({np.asarray(s.data).tobytes() for s in got[0].addressable_shards}) == 1
+                ),
             )
+        )
     # Control: the parser does see an all-gather of the logits when one is asked for.
     x = jax.device_put(logits, NamedSharding(mesh, PartitionSpec("batch", "vocab")))
     gather = jax.jit(lambda x: x * 2, out_shardings=NamedSharding(mesh, PartitionSpec()))
