@@ -6,6 +6,8 @@ Twin of ``lsjax.smoothed_cross_entropy`` (same name, same keywords, same meaning
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import NamedTuple
 
 import torch
@@ -21,6 +23,38 @@ class _Options(NamedTuple):
     kl: bool
     from_log_probs: bool
     with_z: bool = False
+    triton: bool = False  # forward statistics and backward gradient by lstorch.triton_kernels
+    inplace: bool = False  # backward writes the gradient into the logits' storage
+
+
+@functools.cache
+def _triton_kernels():
+    """``lstorch.triton_kernels``, or None where Triton is not installed."""
+    try:
+        from lstorch import triton_kernels
+    except ImportError:
+        return None
+    return triton_kernels
+
+
+def _use_triton(x: torch.Tensor, from_log_probs: bool) -> bool:
+    """Whether the core runs on the Triton kernels: CUDA tensors (every device with
+    ``LSTORCH_TRITON=all``, which with ``TRITON_INTERPRET=1`` runs them on the CPU; never with
+    ``LSTORCH_TRITON=off``), float32/bf16/fp16 logits, outside ``torch.compile`` and ``torch.func``
+    transforms, where Inductor and the generated vmap rule need the plain torch ops."""
+    mode = lsspec.check_choice(
+        "smoothed_cross_entropy",
+        "LSTORCH_TRITON (environment variable)",
+        os.environ.get("LSTORCH_TRITON", "auto"),
+        ("auto", "all", "off"),
+    )
+    if mode == "off" or (mode == "auto" and not x.is_cuda):
+        return False
+    if from_log_probs or x.dtype == torch.float64:
+        return False
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    return _triton_kernels() is not None
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -126,6 +160,7 @@ def smoothed_cross_entropy(
     class_mask: torch.Tensor | None = None,
     z_loss: float | torch.Tensor = 0.0,
     return_z_loss: bool = False,
+    inplace_backward: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Label-smoothed cross-entropy from integer labels, in closed form (PyTorch).
 
@@ -145,6 +180,20 @@ def smoothed_cross_entropy(
 
     Memory: backward keeps the input and O(rows) statistics only (no rows x K log-softmax as
     ``F.cross_entropy`` keeps) and builds the gradient in one buffer.
+
+    ``inplace_backward=True`` (PyTorch only; JAX's counterpart is buffer donation,
+    ``jax.jit(..., donate_argnums=0)``) makes backward write the gradient into the logits' own
+    storage instead of a new rows x K buffer, as Liger-Kernel's loss does: after backward the
+    logits hold their gradient. Use it when nothing else needs the logits' values (the usual
+    output layer of a language model); another autograd node that saved them then raises
+    PyTorch's "modified by an inplace operation" error rather than computing with the gradient.
+    It needs logits that are not a leaf tensor (a leaf's ``.grad`` would alias it) and that are
+    contiguous with the class axis moved last.
+
+    On CUDA (outside ``torch.compile`` and ``torch.func``) forward and backward run on the Triton
+    kernels of ``lstorch.triton_kernels`` (one read of the logits in forward, one read and one
+    write in backward), float32/bf16/fp16 logits input only; the environment variable
+    ``LSTORCH_TRITON=off`` turns them off.
 
     Returns float32 for bf16/fp16/float32 logits and float64 for float64 logits.
     Labels out of range raise ``ValueError``; inside ``torch.compile`` (where the check would
@@ -189,7 +238,21 @@ def smoothed_cross_entropy(
         class_mask = class_mask.detach().to(logits.device)
     with_z = return_z_loss or _is_tensor_option(z_value) or z_value != 0
     z = torch.as_tensor(z_loss if with_z else 0.0, dtype=compute_dtype, device=logits.device)
-    options = _Options(convention, pad_index, kl, from_log_probs, with_z)
+    if inplace_backward and logits.requires_grad:
+        if logits.is_leaf:
+            raise ValueError(
+                f"{fn}: inplace_backward=True overwrites the logits with their gradient, so "
+                "`logits` must be computed by the graph, not a leaf tensor (its .grad would "
+                "alias it); got a leaf that requires grad."
+            )
+        if not x.is_contiguous():
+            raise ValueError(
+                f"{fn}: inplace_backward=True needs `logits` contiguous with the class axis "
+                f"last (axis={axis} moved there); got strides {tuple(logits.stride())} for "
+                f"shape {tuple(logits.shape)}."
+            )
+    triton = _use_triton(x, from_log_probs)
+    options = _Options(convention, pad_index, kl, from_log_probs, with_z, triton, inplace_backward)
     loss, z_part, _ = _RowLoss.apply(
         x, labels, counted, eps, weight, class_mask, z.detach(), options
     )
@@ -248,7 +311,9 @@ def _row_terms(options, x, labels, counted, eps, weight, class_mask):
     compute_dtype = eps.dtype
     in_range = (labels >= 0) & (labels < num_classes)
     safe_labels = torch.where(counted & in_range, labels, 0)
-    if options.from_log_probs:
+    if options.triton:  # one pass over x for lse and the (weighted, masked) sum
+        lse, support_sum = _triton_kernels().row_statistics(x, weight, class_mask)
+    elif options.from_log_probs:
         lse = torch.zeros(labels.shape, dtype=compute_dtype, device=x.device)
     else:
         # For bf16/fp16 this upcast is a temporary float32 copy, freed before backward.
@@ -259,23 +324,28 @@ def _row_terms(options, x, labels, counted, eps, weight, class_mask):
         x_summed = x
     else:
         mask_weight = class_mask.to(compute_dtype)
-        x_summed = x.masked_fill(~class_mask, 0)
+        x_summed = x if options.triton else x.masked_fill(~class_mask, 0)
     if weight is None:
         w_y = 1.0
         w_pad = mask_weight.expand(num_classes)[options.pad_index or 0]
-        support_sum = x_summed.sum(-1, dtype=compute_dtype)
+        if not options.triton:
+            support_sum = x_summed.sum(-1, dtype=compute_dtype)
         support_weight = mask_weight.expand(num_classes).sum()
     else:
         masked_weight = weight * mask_weight
         w_y = weight[safe_labels]
         w_pad = masked_weight[options.pad_index] if options.pad_index is not None else 0.0
-        support_sum = torch.matmul(x_summed.to(compute_dtype), weight)
+        if not options.triton:
+            support_sum = torch.matmul(x_summed.to(compute_dtype), weight)
         support_weight = masked_weight.sum()
     if options.convention != "uniform":
         support_sum = support_sum - w_y * x_y
         support_weight = support_weight - w_y
     if options.convention == "others_but_pad":
-        support_sum = support_sum - w_pad * x_summed[..., options.pad_index].to(compute_dtype)
+        x_pad = x[..., options.pad_index].to(compute_dtype)
+        if class_mask is not None:  # a masked pad's logit may be -inf: it counts as 0
+            x_pad = torch.where(class_mask[options.pad_index], x_pad, 0.0)
+        support_sum = support_sum - w_pad * x_pad
         support_weight = support_weight - w_pad
     bad = _bad_rows(labels, counted, eps, class_mask, num_classes)
     return lse, x_y, w_y, support_sum, support_weight, safe_labels, bad
@@ -344,35 +414,71 @@ def _row_loss_gradient(options, x, labels, counted, eps, weight, class_mask, z, 
     if options.convention == "others_but_pad":
         support_weight = support_weight - w_full[options.pad_index]
     g = grad_rows.to(eps.dtype)
+    # The gradient's per-row coefficients (O(rows)): grad_c = scale p_c - g m_c
+    # + [c = y] correction + [c = pad] pad_mass, with m = (eps / |S|) w the smoothing mass.
+    safe_lse = torch.where(counted, lse, 0.0)
+    scale = g * (on_true + per_class * support_weight)
+    if options.with_z:
+        scale = scale + 2.0 * z * safe_lse * (g + grad_z.to(eps.dtype))
+    correction = -on_true
+    if options.convention != "uniform":
+        correction = correction + per_class * w_full[safe_labels]  # y is not in the support
+    correction = g * correction
+    pad_mass = None
+    if options.convention == "others_but_pad":
+        pad_mass = g * per_class * w_full[options.pad_index]
+    # Overwrite the logits only in a first-order backward (a recorded graph needs them).
+    overwrite = options.inplace and not torch.is_grad_enabled()
+
+    if options.triton and not torch.is_grad_enabled():
+        plain_mass = weight is None and class_mask is None
+        kernels = _triton_kernels()
+        out = x if overwrite else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        kernels.write_gradient(
+            x,
+            out,
+            lse=lse,
+            a=scale,
+            b=g * per_class if plain_mass else g,
+            v=None if plain_mass else per_class * w_full,
+            class_mask=class_mask,
+            labels=safe_labels,
+            cy=correction,
+            pad_index=options.pad_index,
+            cp=pad_mass,
+            state=torch.where(bad, 2, torch.where(counted, 0, 1)),
+        )
+        if overwrite:  # a raw-pointer write: tell autograd x changed, as an in-place op would
+            torch.autograd.graph.increment_version(x)
+        return out.detach()  # with overwrite, x's storage, no longer x's history
 
     def update(tensor, method, *args, **kwargs):
         method = method + "_" if inplace else method
         return getattr(tensor, method)(*args, **kwargs)
 
+    same_dtype = overwrite and x.dtype == eps.dtype  # build the gradient in x itself
     if options.from_log_probs:
-        grad = torch.zeros(x.shape, dtype=eps.dtype, device=x.device)
+        grad = x.zero_() if same_dtype else torch.zeros(x.shape, dtype=eps.dtype, device=x.device)
     else:
-        safe_lse = torch.where(counted, lse, 0.0)
-        grad = update(x.to(eps.dtype) - safe_lse.unsqueeze(-1), "exp")  # softmax(x)
+        shifted = (
+            x.sub_(safe_lse.unsqueeze(-1))
+            if same_dtype
+            else x.to(eps.dtype) - safe_lse.unsqueeze(-1)
+        )
+        grad = update(shifted, "exp")  # softmax(x)
         if class_mask is not None:
             grad = update(grad, "masked_fill", ~class_mask, 0.0)
-        scale = g * (on_true + per_class * support_weight)
-        if options.with_z:
-            scale = scale + 2.0 * z * safe_lse * (g + grad_z.to(eps.dtype))
         grad = update(grad, "mul", scale.unsqueeze(-1))
     # - g t: the smoothing mass over the support, then the confidence on the target.
     grad = update(grad, "addcmul", g.unsqueeze(-1), per_class * w_full, value=-1)
-    correction = -on_true
-    if options.convention != "uniform":
-        correction = correction + per_class * w_full[safe_labels]  # y is not in the support
-    correction = g * correction
     grad = update(grad, "scatter_add", -1, safe_labels.unsqueeze(-1), correction.unsqueeze(-1))
-    if options.convention == "others_but_pad":
+    if pad_mass is not None:
         pad_column = torch.full_like(safe_labels, options.pad_index).unsqueeze(-1)
-        pad_mass = g * per_class * w_full[options.pad_index]
         grad = update(grad, "scatter_add", -1, pad_column, pad_mass.unsqueeze(-1).to(grad.dtype))
     grad = update(grad, "masked_fill", bad.unsqueeze(-1), torch.nan)
     grad = update(grad, "masked_fill", ~counted.unsqueeze(-1), 0.0)
+    if overwrite:
+        return (x if same_dtype else x.copy_(grad)).detach()  # x's storage, not its history
     return grad.to(x.dtype)
 
 

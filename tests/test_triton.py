@@ -1,0 +1,63 @@
+"""lstorch's Triton kernels (the CUDA fast path) against the float64 oracle.
+
+CI has no GPU, so ``tests/triton_checks.py`` runs the kernels in Triton's interpreter on the CPU,
+in a subprocess (the interpreter must be switched on before Triton is imported). On a machine
+with CUDA the same script runs them on the GPU. The fallback rules of ``_use_triton`` are tested
+here directly.
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lstorch import smoothed
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_the_kernels_equal_the_oracle_in_every_option():
+    pytest.importorskip("triton", reason="Triton is in the dev extras; CI installs it")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "triton_checks.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "90 cases" in done.stdout and ": 0 failures" in done.stdout, done.stdout
+
+
+def test_the_kernels_are_used_only_where_they_apply(monkeypatch):
+    cpu = torch.zeros(2, 3)
+    monkeypatch.setenv("LSTORCH_TRITON", "auto")
+    assert not smoothed._use_triton(cpu, from_log_probs=False)  # CPU tensors: plain torch ops
+    monkeypatch.setenv("LSTORCH_TRITON", "all")
+    expected = smoothed._triton_kernels() is not None
+    assert smoothed._use_triton(cpu, from_log_probs=False) == expected
+    assert not smoothed._use_triton(cpu, from_log_probs=True)
+    assert not smoothed._use_triton(cpu.double(), from_log_probs=False)
+    assert not torch.func.grad(lambda x: x.sum() * smoothed._use_triton(x, False))(cpu).any()
+    monkeypatch.setenv("LSTORCH_TRITON", "off")
+    assert not smoothed._use_triton(cpu, from_log_probs=False)
+    monkeypatch.setenv("LSTORCH_TRITON", "fast")
+    with pytest.raises(ValueError, match=r"LSTORCH_TRITON.*'auto', 'all', 'off'.*'fast'"):
+        smoothed._use_triton(cpu, from_log_probs=False)
+
+
+def test_inplace_backward_on_a_leaf_is_an_error():
+    import lstorch
+
+    logits = torch.zeros(2, 3, requires_grad=True)
+    with pytest.raises(ValueError, match=r"inplace_backward=True.*not a leaf"):
+        lstorch.smoothed_cross_entropy(logits, torch.tensor([0, 1]), inplace_backward=True)
+    with pytest.raises(ValueError, match="inplace_backward=True needs `logits` contiguous"):
+        lstorch.smoothed_cross_entropy(
+            logits.view_as(logits), torch.tensor([0, 1, 1]), axis=0, inplace_backward=True
+        )
