@@ -53,7 +53,7 @@ def torch_part(args) -> dict:
     import torch.nn.functional as F
 
     import lstorch
-    from lstorch import triton_kernels
+    from lstorch import smoothed, triton_kernels
 
     # Without CUDA (a smoke run of this script): the CPU, the kernels in Triton's interpreter.
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -112,19 +112,22 @@ def torch_part(args) -> dict:
             lambda x: F.cross_entropy(x, labels, label_smoothing=SMOOTHING)
         ),
     }
-    # The kernels alone: forward statistics (1 read), gradient (1 read + 1 write).
-    lse, _ = triton_kernels.row_statistics(base, None, None)
+    # The kernels alone: forward (1 read), backward (1 read + 1 write), as lstorch calls them.
+    options = smoothed._Options("uniform", None, False, False)
+    eps = torch.tensor(SMOOTHING, device=device)
+    params = smoothed._kernel_params(options, num_classes, eps, None, None, eps * 0)
+    call = smoothed._kernel_call(options, base, labels, labels >= 0, None, None)
+    _, _, lse = triton_kernels.forward(base, params=params, **call)
     grad_out = torch.empty_like(base)
-    ones = torch.ones(rows, device=device)
-    zeros_i8 = torch.zeros(rows, device=device, dtype=torch.int8)
+    upstream = torch.full((rows,), 1.0 / rows, device=device)
 
     def forward_kernel(config=None):
-        return lambda: triton_kernels.row_statistics(base, None, None, config=config)
+        return lambda: triton_kernels.forward(base, params=params, config=config, **call)
 
     def backward_kernel(config=None):
-        return lambda: triton_kernels.write_gradient(
-            base, grad_out, lse=lse, a=ones, b=ones * 1e-6, v=None, class_mask=None,
-            labels=labels, cy=-ones, pad_index=None, cp=None, state=zeros_i8, config=config,
+        return lambda: triton_kernels.backward(
+            base, grad_out, lse=lse, grad=upstream, grad_z=None, params=params, config=config,
+            **call,
         )  # fmt: skip
 
     # The same call with 256 classes: kernels of no size, so its time is the per-call cost of

@@ -11,4 +11,4 @@ timeout 240 python3 -W ignore tests/triton_checks.py 2>&1 | tail -30 | tee "$out
 # The issue's shape and dtype, with the kernels' configuration sweep.
 timeout 300 python3 benchmarks/bench_gpu.py --sweep --json "$out/bench_gpu_bf16.json" 2>&1 | tee "$out/bench_gpu_bf16.txt"
 # float32 at the same shape, for the record.
-timeout 200 python3 benchmarks/bench_gpu.py --dtype float32 --reps 10 --sweep --json "$out/bench_gpu_f32.json" 2>&1 | tee "$out/bench_gpu_f32.txt"
+timeout 200 python3 benchmarks/bench_gpu.py --dtype float32 --reps 10 --json "$out/bench_gpu_f32.json" 2>&1 | tee "$out/bench_gpu_f32.txt"

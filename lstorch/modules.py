@@ -13,6 +13,9 @@ from lstorch.smoothed import smoothed_cross_entropy
 class SmoothedCrossEntropyLoss(nn.Module):
     """Module form of :func:`lstorch.smoothed_cross_entropy` (the same keywords).
 
+    ``inplace_backward=True`` makes backward write the gradient into the logits' storage (see
+    :func:`lstorch.smoothed_cross_entropy`).
+
     ``weight`` is registered as a buffer so it follows ``.to(device)``. Unlike
     ``torch.nn.CrossEntropyLoss`` the default reduction is ``"mean"`` (a module is used as a
     training objective) and ``ignore_index`` defaults to -100 as in torch; pass
@@ -37,9 +40,11 @@ class SmoothedCrossEntropyLoss(nn.Module):
         normalizer: float | None = None,
         kl: bool = False,
         from_log_probs: bool = False,
+        inplace_backward: bool = False,
     ) -> None:
         super().__init__()
         self.smoothing = smoothing
+        self.inplace_backward = inplace_backward
         self.convention = convention
         self.ignore_index = ignore_index
         self.pad_index = pad_index
@@ -67,6 +72,7 @@ class SmoothedCrossEntropyLoss(nn.Module):
             normalizer=self.normalizer,
             kl=self.kl,
             from_log_probs=self.from_log_probs,
+            inplace_backward=self.inplace_backward,
         )
 
     def extra_repr(self) -> str:

@@ -311,9 +311,7 @@ def _row_terms(options, x, labels, counted, eps, weight, class_mask):
     compute_dtype = eps.dtype
     in_range = (labels >= 0) & (labels < num_classes)
     safe_labels = torch.where(counted & in_range, labels, 0)
-    if options.triton:  # one pass over x for lse and the (weighted, masked) sum
-        lse, support_sum = _triton_kernels().row_statistics(x, weight, class_mask)
-    elif options.from_log_probs:
+    if options.from_log_probs:
         lse = torch.zeros(labels.shape, dtype=compute_dtype, device=x.device)
     else:
         # For bf16/fp16 this upcast is a temporary float32 copy, freed before backward.
@@ -324,19 +322,17 @@ def _row_terms(options, x, labels, counted, eps, weight, class_mask):
         x_summed = x
     else:
         mask_weight = class_mask.to(compute_dtype)
-        x_summed = x if options.triton else x.masked_fill(~class_mask, 0)
+        x_summed = x.masked_fill(~class_mask, 0)
     if weight is None:
         w_y = 1.0
         w_pad = mask_weight.expand(num_classes)[options.pad_index or 0]
-        if not options.triton:
-            support_sum = x_summed.sum(-1, dtype=compute_dtype)
+        support_sum = x_summed.sum(-1, dtype=compute_dtype)
         support_weight = mask_weight.expand(num_classes).sum()
     else:
         masked_weight = weight * mask_weight
         w_y = weight[safe_labels]
         w_pad = masked_weight[options.pad_index] if options.pad_index is not None else 0.0
-        if not options.triton:
-            support_sum = torch.matmul(x_summed.to(compute_dtype), weight)
+        support_sum = torch.matmul(x_summed.to(compute_dtype), weight)
         support_weight = masked_weight.sum()
     if options.convention != "uniform":
         support_sum = support_sum - w_y * x_y
@@ -361,7 +357,50 @@ def _bad_rows(labels, counted, eps, class_mask, num_classes):
     return counted & ~valid
 
 
+def _kl_constant(options, eps, size):
+    """``sum_c q_c log q_c`` of the smoothed target (a constant per row): added by ``kl=True``."""
+    confidence = 1.0 - eps
+    uniform = options.convention == "uniform"
+    on_target = confidence + eps / size if uniform else confidence
+    off_target_count = size - 1 if uniform else size
+    return _xlogx(on_target) + off_target_count * _xlogx(eps / size)
+
+
+def _kernel_params(options, num_classes, eps, weight, class_mask, z):
+    """The scalars of ``lstorch.triton_kernels`` as one float32 device tensor (no host copy):
+    [eps, |S|, sum_c u_c, u_pad, z, KL constant], ``u`` the weights times the class mask."""
+    size = _support_size(options, num_classes, class_mask)
+    zero = eps * 0
+    u = weight
+    if class_mask is not None:
+        u = class_mask.to(eps.dtype) if u is None else u * class_mask
+    total = zero + num_classes if u is None else u.sum()
+    pad_weight = zero
+    if options.pad_index is not None:
+        pad_weight = zero + 1 if u is None else u[options.pad_index]
+    kl = _kl_constant(options, eps, size) if options.kl else zero
+    values = [eps, zero + size, total, pad_weight, z, kl]
+    return torch.stack([torch.as_tensor(v).to(eps.device) for v in values]).to(torch.float32)
+
+
+def _kernel_call(options, x, labels, counted, weight, class_mask):
+    """The arguments every ``lstorch.triton_kernels`` call shares."""
+    return dict(
+        labels=labels.contiguous(),
+        counted=counted.contiguous(),
+        weight=None if weight is None else weight.to(torch.float32).contiguous(),
+        class_mask=None if class_mask is None else class_mask.contiguous(),
+        convention=options.convention,
+        pad_index=options.pad_index,
+        with_z=options.with_z,
+    )
+
+
 def _row_loss_forward(options, x, labels, counted, eps, weight, class_mask, z):
+    if options.triton:  # one pass over x, the per-row closed form in the kernel
+        params = _kernel_params(options, x.shape[-1], eps, weight, class_mask, z)
+        call = _kernel_call(options, x, labels, counted, weight, class_mask)
+        return _triton_kernels().forward(x, params=params, **call)
     lse, x_y, w_y, support_sum, support_weight, _, bad = _row_terms(
         options, x, labels, counted, eps, weight, class_mask
     )
@@ -371,10 +410,7 @@ def _row_loss_forward(options, x, labels, counted, eps, weight, class_mask, z):
     smooth_term = (support_weight * lse - support_sum) / size
     loss = _times(confidence, true_term) + _times(eps, smooth_term)
     if options.kl:  # Subtract the entropy of q: add sum_c q_c log q_c, a constant per row.
-        uniform = options.convention == "uniform"
-        on_target = confidence + eps / size if uniform else confidence
-        off_target_count = size - 1 if uniform else size
-        loss = loss + _xlogx(on_target) + off_target_count * _xlogx(eps / size)
+        loss = loss + _kl_constant(options, eps, size)
     if options.with_z:
         z_part = torch.where(bad, torch.nan, _times(z, lse.square()))
         loss = loss + z_part
@@ -396,6 +432,22 @@ def _row_loss_gradient(options, x, labels, counted, eps, weight, class_mask, z, 
     """
     grad_rows, grad_z = grads
     inplace = not torch.is_grad_enabled()
+    # Overwrite the logits only in a first-order backward (a recorded graph needs them).
+    overwrite = options.inplace and not torch.is_grad_enabled()
+    if options.triton and not torch.is_grad_enabled():  # one read of x, one write of the grad
+        out = x if overwrite else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        _triton_kernels().backward(
+            x,
+            out,
+            lse=lse,
+            grad=grad_rows.to(torch.float32),
+            grad_z=grad_z.to(torch.float32) if options.with_z else None,
+            params=_kernel_params(options, x.shape[-1], eps, weight, class_mask, z),
+            **_kernel_call(options, x, labels, counted, weight, class_mask),
+        )
+        if overwrite:  # a raw-pointer write: tell autograd x changed, as an in-place op would
+            torch.autograd.graph.increment_version(x)
+        return out.detach()  # with overwrite, x's storage, no longer x's history
     num_classes = x.shape[-1]
     size = _support_size(options, num_classes, class_mask)
     in_range = (labels >= 0) & (labels < num_classes)
@@ -427,30 +479,6 @@ def _row_loss_gradient(options, x, labels, counted, eps, weight, class_mask, z, 
     pad_mass = None
     if options.convention == "others_but_pad":
         pad_mass = g * per_class * w_full[options.pad_index]
-    # Overwrite the logits only in a first-order backward (a recorded graph needs them).
-    overwrite = options.inplace and not torch.is_grad_enabled()
-
-    if options.triton and not torch.is_grad_enabled():
-        plain_mass = weight is None and class_mask is None
-        kernels = _triton_kernels()
-        out = x if overwrite else torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        kernels.write_gradient(
-            x,
-            out,
-            lse=lse,
-            a=scale,
-            b=g * per_class if plain_mass else g,
-            v=None if plain_mass else per_class * w_full,
-            class_mask=class_mask,
-            labels=safe_labels,
-            cy=correction,
-            pad_index=options.pad_index,
-            cp=pad_mass,
-            state=torch.where(bad, 2, torch.where(counted, 0, 1)),
-        )
-        if overwrite:  # a raw-pointer write: tell autograd x changed, as an in-place op would
-            torch.autograd.graph.increment_version(x)
-        return out.detach()  # with overwrite, x's storage, no longer x's history
 
     def update(tensor, method, *args, **kwargs):
         method = method + "_" if inplace else method

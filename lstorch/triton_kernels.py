@@ -1,17 +1,25 @@
 """Triton kernels for the core of ``lstorch.smoothed_cross_entropy`` on CUDA: two passes over the
 logits in forward+backward and nothing else of rows x K size.
 
-* Forward (:func:`row_statistics`): ONE read of the logits per row, giving the row's
+* Forward (:func:`forward`): ONE read of the logits per row, giving the row's
   ``lse = log sum_c exp(x_c)`` (online: running max and rescaled sum, as in flash attention) and
-  ``sum_c u_c x_c`` (``u`` the class weights times the class mask, or 1). Everything else the
-  closed form needs is O(rows) and is done by the caller with torch ops.
-* Backward (:func:`write_gradient`): ONE read of the logits and ONE write of the gradient,
-  ``grad_c = a * exp(x_c - lse) - b * v_c + [c = y] cy + [c = pad] cp`` with per-row ``a, b, cy,
-  cp`` and a per-class ``v`` computed by the caller (``lstorch.smoothed._row_loss_gradient``),
-  accumulated in float32 and rounded once to the logits' dtype. Rows that do not count are
-  written as exact zeros (whatever their logits hold: NaN and inf there do not leak), rows with an
-  invalid label as NaN. The output may be the logits' own storage (``inplace_backward``): each
-  element is read before it is written, by the same program.
+  ``sum_c u_c x_c`` (``u`` the class weights times the class mask, or 1); then, per row, the
+  closed form of ``lstorch.smoothed._row_loss_forward`` (the same terms in the same order):
+  ``(1 - eps) w_y (lse - x_y) + eps (W lse - sum_{c in S} u_c x_c) / |S|`` + the KL constant +
+  ``z lse^2``.
+* Backward (:func:`backward`): ONE read of the logits and ONE write of the gradient,
+  ``grad_c = a exp(x_c - lse) - b u_c + [c = y] cy + [c = pad] cp``, the per-row ``a, b, cy, cp``
+  of ``lstorch.smoothed._row_loss_gradient`` computed in the kernel's prologue, accumulated in
+  float32 and rounded once to the logits' dtype. The output may be the logits' own storage
+  (``inplace_backward``): each element is read before it is written, by the same program.
+
+In both, rows that do not count are written as exact zeros (whatever their logits hold: NaN and
+inf there do not leak), and counted rows with a label out of range or masked, or any row under a
+smoothing outside [0, 1], as NaN. The per-row work is in the kernels rather than in torch ops
+because on a GPU each of the ~150 small torch ops costs a launch: they made a ~4 ms floor per call
+at 8192 rows, more than the kernels' own time (benchmarks/RESULTS.md). The scalars (eps, |S|,
+sum_c u_c, u_pad, z, the KL constant) come in one small device tensor, so nothing is read back to
+the host.
 
 Those three passes are the bandwidth floor of a label-smoothed cross-entropy that returns the
 gradient of its logits (the issue's "read logits in forward, read again and write the gradient in
@@ -43,24 +51,42 @@ def _config(num_classes: int, kernel: str) -> tuple[int, int]:
     return block, 16 if block >= 8192 else (8 if block >= 2048 else 4)
 
 
+# Layout of the ``params`` vector (float32, on the device).
+EPS, SIZE, TOTAL_WEIGHT, PAD_WEIGHT, Z, KL_CONSTANT = (tl.constexpr(i) for i in range(6))
+CONVENTIONS = {"uniform": 0, "others": 1, "others_but_pad": 2}
+
+
 @triton.jit
-def _row_statistics_kernel(
-    x_ptr,
-    x_row_stride,
-    weight_ptr,
-    mask_ptr,
-    lse_ptr,
-    weighted_sum_ptr,
-    num_classes: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_MASK: tl.constexpr,
+def _row_setup(label_ptr, counted_ptr, params_ptr, weight_ptr, mask_ptr, row, num_classes,
+               HAS_WEIGHT: tl.constexpr, HAS_MASK: tl.constexpr):  # fmt: skip
+    """The row's safe label, w_y, and state: 0 counts, 1 does not count, 2 invalid (NaN)."""
+    label = tl.load(label_ptr + row)
+    counted = tl.load(counted_ptr + row) != 0
+    eps = tl.load(params_ptr + EPS)
+    in_range = (label >= 0) & (label < num_classes)
+    safe = tl.where(counted & in_range, label, 0)
+    valid = in_range & (eps >= 0) & (eps <= 1)
+    if HAS_MASK:
+        valid = valid & (tl.load(mask_ptr + safe) != 0)
+    w_y = 1.0
+    if HAS_WEIGHT:
+        w_y = tl.load(weight_ptr + safe)
+    state = tl.where(counted, tl.where(valid, 0, 2), 1)
+    return safe, w_y, state
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr, x_row_stride, label_ptr, counted_ptr, params_ptr, weight_ptr, mask_ptr,
+    loss_ptr, z_part_ptr, lse_ptr, num_classes: tl.constexpr, CONVENTION: tl.constexpr,
+    PAD: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_MASK: tl.constexpr, WITH_Z: tl.constexpr,
     BLOCK: tl.constexpr,
-):
+):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     row_ptr = x_ptr + row * x_row_stride
     running_max = tl.full([], float("-inf"), tl.float32)
     running_sum = tl.zeros([], tl.float32)
-    weighted_sum = tl.zeros([], tl.float32)
+    support_sum = tl.zeros([], tl.float32)
     for start in range(0, num_classes, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         inside = cols < num_classes
@@ -77,60 +103,94 @@ def _row_statistics_kernel(
         x_sum = tl.where(allowed, x, 0.0)  # a masked -inf logit adds 0, not NaN
         if HAS_WEIGHT:
             x_sum = x_sum * tl.load(weight_ptr + cols, mask=inside, other=0.0)
-        weighted_sum += tl.sum(x_sum, 0)
-    tl.store(lse_ptr + row, running_max + tl.log(running_sum))
-    tl.store(weighted_sum_ptr + row, weighted_sum)
+        support_sum += tl.sum(x_sum, 0)
+    lse = running_max + tl.log(running_sum)
+
+    safe, w_y, state = _row_setup(label_ptr, counted_ptr, params_ptr, weight_ptr, mask_ptr, row,
+                                  num_classes, HAS_WEIGHT, HAS_MASK)  # fmt: skip
+    eps = tl.load(params_ptr + EPS)
+    size = tl.load(params_ptr + SIZE)
+    support_weight = tl.load(params_ptr + TOTAL_WEIGHT)
+    x_y = tl.load(row_ptr + safe).to(tl.float32)
+    if CONVENTION >= 1:  # y is not in the support
+        support_sum -= w_y * x_y
+        support_weight -= w_y
+    if CONVENTION == 2:  # nor is the pad
+        pad_weight = tl.load(params_ptr + PAD_WEIGHT)
+        x_pad = tl.load(row_ptr + PAD).to(tl.float32)
+        if HAS_MASK:
+            x_pad = tl.where(tl.load(mask_ptr + PAD) != 0, x_pad, 0.0)
+        support_sum -= pad_weight * x_pad
+        support_weight -= pad_weight
+    confidence = 1.0 - eps
+    true_term = w_y * (lse - x_y)
+    smooth_term = (support_weight * lse - support_sum) / size
+    # A scale of exactly 0 gives exactly 0, even where its term is infinite.
+    loss = tl.where(confidence == 0, 0.0, confidence * true_term)
+    loss += tl.where(eps == 0, 0.0, eps * smooth_term)
+    loss += tl.load(params_ptr + KL_CONSTANT)
+    if WITH_Z:
+        z = tl.load(params_ptr + Z)
+        z_part = tl.where(z == 0, 0.0, z * lse * lse)
+        z_part = tl.where(state == 2, float("nan"), tl.where(state == 1, 0.0, z_part))
+        loss += z_part
+        tl.store(z_part_ptr + row, z_part)
+    loss = tl.where(state == 2, float("nan"), tl.where(state == 1, 0.0, loss))
+    tl.store(loss_ptr + row, loss)
+    tl.store(lse_ptr + row, lse)
 
 
 @triton.jit
-def _gradient_kernel(
-    x_ptr,
-    x_row_stride,
-    out_ptr,
-    out_row_stride,
-    lse_ptr,
-    a_ptr,
-    b_ptr,
-    v_ptr,
-    mask_ptr,
-    label_ptr,
-    cy_ptr,
-    cp_ptr,
-    state_ptr,
-    pad_index,
-    num_classes: tl.constexpr,
-    HAS_VECTOR: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    HAS_PAD: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
+def _backward_kernel(
+    x_ptr, x_row_stride, out_ptr, out_row_stride, label_ptr, counted_ptr, params_ptr,
+    weight_ptr, mask_ptr, lse_ptr, grad_ptr, grad_z_ptr, num_classes: tl.constexpr,
+    CONVENTION: tl.constexpr, PAD: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_MASK: tl.constexpr, WITH_Z: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_row_stride
     out_row = out_ptr + row * out_row_stride
-    lse = tl.load(lse_ptr + row)
-    a = tl.load(a_ptr + row)
-    b = tl.load(b_ptr + row)
-    label = tl.load(label_ptr + row)
-    cy = tl.load(cy_ptr + row)
-    cp = 0.0
-    if HAS_PAD:
-        cp = tl.load(cp_ptr + row)
-    state = tl.load(state_ptr + row)  # 0 counts, 1 does not count (zeros), 2 invalid (NaN)
+    safe, w_y, state = _row_setup(label_ptr, counted_ptr, params_ptr, weight_ptr, mask_ptr, row,
+                                  num_classes, HAS_WEIGHT, HAS_MASK)  # fmt: skip
+    eps = tl.load(params_ptr + EPS)
+    per_class = eps / tl.load(params_ptr + SIZE)
+    support_weight = tl.load(params_ptr + TOTAL_WEIGHT)
+    g = tl.load(grad_ptr + row)
+    lse = tl.where(state == 1, 0.0, tl.load(lse_ptr + row))
+    on_true = (1.0 - eps) * w_y
+    correction = -on_true
+    if CONVENTION >= 1:
+        support_weight -= w_y
+        u_y = w_y
+        if HAS_MASK:
+            u_y = u_y * (tl.load(mask_ptr + safe) != 0).to(tl.float32)
+        correction += per_class * u_y  # y is not in the support
+    pad_mass = 0.0
+    if CONVENTION == 2:
+        pad_weight = tl.load(params_ptr + PAD_WEIGHT)
+        support_weight -= pad_weight
+        pad_mass = g * per_class * pad_weight
+    scale = g * (on_true + per_class * support_weight)
+    if WITH_Z:
+        scale += 2.0 * tl.load(params_ptr + Z) * lse * (g + tl.load(grad_z_ptr + row))
+    correction = g * correction
+    mass = g * per_class
     for start in range(0, num_classes, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         inside = cols < num_classes
         x = tl.load(x_row + cols, mask=inside, other=0.0).to(tl.float32)
         softmax = tl.exp(x - lse)
+        u = tl.full([BLOCK], 1.0, tl.float32)
+        if HAS_WEIGHT:
+            u = tl.load(weight_ptr + cols, mask=inside, other=0.0)
         if HAS_MASK:
             allowed = tl.load(mask_ptr + cols, mask=inside, other=0) != 0
             softmax = tl.where(allowed, softmax, 0.0)
-        if HAS_VECTOR:
-            grad = a * softmax - b * tl.load(v_ptr + cols, mask=inside, other=0.0)
-        else:
-            grad = a * softmax - b
-        grad += tl.where(cols == label, cy, 0.0)
-        if HAS_PAD:
-            grad += tl.where(cols == pad_index, cp, 0.0)
+            u = tl.where(allowed, u, 0.0)
+        grad = scale * softmax - mass * u
+        grad += tl.where(cols == safe, correction, 0.0)
+        if CONVENTION == 2:
+            grad += tl.where(cols == PAD, pad_mass, 0.0)
         grad = tl.where(state == 1, 0.0, grad)
         grad = tl.where(state == 2, float("nan"), grad)
         tl.store(out_row + cols, grad.to(out_ptr.dtype.element_ty), mask=inside)
@@ -142,92 +202,63 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def row_statistics(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    class_mask: torch.Tensor | None,
-    *,
-    config: tuple[int, int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(lse, sum_c u_c x_c)`` per row of ``x`` (..., K), float32, over the allowed classes.
+def _common(x, labels, counted, params, weight, class_mask, convention, pad_index, with_z):
+    """The arguments both kernels share, after the logits and their row stride."""
+    flat = dict(
+        label_ptr=labels.reshape(-1),
+        counted_ptr=counted.reshape(-1),
+        params_ptr=params,
+        weight_ptr=weight if weight is not None else params,
+        mask_ptr=class_mask if class_mask is not None else params,
+    )
+    constants = dict(
+        num_classes=x.shape[-1],
+        CONVENTION=CONVENTIONS[convention],
+        PAD=0 if pad_index is None else pad_index,
+        HAS_WEIGHT=weight is not None,
+        HAS_MASK=class_mask is not None,
+        WITH_Z=with_z,
+    )
+    return flat, constants
 
-    ``u_c = weight_c`` (1 without weights), 0 for classes ``class_mask`` excludes; ``lse`` is
-    ``torch.logsumexp(x.float().masked_fill(~class_mask, -inf), -1)``.
-    """
-    num_classes = x.shape[-1]
+
+def forward(x, labels, counted, params, weight, class_mask, *, convention, pad_index, with_z,
+            config=None):  # fmt: skip
+    """Per-row ``(loss, z_part, lse)`` (float32, shape ``labels.shape``) of logits ``x`` (...,
+    K); ``labels`` int64 and ``counted`` bool of the rows' shape, contiguous; ``params`` as
+    above; ``weight`` float32 (K,) or None; ``class_mask`` bool (K,) or None."""
     x2 = _rows(x)
     rows = x2.shape[0]
-    lse = torch.empty(rows, dtype=torch.float32, device=x.device)
-    weighted_sum = torch.empty(rows, dtype=torch.float32, device=x.device)
-    block, num_warps = config or _config(num_classes, "forward")
+    loss, z_part, lse = (torch.zeros(labels.shape, dtype=torch.float32, device=x.device)
+                         for _ in range(3))  # fmt: skip
+    flat, constants = _common(
+        x, labels, counted, params, weight, class_mask, convention, pad_index, with_z
+    )
+    block, num_warps = config or _config(x.shape[-1], "forward")
     if rows:
-        _row_statistics_kernel[(rows,)](
-            x2,
-            x2.stride(0),
-            weight.to(torch.float32).contiguous() if weight is not None else lse,
-            class_mask.to(torch.int8).contiguous() if class_mask is not None else lse,
-            lse,
-            weighted_sum,
-            num_classes,
-            HAS_WEIGHT=weight is not None,
-            HAS_MASK=class_mask is not None,
-            BLOCK=block,
-            num_warps=num_warps,
-        )
-    shape = x.shape[:-1]
-    return lse.reshape(shape), weighted_sum.reshape(shape)
+        _forward_kernel[(rows,)](
+            x2, x2.stride(0), **flat, loss_ptr=loss, z_part_ptr=z_part, lse_ptr=lse,
+            **constants, BLOCK=block, num_warps=num_warps,
+        )  # fmt: skip
+    return loss, z_part, lse
 
 
-def write_gradient(
-    x: torch.Tensor,
-    out: torch.Tensor,
-    *,
-    lse: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    v: torch.Tensor | None,
-    class_mask: torch.Tensor | None,
-    labels: torch.Tensor,
-    cy: torch.Tensor,
-    pad_index: int | None,
-    cp: torch.Tensor | None,
-    state: torch.Tensor,
-    config: tuple[int, int] | None = None,
-) -> torch.Tensor:
-    """Write ``a * softmax(x) - b * v + [c = y] cy + [c = pad] cp`` into ``out`` (same shape as
-    ``x``, contiguous; it may be ``x`` itself). Per-row tensors have ``x.shape[:-1]``; ``v`` is
-    (K,) or None for ``v = 1``; ``state`` is int8: 0 counts, 1 zeros, 2 NaN."""
-    num_classes = x.shape[-1]
+def backward(x, out, labels, counted, params, weight, class_mask, lse, grad, grad_z, *,
+             convention, pad_index, with_z, config=None):  # fmt: skip
+    """Write the gradient with respect to ``x`` into ``out`` (contiguous, ``x``'s shape; may be
+    ``x`` itself), given the saved ``lse`` and the upstream ``grad`` (and ``grad_z`` of the
+    z-part) per row, float32."""
     x2 = _rows(x)
-    out2 = out.view(-1, num_classes)
+    out2 = out.view(-1, x.shape[-1])
     rows = x2.shape[0]
-    block, num_warps = config or _config(num_classes, "backward")
-
-    def per_row(t, dtype=torch.float32):
-        return t.to(dtype).expand(x.shape[:-1]).reshape(-1).contiguous()
-
-    lse_rows = per_row(lse)
+    flat, constants = _common(
+        x, labels, counted, params, weight, class_mask, convention, pad_index, with_z
+    )
+    block, num_warps = config or _config(x.shape[-1], "backward")
     if rows:
-        _gradient_kernel[(rows,)](
-            x2,
-            x2.stride(0),
-            out2,
-            out2.stride(0),
-            lse_rows,
-            per_row(a),
-            per_row(b),
-            v.to(torch.float32).expand(num_classes).contiguous() if v is not None else lse_rows,
-            class_mask.to(torch.int8).contiguous() if class_mask is not None else lse_rows,
-            per_row(labels, torch.int64),
-            per_row(cy),
-            per_row(cp) if cp is not None else lse_rows,
-            per_row(state, torch.int8),
-            -1 if pad_index is None else pad_index,
-            num_classes,
-            HAS_VECTOR=v is not None,
-            HAS_MASK=class_mask is not None,
-            HAS_PAD=cp is not None,
-            BLOCK=block,
-            num_warps=num_warps,
-        )
+        _backward_kernel[(rows,)](
+            x2, x2.stride(0), out2, out2.stride(0), **flat, lse_ptr=lse.reshape(-1),
+            grad_ptr=grad.reshape(-1), grad_z_ptr=grad_z.reshape(-1) if with_z else lse,
+            **constants, BLOCK=block, num_warps=num_warps,
+        )  # fmt: skip
     return out

@@ -61,3 +61,42 @@ def test_inplace_backward_on_a_leaf_is_an_error():
         lstorch.smoothed_cross_entropy(
             logits.view_as(logits), torch.tensor([0, 1, 1]), axis=0, inplace_backward=True
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_inplace_backward_on_plain_torch_ops_gives_the_same_gradient(dtype):
+    """The CPU path of ``inplace_backward``: bitwise the out-of-place gradient, left in the
+    logits, and the weight gradient of the layer below unchanged."""
+    import lstorch
+
+    torch.manual_seed(0)
+    weight = torch.randn(8, 37, dtype=dtype, requires_grad=True)
+    hidden = torch.randn(6, 8, dtype=dtype)
+    labels = torch.tensor([0, 5, -100, 36, 2, 2])
+    results = []
+    for inplace in (False, True):
+        weight.grad = None
+        logits = hidden @ weight
+        loss_fn = lstorch.SmoothedCrossEntropyLoss(
+            smoothing=0.2, convention="others", inplace_backward=inplace
+        )
+        (grad_logits,) = torch.autograd.grad(loss_fn(logits, labels), logits, retain_graph=True)
+        logits = hidden @ weight
+        loss_fn(logits, labels).backward()
+        results.append((grad_logits, weight.grad.clone(), logits.detach()))
+    (plain, plain_weight, untouched), (inplace, inplace_weight, overwritten) = results
+    assert torch.equal(plain, inplace) and torch.equal(plain_weight, inplace_weight)
+    assert not torch.equal(untouched, plain)
+    assert torch.equal(overwritten, plain)  # the logits now hold their gradient
+
+
+def test_inplace_backward_refuses_to_corrupt_a_node_that_saved_the_logits():
+    import lstorch
+
+    x = torch.randn(4, 5, requires_grad=True)
+    logits = torch.relu(x)  # relu saves its output for its own backward
+    loss = lstorch.smoothed_cross_entropy(
+        logits, torch.tensor([0, 1, 2, 3]), smoothing=0.1, reduction="mean", inplace_backward=True
+    )
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
