@@ -145,7 +145,13 @@ def torch_part(args) -> dict:
     candidates["forward kernel alone (1 read)"] = forward_kernel()
     candidates["backward kernel alone (1 read + 1 write)"] = backward_kernel()
 
+    def small_torch_call():
+        leaf = small.detach().requires_grad_(True)
+        loss = F.cross_entropy(leaf, small_labels, label_smoothing=SMOOTHING)
+        torch.autograd.grad(loss, leaf)
+
     candidates[f"lstorch (Triton) at {rows} x 256: per-call overhead"] = small_call
+    candidates[f"F.cross_entropy at {rows} x 256, for comparison"] = small_torch_call
     samples = {name: [] for name in candidates}
     for fn in candidates.values():  # warm-up (and compilation)
         fn()
@@ -161,6 +167,7 @@ def torch_part(args) -> dict:
     table = []
     for name, median in medians.items():
         passes = {"copy": 2, "forward kernel": 1, "backward kernel": 2, "lstorch (Triton) at": 0}
+        passes["F.cross_entropy at"] = 0
         moved = next((p for key, p in passes.items() if name.startswith(key)), 3)
         table.append(
             {
@@ -181,6 +188,16 @@ def torch_part(args) -> dict:
         candidates[name]()
         torch.cuda.synchronize()
         peaks[name] = (torch.cuda.max_memory_allocated() - before) / logits_bytes
+
+    # Where the per-call time goes: the profiler over three small calls, by host time.
+    profile_table = ""
+    if device.type == "cuda":
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as profile:
+            for _ in range(3):
+                small_call()
+            torch.cuda.synchronize()
+        profile_table = profile.key_averages().table(sort_by="cpu_time_total", row_limit=25)
 
     sweep = []
     if args.sweep:
@@ -211,6 +228,7 @@ def torch_part(args) -> dict:
         "rows": table,
         "peak_memory_over_inputs_in_logits": peaks,
         "sweep": sweep,
+        "profile_of_three_small_calls": profile_table,
     }
 
 
@@ -329,6 +347,7 @@ def _print_report(result: dict) -> None:
             )
         for name, peak in torch_result["peak_memory_over_inputs_in_logits"].items():
             print(f"peak memory above the inputs, {name}: {peak:.2f} x logits")
+        print(torch_result.get("profile_of_three_small_calls", ""))
         for row in torch_result["sweep"]:
             print(
                 f"sweep BLOCK={row['block']:<6} warps={row['num_warps']:<3} forward "

@@ -231,13 +231,13 @@ def smoothed_cross_entropy(
 
     x = logits.movedim(axis, -1)
     compute_dtype = _compute_dtype(logits.dtype)
-    eps = torch.as_tensor(smoothing, dtype=compute_dtype, device=logits.device).detach()
+    eps = _device_scalar(smoothing, compute_dtype, logits.device).detach()
     if weight is not None:
         weight = weight.detach().to(compute_dtype)
     if class_mask is not None:
         class_mask = class_mask.detach().to(logits.device)
     with_z = return_z_loss or _is_tensor_option(z_value) or z_value != 0
-    z = torch.as_tensor(z_loss if with_z else 0.0, dtype=compute_dtype, device=logits.device)
+    z = _device_scalar(z_loss if with_z else 0.0, compute_dtype, logits.device)
     if inplace_backward and logits.requires_grad:
         if logits.is_leaf:
             raise ValueError(
@@ -267,6 +267,14 @@ def smoothed_cross_entropy(
     return _reduce(loss, row_weight, reduction, normalizer)
 
 
+def _device_scalar(value, dtype, device) -> torch.Tensor:
+    """A 0-d tensor of ``value`` on ``device``: a Python number is filled there (on a GPU, a
+    host-to-device copy from pageable memory would wait for the stream), a tensor is cast."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype=dtype, device=device)
+    return torch.full((), value, dtype=dtype, device=device)
+
+
 def _reduce(loss, row_weight, reduction, normalizer):
     if reduction == "none":
         return loss
@@ -276,7 +284,7 @@ def _reduce(loss, row_weight, reduction, normalizer):
     if normalizer is None:
         denominator = row_weight.sum()
     else:
-        denominator = torch.as_tensor(normalizer, dtype=loss.dtype, device=loss.device)
+        denominator = _device_scalar(normalizer, loss.dtype, loss.device)
     nothing_counts = denominator == 0
     return torch.where(nothing_counts, 0.0, total / torch.where(nothing_counts, 1.0, denominator))
 
