@@ -346,10 +346,7 @@ def _row_terms(options, x, labels, counted, eps, weight, class_mask):
         support_sum = support_sum - w_y * x_y
         support_weight = support_weight - w_y
     if options.convention == "others_but_pad":
-        x_pad = x[..., options.pad_index].to(compute_dtype)
-        if class_mask is not None:  # a masked pad's logit may be -inf: it counts as 0
-            x_pad = torch.where(class_mask[options.pad_index], x_pad, 0.0)
-        support_sum = support_sum - w_pad * x_pad
+        support_sum = support_sum - w_pad * x_summed[..., options.pad_index].to(compute_dtype)
         support_weight = support_weight - w_pad
     bad = _bad_rows(labels, counted, eps, class_mask, num_classes)
     return lse, x_y, w_y, support_sum, support_weight, safe_labels, bad
