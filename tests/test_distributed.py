@@ -7,14 +7,11 @@ of the dense gradient, and the loss is bit-for-bit the same on all ranks.
 """
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from tests.check_scripts import run_check_script
+
 WORLD = 3
 # (rtol, atol) by dtype: the sharded sums are added in another order than the dense ones.
 TOLERANCES = {"float64": (1e-12, 1e-14), "float32": (1e-6, 1e-6)}
@@ -22,18 +19,8 @@ TOLERANCES = {"float64": (1e-12, 1e-14), "float32": (1e-6, 1e-6)}
 
 @pytest.fixture(scope="module")
 def ranks():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "distributed_checks.py"), str(WORLD)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    output = run_check_script("distributed_checks.py", str(WORLD))
+    result = json.loads(output.strip().splitlines()[-1])
     assert result["world"] == WORLD and len(result["ranks"]) == WORLD
     return result["ranks"]
 

@@ -10,14 +10,10 @@ HLO reader does see one when the program asks for it).
 """
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from tests.check_scripts import run_check_script
 
 # float32 with a different summation order (per shard, then all-reduced): the loss differs by a
 # few ulps of its size, gradients by a few ulps of their largest entry.
@@ -26,19 +22,9 @@ RTOL = 1e-6
 
 @pytest.fixture(scope="module")
 def results():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "sharded_checks.py")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    output = run_check_script("sharded_checks.py", env=env)
+    return json.loads(output.strip().splitlines()[-1])
 
 
 def test_the_hlo_reader_sees_an_all_gather_of_the_logits(results):

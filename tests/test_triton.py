@@ -6,32 +6,17 @@ with CUDA the same script runs them on the GPU. The fallback rules of ``_use_tri
 here directly.
 """
 
-import os
-import pathlib
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from lstorch import smoothed
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from tests.check_scripts import run_check_script
 
 
 def test_the_kernels_equal_the_oracle_in_every_option():
     pytest.importorskip("triton", reason="Triton is in the dev extras; CI installs it")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "triton_checks.py")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert "90 cases" in done.stdout and ": 0 failures" in done.stdout, done.stdout
+    output = run_check_script("triton_checks.py", timeout=600)
+    assert "90 cases" in output and ": 0 failures" in output, output
 
 
 def test_the_kernels_are_used_only_where_they_apply(monkeypatch):
