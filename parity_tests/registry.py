@@ -701,6 +701,18 @@ def _torch_cross_entropy(input, target, weight=None, **options):
 #    rtol = atol = 2**-6 (measured worst: 0.022 absolute on a row loss of 7.2).
 _TORCH_NATIVE = {"float32": (5e-5, 1e-6), "bfloat16": (2.0**-6, 2.0**-6)}
 
+# float32 atol 1e-5 instead of the default 1e-6, found by the random-seed twin property
+# (tests/test_properties.py) on the same grid cases with other seeds; both frameworks are equally
+# far from the float64 oracle there, only from each other by more than 1e-6:
+#  * fused: d hidden is a sum over the K classes of (softmax - target) * W, terms up to ~10 that
+#    cancel to ~1e-3; float32 sums of K=37 such terms are exact to ~eps * 10 * a few, ~1e-6 on each
+#    side (measured: 8.8e-7 JAX, 1.9e-7 torch from the oracle, 1.07e-6 apart).
+#  * keras.categorical_crossentropy from probabilities: the gradient (sum_c t_c - t_j / q_j) / total
+#    is a difference of two O(1) terms, one a float32 sum over K=1000 classes (rounding ~sqrt(K)
+#    eps ~ 2e-6); with t ~ q (smoothing 1) the difference is ~1e-3 (measured 1.2e-6 apart on an
+#    entry of 5.8e-3, each side within 8e-7 of the oracle).
+_FLOAT32_CANCELLING_SUMS = {"float32": (1e-5, 1e-5)}
+
 TWINS: tuple[Twin, ...] = (
     Twin(
         "smoothed_cross_entropy",
@@ -822,6 +834,7 @@ TWINS: tuple[Twin, ...] = (
         _keras_cce_inputs,
         _keras_cce_cases(),
         oracles.keras_categorical_crossentropy,
+        tolerances=_FLOAT32_CANCELLING_SUMS,
     ),
     Twin(
         "keras.binary_crossentropy",
@@ -854,6 +867,7 @@ TWINS: tuple[Twin, ...] = (
         _fused_inputs,
         _fused_cases(),
         _fused_oracle,
+        tolerances=_FLOAT32_CANCELLING_SUMS,
     ),
     Twin(
         "FusedLinearSmoothedCrossEntropyLoss (module)",
@@ -862,6 +876,7 @@ TWINS: tuple[Twin, ...] = (
         _fused_inputs,
         _fused_cases()[1::4],
         _fused_oracle,
+        tolerances=_FLOAT32_CANCELLING_SUMS,
     ),
 )
 
