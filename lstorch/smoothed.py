@@ -362,13 +362,15 @@ def _bad_rows(labels, counted, eps, class_mask, num_classes):
     return counted & ~valid
 
 
-def _kl_constant(options, eps, size):
-    """``sum_c q_c log q_c`` of the smoothed target (a constant per row): added by ``kl=True``."""
+def _kl_terms(options, eps, size):
+    """``sum_c q_c log q_c`` of the smoothed target (a constant per row, added by ``kl=True``)
+    as its two terms, the target's and the other classes', added in that order (as lsjax does,
+    so both round alike)."""
     confidence = 1.0 - eps
     uniform = options.convention == "uniform"
     on_target = confidence + eps / size if uniform else confidence
     off_target_count = size - 1 if uniform else size
-    return _xlogx(on_target) + off_target_count * _xlogx(eps / size)
+    return _xlogx(on_target), off_target_count * _xlogx(eps / size)
 
 
 def _kernel_params(options, num_classes, eps, weight, class_mask, z):
@@ -383,7 +385,7 @@ def _kernel_params(options, num_classes, eps, weight, class_mask, z):
     pad_weight = zero
     if options.pad_index is not None:
         pad_weight = zero + 1 if u is None else u[options.pad_index]
-    kl = _kl_constant(options, eps, size) if options.kl else zero
+    kl = sum(_kl_terms(options, eps, size), zero) if options.kl else zero
     values = [eps, zero + size, total, pad_weight, z, kl]
     return torch.stack([torch.as_tensor(v).to(eps.device) for v in values]).to(torch.float32)
 
@@ -415,7 +417,8 @@ def _row_loss_forward(options, x, labels, counted, eps, weight, class_mask, z):
     smooth_term = (support_weight * lse - support_sum) / size
     loss = _times(confidence, true_term) + _times(eps, smooth_term)
     if options.kl:  # Subtract the entropy of q: add sum_c q_c log q_c, a constant per row.
-        loss = loss + _kl_constant(options, eps, size)
+        on_target_term, off_target_term = _kl_terms(options, eps, size)
+        loss = loss + on_target_term + off_target_term
     if options.with_z:
         z_part = torch.where(bad, torch.nan, _times(z, lse.square()))
         loss = loss + z_part
