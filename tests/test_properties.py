@@ -8,11 +8,13 @@ expected value at all.
 
 Every property runs the active hypothesis profile's example count (``tests/conftest.py``):
 ``ci`` by default, ``nightly`` with ``HYPOTHESIS_PROFILE=nightly``. Each example checks both
-frameworks. JAX runs eagerly (the path that checks concrete inputs); what an eager call costs is
-mostly compiling the core once per (options, shapes), which the few shapes drawn here bound and
-which every property shares, so thousands of examples cost little more than hundreds. The
-vocabulary property runs JAX jitted (``run_jax(jit=True)``): its options are fixed and its large
-shapes few, so it compiles a dozen programs and then each call costs about a millisecond.
+frameworks. JAX runs eagerly (the path that checks concrete inputs): ~8 ms a call, plus compiling
+the core once per (options, shapes), ~250 distinct ones in 2000 examples, shared by every
+property. Under ``jit`` a call costs ~0.2 ms, but a program is compiled per full set of static
+options (reduction, axis, ignore_index, which of weight/where/normalizer are given, ...), and
+2000 examples draw ~1500 distinct sets: eager is the cheaper here. The vocabulary property is
+the exception: its options are fixed and its sizes few, so it runs JAX under ``jit``
+(``run_jax(jit=True)``), a dozen programs.
 """
 
 from __future__ import annotations
