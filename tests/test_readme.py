@@ -19,3 +19,13 @@ def test_torch_raises_the_same_error_with_the_same_words(description, run):
     torch_kind, torch_message = raised(run, lstorch, torch.as_tensor)
     assert torch_kind == jax_kind
     assert normalise(torch_message) == normalise(jax_message)
+
+
+def test_ci_runs_the_readmes_test_command():
+    """``.ci/run`` must run the README's test command, word for word."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    ci_command = (root / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci_command.startswith("python -m pip install") and "pytest" in ci_command
+    assert f"\n{ci_command}\n" in (root / "README.md").read_text()
