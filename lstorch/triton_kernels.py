@@ -202,14 +202,26 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+def _dense(values: torch.Tensor) -> torch.Tensor:
+    """``values`` flattened with unit stride: a kernel reads element ``i`` at ``pointer + i``.
+
+    The kernels take no strides for their per-row and per-class inputs, so every one of them
+    goes through here. Upstream gradients are often NOT dense: after ``reduction="mean"`` or
+    ``"sum"``, or ``loss.sum()``, autograd hands backward a 0-d gradient expanded to the rows'
+    shape (stride 0), and reading it as ``grad_ptr + row`` read memory the tensor does not own
+    (lstorch 0.1.0 gave garbage gradients for every row but the first). A dense tensor is
+    returned as it is; anything else is copied (O(rows) or O(classes) values)."""
+    return values.reshape(-1).contiguous()
+
+
 def _common(x, labels, counted, params, weight, class_mask, convention, pad_index, with_z):
     """The arguments both kernels share, after the logits and their row stride."""
     flat = dict(
-        label_ptr=labels.reshape(-1),
-        counted_ptr=counted.reshape(-1),
-        params_ptr=params,
-        weight_ptr=weight if weight is not None else params,
-        mask_ptr=class_mask if class_mask is not None else params,
+        label_ptr=_dense(labels),
+        counted_ptr=_dense(counted),
+        params_ptr=_dense(params),
+        weight_ptr=_dense(weight) if weight is not None else params,
+        mask_ptr=_dense(class_mask) if class_mask is not None else params,
     )
     constants = dict(
         num_classes=x.shape[-1],
@@ -225,8 +237,9 @@ def _common(x, labels, counted, params, weight, class_mask, convention, pad_inde
 def forward(x, labels, counted, params, weight, class_mask, *, convention, pad_index, with_z,
             config=None):  # fmt: skip
     """Per-row ``(loss, z_part, lse)`` (float32, shape ``labels.shape``) of logits ``x`` (...,
-    K); ``labels`` int64 and ``counted`` bool of the rows' shape, contiguous; ``params`` as
-    above; ``weight`` float32 (K,) or None; ``class_mask`` bool (K,) or None."""
+    K); ``labels`` int64 and ``counted`` bool of the rows' shape; ``params`` as above;
+    ``weight`` float32 (K,) or None; ``class_mask`` bool (K,) or None. Any strides: the kernels
+    read dense copies where they are not dense already."""
     x2 = _rows(x)
     rows = x2.shape[0]
     loss, z_part, lse = (torch.zeros(labels.shape, dtype=torch.float32, device=x.device)
@@ -247,7 +260,9 @@ def backward(x, out, labels, counted, params, weight, class_mask, lse, grad, gra
              convention, pad_index, with_z, config=None):  # fmt: skip
     """Write the gradient with respect to ``x`` into ``out`` (contiguous, ``x``'s shape; may be
     ``x`` itself), given the saved ``lse`` and the upstream ``grad`` (and ``grad_z`` of the
-    z-part) per row, float32."""
+    z-part) per row, float32, of any strides (an expanded, stride-0 gradient is made dense)."""
+    if not out.is_contiguous():
+        raise ValueError("lstorch.triton_kernels.backward: `out` must be contiguous")
     x2 = _rows(x)
     out2 = out.view(-1, x.shape[-1])
     rows = x2.shape[0]
@@ -257,8 +272,8 @@ def backward(x, out, labels, counted, params, weight, class_mask, lse, grad, gra
     block, num_warps = config or _config(x.shape[-1], "backward")
     if rows:
         _backward_kernel[(rows,)](
-            x2, x2.stride(0), out2, out2.stride(0), **flat, lse_ptr=lse.reshape(-1),
-            grad_ptr=grad.reshape(-1), grad_z_ptr=grad_z.reshape(-1) if with_z else lse,
+            x2, x2.stride(0), out2, out2.stride(0), **flat, lse_ptr=_dense(lse),
+            grad_ptr=_dense(grad), grad_z_ptr=_dense(grad_z) if with_z else lse,
             **constants, BLOCK=block, num_warps=num_warps,
         )  # fmt: skip
     return out
