@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import lsspec
-from lstorch.smoothed import _compute_dtype, _concrete_scalar, _reduce, _times
+from lstorch.smoothed import _compute_dtype, _concrete_scalar, _reduce, _times, _values_readable
 
 DEFAULT_CHUNK_SIZE = 2048
 
@@ -69,7 +69,7 @@ def fused_linear_smoothed_cross_entropy(
         counted = counted & (labels != ignore_index)
     if pad_index is not None:
         counted = counted & (labels != pad_index)
-    if not torch.compiler.is_compiling():
+    if _values_readable(counted):  # not under torch.compile, nor vmapped labels
         bad = counted & ((labels < 0) | (labels >= num_classes))
         if bool(bad.any()):
             raise lsspec.label_range_error(fn, labels[bad].tolist(), num_classes, ignore_index)

@@ -129,9 +129,24 @@ def _check_arrays(fn, logits, labels, axis, weight, where, class_mask=None):
     return axis
 
 
-def _check_label_range(fn, labels, counted, num_classes, ignore_index, class_mask=None):
-    """Labels out of range (or of a masked class) raise; under torch.compile the row is NaN."""
+def _values_readable(tensor: torch.Tensor) -> bool:
+    """Whether the host can read ``tensor``'s values: not inside ``torch.compile`` (the read
+    would break the graph) and not batched by ``torch.func.vmap`` (a vmapped value cannot be
+    read; per-sample-gradient code vmaps over the labels)."""
     if torch.compiler.is_compiling():
+        return False
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(tensor):  # e.g. vmap(grad(loss)): unwrap grad's
+        if functorch.is_batchedtensor(tensor):
+            return False
+        tensor = functorch.get_unwrapped(tensor)
+    return True
+
+
+def _check_label_range(fn, labels, counted, num_classes, ignore_index, class_mask=None):
+    """Labels out of range (or of a masked class) raise; where their values cannot be read
+    (``torch.compile``, batched labels under ``torch.func.vmap``) such a row is NaN instead."""
+    if not (_values_readable(labels) and _values_readable(counted)):
         return
     bad = counted & ((labels < 0) | (labels >= num_classes))
     if bool(bad.any()):
@@ -197,7 +212,8 @@ def smoothed_cross_entropy(
 
     Returns float32 for bf16/fp16/float32 logits and float64 for float64 logits.
     Labels out of range raise ``ValueError``; inside ``torch.compile`` (where the check would
-    break the graph) such a row's loss is NaN.
+    break the graph) and under ``torch.func.vmap`` over the labels (per-sample gradients, where
+    no value can be read) such a row's loss and gradient are NaN instead.
     """
     fn = "smoothed_cross_entropy"
     axis = _check_arrays(fn, logits, labels, axis, weight, where, class_mask)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -47,6 +48,22 @@ class Twin:
     # True when the twins reproduce a peer's custom gradient that is not the derivative of the
     # output (T5X's): the oracle carries that rule, and the finite-difference check skips it.
     custom_gradient: bool = False
+    # The execution paths (parity_tests.paths) this twin takes. ``ours``: the sides that are this
+    # project's code (F.cross_entropy and optax's route are specifications, run on their plain
+    # path only). ``kernels``: the torch call runs lstorch's Triton kernels (LSTORCH_TRITON=all).
+    # ``inplace``: the torch call takes ``inplace_backward``. ``unreachable``: {path name: why}
+    # for a path this twin's call should take and cannot yet; the report prints the reason.
+    # ``path_tolerances``: per dtype, one side against its plain path and the float64 oracle
+    # (default: ``tolerances``).
+    ours: tuple[str, ...] = ("jax", "torch")
+    kernels: bool = False
+    inplace: bool = False
+    unreachable: dict = dataclasses.field(default_factory=dict)
+    path_tolerances: dict | None = None
+
+    def __post_init__(self):
+        if self.path_tolerances is None:
+            object.__setattr__(self, "path_tolerances", self.tolerances)
 
 
 def _grid(**axes) -> list[dict]:
@@ -647,7 +664,8 @@ def _fused_inputs(rng, case):
 
 def _unpack(packed, hidden_shape, weight_shape, biased):
     """(hidden, weight, bias or None) from the packed input, in either framework."""
-    sizes = [int(np.prod(hidden_shape)), int(np.prod(weight_shape))]
+    # math.prod, not np.prod: under torch.compile NumPy calls are traced as tensor ops.
+    sizes = [math.prod(hidden_shape), math.prod(weight_shape)]
     hidden = packed[: sizes[0]].reshape(hidden_shape)
     weight = packed[sizes[0] : sizes[0] + sizes[1]].reshape(weight_shape)
     bias = packed[sizes[0] + sizes[1] :] if biased else None
@@ -713,6 +731,13 @@ _TORCH_NATIVE = {"float32": (5e-5, 1e-6), "bfloat16": (2.0**-6, 2.0**-6)}
 #    entry of 5.8e-3, each side within 8e-7 of the oracle).
 _FLOAT32_CANCELLING_SUMS = {"float32": (1e-5, 1e-5)}
 
+# lstorch's fused loss is an autograd.Function without setup_context whose backward runs under
+# no_grad: torch.func refuses it, and it has no second derivative yet.
+_FUSED_NOT_UNDER_TORCH_FUNC = {
+    path: "lstorch.fused's autograd.Function has no setup_context (torch.func needs one)"
+    for path in ("torch: func.grad", "torch: func.vmap")
+}
+
 TWINS: tuple[Twin, ...] = (
     Twin(
         "smoothed_cross_entropy",
@@ -721,6 +746,8 @@ TWINS: tuple[Twin, ...] = (
         _smoothed_inputs,
         _smoothed_cases(),
         oracles.smoothed_cross_entropy,
+        kernels=True,
+        inplace=True,
     ),
     Twin(
         "SmoothedCrossEntropyLoss (module)",
@@ -729,6 +756,8 @@ TWINS: tuple[Twin, ...] = (
         _smoothed_inputs,
         _smoothed_cases()[::7],
         oracles.smoothed_cross_entropy,
+        kernels=True,
+        inplace=True,
     ),
     Twin(
         "label_smoothing_loss / LabelSmoothingLoss",
@@ -737,6 +766,7 @@ TWINS: tuple[Twin, ...] = (
         _seed_ce_inputs,
         _seed_ce_cases(),
         oracles.seed_label_smoothing_loss,
+        kernels=True,
     ),
     Twin(
         "kl_label_smoothing_loss / KLLabelSmoothingLoss",
@@ -754,6 +784,8 @@ TWINS: tuple[Twin, ...] = (
         _cross_entropy_cases(),
         oracles.torch_cross_entropy,
         tolerances=_TORCH_NATIVE,
+        ours=("jax",),  # the PyTorch side is torch's own function
+        path_tolerances={},  # the widened tolerances above are for torch's kernels, not lsjax
     ),
     Twin(
         "soft_target_cross_entropy",
@@ -769,6 +801,8 @@ TWINS: tuple[Twin, ...] = (
         _lstorch_uniform,
         _optax_inputs,
         _optax_cases(),
+        ours=("torch",),  # the JAX side is optax's own route
+        kernels=True,
     ),
     Twin(
         "smoothed_cross_entropy (class_mask, z_loss)",
@@ -777,6 +811,7 @@ TWINS: tuple[Twin, ...] = (
         _mask_z_inputs,
         _mask_z_cases(),
         oracles.smoothed_cross_entropy,
+        kernels=True,
     ),
     Twin(
         "sigmoid_binary_cross_entropy",
@@ -792,6 +827,8 @@ TWINS: tuple[Twin, ...] = (
         _lstorch_class_mask,
         _optax_mask_inputs,
         _optax_mask_cases(),
+        ours=("torch",),
+        kernels=True,
     ),
     Twin(
         "fairseq.label_smoothed_nll_loss",
@@ -818,6 +855,7 @@ TWINS: tuple[Twin, ...] = (
         _t5x_weighted_cases(),
         oracles.t5x_compute_weighted_cross_entropy,
         custom_gradient=True,
+        kernels=True,
     ),
     Twin(
         "hf.label_smoother",
@@ -826,6 +864,7 @@ TWINS: tuple[Twin, ...] = (
         _hf_inputs,
         _hf_cases(),
         oracles.hf_label_smoother,
+        kernels=True,
     ),
     Twin(
         "keras.categorical_crossentropy",
@@ -851,6 +890,7 @@ TWINS: tuple[Twin, ...] = (
         _timm_inputs,
         _timm_cases(),
         oracles.timm_label_smoothing_cross_entropy,
+        kernels=True,
     ),
     Twin(
         "timm.soft_target_cross_entropy",
@@ -868,6 +908,7 @@ TWINS: tuple[Twin, ...] = (
         _fused_cases(),
         _fused_oracle,
         tolerances=_FLOAT32_CANCELLING_SUMS,
+        unreachable=_FUSED_NOT_UNDER_TORCH_FUNC,
     ),
     Twin(
         "FusedLinearSmoothedCrossEntropyLoss (module)",
@@ -877,6 +918,7 @@ TWINS: tuple[Twin, ...] = (
         _fused_cases()[1::4],
         _fused_oracle,
         tolerances=_FLOAT32_CANCELLING_SUMS,
+        unreachable=_FUSED_NOT_UNDER_TORCH_FUNC,
     ),
 )
 

@@ -24,10 +24,18 @@ def cross_entropy_with_logits(
 
 
 class _CrossEntropyWithLogits(torch.autograd.Function):
+    """T5X's custom gradient; ``setup_context`` and the generated vmap rule make it work under
+    ``torch.func`` (grad, vjp, vmap) as well as plain autograd."""
+
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, logits, targets, z_loss):
-        ctx.save_for_backward(logits, targets, z_loss)
+    def forward(logits, targets, z_loss):
         return soft_target_cross_entropy(logits, targets, z_loss=z_loss, return_z_loss=True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, grad_loss, grad_z_part):

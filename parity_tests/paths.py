@@ -1,0 +1,672 @@
+"""Execution paths: every way a user's call can reach a twin, each proven like the plain call.
+
+A twin (``registry.TWINS``) is proven on its plain path by ``compare``: eager JAX against eager
+PyTorch. Users run other paths: lstorch's Triton kernels, ``inplace_backward``,
+``torch.compile``, ``torch.func``; ``jax.jit``, ``vmap``, sharded arrays. A fast path is only as
+good as the proof that it equals the plain one in every call users make, so each path here runs
+the registry's own cases and, for each case and dtype, checks the path's outputs and gradient
+
+* against the PLAIN path of the same framework (eager, same dtype, same upstream gradient), and
+* against the twin's float64 NumPy oracle on the same rounded inputs,
+
+with the twin's per-dtype tolerances. The gradient is pulled back with every UPSTREAM gradient
+that users produce, because that is what a backward kernel reads (a 0-d gradient expanded to the
+rows' shape, with stride 0, after a ``"mean"``/``"sum"`` reduction or ``loss.sum()``):
+
+* ``random``: a random cotangent of each output's shape (non-scalar for per-row losses);
+* ``sum``: ``loss.sum()`` (``jnp.sum``), summed over the outputs;
+* ``mean``: ``loss.mean()``;
+* ``scaled``: ``loss.sum() * 2**16``, as AMP's ``GradScaler`` scales it (the gradient is
+  divided by the scale again before it is compared);
+* ``0-d grad_outputs``: ``torch.autograd.grad(loss.sum(), x, grad_outputs=tensor(0.375))``
+  (``vjp`` with a 0-d cotangent in JAX).
+
+A twin reaches a path where its call can: a Triton row needs a call that runs lstorch's kernels
+(``Twin.kernels``), an ``inplace_backward`` row one that takes that keyword
+(``Twin.inplace``), and only the side of a twin that is this project's code is run on its paths
+(``Twin.ours``: ``F.cross_entropy`` and optax's route are specifications, not ours to prove).
+A path that a twin cannot take yet says why (``Twin.unreachable``); the report prints it.
+
+The CPU interprets the Triton kernels (slow) and compiles with Inductor (seconds per graph), so
+a run may SAMPLE each twin's cases per path (:data:`SAMPLES`): every reduction of the twin's grid
+is in every sample, and every sampled case runs every upstream gradient, so every twin, every
+reduction and every upstream gradient goes through every path it reaches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    # Without a GPU the Triton path runs the kernels in Triton's interpreter, which must be
+    # switched on before Triton is imported. It changes nothing else: Inductor compiles C++ on
+    # the CPU.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from parity_tests.compare import (  # noqa: E402
+    DEFAULT_TOLERANCES,
+    DTYPES,
+    _leaves,
+    _round_to,
+    _to_jax,
+    _to_torch,
+    allclose,
+    max_abs_diff,
+)
+
+UPSTREAM = ("random", "sum", "mean", "scaled", "0-d grad_outputs")
+GRAD_SCALE = 2.0**16  # torch.amp.GradScaler's default init_scale
+ZERO_DIM_GRAD = 0.375  # exact in every dtype
+TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
+JAX_DTYPES = {"float64": jnp.float64, "float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# Cases per twin and path (None: every case). "ci" is what the test suite runs on CI's CPU,
+# "report" what ``python -m parity_tests`` runs by default, "all" is ``--sample all``.
+SAMPLES = {
+    "ci": {"default": 3, "torch: compile": 3},
+    "report": {"default": 12, "torch: compile": 3},
+    "all": {"default": None, "torch: compile": None},
+}
+
+
+def cotangents(kind: str, outputs: Sequence[np.ndarray], rng: np.random.Generator) -> list:
+    """The dense upstream gradient, per output, that ``kind`` amounts to (for the oracle)."""
+    if kind == "random":
+        return [rng.uniform(0.5, 1.5, size=np.shape(out)) for out in outputs]
+    scale = {"mean": None, "0-d grad_outputs": ZERO_DIM_GRAD}.get(kind, 1.0)
+    return [
+        np.full(np.shape(out), 1.0 / max(np.size(out), 1) if scale is None else scale)
+        for out in outputs
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch
+
+
+def _torch_total(outputs, kind):
+    """The scalar a user backpropagates: the sum (or mean) of every floating output, scaled."""
+    leaves = [leaf for leaf in _leaves(outputs) if leaf.is_floating_point()]
+    total = sum(leaf.mean() if kind == "mean" else leaf.sum() for leaf in leaves)
+    if kind == "scaled":
+        total = total * torch.tensor(GRAD_SCALE, dtype=torch.float32, device=total.device)
+    return total
+
+
+def _as_numpy(grad, kind) -> np.ndarray:
+    grad = grad.detach().to(torch.float64).cpu().numpy()
+    return grad / GRAD_SCALE if kind == "scaled" else grad
+
+
+def _outputs_numpy(outputs) -> list[np.ndarray]:
+    return [leaf.detach().to(torch.float64).cpu().numpy() for leaf in _leaves(outputs)]
+
+
+def _torch_autograd(outputs, x, kind, dense):
+    """Gradient of ``outputs`` with respect to ``x`` by ``torch.autograd.grad``."""
+    leaves = _leaves(outputs)
+    if kind == "random":
+        pairs = [
+            (leaf, torch.tensor(c, dtype=leaf.dtype, device=leaf.device))
+            for leaf, c in zip(leaves, dense, strict=True)
+            if leaf.requires_grad
+        ]
+        if not pairs:
+            return torch.zeros_like(x)
+        leaves, cot = zip(*pairs, strict=True)
+        return torch.autograd.grad(leaves, x, cot, allow_unused=True)[0]
+    total = _torch_total(outputs, kind)
+    if not total.requires_grad:
+        return torch.zeros_like(x)
+    upstream = None
+    if kind == "0-d grad_outputs":
+        upstream = torch.tensor(ZERO_DIM_GRAD, dtype=total.dtype, device=total.device)
+    return torch.autograd.grad(total, x, upstream, allow_unused=True)[0]
+
+
+def _torch_func(call, x, kind, dense):
+    """Outputs and gradient by ``torch.func`` (``grad``, or ``vjp`` for cotangents)."""
+    if kind == "random":
+        outputs, pull = torch.func.vjp(call, x)
+        cot = [
+            torch.tensor(c, dtype=leaf.dtype, device=leaf.device)
+            for c, leaf in zip(dense, _leaves(outputs), strict=True)
+        ]
+        (grad,) = pull(type(outputs)(cot) if isinstance(outputs, tuple) else cot[0])
+        return outputs, grad
+
+    def total(x):
+        outputs = call(x)
+        return _torch_total(outputs, kind), outputs
+
+    if kind == "0-d grad_outputs":
+        value, pull, outputs = torch.func.vjp(total, x, has_aux=True)
+        (grad,) = pull(torch.tensor(ZERO_DIM_GRAD, dtype=value.dtype, device=value.device))
+        return outputs, grad
+    grad, outputs = torch.func.grad(total, has_aux=True)(x)
+    return outputs, grad
+
+
+@contextlib.contextmanager
+def _environment(**values):
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class KernelLaunches:
+    """Counts the calls into ``lstorch.triton_kernels`` (forward and backward) while active."""
+
+    def __init__(self):
+        self.count = 0
+
+    @contextlib.contextmanager
+    def counting(self):
+        from lstorch import smoothed
+
+        kernels = smoothed._triton_kernels()
+        if kernels is None:
+            yield
+            return
+        originals = kernels.forward, kernels.backward
+
+        def counted(original):
+            def call(*args, **kwargs):
+                self.count += 1
+                return original(*args, **kwargs)
+
+            return call
+
+        kernels.forward, kernels.backward = (counted(f) for f in originals)
+        try:
+            yield
+        finally:
+            kernels.forward, kernels.backward = originals
+
+
+def _torch_inputs(args, kwargs, dtype, device):
+    others = torch.float64 if dtype == "float64" else torch.float32
+    x = torch.tensor(_round_to(args[0], dtype)).to(TORCH_DTYPES[dtype]).to(device)
+    rest = [_move(_to_torch(value, others), device) for value in args[1:]]
+    options = {key: _move(_to_torch(value, others), device) for key, value in kwargs.items()}
+    return x, rest, options
+
+
+def _move(value, device):
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+def torch_eager(fn, args, kwargs, dtype, dense_by_kind, *, device="cpu", inplace=False):
+    """The plain call (``inplace=True``: with ``inplace_backward=True``): per upstream kind,
+    a fresh forward and ``torch.autograd.grad``."""
+    results = {}
+    for kind, dense in dense_by_kind.items():
+        x, rest, options = _torch_inputs(args, kwargs, dtype, device)
+        leaf = x.requires_grad_(True)
+        if inplace:
+            # inplace_backward needs a non-leaf whose memory is class-last: a layer's output.
+            axis = options.get("axis", -1)
+            base = leaf.movedim(axis, -1).clone(memory_format=torch.contiguous_format)
+            x = base.movedim(-1, axis)
+            options["inplace_backward"] = True
+        outputs = fn(x, *rest, **options)
+        grad = _torch_autograd(outputs, leaf, kind, dense)
+        results[kind] = (_outputs_numpy(outputs), _as_numpy(grad, kind))
+    return [results]
+
+
+def torch_triton(fn, args, kwargs, dtype, dense_by_kind, *, inplace=False, launches=None):
+    """The call with lstorch's Triton kernels forced on (the GPU when there is one, else
+    Triton's interpreter on the CPU)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with _environment(LSTORCH_TRITON="all"), launches.counting():
+        return torch_eager(fn, args, kwargs, dtype, dense_by_kind, device=device, inplace=inplace)
+
+
+class _CountingInductor:
+    """``torch.compile``'s Inductor backend, counting the graphs it compiled."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, graph, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+
+        self.graphs += 1
+        return compile_fx(graph, example_inputs)
+
+
+def torch_compile(fn, args, kwargs, dtype, dense_by_kind):
+    """``torch.compile(fullgraph=True)`` with Inductor, compiled afresh for each case (so no
+    recompilation limit can send a case back to eager), the backward through AOTAutograd."""
+    torch._dynamo.reset()
+    backend = _CountingInductor()
+    x, rest, options = _torch_inputs(args, kwargs, dtype, "cpu")
+    compiled = torch.compile(lambda x, *rest: fn(x, *rest, **options), backend=backend,
+                             fullgraph=True)  # fmt: skip
+    results = {}
+    for kind, dense in dense_by_kind.items():
+        leaf = x.detach().clone().requires_grad_(True)
+        outputs = compiled(leaf, *rest)
+        grad = _torch_autograd(outputs, leaf, kind, dense)
+        results[kind] = (_outputs_numpy(outputs), _as_numpy(grad, kind))
+    if backend.graphs == 0:
+        raise RuntimeError("torch.compile compiled no graph: the call ran eagerly")
+    return [results]
+
+
+def torch_func_grad(fn, args, kwargs, dtype, dense_by_kind):
+    """``torch.func.grad`` (``torch.func.vjp`` for a cotangent or a 0-d upstream gradient)."""
+    results = {}
+    for kind, dense in dense_by_kind.items():
+        x, rest, options = _torch_inputs(args, kwargs, dtype, "cpu")
+        outputs, grad = _torch_func(lambda x: fn(x, *rest, **options), x, kind, dense)
+        results[kind] = (_outputs_numpy(outputs), _as_numpy(grad, kind))
+    return [results]
+
+
+def torch_func_vmap(fn, args, kwargs, dtype, dense_by_kind):
+    """``torch.func.vmap`` of the per-example ``torch.func`` gradient (as per-sample-gradient
+    code does) over a batch of two examples, ``x`` and ``x / 2``, every positional array (the
+    labels or targets) batched with it; returns one result per example."""
+    results = [{}, {}]
+    for kind, dense in dense_by_kind.items():
+        x, rest, options = _torch_inputs(args, kwargs, dtype, "cpu")
+        batch = torch.stack([x, x / 2])
+        rests = [torch.stack([r, r]) if isinstance(r, torch.Tensor) else r for r in rest]
+        dims = [0 if isinstance(r, torch.Tensor) else None for r in rest]
+
+        def example(x, *rest, kind=kind, dense=dense):
+            return _torch_func(lambda x: fn(x, *rest, **options), x, kind, dense)
+
+        outputs, grads = torch.func.vmap(example, in_dims=(0, *dims))(batch, *rests)
+        for index in range(2):
+            per_example = [leaf[index] for leaf in _leaves(outputs)]
+            results[index][kind] = (_outputs_numpy(per_example), _as_numpy(grads[index], kind))
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# JAX
+
+
+def _jax_total(outputs, kind):
+    leaves = [leaf for leaf in _leaves(outputs) if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    total = sum(jnp.mean(leaf) if kind == "mean" else jnp.sum(leaf) for leaf in leaves)
+    return total * GRAD_SCALE if kind == "scaled" else total
+
+
+def _jax_pull(call, x, kind, dense):
+    """Outputs and gradient of ``call`` at ``x`` for one upstream kind (traceable)."""
+    if kind == "random":
+        outputs, pull = jax.vjp(call, x)
+        cot = [jnp.asarray(c, leaf.dtype) for c, leaf in zip(dense, _leaves(outputs), strict=True)]
+        (grad,) = pull(type(outputs)(cot) if isinstance(outputs, (tuple, list)) else cot[0])
+        return outputs, grad
+
+    def total(x):
+        outputs = call(x)
+        return _jax_total(outputs, kind), outputs
+
+    value, pull, outputs = jax.vjp(total, x, has_aux=True)
+    upstream = ZERO_DIM_GRAD if kind == "0-d grad_outputs" else 1.0
+    (grad,) = pull(jnp.asarray(upstream, value.dtype))
+    return outputs, grad
+
+
+def _jax_numpy(outputs, grad, kind):
+    values = [np.asarray(leaf.astype(jnp.float64)) for leaf in _leaves(outputs)]
+    grad = np.asarray(grad.astype(jnp.float64))
+    return values, grad / GRAD_SCALE if kind == "scaled" else grad
+
+
+def _jax_inputs(args, kwargs, dtype):
+    others = jnp.float64 if dtype == "float64" else jnp.float32
+    x = jnp.asarray(_round_to(args[0], dtype), JAX_DTYPES[dtype])
+    rest = [_to_jax(value, others) for value in args[1:]]
+    arrays = {k: _to_jax(v, others) for k, v in kwargs.items() if isinstance(v, np.ndarray)}
+    constants = {k: v for k, v in kwargs.items() if k not in arrays}
+    return x, rest, arrays, constants
+
+
+def jax_eager(fn, args, kwargs, dtype, dense_by_kind):
+    """The plain call: eager ``jax.vjp`` per upstream kind."""
+    with jax.enable_x64(True):
+        x, rest, arrays, constants = _jax_inputs(args, kwargs, dtype)
+        call = lambda x: fn(x, *rest, **arrays, **constants)  # noqa: E731
+        return [
+            {
+                kind: _jax_numpy(*_jax_pull(call, x, kind, dense), kind)
+                for kind, dense in dense_by_kind.items()
+            }
+        ]
+
+
+def _jitted(fn, constants, dense_by_kind):
+    """One ``jax.jit`` program computing every upstream kind: arrays are traced arguments
+    (labels too, so the concrete label checks do not run, as in a user's train step), Python
+    options are constants."""
+
+    def program(x, rest, arrays):
+        call = lambda x: fn(x, *rest, **arrays, **constants)  # noqa: E731
+        return {kind: _jax_pull(call, x, kind, dense) for kind, dense in dense_by_kind.items()}
+
+    return jax.jit(program)
+
+
+def jax_jit(fn, args, kwargs, dtype, dense_by_kind, *, sharded=False):
+    """``jax.jit`` of forward and pull-back (``sharded=True``: with ``x`` laid over every
+    device, split along its class axis where it divides, else its first axis that divides)."""
+    with jax.enable_x64(True):
+        x, rest, arrays, constants = _jax_inputs(args, kwargs, dtype)
+        if sharded:
+            x = _shard(x, kwargs)
+        results = _jitted(fn, constants, dense_by_kind)(x, rest, arrays)
+        return [{kind: _jax_numpy(*value, kind) for kind, value in results.items()}]
+
+
+def jax_sharded(fn, args, kwargs, dtype, dense_by_kind):
+    return jax_jit(fn, args, kwargs, dtype, dense_by_kind, sharded=True)
+
+
+class NotApplicable(Exception):
+    """This case cannot take this path (e.g. no axis of ``x`` divides over the devices)."""
+
+
+def _shard(x, kwargs):
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = jax.devices()
+    if len(devices) < 2:
+        raise NotApplicable("needs 2+ devices")
+    axis = kwargs.get("axis", kwargs.get("dim", -1))
+    order = [axis % x.ndim, *range(x.ndim)] if x.ndim else []
+    split = next((dim for dim in order if x.shape[dim] % len(devices) == 0), None)
+    if split is None:
+        raise NotApplicable(f"no axis of shape {x.shape} divides over {len(devices)} devices")
+    spec = [None] * x.ndim
+    spec[split] = "devices"
+    mesh = Mesh(np.array(devices), ("devices",))
+    return jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec)))
+
+
+def jax_vmap(fn, args, kwargs, dtype, dense_by_kind):
+    """``jax.vmap`` of the per-example pull-back over ``x`` and ``x / 2``, the positional arrays
+    (labels or targets) batched with it; one result per example."""
+    with jax.enable_x64(True):
+        x, rest, arrays, constants = _jax_inputs(args, kwargs, dtype)
+        batch = jnp.stack([x, x / 2])
+        rests = [jnp.stack([r, r]) for r in rest]
+        results = [{}, {}]
+        for kind, dense in dense_by_kind.items():
+
+            def example(x, rest, kind=kind, dense=dense):
+                call = lambda x: fn(x, *rest, **arrays, **constants)  # noqa: E731
+                return _jax_pull(call, x, kind, dense)
+
+            outputs, grads = jax.vmap(example)(batch, rests)
+            for index in range(2):
+                per_example = [leaf[index] for leaf in _leaves(outputs)]
+                results[index][kind] = _jax_numpy(per_example, grads[index], kind)
+        return results
+
+
+# --------------------------------------------------------------------------------------------
+# The paths and how a twin takes them
+
+
+@dataclasses.dataclass(frozen=True)
+class Path:
+    """One way a call reaches a twin. ``run(fn, args, kwargs, dtype, dense_by_kind)`` returns a
+    list of ``{kind: (outputs, grad)}``, one per example (two under ``vmap``: ``x`` and
+    ``x / 2``), as float64 NumPy. ``plain`` names the path it is compared with."""
+
+    name: str
+    framework: str
+    run: Callable
+    needs: tuple[str, ...] = ()  # the Twin flags this path needs: "kernels", "inplace"
+    dtypes: tuple[str, ...] = DTYPES  # the kernels take float32/bf16/fp16 logits, not float64
+
+    @property
+    def plain(self) -> str:
+        return f"{self.framework}: eager"
+
+
+def _triton_path(name, inplace):
+    def run(fn, args, kwargs, dtype, dense_by_kind, launches):
+        return torch_triton(
+            fn, args, kwargs, dtype, dense_by_kind, inplace=inplace, launches=launches
+        )
+
+    needs = ("kernels", "inplace") if inplace else ("kernels",)
+    return Path(name, "torch", run, needs, dtypes=("float32", "bfloat16"))
+
+
+def _inplace(fn, args, kwargs, dtype, dense_by_kind):
+    return torch_eager(fn, args, kwargs, dtype, dense_by_kind, inplace=True)
+
+
+PATHS: tuple[Path, ...] = (
+    _triton_path("torch: triton", inplace=False),
+    Path("torch: inplace_backward", "torch", _inplace, ("inplace",)),
+    _triton_path("torch: triton + inplace_backward", inplace=True),
+    Path("torch: compile", "torch", torch_compile),
+    Path("torch: func.grad", "torch", torch_func_grad),
+    Path("torch: func.vmap", "torch", torch_func_vmap),
+    Path("jax: jit", "jax", jax_jit),
+    Path("jax: vmap", "jax", jax_vmap),
+    Path("jax: sharded", "jax", jax_sharded),
+)
+PLAIN = {"torch": torch_eager, "jax": jax_eager}
+
+
+def path_by_name(name: str) -> Path:
+    for path in PATHS:
+        if path.name == name:
+            return path
+    raise KeyError(f"no path named {name!r}; known: {[path.name for path in PATHS]}")
+
+
+def reaches(twin, path: Path) -> bool | str:
+    """True when ``twin`` takes ``path``; False when it cannot by design; a string (the
+    reason) when it should and does not yet."""
+    if path.framework not in twin.ours:
+        return False
+    if ("kernels" in path.needs and not twin.kernels) or ("inplace" in path.needs and not twin.inplace):
+        return False
+    return twin.unreachable.get(path.name, True)
+
+
+def sample(cases: Sequence[dict], size: int | None) -> list[int]:
+    """Indices of at most ``size`` cases (None: all), spread over the grid, always including
+    one case of each reduction the grid has."""
+    if size is None or len(cases) <= size:
+        return list(range(len(cases)))
+    chosen = []
+    for key in ("reduction", "reduce"):
+        for value in dict.fromkeys(case[key] for case in cases if key in case):
+            chosen.append(next(i for i, case in enumerate(cases) if case.get(key) == value))
+    for step in range(size):
+        if len(dict.fromkeys(chosen)) >= size:
+            break
+        chosen.append(int(step * len(cases) / size))
+    return sorted(dict.fromkeys(chosen))
+
+
+@dataclasses.dataclass
+class PathResult:
+    """One twin, path and dtype: every sampled case x upstream gradient."""
+
+    twin: str
+    path: str
+    dtype: str
+    checks: int = 0
+    plain_loss: float = 0.0  # max |Δ| against the plain path
+    plain_grad: float = 0.0
+    oracle_loss: float = 0.0  # max |Δ| against the float64 oracle
+    oracle_grad: float = 0.0
+    failures: list = dataclasses.field(default_factory=list)
+    skipped: int = 0  # sampled cases this path does not apply to (NotApplicable)
+
+    @property
+    def passed(self) -> bool:
+        return self.checks > 0 and not self.failures
+
+    def row(self) -> dict:
+        return {**dataclasses.asdict(self), "passed": self.passed}
+
+
+def _check(result, case_name, kind, got, plain, expected, tolerance):
+    """Compare one (outputs, grad) with the plain path's and the oracle's."""
+    rtol, atol = tolerance
+    (outputs, grad), (plain_out, plain_grad) = got, plain
+    result.checks += 1
+    result.plain_loss = max(result.plain_loss, max_abs_diff(outputs, plain_out))
+    result.plain_grad = max(result.plain_grad, max_abs_diff([grad], [plain_grad]))
+    if not (allclose(outputs, plain_out, rtol, atol) and allclose([grad], [plain_grad], rtol, atol)):
+        result.failures.append(f"{case_name} upstream={kind}: differs from the plain path")
+    if expected is not None:
+        exp_out, exp_grad = expected
+        result.oracle_loss = max(result.oracle_loss, max_abs_diff(outputs, exp_out))
+        result.oracle_grad = max(result.oracle_grad, max_abs_diff([grad], [exp_grad]))
+        if not (allclose(outputs, exp_out, rtol, atol) and allclose([grad], [exp_grad], rtol, atol)):
+            result.failures.append(f"{case_name} upstream={kind}: differs from the oracle")
+
+
+def _scaled(args, factor):
+    return (np.asarray(args[0]) * factor, *args[1:]) if factor != 1 else args
+
+
+def run_twin_path(twin, path: Path, *, profile: str = "report", dtypes=DTYPES) -> list[PathResult]:
+    """Run ``twin`` on ``path`` (the sample of ``profile``), one :class:`PathResult` per dtype.
+
+    ``torch: compile`` on the ``ci`` profile rotates the dtype over the sampled cases (each case
+    is a fresh Inductor compilation, seconds on a CPU); every other path runs each sampled case
+    in every dtype.
+    """
+    fn = twin.jax_fn if path.framework == "jax" else twin.torch_fn
+    tolerances = {**DEFAULT_TOLERANCES, **(twin.path_tolerances or {})}
+    size = SAMPLES[profile].get(path.name, SAMPLES[profile]["default"])
+    indices = sample(twin.cases, size)
+    dtypes = [dtype for dtype in dtypes if dtype in path.dtypes]
+    results = {dtype: PathResult(twin.name, path.name, dtype) for dtype in dtypes}
+    launches = {dtype: KernelLaunches() for dtype in dtypes}
+    for position, index in enumerate(indices):
+        case = twin.cases[index]
+        args, kwargs = twin.make_inputs(np.random.default_rng(index), dict(case))
+        case_dtypes = dtypes
+        if path.name == "torch: compile" and profile == "ci":
+            case_dtypes = [dtypes[position % len(dtypes)]]
+        for dtype in case_dtypes:
+            result = results[dtype]
+            rounded = (_round_to(args[0], dtype), *args[1:])
+            name = f"case {index} {case}"
+            expected_by_scale, plain_by_scale = {}, {}
+            try:
+                dense_by_kind = None
+                for factor in (1.0, 0.5):
+                    scaled = _scaled(rounded, factor)
+                    expected, vjp = twin.oracle(*scaled, **kwargs) if twin.oracle else (None, None)
+                    several = isinstance(expected, tuple)
+                    if dense_by_kind is None:  # the upstream gradients, shaped as the outputs
+                        shapes = list(expected) if several else [expected]
+                        if expected is None:
+                            plain = PLAIN[path.framework](fn, scaled, kwargs, dtype, {"sum": None})
+                            shapes = plain[0]["sum"][0]
+                        rng = np.random.default_rng(index + 1)
+                        dense_by_kind = {kind: cotangents(kind, shapes, rng) for kind in UPSTREAM}
+                    if expected is not None:
+                        outputs = [np.asarray(out) for out in (expected if several else [expected])]
+                        expected_by_scale[factor] = {
+                            kind: (outputs, vjp(dense if several else dense[0]))
+                            for kind, dense in dense_by_kind.items()
+                        }
+                    plain_by_scale[factor] = PLAIN[path.framework](
+                        fn, scaled, kwargs, dtype, dense_by_kind
+                    )[0]
+                if "kernels" in path.needs:
+                    runs = path.run(fn, rounded, kwargs, dtype, dense_by_kind, launches[dtype])
+                else:
+                    runs = path.run(fn, rounded, kwargs, dtype, dense_by_kind)
+            except NotApplicable:
+                result.skipped += 1
+                continue
+            except Exception as error:  # a crash on the path is a failed case, reported
+                result.checks += 1
+                result.failures.append(f"{name}: {type(error).__name__}: {error}")
+                continue
+            tolerance = tolerances[dtype]
+            for factor, per_kind in zip((1.0, 0.5), runs, strict=False):
+                for kind, got in per_kind.items():
+                    _check(
+                        result,
+                        name if factor == 1 else f"{name} (vmap example x/2)",
+                        kind,
+                        got,
+                        plain_by_scale[factor][kind],
+                        expected_by_scale.get(factor, {}).get(kind),
+                        tolerance,
+                    )
+    for dtype, result in results.items():
+        if "kernels" in path.needs and launches[dtype].count == 0:
+            result.failures.append("the Triton kernels were never launched on this path")
+    return list(results.values())
+
+
+def run_paths(twins, paths=PATHS, *, profile="report", dtypes=DTYPES):
+    """Every twin on every path it reaches: ``(results, unreachable)``, the latter a list of
+    ``(twin, path, reason)`` for the paths a twin should take and cannot yet."""
+    results, unreachable = [], []
+    for twin in twins:
+        for path in paths:
+            verdict = reaches(twin, path)
+            if verdict is False:
+                continue
+            if isinstance(verdict, str):
+                unreachable.append((twin.name, path.name, verdict))
+                continue
+            results.extend(run_twin_path(twin, path, profile=profile, dtypes=dtypes))
+    return results, unreachable
+
+
+def format_paths(results: Sequence[PathResult], unreachable=()) -> str:
+    """The report's path table: twin, path, dtype, checks (cases x upstream gradients), the
+    largest difference from the plain path and from the float64 oracle, pass/fail."""
+    width = max([len("twin"), *(len(r.twin) for r in results)])
+    path_width = max([len("path"), *(len(r.path) for r in results)])
+    header = (
+        f"{'twin':<{width}} {'path':<{path_width}} {'dtype':<9} {'checks':>6} "
+        f"{'plain Δloss':>11} {'plain Δgrad':>11} {'oracle Δloss':>12} {'oracle Δgrad':>12}  "
+        "result"
+    )
+    lines = [header, "-" * len(header)]
+    for r in results:
+        verdict = "pass" if r.passed else f"FAIL ({len(r.failures)})"
+        if r.checks == 0 and not r.failures:
+            verdict = f"not run ({r.skipped} cases not applicable)"
+        lines.append(
+            f"{r.twin:<{width}} {r.path:<{path_width}} {r.dtype:<9} {r.checks:>6} "
+            f"{r.plain_loss:>11.3g} {r.plain_grad:>11.3g} {r.oracle_loss:>12.3g} "
+            f"{r.oracle_grad:>12.3g}  {verdict}"
+        )
+    for twin, path, reason in unreachable:
+        lines.append(f"{twin:<{width}} {path:<{path_width}} not reachable yet: {reason}")
+    return "\n".join(lines)
+
