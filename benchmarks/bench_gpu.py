@@ -48,6 +48,43 @@ def _inputs(rows, num_classes, seed=0):
     )
 
 
+def check_values_before_timing(lstorch, base, labels, forced) -> None:
+    """A benchmark of a wrong gradient is not a result: at the benchmark's own shape and call
+    (``reduction="mean"``, the upstream gradient autograd hands the kernels expanded from a 0-d
+    one), the kernel path's loss and gradient, out of place and ``inplace_backward``, must equal
+    the plain torch ops' (``LSTORCH_TRITON=off``) on the same device. Exits non-zero if not."""
+    import torch
+
+    def loss_and_grad(mode, inplace=False):
+        os.environ["LSTORCH_TRITON"] = mode
+        leaf = base.clone().requires_grad_(True)
+        x = leaf.view_as(leaf) if inplace else leaf
+        loss = lstorch.smoothed_cross_entropy(
+            x, labels, smoothing=SMOOTHING, reduction="mean", inplace_backward=inplace
+        )
+        (grad,) = torch.autograd.grad(loss, x)
+        return loss.detach().float(), grad.float()
+
+    plain_loss, plain_grad = loss_and_grad("off")
+    # bf16: both paths accumulate in float32 and round the gradient once (one bf16 ulp apart at
+    # most); float32: summation order only. atol is relative to the largest entry, since a mean
+    # gradient's entries are ~1/rows.
+    rtol = 2.0**-7 if base.dtype == torch.bfloat16 else 1e-5
+    atol = rtol * float(plain_grad.abs().max())
+    for inplace in (False, True):
+        loss, grad = loss_and_grad(forced, inplace)
+        name = "lstorch (Triton" + (", inplace_backward)" if inplace else ")")
+        loss_ok = torch.allclose(loss, plain_loss, rtol=1e-5, atol=0)
+        grad_ok = torch.allclose(grad, plain_grad, rtol=rtol, atol=atol)
+        worst = float((grad - plain_grad).abs().max())
+        print(f"value check {name}: |dloss| {float((loss - plain_loss).abs()):.3g}, "
+              f"max |dgrad| {worst:.3g} (atol {atol:.3g})", flush=True)  # fmt: skip
+        if not (loss_ok and grad_ok):
+            raise SystemExit(f"{name} differs from the plain path: not timing a wrong gradient")
+    del plain_grad
+    os.environ["LSTORCH_TRITON"] = "auto"
+
+
 def torch_part(args) -> dict:
     import torch
     import torch.nn.functional as F
@@ -100,6 +137,8 @@ def torch_part(args) -> dict:
         return lambda x: lstorch.smoothed_cross_entropy(
             x, labels, smoothing=SMOOTHING, reduction="mean", inplace_backward=inplace
         )
+
+    check_values_before_timing(lstorch, base, labels, forced)
 
     candidates = {
         "copy (read + write the logits once)": copy,
@@ -384,6 +423,7 @@ def main() -> int:
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--json", help="write the numbers to this file")
     args = parser.parse_args()
+    failed = []
     if args.part == "both":
         result = {}
         for part in ("torch", "jax"):
@@ -400,13 +440,17 @@ def main() -> int:
             if done.returncode == 0:
                 with open(out) as handle:
                     result[part] = json.load(handle)[part]
+            else:
+                failed.append(part)
         _print_report(result)
     else:
         result = {args.part: (torch_part if args.part == "torch" else jax_part)(args)}
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(result, handle, indent=1)
-    return 0
+    if failed:
+        print(f"FAILED: the {' and '.join(failed)} part (see above); its numbers are not a result")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -50,10 +51,10 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
     # the CPU.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-from parity_tests.compare import (  # noqa: E402
+from parity_tests.compare import (
     DEFAULT_TOLERANCES,
     DTYPES,
     _leaves,
@@ -73,9 +74,9 @@ JAX_DTYPES = {"float64": jnp.float64, "float32": jnp.float32, "bfloat16": jnp.bf
 # Cases per twin and path (None: every case). "ci" is what the test suite runs on CI's CPU,
 # "report" what ``python -m parity_tests`` runs by default, "all" is ``--sample all``.
 SAMPLES = {
-    "ci": {"default": 3, "torch: compile": 3},
-    "report": {"default": 12, "torch: compile": 3},
-    "all": {"default": None, "torch: compile": None},
+    "ci": {"default": 3},
+    "report": {"default": 6, "torch: compile": 3},
+    "all": {"default": None},
 }
 
 
@@ -272,12 +273,18 @@ def torch_compile(fn, args, kwargs, dtype, dense_by_kind):
     return [results]
 
 
+def _bound(fn, rest, options, x):
+    """``fn(x, *rest, **options)``: the call with everything but ``x`` bound."""
+    return fn(x, *rest, **options)
+
+
 def torch_func_grad(fn, args, kwargs, dtype, dense_by_kind):
     """``torch.func.grad`` (``torch.func.vjp`` for a cotangent or a 0-d upstream gradient)."""
     results = {}
     for kind, dense in dense_by_kind.items():
         x, rest, options = _torch_inputs(args, kwargs, dtype, "cpu")
-        outputs, grad = _torch_func(lambda x: fn(x, *rest, **options), x, kind, dense)
+        call = functools.partial(_bound, fn, rest, options)
+        outputs, grad = _torch_func(call, x, kind, dense)
         results[kind] = (_outputs_numpy(outputs), _as_numpy(grad, kind))
     return [results]
 
@@ -293,8 +300,8 @@ def torch_func_vmap(fn, args, kwargs, dtype, dense_by_kind):
         rests = [torch.stack([r, r]) if isinstance(r, torch.Tensor) else r for r in rest]
         dims = [0 if isinstance(r, torch.Tensor) else None for r in rest]
 
-        def example(x, *rest, kind=kind, dense=dense):
-            return _torch_func(lambda x: fn(x, *rest, **options), x, kind, dense)
+        def example(x, *rest, kind=kind, dense=dense, options=options):
+            return _torch_func(functools.partial(_bound, fn, rest, options), x, kind, dense)
 
         outputs, grads = torch.func.vmap(example, in_dims=(0, *dims))(batch, *rests)
         for index in range(2):
@@ -489,7 +496,8 @@ def reaches(twin, path: Path) -> bool | str:
     reason) when it should and does not yet."""
     if path.framework not in twin.ours:
         return False
-    if ("kernels" in path.needs and not twin.kernels) or ("inplace" in path.needs and not twin.inplace):
+    flags = {"kernels": twin.kernels, "inplace": twin.inplace}
+    if not all(flags[need] for need in path.needs):
         return False
     return twin.unreachable.get(path.name, True)
 
@@ -524,6 +532,8 @@ class PathResult:
     oracle_grad: float = 0.0
     failures: list = dataclasses.field(default_factory=list)
     skipped: int = 0  # sampled cases this path does not apply to (NotApplicable)
+    upstream: list = dataclasses.field(default_factory=list)  # the upstream kinds checked
+    cases: list = dataclasses.field(default_factory=list)  # the registry cases run (indices)
 
     @property
     def passed(self) -> bool:
@@ -538,15 +548,19 @@ def _check(result, case_name, kind, got, plain, expected, tolerance):
     rtol, atol = tolerance
     (outputs, grad), (plain_out, plain_grad) = got, plain
     result.checks += 1
+    if kind not in result.upstream:
+        result.upstream.append(kind)
     result.plain_loss = max(result.plain_loss, max_abs_diff(outputs, plain_out))
     result.plain_grad = max(result.plain_grad, max_abs_diff([grad], [plain_grad]))
-    if not (allclose(outputs, plain_out, rtol, atol) and allclose([grad], [plain_grad], rtol, atol)):
+    same = allclose(outputs, plain_out, rtol, atol) and allclose([grad], [plain_grad], rtol, atol)
+    if not same:
         result.failures.append(f"{case_name} upstream={kind}: differs from the plain path")
     if expected is not None:
         exp_out, exp_grad = expected
         result.oracle_loss = max(result.oracle_loss, max_abs_diff(outputs, exp_out))
         result.oracle_grad = max(result.oracle_grad, max_abs_diff([grad], [exp_grad]))
-        if not (allclose(outputs, exp_out, rtol, atol) and allclose([grad], [exp_grad], rtol, atol)):
+        right = allclose(outputs, exp_out, rtol, atol) and allclose([grad], [exp_grad], rtol, atol)
+        if not right:
             result.failures.append(f"{case_name} upstream={kind}: differs from the oracle")
 
 
@@ -554,12 +568,25 @@ def _scaled(args, factor):
     return (np.asarray(args[0]) * factor, *args[1:]) if factor != 1 else args
 
 
+def _with_fallback(indices, total, results):
+    """``(position, index)`` of the sampled cases; then, while no case could take the path
+    (``NotApplicable``, e.g. no axis divides over the devices), the others in turn, each in
+    every dtype (position None)."""
+    yield from enumerate(indices)
+    for index in range(total):
+        if any(result.checks for result in results.values()):
+            return
+        if index not in indices:
+            yield None, index
+
+
 def run_twin_path(twin, path: Path, *, profile: str = "report", dtypes=DTYPES) -> list[PathResult]:
     """Run ``twin`` on ``path`` (the sample of ``profile``), one :class:`PathResult` per dtype.
 
-    ``torch: compile`` on the ``ci`` profile rotates the dtype over the sampled cases (each case
-    is a fresh Inductor compilation, seconds on a CPU); every other path runs each sampled case
-    in every dtype.
+    On the ``ci`` profile every path but the Triton ones rotates the dtype over the sampled
+    cases (each case is a fresh compilation there: seconds with Inductor, a fraction of one with
+    XLA), so each twin meets every dtype once per path; the Triton paths, and every path on the
+    other profiles, run each sampled case in every dtype.
     """
     fn = twin.jax_fn if path.framework == "jax" else twin.torch_fn
     tolerances = {**DEFAULT_TOLERANCES, **(twin.path_tolerances or {})}
@@ -568,11 +595,11 @@ def run_twin_path(twin, path: Path, *, profile: str = "report", dtypes=DTYPES) -
     dtypes = [dtype for dtype in dtypes if dtype in path.dtypes]
     results = {dtype: PathResult(twin.name, path.name, dtype) for dtype in dtypes}
     launches = {dtype: KernelLaunches() for dtype in dtypes}
-    for position, index in enumerate(indices):
+    for position, index in _with_fallback(indices, len(twin.cases), results):
         case = twin.cases[index]
         args, kwargs = twin.make_inputs(np.random.default_rng(index), dict(case))
         case_dtypes = dtypes
-        if path.name == "torch: compile" and profile == "ci":
+        if position is not None and profile == "ci" and "kernels" not in path.needs:
             case_dtypes = [dtypes[position % len(dtypes)]]
         for dtype in case_dtypes:
             result = results[dtype]
@@ -613,6 +640,7 @@ def run_twin_path(twin, path: Path, *, profile: str = "report", dtypes=DTYPES) -
                 result.failures.append(f"{name}: {type(error).__name__}: {error}")
                 continue
             tolerance = tolerances[dtype]
+            result.cases.append(index)
             for factor, per_kind in zip((1.0, 0.5), runs, strict=False):
                 for kind, got in per_kind.items():
                     _check(
@@ -669,4 +697,3 @@ def format_paths(results: Sequence[PathResult], unreachable=()) -> str:
     for twin, path, reason in unreachable:
         lines.append(f"{twin:<{width}} {path:<{path_width}} not reachable yet: {reason}")
     return "\n".join(lines)
-

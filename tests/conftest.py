@@ -12,6 +12,13 @@ import os
 import shutil
 import tempfile
 
+import torch
+
+if not torch.cuda.is_available():
+    # lstorch's Triton kernels (the Triton execution paths, tests/test_paths.py) run in Triton's
+    # interpreter on a CPU; it must be switched on before anything imports Triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import jax
 from hypothesis import HealthCheck, settings
 

@@ -1,0 +1,131 @@
+"""Every twin on every execution path it reaches, against its plain path and the float64
+oracle, with every kind of upstream gradient (``parity_tests.paths``; the report runs the same).
+
+CI's CPU runs the ``ci`` sample: for each twin and path, cases covering every reduction of the
+twin's grid, each with all five upstream gradients (a random cotangent, ``sum``, ``mean``, a
+GradScaler-scaled loss, a 0-d ``grad_outputs``). lstorch's Triton paths run in Triton's
+interpreter (``TRITON_INTERPRET=1``, set in ``conftest.py`` before Triton is imported). The
+sharded path needs two JAX devices, so it runs in a subprocess with two host devices.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from parity_tests import paths
+from parity_tests.registry import TWINS
+from tests.check_scripts import ROOT
+
+IN_PROCESS = [
+    (path, twin)
+    for path in paths.PATHS
+    if path.name != "jax: sharded"
+    for twin in TWINS
+    if paths.reaches(twin, path) is True
+]
+
+
+def _reductions(twin, indices):
+    return {
+        (key, twin.cases[i][key]) for i in indices for key in ("reduction", "reduce")
+        if key in twin.cases[i]
+    }  # fmt: skip
+
+
+def _check_rows(twin, path, results):
+    assert results, f"{twin.name} ran nothing on {path.name}"
+    for result in results:
+        assert result.passed, f"{result.dtype}: " + "\n".join(result.failures[:10])
+    # Every upstream gradient and every reduction of the twin's grid went through this path.
+    assert {kind for r in results for kind in r.upstream} == set(paths.UPSTREAM)
+    ran = {index for r in results for index in r.cases}
+    assert _reductions(twin, ran) == _reductions(twin, range(len(twin.cases)))
+
+
+@pytest.mark.parametrize(
+    ("path", "twin"), IN_PROCESS, ids=[f"{p.name} | {t.name}" for p, t in IN_PROCESS]
+)
+def test_twin_on_path_equals_plain_path_and_oracle(path, twin):
+    if "kernels" in path.needs:
+        pytest.importorskip("triton", reason="Triton is in the dev extras; CI installs it")
+    _check_rows(twin, path, paths.run_twin_path(twin, path, profile="ci"))
+
+
+def test_sharded_path_on_two_host_devices(tmp_path):
+    out = tmp_path / "sharded.json"
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    command = [sys.executable, "-m", "parity_tests", "--paths-only", "--path", "jax: sharded"]
+    done = subprocess.run(
+        [*command, "--sample", "ci", "--json", str(out)],
+        cwd=ROOT,
+        env={**os.environ, "XLA_FLAGS": flags},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    rows = json.loads(out.read_text())["paths"]
+    for twin in TWINS:
+        if paths.reaches(twin, paths.path_by_name("jax: sharded")) is not True:
+            continue
+        mine = [row for row in rows if row["twin"] == twin.name]
+        assert all(row["passed"] or row["checks"] == 0 for row in mine), mine
+        # Sharded where it applies: some case ran, or every case was tried and no axis of its
+        # input divides over two devices (keras.binary_crossentropy's 7 x 5 grid).
+        ran = sum(row["checks"] for row in mine)
+        tried = sum(row["skipped"] for row in mine)
+        assert ran > 0 or tried >= len(twin.cases), f"{twin.name}: no case was sharded"
+
+
+def test_every_path_is_reached_by_the_twins_it_should_be():
+    """The Triton and inplace paths run every twin that declares them; the only paths a twin of
+    ours cannot take yet are listed, each with its reason (the report prints them)."""
+    by_path = {path.name: [t.name for p, t in IN_PROCESS if p is path] for path in paths.PATHS}
+    assert "smoothed_cross_entropy" in by_path["torch: triton"]
+    assert "smoothed_cross_entropy" in by_path["torch: triton + inplace_backward"]
+    assert "SmoothedCrossEntropyLoss (module)" in by_path["torch: inplace_backward"]
+    assert len(by_path["torch: compile"]) == sum("torch" in t.ours for t in TWINS)
+    unreachable = [
+        (twin.name, path.name, paths.reaches(twin, path))
+        for twin in TWINS
+        for path in paths.PATHS
+        if isinstance(paths.reaches(twin, path), str)
+    ]
+    assert {(twin, path) for twin, path, _ in unreachable} == {
+        (fused, path)
+        for fused in (
+            "fused_linear_smoothed_cross_entropy [d hidden, weight, bias]",
+            "FusedLinearSmoothedCrossEntropyLoss (module)",
+        )
+        for path in ("torch: func.grad", "torch: func.vmap")
+    }
+    assert all(reason for *_, reason in unreachable)
+
+
+def test_the_sample_keeps_every_reduction():
+    cases = [{"reduction": r, "k": k} for k in range(20) for r in ("none", "sum", "mean")]
+    chosen = paths.sample(cases, 2)
+    assert {cases[i]["reduction"] for i in chosen} == {"none", "sum", "mean"}
+    assert paths.sample(cases, None) == list(range(60))
+
+
+def test_gpu_benchmark_checks_its_values_before_timing():
+    """``benchmarks/bench_gpu.py`` compares the kernel path's gradient with the plain path's at
+    its own call before it times anything (here on a small shape, in Triton's interpreter)."""
+    pytest.importorskip("triton", reason="Triton is in the dev extras; CI installs it")
+    done = subprocess.run(
+        [sys.executable, "benchmarks/bench_gpu.py", "--part", "torch", "--rows", "16",
+         "--classes", "300", "--reps", "1"],
+        cwd=ROOT,
+        env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("value check lstorch") == 2, done.stdout
