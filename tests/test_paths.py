@@ -129,3 +129,42 @@ def test_gpu_benchmark_checks_its_values_before_timing():
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("value check lstorch") == 2, done.stdout
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_kernel_gradient_after_a_reduced_loss_equals_the_plain_path(dtype, monkeypatch):
+    """The call every GPU user makes: a mean (or sum, or summed, or scaled) loss, whose upstream
+    gradient reaches the backward kernel as a 0-d value expanded to the rows (stride 0)."""
+    pytest.importorskip("triton", reason="Triton is in the dev extras; CI installs it")
+    import torch
+
+    import lstorch
+
+    torch.manual_seed(0)
+    logits = torch.randn(8, 300).to(getattr(torch, dtype))
+    labels = torch.randint(0, 300, (8,))
+
+    def loss(x, reduction="mean"):
+        return lstorch.smoothed_cross_entropy(x, labels, smoothing=0.1, reduction=reduction)
+
+    calls = {
+        "mean": loss,
+        "sum": lambda x: loss(x, "sum"),
+        "loss.sum()": lambda x: loss(x, "none").sum(),
+        "scaled": lambda x: loss(x) * torch.tensor(2.0**16),  # as GradScaler scales it
+    }
+    for name, call in calls.items():
+        grads = {}
+        for mode in ("off", "all"):
+            monkeypatch.setenv("LSTORCH_TRITON", mode)
+            x = logits.clone().requires_grad_(True)
+            (grads[mode],) = torch.autograd.grad(call(x), x)
+        # The registry's tolerances (parity_tests.DEFAULT_TOLERANCES), with atol taken relative
+        # to the gradient's scale (a mean divides it by the rows, a GradScaler multiplies it):
+        # bf16, the same float32 value rounded once on each side (<= one bf16 ulp apart);
+        # float32, summation order only.
+        rtol, atol = (2.0**-7, 2.0**-9) if dtype == "bfloat16" else (1e-5, 1e-6)
+        scale = float(grads["off"].abs().max())
+        torch.testing.assert_close(
+            grads["all"], grads["off"], rtol=rtol, atol=atol * scale, msg=name
+        )
