@@ -9,7 +9,12 @@ import jax
 import jax.numpy as jnp
 
 import lsspec
-from lsjax.smoothed import ArrayLike, _concrete_scalar, _reduce
+from lsjax.smoothed import (
+    ArrayLike,
+    _concrete_smoothing,
+    _reduce,
+    _smoothing_array,
+)
 
 
 def sigmoid_binary_cross_entropy(
@@ -57,11 +62,11 @@ def sigmoid_binary_cross_entropy(
     if pos_weight is not None:
         lsspec.check_broadcastable(fn, "pos_weight", jnp.shape(pos_weight), logits.shape)
     lsspec.check_choice(fn, "reduction", reduction, lsspec.REDUCTIONS)
-    lsspec.check_smoothing(fn, _concrete_scalar(fn, "smoothing", smoothing))
+    lsspec.check_smoothing(fn, _concrete_smoothing(fn, smoothing))
 
     compute_dtype = jnp.promote_types(logits.dtype, jnp.float32)
     x = logits.astype(compute_dtype)
-    eps = jax.lax.stop_gradient(jnp.asarray(smoothing, compute_dtype))
+    eps = jax.lax.stop_gradient(_smoothing_array(smoothing, compute_dtype))
     target = labels.astype(compute_dtype) * (1.0 - eps) + eps / 2
     positive = target * jnp.logaddexp(-x, 0.0)
     if pos_weight is not None:

@@ -29,7 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 
 import lsspec
-from lsjax.smoothed import _concrete_scalar, _is_traced, _reduce, _times
+from lsjax.smoothed import (
+    _concrete_smoothing,
+    _is_traced,
+    _reduce,
+    _smoothing_array,
+    _times,
+)
 
 Array = jax.Array
 ArrayLike = Any
@@ -108,7 +114,7 @@ def fused_linear_smoothed_cross_entropy(
     lsspec.check_options(
         fn,
         num_classes=num_classes,
-        smoothing=_concrete_scalar(fn, "smoothing", smoothing),
+        smoothing=_concrete_smoothing(fn, smoothing),
         convention=convention,
         reduction=reduction,
         pad_index=pad_index,
@@ -122,7 +128,7 @@ def fused_linear_smoothed_cross_entropy(
         if bad.any():
             raise lsspec.label_range_error(fn, labels_np[bad].tolist(), num_classes, ignore_index)
     compute_dtype = jnp.promote_types(hidden.dtype, jnp.float32)
-    eps = jax.lax.stop_gradient(jnp.asarray(smoothing, compute_dtype))
+    eps = jax.lax.stop_gradient(_smoothing_array(smoothing, compute_dtype))
     options = _FusedOptions(convention, pad_index, chunk_size, None)
     row_shape = labels.shape
     loss = _fused_rows_jit(

@@ -29,7 +29,7 @@ from lsjax.fused import (
     _fused_rows,
     _FusedOptions,
 )
-from lsjax.smoothed import _concrete_scalar
+from lsjax.smoothed import _concrete_smoothing, _smoothing_array
 
 Array = jax.Array
 
@@ -71,7 +71,7 @@ def sharded_fused_linear_smoothed_cross_entropy(
     lsspec.check_options(
         fn,
         num_classes=weight.shape[0],
-        smoothing=_concrete_scalar(fn, "smoothing", smoothing),
+        smoothing=_concrete_smoothing(fn, smoothing),
         convention=convention,
         reduction=reduction,
         pad_index=pad_index,
@@ -92,7 +92,7 @@ def sharded_fused_linear_smoothed_cross_entropy(
                 f"the size they split; got {size}."
             )
     compute_dtype = jnp.promote_types(hidden.dtype, jnp.float32)
-    eps = jax.lax.stop_gradient(jnp.asarray(smoothing, compute_dtype))
+    eps = jax.lax.stop_gradient(_smoothing_array(smoothing, compute_dtype))
     options = _FusedOptions(convention, pad_index, chunk_size, vocab_axis)
 
     def local(hidden, weight, bias, labels, eps):

@@ -100,6 +100,36 @@ def _concrete_scalar(fn: str, name: str, value: Any) -> Any:
     return float(np.asarray(value))
 
 
+_FLOAT64_ULP = float(np.finfo(np.float64).eps)
+
+
+def _ulp_of_one(value: Any) -> float:
+    """The spacing of ``value``'s own float dtype at 1.0 (float64's for a Python number)."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
+        return float(jnp.finfo(dtype).eps)
+    return _FLOAT64_ULP
+
+
+def _concrete_smoothing(fn: str, value: Any, name: str = "smoothing") -> Any:
+    """A concrete smoothing as a Python float, snapped into [0, 1] when it is only rounding
+    outside it (``lsspec.UNIT_INTERVAL_ULPS``); traced values pass through."""
+    concrete = _concrete_scalar(fn, name, value)
+    if lsspec.is_number(concrete):
+        return lsspec.snap_to_unit_interval(concrete, _ulp_of_one(value))
+    return concrete
+
+
+def _smoothing_array(value: Any, dtype) -> Array:
+    """``value`` as a 0-d ``dtype`` array, clamped into [0, 1] where it lies within the rounding
+    slack outside it (a traced schedule that ends at 0); farther out it stays out of range, and
+    the rows it reaches are NaN."""
+    slack = lsspec.unit_interval_slack(_ulp_of_one(value))
+    eps = jnp.asarray(value, dtype)
+    snapped = jnp.clip(eps, 0, 1)
+    return jnp.where(jnp.abs(eps - snapped) <= slack, snapped, eps)
+
+
 def _check_arrays(fn, logits, labels, axis, weight, where, class_mask=None):
     """Shared input checks; returns (logits, labels, class axis as a non-negative int)."""
     logits = jnp.asarray(logits)
@@ -209,6 +239,9 @@ def smoothed_cross_entropy(
       logits: float array; the class axis is ``axis``. bf16/fp16 are accumulated in float32.
       labels: int array with the logits' shape minus the class axis.
       smoothing: ``eps`` in [0, 1]; a Python float or a scalar array (may be traced).
+        A value within ``lsspec.UNIT_INTERVAL_ULPS`` (4) ulps outside [0, 1] in its own dtype
+        is rounding (a schedule that ends at 0) and is clamped; farther out it raises when
+        concrete and gives NaN rows when traced.
       convention: ``"uniform"`` | ``"others"`` | ``"others_but_pad"``.
       ignore_index: rows whose label equals it count for nothing (torch's ``ignore_index``).
       pad_index: the pad column, required by and only allowed with ``"others_but_pad"``. It never
@@ -253,7 +286,7 @@ def smoothed_cross_entropy(
     lsspec.check_options(
         fn,
         num_classes=num_classes,
-        smoothing=_concrete_scalar(fn, "smoothing", smoothing),
+        smoothing=_concrete_smoothing(fn, smoothing),
         convention=convention,
         reduction=reduction,
         pad_index=pad_index,
@@ -278,7 +311,7 @@ def smoothed_cross_entropy(
 
     x = jnp.moveaxis(logits, axis, -1)
     compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
-    eps = jax.lax.stop_gradient(jnp.asarray(smoothing, compute_dtype))
+    eps = jax.lax.stop_gradient(_smoothing_array(smoothing, compute_dtype))
     if weight is not None:
         weight = jax.lax.stop_gradient(jnp.asarray(weight, compute_dtype))
     if class_mask is not None:

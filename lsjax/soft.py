@@ -9,7 +9,13 @@ import jax
 import jax.numpy as jnp
 
 import lsspec
-from lsjax.smoothed import ArrayLike, _concrete_scalar, _reduce
+from lsjax.smoothed import (
+    ArrayLike,
+    _concrete_scalar,
+    _concrete_smoothing,
+    _reduce,
+    _smoothing_array,
+)
 
 
 def soft_target_cross_entropy(
@@ -68,7 +74,7 @@ def soft_target_cross_entropy(
         raise lsspec.shape_error(fn, "targets", targets.shape, f"the logits' shape {logits.shape}")
     axis = lsspec.check_axis(fn, axis, logits.ndim)
     lsspec.check_choice(fn, "reduction", reduction, lsspec.REDUCTIONS)
-    lsspec.check_smoothing(fn, _concrete_scalar(fn, "smoothing", smoothing))
+    lsspec.check_smoothing(fn, _concrete_smoothing(fn, smoothing))
     z_value = _concrete_scalar(fn, "z_loss", z_loss)
     lsspec.check_z_loss(fn, z_value, from_log_probs=from_log_probs, return_z_loss=return_z_loss)
     num_classes = logits.shape[axis]
@@ -84,7 +90,7 @@ def soft_target_cross_entropy(
     x = jnp.where(keep, jnp.moveaxis(logits, axis, -1), 0).astype(compute_dtype)
     t = jnp.where(keep, jnp.moveaxis(targets, axis, -1), 0).astype(compute_dtype)
     w = 1.0 if weight is None else jax.lax.stop_gradient(jnp.asarray(weight, compute_dtype))
-    eps = jnp.asarray(smoothing, compute_dtype)
+    eps = _smoothing_array(smoothing, compute_dtype)
 
     lse = jnp.zeros(x.shape[:-1], compute_dtype) if from_log_probs else jax.nn.logsumexp(x, axis=-1)
     given = lse * jnp.sum(w * t, axis=-1) - jnp.sum(w * t * x, axis=-1)

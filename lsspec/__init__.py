@@ -44,10 +44,38 @@ def is_number(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+# How far outside [0, 1] a smoothing value may lie and still be taken as in range: the rounding of
+# an in-range value, such as a schedule that ends at 0 (optax.linear_schedule(0.2, 0.0, 10)(10)
+# is -2.98e-9 in float32) or 0.3 - 0.1 * 3 (-5.6e-17). Within UNIT_INTERVAL_ULPS ulps of 1.0, in
+# the option's own dtype (float64 for a Python number), a value is clamped into the interval;
+# farther out it is an error when concrete and gives NaN when traced.
+UNIT_INTERVAL_ULPS = 4
+
+
+def unit_interval_slack(ulp_of_one: float) -> float:
+    """How far outside [0, 1] a value with this ulp (at 1.0) still counts as rounding."""
+    return UNIT_INTERVAL_ULPS * ulp_of_one
+
+
+def snap_to_unit_interval(value: float, ulp_of_one: float) -> float:
+    """``value`` clamped into [0, 1] when it lies within the rounding slack outside it."""
+    slack = unit_interval_slack(ulp_of_one)
+    if -slack <= value < 0.0:
+        return 0.0
+    if 1.0 < value <= 1.0 + slack:
+        return 1.0
+    return value
+
+
 def check_smoothing(fn: str, smoothing: object, name: str = "smoothing") -> None:
-    """Raise unless a concrete ``smoothing`` lies in [0, 1]. Non-numbers are left to the caller."""
+    """Raise unless a concrete ``smoothing`` (already snapped by ``snap_to_unit_interval``) lies
+    in [0, 1]. Non-numbers are left to the caller."""
     if is_number(smoothing) and not (0.0 <= float(smoothing) <= 1.0):
-        raise ValueError(f"{fn}: `{name}` must be in [0, 1]; got {smoothing!r}.")
+        raise ValueError(
+            f"{fn}: `{name}` must be in [0, 1]; got {smoothing!r} (values within "
+            f"{UNIT_INTERVAL_ULPS} ulps outside it, in the option's dtype, count as rounding and "
+            "are clamped)."
+        )
 
 
 def check_axis(fn: str, axis: object, ndim: int, name: str = "axis") -> int:

@@ -8,7 +8,12 @@ from __future__ import annotations
 import torch
 
 import lsspec
-from lstorch.smoothed import _compute_dtype, _concrete_scalar, _reduce
+from lstorch.smoothed import (
+    _compute_dtype,
+    _concrete_smoothing,
+    _reduce,
+    _smoothing_tensor,
+)
 
 
 def sigmoid_binary_cross_entropy(
@@ -42,11 +47,11 @@ def sigmoid_binary_cross_entropy(
     if pos_weight is not None:
         lsspec.check_broadcastable(fn, "pos_weight", tuple(pos_weight.shape), tuple(logits.shape))
     lsspec.check_choice(fn, "reduction", reduction, lsspec.REDUCTIONS)
-    lsspec.check_smoothing(fn, _concrete_scalar(fn, "smoothing", smoothing))
+    lsspec.check_smoothing(fn, _concrete_smoothing(fn, smoothing))
 
     compute_dtype = _compute_dtype(logits.dtype)
     x = logits.to(compute_dtype)
-    eps = torch.as_tensor(smoothing, dtype=compute_dtype, device=x.device).detach()
+    eps = _smoothing_tensor(smoothing, compute_dtype, x.device).detach()
     zero = torch.zeros((), dtype=compute_dtype, device=x.device)
     target = labels.to(compute_dtype) * (1.0 - eps) + eps / 2
     positive = target * torch.logaddexp(-x, zero)

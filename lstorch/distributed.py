@@ -22,7 +22,14 @@ import torch
 import torch.distributed as dist
 
 import lsspec
-from lstorch.smoothed import _compute_dtype, _concrete_scalar, _reduce, _times
+from lstorch.smoothed import (
+    _compute_dtype,
+    _concrete_smoothing,
+    _reduce,
+    _smoothing_tensor,
+    _times,
+    _values_readable,
+)
 
 
 def vocab_parallel_smoothed_cross_entropy(
@@ -79,7 +86,7 @@ def vocab_parallel_smoothed_cross_entropy(
     lsspec.check_options(
         fn,
         num_classes=num_classes,
-        smoothing=_concrete_scalar(fn, "smoothing", smoothing),
+        smoothing=_concrete_smoothing(fn, smoothing),
         convention=convention,
         reduction=reduction,
         pad_index=pad_index,
@@ -91,13 +98,18 @@ def vocab_parallel_smoothed_cross_entropy(
     if pad_index is not None:
         counted = counted & (labels != pad_index)
     bad = counted & ((labels < 0) | (labels >= num_classes))
-    if bool(bad.any()):
+    if _values_readable(bad) and bool(bad.any()):  # not under torch.compile or vmapped labels
         raise lsspec.label_range_error(fn, labels[bad].tolist(), num_classes, ignore_index)
     compute_dtype = _compute_dtype(local_logits.dtype)
-    eps = torch.as_tensor(smoothing, dtype=compute_dtype, device=local_logits.device).detach()
+    eps = _smoothing_tensor(smoothing, compute_dtype, local_logits.device).detach()
     layout = (convention, pad_index, rank * local_classes, num_classes, group)
     loss = _VocabParallelRows.apply(local_logits, labels, counted, eps, layout)
     return _reduce(loss, counted.to(compute_dtype), reduction, None)
+
+
+def _smoothing_invalid(eps: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool: the smoothing (already snapped by ``_smoothing_tensor``) is outside [0, 1]."""
+    return (eps < 0) | (eps > 1)
 
 
 def _local_column(x, classes, start):
@@ -140,6 +152,8 @@ class _VocabParallelRows(torch.autograd.Function):
                 support_sum = support_sum - x_pad
             size = lsspec.support_size(convention, num_classes)
             loss = _times(1.0 - eps, lse - x_y) + _times(eps, lse - support_sum / size)
+            # A (tensor) smoothing outside [0, 1] gives NaN rows, never a plausible number.
+            loss = torch.where(_smoothing_invalid(eps), torch.nan, loss)
             loss = torch.where(counted, loss, 0.0)
         ctx.layout = layout
         ctx.save_for_backward(x, labels, counted, eps, lse)
@@ -161,5 +175,6 @@ class _VocabParallelRows(torch.autograd.Function):
         safe_lse = torch.where(counted, lse, 0.0).unsqueeze(-1)
         grad = torch.exp(x.to(eps.dtype) - safe_lse) - target
         grad = grad * grad_loss.to(eps.dtype).unsqueeze(-1)
+        grad = torch.where(_smoothing_invalid(eps), torch.nan, grad)
         grad = torch.where(counted.unsqueeze(-1), grad, 0.0)
         return grad.to(x.dtype), None, None, None, None

@@ -12,7 +12,14 @@ import torch
 from torch import nn
 
 import lsspec
-from lstorch.smoothed import _compute_dtype, _concrete_scalar, _reduce, _times, _values_readable
+from lstorch.smoothed import (
+    _compute_dtype,
+    _concrete_smoothing,
+    _reduce,
+    _smoothing_tensor,
+    _times,
+    _values_readable,
+)
 
 DEFAULT_CHUNK_SIZE = 2048
 
@@ -57,7 +64,7 @@ def fused_linear_smoothed_cross_entropy(
     lsspec.check_options(
         fn,
         num_classes=num_classes,
-        smoothing=_concrete_scalar(fn, "smoothing", smoothing),
+        smoothing=_concrete_smoothing(fn, smoothing),
         convention=convention,
         reduction=reduction,
         pad_index=pad_index,
@@ -74,7 +81,7 @@ def fused_linear_smoothed_cross_entropy(
         if bool(bad.any()):
             raise lsspec.label_range_error(fn, labels[bad].tolist(), num_classes, ignore_index)
     compute_dtype = _compute_dtype(hidden.dtype)
-    eps = torch.as_tensor(smoothing, dtype=compute_dtype, device=hidden.device).detach()
+    eps = _smoothing_tensor(smoothing, compute_dtype, hidden.device).detach()
     if bias is None:
         bias = torch.zeros(num_classes, dtype=hidden.dtype, device=hidden.device)
     loss, _ = _FusedRows.apply(

@@ -86,6 +86,35 @@ def _concrete_scalar(fn: str, name: str, value: object) -> object:
     return float(value)
 
 
+_FLOAT64_ULP = torch.finfo(torch.float64).eps
+
+
+def _ulp_of_one(value: object) -> float:
+    """The spacing of ``value``'s own float dtype at 1.0 (float64's for a Python number)."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return torch.finfo(value.dtype).eps
+    return _FLOAT64_ULP
+
+
+def _concrete_smoothing(fn: str, value: object, name: str = "smoothing") -> object:
+    """A Python-number smoothing as a float, snapped into [0, 1] when it is only rounding
+    outside it (``lsspec.UNIT_INTERVAL_ULPS``); tensors pass through (never read back)."""
+    concrete = _concrete_scalar(fn, name, value)
+    if lsspec.is_number(concrete):
+        return lsspec.snap_to_unit_interval(concrete, _ulp_of_one(value))
+    return concrete
+
+
+def _smoothing_tensor(value, dtype, device) -> torch.Tensor:
+    """``value`` as a 0-d ``dtype`` tensor on ``device``, clamped into [0, 1] where it lies
+    within the rounding slack outside it (a schedule that ends at 0); farther out it stays out
+    of range, and the rows it reaches are NaN."""
+    slack = lsspec.unit_interval_slack(_ulp_of_one(value))
+    eps = _device_scalar(value, dtype, device)
+    snapped = eps.clamp(0, 1)
+    return torch.where((eps - snapped).abs() <= slack, snapped, eps)
+
+
 def _check_arrays(fn, logits, labels, axis, weight, where, class_mask=None):
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         got = logits.dtype if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -210,6 +239,9 @@ def smoothed_cross_entropy(
     write in backward), float32/bf16/fp16 logits input only; the environment variable
     ``LSTORCH_TRITON=off`` turns them off.
 
+    ``smoothing`` within 4 ulps (in its own dtype) outside [0, 1] is rounding, e.g. a schedule
+    that ends at 0, and is clamped; farther out a number raises and a tensor gives NaN rows.
+
     Returns float32 for bf16/fp16/float32 logits and float64 for float64 logits.
     Labels out of range raise ``ValueError``; inside ``torch.compile`` (where the check would
     break the graph) and under ``torch.func.vmap`` over the labels (per-sample gradients, where
@@ -218,7 +250,7 @@ def smoothed_cross_entropy(
     fn = "smoothed_cross_entropy"
     axis = _check_arrays(fn, logits, labels, axis, weight, where, class_mask)
     num_classes = logits.shape[axis]
-    smoothing_value = _concrete_scalar(fn, "smoothing", smoothing)
+    smoothing_value = _concrete_smoothing(fn, smoothing)
     lsspec.check_options(
         fn,
         num_classes=num_classes,
@@ -247,7 +279,7 @@ def smoothed_cross_entropy(
 
     x = logits.movedim(axis, -1)
     compute_dtype = _compute_dtype(logits.dtype)
-    eps = _device_scalar(smoothing, compute_dtype, logits.device).detach()
+    eps = _smoothing_tensor(smoothing, compute_dtype, logits.device).detach()
     if weight is not None:
         weight = weight.detach().to(compute_dtype)
     if class_mask is not None:

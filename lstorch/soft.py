@@ -8,7 +8,13 @@ from __future__ import annotations
 import torch
 
 import lsspec
-from lstorch.smoothed import _compute_dtype, _concrete_scalar, _reduce
+from lstorch.smoothed import (
+    _compute_dtype,
+    _concrete_scalar,
+    _concrete_smoothing,
+    _reduce,
+    _smoothing_tensor,
+)
 
 
 def soft_target_cross_entropy(
@@ -49,7 +55,7 @@ def soft_target_cross_entropy(
         )
     axis = lsspec.check_axis(fn, axis, logits.ndim)
     lsspec.check_choice(fn, "reduction", reduction, lsspec.REDUCTIONS)
-    lsspec.check_smoothing(fn, _concrete_scalar(fn, "smoothing", smoothing))
+    lsspec.check_smoothing(fn, _concrete_smoothing(fn, smoothing))
     z_value = _concrete_scalar(fn, "z_loss", z_loss)
     lsspec.check_z_loss(fn, z_value, from_log_probs=from_log_probs, return_z_loss=return_z_loss)
     num_classes = logits.shape[axis]
@@ -69,7 +75,7 @@ def soft_target_cross_entropy(
     x = torch.where(keep, logits.movedim(axis, -1), 0).to(compute_dtype)
     t = torch.where(keep, targets.movedim(axis, -1), 0).to(compute_dtype)
     w = 1.0 if weight is None else weight.detach().to(compute_dtype)
-    eps = torch.as_tensor(smoothing, dtype=compute_dtype, device=logits.device).detach()
+    eps = _smoothing_tensor(smoothing, compute_dtype, logits.device).detach()
 
     if from_log_probs:
         lse = torch.zeros(x.shape[:-1], dtype=compute_dtype, device=x.device)
