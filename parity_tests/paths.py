@@ -9,7 +9,8 @@ the registry's own cases and, for each case and dtype, checks the path's outputs
 * against the PLAIN path of the same framework (eager, same dtype, same upstream gradient), and
 * against the twin's float64 NumPy oracle on the same rounded inputs,
 
-with the twin's per-dtype tolerances. The gradient is pulled back with every UPSTREAM gradient
+with the twin's per-dtype tolerances (twice them against the plain path: two approximations of
+one exact value, each within the tolerance of it). The gradient is pulled back with every UPSTREAM gradient
 that users produce, because that is what a backward kernel reads (a 0-d gradient expanded to the
 rows' shape, with stride 0, after a ``"mean"``/``"sum"`` reduction or ``loss.sum()``):
 
@@ -503,11 +504,13 @@ def reaches(twin, path: Path) -> bool | str:
 
 
 def sample(cases: Sequence[dict], size: int | None) -> list[int]:
-    """Indices of at most ``size`` cases (None: all), spread over the grid, always including
-    one case of each reduction the grid has."""
+    """Indices of about ``size`` cases (None: all), spread over the grid, always including one
+    case of each reduction the grid has and every confident-prediction case."""
     if size is None or len(cases) <= size:
         return list(range(len(cases)))
-    chosen = []
+    # Confident-prediction cases are always in: bf16 near softmax(x_y) = 1 is where fast paths
+    # have lost the true-class gradient.
+    chosen = [i for i, case in enumerate(cases) if case.get("confident")]
     for key in ("reduction", "reduce"):
         for value in dict.fromkeys(case[key] for case in cases if key in case):
             chosen.append(next(i for i, case in enumerate(cases) if case.get(key) == value))
@@ -552,7 +555,14 @@ def _check(result, case_name, kind, got, plain, expected, tolerance):
         result.upstream.append(kind)
     result.plain_loss = max(result.plain_loss, max_abs_diff(outputs, plain_out))
     result.plain_grad = max(result.plain_grad, max_abs_diff([grad], [plain_grad]))
-    same = allclose(outputs, plain_out, rtol, atol) and allclose([grad], [plain_grad], rtol, atol)
+    # Against the plain path, twice the tolerance: both sides approximate the same exact value,
+    # each within (rtol, atol) of it (checked against the oracle just below), so they may be up
+    # to twice that apart. Measured: a confident float32 row (softmax(x_y) = 0.99996, logits
+    # ~20, whose ulp is 1.9e-6) puts the Triton and the eager gradient 1.57e-6 and 1.17e-6 from
+    # the oracle on opposite sides, 2.7e-6 apart, where one tolerance is 2.45e-6.
+    same = allclose(outputs, plain_out, 2 * rtol, 2 * atol) and allclose(
+        [grad], [plain_grad], 2 * rtol, 2 * atol
+    )
     if not same:
         result.failures.append(f"{case_name} upstream={kind}: differs from the plain path")
     if expected is not None:

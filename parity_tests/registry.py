@@ -106,6 +106,7 @@ def _smoothed_cases() -> tuple[dict, ...]:
         case["kl"] = index % 4 < 2 and not case["weighted"]
         case["from_log_probs"] = index % 5 == 0
         cases.append(case)
+    plain = dict(ignored=True, weighted=False, axis=-1, masked=False, kl=False)
     for convention in CONVENTIONS:
         cases.append(
             dict(
@@ -122,6 +123,32 @@ def _smoothed_cases() -> tuple[dict, ...]:
                 all_ignored=True,
             )
         )
+        # Confident predictions, softmax(x_y) >= 0.999 in every row: the true-class gradient is
+        # a small difference of two terms near 1 (in bf16, where peers have lost it).
+        cases.append(
+            dict(
+                plain,
+                convention=convention,
+                smoothing=0.1,
+                num_classes=1000,
+                reduction=REDUCTIONS[len(cases) % 3],
+                from_log_probs=False,
+                confident=True,
+            )
+        )
+    # Smoothings that are rounding just outside [0, 1], as a schedule that ends at 0 gives
+    # (0.3 - 0.1 * 3 = -5.6e-17) or a sum that overshoots 1: they count as 0 and 1.
+    for smoothing, reduction in ((0.3 - 0.1 * 3, "mean"), (1.0 + 2.0**-52, "sum")):
+        cases.append(
+            dict(
+                plain,
+                convention="others",
+                smoothing=smoothing,
+                num_classes=3,
+                reduction=reduction,
+                from_log_probs=False,
+            )
+        )
     return tuple(cases)
 
 
@@ -133,6 +160,10 @@ def _smoothed_inputs(rng: np.random.Generator, case: dict):
     if case["from_log_probs"]:
         logits = _log_softmax(logits, axis)
     labels = rng.integers(0, num_classes, size=row_shape)
+    if case.get("confident"):  # the label's logit 12 above the rest: softmax(x_y) >= 0.999
+        moved = np.moveaxis(logits, axis, -1)
+        np.put_along_axis(moved, labels[..., None], moved.max(-1, keepdims=True) + 12.0, -1)
+        logits = np.moveaxis(moved, -1, axis)
     kwargs = dict(
         smoothing=case["smoothing"],
         convention=case["convention"],
