@@ -12,7 +12,14 @@ import torch
 from torch import nn
 
 import lsspec
-from lstorch.smoothed import _compute_dtype, _concrete_scalar, _reduce, _times, _values_readable
+from lstorch.smoothed import (
+    _compute_dtype,
+    _concrete_scalar,
+    _index_labels,
+    _reduce,
+    _times,
+    _values_readable,
+)
 
 DEFAULT_CHUNK_SIZE = 2048
 
@@ -53,6 +60,7 @@ def fused_linear_smoothed_cross_entropy(
     """
     fn = "fused_linear_smoothed_cross_entropy"
     _check_fused(fn, hidden, weight, bias, labels)
+    labels = _index_labels(labels)  # before any comparison, and so weight[labels] indexes
     num_classes = weight.shape[0]
     lsspec.check_options(
         fn,
