@@ -31,6 +31,7 @@ import numpy as np
 import lsspec
 from lsjax.smoothed import (
     _concrete_smoothing,
+    _index_labels,
     _is_traced,
     _reduce,
     _smoothing_array,
@@ -93,7 +94,8 @@ def fused_linear_smoothed_cross_entropy(
       hidden: float array ``(..., D)``: the features that feed the output layer.
       weight: ``(V, D)``, the layout of ``torch.nn.Linear(D, V).weight`` and of a tied embedding
         table: one row per class.
-      labels: int array with the hidden's shape without its last axis.
+      labels: int array with the hidden's shape without its last axis; any integer dtype, as in
+        :func:`lsjax.smoothed_cross_entropy`.
       bias: optional ``(V,)``.
       smoothing: ``eps`` in [0, 1] (may be traced).
       convention: ``"uniform"`` | ``"others"`` | ``"others_but_pad"`` (needs ``pad_index``).
@@ -149,6 +151,7 @@ def _check_fused(fn, hidden, weight, bias, labels):
         raise lsspec.dtype_error(fn, "hidden", hidden.dtype, "a floating dtype")
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise lsspec.dtype_error(fn, "labels", labels.dtype, "an integer dtype")
+    labels = _index_labels(labels)  # before any comparison with ignore_index / pad_index
     lsspec.check_linear_shapes(
         fn, hidden.shape, weight.shape, None if bias is None else jnp.shape(bias), labels.shape
     )

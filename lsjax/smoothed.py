@@ -130,14 +130,29 @@ def _smoothing_array(value: Any, dtype) -> Array:
     return jnp.where(jnp.abs(eps - snapped) <= slack, snapped, eps)
 
 
+def _index_labels(labels: Array) -> Array:
+    """Integer ``labels`` (already checked) in a dtype that holds every class index and every
+    ``ignore_index``/``pad_index``: uint8, int8, uint16 and int16 become int32.
+
+    JAX compares an array with a Python int in the array's dtype, so in uint8 ``-100`` would be
+    156 (a real class, silently ignored) and ``K = 259`` would be 3 (real labels out of range).
+    Widening before any comparison makes narrow labels give exactly what int64 labels give.
+    """
+    if labels.dtype.itemsize < 4:
+        return labels.astype(jnp.int32)
+    return labels
+
+
 def _check_arrays(fn, logits, labels, axis, weight, where, class_mask=None):
-    """Shared input checks; returns (logits, labels, class axis as a non-negative int)."""
+    """Shared input checks; returns (logits, labels widened by :func:`_index_labels`, class
+    axis as a non-negative int)."""
     logits = jnp.asarray(logits)
     labels = jnp.asarray(labels)
     if not jnp.issubdtype(logits.dtype, jnp.floating):
         raise lsspec.dtype_error(fn, "logits", logits.dtype, "a floating dtype")
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise lsspec.dtype_error(fn, "labels", labels.dtype, "an integer dtype")
+    labels = _index_labels(labels)
     if logits.ndim < 1:
         raise lsspec.shape_error(fn, "logits", logits.shape, "at least one dimension")
     axis = lsspec.check_axis(fn, axis, logits.ndim)
@@ -237,7 +252,9 @@ def smoothed_cross_entropy(
 
     Args:
       logits: float array; the class axis is ``axis``. bf16/fp16 are accumulated in float32.
-      labels: int array with the logits' shape minus the class axis.
+      labels: int array with the logits' shape minus the class axis. Any integer dtype (uint8
+        included) gives what int64 labels give; an ``ignore_index`` the dtype cannot hold (-100
+        with uint8 labels) matches no label.
       smoothing: ``eps`` in [0, 1]; a Python float or a scalar array (may be traced).
         A value within ``lsspec.UNIT_INTERVAL_ULPS`` (4) ulps outside [0, 1] in its own dtype
         is rounding (a schedule that ends at 0) and is clamped; farther out it raises when

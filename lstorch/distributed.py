@@ -25,6 +25,7 @@ import lsspec
 from lstorch.smoothed import (
     _compute_dtype,
     _concrete_smoothing,
+    _index_labels,
     _reduce,
     _smoothing_tensor,
     _times,
@@ -69,6 +70,7 @@ def vocab_parallel_smoothed_cross_entropy(
     if (
         not isinstance(labels, torch.Tensor)
         or labels.is_floating_point()
+        or labels.is_complex()
         or labels.dtype == torch.bool
     ):
         got = getattr(labels, "dtype", type(labels).__name__)
@@ -80,6 +82,7 @@ def vocab_parallel_smoothed_cross_entropy(
             tuple(labels.shape),
             f"the logits' shape without the class axis, {tuple(local_logits.shape[:-1])}",
         )
+    labels = _index_labels(labels)  # before any comparison with ignore_index / pad_index
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     local_classes = local_logits.shape[-1]
     num_classes = world * local_classes

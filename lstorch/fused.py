@@ -15,6 +15,7 @@ import lsspec
 from lstorch.smoothed import (
     _compute_dtype,
     _concrete_smoothing,
+    _index_labels,
     _reduce,
     _smoothing_tensor,
     _times,
@@ -60,6 +61,7 @@ def fused_linear_smoothed_cross_entropy(
     """
     fn = "fused_linear_smoothed_cross_entropy"
     _check_fused(fn, hidden, weight, bias, labels)
+    labels = _index_labels(labels)  # before any comparison, and so weight[labels] indexes
     num_classes = weight.shape[0]
     lsspec.check_options(
         fn,

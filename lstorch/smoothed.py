@@ -158,6 +158,17 @@ def _check_arrays(fn, logits, labels, axis, weight, where, class_mask=None):
     return axis
 
 
+def _index_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Integer ``labels`` (already checked) as int64, the dtype torch indexes with.
+
+    In a narrower dtype ``gather`` refuses the labels, ``weight[labels]`` reads uint8 labels as
+    a boolean mask, uint16 has no ``<`` on the CPU, and a comparison with a Python int is made
+    in the labels' dtype (uint8: ``-100`` is 156, ``K = 259`` is 3). Widening before any of
+    those makes narrow labels give exactly what int64 labels give. A no-op for int64.
+    """
+    return labels.to(torch.int64)
+
+
 def _values_readable(tensor: torch.Tensor) -> bool:
     """Whether the host can read ``tensor``'s values: not inside ``torch.compile`` (the read
     would break the graph) and not batched by ``torch.func.vmap`` (a vmapped value cannot be
@@ -242,6 +253,9 @@ def smoothed_cross_entropy(
     ``smoothing`` within 4 ulps (in its own dtype) outside [0, 1] is rounding, e.g. a schedule
     that ends at 0, and is clamped; farther out a number raises and a tensor gives NaN rows.
 
+    Labels of any integer dtype (uint8 included) give what int64 labels give; an
+    ``ignore_index`` the dtype cannot hold (-100 with uint8 labels) matches no label.
+
     Returns float32 for bf16/fp16/float32 logits and float64 for float64 logits.
     Labels out of range raise ``ValueError``; inside ``torch.compile`` (where the check would
     break the graph) and under ``torch.func.vmap`` over the labels (per-sample gradients, where
@@ -249,6 +263,7 @@ def smoothed_cross_entropy(
     """
     fn = "smoothed_cross_entropy"
     axis = _check_arrays(fn, logits, labels, axis, weight, where, class_mask)
+    labels = _index_labels(labels)  # before any comparison with ignore_index / pad_index
     num_classes = logits.shape[axis]
     smoothing_value = _concrete_smoothing(fn, smoothing)
     lsspec.check_options(
