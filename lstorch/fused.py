@@ -133,11 +133,20 @@ def _chunk_logits(hidden, weight, bias, start, stop, compute_dtype):
     return torch.addmm(bias[start:stop].to(compute_dtype), hidden, weight_chunk.T)
 
 
+def _counted_rows_only(hidden, counted):
+    """``hidden`` with the rows that do not count replaced by zeros (a select, not a product).
+
+    Their loss and ``coeff`` rows are 0 anyway, but ``d weight = coeff.T @ hidden`` would still
+    multiply those zeros by the row's features: ``0 * inf`` and ``0 * NaN`` are NaN.
+    """
+    return torch.where(counted.unsqueeze(-1), hidden, 0.0)
+
+
 def _terms(options, hidden, weight, bias, labels, counted, eps):
     convention, pad_index, chunk_size = options
     compute_dtype = eps.dtype
     num_classes = weight.shape[0]
-    hidden = hidden.to(compute_dtype)
+    hidden = _counted_rows_only(hidden.to(compute_dtype), counted)
     lse = torch.full(labels.shape, -torch.inf, dtype=compute_dtype, device=hidden.device)
     for start, stop in _chunks(num_classes, chunk_size):
         logits = _chunk_logits(hidden, weight, bias, start, stop, compute_dtype)
@@ -195,7 +204,7 @@ class _FusedRows(torch.autograd.Function):
         safe_lse = torch.where(counted, lse, 0.0).unsqueeze(-1)
         on_true = 1.0 - eps
         per_class = eps / size
-        hidden_c = hidden.to(compute_dtype)
+        hidden_c = _counted_rows_only(hidden.to(compute_dtype), counted)
         d_hidden = torch.zeros_like(hidden_c)
         d_weight = torch.empty_like(weight)
         d_bias = torch.empty_like(bias)
