@@ -285,10 +285,19 @@ def _column(options, hidden, weight, bias, classes, start):
     return _psum(jnp.where(here, value, 0.0), options)
 
 
+def _counted_rows_only(hidden, counted):
+    """``hidden`` with the rows that do not count replaced by zeros (a select, not a product).
+
+    Their loss and ``coeff`` rows are 0 anyway, but ``d weight = coeff.T @ hidden`` would still
+    multiply those zeros by the row's features: ``0 * inf`` and ``0 * NaN`` are NaN.
+    """
+    return jnp.where(counted[:, None], hidden, 0.0)
+
+
 def _fused_terms(options, hidden, weight, bias, labels, counted, eps):
     compute_dtype = eps.dtype
     start, num_classes = _vocab_layout(options, weight.shape[0])
-    hidden = hidden.astype(compute_dtype)
+    hidden = _counted_rows_only(hidden.astype(compute_dtype), counted)
     lse = _local_lse(options, hidden, weight, bias, compute_dtype)
     in_range = (labels >= 0) & (labels < num_classes)
     safe_labels = jnp.where(counted & in_range, labels, 0)
@@ -340,7 +349,7 @@ def _fused_rows_bwd(options, residuals, grad_rows):
     safe_lse = jnp.where(counted, lse, 0.0)[:, None]
     on_true = 1.0 - eps
     per_class = eps / size
-    hidden_c = hidden.astype(compute_dtype)
+    hidden_c = _counted_rows_only(hidden.astype(compute_dtype), counted)
     local_classes = weight.shape[0]
     chunk, count = _chunking(local_classes, options.chunk_size)
 

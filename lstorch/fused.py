@@ -3,10 +3,14 @@
 Twin of ``lsjax.fused_linear_smoothed_cross_entropy`` (same name, keywords and meaning). The core
 is a ``torch.autograd.Function`` that walks the vocabulary in chunks of ``chunk_size`` classes,
 saves only the inputs and the per-row logsumexp for backward, and recomputes each chunk's logits
-there.
+there. Under ``torch.autocast`` the inputs are rounded as ``F.linear`` would cast them, in both
+passes alike (see the function's docstring).
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -57,10 +61,29 @@ def fused_linear_smoothed_cross_entropy(
 
     ``weight`` is ``(V, D)``, the layout of ``nn.Linear(D, V).weight`` and of a tied embedding.
     Returns float32 for bf16/fp16/float32 inputs (every logit, lse and sum accumulated in
-    float32), float64 for float64; gradients come back in the inputs' dtypes.
+    float32), float64 for float64; gradients come back in the inputs' dtypes. Outside
+    ``torch.autocast``, ``hidden``, ``weight`` and ``bias`` must share one dtype.
+
+    Under ``torch.autocast`` (enabled for the hidden's device type), the inputs are what
+    ``F.linear`` would make of them: ``hidden``, ``weight`` and ``bias``, whatever their dtypes
+    (float64 excepted, which autocast leaves alone), are rounded to the autocast dtype
+    (``torch.get_autocast_dtype(device_type)``), so a bf16 hidden from an autocast layer meets a
+    float32 head weight as it would in ``F.linear``. From those rounded values on, both passes
+    compute as for bf16/fp16 inputs, with autocast switched off inside: every logit, the lse, the
+    sums and the softmax in float32, the forward's and the backward's chunk products alike (so the
+    backward differentiates exactly the loss the forward returned). The rounding is done chunk by
+    chunk: no copy of the weight in the autocast dtype is made or saved. Gradients come back in
+    each input's own dtype (a float32 weight gets a float32 gradient), as autograd returns them
+    through autocast's casts, but computed in float32 and not rounded to the autocast dtype first.
+    The result is the loss of the rounded inputs to float32 accuracy; against
+    ``F.cross_entropy(F.linear(...))`` under the same autocast it differs by that path's
+    rounding of the logits to the autocast dtype. Under ``torch.compile``, Inductor skips the
+    rounding of a float32 input (it does not round at a cast inside a fused kernel unless
+    ``torch._inductor.config.emulate_precision_casts`` is set): the loss is then that of the
+    unrounded inputs, and the backward still differentiates the loss returned.
     """
     fn = "fused_linear_smoothed_cross_entropy"
-    _check_fused(fn, hidden, weight, bias, labels)
+    operand_dtype = _check_fused(fn, hidden, weight, bias, labels)
     labels = _index_labels(labels)  # before any comparison, and so weight[labels] indexes
     num_classes = weight.shape[0]
     lsspec.check_options(
@@ -82,7 +105,7 @@ def fused_linear_smoothed_cross_entropy(
         bad = counted & ((labels < 0) | (labels >= num_classes))
         if bool(bad.any()):
             raise lsspec.label_range_error(fn, labels[bad].tolist(), num_classes, ignore_index)
-    compute_dtype = _compute_dtype(hidden.dtype)
+    compute_dtype = _compute_dtype(operand_dtype)
     eps = _smoothing_tensor(smoothing, compute_dtype, hidden.device).detach()
     if bias is None:
         bias = torch.zeros(num_classes, dtype=hidden.dtype, device=hidden.device)
@@ -93,12 +116,38 @@ def fused_linear_smoothed_cross_entropy(
         labels.reshape(-1),
         counted.reshape(-1),
         eps,
-        (convention, pad_index, chunk_size),
+        _Options(convention, pad_index, chunk_size, operand_dtype),
     )
     return _reduce(loss.reshape(labels.shape), counted.to(compute_dtype), reduction, None)
 
 
-def _check_fused(fn, hidden, weight, bias, labels):
+class _Options(NamedTuple):
+    """The static options of the fused core."""
+
+    convention: str
+    pad_index: int | None
+    chunk_size: int
+    operand_dtype: torch.dtype  # what hidden, weight and bias are rounded to (autocast's dtype)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` casts ``F.linear``'s inputs to on ``device_type``; None
+    outside an autocast region for that device type."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _autocast_off(device_type: str):
+    """A context in which autocast leaves this device type's operations alone."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _check_fused(fn, hidden, weight, bias, labels) -> torch.dtype:
+    """Checks the inputs; returns the dtype the products see (the operand dtype): the hidden's,
+    or under ``torch.autocast`` the one ``F.linear`` would cast its inputs to."""
     for name, tensor in (("hidden", hidden), ("weight", weight), ("bias", bias)):
         if name == "bias" and tensor is None:
             continue
@@ -124,10 +173,18 @@ def _check_fused(fn, hidden, weight, bias, labels):
     def name(dtype):  # "float32", as JAX spells it, so both frameworks say the same words
         return str(dtype).removeprefix("torch.")
 
-    if weight.dtype != hidden.dtype:
+    autocast_dtype = _autocast_dtype(hidden.device.type)
+
+    def operand(dtype):  # autocast casts every floating input but float64, as F.linear's
+        if autocast_dtype is None or dtype == torch.float64:
+            return dtype
+        return autocast_dtype
+
+    if operand(weight.dtype) != operand(hidden.dtype):
         raise lsspec.dtype_mismatch_error(fn, "weight", name(weight.dtype), name(hidden.dtype))
-    if bias is not None and bias.dtype != hidden.dtype:
+    if bias is not None and operand(bias.dtype) != operand(hidden.dtype):
         raise lsspec.dtype_mismatch_error(fn, "bias", name(bias.dtype), name(hidden.dtype))
+    return operand(hidden.dtype)
 
 
 def _chunks(num_classes: int, chunk_size: int):
@@ -136,31 +193,61 @@ def _chunks(num_classes: int, chunk_size: int):
     ]
 
 
-def _chunk_logits(hidden, weight, bias, start, stop, compute_dtype):
-    """Logits of classes [start, stop) in ``compute_dtype``: (N, stop - start)."""
-    weight_chunk = weight[start:stop].to(compute_dtype)
-    return torch.addmm(bias[start:stop].to(compute_dtype), hidden, weight_chunk.T)
+def _operand(tensor, operand_dtype, compute_dtype):
+    """``tensor`` rounded to ``operand_dtype`` (what autocast's cast gives ``F.linear``; a no-op
+    outside autocast), in ``compute_dtype``."""
+    return tensor.to(operand_dtype).to(compute_dtype)
+
+
+def _chunk_logits(hidden, weight, bias, start, stop, operand_dtype, compute_dtype):
+    """Logits of classes [start, stop) in ``compute_dtype``: (N, stop - start). ``hidden`` is
+    already the operand in ``compute_dtype``."""
+    weight_chunk = _operand(weight[start:stop], operand_dtype, compute_dtype)
+    bias_chunk = _operand(bias[start:stop], operand_dtype, compute_dtype)
+    return torch.addmm(bias_chunk, hidden, weight_chunk.T)
+
+
+def _weight_column_sum(weight, chunk_size, operand_dtype, compute_dtype):
+    """``sum_c weight[c]`` of the operand, in ``compute_dtype``: (D,)."""
+    if weight.dtype == operand_dtype:
+        return weight.sum(0, dtype=compute_dtype)
+    # Rounded chunk by chunk, so that no copy of the whole weight in operand_dtype is made.
+    total = torch.zeros(weight.shape[1], dtype=compute_dtype, device=weight.device)
+    for start, stop in _chunks(weight.shape[0], chunk_size):
+        total += _operand(weight[start:stop], operand_dtype, compute_dtype).sum(0)
+    return total
+
+
+def _counted_rows_only(hidden, counted):
+    """``hidden`` with the rows that do not count replaced by zeros (a select, not a product).
+
+    Their loss and ``coeff`` rows are 0 anyway, but ``d weight = coeff.T @ hidden`` would still
+    multiply those zeros by the row's features: ``0 * inf`` and ``0 * NaN`` are NaN.
+    """
+    return torch.where(counted.unsqueeze(-1), hidden, 0.0)
 
 
 def _terms(options, hidden, weight, bias, labels, counted, eps):
-    convention, pad_index, chunk_size = options
+    convention, pad_index, chunk_size, operand_dtype = options
     compute_dtype = eps.dtype
     num_classes = weight.shape[0]
-    hidden = hidden.to(compute_dtype)
+    hidden = _counted_rows_only(_operand(hidden, operand_dtype, compute_dtype), counted)
     lse = torch.full(labels.shape, -torch.inf, dtype=compute_dtype, device=hidden.device)
     for start, stop in _chunks(num_classes, chunk_size):
-        logits = _chunk_logits(hidden, weight, bias, start, stop, compute_dtype)
+        logits = _chunk_logits(hidden, weight, bias, start, stop, operand_dtype, compute_dtype)
         lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
     in_range = (labels >= 0) & (labels < num_classes)
     safe_labels = torch.where(counted & in_range, labels, 0)
 
     def column(classes):
-        rows = weight[classes].to(compute_dtype)
-        return (hidden * rows).sum(-1) + bias[classes].to(compute_dtype)
+        rows = _operand(weight[classes], operand_dtype, compute_dtype)
+        return (hidden * rows).sum(-1) + _operand(bias[classes], operand_dtype, compute_dtype)
 
     x_y = column(safe_labels)
     # sum_c x_c = hidden . (sum_c weight_c) + sum_c bias_c: rank 1, no pass over the logits.
-    support_sum = hidden @ weight.sum(0, dtype=compute_dtype) + bias.sum(dtype=compute_dtype)
+    weight_sum = _weight_column_sum(weight, chunk_size, operand_dtype, compute_dtype)
+    bias_sum = _operand(bias, operand_dtype, compute_dtype).sum()
+    support_sum = hidden @ weight_sum + bias_sum
     if convention != "uniform":
         support_sum = support_sum - x_y
     if convention == "others_but_pad":
@@ -177,7 +264,9 @@ class _FusedRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, counted, eps, options):
-        with torch.no_grad():
+        # Autocast off in both passes: the products see the operands rounded by _operand, in
+        # float32, the same in forward and backward.
+        with torch.no_grad(), _autocast_off(hidden.device.type):
             loss, lse = _terms(options, hidden, weight, bias, labels, counted, eps)
         ctx.options = options
         ctx.save_for_backward(hidden, weight, bias, labels, counted, eps, lse)
@@ -191,7 +280,7 @@ class _FusedRows(torch.autograd.Function):
         coeff``, with ``q_c = (1 - eps) [c = y] + eps / |S| [c in S]``."""
         del grad_lse  # lse is an internal statistic, never differentiated.
         hidden, weight, bias, labels, counted, eps, lse = ctx.saved_tensors
-        convention, pad_index, chunk_size = ctx.options
+        convention, pad_index, chunk_size, operand_dtype = ctx.options
         compute_dtype = eps.dtype
         num_classes = weight.shape[0]
         size = lsspec.support_size(convention, num_classes)
@@ -204,13 +293,15 @@ class _FusedRows(torch.autograd.Function):
         safe_lse = torch.where(counted, lse, 0.0).unsqueeze(-1)
         on_true = 1.0 - eps
         per_class = eps / size
-        hidden_c = hidden.to(compute_dtype)
+        hidden_c = _counted_rows_only(_operand(hidden, operand_dtype, compute_dtype), counted)
         d_hidden = torch.zeros_like(hidden_c)
         d_weight = torch.empty_like(weight)
         d_bias = torch.empty_like(bias)
-        with torch.no_grad():
+        with torch.no_grad(), _autocast_off(hidden.device.type):
             for start, stop in _chunks(num_classes, chunk_size):
-                coeff = _chunk_logits(hidden_c, weight, bias, start, stop, compute_dtype)
+                coeff = _chunk_logits(
+                    hidden_c, weight, bias, start, stop, operand_dtype, compute_dtype
+                )
                 coeff.sub_(safe_lse).exp_()  # softmax, in the logits' buffer
                 classes = torch.arange(start, stop, device=hidden.device).unsqueeze(0)
                 is_target = classes == safe_labels
@@ -224,7 +315,7 @@ class _FusedRows(torch.autograd.Function):
                 coeff.mul_(scale)
                 # Select, do not multiply: 0 * NaN would leak a non-counted row's NaN features.
                 coeff.masked_fill_(~keep, 0.0)
-                weight_chunk = weight[start:stop].to(compute_dtype)
+                weight_chunk = _operand(weight[start:stop], operand_dtype, compute_dtype)
                 d_hidden.addmm_(coeff, weight_chunk)
                 d_weight[start:stop] = (coeff.T @ hidden_c).to(weight.dtype)
                 d_bias[start:stop] = coeff.sum(0).to(bias.dtype)
@@ -237,7 +328,8 @@ class FusedLinearSmoothedCrossEntropyLoss(nn.Module):
     ``forward(hidden, weight, labels, bias=None)`` takes the output layer's parameters, so a
     model keeps its own ``nn.Linear`` (or tied embedding) and hands ``head.weight`` /
     ``head.bias`` here instead of calling the head. As ``SmoothedCrossEntropyLoss``, the default
-    reduction is ``"mean"`` and ``ignore_index`` defaults to -100.
+    reduction is ``"mean"`` and ``ignore_index`` defaults to -100. Under ``torch.autocast`` the
+    inputs are rounded as ``F.linear`` would cast them (see the function).
 
     Example::
 

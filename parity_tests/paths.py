@@ -10,9 +10,10 @@ the registry's own cases and, for each case and dtype, checks the path's outputs
 * against the twin's float64 NumPy oracle on the same rounded inputs,
 
 with the twin's per-dtype tolerances (twice them against the plain path: two approximations of
-one exact value, each within the tolerance of it). The gradient is pulled back with every UPSTREAM gradient
-that users produce, because that is what a backward kernel reads (a 0-d gradient expanded to the
-rows' shape, with stride 0, after a ``"mean"``/``"sum"`` reduction or ``loss.sum()``):
+one exact value, each within the tolerance of it). The gradient is pulled back with every
+UPSTREAM gradient that users produce, because that is what a backward kernel reads (a 0-d
+gradient expanded to the rows' shape, with stride 0, after a ``"mean"``/``"sum"`` reduction or
+``loss.sum()``):
 
 * ``random``: a random cotangent of each output's shape (non-scalar for per-row losses);
 * ``sum``: ``loss.sum()`` (``jnp.sum``), summed over the outputs;

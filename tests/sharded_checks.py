@@ -138,6 +138,24 @@ def main() -> None:
         ]
         compiled = jax.jit(split).lower(*placed).compile()
         got = compiled(*placed)
+        # NaN, +inf, -inf in the hidden of the ignored rows: the same loss and gradients, bit
+        # for bit (those rows enter the core as zeros), and nothing non-finite.
+        poisoned = hidden.copy()
+        ignored = np.flatnonzero(labels == -100)
+        poisoned[ignored] = np.resize([np.nan, np.inf, -np.inf], len(ignored))[:, None]
+        poisoned_got = compiled(
+            jax.device_put(poisoned, NamedSharding(mesh, PartitionSpec("batch", None))),
+            *placed[1:],
+        )
+        poisoned_leaves = [np.asarray(a) for a in jax.tree.leaves(poisoned_got)]
+        non_finite_reaches_nothing = bool(
+            len(ignored) > 0
+            and all(np.isfinite(a).all() for a in poisoned_leaves)
+            and all(
+                np.array_equal(a, np.asarray(b))
+                for a, b in zip(poisoned_leaves, jax.tree.leaves(got), strict=True)
+            )
+        )
         # The dense single-device loss, too (the fused loss's own reference).
         dense = lsjax.smoothed_cross_entropy(
             jnp.asarray(logits),
@@ -155,6 +173,7 @@ def main() -> None:
                 scales=[float(np.max(np.abs(np.asarray(b)))) for b in flat_expected],
                 dense_diff=float(np.max(np.abs(np.asarray(got[0]) - np.asarray(dense)))),
                 biggest_all_gather=biggest(all_gathers(compiled.as_text())),
+                non_finite_reaches_nothing=non_finite_reaches_nothing,
                 # Bit-for-bit: every device's copy of the (replicated) loss is the same.
                 replicas_identical=bool(
                     reduction == "none"

@@ -5,8 +5,9 @@ The device count is fixed when JAX is imported, so every JAX check runs in ONE s
 test reads its JSON. Checked, for the sharded logits (``smoothed_cross_entropy`` under jit with a
 NamedSharding) and the sharded weight (``sharded_fused_linear_smoothed_cross_entropy``):
 single-device loss and gradients (global K, sums and 'mean' denominator), the same loss bytes on
-every device, and no all-gather of a rows x V array in the compiled HLO (a control shows the
-HLO reader does see one when the program asks for it).
+every device, NaN/inf hidden in ignored rows changing nothing (fused), and no all-gather of a
+rows x V array in the compiled HLO (a control shows the HLO reader does see one when the program
+asks for it).
 """
 
 import json
@@ -49,3 +50,4 @@ def test_sharded_weight_gives_the_single_device_fused_and_dense_results(results)
         assert case["dense_diff"] <= 4 * RTOL * case["scales"][0], case
         assert case["replicas_identical"], case
         assert case["biggest_all_gather"] < results["rows_x_vocab_per_device"], case
+        assert case["non_finite_reaches_nothing"], case
