@@ -1,0 +1,109 @@
+"""Per-sample gradients, as Opacus-style code computes them: ``torch.func.vmap`` of
+``torch.func.grad`` over a batch of examples, each with its own labels and ``where`` mask, the
+parameters given by ``torch.func.functional_call``. Every lstorch function that takes labels must
+work there and give, per example, the gradient a loop of plain ``backward`` calls gives.
+
+Under ``vmap`` a label's value cannot be read (no data-dependent control flow), so the label
+range is not checked there: an out-of-range label makes that example's loss and gradient NaN,
+as under ``torch.compile``, and leaves the other examples alone.
+"""
+
+import numpy as np
+import pytest
+import torch
+from torch.func import functional_call, grad, vmap
+
+import lstorch
+import lstorch.compat
+
+K, FEATURES, TOKENS = 6, 4, 3
+CLASS_WEIGHT = torch.linspace(0.5, 2.0, K, dtype=torch.float64)
+
+
+def _head():
+    torch.manual_seed(0)
+    return torch.nn.Linear(FEATURES, K, dtype=torch.float64)
+
+
+# name -> loss(logits (TOKENS, K), labels (TOKENS,), where (TOKENS,) bool)
+LOSSES = {
+    "smoothed_cross_entropy": lambda x, y, m: lstorch.smoothed_cross_entropy(
+        x, y, smoothing=0.1, convention="others", where=m, weight=CLASS_WEIGHT, reduction="sum"
+    ),
+    "smoothed_cross_entropy (others_but_pad, kl, ignore_index)": lambda x, y, m: (
+        lstorch.smoothed_cross_entropy(
+            x, y, smoothing=0.2, convention="others_but_pad", pad_index=0, kl=True,
+            ignore_index=-100, where=m, reduction="mean",
+        )
+    ),
+    "SmoothedCrossEntropyLoss": lambda x, y, m: lstorch.SmoothedCrossEntropyLoss(
+        smoothing=0.1, weight=CLASS_WEIGHT
+    )(x, y, m),
+    "class_mask and z_loss": lambda x, y, m: lstorch.smoothed_cross_entropy(
+        x, y, smoothing=0.1, class_mask=torch.arange(K) != 0, z_loss=1e-2, where=m,
+        reduction="sum",
+    ),
+    "label_smoothing_loss": lambda x, y, m: lstorch.label_smoothing_loss(
+        x, y, classes=K, smoothing=0.1
+    ),
+    "kl_label_smoothing_loss": lambda x, y, m: lstorch.kl_label_smoothing_loss(
+        x.log_softmax(-1), y, label_smoothing=0.1, tgt_vocab_size=K, ignore_index=0
+    ),
+    "compat.fairseq": lambda x, y, m: lstorch.compat.fairseq.label_smoothed_nll_loss(
+        x.log_softmax(-1), y, 0.1, ignore_index=1
+    )[0],
+    "compat.hf": lambda x, y, m: lstorch.compat.hf.label_smoother(x[None], y[None], epsilon=0.1),
+    "compat.t5x": lambda x, y, m: lstorch.compat.t5x.compute_weighted_cross_entropy(
+        x, y, label_smoothing=0.1, weights=m.to(x.dtype)
+    )[0],
+    "compat.timm": lambda x, y, m: lstorch.compat.timm.label_smoothing_cross_entropy(
+        x, y, smoothing=0.1
+    ),
+}  # fmt: skip
+
+
+def _batch(size=4, seed=0):
+    rng = np.random.default_rng(seed)
+    inputs = torch.as_tensor(rng.standard_normal((size, TOKENS, FEATURES)))
+    labels = torch.as_tensor(rng.integers(1, K, (size, TOKENS)))
+    where = torch.as_tensor(rng.random((size, TOKENS)) < 0.8)
+    where[:, 0] = True  # every example has a row that counts
+    return inputs, labels, where
+
+
+def _per_sample(loss, head, inputs, labels, where):
+    params = {name: p.detach() for name, p in head.named_parameters()}
+
+    def example_loss(params, x, y, m):
+        return loss(functional_call(head, params, (x,)), y, m)
+
+    return vmap(grad(example_loss), in_dims=(None, 0, 0, 0))(params, inputs, labels, where)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_vmapped_per_sample_gradients_equal_a_loop_of_backward_calls(name):
+    loss, head = LOSSES[name], _head()
+    inputs, labels, where = _batch()
+    batched = _per_sample(loss, head, inputs, labels, where)
+    for index in range(len(inputs)):
+        head.zero_grad()
+        loss(head(inputs[index]), labels[index], where[index]).backward()
+        for param_name, param in head.named_parameters():
+            torch.testing.assert_close(
+                batched[param_name][index], param.grad, rtol=1e-12, atol=1e-14
+            )
+
+
+def test_an_out_of_range_label_under_vmap_is_nan_for_its_example_only():
+    head = _head()
+    inputs, labels, where = _batch()
+    labels[2, 1] = K + 3  # out of range; outside vmap this raises
+    where[2, 1] = True
+    loss = LOSSES["smoothed_cross_entropy"]
+    with pytest.raises(ValueError, match="out-of-range values"):
+        loss(head(inputs[2]), labels[2], where[2])
+    batched = _per_sample(loss, head, inputs, labels, where)
+    for param_name in batched:
+        per_example = batched[param_name].reshape(len(inputs), -1)
+        assert torch.isnan(per_example[2]).all(), param_name
+        assert torch.isfinite(per_example[[0, 1, 3]]).all(), param_name
