@@ -152,6 +152,8 @@ def _to_jax(value: Any, float_dtype) -> Any:
         if np.issubdtype(value.dtype, np.floating):
             return jnp.asarray(value, float_dtype)
         if np.issubdtype(value.dtype, np.integer):
+            if value.dtype.itemsize < 4:  # narrow labels (uint8, int16, ...) keep their dtype
+                return jnp.asarray(value)
             return jnp.asarray(value, jnp.int64 if float_dtype == jnp.float64 else jnp.int32)
         return jnp.asarray(value)
     return value
@@ -162,6 +164,8 @@ def _to_torch(value: Any, float_dtype) -> Any:
         if np.issubdtype(value.dtype, np.floating):
             return torch.tensor(value, dtype=float_dtype)
         if np.issubdtype(value.dtype, np.integer):
+            if value.dtype.itemsize < 4:  # narrow labels (uint8, int16, ...) keep their dtype
+                return torch.from_numpy(value.copy())
             return torch.tensor(value, dtype=torch.int64)
         return torch.tensor(value)
     return value

@@ -74,7 +74,7 @@ def smoothed_cross_entropy(
     gradient ``2 z lse softmax``; ``return_z_loss`` returns ``(loss, z_part)``.
     """
     x = np.moveaxis(np.asarray(logits, np.float64), axis, -1)
-    labels = np.asarray(labels)
+    labels = np.asarray(labels).astype(np.int64)  # the values, whatever their dtype
     num_classes = x.shape[-1]
     eps = float(smoothing)
     w = np.ones(num_classes) if weight is None else np.asarray(weight, np.float64)

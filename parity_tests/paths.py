@@ -504,14 +504,19 @@ def reaches(twin, path: Path) -> bool | str:
     return twin.unreachable.get(path.name, True)
 
 
+ALWAYS_SAMPLED = ("confident", "label_dtype")  # case keys that put a case in every sample
+
+
 def sample(cases: Sequence[dict], size: int | None) -> list[int]:
     """Indices of about ``size`` cases (None: all), spread over the grid, always including one
-    case of each reduction the grid has and every confident-prediction case."""
+    case of each reduction the grid has and every case of the special classes
+    (:data:`ALWAYS_SAMPLED`)."""
     if size is None or len(cases) <= size:
         return list(range(len(cases)))
-    # Confident-prediction cases are always in: bf16 near softmax(x_y) = 1 is where fast paths
-    # have lost the true-class gradient.
-    chosen = [i for i, case in enumerate(cases) if case.get("confident")]
+    # The registry's special classes are always in: confident predictions (bf16 near
+    # softmax(x_y) = 1 is where fast paths have lost the true-class gradient) and narrow label
+    # dtypes (a kernel reading uint8 labels as int64 would read garbage).
+    chosen = [i for i, case in enumerate(cases) if set(case) & set(ALWAYS_SAMPLED)]
     for key in ("reduction", "reduce"):
         for value in dict.fromkeys(case[key] for case in cases if key in case):
             chosen.append(next(i for i, case in enumerate(cases) if case.get(key) == value))

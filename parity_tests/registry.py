@@ -136,6 +136,25 @@ def _smoothed_cases() -> tuple[dict, ...]:
                 confident=True,
             )
         )
+    # Narrow label dtypes, as segmentation masks and token ids often come: uint8 labels up to
+    # 255 with K = 259 (in uint8 a comparison with K or with ignore_index=-100 would wrap), and
+    # int8 / int16 labels with ignored rows labelled -100.
+    for label_dtype, num_classes, reduction in (
+        ("uint8", 259, "none"),
+        ("int8", 3, "mean"),
+        ("int16", 1000, "sum"),
+    ):
+        cases.append(
+            dict(
+                plain,
+                convention="others",
+                smoothing=0.1,
+                num_classes=num_classes,
+                reduction=reduction,
+                from_log_probs=False,
+                label_dtype=label_dtype,
+            )
+        )
     # Smoothings that are rounding just outside [0, 1], as a schedule that ends at 0 gives
     # (0.3 - 0.1 * 3 = -5.6e-17) or a sum that overshoots 1: they count as 0 and 1.
     for smoothing, reduction in ((0.3 - 0.1 * 3, "mean"), (1.0 + 2.0**-52, "sum")):
@@ -182,6 +201,11 @@ def _smoothed_inputs(rng: np.random.Generator, case: dict):
         kwargs["weight"] = rng.uniform(0.5, 2.0, size=num_classes)
     if case["masked"]:
         kwargs["where"] = rng.random(row_shape) < 0.8
+    if "label_dtype" in case:
+        if case["label_dtype"] == "uint8":  # -100 does not fit: the largest labels instead
+            labels = np.where(labels < 0, 255, np.minimum(labels, 255))
+            labels.flat[0] = 156  # -100 wrapped to uint8: must count, not be ignored
+        labels = labels.astype(case["label_dtype"])
     return (logits, labels), kwargs
 
 
