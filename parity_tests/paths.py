@@ -504,7 +504,8 @@ def reaches(twin, path: Path) -> bool | str:
     return twin.unreachable.get(path.name, True)
 
 
-ALWAYS_SAMPLED = ("confident", "label_dtype")  # case keys that put a case in every sample
+# Case keys that put a case in every sample: the registry's special classes.
+ALWAYS_SAMPLED = ("confident", "label_dtype", "masked_far_above")
 
 
 def sample(cases: Sequence[dict], size: int | None) -> list[int]:

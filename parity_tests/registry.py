@@ -393,6 +393,21 @@ def _mask_z_cases() -> tuple[dict, ...]:
         case["kl"] = index % 2 == 0
         case["ignored"] = index % 3 != 1
         cases.append(case)
+    # Masked logits far above every allowed one (a model's masked classes hold any value): 200
+    # above the allowed max overflows exp() in float32 if the stabilising max spans them.
+    for index, convention in enumerate(CONVENTIONS):
+        cases.append(
+            dict(
+                convention=convention,
+                num_classes=(1000, 3, 1000)[index],
+                extra="mask_high",
+                smoothing=0.1,
+                reduction=REDUCTIONS[index],
+                kl=False,
+                ignored=True,
+                masked_far_above=True,
+            )
+        )
     return tuple(cases)
 
 
@@ -418,6 +433,8 @@ def _mask_z_inputs(rng: np.random.Generator, case: dict):
         kwargs["class_mask"] = allowed
         if case["extra"] == "mask_inf":
             logits[:, ~allowed] = -np.inf
+        if case["extra"] == "mask_high":
+            logits[:, ~allowed] = logits[:, allowed].max() + 200.0
     if "z" in case["extra"]:
         kwargs["z_loss"] = 0.1  # large beside T5X's 1e-4, so its term is well above rounding
         kwargs["return_z_loss"] = "return" in case["extra"]
