@@ -10,7 +10,11 @@ Megatron-LM#737).
 
 Communication per call: two all-reduces of O(rows) values (the max; then the sum-exp, the
 target's logit, the sum of the logits and the pad's logit packed in one tensor). Backward needs
-none: ``g * (softmax - q)`` on the local slice uses the global lse saved by the forward.
+none: ``g * (softmax - q)`` on the local slice uses the global lse saved by the forward. A
+backward that will be differentiated again (``create_graph=True``, forward over reverse)
+recomputes the global lse through a differentiable all-reduce (one more of O(rows) values, and
+one in its own backward), so that Hessian-vector products are exact; forward mode (``jvp``,
+``torch.autograd.forward_ad``) all-reduces the rows' O(rows) tangents once.
 
 The JAX counterparts are ``lsjax.smoothed_cross_entropy`` on logits placed by a
 ``NamedSharding`` and ``lsjax.sharded.sharded_fused_linear_smoothed_cross_entropy``.
@@ -25,11 +29,13 @@ import lsspec
 from lstorch.smoothed import (
     _compute_dtype,
     _concrete_smoothing,
+    _differentiated_again,
     _index_labels,
     _reduce,
     _smoothing_tensor,
     _times,
     _values_readable,
+    _with_forward_mode,
 )
 
 
@@ -106,7 +112,8 @@ def vocab_parallel_smoothed_cross_entropy(
     compute_dtype = _compute_dtype(local_logits.dtype)
     eps = _smoothing_tensor(smoothing, compute_dtype, local_logits.device).detach()
     layout = (convention, pad_index, rank * local_classes, num_classes, group)
-    loss = _VocabParallelRows.apply(local_logits, labels, counted, eps, layout)
+    rows = _with_forward_mode(_VocabParallelRows, _VocabParallelRowsForwardMode)
+    loss, _ = rows.apply(local_logits, labels, counted, eps, layout)
     return _reduce(loss, counted.to(compute_dtype), reduction, None)
 
 
@@ -123,11 +130,57 @@ def _local_column(x, classes, start):
     return torch.where(here, value, 0.0)
 
 
-class _VocabParallelRows(torch.autograd.Function):
-    """Per-row loss from global statistics; backward is local (softmax from the global lse)."""
+class _AllReduceSum(torch.autograd.Function):
+    """``all_reduce(SUM)`` over ``group`` as a differentiable op: its backward and its ``jvp``
+    are the same all-reduce (of the cotangent, of the tangent), and its backward is itself
+    differentiable, so a gradient built from it can be differentiated again. Every rank must
+    run it, as every collective; the loss's forward and backward already do so on every rank."""
 
     @staticmethod
-    def forward(ctx, x, labels, counted, eps, layout):
+    def forward(tensor, group):
+        total = tensor.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        return total
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.group = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllReduceSum.apply(grad, ctx.group), None
+
+    @staticmethod
+    def jvp(ctx, tangent, _):
+        return _AllReduceSum.apply(tangent, ctx.group)
+
+    @staticmethod
+    def vmap(info, in_dims, tensor, group):
+        """Elementwise across ranks: the batch axis is reduced with the rest (every rank has the
+        same batch, as every rank runs the same transform)."""
+        del info
+        return _AllReduceSum.apply(tensor, group), in_dims[0]
+
+
+def _local_target(x, labels, counted, eps, layout):
+    """``q`` on this rank's classes: ``(1 - eps) [c = y] + eps / |S| [c in S]``."""
+    convention, pad_index, start, num_classes, _ = layout
+    size = lsspec.support_size(convention, num_classes)
+    classes = torch.arange(start, start + x.shape[-1], device=x.device)
+    is_target = classes == torch.where(counted, labels, 0).unsqueeze(-1)
+    in_support = torch.ones_like(is_target) if convention == "uniform" else ~is_target
+    if convention == "others_but_pad":
+        in_support = in_support & (classes != pad_index)
+    return torch.where(is_target, 1.0 - eps, 0.0) + torch.where(in_support, eps / size, 0.0)
+
+
+class _VocabParallelRows(torch.autograd.Function):
+    """Per-row loss from global statistics; backward is local (softmax from the global lse).
+
+    ``_VocabParallelRowsForwardMode`` adds forward mode (``jvp``)."""
+
+    @staticmethod
+    def forward(x, labels, counted, eps, layout):
         convention, pad_index, start, num_classes, group = layout
         compute_dtype = eps.dtype
         with torch.no_grad():
@@ -158,26 +211,81 @@ class _VocabParallelRows(torch.autograd.Function):
             # A (tensor) smoothing outside [0, 1] gives NaN rows, never a plausible number.
             loss = torch.where(_smoothing_invalid(eps), torch.nan, loss)
             loss = torch.where(counted, loss, 0.0)
-        ctx.layout = layout
-        ctx.save_for_backward(x, labels, counted, eps, lse)
-        return loss
+        return loss, lse
 
     @staticmethod
-    def backward(ctx, grad_loss):
-        """``g * (softmax(x) - q)`` on this rank's classes; no communication."""
+    def setup_context(ctx, inputs, output):
+        x, labels, counted, eps, layout = inputs
+        _, lse = output
+        ctx.layout = layout
+        ctx.save_for_backward(x, labels, counted, eps, lse)
+        ctx.save_for_forward(x, labels, counted, eps, lse)  # the same tensors
+        ctx.mark_non_differentiable(lse)
+
+    @staticmethod
+    def vmap(info, in_dims, x, labels, counted, eps, layout):
+        """Rows are independent: a ``torch.func.vmap`` batch axis (``jacrev``, ``jacfwd``,
+        ``hessian``, per-sample gradients) becomes one more leading row axis, so each rank runs
+        the same collectives once for the whole batch."""
+        x_dim, labels_dim, counted_dim, eps_dim, _ = in_dims
+        if eps_dim is not None:
+            raise ValueError(
+                "vocab_parallel_smoothed_cross_entropy: `smoothing` cannot be batched by "
+                "torch.func.vmap (it is one value for every row); got a vmapped smoothing tensor."
+            )
+
+        def leading(tensor, dim):
+            if dim is None:
+                return tensor.expand(info.batch_size, *tensor.shape)
+            return tensor.movedim(dim, 0)
+
+        rows = _with_forward_mode(_VocabParallelRows, _VocabParallelRowsForwardMode)
+        outputs = rows.apply(
+            leading(x, x_dim),
+            leading(labels, labels_dim),
+            leading(counted, counted_dim),
+            eps,
+            layout,
+        )
+        return outputs, (0, 0)
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse):
+        """``g * (softmax(x) - q)`` on this rank's classes; no communication, except when the
+        gradient will be differentiated again: then the global lse is recomputed from ``x``
+        through ``_AllReduceSum`` (shifted by the saved lse, the same on every rank), so that
+        its dependence on every rank's logits is in the graph."""
+        del grad_lse  # lse is an internal statistic, never differentiated.
         x, labels, counted, eps, lse = ctx.saved_tensors
-        convention, pad_index, start, num_classes, _ = ctx.layout
-        size = lsspec.support_size(convention, num_classes)
-        classes = torch.arange(start, start + x.shape[-1], device=x.device)
-        safe_labels = torch.where(counted, labels, 0).unsqueeze(-1)
-        is_target = classes == safe_labels
-        in_support = torch.ones_like(is_target) if convention == "uniform" else ~is_target
-        if convention == "others_but_pad":
-            in_support = in_support & (classes != pad_index)
-        target = torch.where(is_target, 1.0 - eps, 0.0) + torch.where(in_support, eps / size, 0.0)
-        safe_lse = torch.where(counted, lse, 0.0).unsqueeze(-1)
-        grad = torch.exp(x.to(eps.dtype) - safe_lse) - target
+        safe_lse = torch.where(counted, lse, 0.0)
+        x_c = x.to(eps.dtype)
+        if _differentiated_again(x):
+            shift = torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1)
+            local = torch.exp(x_c - shift).sum(-1)
+            total = _AllReduceSum.apply(local, ctx.layout[-1])
+            safe_lse = torch.where(counted, torch.log(total) + shift.squeeze(-1), 0.0)
+        target = _local_target(x, labels, counted, eps, ctx.layout)
+        grad = torch.exp(x_c - safe_lse.unsqueeze(-1)) - target
         grad = grad * grad_loss.to(eps.dtype).unsqueeze(-1)
         grad = torch.where(_smoothing_invalid(eps), torch.nan, grad)
         grad = torch.where(counted.unsqueeze(-1), grad, 0.0)
         return grad.to(x.dtype), None, None, None, None
+
+
+class _VocabParallelRowsForwardMode(_VocabParallelRows):
+    """``_VocabParallelRows`` with ``jvp`` (see ``lstorch.smoothed._with_forward_mode``)."""
+
+    @staticmethod
+    def jvp(ctx, x_tangent, *other_tangents):
+        """``d loss = sum_c (softmax(x)_c - q_c) dx_c`` over all K classes: each rank's share,
+        all-reduced (one all-reduce of O(rows) values, run on every rank)."""
+        del other_tangents  # labels, the counted mask and the smoothing are constants.
+        x, labels, counted, eps, lse = ctx.saved_tensors
+        safe_lse = torch.where(counted, lse, 0.0).unsqueeze(-1)
+        coeff = torch.exp(x.to(eps.dtype) - safe_lse) - _local_target(
+            x, labels, counted, eps, ctx.layout
+        )
+        local = torch.matmul(coeff.unsqueeze(-2), x_tangent.to(eps.dtype).unsqueeze(-1))
+        d_loss = _AllReduceSum.apply(local.squeeze(-1).squeeze(-1), ctx.layout[-1])
+        d_loss = torch.where(_smoothing_invalid(eps), torch.nan, d_loss)
+        return torch.where(counted, d_loss, 0.0), None  # lse: non-differentiable

@@ -19,11 +19,13 @@ import lsspec
 from lstorch.smoothed import (
     _compute_dtype,
     _concrete_smoothing,
+    _differentiated_again,
     _index_labels,
     _reduce,
     _smoothing_tensor,
     _times,
     _values_readable,
+    _with_forward_mode,
 )
 
 DEFAULT_CHUNK_SIZE = 2048
@@ -109,7 +111,8 @@ def fused_linear_smoothed_cross_entropy(
     eps = _smoothing_tensor(smoothing, compute_dtype, hidden.device).detach()
     if bias is None:
         bias = torch.zeros(num_classes, dtype=hidden.dtype, device=hidden.device)
-    loss, _ = _FusedRows.apply(
+    fused_rows = _with_forward_mode(_FusedRows, _FusedRowsForwardMode)
+    loss, _ = fused_rows.apply(
         hidden.reshape(-1, hidden.shape[-1]),
         weight,
         bias,
@@ -213,8 +216,8 @@ def _weight_column_sum(weight, chunk_size, operand_dtype, compute_dtype):
         return weight.sum(0, dtype=compute_dtype)
     # Rounded chunk by chunk, so that no copy of the whole weight in operand_dtype is made.
     total = torch.zeros(weight.shape[1], dtype=compute_dtype, device=weight.device)
-    for start, stop in _chunks(weight.shape[0], chunk_size):
-        total += _operand(weight[start:stop], operand_dtype, compute_dtype).sum(0)
+    for start, stop in _chunks(weight.shape[0], chunk_size):  # out of place: D values, and vmap
+        total = total + _operand(weight[start:stop], operand_dtype, compute_dtype).sum(0)
     return total
 
 
@@ -260,18 +263,32 @@ def _terms(options, hidden, weight, bias, labels, counted, eps):
 
 
 class _FusedRows(torch.autograd.Function):
-    """Per-row loss of ``F.linear(hidden, weight, bias)``; backward recomputes chunk logits."""
+    """Per-row loss of ``F.linear(hidden, weight, bias)``; backward recomputes chunk logits.
+
+    ``setup_context`` + ``generate_vmap_rule`` make it work under ``torch.func`` (grad, vmap
+    with batched labels); ``_FusedRowsForwardMode`` adds forward mode. A first-order
+    backward builds the gradients chunk by chunk in place; one that will be differentiated
+    again (``create_graph=True``, ``torch.func``, forward over reverse) recomputes the lse and
+    every chunk through differentiable ops instead, so second derivatives are exact.
+    """
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, counted, eps, options):
+    def forward(hidden, weight, bias, labels, counted, eps, options):
         # Autocast off in both passes: the products see the operands rounded by _operand, in
         # float32, the same in forward and backward.
         with torch.no_grad(), _autocast_off(hidden.device.type):
-            loss, lse = _terms(options, hidden, weight, bias, labels, counted, eps)
+            return _terms(options, hidden, weight, bias, labels, counted, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        hidden, weight, bias, labels, counted, eps, options = inputs
+        _, lse = output
         ctx.options = options
         ctx.save_for_backward(hidden, weight, bias, labels, counted, eps, lse)
+        ctx.save_for_forward(hidden, weight, bias, labels, counted, eps, lse)  # the same tensors
         ctx.mark_non_differentiable(lse)
-        return loss, lse
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
@@ -280,46 +297,170 @@ class _FusedRows(torch.autograd.Function):
         coeff``, with ``q_c = (1 - eps) [c = y] + eps / |S| [c in S]``."""
         del grad_lse  # lse is an internal statistic, never differentiated.
         hidden, weight, bias, labels, counted, eps, lse = ctx.saved_tensors
-        convention, pad_index, chunk_size, operand_dtype = ctx.options
-        compute_dtype = eps.dtype
-        num_classes = weight.shape[0]
-        size = lsspec.support_size(convention, num_classes)
-        in_range = (labels >= 0) & (labels < num_classes)
-        safe_labels = torch.where(counted & in_range, labels, 0).unsqueeze(-1)
-        bad = counted & ~(in_range & (eps >= 0) & (eps <= 1))
-        scale = torch.where(bad, torch.nan, grad_loss.to(compute_dtype))
-        scale = torch.where(counted, scale, 0.0).unsqueeze(-1)
-        keep = counted.unsqueeze(-1)
-        safe_lse = torch.where(counted, lse, 0.0).unsqueeze(-1)
-        on_true = 1.0 - eps
-        per_class = eps / size
-        hidden_c = _counted_rows_only(_operand(hidden, operand_dtype, compute_dtype), counted)
-        d_hidden = torch.zeros_like(hidden_c)
-        d_weight = torch.empty_like(weight)
-        d_bias = torch.empty_like(bias)
-        with torch.no_grad(), _autocast_off(hidden.device.type):
-            for start, stop in _chunks(num_classes, chunk_size):
-                coeff = _chunk_logits(
-                    hidden_c, weight, bias, start, stop, operand_dtype, compute_dtype
+        if _differentiated_again(hidden, weight, bias):
+            with _autocast_off(hidden.device.type):
+                grads = _differentiable_gradients(
+                    ctx.options, hidden, weight, bias, labels, counted, eps, grad_loss
                 )
-                coeff.sub_(safe_lse).exp_()  # softmax, in the logits' buffer
-                classes = torch.arange(start, stop, device=hidden.device).unsqueeze(0)
-                is_target = classes == safe_labels
-                if convention == "uniform":
-                    coeff.sub_(per_class)
-                else:
-                    coeff.sub_(torch.where(is_target, 0.0, per_class))
-                if convention == "others_but_pad" and start <= pad_index < stop:
-                    coeff[:, pad_index - start] += per_class
-                coeff.sub_(torch.where(is_target, on_true, 0.0))
-                coeff.mul_(scale)
-                # Select, do not multiply: 0 * NaN would leak a non-counted row's NaN features.
-                coeff.masked_fill_(~keep, 0.0)
-                weight_chunk = _operand(weight[start:stop], operand_dtype, compute_dtype)
-                d_hidden.addmm_(coeff, weight_chunk)
-                d_weight[start:stop] = (coeff.T @ hidden_c).to(weight.dtype)
-                d_bias[start:stop] = coeff.sum(0).to(bias.dtype)
-        return d_hidden.to(hidden.dtype), d_weight, d_bias, None, None, None, None
+        else:
+            grads = _gradients(
+                ctx.options, hidden, weight, bias, labels, counted, eps, lse, grad_loss
+            )
+        return (*grads, None, None, None, None)
+
+
+class _FusedRowsForwardMode(_FusedRows):
+    """``_FusedRows`` with ``jvp`` (``torch.func.jvp``/``jacfwd``/``hessian``,
+    ``torch.autograd.forward_ad``); Dynamo traces ``_FusedRows`` (see ``_with_forward_mode``)."""
+
+    @staticmethod
+    def jvp(ctx, hidden_tangent, weight_tangent, bias_tangent, *other_tangents):
+        """``d loss = sum_c (softmax(x)_c - q_c) dx_c`` with ``dx = d hidden @ W.T + hidden @
+        d W.T + d b``, one ``rows x chunk_size`` block at a time."""
+        del other_tangents  # labels, the counted mask and the smoothing are constants.
+        hidden, weight, bias, labels, counted, eps, lse = ctx.saved_tensors
+        with _autocast_off(hidden.device.type):
+            d_loss = _loss_tangent(
+                ctx.options,
+                (hidden, weight, bias),
+                (hidden_tangent, weight_tangent, bias_tangent),
+                labels,
+                counted,
+                eps,
+                lse,
+            )
+        return d_loss, None  # lse: non-differentiable
+
+
+def _row_setup(options, hidden, num_classes, labels, counted, eps):
+    """What every pass over the chunks shares: the operand hidden in the compute dtype (rows
+    that do not count zeroed), the target's label column, the rows that are NaN, and the
+    smoothing's two masses ``(1 - eps)`` and ``eps / |S|``."""
+    convention, _, _, operand_dtype = options
+    compute_dtype = eps.dtype
+    in_range = (labels >= 0) & (labels < num_classes)
+    safe_labels = torch.where(counted & in_range, labels, 0).unsqueeze(-1)
+    bad = counted & ~(in_range & (eps >= 0) & (eps <= 1))
+    hidden_c = _counted_rows_only(_operand(hidden, operand_dtype, compute_dtype), counted)
+    per_class = eps / lsspec.support_size(convention, num_classes)
+    return hidden_c, safe_labels, bad, 1.0 - eps, per_class
+
+
+def _chunk_target(options, safe_labels, on_true, per_class, start, stop, device):
+    """``q`` on the classes [start, stop): (rows, chunk), out of place."""
+    convention, pad_index, _, _ = options
+    classes = torch.arange(start, stop, device=device).unsqueeze(0)
+    is_target = classes == safe_labels
+    in_support = ~is_target if convention != "uniform" else torch.ones_like(is_target)
+    if convention == "others_but_pad":
+        in_support = in_support & (classes != pad_index)
+    return torch.where(is_target, on_true, 0.0) + torch.where(in_support, per_class, 0.0)
+
+
+def _gradients(options, hidden, weight, bias, labels, counted, eps, lse, grad_loss):
+    """The first-order gradients, each chunk's ``coeff`` built in its logits' buffer."""
+    convention, pad_index, chunk_size, operand_dtype = options
+    compute_dtype = eps.dtype
+    num_classes = weight.shape[0]
+    hidden_c, safe_labels, bad, on_true, per_class = _row_setup(
+        options, hidden, num_classes, labels, counted, eps
+    )
+    scale = torch.where(bad, torch.nan, grad_loss.to(compute_dtype))
+    scale = torch.where(counted, scale, 0.0).unsqueeze(-1)
+    keep = counted.unsqueeze(-1)
+    safe_lse = torch.where(counted, lse, 0.0).unsqueeze(-1)
+    d_hidden = torch.zeros_like(hidden_c)
+    d_weight = torch.empty_like(weight)
+    d_bias = torch.empty_like(bias)
+    with torch.no_grad(), _autocast_off(hidden.device.type):
+        for start, stop in _chunks(num_classes, chunk_size):
+            coeff = _chunk_logits(hidden_c, weight, bias, start, stop, operand_dtype, compute_dtype)
+            coeff.sub_(safe_lse).exp_()  # softmax, in the logits' buffer
+            classes = torch.arange(start, stop, device=hidden.device).unsqueeze(0)
+            is_target = classes == safe_labels
+            if convention == "uniform":
+                coeff.sub_(per_class)
+            else:
+                coeff.sub_(torch.where(is_target, 0.0, per_class))
+            if convention == "others_but_pad" and start <= pad_index < stop:
+                coeff[:, pad_index - start] += per_class
+            coeff.sub_(torch.where(is_target, on_true, 0.0))
+            coeff.mul_(scale)
+            # Select, do not multiply: 0 * NaN would leak a non-counted row's NaN features.
+            coeff.masked_fill_(~keep, 0.0)
+            weight_chunk = _operand(weight[start:stop], operand_dtype, compute_dtype)
+            d_hidden.addmm_(coeff, weight_chunk)
+            d_weight[start:stop] = (coeff.T @ hidden_c).to(weight.dtype)
+            d_bias[start:stop] = coeff.sum(0).to(bias.dtype)
+    return d_hidden.to(hidden.dtype), d_weight, d_bias
+
+
+def _differentiable_gradients(options, hidden, weight, bias, labels, counted, eps, grad_loss):
+    """The same gradients through differentiable, out-of-place ops, with the lse recomputed
+    from (hidden, weight, bias): their own derivatives (double backward, forward over reverse)
+    are then exact. Chunked as the first-order pass; a recorded graph keeps what it needs."""
+    _, _, chunk_size, operand_dtype = options
+    compute_dtype = eps.dtype
+    num_classes = weight.shape[0]
+    hidden_c, safe_labels, bad, on_true, per_class = _row_setup(
+        options, hidden, num_classes, labels, counted, eps
+    )
+    chunks = _chunks(num_classes, chunk_size)
+    lse = None
+    for start, stop in chunks:
+        logits = _chunk_logits(hidden_c, weight, bias, start, stop, operand_dtype, compute_dtype)
+        chunk_lse = torch.logsumexp(logits, dim=-1)
+        lse = chunk_lse if lse is None else torch.logaddexp(lse, chunk_lse)
+    safe_lse = torch.where(counted, lse, 0.0).unsqueeze(-1)
+    scale = torch.where(bad, torch.nan, grad_loss.to(compute_dtype))
+    scale = torch.where(counted, scale, 0.0).unsqueeze(-1)
+    keep = counted.unsqueeze(-1)
+    d_hidden, d_weight, d_bias = 0.0, [], []
+    for start, stop in chunks:
+        logits = _chunk_logits(hidden_c, weight, bias, start, stop, operand_dtype, compute_dtype)
+        target = _chunk_target(options, safe_labels, on_true, per_class, start, stop, hidden.device)
+        coeff = torch.where(keep, (torch.exp(logits - safe_lse) - target) * scale, 0.0)
+        weight_chunk = _operand(weight[start:stop], operand_dtype, compute_dtype)
+        d_hidden = d_hidden + coeff @ weight_chunk
+        d_weight.append(coeff.T @ hidden_c)
+        d_bias.append(coeff.sum(0))
+    return (
+        d_hidden.to(hidden.dtype),
+        torch.cat(d_weight).to(weight.dtype),
+        torch.cat(d_bias).to(bias.dtype),
+    )
+
+
+def _loss_tangent(options, primals, tangents, labels, counted, eps, lse):
+    """``sum_c (softmax(x)_c - q_c) dx_c`` per row (NaN where the row is, 0 where it does not
+    count), ``dx`` the tangent of the chunk's logits."""
+    _, _, chunk_size, operand_dtype = options
+    hidden, weight, bias = primals
+    hidden_tangent, weight_tangent, bias_tangent = tangents
+    compute_dtype = eps.dtype
+    num_classes = weight.shape[0]
+    hidden_c, safe_labels, bad, on_true, per_class = _row_setup(
+        options, hidden, num_classes, labels, counted, eps
+    )
+    if hidden_tangent is not None:  # rounding to the operand dtype passes tangents unchanged
+        hidden_tangent = _counted_rows_only(hidden_tangent.to(compute_dtype), counted)
+    safe_lse = torch.where(counted, lse, 0.0).unsqueeze(-1)
+    d_loss = torch.zeros(labels.shape, dtype=compute_dtype, device=hidden.device)
+    for start, stop in _chunks(num_classes, chunk_size):
+        logits = _chunk_logits(hidden_c, weight, bias, start, stop, operand_dtype, compute_dtype)
+        target = _chunk_target(options, safe_labels, on_true, per_class, start, stop, hidden.device)
+        coeff = torch.exp(logits - safe_lse) - target
+        d_logits = 0.0
+        if hidden_tangent is not None:
+            weight_chunk = _operand(weight[start:stop], operand_dtype, compute_dtype)
+            d_logits = d_logits + hidden_tangent @ weight_chunk.T
+        if weight_tangent is not None:
+            d_logits = d_logits + hidden_c @ weight_tangent[start:stop].to(compute_dtype).T
+        if bias_tangent is not None:
+            d_logits = d_logits + bias_tangent[start:stop].to(compute_dtype)
+        d_loss = d_loss + (coeff * d_logits).sum(-1)
+    d_loss = torch.where(bad, torch.nan, d_loss)
+    return torch.where(counted, d_loss, 0.0)
 
 
 class FusedLinearSmoothedCrossEntropyLoss(nn.Module):

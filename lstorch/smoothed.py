@@ -11,6 +11,7 @@ import os
 from typing import NamedTuple
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 import lsspec
 
@@ -183,6 +184,26 @@ def _values_readable(tensor: torch.Tensor) -> bool:
     return True
 
 
+def _differentiated_again(*tensors: torch.Tensor) -> bool:
+    """Whether a backward's result will itself be differentiated, so that it must be built from
+    differentiable ops on the inputs (statistics such as the lse recomputed from them, nothing
+    written in place): a graph is being recorded (``create_graph=True``), a ``torch.func``
+    transform is active (``hessian``, ``jacfwd`` over ``jacrev``), or an input carries a
+    ``torch.autograd.forward_ad`` tangent (forward over reverse)."""
+    return (
+        torch.is_grad_enabled()
+        or torch._C._are_functorch_transforms_active()
+        or any(fwAD.unpack_dual(t).tangent is not None for t in tensors if t is not None)
+    )
+
+
+def _with_forward_mode(function: type, with_jvp: type) -> type:
+    """The autograd.Function to apply: ``with_jvp`` (``function`` plus a ``jvp`` for forward
+    mode), except while ``torch.compile`` traces the call, where Dynamo refuses (graph-breaks
+    on) a Function that defines ``jvp`` and gets ``function``, the same in every other way."""
+    return function if torch.compiler.is_compiling() else with_jvp
+
+
 def _check_label_range(fn, labels, counted, num_classes, ignore_index, class_mask=None):
     """Labels out of range (or of a masked class) raise; where their values cannot be read
     (``torch.compile``, batched labels under ``torch.func.vmap``) such a row is NaN instead."""
@@ -316,7 +337,8 @@ def smoothed_cross_entropy(
             )
     triton = _use_triton(x, from_log_probs)
     options = _Options(convention, pad_index, kl, from_log_probs, with_z, triton, inplace_backward)
-    loss, z_part, _ = _RowLoss.apply(
+    row_loss = _with_forward_mode(_RowLoss, _RowLossForwardMode)
+    loss, z_part, _ = row_loss.apply(
         x, labels, counted, eps, weight, class_mask, z.detach(), options
     )
     safe_labels = torch.where(counted, labels, 0).clamp(0, num_classes - 1)
@@ -492,20 +514,23 @@ def _row_loss_forward(options, x, labels, counted, eps, weight, class_mask, z):
     return torch.where(counted, loss, 0.0), z_part, lse
 
 
-def _row_loss_gradient(options, x, labels, counted, eps, weight, class_mask, z, lse, grads):
+def _row_loss_gradient(
+    options, x, labels, counted, eps, weight, class_mask, z, lse, grads, *, again=False
+):
     """``g * r + g_z * 2 z lse p`` with ``r = (A + 2 z lse) * p - t`` (logits) or ``-t``.
 
     ``t_c = (1 - eps) w_y [c = y] + (eps / |S|) w_c [c in S]``, ``A = sum_c t_c``, ``p`` the
     softmax over the allowed classes, ``g``/``g_z`` the upstream gradients of the loss and of the
     z-part. Built in one rows x K buffer with in-place updates (the row scales are applied
-    before the target is subtracted, so no second buffer is needed), unless a graph is being
-    recorded (double backward), where the same steps run out of place.
+    before the target is subtracted, so no second buffer is needed), unless the gradient will be
+    differentiated ``again`` (double backward, forward over reverse: see
+    ``_differentiated_again``), where the same steps run out of place.
     """
     grad_rows, grad_z = grads
-    inplace = not torch.is_grad_enabled()
+    inplace = not again
     # Overwrite the logits only in a first-order backward (a recorded graph needs them).
-    overwrite = options.inplace and not torch.is_grad_enabled()
-    if options.triton and not torch.is_grad_enabled():  # one read of x, one write of the grad
+    overwrite = options.inplace and not again
+    if options.triton and not again:  # one read of x, one write of the grad
         out = x if overwrite else torch.empty(x.shape, dtype=x.dtype, device=x.device)
         _triton_kernels().backward(
             x,
@@ -581,11 +606,64 @@ def _row_loss_gradient(options, x, labels, counted, eps, weight, class_mask, z, 
     return grad.to(x.dtype)
 
 
+def _row_loss_tangent(options, x, labels, counted, eps, weight, class_mask, z, lse, tangent):
+    """Forward-mode derivative of the rows (loss, z-part) along ``dx = tangent``.
+
+    ``d loss = sum_c (A p_c - t_c) dx_c + d z_part`` with ``d z_part = 2 z lse sum_c p_c dx_c``
+    (logits), or ``d loss = -sum_c t_c dx_c`` (``from_log_probs``), ``t``, ``A`` and ``p`` as in
+    ``_row_loss_gradient``. The target's part is O(rows): ``sum_c t_c dx_c = (1 - eps) w_y dx_y
+    + (eps / |S|) (sum_c w_c dx_c - [others] w_y dx_y - [others_but_pad] w_pad dx_pad)``; the
+    only rows x K temporary is ``p`` (and the tangent's upcast for bf16/fp16), contracted with
+    ``dx`` by a batched product.
+    """
+    num_classes = x.shape[-1]
+    size = _support_size(options, num_classes, class_mask)
+    in_range = (labels >= 0) & (labels < num_classes)
+    safe_labels = torch.where(counted & in_range, labels, 0)
+    bad = _bad_rows(labels, counted, eps, class_mask, num_classes)
+    w = torch.ones((), dtype=eps.dtype, device=x.device) if weight is None else weight
+    w_full = w.expand(num_classes)
+    if class_mask is not None:
+        w_full = w_full * class_mask.to(eps.dtype)
+    on_true = (1.0 - eps) * w.expand(num_classes)[safe_labels]
+    per_class = eps / size
+    dx = tangent.to(eps.dtype)
+    dx_y = dx.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    support_dot = torch.matmul(dx, w_full)
+    support_weight = w_full.sum()
+    if options.convention != "uniform":
+        support_dot = support_dot - w_full[safe_labels] * dx_y
+        support_weight = support_weight - w_full[safe_labels]
+    if options.convention == "others_but_pad":
+        w_pad = w_full[options.pad_index]
+        support_dot = support_dot - w_pad * dx[..., options.pad_index]
+        support_weight = support_weight - w_pad
+    target_dot = on_true * dx_y + per_class * support_dot
+    d_z = torch.zeros_like(target_dot)
+    if options.from_log_probs:
+        d_loss = -target_dot
+    else:
+        safe_lse = torch.where(counted, lse, 0.0)
+        probs = (x.to(eps.dtype) - safe_lse.unsqueeze(-1)).exp_()  # softmax, in its own buffer
+        if class_mask is not None:
+            probs = probs.masked_fill_(~class_mask, 0.0)
+        prob_dot = torch.matmul(probs.unsqueeze(-2), dx.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+        d_loss = (on_true + per_class * support_weight) * prob_dot - target_dot
+        if options.with_z:
+            d_z = 2.0 * z * safe_lse * prob_dot
+            d_loss = d_loss + d_z
+    d_loss, d_z = (torch.where(bad, torch.nan, d) for d in (d_loss, d_z))
+    return torch.where(counted, d_loss, 0.0), torch.where(counted, d_z, 0.0)
+
+
 class _RowLoss(torch.autograd.Function):
     """Per-row closed-form loss and z-part; backward recomputes softmax from ``x`` and saved lse.
 
     ``setup_context`` + ``generate_vmap_rule`` make it work under ``torch.func`` (grad, vmap)
-    and ``torch.compile`` (fullgraph) as well as plain autograd.
+    and ``torch.compile`` (fullgraph) as well as plain autograd; ``_RowLossForwardMode`` adds
+    forward mode. Second derivatives: backward runs through differentiable ops, with the lse
+    recomputed from ``x``, whenever its result will be differentiated again
+    (``_differentiated_again``).
     """
 
     generate_vmap_rule = True
@@ -602,18 +680,51 @@ class _RowLoss(torch.autograd.Function):
         ctx.optional = (weight is not None, class_mask is not None)
         extra = [t for t in (weight, class_mask) if t is not None]
         ctx.save_for_backward(x, labels, counted, eps, z, lse, *extra)
+        ctx.save_for_forward(x, labels, counted, eps, z, lse, *extra)  # the same tensors
         ctx.mark_non_differentiable(lse)
+
+    @staticmethod
+    def _unpack(ctx):
+        x, labels, counted, eps, z, lse, *rest = ctx.saved_tensors
+        weight = rest.pop(0) if ctx.optional[0] else None
+        class_mask = rest.pop(0) if ctx.optional[1] else None
+        return x, labels, counted, eps, weight, class_mask, z, lse
 
     @staticmethod
     def backward(ctx, grad_loss, grad_z, grad_lse):
         del grad_lse  # lse is an internal statistic, never differentiated.
-        x, labels, counted, eps, z, lse, *rest = ctx.saved_tensors
-        weight = rest.pop(0) if ctx.optional[0] else None
-        class_mask = rest.pop(0) if ctx.optional[1] else None
-        if torch.is_grad_enabled() and not ctx.options.from_log_probs:
-            # Double backward: lse must be a function of x for the Hessian to be right.
+        x, labels, counted, eps, weight, class_mask, z, lse = _RowLoss._unpack(ctx)
+        again = _differentiated_again(x)
+        if again and not ctx.options.from_log_probs:
+            # Differentiated again: lse must be a function of x for the Hessian to be right.
             lse = _masked_logsumexp(x, class_mask, eps.dtype)
         grad = _row_loss_gradient(
-            ctx.options, x, labels, counted, eps, weight, class_mask, z, lse, (grad_loss, grad_z)
+            ctx.options,
+            x,
+            labels,
+            counted,
+            eps,
+            weight,
+            class_mask,
+            z,
+            lse,
+            (grad_loss, grad_z),
+            again=again,
         )
         return grad, None, None, None, None, None, None, None
+
+
+class _RowLossForwardMode(_RowLoss):
+    """``_RowLoss`` with ``jvp``: ``torch.func.jvp``/``jacfwd``/``hessian`` and
+    ``torch.autograd.forward_ad`` (see ``_with_forward_mode`` for why it is a separate class)."""
+
+    @staticmethod
+    def jvp(ctx, x_tangent, *other_tangents):
+        del other_tangents  # labels, masks and the options' tensors are constants (detached).
+        x, labels, counted, eps, weight, class_mask, z, lse = _RowLoss._unpack(ctx)
+        if x_tangent is None:  # no tangent reaches the logits: the rows do not move
+            return torch.zeros_like(lse), torch.zeros_like(lse), None
+        d_loss, d_z = _row_loss_tangent(
+            ctx.options, x, labels, counted, eps, weight, class_mask, z, lse, x_tangent
+        )
+        return d_loss, d_z, None  # lse: non-differentiable

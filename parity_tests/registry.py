@@ -803,13 +803,6 @@ _TORCH_NATIVE = {"float32": (5e-5, 1e-6), "bfloat16": (2.0**-6, 2.0**-6)}
 #    entry of 5.8e-3, each side within 8e-7 of the oracle).
 _FLOAT32_CANCELLING_SUMS = {"float32": (1e-5, 1e-5)}
 
-# lstorch's fused loss is an autograd.Function without setup_context whose backward runs under
-# no_grad: torch.func refuses it, and it has no second derivative yet.
-_FUSED_NOT_UNDER_TORCH_FUNC = {
-    path: "lstorch.fused's autograd.Function has no setup_context (torch.func needs one)"
-    for path in ("torch: func.grad", "torch: func.vmap")
-}
-
 TWINS: tuple[Twin, ...] = (
     Twin(
         "smoothed_cross_entropy",
@@ -980,7 +973,6 @@ TWINS: tuple[Twin, ...] = (
         _fused_cases(),
         _fused_oracle,
         tolerances=_FLOAT32_CANCELLING_SUMS,
-        unreachable=_FUSED_NOT_UNDER_TORCH_FUNC,
     ),
     Twin(
         "FusedLinearSmoothedCrossEntropyLoss (module)",
@@ -990,7 +982,6 @@ TWINS: tuple[Twin, ...] = (
         _fused_cases()[1::4],
         _fused_oracle,
         tolerances=_FLOAT32_CANCELLING_SUMS,
-        unreachable=_FUSED_NOT_UNDER_TORCH_FUNC,
     ),
 )
 

@@ -1,9 +1,10 @@
 """The torch.distributed checks of tests/test_distributed.py: ``python distributed_checks.py N``.
 
 Spawns N gloo processes on CPU (MASTER_ADDR=127.0.0.1, a free port). Every rank holds its slice
-of the same logits and computes ``vocab_parallel_smoothed_cross_entropy`` and its gradient for
-each case, and the dense ``lstorch.smoothed_cross_entropy`` of the full logits as reference;
-rank files are collected and one JSON object is printed.
+of the same logits and computes ``vocab_parallel_smoothed_cross_entropy``, its gradient, its
+Hessian-vector product (double backward) and its tangent (forward-mode dual numbers) for each
+case, and the same of the dense ``lstorch.smoothed_cross_entropy`` of the full logits as
+reference; rank files are collected and one JSON object is printed.
 """
 
 import json
@@ -41,6 +42,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
         labels = torch.randint(0, vocab, (ROWS,), generator=generator)
         labels[torch.rand(ROWS, generator=generator) < 0.3] = -100
         cotangent = torch.rand(ROWS, generator=generator, dtype=torch.float64) + 0.5
+        vector = torch.randn(ROWS, vocab, generator=generator, dtype=torch.float64)
         options = dict(
             smoothing=smoothing,
             convention=convention,
@@ -57,7 +59,14 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
             local.requires_grad_(True)
             loss = vocab_parallel_smoothed_cross_entropy(local, labels, **options)
             (grad,) = torch.autograd.grad(loss, local, cot)
-            expected_grad = dense_grad[:, rank * LOCAL_VOCAB : (rank + 1) * LOCAL_VOCAB]
+            mine = slice(rank * LOCAL_VOCAB, (rank + 1) * LOCAL_VOCAB)
+            expected_grad = dense_grad[:, mine]
+            hvp, expected_hvp = _hessian_vector_products(
+                full, local, labels, options, cot, vector.to(dtype), mine
+            )
+            jvp, expected_jvp = _jacobian_vector_products(
+                full, local, labels, options, vector.to(dtype), mine
+            )
             results.append(
                 dict(
                     case=f"{convention}/{reduction}/{smoothing}/{str(dtype)[6:]}",
@@ -65,10 +74,52 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
                     loss_diff=float((loss - dense).detach().abs().max()),
                     loss_scale=float(dense.detach().abs().max()),
                     grad_diff=float((grad - expected_grad).abs().max()),
+                    hvp_diff=float((hvp - expected_hvp).abs().max()),
+                    hvp_scale=float(expected_hvp.abs().max()),
+                    jvp_diff=float((jvp - expected_jvp).abs().max()),
+                    jvp_scale=float(expected_jvp.abs().max()),
                 )
             )
     pathlib.Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
+
+
+def _hessian_vector_products(full, local, labels, options, cot, vector, mine):
+    """This rank's slice of ``H v`` by double backward (each rank pulls back its own slice of
+    ``<grad, v>``; the all-reduce in the recomputed lse carries the other ranks' terms), and the
+    slice of the dense ``H v``."""
+    import lstorch
+    from lstorch.distributed import vocab_parallel_smoothed_cross_entropy
+
+    def hvp(loss_fn, x, v):
+        (grad,) = torch.autograd.grad(loss_fn(x), x, cot, create_graph=True)
+        (result,) = torch.autograd.grad((grad * v).sum(), x)
+        return result
+
+    ours = hvp(
+        lambda x: vocab_parallel_smoothed_cross_entropy(x, labels, **options),
+        local,
+        vector[:, mine],
+    )
+    dense = hvp(lambda x: lstorch.smoothed_cross_entropy(x, labels, **options), full, vector)
+    return ours, dense[:, mine]
+
+
+def _jacobian_vector_products(full, local, labels, options, vector, mine):
+    """The loss's tangent by dual numbers, each rank holding its slice of the tangent, and the
+    dense loss's tangent along the whole vector."""
+    import torch.autograd.forward_ad as fwAD
+
+    import lstorch
+    from lstorch.distributed import vocab_parallel_smoothed_cross_entropy
+
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(local.detach(), vector[:, mine])
+        ours = vocab_parallel_smoothed_cross_entropy(dual, labels, **options)
+        ours = fwAD.unpack_dual(ours).tangent
+        dual = fwAD.make_dual(full.detach(), vector)
+        dense = fwAD.unpack_dual(lstorch.smoothed_cross_entropy(dual, labels, **options)).tangent
+    return ours, dense
 
 
 def main() -> None:

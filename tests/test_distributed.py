@@ -3,7 +3,9 @@
 One subprocess (``tests/distributed_checks.py 3``) spawns the ranks, each holding a third of the
 vocabulary of the same logits. On every rank: the loss equals the dense single-process loss
 (global K, global lse, global sums and 'mean' denominator), the gradient equals that rank's slice
-of the dense gradient, and the loss is bit-for-bit the same on all ranks.
+of the dense gradient, and the loss is bit-for-bit the same on all ranks; the Hessian-vector
+product (double backward) is that rank's slice of the dense one, cross-rank terms included, and
+the loss's forward-mode tangent (each rank holding its slice of the tangent) is the dense one.
 """
 
 import json
@@ -32,6 +34,14 @@ def test_every_rank_gets_the_dense_loss_and_its_slice_of_the_dense_gradient(rank
             rtol, atol = TOLERANCES[case["case"].rsplit("/", 1)[1]]
             assert case["loss_diff"] <= atol + rtol * case["loss_scale"], case
             assert case["grad_diff"] <= atol + rtol, case  # entries are O(1)
+
+
+def test_second_derivatives_and_forward_mode_equal_the_dense_ones(ranks):
+    for rank in ranks:
+        for case in rank:
+            rtol, atol = TOLERANCES[case["case"].rsplit("/", 1)[1]]
+            assert case["hvp_diff"] <= atol + rtol * max(1.0, case["hvp_scale"]), case
+            assert case["jvp_diff"] <= atol + rtol * max(1.0, case["jvp_scale"]), case
 
 
 def test_the_loss_is_bit_for_bit_identical_on_every_rank(ranks):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import lsspec
-from lstorch.smoothed import _compute_dtype, smoothed_cross_entropy
+from lstorch.smoothed import _compute_dtype, _with_forward_mode, smoothed_cross_entropy
 from lstorch.soft import soft_target_cross_entropy
 
 
@@ -17,15 +17,28 @@ def cross_entropy_with_logits(
     ``loss = -sum_c targets_c (x_c - lse) + z_loss lse**2``, ``z_part = z_loss lse**2``; returns
     ``(loss, z_part)``. Backward is T5X's custom rule: ``g ((1 + 2 z_loss lse) softmax -
     targets)`` for the logits, ``-g log_softmax`` for the targets, the z-part's cotangent
-    ignored. See ``lsjax.compat.t5x.cross_entropy_with_logits``.
+    ignored. Forward mode (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``) is
+    the transpose of that rule, so ``jacfwd`` equals ``jacrev`` and the z-part's tangent is 0.
+    See ``lsjax.compat.t5x.cross_entropy_with_logits``.
     """
     z = torch.as_tensor(z_loss, dtype=_compute_dtype(logits.dtype), device=logits.device)
-    return _CrossEntropyWithLogits.apply(logits, targets, z)
+    function = _with_forward_mode(_CrossEntropyWithLogits, _CrossEntropyWithLogitsForwardMode)
+    return function.apply(logits, targets, z)
 
 
 class _CrossEntropyWithLogits(torch.autograd.Function):
     """T5X's custom gradient; ``setup_context`` and the generated vmap rule make it work under
-    ``torch.func`` (grad, vjp, vmap) as well as plain autograd."""
+    ``torch.func`` (grad, vjp, vmap) as well as plain autograd. The subclass
+    ``_CrossEntropyWithLogitsForwardMode`` adds forward mode (``jvp``, ``jacfwd``, ``hessian``,
+    ``torch.autograd.forward_ad``).
+
+    Forward mode is the TRANSPOSE of T5X's backward rule, not the derivative of the
+    forward's formula: ``d loss = sum_c ((1 + 2 z_loss lse) softmax_c - targets_c) d logits_c
+    - sum_c log_softmax_c d targets_c`` and ``d z_part = 0`` (backward drops the z-part's
+    cotangent). So ``jacfwd`` equals ``jacrev`` and every order of derivative is that of one rule.
+    Where the targets of a row sum to 1 this is also the true derivative of the loss (the rule
+    writes ``1`` for ``sum_c targets_c``); the z-part's true derivative, which T5X drops, is not.
+    """
 
     generate_vmap_rule = True
 
@@ -36,17 +49,42 @@ class _CrossEntropyWithLogits(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_z_part):
-        del grad_z_part  # T5X drops the z-part's cotangent ("only used for logging").
+    def _rule(ctx):
+        """``(deriv, log_softmax)``: T5X's derivatives of the loss with respect to the logits
+        and to the targets, in the compute dtype."""
         logits, targets, z_loss = ctx.saved_tensors
         x = logits.to(z_loss.dtype)
         log_softmax = torch.log_softmax(x, dim=-1)
         lse = torch.logsumexp(x, dim=-1, keepdim=True)
         deriv = (1.0 + 2.0 * z_loss * lse) * log_softmax.exp() - targets.to(z_loss.dtype)
+        return deriv, log_softmax
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_z_part):
+        del grad_z_part  # T5X drops the z-part's cotangent ("only used for logging").
+        logits, targets, _ = ctx.saved_tensors
+        deriv, log_softmax = _CrossEntropyWithLogits._rule(ctx)
         g = grad_loss.unsqueeze(-1)
         return (g * deriv).to(logits.dtype), (-g * log_softmax).to(targets.dtype), None
+
+
+class _CrossEntropyWithLogitsForwardMode(_CrossEntropyWithLogits):
+    """``_CrossEntropyWithLogits`` with ``jvp``, the transpose of its backward rule; Dynamo traces
+    the class without it (see ``lstorch.smoothed._with_forward_mode``)."""
+
+    @staticmethod
+    def jvp(ctx, logits_tangent, targets_tangent, z_loss_tangent):
+        del z_loss_tangent  # backward gives z_loss no gradient; its transpose, no tangent
+        deriv, log_softmax = _CrossEntropyWithLogits._rule(ctx)
+        d_loss = torch.zeros_like(deriv[..., 0])
+        if logits_tangent is not None:
+            d_loss = d_loss + (deriv * logits_tangent.to(deriv.dtype)).sum(-1)
+        if targets_tangent is not None:
+            d_loss = d_loss - (log_softmax * targets_tangent.to(deriv.dtype)).sum(-1)
+        return d_loss, torch.zeros_like(d_loss)
 
 
 def compute_weighted_cross_entropy(
