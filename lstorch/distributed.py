@@ -61,7 +61,9 @@ def vocab_parallel_smoothed_cross_entropy(
       labels: global class indices, the same on every rank, shape ``local_logits.shape[:-1]``.
       group: the process group the vocabulary is split over (default: the world).
       smoothing, convention, ignore_index, pad_index, reduction: as ``smoothed_cross_entropy``
-        (``pad_index`` is a global class index).
+        (``pad_index`` is a global class index). A ``smoothing`` tensor that requires grad is
+        differentiated: every rank gets ``d loss / d smoothing`` of the whole loss (the same on
+        every rank, from the global statistics), no further all-reduce.
     """
     fn = "vocab_parallel_smoothed_cross_entropy"
     if not isinstance(local_logits, torch.Tensor) or not local_logits.is_floating_point():
@@ -104,7 +106,7 @@ def vocab_parallel_smoothed_cross_entropy(
     if _values_readable(bad) and bool(bad.any()):  # not under torch.compile or vmapped labels
         raise lsspec.label_range_error(fn, labels[bad].tolist(), num_classes, ignore_index)
     compute_dtype = _compute_dtype(local_logits.dtype)
-    eps = _smoothing_tensor(smoothing, compute_dtype, local_logits.device).detach()
+    eps = _smoothing_tensor(smoothing, compute_dtype, local_logits.device)  # differentiated
     layout = (convention, pad_index, rank * local_classes, num_classes, group)
     loss = _VocabParallelRows.apply(local_logits, labels, counted, eps, layout)
     return _reduce(loss, counted.to(compute_dtype), reduction, None)
@@ -158,14 +160,19 @@ class _VocabParallelRows(torch.autograd.Function):
             # A (tensor) smoothing outside [0, 1] gives NaN rows, never a plausible number.
             loss = torch.where(_smoothing_invalid(eps), torch.nan, loss)
             loss = torch.where(counted, loss, 0.0)
+            # d loss_row / d eps from the global statistics (the same on every rank), kept
+            # only when the smoothing is differentiated.
+            eps_slope = None
+            if ctx.needs_input_grad[3]:
+                eps_slope = (lse - support_sum / size) - (lse - x_y)
         ctx.layout = layout
-        ctx.save_for_backward(x, labels, counted, eps, lse)
+        ctx.save_for_backward(x, labels, counted, eps, lse, eps_slope)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         """``g * (softmax(x) - q)`` on this rank's classes; no communication."""
-        x, labels, counted, eps, lse = ctx.saved_tensors
+        x, labels, counted, eps, lse, eps_slope = ctx.saved_tensors
         convention, pad_index, start, num_classes, _ = ctx.layout
         size = lsspec.support_size(convention, num_classes)
         classes = torch.arange(start, start + x.shape[-1], device=x.device)
@@ -180,4 +187,10 @@ class _VocabParallelRows(torch.autograd.Function):
         grad = grad * grad_loss.to(eps.dtype).unsqueeze(-1)
         grad = torch.where(_smoothing_invalid(eps), torch.nan, grad)
         grad = torch.where(counted.unsqueeze(-1), grad, 0.0)
-        return grad.to(x.dtype), None, None, None, None
+        d_eps = None
+        if eps_slope is not None:  # every rank: the derivative of the whole (same) loss
+            d_eps = torch.where(
+                _smoothing_invalid(eps), torch.nan, grad_loss.to(eps.dtype) * eps_slope
+            )
+            d_eps = torch.where(counted, d_eps, 0.0).sum().reshape(eps.shape)
+        return grad.to(x.dtype), None, None, d_eps, None

@@ -60,6 +60,8 @@ def fused_linear_smoothed_cross_entropy(
     ``"mean"`` returns 0 with a zero gradient, where torch returns NaN).
 
     ``weight`` is ``(V, D)``, the layout of ``nn.Linear(D, V).weight`` and of a tied embedding.
+    A ``smoothing`` tensor that requires grad is differentiated: ``d loss_row / d eps = x_y -
+    mean_{c in S} x_c``, one O(rows) statistic kept for backward only then.
     Returns float32 for bf16/fp16/float32 inputs (every logit, lse and sum accumulated in
     float32), float64 for float64; gradients come back in the inputs' dtypes. Outside
     ``torch.autocast``, ``hidden``, ``weight`` and ``bias`` must share one dtype.
@@ -106,7 +108,7 @@ def fused_linear_smoothed_cross_entropy(
         if bool(bad.any()):
             raise lsspec.label_range_error(fn, labels[bad].tolist(), num_classes, ignore_index)
     compute_dtype = _compute_dtype(operand_dtype)
-    eps = _smoothing_tensor(smoothing, compute_dtype, hidden.device).detach()
+    eps = _smoothing_tensor(smoothing, compute_dtype, hidden.device)  # differentiated
     if bias is None:
         bias = torch.zeros(num_classes, dtype=hidden.dtype, device=hidden.device)
     loss, _ = _FusedRows.apply(
@@ -256,7 +258,9 @@ def _terms(options, hidden, weight, bias, labels, counted, eps):
     size = lsspec.support_size(convention, num_classes)
     loss = _times(1.0 - eps, lse - x_y) + _times(eps, lse - support_sum / size)
     loss = torch.where(counted, torch.where(bad, torch.nan, loss), 0.0)
-    return loss, lse
+    # d loss_row / d eps: the smoothing term minus the true one (O(rows), kept for backward).
+    eps_slope = (lse - support_sum / size) - (lse - x_y)
+    return loss, lse, eps_slope
 
 
 class _FusedRows(torch.autograd.Function):
@@ -267,9 +271,11 @@ class _FusedRows(torch.autograd.Function):
         # Autocast off in both passes: the products see the operands rounded by _operand, in
         # float32, the same in forward and backward.
         with torch.no_grad(), _autocast_off(hidden.device.type):
-            loss, lse = _terms(options, hidden, weight, bias, labels, counted, eps)
+            loss, lse, eps_slope = _terms(options, hidden, weight, bias, labels, counted, eps)
         ctx.options = options
-        ctx.save_for_backward(hidden, weight, bias, labels, counted, eps, lse)
+        # The smoothing's per-row slope is kept only when the smoothing is differentiated.
+        eps_slope = eps_slope if ctx.needs_input_grad[5] else None
+        ctx.save_for_backward(hidden, weight, bias, labels, counted, eps, lse, eps_slope)
         ctx.mark_non_differentiable(lse)
         return loss, lse
 
@@ -279,7 +285,7 @@ class _FusedRows(torch.autograd.Function):
         ``d hidden += coeff @ W_chunk``, ``d W_chunk = coeff.T @ hidden``, ``d b_chunk = sum
         coeff``, with ``q_c = (1 - eps) [c = y] + eps / |S| [c in S]``."""
         del grad_lse  # lse is an internal statistic, never differentiated.
-        hidden, weight, bias, labels, counted, eps, lse = ctx.saved_tensors
+        hidden, weight, bias, labels, counted, eps, lse, eps_slope = ctx.saved_tensors
         convention, pad_index, chunk_size, operand_dtype = ctx.options
         compute_dtype = eps.dtype
         num_classes = weight.shape[0]
@@ -319,7 +325,11 @@ class _FusedRows(torch.autograd.Function):
                 d_hidden.addmm_(coeff, weight_chunk)
                 d_weight[start:stop] = (coeff.T @ hidden_c).to(weight.dtype)
                 d_bias[start:stop] = coeff.sum(0).to(bias.dtype)
-        return d_hidden.to(hidden.dtype), d_weight, d_bias, None, None, None, None
+        d_eps = None
+        if eps_slope is not None:  # d eps = sum_rows g * slope (NaN from invalid rows)
+            d_eps = torch.where(bad, torch.nan, grad_loss.to(compute_dtype) * eps_slope)
+            d_eps = torch.where(counted, d_eps, 0.0).sum().reshape(eps.shape)
+        return d_hidden.to(hidden.dtype), d_weight, d_bias, None, None, d_eps, None
 
 
 class FusedLinearSmoothedCrossEntropyLoss(nn.Module):
