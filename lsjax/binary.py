@@ -43,7 +43,8 @@ def sigmoid_binary_cross_entropy(
     Args:
       logits: float array of any shape; bf16/fp16 are computed in float32.
       labels: float array of the logits' shape, targets in [0, 1] (multi-label, soft or hard).
-      smoothing: ``eps`` in [0, 1]: each label becomes ``y * (1 - eps) + eps / 2``.
+      smoothing: ``eps`` in [0, 1]: each label becomes ``y * (1 - eps) + eps / 2``;
+        differentiable, ``d loss / d eps = (1/2 - y) (pos_weight softplus(-x) - softplus(x))``.
       pos_weight: weight of the positive term, broadcast against the logits (torch's
         ``pos_weight``, e.g. shape ``(C,)``); a constant.
       reduction: ``"none"`` (elementwise), ``"sum"`` or ``"mean"`` (over all elements).
@@ -66,7 +67,7 @@ def sigmoid_binary_cross_entropy(
 
     compute_dtype = jnp.promote_types(logits.dtype, jnp.float32)
     x = logits.astype(compute_dtype)
-    eps = jax.lax.stop_gradient(_smoothing_array(smoothing, compute_dtype))
+    eps = _smoothing_array(smoothing, compute_dtype)  # differentiated: d y' / d eps = 1/2 - y
     target = labels.astype(compute_dtype) * (1.0 - eps) + eps / 2
     positive = target * jnp.logaddexp(-x, 0.0)
     if pos_weight is not None:

@@ -97,7 +97,8 @@ def fused_linear_smoothed_cross_entropy(
       labels: int array with the hidden's shape without its last axis; any integer dtype, as in
         :func:`lsjax.smoothed_cross_entropy`.
       bias: optional ``(V,)``.
-      smoothing: ``eps`` in [0, 1] (may be traced).
+      smoothing: ``eps`` in [0, 1] (may be traced); differentiable: ``d loss_row / d eps =
+        x_y - mean_{c in S} x_c`` (one O(rows) statistic kept for the backward pass).
       convention: ``"uniform"`` | ``"others"`` | ``"others_but_pad"`` (needs ``pad_index``).
       ignore_index: rows whose label equals it count for nothing (left out of 'mean').
       pad_index: the pad column of ``"others_but_pad"``; rows labelled with it count for nothing.
@@ -130,7 +131,7 @@ def fused_linear_smoothed_cross_entropy(
         if bad.any():
             raise lsspec.label_range_error(fn, labels_np[bad].tolist(), num_classes, ignore_index)
     compute_dtype = jnp.promote_types(hidden.dtype, jnp.float32)
-    eps = jax.lax.stop_gradient(_smoothing_array(smoothing, compute_dtype))
+    eps = _smoothing_array(smoothing, compute_dtype)  # differentiated (see _fused_rows_bwd)
     options = _FusedOptions(convention, pad_index, chunk_size, None)
     row_shape = labels.shape
     loss = _fused_rows_jit(
@@ -315,7 +316,10 @@ def _fused_terms(options, hidden, weight, bias, labels, counted, eps):
     size = lsspec.support_size(options.convention, num_classes)
     loss = _times(1.0 - eps, lse - x_y) + _times(eps, lse - support_sum / size)
     loss = jnp.where(counted, jnp.where(bad, jnp.nan, loss), 0.0)
-    return loss, lse
+    # d loss_row / d eps: the smoothing term minus the true one (O(rows), kept for backward).
+    eps_slope = (lse - support_sum / size) - (lse - x_y)
+    eps_slope = jnp.where(counted, jnp.where(bad, jnp.nan, eps_slope), 0.0)
+    return loss, lse, eps_slope
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -325,8 +329,8 @@ def _fused_rows(options, hidden, weight, bias, labels, counted, eps):
 
 
 def _fused_rows_fwd(options, hidden, weight, bias, labels, counted, eps):
-    loss, lse = _fused_terms(options, hidden, weight, bias, labels, counted, eps)
-    return loss, (hidden, weight, bias, labels, counted, eps, lse)
+    loss, lse, eps_slope = _fused_terms(options, hidden, weight, bias, labels, counted, eps)
+    return loss, (hidden, weight, bias, labels, counted, eps, lse, eps_slope)
 
 
 def _fused_rows_bwd(options, residuals, grad_rows):
@@ -337,7 +341,7 @@ def _fused_rows_bwd(options, residuals, grad_rows):
     chunk (the uniform part is a constant subtracted elementwise), so nothing outside a chunk is
     rows x V. With a vocabulary axis, ``d hidden`` is the all-reduce of every shard's part.
     """
-    hidden, weight, bias, labels, counted, eps, lse = residuals
+    hidden, weight, bias, labels, counted, eps, lse, eps_slope = residuals
     compute_dtype = eps.dtype
     start, num_classes = _vocab_layout(options, weight.shape[0])
     size = lsspec.support_size(options.convention, num_classes)
@@ -391,7 +395,18 @@ def _fused_rows_bwd(options, residuals, grad_rows):
     # Inside shard_map: d hidden sums every vocabulary shard's part, d weight / d bias every
     # batch shard's rows (a psum over the axes the cotangent varies over and the input does not).
     d_hidden = _sum_to_type(d_hidden.astype(hidden.dtype), hidden)
-    return d_hidden, _sum_to_type(d_weight, weight), _sum_to_type(d_bias, bias), None, None, None
+    # d eps = sum_rows g * slope (a select: 0 * NaN would leak a non-counted row's NaN upstream);
+    # with a batch axis, every batch shard's rows (the slope is already global over the vocab).
+    d_eps = jnp.sum(jnp.where(counted, grad_rows.astype(compute_dtype) * eps_slope, 0.0))
+    d_eps = _sum_to_type(d_eps.astype(eps.dtype).reshape(eps.shape), eps)
+    return (
+        d_hidden,
+        _sum_to_type(d_weight, weight),
+        _sum_to_type(d_bias, bias),
+        None,
+        None,
+        d_eps,
+    )
 
 
 _fused_rows.defvjp(_fused_rows_fwd, _fused_rows_bwd)

@@ -62,7 +62,9 @@ def sharded_fused_linear_smoothed_cross_entropy(
     Per device: the local chunks give a local logsumexp, all-reduced over ``vocab_axis`` as
     ``m = pmax(lse)``, ``lse = m + log(psum(exp(lse - m)))``; ``x_y`` (only the shard holding
     ``y`` contributes) and ``sum_c x_c = hidden . sum_c w_c + sum_c b_c`` are ``psum`` s. The
-    backward pass all-reduces ``d hidden``; ``d weight`` and ``d bias`` stay local.
+    backward pass all-reduces ``d hidden``; ``d weight`` and ``d bias`` stay local. A traced
+    ``smoothing`` is differentiated as in the fused loss (its derivative is summed over the
+    batch shards, once: the per-row slope is already global over the vocabulary).
     """
     fn = "sharded_fused_linear_smoothed_cross_entropy"
     hidden, weight, bias, labels = _check_fused(fn, hidden, weight, bias, labels)
@@ -92,7 +94,7 @@ def sharded_fused_linear_smoothed_cross_entropy(
                 f"the size they split; got {size}."
             )
     compute_dtype = jnp.promote_types(hidden.dtype, jnp.float32)
-    eps = jax.lax.stop_gradient(_smoothing_array(smoothing, compute_dtype))
+    eps = _smoothing_array(smoothing, compute_dtype)  # differentiated, as in the fused loss
     options = _FusedOptions(convention, pad_index, chunk_size, vocab_axis)
 
     def local(hidden, weight, bias, labels, eps):

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 import lsspec
 
@@ -28,12 +29,36 @@ def _xlogx(value: Array) -> Array:
     return jax.scipy.special.xlogy(value, value)
 
 
+@jax.custom_jvp
 def _times(scale: Array, term: Array) -> Array:
     """``scale * term`` that is exactly 0 when ``scale`` is 0, even where ``term`` is infinite.
 
     With smoothing = 0 and a -inf logit the smoothing term is +inf; ``0 * inf`` would be NaN.
+    Its derivative is the product's, at ``scale = 0`` too: ``term`` with respect to ``scale``
+    (a select would give 0 there: a smoothing at 0 would never move), ``scale`` (0 there, not
+    ``0 * inf``) with respect to ``term``.
     """
     return jnp.where(scale == 0, jnp.zeros_like(term), scale * term)
+
+
+def _is_zero(tangent: Any) -> bool:
+    """Whether a tangent is JAX's symbolic zero: that input is not being differentiated."""
+    return isinstance(tangent, SymbolicZero)
+
+
+def _times_jvp(primals, tangents):
+    scale, term = primals
+    d_scale, d_term = tangents
+    value = _times(scale, term)
+    tangent = jnp.zeros_like(value)
+    if not _is_zero(d_term):
+        tangent = tangent + _times(scale, d_term)
+    if not _is_zero(d_scale):  # skipped when scale is constant: 0 * inf would be NaN
+        tangent = tangent + d_scale * term
+    return value, tangent
+
+
+_times.defjvp(_times_jvp, symbolic_zeros=True)
 
 
 def _upcast_alone(x: Array, compute_dtype, companion: Array) -> Array:
@@ -56,40 +81,43 @@ def _logsumexp(x: Array, compute_dtype, class_mask: Array | None = None) -> Arra
 
     The max is taken in ``x``'s own dtype (exact), so the upcast feeds a single reduction and
     XLA fuses it there: a bf16 ``x`` never gets a float32 copy. A row of -inf gives -inf.
-    With a ``class_mask`` the stabilising max is the max over the ALLOWED classes, and the sum
-    reads the masked columns lowered to the dtype's lowest finite value, whose terms are then
-    exactly 0: a masked logit of any size (-inf, or far above every allowed one) neither
-    overflows nor underflows the sum. The lowering is integer arithmetic on the bit pattern
-    (:func:`_lower_masked`); a select, a float ``minimum`` or a masked max in floats would make
-    XLA:CPU materialise a rows x K copy (measured: 100% of the float32 logits in bf16).
+    With a ``class_mask``: :func:`_allowed_logsumexp`, one pass that never lets a masked logit
+    in, whatever its value (-inf, or far above every allowed one).
     """
-    if class_mask is None:
-        peak = jnp.max(x, axis=-1)
-    else:  # the max over the allowed classes; masked ones then add exp(lowest - peak) = 0
-        peak = jnp.max(_lower_masked(x, class_mask, class_mask), axis=-1)
-        x = _lower_masked(x, class_mask, peak)
-    peak = jax.lax.stop_gradient(jnp.where(jnp.isfinite(peak), peak, 0.0).astype(compute_dtype))
-    terms = jnp.exp(_upcast_alone(x, compute_dtype, peak) - peak[..., None])
     if class_mask is not None:
-        terms = terms * _mask_for(class_mask, compute_dtype, peak)
+        return _allowed_logsumexp(x, class_mask, compute_dtype)
+    peak = jnp.max(x, axis=-1).astype(compute_dtype)
+    peak = jax.lax.stop_gradient(jnp.where(jnp.isfinite(peak), peak, 0.0))
+    terms = jnp.exp(_upcast_alone(x, compute_dtype, peak) - peak[..., None])
     return jnp.log(jnp.sum(terms, axis=-1)) + peak
 
 
-def _lower_masked(x: Array, class_mask: Array, companion: Array) -> Array:
-    """``x`` with its masked columns set to the dtype's lowest finite value, for a max.
+def _allowed_logsumexp(x: Array, class_mask: Array, compute_dtype) -> Array:
+    """logsumexp over the last axis and the allowed classes, in ONE variadic reduction whose
+    state is the running (max, sum of exp(x - max)) of the allowed entries seen, as an online
+    softmax keeps it: a masked logit of any size (-inf, or far above every allowed one) never
+    enters, so it neither overflows nor underflows the sum. The operands are ``x``, a broadcast
+    1 and the broadcast mask, which XLA fuses into the reduction: no rows x K temporary (an
+    elementwise-masked ``x`` feeding a max or a sum is materialised by XLA:CPU)."""
+    values = x.astype(compute_dtype)
+    ones = jnp.ones(x.shape, compute_dtype)
+    allowed = jnp.broadcast_to(class_mask, x.shape)
 
-    Done on the bit pattern, ``(bits & keep) | low`` with (K,) integer constants, because
-    integer ops are native on every backend: an elementwise float op on a bf16 ``x`` makes
-    XLA:CPU upcast it, and the reduction that reads the upcast then needs it materialised
-    (a float32 copy of the logits)."""
-    unsigned = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[x.dtype.itemsize]
-    lowest = jax.lax.bitcast_convert_type(jnp.asarray(jnp.finfo(x.dtype).min, x.dtype), unsigned)
-    zero = jnp.zeros((), unsigned)
-    keep = jnp.where(class_mask, ~zero, zero)  # all bits, or none
-    low = jnp.where(class_mask, zero, lowest)
-    keep, low, _ = jax.lax.optimization_barrier((keep, low, companion))  # one consumer each
-    bits = jax.lax.bitcast_convert_type(x, unsigned)
-    return jax.lax.bitcast_convert_type((bits & keep) | low, x.dtype)
+    def combine(left, right):
+        (left_max, left_sum, left_any), (right_max, right_sum, right_any) = left, right
+        left_max = jnp.where(left_any, left_max, -jnp.inf)
+        right_max = jnp.where(right_any, right_max, -jnp.inf)
+        peak = jnp.maximum(left_max, right_max)
+        safe = jnp.where(jnp.isfinite(peak), peak, 0.0)
+        total = jnp.where(left_any, left_sum * jnp.exp(left_max - safe), 0.0) + jnp.where(
+            right_any, right_sum * jnp.exp(right_max - safe), 0.0
+        )
+        return peak, total, left_any | right_any
+
+    start = (np.array(-np.inf, compute_dtype), np.array(0.0, compute_dtype), np.array(False))
+    peak, total, _ = jax.lax.reduce((values, ones, allowed), start, combine, (x.ndim - 1,))
+    safe = jnp.where(jnp.isfinite(peak), peak, 0.0)
+    return jnp.log(total) + safe
 
 
 def _mask_for(class_mask: Array, dtype, companion: Array) -> Array:
@@ -105,11 +133,15 @@ def _mask_for(class_mask: Array, dtype, companion: Array) -> Array:
 
 def _zero_masked(x: Array, class_mask: Array, companion: Array) -> Array:
     """``x`` with masked columns set to 0, by arithmetic XLA fuses into the reduction that reads
-    it (a select would be materialised): masked values, -inf included, are raised to the
-    dtype's lowest finite value and multiplied by 0; allowed columns are untouched."""
-    floor = jnp.where(class_mask, -jnp.inf, jnp.finfo(x.dtype).min).astype(x.dtype)
-    floor, mask, _ = jax.lax.optimization_barrier((floor, class_mask.astype(x.dtype), companion))
-    return jnp.maximum(x, floor) * mask
+    it (a select would be materialised): masked values, -inf and +inf included, are clipped to
+    the dtype's finite range and multiplied by 0; allowed columns are untouched."""
+    finite = jnp.finfo(x.dtype)
+    floor = jnp.where(class_mask, -jnp.inf, finite.min).astype(x.dtype)
+    ceiling = jnp.where(class_mask, jnp.inf, finite.max).astype(x.dtype)
+    floor, ceiling, mask, _ = jax.lax.optimization_barrier(
+        (floor, ceiling, class_mask.astype(x.dtype), companion)
+    )
+    return jnp.minimum(jnp.maximum(x, floor), ceiling) * mask
 
 
 def _concrete_scalar(fn: str, name: str, value: Any) -> Any:
@@ -148,7 +180,10 @@ def _smoothing_array(value: Any, dtype) -> Array:
     slack = lsspec.unit_interval_slack(_ulp_of_one(value))
     eps = jnp.asarray(value, dtype)
     snapped = jnp.clip(eps, 0, 1)
-    return jnp.where(jnp.abs(eps - snapped) <= slack, snapped, eps)
+    rounding = (eps != snapped) & (jnp.abs(eps - snapped) <= slack)
+    # The snap is rounding, not a change of value: its derivative is 1 (straight through), so
+    # a learned smoothing at 0 or 1 keeps its whole derivative (clip's would be 1/2 there).
+    return jnp.where(rounding, eps + jax.lax.stop_gradient(snapped - eps), eps)
 
 
 def _index_labels(labels: Array) -> Array:
@@ -279,7 +314,13 @@ def smoothed_cross_entropy(
       smoothing: ``eps`` in [0, 1]; a Python float or a scalar array (may be traced).
         A value within ``lsspec.UNIT_INTERVAL_ULPS`` (4) ulps outside [0, 1] in its own dtype
         is rounding (a schedule that ends at 0) and is clamped; farther out it raises when
-        concrete and gives NaN rows when traced.
+        concrete and gives NaN rows when traced. Differentiable (``jax.grad``, also under
+        ``jit``/``vmap``), for a learned or scheduled smoothing: ``d loss_row / d eps =
+        -w_y (lse - x_y) + sum_{c in S} w_c (lse - x_c) / |S|``, plus with ``kl=True`` the KL
+        constant's ``c (log(eps/|S|) - log q_y)`` (``c = (|S|-1)/|S|`` uniform, else 1). That
+        one is infinite at the ends; the one-sided limits are returned: ``-inf`` at
+        ``eps = 0``, ``+inf`` at ``eps = 1`` for ``"others"``/``"others_but_pad"`` (finite for
+        ``"uniform"``). The clamp of a rounding is transparent to the derivative.
       convention: ``"uniform"`` | ``"others"`` | ``"others_but_pad"``.
       ignore_index: rows whose label equals it count for nothing (torch's ``ignore_index``).
       pad_index: the pad column, required by and only allowed with ``"others_but_pad"``. It never
@@ -299,7 +340,8 @@ def smoothed_cross_entropy(
       class_mask: boolean ``(K,)``; False classes leave the softmax and the smoothing support.
         A counted row whose label is a masked class raises (concrete) or is NaN (traced).
       z_loss: ``z >= 0``; adds ``z * lse**2`` to every counted row. Needs logits (not allowed
-        with ``from_log_probs=True``).
+        with ``from_log_probs=True``). Differentiable: ``d loss_row / d z = lse**2`` (a traced
+        0 included; the Python number 0 leaves the z-loss out of the program).
       return_z_loss: also return the z-loss part alone, reduced like the loss:
         ``(loss, z_part)`` where ``loss`` already includes ``z_part`` (T5X's convention). The
         z-part's gradient is ``2 z lse softmax(x)``.
@@ -349,14 +391,14 @@ def smoothed_cross_entropy(
 
     x = jnp.moveaxis(logits, axis, -1)
     compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
-    eps = jax.lax.stop_gradient(_smoothing_array(smoothing, compute_dtype))
+    eps = _smoothing_array(smoothing, compute_dtype)  # differentiated (see _row_loss_jvp)
     if weight is not None:
         weight = jax.lax.stop_gradient(jnp.asarray(weight, compute_dtype))
     if class_mask is not None:
         class_mask = jax.lax.stop_gradient(jnp.asarray(class_mask))
     # z-loss is compiled in only when it can matter: a concrete 0 leaves the program unchanged.
     with_z = return_z_loss or not (lsspec.is_number(z_value) and z_value == 0)
-    z = jax.lax.stop_gradient(jnp.asarray(z_loss, compute_dtype)) if with_z else None
+    z = jnp.asarray(z_loss, compute_dtype) if with_z else None
     options = _Options(convention, pad_index, kl, from_log_probs, with_z)
     loss = _row_loss_jit(options, x, labels, counted, eps, weight, class_mask, z)
     w_y = 1.0 if weight is None else weight[jnp.where(counted, labels, 0).clip(0, num_classes - 1)]
@@ -440,6 +482,17 @@ def _row_terms(options, x, labels, counted, eps, weight, class_mask=None):
     return lse, x_y, w_y, support_sum, support_weight, safe_labels, bad, size
 
 
+def _counted_only(counted, bad, value):
+    """Per-row ``value``: 0 on rows that do not count, NaN on counted rows that are invalid."""
+    return jnp.where(counted, jnp.where(bad, jnp.nan, value), 0.0)
+
+
+def _on_target_mass(options, eps, size):
+    """``q_y``, the smoothed target's mass on the label: ``1 - eps (+ eps / |S|)``."""
+    confidence = 1.0 - eps
+    return confidence + eps / size if options.convention == "uniform" else confidence
+
+
 def _loss_from_terms(options, terms, counted, eps, z):
     """Per-row loss (and, with ``options.with_z``, the z-loss part alone): 0 where not counted."""
     lse, x_y, w_y, support_sum, support_weight, _, bad, size = terms
@@ -449,14 +502,34 @@ def _loss_from_terms(options, terms, counted, eps, z):
     loss = _times(confidence, true_term) + _times(eps, smooth_term)
     if options.kl:  # Subtract the entropy of q: add sum_c q_c log q_c, a constant per row.
         uniform = options.convention == "uniform"
-        on_target = confidence + eps / size if uniform else confidence
         off_target_count = size - 1 if uniform else size
-        loss = loss + _xlogx(on_target) + off_target_count * _xlogx(eps / size)
+        loss = loss + _xlogx(_on_target_mass(options, eps, size))
+        loss = loss + off_target_count * _xlogx(eps / size)
     if not options.with_z:
-        return jnp.where(counted, jnp.where(bad, jnp.nan, loss), 0.0)
+        return _counted_only(counted, bad, loss)
     z_part = jnp.where(bad, jnp.nan, _times(z, jnp.square(lse)))
     loss = jnp.where(bad, jnp.nan, loss + z_part)
     return jnp.where(counted, loss, 0.0), jnp.where(counted, z_part, 0.0)
+
+
+def _smoothing_slope(options, terms, eps):
+    """``d loss_row / d eps``, per row (before masking):
+    ``-w_y (lse - x_y) + sum_{c in S} w_c (lse - x_c) / |S|``, plus with ``kl=True`` the KL
+    constant's ``c (log(eps / |S|) - log q_y)`` (``c = (|S| - 1) / |S|`` uniform, else 1).
+
+    The KL constant's derivative is infinite at the ends (``x log x`` at 0); this gives the
+    one-sided limits of the derivative inside [0, 1]: ``-inf`` at ``eps = 0``, ``+inf`` at
+    ``eps = 1`` for ``"others"``/``"others_but_pad"`` (where ``q_y = 1 - eps`` reaches 0), and
+    the finite limit (the CE part's slope) at ``eps = 1`` for ``"uniform"``.
+    """
+    lse, x_y, w_y, support_sum, support_weight, _, _, size = terms
+    slope = (support_weight * lse - support_sum) / size - w_y * (lse - x_y)
+    if options.kl:
+        kl_slope = jnp.log(eps / size) - jnp.log(_on_target_mass(options, eps, size))
+        if options.convention == "uniform":  # q_y moves by (|S| - 1) / |S| per unit of eps
+            kl_slope = _times((size - 1) / size, kl_slope)
+        slope = slope + kl_slope
+    return slope
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -469,21 +542,45 @@ def _row_loss(options, x, labels, counted, eps, weight, class_mask, z):
     return _loss_from_terms(options, terms, counted, eps, z)
 
 
-@_row_loss.defjvp
 def _row_loss_jvp(options, primals, tangents):
+    """Tangents with respect to the logits ``x``, the smoothing ``eps`` and the z-loss ``z``.
+
+    ``d loss_row = sum_c r_c dx_c + s d_eps + lse**2 d_z``, with ``s`` the per-row slope of
+    :func:`_smoothing_slope`; the z-part alone has ``sum_c 2 z lse p_c dx_c + lse**2 d_z``.
+    Labels, masks and class weights are constants. An input that is not differentiated comes
+    as a symbolic zero and its term is not built: differentiating the logits only costs nothing
+    more, and differentiating ``eps`` or ``z`` only is O(rows) work on the statistics.
+    """
+    x, labels, counted, eps, weight, class_mask, z = primals
+    dx, d_eps, d_z = tangents[0], tangents[3], tangents[6]
+    terms = _row_terms(options, x, labels, counted, eps, weight, class_mask)
+    loss = _loss_from_terms(options, terms, counted, eps, z)
+    lse, bad = terms[0], terms[6]
+    loss_tangent = z_tangent = jnp.zeros(labels.shape, eps.dtype)
+    if not _is_zero(dx):
+        loss_tangent, z_tangent = _logits_tangents(
+            options, x, dx, terms, counted, eps, weight, class_mask, z
+        )
+    if not _is_zero(d_eps):
+        slope = _counted_only(counted, bad, _smoothing_slope(options, terms, eps))
+        loss_tangent = loss_tangent + slope * d_eps
+    if options.with_z and not _is_zero(d_z):
+        z_slope = _counted_only(counted, bad, jnp.square(lse)) * d_z
+        loss_tangent, z_tangent = loss_tangent + z_slope, z_tangent + z_slope
+    if not options.with_z:
+        return loss, loss_tangent
+    return loss, (loss_tangent, z_tangent)
+
+
+def _logits_tangents(options, x, dx, terms, counted, eps, weight, class_mask, z):
     """d loss_row = sum_c r_c dx_c with r = (A + 2 z lse) * p - t (logits) or r = -t (log-probs).
 
     ``t_c = (1 - eps) w_y [c = y] + (eps / |S|) w_c [c in S]`` is the (weighted) smoothed target,
     ``A = sum_c t_c`` and ``p`` the softmax over the allowed classes (0 on masked ones). The
     z-part alone has ``d z_row = sum_c 2 z lse p_c dx_c``. ``r`` is elementwise in ``x`` and
     per-row statistics, so under ``jit`` the gradient ``g * r`` is one fused pass that writes the
-    output: no rows x K temporary. Only ``x`` is differentiated (labels, masks, smoothing,
-    weights and z are constants). The statistics are computed once for the loss and ``r``.
+    output: no rows x K temporary. Returns (loss tangent, z-part tangent; zeros without z).
     """
-    x, labels, counted, eps, weight, class_mask, z = primals
-    dx = tangents[0]
-    terms = _row_terms(options, x, labels, counted, eps, weight, class_mask)
-    loss = _loss_from_terms(options, terms, counted, eps, z)
     lse, _, w_y, _, support_weight, safe_labels, bad, size = terms
     keep = counted[..., None]
     classes = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
@@ -521,10 +618,13 @@ def _row_loss_jvp(options, primals, tangents):
     coefficient = jnp.where(keep, jnp.where(bad[..., None], jnp.nan, coefficient), 0.0)
     loss_tangent = jnp.sum(coefficient * dx, axis=-1)
     if not options.with_z:
-        return loss, loss_tangent
+        return loss_tangent, jnp.zeros_like(loss_tangent)
     z_coefficient = (2.0 * z * jnp.where(counted, lse, 0.0))[..., None] * softmax
     z_coefficient = jnp.where(keep, jnp.where(bad[..., None], jnp.nan, z_coefficient), 0.0)
-    return loss, (loss_tangent, jnp.sum(z_coefficient * dx, axis=-1))
+    return loss_tangent, jnp.sum(z_coefficient * dx, axis=-1)
+
+
+_row_loss.defjvp(_row_loss_jvp, symbolic_zeros=True)
 
 
 def _reduce(loss, row_weight, reduction, normalizer):

@@ -15,6 +15,7 @@ from lsjax.smoothed import (
     _concrete_smoothing,
     _reduce,
     _smoothing_array,
+    _times,
 )
 
 
@@ -52,13 +53,14 @@ def soft_target_cross_entropy(
       logits: float array, class axis ``axis``; bf16/fp16 accumulate in float32.
       targets: float array of the logits' shape (rows need not sum to 1: mixup/cutmix targets
         and distillation targets are taken as given).
-      smoothing: ``eps`` in [0, 1].
+      smoothing: ``eps`` in [0, 1]; differentiable (at 0 and 1 too: the loss is linear in it).
       weight: per-class weights of shape ``(K,)``, a constant.
       where: boolean row mask of the logits' shape without the class axis.
       axis: the class axis.
       reduction: ``"none"`` | ``"sum"`` | ``"mean"`` (over rows that ``where`` keeps; 0 if none).
       from_log_probs: ``logits`` are log-probabilities: the loss is ``-sum_c w_c t'_c x_c``.
-      z_loss: ``z >= 0``, adds ``z * logsumexp(x)**2`` per counted row (needs logits).
+      z_loss: ``z >= 0``, adds ``z * logsumexp(x)**2`` per counted row (needs logits);
+        differentiable, ``d loss_row / d z = lse**2``.
       return_z_loss: return ``(loss, z_part)`` (the loss includes the z-part), reduced alike.
 
     Returns:
@@ -96,7 +98,9 @@ def soft_target_cross_entropy(
     given = lse * jnp.sum(w * t, axis=-1) - jnp.sum(w * t * x, axis=-1)
     total_w = num_classes if weight is None else jnp.sum(w)
     uniform = (lse * total_w - jnp.sum(w * x, axis=-1)) / num_classes
-    loss = jnp.where(eps == 0, given, (1 - eps) * given + eps * uniform)
+    # _times: exactly `given` at eps = 0 (an infinite uniform term does not leak), and its
+    # derivative with respect to eps is `uniform - given` there too.
+    loss = _times(1.0 - eps, given) + _times(eps, uniform)
     valid = counted & (eps >= 0) & (eps <= 1)
     z_part = jnp.asarray(z_loss, compute_dtype) * jnp.square(lse)
     if return_z_loss or not (lsspec.is_number(z_value) and z_value == 0):

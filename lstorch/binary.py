@@ -31,7 +31,8 @@ def sigmoid_binary_cross_entropy(
         loss = pos_weight * y' * softplus(-x) + (1 - y') * softplus(x)
 
     (``softplus(z) = logaddexp(z, 0)``), gradient ``sigmoid(x) (pos_weight y' + 1 - y') -
-    pos_weight y'``. Same keywords and semantics as ``lsjax.sigmoid_binary_cross_entropy``.
+    pos_weight y'``. Same keywords and semantics as ``lsjax.sigmoid_binary_cross_entropy`` (a
+    ``smoothing`` tensor that requires grad is differentiated).
     Reproduces ``torch.nn.functional.binary_cross_entropy_with_logits(x, y', pos_weight=pw,
     reduction=r)``; returns float32 for bf16/fp16/float32 logits and float64 for float64.
     """
@@ -51,7 +52,7 @@ def sigmoid_binary_cross_entropy(
 
     compute_dtype = _compute_dtype(logits.dtype)
     x = logits.to(compute_dtype)
-    eps = _smoothing_tensor(smoothing, compute_dtype, x.device).detach()
+    eps = _smoothing_tensor(smoothing, compute_dtype, x.device)  # d y' / d eps = 1/2 - y
     zero = torch.zeros((), dtype=compute_dtype, device=x.device)
     target = labels.to(compute_dtype) * (1.0 - eps) + eps / 2
     positive = target * torch.logaddexp(-x, zero)

@@ -67,7 +67,9 @@ def vocab_parallel_smoothed_cross_entropy(
       labels: global class indices, the same on every rank, shape ``local_logits.shape[:-1]``.
       group: the process group the vocabulary is split over (default: the world).
       smoothing, convention, ignore_index, pad_index, reduction: as ``smoothed_cross_entropy``
-        (``pad_index`` is a global class index).
+        (``pad_index`` is a global class index). A ``smoothing`` tensor that requires grad is
+        differentiated: every rank gets ``d loss / d smoothing`` of the whole loss (the same on
+        every rank, from the global statistics), no further all-reduce.
     """
     fn = "vocab_parallel_smoothed_cross_entropy"
     if not isinstance(local_logits, torch.Tensor) or not local_logits.is_floating_point():
@@ -110,10 +112,10 @@ def vocab_parallel_smoothed_cross_entropy(
     if _values_readable(bad) and bool(bad.any()):  # not under torch.compile or vmapped labels
         raise lsspec.label_range_error(fn, labels[bad].tolist(), num_classes, ignore_index)
     compute_dtype = _compute_dtype(local_logits.dtype)
-    eps = _smoothing_tensor(smoothing, compute_dtype, local_logits.device).detach()
+    eps = _smoothing_tensor(smoothing, compute_dtype, local_logits.device)  # differentiated
     layout = (convention, pad_index, rank * local_classes, num_classes, group)
     rows = _with_forward_mode(_VocabParallelRows, _VocabParallelRowsForwardMode)
-    loss, _ = rows.apply(local_logits, labels, counted, eps, layout)
+    loss, _, _ = rows.apply(local_logits, labels, counted, eps, layout)
     return _reduce(loss, counted.to(compute_dtype), reduction, None)
 
 
@@ -211,16 +213,20 @@ class _VocabParallelRows(torch.autograd.Function):
             # A (tensor) smoothing outside [0, 1] gives NaN rows, never a plausible number.
             loss = torch.where(_smoothing_invalid(eps), torch.nan, loss)
             loss = torch.where(counted, loss, 0.0)
-        return loss, lse
+            # d loss_row / d eps from the global statistics (the same on every rank).
+            eps_slope = (lse - support_sum / size) - (lse - x_y)
+        return loss, lse, eps_slope
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, labels, counted, eps, layout = inputs
-        _, lse = output
+        _, lse, eps_slope = output
         ctx.layout = layout
-        ctx.save_for_backward(x, labels, counted, eps, lse)
-        ctx.save_for_forward(x, labels, counted, eps, lse)  # the same tensors
-        ctx.mark_non_differentiable(lse)
+        # The smoothing's slope (O(rows)) is kept for backward only when it is differentiated.
+        kept = eps_slope if ctx.needs_input_grad[3] else None
+        ctx.save_for_backward(x, labels, counted, eps, lse, kept)
+        ctx.save_for_forward(x, labels, counted, eps, lse, eps_slope)
+        ctx.mark_non_differentiable(lse, eps_slope)
 
     @staticmethod
     def vmap(info, in_dims, x, labels, counted, eps, layout):
@@ -247,16 +253,16 @@ class _VocabParallelRows(torch.autograd.Function):
             eps,
             layout,
         )
-        return outputs, (0, 0)
+        return outputs, (0, 0, 0)
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_lse):
+    def backward(ctx, grad_loss, grad_lse, grad_slope):
         """``g * (softmax(x) - q)`` on this rank's classes; no communication, except when the
         gradient will be differentiated again: then the global lse is recomputed from ``x``
         through ``_AllReduceSum`` (shifted by the saved lse, the same on every rank), so that
         its dependence on every rank's logits is in the graph."""
-        del grad_lse  # lse is an internal statistic, never differentiated.
-        x, labels, counted, eps, lse = ctx.saved_tensors
+        del grad_lse, grad_slope  # internal statistics, never differentiated.
+        x, labels, counted, eps, lse, eps_slope = ctx.saved_tensors
         safe_lse = torch.where(counted, lse, 0.0)
         x_c = x.to(eps.dtype)
         if _differentiated_again(x):
@@ -269,7 +275,11 @@ class _VocabParallelRows(torch.autograd.Function):
         grad = grad * grad_loss.to(eps.dtype).unsqueeze(-1)
         grad = torch.where(_smoothing_invalid(eps), torch.nan, grad)
         grad = torch.where(counted.unsqueeze(-1), grad, 0.0)
-        return grad.to(x.dtype), None, None, None, None
+        d_eps = None
+        if eps_slope is not None:  # d eps = sum_rows g * slope, the whole loss's on every rank
+            d_eps = torch.where(_smoothing_invalid(eps), torch.nan, grad_loss * eps_slope)
+            d_eps = torch.where(counted, d_eps, 0.0).sum().reshape(eps.shape)
+        return grad.to(x.dtype), None, None, d_eps, None
 
 
 class _VocabParallelRowsForwardMode(_VocabParallelRows):
@@ -279,13 +289,18 @@ class _VocabParallelRowsForwardMode(_VocabParallelRows):
     def jvp(ctx, x_tangent, *other_tangents):
         """``d loss = sum_c (softmax(x)_c - q_c) dx_c`` over all K classes: each rank's share,
         all-reduced (one all-reduce of O(rows) values, run on every rank)."""
-        del other_tangents  # labels, the counted mask and the smoothing are constants.
-        x, labels, counted, eps, lse = ctx.saved_tensors
-        safe_lse = torch.where(counted, lse, 0.0).unsqueeze(-1)
-        coeff = torch.exp(x.to(eps.dtype) - safe_lse) - _local_target(
-            x, labels, counted, eps, ctx.layout
-        )
-        local = torch.matmul(coeff.unsqueeze(-2), x_tangent.to(eps.dtype).unsqueeze(-1))
-        d_loss = _AllReduceSum.apply(local.squeeze(-1).squeeze(-1), ctx.layout[-1])
+        eps_tangent = other_tangents[2]  # labels and the counted mask are constants
+        x, labels, counted, eps, lse, eps_slope = ctx.saved_tensors
+        d_loss = torch.zeros_like(lse)
+        if x_tangent is not None:
+            safe_lse = torch.where(counted, lse, 0.0).unsqueeze(-1)
+            coeff = torch.exp(x.to(eps.dtype) - safe_lse) - _local_target(
+                x, labels, counted, eps, ctx.layout
+            )
+            local = torch.matmul(coeff.unsqueeze(-2), x_tangent.to(eps.dtype).unsqueeze(-1))
+            d_loss = _AllReduceSum.apply(local.squeeze(-1).squeeze(-1), ctx.layout[-1])
+        if eps_tangent is not None:  # the same on every rank: no communication
+            d_loss = d_loss + _times(eps_tangent, eps_slope)  # 0 tangent: exactly 0
         d_loss = torch.where(_smoothing_invalid(eps), torch.nan, d_loss)
-        return torch.where(counted, d_loss, 0.0), None  # lse: non-differentiable
+        # lse and the slope: non-differentiable
+        return torch.where(counted, d_loss, 0.0), None, None

@@ -62,6 +62,8 @@ def fused_linear_smoothed_cross_entropy(
     ``"mean"`` returns 0 with a zero gradient, where torch returns NaN).
 
     ``weight`` is ``(V, D)``, the layout of ``nn.Linear(D, V).weight`` and of a tied embedding.
+    A ``smoothing`` tensor that requires grad is differentiated: ``d loss_row / d eps = x_y -
+    mean_{c in S} x_c``, one O(rows) statistic kept for backward only then.
     Returns float32 for bf16/fp16/float32 inputs (every logit, lse and sum accumulated in
     float32), float64 for float64; gradients come back in the inputs' dtypes. Outside
     ``torch.autocast``, ``hidden``, ``weight`` and ``bias`` must share one dtype.
@@ -108,11 +110,11 @@ def fused_linear_smoothed_cross_entropy(
         if bool(bad.any()):
             raise lsspec.label_range_error(fn, labels[bad].tolist(), num_classes, ignore_index)
     compute_dtype = _compute_dtype(operand_dtype)
-    eps = _smoothing_tensor(smoothing, compute_dtype, hidden.device).detach()
+    eps = _smoothing_tensor(smoothing, compute_dtype, hidden.device)  # differentiated
     if bias is None:
         bias = torch.zeros(num_classes, dtype=hidden.dtype, device=hidden.device)
     fused_rows = _with_forward_mode(_FusedRows, _FusedRowsForwardMode)
-    loss, _ = fused_rows.apply(
+    loss, _, _ = fused_rows.apply(
         hidden.reshape(-1, hidden.shape[-1]),
         weight,
         bias,
@@ -259,7 +261,9 @@ def _terms(options, hidden, weight, bias, labels, counted, eps):
     size = lsspec.support_size(convention, num_classes)
     loss = _times(1.0 - eps, lse - x_y) + _times(eps, lse - support_sum / size)
     loss = torch.where(counted, torch.where(bad, torch.nan, loss), 0.0)
-    return loss, lse
+    # d loss_row / d eps: the smoothing term minus the true one (O(rows), kept for backward).
+    eps_slope = (lse - support_sum / size) - (lse - x_y)
+    return loss, lse, eps_slope
 
 
 class _FusedRows(torch.autograd.Function):
@@ -284,19 +288,23 @@ class _FusedRows(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         hidden, weight, bias, labels, counted, eps, options = inputs
-        _, lse = output
+        _, lse, eps_slope = output
         ctx.options = options
-        ctx.save_for_backward(hidden, weight, bias, labels, counted, eps, lse)
-        ctx.save_for_forward(hidden, weight, bias, labels, counted, eps, lse)  # the same tensors
-        ctx.mark_non_differentiable(lse)
+        # The smoothing's per-row slope (O(rows)) is kept only when the smoothing is
+        # differentiated (backward) or may carry a tangent (forward mode).
+        kept = eps_slope if ctx.needs_input_grad[5] else None
+        ctx.save_for_backward(hidden, weight, bias, labels, counted, eps, lse, kept)
+        ctx.save_for_forward(hidden, weight, bias, labels, counted, eps, lse, eps_slope)
+        ctx.mark_non_differentiable(lse, eps_slope)
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_lse):
+    def backward(ctx, grad_loss, grad_lse, grad_slope):
         """Per chunk: ``coeff = g * (softmax(x) - q)`` (rows x chunk), then
         ``d hidden += coeff @ W_chunk``, ``d W_chunk = coeff.T @ hidden``, ``d b_chunk = sum
-        coeff``, with ``q_c = (1 - eps) [c = y] + eps / |S| [c in S]``."""
-        del grad_lse  # lse is an internal statistic, never differentiated.
-        hidden, weight, bias, labels, counted, eps, lse = ctx.saved_tensors
+        coeff``, with ``q_c = (1 - eps) [c = y] + eps / |S| [c in S]``; ``d eps = sum_rows g
+        slope_row`` when the smoothing is differentiated."""
+        del grad_lse, grad_slope  # internal statistics, never differentiated.
+        hidden, weight, bias, labels, counted, eps, lse, eps_slope = ctx.saved_tensors
         if _differentiated_again(hidden, weight, bias):
             with _autocast_off(hidden.device.type):
                 grads = _differentiable_gradients(
@@ -306,7 +314,11 @@ class _FusedRows(torch.autograd.Function):
             grads = _gradients(
                 ctx.options, hidden, weight, bias, labels, counted, eps, lse, grad_loss
             )
-        return (*grads, None, None, None, None)
+        d_eps = None
+        if eps_slope is not None:  # d eps = sum_rows g * slope (NaN from invalid rows)
+            d_eps = _smoothing_rows(labels, counted, eps, weight.shape[0], grad_loss * eps_slope)
+            d_eps = d_eps.sum().reshape(eps.shape)
+        return (*grads, None, None, d_eps, None)
 
 
 class _FusedRowsForwardMode(_FusedRows):
@@ -317,8 +329,8 @@ class _FusedRowsForwardMode(_FusedRows):
     def jvp(ctx, hidden_tangent, weight_tangent, bias_tangent, *other_tangents):
         """``d loss = sum_c (softmax(x)_c - q_c) dx_c`` with ``dx = d hidden @ W.T + hidden @
         d W.T + d b``, one ``rows x chunk_size`` block at a time."""
-        del other_tangents  # labels, the counted mask and the smoothing are constants.
-        hidden, weight, bias, labels, counted, eps, lse = ctx.saved_tensors
+        eps_tangent = other_tangents[2]  # labels and the counted mask are constants
+        hidden, weight, bias, labels, counted, eps, lse, eps_slope = ctx.saved_tensors
         with _autocast_off(hidden.device.type):
             d_loss = _loss_tangent(
                 ctx.options,
@@ -329,7 +341,19 @@ class _FusedRowsForwardMode(_FusedRows):
                 eps,
                 lse,
             )
-        return d_loss, None  # lse: non-differentiable
+        if eps_tangent is not None:
+            d_loss = d_loss + _smoothing_rows(
+                labels, counted, eps, weight.shape[0], _times(eps_tangent, eps_slope)
+            )
+        return d_loss, None, None  # lse and the slope: non-differentiable
+
+
+def _smoothing_rows(labels, counted, eps, num_classes, per_row):
+    """``per_row`` (a term of the smoothing's derivative) on the rows that count, NaN on the
+    invalid ones, 0 elsewhere (a select: the others may hold anything)."""
+    in_range = (labels >= 0) & (labels < num_classes)
+    bad = counted & ~(in_range & (eps >= 0) & (eps <= 1))
+    return torch.where(counted, torch.where(bad, torch.nan, per_row.to(eps.dtype)), 0.0)
 
 
 def _row_setup(options, hidden, num_classes, labels, counted, eps):

@@ -68,8 +68,59 @@ def _xlogx(value: torch.Tensor) -> torch.Tensor:
 
 
 def _times(scale: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
-    """``scale * term``, exactly 0 when ``scale`` is 0 even where ``term`` is infinite."""
+    """``scale * term``, exactly 0 when ``scale`` is 0 even where ``term`` is infinite.
+
+    Autograd gives it ``torch.where``'s derivative, 0 with respect to ``scale`` at ``scale = 0``:
+    where ``scale`` may be differentiated, use :func:`_scaled`."""
     return torch.where(scale == 0, torch.zeros_like(term), scale * term)
+
+
+class _Times(torch.autograd.Function):
+    """:func:`_times` with the product's derivative, at ``scale = 0`` too: ``term`` with respect
+    to ``scale`` (so a smoothing at 0 still moves) and ``scale`` (0 there, not ``0 * inf``) with
+    respect to ``term``. Works under ``torch.func`` and ``torch.compile``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(scale, term):
+        return _times(scale, term)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        scale, term = ctx.saved_tensors
+        d_scale = d_term = None
+        if ctx.needs_input_grad[0]:
+            d_scale = (grad * term).sum_to_size(scale.shape)
+        if ctx.needs_input_grad[1]:
+            d_term = _times(scale, grad).sum_to_size(term.shape)
+        return d_scale, d_term
+
+
+class _TimesForwardMode(_Times):
+    """``_Times`` with ``jvp``, the same product rule: ``d scale * term + scale * d term``
+    (``scale * d term`` exactly 0 at ``scale = 0``). See ``_with_forward_mode``."""
+
+    @staticmethod
+    def jvp(ctx, scale_tangent, term_tangent):
+        scale, term = ctx.saved_tensors
+        tangent = torch.zeros(torch.broadcast_shapes(scale.shape, term.shape), dtype=term.dtype,
+                              device=term.device)  # fmt: skip
+        if scale_tangent is not None:
+            tangent = tangent + scale_tangent * term
+        if term_tangent is not None:
+            tangent = tangent + _times(scale, term_tangent)
+        return tangent
+
+
+def _scaled(scale: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
+    """:func:`_times`, differentiable with respect to ``scale`` at ``scale = 0`` (``_Times``)."""
+    return _with_forward_mode(_Times, _TimesForwardMode).apply(scale, term)
 
 
 def _is_tensor_option(value: object) -> bool:
@@ -113,7 +164,10 @@ def _smoothing_tensor(value, dtype, device) -> torch.Tensor:
     slack = lsspec.unit_interval_slack(_ulp_of_one(value))
     eps = _device_scalar(value, dtype, device)
     snapped = eps.clamp(0, 1)
-    return torch.where((eps - snapped).abs() <= slack, snapped, eps)
+    rounding = (eps != snapped) & ((eps - snapped).abs() <= slack)
+    # The snap is rounding, not a change of value: its derivative is 1 (straight through), as
+    # lsjax's, so a learned smoothing just outside [0, 1] keeps its derivative.
+    return torch.where(rounding, eps + (snapped - eps).detach(), eps)
 
 
 def _check_arrays(fn, logits, labels, axis, weight, where, class_mask=None):
@@ -274,6 +328,15 @@ def smoothed_cross_entropy(
     ``smoothing`` within 4 ulps (in its own dtype) outside [0, 1] is rounding, e.g. a schedule
     that ends at 0, and is clamped; farther out a number raises and a tensor gives NaN rows.
 
+    ``smoothing`` and ``z_loss`` given as tensors that require grad are differentiated (also
+    under ``torch.func``), with lsjax's derivatives: ``d loss_row / d eps = -w_y (lse - x_y) +
+    sum_{c in S} w_c (lse - x_c) / |S|`` (+ the KL constant's with ``kl=True``: ``-inf`` at
+    ``eps = 0``, ``+inf`` at ``eps = 1`` for ``"others"``/``"others_but_pad"``, the one-sided
+    limits) and ``d loss_row / d z = lse**2``; class weights stay constants. When the smoothing
+    requires grad, backward reads the logits once more (plain torch ops, on the Triton path
+    too) for ``x_y`` and the support sums: O(rows) results, and with a class mask, class
+    weights or bf16/fp16 logits the same transient temporaries as the plain forward's sums.
+
     Labels of any integer dtype (uint8 included) give what int64 labels give; an
     ``ignore_index`` the dtype cannot hold (-100 with uint8 labels) matches no label.
 
@@ -315,7 +378,7 @@ def smoothed_cross_entropy(
 
     x = logits.movedim(axis, -1)
     compute_dtype = _compute_dtype(logits.dtype)
-    eps = _smoothing_tensor(smoothing, compute_dtype, logits.device).detach()
+    eps = _smoothing_tensor(smoothing, compute_dtype, logits.device)  # differentiated
     if weight is not None:
         weight = weight.detach().to(compute_dtype)
     if class_mask is not None:
@@ -338,9 +401,7 @@ def smoothed_cross_entropy(
     triton = _use_triton(x, from_log_probs)
     options = _Options(convention, pad_index, kl, from_log_probs, with_z, triton, inplace_backward)
     row_loss = _with_forward_mode(_RowLoss, _RowLossForwardMode)
-    loss, z_part, _ = row_loss.apply(
-        x, labels, counted, eps, weight, class_mask, z.detach(), options
-    )
+    loss, z_part, _ = row_loss.apply(x, labels, counted, eps, weight, class_mask, z, options)
     safe_labels = torch.where(counted, labels, 0).clamp(0, num_classes - 1)
     w_y = 1.0 if weight is None else weight[safe_labels]
     row_weight = torch.where(counted, w_y, 0.0).to(compute_dtype)
@@ -393,20 +454,21 @@ def _support_size(options, num_classes, class_mask):
     return size
 
 
-def _row_terms(options, x, labels, counted, eps, weight, class_mask):
+def _row_terms(options, x, labels, counted, eps, weight, class_mask, lse=None):
     """Per-row statistics of the closed form; ``x`` is (..., K), class axis last.
 
     Only O(rows) values come out: lse, x_y, sum over the support of ``w_c x_c`` and of ``w_c``.
     Rows that do not count may hold NaN here; callers mask them. Masked classes are filled with
     ``-inf`` (lse) or 0 (sums) before each reduction, so a ``-inf`` logit there is harmless.
+    A given ``lse`` (backward's saved one) is used as it is.
     """
     num_classes = x.shape[-1]
     compute_dtype = eps.dtype
     in_range = (labels >= 0) & (labels < num_classes)
     safe_labels = torch.where(counted & in_range, labels, 0)
-    if options.from_log_probs:
+    if lse is None and options.from_log_probs:
         lse = torch.zeros(labels.shape, dtype=compute_dtype, device=x.device)
-    else:
+    elif lse is None:
         # For bf16/fp16 this upcast is a temporary float32 copy, freed before backward.
         lse = _masked_logsumexp(x, class_mask, compute_dtype)
     x_y = x.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1).to(compute_dtype)
@@ -447,15 +509,90 @@ def _bad_rows(labels, counted, eps, class_mask, num_classes):
     return counted & ~valid
 
 
+def _on_target_mass(options, eps, size):
+    """``q_y``, the smoothed target's mass on the label: ``1 - eps (+ eps / |S|)``."""
+    confidence = 1.0 - eps
+    return confidence + eps / size if options.convention == "uniform" else confidence
+
+
 def _kl_terms(options, eps, size):
     """``sum_c q_c log q_c`` of the smoothed target (a constant per row, added by ``kl=True``)
     as its two terms, the target's and the other classes', added in that order (as lsjax does,
     so both round alike)."""
-    confidence = 1.0 - eps
-    uniform = options.convention == "uniform"
-    on_target = confidence + eps / size if uniform else confidence
-    off_target_count = size - 1 if uniform else size
-    return _xlogx(on_target), off_target_count * _xlogx(eps / size)
+    off_target_count = size - 1 if options.convention == "uniform" else size
+    return _xlogx(_on_target_mass(options, eps, size)), off_target_count * _xlogx(eps / size)
+
+
+def _smoothing_slope(options, terms, eps, size):
+    """``d loss_row / d eps`` per row (before masking), as ``lsjax.smoothed._smoothing_slope``:
+    ``-w_y (lse - x_y) + sum_{c in S} w_c (lse - x_c) / |S|``, plus with ``kl=True`` the KL
+    constant's ``c (log(eps / |S|) - log q_y)`` (``c = (|S| - 1) / |S|`` uniform, else 1), whose
+    one-sided limits are taken at the ends: ``-inf`` at ``eps = 0``, ``+inf`` at ``eps = 1``
+    for ``"others"``/``"others_but_pad"`` (``q_y`` reaches 0), finite for ``"uniform"``."""
+    lse, x_y, w_y, support_sum, support_weight = terms[:5]
+    slope = (support_weight * lse - support_sum) / size - w_y * (lse - x_y)
+    if options.kl:
+        kl_slope = torch.log(eps / size) - torch.log(_on_target_mass(options, eps, size))
+        if options.convention == "uniform":  # q_y moves by (|S| - 1) / |S| per unit of eps
+            share = torch.as_tensor((size - 1) / size, dtype=eps.dtype, device=eps.device)
+            kl_slope = _times(share, kl_slope)
+        slope = slope + kl_slope
+    return slope
+
+
+def _option_gradients(options, x, labels, counted, eps, weight, class_mask, lse, grads, needs):
+    """``(d eps, d z)`` of ``sum_rows g loss_row + g_z z_row`` (None where ``needs`` is False):
+    ``sum_rows g slope_row`` and ``sum_rows (g + g_z) lse_row**2`` over counted rows (NaN from
+    invalid ones), in the shapes of ``eps`` and ``z``.
+
+    The z-loss's needs only the saved lse. The smoothing's slope needs ``x_y`` and the support
+    sums, which backward otherwise does not: they are recomputed here from ``x`` by plain torch
+    ops (the Triton forward does not return them), only when the smoothing is differentiated.
+    That costs one more read of the logits (O(rows) results; with a class mask, class weights or
+    bf16/fp16 logits, the same transient rows x K temporaries as the plain forward's sums).
+    """
+    grad_rows, grad_z = grads
+    need_eps, need_z = needs
+    num_classes = x.shape[-1]
+    bad = _bad_rows(labels, counted, eps, class_mask, num_classes)
+    g = grad_rows.to(eps.dtype)
+
+    def total(per_row):  # a select, not a product: g may be anything on rows that do not count
+        return torch.where(counted, torch.where(bad, torch.nan, per_row), 0.0).sum()
+
+    d_eps = d_z = None
+    if need_eps:
+        terms = _row_terms(options, x, labels, counted, eps, weight, class_mask, lse=lse)
+        size = _support_size(options, num_classes, class_mask)
+        d_eps = total(g * _smoothing_slope(options, terms, eps, size)).reshape(eps.shape)
+    if need_z:
+        g_total = g + grad_z.to(eps.dtype) if options.with_z else g
+        d_z = total(g_total * lse.square()).to(eps.dtype)
+    return d_eps, d_z
+
+
+def _option_tangents(options, x, labels, counted, eps, weight, class_mask, lse, tangents):
+    """Per-row ``(d loss, d z_part)`` from the tangents of ``eps`` and ``z`` (forward mode):
+    ``slope_row * d eps`` (the smoothing's closed-form slope, as in :func:`_option_gradients`)
+    and ``lse_row**2 * d z``, 0 on rows that do not count and NaN on invalid ones."""
+    eps_tangent, z_tangent = tangents
+    num_classes = x.shape[-1]
+    bad = _bad_rows(labels, counted, eps, class_mask, num_classes)
+
+    def rows(per_row):  # a select: rows that do not count may hold anything
+        return torch.where(counted, torch.where(bad, torch.nan, per_row), 0.0)
+
+    d_loss, d_z = torch.zeros_like(lse), torch.zeros_like(lse)
+    if eps_tangent is not None:
+        terms = _row_terms(options, x, labels, counted, eps, weight, class_mask, lse=lse)
+        size = _support_size(options, num_classes, class_mask)
+        # A zero tangent contributes exactly 0, even where the slope is infinite (kl=True at
+        # eps = 0 or 1): autograd hands zeros for inputs that carry no tangent.
+        d_loss = d_loss + rows(_times(eps_tangent, _smoothing_slope(options, terms, eps, size)))
+    if z_tangent is not None and options.with_z:
+        d_z = rows(_times(z_tangent, lse.square()))
+        d_loss = d_loss + d_z
+    return d_loss, d_z
 
 
 def _kernel_params(options, num_classes, eps, weight, class_mask, z):
@@ -692,39 +829,67 @@ class _RowLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_z, grad_lse):
+        """Gradients for the logits ``x``, the smoothing ``eps`` and the z-loss ``z`` (each only
+        when needed); labels, masks and class weights are constants."""
         del grad_lse  # lse is an internal statistic, never differentiated.
         x, labels, counted, eps, weight, class_mask, z, lse = _RowLoss._unpack(ctx)
+        need_x, need_eps, need_z = (ctx.needs_input_grad[i] for i in (0, 3, 6))
         again = _differentiated_again(x)
         if again and not ctx.options.from_log_probs:
             # Differentiated again: lse must be a function of x for the Hessian to be right.
             lse = _masked_logsumexp(x, class_mask, eps.dtype)
-        grad = _row_loss_gradient(
-            ctx.options,
-            x,
-            labels,
-            counted,
-            eps,
-            weight,
-            class_mask,
-            z,
-            lse,
-            (grad_loss, grad_z),
-            again=again,
-        )
-        return grad, None, None, None, None, None, None, None
+        d_eps = d_z = grad = None
+        if need_eps or need_z:  # first: inplace_backward overwrites x with its gradient
+            d_eps, d_z = _option_gradients(
+                ctx.options,
+                x,
+                labels,
+                counted,
+                eps,
+                weight,
+                class_mask,
+                lse,
+                (grad_loss, grad_z),
+                (need_eps, need_z),
+            )
+        if need_x:
+            grad = _row_loss_gradient(
+                ctx.options,
+                x,
+                labels,
+                counted,
+                eps,
+                weight,
+                class_mask,
+                z,
+                lse,
+                (grad_loss, grad_z),
+                again=again,
+            )
+        if d_z is not None:
+            d_z = d_z.reshape(z.shape)
+        return grad, None, None, d_eps, None, None, d_z, None
 
 
 class _RowLossForwardMode(_RowLoss):
     """``_RowLoss`` with ``jvp``: ``torch.func.jvp``/``jacfwd``/``hessian`` and
-    ``torch.autograd.forward_ad`` (see ``_with_forward_mode`` for why it is a separate class)."""
+    ``torch.autograd.forward_ad`` (see ``_with_forward_mode`` for why it is a separate class).
+    Tangents of the logits, the smoothing and the z-loss weight move the rows; labels, masks
+    and class weights are constants."""
 
     @staticmethod
     def jvp(ctx, x_tangent, *other_tangents):
-        del other_tangents  # labels, masks and the options' tensors are constants (detached).
         x, labels, counted, eps, weight, class_mask, z, lse = _RowLoss._unpack(ctx)
-        if x_tangent is None:  # no tangent reaches the logits: the rows do not move
-            return torch.zeros_like(lse), torch.zeros_like(lse), None
-        d_loss, d_z = _row_loss_tangent(
-            ctx.options, x, labels, counted, eps, weight, class_mask, z, lse, x_tangent
-        )
+        eps_tangent, z_tangent = other_tangents[2], other_tangents[5]
+        d_loss, d_z = torch.zeros_like(lse), torch.zeros_like(lse)
+        if x_tangent is not None:
+            d_loss, d_z = _row_loss_tangent(
+                ctx.options, x, labels, counted, eps, weight, class_mask, z, lse, x_tangent
+            )
+        if eps_tangent is not None or z_tangent is not None:
+            option_loss, option_z = _option_tangents(
+                ctx.options, x, labels, counted, eps, weight, class_mask, lse,
+                (eps_tangent, z_tangent),
+            )  # fmt: skip
+            d_loss, d_z = d_loss + option_loss, d_z + option_z
         return d_loss, d_z, None  # lse: non-differentiable

@@ -13,6 +13,7 @@ from lstorch.smoothed import (
     _concrete_scalar,
     _concrete_smoothing,
     _reduce,
+    _scaled,
     _smoothing_tensor,
 )
 
@@ -38,7 +39,8 @@ def soft_target_cross_entropy(
         loss = (1 - eps) * (lse * sum(w t) - sum(w t x)) + (eps/K) * (lse * sum(w) - sum(w x))
 
     Same keywords and semantics as ``lsjax.soft_target_cross_entropy`` (``from_log_probs``,
-    ``z_loss``, ``return_z_loss`` included). Reproduces
+    ``z_loss``, ``return_z_loss`` included; ``smoothing`` and ``z_loss`` tensors that require
+    grad are differentiated, at smoothing 0 and 1 too). Reproduces
     ``torch.nn.functional.cross_entropy(x, t, weight=w, reduction=r, label_smoothing=eps)`` for
     probability targets (class axis ``axis``; ``"mean"`` divides by the number of rows that
     ``where`` keeps, even with weights, as torch does). Returns float32 for bf16/fp16/float32
@@ -75,7 +77,7 @@ def soft_target_cross_entropy(
     x = torch.where(keep, logits.movedim(axis, -1), 0).to(compute_dtype)
     t = torch.where(keep, targets.movedim(axis, -1), 0).to(compute_dtype)
     w = 1.0 if weight is None else weight.detach().to(compute_dtype)
-    eps = _smoothing_tensor(smoothing, compute_dtype, logits.device).detach()
+    eps = _smoothing_tensor(smoothing, compute_dtype, logits.device)  # differentiated
 
     if from_log_probs:
         lse = torch.zeros(x.shape[:-1], dtype=compute_dtype, device=x.device)
@@ -84,7 +86,9 @@ def soft_target_cross_entropy(
     given = lse * (w * t).sum(-1) - (w * t * x).sum(-1)
     total_w = num_classes if weight is None else w.sum()
     uniform = (lse * total_w - (w * x).sum(-1)) / num_classes
-    loss = torch.where(eps == 0, given, (1 - eps) * given + eps * uniform)
+    # _scaled: exactly `given` at eps = 0 (an infinite uniform term does not leak), and its
+    # derivative with respect to eps is `uniform - given` there too (torch.where's would be 0).
+    loss = _scaled(1.0 - eps, given) + _scaled(eps, uniform)
     valid = counted & (eps >= 0) & (eps <= 1)
     z_part = torch.as_tensor(z_loss, dtype=compute_dtype, device=x.device) * lse.square()
     if return_z_loss or isinstance(z_value, torch.Tensor) or z_value != 0:

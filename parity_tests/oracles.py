@@ -141,6 +141,90 @@ def smoothed_cross_entropy(
     return (loss, z_part), lambda cots: loss_vjp(cots[0]) + z_vjp(cots[1])
 
 
+def smoothed_cross_entropy_option_derivatives(
+    logits,
+    labels,
+    *,
+    smoothing=0.0,
+    convention="uniform",
+    ignore_index=None,
+    pad_index=None,
+    weight=None,
+    where=None,
+    axis=-1,
+    reduction="none",
+    normalizer=None,
+    kl=False,
+    from_log_probs=False,
+    class_mask=None,
+    z_loss=0.0,
+):
+    """``(d loss / d smoothing, d loss / d z_loss)`` of :func:`smoothed_cross_entropy`, reduced
+    like the loss (per row for ``"none"``), from the same dense target.
+
+    The weighted target ``t = (1 - eps) w_y onehot + eps w u`` is linear in ``eps``, so
+    ``d row / d eps = -sum_c (w_c u_c - w_y onehot_c) log p_c``; the KL constant
+    ``sum_c q_c log q_c`` adds ``sum_c (u_c - onehot_c) log q_c`` (the ``+1`` of ``d(q log q)``
+    sums to 0), whose terms with ``q_c = 0`` are the one-sided limits: ``-inf`` at ``eps = 0``
+    (the support's ``log 0``) and ``+inf`` at ``eps = 1`` when the target leaves the support
+    (``"others"``, ``"others_but_pad"``). ``d row / d z = lse**2``. Rows that do not count: 0.
+    """
+    x = np.moveaxis(np.asarray(logits, np.float64), axis, -1)
+    labels = np.asarray(labels)
+    num_classes = x.shape[-1]
+    eps = float(smoothing)
+    w = np.ones(num_classes) if weight is None else np.asarray(weight, np.float64)
+    counted = np.ones(labels.shape, bool)
+    if ignore_index is not None:
+        counted &= labels != ignore_index
+    if pad_index is not None:
+        counted &= labels != pad_index
+    if where is not None:
+        counted &= np.asarray(where, bool)
+    safe_labels = np.where(counted, labels, 0)
+    onehot = np.arange(num_classes) == safe_labels[..., None]
+    allowed = np.ones(num_classes, bool) if class_mask is None else np.asarray(class_mask, bool)
+    support = np.broadcast_to(allowed, x.shape).copy()
+    if convention in ("others", "others_but_pad"):
+        support &= ~onehot
+    if convention == "others_but_pad":
+        support[..., pad_index] = False
+    uniform = support / support.sum(axis=-1, keepdims=True)
+    safe_x = np.where(counted[..., None] & allowed, x, 0.0)
+    lse = np.zeros(labels.shape)
+    if from_log_probs:
+        log_probs = safe_x
+    else:
+        allowed_x = np.where(allowed, safe_x, -np.inf)
+        lse = np.log(np.exp(allowed_x - allowed_x.max(-1, keepdims=True)).sum(-1))
+        lse = lse + allowed_x.max(-1)
+        log_probs = np.where(allowed, safe_x - lse[..., None], -np.inf)
+    finite_log_probs = np.where(np.isfinite(log_probs), log_probs, 0.0)
+    target_slope = w * uniform - w[safe_labels][..., None] * onehot  # d t / d eps
+    eps_rows = -(target_slope * finite_log_probs).sum(axis=-1)
+    if kl:
+        q = (1 - eps) * onehot + eps * uniform
+        q_slope = uniform - onehot  # d q / d eps
+        with np.errstate(divide="ignore", invalid="ignore"):
+            terms = np.where(q_slope == 0, 0.0, q_slope * np.log(q))
+        eps_rows = eps_rows + terms.sum(axis=-1)
+    z_rows = lse**2
+    denominators = np.where(counted, w[safe_labels], 0.0)
+    no_gradient = np.zeros(x.shape)
+    return tuple(
+        _reduce(
+            np.where(counted, rows, 0.0),
+            no_gradient,
+            denominators,
+            reduction,
+            normalizer,
+            axis % np.ndim(logits),
+            np.ndim(logits),
+        )[0]
+        for rows in (eps_rows, z_rows)
+    )
+
+
 def soft_target_cross_entropy(
     logits, targets, *, smoothing=0.0, weight=None, where=None, axis=-1, reduction="none"
 ):

@@ -4,7 +4,9 @@ Spawns N gloo processes on CPU (MASTER_ADDR=127.0.0.1, a free port). Every rank 
 of the same logits and computes ``vocab_parallel_smoothed_cross_entropy``, its gradient, its
 Hessian-vector product (double backward) and its tangent (forward-mode dual numbers) for each
 case, and the same of the dense ``lstorch.smoothed_cross_entropy`` of the full logits as
-reference; rank files are collected and one JSON object is printed.
+reference; rank files are collected and one JSON object is printed. The smoothing is a tensor
+that requires grad, so each rank's ``d loss / d smoothing`` (that of the whole loss) is compared
+with the dense one's too.
 """
 
 import json
@@ -44,28 +46,31 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
         cotangent = torch.rand(ROWS, generator=generator, dtype=torch.float64) + 0.5
         vector = torch.randn(ROWS, vocab, generator=generator, dtype=torch.float64)
         options = dict(
-            smoothing=smoothing,
             convention=convention,
             pad_index=pad_index,
             ignore_index=-100,
             reduction=reduction,
         )
         for dtype in (torch.float64, torch.float32):
+            # The smoothing is a tensor that requires grad: d loss / d smoothing is compared too.
+            dense_eps = torch.tensor(smoothing, dtype=dtype, requires_grad=True)
             full = logits.to(dtype).requires_grad_(True)
-            dense = lstorch.smoothed_cross_entropy(full, labels, **options)
+            dense = lstorch.smoothed_cross_entropy(full, labels, smoothing=dense_eps, **options)
             cot = cotangent.to(dense.dtype) if dense.ndim else torch.tensor(1.0, dtype=dense.dtype)
-            (dense_grad,) = torch.autograd.grad(dense, full, cot)
+            dense_grad, dense_eps_grad = torch.autograd.grad(dense, (full, dense_eps), cot)
             local = full.detach()[:, rank * LOCAL_VOCAB : (rank + 1) * LOCAL_VOCAB].clone()
             local.requires_grad_(True)
-            loss = vocab_parallel_smoothed_cross_entropy(local, labels, **options)
-            (grad,) = torch.autograd.grad(loss, local, cot)
+            eps = torch.tensor(smoothing, dtype=dtype, requires_grad=True)
+            loss = vocab_parallel_smoothed_cross_entropy(local, labels, smoothing=eps, **options)
+            grad, eps_grad = torch.autograd.grad(loss, (local, eps), cot)
             mine = slice(rank * LOCAL_VOCAB, (rank + 1) * LOCAL_VOCAB)
             expected_grad = dense_grad[:, mine]
+            with_smoothing = dict(options, smoothing=smoothing)
             hvp, expected_hvp = _hessian_vector_products(
-                full, local, labels, options, cot, vector.to(dtype), mine
+                full, local, labels, with_smoothing, cot, vector.to(dtype), mine
             )
             jvp, expected_jvp = _jacobian_vector_products(
-                full, local, labels, options, vector.to(dtype), mine
+                full, local, labels, with_smoothing, vector.to(dtype), mine
             )
             results.append(
                 dict(
@@ -78,6 +83,8 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
                     hvp_scale=float(expected_hvp.abs().max()),
                     jvp_diff=float((jvp - expected_jvp).abs().max()),
                     jvp_scale=float(expected_jvp.abs().max()),
+                    eps_grad_diff=float((eps_grad - dense_eps_grad).abs()),
+                    eps_grad_scale=float(dense_eps_grad.abs()),
                 )
             )
     pathlib.Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))

@@ -65,17 +65,19 @@ def main() -> None:
             reduction=reduction,
         )
 
-        def loss(x, y, options=options):
-            out = lsjax.smoothed_cross_entropy(x, y, **options)
-            return out, jax.grad(lambda x: jnp.sum(lsjax.smoothed_cross_entropy(x, y, **options)))(
-                x
-            )
+        def loss(x, y, eps, options=options):
+            def scalar(x, eps):
+                return jnp.sum(lsjax.smoothed_cross_entropy(x, y, **{**options, "smoothing": eps}))
 
-        single = jax.jit(loss)(jnp.asarray(logits), jnp.asarray(labels))
+            out = lsjax.smoothed_cross_entropy(x, y, **options)
+            return out, *jax.grad(scalar, argnums=(0, 1))(x, eps)
+
+        eps = jnp.float32(options["smoothing"])
+        single = jax.jit(loss)(jnp.asarray(logits), jnp.asarray(labels), eps)
         x = jax.device_put(logits, NamedSharding(mesh, PartitionSpec("batch", "vocab")))
         y = jax.device_put(labels, NamedSharding(mesh, PartitionSpec("batch")))
-        compiled = jax.jit(loss).lower(x, y).compile()
-        sharded = compiled(x, y)
+        compiled = jax.jit(loss).lower(x, y, eps).compile()
+        sharded = compiled(x, y, eps)
         gathers = all_gathers(compiled.as_text())
         results["logits"].append(
             dict(
@@ -83,6 +85,9 @@ def main() -> None:
                 loss_diff=float(np.max(np.abs(np.asarray(sharded[0]) - np.asarray(single[0])))),
                 grad_diff=float(np.max(np.abs(np.asarray(sharded[1]) - np.asarray(single[1])))),
                 loss_scale=float(np.max(np.abs(np.asarray(single[0])))),
+                # d loss / d smoothing: the derivative of the whole (global) loss.
+                eps_grad_diff=float(abs(sharded[2] - single[2])),
+                eps_grad_scale=float(abs(single[2])),
                 grad_sharded=str(sharded[1].sharding.spec),
                 replicas_identical=bool(
                     reduction == "none"
@@ -108,33 +113,38 @@ def main() -> None:
             chunk_size=96,  # ragged within each shard's 256 classes
         )
 
-        def single(h, w, b, y, options=options):
-            def scalar(h, w, b):
+        # Gradients for hidden, weight, bias and the smoothing (a differentiated argument).
+        def single(h, w, b, y, eps, options=options):
+            def scalar(h, w, b, eps):
                 return jnp.sum(
-                    lsjax.fused_linear_smoothed_cross_entropy(h, w, y, bias=b, **options)
+                    lsjax.fused_linear_smoothed_cross_entropy(
+                        h, w, y, bias=b, **{**options, "smoothing": eps}
+                    )
                 )
 
             out = lsjax.fused_linear_smoothed_cross_entropy(h, w, y, bias=b, **options)
-            return out, jax.grad(scalar, argnums=(0, 1, 2))(h, w, b)
+            return out, jax.grad(scalar, argnums=(0, 1, 2, 3))(h, w, b, eps)
 
-        def split(h, w, b, y, options=options):
-            def scalar(h, w, b):
+        def split(h, w, b, y, eps, options=options):
+            def scalar(h, w, b, eps):
                 return jnp.sum(
                     sharded_fused_linear_smoothed_cross_entropy(
-                        h, w, y, bias=b, mesh=mesh, **options
+                        h, w, y, bias=b, mesh=mesh, **{**options, "smoothing": eps}
                     )
                 )
 
             out = sharded_fused_linear_smoothed_cross_entropy(h, w, y, bias=b, mesh=mesh, **options)
-            return out, jax.grad(scalar, argnums=(0, 1, 2))(h, w, b)
+            return out, jax.grad(scalar, argnums=(0, 1, 2, 3))(h, w, b, eps)
 
-        args = [jnp.asarray(a) for a in (hidden, weight, bias, labels)]
+        eps = jnp.float32(options["smoothing"])
+        args = [jnp.asarray(a) for a in (hidden, weight, bias, labels)] + [eps]
         expected = jax.jit(single)(*args)
         placed = [
             jax.device_put(hidden, NamedSharding(mesh, PartitionSpec("batch", None))),
             jax.device_put(weight, NamedSharding(mesh, PartitionSpec("vocab", None))),
             jax.device_put(bias, NamedSharding(mesh, PartitionSpec("vocab"))),
             jax.device_put(labels, NamedSharding(mesh, PartitionSpec("batch"))),
+            eps,
         ]
         compiled = jax.jit(split).lower(*placed).compile()
         got = compiled(*placed)

@@ -3,9 +3,10 @@
 One subprocess (``tests/distributed_checks.py 3``) spawns the ranks, each holding a third of the
 vocabulary of the same logits. On every rank: the loss equals the dense single-process loss
 (global K, global lse, global sums and 'mean' denominator), the gradient equals that rank's slice
-of the dense gradient, and the loss is bit-for-bit the same on all ranks; the Hessian-vector
-product (double backward) is that rank's slice of the dense one, cross-rank terms included, and
-the loss's forward-mode tangent (each rank holding its slice of the tangent) is the dense one.
+of the dense gradient, the derivative with respect to the smoothing equals the dense one, and the
+loss is bit-for-bit the same on all ranks; the Hessian-vector product (double backward) is that
+rank's slice of the dense one, cross-rank terms included, and the loss's forward-mode tangent
+(each rank holding its slice of the tangent) is the dense one.
 """
 
 import json
@@ -34,6 +35,9 @@ def test_every_rank_gets_the_dense_loss_and_its_slice_of_the_dense_gradient(rank
             rtol, atol = TOLERANCES[case["case"].rsplit("/", 1)[1]]
             assert case["loss_diff"] <= atol + rtol * case["loss_scale"], case
             assert case["grad_diff"] <= atol + rtol, case  # entries are O(1)
+            # d loss / d smoothing: the whole loss's on every rank, and not a silent 0.
+            assert case["eps_grad_diff"] <= atol + rtol * case["eps_grad_scale"], case
+            assert case["eps_grad_scale"] > 0, case
 
 
 def test_second_derivatives_and_forward_mode_equal_the_dense_ones(ranks):

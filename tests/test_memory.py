@@ -3,9 +3,11 @@
 * JAX: XLA's own accounting of the compiled ``value_and_grad`` of the mean loss
   (``memory_analysis().temp_size_in_bytes``) at rows=4096, K=32000 is under 1% of the logits'
   bytes, for every convention and option that changes the program (the optax one-hot route
-  needs about 2x the logits).
+  needs about 2x the logits); differentiating ``smoothing`` and ``z_loss`` as well (or alone)
+  keeps it there.
 * PyTorch: the tensors the autograd graph saves for backward are the input itself and O(rows)
-  statistics (``F.cross_entropy`` saves a rows x K log-softmax).
+  statistics (``F.cross_entropy`` saves a rows x K log-softmax), also when ``smoothing`` and
+  ``z_loss`` require grad.
 """
 
 import jax
@@ -140,3 +142,81 @@ def test_torch_autograd_saves_only_the_input_and_row_statistics(convention, opti
         lambda x: F.cross_entropy(x, labels, label_smoothing=0.1), logits
     )
     assert theirs >= rows * classes * 4
+
+
+OPTION_VARIANTS = [
+    ("others", {"kl": True}),
+    ("others_but_pad", {"pad_index": 0, "class_mask": True, "weight": True}),
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    ("convention", "options"), OPTION_VARIANTS, ids=[f"{c}-{sorted(o)}" for c, o in OPTION_VARIANTS]
+)
+def test_jax_derivatives_for_smoothing_and_z_loss_too_keep_temporaries_o_rows(
+    convention, options, dtype
+):
+    options = dict(options)
+    weight = jnp.linspace(0.5, 2.0, CLASSES) if options.pop("weight", False) else None
+    class_mask = jnp.arange(CLASSES) % 7 != 3 if options.pop("class_mask", False) else None
+
+    def loss(logits, labels, smoothing, z_loss):
+        value, z_part = lsjax.smoothed_cross_entropy(
+            logits,
+            labels,
+            smoothing=smoothing,
+            convention=convention,
+            weight=weight,
+            class_mask=class_mask,
+            z_loss=z_loss,
+            return_z_loss=True,
+            reduction="mean",
+            **options,
+        )
+        return value + z_part
+
+    args = (
+        jax.ShapeDtypeStruct((ROWS, CLASSES), dtype),
+        jax.ShapeDtypeStruct((ROWS,), jnp.int32),
+        jax.ShapeDtypeStruct((), jnp.float32),
+        jax.ShapeDtypeStruct((), jnp.float32),
+    )
+    logits_bytes = ROWS * CLASSES * 4
+    for argnums in ((0, 2, 3), (2, 3)):  # with the logits' gradient, and the options' alone
+        compiled = jax.jit(jax.value_and_grad(loss, argnums=argnums)).lower(*args).compile()
+        temp = compiled.memory_analysis().temp_size_in_bytes
+        assert temp < 0.01 * logits_bytes, f"{argnums}: {temp} bytes ({temp / logits_bytes:.2%})"
+
+
+@pytest.mark.parametrize(
+    ("convention", "options"), OPTION_VARIANTS, ids=[f"{c}-{sorted(o)}" for c, o in OPTION_VARIANTS]
+)
+def test_torch_saves_only_row_statistics_when_smoothing_and_z_loss_require_grad(
+    convention, options
+):
+    options = dict(options)
+    rows, classes = 512, 4000
+    weight = torch.linspace(0.5, 2.0, classes) if options.pop("weight", False) else None
+    class_mask = torch.arange(classes) % 7 != 3 if options.pop("class_mask", False) else None
+    logits = torch.randn(rows, classes, requires_grad=True)
+    labels = torch.randint(1, classes, (rows,))
+    labels = torch.where(labels % 7 == 3, 1, labels)  # labels of allowed classes
+    smoothing = torch.tensor(0.1, requires_grad=True)
+    z_loss = torch.tensor(1e-4, requires_grad=True)
+    extra, input_saves = _saved_tensor_bytes(
+        lambda x: lstorch.smoothed_cross_entropy(
+            x,
+            labels,
+            smoothing=smoothing,
+            z_loss=z_loss,
+            convention=convention,
+            weight=weight,
+            class_mask=class_mask,
+            reduction="mean",
+            **options,
+        ),
+        logits,
+    )
+    assert input_saves >= 1
+    assert extra <= 64 * rows + 8 * classes, extra

@@ -187,3 +187,48 @@ def test_oracle_reproduces_the_seed_kl_bug_free_value_for_a_real_pad_column():
         output, np.array([2]), label_smoothing=0.3, tgt_vocab_size=4, ignore_index=0
     )
     assert value == pytest.approx(expected, rel=1e-12)
+
+
+OPTION_DERIVATIVE_CASES = [
+    dict(convention="uniform", reduction="none"),
+    dict(convention="others", weight=True, ignore_index=-100, reduction="mean"),
+    dict(convention="others_but_pad", pad_index=1, kl=True, reduction="sum"),
+    dict(convention="uniform", class_mask=True, kl=True, z_loss=0.05, reduction="mean"),
+    dict(convention="others", from_log_probs=True, kl=True, reduction="sum"),
+]
+
+
+@pytest.mark.parametrize("case", OPTION_DERIVATIVE_CASES, ids=str)
+def test_oracle_option_derivatives_match_finite_differences(case):
+    rng = np.random.default_rng(7)
+    options = dict(case)
+    logits = 3 * rng.standard_normal((9, 6))
+    labels = rng.choice([0, 2, 3, 5], size=9)  # class 4 may be masked, 1 may be the pad
+    labels[::4] = -100 if options.get("ignore_index") else labels[::4]
+    if options.pop("weight", False):
+        options["weight"] = np.linspace(0.5, 2.0, 6)
+    if options.pop("class_mask", False):
+        options["class_mask"] = np.arange(6) != 4
+    if options.pop("from_log_probs", False):
+        logits = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        options["from_log_probs"] = True
+    cotangent = rng.uniform(0.5, 1.5, size=9) if options["reduction"] == "none" else 1.0
+    step = 1e-5
+
+    def value(smoothing, z_loss):
+        extra = {"z_loss": z_loss} if "z_loss" in options else {}
+        loss = oracles.smoothed_cross_entropy(
+            logits, labels, **{**options, **extra, "smoothing": smoothing}
+        )[0]
+        return np.sum(cotangent * loss)
+
+    for smoothing in (0.1, 0.5, 0.9):
+        d_eps, d_z = oracles.smoothed_cross_entropy_option_derivatives(
+            logits, labels, **{**options, "smoothing": smoothing}
+        )
+        z_loss = options.get("z_loss", 0.0)
+        expected_eps = (value(smoothing + step, z_loss) - value(smoothing - step, z_loss)) / step
+        np.testing.assert_allclose(np.sum(cotangent * d_eps), expected_eps / 2, rtol=1e-7)
+        if "z_loss" in options:
+            expected_z = (value(smoothing, z_loss + step) - value(smoothing, z_loss - step)) / step
+            np.testing.assert_allclose(np.sum(cotangent * d_z), expected_z / 2, rtol=1e-7)

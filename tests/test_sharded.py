@@ -4,10 +4,10 @@ The device count is fixed when JAX is imported, so every JAX check runs in ONE s
 (``tests/sharded_checks.py``) started with ``--xla_force_host_platform_device_count=8``; this
 test reads its JSON. Checked, for the sharded logits (``smoothed_cross_entropy`` under jit with a
 NamedSharding) and the sharded weight (``sharded_fused_linear_smoothed_cross_entropy``):
-single-device loss and gradients (global K, sums and 'mean' denominator), the same loss bytes on
-every device, NaN/inf hidden in ignored rows changing nothing (fused), and no all-gather of a
-rows x V array in the compiled HLO (a control shows the HLO reader does see one when the program
-asks for it).
+single-device loss and gradients, the smoothing's included (global K, sums and 'mean'
+denominator), the same loss bytes on every device, NaN/inf hidden in ignored rows changing
+nothing (fused), and no all-gather of a rows x V array in the compiled HLO (a control shows the
+HLO reader does see one when the program asks for it).
 """
 
 import json
@@ -37,6 +37,8 @@ def test_sharded_logits_give_the_single_device_loss_and_gradient(results):
     for case in results["logits"]:
         assert case["loss_diff"] <= 4 * RTOL * case["loss_scale"], case
         assert case["grad_diff"] <= 1e-7, case  # gradient entries are O(1/rows)
+        assert case["eps_grad_diff"] <= 4 * RTOL * max(case["eps_grad_scale"], 1.0), case
+        assert case["eps_grad_scale"] > 0, case  # d loss / d smoothing is not a silent 0
         assert case["grad_sharded"] == "P('batch', 'vocab')", case
         assert case["replicas_identical"], case
         assert case["biggest_all_gather"] < results["rows_x_vocab_per_device"], case
@@ -45,6 +47,7 @@ def test_sharded_logits_give_the_single_device_loss_and_gradient(results):
 def test_sharded_weight_gives_the_single_device_fused_and_dense_results(results):
     assert len(results["fused"]) == 3
     for case in results["fused"]:
+        assert case["scales"][-1] > 0, case  # d loss / d smoothing (the last leaf) is not 0
         for diff, scale in zip(case["diffs"], case["scales"], strict=True):
             assert diff <= 4 * RTOL * max(scale, 1.0), case
         assert case["dense_diff"] <= 4 * RTOL * case["scales"][0], case
