@@ -446,16 +446,22 @@ def _mask_z_inputs(rng: np.random.Generator, case: dict):
     return (logits, labels), kwargs
 
 
+# A binary twin's grid is 7 x 5 (odd on purpose); one case of 8 x 6 in each binary twin lets the
+# sharded path split an axis over two devices.
+EVEN_SHAPE = (8, 6)
+
+
 def _binary_cases() -> tuple[dict, ...]:
-    return tuple(_grid(smoothing=(0.0, 0.1, 1.0), reduction=REDUCTIONS, pos_weight=(False, True)))
+    cases = _grid(smoothing=(0.0, 0.1, 1.0), reduction=REDUCTIONS, pos_weight=(False, True))
+    return (*cases, dict(smoothing=0.1, reduction="mean", pos_weight=True, even=True))
 
 
 def _binary_inputs(rng: np.random.Generator, case: dict):
-    shape = (7, 5)
+    shape = EVEN_SHAPE if case.get("even") else (7, 5)
     labels = np.where(rng.random(shape) < 0.5, rng.integers(0, 2, shape), rng.random(shape))
     kwargs = dict(smoothing=case["smoothing"], reduction=case["reduction"])
     if case["pos_weight"]:
-        kwargs["pos_weight"] = rng.uniform(0.5, 3.0, size=5)
+        kwargs["pos_weight"] = rng.uniform(0.5, 3.0, size=shape[-1])
     return (_logits(rng, shape), labels), kwargs
 
 
@@ -572,12 +578,14 @@ def _keras_cce_inputs(rng: np.random.Generator, case: dict):
 
 
 def _keras_binary_cases() -> tuple[dict, ...]:
-    return tuple(_grid(from_logits=(True, False), label_smoothing=(0.0, 0.1, 1.0), axis=(-1, 0)))
+    cases = _grid(from_logits=(True, False), label_smoothing=(0.0, 0.1, 1.0), axis=(-1, 0))
+    return (*cases, dict(from_logits=True, label_smoothing=0.1, axis=-1, even=True))
 
 
 def _keras_binary_inputs(rng: np.random.Generator, case: dict):
-    logits = _logits(rng, (7, 5))
-    y_true = rng.integers(0, 2, size=(7, 5)).astype(np.float64)
+    shape = EVEN_SHAPE if case.get("even") else (7, 5)
+    logits = _logits(rng, shape)
+    y_true = rng.integers(0, 2, size=shape).astype(np.float64)
     y_pred = logits if case["from_logits"] else 1.0 / (1.0 + np.exp(-logits))
     kwargs = dict(
         from_logits=case["from_logits"], label_smoothing=case["label_smoothing"], axis=case["axis"]
