@@ -2,8 +2,19 @@
 
 Every public function has a PyTorch twin of the same name and keywords in ``lstorch``; the
 twins are listed in ``parity_tests.registry`` and proven equal by ``python -m parity_tests``.
-This package never imports torch.
+This package never imports torch. It needs JAX, from the ``[jax]`` extra; without it, importing
+``lsjax`` raises an ImportError that says so. ``lsjax.calibration`` is the framework-free
+``lsspec.calibration`` (NumPy only).
 """
+
+import lsspec
+
+try:
+    import jax  # noqa: F401  (first, so that a missing JAX is named before any other error)
+except ModuleNotFoundError as error:
+    if not lsspec.is_missing(error, ("jax", "jaxlib")):
+        raise
+    raise ImportError(lsspec.install_hint("lsjax", "JAX", "jax", error)) from error
 
 from lsjax import compat
 from lsjax.binary import sigmoid_binary_cross_entropy

@@ -4,7 +4,14 @@ This package holds what does not depend on an array library: the names of the co
 reductions, the size of each convention's smoothing support, and the checks of plain Python
 options with their error messages. Keeping them here means the JAX and the PyTorch functions
 reject the same bad input with the same words, while each framework package still installs and
-imports alone (this module imports nothing but the standard library).
+imports alone (this module imports nothing but the standard library). ``lsspec.calibration``
+holds the calibration metrics, which need NumPy only; users reach them as ``lsjax.calibration``
+or ``lstorch.calibration``.
+
+``lsspec`` stays a top-level package, not a private subpackage of one framework package: both
+``lsjax`` and ``lstorch`` import it, and each installs without the other, so it cannot live
+inside either; a private home would need a fourth top-level package anyway. The ``ls`` prefix
+it shares with ``lsjax`` and ``lstorch`` marks it as this distribution's.
 
 The conventions (SEMANTICS.md §1), with ``K`` classes and target ``y``:
 
@@ -21,6 +28,25 @@ from __future__ import annotations
 
 import math
 import numbers
+
+DISTRIBUTION = "label-smoothing-parity"
+
+
+def is_missing(error: ModuleNotFoundError, modules: tuple[str, ...]) -> bool:
+    """Whether ``error`` says that one of ``modules`` (or a submodule of one) is not installed,
+    rather than that something inside an installed one failed to import."""
+    return (error.name or "").partition(".")[0] in modules
+
+
+def install_hint(what: str, needs: str, extra: str, error: ModuleNotFoundError) -> str:
+    """The message of the ImportError raised when ``what`` lacks an optional dependency (the
+    module ``error`` names): it names the extra of this distribution that installs it."""
+    missing = (error.name or "").partition(".")[0]
+    return (
+        f"{what} needs {needs}, and {missing!r} is not installed; install the [{extra}] extra: "
+        f"pip install '{DISTRIBUTION}[{extra}]'"
+    )
+
 
 CONVENTIONS = ("uniform", "others", "others_but_pad")
 REDUCTIONS = ("none", "sum", "mean")

@@ -2,8 +2,19 @@
 
 Every public function has a JAX twin of the same name and keywords in ``lsjax``; the twins are
 listed in ``parity_tests.registry`` and proven equal by ``python -m parity_tests``. This package
-never imports jax.
+never imports jax. It needs PyTorch, from the ``[torch]`` extra (or a torch build of your own);
+without it, importing ``lstorch`` raises an ImportError that says so. ``lstorch.calibration`` is
+the framework-free ``lsspec.calibration`` (NumPy only).
 """
+
+import lsspec
+
+try:
+    import torch  # noqa: F401  (first, so that a missing PyTorch is named before any other error)
+except ModuleNotFoundError as error:
+    if not lsspec.is_missing(error, ("torch",)):
+        raise
+    raise ImportError(lsspec.install_hint("lstorch", "PyTorch", "torch", error)) from error
 
 from lstorch import compat
 from lstorch.binary import sigmoid_binary_cross_entropy

@@ -1,17 +1,21 @@
-"""lsjax.calibration against hand-computed cases, a plain-loop oracle of Guo et al.'s formulas,
-scipy's minimiser for temperature scaling, and its edge cases and errors."""
+"""lsjax.calibration (and lstorch.calibration, the same functions) against hand-computed cases, a
+plain-loop oracle of Guo et al.'s formulas, scipy's minimiser for temperature scaling, and its edge
+cases and errors."""
 
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, logsumexp, softmax
 from sklearn.metrics import log_loss
 
 from lsjax import calibration
+from lstorch import calibration as torch_calibration
 
 # Hand case, K = 3 classes, M = 3 bins (0, 1/3], (1/3, 2/3], (2/3, 1]:
 #   sample  probs               y  conf  pred  correct  bin
@@ -286,3 +290,67 @@ def test_traced_input_is_refused():
 
     with pytest.raises(TypeError, match=r"`probs` must be a concrete array.*traced value"):
         inside(jnp.asarray(HAND_PROBS))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_pytorch_tensors_match_loop_oracle_and_scipy(dtype):
+    # lstorch.calibration reads tensors as lsjax.calibration reads JAX arrays, requires_grad too.
+    rng = np.random.default_rng(3)
+    logits = torch.tensor(rng.normal(size=(200, 50)) * 3, dtype=dtype)
+    probs = torch.softmax(logits, dim=1).requires_grad_(True)  # the softmax rounded to `dtype`
+    labels = torch.tensor(rng.integers(0, 50, size=200))
+    values = probs.detach().double().numpy()  # exact: every dtype here widens to float64 exactly
+    if dtype == torch.bfloat16:
+        # Rows sum to 1 only within bfloat16 rounding, farther off than the 1e-3 + K eps a
+        # float32 input is allowed: the check must use the tensor's own dtype.
+        assert np.abs(values.sum(axis=1) - 1).max() > 1e-3 + 50 * np.finfo(np.float32).eps
+    ece, mce = _loop_oracle(values, labels.numpy(), 15)
+    got_ece = torch_calibration.expected_calibration_error(probs, labels)
+    assert got_ece == pytest.approx(ece, rel=1e-12)
+    assert torch_calibration.maximum_calibration_error(probs, labels) == pytest.approx(
+        mce, rel=1e-12
+    )
+    diagram = torch_calibration.reliability_diagram(probs, labels, num_bins=5)
+    assert diagram.count.sum() == 200
+    x = logits.double().numpy()
+    y = labels.numpy()
+    nll = np.mean(logsumexp(x / 2, axis=1) - x[np.arange(200), y] / 2)
+    got_nll = torch_calibration.negative_log_likelihood(
+        logits.requires_grad_(True), labels, temperature=2.0
+    )
+    assert got_nll == pytest.approx(nll, rel=1e-12)
+
+
+def test_pytorch_tensors_inside_torch_func_are_refused():
+    probs = torch.tensor(HAND_PROBS)
+    labels = torch.tensor(HAND_LABELS)
+
+    def inside(probs):
+        torch_calibration.expected_calibration_error(probs, labels)
+        return probs.sum()
+
+    with pytest.raises(
+        TypeError,
+        match=r"expected_calibration_error: `probs` must be a concrete tensor .*torch\.func",
+    ):
+        torch.func.grad(inside)(probs)
+
+
+def test_pytorch_integer_probs_name_their_dtype():
+    with pytest.raises(
+        TypeError, match=r"`probs` must have a floating dtype; got dtype torch\.int64"
+    ):
+        torch_calibration.expected_calibration_error(torch.ones(2, 3, dtype=torch.int64), [0, 1])
+
+
+@pytest.mark.parametrize("module", [calibration, torch_calibration], ids=["lsjax", "lstorch"])
+def test_plot_without_matplotlib_names_the_plot_extra(module, monkeypatch):
+    # sys.modules[name] = None: importing it fails as where matplotlib is not installed.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    with pytest.raises(
+        ImportError,
+        match=r"^plot_reliability_diagram needs matplotlib, and 'matplotlib' is not installed; "
+        r"install the \[plot\] extra: pip install 'label-smoothing-parity\[plot\]'$",
+    ):
+        module.plot_reliability_diagram(HAND_PROBS, HAND_LABELS)
