@@ -115,6 +115,14 @@ def _check_labels(fn: str, labels: Any, num_samples: int, num_classes: int) -> n
 
 
 def _check_temperature(fn: str, name: str, value: Any) -> float:
+    """A finite number > 0: a Python number or a concrete 0-d array of a real dtype."""
+    if hasattr(value, "dtype") and not lsspec.is_number(value):
+        array = _concrete(fn, name, value)
+        real = jax.numpy.issubdtype(array.dtype, jax.numpy.floating) or jax.numpy.issubdtype(
+            array.dtype, jax.numpy.integer
+        )
+        if array.ndim == 0 and real:
+            value = float(array)
     if not lsspec.is_number(value) or not (0 < float(value) < np.inf):
         raise ValueError(f"{fn}: `{name}` must be a finite number > 0; got {value!r}.")
     return float(value)
@@ -229,7 +237,7 @@ def negative_log_likelihood(
     Args:
       logits: ``(n, K)`` finite logits, NumPy or JAX.
       labels: ``(n,)`` integer true classes in ``[0, K)``.
-      temperature: ``T > 0``.
+      temperature: ``T > 0``, a Python number or a concrete 0-d array (NumPy or JAX).
 
     Returns:
       The mean NLL (nats) as a Python float.
