@@ -270,8 +270,8 @@ def test_traced_z_loss_and_normalizer_out_of_range_give_nan():
 
 
 def test_unread_tensor_options_out_of_range_give_nan_in_torch():
-    """Inside torch.compile (and for tensors on an accelerator: tests/test_device_options.py)
-    lstorch does not read a tensor option; out of range it gives NaN, never a number."""
+    """Inside torch.compile (and batched by torch.func.vmap) lstorch does not read a tensor
+    option; out of range it gives NaN, never a number."""
     logits, labels = _data()
     x, y = torch.as_tensor(logits), torch.as_tensor(labels)
 
@@ -291,6 +291,27 @@ def test_unread_tensor_options_out_of_range_give_nan_in_torch():
         lambda eps: lstorch.smoothed_cross_entropy(x, y, smoothing=eps, reduction="sum")
     )(torch.tensor([0.1, 1.5]))
     assert torch.isfinite(per_example[0]) and torch.isnan(per_example[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_accelerator_tensor_options_are_not_read_and_give_nan():
+    """A CUDA tensor option is not read back (the host would wait for the device on every
+    call): in range it gives the loss, out of range NaN instead of an error."""
+    logits, labels = _data()
+    x, y = torch.as_tensor(logits, device="cuda"), torch.as_tensor(labels, device="cuda")
+
+    def loss(**options):
+        return lstorch.smoothed_cross_entropy(x, y, reduction="mean", **options).item()
+
+    expected = loss(smoothing=0.1, normalizer=8.0, z_loss=0.01)
+    got = loss(
+        smoothing=torch.tensor(0.1, device="cuda"),
+        normalizer=torch.tensor(8.0, device="cuda"),
+        z_loss=torch.tensor(0.01, device="cuda"),
+    )
+    assert got == pytest.approx(expected, rel=1e-6)
+    for name, bad in (("smoothing", 1.5), ("normalizer", -2.0), ("z_loss", -1.0)):
+        assert np.isnan(loss(**{name: torch.tensor(bad, device="cuda")})), name
 
 
 @pytest.mark.parametrize("value", [None, "0.1", (0.1,), [0.1], True])
