@@ -24,6 +24,7 @@ def sigmoid_binary_cross_entropy(
     smoothing: float | jax.Array = 0.0,
     pos_weight: ArrayLike | None = None,
     reduction: str = "none",
+    _caller: lsspec.Caller | None = None,
 ) -> jax.Array:
     r"""Sigmoid cross-entropy of every element, labels smoothed toward 1/2, stable from logits.
 
@@ -48,18 +49,29 @@ def sigmoid_binary_cross_entropy(
       pos_weight: weight of the positive term, broadcast against the logits (torch's
         ``pos_weight``, e.g. shape ``(C,)``); a constant.
       reduction: ``"none"`` (elementwise), ``"sum"`` or ``"mean"`` (over all elements).
+      _caller: internal, the public function that called this one for the user (its name is
+        the one errors give).
+
+    A concrete ``smoothing`` (a number or a 0-d array) outside [0, 1] raises; a traced one
+    more than 4 ulps outside it gives NaN.
 
     Returns:
       float32 for bf16/fp16/float32 logits, float64 for float64.
     """
-    fn = "sigmoid_binary_cross_entropy"
+    fn = lsspec.caller("sigmoid_binary_cross_entropy", _caller)
+    _, arg = lsspec.names(fn)
     logits = jnp.asarray(logits)
     labels = jnp.asarray(labels)
     for name, value in (("logits", logits), ("labels", labels)):
         if not jnp.issubdtype(value.dtype, jnp.floating):
             raise lsspec.dtype_error(fn, name, value.dtype, "a floating dtype")
     if labels.shape != logits.shape:
-        raise lsspec.shape_error(fn, "labels", labels.shape, f"the logits' shape {logits.shape}")
+        raise lsspec.shape_error(
+            fn,
+            "labels",
+            labels.shape,
+            f"the {lsspec.possessive(arg('logits'))} shape {logits.shape}",
+        )
     if pos_weight is not None:
         lsspec.check_broadcastable(fn, "pos_weight", jnp.shape(pos_weight), logits.shape)
     lsspec.check_choice(fn, "reduction", reduction, lsspec.REDUCTIONS)

@@ -66,6 +66,7 @@ def fused_linear_smoothed_cross_entropy(
     pad_index: int | None = None,
     reduction: str = "mean",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    _caller: lsspec.Caller | None = None,
 ) -> Array:
     r"""``smoothed_cross_entropy(hidden @ weight.T + bias, labels, ...)`` without the logits.
 
@@ -105,13 +106,15 @@ def fused_linear_smoothed_cross_entropy(
       reduction: ``"none"`` | ``"sum"`` | ``"mean"`` (over counted rows; 0 when none counts).
       chunk_size: classes per chunk. Temporaries grow as ``rows x chunk_size``; larger chunks
         mean fewer, larger matrix products.
+      _caller: internal, the public function or module that called this one for the user (its
+        name is the one errors give).
 
     Returns:
       float32 for bf16/fp16/float32 inputs (accumulated in float32: every logit, lse and sum),
       float64 for float64; per row for ``"none"``, else a scalar. Gradients come back in the
       inputs' dtypes.
     """
-    fn = "fused_linear_smoothed_cross_entropy"
+    fn = lsspec.caller("fused_linear_smoothed_cross_entropy", _caller)
     hidden, weight, bias, labels = _check_fused(fn, hidden, weight, bias, labels)
     num_classes = weight.shape[0]
     lsspec.check_options(

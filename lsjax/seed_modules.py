@@ -10,11 +10,17 @@ import jax
 import jax.numpy as jnp
 
 import lsspec
-from lsjax.smoothed import ArrayLike, smoothed_cross_entropy
+from lsjax.smoothed import ArrayLike, _concrete_scalar, smoothed_cross_entropy
 
 
 def label_smoothing_loss(
-    pred: ArrayLike, target: ArrayLike, *, classes: int, smoothing: float = 0.0, dim: int = -1
+    pred: ArrayLike,
+    target: ArrayLike,
+    *,
+    classes: int,
+    smoothing: float = 0.0,
+    dim: int = -1,
+    _caller: lsspec.Caller | None = None,
 ) -> jax.Array:
     """The seed's ``LabelSmoothingLoss(classes, smoothing, dim)``: logits in, mean over rows.
 
@@ -24,14 +30,23 @@ def label_smoothing_loss(
     reduction="mean")``. Unlike the seed, ``dim`` may name any class axis of any rank (the seed's
     ``scatter_(1, ...)`` only worked for the last axis of 2-D input), and ``classes`` must equal
     the size of that axis (the seed silently used a wrong ``eps/(classes-1)`` otherwise).
+    ``_caller`` is internal (who errors name).
     """
-    fn = "label_smoothing_loss"
+    fn = lsspec.caller("label_smoothing_loss", _caller)
     pred = jnp.asarray(pred)
     axis = lsspec.check_axis(fn, dim, max(pred.ndim, 1), name="dim")
     if pred.ndim:
         lsspec.check_declared_classes(fn, "classes", classes, pred.shape[axis])
     return smoothed_cross_entropy(
-        pred, target, smoothing=smoothing, convention="others", axis=dim, reduction="mean"
+        pred,
+        target,
+        smoothing=smoothing,
+        convention="others",
+        axis=dim,
+        reduction="mean",
+        _caller=lsspec.caller(
+            "label_smoothing_loss", _caller, logits="pred", labels="target", axis="dim"
+        ),
     )
 
 
@@ -42,6 +57,7 @@ def kl_label_smoothing_loss(
     label_smoothing: float,
     tgt_vocab_size: int,
     ignore_index: int = -100,
+    _caller: lsspec.Caller | None = None,
 ) -> jax.Array:
     """The seed's OpenNMT-style KL ``LabelSmoothingLoss(label_smoothing, tgt_vocab_size, ...)``.
 
@@ -57,13 +73,23 @@ def kl_label_smoothing_loss(
     ``eps`` by ``K - 2``. Here a negative ``ignore_index`` excludes no column: ``eps`` is spread
     over the ``K - 1`` other classes (``convention="others"``) and rows whose target equals
     ``ignore_index`` are zeroed. For ``0 <= ignore_index < K`` the seed is reproduced exactly.
-    Like the seed, ``label_smoothing`` must lie in (0, 1].
+    Like the seed, ``label_smoothing`` must lie in (0, 1] (checked when concrete; traced, only
+    [0, 1] is enforced, by NaN). ``_caller`` is internal (who errors name).
     """
-    fn = "kl_label_smoothing_loss"
+    fn = lsspec.caller("kl_label_smoothing_loss", _caller)
     output = jnp.asarray(output)
+    value = _concrete_scalar(fn, "label_smoothing", label_smoothing)
+    options = lsspec.seed_kl_options(fn, value, ignore_index, tgt_vocab_size)
     if output.ndim:
         lsspec.check_declared_classes(fn, "tgt_vocab_size", tgt_vocab_size, output.shape[-1])
-    options = lsspec.seed_kl_options(fn, label_smoothing, ignore_index, tgt_vocab_size)
+    inner = lsspec.caller(
+        "kl_label_smoothing_loss",
+        _caller,
+        logits="output",
+        labels="target",
+        smoothing="label_smoothing",
+        pad_index="ignore_index",
+    )
     return smoothed_cross_entropy(
         output,
         target,
@@ -71,5 +97,7 @@ def kl_label_smoothing_loss(
         kl=True,
         from_log_probs=True,
         reduction="sum",
+        axis=-1,
+        _caller=inner,
         **options,
     )

@@ -144,12 +144,24 @@ def _zero_masked(x: Array, class_mask: Array, companion: Array) -> Array:
     return jnp.minimum(jnp.maximum(x, floor), ceiling) * mask
 
 
-def _concrete_scalar(fn: str, name: str, value: Any) -> Any:
-    """A concrete scalar option as a Python float (for checking); traced values pass through."""
-    if value is None or _is_traced(value):
-        return value
+def _concrete_scalar(fn: Any, name: str, value: Any, *, optional: bool = False) -> Any:
+    """A scalar option (smoothing, normalizer, z_loss, ...) as a Python float for checking: a
+    number or a concrete 0-d array of a real dtype. A traced value passes through unread (out of
+    range, it gives NaN). None is kept where ``optional``; anything else (None, a string, a
+    tuple, a bool) raises TypeError, an array of more than one element ValueError."""
+    if value is None and optional:
+        return None
+    if lsspec.is_number(value):
+        return float(value)
+    if not isinstance(value, jax.Array | np.ndarray | np.generic):
+        raise lsspec.scalar_type_error(fn, name, value)
     if np.ndim(value) != 0:
-        raise lsspec.shape_error(fn, name, np.shape(value), "a scalar")
+        raise lsspec.shape_error(fn, name, np.shape(value), "a scalar shape ()")
+    dtype = value.dtype
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        raise lsspec.scalar_type_error(fn, name, value)
+    if _is_traced(value):
+        return value
     return float(np.asarray(value))
 
 
@@ -164,7 +176,7 @@ def _ulp_of_one(value: Any) -> float:
     return _FLOAT64_ULP
 
 
-def _concrete_smoothing(fn: str, value: Any, name: str = "smoothing") -> Any:
+def _concrete_smoothing(fn: Any, value: Any, name: str = "smoothing") -> Any:
     """A concrete smoothing as a Python float, snapped into [0, 1] when it is only rounding
     outside it (``lsspec.UNIT_INTERVAL_ULPS``); traced values pass through."""
     concrete = _concrete_scalar(fn, name, value)
@@ -186,6 +198,13 @@ def _smoothing_array(value: Any, dtype) -> Array:
     return jnp.where(rounding, eps + jax.lax.stop_gradient(snapped - eps), eps)
 
 
+def _z_loss_array(value: Any, dtype) -> Array:
+    """``z_loss`` as a 0-d ``dtype`` array, NaN where it is negative or not finite (a traced
+    value the checks could not read): the rows it reaches are NaN, never a plausible number."""
+    z = jnp.asarray(value, dtype)
+    return jnp.where((z >= 0) & jnp.isfinite(z), z, jnp.nan)
+
+
 def _index_labels(labels: Array) -> Array:
     """Integer ``labels`` (already checked) in a dtype that holds every class index and every
     ``ignore_index``/``pad_index``: uint8, int8, uint16 and int16 become int32.
@@ -199,9 +218,16 @@ def _index_labels(labels: Array) -> Array:
     return labels
 
 
+def _array_or_none(value: Any) -> Any:
+    """``weight``/``where``/``class_mask`` as an array (a Python list becomes one)."""
+    return None if value is None else jnp.asarray(value)
+
+
 def _check_arrays(fn, logits, labels, axis, weight, where, class_mask=None):
     """Shared input checks; returns (logits, labels widened by :func:`_index_labels`, class
-    axis as a non-negative int)."""
+    axis as a non-negative int). ``weight``, ``where`` and ``class_mask`` may be any array-like
+    (a Python list too)."""
+    _, arg = lsspec.names(fn)
     logits = jnp.asarray(logits)
     labels = jnp.asarray(labels)
     if not jnp.issubdtype(logits.dtype, jnp.floating):
@@ -215,7 +241,10 @@ def _check_arrays(fn, logits, labels, axis, weight, where, class_mask=None):
     row_shape = logits.shape[:axis] + logits.shape[axis + 1 :]
     if labels.shape != row_shape:
         raise lsspec.shape_error(
-            fn, "labels", labels.shape, f"the logits' shape without the class axis, {row_shape}"
+            fn,
+            "labels",
+            labels.shape,
+            f"the {lsspec.possessive(arg('logits'))} shape without the class axis, {row_shape}",
         )
     num_classes = logits.shape[axis]
     if weight is not None and jnp.shape(weight) != (num_classes,):
@@ -223,7 +252,10 @@ def _check_arrays(fn, logits, labels, axis, weight, where, class_mask=None):
     if where is not None:
         if jnp.shape(where) != row_shape:
             raise lsspec.shape_error(
-                fn, "where", jnp.shape(where), f"the labels' shape {row_shape}"
+                fn,
+                "where",
+                jnp.shape(where),
+                f"the {lsspec.possessive(arg('labels'))} shape {row_shape}",
             )
         if jnp.asarray(where).dtype != jnp.bool_:
             raise lsspec.dtype_error(fn, "where", jnp.asarray(where).dtype, "dtype bool")
@@ -270,6 +302,7 @@ def smoothed_cross_entropy(
     class_mask: ArrayLike | None = None,
     z_loss: float | Array = 0.0,
     return_z_loss: bool = False,
+    _caller: lsspec.Caller | None = None,
 ) -> Array | tuple[Array, Array]:
     r"""Label-smoothed cross-entropy from integer labels, in closed form.
 
@@ -328,20 +361,25 @@ def smoothed_cross_entropy(
       weight: per-class weights, shape ``(K,)``. Treated as a constant (not differentiated).
       where: boolean row mask with the labels' shape (optax's ``where``); False rows count for
         nothing.
-      axis: the class axis of ``logits``.
+      axis: the class axis of ``logits``; the last by default at every rank (optax's and Flax's
+        layout). ``lstorch.smoothed_cross_entropy`` requires it for 3 or more dimensions (torch
+        reads ``(N, C, d1, ...)`` with the classes on axis 1); with an explicit ``axis`` the
+        twins are equal.
       reduction: ``"none"`` (the labels' shape, 0 on rows that do not count), ``"sum"`` or
         ``"mean"`` (sum over counted rows of ``w_y``, or their number without weights).
       normalizer: with ``reduction="mean"``, divide the sum by this instead (for gradient
-        accumulation: the token count of the whole accumulated batch).
+        accumulation: the token count of the whole accumulated batch). A finite number > 0 (a
+        Python number or 0-d array); traced and not > 0 or not finite, the mean is NaN.
       kl: return the KL form, the loss minus the target's entropy (SEMANTICS.md §2): same
         gradient, minimum 0, finite at smoothing = 1. Not defined with ``weight``.
       from_log_probs: ``logits`` already are log-probabilities: the loss is ``-sum_c q_c x_c``
         and its gradient ``-q`` (the seed's KL module and fairseq take log-probs).
       class_mask: boolean ``(K,)``; False classes leave the softmax and the smoothing support.
         A counted row whose label is a masked class raises (concrete) or is NaN (traced).
-      z_loss: ``z >= 0``; adds ``z * lse**2`` to every counted row. Needs logits (not allowed
-        with ``from_log_probs=True``). Differentiable: ``d loss_row / d z = lse**2`` (a traced
-        0 included; the Python number 0 leaves the z-loss out of the program).
+      z_loss: ``z >= 0`` and finite (traced and out of range: NaN rows); adds ``z * lse**2``
+        to every counted row. Needs logits (not allowed with ``from_log_probs=True``).
+        Differentiable: ``d loss_row / d z = lse**2`` (a traced 0 included; the Python number 0
+        leaves the z-loss out of the program).
       return_z_loss: also return the z-loss part alone, reduced like the loss:
         ``(loss, z_part)`` where ``loss`` already includes ``z_part`` (T5X's convention). The
         z-part's gradient is ``2 z lse softmax(x)``.
@@ -352,15 +390,24 @@ def smoothed_cross_entropy(
       with a zero gradient (torch returns NaN there).
 
     Errors and traced inputs: every bad option raises ``ValueError``/``TypeError`` naming the
-    argument. Labels out of range raise when they are concrete; under ``jit`` such a row's loss
-    (and so any reduction over it) is NaN, never a plausible number. A traced ``smoothing``
-    outside [0, 1] likewise gives NaN.
+    argument, the value given and what is allowed. The scalar options (``smoothing``,
+    ``normalizer``, ``z_loss``) are Python numbers or 0-d arrays of a real dtype; concrete
+    ones are checked like numbers. Under ``jit``/``vmap`` (traced values, which cannot be read)
+    an out-of-range value gives NaN, never a plausible number: a ``smoothing`` more than 4 ulps
+    outside [0, 1] makes every counted row NaN, a negative or non-finite ``z_loss`` too, and a
+    ``normalizer`` that is not a finite number > 0 makes the mean NaN. Labels out of range raise
+    when they are concrete; under ``jit`` such a row's loss (and so any reduction over it) is
+    NaN.
+
+    ``_caller`` is internal: the public function that called this one on the user's behalf
+    (``lsspec.Caller``), named in error messages instead of this function.
 
     References:
       Szegedy et al. 2016, "Rethinking the Inception Architecture for Computer Vision";
       Müller, Kornblith & Hinton 2019, "When Does Label Smoothing Help?".
     """
-    fn = "smoothed_cross_entropy"
+    fn = lsspec.caller("smoothed_cross_entropy", _caller)
+    weight, where, class_mask = (_array_or_none(v) for v in (weight, where, class_mask))
     logits, labels, axis = _check_arrays(fn, logits, labels, axis, weight, where, class_mask)
     num_classes = logits.shape[axis]
     lsspec.check_options(
@@ -371,7 +418,7 @@ def smoothed_cross_entropy(
         reduction=reduction,
         pad_index=pad_index,
         ignore_index=ignore_index,
-        normalizer=_concrete_scalar(fn, "normalizer", normalizer),
+        normalizer=_concrete_scalar(fn, "normalizer", normalizer, optional=True),
         kl=kl,
         has_weight=weight is not None,
         from_log_probs=from_log_probs,
@@ -398,7 +445,7 @@ def smoothed_cross_entropy(
         class_mask = jax.lax.stop_gradient(jnp.asarray(class_mask))
     # z-loss is compiled in only when it can matter: a concrete 0 leaves the program unchanged.
     with_z = return_z_loss or not (lsspec.is_number(z_value) and z_value == 0)
-    z = jnp.asarray(z_loss, compute_dtype) if with_z else None
+    z = _z_loss_array(z_loss, compute_dtype) if with_z else None
     options = _Options(convention, pad_index, kl, from_log_probs, with_z)
     loss = _row_loss_jit(options, x, labels, counted, eps, weight, class_mask, z)
     w_y = 1.0 if weight is None else weight[jnp.where(counted, labels, 0).clip(0, num_classes - 1)]
@@ -633,7 +680,12 @@ def _reduce(loss, row_weight, reduction, normalizer):
     total = jnp.sum(loss)
     if reduction == "sum":
         return total
-    denominator = jnp.sum(row_weight) if normalizer is None else jnp.asarray(normalizer, loss.dtype)
+    if normalizer is not None:
+        # A traced normalizer that is not a finite number > 0 gives NaN (a concrete one raised).
+        denominator = jnp.asarray(normalizer, loss.dtype)
+        valid = (denominator > 0) & jnp.isfinite(denominator)
+        return jnp.where(valid, total / jnp.where(valid, denominator, 1.0), jnp.nan)
+    denominator = jnp.sum(row_weight)
     nothing_counts = denominator == 0
     return jnp.where(nothing_counts, 0.0, total / jnp.where(nothing_counts, 1.0, denominator))
 

@@ -11,11 +11,13 @@ import jax.numpy as jnp
 import lsspec
 from lsjax.smoothed import (
     ArrayLike,
+    _array_or_none,
     _concrete_scalar,
     _concrete_smoothing,
     _reduce,
     _smoothing_array,
     _times,
+    _z_loss_array,
 )
 
 
@@ -31,6 +33,7 @@ def soft_target_cross_entropy(
     from_log_probs: bool = False,
     z_loss: float | jax.Array = 0.0,
     return_z_loss: bool = False,
+    _caller: lsspec.Caller | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Cross-entropy against a given distribution, mixed with the uniform one.
 
@@ -62,18 +65,31 @@ def soft_target_cross_entropy(
       z_loss: ``z >= 0``, adds ``z * logsumexp(x)**2`` per counted row (needs logits);
         differentiable, ``d loss_row / d z = lse**2``.
       return_z_loss: return ``(loss, z_part)`` (the loss includes the z-part), reduced alike.
+      _caller: internal, the public function that called this one for the user (its name is
+        the one errors give).
+
+    Concrete options are checked as in :func:`lsjax.smoothed_cross_entropy`; traced ones give
+    NaN rows when out of range (``smoothing`` more than 4 ulps outside [0, 1], ``z_loss``
+    negative or not finite).
 
     Returns:
       float32 for bf16/fp16/float32 logits, float64 for float64: per row, or a scalar.
     """
-    fn = "soft_target_cross_entropy"
+    fn = lsspec.caller("soft_target_cross_entropy", _caller)
+    _, arg = lsspec.names(fn)
+    weight, where = _array_or_none(weight), _array_or_none(where)
     logits = jnp.asarray(logits)
     targets = jnp.asarray(targets)
     for name, value in (("logits", logits), ("targets", targets)):
         if not jnp.issubdtype(value.dtype, jnp.floating):
             raise lsspec.dtype_error(fn, name, value.dtype, "a floating dtype")
     if targets.shape != logits.shape:
-        raise lsspec.shape_error(fn, "targets", targets.shape, f"the logits' shape {logits.shape}")
+        raise lsspec.shape_error(
+            fn,
+            "targets",
+            targets.shape,
+            f"the {lsspec.possessive(arg('logits'))} shape {logits.shape}",
+        )
     axis = lsspec.check_axis(fn, axis, logits.ndim)
     lsspec.check_choice(fn, "reduction", reduction, lsspec.REDUCTIONS)
     lsspec.check_smoothing(fn, _concrete_smoothing(fn, smoothing))
@@ -102,7 +118,7 @@ def soft_target_cross_entropy(
     # derivative with respect to eps is `uniform - given` there too.
     loss = _times(1.0 - eps, given) + _times(eps, uniform)
     valid = counted & (eps >= 0) & (eps <= 1)
-    z_part = jnp.asarray(z_loss, compute_dtype) * jnp.square(lse)
+    z_part = _z_loss_array(z_loss, compute_dtype) * jnp.square(lse)
     if return_z_loss or not (lsspec.is_number(z_value) and z_value == 0):
         loss = loss + z_part
     loss = jnp.where(valid, loss, jnp.where(counted, jnp.nan, 0.0))

@@ -38,8 +38,14 @@ def cross_entropy(
     a zero gradient where torch returns NaN.
     """
     fn = "cross_entropy"
+    # Errors of the functions called below name this one and its arguments.
+    caller = lsspec.caller(
+        fn, logits="input", labels="target", targets="target", smoothing="label_smoothing"
+    )
     input = jnp.asarray(input)
     target = jnp.asarray(target)
+    if input.ndim < 1:
+        raise lsspec.shape_error(fn, "input", input.shape, "shape (C,), (N, C) or (N, C, d1, ...)")
     class_axis = 0 if input.ndim == 1 else 1
     if jnp.issubdtype(target.dtype, jnp.floating):
         if ignore_index != -100:
@@ -54,6 +60,7 @@ def cross_entropy(
             weight=weight,
             axis=class_axis,
             reduction=reduction,
+            _caller=caller,
         )
     else:
         lsspec.check_choice(fn, "reduction", reduction, lsspec.REDUCTIONS)
@@ -65,5 +72,6 @@ def cross_entropy(
             weight=weight,
             axis=class_axis,
             reduction=reduction,
+            _caller=caller,
         )
     return loss.astype(input.dtype)

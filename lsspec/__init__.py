@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
+from typing import NamedTuple
 
 DISTRIBUTION = "label-smoothing-parity"
 
@@ -60,14 +62,91 @@ def support_size(convention: str, num_classes: int) -> int:
     return num_classes - {"uniform": 0, "others": 1, "others_but_pad": 2}[convention]
 
 
-def check_choice(fn: str, name: str, value: object, allowed: tuple[str, ...]) -> str:
+class Caller(NamedTuple):
+    """The function or module the user called, and its names for the arguments it hands on.
+
+    Errors name what the user called, in the user's words: ``lsjax.cross_entropy(...,
+    label_smoothing=2.0)`` says ``cross_entropy: `label_smoothing` ...``, not the name of the
+    function it hands the work to. A public function that hands its arguments on passes
+    ``_caller=caller(...)`` to the one it calls (a plain keyword, so it works under ``jit``,
+    ``torch.compile`` and ``vmap``); every check here takes ``fn``, a Caller or a plain name.
+    ``renamed`` maps the inner function's argument names to the caller's, e.g.
+    ``(("smoothing", "label_smoothing"),)``.
+    """
+
+    fn: str
+    renamed: tuple[tuple[str, str], ...] = ()
+
+    def __str__(self) -> str:
+        return self.fn
+
+    def arg(self, name: str) -> str:
+        """The caller's name for the inner argument ``name``."""
+        for inner, outer in self.renamed:
+            if inner == name:
+                return outer
+        return name
+
+
+def caller(fn: str, given: Caller | None = None, **renamed: str) -> Caller:
+    """The Caller to hand on from function ``fn`` (whose own caller is ``given``, None when the
+    user called ``fn`` itself), naming the inner arguments ``renamed`` (inner name = ``fn``'s
+    name) and, through ``given``, in the words of whoever the user called."""
+    if given is None:
+        return Caller(fn, tuple(renamed.items()))
+    inner = sorted(set(renamed) | {name for name, _ in given.renamed})
+    return Caller(given.fn, tuple((name, given.arg(renamed.get(name, name))) for name in inner))
+
+
+def names(fn: str | Caller) -> tuple[str, Callable[[str], str]]:
+    """(the called function's name, the map from inner argument names to the caller's)."""
+    if isinstance(fn, Caller):
+        return fn.fn, fn.arg
+    return str(fn), lambda name: name
+
+
+def possessive(name: str) -> str:
+    """``logits'``, ``input's``: the owner of a shape in a message."""
+    return f"{name}'" if name.endswith("s") else f"{name}'s"
+
+
+def check_choice(fn: str | Caller, name: str, value: object, allowed: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{fn}: `{name}` must be one of {list(allowed)}; got {value!r}.")
+        fn, arg = names(fn)
+        raise ValueError(f"{fn}: `{arg(name)}` must be one of {list(allowed)}; got {value!r}.")
     return value
 
 
 def is_number(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_index(value: object) -> bool:
+    """An int (a NumPy integer too), and not a bool: ``True`` is no class index."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def scalar_type_error(fn: str | Caller, name: str, value: object) -> TypeError:
+    """A scalar option (smoothing, normalizer, z_loss, ...) that is neither a number nor a 0-d
+    array or tensor of a real dtype: None, a string, a tuple, a bool."""
+    fn, arg = names(fn)
+    return TypeError(
+        f"{fn}: `{arg(name)}` must be a real number or a 0-d array/tensor of a real dtype; got "
+        f"{value!r} ({type(value).__name__})."
+    )
+
+
+def axis_required_error(fn: str | Caller, shape: tuple) -> ValueError:
+    """lstorch, logits with 3+ dimensions and no ``axis``: torch's layout puts the classes on
+    axis 1, JAX's (and this library's 2-D default) on the last axis; guessing would silently
+    give another loss where both sizes agree."""
+    fn, arg = names(fn)
+    return ValueError(
+        f"{fn}: `{arg('axis')}` must be given for logits with 3 or more dimensions; got shape "
+        f"{tuple(shape)} and no `{arg('axis')}`. Pass {arg('axis')}=1 for torch's layout "
+        f"(N, C, d1, ...), as torch.nn.CrossEntropyLoss reads it, or {arg('axis')}=-1 for the "
+        "classes last (..., C), as JAX/optax and language models' (batch, time, vocab) logits."
+    )
 
 
 # How far outside [0, 1] a smoothing value may lie and still be taken as in range: the rounding of
@@ -93,31 +172,34 @@ def snap_to_unit_interval(value: float, ulp_of_one: float) -> float:
     return value
 
 
-def check_smoothing(fn: str, smoothing: object, name: str = "smoothing") -> None:
+def check_smoothing(fn: str | Caller, smoothing: object, name: str = "smoothing") -> None:
     """Raise unless a concrete ``smoothing`` (already snapped by ``snap_to_unit_interval``) lies
-    in [0, 1]. Non-numbers are left to the caller."""
+    in [0, 1]. A value that is not concrete (traced, or a tensor on an accelerator) is left
+    alone: out of range, it gives NaN."""
     if is_number(smoothing) and not (0.0 <= float(smoothing) <= 1.0):
+        fn, arg = names(fn)
         raise ValueError(
-            f"{fn}: `{name}` must be in [0, 1]; got {smoothing!r} (values within "
+            f"{fn}: `{arg(name)}` must be in [0, 1]; got {smoothing!r} (values within "
             f"{UNIT_INTERVAL_ULPS} ulps outside it, in the option's dtype, count as rounding and "
             "are clamped)."
         )
 
 
-def check_axis(fn: str, axis: object, ndim: int, name: str = "axis") -> int:
+def check_axis(fn: str | Caller, axis: object, ndim: int, name: str = "axis") -> int:
     """Return ``axis`` as a non-negative int, or raise naming the allowed range."""
-    if not isinstance(axis, numbers.Integral) or isinstance(axis, bool) or not -ndim <= axis < ndim:
+    if not is_index(axis) or not -ndim <= axis < ndim:
+        fn, arg = names(fn)
         raise ValueError(
-            f"{fn}: `{name}` must be an int in [{-ndim}, {ndim - 1}] for logits with {ndim} "
+            f"{fn}: `{arg(name)}` must be an int in [{-ndim}, {ndim - 1}] for logits with {ndim} "
             f"dimension(s); got {axis!r}."
         )
     return int(axis) % ndim
 
 
 def check_options(
-    fn: str,
+    fn: str | Caller,
     *,
-    num_classes: int,
+    num_classes: int | None,
     smoothing: object,
     convention: str,
     reduction: str,
@@ -131,104 +213,170 @@ def check_options(
     """Check every plain option of ``smoothed_cross_entropy`` (the same in both frameworks).
 
     The last four default to "not used", for the losses that have no such option (the fused and
-    the vocabulary-parallel losses)."""
+    the vocabulary-parallel losses). ``smoothing`` and ``normalizer`` are checked when they are
+    numbers (concrete values); one that is not concrete gives NaN when out of range.
+    ``num_classes=None`` (a module's constructor, before any input) skips what needs it."""
     check_choice(fn, "convention", convention, CONVENTIONS)
     check_choice(fn, "reduction", reduction, REDUCTIONS)
     check_smoothing(fn, smoothing)
+    fn, arg = names(fn)
     minimum = MIN_CLASSES[convention]
-    if num_classes < minimum:
+    if num_classes is not None and num_classes < minimum:
         raise ValueError(
-            f"{fn}: convention={convention!r} needs at least {minimum} classes along the class "
-            f"axis; got {num_classes}."
+            f"{fn}: {arg('convention')}={convention!r} needs at least {minimum} classes along "
+            f"the class axis; got {num_classes}."
         )
     if convention == "others_but_pad":
-        if not isinstance(pad_index, numbers.Integral) or not 0 <= pad_index < num_classes:
+        if num_classes is None and not is_index(pad_index):
             raise ValueError(
-                f"{fn}: convention='others_but_pad' needs `pad_index`, an int in "
-                f"[0, {num_classes - 1}]; got {pad_index!r}."
+                f"{fn}: {arg('convention')}='others_but_pad' needs `{arg('pad_index')}`, an int "
+                f"(the pad column); got {pad_index!r}."
+            )
+        if num_classes is not None and (
+            not is_index(pad_index) or not 0 <= pad_index < num_classes
+        ):
+            raise ValueError(
+                f"{fn}: {arg('convention')}='others_but_pad' needs `{arg('pad_index')}`, an int "
+                f"in [0, {num_classes - 1}]; got {pad_index!r}."
             )
     elif pad_index is not None:
         raise ValueError(
-            f"{fn}: `pad_index` is only used by convention='others_but_pad'; got "
-            f"pad_index={pad_index!r} with convention={convention!r}."
+            f"{fn}: `{arg('pad_index')}` is only used by {arg('convention')}='others_but_pad'; "
+            f"got {arg('pad_index')}={pad_index!r} with {arg('convention')}={convention!r}."
         )
-    if ignore_index is not None and not isinstance(ignore_index, numbers.Integral):
-        raise ValueError(f"{fn}: `ignore_index` must be an int or None; got {ignore_index!r}.")
+    if ignore_index is not None and not is_index(ignore_index):
+        raise ValueError(
+            f"{fn}: `{arg('ignore_index')}` must be an int or None; got {ignore_index!r}."
+        )
     if normalizer is not None:
         if reduction != "mean":
             raise ValueError(
-                f"{fn}: `normalizer` replaces the denominator of reduction='mean'; got "
-                f"normalizer={normalizer!r} with reduction={reduction!r}."
+                f"{fn}: `{arg('normalizer')}` replaces the denominator of "
+                f"{arg('reduction')}='mean'; got {arg('normalizer')}={normalizer!r} with "
+                f"{arg('reduction')}={reduction!r}."
             )
         if is_number(normalizer) and not (normalizer > 0 and math.isfinite(normalizer)):
-            raise ValueError(f"{fn}: `normalizer` must be a finite number > 0; got {normalizer!r}.")
+            raise ValueError(
+                f"{fn}: `{arg('normalizer')}` must be a finite number > 0; got {normalizer!r}."
+            )
     if kl and has_weight:
         raise ValueError(
-            f"{fn}: kl=True is not defined with class `weight` (weights make the target a "
-            "non-distribution, so it has no entropy to subtract); use kl=False."
+            f"{fn}: {arg('kl')}=True is not defined with class `{arg('weight')}` (weights make "
+            f"the target a non-distribution, so it has no entropy to subtract); use "
+            f"{arg('kl')}=False."
         )
     del from_log_probs  # Every combination with from_log_probs is allowed.
 
 
-def shape_error(fn: str, name: str, got: tuple, allowed: str) -> ValueError:
-    return ValueError(f"{fn}: `{name}` must have {allowed}; got shape {tuple(got)}.")
+def shape_error(fn: str | Caller, name: str, got: tuple, allowed: str) -> ValueError:
+    fn, arg = names(fn)
+    return ValueError(f"{fn}: `{arg(name)}` must have {allowed}; got shape {tuple(got)}.")
 
 
-def dtype_error(fn: str, name: str, got: object, allowed: str) -> TypeError:
-    return TypeError(f"{fn}: `{name}` must have {allowed}; got dtype {got}.")
+def dtype_error(fn: str | Caller, name: str, got: object, allowed: str) -> TypeError:
+    fn, arg = names(fn)
+    return TypeError(f"{fn}: `{arg(name)}` must have {allowed}; got dtype {got}.")
 
 
 def label_range_error(
-    fn: str, bad: list[int], num_classes: int, ignore_index: object
+    fn: str | Caller, bad: list[int], num_classes: int, ignore_index: object
 ) -> ValueError:
-    extra = f" or equal ignore_index={ignore_index}" if ignore_index is not None else ""
+    fn, arg = names(fn)
+    extra = f" or equal {arg('ignore_index')}={ignore_index}" if ignore_index is not None else ""
     return ValueError(
-        f"{fn}: `labels` must lie in [0, {num_classes - 1}]{extra}; got out-of-range values "
-        f"{sorted(set(bad))[:5]}."
+        f"{fn}: `{arg('labels')}` must lie in [0, {num_classes - 1}]{extra}; got out-of-range "
+        f"values {sorted(set(bad))[:5]}."
     )
 
 
-def check_declared_classes(fn: str, name: str, declared: object, actual: int) -> None:
+def check_declared_classes(fn: str | Caller, name: str, declared: object, actual: int) -> None:
     """The seed modules take the class count in their constructor; it must match the input."""
-    if not isinstance(declared, numbers.Integral) or declared != actual:
+    if not is_index(declared) or declared != actual:
+        fn, arg = names(fn)
         raise ValueError(
-            f"{fn}: `{name}` must equal the size of the class axis, {actual}; got {declared!r}."
+            f"{fn}: `{arg(name)}` must equal the size of the class axis, {actual}; got "
+            f"{declared!r}."
         )
 
 
-def seed_kl_options(fn: str, label_smoothing: object, ignore_index: object, vocab: int) -> dict:
+def check_seed_ce_options(
+    fn: str | Caller, classes: object, smoothing: object, dim: object
+) -> None:
+    """The seed's ``LabelSmoothingLoss(classes, smoothing, dim)``, checked at construction:
+    ``classes`` an int >= 2 (the smoothing goes to the ``classes - 1`` others), ``smoothing``
+    in [0, 1] (when concrete), ``dim`` an int."""
+    fn, arg = names(fn)
+    if not is_index(classes) or classes < MIN_CLASSES["others"]:
+        raise ValueError(
+            f"{fn}: `{arg('classes')}` must be an int >= 2 (the smoothing is spread over the "
+            f"classes - 1 others); got {classes!r}."
+        )
+    check_smoothing(Caller(fn), smoothing, arg("smoothing"))
+    if not is_index(dim):
+        raise ValueError(f"{fn}: `{arg('dim')}` must be an int (the class axis); got {dim!r}.")
+
+
+def seed_kl_options(
+    fn: str | Caller, label_smoothing: object, ignore_index: object, vocab: object
+) -> dict:
     """Options of ``smoothed_cross_entropy`` that reproduce the seed's OpenNMT-style KL module.
 
     ``0 <= ignore_index < vocab`` is the pad column ("others_but_pad", exactly the seed); a
     negative ``ignore_index`` excludes no column ("others") and only zeroes the rows it labels.
+    Checked in the seed's own terms (``tgt_vocab_size``, not the convention it maps to), so the
+    module can check them at construction.
     """
+    fn, arg = names(fn)
     if is_number(label_smoothing) and not 0.0 < label_smoothing <= 1.0:
-        raise ValueError(f"{fn}: `label_smoothing` must be in (0, 1]; got {label_smoothing!r}.")
-    if not isinstance(ignore_index, numbers.Integral) or ignore_index >= vocab:
         raise ValueError(
-            f"{fn}: `ignore_index` must be an int below tgt_vocab_size={vocab} (a pad column, or "
-            f"negative for none); got {ignore_index!r}."
+            f"{fn}: `{arg('label_smoothing')}` must be in (0, 1]; got {label_smoothing!r}."
+        )
+    if not is_index(vocab) or vocab < 1:
+        raise ValueError(
+            f"{fn}: `{arg('tgt_vocab_size')}` must be a positive int (the number of classes); "
+            f"got {vocab!r}."
+        )
+    if not is_index(ignore_index) or ignore_index >= vocab:
+        raise ValueError(
+            f"{fn}: `{arg('ignore_index')}` must be an int below {arg('tgt_vocab_size')}={vocab} "
+            f"(a pad column, or negative for none); got {ignore_index!r}."
         )
     if ignore_index >= 0:
+        if vocab < MIN_CLASSES["others_but_pad"]:
+            raise ValueError(
+                f"{fn}: `{arg('tgt_vocab_size')}` must be >= 3 with a pad column "
+                f"({arg('ignore_index')}={ignore_index}): the smoothing goes to the "
+                f"{arg('tgt_vocab_size')} - 2 classes that are neither the target nor the pad; "
+                f"got {vocab}."
+            )
         return {"convention": "others_but_pad", "pad_index": int(ignore_index)}
+    if vocab < MIN_CLASSES["others"]:
+        raise ValueError(
+            f"{fn}: `{arg('tgt_vocab_size')}` must be >= 2: the smoothing goes to the "
+            f"{arg('tgt_vocab_size')} - 1 classes that are not the target; got {vocab}."
+        )
     return {"convention": "others", "ignore_index": int(ignore_index)}
 
 
-def check_z_loss(fn: str, z_loss: object, *, from_log_probs: bool, return_z_loss: bool) -> None:
-    """``z_loss`` is a finite number >= 0 and needs logits (there is no logsumexp of log-probs)."""
+def check_z_loss(
+    fn: str | Caller, z_loss: object, *, from_log_probs: bool, return_z_loss: bool
+) -> None:
+    """``z_loss`` is a finite number >= 0 and needs logits (there is no logsumexp of log-probs).
+    A value that is not concrete gives NaN rows when out of range."""
+    fn, arg = names(fn)
     if is_number(z_loss) and not (z_loss >= 0 and math.isfinite(z_loss)):
-        raise ValueError(f"{fn}: `z_loss` must be a finite number >= 0; got {z_loss!r}.")
+        raise ValueError(f"{fn}: `{arg('z_loss')}` must be a finite number >= 0; got {z_loss!r}.")
     uses_z = return_z_loss or not (is_number(z_loss) and z_loss == 0)
     if from_log_probs and uses_z:
         raise ValueError(
-            f"{fn}: `z_loss` (and return_z_loss=True) needs logits: with from_log_probs=True "
-            f"there is no logsumexp to penalise; got z_loss={z_loss!r}, "
-            f"return_z_loss={return_z_loss!r}."
+            f"{fn}: `{arg('z_loss')}` (and {arg('return_z_loss')}=True) needs logits: with "
+            f"{arg('from_log_probs')}=True there is no logsumexp to penalise; got "
+            f"{arg('z_loss')}={z_loss!r}, {arg('return_z_loss')}={return_z_loss!r}."
         )
 
 
 def check_class_mask_support(
-    fn: str, allowed: list[bool], convention: str, pad_index: object
+    fn: str | Caller, allowed: list[bool], convention: str, pad_index: object
 ) -> None:
     """A concrete ``class_mask`` must leave the convention at least one class to smooth over."""
     num_allowed = sum(bool(value) for value in allowed)
@@ -236,32 +384,40 @@ def check_class_mask_support(
     if convention == "others_but_pad" and bool(allowed[pad_index]):
         size -= 1
     if size < 1:
+        fn, arg = names(fn)
         raise ValueError(
-            f"{fn}: `class_mask` allows {num_allowed} class(es), which leaves convention="
-            f"{convention!r} no class to spread the smoothing over; allow more classes."
+            f"{fn}: `{arg('class_mask')}` allows {num_allowed} class(es), which leaves "
+            f"{arg('convention')}={convention!r} no class to spread the smoothing over; allow "
+            "more classes."
         )
 
 
-def masked_label_error(fn: str, bad: list[int]) -> ValueError:
+def masked_label_error(fn: str | Caller, bad: list[int]) -> ValueError:
+    fn, arg = names(fn)
     return ValueError(
-        f"{fn}: `labels` of counted rows must be classes that `class_mask` allows (True); got "
-        f"labels of masked classes {sorted(set(bad))[:5]}."
+        f"{fn}: `{arg('labels')}` of counted rows must be classes that `{arg('class_mask')}` "
+        f"allows (True); got labels of masked classes {sorted(set(bad))[:5]}."
     )
 
 
-def check_positive_below_one(fn: str, name: str, value: object) -> None:
+def check_positive_below_one(fn: str | Caller, name: str, value: object) -> None:
     """timm asserts ``smoothing < 1``; here: a number in [0, 1)."""
     if is_number(value) and not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{fn}: `{name}` must be in [0, 1); got {value!r}.")
+        fn, arg = names(fn)
+        raise ValueError(f"{fn}: `{arg(name)}` must be in [0, 1); got {value!r}.")
 
 
-def check_broadcastable(fn: str, name: str, got: tuple, target: tuple) -> None:
+def check_broadcastable(fn: str | Caller, name: str, got: tuple, target: tuple) -> None:
     """``got`` must broadcast to ``target`` (e.g. torch's ``pos_weight`` of shape ``(C,)``)."""
     ok = len(got) <= len(target) and all(
         size in (1, want) for size, want in zip(reversed(got), reversed(target), strict=False)
     )
     if not ok:
-        raise shape_error(fn, name, got, f"a shape that broadcasts to the logits' {tuple(target)}")
+        _, arg = names(fn)
+        raise shape_error(
+            fn, name, got, f"a shape that broadcasts to the {possessive(arg('logits'))} "
+            f"{tuple(target)}"
+        )  # fmt: skip
 
 
 # Keras's ``backend.epsilon()``: probabilities are clipped to [KERAS_EPSILON, 1 - KERAS_EPSILON].
@@ -292,16 +448,20 @@ def check_t5x_targets(fn: str, logits_shape: tuple, targets_shape: tuple) -> Non
         )
 
 
-def check_chunk_size(fn: str, chunk_size: object) -> int:
+def check_chunk_size(fn: str | Caller, chunk_size: object) -> int:
     """``chunk_size`` of the fused losses: a positive int (classes per chunk)."""
-    positive_int = isinstance(chunk_size, numbers.Integral) and not isinstance(chunk_size, bool)
-    if not positive_int or chunk_size < 1:
-        raise ValueError(f"{fn}: `chunk_size` must be a positive int; got {chunk_size!r}.")
+    if not is_index(chunk_size) or chunk_size < 1:
+        fn, arg = names(fn)
+        raise ValueError(f"{fn}: `{arg('chunk_size')}` must be a positive int; got {chunk_size!r}.")
     return int(chunk_size)
 
 
 def check_linear_shapes(
-    fn: str, hidden_shape: tuple, weight_shape: tuple, bias_shape: tuple | None, labels_shape: tuple
+    fn: str | Caller,
+    hidden_shape: tuple,
+    weight_shape: tuple,
+    bias_shape: tuple | None,
+    labels_shape: tuple,
 ) -> None:
     """Shapes of the fused losses: hidden (..., D), weight (V, D), bias (V,), labels (...)."""
     hidden_shape, weight_shape = tuple(hidden_shape), tuple(weight_shape)
@@ -323,5 +483,8 @@ def check_linear_shapes(
         )
 
 
-def dtype_mismatch_error(fn: str, name: str, got: object, expected: object) -> TypeError:
-    return TypeError(f"{fn}: `{name}` must have the hidden's dtype {expected}; got dtype {got}.")
+def dtype_mismatch_error(fn: str | Caller, name: str, got: object, expected: object) -> TypeError:
+    fn, arg = names(fn)
+    return TypeError(
+        f"{fn}: `{arg(name)}` must have the hidden's dtype {expected}; got dtype {got}."
+    )

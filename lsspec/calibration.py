@@ -165,6 +165,13 @@ def _check_labels(fn: str, labels: Any, num_samples: int, num_classes: int) -> n
 
 
 def _check_temperature(fn: str, name: str, value: Any) -> float:
+    """A finite number > 0: a Python number or a concrete 0-d array (NumPy, JAX or PyTorch) of
+    a real dtype."""
+    if hasattr(value, "dtype") and not lsspec.is_number(value):
+        array, _, eps = _concrete(fn, name, value)
+        real = eps is not None or np.issubdtype(array.dtype, np.integer)
+        if array.ndim == 0 and real:
+            value = float(array)
     if not lsspec.is_number(value) or not (0 < float(value) < np.inf):
         raise ValueError(f"{fn}: `{name}` must be a finite number > 0; got {value!r}.")
     return float(value)
@@ -280,7 +287,7 @@ def negative_log_likelihood(
     Args:
       logits: ``(n, K)`` finite logits, NumPy, JAX or PyTorch.
       labels: ``(n,)`` integer true classes in ``[0, K)``.
-      temperature: ``T > 0``.
+      temperature: ``T > 0``, a Python number or a concrete 0-d array (NumPy, JAX or PyTorch).
 
     Returns:
       The mean NLL (nats) as a Python float.

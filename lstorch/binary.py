@@ -23,6 +23,7 @@ def sigmoid_binary_cross_entropy(
     smoothing: float | torch.Tensor = 0.0,
     pos_weight: torch.Tensor | None = None,
     reduction: str = "none",
+    _caller: lsspec.Caller | None = None,
 ) -> torch.Tensor:
     r"""Sigmoid cross-entropy of every element, labels smoothed toward 1/2 (PyTorch).
 
@@ -35,15 +36,22 @@ def sigmoid_binary_cross_entropy(
     ``smoothing`` tensor that requires grad is differentiated).
     Reproduces ``torch.nn.functional.binary_cross_entropy_with_logits(x, y', pos_weight=pw,
     reduction=r)``; returns float32 for bf16/fp16/float32 logits and float64 for float64.
+    A number or CPU tensor ``smoothing`` outside [0, 1] raises; one that is not read (on an
+    accelerator, under ``torch.compile``/``vmap``) gives NaN. ``_caller`` is internal (who
+    errors name).
     """
-    fn = "sigmoid_binary_cross_entropy"
+    fn = lsspec.caller("sigmoid_binary_cross_entropy", _caller)
+    _, arg = lsspec.names(fn)
     for name, value in (("logits", logits), ("labels", labels)):
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
             raise lsspec.dtype_error(fn, name, got, "a floating dtype (a float torch.Tensor)")
     if labels.shape != logits.shape:
         raise lsspec.shape_error(
-            fn, "labels", tuple(labels.shape), f"the logits' shape {tuple(logits.shape)}"
+            fn,
+            "labels",
+            tuple(labels.shape),
+            f"the {lsspec.possessive(arg('logits'))} shape {tuple(logits.shape)}",
         )
     if pos_weight is not None:
         lsspec.check_broadcastable(fn, "pos_weight", tuple(pos_weight.shape), tuple(logits.shape))

@@ -43,6 +43,7 @@ def fused_linear_smoothed_cross_entropy(
     pad_index: int | None = None,
     reduction: str = "mean",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    _caller: lsspec.Caller | None = None,
 ) -> torch.Tensor:
     r"""``smoothed_cross_entropy(F.linear(hidden, weight, bias), labels, ...)`` without the logits.
 
@@ -85,8 +86,12 @@ def fused_linear_smoothed_cross_entropy(
     rounding of a float32 input (it does not round at a cast inside a fused kernel unless
     ``torch._inductor.config.emulate_precision_casts`` is set): the loss is then that of the
     unrounded inputs, and the backward still differentiates the loss returned.
+
+    A number or CPU tensor ``smoothing`` outside [0, 1] raises; one that is not read (on an
+    accelerator, under ``torch.compile``/``vmap``) gives NaN rows. ``_caller`` is internal (who
+    errors name: ``FusedLinearSmoothedCrossEntropyLoss`` when the module called).
     """
-    fn = "fused_linear_smoothed_cross_entropy"
+    fn = lsspec.caller("fused_linear_smoothed_cross_entropy", _caller)
     operand_dtype = _check_fused(fn, hidden, weight, bias, labels)
     labels = _index_labels(labels)  # before any comparison, and so weight[labels] indexes
     num_classes = weight.shape[0]
@@ -494,7 +499,9 @@ class FusedLinearSmoothedCrossEntropyLoss(nn.Module):
     model keeps its own ``nn.Linear`` (or tied embedding) and hands ``head.weight`` /
     ``head.bias`` here instead of calling the head. As ``SmoothedCrossEntropyLoss``, the default
     reduction is ``"mean"`` and ``ignore_index`` defaults to -100. Under ``torch.autocast`` the
-    inputs are rounded as ``F.linear`` would cast them (see the function).
+    inputs are rounded as ``F.linear`` would cast them (see the function). Every keyword of the
+    function is a constructor argument (``bias`` goes to ``forward``), shown by ``repr``;
+    errors name this module.
 
     Example::
 
@@ -514,6 +521,17 @@ class FusedLinearSmoothedCrossEntropyLoss(nn.Module):
         chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
         super().__init__()
+        fn = lsspec.caller(type(self).__name__)
+        lsspec.check_options(
+            fn,
+            num_classes=None,
+            smoothing=_concrete_smoothing(fn, smoothing),
+            convention=convention,
+            reduction=reduction,
+            pad_index=pad_index,
+            ignore_index=ignore_index,
+        )
+        lsspec.check_chunk_size(fn, chunk_size)
         self.smoothing = smoothing
         self.convention = convention
         self.ignore_index = ignore_index
@@ -539,11 +557,12 @@ class FusedLinearSmoothedCrossEntropyLoss(nn.Module):
             pad_index=self.pad_index,
             reduction=self.reduction,
             chunk_size=self.chunk_size,
+            _caller=lsspec.caller(type(self).__name__),
         )
 
     def extra_repr(self) -> str:
         return (
             f"smoothing={self.smoothing}, convention={self.convention!r}, "
-            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-            f"chunk_size={self.chunk_size}"
+            f"ignore_index={self.ignore_index}, pad_index={self.pad_index}, "
+            f"reduction={self.reduction!r}, chunk_size={self.chunk_size}"
         )

@@ -123,19 +123,40 @@ def _scaled(scale: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
     return _with_forward_mode(_Times, _TimesForwardMode).apply(scale, term)
 
 
-def _is_tensor_option(value: object) -> bool:
-    return isinstance(value, torch.Tensor)
+def _numpy_as_tensor(value: object) -> object:
+    """A NumPy array option (``np.array(0.1)``) as a CPU tensor, as lsjax takes one; any other
+    value unchanged."""
+    if isinstance(value, torch.Tensor) or not hasattr(value, "__array__"):
+        return value
+    return torch.as_tensor(value)
 
 
-def _concrete_scalar(fn: str, name: str, value: object) -> object:
-    """A scalar option as a Python float for checking (tensors are checked elementwise later)."""
-    if value is None:
+def _option_readable(value: torch.Tensor) -> bool:
+    """Whether the host may read a tensor option's value to check it: a CPU tensor (reading one
+    on an accelerator would make the host wait for the device on every call), outside
+    ``torch.compile``, ``torch.jit`` tracing and ``torch.func.vmap`` batching (see
+    ``_values_readable``)."""
+    return value.device.type == "cpu" and not torch.jit.is_tracing() and _values_readable(value)
+
+
+def _concrete_scalar(fn: object, name: str, value: object, *, optional: bool = False) -> object:
+    """A scalar option (smoothing, normalizer, z_loss, ...) as a Python float for checking: a
+    number, or a one-element tensor of a real dtype whose value the host may read
+    (``_option_readable``: a CPU tensor). Any other tensor passes through unread: out of range,
+    it gives NaN. None is kept where ``optional``; anything else (None, a string, a tuple, a
+    bool) raises TypeError."""
+    if value is None and optional:
         return None
-    if _is_tensor_option(value):
-        if value.numel() != 1:
-            raise lsspec.shape_error(fn, name, tuple(value.shape), "a scalar")
-        return value  # Not read back to the host: a tensor option may live on a device/graph.
-    return float(value)
+    if lsspec.is_number(value):
+        return float(value)
+    value = _numpy_as_tensor(value)
+    if not isinstance(value, torch.Tensor) or value.dtype == torch.bool or value.is_complex():
+        raise lsspec.scalar_type_error(fn, name, value)
+    if value.numel() != 1:
+        raise lsspec.shape_error(fn, name, tuple(value.shape), "a scalar shape ()")
+    if _option_readable(value):
+        return float(value.detach().reshape(()))
+    return value
 
 
 _FLOAT64_ULP = torch.finfo(torch.float64).eps
@@ -143,14 +164,16 @@ _FLOAT64_ULP = torch.finfo(torch.float64).eps
 
 def _ulp_of_one(value: object) -> float:
     """The spacing of ``value``'s own float dtype at 1.0 (float64's for a Python number)."""
+    value = _numpy_as_tensor(value)
     if isinstance(value, torch.Tensor) and value.is_floating_point():
         return torch.finfo(value.dtype).eps
     return _FLOAT64_ULP
 
 
-def _concrete_smoothing(fn: str, value: object, name: str = "smoothing") -> object:
-    """A Python-number smoothing as a float, snapped into [0, 1] when it is only rounding
-    outside it (``lsspec.UNIT_INTERVAL_ULPS``); tensors pass through (never read back)."""
+def _concrete_smoothing(fn: object, value: object, name: str = "smoothing") -> object:
+    """A concrete smoothing (a number, or a CPU tensor: see ``_concrete_scalar``) as a float,
+    snapped into [0, 1] when it is only rounding outside it (``lsspec.UNIT_INTERVAL_ULPS``);
+    other tensors pass through unread."""
     concrete = _concrete_scalar(fn, name, value)
     if lsspec.is_number(concrete):
         return lsspec.snap_to_unit_interval(concrete, _ulp_of_one(value))
@@ -170,6 +193,39 @@ def _smoothing_tensor(value, dtype, device) -> torch.Tensor:
     return torch.where(rounding, eps + (snapped - eps).detach(), eps)
 
 
+def _z_loss_tensor(value, dtype, device) -> torch.Tensor:
+    """``z_loss`` as a 0-d ``dtype`` tensor on ``device``, NaN where it is negative or not finite
+    (a value the checks could not read): the rows it reaches are NaN, never a plausible
+    number."""
+    z = _device_scalar(value, dtype, device)
+    return torch.where((z >= 0) & torch.isfinite(z), z, torch.nan)
+
+
+def _tensor_option(fn, name, value, device):
+    """``weight``, ``where`` or ``class_mask`` as a tensor: a Python list (or another array-like)
+    becomes one on ``device``, as lsjax accepts any array-like; a tensor is kept as it is."""
+    if value is None or isinstance(value, torch.Tensor):
+        return value
+    try:
+        return torch.as_tensor(value, device=device)
+    except (TypeError, ValueError, RuntimeError) as error:
+        fn, arg = lsspec.names(fn)
+        raise TypeError(
+            f"{fn}: `{arg(name)}` must be a tensor or a list of numbers; got {value!r} ({error})."
+        ) from None
+
+
+def _class_axis(fn, axis, ndim, shape) -> int:
+    """The class axis as a non-negative int. ``axis=None`` (the default) is the last axis for
+    1-D and 2-D logits, where torch's class axis (0 of ``(C,)``, 1 of ``(N, C)``) is the last
+    one too; with 3 or more dimensions it must be given (``lsspec.axis_required_error``)."""
+    if axis is None:
+        if ndim >= 3:
+            raise lsspec.axis_required_error(fn, shape)
+        axis = -1
+    return lsspec.check_axis(fn, axis, ndim)
+
+
 def _check_arrays(fn, logits, labels, axis, weight, where, class_mask=None):
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         got = logits.dtype if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -184,14 +240,15 @@ def _check_arrays(fn, logits, labels, axis, weight, where, class_mask=None):
         raise lsspec.dtype_error(fn, "labels", got, "an integer dtype (an int torch.Tensor)")
     if logits.ndim < 1:
         raise lsspec.shape_error(fn, "logits", tuple(logits.shape), "at least one dimension")
-    axis = lsspec.check_axis(fn, axis, logits.ndim)
+    axis = _class_axis(fn, axis, logits.ndim, tuple(logits.shape))
+    _, arg = lsspec.names(fn)
     row_shape = tuple(logits.shape[:axis]) + tuple(logits.shape[axis + 1 :])
     if tuple(labels.shape) != row_shape:
         raise lsspec.shape_error(
             fn,
             "labels",
             tuple(labels.shape),
-            f"the logits' shape without the class axis, {row_shape}",
+            f"the {lsspec.possessive(arg('logits'))} shape without the class axis, {row_shape}",
         )
     num_classes = logits.shape[axis]
     if weight is not None and tuple(weight.shape) != (num_classes,):
@@ -199,7 +256,10 @@ def _check_arrays(fn, logits, labels, axis, weight, where, class_mask=None):
     if where is not None:
         if tuple(where.shape) != row_shape:
             raise lsspec.shape_error(
-                fn, "where", tuple(where.shape), f"the labels' shape {row_shape}"
+                fn,
+                "where",
+                tuple(where.shape),
+                f"the {lsspec.possessive(arg('labels'))} shape {row_shape}",
             )
         if where.dtype != torch.bool:
             raise lsspec.dtype_error(fn, "where", where.dtype, "dtype bool")
@@ -282,7 +342,7 @@ def smoothed_cross_entropy(
     pad_index: int | None = None,
     weight: torch.Tensor | None = None,
     where: torch.Tensor | None = None,
-    axis: int = -1,
+    axis: int | None = None,
     reduction: str = "none",
     normalizer: float | torch.Tensor | None = None,
     kl: bool = False,
@@ -291,6 +351,7 @@ def smoothed_cross_entropy(
     z_loss: float | torch.Tensor = 0.0,
     return_z_loss: bool = False,
     inplace_backward: bool = False,
+    _caller: lsspec.Caller | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Label-smoothed cross-entropy from integer labels, in closed form (PyTorch).
 
@@ -307,6 +368,14 @@ def smoothed_cross_entropy(
     Reproduces ``torch.nn.functional.cross_entropy(x, y, weight=w, ignore_index=i, reduction=r,
     label_smoothing=eps)`` with ``convention="uniform"`` and the class axis given by ``axis``,
     except that when no row counts ``"mean"`` returns 0 with a zero gradient (torch: NaN).
+
+    The class axis: ``axis=None`` (the default) is the last axis of 1-D ``(C,)`` and 2-D
+    ``(N, C)`` logits, which is where torch puts the classes too. Logits with 3 or more
+    dimensions need an explicit ``axis``, and without one raise ``ValueError``: torch's layout
+    ``(N, C, d1, ...)`` has the classes on ``axis=1``, JAX's (and a language model's
+    ``(batch, time, vocab)``) on ``axis=-1``, and a guess would silently compute another loss
+    whenever the two sizes agree. (``lsjax.smoothed_cross_entropy`` defaults to ``axis=-1``,
+    optax's layout; with an explicit ``axis`` the twins are equal.)
 
     Memory: backward keeps the input and O(rows) statistics only (no rows x K log-softmax as
     ``F.cross_entropy`` keeps) and builds the gradient in one buffer.
@@ -326,7 +395,18 @@ def smoothed_cross_entropy(
     ``LSTORCH_TRITON=off`` turns them off.
 
     ``smoothing`` within 4 ulps (in its own dtype) outside [0, 1] is rounding, e.g. a schedule
-    that ends at 0, and is clamped; farther out a number raises and a tensor gives NaN rows.
+    that ends at 0, and is clamped; farther out it raises when concrete and gives NaN rows
+    otherwise.
+
+    The scalar options ``smoothing``, ``normalizer`` and ``z_loss`` are Python numbers or
+    one-element tensors (or NumPy arrays) of a real dtype; anything else raises ``TypeError``.
+    A number or a CPU tensor is checked like a number: out of range, it raises ``ValueError``.
+    A tensor on an accelerator is not read (that would make the host wait for the device on
+    every call), nor is any tensor inside ``torch.compile`` or batched by ``torch.func.vmap``:
+    out of range, such a value gives NaN, never a plausible number (``smoothing`` more than 4
+    ulps outside [0, 1] or ``z_loss`` negative or not finite: every counted row; ``normalizer``
+    not a finite number > 0: the mean). ``weight``, ``where`` and ``class_mask`` may be tensors
+    or Python lists.
 
     ``smoothing`` and ``z_loss`` given as tensors that require grad are differentiated (also
     under ``torch.func``), with lsjax's derivatives: ``d loss_row / d eps = -w_y (lse - x_y) +
@@ -344,8 +424,15 @@ def smoothed_cross_entropy(
     Labels out of range raise ``ValueError``; inside ``torch.compile`` (where the check would
     break the graph) and under ``torch.func.vmap`` over the labels (per-sample gradients, where
     no value can be read) such a row's loss and gradient are NaN instead.
+
+    ``_caller`` is internal: the public function or module that called this one on the user's
+    behalf (``lsspec.Caller``), named in error messages instead of this function.
     """
-    fn = "smoothed_cross_entropy"
+    fn = lsspec.caller("smoothed_cross_entropy", _caller)
+    if isinstance(logits, torch.Tensor):
+        weight = _tensor_option(fn, "weight", weight, logits.device)
+        where = _tensor_option(fn, "where", where, logits.device)
+        class_mask = _tensor_option(fn, "class_mask", class_mask, logits.device)
     axis = _check_arrays(fn, logits, labels, axis, weight, where, class_mask)
     labels = _index_labels(labels)  # before any comparison with ignore_index / pad_index
     num_classes = logits.shape[axis]
@@ -358,7 +445,7 @@ def smoothed_cross_entropy(
         reduction=reduction,
         pad_index=pad_index,
         ignore_index=ignore_index,
-        normalizer=_concrete_scalar(fn, "normalizer", normalizer),
+        normalizer=_concrete_scalar(fn, "normalizer", normalizer, optional=True),
         kl=kl,
         has_weight=weight is not None,
         from_log_probs=from_log_probs,
@@ -383,8 +470,8 @@ def smoothed_cross_entropy(
         weight = weight.detach().to(compute_dtype)
     if class_mask is not None:
         class_mask = class_mask.detach().to(logits.device)
-    with_z = return_z_loss or _is_tensor_option(z_value) or z_value != 0
-    z = _device_scalar(z_loss if with_z else 0.0, compute_dtype, logits.device)
+    with_z = return_z_loss or isinstance(z_loss, torch.Tensor) or z_value != 0
+    z = _z_loss_tensor(z_loss if with_z else 0.0, compute_dtype, logits.device)
     if inplace_backward and logits.requires_grad:
         if logits.is_leaf:
             raise ValueError(
@@ -416,6 +503,7 @@ def smoothed_cross_entropy(
 def _device_scalar(value, dtype, device) -> torch.Tensor:
     """A 0-d tensor of ``value`` on ``device``: a Python number is filled there (on a GPU, a
     host-to-device copy from pageable memory would wait for the stream), a tensor is cast."""
+    value = _numpy_as_tensor(value)
     if isinstance(value, torch.Tensor):
         return value.to(dtype=dtype, device=device)
     return torch.full((), value, dtype=dtype, device=device)
@@ -427,10 +515,13 @@ def _reduce(loss, row_weight, reduction, normalizer):
     total = loss.sum()
     if reduction == "sum":
         return total
-    if normalizer is None:
-        denominator = row_weight.sum()
-    else:
+    if normalizer is not None:
+        # A normalizer that was not read (a tensor on an accelerator, inside torch.compile) and
+        # is not a finite number > 0 gives NaN; a concrete one was checked.
         denominator = _device_scalar(normalizer, loss.dtype, loss.device)
+        valid = (denominator > 0) & torch.isfinite(denominator)
+        return torch.where(valid, total / torch.where(valid, denominator, 1.0), torch.nan)
+    denominator = row_weight.sum()
     nothing_counts = denominator == 0
     return torch.where(nothing_counts, 0.0, total / torch.where(nothing_counts, 1.0, denominator))
 

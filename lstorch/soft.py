@@ -9,12 +9,15 @@ import torch
 
 import lsspec
 from lstorch.smoothed import (
+    _class_axis,
     _compute_dtype,
     _concrete_scalar,
     _concrete_smoothing,
     _reduce,
     _scaled,
     _smoothing_tensor,
+    _tensor_option,
+    _z_loss_tensor,
 )
 
 
@@ -25,11 +28,12 @@ def soft_target_cross_entropy(
     smoothing: float | torch.Tensor = 0.0,
     weight: torch.Tensor | None = None,
     where: torch.Tensor | None = None,
-    axis: int = -1,
+    axis: int | None = None,
     reduction: str = "none",
     from_log_probs: bool = False,
     z_loss: float | torch.Tensor = 0.0,
     return_z_loss: bool = False,
+    _caller: lsspec.Caller | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Cross-entropy against a given distribution, mixed with the uniform one (PyTorch).
 
@@ -45,17 +49,29 @@ def soft_target_cross_entropy(
     probability targets (class axis ``axis``; ``"mean"`` divides by the number of rows that
     ``where`` keeps, even with weights, as torch does). Returns float32 for bf16/fp16/float32
     logits and float64 for float64.
+
+    ``axis=None`` (the default) is the last axis of 1-D and 2-D logits; logits with 3 or more
+    dimensions need an explicit ``axis`` (1 for torch's ``(N, C, d1, ...)``, -1 for the classes
+    last), as in :func:`lstorch.smoothed_cross_entropy`, whose rules for tensor options
+    (``smoothing``, ``z_loss``: checked when on the CPU, NaN when out of range and not read) and
+    list-valued ``weight``/``where`` apply here too. ``_caller`` is internal (who errors name).
     """
-    fn = "soft_target_cross_entropy"
+    fn = lsspec.caller("soft_target_cross_entropy", _caller)
+    _, arg = lsspec.names(fn)
     for name, value in (("logits", logits), ("targets", targets)):
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
             raise lsspec.dtype_error(fn, name, got, "a floating dtype (a float torch.Tensor)")
     if targets.shape != logits.shape:
         raise lsspec.shape_error(
-            fn, "targets", tuple(targets.shape), f"the logits' shape {tuple(logits.shape)}"
+            fn,
+            "targets",
+            tuple(targets.shape),
+            f"the {lsspec.possessive(arg('logits'))} shape {tuple(logits.shape)}",
         )
-    axis = lsspec.check_axis(fn, axis, logits.ndim)
+    axis = _class_axis(fn, axis, logits.ndim, tuple(logits.shape))
+    weight = _tensor_option(fn, "weight", weight, logits.device)
+    where = _tensor_option(fn, "where", where, logits.device)
     lsspec.check_choice(fn, "reduction", reduction, lsspec.REDUCTIONS)
     lsspec.check_smoothing(fn, _concrete_smoothing(fn, smoothing))
     z_value = _concrete_scalar(fn, "z_loss", z_loss)
@@ -90,8 +106,8 @@ def soft_target_cross_entropy(
     # derivative with respect to eps is `uniform - given` there too (torch.where's would be 0).
     loss = _scaled(1.0 - eps, given) + _scaled(eps, uniform)
     valid = counted & (eps >= 0) & (eps <= 1)
-    z_part = torch.as_tensor(z_loss, dtype=compute_dtype, device=x.device) * lse.square()
-    if return_z_loss or isinstance(z_value, torch.Tensor) or z_value != 0:
+    z_part = _z_loss_tensor(z_loss, compute_dtype, x.device) * lse.square()
+    if return_z_loss or isinstance(z_loss, torch.Tensor) or z_value != 0:
         loss = loss + z_part
     loss = torch.where(valid, loss, torch.where(counted, torch.nan, 0.0))
     row_weight = counted.to(compute_dtype)

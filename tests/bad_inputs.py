@@ -35,9 +35,45 @@ def _call(options=None, num_classes=5, logits=None, labels=None):
     return run
 
 
+def _log_probs_call(function, **options):
+    """``function(log_softmax(logits), labels, **options)``, a peer's or a seed's own function
+    (``"compat.fairseq.label_smoothed_nll_loss"``), to show that errors name it."""
+
+    def run(module, array):
+        x, y = _data()
+        log_probs = x - np.log(np.exp(x).sum(-1, keepdims=True))
+        target = module
+        for name in function.split("."):
+            target = getattr(target, name)
+        return target(array(log_probs), array(y), **options)
+
+    return run
+
+
 # (what the user did, the call with logits of shape (4, 5) unless said otherwise)
 CASES = [
     ("`smoothing` outside [0, 1]", _call({"smoothing": 1.5})),
+    ("`smoothing` a 0-d array/tensor outside [0, 1]", _call({"smoothing": np.array(1.5)})),
+    ("`smoothing` not a number (None, '0.1', (0.1,), True)", _call({"smoothing": None})),
+    (
+        "`normalizer` not > 0 (a number or a 0-d array/tensor)",
+        _call({"normalizer": np.array(-2.0), "reduction": "mean"}),
+    ),
+    ("`z_loss` negative", _call({"z_loss": -1.0})),
+    (
+        "`pad_index=True` (a bool is no class index)",
+        _call({"convention": "others_but_pad", "pad_index": True}),
+    ),
+    (
+        "fairseq's `epsilon` outside [0, 1] (errors name the function called, in its words)",
+        _log_probs_call("compat.fairseq.label_smoothed_nll_loss", epsilon=2.0),
+    ),
+    (
+        "the seed's KL loss: a pad column and `tgt_vocab_size=2`",
+        _log_probs_call(
+            "kl_label_smoothing_loss", label_smoothing=0.1, tgt_vocab_size=2, ignore_index=0
+        ),
+    ),
     ("unknown `convention`", _call({"convention": "eps/K"})),
     ("unknown `reduction`", _call({"reduction": "avg"})),
     ("labels out of range (concrete)", _call(labels=np.array([0, 1, 7, 2]))),

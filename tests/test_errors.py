@@ -9,6 +9,7 @@ import torch
 
 import lsjax
 import lstorch
+from parity_tests import oracles
 
 FRAMEWORKS = {
     "jax": (lsjax, lambda a: jnp.asarray(a)),
@@ -191,12 +192,332 @@ def test_traced_smoothing_out_of_range_gives_nan():
     assert np.isnan(rows).all()
 
 
-def test_tensor_smoothing_out_of_range_gives_nan_in_torch():
+# Scalar options given as concrete 0-d arrays/tensors are checked like the numbers they hold.
+BAD_ARRAY_OPTIONS = [
+    ({"smoothing": 1.5}, r"`smoothing` must be in \[0, 1\]; got 1\.5"),
+    ({"smoothing": -0.1}, r"`smoothing` must be in \[0, 1\]; got -0\.1"),
+    (
+        {"normalizer": -2.0, "reduction": "mean"},
+        r"`normalizer` must be a finite number > 0; got -2",
+    ),
+    ({"normalizer": 0.0, "reduction": "mean"}, r"`normalizer` must be a finite number > 0; got 0"),
+    ({"z_loss": -1.0}, r"`z_loss` must be a finite number >= 0; got -1\.0"),
+    ({"z_loss": np.inf}, r"`z_loss` must be a finite number >= 0; got inf"),
+]
+
+
+@pytest.mark.parametrize(("options", "message"), BAD_ARRAY_OPTIONS, ids=str)
+def test_concrete_array_options_are_checked_like_numbers(framework, options, message):
+    module, array = framework
     logits, labels = _data()
-    rows = lstorch.smoothed_cross_entropy(
-        torch.as_tensor(logits), torch.as_tensor(labels), smoothing=torch.tensor(1.5)
+    options = {
+        name: array(np.float32(value)) if name in ("smoothing", "normalizer", "z_loss") else value
+        for name, value in options.items()
+    }
+    with pytest.raises(ValueError, match=message):
+        module.smoothed_cross_entropy(array(logits), array(labels), **options)
+
+
+@pytest.mark.parametrize("framework_name", list(FRAMEWORKS))
+def test_concrete_array_options_are_checked_in_every_function(framework_name):
+    module, array = FRAMEWORKS[framework_name]
+    logits, labels = _data()
+    x, y, probs = array(logits), array(labels), array(np.full((4, 5), 0.2, np.float32))
+    with pytest.raises(ValueError, match=r"`z_loss` must be a finite number >= 0; got -1\.0"):
+        module.soft_target_cross_entropy(x, probs, z_loss=array(np.float32(-1.0)), axis=-1)
+    calls = {
+        "soft_target_cross_entropy smoothing": lambda: module.soft_target_cross_entropy(
+            x, probs, smoothing=array(np.float32(1.5)), axis=-1
+        ),
+        "sigmoid_binary_cross_entropy smoothing": lambda: module.sigmoid_binary_cross_entropy(
+            x, probs, smoothing=array(np.float32(1.5))
+        ),
+        "fused smoothing": lambda: module.fused_linear_smoothed_cross_entropy(
+            x, array(np.ones((3, 5), np.float32)), y, smoothing=array(np.float32(1.5))
+        ),
+        "kl_label_smoothing_loss label_smoothing": lambda: module.kl_label_smoothing_loss(
+            x, y, label_smoothing=array(np.float32(0.0)), tgt_vocab_size=5
+        ),
+        "timm smoothing": lambda: module.compat.timm.label_smoothing_cross_entropy(
+            x, y, smoothing=array(np.float32(1.0))
+        ),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=r"must be in [\[(]0, 1[\])]"):
+            call()
+            pytest.fail(f"{name}: no error")
+
+
+def test_traced_z_loss_and_normalizer_out_of_range_give_nan():
+    """Under jit/vmap the value cannot be read: out of range it gives NaN, never a number."""
+    logits, labels = _data()
+    x, y = jnp.asarray(logits), jnp.asarray(labels)
+
+    def mean(normalizer):
+        return lsjax.smoothed_cross_entropy(x, y, reduction="mean", normalizer=normalizer)
+
+    for bad in (-2.0, 0.0, np.inf):
+        assert np.isnan(jax.jit(mean)(bad)), bad
+    assert np.isclose(jax.jit(mean)(8.0), mean(8.0))
+    rows = jax.jit(lambda z: lsjax.smoothed_cross_entropy(x, y, z_loss=z))(-1.0)
+    assert np.isnan(rows).all()
+    rows = jax.vmap(lambda z: lsjax.smoothed_cross_entropy(x, y, z_loss=z, reduction="sum"))(
+        jnp.array([0.1, -1.0, jnp.inf])
     )
-    assert torch.isnan(rows).all()
+    assert np.isfinite(rows[0]) and np.isnan(rows[1:]).all()
+    soft = jax.jit(lambda z: lsjax.soft_target_cross_entropy(x, jax.nn.softmax(x), z_loss=z))
+    assert np.isnan(soft(-1.0)).all()
+
+
+def test_unread_tensor_options_out_of_range_give_nan_in_torch():
+    """Inside torch.compile (and batched by torch.func.vmap) lstorch does not read a tensor
+    option; out of range it gives NaN, never a number."""
+    logits, labels = _data()
+    x, y = torch.as_tensor(logits), torch.as_tensor(labels)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def loss(smoothing, normalizer, z_loss):
+        return lstorch.smoothed_cross_entropy(
+            x, y, smoothing=smoothing, normalizer=normalizer, z_loss=z_loss, reduction="mean"
+        )
+
+    good = dict(smoothing=torch.tensor(0.1), normalizer=torch.tensor(8.0), z_loss=torch.tensor(0.0))
+    expected = lstorch.smoothed_cross_entropy(x, y, smoothing=0.1, normalizer=8.0, reduction="mean")
+    torch.testing.assert_close(loss(**good), expected)
+    for name, bad in (("smoothing", 1.5), ("normalizer", -2.0), ("z_loss", -1.0)):
+        assert torch.isnan(loss(**{**good, name: torch.tensor(bad)})), name
+    # torch.func.vmap over per-example options: batched values are not read either.
+    per_example = torch.func.vmap(
+        lambda eps: lstorch.smoothed_cross_entropy(x, y, smoothing=eps, reduction="sum")
+    )(torch.tensor([0.1, 1.5]))
+    assert torch.isfinite(per_example[0]) and torch.isnan(per_example[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_accelerator_tensor_options_are_not_read_and_give_nan():
+    """A CUDA tensor option is not read back (the host would wait for the device on every
+    call): in range it gives the loss, out of range NaN instead of an error."""
+    logits, labels = _data()
+    x, y = torch.as_tensor(logits, device="cuda"), torch.as_tensor(labels, device="cuda")
+
+    def loss(**options):
+        return lstorch.smoothed_cross_entropy(x, y, reduction="mean", **options).item()
+
+    expected = loss(smoothing=0.1, normalizer=8.0, z_loss=0.01)
+    got = loss(
+        smoothing=torch.tensor(0.1, device="cuda"),
+        normalizer=torch.tensor(8.0, device="cuda"),
+        z_loss=torch.tensor(0.01, device="cuda"),
+    )
+    assert got == pytest.approx(expected, rel=1e-6)
+    for name, bad in (("smoothing", 1.5), ("normalizer", -2.0), ("z_loss", -1.0)):
+        assert np.isnan(loss(**{name: torch.tensor(bad, device="cuda")})), name
+
+
+@pytest.mark.parametrize("value", [None, "0.1", (0.1,), [0.1], True])
+def test_a_scalar_option_of_the_wrong_type_is_named(framework, value):
+    module, array = framework
+    logits, labels = _data()
+    message = (
+        r"smoothed_cross_entropy: `smoothing` must be a real number or a 0-d array/tensor of a "
+        r"real dtype; got "
+    )
+    with pytest.raises(TypeError, match=message):
+        module.smoothed_cross_entropy(array(logits), array(labels), smoothing=value)
+    with pytest.raises(TypeError, match=r"`z_loss` must be a real number"):
+        module.smoothed_cross_entropy(array(logits), array(labels), z_loss=value)
+    if value is not None:  # normalizer=None means "not given"
+        with pytest.raises(TypeError, match=r"`normalizer` must be a real number"):
+            module.smoothed_cross_entropy(
+                array(logits), array(labels), normalizer=value, reduction="mean"
+            )
+
+
+def test_weight_and_where_may_be_python_lists(framework):
+    module, array = framework
+    logits, labels = _data()
+    weight, where = [0.5, 1.0, 2.0, 1.0, 3.0], [True, False, True, True]
+    from_lists = module.smoothed_cross_entropy(
+        array(logits), array(labels), smoothing=0.1, weight=weight, where=where, reduction="mean"
+    )
+    expected, _ = oracles.smoothed_cross_entropy(
+        logits, labels, smoothing=0.1, weight=np.array(weight), where=np.array(where),
+        reduction="mean",
+    )  # fmt: skip
+    np.testing.assert_allclose(float(from_lists), expected, rtol=1e-5)
+    soft = module.soft_target_cross_entropy(
+        array(logits), array(np.full((4, 5), 0.2, np.float32)), weight=weight, where=where,
+        axis=-1,
+    )  # fmt: skip
+    assert soft.shape == (4,) and float(soft[1]) == 0.0
+
+
+@pytest.mark.parametrize("name", ["pad_index", "ignore_index"])
+def test_a_bool_is_not_a_class_index(framework, name):
+    module, array = framework
+    logits, labels = _data()
+    options = {name: True}
+    if name == "pad_index":
+        options["convention"] = "others_but_pad"
+    with pytest.raises(ValueError, match=rf"`{name}`.* an int.*; got True"):
+        module.smoothed_cross_entropy(array(logits), array(labels), **options)
+
+
+def _log_probs(logits):
+    return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+
+
+_LOGITS, _LABELS = _data()
+_BAD_LABELS = np.array([0, 1, 9, 2])
+_PROBS = np.full((4, 5), 0.2, np.float32)
+
+# (call(module, array), regex): each error names the function the user called and that
+# function's own name of the argument, not the function it hands the work to.
+NAMED_CALLS = [
+    (
+        lambda m, a: m.label_smoothing_loss(a(_LOGITS), a(_BAD_LABELS), classes=5),
+        r"^label_smoothing_loss: `target` must lie in \[0, 4\]",
+    ),
+    (
+        lambda m, a: m.label_smoothing_loss(a(_LOGITS), a(_LABELS), classes=5, smoothing=1.2),
+        r"^label_smoothing_loss: `smoothing` must be in \[0, 1\]; got 1\.2",
+    ),
+    (
+        lambda m, a: m.kl_label_smoothing_loss(
+            a(_log_probs(_LOGITS)), a(_LABELS), label_smoothing=0.1, tgt_vocab_size=5,
+            ignore_index=5,
+        ),
+        r"^kl_label_smoothing_loss: `ignore_index` must be an int below tgt_vocab_size=5",
+    ),
+    (
+        lambda m, a: m.kl_label_smoothing_loss(
+            a(_log_probs(_LOGITS[:, :2])), a(_LABELS % 2), label_smoothing=0.1,
+            tgt_vocab_size=2, ignore_index=0,
+        ),
+        r"^kl_label_smoothing_loss: `tgt_vocab_size` must be >= 3 with a pad column",
+    ),
+    (
+        lambda m, a: m.compat.fairseq.label_smoothed_nll_loss(
+            a(_log_probs(_LOGITS)), a(_LABELS), 2.0
+        ),
+        r"^label_smoothed_nll_loss: `epsilon` must be in \[0, 1\]; got 2\.0",
+    ),
+    (
+        lambda m, a: m.compat.fairseq.label_smoothed_nll_loss(
+            a(_log_probs(_LOGITS)), a(_BAD_LABELS), 0.1
+        ),
+        r"^label_smoothed_nll_loss: `target` must lie in \[0, 4\]",
+    ),
+    (
+        lambda m, a: m.compat.hf.label_smoother(a(_LOGITS), a(_LABELS), epsilon=-0.5),
+        r"^label_smoother: `epsilon` must be in \[0, 1\]; got -0\.5",
+    ),
+    (
+        lambda m, a: m.compat.keras.categorical_crossentropy(
+            a(_PROBS), a(_LOGITS), from_logits=True, label_smoothing=2.0
+        ),
+        r"^categorical_crossentropy: `label_smoothing` must be in \[0, 1\]",
+    ),
+    (
+        lambda m, a: m.compat.keras.binary_crossentropy(
+            a(_PROBS), a(_LOGITS), from_logits=True, label_smoothing=2.0
+        ),
+        r"^binary_crossentropy: `label_smoothing` must be in \[0, 1\]",
+    ),
+    (
+        lambda m, a: m.compat.t5x.compute_weighted_cross_entropy(
+            a(_LOGITS), a(_LABELS), label_smoothing=2.0
+        ),
+        r"^compute_weighted_cross_entropy: `label_smoothing` must be in \[0, 1\]",
+    ),
+    (
+        lambda m, a: m.compat.t5x.compute_weighted_cross_entropy(a(_LOGITS), a(_BAD_LABELS)),
+        r"^compute_weighted_cross_entropy: `targets` must lie in \[0, 4\]",
+    ),
+    (
+        lambda m, a: m.compat.t5x.cross_entropy_with_logits(a(_LOGITS), a(_PROBS), -1.0),
+        r"^cross_entropy_with_logits: `z_loss` must be a finite number >= 0; got -1\.0",
+    ),
+    (
+        lambda m, a: m.compat.timm.label_smoothing_cross_entropy(a(_LOGITS), a(_BAD_LABELS)),
+        r"^label_smoothing_cross_entropy: `target` must lie in \[0, 4\]",
+    ),
+    (
+        lambda m, a: m.compat.timm.soft_target_cross_entropy(a(_LOGITS), a(_PROBS[:, :4])),
+        r"^soft_target_cross_entropy: `target` must have the x's shape",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("call", "message"), NAMED_CALLS, ids=[m for _, m in NAMED_CALLS])
+def test_errors_name_the_function_called_and_its_arguments(framework, call, message):
+    module, array = framework
+    with pytest.raises(ValueError, match=message):
+        call(module, array)
+
+
+def test_cross_entropy_mirror_names_itself_and_torchs_arguments():
+    logits, labels = _data()
+    with pytest.raises(
+        ValueError, match=r"^cross_entropy: `label_smoothing` must be in \[0, 1\]; got 2\.0"
+    ):
+        lsjax.cross_entropy(logits, labels, label_smoothing=2.0)
+    with pytest.raises(
+        ValueError,
+        match=r"^cross_entropy: `target` must have the input's shape without the class axis",
+    ):
+        lsjax.cross_entropy(logits, labels[:3])
+    with pytest.raises(ValueError, match=r"^cross_entropy: `label_smoothing` must be in"):
+        lsjax.cross_entropy(logits, np.full((4, 5), 0.2, np.float32), label_smoothing=-1.0)
+
+
+def test_modules_name_themselves_and_their_arguments():
+    logits, _ = _data()
+    x = torch.as_tensor(logits)
+    with pytest.raises(ValueError, match=r"^LabelSmoothingLoss: `smoothing` must be in \[0, 1\]"):
+        lstorch.LabelSmoothingLoss(5, 1.2)
+    with pytest.raises(ValueError, match=r"^LabelSmoothingLoss: `classes` must be an int >= 2"):
+        lstorch.LabelSmoothingLoss(1, 0.1)
+    with pytest.raises(ValueError, match=r"^LabelSmoothingLoss: `target` must lie in \[0, 4\]"):
+        lstorch.LabelSmoothingLoss(5, 0.1)(x, torch.tensor([0, 1, 9, 2]))
+    # The seed's KL module with a pad column needs 3 classes: said at construction, in its terms.
+    with pytest.raises(
+        ValueError, match=r"^KLLabelSmoothingLoss: `tgt_vocab_size` must be >= 3 with a pad column"
+    ):
+        lstorch.KLLabelSmoothingLoss(0.1, 2, ignore_index=0)
+    with pytest.raises(
+        ValueError, match=r"^KLLabelSmoothingLoss: `label_smoothing` must be in \(0, 1\]"
+    ):
+        lstorch.KLLabelSmoothingLoss(torch.tensor(0.0), 10)
+    with pytest.raises(ValueError, match=r"^SmoothedCrossEntropyLoss: `smoothing` must be in"):
+        lstorch.SmoothedCrossEntropyLoss(smoothing=torch.tensor(1.5))
+    with pytest.raises(ValueError, match=r"^SmoothedCrossEntropyLoss: `z_loss` must be"):
+        lstorch.SmoothedCrossEntropyLoss(z_loss=-1.0)
+    with pytest.raises(ValueError, match=r"^SmoothedCrossEntropyLoss: `reduction` must be one of"):
+        lstorch.SmoothedCrossEntropyLoss(reduction="avg")
+    with pytest.raises(ValueError, match=r"^SmoothedCrossEntropyLoss: `labels` must lie in"):
+        lstorch.SmoothedCrossEntropyLoss()(x, torch.tensor([0, 1, 9, 2]))
+    with pytest.raises(
+        ValueError, match=r"^FusedLinearSmoothedCrossEntropyLoss: `chunk_size` must be"
+    ):
+        lstorch.FusedLinearSmoothedCrossEntropyLoss(chunk_size=0)
+    fused = lstorch.FusedLinearSmoothedCrossEntropyLoss()
+    with pytest.raises(ValueError, match=r"^FusedLinearSmoothedCrossEntropyLoss: `labels` must"):
+        fused(x, torch.ones(3, 5), torch.tensor([0, 1, 9, 2]))
+
+
+def test_calibration_takes_a_concrete_0d_array_temperature():
+    from lsjax import calibration
+
+    logits, labels = _data()
+    expected = calibration.negative_log_likelihood(logits, labels, temperature=2.0)
+    for temperature in (jnp.array(2.0), np.array(2.0), np.float32(2.0), jnp.array(2)):
+        got = calibration.negative_log_likelihood(logits, labels, temperature=temperature)
+        assert got == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match=r"`temperature` must be a finite number > 0; got -1"):
+        calibration.negative_log_likelihood(logits, labels, temperature=jnp.array(-1.0))
+    with pytest.raises(ValueError, match=r"`temperature` must be a finite number > 0"):
+        calibration.negative_log_likelihood(logits, labels, temperature=jnp.array([2.0]))
 
 
 def test_seed_modules_check_their_constructor_arguments():

@@ -206,5 +206,12 @@ def test_lstorch_rounding_outside_the_interval_is_its_end(name, value):
 def test_lstorch_a_value_truly_outside_is_an_error_or_nan(name):
     with pytest.raises(ValueError, match="must be in"):
         _torch_value_and_grad(name, -1e-3)
-    loss, _ = _torch_value_and_grad(name, torch.tensor(-1e-3))  # a tensor is not read back
-    assert torch.isnan(loss)
+    with pytest.raises(ValueError, match="must be in"):  # a CPU tensor is read and checked
+        _torch_value_and_grad(name, torch.tensor(-1e-3))
+    # A value that is not read (inside torch.compile here; on an accelerator, or batched by
+    # torch.func.vmap) gives NaN.
+    x = torch.tensor(WEIGHT if name in ("fused_linear_smoothed_cross_entropy",) else LOGITS)
+    torch.compiler.reset()  # a fresh cache: past its size limit Dynamo would run eagerly
+    compiled = torch.compile(lambda eps: TORCH_CALLS[name](x.float(), eps).sum(), backend="eager")
+    assert torch.isnan(compiled(torch.tensor(-1e-3)))
+    assert torch.isfinite(compiled(torch.tensor(0.1)))

@@ -52,6 +52,10 @@ def label_smoothed_nll_loss(
         reduction="sum" if reduce else "none",
     )
     convention = "uniform" if pre_2021 else "others"
+    # Errors below name this function and its arguments; the class axis is the last.
+    options.update(
+        axis=-1, _caller=lsspec.caller(fn, logits="lprobs", labels="target", smoothing="epsilon")
+    )
     loss = smoothed_cross_entropy(
         lprobs, labels, smoothing=epsilon, convention=convention, **options
     )

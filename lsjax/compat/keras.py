@@ -44,7 +44,17 @@ def categorical_crossentropy(
         probs = probs / jnp.sum(probs, axis=axis, keepdims=True)
         y_pred = jnp.log(jnp.clip(probs, lsspec.KERAS_EPSILON, 1.0 - lsspec.KERAS_EPSILON))
     return soft_target_cross_entropy(
-        y_pred, y_true, smoothing=label_smoothing, axis=axis, from_log_probs=not from_logits
+        y_pred,
+        y_true,
+        smoothing=label_smoothing,
+        axis=axis,
+        from_log_probs=not from_logits,
+        _caller=lsspec.caller(
+            "categorical_crossentropy",
+            logits="y_pred",
+            targets="y_true",
+            smoothing="label_smoothing",
+        ),
     )
 
 
@@ -74,6 +84,11 @@ def binary_crossentropy(
         )
         y_pred = jnp.log(probs) - jnp.log1p(-probs)
     elementwise = sigmoid_binary_cross_entropy(
-        y_pred, jnp.asarray(y_true, compute_dtype), smoothing=label_smoothing
+        y_pred,
+        jnp.asarray(y_true, compute_dtype),
+        smoothing=label_smoothing,
+        _caller=lsspec.caller(
+            "binary_crossentropy", logits="y_pred", labels="y_true", smoothing="label_smoothing"
+        ),
     )
     return jnp.mean(elementwise, axis=axis)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 import lsspec
-from lsjax.smoothed import ArrayLike, smoothed_cross_entropy
+from lsjax.smoothed import ArrayLike, _concrete_scalar, smoothed_cross_entropy
 from lsjax.soft import soft_target_cross_entropy
 
 
@@ -29,15 +29,29 @@ def cross_entropy_with_logits(
     logging"), and the ``1`` assumes that each row of ``targets`` sums to 1 (for other targets
     this is not the derivative of the loss; T5X does the same).
     """
+    fn = "cross_entropy_with_logits"
     logits = jnp.asarray(logits)
     targets = jnp.asarray(targets)
+    # Checked here, where the value is still concrete (inside the custom_vjp it is traced).
+    z_value = _concrete_scalar(fn, "z_loss", z_loss)
+    lsspec.check_z_loss(fn, z_value, from_log_probs=False, return_z_loss=True)
     compute_dtype = jnp.promote_types(logits.dtype, jnp.float32)
     return _cross_entropy_with_logits(logits, targets, jnp.asarray(z_loss, compute_dtype))
 
 
+_CROSS_ENTROPY_WITH_LOGITS = lsspec.caller("cross_entropy_with_logits")
+
+
 @jax.custom_vjp
 def _cross_entropy_with_logits(logits, targets, z_loss):
-    return soft_target_cross_entropy(logits, targets, z_loss=z_loss, return_z_loss=True)
+    return soft_target_cross_entropy(
+        logits,
+        targets,
+        z_loss=z_loss,
+        return_z_loss=True,
+        axis=-1,
+        _caller=_CROSS_ENTROPY_WITH_LOGITS,
+    )
 
 
 def _cross_entropy_with_logits_fwd(logits, targets, z_loss):
@@ -102,6 +116,8 @@ def compute_weighted_cross_entropy(
         kl=True,
         z_loss=z_loss,
         return_z_loss=True,
+        axis=-1,
+        _caller=lsspec.caller(fn, labels="targets", smoothing="label_smoothing"),
     )
     z_part = jax.lax.stop_gradient(z_part)  # T5X's custom gradient ignores the z-loss output.
     weight_sum = jnp.asarray(targets.size, loss.dtype)

@@ -20,11 +20,18 @@ def label_smoothing_cross_entropy(
     ``mean_rows((1 - s) * (-lp[y]) + s * (-mean_c lp_c))`` with ``lp = log_softmax(x)`` (class
     axis last): the uniform convention, batch mean, i.e. ``smoothed_cross_entropy(x, target,
     smoothing=smoothing, reduction="mean")``. As timm (which asserts it), ``smoothing`` must be
-    below 1.
+    below 1 (checked when concrete; a traced value is held to [0, 1] only, NaN outside).
     """
     fn = "label_smoothing_cross_entropy"
     lsspec.check_positive_below_one(fn, "smoothing", _concrete_scalar(fn, "smoothing", smoothing))
-    return smoothed_cross_entropy(x, target, smoothing=smoothing, reduction="mean")
+    return smoothed_cross_entropy(
+        x,
+        target,
+        smoothing=smoothing,
+        reduction="mean",
+        axis=-1,
+        _caller=lsspec.caller(fn, logits="x", labels="target"),
+    )
 
 
 def soft_target_cross_entropy(x: ArrayLike, target: ArrayLike) -> jax.Array:
@@ -33,4 +40,10 @@ def soft_target_cross_entropy(x: ArrayLike, target: ArrayLike) -> jax.Array:
     ``lp = log_softmax(x)`` over the last axis; targets are taken as given (mixup/cutmix).
     That is ``lsjax.soft_target_cross_entropy(x, target, reduction="mean")``.
     """
-    return _soft_target(x, target, reduction="mean")
+    return _soft_target(
+        x,
+        target,
+        reduction="mean",
+        axis=-1,
+        _caller=lsspec.caller("soft_target_cross_entropy", logits="x", targets="target"),
+    )

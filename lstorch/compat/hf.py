@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+import lsspec
 from lstorch.smoothed import smoothed_cross_entropy
 
 
@@ -29,5 +30,11 @@ def label_smoother(
     if labels.ndim == logits.ndim:
         labels = labels[..., 0]
     return smoothed_cross_entropy(
-        logits, labels, smoothing=epsilon, ignore_index=ignore_index, reduction="mean"
+        logits,
+        labels,
+        smoothing=epsilon,
+        ignore_index=ignore_index,
+        reduction="mean",
+        axis=-1,
+        _caller=lsspec.caller("label_smoother", smoothing="epsilon"),
     )

@@ -34,7 +34,17 @@ def categorical_crossentropy(
         probs = probs / probs.sum(dim=axis, keepdim=True)
         y_pred = torch.log(probs.clamp(lsspec.KERAS_EPSILON, 1.0 - lsspec.KERAS_EPSILON))
     return soft_target_cross_entropy(
-        y_pred, y_true, smoothing=label_smoothing, axis=axis, from_log_probs=not from_logits
+        y_pred,
+        y_true,
+        smoothing=label_smoothing,
+        axis=axis,
+        from_log_probs=not from_logits,
+        _caller=lsspec.caller(
+            "categorical_crossentropy",
+            logits="y_pred",
+            targets="y_true",
+            smoothing="label_smoothing",
+        ),
     )
 
 
@@ -57,6 +67,11 @@ def binary_crossentropy(
         probs = y_pred.to(compute_dtype).clamp(lsspec.KERAS_EPSILON, 1.0 - lsspec.KERAS_EPSILON)
         y_pred = torch.log(probs) - torch.log1p(-probs)
     elementwise = sigmoid_binary_cross_entropy(
-        y_pred, y_true.to(compute_dtype), smoothing=label_smoothing
+        y_pred,
+        y_true.to(compute_dtype),
+        smoothing=label_smoothing,
+        _caller=lsspec.caller(
+            "binary_crossentropy", logits="y_pred", labels="y_true", smoothing="label_smoothing"
+        ),
     )
     return elementwise.mean(dim=axis)

@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 
 import lsspec
-from lstorch.smoothed import _compute_dtype, _with_forward_mode, smoothed_cross_entropy
+from lstorch.smoothed import (
+    _compute_dtype,
+    _concrete_scalar,
+    _with_forward_mode,
+    smoothed_cross_entropy,
+)
 from lstorch.soft import soft_target_cross_entropy
 
 
@@ -21,6 +26,10 @@ def cross_entropy_with_logits(
     the transpose of that rule, so ``jacfwd`` equals ``jacrev`` and the z-part's tangent is 0.
     See ``lsjax.compat.t5x.cross_entropy_with_logits``.
     """
+    fn = "cross_entropy_with_logits"
+    # Checked here (inside the autograd.Function the value is a tensor on the logits' device).
+    z_value = _concrete_scalar(fn, "z_loss", z_loss)
+    lsspec.check_z_loss(fn, z_value, from_log_probs=False, return_z_loss=True)
     z = torch.as_tensor(z_loss, dtype=_compute_dtype(logits.dtype), device=logits.device)
     function = _with_forward_mode(_CrossEntropyWithLogits, _CrossEntropyWithLogitsForwardMode)
     return function.apply(logits, targets, z)
@@ -44,7 +53,14 @@ class _CrossEntropyWithLogits(torch.autograd.Function):
 
     @staticmethod
     def forward(logits, targets, z_loss):
-        return soft_target_cross_entropy(logits, targets, z_loss=z_loss, return_z_loss=True)
+        return soft_target_cross_entropy(
+            logits,
+            targets,
+            z_loss=z_loss,
+            return_z_loss=True,
+            axis=-1,
+            _caller=lsspec.caller("cross_entropy_with_logits"),
+        )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -113,6 +129,8 @@ def compute_weighted_cross_entropy(
         kl=True,
         z_loss=z_loss,
         return_z_loss=True,
+        axis=-1,
+        _caller=lsspec.caller(fn, labels="targets", smoothing="label_smoothing"),
     )
     z_part = z_part.detach()  # T5X's custom gradient ignores the z-loss output.
     weight_sum = torch.tensor(float(targets.numel()), dtype=loss.dtype, device=loss.device)

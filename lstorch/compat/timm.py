@@ -18,15 +18,30 @@ def label_smoothing_cross_entropy(
     r"""``timm.loss.LabelSmoothingCrossEntropy(smoothing)(x, target)``.
 
     ``mean_rows((1 - s) * (-lp[y]) + s * (-mean_c lp_c))``: ``smoothed_cross_entropy(x, target,
-    smoothing=smoothing, reduction="mean")``; ``smoothing`` must be below 1, as timm asserts.
+    smoothing=smoothing, reduction="mean")``; ``smoothing`` must be below 1, as timm asserts
+    (checked for a number or CPU tensor; a value that is not read is held to [0, 1] only, NaN
+    outside).
     """
     fn = "label_smoothing_cross_entropy"
     value = _concrete_scalar(fn, "smoothing", smoothing)
     lsspec.check_positive_below_one(fn, "smoothing", value)
-    return smoothed_cross_entropy(x, target, smoothing=smoothing, reduction="mean")
+    return smoothed_cross_entropy(
+        x,
+        target,
+        smoothing=smoothing,
+        reduction="mean",
+        axis=-1,
+        _caller=lsspec.caller(fn, logits="x", labels="target"),
+    )
 
 
 def soft_target_cross_entropy(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     r"""``timm.loss.SoftTargetCrossEntropy()(x, target)``: ``mean_rows(-sum_c t_c lp_c)``,
     i.e. ``lstorch.soft_target_cross_entropy(x, target, reduction="mean")``."""
-    return _soft_target(x, target, reduction="mean")
+    return _soft_target(
+        x,
+        target,
+        reduction="mean",
+        axis=-1,
+        _caller=lsspec.caller("soft_target_cross_entropy", logits="x", targets="target"),
+    )
