@@ -1,7 +1,8 @@
 """Cross-framework verification: the twin registry, ``compare`` and the report.
 
 * :func:`compare` runs the same NumPy-made inputs through a JAX and a PyTorch function and
-  checks outputs and gradients (public: use it on your own port).
+  checks outputs and gradients (public: use it on your own port; ``docs/compare.md`` says what
+  "pass" means in each dtype).
 * :data:`registry.TWINS` lists every twin of ``lsjax`` and ``lstorch``.
 * ``python -m parity_tests`` runs every twin in float64, float32 and bfloat16, and every float64
   oracle, prints a table and exits non-zero on any failure.
@@ -23,6 +24,20 @@ except ModuleNotFoundError as error:
         lsspec.install_hint("parity_tests", "JAX, optax and PyTorch", "parity", error)
     ) from error
 
-from parity_tests.compare import DEFAULT_TOLERANCES, Report, compare, compare_with_oracle
+from parity_tests.compare import (
+    DEFAULT_TOLERANCES,
+    CaseResult,
+    Report,
+    compare,
+    compare_with_oracle,
+    rounding_budget,
+)
 
-__all__ = ["DEFAULT_TOLERANCES", "Report", "compare", "compare_with_oracle"]
+__all__ = [
+    "DEFAULT_TOLERANCES",
+    "CaseResult",
+    "Report",
+    "compare",
+    "compare_with_oracle",
+    "rounding_budget",
+]

@@ -58,8 +58,7 @@ def run(names: list[str] | None = None) -> tuple[list[dict], list[str]]:
         for report in reports:
             rows.extend(report.summary())
             failures.extend(
-                f"{report.name} {failure.dtype} {failure.case}: |Δloss|={failure.loss_diff:.3g} "
-                f"|Δgrad|={failure.grad_diff:.3g} {failure.error}"
+                f"{report.name} {failure.dtype} {failure.case}: {failure.error}"
                 for failure in report.failures()
             )
     return rows, failures

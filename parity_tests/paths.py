@@ -59,12 +59,13 @@ import jax.numpy as jnp
 from parity_tests.compare import (
     DEFAULT_TOLERANCES,
     DTYPES,
-    _leaves,
-    _round_to,
     _to_jax,
     _to_torch,
     allclose,
     max_abs_diff,
+    output_leaves,
+    round_to,
+    unflatten_output,
 )
 
 UPSTREAM = ("random", "sum", "mean", "scaled", "0-d grad_outputs")
@@ -99,7 +100,7 @@ def cotangents(kind: str, outputs: Sequence[np.ndarray], rng: np.random.Generato
 
 def _torch_total(outputs, kind):
     """The scalar a user backpropagates: the sum (or mean) of every floating output, scaled."""
-    leaves = [leaf for leaf in _leaves(outputs) if leaf.is_floating_point()]
+    leaves = [leaf for leaf in output_leaves(outputs) if leaf.is_floating_point()]
     total = sum(leaf.mean() if kind == "mean" else leaf.sum() for leaf in leaves)
     if kind == "scaled":
         total = total * torch.tensor(GRAD_SCALE, dtype=torch.float32, device=total.device)
@@ -112,12 +113,12 @@ def _as_numpy(grad, kind) -> np.ndarray:
 
 
 def _outputs_numpy(outputs) -> list[np.ndarray]:
-    return [leaf.detach().to(torch.float64).cpu().numpy() for leaf in _leaves(outputs)]
+    return [leaf.detach().to(torch.float64).cpu().numpy() for leaf in output_leaves(outputs)]
 
 
 def _torch_autograd(outputs, x, kind, dense):
     """Gradient of ``outputs`` with respect to ``x`` by ``torch.autograd.grad``."""
-    leaves = _leaves(outputs)
+    leaves = output_leaves(outputs)
     if kind == "random":
         pairs = [
             (leaf, torch.tensor(c, dtype=leaf.dtype, device=leaf.device))
@@ -143,9 +144,9 @@ def _torch_func(call, x, kind, dense):
         outputs, pull = torch.func.vjp(call, x)
         cot = [
             torch.tensor(c, dtype=leaf.dtype, device=leaf.device)
-            for c, leaf in zip(dense, _leaves(outputs), strict=True)
+            for c, leaf in zip(dense, output_leaves(outputs), strict=True)
         ]
-        (grad,) = pull(type(outputs)(cot) if isinstance(outputs, tuple) else cot[0])
+        (grad,) = pull(unflatten_output(outputs, cot))
         return outputs, grad
 
     def total(x):
@@ -206,7 +207,7 @@ class KernelLaunches:
 
 def _torch_inputs(args, kwargs, dtype, device):
     others = torch.float64 if dtype == "float64" else torch.float32
-    x = torch.tensor(_round_to(args[0], dtype)).to(TORCH_DTYPES[dtype]).to(device)
+    x = torch.tensor(round_to(args[0], dtype)).to(TORCH_DTYPES[dtype]).to(device)
     rest = [_move(_to_torch(value, others), device) for value in args[1:]]
     options = {key: _move(_to_torch(value, others), device) for key, value in kwargs.items()}
     return x, rest, options
@@ -307,7 +308,7 @@ def torch_func_vmap(fn, args, kwargs, dtype, dense_by_kind):
 
         outputs, grads = torch.func.vmap(example, in_dims=(0, *dims))(batch, *rests)
         for index in range(2):
-            per_example = [leaf[index] for leaf in _leaves(outputs)]
+            per_example = [leaf[index] for leaf in output_leaves(outputs)]
             results[index][kind] = (_outputs_numpy(per_example), _as_numpy(grads[index], kind))
     return results
 
@@ -317,7 +318,7 @@ def torch_func_vmap(fn, args, kwargs, dtype, dense_by_kind):
 
 
 def _jax_total(outputs, kind):
-    leaves = [leaf for leaf in _leaves(outputs) if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    leaves = [leaf for leaf in output_leaves(outputs) if jnp.issubdtype(leaf.dtype, jnp.floating)]
     total = sum(jnp.mean(leaf) if kind == "mean" else jnp.sum(leaf) for leaf in leaves)
     return total * GRAD_SCALE if kind == "scaled" else total
 
@@ -326,8 +327,9 @@ def _jax_pull(call, x, kind, dense):
     """Outputs and gradient of ``call`` at ``x`` for one upstream kind (traceable)."""
     if kind == "random":
         outputs, pull = jax.vjp(call, x)
-        cot = [jnp.asarray(c, leaf.dtype) for c, leaf in zip(dense, _leaves(outputs), strict=True)]
-        (grad,) = pull(type(outputs)(cot) if isinstance(outputs, (tuple, list)) else cot[0])
+        leaves = output_leaves(outputs)
+        cot = [jnp.asarray(c, leaf.dtype) for c, leaf in zip(dense, leaves, strict=True)]
+        (grad,) = pull(unflatten_output(outputs, cot))
         return outputs, grad
 
     def total(x):
@@ -341,14 +343,14 @@ def _jax_pull(call, x, kind, dense):
 
 
 def _jax_numpy(outputs, grad, kind):
-    values = [np.asarray(leaf.astype(jnp.float64)) for leaf in _leaves(outputs)]
+    values = [np.asarray(leaf.astype(jnp.float64)) for leaf in output_leaves(outputs)]
     grad = np.asarray(grad.astype(jnp.float64))
     return values, grad / GRAD_SCALE if kind == "scaled" else grad
 
 
 def _jax_inputs(args, kwargs, dtype):
     others = jnp.float64 if dtype == "float64" else jnp.float32
-    x = jnp.asarray(_round_to(args[0], dtype), JAX_DTYPES[dtype])
+    x = jnp.asarray(round_to(args[0], dtype), JAX_DTYPES[dtype])
     rest = [_to_jax(value, others) for value in args[1:]]
     arrays = {k: _to_jax(v, others) for k, v in kwargs.items() if isinstance(v, np.ndarray)}
     constants = {k: v for k, v in kwargs.items() if k not in arrays}
@@ -432,7 +434,7 @@ def jax_vmap(fn, args, kwargs, dtype, dense_by_kind):
 
             outputs, grads = jax.vmap(example)(batch, rests)
             for index in range(2):
-                per_example = [leaf[index] for leaf in _leaves(outputs)]
+                per_example = [leaf[index] for leaf in output_leaves(outputs)]
                 results[index][kind] = _jax_numpy(per_example, grads[index], kind)
         return results
 
@@ -620,7 +622,7 @@ def run_twin_path(twin, path: Path, *, profile: str = "report", dtypes=DTYPES) -
             case_dtypes = [dtypes[position % len(dtypes)]]
         for dtype in case_dtypes:
             result = results[dtype]
-            rounded = (_round_to(args[0], dtype), *args[1:])
+            rounded = (round_to(args[0], dtype), *args[1:])
             name = f"case {index} {case}"
             expected_by_scale, plain_by_scale = {}, {}
             try:

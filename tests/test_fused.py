@@ -103,10 +103,10 @@ CASES = [
     ("others", None, "none"),
     ("others_but_pad", 3, "sum"),
 ]
-# (rtol, atol): float32 as compare.DEFAULT_TOLERANCES. bf16: the fused bf16 result against the
-# dense float32 result on the same (bf16-exact) inputs, as compare does: the fused loss
-# computes in float32 from bf16 inputs, so what remains is the gradients' final rounding to bf16
-# (relative 2**-9), allowed 2**-7 as in compare.py.
+# (rtol, atol): as compare.DEFAULT_TOLERANCES. bf16: the fused bf16 result against the dense
+# float32 result on the same (bf16-exact) inputs: the fused loss computes in float32 from bf16
+# inputs, so what remains is the gradients' final rounding to bf16 (relative 2**-9), allowed
+# 2**-7 as for the execution paths.
 TOLERANCES = {"float32": (1e-5, 1e-6), "bfloat16": (2.0**-7, 2.0**-9)}
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import lstorch
 from lstorch import smoothed
 from parity_tests import DEFAULT_TOLERANCES, oracles
-from parity_tests.compare import _round_to
+from parity_tests.compare import round_to
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -92,7 +92,7 @@ def run(logits, labels, kwargs, dtype, cotangent, inplace=False):
 
 def check_case(shape, axis, convention, variant, dtype, seed) -> list[str]:
     logits, labels, kwargs = make_case(shape, axis, convention, variant, seed)
-    rounded = _round_to(logits, dtype)
+    rounded = round_to(logits, dtype)
     expected, vjp = oracles.smoothed_cross_entropy(
         np.nan_to_num(rounded, nan=0.0, posinf=0.0, neginf=-np.inf), labels, **kwargs
     )
