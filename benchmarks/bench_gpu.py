@@ -156,7 +156,7 @@ def torch_part(args) -> dict:
     eps = torch.tensor(SMOOTHING, device=device)
     params = smoothed._kernel_params(options, num_classes, eps, None, None, eps * 0)
     call = smoothed._kernel_call(options, base, labels, labels >= 0, None, None)
-    _, _, lse = triton_kernels.forward(base, params=params, **call)
+    _, _, peak, log_sum = triton_kernels.forward(base, params=params, **call)
     grad_out = torch.empty_like(base)
     upstream = torch.full((rows,), 1.0 / rows, device=device)
 
@@ -165,8 +165,8 @@ def torch_part(args) -> dict:
 
     def backward_kernel(config=None):
         return lambda: triton_kernels.backward(
-            base, grad_out, lse=lse, grad=upstream, grad_z=None, params=params, config=config,
-            **call,
+            base, grad_out, peak=peak, log_sum=log_sum, grad=upstream, grad_z=None,
+            params=params, config=config, **call,
         )  # fmt: skip
 
     # The same call with 256 classes: kernels of no size, so its time is the per-call cost of

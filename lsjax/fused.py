@@ -307,6 +307,7 @@ def _fused_terms(options, hidden, weight, bias, labels, counted, eps):
     safe_labels = jnp.where(counted & in_range, labels, 0)
     x_y = _column(options, hidden, weight, bias, safe_labels, start)
     # sum_c x_c = hidden . (sum_c weight_c) + sum_c bias_c: rank 1, no pass over the logits.
+    # Unlike the dense core (relative to the row max), this needs |logits| < float max / K.
     column_sum = jnp.sum(weight, axis=0, dtype=compute_dtype)
     total = jnp.dot(hidden, column_sum, precision=_HIGHEST) + jnp.sum(bias, dtype=compute_dtype)
     support_sum = _psum(total, options)

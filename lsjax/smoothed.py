@@ -76,29 +76,33 @@ def _upcast_alone(x: Array, compute_dtype, companion: Array) -> Array:
     return x.astype(compute_dtype)
 
 
-def _logsumexp(x: Array, compute_dtype, class_mask: Array | None = None) -> Array:
-    """logsumexp over the last axis (over the allowed classes), accumulated in ``compute_dtype``.
+def _logsumexp_parts(x: Array, compute_dtype, class_mask: Array | None = None):
+    """``(peak, log_sum)`` with ``logsumexp(x) = peak + log_sum`` over the last axis (over the
+    allowed classes): ``peak`` the row's max (0 where it is not finite), ``log_sum`` the log of
+    ``sum_c exp(x_c - peak)``, accumulated in ``compute_dtype``. Kept apart, as
+    ``torch.log_softmax`` keeps them: ``x_c - peak - log_sum`` is exact where ``x_c - lse``
+    would round ``lse`` first (at ``x ~ 3e38`` a float32 lse cannot hold ``log 2``).
 
     The max is taken in ``x``'s own dtype (exact), so the upcast feeds a single reduction and
-    XLA fuses it there: a bf16 ``x`` never gets a float32 copy. A row of -inf gives -inf.
-    With a ``class_mask``: :func:`_allowed_logsumexp`, one pass that never lets a masked logit
-    in, whatever its value (-inf, or far above every allowed one).
+    XLA fuses it there: a bf16 ``x`` never gets a float32 copy. A row of -inf gives
+    ``log_sum = -inf``. With a ``class_mask``: :func:`_allowed_logsumexp`, one pass that never
+    lets a masked logit in, whatever its value (-inf, or far above every allowed one).
     """
     if class_mask is not None:
         return _allowed_logsumexp(x, class_mask, compute_dtype)
     peak = jnp.max(x, axis=-1).astype(compute_dtype)
     peak = jax.lax.stop_gradient(jnp.where(jnp.isfinite(peak), peak, 0.0))
     terms = jnp.exp(_upcast_alone(x, compute_dtype, peak) - peak[..., None])
-    return jnp.log(jnp.sum(terms, axis=-1)) + peak
+    return peak, jnp.log(jnp.sum(terms, axis=-1))
 
 
-def _allowed_logsumexp(x: Array, class_mask: Array, compute_dtype) -> Array:
-    """logsumexp over the last axis and the allowed classes, in ONE variadic reduction whose
-    state is the running (max, sum of exp(x - max)) of the allowed entries seen, as an online
-    softmax keeps it: a masked logit of any size (-inf, or far above every allowed one) never
-    enters, so it neither overflows nor underflows the sum. The operands are ``x``, a broadcast
-    1 and the broadcast mask, which XLA fuses into the reduction: no rows x K temporary (an
-    elementwise-masked ``x`` feeding a max or a sum is materialised by XLA:CPU)."""
+def _allowed_logsumexp(x: Array, class_mask: Array, compute_dtype):
+    """``(peak, log_sum)`` over the last axis and the allowed classes, in ONE variadic reduction
+    whose state is the running (max, sum of exp(x - max)) of the allowed entries seen, as an
+    online softmax keeps it: a masked logit of any size (-inf, or far above every allowed one)
+    never enters, so it neither overflows nor underflows the sum. The operands are ``x``, a
+    broadcast 1 and the broadcast mask, which XLA fuses into the reduction: no rows x K
+    temporary (an elementwise-masked ``x`` feeding a max or a sum is materialised by XLA:CPU)."""
     values = x.astype(compute_dtype)
     ones = jnp.ones(x.shape, compute_dtype)
     allowed = jnp.broadcast_to(class_mask, x.shape)
@@ -116,8 +120,8 @@ def _allowed_logsumexp(x: Array, class_mask: Array, compute_dtype) -> Array:
 
     start = (np.array(-np.inf, compute_dtype), np.array(0.0, compute_dtype), np.array(False))
     peak, total, _ = jax.lax.reduce((values, ones, allowed), start, combine, (x.ndim - 1,))
-    safe = jnp.where(jnp.isfinite(peak), peak, 0.0)
-    return jnp.log(total) + safe
+    peak = jax.lax.stop_gradient(jnp.where(jnp.isfinite(peak), peak, 0.0))
+    return peak, jnp.log(total)
 
 
 def _mask_for(class_mask: Array, dtype, companion: Array) -> Array:
@@ -206,15 +210,21 @@ def _z_loss_array(value: Any, dtype) -> Array:
 
 
 def _index_labels(labels: Array) -> Array:
-    """Integer ``labels`` (already checked) in a dtype that holds every class index and every
-    ``ignore_index``/``pad_index``: uint8, int8, uint16 and int16 become int32.
+    """Integer ``labels`` (already checked) in JAX's default integer dtype (int64 under
+    ``jax_enable_x64``, else int32) wherever that holds them, so that every class index and
+    every ``ignore_index``/``pad_index`` fits: uint8, int8, uint16, int16 (and, under x64, int32
+    and uint32) are widened.
 
     JAX compares an array with a Python int in the array's dtype, so in uint8 ``-100`` would be
     156 (a real class, silently ignored) and ``K = 259`` would be 3 (real labels out of range).
-    Widening before any comparison makes narrow labels give exactly what int64 labels give.
+    Widening before any comparison makes narrow labels give exactly what int64 labels give, and
+    widening to ONE dtype makes the compiled program the same whatever the labels' dtype: XLA's
+    fusion choices (and so the order of float32 additions) may otherwise differ by a last bit.
+    Labels as wide as the target are left as they are.
     """
-    if labels.dtype.itemsize < 4:
-        return labels.astype(jnp.int32)
+    target = jnp.dtype(jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
+    if labels.dtype.itemsize < target.itemsize:
+        return labels.astype(target)
     return labels
 
 
@@ -471,11 +481,41 @@ class _Options(NamedTuple):
     with_z: bool = False
 
 
-def _row_terms(options, x, labels, counted, eps, weight, class_mask=None):
+class RowTerms(NamedTuple):
+    """The O(rows) statistics the closed form is written in (one value per row unless noted).
+
+    Everything is taken relative to the row's ``peak``: ``support_sum`` is
+    ``sum_{c in S} w_c (x_c - peak)`` times ``lsspec.sum_scale(K)`` (a power of two), each
+    term <= 0 for logits, and the softmax is ``exp((x_c - peak) - log_sum)``. Summing ``x_c``
+    itself overflows float32 when the logits are near its maximum (``[[3e38, 3e38, 0]]`` sums
+    to ``inf``) although the loss is finite; relative to the peak, and scaled, every term and
+    the sum are finite, so the loss is returned wherever the exact one is finite, and logits
+    offset by a large constant lose no precision.
+    """
+
+    lse: Array  # logsumexp over the allowed classes, peak + log_sum (0 with from_log_probs)
+    peak: Array  # the row's max over the allowed classes (0 where not finite; 0 for log-probs)
+    log_sum: Array  # log sum_c exp(x_c - peak) over the allowed classes (0 for log-probs)
+    x_y: Array  # the label's logit
+    w_y: Any  # the label's class weight (1.0 without weights)
+    support_sum: Array  # sum over S of w_c (x_c - peak), times sum_scale
+    support_weight: Any  # sum over S of w_c
+    safe_labels: Array  # labels, 0 where not counted or out of range
+    bad: Array  # counted rows with an invalid label or smoothing: NaN
+    size: Any  # |S|: a static int, or a scalar array under a class_mask
+    sum_scale: float  # lsspec.sum_scale(K), a power of two
+
+    def smooth_term(self) -> Array:
+        """``sum_{c in S} w_c (lse - x_c) / |S|``, the smoothing's cross-entropy term."""
+        mean_offset = (self.support_sum / self.size) * (1.0 / self.sum_scale)  # exact scaling
+        return self.support_weight * self.log_sum / self.size - mean_offset
+
+
+def _row_terms(options, x, labels, counted, eps, weight, class_mask=None) -> RowTerms:
     """Per-row statistics of the closed form; ``x`` is (..., K), class axis last.
 
-    Only O(rows) values come out: lse, x_y, sum over the support of ``w_c x_c`` and of ``w_c``,
-    and the support's size (a static int, or a scalar array under a ``class_mask``).
+    Only O(rows) values come out (:class:`RowTerms`): lse, x_y, the sum over the support of
+    ``w_c (x_c - lse)`` and of ``w_c``, and the support's size.
     Each reduction reads ``x`` in its own dtype and accumulates in float32 (or float64): there is
     no float32 copy of a bf16 ``x``. Rows that do not count may hold NaN here; callers mask them.
     Masked classes are replaced inside each reduction (``-inf`` for lse, 0 for the sums), so a
@@ -486,39 +526,43 @@ def _row_terms(options, x, labels, counted, eps, weight, class_mask=None):
     in_range = (labels >= 0) & (labels < num_classes)
     safe_labels = jnp.where(counted & in_range, labels, 0)
     size = lsspec.support_size(options.convention, num_classes)
-    # The upcast comes first (kept apart from the other reductions), then the mask: a barrier
-    # over an already-masked array would materialise it.
-    x_summed = _upcast_alone(x, compute_dtype, labels)
+    if options.from_log_probs:
+        peak = log_sum = jnp.zeros(labels.shape, compute_dtype)
+    else:
+        peak, log_sum = _logsumexp_parts(x, compute_dtype, class_mask)
+    # The upcast comes first (kept apart from the other reductions), then the shift and the
+    # mask: a barrier over an already-masked array would materialise it.
+    # Its own copy of the peak: XLA would share one rows x K broadcast of it with the lse's
+    # reduction and materialise it.
+    peak_apart, _ = jax.lax.optimization_barrier((peak, counted))
+    scale = lsspec.sum_scale(num_classes)
+    x_summed = _upcast_alone(x, compute_dtype, labels) - peak_apart[..., None]
     if class_mask is not None:
         x_summed = _zero_masked(x_summed, class_mask, labels)
         size = size - jnp.sum(~class_mask)
         if options.convention == "others_but_pad":
             size = size + ~class_mask[options.pad_index]  # a masked pad is not excluded twice
-    if options.from_log_probs:
-        lse = jnp.zeros(labels.shape, compute_dtype)
-    else:
-        lse = _logsumexp(x, compute_dtype, class_mask)
     x_y = jnp.take_along_axis(x, safe_labels[..., None], axis=-1)[..., 0].astype(compute_dtype)
     mask_weight = 1.0 if class_mask is None else class_mask.astype(compute_dtype)
     if weight is None:
         w_y = 1.0
         w_pad = 1.0 if class_mask is None else mask_weight[options.pad_index or 0]
-        support_sum = jnp.sum(x_summed, axis=-1)
+        support_sum = jnp.sum(x_summed * scale, axis=-1)
         support_weight = float(num_classes) if class_mask is None else jnp.sum(mask_weight)
     else:
         masked_weight = weight * mask_weight
         w_y = weight[safe_labels]
         w_pad = masked_weight[options.pad_index] if options.pad_index is not None else 0.0
-        support_sum = jnp.sum(x_summed * weight, axis=-1)
+        support_sum = jnp.sum(x_summed * (weight * scale), axis=-1)
         support_weight = jnp.sum(masked_weight)
     if options.convention != "uniform":
-        support_sum = support_sum - w_y * x_y
+        support_sum = support_sum - w_y * ((x_y - peak) * scale)
         support_weight = support_weight - w_y
     if options.convention == "others_but_pad":
-        x_pad = x[..., options.pad_index].astype(compute_dtype)
+        x_pad = x[..., options.pad_index].astype(compute_dtype) - peak
         if class_mask is not None:  # a masked pad is already out of the support
             x_pad = jnp.where(class_mask[options.pad_index], x_pad, 0.0)
-        support_sum = support_sum - w_pad * x_pad
+        support_sum = support_sum - w_pad * (x_pad * scale)
         support_weight = support_weight - w_pad
     # A counted row whose label is out of range (or masked), or a (traced) smoothing outside
     # [0, 1], gives NaN: never a plausible number.
@@ -526,7 +570,19 @@ def _row_terms(options, x, labels, counted, eps, weight, class_mask=None):
     if class_mask is not None:
         valid = valid & class_mask[safe_labels]
     bad = counted & ~valid
-    return lse, x_y, w_y, support_sum, support_weight, safe_labels, bad, size
+    return RowTerms(
+        peak + log_sum,
+        peak,
+        log_sum,
+        x_y,
+        w_y,
+        support_sum,
+        support_weight,
+        safe_labels,
+        bad,
+        size,
+        scale,
+    )
 
 
 def _counted_only(counted, bad, value):
@@ -542,10 +598,10 @@ def _on_target_mass(options, eps, size):
 
 def _loss_from_terms(options, terms, counted, eps, z):
     """Per-row loss (and, with ``options.with_z``, the z-loss part alone): 0 where not counted."""
-    lse, x_y, w_y, support_sum, support_weight, _, bad, size = terms
+    lse, x_y, w_y, bad, size = terms.lse, terms.x_y, terms.w_y, terms.bad, terms.size
     confidence = 1.0 - eps
-    true_term = w_y * (lse - x_y)
-    smooth_term = (support_weight * lse - support_sum) / size
+    true_term = w_y * ((terms.peak - x_y) + terms.log_sum)
+    smooth_term = terms.smooth_term()
     loss = _times(confidence, true_term) + _times(eps, smooth_term)
     if options.kl:  # Subtract the entropy of q: add sum_c q_c log q_c, a constant per row.
         uniform = options.convention == "uniform"
@@ -569,8 +625,9 @@ def _smoothing_slope(options, terms, eps):
     ``eps = 1`` for ``"others"``/``"others_but_pad"`` (where ``q_y = 1 - eps`` reaches 0), and
     the finite limit (the CE part's slope) at ``eps = 1`` for ``"uniform"``.
     """
-    lse, x_y, w_y, support_sum, support_weight, _, _, size = terms
-    slope = (support_weight * lse - support_sum) / size - w_y * (lse - x_y)
+    size = terms.size
+    smooth_term = terms.smooth_term()
+    slope = smooth_term - terms.w_y * ((terms.peak - terms.x_y) + terms.log_sum)
     if options.kl:
         kl_slope = jnp.log(eps / size) - jnp.log(_on_target_mass(options, eps, size))
         if options.convention == "uniform":  # q_y moves by (|S| - 1) / |S| per unit of eps
@@ -602,7 +659,7 @@ def _row_loss_jvp(options, primals, tangents):
     dx, d_eps, d_z = tangents[0], tangents[3], tangents[6]
     terms = _row_terms(options, x, labels, counted, eps, weight, class_mask)
     loss = _loss_from_terms(options, terms, counted, eps, z)
-    lse, bad = terms[0], terms[6]
+    lse, bad = terms.lse, terms.bad
     loss_tangent = z_tangent = jnp.zeros(labels.shape, eps.dtype)
     if not _is_zero(dx):
         loss_tangent, z_tangent = _logits_tangents(
@@ -628,7 +685,8 @@ def _logits_tangents(options, x, dx, terms, counted, eps, weight, class_mask, z)
     per-row statistics, so under ``jit`` the gradient ``g * r`` is one fused pass that writes the
     output: no rows x K temporary. Returns (loss tangent, z-part tangent; zeros without z).
     """
-    lse, _, w_y, _, support_weight, safe_labels, bad, size = terms
+    lse, w_y, support_weight = terms.lse, terms.w_y, terms.support_weight
+    safe_labels, bad, size = terms.safe_labels, terms.bad, terms.size
     keep = counted[..., None]
     classes = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
     is_target = classes == safe_labels[..., None]
@@ -651,13 +709,18 @@ def _logits_tangents(options, x, dx, terms, counted, eps, weight, class_mask, z)
     else:
         mass = on_true + per_class * support_weight
         safe_x = jnp.where(keep, x, 0).astype(eps.dtype)
-        safe_lse = jnp.where(counted, lse, 0.0)[..., None]
+        # x - lse as (x - peak) - log_sum: exact where a rounded lse would not be. The peak
+        # passes a barrier: XLA would otherwise share one rows x K broadcast of it with the
+        # lse's reduction and materialise it.
+        peak, log_sum = jax.lax.optimization_barrier((terms.peak, terms.log_sum))
+        peak = jnp.where(counted, peak, 0.0)[..., None]
+        log_sum = jnp.where(counted, log_sum, 0.0)[..., None]
         if class_mask is None:
-            softmax = jnp.exp(safe_x - safe_lse)
+            softmax = jnp.exp((safe_x - peak) - log_sum)
         else:
             # 0 on masked classes by a (K,) product: allowed x - lse <= 0, so the clamp only
             # keeps a masked logit (finite or -inf) from overflowing before it is zeroed.
-            shifted = jnp.minimum(safe_x - safe_lse, 0.0)
+            shifted = jnp.minimum((safe_x - peak) - log_sum, 0.0)
             softmax = jnp.exp(shifted) * _mask_for(class_mask, eps.dtype, lse)
         if options.with_z:
             mass = mass + 2.0 * z * jnp.where(counted, lse, 0.0)

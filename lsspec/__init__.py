@@ -62,6 +62,16 @@ def support_size(convention: str, num_classes: int) -> int:
     return num_classes - {"uniform": 0, "others": 1, "others_but_pad": 2}[convention]
 
 
+def sum_scale(num_classes: int) -> float:
+    """The power of two ``2**-k`` every term of a row's support sum is multiplied by before it
+    is added: ``k = bit_length(K) + 1``, so that ``K`` terms of size up to ``2 * float max``
+    (``x_c - max`` spans at most that) add up to at most ``float max``. A power of two commutes
+    with rounding, so the scaled sum is the unscaled one times ``2**-k`` exactly, bit for bit,
+    wherever the unscaled one does not overflow; where it would (logits near the float32 maximum,
+    ``K`` of them), the loss, which divides the sum by ``|S|``, stays finite."""
+    return 2.0 ** -(int(num_classes).bit_length() + 1)
+
+
 class Caller(NamedTuple):
     """The function or module the user called, and its names for the arguments it hands on.
 

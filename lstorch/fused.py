@@ -255,6 +255,7 @@ def _terms(options, hidden, weight, bias, labels, counted, eps):
 
     x_y = column(safe_labels)
     # sum_c x_c = hidden . (sum_c weight_c) + sum_c bias_c: rank 1, no pass over the logits.
+    # Unlike the dense core (relative to the row max), this needs |logits| < float max / K.
     weight_sum = _weight_column_sum(weight, chunk_size, operand_dtype, compute_dtype)
     bias_sum = _operand(bias, operand_dtype, compute_dtype).sum()
     support_sum = hidden @ weight_sum + bias_sum

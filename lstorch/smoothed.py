@@ -488,7 +488,7 @@ def smoothed_cross_entropy(
     triton = _use_triton(x, from_log_probs)
     options = _Options(convention, pad_index, kl, from_log_probs, with_z, triton, inplace_backward)
     row_loss = _with_forward_mode(_RowLoss, _RowLossForwardMode)
-    loss, z_part, _ = row_loss.apply(x, labels, counted, eps, weight, class_mask, z, options)
+    loss, z_part, *_ = row_loss.apply(x, labels, counted, eps, weight, class_mask, z, options)
     safe_labels = torch.where(counted, labels, 0).clamp(0, num_classes - 1)
     w_y = 1.0 if weight is None else weight[safe_labels]
     row_weight = torch.where(counted, w_y, 0.0).to(compute_dtype)
@@ -526,12 +526,43 @@ def _reduce(loss, row_weight, reduction, normalizer):
     return torch.where(nothing_counts, 0.0, total / torch.where(nothing_counts, 1.0, denominator))
 
 
-def _masked_logsumexp(x, class_mask, compute_dtype):
-    """logsumexp over the allowed classes (all of them without a mask)."""
+class _Lse(NamedTuple):
+    """A row's logsumexp kept in two parts, ``lse = peak + log_sum``, as ``torch.log_softmax``
+    keeps them: ``peak`` the max over the allowed classes (0 where it is not finite) and
+    ``log_sum = log sum_c exp(x_c - peak)``. ``(x_c - peak) - log_sum`` is exact where
+    ``x_c - lse`` would round the lse first (at ``x ~ 3e38`` a float32 lse cannot hold ``log 2``,
+    and the softmax would come out as ``[1, 1, 0]``)."""
+
+    peak: torch.Tensor
+    log_sum: torch.Tensor
+
+    @property
+    def value(self) -> torch.Tensor:
+        return self.peak + self.log_sum
+
+    def counted(self, counted: torch.Tensor) -> _Lse:
+        """Both parts, 0 on rows that do not count (their logits may hold anything)."""
+        return _Lse(*(torch.where(counted, part, 0.0) for part in self))
+
+    def log_softmax(self, x: torch.Tensor, dtype) -> torch.Tensor:
+        """``(x - peak) - log_sum`` in ``dtype``, a new rows x K tensor."""
+        return (x.to(dtype) - self.peak.unsqueeze(-1)).sub_(self.log_sum.unsqueeze(-1))
+
+
+def _peak(upcast: torch.Tensor) -> torch.Tensor:
+    """The row max of ``upcast`` (masked classes already -inf), 0 where it is not finite;
+    a constant for autograd (``lse``'s derivative through the peak is exactly 0)."""
+    peak = upcast.detach().amax(-1)
+    return torch.where(torch.isfinite(peak), peak, 0.0)
+
+
+def _masked_logsumexp(x, class_mask, compute_dtype) -> _Lse:
+    """logsumexp over the allowed classes (all of them without a mask), in two parts."""
     upcast = x.to(compute_dtype)
     if class_mask is not None:
         upcast = upcast.masked_fill(~class_mask, -torch.inf)
-    return torch.logsumexp(upcast, dim=-1)
+    peak = _peak(upcast)
+    return _Lse(peak, (upcast - peak.unsqueeze(-1)).exp().sum(-1).log())
 
 
 def _support_size(options, num_classes, class_mask):
@@ -545,49 +576,89 @@ def _support_size(options, num_classes, class_mask):
     return size
 
 
-def _row_terms(options, x, labels, counted, eps, weight, class_mask, lse=None):
-    """Per-row statistics of the closed form; ``x`` is (..., K), class axis last.
+class _RowTerms(NamedTuple):
+    """The O(rows) statistics the closed form is written in, as ``lsjax``'s ``RowTerms``.
 
-    Only O(rows) values come out: lse, x_y, sum over the support of ``w_c x_c`` and of ``w_c``.
-    Rows that do not count may hold NaN here; callers mask them. Masked classes are filled with
-    ``-inf`` (lse) or 0 (sums) before each reduction, so a ``-inf`` logit there is harmless.
-    A given ``lse`` (backward's saved one) is used as it is.
+    Sums are taken relative to the row's peak and scaled by ``lsspec.sum_scale(K)`` (a power of
+    two): ``support_sum = sum_{c in S} w_c (x_c - peak) * sum_scale`` (each term <= 0 for
+    logits). Summing ``x_c`` itself overflows float32 near its maximum (``[[3e38, 3e38, 0]]``
+    sums to ``inf``) although the loss is finite; relative to the peak, and scaled, every term
+    and the sum are finite, and logits offset by a large constant lose no precision.
+    """
+
+    lse: _Lse
+    x_y: torch.Tensor  # the label's logit
+    w_y: torch.Tensor | float  # the label's class weight (1.0 without weights)
+    support_sum: torch.Tensor  # sum over S of w_c (x_c - peak), times sum_scale
+    support_weight: torch.Tensor  # sum over S of w_c
+    safe_labels: torch.Tensor  # labels, 0 where not counted or out of range
+    bad: torch.Tensor  # counted rows with an invalid label or smoothing: NaN
+    sum_scale: float  # lsspec.sum_scale(K), a power of two
+
+    def smooth_term(self, size) -> torch.Tensor:
+        """``sum_{c in S} w_c (lse - x_c) / |S|``, the smoothing's cross-entropy term."""
+        mean_offset = (self.support_sum / size) * (1.0 / self.sum_scale)  # exact scaling
+        return self.support_weight * self.lse.log_sum / size - mean_offset
+
+
+def _row_terms(options, x, labels, counted, eps, weight, class_mask, lse=None) -> _RowTerms:
+    """Per-row statistics of the closed form (:class:`_RowTerms`); ``x`` is (..., K), class
+    axis last. Rows that do not count may hold NaN here; callers mask them. Masked classes are
+    filled with ``-inf`` (lse) or 0 (sums) before each reduction, so a ``-inf`` logit there is
+    harmless. A given ``lse`` (backward's saved :class:`_Lse`) is used as it is.
+
+    Without a given lse, ``x - peak`` is built once (a transient rows x K tensor, freed before
+    backward): the sums read it, then it becomes the softmax's numerator in place.
     """
     num_classes = x.shape[-1]
     compute_dtype = eps.dtype
     in_range = (labels >= 0) & (labels < num_classes)
     safe_labels = torch.where(counted & in_range, labels, 0)
     if lse is None and options.from_log_probs:
-        lse = torch.zeros(labels.shape, dtype=compute_dtype, device=x.device)
-    elif lse is None:
-        # For bf16/fp16 this upcast is a temporary float32 copy, freed before backward.
-        lse = _masked_logsumexp(x, class_mask, compute_dtype)
+        zeros = torch.zeros(labels.shape, dtype=compute_dtype, device=x.device)
+        lse = _Lse(zeros, zeros)
+    if lse is None:
+        upcast = x.to(compute_dtype)
+        if class_mask is not None:
+            upcast = upcast.masked_fill(~class_mask, -torch.inf)
+        peak = _peak(upcast)
+        shifted = upcast - peak.unsqueeze(-1)
+    else:  # the sums relative to the given peak (0 for log-probabilities: no shift)
+        peak = lse.peak
+        shifted = x.to(compute_dtype)
+        if not options.from_log_probs:
+            shifted = shifted - peak.unsqueeze(-1)
     x_y = x.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1).to(compute_dtype)
     if class_mask is None:
         mask_weight = torch.ones((), dtype=compute_dtype, device=x.device)
-        x_summed = x
+        x_summed = shifted
     else:
         mask_weight = class_mask.to(compute_dtype)
-        x_summed = x.masked_fill(~class_mask, 0)
+        x_summed = shifted.masked_fill(~class_mask, 0)
+    scale = lsspec.sum_scale(num_classes)
+    # Each term scaled before it is added (a product with a (K,) vector: no rows x K temporary).
     if weight is None:
         w_y = 1.0
         w_pad = mask_weight.expand(num_classes)[options.pad_index or 0]
-        support_sum = x_summed.sum(-1, dtype=compute_dtype)
+        scaled = torch.full((num_classes,), scale, dtype=compute_dtype, device=x.device)
+        support_sum = torch.matmul(x_summed, scaled)
         support_weight = mask_weight.expand(num_classes).sum()
     else:
         masked_weight = weight * mask_weight
         w_y = weight[safe_labels]
         w_pad = masked_weight[options.pad_index] if options.pad_index is not None else 0.0
-        support_sum = torch.matmul(x_summed.to(compute_dtype), weight)
+        support_sum = torch.matmul(x_summed, weight * scale)
         support_weight = masked_weight.sum()
     if options.convention != "uniform":
-        support_sum = support_sum - w_y * x_y
+        support_sum = support_sum - w_y * ((x_y - peak) * scale)
         support_weight = support_weight - w_y
     if options.convention == "others_but_pad":
-        support_sum = support_sum - w_pad * x_summed[..., options.pad_index].to(compute_dtype)
+        support_sum = support_sum - w_pad * (x_summed[..., options.pad_index] * scale)
         support_weight = support_weight - w_pad
+    if lse is None:  # the softmax's numerator, in the same buffer (read by nothing else now)
+        lse = _Lse(peak, shifted.exp_().sum(-1).log())
     bad = _bad_rows(labels, counted, eps, class_mask, num_classes)
-    return lse, x_y, w_y, support_sum, support_weight, safe_labels, bad
+    return _RowTerms(lse, x_y, w_y, support_sum, support_weight, safe_labels, bad, scale)
 
 
 def _bad_rows(labels, counted, eps, class_mask, num_classes):
@@ -620,8 +691,9 @@ def _smoothing_slope(options, terms, eps, size):
     constant's ``c (log(eps / |S|) - log q_y)`` (``c = (|S| - 1) / |S|`` uniform, else 1), whose
     one-sided limits are taken at the ends: ``-inf`` at ``eps = 0``, ``+inf`` at ``eps = 1``
     for ``"others"``/``"others_but_pad"`` (``q_y`` reaches 0), finite for ``"uniform"``."""
-    lse, x_y, w_y, support_sum, support_weight = terms[:5]
-    slope = (support_weight * lse - support_sum) / size - w_y * (lse - x_y)
+    lse, x_y, w_y = terms.lse, terms.x_y, terms.w_y
+    smooth_term = terms.smooth_term(size)
+    slope = smooth_term - w_y * ((lse.peak - x_y) + lse.log_sum)
     if options.kl:
         kl_slope = torch.log(eps / size) - torch.log(_on_target_mass(options, eps, size))
         if options.convention == "uniform":  # q_y moves by (|S| - 1) / |S| per unit of eps
@@ -658,7 +730,7 @@ def _option_gradients(options, x, labels, counted, eps, weight, class_mask, lse,
         d_eps = total(g * _smoothing_slope(options, terms, eps, size)).reshape(eps.shape)
     if need_z:
         g_total = g + grad_z.to(eps.dtype) if options.with_z else g
-        d_z = total(g_total * lse.square()).to(eps.dtype)
+        d_z = total(g_total * lse.value.square()).to(eps.dtype)
     return d_eps, d_z
 
 
@@ -673,7 +745,7 @@ def _option_tangents(options, x, labels, counted, eps, weight, class_mask, lse, 
     def rows(per_row):  # a select: rows that do not count may hold anything
         return torch.where(counted, torch.where(bad, torch.nan, per_row), 0.0)
 
-    d_loss, d_z = torch.zeros_like(lse), torch.zeros_like(lse)
+    d_loss, d_z = torch.zeros_like(lse.peak), torch.zeros_like(lse.peak)
     if eps_tangent is not None:
         terms = _row_terms(options, x, labels, counted, eps, weight, class_mask, lse=lse)
         size = _support_size(options, num_classes, class_mask)
@@ -681,7 +753,7 @@ def _option_tangents(options, x, labels, counted, eps, weight, class_mask, lse, 
         # eps = 0 or 1): autograd hands zeros for inputs that carry no tangent.
         d_loss = d_loss + rows(_times(eps_tangent, _smoothing_slope(options, terms, eps, size)))
     if z_tangent is not None and options.with_z:
-        d_z = rows(_times(z_tangent, lse.square()))
+        d_z = rows(_times(z_tangent, lse.value.square()))
         d_loss = d_loss + d_z
     return d_loss, d_z
 
@@ -721,25 +793,24 @@ def _row_loss_forward(options, x, labels, counted, eps, weight, class_mask, z):
         params = _kernel_params(options, x.shape[-1], eps, weight, class_mask, z)
         call = _kernel_call(options, x, labels, counted, weight, class_mask)
         return _triton_kernels().forward(x, params=params, **call)
-    lse, x_y, w_y, support_sum, support_weight, _, bad = _row_terms(
-        options, x, labels, counted, eps, weight, class_mask
-    )
+    terms = _row_terms(options, x, labels, counted, eps, weight, class_mask)
+    lse, bad = terms.lse, terms.bad
     size = _support_size(options, x.shape[-1], class_mask)
     confidence = 1.0 - eps
-    true_term = w_y * (lse - x_y)
-    smooth_term = (support_weight * lse - support_sum) / size
+    true_term = terms.w_y * ((lse.peak - terms.x_y) + lse.log_sum)
+    smooth_term = terms.smooth_term(size)
     loss = _times(confidence, true_term) + _times(eps, smooth_term)
     if options.kl:  # Subtract the entropy of q: add sum_c q_c log q_c, a constant per row.
         on_target_term, off_target_term = _kl_terms(options, eps, size)
         loss = loss + on_target_term + off_target_term
     if options.with_z:
-        z_part = torch.where(bad, torch.nan, _times(z, lse.square()))
+        z_part = torch.where(bad, torch.nan, _times(z, lse.value.square()))
         loss = loss + z_part
         z_part = torch.where(counted, z_part, 0.0)
     else:
         z_part = torch.zeros_like(loss)
     loss = torch.where(bad, torch.nan, loss)
-    return torch.where(counted, loss, 0.0), z_part, lse
+    return torch.where(counted, loss, 0.0), z_part, *lse
 
 
 def _row_loss_gradient(
@@ -763,7 +834,8 @@ def _row_loss_gradient(
         _triton_kernels().backward(
             x,
             out,
-            lse=lse,
+            peak=lse.peak,
+            log_sum=lse.log_sum,
             grad=grad_rows.to(torch.float32),
             grad_z=grad_z.to(torch.float32) if options.with_z else None,
             params=_kernel_params(options, x.shape[-1], eps, weight, class_mask, z),
@@ -792,10 +864,10 @@ def _row_loss_gradient(
     g = grad_rows.to(eps.dtype)
     # The gradient's per-row coefficients (O(rows)): grad_c = scale p_c - g m_c
     # + [c = y] correction + [c = pad] pad_mass, with m = (eps / |S|) w the smoothing mass.
-    safe_lse = torch.where(counted, lse, 0.0)
+    safe_lse = lse.counted(counted)
     scale = g * (on_true + per_class * support_weight)
     if options.with_z:
-        scale = scale + 2.0 * z * safe_lse * (g + grad_z.to(eps.dtype))
+        scale = scale + 2.0 * z * safe_lse.value * (g + grad_z.to(eps.dtype))
     correction = -on_true
     if options.convention != "uniform":
         correction = correction + per_class * w_full[safe_labels]  # y is not in the support
@@ -812,10 +884,10 @@ def _row_loss_gradient(
     if options.from_log_probs:
         grad = x.zero_() if same_dtype else torch.zeros(x.shape, dtype=eps.dtype, device=x.device)
     else:
-        shifted = (
-            x.sub_(safe_lse.unsqueeze(-1))
+        shifted = (  # log softmax, (x - peak) - log_sum
+            x.sub_(safe_lse.peak.unsqueeze(-1)).sub_(safe_lse.log_sum.unsqueeze(-1))
             if same_dtype
-            else x.to(eps.dtype) - safe_lse.unsqueeze(-1)
+            else safe_lse.log_softmax(x, eps.dtype)
         )
         grad = update(shifted, "exp")  # softmax(x)
         if class_mask is not None:
@@ -871,14 +943,14 @@ def _row_loss_tangent(options, x, labels, counted, eps, weight, class_mask, z, l
     if options.from_log_probs:
         d_loss = -target_dot
     else:
-        safe_lse = torch.where(counted, lse, 0.0)
-        probs = (x.to(eps.dtype) - safe_lse.unsqueeze(-1)).exp_()  # softmax, in its own buffer
+        safe_lse = lse.counted(counted)
+        probs = safe_lse.log_softmax(x, eps.dtype).exp_()  # softmax, in its own buffer
         if class_mask is not None:
             probs = probs.masked_fill_(~class_mask, 0.0)
         prob_dot = torch.matmul(probs.unsqueeze(-2), dx.unsqueeze(-1)).squeeze(-1).squeeze(-1)
         d_loss = (on_true + per_class * support_weight) * prob_dot - target_dot
         if options.with_z:
-            d_z = 2.0 * z * safe_lse * prob_dot
+            d_z = 2.0 * z * safe_lse.value * prob_dot
             d_loss = d_loss + d_z
     d_loss, d_z = (torch.where(bad, torch.nan, d) for d in (d_loss, d_z))
     return torch.where(counted, d_loss, 0.0), torch.where(counted, d_z, 0.0)
@@ -903,26 +975,26 @@ class _RowLoss(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, labels, counted, eps, weight, class_mask, z, options = inputs
-        _, _, lse = output
+        _, _, peak, log_sum = output
         ctx.options = options
         ctx.optional = (weight is not None, class_mask is not None)
         extra = [t for t in (weight, class_mask) if t is not None]
-        ctx.save_for_backward(x, labels, counted, eps, z, lse, *extra)
-        ctx.save_for_forward(x, labels, counted, eps, z, lse, *extra)  # the same tensors
-        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(x, labels, counted, eps, z, peak, log_sum, *extra)
+        ctx.save_for_forward(x, labels, counted, eps, z, peak, log_sum, *extra)  # the same
+        ctx.mark_non_differentiable(peak, log_sum)
 
     @staticmethod
     def _unpack(ctx):
-        x, labels, counted, eps, z, lse, *rest = ctx.saved_tensors
+        x, labels, counted, eps, z, peak, log_sum, *rest = ctx.saved_tensors
         weight = rest.pop(0) if ctx.optional[0] else None
         class_mask = rest.pop(0) if ctx.optional[1] else None
-        return x, labels, counted, eps, weight, class_mask, z, lse
+        return x, labels, counted, eps, weight, class_mask, z, _Lse(peak, log_sum)
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_z, grad_lse):
+    def backward(ctx, grad_loss, grad_z, grad_peak, grad_log_sum):
         """Gradients for the logits ``x``, the smoothing ``eps`` and the z-loss ``z`` (each only
         when needed); labels, masks and class weights are constants."""
-        del grad_lse  # lse is an internal statistic, never differentiated.
+        del grad_peak, grad_log_sum  # the lse is an internal statistic, never differentiated
         x, labels, counted, eps, weight, class_mask, z, lse = _RowLoss._unpack(ctx)
         need_x, need_eps, need_z = (ctx.needs_input_grad[i] for i in (0, 3, 6))
         again = _differentiated_again(x)
@@ -972,7 +1044,7 @@ class _RowLossForwardMode(_RowLoss):
     def jvp(ctx, x_tangent, *other_tangents):
         x, labels, counted, eps, weight, class_mask, z, lse = _RowLoss._unpack(ctx)
         eps_tangent, z_tangent = other_tangents[2], other_tangents[5]
-        d_loss, d_z = torch.zeros_like(lse), torch.zeros_like(lse)
+        d_loss, d_z = torch.zeros_like(lse.peak), torch.zeros_like(lse.peak)
         if x_tangent is not None:
             d_loss, d_z = _row_loss_tangent(
                 ctx.options, x, labels, counted, eps, weight, class_mask, z, lse, x_tangent
@@ -983,4 +1055,4 @@ class _RowLossForwardMode(_RowLoss):
                 (eps_tangent, z_tangent),
             )  # fmt: skip
             d_loss, d_z = d_loss + option_loss, d_z + option_z
-        return d_loss, d_z, None  # lse: non-differentiable
+        return d_loss, d_z, None, None  # the lse's parts: non-differentiable

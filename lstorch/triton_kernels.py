@@ -2,16 +2,19 @@
 logits in forward+backward and nothing else of rows x K size.
 
 * Forward (:func:`forward`): ONE read of the logits per row, giving the row's
-  ``lse = log sum_c exp(x_c)`` (online: running max and rescaled sum, as in flash attention) and
-  ``sum_c u_c x_c`` (``u`` the class weights times the class mask, or 1); then, per row, the
-  closed form of ``lstorch.smoothed._row_loss_forward`` (the same terms in the same order):
+  ``lse = peak + log sum_c exp(x_c - peak)`` (online: running max and rescaled sum, as in flash
+  attention) and ``sum_c u_c (x_c - peak)`` (``u`` the class weights times the class mask, or
+  1; rescaled as the running max moves); then, per row, the closed form of
+  ``lstorch.smoothed._row_loss_forward`` (the same terms in the same order):
   ``(1 - eps) w_y (lse - x_y) + eps (W lse - sum_{c in S} u_c x_c) / |S|`` + the KL constant +
-  ``z lse^2``.
+  ``z lse^2``, written relative to the peak so that logits near the float32 maximum give the
+  finite loss they have.
 * Backward (:func:`backward`): ONE read of the logits and ONE write of the gradient,
-  ``grad_c = a exp(x_c - lse) - b u_c + [c = y] cy + [c = pad] cp``, the per-row ``a, b, cy, cp``
-  of ``lstorch.smoothed._row_loss_gradient`` computed in the kernel's prologue, accumulated in
-  float32 and rounded once to the logits' dtype. The output may be the logits' own storage
-  (``inplace_backward``): each element is read before it is written, by the same program.
+  ``grad_c = a exp((x_c - peak) - log_sum) - b u_c + [c = y] cy + [c = pad] cp``, the
+  per-row ``a, b, cy, cp`` of ``lstorch.smoothed._row_loss_gradient`` computed in the kernel's
+  prologue, accumulated in float32 and rounded once to the logits' dtype. The output may be the
+  logits' own storage (``inplace_backward``): each element is read before it is written, by
+  the same program.
 
 In both, rows that do not count are written as exact zeros (whatever their logits hold: NaN and
 inf there do not leak), and counted rows with a label out of range or masked, or any row under a
@@ -37,6 +40,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+import lsspec
 
 
 def _config(num_classes: int, kernel: str) -> tuple[int, int]:
@@ -78,15 +83,21 @@ def _row_setup(label_ptr, counted_ptr, params_ptr, weight_ptr, mask_ptr, row, nu
 @triton.jit
 def _forward_kernel(
     x_ptr, x_row_stride, label_ptr, counted_ptr, params_ptr, weight_ptr, mask_ptr,
-    loss_ptr, z_part_ptr, lse_ptr, num_classes: tl.constexpr, CONVENTION: tl.constexpr,
+    loss_ptr, z_part_ptr, peak_ptr, log_sum_ptr, num_classes: tl.constexpr,
+    CONVENTION: tl.constexpr,
     PAD: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_MASK: tl.constexpr, WITH_Z: tl.constexpr,
-    BLOCK: tl.constexpr,
+    SUM_SCALE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     row_ptr = x_ptr + row * x_row_stride
+    # Online, as in flash attention: the running max, the sum of exp(x - shift) and the support
+    # sum of u (x - shift), each rescaled when the shift moves (the shift is the running max,
+    # 0 while it is not finite, as lstorch.smoothed._peak).
     running_max = tl.full([], float("-inf"), tl.float32)
+    shift = tl.zeros([], tl.float32)
     running_sum = tl.zeros([], tl.float32)
-    support_sum = tl.zeros([], tl.float32)
+    support_sum = tl.zeros([], tl.float32)  # sum_c u_c (x_c - shift), times SUM_SCALE
+    support_seen = tl.zeros([], tl.float32)  # sum_c u_c so far
     for start in range(0, num_classes, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         inside = cols < num_classes
@@ -95,16 +106,25 @@ def _forward_kernel(
         if HAS_MASK:
             allowed = allowed & (tl.load(mask_ptr + cols, mask=inside, other=0) != 0)
         x_lse = tl.where(allowed, x, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(x_lse, 0))
-        # A max of -inf (nothing allowed so far, or -inf logits) rescales by exp(-inf) = 0.
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(x_lse - shift), 0)
-        running_max = new_max
-        x_sum = tl.where(allowed, x, 0.0)  # a masked -inf logit adds 0, not NaN
+        running_max = tl.maximum(running_max, tl.max(x_lse, 0))
+        finite = (running_max > float("-inf")) & (running_max < float("inf"))
+        new_shift = tl.where(finite, running_max, 0.0)
+        # exp(shift - new_shift) = 0 when nothing counted yet (running_sum is 0 then too).
+        running_sum = running_sum * tl.exp(shift - new_shift) + tl.sum(tl.exp(x_lse - new_shift), 0)
+        u = tl.where(allowed, 1.0, 0.0)
         if HAS_WEIGHT:
-            x_sum = x_sum * tl.load(weight_ptr + cols, mask=inside, other=0.0)
-        support_sum += tl.sum(x_sum, 0)
-    lse = running_max + tl.log(running_sum)
+            u = u * tl.load(weight_ptr + cols, mask=inside, other=0.0)
+        # A masked logit (even -inf) adds exactly 0: a select, not u * x. Each term is scaled
+        # by lsspec.sum_scale(K) (a power of two: exact) before it is added, so the sum cannot
+        # overflow; the shift's move too (the scaled shifts' difference cannot overflow).
+        x_sum = tl.where(u != 0, u * ((x - new_shift) * SUM_SCALE), 0.0)
+        moved = new_shift * SUM_SCALE - shift * SUM_SCALE
+        support_sum += tl.sum(x_sum, 0) - support_seen * moved
+        support_seen += tl.sum(u, 0)
+        shift = new_shift
+    peak = shift
+    log_sum = tl.log(running_sum)
+    lse = peak + log_sum
 
     safe, w_y, state = _row_setup(label_ptr, counted_ptr, params_ptr, weight_ptr, mask_ptr, row,
                                   num_classes, HAS_WEIGHT, HAS_MASK)  # fmt: skip
@@ -113,18 +133,19 @@ def _forward_kernel(
     support_weight = tl.load(params_ptr + TOTAL_WEIGHT)
     x_y = tl.load(row_ptr + safe).to(tl.float32)
     if CONVENTION >= 1:  # y is not in the support
-        support_sum -= w_y * x_y
+        support_sum -= w_y * ((x_y - peak) * SUM_SCALE)
         support_weight -= w_y
     if CONVENTION == 2:  # nor is the pad
         pad_weight = tl.load(params_ptr + PAD_WEIGHT)
-        x_pad = tl.load(row_ptr + PAD).to(tl.float32)
+        x_pad = tl.load(row_ptr + PAD).to(tl.float32) - peak
         if HAS_MASK:
             x_pad = tl.where(tl.load(mask_ptr + PAD) != 0, x_pad, 0.0)
-        support_sum -= pad_weight * x_pad
+        support_sum -= pad_weight * (x_pad * SUM_SCALE)
         support_weight -= pad_weight
     confidence = 1.0 - eps
-    true_term = w_y * (lse - x_y)
-    smooth_term = (support_weight * lse - support_sum) / size
+    true_term = w_y * ((peak - x_y) + log_sum)
+    mean_offset = (support_sum / size) * (1.0 / SUM_SCALE)  # exact scaling
+    smooth_term = support_weight * log_sum / size - mean_offset
     # A scale of exactly 0 gives exactly 0, even where its term is infinite.
     loss = tl.where(confidence == 0, 0.0, confidence * true_term)
     loss += tl.where(eps == 0, 0.0, eps * smooth_term)
@@ -137,13 +158,14 @@ def _forward_kernel(
         tl.store(z_part_ptr + row, z_part)
     loss = tl.where(state == 2, float("nan"), tl.where(state == 1, 0.0, loss))
     tl.store(loss_ptr + row, loss)
-    tl.store(lse_ptr + row, lse)
+    tl.store(peak_ptr + row, peak)
+    tl.store(log_sum_ptr + row, log_sum)
 
 
 @triton.jit
 def _backward_kernel(
     x_ptr, x_row_stride, out_ptr, out_row_stride, label_ptr, counted_ptr, params_ptr,
-    weight_ptr, mask_ptr, lse_ptr, grad_ptr, grad_z_ptr, num_classes: tl.constexpr,
+    weight_ptr, mask_ptr, peak_ptr, log_sum_ptr, grad_ptr, grad_z_ptr, num_classes: tl.constexpr,
     CONVENTION: tl.constexpr, PAD: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_MASK: tl.constexpr, WITH_Z: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
@@ -156,7 +178,8 @@ def _backward_kernel(
     per_class = eps / tl.load(params_ptr + SIZE)
     support_weight = tl.load(params_ptr + TOTAL_WEIGHT)
     g = tl.load(grad_ptr + row)
-    lse = tl.where(state == 1, 0.0, tl.load(lse_ptr + row))
+    peak = tl.where(state == 1, 0.0, tl.load(peak_ptr + row))
+    log_sum = tl.where(state == 1, 0.0, tl.load(log_sum_ptr + row))
     on_true = (1.0 - eps) * w_y
     correction = -on_true
     if CONVENTION >= 1:
@@ -172,6 +195,7 @@ def _backward_kernel(
         pad_mass = g * per_class * pad_weight
     scale = g * (on_true + per_class * support_weight)
     if WITH_Z:
+        lse = peak + log_sum
         scale += 2.0 * tl.load(params_ptr + Z) * lse * (g + tl.load(grad_z_ptr + row))
     correction = g * correction
     mass = g * per_class
@@ -179,7 +203,7 @@ def _backward_kernel(
         cols = start + tl.arange(0, BLOCK)
         inside = cols < num_classes
         x = tl.load(x_row + cols, mask=inside, other=0.0).to(tl.float32)
-        softmax = tl.exp(x - lse)
+        softmax = tl.exp((x - peak) - log_sum)  # exact where a rounded lse would not be
         u = tl.full([BLOCK], 1.0, tl.float32)
         if HAS_WEIGHT:
             u = tl.load(weight_ptr + cols, mask=inside, other=0.0)
@@ -236,31 +260,34 @@ def _common(x, labels, counted, params, weight, class_mask, convention, pad_inde
 
 def forward(x, labels, counted, params, weight, class_mask, *, convention, pad_index, with_z,
             config=None):  # fmt: skip
-    """Per-row ``(loss, z_part, lse)`` (float32, shape ``labels.shape``) of logits ``x`` (...,
-    K); ``labels`` int64 and ``counted`` bool of the rows' shape; ``params`` as above;
-    ``weight`` float32 (K,) or None; ``class_mask`` bool (K,) or None. Any strides: the kernels
-    read dense copies where they are not dense already."""
+    """Per-row ``(loss, z_part, peak, log_sum)`` (float32, shape ``labels.shape``; the lse is
+    ``peak + log_sum``) of logits ``x`` (..., K); ``labels`` int64 and ``counted`` bool of the
+    rows' shape; ``params`` as above; ``weight`` float32 (K,) or None; ``class_mask`` bool (K,)
+    or None. Any strides: the kernels read dense copies where they are not dense already."""
     x2 = _rows(x)
     rows = x2.shape[0]
-    loss, z_part, lse = (torch.zeros(labels.shape, dtype=torch.float32, device=x.device)
-                         for _ in range(3))  # fmt: skip
+    loss, z_part, peak, log_sum = (
+        torch.zeros(labels.shape, dtype=torch.float32, device=x.device) for _ in range(4)
+    )
     flat, constants = _common(
         x, labels, counted, params, weight, class_mask, convention, pad_index, with_z
     )
     block, num_warps = config or _config(x.shape[-1], "forward")
     if rows:
         _forward_kernel[(rows,)](
-            x2, x2.stride(0), **flat, loss_ptr=loss, z_part_ptr=z_part, lse_ptr=lse,
-            **constants, BLOCK=block, num_warps=num_warps,
+            x2, x2.stride(0), **flat, loss_ptr=loss, z_part_ptr=z_part, peak_ptr=peak,
+            log_sum_ptr=log_sum, **constants, SUM_SCALE=lsspec.sum_scale(x.shape[-1]),
+            BLOCK=block, num_warps=num_warps,
         )  # fmt: skip
-    return loss, z_part, lse
+    return loss, z_part, peak, log_sum
 
 
-def backward(x, out, labels, counted, params, weight, class_mask, lse, grad, grad_z, *,
+def backward(x, out, labels, counted, params, weight, class_mask, peak, log_sum, grad, grad_z, *,
              convention, pad_index, with_z, config=None):  # fmt: skip
     """Write the gradient with respect to ``x`` into ``out`` (contiguous, ``x``'s shape; may be
-    ``x`` itself), given the saved ``lse`` and the upstream ``grad`` (and ``grad_z`` of the
-    z-part) per row, float32, of any strides (an expanded, stride-0 gradient is made dense)."""
+    ``x`` itself), given the saved ``peak`` and ``log_sum`` and the upstream ``grad`` (and
+    ``grad_z`` of the z-part) per row, float32, of any strides (an expanded, stride-0 gradient
+    is made dense)."""
     if not out.is_contiguous():
         raise ValueError("lstorch.triton_kernels.backward: `out` must be contiguous")
     x2 = _rows(x)
@@ -272,8 +299,9 @@ def backward(x, out, labels, counted, params, weight, class_mask, lse, grad, gra
     block, num_warps = config or _config(x.shape[-1], "backward")
     if rows:
         _backward_kernel[(rows,)](
-            x2, x2.stride(0), out2, out2.stride(0), **flat, lse_ptr=_dense(lse),
-            grad_ptr=_dense(grad), grad_z_ptr=_dense(grad_z) if with_z else lse,
+            x2, x2.stride(0), out2, out2.stride(0), **flat, peak_ptr=_dense(peak),
+            log_sum_ptr=_dense(log_sum), grad_ptr=_dense(grad),
+            grad_z_ptr=_dense(grad_z) if with_z else peak,
             **constants, BLOCK=block, num_warps=num_warps,
         )  # fmt: skip
     return out

@@ -48,6 +48,16 @@ def _reduce(
     return total / denominator, lambda cot: unmove(float(cot) / denominator * grad_rows)
 
 
+def _allowed_log_softmax(x, allowed):
+    """``(lse, log_softmax)`` over the last axis and the allowed classes (-inf on the others),
+    as ``(x - max) - log_sum``: at ``|x| ~ 3e38`` even a float64 lse would drop ``log 2``."""
+    allowed_x = np.where(allowed, x, -np.inf)
+    peak = allowed_x.max(-1, keepdims=True)
+    log_sum = np.log(np.exp(allowed_x - peak).sum(-1, keepdims=True))
+    log_probs = np.where(allowed, (x - peak) - log_sum, -np.inf)
+    return (peak + log_sum)[..., 0], log_probs
+
+
 def smoothed_cross_entropy(
     logits,
     labels,
@@ -103,10 +113,7 @@ def smoothed_cross_entropy(
     if from_log_probs:
         log_probs = safe_x
     else:  # log-softmax over the allowed classes; -inf on the masked ones
-        allowed_x = np.where(allowed, safe_x, -np.inf)
-        lse = np.log(np.exp(allowed_x - allowed_x.max(-1, keepdims=True)).sum(-1))
-        lse = lse + allowed_x.max(-1)
-        log_probs = np.where(allowed, safe_x - lse[..., None], -np.inf)
+        lse, log_probs = _allowed_log_softmax(safe_x, allowed)
     finite_log_probs = np.where(np.isfinite(log_probs), log_probs, 0.0)  # t is 0 where -inf
     rows = -(t * finite_log_probs).sum(axis=-1)
     if kl:
@@ -195,10 +202,7 @@ def smoothed_cross_entropy_option_derivatives(
     if from_log_probs:
         log_probs = safe_x
     else:
-        allowed_x = np.where(allowed, safe_x, -np.inf)
-        lse = np.log(np.exp(allowed_x - allowed_x.max(-1, keepdims=True)).sum(-1))
-        lse = lse + allowed_x.max(-1)
-        log_probs = np.where(allowed, safe_x - lse[..., None], -np.inf)
+        lse, log_probs = _allowed_log_softmax(safe_x, allowed)
     finite_log_probs = np.where(np.isfinite(log_probs), log_probs, 0.0)
     target_slope = w * uniform - w[safe_labels][..., None] * onehot  # d t / d eps
     eps_rows = -(target_slope * finite_log_probs).sum(axis=-1)

@@ -507,7 +507,7 @@ def reaches(twin, path: Path) -> bool | str:
 
 
 # Case keys that put a case in every sample: the registry's special classes.
-ALWAYS_SAMPLED = ("confident", "label_dtype", "masked_far_above")
+ALWAYS_SAMPLED = ("confident", "label_dtype", "masked_far_above", "extreme")
 
 
 def sample(cases: Sequence[dict], size: int | None) -> list[int]:
@@ -518,7 +518,8 @@ def sample(cases: Sequence[dict], size: int | None) -> list[int]:
         return list(range(len(cases)))
     # The registry's special classes are always in: confident predictions (bf16 near
     # softmax(x_y) = 1 is where fast paths have lost the true-class gradient) and narrow label
-    # dtypes (a kernel reading uint8 labels as int64 would read garbage).
+    # dtypes (a kernel reading uint8 labels as int64 would read garbage), masked logits far
+    # above the allowed ones and extreme logits (near the float32 maximum, or offset by 1e5).
     chosen = [i for i, case in enumerate(cases) if set(case) & set(ALWAYS_SAMPLED)]
     for key in ("reduction", "reduce"):
         for value in dict.fromkeys(case[key] for case in cases if key in case):

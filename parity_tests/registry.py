@@ -156,6 +156,25 @@ def _smoothed_cases() -> tuple[dict, ...]:
                 label_dtype=label_dtype,
             )
         )
+    # Extreme logits: near the float32 maximum (0 to 3e38: the exact loss, ~1e37, is finite,
+    # while a plain sum of the logits overflows to inf) and offset by 1e5 (where a rounded lse
+    # puts a 1e-3 relative error into the softmax).
+    for extreme, convention, reduction in (
+        ("near_max", "uniform", "none"),
+        ("near_max", "others_but_pad", "mean"),
+        ("offset", "others", "sum"),
+    ):
+        cases.append(
+            dict(
+                plain,
+                convention=convention,
+                smoothing=0.1,
+                num_classes=1000,
+                reduction=reduction,
+                from_log_probs=False,
+                extreme=extreme,
+            )
+        )
     # Smoothings that are rounding just outside [0, 1], as a schedule that ends at 0 gives
     # (0.3 - 0.1 * 3 = -5.6e-17) or a sum that overshoots 1: they count as 0 and 1.
     for smoothing, reduction in ((0.3 - 0.1 * 3, "mean"), (1.0 + 2.0**-52, "sum")):
@@ -184,6 +203,10 @@ def _smoothed_inputs(rng: np.random.Generator, case: dict):
         moved = np.moveaxis(logits, axis, -1)
         np.put_along_axis(moved, labels[..., None], moved.max(-1, keepdims=True) + 12.0, -1)
         logits = np.moveaxis(moved, -1, axis)
+    if case.get("extreme") == "near_max":
+        logits = rng.uniform(0.0, 3e38, size=shape)
+    elif case.get("extreme") == "offset":
+        logits = logits + 1e5
     kwargs = dict(
         smoothing=case["smoothing"],
         convention=case["convention"],

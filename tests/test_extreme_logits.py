@@ -1,0 +1,111 @@
+"""Logits near the float32 maximum, and logits offset by a large constant.
+
+* ``[[3e38, 3e38, 0]]`` (label 0, smoothing 0.1) has a finite loss, 1.0e37, which
+  ``F.cross_entropy`` returns; a sum of the logits themselves overflows to ``inf`` (the loss
+  came out ``-inf`` in lsjax and NaN in lstorch). The support sum is taken relative to the row's
+  max and scaled by a power of two (``lsspec.sum_scale``), so every term and the sum are finite.
+* The gradient's softmax is ``exp((x - max) - log_sum)``: at ``3e38`` a float32 lse cannot hold
+  ``log 2``, and ``exp(x - lse)`` gave ``[1, 1, 0]`` instead of ``[0.5, 0.5, 0]``. Logits offset
+  by 1e5 lost 1e-3 (relative) of the loss and 4e-4 of the gradient the same way.
+
+Oracles: torch's own ``F.cross_entropy`` (loss and gradient) for ``"uniform"``, and the float64
+NumPy formula of ``parity_tests.oracles`` for every convention, on the same float32 inputs. Both
+frameworks, on every path a call can take here: eager, ``jax.jit``, and lstorch's Triton kernels
+(in Triton's interpreter on a CPU). The registry's ``extreme`` cases run these inputs through
+every execution path as well (``parity_tests/paths.py``).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lsjax
+import lstorch
+from parity_tests import oracles
+
+SMOOTHING = 0.1
+RNG = np.random.default_rng(20261130)
+INPUTS = {
+    "issue_example": np.array([[3e38, 3e38, 0.0]], np.float32),
+    "near_max_k1000": RNG.uniform(0.0, 3e38, (4, 1000)).astype(np.float32),
+    "offset_1e5": (1e5 + RNG.normal(size=(4, 50))).astype(np.float32),
+}
+CONVENTIONS = {"uniform": {}, "others": {}, "others_but_pad": {"pad_index": 1}}
+
+
+def _labels(logits):
+    # others_but_pad's pad is 1: labels avoid it so that every row counts
+    return (np.arange(len(logits)) * 2) % logits.shape[-1]
+
+
+def _oracle(logits, labels, convention, extra):
+    """The float64 loss per row and d sum(loss) / d logits, on the same float32 inputs."""
+    value, vjp = oracles.smoothed_cross_entropy(
+        logits.astype(np.float64), labels, smoothing=SMOOTHING, convention=convention, **extra
+    )
+    return value, vjp(np.ones_like(value))
+
+
+def _torch_loss_and_grad(logits, labels, convention, extra):
+    x = torch.tensor(logits, requires_grad=True)
+    loss = lstorch.smoothed_cross_entropy(
+        x, torch.tensor(labels), smoothing=SMOOTHING, convention=convention, **extra
+    )
+    loss.sum().backward()
+    return loss.detach().numpy(), x.grad.numpy()
+
+
+def _jax_loss_and_grad(logits, labels, convention, extra):
+    def loss(x):
+        return lsjax.smoothed_cross_entropy(
+            x, jnp.asarray(labels), smoothing=SMOOTHING, convention=convention, **extra
+        )
+
+    value, grad = jax.jit(lambda x: (loss(x), jax.grad(lambda x: loss(x).sum())(x)))(
+        jnp.asarray(logits)
+    )
+    return np.asarray(value), np.asarray(grad)
+
+
+def _paths():
+    paths = [("torch: eager", _torch_loss_and_grad, {}), ("jax: jit", _jax_loss_and_grad, {})]
+    paths.append(("torch: triton", _torch_loss_and_grad, {"LSTORCH_TRITON": "all"}))
+    return paths
+
+
+@pytest.mark.parametrize("path", _paths(), ids=lambda p: p[0])
+@pytest.mark.parametrize("convention", list(CONVENTIONS))
+@pytest.mark.parametrize("name", list(INPUTS))
+def test_loss_and_gradient_are_the_exact_ones(name, convention, path, monkeypatch):
+    _, run, env = path
+    for key, value in env.items():
+        if key == "LSTORCH_TRITON" and not torch.cuda.is_available():
+            pytest.importorskip("triton")
+        monkeypatch.setenv(key, value)
+    logits = INPUTS[name]
+    labels = _labels(logits)
+    extra = CONVENTIONS[convention]
+    value, grad = run(logits, labels, convention, extra)
+    expected, expected_grad = _oracle(logits, labels, convention, extra)
+    assert np.all(np.isfinite(value)), value
+    # float32 rounding of a ~1e37 value and of the inputs' 1e5 offset: a few ulps, relative
+    np.testing.assert_allclose(value, expected, rtol=2e-6)
+    np.testing.assert_allclose(grad, expected_grad, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_the_example_matches_torch_cross_entropy(framework):
+    logits = INPUTS["issue_example"]
+    labels = np.array([0])
+    reference = torch.tensor(logits, requires_grad=True)
+    expected = F.cross_entropy(
+        reference, torch.tensor(labels), label_smoothing=SMOOTHING, reduction="none"
+    )
+    expected.sum().backward()
+    run = _torch_loss_and_grad if framework == "torch" else _jax_loss_and_grad
+    value, grad = run(logits, labels, "uniform", {})
+    np.testing.assert_allclose(value, expected.detach().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(grad, reference.grad.numpy(), rtol=0, atol=1e-6)
