@@ -51,6 +51,15 @@ def test_ci_runs_the_readmes_test_command():
     assert f"\n{ci_command}\n" in README.read_text()
 
 
+def test_ci_builds_the_docs_strictly():
+    """Before the tests, ``.ci/run`` builds the docs site with ``--strict``, so a broken link or
+    a docstring that does not match its signature fails CI."""
+    lines = (ROOT / ".ci" / "run").read_text().strip().splitlines()
+    build = [line for line in lines[:-1] if "mkdocs build" in line]
+    assert build and all("--strict" in line for line in build)
+    assert any('".[docs]"' in line for line in lines[: lines.index(build[0]) + 1])
+
+
 def test_readme_fits_one_screen_with_both_quickstarts():
     text = README.read_text()
     assert len(text.splitlines()) <= README_MAX_LINES
