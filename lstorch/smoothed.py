@@ -512,18 +512,24 @@ def _device_scalar(value, dtype, device) -> torch.Tensor:
 def _reduce(loss, row_weight, reduction, normalizer):
     if reduction == "none":
         return loss
-    total = loss.sum()
     if reduction == "sum":
-        return total
+        return loss.sum()
+    # The mean of rows near the float32 maximum is finite while their sum is not: each row is
+    # scaled by a power of two before it is added and the quotient scaled back, which is the
+    # unscaled quotient bit for bit wherever that one is finite (lsspec.sum_scale).
+    scale = lsspec.sum_scale(loss.numel())
+    total = (loss * scale).sum()
     if normalizer is not None:
         # A normalizer that was not read (a tensor on an accelerator, inside torch.compile) and
         # is not a finite number > 0 gives NaN; a concrete one was checked.
         denominator = _device_scalar(normalizer, loss.dtype, loss.device)
         valid = (denominator > 0) & torch.isfinite(denominator)
-        return torch.where(valid, total / torch.where(valid, denominator, 1.0), torch.nan)
+        return torch.where(valid, total / torch.where(valid, denominator, 1.0) / scale, torch.nan)
     denominator = row_weight.sum()
     nothing_counts = denominator == 0
-    return torch.where(nothing_counts, 0.0, total / torch.where(nothing_counts, 1.0, denominator))
+    return torch.where(
+        nothing_counts, 0.0, total / torch.where(nothing_counts, 1.0, denominator) / scale
+    )
 
 
 class _Lse(NamedTuple):
@@ -616,7 +622,7 @@ def _row_terms(options, x, labels, counted, eps, weight, class_mask, lse=None) -
     safe_labels = torch.where(counted & in_range, labels, 0)
     if lse is None and options.from_log_probs:
         zeros = torch.zeros(labels.shape, dtype=compute_dtype, device=x.device)
-        lse = _Lse(zeros, zeros)
+        lse = _Lse(zeros, torch.zeros_like(zeros))  # two outputs: never one tensor twice
     if lse is None:
         upcast = x.to(compute_dtype)
         if class_mask is not None:

@@ -109,8 +109,11 @@ def _forward_kernel(
         running_max = tl.maximum(running_max, tl.max(x_lse, 0))
         finite = (running_max > float("-inf")) & (running_max < float("inf"))
         new_shift = tl.where(finite, running_max, 0.0)
-        # exp(shift - new_shift) = 0 when nothing counted yet (running_sum is 0 then too).
-        running_sum = running_sum * tl.exp(shift - new_shift) + tl.sum(tl.exp(x_lse - new_shift), 0)
+        # The shift only moves up, except from its start at 0 (nothing allowed seen yet, the sum
+        # still 0): the clamp keeps exp from overflowing there (0 * inf would be NaN) when the
+        # first block's logits are all below -88.
+        rescale = tl.exp(tl.minimum(shift - new_shift, 0.0))
+        running_sum = running_sum * rescale + tl.sum(tl.exp(x_lse - new_shift), 0)
         u = tl.where(allowed, 1.0, 0.0)
         if HAS_WEIGHT:
             u = u * tl.load(weight_ptr + cols, mask=inside, other=0.0)
