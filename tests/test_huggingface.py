@@ -289,3 +289,26 @@ def test_outputs_are_read_as_a_mapping_an_attribute_a_tuple_or_the_logits():
     holder.logits = logits
     for outputs in ({"logits": logits}, holder, (logits,), logits):
         torch.testing.assert_close(loss_fn(outputs, labels, None), expected, rtol=1e-12, atol=0)
+
+
+def test_options_reach_the_loss():
+    # Oracle: torch's weighted, label-smoothed cross-entropy on the shifted positions; and the
+    # z-loss term of the counted tokens, z * mean(logsumexp**2), from torch's logsumexp.
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 6, VOCAB, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, VOCAB, (2, 6), generator=generator)
+    labels[1, :3] = -100
+    weight = torch.rand(VOCAB, generator=generator, dtype=torch.float64) + 0.5
+    shifted_logits, shifted_labels = logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1)
+    expected = torch.nn.functional.cross_entropy(
+        shifted_logits, shifted_labels, weight=weight, label_smoothing=0.2
+    )
+    got = compute_loss_func(smoothing=0.2, weight=weight)({"logits": logits}, labels)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+
+    counted = shifted_labels != -100
+    lse = torch.logsumexp(shifted_logits[counted], dim=-1)
+    plain = torch.nn.functional.cross_entropy(shifted_logits, shifted_labels, reduction="sum")
+    expected = (plain + 1e-2 * (lse**2).sum()) / 7  # 7: the whole batch's token count
+    got = compute_loss_func(z_loss=1e-2)({"logits": logits}, labels, torch.tensor(7))
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)

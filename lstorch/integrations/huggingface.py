@@ -138,7 +138,7 @@ def compute_loss_func(
             reduction="mean",
             normalizer=num_items_in_batch,
             _caller=fn,
-            **options,
+            **_on_device(options, logits.device),
         )
 
     return loss
@@ -262,6 +262,15 @@ def _check_values(fn: lsspec.Caller, smoothing: object, ignore_index: object, op
         lsspec.check_z_loss(
             fn, z_value, from_log_probs=options.get("from_log_probs", False), return_z_loss=False
         )
+
+
+def _on_device(options: dict, device: torch.device) -> dict:
+    """The options with their tensors (``weight``, ``class_mask``) on the logits' device: they
+    were made before the Trainer moved the model there."""
+    return {
+        name: value.to(device) if isinstance(value, torch.Tensor) and value.ndim else value
+        for name, value in options.items()
+    }
 
 
 def _logits(fn: lsspec.Caller, outputs: Any) -> torch.Tensor:
