@@ -14,9 +14,10 @@
 
 Oracles: torch's own ``F.cross_entropy`` (loss and gradient) for ``"uniform"``, and the float64
 NumPy formula of ``parity_tests.oracles`` for every convention, on the same float32 inputs. Both
-frameworks, on every path a call can take here: eager, ``jax.jit``, and lstorch's Triton kernels
-(in Triton's interpreter on a CPU). The registry's ``extreme`` cases run these inputs through
-every execution path as well (``parity_tests/paths.py``).
+frameworks, on every path a call can take here: eager, ``jax.jit``, lstorch's Triton kernels (in
+Triton's interpreter on a CPU) and lsjax's Pallas kernels (in Pallas's interpret mode). The
+registry's ``extreme`` cases run these inputs through every execution path as well
+(``parity_tests/paths.py``).
 """
 
 import jax
@@ -79,6 +80,7 @@ def _jax_loss_and_grad(logits, labels, convention, extra):
 def _paths():
     paths = [("torch: eager", _torch_loss_and_grad, {}), ("jax: jit", _jax_loss_and_grad, {})]
     paths.append(("torch: triton", _torch_loss_and_grad, {"LSTORCH_TRITON": "all"}))
+    paths.append(("jax: pallas", _jax_loss_and_grad, {"LSJAX_IMPLEMENTATION": "pallas"}))
     return paths
 
 
