@@ -258,12 +258,12 @@ class _CountingInductor:
         return compile_fx(graph, example_inputs)
 
 
-def torch_compile(fn, args, kwargs, dtype, dense_by_kind):
+def torch_compile(fn, args, kwargs, dtype, dense_by_kind, *, device="cpu"):
     """``torch.compile(fullgraph=True)`` with Inductor, compiled afresh for each case (so no
     recompilation limit can send a case back to eager), the backward through AOTAutograd."""
     torch._dynamo.reset()
     backend = _CountingInductor()
-    x, rest, options = _torch_inputs(args, kwargs, dtype, "cpu")
+    x, rest, options = _torch_inputs(args, kwargs, dtype, device)
     compiled = torch.compile(lambda x, *rest: fn(x, *rest, **options), backend=backend,
                              fullgraph=True)  # fmt: skip
     results = {}
@@ -460,6 +460,9 @@ def jax_vmap(fn, args, kwargs, dtype, dense_by_kind):
 # The paths and how a twin takes them
 
 
+TRITON_DTYPES = ("float32", "bfloat16")  # the kernels take float32/bf16/fp16 logits
+
+
 @dataclasses.dataclass(frozen=True)
 class Path:
     """One way a call reaches a twin. ``run(fn, args, kwargs, dtype, dense_by_kind)`` returns a
@@ -485,7 +488,15 @@ def _triton_path(name, inplace):
         )
 
     needs = ("kernels", "inplace") if inplace else ("kernels",)
-    return Path(name, "torch", run, needs, dtypes=("float32", "bfloat16"), kernels="Triton")
+    return Path(name, "torch", run, needs, dtypes=TRITON_DTYPES, kernels="Triton")
+
+
+def _compiled_triton(fn, args, kwargs, dtype, dense_by_kind, launches):
+    """``torch.compile(fullgraph=True)`` with the kernels forced on: the compiled graph calls
+    them as operators (``torch.ops.lstorch.smoothed_rows*``); the launches are counted."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with _environment(LSTORCH_TRITON="all"), launches.counting():
+        return torch_compile(fn, args, kwargs, dtype, dense_by_kind, device=device)
 
 
 def _inplace(fn, args, kwargs, dtype, dense_by_kind):
@@ -497,6 +508,14 @@ PATHS: tuple[Path, ...] = (
     Path("torch: inplace_backward", "torch", _inplace, ("inplace",)),
     _triton_path("torch: triton + inplace_backward", inplace=True),
     Path("torch: compile", "torch", torch_compile),
+    Path(
+        "torch: compile + triton",
+        "torch",
+        _compiled_triton,
+        ("kernels",),
+        TRITON_DTYPES,
+        kernels="Triton",
+    ),
     Path("torch: func.grad", "torch", torch_func_grad),
     Path("torch: func.vmap", "torch", torch_func_vmap),
     Path("jax: jit", "jax", jax_jit),
