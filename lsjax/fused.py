@@ -26,20 +26,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import lsspec
-from lsjax.smoothed import (
-    _concrete_smoothing,
-    _index_labels,
-    _is_traced,
-    _reduce,
-    _smoothing_array,
-    _times,
-)
-
-Array = jax.Array
-ArrayLike = Any
+from lsjax import _common
+from lsjax._common import Array, ArrayLike, times
 
 DEFAULT_CHUNK_SIZE = 2048
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -117,24 +107,20 @@ def fused_linear_smoothed_cross_entropy(
     fn = lsspec.caller("fused_linear_smoothed_cross_entropy", _caller)
     hidden, weight, bias, labels = _check_fused(fn, hidden, weight, bias, labels)
     num_classes = weight.shape[0]
-    lsspec.check_options(
+    _common.check_label_options(
         fn,
-        num_classes=num_classes,
-        smoothing=_concrete_smoothing(fn, smoothing),
+        num_classes,
+        smoothing=smoothing,
         convention=convention,
         reduction=reduction,
         pad_index=pad_index,
         ignore_index=ignore_index,
     )
     chunk_size = lsspec.check_chunk_size(fn, chunk_size)
-    counted = _counted(labels, ignore_index, pad_index)
-    if not (_is_traced(labels) or _is_traced(counted)):
-        labels_np = np.asarray(labels)
-        bad = np.asarray(counted) & ((labels_np < 0) | (labels_np >= num_classes))
-        if bad.any():
-            raise lsspec.label_range_error(fn, labels_np[bad].tolist(), num_classes, ignore_index)
-    compute_dtype = jnp.promote_types(hidden.dtype, jnp.float32)
-    eps = _smoothing_array(smoothing, compute_dtype)  # differentiated (see _fused_rows_bwd)
+    counted = _common.counted_rows(labels, ignore_index, pad_index)
+    _common.check_label_range(fn, labels, counted, num_classes, ignore_index)
+    compute_dtype = _common.compute_dtype(hidden.dtype)
+    eps = _common.smoothing_array(smoothing, compute_dtype)  # differentiated (_fused_rows_bwd)
     options = _FusedOptions(convention, pad_index, chunk_size, None)
     row_shape = labels.shape
     loss = _fused_rows_jit(
@@ -146,16 +132,13 @@ def fused_linear_smoothed_cross_entropy(
         counted.reshape(-1),
         eps,
     ).reshape(row_shape)
-    return _reduce(loss, counted.astype(compute_dtype), reduction, None)
+    return _common.reduce(loss, counted.astype(compute_dtype), reduction)
 
 
 def _check_fused(fn, hidden, weight, bias, labels):
-    hidden, weight, labels = jnp.asarray(hidden), jnp.asarray(weight), jnp.asarray(labels)
-    if not jnp.issubdtype(hidden.dtype, jnp.floating):
-        raise lsspec.dtype_error(fn, "hidden", hidden.dtype, "a floating dtype")
-    if not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise lsspec.dtype_error(fn, "labels", labels.dtype, "an integer dtype")
-    labels = _index_labels(labels)  # before any comparison with ignore_index / pad_index
+    (hidden,) = _common.floating(fn, hidden=hidden)
+    weight = jnp.asarray(weight)
+    labels = _common.integer_labels(fn, labels)  # widened before any comparison
     lsspec.check_linear_shapes(
         fn, hidden.shape, weight.shape, None if bias is None else jnp.shape(bias), labels.shape
     )
@@ -168,15 +151,6 @@ def _check_fused(fn, hidden, weight, bias, labels):
         if bias.dtype != hidden.dtype:
             raise lsspec.dtype_mismatch_error(fn, "bias", bias.dtype, hidden.dtype)
     return hidden, weight, bias, labels
-
-
-def _counted(labels, ignore_index, pad_index):
-    counted = jnp.ones(labels.shape, dtype=bool)
-    if ignore_index is not None:
-        counted = counted & (labels != ignore_index)
-    if pad_index is not None:
-        counted = counted & (labels != pad_index)
-    return counted
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,7 +292,7 @@ def _fused_terms(options, hidden, weight, bias, labels, counted, eps):
         support_sum = support_sum - _column(options, hidden, weight, bias, pad, start)
     bad = counted & ~(in_range & (eps >= 0) & (eps <= 1))
     size = lsspec.support_size(options.convention, num_classes)
-    loss = _times(1.0 - eps, lse - x_y) + _times(eps, lse - support_sum / size)
+    loss = times(1.0 - eps, lse - x_y) + times(eps, lse - support_sum / size)
     loss = jnp.where(counted, jnp.where(bad, jnp.nan, loss), 0.0)
     # d loss_row / d eps: the smoothing term minus the true one (O(rows), kept for backward).
     eps_slope = (lse - support_sum / size) - (lse - x_y)

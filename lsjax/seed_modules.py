@@ -10,7 +10,9 @@ import jax
 import jax.numpy as jnp
 
 import lsspec
-from lsjax.smoothed import ArrayLike, _concrete_scalar, smoothed_cross_entropy
+from lsjax import _common
+from lsjax._common import ArrayLike
+from lsjax.smoothed import smoothed_cross_entropy
 
 
 def label_smoothing_loss(
@@ -78,7 +80,7 @@ def kl_label_smoothing_loss(
     """
     fn = lsspec.caller("kl_label_smoothing_loss", _caller)
     output = jnp.asarray(output)
-    value = _concrete_scalar(fn, "label_smoothing", label_smoothing)
+    value = _common.concrete_scalar(fn, "label_smoothing", label_smoothing)
     options = lsspec.seed_kl_options(fn, value, ignore_index, tgt_vocab_size)
     if output.ndim:
         lsspec.check_declared_classes(fn, "tgt_vocab_size", tgt_vocab_size, output.shape[-1])

@@ -12,53 +12,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.custom_derivatives import SymbolicZero
 
 import lsspec
-
-Array = jax.Array
-ArrayLike = Any
-
-
-def _is_traced(value: Any) -> bool:
-    return isinstance(value, jax.core.Tracer)
-
-
-def _xlogx(value: Array) -> Array:
-    """x * log(x) with 0 log 0 = 0, so smoothing = 1 (confidence 0) stays finite."""
-    return jax.scipy.special.xlogy(value, value)
-
-
-@jax.custom_jvp
-def _times(scale: Array, term: Array) -> Array:
-    """``scale * term`` that is exactly 0 when ``scale`` is 0, even where ``term`` is infinite.
-
-    With smoothing = 0 and a -inf logit the smoothing term is +inf; ``0 * inf`` would be NaN.
-    Its derivative is the product's, at ``scale = 0`` too: ``term`` with respect to ``scale``
-    (a select would give 0 there: a smoothing at 0 would never move), ``scale`` (0 there, not
-    ``0 * inf``) with respect to ``term``.
-    """
-    return jnp.where(scale == 0, jnp.zeros_like(term), scale * term)
-
-
-def _is_zero(tangent: Any) -> bool:
-    """Whether a tangent is JAX's symbolic zero: that input is not being differentiated."""
-    return isinstance(tangent, SymbolicZero)
-
-
-def _times_jvp(primals, tangents):
-    scale, term = primals
-    d_scale, d_term = tangents
-    value = _times(scale, term)
-    tangent = jnp.zeros_like(value)
-    if not _is_zero(d_term):
-        tangent = tangent + _times(scale, d_term)
-    if not _is_zero(d_scale):  # skipped when scale is constant: 0 * inf would be NaN
-        tangent = tangent + d_scale * term
-    return value, tangent
-
-
-_times.defjvp(_times_jvp, symbolic_zeros=True)
+from lsjax import _common
+from lsjax._common import Array, ArrayLike, is_zero, times, xlogx
 
 
 def _upcast_alone(x: Array, compute_dtype, companion: Array) -> Array:
@@ -148,150 +105,23 @@ def _zero_masked(x: Array, class_mask: Array, companion: Array) -> Array:
     return jnp.minimum(jnp.maximum(x, floor), ceiling) * mask
 
 
-def _concrete_scalar(fn: Any, name: str, value: Any, *, optional: bool = False) -> Any:
-    """A scalar option (smoothing, normalizer, z_loss, ...) as a Python float for checking: a
-    number or a concrete 0-d array of a real dtype. A traced value passes through unread (out of
-    range, it gives NaN). None is kept where ``optional``; anything else (None, a string, a
-    tuple, a bool) raises TypeError, an array of more than one element ValueError."""
-    if value is None and optional:
-        return None
-    if lsspec.is_number(value):
-        return float(value)
-    if not isinstance(value, jax.Array | np.ndarray | np.generic):
-        raise lsspec.scalar_type_error(fn, name, value)
-    if np.ndim(value) != 0:
-        raise lsspec.shape_error(fn, name, np.shape(value), "a scalar shape ()")
-    dtype = value.dtype
-    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
-        raise lsspec.scalar_type_error(fn, name, value)
-    if _is_traced(value):
-        return value
-    return float(np.asarray(value))
-
-
-_FLOAT64_ULP = float(np.finfo(np.float64).eps)
-
-
-def _ulp_of_one(value: Any) -> float:
-    """The spacing of ``value``'s own float dtype at 1.0 (float64's for a Python number)."""
-    dtype = getattr(value, "dtype", None)
-    if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
-        return float(jnp.finfo(dtype).eps)
-    return _FLOAT64_ULP
-
-
-def _concrete_smoothing(fn: Any, value: Any, name: str = "smoothing") -> Any:
-    """A concrete smoothing as a Python float, snapped into [0, 1] when it is only rounding
-    outside it (``lsspec.UNIT_INTERVAL_ULPS``); traced values pass through."""
-    concrete = _concrete_scalar(fn, name, value)
-    if lsspec.is_number(concrete):
-        return lsspec.snap_to_unit_interval(concrete, _ulp_of_one(value))
-    return concrete
-
-
-def _smoothing_array(value: Any, dtype) -> Array:
-    """``value`` as a 0-d ``dtype`` array, clamped into [0, 1] where it lies within the rounding
-    slack outside it (a traced schedule that ends at 0); farther out it stays out of range, and
-    the rows it reaches are NaN."""
-    slack = lsspec.unit_interval_slack(_ulp_of_one(value))
-    eps = jnp.asarray(value, dtype)
-    snapped = jnp.clip(eps, 0, 1)
-    rounding = (eps != snapped) & (jnp.abs(eps - snapped) <= slack)
-    # The snap is rounding, not a change of value: its derivative is 1 (straight through), so
-    # a learned smoothing at 0 or 1 keeps its whole derivative (clip's would be 1/2 there).
-    return jnp.where(rounding, eps + jax.lax.stop_gradient(snapped - eps), eps)
-
-
-def _z_loss_array(value: Any, dtype) -> Array:
-    """``z_loss`` as a 0-d ``dtype`` array, NaN where it is negative or not finite (a traced
-    value the checks could not read): the rows it reaches are NaN, never a plausible number."""
-    z = jnp.asarray(value, dtype)
-    return jnp.where((z >= 0) & jnp.isfinite(z), z, jnp.nan)
-
-
-def _index_labels(labels: Array) -> Array:
-    """Integer ``labels`` (already checked) in JAX's default integer dtype (int64 under
-    ``jax_enable_x64``, else int32) wherever that holds them, so that every class index and
-    every ``ignore_index``/``pad_index`` fits: uint8, int8, uint16, int16 (and, under x64, int32
-    and uint32) are widened.
-
-    JAX compares an array with a Python int in the array's dtype, so in uint8 ``-100`` would be
-    156 (a real class, silently ignored) and ``K = 259`` would be 3 (real labels out of range).
-    Widening before any comparison makes narrow labels give exactly what int64 labels give, and
-    widening to ONE dtype makes the compiled program the same whatever the labels' dtype: XLA's
-    fusion choices (and so the order of float32 additions) may otherwise differ by a last bit.
-    Labels as wide as the target are left as they are.
-    """
-    target = jnp.dtype(jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
-    if labels.dtype.itemsize < target.itemsize:
-        return labels.astype(target)
-    return labels
-
-
-def _array_or_none(value: Any) -> Any:
-    """``weight``/``where``/``class_mask`` as an array (a Python list becomes one)."""
-    return None if value is None else jnp.asarray(value)
-
-
 def _check_arrays(fn, logits, labels, axis, weight, where, class_mask=None):
-    """Shared input checks; returns (logits, labels widened by :func:`_index_labels`, class
+    """Shared input checks; returns (logits, labels widened by ``_common.index_labels``, class
     axis as a non-negative int). ``weight``, ``where`` and ``class_mask`` may be any array-like
     (a Python list too)."""
-    _, arg = lsspec.names(fn)
-    logits = jnp.asarray(logits)
-    labels = jnp.asarray(labels)
-    if not jnp.issubdtype(logits.dtype, jnp.floating):
-        raise lsspec.dtype_error(fn, "logits", logits.dtype, "a floating dtype")
-    if not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise lsspec.dtype_error(fn, "labels", labels.dtype, "an integer dtype")
-    labels = _index_labels(labels)
+    (logits,) = _common.floating(fn, logits=logits)
+    labels = _common.integer_labels(fn, labels)
     if logits.ndim < 1:
         raise lsspec.shape_error(fn, "logits", logits.shape, "at least one dimension")
     axis = lsspec.check_axis(fn, axis, logits.ndim)
-    row_shape = logits.shape[:axis] + logits.shape[axis + 1 :]
-    if labels.shape != row_shape:
-        raise lsspec.shape_error(
-            fn,
-            "labels",
-            labels.shape,
-            f"the {lsspec.possessive(arg('logits'))} shape without the class axis, {row_shape}",
-        )
-    num_classes = logits.shape[axis]
-    if weight is not None and jnp.shape(weight) != (num_classes,):
-        raise lsspec.shape_error(fn, "weight", jnp.shape(weight), f"shape ({num_classes},)")
-    if where is not None:
-        if jnp.shape(where) != row_shape:
-            raise lsspec.shape_error(
-                fn,
-                "where",
-                jnp.shape(where),
-                f"the {lsspec.possessive(arg('labels'))} shape {row_shape}",
-            )
-        if jnp.asarray(where).dtype != jnp.bool_:
-            raise lsspec.dtype_error(fn, "where", jnp.asarray(where).dtype, "dtype bool")
-    if class_mask is not None:
-        if jnp.shape(class_mask) != (num_classes,):
-            raise lsspec.shape_error(
-                fn, "class_mask", jnp.shape(class_mask), f"shape ({num_classes},)"
-            )
-        if jnp.asarray(class_mask).dtype != jnp.bool_:
-            raise lsspec.dtype_error(fn, "class_mask", jnp.asarray(class_mask).dtype, "dtype bool")
+    rows = lsspec.row_shape(logits.shape, axis)
+    lsspec.check_labels_shape(fn, labels.shape, rows)
+    shapes = {name: None if v is None else jnp.shape(v) for name, v in
+              (("weight", weight), ("where", where), ("class_mask", class_mask))}  # fmt: skip
+    lsspec.check_row_options_shapes(fn, logits.shape[axis], rows, **shapes)
+    _common.check_bool(fn, "where", where)
+    _common.check_bool(fn, "class_mask", class_mask)
     return logits, labels, axis
-
-
-def _check_label_range(fn, labels, counted, num_classes, ignore_index, class_mask=None):
-    """Concrete labels out of range (or of a masked class) raise; traced ones give NaN rows."""
-    if _is_traced(labels) or _is_traced(counted):
-        return
-    labels_np = np.asarray(labels)
-    bad = np.asarray(counted) & ((labels_np < 0) | (labels_np >= num_classes))
-    if bad.any():
-        raise lsspec.label_range_error(fn, labels_np[bad].tolist(), num_classes, ignore_index)
-    if class_mask is not None and not _is_traced(class_mask):
-        allowed = np.asarray(class_mask)
-        masked = np.asarray(counted) & ~allowed[np.clip(labels_np, 0, num_classes - 1)]
-        if masked.any():
-            raise lsspec.masked_label_error(fn, labels_np[masked].tolist())
 
 
 def smoothed_cross_entropy(
@@ -417,45 +247,39 @@ def smoothed_cross_entropy(
       Müller, Kornblith & Hinton 2019, "When Does Label Smoothing Help?".
     """
     fn = lsspec.caller("smoothed_cross_entropy", _caller)
-    weight, where, class_mask = (_array_or_none(v) for v in (weight, where, class_mask))
+    weight, where, class_mask = (_common.array_or_none(v) for v in (weight, where, class_mask))
     logits, labels, axis = _check_arrays(fn, logits, labels, axis, weight, where, class_mask)
     num_classes = logits.shape[axis]
-    lsspec.check_options(
+    _common.check_label_options(
         fn,
-        num_classes=num_classes,
-        smoothing=_concrete_smoothing(fn, smoothing),
+        num_classes,
+        smoothing=smoothing,
         convention=convention,
         reduction=reduction,
         pad_index=pad_index,
         ignore_index=ignore_index,
-        normalizer=_concrete_scalar(fn, "normalizer", normalizer, optional=True),
+        normalizer=_common.concrete_scalar(fn, "normalizer", normalizer, optional=True),
         kl=kl,
         has_weight=weight is not None,
         from_log_probs=from_log_probs,
     )
-    z_value = _concrete_scalar(fn, "z_loss", z_loss)
+    z_value = _common.concrete_scalar(fn, "z_loss", z_loss)
     lsspec.check_z_loss(fn, z_value, from_log_probs=from_log_probs, return_z_loss=return_z_loss)
-    if class_mask is not None and not _is_traced(class_mask):
+    if class_mask is not None and not _common.is_traced(class_mask):
         lsspec.check_class_mask_support(fn, np.asarray(class_mask).tolist(), convention, pad_index)
-    counted = jnp.ones(labels.shape, dtype=bool)
-    if ignore_index is not None:
-        counted = counted & (labels != ignore_index)
-    if pad_index is not None:
-        counted = counted & (labels != pad_index)
-    if where is not None:
-        counted = counted & jnp.asarray(where)
-    _check_label_range(fn, labels, counted, num_classes, ignore_index, class_mask)
+    counted = _common.counted_rows(labels, ignore_index, pad_index, where)
+    _common.check_label_range(fn, labels, counted, num_classes, ignore_index, class_mask)
 
     x = jnp.moveaxis(logits, axis, -1)
-    compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
-    eps = _smoothing_array(smoothing, compute_dtype)  # differentiated (see _row_loss_jvp)
+    compute_dtype = _common.compute_dtype(x.dtype)
+    eps = _common.smoothing_array(smoothing, compute_dtype)  # differentiated (see _row_loss_jvp)
     if weight is not None:
         weight = jax.lax.stop_gradient(jnp.asarray(weight, compute_dtype))
     if class_mask is not None:
         class_mask = jax.lax.stop_gradient(jnp.asarray(class_mask))
     # z-loss is compiled in only when it can matter: a concrete 0 leaves the program unchanged.
     with_z = return_z_loss or not (lsspec.is_number(z_value) and z_value == 0)
-    z = _z_loss_array(z_loss, compute_dtype) if with_z else None
+    z = _common.z_loss_array(z_loss, compute_dtype) if with_z else None
     options = _Options(convention, pad_index, kl, from_log_probs, with_z)
     loss = _row_loss_jit(options, x, labels, counted, eps, weight, class_mask, z)
     w_y = 1.0 if weight is None else weight[jnp.where(counted, labels, 0).clip(0, num_classes - 1)]
@@ -463,12 +287,12 @@ def smoothed_cross_entropy(
     if with_z:
         loss, z_part = loss
         if not return_z_loss:
-            return _reduce(loss, row_weight, reduction, normalizer)
+            return _common.reduce(loss, row_weight, reduction, normalizer)
         return (
-            _reduce(loss, row_weight, reduction, normalizer),
-            _reduce(z_part, row_weight, reduction, normalizer),
+            _common.reduce(loss, row_weight, reduction, normalizer),
+            _common.reduce(z_part, row_weight, reduction, normalizer),
         )
-    return _reduce(loss, row_weight, reduction, normalizer)
+    return _common.reduce(loss, row_weight, reduction, normalizer)
 
 
 class _Options(NamedTuple):
@@ -602,15 +426,15 @@ def _loss_from_terms(options, terms, counted, eps, z):
     confidence = 1.0 - eps
     true_term = w_y * ((terms.peak - x_y) + terms.log_sum)
     smooth_term = terms.smooth_term()
-    loss = _times(confidence, true_term) + _times(eps, smooth_term)
+    loss = times(confidence, true_term) + times(eps, smooth_term)
     if options.kl:  # Subtract the entropy of q: add sum_c q_c log q_c, a constant per row.
         uniform = options.convention == "uniform"
         off_target_count = size - 1 if uniform else size
-        loss = loss + _xlogx(_on_target_mass(options, eps, size))
-        loss = loss + off_target_count * _xlogx(eps / size)
+        loss = loss + xlogx(_on_target_mass(options, eps, size))
+        loss = loss + off_target_count * xlogx(eps / size)
     if not options.with_z:
         return _counted_only(counted, bad, loss)
-    z_part = jnp.where(bad, jnp.nan, _times(z, jnp.square(lse)))
+    z_part = jnp.where(bad, jnp.nan, times(z, jnp.square(lse)))
     loss = jnp.where(bad, jnp.nan, loss + z_part)
     return jnp.where(counted, loss, 0.0), jnp.where(counted, z_part, 0.0)
 
@@ -631,7 +455,7 @@ def _smoothing_slope(options, terms, eps):
     if options.kl:
         kl_slope = jnp.log(eps / size) - jnp.log(_on_target_mass(options, eps, size))
         if options.convention == "uniform":  # q_y moves by (|S| - 1) / |S| per unit of eps
-            kl_slope = _times((size - 1) / size, kl_slope)
+            kl_slope = times((size - 1) / size, kl_slope)
         slope = slope + kl_slope
     return slope
 
@@ -661,14 +485,14 @@ def _row_loss_jvp(options, primals, tangents):
     loss = _loss_from_terms(options, terms, counted, eps, z)
     lse, bad = terms.lse, terms.bad
     loss_tangent = z_tangent = jnp.zeros(labels.shape, eps.dtype)
-    if not _is_zero(dx):
+    if not is_zero(dx):
         loss_tangent, z_tangent = _logits_tangents(
             options, x, dx, terms, counted, eps, weight, class_mask, z
         )
-    if not _is_zero(d_eps):
+    if not is_zero(d_eps):
         slope = _counted_only(counted, bad, _smoothing_slope(options, terms, eps))
         loss_tangent = loss_tangent + slope * d_eps
-    if options.with_z and not _is_zero(d_z):
+    if options.with_z and not is_zero(d_z):
         z_slope = _counted_only(counted, bad, jnp.square(lse)) * d_z
         loss_tangent, z_tangent = loss_tangent + z_slope, z_tangent + z_slope
     if not options.with_z:
@@ -735,22 +559,6 @@ def _logits_tangents(options, x, dx, terms, counted, eps, weight, class_mask, z)
 
 
 _row_loss.defjvp(_row_loss_jvp, symbolic_zeros=True)
-
-
-def _reduce(loss, row_weight, reduction, normalizer):
-    if reduction == "none":
-        return loss
-    total = jnp.sum(loss)
-    if reduction == "sum":
-        return total
-    if normalizer is not None:
-        # A traced normalizer that is not a finite number > 0 gives NaN (a concrete one raised).
-        denominator = jnp.asarray(normalizer, loss.dtype)
-        valid = (denominator > 0) & jnp.isfinite(denominator)
-        return jnp.where(valid, total / jnp.where(valid, denominator, 1.0), jnp.nan)
-    denominator = jnp.sum(row_weight)
-    nothing_counts = denominator == 0
-    return jnp.where(nothing_counts, 0.0, total / jnp.where(nothing_counts, 1.0, denominator))
 
 
 # The core as one compiled program per (options, shapes): inside a user's jit it is inlined;

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 import lsspec
-from lsjax.smoothed import ArrayLike, smoothed_cross_entropy
+from lsjax._common import ArrayLike
+from lsjax.smoothed import smoothed_cross_entropy
 from lsjax.soft import soft_target_cross_entropy
 
 

@@ -288,6 +288,58 @@ def dtype_error(fn: str | Caller, name: str, got: object, allowed: str) -> TypeE
     return TypeError(f"{fn}: `{arg(name)}` must have {allowed}; got dtype {got}.")
 
 
+def row_shape(shape: tuple, axis: int) -> tuple:
+    """``shape`` without the class axis ``axis`` (a non-negative int): the shape of a row mask."""
+    shape = tuple(shape)
+    return shape[:axis] + shape[axis + 1 :]
+
+
+def check_same_shape(fn: str | Caller, name: str, got: tuple, logits_shape: tuple) -> None:
+    """``name`` (labels of the binary loss, targets of the soft one) has the logits' shape."""
+    if tuple(got) != tuple(logits_shape):
+        _, arg = names(fn)
+        raise shape_error(
+            fn, name, got, f"the {possessive(arg('logits'))} shape {tuple(logits_shape)}"
+        )
+
+
+def check_row_options_shapes(
+    fn: str | Caller,
+    num_classes: int,
+    rows: tuple,
+    *,
+    weight: tuple | None = None,
+    where: tuple | None = None,
+    class_mask: tuple | None = None,
+    has_labels: bool = True,
+) -> None:
+    """The shapes of the per-class options (``weight``, ``class_mask``: ``(K,)``) and of the row
+    mask ``where`` (``rows``, the logits' shape without the class axis); None where an option is
+    not given. ``has_labels``: the loss takes integer labels, whose shape ``rows`` is."""
+    _, arg = names(fn)
+    for name, shape in (("weight", weight), ("class_mask", class_mask)):
+        if shape is not None and tuple(shape) != (num_classes,):
+            raise shape_error(fn, name, shape, f"shape ({num_classes},)")
+    if where is not None and tuple(where) != tuple(rows):
+        if has_labels:
+            allowed = f"the {possessive(arg('labels'))} shape {tuple(rows)}"
+        else:
+            allowed = f"the {possessive(arg('logits'))} shape without the class axis, {tuple(rows)}"
+        raise shape_error(fn, "where", where, allowed)
+
+
+def check_labels_shape(fn: str | Caller, labels: tuple, rows: tuple) -> None:
+    """Integer labels have the logits' shape without the class axis, ``rows``."""
+    if tuple(labels) != tuple(rows):
+        _, arg = names(fn)
+        raise shape_error(
+            fn,
+            "labels",
+            labels,
+            f"the {possessive(arg('logits'))} shape without the class axis, {tuple(rows)}",
+        )
+
+
 def label_range_error(
     fn: str | Caller, bad: list[int], num_classes: int, ignore_index: object
 ) -> ValueError:
