@@ -8,12 +8,7 @@ from __future__ import annotations
 import torch
 
 import lsspec
-from lstorch.smoothed import (
-    _compute_dtype,
-    _concrete_smoothing,
-    _reduce,
-    _smoothing_tensor,
-)
+from lstorch import _common
 
 
 def sigmoid_binary_cross_entropy(
@@ -41,26 +36,16 @@ def sigmoid_binary_cross_entropy(
     errors name).
     """
     fn = lsspec.caller("sigmoid_binary_cross_entropy", _caller)
-    _, arg = lsspec.names(fn)
-    for name, value in (("logits", logits), ("labels", labels)):
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
-            raise lsspec.dtype_error(fn, name, got, "a floating dtype (a float torch.Tensor)")
-    if labels.shape != logits.shape:
-        raise lsspec.shape_error(
-            fn,
-            "labels",
-            tuple(labels.shape),
-            f"the {lsspec.possessive(arg('logits'))} shape {tuple(logits.shape)}",
-        )
+    _common.floating(fn, logits=logits, labels=labels)
+    lsspec.check_same_shape(fn, "labels", tuple(labels.shape), tuple(logits.shape))
     if pos_weight is not None:
         lsspec.check_broadcastable(fn, "pos_weight", tuple(pos_weight.shape), tuple(logits.shape))
     lsspec.check_choice(fn, "reduction", reduction, lsspec.REDUCTIONS)
-    lsspec.check_smoothing(fn, _concrete_smoothing(fn, smoothing))
+    lsspec.check_smoothing(fn, _common.concrete_smoothing(fn, smoothing))
 
-    compute_dtype = _compute_dtype(logits.dtype)
+    compute_dtype = _common.compute_dtype(logits.dtype)
     x = logits.to(compute_dtype)
-    eps = _smoothing_tensor(smoothing, compute_dtype, x.device)  # d y' / d eps = 1/2 - y
+    eps = _common.smoothing_tensor(smoothing, compute_dtype, x.device)  # d y' / d eps = 1/2 - y
     zero = torch.zeros((), dtype=compute_dtype, device=x.device)
     target = labels.to(compute_dtype) * (1.0 - eps) + eps / 2
     positive = target * torch.logaddexp(-x, zero)
@@ -68,4 +53,4 @@ def sigmoid_binary_cross_entropy(
         positive = pos_weight.detach().to(compute_dtype) * positive
     loss = positive + (1.0 - target) * torch.logaddexp(x, zero)
     loss = torch.where((eps >= 0) & (eps <= 1), loss, torch.nan)  # a tensor eps outside [0, 1]
-    return _reduce(loss, torch.ones_like(loss), reduction, None)
+    return _common.reduce(loss, torch.ones_like(loss), reduction)

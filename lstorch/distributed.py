@@ -26,17 +26,8 @@ import torch
 import torch.distributed as dist
 
 import lsspec
-from lstorch.smoothed import (
-    _compute_dtype,
-    _concrete_smoothing,
-    _differentiated_again,
-    _index_labels,
-    _reduce,
-    _smoothing_tensor,
-    _times,
-    _values_readable,
-    _with_forward_mode,
-)
+from lstorch import _common
+from lstorch._common import times
 
 
 def vocab_parallel_smoothed_cross_entropy(
@@ -72,51 +63,29 @@ def vocab_parallel_smoothed_cross_entropy(
         every rank, from the global statistics), no further all-reduce.
     """
     fn = "vocab_parallel_smoothed_cross_entropy"
-    if not isinstance(local_logits, torch.Tensor) or not local_logits.is_floating_point():
-        got = getattr(local_logits, "dtype", type(local_logits).__name__)
-        raise lsspec.dtype_error(fn, "local_logits", got, "a floating dtype (a float torch.Tensor)")
-    if (
-        not isinstance(labels, torch.Tensor)
-        or labels.is_floating_point()
-        or labels.is_complex()
-        or labels.dtype == torch.bool
-    ):
-        got = getattr(labels, "dtype", type(labels).__name__)
-        raise lsspec.dtype_error(fn, "labels", got, "an integer dtype (an int torch.Tensor)")
-    if tuple(labels.shape) != tuple(local_logits.shape[:-1]):
-        raise lsspec.shape_error(
-            fn,
-            "labels",
-            tuple(labels.shape),
-            f"the logits' shape without the class axis, {tuple(local_logits.shape[:-1])}",
-        )
-    labels = _index_labels(labels)  # before any comparison with ignore_index / pad_index
+    _common.floating(fn, local_logits=local_logits)
+    labels = _common.integer_labels(fn, labels)  # widened before any comparison
+    lsspec.check_labels_shape(fn, tuple(labels.shape), tuple(local_logits.shape[:-1]))
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     local_classes = local_logits.shape[-1]
     num_classes = world * local_classes
-    lsspec.check_options(
+    _common.check_label_options(
         fn,
-        num_classes=num_classes,
-        smoothing=_concrete_smoothing(fn, smoothing),
+        num_classes,
+        smoothing=smoothing,
         convention=convention,
         reduction=reduction,
         pad_index=pad_index,
         ignore_index=ignore_index,
     )
-    counted = torch.ones_like(labels, dtype=torch.bool)
-    if ignore_index is not None:
-        counted = counted & (labels != ignore_index)
-    if pad_index is not None:
-        counted = counted & (labels != pad_index)
-    bad = counted & ((labels < 0) | (labels >= num_classes))
-    if _values_readable(bad) and bool(bad.any()):  # not under torch.compile or vmapped labels
-        raise lsspec.label_range_error(fn, labels[bad].tolist(), num_classes, ignore_index)
-    compute_dtype = _compute_dtype(local_logits.dtype)
-    eps = _smoothing_tensor(smoothing, compute_dtype, local_logits.device)  # differentiated
+    counted = _common.counted_rows(labels, ignore_index, pad_index)
+    _common.check_label_range(fn, labels, counted, num_classes, ignore_index)
+    compute_dtype = _common.compute_dtype(local_logits.dtype)
+    eps = _common.smoothing_tensor(smoothing, compute_dtype, local_logits.device)  # differentiated
     layout = (convention, pad_index, rank * local_classes, num_classes, group)
-    rows = _with_forward_mode(_VocabParallelRows, _VocabParallelRowsForwardMode)
+    rows = _common.with_forward_mode(_VocabParallelRows, _VocabParallelRowsForwardMode)
     loss, _, _ = rows.apply(local_logits, labels, counted, eps, layout)
-    return _reduce(loss, counted.to(compute_dtype), reduction, None)
+    return _common.reduce(loss, counted.to(compute_dtype), reduction)
 
 
 def _smoothing_invalid(eps: torch.Tensor) -> torch.Tensor:
@@ -209,7 +178,7 @@ class _VocabParallelRows(torch.autograd.Function):
             if convention == "others_but_pad":
                 support_sum = support_sum - x_pad
             size = lsspec.support_size(convention, num_classes)
-            loss = _times(1.0 - eps, lse - x_y) + _times(eps, lse - support_sum / size)
+            loss = times(1.0 - eps, lse - x_y) + times(eps, lse - support_sum / size)
             # A (tensor) smoothing outside [0, 1] gives NaN rows, never a plausible number.
             loss = torch.where(_smoothing_invalid(eps), torch.nan, loss)
             loss = torch.where(counted, loss, 0.0)
@@ -245,7 +214,7 @@ class _VocabParallelRows(torch.autograd.Function):
                 return tensor.expand(info.batch_size, *tensor.shape)
             return tensor.movedim(dim, 0)
 
-        rows = _with_forward_mode(_VocabParallelRows, _VocabParallelRowsForwardMode)
+        rows = _common.with_forward_mode(_VocabParallelRows, _VocabParallelRowsForwardMode)
         outputs = rows.apply(
             leading(x, x_dim),
             leading(labels, labels_dim),
@@ -265,7 +234,7 @@ class _VocabParallelRows(torch.autograd.Function):
         x, labels, counted, eps, lse, eps_slope = ctx.saved_tensors
         safe_lse = torch.where(counted, lse, 0.0)
         x_c = x.to(eps.dtype)
-        if _differentiated_again(x):
+        if _common.differentiated_again(x):
             shift = torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1)
             local = torch.exp(x_c - shift).sum(-1)
             total = _AllReduceSum.apply(local, ctx.layout[-1])
@@ -283,7 +252,7 @@ class _VocabParallelRows(torch.autograd.Function):
 
 
 class _VocabParallelRowsForwardMode(_VocabParallelRows):
-    """``_VocabParallelRows`` with ``jvp`` (see ``lstorch.smoothed._with_forward_mode``)."""
+    """``_VocabParallelRows`` with ``jvp`` (see ``lstorch._common.with_forward_mode``)."""
 
     @staticmethod
     def jvp(ctx, x_tangent, *other_tangents):
@@ -300,7 +269,7 @@ class _VocabParallelRowsForwardMode(_VocabParallelRows):
             local = torch.matmul(coeff.unsqueeze(-2), x_tangent.to(eps.dtype).unsqueeze(-1))
             d_loss = _AllReduceSum.apply(local.squeeze(-1).squeeze(-1), ctx.layout[-1])
         if eps_tangent is not None:  # the same on every rank: no communication
-            d_loss = d_loss + _times(eps_tangent, eps_slope)  # 0 tangent: exactly 0
+            d_loss = d_loss + times(eps_tangent, eps_slope)  # 0 tangent: exactly 0
         d_loss = torch.where(_smoothing_invalid(eps), torch.nan, d_loss)
         # lse and the slope: non-differentiable
         return torch.where(counted, d_loss, 0.0), None, None

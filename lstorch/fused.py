@@ -16,17 +16,8 @@ import torch
 from torch import nn
 
 import lsspec
-from lstorch.smoothed import (
-    _compute_dtype,
-    _concrete_smoothing,
-    _differentiated_again,
-    _index_labels,
-    _reduce,
-    _smoothing_tensor,
-    _times,
-    _values_readable,
-    _with_forward_mode,
-)
+from lstorch import _common
+from lstorch._common import times
 
 DEFAULT_CHUNK_SIZE = 2048
 
@@ -93,32 +84,25 @@ def fused_linear_smoothed_cross_entropy(
     """
     fn = lsspec.caller("fused_linear_smoothed_cross_entropy", _caller)
     operand_dtype = _check_fused(fn, hidden, weight, bias, labels)
-    labels = _index_labels(labels)  # before any comparison, and so weight[labels] indexes
+    labels = _common.index_labels(labels)  # before any comparison, and so weight[labels] indexes
     num_classes = weight.shape[0]
-    lsspec.check_options(
+    _common.check_label_options(
         fn,
-        num_classes=num_classes,
-        smoothing=_concrete_smoothing(fn, smoothing),
+        num_classes,
+        smoothing=smoothing,
         convention=convention,
         reduction=reduction,
         pad_index=pad_index,
         ignore_index=ignore_index,
     )
     chunk_size = lsspec.check_chunk_size(fn, chunk_size)
-    counted = torch.ones_like(labels, dtype=torch.bool)
-    if ignore_index is not None:
-        counted = counted & (labels != ignore_index)
-    if pad_index is not None:
-        counted = counted & (labels != pad_index)
-    if _values_readable(counted):  # not under torch.compile, nor vmapped labels
-        bad = counted & ((labels < 0) | (labels >= num_classes))
-        if bool(bad.any()):
-            raise lsspec.label_range_error(fn, labels[bad].tolist(), num_classes, ignore_index)
-    compute_dtype = _compute_dtype(operand_dtype)
-    eps = _smoothing_tensor(smoothing, compute_dtype, hidden.device)  # differentiated
+    counted = _common.counted_rows(labels, ignore_index, pad_index)
+    _common.check_label_range(fn, labels, counted, num_classes, ignore_index)
+    compute_dtype = _common.compute_dtype(operand_dtype)
+    eps = _common.smoothing_tensor(smoothing, compute_dtype, hidden.device)  # differentiated
     if bias is None:
         bias = torch.zeros(num_classes, dtype=hidden.dtype, device=hidden.device)
-    fused_rows = _with_forward_mode(_FusedRows, _FusedRowsForwardMode)
+    fused_rows = _common.with_forward_mode(_FusedRows, _FusedRowsForwardMode)
     loss, _, _ = fused_rows.apply(
         hidden.reshape(-1, hidden.shape[-1]),
         weight,
@@ -128,7 +112,7 @@ def fused_linear_smoothed_cross_entropy(
         eps,
         _Options(convention, pad_index, chunk_size, operand_dtype),
     )
-    return _reduce(loss.reshape(labels.shape), counted.to(compute_dtype), reduction, None)
+    return _common.reduce(loss.reshape(labels.shape), counted.to(compute_dtype), reduction)
 
 
 class _Options(NamedTuple):
@@ -158,20 +142,8 @@ def _autocast_off(device_type: str):
 def _check_fused(fn, hidden, weight, bias, labels) -> torch.dtype:
     """Checks the inputs; returns the dtype the products see (the operand dtype): the hidden's,
     or under ``torch.autocast`` the one ``F.linear`` would cast its inputs to."""
-    for name, tensor in (("hidden", hidden), ("weight", weight), ("bias", bias)):
-        if name == "bias" and tensor is None:
-            continue
-        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-            got = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            raise lsspec.dtype_error(fn, name, got, "a floating dtype (a float torch.Tensor)")
-    if (
-        not isinstance(labels, torch.Tensor)
-        or labels.is_floating_point()
-        or labels.is_complex()
-        or labels.dtype == torch.bool
-    ):
-        got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise lsspec.dtype_error(fn, "labels", got, "an integer dtype (an int torch.Tensor)")
+    _common.floating(fn, hidden=hidden, weight=weight, **({} if bias is None else {"bias": bias}))
+    _common.integer_labels(fn, labels)
     lsspec.check_linear_shapes(
         fn,
         tuple(hidden.shape),
@@ -265,7 +237,7 @@ def _terms(options, hidden, weight, bias, labels, counted, eps):
         support_sum = support_sum - column(torch.full_like(labels, pad_index))
     bad = counted & ~(in_range & (eps >= 0) & (eps <= 1))
     size = lsspec.support_size(convention, num_classes)
-    loss = _times(1.0 - eps, lse - x_y) + _times(eps, lse - support_sum / size)
+    loss = times(1.0 - eps, lse - x_y) + times(eps, lse - support_sum / size)
     loss = torch.where(counted, torch.where(bad, torch.nan, loss), 0.0)
     # d loss_row / d eps: the smoothing term minus the true one (O(rows), kept for backward).
     eps_slope = (lse - support_sum / size) - (lse - x_y)
@@ -311,7 +283,7 @@ class _FusedRows(torch.autograd.Function):
         slope_row`` when the smoothing is differentiated."""
         del grad_lse, grad_slope  # internal statistics, never differentiated.
         hidden, weight, bias, labels, counted, eps, lse, eps_slope = ctx.saved_tensors
-        if _differentiated_again(hidden, weight, bias):
+        if _common.differentiated_again(hidden, weight, bias):
             with _autocast_off(hidden.device.type):
                 grads = _differentiable_gradients(
                     ctx.options, hidden, weight, bias, labels, counted, eps, grad_loss
@@ -349,7 +321,7 @@ class _FusedRowsForwardMode(_FusedRows):
             )
         if eps_tangent is not None:
             d_loss = d_loss + _smoothing_rows(
-                labels, counted, eps, weight.shape[0], _times(eps_tangent, eps_slope)
+                labels, counted, eps, weight.shape[0], times(eps_tangent, eps_slope)
             )
         return d_loss, None, None  # lse and the slope: non-differentiable
 
@@ -526,7 +498,7 @@ class FusedLinearSmoothedCrossEntropyLoss(nn.Module):
         lsspec.check_options(
             fn,
             num_classes=None,
-            smoothing=_concrete_smoothing(fn, smoothing),
+            smoothing=_common.concrete_smoothing(fn, smoothing),
             convention=convention,
             reduction=reduction,
             pad_index=pad_index,

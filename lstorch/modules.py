@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 import lsspec
+from lstorch import _common
 from lstorch.seed_modules import kl_label_smoothing_loss, label_smoothing_loss
-from lstorch.smoothed import _concrete_scalar, _concrete_smoothing, smoothed_cross_entropy
+from lstorch.smoothed import smoothed_cross_entropy
 
 
 def _shown(value: object) -> str:
@@ -92,17 +93,17 @@ class SmoothedCrossEntropyLoss(nn.Module):
         lsspec.check_options(
             fn,
             num_classes=None,
-            smoothing=_concrete_smoothing(fn, smoothing),
+            smoothing=_common.concrete_smoothing(fn, smoothing),
             convention=convention,
             reduction=reduction,
             pad_index=pad_index,
             ignore_index=ignore_index,
-            normalizer=_concrete_scalar(fn, "normalizer", normalizer, optional=True),
+            normalizer=_common.concrete_scalar(fn, "normalizer", normalizer, optional=True),
             kl=kl,
             has_weight=weight is not None,
             from_log_probs=from_log_probs,
         )
-        z_value = _concrete_scalar(fn, "z_loss", z_loss)
+        z_value = _common.concrete_scalar(fn, "z_loss", z_loss)
         lsspec.check_z_loss(fn, z_value, from_log_probs=from_log_probs, return_z_loss=return_z_loss)
         if axis is not None and not lsspec.is_index(axis):
             raise ValueError(f"{fn}: `axis` must be an int or None; got {axis!r}.")
@@ -165,7 +166,7 @@ class LabelSmoothingLoss(nn.Module):
     def __init__(self, classes: int, smoothing: float = 0.0, dim: int = -1) -> None:
         super().__init__()
         fn = lsspec.caller(type(self).__name__)
-        smoothing_value = _concrete_smoothing(fn, smoothing)
+        smoothing_value = _common.concrete_smoothing(fn, smoothing)
         lsspec.check_seed_ce_options(fn, classes, smoothing_value, dim)
         self.cls = classes
         self.smoothing = smoothing
@@ -202,7 +203,7 @@ class KLLabelSmoothingLoss(nn.Module):
     ) -> None:
         super().__init__()
         fn = lsspec.caller(type(self).__name__)
-        value = _concrete_scalar(fn, "label_smoothing", label_smoothing)
+        value = _common.concrete_scalar(fn, "label_smoothing", label_smoothing)
         lsspec.seed_kl_options(fn, value, ignore_index, tgt_vocab_size)
         self.label_smoothing = label_smoothing
         self.tgt_vocab_size = tgt_vocab_size

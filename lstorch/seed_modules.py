@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 
 import lsspec
-from lstorch.smoothed import _concrete_scalar, smoothed_cross_entropy
+from lstorch import _common
+from lstorch.smoothed import smoothed_cross_entropy
 
 
 def label_smoothing_loss(
@@ -64,7 +65,7 @@ def kl_label_smoothing_loss(
     ``KLLabelSmoothingLoss`` when the module called).
     """
     fn = lsspec.caller("kl_label_smoothing_loss", _caller)
-    value = _concrete_scalar(fn, "label_smoothing", label_smoothing)
+    value = _common.concrete_scalar(fn, "label_smoothing", label_smoothing)
     options = lsspec.seed_kl_options(fn, value, ignore_index, tgt_vocab_size)
     if isinstance(output, torch.Tensor) and output.ndim:
         lsspec.check_declared_classes(fn, "tgt_vocab_size", tgt_vocab_size, output.shape[-1])

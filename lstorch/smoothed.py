@@ -11,9 +11,10 @@ import os
 from typing import NamedTuple
 
 import torch
-import torch.autograd.forward_ad as fwAD
 
 import lsspec
+from lstorch import _common
+from lstorch._common import times, xlogx
 
 
 class _Options(NamedTuple):
@@ -58,278 +59,22 @@ def _use_triton(x: torch.Tensor, from_log_probs: bool) -> bool:
     return _triton_kernels() is not None
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _xlogx(value: torch.Tensor) -> torch.Tensor:
-    """x * log(x) with 0 log 0 = 0, so smoothing = 1 (confidence 0) stays finite."""
-    return torch.xlogy(value, value)
-
-
-def _times(scale: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
-    """``scale * term``, exactly 0 when ``scale`` is 0 even where ``term`` is infinite.
-
-    Autograd gives it ``torch.where``'s derivative, 0 with respect to ``scale`` at ``scale = 0``:
-    where ``scale`` may be differentiated, use :func:`_scaled`."""
-    return torch.where(scale == 0, torch.zeros_like(term), scale * term)
-
-
-class _Times(torch.autograd.Function):
-    """:func:`_times` with the product's derivative, at ``scale = 0`` too: ``term`` with respect
-    to ``scale`` (so a smoothing at 0 still moves) and ``scale`` (0 there, not ``0 * inf``) with
-    respect to ``term``. Works under ``torch.func`` and ``torch.compile``."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(scale, term):
-        return _times(scale, term)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-        ctx.save_for_forward(*inputs)
-
-    @staticmethod
-    def backward(ctx, grad):
-        scale, term = ctx.saved_tensors
-        d_scale = d_term = None
-        if ctx.needs_input_grad[0]:
-            d_scale = (grad * term).sum_to_size(scale.shape)
-        if ctx.needs_input_grad[1]:
-            d_term = _times(scale, grad).sum_to_size(term.shape)
-        return d_scale, d_term
-
-
-class _TimesForwardMode(_Times):
-    """``_Times`` with ``jvp``, the same product rule: ``d scale * term + scale * d term``
-    (``scale * d term`` exactly 0 at ``scale = 0``). See ``_with_forward_mode``."""
-
-    @staticmethod
-    def jvp(ctx, scale_tangent, term_tangent):
-        scale, term = ctx.saved_tensors
-        tangent = torch.zeros(torch.broadcast_shapes(scale.shape, term.shape), dtype=term.dtype,
-                              device=term.device)  # fmt: skip
-        if scale_tangent is not None:
-            tangent = tangent + scale_tangent * term
-        if term_tangent is not None:
-            tangent = tangent + _times(scale, term_tangent)
-        return tangent
-
-
-def _scaled(scale: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
-    """:func:`_times`, differentiable with respect to ``scale`` at ``scale = 0`` (``_Times``)."""
-    return _with_forward_mode(_Times, _TimesForwardMode).apply(scale, term)
-
-
-def _numpy_as_tensor(value: object) -> object:
-    """A NumPy array option (``np.array(0.1)``) as a CPU tensor, as lsjax takes one; any other
-    value unchanged."""
-    if isinstance(value, torch.Tensor) or not hasattr(value, "__array__"):
-        return value
-    return torch.as_tensor(value)
-
-
-def _option_readable(value: torch.Tensor) -> bool:
-    """Whether the host may read a tensor option's value to check it: a CPU tensor (reading one
-    on an accelerator would make the host wait for the device on every call), outside
-    ``torch.compile``, ``torch.jit`` tracing and ``torch.func.vmap`` batching (see
-    ``_values_readable``)."""
-    return value.device.type == "cpu" and not torch.jit.is_tracing() and _values_readable(value)
-
-
-def _concrete_scalar(fn: object, name: str, value: object, *, optional: bool = False) -> object:
-    """A scalar option (smoothing, normalizer, z_loss, ...) as a Python float for checking: a
-    number, or a one-element tensor of a real dtype whose value the host may read
-    (``_option_readable``: a CPU tensor). Any other tensor passes through unread: out of range,
-    it gives NaN. None is kept where ``optional``; anything else (None, a string, a tuple, a
-    bool) raises TypeError."""
-    if value is None and optional:
-        return None
-    if lsspec.is_number(value):
-        return float(value)
-    value = _numpy_as_tensor(value)
-    if not isinstance(value, torch.Tensor) or value.dtype == torch.bool or value.is_complex():
-        raise lsspec.scalar_type_error(fn, name, value)
-    if value.numel() != 1:
-        raise lsspec.shape_error(fn, name, tuple(value.shape), "a scalar shape ()")
-    if _option_readable(value):
-        return float(value.detach().reshape(()))
-    return value
-
-
-_FLOAT64_ULP = torch.finfo(torch.float64).eps
-
-
-def _ulp_of_one(value: object) -> float:
-    """The spacing of ``value``'s own float dtype at 1.0 (float64's for a Python number)."""
-    value = _numpy_as_tensor(value)
-    if isinstance(value, torch.Tensor) and value.is_floating_point():
-        return torch.finfo(value.dtype).eps
-    return _FLOAT64_ULP
-
-
-def _concrete_smoothing(fn: object, value: object, name: str = "smoothing") -> object:
-    """A concrete smoothing (a number, or a CPU tensor: see ``_concrete_scalar``) as a float,
-    snapped into [0, 1] when it is only rounding outside it (``lsspec.UNIT_INTERVAL_ULPS``);
-    other tensors pass through unread."""
-    concrete = _concrete_scalar(fn, name, value)
-    if lsspec.is_number(concrete):
-        return lsspec.snap_to_unit_interval(concrete, _ulp_of_one(value))
-    return concrete
-
-
-def _smoothing_tensor(value, dtype, device) -> torch.Tensor:
-    """``value`` as a 0-d ``dtype`` tensor on ``device``, clamped into [0, 1] where it lies
-    within the rounding slack outside it (a schedule that ends at 0); farther out it stays out
-    of range, and the rows it reaches are NaN."""
-    slack = lsspec.unit_interval_slack(_ulp_of_one(value))
-    eps = _device_scalar(value, dtype, device)
-    snapped = eps.clamp(0, 1)
-    rounding = (eps != snapped) & ((eps - snapped).abs() <= slack)
-    # The snap is rounding, not a change of value: its derivative is 1 (straight through), as
-    # lsjax's, so a learned smoothing just outside [0, 1] keeps its derivative.
-    return torch.where(rounding, eps + (snapped - eps).detach(), eps)
-
-
-def _z_loss_tensor(value, dtype, device) -> torch.Tensor:
-    """``z_loss`` as a 0-d ``dtype`` tensor on ``device``, NaN where it is negative or not finite
-    (a value the checks could not read): the rows it reaches are NaN, never a plausible
-    number."""
-    z = _device_scalar(value, dtype, device)
-    return torch.where((z >= 0) & torch.isfinite(z), z, torch.nan)
-
-
-def _tensor_option(fn, name, value, device):
-    """``weight``, ``where`` or ``class_mask`` as a tensor: a Python list (or another array-like)
-    becomes one on ``device``, as lsjax accepts any array-like; a tensor is kept as it is."""
-    if value is None or isinstance(value, torch.Tensor):
-        return value
-    try:
-        return torch.as_tensor(value, device=device)
-    except (TypeError, ValueError, RuntimeError) as error:
-        fn, arg = lsspec.names(fn)
-        raise TypeError(
-            f"{fn}: `{arg(name)}` must be a tensor or a list of numbers; got {value!r} ({error})."
-        ) from None
-
-
-def _class_axis(fn, axis, ndim, shape) -> int:
-    """The class axis as a non-negative int. ``axis=None`` (the default) is the last axis for
-    1-D and 2-D logits, where torch's class axis (0 of ``(C,)``, 1 of ``(N, C)``) is the last
-    one too; with 3 or more dimensions it must be given (``lsspec.axis_required_error``)."""
-    if axis is None:
-        if ndim >= 3:
-            raise lsspec.axis_required_error(fn, shape)
-        axis = -1
-    return lsspec.check_axis(fn, axis, ndim)
-
-
 def _check_arrays(fn, logits, labels, axis, weight, where, class_mask=None):
-    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
-        got = logits.dtype if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise lsspec.dtype_error(fn, "logits", got, "a floating dtype (a float torch.Tensor)")
-    if (
-        not isinstance(labels, torch.Tensor)
-        or labels.is_floating_point()
-        or labels.is_complex()
-        or labels.dtype == torch.bool
-    ):
-        got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise lsspec.dtype_error(fn, "labels", got, "an integer dtype (an int torch.Tensor)")
+    """Shared input checks; returns (labels widened by ``_common.index_labels``, the class axis
+    as a non-negative int)."""
+    _common.floating(fn, logits=logits)
+    labels = _common.integer_labels(fn, labels)
     if logits.ndim < 1:
         raise lsspec.shape_error(fn, "logits", tuple(logits.shape), "at least one dimension")
-    axis = _class_axis(fn, axis, logits.ndim, tuple(logits.shape))
-    _, arg = lsspec.names(fn)
-    row_shape = tuple(logits.shape[:axis]) + tuple(logits.shape[axis + 1 :])
-    if tuple(labels.shape) != row_shape:
-        raise lsspec.shape_error(
-            fn,
-            "labels",
-            tuple(labels.shape),
-            f"the {lsspec.possessive(arg('logits'))} shape without the class axis, {row_shape}",
-        )
-    num_classes = logits.shape[axis]
-    if weight is not None and tuple(weight.shape) != (num_classes,):
-        raise lsspec.shape_error(fn, "weight", tuple(weight.shape), f"shape ({num_classes},)")
-    if where is not None:
-        if tuple(where.shape) != row_shape:
-            raise lsspec.shape_error(
-                fn,
-                "where",
-                tuple(where.shape),
-                f"the {lsspec.possessive(arg('labels'))} shape {row_shape}",
-            )
-        if where.dtype != torch.bool:
-            raise lsspec.dtype_error(fn, "where", where.dtype, "dtype bool")
-    if class_mask is not None:
-        if tuple(class_mask.shape) != (num_classes,):
-            raise lsspec.shape_error(
-                fn, "class_mask", tuple(class_mask.shape), f"shape ({num_classes},)"
-            )
-        if class_mask.dtype != torch.bool:
-            raise lsspec.dtype_error(fn, "class_mask", class_mask.dtype, "dtype bool")
-    return axis
-
-
-def _index_labels(labels: torch.Tensor) -> torch.Tensor:
-    """Integer ``labels`` (already checked) as int64, the dtype torch indexes with.
-
-    In a narrower dtype ``gather`` refuses the labels, ``weight[labels]`` reads uint8 labels as
-    a boolean mask, uint16 has no ``<`` on the CPU, and a comparison with a Python int is made
-    in the labels' dtype (uint8: ``-100`` is 156, ``K = 259`` is 3). Widening before any of
-    those makes narrow labels give exactly what int64 labels give. A no-op for int64.
-    """
-    return labels.to(torch.int64)
-
-
-def _values_readable(tensor: torch.Tensor) -> bool:
-    """Whether the host can read ``tensor``'s values: not inside ``torch.compile`` (the read
-    would break the graph) and not batched by ``torch.func.vmap`` (a vmapped value cannot be
-    read; per-sample-gradient code vmaps over the labels)."""
-    if torch.compiler.is_compiling():
-        return False
-    functorch = torch._C._functorch
-    while functorch.is_functorch_wrapped_tensor(tensor):  # e.g. vmap(grad(loss)): unwrap grad's
-        if functorch.is_batchedtensor(tensor):
-            return False
-        tensor = functorch.get_unwrapped(tensor)
-    return True
-
-
-def _differentiated_again(*tensors: torch.Tensor) -> bool:
-    """Whether a backward's result will itself be differentiated, so that it must be built from
-    differentiable ops on the inputs (statistics such as the lse recomputed from them, nothing
-    written in place): a graph is being recorded (``create_graph=True``), a ``torch.func``
-    transform is active (``hessian``, ``jacfwd`` over ``jacrev``), or an input carries a
-    ``torch.autograd.forward_ad`` tangent (forward over reverse)."""
-    return (
-        torch.is_grad_enabled()
-        or torch._C._are_functorch_transforms_active()
-        or any(fwAD.unpack_dual(t).tangent is not None for t in tensors if t is not None)
-    )
-
-
-def _with_forward_mode(function: type, with_jvp: type) -> type:
-    """The autograd.Function to apply: ``with_jvp`` (``function`` plus a ``jvp`` for forward
-    mode), except while ``torch.compile`` traces the call, where Dynamo refuses (graph-breaks
-    on) a Function that defines ``jvp`` and gets ``function``, the same in every other way."""
-    return function if torch.compiler.is_compiling() else with_jvp
-
-
-def _check_label_range(fn, labels, counted, num_classes, ignore_index, class_mask=None):
-    """Labels out of range (or of a masked class) raise; where their values cannot be read
-    (``torch.compile``, batched labels under ``torch.func.vmap``) such a row is NaN instead."""
-    if not (_values_readable(labels) and _values_readable(counted)):
-        return
-    bad = counted & ((labels < 0) | (labels >= num_classes))
-    if bool(bad.any()):
-        raise lsspec.label_range_error(fn, labels[bad].tolist(), num_classes, ignore_index)
-    if class_mask is not None:
-        masked = counted & ~class_mask[labels.clamp(0, num_classes - 1)]
-        if bool(masked.any()):
-            raise lsspec.masked_label_error(fn, labels[masked].tolist())
+    axis = _common.class_axis(fn, axis, logits.ndim, tuple(logits.shape))
+    rows = lsspec.row_shape(logits.shape, axis)
+    lsspec.check_labels_shape(fn, tuple(labels.shape), rows)
+    shapes = {name: None if v is None else tuple(v.shape) for name, v in
+              (("weight", weight), ("where", where), ("class_mask", class_mask))}  # fmt: skip
+    lsspec.check_row_options_shapes(fn, logits.shape[axis], rows, **shapes)
+    _common.check_bool(fn, "where", where)
+    _common.check_bool(fn, "class_mask", class_mask)
+    return labels, axis
 
 
 def smoothed_cross_entropy(
@@ -430,48 +175,40 @@ def smoothed_cross_entropy(
     """
     fn = lsspec.caller("smoothed_cross_entropy", _caller)
     if isinstance(logits, torch.Tensor):
-        weight = _tensor_option(fn, "weight", weight, logits.device)
-        where = _tensor_option(fn, "where", where, logits.device)
-        class_mask = _tensor_option(fn, "class_mask", class_mask, logits.device)
-    axis = _check_arrays(fn, logits, labels, axis, weight, where, class_mask)
-    labels = _index_labels(labels)  # before any comparison with ignore_index / pad_index
+        weight = _common.tensor_option(fn, "weight", weight, logits.device)
+        where = _common.tensor_option(fn, "where", where, logits.device)
+        class_mask = _common.tensor_option(fn, "class_mask", class_mask, logits.device)
+    labels, axis = _check_arrays(fn, logits, labels, axis, weight, where, class_mask)
     num_classes = logits.shape[axis]
-    smoothing_value = _concrete_smoothing(fn, smoothing)
-    lsspec.check_options(
+    _common.check_label_options(
         fn,
-        num_classes=num_classes,
-        smoothing=smoothing_value,
+        num_classes,
+        smoothing=smoothing,
         convention=convention,
         reduction=reduction,
         pad_index=pad_index,
         ignore_index=ignore_index,
-        normalizer=_concrete_scalar(fn, "normalizer", normalizer, optional=True),
+        normalizer=_common.concrete_scalar(fn, "normalizer", normalizer, optional=True),
         kl=kl,
         has_weight=weight is not None,
         from_log_probs=from_log_probs,
     )
-    z_value = _concrete_scalar(fn, "z_loss", z_loss)
+    z_value = _common.concrete_scalar(fn, "z_loss", z_loss)
     lsspec.check_z_loss(fn, z_value, from_log_probs=from_log_probs, return_z_loss=return_z_loss)
     if class_mask is not None and not torch.compiler.is_compiling():
         lsspec.check_class_mask_support(fn, class_mask.tolist(), convention, pad_index)
-    counted = torch.ones_like(labels, dtype=torch.bool)
-    if ignore_index is not None:
-        counted = counted & (labels != ignore_index)
-    if pad_index is not None:
-        counted = counted & (labels != pad_index)
-    if where is not None:
-        counted = counted & where
-    _check_label_range(fn, labels, counted, num_classes, ignore_index, class_mask)
+    counted = _common.counted_rows(labels, ignore_index, pad_index, where)
+    _common.check_label_range(fn, labels, counted, num_classes, ignore_index, class_mask)
 
     x = logits.movedim(axis, -1)
-    compute_dtype = _compute_dtype(logits.dtype)
-    eps = _smoothing_tensor(smoothing, compute_dtype, logits.device)  # differentiated
+    compute_dtype = _common.compute_dtype(logits.dtype)
+    eps = _common.smoothing_tensor(smoothing, compute_dtype, logits.device)  # differentiated
     if weight is not None:
         weight = weight.detach().to(compute_dtype)
     if class_mask is not None:
         class_mask = class_mask.detach().to(logits.device)
     with_z = return_z_loss or isinstance(z_loss, torch.Tensor) or z_value != 0
-    z = _z_loss_tensor(z_loss if with_z else 0.0, compute_dtype, logits.device)
+    z = _common.z_loss_tensor(z_loss if with_z else 0.0, compute_dtype, logits.device)
     if inplace_backward and logits.requires_grad:
         if logits.is_leaf:
             raise ValueError(
@@ -487,43 +224,17 @@ def smoothed_cross_entropy(
             )
     triton = _use_triton(x, from_log_probs)
     options = _Options(convention, pad_index, kl, from_log_probs, with_z, triton, inplace_backward)
-    row_loss = _with_forward_mode(_RowLoss, _RowLossForwardMode)
+    row_loss = _common.with_forward_mode(_RowLoss, _RowLossForwardMode)
     loss, z_part, *_ = row_loss.apply(x, labels, counted, eps, weight, class_mask, z, options)
     safe_labels = torch.where(counted, labels, 0).clamp(0, num_classes - 1)
     w_y = 1.0 if weight is None else weight[safe_labels]
     row_weight = torch.where(counted, w_y, 0.0).to(compute_dtype)
     if return_z_loss:
         return (
-            _reduce(loss, row_weight, reduction, normalizer),
-            _reduce(z_part, row_weight, reduction, normalizer),
+            _common.reduce(loss, row_weight, reduction, normalizer),
+            _common.reduce(z_part, row_weight, reduction, normalizer),
         )
-    return _reduce(loss, row_weight, reduction, normalizer)
-
-
-def _device_scalar(value, dtype, device) -> torch.Tensor:
-    """A 0-d tensor of ``value`` on ``device``: a Python number is filled there (on a GPU, a
-    host-to-device copy from pageable memory would wait for the stream), a tensor is cast."""
-    value = _numpy_as_tensor(value)
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype=dtype, device=device)
-    return torch.full((), value, dtype=dtype, device=device)
-
-
-def _reduce(loss, row_weight, reduction, normalizer):
-    if reduction == "none":
-        return loss
-    total = loss.sum()
-    if reduction == "sum":
-        return total
-    if normalizer is not None:
-        # A normalizer that was not read (a tensor on an accelerator, inside torch.compile) and
-        # is not a finite number > 0 gives NaN; a concrete one was checked.
-        denominator = _device_scalar(normalizer, loss.dtype, loss.device)
-        valid = (denominator > 0) & torch.isfinite(denominator)
-        return torch.where(valid, total / torch.where(valid, denominator, 1.0), torch.nan)
-    denominator = row_weight.sum()
-    nothing_counts = denominator == 0
-    return torch.where(nothing_counts, 0.0, total / torch.where(nothing_counts, 1.0, denominator))
+    return _common.reduce(loss, row_weight, reduction, normalizer)
 
 
 class _Lse(NamedTuple):
@@ -682,7 +393,7 @@ def _kl_terms(options, eps, size):
     as its two terms, the target's and the other classes', added in that order (as lsjax does,
     so both round alike)."""
     off_target_count = size - 1 if options.convention == "uniform" else size
-    return _xlogx(_on_target_mass(options, eps, size)), off_target_count * _xlogx(eps / size)
+    return xlogx(_on_target_mass(options, eps, size)), off_target_count * xlogx(eps / size)
 
 
 def _smoothing_slope(options, terms, eps, size):
@@ -698,7 +409,7 @@ def _smoothing_slope(options, terms, eps, size):
         kl_slope = torch.log(eps / size) - torch.log(_on_target_mass(options, eps, size))
         if options.convention == "uniform":  # q_y moves by (|S| - 1) / |S| per unit of eps
             share = torch.as_tensor((size - 1) / size, dtype=eps.dtype, device=eps.device)
-            kl_slope = _times(share, kl_slope)
+            kl_slope = times(share, kl_slope)
         slope = slope + kl_slope
     return slope
 
@@ -751,9 +462,9 @@ def _option_tangents(options, x, labels, counted, eps, weight, class_mask, lse, 
         size = _support_size(options, num_classes, class_mask)
         # A zero tangent contributes exactly 0, even where the slope is infinite (kl=True at
         # eps = 0 or 1): autograd hands zeros for inputs that carry no tangent.
-        d_loss = d_loss + rows(_times(eps_tangent, _smoothing_slope(options, terms, eps, size)))
+        d_loss = d_loss + rows(times(eps_tangent, _smoothing_slope(options, terms, eps, size)))
     if z_tangent is not None and options.with_z:
-        d_z = rows(_times(z_tangent, lse.value.square()))
+        d_z = rows(times(z_tangent, lse.value.square()))
         d_loss = d_loss + d_z
     return d_loss, d_z
 
@@ -799,12 +510,12 @@ def _row_loss_forward(options, x, labels, counted, eps, weight, class_mask, z):
     confidence = 1.0 - eps
     true_term = terms.w_y * ((lse.peak - terms.x_y) + lse.log_sum)
     smooth_term = terms.smooth_term(size)
-    loss = _times(confidence, true_term) + _times(eps, smooth_term)
+    loss = times(confidence, true_term) + times(eps, smooth_term)
     if options.kl:  # Subtract the entropy of q: add sum_c q_c log q_c, a constant per row.
         on_target_term, off_target_term = _kl_terms(options, eps, size)
         loss = loss + on_target_term + off_target_term
     if options.with_z:
-        z_part = torch.where(bad, torch.nan, _times(z, lse.value.square()))
+        z_part = torch.where(bad, torch.nan, times(z, lse.value.square()))
         loss = loss + z_part
         z_part = torch.where(counted, z_part, 0.0)
     else:
@@ -823,7 +534,7 @@ def _row_loss_gradient(
     z-part. Built in one rows x K buffer with in-place updates (the row scales are applied
     before the target is subtracted, so no second buffer is needed), unless the gradient will be
     differentiated ``again`` (double backward, forward over reverse: see
-    ``_differentiated_again``), where the same steps run out of place.
+    ``_common.differentiated_again``), where the same steps run out of place.
     """
     grad_rows, grad_z = grads
     inplace = not again
@@ -963,7 +674,7 @@ class _RowLoss(torch.autograd.Function):
     and ``torch.compile`` (fullgraph) as well as plain autograd; ``_RowLossForwardMode`` adds
     forward mode. Second derivatives: backward runs through differentiable ops, with the lse
     recomputed from ``x``, whenever its result will be differentiated again
-    (``_differentiated_again``).
+    (``_common.differentiated_again``).
     """
 
     generate_vmap_rule = True
@@ -997,7 +708,7 @@ class _RowLoss(torch.autograd.Function):
         del grad_peak, grad_log_sum  # the lse is an internal statistic, never differentiated
         x, labels, counted, eps, weight, class_mask, z, lse = _RowLoss._unpack(ctx)
         need_x, need_eps, need_z = (ctx.needs_input_grad[i] for i in (0, 3, 6))
-        again = _differentiated_again(x)
+        again = _common.differentiated_again(x)
         if again and not ctx.options.from_log_probs:
             # Differentiated again: lse must be a function of x for the Hessian to be right.
             lse = _masked_logsumexp(x, class_mask, eps.dtype)
@@ -1036,7 +747,7 @@ class _RowLoss(torch.autograd.Function):
 
 class _RowLossForwardMode(_RowLoss):
     """``_RowLoss`` with ``jvp``: ``torch.func.jvp``/``jacfwd``/``hessian`` and
-    ``torch.autograd.forward_ad`` (see ``_with_forward_mode`` for why it is a separate class).
+    ``torch.autograd.forward_ad`` (``_common.with_forward_mode`` says why it is a separate class).
     Tangents of the logits, the smoothing and the z-loss weight move the rows; labels, masks
     and class weights are constants."""
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 
 import lsspec
+from lstorch._common import compute_dtype as _compute_dtype
 from lstorch.binary import sigmoid_binary_cross_entropy
-from lstorch.smoothed import _compute_dtype
 from lstorch.soft import soft_target_cross_entropy
 
 

@@ -5,12 +5,8 @@ from __future__ import annotations
 import torch
 
 import lsspec
-from lstorch.smoothed import (
-    _compute_dtype,
-    _concrete_scalar,
-    _with_forward_mode,
-    smoothed_cross_entropy,
-)
+from lstorch import _common
+from lstorch.smoothed import smoothed_cross_entropy
 from lstorch.soft import soft_target_cross_entropy
 
 
@@ -28,10 +24,12 @@ def cross_entropy_with_logits(
     """
     fn = "cross_entropy_with_logits"
     # Checked here (inside the autograd.Function the value is a tensor on the logits' device).
-    z_value = _concrete_scalar(fn, "z_loss", z_loss)
+    z_value = _common.concrete_scalar(fn, "z_loss", z_loss)
     lsspec.check_z_loss(fn, z_value, from_log_probs=False, return_z_loss=True)
-    z = torch.as_tensor(z_loss, dtype=_compute_dtype(logits.dtype), device=logits.device)
-    function = _with_forward_mode(_CrossEntropyWithLogits, _CrossEntropyWithLogitsForwardMode)
+    z = torch.as_tensor(z_loss, dtype=_common.compute_dtype(logits.dtype), device=logits.device)
+    function = _common.with_forward_mode(
+        _CrossEntropyWithLogits, _CrossEntropyWithLogitsForwardMode
+    )
     return function.apply(logits, targets, z)
 
 
@@ -89,7 +87,7 @@ class _CrossEntropyWithLogits(torch.autograd.Function):
 
 class _CrossEntropyWithLogitsForwardMode(_CrossEntropyWithLogits):
     """``_CrossEntropyWithLogits`` with ``jvp``, the transpose of its backward rule; Dynamo traces
-    the class without it (see ``lstorch.smoothed._with_forward_mode``)."""
+    the class without it (see ``lstorch._common.with_forward_mode``)."""
 
     @staticmethod
     def jvp(ctx, logits_tangent, targets_tangent, z_loss_tangent):
