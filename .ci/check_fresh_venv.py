@@ -2,9 +2,10 @@
 
 ``python -I .ci/check_fresh_venv.py jax`` (or ``torch``) asserts what a user of that one framework
 meets: the installed packages (not a source tree) with their py.typed; the other framework is not
-importable; its package and ``parity_tests`` raise an ImportError naming the extra to install;
-this framework's package computes a loss equal to a float64 NumPy formula; calibration works on
-this framework's arrays and on NumPy; plotting without matplotlib names the ``[plot]`` extra.
+importable; its package and ``parity_tests`` raise an ImportError naming the extra to install (so
+does ``lstorch.integrations.huggingface`` without transformers, naming ``[hf]``); this framework's
+package computes a loss equal to a float64 NumPy formula; calibration works on this framework's
+arrays and on NumPy; plotting without matplotlib names the ``[plot]`` extra.
 """
 
 import importlib
@@ -52,6 +53,10 @@ for module in (PACKAGE[OTHER], f"{PACKAGE[OTHER]}.calibration"):
     assert INSTALL.format(OTHER) in message, message
 message = import_error("parity_tests")
 assert INSTALL.format("parity") in message, message
+if FRAMEWORK == "torch":  # the Hugging Face integration needs transformers, from the [hf] extra
+    assert importlib.util.find_spec("transformers") is None, "transformers came with [torch]"
+    message = import_error("lstorch.integrations.huggingface")
+    assert INSTALL.format("hf") in message, message
 
 # This framework's package: one loss against the float64 formula of the uniform convention,
 # loss_i = logsumexp(x_i) - (1 - eps) x_{i,y_i} - (eps / K) sum_c x_ic.

@@ -230,14 +230,20 @@ def reduce(loss: Array, row_weight: Array, reduction: str, normalizer: Any = Non
     when that is 0), or over ``normalizer`` when given."""
     if reduction == "none":
         return loss
-    total = jnp.sum(loss)
     if reduction == "sum":
-        return total
+        return jnp.sum(loss)
+    # The mean of rows near the float32 maximum is finite while their sum is not: each row is
+    # scaled by a power of two before it is added and the quotient scaled back, which is the
+    # unscaled quotient bit for bit wherever that one is finite (lsspec.sum_scale).
+    scale = lsspec.sum_scale(loss.size)
+    total = jnp.sum(loss * scale)
     if normalizer is not None:
         # A traced normalizer that is not a finite number > 0 gives NaN (a concrete one raised).
         denominator = jnp.asarray(normalizer, loss.dtype)
         valid = (denominator > 0) & jnp.isfinite(denominator)
-        return jnp.where(valid, total / jnp.where(valid, denominator, 1.0), jnp.nan)
+        return jnp.where(valid, total / jnp.where(valid, denominator, 1.0) / scale, jnp.nan)
     denominator = jnp.sum(row_weight)
     nothing_counts = denominator == 0
-    return jnp.where(nothing_counts, 0.0, total / jnp.where(nothing_counts, 1.0, denominator))
+    return jnp.where(
+        nothing_counts, 0.0, total / jnp.where(nothing_counts, 1.0, denominator) / scale
+    )

@@ -142,6 +142,7 @@ def smoothed_cross_entropy(
     class_mask: ArrayLike | None = None,
     z_loss: float | Array = 0.0,
     return_z_loss: bool = False,
+    implementation: str = "auto",
     _caller: lsspec.Caller | None = None,
 ) -> Array | tuple[Array, Array]:
     r"""Label-smoothed cross-entropy from integer labels, in closed form.
@@ -223,6 +224,19 @@ def smoothed_cross_entropy(
       return_z_loss: also return the z-loss part alone, reduced like the loss:
         ``(loss, z_part)`` where ``loss`` already includes ``z_part`` (T5X's convention). The
         z-part's gradient is ``2 z lse softmax(x)``.
+      implementation: ``"auto"`` | ``"xla"`` | ``"pallas"``: how the core runs.
+        ``"pallas"``: on the Pallas kernels of ``lsjax.pallas_kernels`` (one read of the
+        logits in forward, one read and one write in backward); compiled on a GPU (Triton) or
+        TPU (Mosaic), in Pallas's slow interpret mode elsewhere. They take logits, not
+        ``from_log_probs=True`` (an error), and reverse-mode derivatives only (``grad``,
+        ``vjp``, under ``jit``/``vmap``; not ``jax.jvp``/``jacfwd``/``hessian``).
+        ``"xla"``: plain XLA ops, every derivative. ``"auto"``: the kernels for
+        float32/bf16/fp16 logits when JAX's default backend is a GPU and JAX sees one device
+        (XLA's partitioner does not split a kernel: sharded logits would be gathered whole;
+        inside ``shard_map`` pass ``"pallas"``), XLA elsewhere (TPU too);
+        the environment variable ``LSJAX_IMPLEMENTATION=xla|pallas`` overrides that choice
+        (log-probabilities stay on XLA). The kernels were tested in interpret mode on CPUs
+        only: never run on a GPU or a TPU.
 
     Returns:
       The loss in ``float32`` for bf16/fp16/float32 logits and ``float64`` for float64 logits:
@@ -265,6 +279,11 @@ def smoothed_cross_entropy(
     )
     z_value = _common.concrete_scalar(fn, "z_loss", z_loss)
     lsspec.check_z_loss(fn, z_value, from_log_probs=from_log_probs, return_z_loss=return_z_loss)
+    from lsjax import pallas_kernels  # imports Pallas: only when a loss is computed
+
+    core = _row_loss_jit
+    if pallas_kernels.chosen(fn, implementation, logits, from_log_probs=from_log_probs):
+        core = pallas_kernels.row_loss
     if class_mask is not None and not _common.is_traced(class_mask):
         lsspec.check_class_mask_support(fn, np.asarray(class_mask).tolist(), convention, pad_index)
     counted = _common.counted_rows(labels, ignore_index, pad_index, where)
@@ -281,7 +300,7 @@ def smoothed_cross_entropy(
     with_z = return_z_loss or not (lsspec.is_number(z_value) and z_value == 0)
     z = _common.z_loss_array(z_loss, compute_dtype) if with_z else None
     options = _Options(convention, pad_index, kl, from_log_probs, with_z)
-    loss = _row_loss_jit(options, x, labels, counted, eps, weight, class_mask, z)
+    loss = core(options, x, labels, counted, eps, weight, class_mask, z)
     w_y = 1.0 if weight is None else weight[jnp.where(counted, labels, 0).clip(0, num_classes - 1)]
     row_weight = jnp.where(counted, w_y, 0.0).astype(compute_dtype)
     if with_z:

@@ -393,7 +393,9 @@ def plot_reliability_diagram(
     (``pip install 'label-smoothing-parity[plot]'``); nothing else in the library needs it.
 
     Args:
-      probs, labels, num_bins: as :func:`reliability_diagram`.
+      probs: as :func:`reliability_diagram`.
+      labels: as :func:`reliability_diagram`.
+      num_bins: as :func:`reliability_diagram`.
       ax: a matplotlib Axes to draw into; a new figure is made when None.
       title: the Axes title.
 

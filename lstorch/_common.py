@@ -257,18 +257,24 @@ def reduce(loss, row_weight, reduction: str, normalizer=None) -> torch.Tensor:
     when that is 0), or over ``normalizer`` when given."""
     if reduction == "none":
         return loss
-    total = loss.sum()
     if reduction == "sum":
-        return total
+        return loss.sum()
+    # The mean of rows near the float32 maximum is finite while their sum is not: each row is
+    # scaled by a power of two before it is added and the quotient scaled back, which is the
+    # unscaled quotient bit for bit wherever that one is finite (lsspec.sum_scale).
+    scale = lsspec.sum_scale(loss.numel())
+    total = (loss * scale).sum()
     if normalizer is not None:
         # A normalizer that was not read (a tensor on an accelerator, inside torch.compile) and
         # is not a finite number > 0 gives NaN; a concrete one was checked.
         denominator = device_scalar(normalizer, loss.dtype, loss.device)
         valid = (denominator > 0) & torch.isfinite(denominator)
-        return torch.where(valid, total / torch.where(valid, denominator, 1.0), torch.nan)
+        return torch.where(valid, total / torch.where(valid, denominator, 1.0) / scale, torch.nan)
     denominator = row_weight.sum()
     nothing_counts = denominator == 0
-    return torch.where(nothing_counts, 0.0, total / torch.where(nothing_counts, 1.0, denominator))
+    return torch.where(
+        nothing_counts, 0.0, total / torch.where(nothing_counts, 1.0, denominator) / scale
+    )
 
 
 def check_label_options(fn, num_classes: int | None, *, smoothing, **options) -> None:

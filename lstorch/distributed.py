@@ -57,10 +57,13 @@ def vocab_parallel_smoothed_cross_entropy(
       local_logits: ``(..., V_local)``, this rank's slice of the class axis (the last axis).
       labels: global class indices, the same on every rank, shape ``local_logits.shape[:-1]``.
       group: the process group the vocabulary is split over (default: the world).
-      smoothing, convention, ignore_index, pad_index, reduction: as ``smoothed_cross_entropy``
-        (``pad_index`` is a global class index). A ``smoothing`` tensor that requires grad is
+      smoothing: as ``smoothed_cross_entropy``. A ``smoothing`` tensor that requires grad is
         differentiated: every rank gets ``d loss / d smoothing`` of the whole loss (the same on
         every rank, from the global statistics), no further all-reduce.
+      convention: as ``smoothed_cross_entropy``.
+      ignore_index: as ``smoothed_cross_entropy``.
+      pad_index: as ``smoothed_cross_entropy``; a global class index.
+      reduction: as ``smoothed_cross_entropy``.
     """
     fn = "vocab_parallel_smoothed_cross_entropy"
     _common.floating(fn, local_logits=local_logits)

@@ -39,11 +39,19 @@ def _triton_kernels():
     return triton_kernels
 
 
+@torch.compiler.assume_constant_result
+def _triton_available() -> bool:
+    """Whether the kernels (and their operators, ``torch.ops.lstorch.smoothed_rows*``, which
+    importing them registers) are there; a constant to ``torch.compile``."""
+    return _triton_kernels() is not None
+
+
 def _use_triton(x: torch.Tensor, from_log_probs: bool) -> bool:
     """Whether the core runs on the Triton kernels: CUDA tensors (every device with
     ``LSTORCH_TRITON=all``, which with ``TRITON_INTERPRET=1`` runs them on the CPU; never with
-    ``LSTORCH_TRITON=off``), float32/bf16/fp16 logits, outside ``torch.compile`` and ``torch.func``
-    transforms, where Inductor and the generated vmap rule need the plain torch ops."""
+    ``LSTORCH_TRITON=off``), float32/bf16/fp16 logits, outside ``torch.func`` transforms (the
+    generated vmap rule needs plain torch ops). Inside ``torch.compile`` too: the kernels are
+    operators (``torch.ops.lstorch.smoothed_rows*``) that the compiled graph calls as they are."""
     mode = lsspec.check_choice(
         "smoothed_cross_entropy",
         "LSTORCH_TRITON (environment variable)",
@@ -54,9 +62,9 @@ def _use_triton(x: torch.Tensor, from_log_probs: bool) -> bool:
         return False
     if from_log_probs or x.dtype == torch.float64:
         return False
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    if torch._C._are_functorch_transforms_active():
         return False
-    return _triton_kernels() is not None
+    return _triton_available()
 
 
 def _check_arrays(fn, logits, labels, axis, weight, where, class_mask=None):
@@ -327,7 +335,7 @@ def _row_terms(options, x, labels, counted, eps, weight, class_mask, lse=None) -
     safe_labels = torch.where(counted & in_range, labels, 0)
     if lse is None and options.from_log_probs:
         zeros = torch.zeros(labels.shape, dtype=compute_dtype, device=x.device)
-        lse = _Lse(zeros, zeros)
+        lse = _Lse(zeros, torch.zeros_like(zeros))  # two outputs: never one tensor twice
     if lse is None:
         upcast = x.to(compute_dtype)
         if class_mask is not None:
@@ -503,7 +511,10 @@ def _row_loss_forward(options, x, labels, counted, eps, weight, class_mask, z):
     if options.triton:  # one pass over x, the per-row closed form in the kernel
         params = _kernel_params(options, x.shape[-1], eps, weight, class_mask, z)
         call = _kernel_call(options, x, labels, counted, weight, class_mask)
-        return _triton_kernels().forward(x, params=params, **call)
+        return torch.ops.lstorch.smoothed_rows(
+            x, call["labels"], call["counted"], params, call["weight"], call["class_mask"],
+            options.convention, options.pad_index, options.with_z,
+        )  # fmt: skip
     terms = _row_terms(options, x, labels, counted, eps, weight, class_mask)
     lse, bad = terms.lse, terms.bad
     size = _support_size(options, x.shape[-1], class_mask)
@@ -541,20 +552,19 @@ def _row_loss_gradient(
     # Overwrite the logits only in a first-order backward (a recorded graph needs them).
     overwrite = options.inplace and not again
     if options.triton and not again:  # one read of x, one write of the grad
-        out = x if overwrite else torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        _triton_kernels().backward(
-            x,
-            out,
-            peak=lse.peak,
-            log_sum=lse.log_sum,
-            grad=grad_rows.to(torch.float32),
-            grad_z=grad_z.to(torch.float32) if options.with_z else None,
-            params=_kernel_params(options, x.shape[-1], eps, weight, class_mask, z),
-            **_kernel_call(options, x, labels, counted, weight, class_mask),
-        )
-        if overwrite:  # a raw-pointer write: tell autograd x changed, as an in-place op would
-            torch.autograd.graph.increment_version(x)
-        return out.detach()  # with overwrite, x's storage, no longer x's history
+        call = _kernel_call(options, x, labels, counted, weight, class_mask)
+        arguments = (
+            call["labels"], call["counted"],
+            _kernel_params(options, x.shape[-1], eps, weight, class_mask, z),
+            call["weight"], call["class_mask"], lse.peak, lse.log_sum,
+            grad_rows.to(torch.float32),
+            grad_z.to(torch.float32) if options.with_z else None,
+            options.convention, options.pad_index, options.with_z,
+        )  # fmt: skip
+        if overwrite:  # an operator that declares it mutates x, so autograd counts a version
+            torch.ops.lstorch.smoothed_rows_backward_(x, *arguments)
+            return x.detach()  # x's storage, no longer x's history
+        return torch.ops.lstorch.smoothed_rows_backward(x, *arguments)
     num_classes = x.shape[-1]
     size = _support_size(options, num_classes, class_mask)
     in_range = (labels >= 0) & (labels < num_classes)

@@ -28,8 +28,9 @@ Those three passes are the bandwidth floor of a label-smoothed cross-entropy tha
 gradient of its logits (the issue's "read logits in forward, read again and write the gradient in
 backward"); ``benchmarks/bench_gpu.py`` measures how close the kernels come to it.
 
-The kernels are used only for CUDA tensors outside ``torch.compile`` and ``torch.func``
-transforms (Inductor fuses the eager path itself there), and never for float64 or log-probability
+The kernels are used for CUDA tensors, in eager mode and inside ``torch.compile`` (where the
+compiled graph calls them as the operators ``torch.ops.lstorch.smoothed_rows*`` defined at the
+end of this module), outside ``torch.func`` transforms, and never for float64 or log-probability
 inputs. This module is imported lazily, so lstorch works without Triton. On a machine without a
 GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``), which is how CI tests them
 (``tests/triton_checks.py``).
@@ -109,8 +110,11 @@ def _forward_kernel(
         running_max = tl.maximum(running_max, tl.max(x_lse, 0))
         finite = (running_max > float("-inf")) & (running_max < float("inf"))
         new_shift = tl.where(finite, running_max, 0.0)
-        # exp(shift - new_shift) = 0 when nothing counted yet (running_sum is 0 then too).
-        running_sum = running_sum * tl.exp(shift - new_shift) + tl.sum(tl.exp(x_lse - new_shift), 0)
+        # The shift only moves up, except from its start at 0 (nothing allowed seen yet, the sum
+        # still 0): the clamp keeps exp from overflowing there (0 * inf would be NaN) when the
+        # first block's logits are all below -88.
+        rescale = tl.exp(tl.minimum(shift - new_shift, 0.0))
+        running_sum = running_sum * rescale + tl.sum(tl.exp(x_lse - new_shift), 0)
         u = tl.where(allowed, 1.0, 0.0)
         if HAS_WEIGHT:
             u = u * tl.load(weight_ptr + cols, mask=inside, other=0.0)
@@ -305,3 +309,95 @@ def backward(x, out, labels, counted, params, weight, class_mask, peak, log_sum,
             **constants, BLOCK=block, num_warps=num_warps,
         )  # fmt: skip
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# The kernels as PyTorch operators. ``torch.compile`` traces a call to an operator without
+# looking inside (its fake implementation gives the output shapes), so a compiled model keeps
+# the kernels with no graph break, and ``torch.library.opcheck`` can test the registration.
+# The operators return fresh tensors, except ``smoothed_rows_backward_``, which overwrites the
+# logits with their gradient (``inplace_backward``) and says so (``mutates_args``).
+
+
+@torch.library.custom_op("lstorch::smoothed_rows", mutates_args=())
+def smoothed_rows(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    counted: torch.Tensor,
+    params: torch.Tensor,
+    weight: torch.Tensor | None,
+    class_mask: torch.Tensor | None,
+    convention: str,
+    pad_index: int | None,
+    with_z: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`forward` as an operator: per-row ``(loss, z_part, peak, log_sum)``."""
+    return forward(x, labels, counted, params, weight, class_mask, convention=convention,
+                   pad_index=pad_index, with_z=with_z)  # fmt: skip
+
+
+@smoothed_rows.register_fake
+def _smoothed_rows_fake(x, labels, counted, params, weight, class_mask, convention, pad_index,
+                        with_z):  # fmt: skip
+    return tuple(labels.new_empty(labels.shape, dtype=torch.float32) for _ in range(4))
+
+
+def _backward_into(out, x, labels, counted, params, weight, class_mask, peak, log_sum, grad,
+                   grad_z, convention, pad_index, with_z):  # fmt: skip
+    backward(x, out, labels, counted, params, weight, class_mask, peak, log_sum, grad, grad_z,
+             convention=convention, pad_index=pad_index, with_z=with_z)  # fmt: skip
+
+
+@torch.library.custom_op("lstorch::smoothed_rows_backward", mutates_args=())
+def smoothed_rows_backward(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    counted: torch.Tensor,
+    params: torch.Tensor,
+    weight: torch.Tensor | None,
+    class_mask: torch.Tensor | None,
+    peak: torch.Tensor,
+    log_sum: torch.Tensor,
+    grad: torch.Tensor,
+    grad_z: torch.Tensor | None,
+    convention: str,
+    pad_index: int | None,
+    with_z: bool,
+) -> torch.Tensor:
+    """:func:`backward` as an operator, into a new contiguous tensor of ``x``'s shape."""
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _backward_into(out, x, labels, counted, params, weight, class_mask, peak, log_sum, grad,
+                   grad_z, convention, pad_index, with_z)  # fmt: skip
+    return out
+
+
+@smoothed_rows_backward.register_fake
+def _smoothed_rows_backward_fake(x, *args):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("lstorch::smoothed_rows_backward_", mutates_args=("x",))
+def smoothed_rows_backward_(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    counted: torch.Tensor,
+    params: torch.Tensor,
+    weight: torch.Tensor | None,
+    class_mask: torch.Tensor | None,
+    peak: torch.Tensor,
+    log_sum: torch.Tensor,
+    grad: torch.Tensor,
+    grad_z: torch.Tensor | None,
+    convention: str,
+    pad_index: int | None,
+    with_z: bool,
+) -> None:
+    """:func:`backward` as an operator that overwrites ``x`` (contiguous) with its gradient:
+    each element is read before the same program writes it."""
+    _backward_into(x, x, labels, counted, params, weight, class_mask, peak, log_sum, grad,
+                   grad_z, convention, pad_index, with_z)  # fmt: skip
+
+
+@smoothed_rows_backward_.register_fake
+def _smoothed_rows_backward_inplace_fake(x, *args):
+    return None

@@ -1,16 +1,18 @@
 """``python -m parity_tests``: the verification report.
 
-Runs every registered twin (JAX against PyTorch) in float64, float32 and bfloat16, and every
-twin's float64 NumPy oracle against both frameworks; then every twin on every execution path it
-reaches (``parity_tests.paths``: lstorch's Triton kernels, ``inplace_backward``,
-``torch.compile``, ``torch.func``; ``jax.jit``, ``vmap``, sharded), each against its plain path
-and the oracle, with every kind of upstream gradient. Prints the tables; exits 1 on any failure.
+Runs every registered twin (JAX against PyTorch) in float64, float32 and bfloat16, and every twin's
+float64 NumPy oracle against both frameworks; then every twin on every execution path it reaches
+(``parity_tests.paths``: lstorch's Triton kernels, ``inplace_backward``, ``torch.compile``,
+``torch.func``; ``jax.jit``, ``vmap``, sharded, lsjax's Pallas kernels), each against its plain
+path and the oracle, with every kind of upstream gradient. Prints the tables; exits 1 on any
+failure.
 
 ``--twin NAME`` runs one twin, ``--path NAME`` one path (``--path none``: the twins only),
-``--sample ci|report|all`` how many cases per twin and path (default ``report``; ``all`` runs
-every case), ``--json FILE`` also writes the rows. On a machine without a GPU the Triton paths
-run in Triton's interpreter; with CUDA they run on the GPU. The sharded path needs two or more
-JAX devices: on a single-device machine it runs in a subprocess with two host devices.
+``--sample ci|report|all`` how many cases per twin and path (default ``report``; ``all`` runs every
+case), ``--json FILE`` also writes the rows. On a machine without a GPU the Triton paths run in
+Triton's interpreter and the Pallas path in Pallas's interpret mode; with CUDA they run on the GPU.
+The sharded path needs two or more JAX devices: on a single-device machine it runs in a subprocess
+with two host devices.
 """
 
 from __future__ import annotations

@@ -812,15 +812,17 @@ def compare(
     same rounded inputs (accuracy). Both are measured and reported in every dtype.
 
     Args:
-      jax_fn, torch_fn: ``fn(x, *args, **kwargs)``; ``x`` is differentiated. Outputs may be an
-        array or a pytree of arrays (tuple, list, NamedTuple, dict); every leaf is compared and
-        pulled back, matched between the sides by position or key.
+      jax_fn: ``fn(x, *args, **kwargs)``; ``x`` is differentiated. Outputs may be an array or
+        a pytree of arrays (tuple, list, NamedTuple, dict); every leaf is compared and pulled
+        back, matched between the sides by position or key.
+      torch_fn: the PyTorch function, called and pulled back the same way.
       make_inputs: ``(rng, case) -> (args, kwargs)``, NumPy arrays in float64 and Python values.
       cases: the argument grid; each case is handed to ``make_inputs``.
       dtypes: any of ``"float64"``, ``"float32"``, ``"bfloat16"``, ``"float16"``.
-      rtol, atol: override the tolerance of every dtype: the parity tolerance in float64 and
-        float32; in bfloat16 and float16 a widening of the rounding budget (an element passes
-        within either).
+      rtol: overrides the relative tolerance of every dtype: the parity tolerance in float64
+        and float32; in bfloat16 and float16 a widening of the rounding budget (an element
+        passes within either).
+      atol: the same for the absolute tolerance.
       tolerances: ``{dtype: (rtol, atol)}``, the same per dtype (defaults:
         :data:`DEFAULT_TOLERANCES` for float64 and float32, no widening for low precision).
       seed: seeds the inputs (case ``i`` uses ``seed + i``) and the cotangents.

@@ -24,15 +24,16 @@ gradient expanded to the rows' shape, with stride 0, after a ``"mean"``/``"sum"`
   (``vjp`` with a 0-d cotangent in JAX).
 
 A twin reaches a path where its call can: a Triton row needs a call that runs lstorch's kernels
-(``Twin.kernels``), an ``inplace_backward`` row one that takes that keyword
+(``Twin.kernels``), a Pallas row one that reaches lsjax's core with logits (``Twin.pallas``;
+``LSJAX_IMPLEMENTATION=pallas``), an ``inplace_backward`` row one that takes that keyword
 (``Twin.inplace``), and only the side of a twin that is this project's code is run on its paths
 (``Twin.ours``: ``F.cross_entropy`` and optax's route are specifications, not ours to prove).
 A path that a twin cannot take yet says why (``Twin.unreachable``); the report prints it.
 
-The CPU interprets the Triton kernels (slow) and compiles with Inductor (seconds per graph), so
-a run may SAMPLE each twin's cases per path (:data:`SAMPLES`): every reduction of the twin's grid
-is in every sample, and every sampled case runs every upstream gradient, so every twin, every
-reduction and every upstream gradient goes through every path it reaches.
+The CPU interprets the Triton and Pallas kernels (slow) and compiles with Inductor (seconds per
+graph), so a run may SAMPLE each twin's cases per path (:data:`SAMPLES`): every reduction of the
+twin's grid is in every sample, and every sampled case runs every upstream gradient, so every
+twin, every reduction and every upstream gradient goes through every path it reaches.
 """
 
 from __future__ import annotations
@@ -257,12 +258,12 @@ class _CountingInductor:
         return compile_fx(graph, example_inputs)
 
 
-def torch_compile(fn, args, kwargs, dtype, dense_by_kind):
+def torch_compile(fn, args, kwargs, dtype, dense_by_kind, *, device="cpu"):
     """``torch.compile(fullgraph=True)`` with Inductor, compiled afresh for each case (so no
     recompilation limit can send a case back to eager), the backward through AOTAutograd."""
     torch._dynamo.reset()
     backend = _CountingInductor()
-    x, rest, options = _torch_inputs(args, kwargs, dtype, "cpu")
+    x, rest, options = _torch_inputs(args, kwargs, dtype, device)
     compiled = torch.compile(lambda x, *rest: fn(x, *rest, **options), backend=backend,
                              fullgraph=True)  # fmt: skip
     results = {}
@@ -397,6 +398,22 @@ def jax_sharded(fn, args, kwargs, dtype, dense_by_kind):
     return jax_jit(fn, args, kwargs, dtype, dense_by_kind, sharded=True)
 
 
+def jax_pallas(fn, args, kwargs, dtype, dense_by_kind, launches):
+    """The plain call with lsjax's Pallas kernels forced on (``LSJAX_IMPLEMENTATION=pallas``:
+    compiled on a GPU, in Pallas's interpret mode on a CPU); ``launches`` counts the
+    ``pallas_call``s in the traced program of the gradient (the kernels' own jit caches its
+    trace, so counting calls into Python would miss cached ones)."""
+    with _environment(LSJAX_IMPLEMENTATION="pallas"):
+        results = jax_eager(fn, args, kwargs, dtype, dense_by_kind)
+        with jax.enable_x64(True):
+            x, rest, arrays, constants = _jax_inputs(args, kwargs, dtype)
+            call = lambda x: jax.grad(  # noqa: E731
+                lambda x: _jax_total(fn(x, *rest, **arrays, **constants), "sum")
+            )(x)
+            launches.count += str(jax.make_jaxpr(call)(x)).count("pallas_call")
+    return results
+
+
 class NotApplicable(Exception):
     """This case cannot take this path (e.g. no axis of ``x`` divides over the devices)."""
 
@@ -443,6 +460,9 @@ def jax_vmap(fn, args, kwargs, dtype, dense_by_kind):
 # The paths and how a twin takes them
 
 
+TRITON_DTYPES = ("float32", "bfloat16")  # the kernels take float32/bf16/fp16 logits
+
+
 @dataclasses.dataclass(frozen=True)
 class Path:
     """One way a call reaches a twin. ``run(fn, args, kwargs, dtype, dense_by_kind)`` returns a
@@ -452,8 +472,9 @@ class Path:
     name: str
     framework: str
     run: Callable
-    needs: tuple[str, ...] = ()  # the Twin flags this path needs: "kernels", "inplace"
+    needs: tuple[str, ...] = ()  # the Twin flags this path needs: "kernels", "inplace", "pallas"
     dtypes: tuple[str, ...] = DTYPES  # the kernels take float32/bf16/fp16 logits, not float64
+    kernels: str = ""  # the kernels ("Triton", "Pallas") the path must be seen to launch
 
     @property
     def plain(self) -> str:
@@ -467,7 +488,15 @@ def _triton_path(name, inplace):
         )
 
     needs = ("kernels", "inplace") if inplace else ("kernels",)
-    return Path(name, "torch", run, needs, dtypes=("float32", "bfloat16"))
+    return Path(name, "torch", run, needs, dtypes=TRITON_DTYPES, kernels="Triton")
+
+
+def _compiled_triton(fn, args, kwargs, dtype, dense_by_kind, launches):
+    """``torch.compile(fullgraph=True)`` with the kernels forced on: the compiled graph calls
+    them as operators (``torch.ops.lstorch.smoothed_rows*``); the launches are counted."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with _environment(LSTORCH_TRITON="all"), launches.counting():
+        return torch_compile(fn, args, kwargs, dtype, dense_by_kind, device=device)
 
 
 def _inplace(fn, args, kwargs, dtype, dense_by_kind):
@@ -479,11 +508,20 @@ PATHS: tuple[Path, ...] = (
     Path("torch: inplace_backward", "torch", _inplace, ("inplace",)),
     _triton_path("torch: triton + inplace_backward", inplace=True),
     Path("torch: compile", "torch", torch_compile),
+    Path(
+        "torch: compile + triton",
+        "torch",
+        _compiled_triton,
+        ("kernels",),
+        TRITON_DTYPES,
+        kernels="Triton",
+    ),
     Path("torch: func.grad", "torch", torch_func_grad),
     Path("torch: func.vmap", "torch", torch_func_vmap),
     Path("jax: jit", "jax", jax_jit),
     Path("jax: vmap", "jax", jax_vmap),
     Path("jax: sharded", "jax", jax_sharded),
+    Path("jax: pallas", "jax", jax_pallas, ("pallas",), ("float32", "bfloat16"), "Pallas"),
 )
 PLAIN = {"torch": torch_eager, "jax": jax_eager}
 
@@ -500,7 +538,7 @@ def reaches(twin, path: Path) -> bool | str:
     reason) when it should and does not yet."""
     if path.framework not in twin.ours:
         return False
-    flags = {"kernels": twin.kernels, "inplace": twin.inplace}
+    flags = {"kernels": twin.kernels, "inplace": twin.inplace, "pallas": twin.pallas}
     if not all(flags[need] for need in path.needs):
         return False
     return twin.unreachable.get(path.name, True)
@@ -648,7 +686,7 @@ def run_twin_path(twin, path: Path, *, profile: str = "report", dtypes=DTYPES) -
                     plain_by_scale[factor] = PLAIN[path.framework](
                         fn, scaled, kwargs, dtype, dense_by_kind
                     )[0]
-                if "kernels" in path.needs:
+                if path.kernels:
                     runs = path.run(fn, rounded, kwargs, dtype, dense_by_kind, launches[dtype])
                 else:
                     runs = path.run(fn, rounded, kwargs, dtype, dense_by_kind)
@@ -673,8 +711,8 @@ def run_twin_path(twin, path: Path, *, profile: str = "report", dtypes=DTYPES) -
                         tolerance,
                     )
     for dtype, result in results.items():
-        if "kernels" in path.needs and launches[dtype].count == 0:
-            result.failures.append("the Triton kernels were never launched on this path")
+        if path.kernels and launches[dtype].count == 0:
+            result.failures.append(f"the {path.kernels} kernels were never launched on this path")
     return list(results.values())
 
 

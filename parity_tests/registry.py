@@ -52,13 +52,16 @@ class Twin:
     # The execution paths (parity_tests.paths) this twin takes. ``ours``: the sides that are this
     # project's code (F.cross_entropy and optax's route are specifications, run on their plain
     # path only). ``kernels``: the torch call runs lstorch's Triton kernels (LSTORCH_TRITON=all).
-    # ``inplace``: the torch call takes ``inplace_backward``. ``unreachable``: {path name: why}
+    # ``inplace``: the torch call takes ``inplace_backward``. ``pallas``: the jax call reaches
+    # lsjax's core with logits, which lsjax's Pallas kernels take (LSJAX_IMPLEMENTATION=pallas).
+    # ``unreachable``: {path name: why}
     # for a path this twin's call should take and cannot yet; the report prints the reason.
     # ``path_tolerances``: per dtype, one side against its plain path and the float64 oracle
     # (default: ``tolerances``).
     ours: tuple[str, ...] = ("jax", "torch")
     kernels: bool = False
     inplace: bool = False
+    pallas: bool = False
     unreachable: dict = dataclasses.field(default_factory=dict)
     path_tolerances: dict | None = None
 
@@ -847,6 +850,7 @@ TWINS: tuple[Twin, ...] = (
         oracles.smoothed_cross_entropy,
         kernels=True,
         inplace=True,
+        pallas=True,
     ),
     Twin(
         "SmoothedCrossEntropyLoss (module)",
@@ -857,6 +861,7 @@ TWINS: tuple[Twin, ...] = (
         oracles.smoothed_cross_entropy,
         kernels=True,
         inplace=True,
+        pallas=True,
     ),
     Twin(
         "label_smoothing_loss / LabelSmoothingLoss",
@@ -866,6 +871,7 @@ TWINS: tuple[Twin, ...] = (
         _seed_ce_cases(),
         oracles.seed_label_smoothing_loss,
         kernels=True,
+        pallas=True,
     ),
     Twin(
         "kl_label_smoothing_loss / KLLabelSmoothingLoss",
@@ -885,6 +891,7 @@ TWINS: tuple[Twin, ...] = (
         tolerances=_TORCH_NATIVE,
         ours=("jax",),  # the PyTorch side is torch's own function
         path_tolerances={},  # the widened tolerances above are for torch's kernels, not lsjax
+        pallas=True,
     ),
     Twin(
         "soft_target_cross_entropy",
@@ -911,6 +918,7 @@ TWINS: tuple[Twin, ...] = (
         _mask_z_cases(),
         oracles.smoothed_cross_entropy,
         kernels=True,
+        pallas=True,
     ),
     Twin(
         "sigmoid_binary_cross_entropy",
@@ -955,6 +963,7 @@ TWINS: tuple[Twin, ...] = (
         oracles.t5x_compute_weighted_cross_entropy,
         custom_gradient=True,
         kernels=True,
+        pallas=True,
     ),
     Twin(
         "hf.label_smoother",
@@ -964,6 +973,7 @@ TWINS: tuple[Twin, ...] = (
         _hf_cases(),
         oracles.hf_label_smoother,
         kernels=True,
+        pallas=True,
     ),
     Twin(
         "keras.categorical_crossentropy",
@@ -990,6 +1000,7 @@ TWINS: tuple[Twin, ...] = (
         _timm_cases(),
         oracles.timm_label_smoothing_cross_entropy,
         kernels=True,
+        pallas=True,
     ),
     Twin(
         "timm.soft_target_cross_entropy",

@@ -1,8 +1,8 @@
-"""The catalogue of bad inputs shown in the README, and the table generated from it.
+"""The catalogue of bad inputs shown in the docs, and the table generated from it.
 
-``python -m tests.bad_inputs`` prints the table; ``--write`` puts it into README.md between the
-``<!-- bad-inputs:start -->`` and ``<!-- bad-inputs:end -->`` markers. ``tests/test_readme.py``
-fails when the README's table differs from what the code raises today, so it cannot drift.
+``python -m tests.bad_inputs`` prints the table; ``--write`` puts it into docs/errors.md between
+the ``<!-- bad-inputs:start -->`` and ``<!-- bad-inputs:end -->`` markers. ``tests/test_readme.py``
+fails when that table differs from what the code raises today, so it cannot drift.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ERRORS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 START, END = "<!-- bad-inputs:start -->", "<!-- bad-inputs:end -->"
 
 
@@ -36,8 +36,9 @@ def _call(options=None, num_classes=5, logits=None, labels=None):
 
 
 def _log_probs_call(function, **options):
-    """``function(log_softmax(logits), labels, **options)``, a peer's or a seed's own function
-    (``"compat.fairseq.label_smoothed_nll_loss"``), to show that errors name it."""
+    """``function(log_softmax(logits), labels, **options)`` for a function that takes
+    log-probabilities (``"compat.fairseq.label_smoothed_nll_loss"``), to show that errors name
+    it."""
 
     def run(module, array):
         x, y = _data()
@@ -69,7 +70,7 @@ CASES = [
         _log_probs_call("compat.fairseq.label_smoothed_nll_loss", epsilon=2.0),
     ),
     (
-        "the seed's KL loss: a pad column and `tgt_vocab_size=2`",
+        "the OpenNMT-style KL loss: a pad column and `tgt_vocab_size=2`",
         _log_probs_call(
             "kl_label_smoothing_loss", label_smoothing=0.1, tgt_vocab_size=2, ignore_index=0
         ),
@@ -122,17 +123,18 @@ def table() -> str:
     return "\n".join(lines)
 
 
-def readme_block() -> str:
-    text = README.read_text()
+def page_block() -> str:
+    """The table in docs/errors.md, between the markers."""
+    text = ERRORS_PAGE.read_text()
     return text[text.index(START) + len(START) : text.index(END)].strip()
 
 
 def main() -> None:
     generated = table()
     if "--write" in sys.argv:
-        text = README.read_text()
+        text = ERRORS_PAGE.read_text()
         head, tail = text[: text.index(START) + len(START)], text[text.index(END) :]
-        README.write_text(f"{head}\n{generated}\n{tail}")
+        ERRORS_PAGE.write_text(f"{head}\n{generated}\n{tail}")
     print(generated)
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,3 +128,86 @@ def test_torch_train_compare_fails_on_a_mismatch(examples_path, tmp_path):
     flags = ["--compare", "--steps", "5", "--dtypes", "float64", "--torch-smoothing", "0.101"]
     assert torch_train.main([*flags, "--out", str(tmp_path)]) == 1
     assert not json.loads((tmp_path / "compare.json").read_text())["float64"]["passed"]
+
+
+# The language-model examples at tiny sizes. The Flax one also runs on a simulated 2x2 mesh (in a
+# subprocess: the device count is fixed when jax starts) and must give the one-device losses.
+TINY_LM = [
+    *("--steps", "3", "--batch", "4", "--context", "16"),
+    *("--features", "16", "--heads", "2", "--layers", "1", "--text-bytes", "20000"),
+    "--no-progress",
+]
+FLAX_EVAL = ["--eval-every", "2", "--eval-batch", "4"]
+
+
+def test_flax_lm_smoke_and_its_mesh_run_agree(examples_path, tmp_path):
+    import flax_lm
+
+    assert flax_lm.main([*TINY_LM, *FLAX_EVAL, "--out", str(tmp_path / "one")]) == 0
+    metrics = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and len(metrics["train_loss"]) == 3
+    assert [row["step"] for row in metrics["eval"]] == [0, 2, 3]
+    for row in metrics["eval"]:
+        assert 0 <= row["accuracy"] <= 1
+        assert row["perplexity"] == pytest.approx(math.exp(row["nll"]))
+    assert metrics["config"]["z_loss"] > 0 and metrics["config"]["smoothing"] > 0
+    assert _is_png(tmp_path / "one" / "curves.png")
+
+    flags = [*TINY_LM, *FLAX_EVAL, "--mesh", "2x2", "--out", str(tmp_path / "mesh")]
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "flax_lm.py"), *flags],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    mesh = json.loads((tmp_path / "mesh" / "metrics.json").read_text())
+    assert mesh["devices"] == 4
+    # Same data and initial weights: the vocabulary-sharded loss trains as the one-device loss.
+    assert mesh["train_loss"] == pytest.approx(metrics["train_loss"], rel=1e-5)
+
+
+def test_flax_lm_z_loss_logsumexp_is_the_logits_logsumexp(examples_path):
+    import jax
+    import jax.numpy as jnp
+
+    import flax_lm
+
+    keys = jax.random.split(jax.random.key(0), 2)
+    hidden = jax.random.normal(keys[0], (6, 8))
+    weight = jax.random.normal(keys[1], (256, 8))
+    labels = jnp.arange(6)
+
+    def fused(hidden, weight):
+        lse = flax_lm.row_logsumexp(hidden, weight, labels, mesh=None, chunk_size=100)
+        return jnp.sum(lse**2), lse
+
+    def dense(hidden, weight):  # the oracle: the logits' own logsumexp
+        lse = jax.nn.logsumexp(hidden @ weight.T, axis=-1)
+        return jnp.sum(lse**2), lse
+
+    (_, lse), grads = jax.value_and_grad(fused, argnums=(0, 1), has_aux=True)(hidden, weight)
+    (_, expected), expected_grads = jax.value_and_grad(dense, argnums=(0, 1), has_aux=True)(
+        hidden, weight
+    )
+    np.testing.assert_allclose(lse, expected, rtol=1e-5)
+    for got, want in zip(grads, expected_grads, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", [["--z-loss", "1e-4"], ["--fused"]])
+def test_hf_trainer_smoke(examples_path, tmp_path, variant):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    import hf_trainer
+
+    flags = [*TINY_LM, "--accumulation", "2", *variant, "--out", str(tmp_path)]
+    assert hf_trainer.main(flags) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["steps"] == 3
+    assert metrics["train_loss"] and all(
+        math.isfinite(row["loss"]) for row in metrics["train_loss"]
+    )
+    assert math.isfinite(metrics["after"]["nll"])
+    assert metrics["after"]["perplexity"] == pytest.approx(math.exp(metrics["after"]["nll"]))

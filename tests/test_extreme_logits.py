@@ -7,12 +7,17 @@
 * The gradient's softmax is ``exp((x - max) - log_sum)``: at ``3e38`` a float32 lse cannot hold
   ``log 2``, and ``exp(x - lse)`` gave ``[1, 1, 0]`` instead of ``[0.5, 0.5, 0]``. Logits offset
   by 1e5 lost 1e-3 (relative) of the loss and 4e-4 of the gradient the same way.
+* Logits all below -88 (offset by -1e5): the Triton kernel's online rescale, starting from a
+  shift of 0, must not compute ``0 * exp(+1e5)`` (NaN).
+* The mean of rows near the float32 maximum: their sum overflows, their mean does not; the
+  reduction scales each row by a power of two before adding (``lsspec.sum_scale``).
 
 Oracles: torch's own ``F.cross_entropy`` (loss and gradient) for ``"uniform"``, and the float64
 NumPy formula of ``parity_tests.oracles`` for every convention, on the same float32 inputs. Both
-frameworks, on every path a call can take here: eager, ``jax.jit``, and lstorch's Triton kernels
-(in Triton's interpreter on a CPU). The registry's ``extreme`` cases run these inputs through
-every execution path as well (``parity_tests/paths.py``).
+frameworks, on every path a call can take here: eager, ``jax.jit``, lstorch's Triton kernels (in
+Triton's interpreter on a CPU) and lsjax's Pallas kernels (in Pallas's interpret mode). The
+registry's ``extreme`` cases run these inputs through every execution path as well
+(``parity_tests/paths.py``).
 """
 
 import jax
@@ -32,6 +37,8 @@ INPUTS = {
     "issue_example": np.array([[3e38, 3e38, 0.0]], np.float32),
     "near_max_k1000": RNG.uniform(0.0, 3e38, (4, 1000)).astype(np.float32),
     "offset_1e5": (1e5 + RNG.normal(size=(4, 50))).astype(np.float32),
+    # every logit below -88 (exp underflows): an online softmax must not rescale by exp(+100)
+    "offset_minus_1e5": (-1e5 + RNG.normal(size=(4, 50))).astype(np.float32),
 }
 CONVENTIONS = {"uniform": {}, "others": {}, "others_but_pad": {"pad_index": 1}}
 
@@ -73,6 +80,7 @@ def _jax_loss_and_grad(logits, labels, convention, extra):
 def _paths():
     paths = [("torch: eager", _torch_loss_and_grad, {}), ("jax: jit", _jax_loss_and_grad, {})]
     paths.append(("torch: triton", _torch_loss_and_grad, {"LSTORCH_TRITON": "all"}))
+    paths.append(("jax: pallas", _jax_loss_and_grad, {"LSJAX_IMPLEMENTATION": "pallas"}))
     return paths
 
 
@@ -94,6 +102,28 @@ def test_loss_and_gradient_are_the_exact_ones(name, convention, path, monkeypatc
     # float32 rounding of a ~1e37 value and of the inputs' 1e5 offset: a few ulps, relative
     np.testing.assert_allclose(value, expected, rtol=2e-6)
     np.testing.assert_allclose(grad, expected_grad, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("path", _paths(), ids=lambda p: p[0])
+def test_the_mean_of_rows_near_the_maximum_is_finite(path, monkeypatch):
+    _, run, env = path
+    for key, value in env.items():
+        if key == "LSTORCH_TRITON" and not torch.cuda.is_available():
+            pytest.importorskip("triton")
+        monkeypatch.setenv(key, value)
+    logits = INPUTS["near_max_k1000"]
+    labels = _labels(logits)
+    rows, _ = _oracle(logits, labels, "uniform", {})
+    if run is _jax_loss_and_grad:
+        value = lsjax.smoothed_cross_entropy(
+            jnp.asarray(logits), jnp.asarray(labels), smoothing=SMOOTHING, reduction="mean"
+        )
+    else:
+        value = lstorch.smoothed_cross_entropy(
+            torch.tensor(logits), torch.tensor(labels), smoothing=SMOOTHING, reduction="mean"
+        )
+    assert np.sum(rows.astype(np.float32)) == np.inf  # the float32 sum overflows
+    np.testing.assert_allclose(np.asarray(value), rows.mean(), rtol=2e-6)
 
 
 @pytest.mark.parametrize("framework", ["torch", "jax"])

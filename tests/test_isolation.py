@@ -36,6 +36,7 @@ def _run_blocked(blocked: tuple[str, ...], code: str) -> subprocess.CompletedPro
         ("lstorch", "torch", "torch"),
         ("lstorch.calibration", "torch", "torch"),
         ("lstorch.compat", "torch", "torch"),
+        ("lstorch.integrations.huggingface", "transformers", "hf"),
         ("parity_tests", "jax", "parity"),
         ("parity_tests", "optax", "parity"),
         ("parity_tests", "torch", "parity"),
@@ -128,4 +129,4 @@ def test_the_packages_ship_py_typed_and_the_license():
     license_text = (root / "LICENSE").read_text()
     assert "Apache License\n                           Version 2.0, January 2004" in license_text
     extras = project["project"]["optional-dependencies"]
-    assert {"jax", "torch", "parity", "plot", "dev"} <= set(extras)
+    assert {"jax", "torch", "parity", "plot", "hf", "dev"} <= set(extras)

@@ -89,6 +89,8 @@ def test_every_path_is_reached_by_the_twins_it_should_be():
     assert "smoothed_cross_entropy" in by_path["torch: triton"]
     assert "smoothed_cross_entropy" in by_path["torch: triton + inplace_backward"]
     assert "SmoothedCrossEntropyLoss (module)" in by_path["torch: inplace_backward"]
+    assert "smoothed_cross_entropy (class_mask, z_loss)" in by_path["jax: pallas"]
+    assert "t5x.compute_weighted_cross_entropy" in by_path["jax: pallas"]
     assert len(by_path["torch: compile"]) == sum("torch" in t.ours for t in TWINS)
     unreachable = [
         (twin.name, path.name, paths.reaches(twin, path))
