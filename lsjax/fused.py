@@ -29,7 +29,15 @@ import jax.numpy as jnp
 
 import lsspec
 from lsjax import _common
-from lsjax._common import Array, ArrayLike, times
+from lsjax._closed_form import (
+    RowTerms,
+    counted_only,
+    label_rows,
+    row_loss,
+    smoothing_slope,
+    support_size,
+)
+from lsjax._common import Array, ArrayLike
 
 DEFAULT_CHUNK_SIZE = 2048
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -273,12 +281,13 @@ def _counted_rows_only(hidden, counted):
 
 
 def _fused_terms(options, hidden, weight, bias, labels, counted, eps):
+    """``(loss, lse, eps_slope)`` per row: the closed form (``lsjax._closed_form``) of statistics
+    relative to 0 (``peak = 0``, ``log_sum = lse``), each O(rows)."""
     compute_dtype = eps.dtype
     start, num_classes = _vocab_layout(options, weight.shape[0])
     hidden = _counted_rows_only(hidden.astype(compute_dtype), counted)
     lse = _local_lse(options, hidden, weight, bias, compute_dtype)
-    in_range = (labels >= 0) & (labels < num_classes)
-    safe_labels = jnp.where(counted & in_range, labels, 0)
+    safe_labels, bad = label_rows(labels, counted, eps, num_classes)
     x_y = _column(options, hidden, weight, bias, safe_labels, start)
     # sum_c x_c = hidden . (sum_c weight_c) + sum_c bias_c: rank 1, no pass over the logits.
     # Unlike the dense core (relative to the row max), this needs |logits| < float max / K.
@@ -290,14 +299,24 @@ def _fused_terms(options, hidden, weight, bias, labels, counted, eps):
     if options.convention == "others_but_pad":
         pad = jnp.full(labels.shape, options.pad_index)
         support_sum = support_sum - _column(options, hidden, weight, bias, pad, start)
-    bad = counted & ~(in_range & (eps >= 0) & (eps <= 1))
-    size = lsspec.support_size(options.convention, num_classes)
-    loss = times(1.0 - eps, lse - x_y) + times(eps, lse - support_sum / size)
-    loss = jnp.where(counted, jnp.where(bad, jnp.nan, loss), 0.0)
-    # d loss_row / d eps: the smoothing term minus the true one (O(rows), kept for backward).
-    eps_slope = (lse - support_sum / size) - (lse - x_y)
-    eps_slope = jnp.where(counted, jnp.where(bad, jnp.nan, eps_slope), 0.0)
-    return loss, lse, eps_slope
+    size = support_size(options.convention, num_classes)
+    terms = RowTerms(
+        lse=lse,
+        peak=0.0,
+        log_sum=lse,
+        x_y=x_y,
+        w_y=1.0,
+        support_sum=support_sum,
+        support_weight=size,
+        safe_labels=safe_labels,
+        bad=bad,
+        size=size,
+        sum_scale=1.0,
+    )
+    loss = row_loss(terms, counted, eps, convention=options.convention)
+    # d loss_row / d eps (O(rows), kept for the backward pass).
+    slope = smoothing_slope(terms, eps, convention=options.convention)
+    return loss, lse, counted_only(counted, bad, slope)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -322,10 +341,8 @@ def _fused_rows_bwd(options, residuals, grad_rows):
     hidden, weight, bias, labels, counted, eps, lse, eps_slope = residuals
     compute_dtype = eps.dtype
     start, num_classes = _vocab_layout(options, weight.shape[0])
-    size = lsspec.support_size(options.convention, num_classes)
-    in_range = (labels >= 0) & (labels < num_classes)
-    safe_labels = jnp.where(counted & in_range, labels, 0)
-    bad = counted & ~(in_range & (eps >= 0) & (eps <= 1))
+    size = support_size(options.convention, num_classes)
+    safe_labels, bad = label_rows(labels, counted, eps, num_classes)
     scale = jnp.where(bad, jnp.nan, grad_rows.astype(compute_dtype))
     scale = jnp.where(counted, scale, 0.0)[:, None]
     safe_lse = jnp.where(counted, lse, 0.0)[:, None]

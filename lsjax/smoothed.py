@@ -7,7 +7,7 @@ PyTorch twin is ``lstorch.smoothed_cross_entropy`` (same name, same keywords, sa
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +15,15 @@ import numpy as np
 
 import lsspec
 from lsjax import _common
-from lsjax._common import Array, ArrayLike, is_zero, times, xlogx
+from lsjax._closed_form import (
+    RowTerms,
+    counted_only,
+    label_rows,
+    row_loss,
+    smoothing_slope,
+    support_size,
+)
+from lsjax._common import Array, ArrayLike, is_zero
 
 
 def _upcast_alone(x: Array, compute_dtype, companion: Array) -> Array:
@@ -324,36 +332,6 @@ class _Options(NamedTuple):
     with_z: bool = False
 
 
-class RowTerms(NamedTuple):
-    """The O(rows) statistics the closed form is written in (one value per row unless noted).
-
-    Everything is taken relative to the row's ``peak``: ``support_sum`` is
-    ``sum_{c in S} w_c (x_c - peak)`` times ``lsspec.sum_scale(K)`` (a power of two), each
-    term <= 0 for logits, and the softmax is ``exp((x_c - peak) - log_sum)``. Summing ``x_c``
-    itself overflows float32 when the logits are near its maximum (``[[3e38, 3e38, 0]]`` sums
-    to ``inf``) although the loss is finite; relative to the peak, and scaled, every term and
-    the sum are finite, so the loss is returned wherever the exact one is finite, and logits
-    offset by a large constant lose no precision.
-    """
-
-    lse: Array  # logsumexp over the allowed classes, peak + log_sum (0 with from_log_probs)
-    peak: Array  # the row's max over the allowed classes (0 where not finite; 0 for log-probs)
-    log_sum: Array  # log sum_c exp(x_c - peak) over the allowed classes (0 for log-probs)
-    x_y: Array  # the label's logit
-    w_y: Any  # the label's class weight (1.0 without weights)
-    support_sum: Array  # sum over S of w_c (x_c - peak), times sum_scale
-    support_weight: Any  # sum over S of w_c
-    safe_labels: Array  # labels, 0 where not counted or out of range
-    bad: Array  # counted rows with an invalid label or smoothing: NaN
-    size: Any  # |S|: a static int, or a scalar array under a class_mask
-    sum_scale: float  # lsspec.sum_scale(K), a power of two
-
-    def smooth_term(self) -> Array:
-        """``sum_{c in S} w_c (lse - x_c) / |S|``, the smoothing's cross-entropy term."""
-        mean_offset = (self.support_sum / self.size) * (1.0 / self.sum_scale)  # exact scaling
-        return self.support_weight * self.log_sum / self.size - mean_offset
-
-
 def _row_terms(options, x, labels, counted, eps, weight, class_mask=None) -> RowTerms:
     """Per-row statistics of the closed form; ``x`` is (..., K), class axis last.
 
@@ -366,9 +344,10 @@ def _row_terms(options, x, labels, counted, eps, weight, class_mask=None) -> Row
     """
     num_classes = x.shape[-1]
     compute_dtype = eps.dtype
-    in_range = (labels >= 0) & (labels < num_classes)
-    safe_labels = jnp.where(counted & in_range, labels, 0)
-    size = lsspec.support_size(options.convention, num_classes)
+    # A counted row whose label is out of range (or masked), or a (traced) smoothing outside
+    # [0, 1], gives NaN: never a plausible number.
+    safe_labels, bad = label_rows(labels, counted, eps, num_classes, class_mask)
+    size = support_size(options.convention, num_classes, options.pad_index, class_mask)
     if options.from_log_probs:
         peak = log_sum = jnp.zeros(labels.shape, compute_dtype)
     else:
@@ -382,9 +361,6 @@ def _row_terms(options, x, labels, counted, eps, weight, class_mask=None) -> Row
     x_summed = _upcast_alone(x, compute_dtype, labels) - peak_apart[..., None]
     if class_mask is not None:
         x_summed = _zero_masked(x_summed, class_mask, labels)
-        size = size - jnp.sum(~class_mask)
-        if options.convention == "others_but_pad":
-            size = size + ~class_mask[options.pad_index]  # a masked pad is not excluded twice
     x_y = jnp.take_along_axis(x, safe_labels[..., None], axis=-1)[..., 0].astype(compute_dtype)
     mask_weight = 1.0 if class_mask is None else class_mask.astype(compute_dtype)
     if weight is None:
@@ -407,12 +383,6 @@ def _row_terms(options, x, labels, counted, eps, weight, class_mask=None) -> Row
             x_pad = jnp.where(class_mask[options.pad_index], x_pad, 0.0)
         support_sum = support_sum - w_pad * (x_pad * scale)
         support_weight = support_weight - w_pad
-    # A counted row whose label is out of range (or masked), or a (traced) smoothing outside
-    # [0, 1], gives NaN: never a plausible number.
-    valid = in_range & (eps >= 0) & (eps <= 1)
-    if class_mask is not None:
-        valid = valid & class_mask[safe_labels]
-    bad = counted & ~valid
     return RowTerms(
         peak + log_sum,
         peak,
@@ -428,57 +398,6 @@ def _row_terms(options, x, labels, counted, eps, weight, class_mask=None) -> Row
     )
 
 
-def _counted_only(counted, bad, value):
-    """Per-row ``value``: 0 on rows that do not count, NaN on counted rows that are invalid."""
-    return jnp.where(counted, jnp.where(bad, jnp.nan, value), 0.0)
-
-
-def _on_target_mass(options, eps, size):
-    """``q_y``, the smoothed target's mass on the label: ``1 - eps (+ eps / |S|)``."""
-    confidence = 1.0 - eps
-    return confidence + eps / size if options.convention == "uniform" else confidence
-
-
-def _loss_from_terms(options, terms, counted, eps, z):
-    """Per-row loss (and, with ``options.with_z``, the z-loss part alone): 0 where not counted."""
-    lse, x_y, w_y, bad, size = terms.lse, terms.x_y, terms.w_y, terms.bad, terms.size
-    confidence = 1.0 - eps
-    true_term = w_y * ((terms.peak - x_y) + terms.log_sum)
-    smooth_term = terms.smooth_term()
-    loss = times(confidence, true_term) + times(eps, smooth_term)
-    if options.kl:  # Subtract the entropy of q: add sum_c q_c log q_c, a constant per row.
-        uniform = options.convention == "uniform"
-        off_target_count = size - 1 if uniform else size
-        loss = loss + xlogx(_on_target_mass(options, eps, size))
-        loss = loss + off_target_count * xlogx(eps / size)
-    if not options.with_z:
-        return _counted_only(counted, bad, loss)
-    z_part = jnp.where(bad, jnp.nan, times(z, jnp.square(lse)))
-    loss = jnp.where(bad, jnp.nan, loss + z_part)
-    return jnp.where(counted, loss, 0.0), jnp.where(counted, z_part, 0.0)
-
-
-def _smoothing_slope(options, terms, eps):
-    """``d loss_row / d eps``, per row (before masking):
-    ``-w_y (lse - x_y) + sum_{c in S} w_c (lse - x_c) / |S|``, plus with ``kl=True`` the KL
-    constant's ``c (log(eps / |S|) - log q_y)`` (``c = (|S| - 1) / |S|`` uniform, else 1).
-
-    The KL constant's derivative is infinite at the ends (``x log x`` at 0); this gives the
-    one-sided limits of the derivative inside [0, 1]: ``-inf`` at ``eps = 0``, ``+inf`` at
-    ``eps = 1`` for ``"others"``/``"others_but_pad"`` (where ``q_y = 1 - eps`` reaches 0), and
-    the finite limit (the CE part's slope) at ``eps = 1`` for ``"uniform"``.
-    """
-    size = terms.size
-    smooth_term = terms.smooth_term()
-    slope = smooth_term - terms.w_y * ((terms.peak - terms.x_y) + terms.log_sum)
-    if options.kl:
-        kl_slope = jnp.log(eps / size) - jnp.log(_on_target_mass(options, eps, size))
-        if options.convention == "uniform":  # q_y moves by (|S| - 1) / |S| per unit of eps
-            kl_slope = times((size - 1) / size, kl_slope)
-        slope = slope + kl_slope
-    return slope
-
-
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _row_loss(options, x, labels, counted, eps, weight, class_mask, z):
     """The closed-form core: the per-row loss, 0 on rows that do not count.
@@ -489,11 +408,18 @@ def _row_loss(options, x, labels, counted, eps, weight, class_mask, z):
     return _loss_from_terms(options, terms, counted, eps, z)
 
 
+def _loss_from_terms(options, terms, counted, eps, z):
+    """:func:`lsjax._closed_form.row_loss` with the core's options."""
+    kl = options.kl
+    return row_loss(terms, counted, eps, convention=options.convention, kl=kl, z=z)
+
+
 def _row_loss_jvp(options, primals, tangents):
     """Tangents with respect to the logits ``x``, the smoothing ``eps`` and the z-loss ``z``.
 
-    ``d loss_row = sum_c r_c dx_c + s d_eps + lse**2 d_z``, with ``s`` the per-row slope of
-    :func:`_smoothing_slope`; the z-part alone has ``sum_c 2 z lse p_c dx_c + lse**2 d_z``.
+    ``d loss_row = sum_c r_c dx_c + s d_eps + lse**2 d_z``, with ``s`` the per-row slope
+    (``_closed_form.smoothing_slope``); the z-part alone has ``sum_c 2 z lse p_c dx_c +
+    lse**2 d_z``.
     Labels, masks and class weights are constants. An input that is not differentiated comes
     as a symbolic zero and its term is not built: differentiating the logits only costs nothing
     more, and differentiating ``eps`` or ``z`` only is O(rows) work on the statistics.
@@ -509,10 +435,11 @@ def _row_loss_jvp(options, primals, tangents):
             options, x, dx, terms, counted, eps, weight, class_mask, z
         )
     if not is_zero(d_eps):
-        slope = _counted_only(counted, bad, _smoothing_slope(options, terms, eps))
+        slope = smoothing_slope(terms, eps, convention=options.convention, kl=options.kl)
+        slope = counted_only(counted, bad, slope)
         loss_tangent = loss_tangent + slope * d_eps
     if options.with_z and not is_zero(d_z):
-        z_slope = _counted_only(counted, bad, jnp.square(lse)) * d_z
+        z_slope = counted_only(counted, bad, jnp.square(lse)) * d_z
         loss_tangent, z_tangent = loss_tangent + z_slope, z_tangent + z_slope
     if not options.with_z:
         return loss, loss_tangent
