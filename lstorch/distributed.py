@@ -22,11 +22,23 @@ The JAX counterparts are ``lsjax.smoothed_cross_entropy`` on logits placed by a
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 import torch.distributed as dist
 
 import lsspec
 from lstorch import _common
+from lstorch._closed_form import (
+    Lse,
+    RowTerms,
+    counted_only,
+    label_rows,
+    row_loss,
+    smoothed_target,
+    smoothing_slope,
+    support_size,
+)
 from lstorch._common import times
 
 
@@ -85,15 +97,10 @@ def vocab_parallel_smoothed_cross_entropy(
     _common.check_label_range(fn, labels, counted, num_classes, ignore_index)
     compute_dtype = _common.compute_dtype(local_logits.dtype)
     eps = _common.smoothing_tensor(smoothing, compute_dtype, local_logits.device)  # differentiated
-    layout = (convention, pad_index, rank * local_classes, num_classes, group)
+    layout = _Layout(convention, pad_index, rank * local_classes, num_classes, group)
     rows = _common.with_forward_mode(_VocabParallelRows, _VocabParallelRowsForwardMode)
     loss, _, _ = rows.apply(local_logits, labels, counted, eps, layout)
     return _common.reduce(loss, counted.to(compute_dtype), reduction)
-
-
-def _smoothing_invalid(eps: torch.Tensor) -> torch.Tensor:
-    """A 0-d bool: the smoothing (already snapped by ``_smoothing_tensor``) is outside [0, 1]."""
-    return (eps < 0) | (eps > 1)
 
 
 def _local_column(x, classes, start):
@@ -136,16 +143,28 @@ class _AllReduceSum(torch.autograd.Function):
         return _AllReduceSum.apply(tensor, group), in_dims[0]
 
 
+class _Layout(NamedTuple):
+    """Where this rank's classes lie in the vocabulary, and the options that need the layout."""
+
+    convention: str
+    pad_index: int | None
+    start: int  # the first (global) class this rank holds
+    num_classes: int  # K, the global number of classes
+    group: Any  # the process group the vocabulary is split over
+
+
+def _bad_rows(labels, counted, eps, layout: _Layout):
+    """Counted rows with a label out of range or under a smoothing outside [0, 1]: NaN."""
+    return label_rows(labels, counted, eps, layout.num_classes)[1]
+
+
 def _local_target(x, labels, counted, eps, layout):
     """``q`` on this rank's classes: ``(1 - eps) [c = y] + eps / |S| [c in S]``."""
-    convention, pad_index, start, num_classes, _ = layout
-    size = lsspec.support_size(convention, num_classes)
-    classes = torch.arange(start, start + x.shape[-1], device=x.device)
-    is_target = classes == torch.where(counted, labels, 0).unsqueeze(-1)
-    in_support = torch.ones_like(is_target) if convention == "uniform" else ~is_target
-    if convention == "others_but_pad":
-        in_support = in_support & (classes != pad_index)
-    return torch.where(is_target, 1.0 - eps, 0.0) + torch.where(in_support, eps / size, 0.0)
+    per_class = eps / support_size(layout.convention, layout.num_classes)
+    classes = torch.arange(layout.start, layout.start + x.shape[-1], device=x.device)
+    labels = torch.where(counted, labels, 0)
+    return smoothed_target(layout.convention, layout.pad_index, classes, labels, 1.0 - eps,
+                           per_class)  # fmt: skip
 
 
 class _VocabParallelRows(torch.autograd.Function):
@@ -161,7 +180,7 @@ class _VocabParallelRows(torch.autograd.Function):
             peak = x.amax(dim=-1).to(compute_dtype)
             dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
             peak = torch.where(torch.isfinite(peak), peak, 0.0)
-            safe_labels = torch.where(counted, labels, 0)
+            safe_labels, bad = label_rows(labels, counted, eps, num_classes)
             sums = torch.stack(
                 [
                     torch.exp(x.to(compute_dtype) - peak.unsqueeze(-1)).sum(-1),
@@ -180,13 +199,14 @@ class _VocabParallelRows(torch.autograd.Function):
                 support_sum = support_sum - x_y
             if convention == "others_but_pad":
                 support_sum = support_sum - x_pad
-            size = lsspec.support_size(convention, num_classes)
-            loss = times(1.0 - eps, lse - x_y) + times(eps, lse - support_sum / size)
+            size = support_size(convention, num_classes)
+            # The closed form of statistics relative to 0: peak 0, log_sum the lse, no scaling.
             # A (tensor) smoothing outside [0, 1] gives NaN rows, never a plausible number.
-            loss = torch.where(_smoothing_invalid(eps), torch.nan, loss)
-            loss = torch.where(counted, loss, 0.0)
+            terms = RowTerms(Lse(0.0, lse), x_y, 1.0, support_sum, size, safe_labels, bad, size,
+                             1.0)  # fmt: skip
+            loss = row_loss(terms, counted, eps, convention=convention)
             # d loss_row / d eps from the global statistics (the same on every rank).
-            eps_slope = (lse - support_sum / size) - (lse - x_y)
+            eps_slope = smoothing_slope(terms, eps, convention=convention)
         return loss, lse, eps_slope
 
     @staticmethod
@@ -240,17 +260,16 @@ class _VocabParallelRows(torch.autograd.Function):
         if _common.differentiated_again(x):
             shift = torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1)
             local = torch.exp(x_c - shift).sum(-1)
-            total = _AllReduceSum.apply(local, ctx.layout[-1])
+            total = _AllReduceSum.apply(local, ctx.layout.group)
             safe_lse = torch.where(counted, torch.log(total) + shift.squeeze(-1), 0.0)
         target = _local_target(x, labels, counted, eps, ctx.layout)
         grad = torch.exp(x_c - safe_lse.unsqueeze(-1)) - target
         grad = grad * grad_loss.to(eps.dtype).unsqueeze(-1)
-        grad = torch.where(_smoothing_invalid(eps), torch.nan, grad)
-        grad = torch.where(counted.unsqueeze(-1), grad, 0.0)
+        bad = _bad_rows(labels, counted, eps, ctx.layout)
+        grad = counted_only(counted.unsqueeze(-1), bad.unsqueeze(-1), grad)
         d_eps = None
         if eps_slope is not None:  # d eps = sum_rows g * slope, the whole loss's on every rank
-            d_eps = torch.where(_smoothing_invalid(eps), torch.nan, grad_loss * eps_slope)
-            d_eps = torch.where(counted, d_eps, 0.0).sum().reshape(eps.shape)
+            d_eps = counted_only(counted, bad, grad_loss * eps_slope).sum().reshape(eps.shape)
         return grad.to(x.dtype), None, None, d_eps, None
 
 
@@ -270,9 +289,12 @@ class _VocabParallelRowsForwardMode(_VocabParallelRows):
                 x, labels, counted, eps, ctx.layout
             )
             local = torch.matmul(coeff.unsqueeze(-2), x_tangent.to(eps.dtype).unsqueeze(-1))
-            d_loss = _AllReduceSum.apply(local.squeeze(-1).squeeze(-1), ctx.layout[-1])
+            d_loss = _AllReduceSum.apply(local.squeeze(-1).squeeze(-1), ctx.layout.group)
         if eps_tangent is not None:  # the same on every rank: no communication
             d_loss = d_loss + times(eps_tangent, eps_slope)  # 0 tangent: exactly 0
-        d_loss = torch.where(_smoothing_invalid(eps), torch.nan, d_loss)
         # lse and the slope: non-differentiable
-        return torch.where(counted, d_loss, 0.0), None, None
+        return (
+            counted_only(counted, _bad_rows(labels, counted, eps, ctx.layout), d_loss),
+            None,
+            None,
+        )

@@ -17,6 +17,16 @@ from torch import nn
 
 import lsspec
 from lstorch import _common
+from lstorch._closed_form import (
+    Lse,
+    RowTerms,
+    counted_only,
+    label_rows,
+    row_loss,
+    smoothed_target,
+    smoothing_slope,
+    support_size,
+)
 from lstorch._common import times
 
 DEFAULT_CHUNK_SIZE = 2048
@@ -210,6 +220,8 @@ def _counted_rows_only(hidden, counted):
 
 
 def _terms(options, hidden, weight, bias, labels, counted, eps):
+    """``(loss, lse, eps_slope)`` per row, each O(rows): the lse chunk by chunk, ``x_y`` from
+    the label's row of the weight, the support sum as a rank-1 product."""
     convention, pad_index, chunk_size, operand_dtype = options
     compute_dtype = eps.dtype
     num_classes = weight.shape[0]
@@ -218,8 +230,7 @@ def _terms(options, hidden, weight, bias, labels, counted, eps):
     for start, stop in _chunks(num_classes, chunk_size):
         logits = _chunk_logits(hidden, weight, bias, start, stop, operand_dtype, compute_dtype)
         lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
-    in_range = (labels >= 0) & (labels < num_classes)
-    safe_labels = torch.where(counted & in_range, labels, 0)
+    safe_labels, bad = label_rows(labels, counted, eps, num_classes)
 
     def column(classes):
         rows = _operand(weight[classes], operand_dtype, compute_dtype)
@@ -235,12 +246,12 @@ def _terms(options, hidden, weight, bias, labels, counted, eps):
         support_sum = support_sum - x_y
     if convention == "others_but_pad":
         support_sum = support_sum - column(torch.full_like(labels, pad_index))
-    bad = counted & ~(in_range & (eps >= 0) & (eps <= 1))
-    size = lsspec.support_size(convention, num_classes)
-    loss = times(1.0 - eps, lse - x_y) + times(eps, lse - support_sum / size)
-    loss = torch.where(counted, torch.where(bad, torch.nan, loss), 0.0)
-    # d loss_row / d eps: the smoothing term minus the true one (O(rows), kept for backward).
-    eps_slope = (lse - support_sum / size) - (lse - x_y)
+    size = support_size(convention, num_classes)
+    # The closed form of statistics relative to 0: peak 0, log_sum the lse, no scaling.
+    terms = RowTerms(Lse(0.0, lse), x_y, 1.0, support_sum, size, safe_labels, bad, size, 1.0)
+    loss = row_loss(terms, counted, eps, convention=convention)
+    # d loss_row / d eps (O(rows), kept for backward; masked there, after the product with g).
+    eps_slope = smoothing_slope(terms, eps, convention=convention)
     return loss, lse, eps_slope
 
 
@@ -329,9 +340,8 @@ class _FusedRowsForwardMode(_FusedRows):
 def _smoothing_rows(labels, counted, eps, num_classes, per_row):
     """``per_row`` (a term of the smoothing's derivative) on the rows that count, NaN on the
     invalid ones, 0 elsewhere (a select: the others may hold anything)."""
-    in_range = (labels >= 0) & (labels < num_classes)
-    bad = counted & ~(in_range & (eps >= 0) & (eps <= 1))
-    return torch.where(counted, torch.where(bad, torch.nan, per_row.to(eps.dtype)), 0.0)
+    _, bad = label_rows(labels, counted, eps, num_classes)
+    return counted_only(counted, bad, per_row.to(eps.dtype))
 
 
 def _row_setup(options, hidden, num_classes, labels, counted, eps):
@@ -340,23 +350,18 @@ def _row_setup(options, hidden, num_classes, labels, counted, eps):
     smoothing's two masses ``(1 - eps)`` and ``eps / |S|``."""
     convention, _, _, operand_dtype = options
     compute_dtype = eps.dtype
-    in_range = (labels >= 0) & (labels < num_classes)
-    safe_labels = torch.where(counted & in_range, labels, 0).unsqueeze(-1)
-    bad = counted & ~(in_range & (eps >= 0) & (eps <= 1))
+    safe_labels, bad = label_rows(labels, counted, eps, num_classes)
     hidden_c = _counted_rows_only(_operand(hidden, operand_dtype, compute_dtype), counted)
-    per_class = eps / lsspec.support_size(convention, num_classes)
-    return hidden_c, safe_labels, bad, 1.0 - eps, per_class
+    per_class = eps / support_size(convention, num_classes)
+    return hidden_c, safe_labels.unsqueeze(-1), bad, 1.0 - eps, per_class
 
 
 def _chunk_target(options, safe_labels, on_true, per_class, start, stop, device):
     """``q`` on the classes [start, stop): (rows, chunk), out of place."""
-    convention, pad_index, _, _ = options
-    classes = torch.arange(start, stop, device=device).unsqueeze(0)
-    is_target = classes == safe_labels
-    in_support = ~is_target if convention != "uniform" else torch.ones_like(is_target)
-    if convention == "others_but_pad":
-        in_support = in_support & (classes != pad_index)
-    return torch.where(is_target, on_true, 0.0) + torch.where(in_support, per_class, 0.0)
+    classes = torch.arange(start, stop, device=device)
+    labels = safe_labels.squeeze(-1)
+    return smoothed_target(options.convention, options.pad_index, classes, labels, on_true,
+                           per_class)  # fmt: skip
 
 
 def _gradients(options, hidden, weight, bias, labels, counted, eps, lse, grad_loss):

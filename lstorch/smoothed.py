@@ -8,13 +8,24 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
 import lsspec
 from lstorch import _common
-from lstorch._common import times, xlogx
+from lstorch._closed_form import (
+    Lse,
+    RowTerms,
+    counted_only,
+    kl_terms,
+    label_rows,
+    row_loss,
+    smoothing_slope,
+    support_size,
+)
+from lstorch._common import times
 
 
 class _Options(NamedTuple):
@@ -245,29 +256,6 @@ def smoothed_cross_entropy(
     return _common.reduce(loss, row_weight, reduction, normalizer)
 
 
-class _Lse(NamedTuple):
-    """A row's logsumexp kept in two parts, ``lse = peak + log_sum``, as ``torch.log_softmax``
-    keeps them: ``peak`` the max over the allowed classes (0 where it is not finite) and
-    ``log_sum = log sum_c exp(x_c - peak)``. ``(x_c - peak) - log_sum`` is exact where
-    ``x_c - lse`` would round the lse first (at ``x ~ 3e38`` a float32 lse cannot hold ``log 2``,
-    and the softmax would come out as ``[1, 1, 0]``)."""
-
-    peak: torch.Tensor
-    log_sum: torch.Tensor
-
-    @property
-    def value(self) -> torch.Tensor:
-        return self.peak + self.log_sum
-
-    def counted(self, counted: torch.Tensor) -> _Lse:
-        """Both parts, 0 on rows that do not count (their logits may hold anything)."""
-        return _Lse(*(torch.where(counted, part, 0.0) for part in self))
-
-    def log_softmax(self, x: torch.Tensor, dtype) -> torch.Tensor:
-        """``(x - peak) - log_sum`` in ``dtype``, a new rows x K tensor."""
-        return (x.to(dtype) - self.peak.unsqueeze(-1)).sub_(self.log_sum.unsqueeze(-1))
-
-
 def _peak(upcast: torch.Tensor) -> torch.Tensor:
     """The row max of ``upcast`` (masked classes already -inf), 0 where it is not finite;
     a constant for autograd (``lse``'s derivative through the peak is exactly 0)."""
@@ -275,67 +263,31 @@ def _peak(upcast: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(peak), peak, 0.0)
 
 
-def _masked_logsumexp(x, class_mask, compute_dtype) -> _Lse:
+def _masked_logsumexp(x, class_mask, compute_dtype) -> Lse:
     """logsumexp over the allowed classes (all of them without a mask), in two parts."""
     upcast = x.to(compute_dtype)
     if class_mask is not None:
         upcast = upcast.masked_fill(~class_mask, -torch.inf)
     peak = _peak(upcast)
-    return _Lse(peak, (upcast - peak.unsqueeze(-1)).exp().sum(-1).log())
+    return Lse(peak, (upcast - peak.unsqueeze(-1)).exp().sum(-1).log())
 
 
-def _support_size(options, num_classes, class_mask):
-    """``|S|``: a static int, or a 0-d tensor under a ``class_mask``."""
-    size = lsspec.support_size(options.convention, num_classes)
-    if class_mask is None:
-        return size
-    size = size - (~class_mask).sum()
-    if options.convention == "others_but_pad":
-        size = size + (~class_mask[options.pad_index]).long()  # a masked pad is not excluded twice
-    return size
-
-
-class _RowTerms(NamedTuple):
-    """The O(rows) statistics the closed form is written in, as ``lsjax``'s ``RowTerms``.
-
-    Sums are taken relative to the row's peak and scaled by ``lsspec.sum_scale(K)`` (a power of
-    two): ``support_sum = sum_{c in S} w_c (x_c - peak) * sum_scale`` (each term <= 0 for
-    logits). Summing ``x_c`` itself overflows float32 near its maximum (``[[3e38, 3e38, 0]]``
-    sums to ``inf``) although the loss is finite; relative to the peak, and scaled, every term
-    and the sum are finite, and logits offset by a large constant lose no precision.
-    """
-
-    lse: _Lse
-    x_y: torch.Tensor  # the label's logit
-    w_y: torch.Tensor | float  # the label's class weight (1.0 without weights)
-    support_sum: torch.Tensor  # sum over S of w_c (x_c - peak), times sum_scale
-    support_weight: torch.Tensor  # sum over S of w_c
-    safe_labels: torch.Tensor  # labels, 0 where not counted or out of range
-    bad: torch.Tensor  # counted rows with an invalid label or smoothing: NaN
-    sum_scale: float  # lsspec.sum_scale(K), a power of two
-
-    def smooth_term(self, size) -> torch.Tensor:
-        """``sum_{c in S} w_c (lse - x_c) / |S|``, the smoothing's cross-entropy term."""
-        mean_offset = (self.support_sum / size) * (1.0 / self.sum_scale)  # exact scaling
-        return self.support_weight * self.lse.log_sum / size - mean_offset
-
-
-def _row_terms(options, x, labels, counted, eps, weight, class_mask, lse=None) -> _RowTerms:
-    """Per-row statistics of the closed form (:class:`_RowTerms`); ``x`` is (..., K), class
-    axis last. Rows that do not count may hold NaN here; callers mask them. Masked classes are
-    filled with ``-inf`` (lse) or 0 (sums) before each reduction, so a ``-inf`` logit there is
-    harmless. A given ``lse`` (backward's saved :class:`_Lse`) is used as it is.
+def _row_terms(options, x, labels, counted, eps, weight, class_mask, lse=None) -> RowTerms:
+    """Per-row statistics of the closed form (``lstorch._closed_form.RowTerms``), relative to
+    each row's max; ``x`` is (..., K), class axis last. Rows that do not count may hold NaN
+    here; callers mask them. Masked classes are filled with ``-inf`` (lse) or 0 (sums) before
+    each reduction, so a ``-inf`` logit there is harmless. A given ``lse`` (backward's saved
+    :class:`Lse`) is used as it is.
 
     Without a given lse, ``x - peak`` is built once (a transient rows x K tensor, freed before
     backward): the sums read it, then it becomes the softmax's numerator in place.
     """
     num_classes = x.shape[-1]
     compute_dtype = eps.dtype
-    in_range = (labels >= 0) & (labels < num_classes)
-    safe_labels = torch.where(counted & in_range, labels, 0)
+    safe_labels, bad = label_rows(labels, counted, eps, num_classes, class_mask)
     if lse is None and options.from_log_probs:
         zeros = torch.zeros(labels.shape, dtype=compute_dtype, device=x.device)
-        lse = _Lse(zeros, torch.zeros_like(zeros))  # two outputs: never one tensor twice
+        lse = Lse(zeros, torch.zeros_like(zeros))  # two outputs: never one tensor twice
     if lse is None:
         upcast = x.to(compute_dtype)
         if class_mask is not None:
@@ -375,54 +327,32 @@ def _row_terms(options, x, labels, counted, eps, weight, class_mask, lse=None) -
         support_sum = support_sum - w_pad * (x_summed[..., options.pad_index] * scale)
         support_weight = support_weight - w_pad
     if lse is None:  # the softmax's numerator, in the same buffer (read by nothing else now)
-        lse = _Lse(peak, shifted.exp_().sum(-1).log())
-    bad = _bad_rows(labels, counted, eps, class_mask, num_classes)
-    return _RowTerms(lse, x_y, w_y, support_sum, support_weight, safe_labels, bad, scale)
+        lse = Lse(peak, shifted.exp_().sum(-1).log())
+    size = support_size(options.convention, num_classes, options.pad_index, class_mask)
+    return RowTerms(lse, x_y, w_y, support_sum, support_weight, safe_labels, bad, size, scale)
 
 
-def _bad_rows(labels, counted, eps, class_mask, num_classes):
-    """Counted rows whose label is out of range or masked, or any row under a smoothing outside
-    [0, 1] (a tensor option): they give NaN, never a plausible number."""
-    in_range = (labels >= 0) & (labels < num_classes)
-    valid = in_range & (eps >= 0) & (eps <= 1)
-    if class_mask is not None:
-        valid = valid & class_mask[torch.where(in_range, labels, 0)]
-    return counted & ~valid
+class _Saved(NamedTuple):
+    """What the core's backward and forward mode read: its inputs and the forward's lse."""
+
+    x: torch.Tensor
+    labels: torch.Tensor
+    counted: torch.Tensor
+    eps: torch.Tensor
+    weight: torch.Tensor | None
+    class_mask: torch.Tensor | None
+    z: torch.Tensor
+    lse: Lse
+
+    def terms(self, options) -> RowTerms:
+        """The closed form's statistics, the sums recomputed from ``x`` around the saved lse."""
+        return _row_terms(options, *self[:6], lse=self.lse)
+
+    def bad(self) -> torch.Tensor:
+        return label_rows(self.labels, self.counted, self.eps, self.x.shape[-1], self.class_mask)[1]
 
 
-def _on_target_mass(options, eps, size):
-    """``q_y``, the smoothed target's mass on the label: ``1 - eps (+ eps / |S|)``."""
-    confidence = 1.0 - eps
-    return confidence + eps / size if options.convention == "uniform" else confidence
-
-
-def _kl_terms(options, eps, size):
-    """``sum_c q_c log q_c`` of the smoothed target (a constant per row, added by ``kl=True``)
-    as its two terms, the target's and the other classes', added in that order (as lsjax does,
-    so both round alike)."""
-    off_target_count = size - 1 if options.convention == "uniform" else size
-    return xlogx(_on_target_mass(options, eps, size)), off_target_count * xlogx(eps / size)
-
-
-def _smoothing_slope(options, terms, eps, size):
-    """``d loss_row / d eps`` per row (before masking), as ``lsjax.smoothed._smoothing_slope``:
-    ``-w_y (lse - x_y) + sum_{c in S} w_c (lse - x_c) / |S|``, plus with ``kl=True`` the KL
-    constant's ``c (log(eps / |S|) - log q_y)`` (``c = (|S| - 1) / |S|`` uniform, else 1), whose
-    one-sided limits are taken at the ends: ``-inf`` at ``eps = 0``, ``+inf`` at ``eps = 1``
-    for ``"others"``/``"others_but_pad"`` (``q_y`` reaches 0), finite for ``"uniform"``."""
-    lse, x_y, w_y = terms.lse, terms.x_y, terms.w_y
-    smooth_term = terms.smooth_term(size)
-    slope = smooth_term - w_y * ((lse.peak - x_y) + lse.log_sum)
-    if options.kl:
-        kl_slope = torch.log(eps / size) - torch.log(_on_target_mass(options, eps, size))
-        if options.convention == "uniform":  # q_y moves by (|S| - 1) / |S| per unit of eps
-            share = torch.as_tensor((size - 1) / size, dtype=eps.dtype, device=eps.device)
-            kl_slope = times(share, kl_slope)
-        slope = slope + kl_slope
-    return slope
-
-
-def _option_gradients(options, x, labels, counted, eps, weight, class_mask, lse, grads, needs):
+def _option_gradients(options, saved: _Saved, grads, needs):
     """``(d eps, d z)`` of ``sum_rows g loss_row + g_z z_row`` (None where ``needs`` is False):
     ``sum_rows g slope_row`` and ``sum_rows (g + g_z) lse_row**2`` over counted rows (NaN from
     invalid ones), in the shapes of ``eps`` and ``z``.
@@ -435,52 +365,45 @@ def _option_gradients(options, x, labels, counted, eps, weight, class_mask, lse,
     """
     grad_rows, grad_z = grads
     need_eps, need_z = needs
-    num_classes = x.shape[-1]
-    bad = _bad_rows(labels, counted, eps, class_mask, num_classes)
+    eps, counted, bad = saved.eps, saved.counted, saved.bad()
     g = grad_rows.to(eps.dtype)
-
-    def total(per_row):  # a select, not a product: g may be anything on rows that do not count
-        return torch.where(counted, torch.where(bad, torch.nan, per_row), 0.0).sum()
-
     d_eps = d_z = None
     if need_eps:
-        terms = _row_terms(options, x, labels, counted, eps, weight, class_mask, lse=lse)
-        size = _support_size(options, num_classes, class_mask)
-        d_eps = total(g * _smoothing_slope(options, terms, eps, size)).reshape(eps.shape)
+        slope = smoothing_slope(saved.terms(options), eps, **_form_options(options))
+        d_eps = counted_only(counted, bad, g * slope).sum().reshape(eps.shape)
     if need_z:
         g_total = g + grad_z.to(eps.dtype) if options.with_z else g
-        d_z = total(g_total * lse.value.square()).to(eps.dtype)
+        d_z = counted_only(counted, bad, g_total * saved.lse.value.square()).sum().to(eps.dtype)
     return d_eps, d_z
 
 
-def _option_tangents(options, x, labels, counted, eps, weight, class_mask, lse, tangents):
+def _option_tangents(options, saved: _Saved, tangents):
     """Per-row ``(d loss, d z_part)`` from the tangents of ``eps`` and ``z`` (forward mode):
     ``slope_row * d eps`` (the smoothing's closed-form slope, as in :func:`_option_gradients`)
-    and ``lse_row**2 * d z``, 0 on rows that do not count and NaN on invalid ones."""
+    and ``lse_row**2 * d z``, 0 on rows that do not count and NaN on invalid ones. A zero
+    tangent contributes exactly 0 (``times``), even where the slope is infinite (``kl=True`` at
+    eps = 0 or 1): autograd hands zeros for inputs that carry no tangent."""
     eps_tangent, z_tangent = tangents
-    num_classes = x.shape[-1]
-    bad = _bad_rows(labels, counted, eps, class_mask, num_classes)
-
-    def rows(per_row):  # a select: rows that do not count may hold anything
-        return torch.where(counted, torch.where(bad, torch.nan, per_row), 0.0)
-
-    d_loss, d_z = torch.zeros_like(lse.peak), torch.zeros_like(lse.peak)
+    counted, bad = saved.counted, saved.bad()
+    d_loss, d_z = torch.zeros_like(saved.lse.peak), torch.zeros_like(saved.lse.peak)
     if eps_tangent is not None:
-        terms = _row_terms(options, x, labels, counted, eps, weight, class_mask, lse=lse)
-        size = _support_size(options, num_classes, class_mask)
-        # A zero tangent contributes exactly 0, even where the slope is infinite (kl=True at
-        # eps = 0 or 1): autograd hands zeros for inputs that carry no tangent.
-        d_loss = d_loss + rows(times(eps_tangent, _smoothing_slope(options, terms, eps, size)))
+        slope = smoothing_slope(saved.terms(options), saved.eps, **_form_options(options))
+        d_loss = d_loss + counted_only(counted, bad, times(eps_tangent, slope))
     if z_tangent is not None and options.with_z:
-        d_z = rows(times(z_tangent, lse.value.square()))
+        d_z = counted_only(counted, bad, times(z_tangent, saved.lse.value.square()))
         d_loss = d_loss + d_z
     return d_loss, d_z
+
+
+def _form_options(options) -> dict:
+    """The core's options that the closed form (``lstorch._closed_form``) takes."""
+    return {"convention": options.convention, "kl": options.kl}
 
 
 def _kernel_params(options, num_classes, eps, weight, class_mask, z):
     """The scalars of ``lstorch.triton_kernels`` as one float32 device tensor (no host copy):
     [eps, |S|, sum_c u_c, u_pad, z, KL constant], ``u`` the weights times the class mask."""
-    size = _support_size(options, num_classes, class_mask)
+    size = support_size(options.convention, num_classes, options.pad_index, class_mask)
     zero = eps * 0
     u = weight
     if class_mask is not None:
@@ -489,7 +412,7 @@ def _kernel_params(options, num_classes, eps, weight, class_mask, z):
     pad_weight = zero
     if options.pad_index is not None:
         pad_weight = zero + 1 if u is None else u[options.pad_index]
-    kl = sum(_kl_terms(options, eps, size), zero) if options.kl else zero
+    kl = sum(kl_terms(options.convention, eps, size), zero) if options.kl else zero
     values = [eps, zero + size, total, pad_weight, z, kl]
     return torch.stack([torch.as_tensor(v).to(eps.device) for v in values]).to(torch.float32)
 
@@ -508,6 +431,8 @@ def _kernel_call(options, x, labels, counted, weight, class_mask):
 
 
 def _row_loss_forward(options, x, labels, counted, eps, weight, class_mask, z):
+    """``(loss, z_part, peak, log_sum)`` per row: on the Triton kernel (one pass over ``x``),
+    or the closed form (``lstorch._closed_form.row_loss``) of the statistics of ``x``."""
     if options.triton:  # one pass over x, the per-row closed form in the kernel
         params = _kernel_params(options, x.shape[-1], eps, weight, class_mask, z)
         call = _kernel_call(options, x, labels, counted, weight, class_mask)
@@ -516,165 +441,209 @@ def _row_loss_forward(options, x, labels, counted, eps, weight, class_mask, z):
             options.convention, options.pad_index, options.with_z,
         )  # fmt: skip
     terms = _row_terms(options, x, labels, counted, eps, weight, class_mask)
-    lse, bad = terms.lse, terms.bad
-    size = _support_size(options, x.shape[-1], class_mask)
-    confidence = 1.0 - eps
-    true_term = terms.w_y * ((lse.peak - terms.x_y) + lse.log_sum)
-    smooth_term = terms.smooth_term(size)
-    loss = times(confidence, true_term) + times(eps, smooth_term)
-    if options.kl:  # Subtract the entropy of q: add sum_c q_c log q_c, a constant per row.
-        on_target_term, off_target_term = _kl_terms(options, eps, size)
-        loss = loss + on_target_term + off_target_term
     if options.with_z:
-        z_part = torch.where(bad, torch.nan, times(z, lse.value.square()))
-        loss = loss + z_part
-        z_part = torch.where(counted, z_part, 0.0)
+        loss, z_part = row_loss(terms, counted, eps, **_form_options(options), z=z)
     else:
+        loss = row_loss(terms, counted, eps, **_form_options(options))
         z_part = torch.zeros_like(loss)
-    loss = torch.where(bad, torch.nan, loss)
-    return torch.where(counted, loss, 0.0), z_part, *lse
+    return loss, z_part, *terms.lse
 
 
-def _row_loss_gradient(
-    options, x, labels, counted, eps, weight, class_mask, z, lse, grads, *, again=False
-):
-    """``g * r + g_z * 2 z lse p`` with ``r = (A + 2 z lse) * p - t`` (logits) or ``-t``.
+# ---------------------------------------------------------------------------------------------
+# The gradient with respect to the logits, in three modes: the Triton kernel, a first-order
+# backward built in one buffer in place (the logits' own storage with inplace_backward), and
+# out of place, through differentiable ops, when the gradient will be differentiated again.
 
-    ``t_c = (1 - eps) w_y [c = y] + (eps / |S|) w_c [c in S]``, ``A = sum_c t_c``, ``p`` the
-    softmax over the allowed classes, ``g``/``g_z`` the upstream gradients of the loss and of the
-    z-part. Built in one rows x K buffer with in-place updates (the row scales are applied
-    before the target is subtracted, so no second buffer is needed), unless the gradient will be
-    differentiated ``again`` (double backward, forward over reverse: see
-    ``_common.differentiated_again``), where the same steps run out of place.
-    """
-    grad_rows, grad_z = grads
-    inplace = not again
-    # Overwrite the logits only in a first-order backward (a recorded graph needs them).
-    overwrite = options.inplace and not again
-    if options.triton and not again:  # one read of x, one write of the grad
-        call = _kernel_call(options, x, labels, counted, weight, class_mask)
-        arguments = (
-            call["labels"], call["counted"],
-            _kernel_params(options, x.shape[-1], eps, weight, class_mask, z),
-            call["weight"], call["class_mask"], lse.peak, lse.log_sum,
-            grad_rows.to(torch.float32),
-            grad_z.to(torch.float32) if options.with_z else None,
-            options.convention, options.pad_index, options.with_z,
-        )  # fmt: skip
-        if overwrite:  # an operator that declares it mutates x, so autograd counts a version
-            torch.ops.lstorch.smoothed_rows_backward_(x, *arguments)
-            return x.detach()  # x's storage, no longer x's history
-        return torch.ops.lstorch.smoothed_rows_backward(x, *arguments)
-    num_classes = x.shape[-1]
-    size = _support_size(options, num_classes, class_mask)
-    in_range = (labels >= 0) & (labels < num_classes)
-    safe_labels = torch.where(counted & in_range, labels, 0)
-    bad = _bad_rows(labels, counted, eps, class_mask, num_classes)
-    w = torch.ones((), dtype=eps.dtype, device=x.device) if weight is None else weight
-    w_full = w.expand(num_classes)
+
+class _Target(NamedTuple):
+    """The weighted smoothed target of each row, ``t_c = on_true [c = y] + per_class w_c
+    [c in S]``, and its total mass ``A = sum_c t_c = on_true + per_class support_weight``."""
+
+    safe_labels: torch.Tensor
+    bad: torch.Tensor  # counted rows with an invalid label or smoothing: NaN
+    w: torch.Tensor  # (K,) class weights times the class mask (ones without either)
+    on_true: torch.Tensor  # (1 - eps) w_y
+    per_class: torch.Tensor  # eps / |S|
+    support_weight: torch.Tensor  # sum over S of w_c
+
+    def mass(self) -> torch.Tensor:
+        return self.on_true + self.per_class * self.support_weight
+
+
+def _target(options, num_classes, labels, counted, eps, weight, class_mask) -> _Target:
+    safe_labels, bad = label_rows(labels, counted, eps, num_classes, class_mask)
+    size = support_size(options.convention, num_classes, options.pad_index, class_mask)
+    unmasked = torch.ones((), dtype=eps.dtype, device=eps.device) if weight is None else weight
+    w = unmasked.expand(num_classes)
     if class_mask is not None:
-        w_full = w_full * class_mask.to(eps.dtype)  # masked classes leave the support
-    w_y = w.expand(num_classes)[safe_labels]
-    on_true = (1.0 - eps) * w_y
-    per_class = eps / size
-    support_weight = w_full.sum()
+        w = w * class_mask.to(eps.dtype)  # masked classes leave the support
+    w_y = unmasked.expand(num_classes)[safe_labels]
+    support_weight = w.sum()
     if options.convention != "uniform":
         support_weight = support_weight - w_y
     if options.convention == "others_but_pad":
-        support_weight = support_weight - w_full[options.pad_index]
+        support_weight = support_weight - w[options.pad_index]
+    return _Target(safe_labels, bad, w, (1.0 - eps) * w_y, eps / size, support_weight)
+
+
+class _GradientOps(NamedTuple):
+    """The tensor operations the gradient is built with: in place, into one buffer (first
+    order), or out of place, so that autograd can differentiate them (higher orders)."""
+
+    exp: Callable
+    masked_fill: Callable
+    mul: Callable
+    addcmul: Callable
+    scatter_add: Callable
+
+
+_IN_PLACE = _GradientOps(
+    torch.Tensor.exp_,
+    torch.Tensor.masked_fill_,
+    torch.Tensor.mul_,
+    torch.Tensor.addcmul_,
+    torch.Tensor.scatter_add_,
+)
+_OUT_OF_PLACE = _GradientOps(torch.exp, torch.masked_fill, torch.mul, torch.addcmul,
+                             torch.scatter_add)  # fmt: skip
+
+
+def _build_gradient(ops: _GradientOps, start, options, saved: _Saved, grads) -> torch.Tensor:
+    """``g * r + g_z * 2 z lse p`` with ``r = (A + 2 z lse) * p - t`` (logits) or ``-t``
+    (log-probabilities), from ``start``: the log-softmax ``(x - peak) - log_sum`` (logits) or
+    zeros (log-probabilities), rows x K in the compute dtype.
+
+    ``t`` and ``A`` as in :class:`_Target`, ``p`` the softmax over the allowed classes,
+    ``g``/``g_z`` the upstream gradients of the loss and of the z-part. Per element:
+    ``grad_c = scale p_c - g m_c + [c = y] correction + [c = pad] pad_mass``, with ``m =
+    (eps / |S|) w`` the smoothing mass; the row scales are applied before the target is
+    subtracted, so that with ``ops = _IN_PLACE`` one buffer holds every step.
+    """
+    x, counted, eps, class_mask = saved.x, saved.counted, saved.eps, saved.class_mask
+    grad_rows, grad_z = grads
+    target = _target(options, x.shape[-1], saved.labels, counted, eps, saved.weight, class_mask)
     g = grad_rows.to(eps.dtype)
-    # The gradient's per-row coefficients (O(rows)): grad_c = scale p_c - g m_c
-    # + [c = y] correction + [c = pad] pad_mass, with m = (eps / |S|) w the smoothing mass.
-    safe_lse = lse.counted(counted)
-    scale = g * (on_true + per_class * support_weight)
-    if options.with_z:
-        scale = scale + 2.0 * z * safe_lse.value * (g + grad_z.to(eps.dtype))
-    correction = -on_true
-    if options.convention != "uniform":
-        correction = correction + per_class * w_full[safe_labels]  # y is not in the support
-    correction = g * correction
-    pad_mass = None
-    if options.convention == "others_but_pad":
-        pad_mass = g * per_class * w_full[options.pad_index]
-
-    def update(tensor, method, *args, **kwargs):
-        method = method + "_" if inplace else method
-        return getattr(tensor, method)(*args, **kwargs)
-
-    same_dtype = overwrite and x.dtype == eps.dtype  # build the gradient in x itself
-    if options.from_log_probs:
-        grad = x.zero_() if same_dtype else torch.zeros(x.shape, dtype=eps.dtype, device=x.device)
-    else:
-        shifted = (  # log softmax, (x - peak) - log_sum
-            x.sub_(safe_lse.peak.unsqueeze(-1)).sub_(safe_lse.log_sum.unsqueeze(-1))
-            if same_dtype
-            else safe_lse.log_softmax(x, eps.dtype)
-        )
-        grad = update(shifted, "exp")  # softmax(x)
+    grad = start
+    if not options.from_log_probs:
+        scale = g * target.mass()
+        if options.with_z:
+            safe_lse = saved.lse.counted(counted)
+            scale = scale + 2.0 * saved.z * safe_lse.value * (g + grad_z.to(eps.dtype))
+        grad = ops.exp(grad)  # softmax(x)
         if class_mask is not None:
-            grad = update(grad, "masked_fill", ~class_mask, 0.0)
-        grad = update(grad, "mul", scale.unsqueeze(-1))
+            grad = ops.masked_fill(grad, ~class_mask, 0.0)
+        grad = ops.mul(grad, scale.unsqueeze(-1))
     # - g t: the smoothing mass over the support, then the confidence on the target.
-    grad = update(grad, "addcmul", g.unsqueeze(-1), per_class * w_full, value=-1)
-    grad = update(grad, "scatter_add", -1, safe_labels.unsqueeze(-1), correction.unsqueeze(-1))
-    if pad_mass is not None:
-        pad_column = torch.full_like(safe_labels, options.pad_index).unsqueeze(-1)
-        grad = update(grad, "scatter_add", -1, pad_column, pad_mass.unsqueeze(-1).to(grad.dtype))
-    grad = update(grad, "masked_fill", bad.unsqueeze(-1), torch.nan)
-    grad = update(grad, "masked_fill", ~counted.unsqueeze(-1), 0.0)
-    if overwrite:
-        return (x if same_dtype else x.copy_(grad)).detach()  # x's storage, not its history
+    grad = ops.addcmul(grad, g.unsqueeze(-1), target.per_class * target.w, value=-1)
+    correction = -target.on_true
+    if options.convention != "uniform":  # y is not in the support
+        correction = correction + target.per_class * target.w[target.safe_labels]
+    labels = target.safe_labels.unsqueeze(-1)
+    grad = ops.scatter_add(grad, -1, labels, (g * correction).unsqueeze(-1))
+    if options.convention == "others_but_pad":
+        pad_mass = g * target.per_class * target.w[options.pad_index]
+        pad_column = torch.full_like(labels, options.pad_index)
+        grad = ops.scatter_add(grad, -1, pad_column, pad_mass.unsqueeze(-1).to(grad.dtype))
+    grad = ops.masked_fill(grad, target.bad.unsqueeze(-1), torch.nan)
+    return ops.masked_fill(grad, ~counted.unsqueeze(-1), 0.0)
+
+
+def _kernel_gradient(options, saved: _Saved, grads) -> torch.Tensor:
+    """The Triton kernel: one read of ``x`` and one write of the gradient, into ``x`` itself
+    with ``inplace_backward`` (an operator that declares it mutates ``x``, so autograd counts
+    a version)."""
+    x, lse = saved.x, saved.lse
+    grad_rows, grad_z = grads
+    call = _kernel_call(options, x, saved.labels, saved.counted, saved.weight, saved.class_mask)
+    params = _kernel_params(
+        options, x.shape[-1], saved.eps, saved.weight, saved.class_mask, saved.z
+    )
+    arguments = (
+        call["labels"], call["counted"], params, call["weight"], call["class_mask"],
+        lse.peak, lse.log_sum, grad_rows.to(torch.float32),
+        grad_z.to(torch.float32) if options.with_z else None,
+        options.convention, options.pad_index, options.with_z,
+    )  # fmt: skip
+    if options.inplace:
+        torch.ops.lstorch.smoothed_rows_backward_(x, *arguments)
+        return x.detach()  # x's storage, no longer x's history
+    return torch.ops.lstorch.smoothed_rows_backward(x, *arguments)
+
+
+def _first_order_gradient(options, saved: _Saved, grads) -> torch.Tensor:
+    """Built in place in one rows x K buffer: a new one, or with ``inplace_backward`` the
+    logits' own storage (directly when they are in the compute dtype, else copied back)."""
+    x, eps, lse = saved.x, saved.eps, saved.lse.counted(saved.counted)
+    in_x = options.inplace and x.dtype == eps.dtype  # build the gradient in x itself
+    if options.from_log_probs:
+        start = x.zero_() if in_x else torch.zeros(x.shape, dtype=eps.dtype, device=x.device)
+    elif in_x:  # the log-softmax, (x - peak) - log_sum
+        start = x.sub_(lse.peak.unsqueeze(-1)).sub_(lse.log_sum.unsqueeze(-1))
+    else:
+        start = lse.log_softmax(x, eps.dtype)
+    grad = _build_gradient(_IN_PLACE, start, options, saved, grads)
+    if options.inplace:
+        return (x if in_x else x.copy_(grad)).detach()  # x's storage, not its history
     return grad.to(x.dtype)
 
 
-def _row_loss_tangent(options, x, labels, counted, eps, weight, class_mask, z, lse, tangent):
+def _differentiable_gradient(options, saved: _Saved, grads) -> torch.Tensor:
+    """Out of place, through differentiable ops (double backward, forward over reverse): the
+    logits are left as they are, even with ``inplace_backward`` (the recorded graph needs them)."""
+    x, eps, lse = saved.x, saved.eps, saved.lse.counted(saved.counted)
+    if options.from_log_probs:
+        start = torch.zeros(x.shape, dtype=eps.dtype, device=x.device)
+    else:
+        start = lse.log_softmax(x, eps.dtype)
+    return _build_gradient(_OUT_OF_PLACE, start, options, saved, grads).to(x.dtype)
+
+
+def _row_loss_gradient(options, saved: _Saved, grads, *, again: bool) -> torch.Tensor:
+    """The logits' gradient by the mode that fits: out of place when it will be differentiated
+    ``again`` (``_common.differentiated_again``), else the Triton kernel where the forward ran
+    on it, else in place."""
+    if again:
+        return _differentiable_gradient(options, saved, grads)
+    if options.triton:
+        return _kernel_gradient(options, saved, grads)
+    return _first_order_gradient(options, saved, grads)
+
+
+def _row_loss_tangent(options, saved: _Saved, tangent):
     """Forward-mode derivative of the rows (loss, z-part) along ``dx = tangent``.
 
     ``d loss = sum_c (A p_c - t_c) dx_c + d z_part`` with ``d z_part = 2 z lse sum_c p_c dx_c``
     (logits), or ``d loss = -sum_c t_c dx_c`` (``from_log_probs``), ``t``, ``A`` and ``p`` as in
-    ``_row_loss_gradient``. The target's part is O(rows): ``sum_c t_c dx_c = (1 - eps) w_y dx_y
-    + (eps / |S|) (sum_c w_c dx_c - [others] w_y dx_y - [others_but_pad] w_pad dx_pad)``; the
-    only rows x K temporary is ``p`` (and the tangent's upcast for bf16/fp16), contracted with
-    ``dx`` by a batched product.
+    :func:`_build_gradient`. The target's part is O(rows): ``sum_c t_c dx_c = (1 - eps) w_y
+    dx_y + (eps / |S|) (sum_c w_c dx_c - [others] w_y dx_y - [others_but_pad] w_pad dx_pad)``;
+    the only rows x K temporary is ``p`` (and the tangent's upcast for bf16/fp16), contracted
+    with ``dx`` by a batched product.
     """
-    num_classes = x.shape[-1]
-    size = _support_size(options, num_classes, class_mask)
-    in_range = (labels >= 0) & (labels < num_classes)
-    safe_labels = torch.where(counted & in_range, labels, 0)
-    bad = _bad_rows(labels, counted, eps, class_mask, num_classes)
-    w = torch.ones((), dtype=eps.dtype, device=x.device) if weight is None else weight
-    w_full = w.expand(num_classes)
-    if class_mask is not None:
-        w_full = w_full * class_mask.to(eps.dtype)
-    on_true = (1.0 - eps) * w.expand(num_classes)[safe_labels]
-    per_class = eps / size
+    x, counted, eps, class_mask = saved.x, saved.counted, saved.eps, saved.class_mask
+    target = _target(options, x.shape[-1], saved.labels, counted, eps, saved.weight, class_mask)
+    w = target.w
     dx = tangent.to(eps.dtype)
-    dx_y = dx.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
-    support_dot = torch.matmul(dx, w_full)
-    support_weight = w_full.sum()
+    dx_y = dx.gather(-1, target.safe_labels.unsqueeze(-1)).squeeze(-1)
+    support_dot = torch.matmul(dx, w)
     if options.convention != "uniform":
-        support_dot = support_dot - w_full[safe_labels] * dx_y
-        support_weight = support_weight - w_full[safe_labels]
+        support_dot = support_dot - w[target.safe_labels] * dx_y
     if options.convention == "others_but_pad":
-        w_pad = w_full[options.pad_index]
-        support_dot = support_dot - w_pad * dx[..., options.pad_index]
-        support_weight = support_weight - w_pad
-    target_dot = on_true * dx_y + per_class * support_dot
+        support_dot = support_dot - w[options.pad_index] * dx[..., options.pad_index]
+    target_dot = target.on_true * dx_y + target.per_class * support_dot
     d_z = torch.zeros_like(target_dot)
     if options.from_log_probs:
         d_loss = -target_dot
     else:
-        safe_lse = lse.counted(counted)
+        safe_lse = saved.lse.counted(counted)
         probs = safe_lse.log_softmax(x, eps.dtype).exp_()  # softmax, in its own buffer
         if class_mask is not None:
             probs = probs.masked_fill_(~class_mask, 0.0)
         prob_dot = torch.matmul(probs.unsqueeze(-2), dx.unsqueeze(-1)).squeeze(-1).squeeze(-1)
-        d_loss = (on_true + per_class * support_weight) * prob_dot - target_dot
+        d_loss = target.mass() * prob_dot - target_dot
         if options.with_z:
-            d_z = 2.0 * z * safe_lse.value * prob_dot
+            d_z = 2.0 * saved.z * safe_lse.value * prob_dot
             d_loss = d_loss + d_z
-    d_loss, d_z = (torch.where(bad, torch.nan, d) for d in (d_loss, d_z))
-    return torch.where(counted, d_loss, 0.0), torch.where(counted, d_z, 0.0)
+    return counted_only(counted, target.bad, d_loss), counted_only(counted, target.bad, d_z)
 
 
 class _RowLoss(torch.autograd.Function):
@@ -705,53 +674,32 @@ class _RowLoss(torch.autograd.Function):
         ctx.mark_non_differentiable(peak, log_sum)
 
     @staticmethod
-    def _unpack(ctx):
+    def _unpack(ctx) -> _Saved:
         x, labels, counted, eps, z, peak, log_sum, *rest = ctx.saved_tensors
         weight = rest.pop(0) if ctx.optional[0] else None
         class_mask = rest.pop(0) if ctx.optional[1] else None
-        return x, labels, counted, eps, weight, class_mask, z, _Lse(peak, log_sum)
+        return _Saved(x, labels, counted, eps, weight, class_mask, z, Lse(peak, log_sum))
 
     @staticmethod
     def backward(ctx, grad_loss, grad_z, grad_peak, grad_log_sum):
         """Gradients for the logits ``x``, the smoothing ``eps`` and the z-loss ``z`` (each only
         when needed); labels, masks and class weights are constants."""
         del grad_peak, grad_log_sum  # the lse is an internal statistic, never differentiated
-        x, labels, counted, eps, weight, class_mask, z, lse = _RowLoss._unpack(ctx)
+        saved = _RowLoss._unpack(ctx)
         need_x, need_eps, need_z = (ctx.needs_input_grad[i] for i in (0, 3, 6))
-        again = _common.differentiated_again(x)
+        again = _common.differentiated_again(saved.x)
         if again and not ctx.options.from_log_probs:
             # Differentiated again: lse must be a function of x for the Hessian to be right.
-            lse = _masked_logsumexp(x, class_mask, eps.dtype)
+            lse = _masked_logsumexp(saved.x, saved.class_mask, saved.eps.dtype)
+            saved = saved._replace(lse=lse)
+        grads = (grad_loss, grad_z)
         d_eps = d_z = grad = None
         if need_eps or need_z:  # first: inplace_backward overwrites x with its gradient
-            d_eps, d_z = _option_gradients(
-                ctx.options,
-                x,
-                labels,
-                counted,
-                eps,
-                weight,
-                class_mask,
-                lse,
-                (grad_loss, grad_z),
-                (need_eps, need_z),
-            )
+            d_eps, d_z = _option_gradients(ctx.options, saved, grads, (need_eps, need_z))
         if need_x:
-            grad = _row_loss_gradient(
-                ctx.options,
-                x,
-                labels,
-                counted,
-                eps,
-                weight,
-                class_mask,
-                z,
-                lse,
-                (grad_loss, grad_z),
-                again=again,
-            )
+            grad = _row_loss_gradient(ctx.options, saved, grads, again=again)
         if d_z is not None:
-            d_z = d_z.reshape(z.shape)
+            d_z = d_z.reshape(saved.z.shape)
         return grad, None, None, d_eps, None, None, d_z, None
 
 
@@ -763,17 +711,12 @@ class _RowLossForwardMode(_RowLoss):
 
     @staticmethod
     def jvp(ctx, x_tangent, *other_tangents):
-        x, labels, counted, eps, weight, class_mask, z, lse = _RowLoss._unpack(ctx)
+        saved = _RowLoss._unpack(ctx)
         eps_tangent, z_tangent = other_tangents[2], other_tangents[5]
-        d_loss, d_z = torch.zeros_like(lse.peak), torch.zeros_like(lse.peak)
+        d_loss, d_z = torch.zeros_like(saved.lse.peak), torch.zeros_like(saved.lse.peak)
         if x_tangent is not None:
-            d_loss, d_z = _row_loss_tangent(
-                ctx.options, x, labels, counted, eps, weight, class_mask, z, lse, x_tangent
-            )
+            d_loss, d_z = _row_loss_tangent(ctx.options, saved, x_tangent)
         if eps_tangent is not None or z_tangent is not None:
-            option_loss, option_z = _option_tangents(
-                ctx.options, x, labels, counted, eps, weight, class_mask, lse,
-                (eps_tangent, z_tangent),
-            )  # fmt: skip
+            option_loss, option_z = _option_tangents(ctx.options, saved, (eps_tangent, z_tangent))
             d_loss, d_z = d_loss + option_loss, d_z + option_z
         return d_loss, d_z, None, None  # the lse's parts: non-differentiable
