@@ -113,11 +113,20 @@ def concrete_smoothing(fn: Any, value: Any, name: str = "smoothing") -> Any:
     return concrete
 
 
-def check_label_options(fn: Any, num_classes: int | None, *, smoothing: Any, **options) -> None:
-    """``lsspec.check_options`` of a loss with integer labels, the smoothing read first (a
-    concrete one is checked, a traced one passes): every plain option the user gave."""
-    smoothing = concrete_smoothing(fn, smoothing)
-    lsspec.check_options(fn, num_classes=num_classes, smoothing=smoothing, **options)
+def check_label_options(fn, num_classes: int | None, options: lsspec.LabelOptions, **more) -> None:
+    """``lsspec.check_options`` of a loss with integer labels: its ``options`` and ``more``
+    (the dense loss's ``normalizer``, ``kl``, ...). A concrete smoothing is read and checked;
+    a traced one passes."""
+    lsspec.check_options(
+        fn,
+        num_classes=num_classes,
+        smoothing=concrete_smoothing(fn, options.smoothing),
+        convention=options.convention,
+        reduction=options.reduction,
+        pad_index=options.pad_index,
+        ignore_index=options.ignore_index,
+        **more,
+    )
 
 
 def smoothing_array(value: Any, dtype) -> Array:

@@ -113,18 +113,10 @@ def fused_linear_smoothed_cross_entropy(
       inputs' dtypes.
     """
     fn = lsspec.caller("fused_linear_smoothed_cross_entropy", _caller)
-    hidden, weight, bias, labels = _check_fused(fn, hidden, weight, bias, labels)
-    num_classes = weight.shape[0]
-    _common.check_label_options(
-        fn,
-        num_classes,
-        smoothing=smoothing,
-        convention=convention,
-        reduction=reduction,
-        pad_index=pad_index,
-        ignore_index=ignore_index,
-    )
+    options = lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction)
+    hidden, weight, bias, labels = _check_fused(fn, hidden, weight, bias, labels, options)
     chunk_size = lsspec.check_chunk_size(fn, chunk_size)
+    num_classes = weight.shape[0]
     counted = _common.counted_rows(labels, ignore_index, pad_index)
     _common.check_label_range(fn, labels, counted, num_classes, ignore_index)
     compute_dtype = _common.compute_dtype(hidden.dtype)
@@ -143,7 +135,8 @@ def fused_linear_smoothed_cross_entropy(
     return _common.reduce(loss, counted.astype(compute_dtype), reduction)
 
 
-def _check_fused(fn, hidden, weight, bias, labels):
+def _check_fused(fn, hidden, weight, bias, labels, options: lsspec.LabelOptions):
+    """The fused losses' checks: the arrays (returned, bias zeros when None) and the options."""
     (hidden,) = _common.floating(fn, hidden=hidden)
     weight = jnp.asarray(weight)
     labels = _common.integer_labels(fn, labels)  # widened before any comparison
@@ -158,6 +151,7 @@ def _check_fused(fn, hidden, weight, bias, labels):
         bias = jnp.asarray(bias)
         if bias.dtype != hidden.dtype:
             raise lsspec.dtype_mismatch_error(fn, "bias", bias.dtype, hidden.dtype)
+    _common.check_label_options(fn, weight.shape[0], options)
     return hidden, weight, bias, labels
 
 

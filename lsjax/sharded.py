@@ -61,18 +61,10 @@ def sharded_fused_linear_smoothed_cross_entropy(
     batch shards, once: the per-row slope is already global over the vocabulary).
     """
     fn = "sharded_fused_linear_smoothed_cross_entropy"
-    hidden, weight, bias, labels = _check_fused(fn, hidden, weight, bias, labels)
+    options = lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction)
+    hidden, weight, bias, labels = _check_fused(fn, hidden, weight, bias, labels, options)
     if hidden.ndim != 2:
         raise lsspec.shape_error(fn, "hidden", hidden.shape, "two dimensions (N, D)")
-    _common.check_label_options(
-        fn,
-        weight.shape[0],
-        smoothing=smoothing,
-        convention=convention,
-        reduction=reduction,
-        pad_index=pad_index,
-        ignore_index=ignore_index,
-    )
     chunk_size = lsspec.check_chunk_size(fn, chunk_size)
     for name, axis, size in (("vocab_axis", vocab_axis, weight.shape[0]),) + (
         (("batch_axis", batch_axis, hidden.shape[0]),) if batch_axis is not None else ()

@@ -179,9 +179,9 @@ def smoothed_cross_entropy(
       * ``convention="uniform"``: ``torch.nn.functional.cross_entropy(x, y, weight=w,
         ignore_index=i, reduction=r, label_smoothing=eps)`` (class axis given by ``axis``), and
         ``optax.softmax_cross_entropy(x, optax.smooth_labels(onehot(y), eps))``;
-      * ``convention="others"``: the seed ``LabelSmoothingLoss(classes, smoothing)``, fairseq's
+      * ``convention="others"``: the forum's ``LabelSmoothingLoss(classes, smoothing)``, fairseq's
         ``label_smoothed_nll_loss`` (with ``from_log_probs=True``) and T5X/Flax (with ``kl=True``);
-      * ``convention="others_but_pad", kl=True, from_log_probs=True``: the OpenNMT-style seed
+      * ``convention="others_but_pad", kl=True, from_log_probs=True``: OpenNMT-py's
         ``LabelSmoothingLoss(label_smoothing, tgt_vocab_size, ignore_index)``;
       * ``convention="uniform", class_mask=m``: ``optax.softmax_cross_entropy(x,
         optax.smooth_labels(onehot(y), eps, where=m), where=m)``;
@@ -222,7 +222,7 @@ def smoothed_cross_entropy(
       kl: return the KL form, the loss minus the target's entropy (SEMANTICS.md §2): same
         gradient, minimum 0, finite at smoothing = 1. Not defined with ``weight``.
       from_log_probs: ``logits`` already are log-probabilities: the loss is ``-sum_c q_c x_c``
-        and its gradient ``-q`` (the seed's KL module and fairseq take log-probs).
+        and its gradient ``-q`` (OpenNMT's KL loss and fairseq take log-probs).
       class_mask: boolean ``(K,)``; False classes leave the softmax and the smoothing support.
         A counted row whose label is a masked class raises (concrete) or is NaN (traced).
       z_loss: ``z >= 0`` and finite (traced and out of range: NaN rows); adds ``z * lse**2``
@@ -275,11 +275,7 @@ def smoothed_cross_entropy(
     _common.check_label_options(
         fn,
         num_classes,
-        smoothing=smoothing,
-        convention=convention,
-        reduction=reduction,
-        pad_index=pad_index,
-        ignore_index=ignore_index,
+        lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction),
         normalizer=_common.concrete_scalar(fn, "normalizer", normalizer, optional=True),
         kl=kl,
         has_weight=weight is not None,

@@ -206,6 +206,18 @@ def check_axis(fn: str | Caller, axis: object, ndim: int, name: str = "axis") ->
     return int(axis) % ndim
 
 
+class LabelOptions(NamedTuple):
+    """The options every loss with integer labels takes, in the order of its keywords, as the
+    user gave them: checked by :func:`check_options`; ``ignore_index`` and ``pad_index`` decide
+    which rows count."""
+
+    smoothing: object
+    convention: str
+    ignore_index: object
+    pad_index: object
+    reduction: str
+
+
 def check_options(
     fn: str | Caller,
     *,

@@ -277,11 +277,20 @@ def reduce(loss, row_weight, reduction: str, normalizer=None) -> torch.Tensor:
     )
 
 
-def check_label_options(fn, num_classes: int | None, *, smoothing, **options) -> None:
-    """``lsspec.check_options`` of a loss with integer labels, the smoothing read first (a
-    number or a CPU tensor is checked, any other tensor passes): every plain option given."""
-    smoothing = concrete_smoothing(fn, smoothing)
-    lsspec.check_options(fn, num_classes=num_classes, smoothing=smoothing, **options)
+def check_label_options(fn, num_classes: int | None, options: lsspec.LabelOptions, **more) -> None:
+    """``lsspec.check_options`` of a loss with integer labels: its ``options`` and ``more``
+    (the dense loss's ``normalizer``, ``kl``, ...). A smoothing given as a number or a CPU
+    tensor is read and checked; any other tensor passes."""
+    lsspec.check_options(
+        fn,
+        num_classes=num_classes,
+        smoothing=concrete_smoothing(fn, options.smoothing),
+        convention=options.convention,
+        reduction=options.reduction,
+        pad_index=options.pad_index,
+        ignore_index=options.ignore_index,
+        **more,
+    )
 
 
 def floating(fn, **tensors: torch.Tensor) -> None:

@@ -87,11 +87,7 @@ def vocab_parallel_smoothed_cross_entropy(
     _common.check_label_options(
         fn,
         num_classes,
-        smoothing=smoothing,
-        convention=convention,
-        reduction=reduction,
-        pad_index=pad_index,
-        ignore_index=ignore_index,
+        lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction),
     )
     counted = _common.counted_rows(labels, ignore_index, pad_index)
     _common.check_label_range(fn, labels, counted, num_classes, ignore_index)

@@ -99,11 +99,7 @@ def fused_linear_smoothed_cross_entropy(
     _common.check_label_options(
         fn,
         num_classes,
-        smoothing=smoothing,
-        convention=convention,
-        reduction=reduction,
-        pad_index=pad_index,
-        ignore_index=ignore_index,
+        lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction),
     )
     chunk_size = lsspec.check_chunk_size(fn, chunk_size)
     counted = _common.counted_rows(labels, ignore_index, pad_index)

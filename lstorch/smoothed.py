@@ -202,11 +202,7 @@ def smoothed_cross_entropy(
     _common.check_label_options(
         fn,
         num_classes,
-        smoothing=smoothing,
-        convention=convention,
-        reduction=reduction,
-        pad_index=pad_index,
-        ignore_index=ignore_index,
+        lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction),
         normalizer=_common.concrete_scalar(fn, "normalizer", normalizer, optional=True),
         kl=kl,
         has_weight=weight is not None,
