@@ -1,6 +1,6 @@
 """GPU forward+backward time of the label-smoothed losses against the bandwidth floor.
 
-The floor (issue 5): a label-smoothed cross-entropy that returns the gradient of its logits must
+The floor: a label-smoothed cross-entropy that returns the gradient of its logits must
 read the logits in forward, read them again in backward and write the gradient: 3 x the logits'
 bytes. Its time is those bytes over the bandwidth a plain device-to-device copy reaches on the
 same GPU in the same run (``copy_``, counting bytes read and written), so "% of floor" is
