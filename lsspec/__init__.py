@@ -364,7 +364,8 @@ def label_range_error(
 
 
 def check_declared_classes(fn: str | Caller, name: str, declared: object, actual: int) -> None:
-    """The seed modules take the class count in their constructor; it must match the input."""
+    """The losses that take the class count in their constructor (OpenNMT's, the forum's
+    ``LabelSmoothingLoss``): it must match the input."""
     if not is_index(declared) or declared != actual:
         fn, arg = names(fn)
         raise ValueError(
@@ -373,10 +374,10 @@ def check_declared_classes(fn: str | Caller, name: str, declared: object, actual
         )
 
 
-def check_seed_ce_options(
+def check_label_smoothing_loss_options(
     fn: str | Caller, classes: object, smoothing: object, dim: object
 ) -> None:
-    """The seed's ``LabelSmoothingLoss(classes, smoothing, dim)``, checked at construction:
+    """The forum's ``LabelSmoothingLoss(classes, smoothing, dim)``, checked at construction:
     ``classes`` an int >= 2 (the smoothing goes to the ``classes - 1`` others), ``smoothing``
     in [0, 1] (when concrete), ``dim`` an int."""
     fn, arg = names(fn)
@@ -390,14 +391,15 @@ def check_seed_ce_options(
         raise ValueError(f"{fn}: `{arg('dim')}` must be an int (the class axis); got {dim!r}.")
 
 
-def seed_kl_options(
+def opennmt_kl_options(
     fn: str | Caller, label_smoothing: object, ignore_index: object, vocab: object
 ) -> dict:
-    """Options of ``smoothed_cross_entropy`` that reproduce the seed's OpenNMT-style KL module.
+    """Options of ``smoothed_cross_entropy`` that reproduce OpenNMT-py's KL
+    ``LabelSmoothingLoss(label_smoothing, tgt_vocab_size, ignore_index)``.
 
-    ``0 <= ignore_index < vocab`` is the pad column ("others_but_pad", exactly the seed); a
+    ``0 <= ignore_index < vocab`` is the pad column ("others_but_pad", exactly OpenNMT's); a
     negative ``ignore_index`` excludes no column ("others") and only zeroes the rows it labels.
-    Checked in the seed's own terms (``tgt_vocab_size``, not the convention it maps to), so the
+    Checked in OpenNMT's own terms (``tgt_vocab_size``, not the convention it maps to), so the
     module can check them at construction.
     """
     fn, arg = names(fn)

@@ -12,7 +12,8 @@ from torch import nn
 
 import lsspec
 from lstorch import _common
-from lstorch.seed_modules import kl_label_smoothing_loss, label_smoothing_loss
+from lstorch.compat.opennmt import kl_label_smoothing_loss
+from lstorch.compat.pytorch_forum import label_smoothing_loss
 from lstorch.smoothed import smoothed_cross_entropy
 
 
@@ -156,7 +157,7 @@ class SmoothedCrossEntropyLoss(nn.Module):
 
 
 class LabelSmoothingLoss(nn.Module):
-    """Drop-in for the seed's ``LabelSmoothingLoss(classes, smoothing=0.0, dim=-1)``.
+    """Drop-in for the forum's ``LabelSmoothingLoss(classes, smoothing=0.0, dim=-1)``.
 
     Logits in, ``"others"`` convention, mean over rows; ``dim`` works for any class axis.
     See :func:`lstorch.label_smoothing_loss`. ``classes`` (an int >= 2), ``smoothing`` (in
@@ -167,7 +168,7 @@ class LabelSmoothingLoss(nn.Module):
         super().__init__()
         fn = lsspec.caller(type(self).__name__)
         smoothing_value = _common.concrete_smoothing(fn, smoothing)
-        lsspec.check_seed_ce_options(fn, classes, smoothing_value, dim)
+        lsspec.check_label_smoothing_loss_options(fn, classes, smoothing_value, dim)
         self.cls = classes
         self.smoothing = smoothing
         self.confidence = 1.0 - smoothing
@@ -188,12 +189,12 @@ class LabelSmoothingLoss(nn.Module):
 
 
 class KLLabelSmoothingLoss(nn.Module):
-    """Drop-in for the seed's OpenNMT-style ``LabelSmoothingLoss(label_smoothing,
-    tgt_vocab_size, ignore_index=-100)`` (renamed: both seed modules share one name).
+    """Drop-in for OpenNMT-py's ``LabelSmoothingLoss(label_smoothing, tgt_vocab_size,
+    ignore_index=-100)`` (renamed: the forum's loss has that name).
 
     Log-probabilities in, KL form, ``"others_but_pad"``, summed. See
-    :func:`lstorch.kl_label_smoothing_loss` for the documented fix of the seed's
-    ``one_hot[-100]`` bug. The arguments are checked at construction, as the seed's asserts
+    :func:`lstorch.kl_label_smoothing_loss` for the documented fix of OpenNMT's
+    ``one_hot[-100]`` bug. The arguments are checked at construction, as OpenNMT's asserts
     did, in its terms: ``tgt_vocab_size`` must leave the smoothing a class to go to (>= 3 with a
     pad column, >= 2 without); errors name this module.
     """
@@ -204,7 +205,7 @@ class KLLabelSmoothingLoss(nn.Module):
         super().__init__()
         fn = lsspec.caller(type(self).__name__)
         value = _common.concrete_scalar(fn, "label_smoothing", label_smoothing)
-        lsspec.seed_kl_options(fn, value, ignore_index, tgt_vocab_size)
+        lsspec.opennmt_kl_options(fn, value, ignore_index, tgt_vocab_size)
         self.label_smoothing = label_smoothing
         self.tgt_vocab_size = tgt_vocab_size
         self.ignore_index = ignore_index

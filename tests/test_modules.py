@@ -32,7 +32,7 @@ DIFFERENT_DEFAULTS = {
     lstorch.SmoothedCrossEntropyLoss: {"reduction": "mean", "ignore_index": -100},
     lstorch.FusedLinearSmoothedCrossEntropyLoss: {"ignore_index": -100},
 }
-# Arguments the seed modules require, to build one.
+# Arguments the forum's and OpenNMT's modules require, to build one.
 REQUIRED = {
     lstorch.LabelSmoothingLoss: {"classes": 5},
     lstorch.KLLabelSmoothingLoss: {"label_smoothing": 0.1, "tgt_vocab_size": 5},
