@@ -22,18 +22,32 @@ def sigmoid_binary_cross_entropy(
 ) -> torch.Tensor:
     r"""Sigmoid cross-entropy of every element, labels smoothed toward 1/2 (PyTorch).
 
-    With ``y' = y * (1 - eps) + eps / 2``::
+    With ``y' = y * (1 - eps) + eps / 2`` and ``softplus(z) = logaddexp(z, 0)`` (never
+    ``log(sigmoid)``)::
 
         loss = pos_weight * y' * softplus(-x) + (1 - y') * softplus(x)
 
-    (``softplus(z) = logaddexp(z, 0)``), gradient ``sigmoid(x) (pos_weight y' + 1 - y') -
-    pos_weight y'``. Same keywords and semantics as ``lsjax.sigmoid_binary_cross_entropy`` (a
-    ``smoothing`` tensor that requires grad is differentiated).
-    Reproduces ``torch.nn.functional.binary_cross_entropy_with_logits(x, y', pos_weight=pw,
-    reduction=r)``; returns float32 for bf16/fp16/float32 logits and float64 for float64.
-    A number or CPU tensor ``smoothing`` outside [0, 1] raises; one that is not read (on an
-    accelerator, under ``torch.compile``/``vmap``) gives NaN. ``_caller`` is internal (who
-    errors name).
+    with the gradient ``sigmoid(x) (pos_weight y' + 1 - y') - pos_weight y'``. Reproduces
+    ``torch.nn.functional.binary_cross_entropy_with_logits(x, y', pos_weight=pw,
+    reduction=r)`` and, averaged over the last axis, Keras ``BinaryCrossentropy(from_logits=True,
+    label_smoothing=eps)`` (``lstorch.compat.keras``). Its JAX twin is
+    ``lsjax.sigmoid_binary_cross_entropy``.
+
+    Args:
+      logits: float tensor of any shape; bf16/fp16 are computed in float32.
+      labels: float tensor of the logits' shape, targets in [0, 1] (multi-label, soft or hard).
+      smoothing: ``eps`` in [0, 1]: each label becomes ``y * (1 - eps) + eps / 2``. A number or
+        a CPU tensor outside [0, 1] raises; a tensor that is not read (on an accelerator, under
+        ``torch.compile``/``vmap``) gives NaN. A tensor that requires grad is differentiated,
+        ``d loss / d eps = (1/2 - y) (pos_weight softplus(-x) - softplus(x))``.
+      pos_weight: weight of the positive term, broadcast against the logits (torch's
+        ``pos_weight``, e.g. shape ``(C,)``); a constant.
+      reduction: ``"none"`` (elementwise), ``"sum"`` or ``"mean"`` (over all elements).
+
+    Returns:
+      float32 for bf16/fp16/float32 logits, float64 for float64.
+
+    ``_caller`` is internal (who errors name).
     """
     fn = lsspec.caller("sigmoid_binary_cross_entropy", _caller)
     _common.floating(fn, logits=logits, labels=labels)

@@ -13,7 +13,6 @@ import contextlib
 from typing import NamedTuple
 
 import torch
-from torch import nn
 
 import lsspec
 from lstorch import _common
@@ -48,27 +47,25 @@ def fused_linear_smoothed_cross_entropy(
 ) -> torch.Tensor:
     r"""``smoothed_cross_entropy(F.linear(hidden, weight, bias), labels, ...)`` without the logits.
 
-    Same formula, keywords and semantics as ``lsjax.fused_linear_smoothed_cross_entropy`` (whose
-    docstring carries the full description). With ``x = hidden @ weight.T + bias``::
+    For a language-model head with a large vocabulary ``V``, ``F.linear`` builds ``rows x V``
+    logits (and as much again for their gradient). Here, with ``x = hidden @ weight.T + bias``
+    (``K = V`` classes), each row's loss is the closed form of SEMANTICS.md §1::
 
         loss = (1 - eps) * (lse - x_y) + eps * (lse - mean_{c in S} x_c)
 
-    ``lse`` is accumulated over vocabulary chunks, ``x_y = hidden . weight[y] + bias[y]`` and
-    ``sum_c x_c = hidden . weight.sum(0) + bias.sum()`` (a rank-1 product: no pass over the
-    logits). Backward recomputes each chunk's logits and forms ``g * (softmax(x) - q)`` one
-    ``rows x chunk_size`` block at a time.
+    ``lse`` is accumulated over vocabulary chunks of ``chunk_size`` classes (each chunk's
+    logits computed from ``hidden`` and ``weight`` and dropped), ``x_y = hidden . weight[y] +
+    bias[y]`` and ``sum_c x_c = hidden . weight.sum(0) + bias.sum()`` (a rank-1 product: no pass
+    over the logits). Backward recomputes each chunk's logits and forms ``g * (softmax(x) - q)``
+    one ``rows x chunk_size`` block at a time: ``d hidden += coeff @ W_chunk``, ``d W_chunk =
+    coeff.T @ hidden``, ``d b_chunk = sum_rows coeff``.
 
     Reproduces ``lstorch.smoothed_cross_entropy(F.linear(hidden, weight, bias), labels, ...)``
     and so, for ``convention="uniform"``, ``F.cross_entropy(F.linear(hidden, weight, bias),
-    labels, label_smoothing=eps, ignore_index=i, reduction=r)`` (except that when no row counts
-    ``"mean"`` returns 0 with a zero gradient, where torch returns NaN).
-
-    ``weight`` is ``(V, D)``, the layout of ``nn.Linear(D, V).weight`` and of a tied embedding.
-    A ``smoothing`` tensor that requires grad is differentiated: ``d loss_row / d eps = x_y -
-    mean_{c in S} x_c``, one O(rows) statistic kept for backward only then.
-    Returns float32 for bf16/fp16/float32 inputs (every logit, lse and sum accumulated in
-    float32), float64 for float64; gradients come back in the inputs' dtypes. Outside
-    ``torch.autocast``, ``hidden``, ``weight`` and ``bias`` must share one dtype.
+    labels, label_smoothing=eps, ignore_index=i, reduction=r)``, loss and gradients for
+    ``hidden``, ``weight`` and ``bias``, up to float rounding (except that when no row counts
+    ``"mean"`` returns 0 with a zero gradient, where torch returns NaN). Its JAX twin is
+    ``lsjax.fused_linear_smoothed_cross_entropy``.
 
     Under ``torch.autocast`` (enabled for the hidden's device type), the inputs are what
     ``F.linear`` would make of them: ``hidden``, ``weight`` and ``bias``, whatever their dtypes
@@ -88,20 +85,48 @@ def fused_linear_smoothed_cross_entropy(
     ``torch._inductor.config.emulate_precision_casts`` is set): the loss is then that of the
     unrounded inputs, and the backward still differentiates the loss returned.
 
-    A number or CPU tensor ``smoothing`` outside [0, 1] raises; one that is not read (on an
-    accelerator, under ``torch.compile``/``vmap``) gives NaN rows. ``_caller`` is internal (who
-    errors name: ``FusedLinearSmoothedCrossEntropyLoss`` when the module called).
+    Args:
+      hidden: float tensor ``(..., D)``: the features that feed the output layer. Outside
+        ``torch.autocast``, ``hidden``, ``weight`` and ``bias`` share one dtype.
+      weight: ``(V, D)``, the layout of ``nn.Linear(D, V).weight`` and of a tied embedding
+        table: one row per class.
+      labels: int tensor with the hidden's shape without its last axis; any integer dtype, as
+        in :func:`lstorch.smoothed_cross_entropy`.
+      bias: optional ``(V,)``.
+      smoothing: ``eps`` in [0, 1], a number or a one-element tensor; one that can be read (a
+        number, a CPU tensor) outside [0, 1] raises, one that cannot (on an accelerator, under
+        ``torch.compile``/``vmap``) gives NaN rows. A tensor that requires grad is
+        differentiated: ``d loss_row / d eps = x_y - mean_{c in S} x_c``, one O(rows) statistic
+        kept for backward only then.
+      convention: ``"uniform"`` | ``"others"`` | ``"others_but_pad"`` (needs ``pad_index``).
+      ignore_index: rows whose label equals it count for nothing (left out of ``"mean"``).
+      pad_index: the pad column of ``"others_but_pad"``; rows labelled with it count for nothing.
+      reduction: ``"none"`` | ``"sum"`` | ``"mean"`` (over counted rows; 0 when none counts).
+      chunk_size: classes per chunk. Temporaries grow as ``rows x chunk_size``; larger chunks
+        mean fewer, larger matrix products.
+
+    Returns:
+      float32 for bf16/fp16/float32 inputs (accumulated in float32: every logit, lse and sum),
+      float64 for float64; per row for ``"none"``, else a scalar. Gradients come back in the
+      inputs' dtypes.
+
+    ``_caller`` is internal: the public function or module that called this one for the user
+    (who errors name: ``FusedLinearSmoothedCrossEntropyLoss`` when the module called).
     """
     fn = lsspec.caller("fused_linear_smoothed_cross_entropy", _caller)
     operand_dtype = _check_fused(fn, hidden, weight, bias, labels)
     labels = _common.index_labels(labels)  # before any comparison, and so weight[labels] indexes
     num_classes = weight.shape[0]
-    _common.check_label_options(
+    chunk_size = _check_options(
         fn,
         num_classes,
-        lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction),
+        smoothing=smoothing,
+        convention=convention,
+        ignore_index=ignore_index,
+        pad_index=pad_index,
+        reduction=reduction,
+        chunk_size=chunk_size,
     )
-    chunk_size = lsspec.check_chunk_size(fn, chunk_size)
     counted = _common.counted_rows(labels, ignore_index, pad_index)
     _common.check_label_range(fn, labels, counted, num_classes, ignore_index)
     compute_dtype = _common.compute_dtype(operand_dtype)
@@ -119,6 +144,18 @@ def fused_linear_smoothed_cross_entropy(
         _Options(convention, pad_index, chunk_size, operand_dtype),
     )
     return _common.reduce(loss.reshape(labels.shape), counted.to(compute_dtype), reduction)
+
+
+def _check_options(
+    fn, num_classes, *, smoothing, convention, ignore_index, pad_index, reduction, chunk_size,
+    **_inputs,
+) -> int:  # fmt: skip
+    """Check the plain options of :func:`fused_linear_smoothed_cross_entropy`, given by keyword
+    (the inputs are passed over): the function's, and its module's at construction
+    (``num_classes=None``). Returns ``chunk_size`` as an int."""
+    options = lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction)
+    _common.check_label_options(fn, num_classes, options)
+    return lsspec.check_chunk_size(fn, chunk_size)
 
 
 class _Options(NamedTuple):
@@ -464,79 +501,3 @@ def _loss_tangent(options, primals, tangents, labels, counted, eps, lse):
         d_loss = d_loss + (coeff * d_logits).sum(-1)
     d_loss = torch.where(bad, torch.nan, d_loss)
     return torch.where(counted, d_loss, 0.0)
-
-
-class FusedLinearSmoothedCrossEntropyLoss(nn.Module):
-    """Module form of :func:`fused_linear_smoothed_cross_entropy` (the same keywords).
-
-    ``forward(hidden, weight, labels, bias=None)`` takes the output layer's parameters, so a
-    model keeps its own ``nn.Linear`` (or tied embedding) and hands ``head.weight`` /
-    ``head.bias`` here instead of calling the head. As ``SmoothedCrossEntropyLoss``, the default
-    reduction is ``"mean"`` and ``ignore_index`` defaults to -100. Under ``torch.autocast`` the
-    inputs are rounded as ``F.linear`` would cast them (see the function). Every keyword of the
-    function is a constructor argument (``bias`` goes to ``forward``), shown by ``repr``;
-    errors name this module.
-
-    Example::
-
-        head = nn.Linear(512, 131072)
-        loss_fn = FusedLinearSmoothedCrossEntropyLoss(smoothing=0.1)
-        loss = loss_fn(features, head.weight, labels, head.bias)
-    """
-
-    def __init__(
-        self,
-        *,
-        smoothing: float = 0.0,
-        convention: str = "uniform",
-        ignore_index: int | None = -100,
-        pad_index: int | None = None,
-        reduction: str = "mean",
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
-    ) -> None:
-        super().__init__()
-        fn = lsspec.caller(type(self).__name__)
-        lsspec.check_options(
-            fn,
-            num_classes=None,
-            smoothing=_common.concrete_smoothing(fn, smoothing),
-            convention=convention,
-            reduction=reduction,
-            pad_index=pad_index,
-            ignore_index=ignore_index,
-        )
-        lsspec.check_chunk_size(fn, chunk_size)
-        self.smoothing = smoothing
-        self.convention = convention
-        self.ignore_index = ignore_index
-        self.pad_index = pad_index
-        self.reduction = reduction
-        self.chunk_size = chunk_size
-
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        labels: torch.Tensor,
-        bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return fused_linear_smoothed_cross_entropy(
-            hidden,
-            weight,
-            labels,
-            bias=bias,
-            smoothing=self.smoothing,
-            convention=self.convention,
-            ignore_index=self.ignore_index,
-            pad_index=self.pad_index,
-            reduction=self.reduction,
-            chunk_size=self.chunk_size,
-            _caller=lsspec.caller(type(self).__name__),
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"smoothing={self.smoothing}, convention={self.convention!r}, "
-            f"ignore_index={self.ignore_index}, pad_index={self.pad_index}, "
-            f"reduction={self.reduction!r}, chunk_size={self.chunk_size}"
-        )

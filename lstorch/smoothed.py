@@ -96,6 +96,41 @@ def _check_arrays(fn, logits, labels, axis, weight, where, class_mask=None):
     return labels, axis
 
 
+def _check_options(
+    fn,
+    num_classes: int | None,
+    *,
+    smoothing,
+    convention,
+    ignore_index,
+    pad_index,
+    weight,
+    reduction,
+    normalizer,
+    kl,
+    from_log_probs,
+    z_loss,
+    return_z_loss,
+    **_inputs,
+):
+    """Check the plain options of :func:`smoothed_cross_entropy`, given by keyword (the others,
+    ``where``, ``axis``, ..., are passed over): the function's, and its module's at construction
+    (``num_classes=None``, before any input). Returns ``z_loss`` as read (a float, or the tensor
+    that could not be read)."""
+    _common.check_label_options(
+        fn,
+        num_classes,
+        lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction),
+        normalizer=_common.concrete_scalar(fn, "normalizer", normalizer, optional=True),
+        kl=kl,
+        has_weight=weight is not None,
+        from_log_probs=from_log_probs,
+    )
+    z_value = _common.concrete_scalar(fn, "z_loss", z_loss)
+    lsspec.check_z_loss(fn, z_value, from_log_probs=from_log_probs, return_z_loss=return_z_loss)
+    return z_value
+
+
 def smoothed_cross_entropy(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -119,78 +154,110 @@ def smoothed_cross_entropy(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Label-smoothed cross-entropy from integer labels, in closed form (PyTorch).
 
-    Same formula, keywords and semantics as ``lsjax.smoothed_cross_entropy`` (whose docstring
-    carries the full description)::
+    The smoothed target of a row is ``q = (1 - eps) * onehot(y) + eps * u``, with ``u`` uniform
+    over the convention's support ``S`` (SEMANTICS.md §1): ``"uniform"``, all K classes;
+    ``"others"``, all but ``y``; ``"others_but_pad"``, all but ``y`` and ``pad_index``. The loss
+    is computed without building ``q``, from per-row statistics (``lse = logsumexp(x)``, ``x_y``
+    and the sum over ``S``)::
 
         loss = (1 - eps) * w_y * (lse - x_y) + eps * sum_{c in S} w_c (lse - x_c) / |S|
 
-    with ``S`` the convention's support (``"uniform"``: all K classes; ``"others"``: all but
-    ``y``; ``"others_but_pad"``: all but ``y`` and ``pad_index``) and ``w = 1`` without weights.
-    The gradient with respect to the logits is ``g * (A * softmax(x) - t)`` (``t`` the weighted
-    smoothed target, ``A = sum_c t_c``), or ``-g * t`` with ``from_log_probs=True``.
+    with ``w = 1`` without class weights. The gradient with respect to the logits is
+    ``g * (A * softmax(x) - t)`` (``t`` the weighted smoothed target, ``A = sum_c t_c``), or
+    ``-g * t`` with ``from_log_probs=True``. With a ``class_mask`` the masked classes leave both
+    the softmax and the support (SEMANTICS.md §7); with ``z_loss`` ``z`` every counted row adds
+    ``z * lse**2`` (the PaLM/T5X z-loss).
 
     Reproduces ``torch.nn.functional.cross_entropy(x, y, weight=w, ignore_index=i, reduction=r,
     label_smoothing=eps)`` with ``convention="uniform"`` and the class axis given by ``axis``,
-    except that when no row counts ``"mean"`` returns 0 with a zero gradient (torch: NaN).
-
-    The class axis: ``axis=None`` (the default) is the last axis of 1-D ``(C,)`` and 2-D
-    ``(N, C)`` logits, which is where torch puts the classes too. Logits with 3 or more
-    dimensions need an explicit ``axis``, and without one raise ``ValueError``: torch's layout
-    ``(N, C, d1, ...)`` has the classes on ``axis=1``, JAX's (and a language model's
-    ``(batch, time, vocab)``) on ``axis=-1``, and a guess would silently compute another loss
-    whenever the two sizes agree. (``lsjax.smoothed_cross_entropy`` defaults to ``axis=-1``,
-    optax's layout; with an explicit ``axis`` the twins are equal.)
+    except that when no row counts ``"mean"`` returns 0 with a zero gradient (torch: NaN). The
+    other conventions reproduce the peers of ``lstorch.compat`` (SEMANTICS.md §6). Its JAX twin
+    is ``lsjax.smoothed_cross_entropy``: the same keywords and meaning (with an explicit
+    ``axis``, the same values).
 
     Memory: backward keeps the input and O(rows) statistics only (no rows x K log-softmax as
-    ``F.cross_entropy`` keeps) and builds the gradient in one buffer.
+    ``F.cross_entropy`` keeps) and builds the gradient in one buffer. On CUDA (outside
+    ``torch.func`` transforms) forward and backward run on the Triton kernels of
+    ``lstorch.triton_kernels`` (one read of the logits in forward, one read and one write in
+    backward), for float32/bf16/fp16 logits; the environment variable ``LSTORCH_TRITON=off``
+    turns them off.
 
-    ``inplace_backward=True`` (PyTorch only; JAX's counterpart is buffer donation,
-    ``jax.jit(..., donate_argnums=0)``) makes backward write the gradient into the logits' own
-    storage instead of a new rows x K buffer, as Liger-Kernel's loss does: after backward the
-    logits hold their gradient. Use it when nothing else needs the logits' values (the usual
-    output layer of a language model); another autograd node that saved them then raises
-    PyTorch's "modified by an inplace operation" error rather than computing with the gradient.
-    It needs logits that are not a leaf tensor (a leaf's ``.grad`` would alias it) and that are
-    contiguous with the class axis moved last.
+    Args:
+      logits: float tensor; the class axis is ``axis``. bf16/fp16 are accumulated in float32.
+      labels: int tensor with the logits' shape without the class axis. Any integer dtype
+        (uint8 included) gives what int64 labels give; an ``ignore_index`` the dtype cannot
+        hold (-100 with uint8 labels) matches no label.
+      smoothing: ``eps`` in [0, 1]: a Python number, or a one-element tensor (or NumPy array)
+        of a real dtype. A value within ``lsspec.UNIT_INTERVAL_ULPS`` (4) ulps outside [0, 1]
+        in its own dtype is rounding (a schedule that ends at 0) and is clamped; farther out it
+        raises when it can be read and gives NaN rows otherwise. A tensor that requires grad is
+        differentiated (also under ``torch.func``): ``d loss_row / d eps = -w_y (lse - x_y) +
+        sum_{c in S} w_c (lse - x_c) / |S|``, plus with ``kl=True`` the KL constant's
+        ``c (log(eps/|S|) - log q_y)`` (``c = (|S|-1)/|S|`` uniform, else 1), whose one-sided
+        limits are returned at the ends (``-inf`` at ``eps = 0``, ``+inf`` at ``eps = 1`` for
+        ``"others"``/``"others_but_pad"``). Backward then reads the logits once more, for
+        ``x_y`` and the support sums (O(rows) results).
+      convention: ``"uniform"`` | ``"others"`` | ``"others_but_pad"``.
+      ignore_index: rows whose label equals it count for nothing (torch's ``ignore_index``).
+      pad_index: the pad column, required by and only allowed with ``"others_but_pad"``. It never
+        receives smoothing mass, and rows whose label is the pad count for nothing.
+      weight: per-class weights, shape ``(K,)``, a tensor or a Python list; a constant (not
+        differentiated).
+      where: boolean row mask with the labels' shape (a tensor or a list); False rows count for
+        nothing.
+      axis: the class axis of ``logits``. ``None`` (the default) is the last axis of ``(C,)``
+        and ``(N, C)`` logits, which is where torch puts the classes too. Logits with 3 or more
+        dimensions need an explicit ``axis`` (without one: ``ValueError``): ``axis=1`` for
+        torch's ``(N, C, d1, ...)``, ``axis=-1`` for the classes last (a language model's
+        ``(batch, time, vocab)``); a guess would silently compute another loss whenever the two
+        sizes agree.
+      reduction: ``"none"`` (the labels' shape, 0 on rows that do not count), ``"sum"`` or
+        ``"mean"`` (over the sum of ``w_y`` on counted rows, or their number without weights).
+      normalizer: with ``reduction="mean"``, divide the sum by this instead (for gradient
+        accumulation: the token count of the whole accumulated batch). A finite number > 0 (a
+        Python number or one-element tensor); one that cannot be read and is not a finite
+        number > 0 makes the mean NaN.
+      kl: return the KL form, the loss minus the target's entropy (SEMANTICS.md §2): same
+        gradient, minimum 0, finite at smoothing = 1. Not defined with ``weight``.
+      from_log_probs: ``logits`` already are log-probabilities: the loss is ``-sum_c q_c x_c``
+        and its gradient ``-q`` (OpenNMT's KL loss and fairseq take log-probabilities).
+      class_mask: boolean ``(K,)`` (a tensor or a list); False classes leave the softmax and the
+        smoothing support, and their logits may be ``-inf``. A counted row whose label is a
+        masked class raises (or is NaN where the labels cannot be read).
+      z_loss: ``z >= 0`` and finite (a value that cannot be read and is out of range: NaN rows);
+        adds ``z * lse**2`` to every counted row. Needs logits (not allowed with
+        ``from_log_probs=True``). A tensor that requires grad is differentiated:
+        ``d loss_row / d z = lse**2``.
+      return_z_loss: also return the z-loss part alone, reduced like the loss:
+        ``(loss, z_part)`` where ``loss`` already includes ``z_part`` (T5X's convention).
+      inplace_backward: make backward write the gradient into the logits' own storage instead
+        of a new rows x K buffer, as Liger-Kernel's loss does: after backward the logits hold
+        their gradient (JAX's counterpart is buffer donation, ``jax.jit(...,
+        donate_argnums=0)``). Use it when nothing else needs the logits' values (the usual
+        output layer of a language model); another autograd node that saved them then raises
+        PyTorch's "modified by an inplace operation" error rather than computing with the
+        gradient. It needs logits that are not a leaf tensor (a leaf's ``.grad`` would alias
+        it) and that are contiguous with the class axis moved last.
 
-    On CUDA (outside ``torch.compile`` and ``torch.func``) forward and backward run on the Triton
-    kernels of ``lstorch.triton_kernels`` (one read of the logits in forward, one read and one
-    write in backward), float32/bf16/fp16 logits input only; the environment variable
-    ``LSTORCH_TRITON=off`` turns them off.
+    Returns:
+      The loss in float32 for bf16/fp16/float32 logits and float64 for float64 logits: per row
+      with ``reduction="none"``, else a scalar; ``(loss, z_part)`` with ``return_z_loss=True``.
 
-    ``smoothing`` within 4 ulps (in its own dtype) outside [0, 1] is rounding, e.g. a schedule
-    that ends at 0, and is clamped; farther out it raises when concrete and gives NaN rows
-    otherwise.
-
-    The scalar options ``smoothing``, ``normalizer`` and ``z_loss`` are Python numbers or
-    one-element tensors (or NumPy arrays) of a real dtype; anything else raises ``TypeError``.
-    A number or a CPU tensor is checked like a number: out of range, it raises ``ValueError``.
-    A tensor on an accelerator is not read (that would make the host wait for the device on
-    every call), nor is any tensor inside ``torch.compile`` or batched by ``torch.func.vmap``:
-    out of range, such a value gives NaN, never a plausible number (``smoothing`` more than 4
-    ulps outside [0, 1] or ``z_loss`` negative or not finite: every counted row; ``normalizer``
-    not a finite number > 0: the mean). ``weight``, ``where`` and ``class_mask`` may be tensors
-    or Python lists.
-
-    ``smoothing`` and ``z_loss`` given as tensors that require grad are differentiated (also
-    under ``torch.func``), with lsjax's derivatives: ``d loss_row / d eps = -w_y (lse - x_y) +
-    sum_{c in S} w_c (lse - x_c) / |S|`` (+ the KL constant's with ``kl=True``: ``-inf`` at
-    ``eps = 0``, ``+inf`` at ``eps = 1`` for ``"others"``/``"others_but_pad"``, the one-sided
-    limits) and ``d loss_row / d z = lse**2``; class weights stay constants. When the smoothing
-    requires grad, backward reads the logits once more (plain torch ops, on the Triton path
-    too) for ``x_y`` and the support sums: O(rows) results, and with a class mask, class
-    weights or bf16/fp16 logits the same transient temporaries as the plain forward's sums.
-
-    Labels of any integer dtype (uint8 included) give what int64 labels give; an
-    ``ignore_index`` the dtype cannot hold (-100 with uint8 labels) matches no label.
-
-    Returns float32 for bf16/fp16/float32 logits and float64 for float64 logits.
-    Labels out of range raise ``ValueError``; inside ``torch.compile`` (where the check would
-    break the graph) and under ``torch.func.vmap`` over the labels (per-sample gradients, where
-    no value can be read) such a row's loss and gradient are NaN instead.
+    Errors and values that cannot be read: every bad option raises ``ValueError``/``TypeError``
+    naming the argument, the value given and what is allowed. A number or a CPU tensor is read
+    and checked like a number. A tensor on an accelerator is not read (that would make the host
+    wait for the device on every call), nor is any tensor inside ``torch.compile`` or batched by
+    ``torch.func.vmap``: out of range, such a value gives NaN, never a plausible number. Labels
+    out of range raise ``ValueError``; inside ``torch.compile`` (where the check would break
+    the graph) and under ``torch.func.vmap`` over the labels (per-sample gradients) such a
+    row's loss and gradient are NaN instead.
 
     ``_caller`` is internal: the public function or module that called this one on the user's
     behalf (``lsspec.Caller``), named in error messages instead of this function.
+
+    References:
+      Szegedy et al. 2016, "Rethinking the Inception Architecture for Computer Vision";
+      Müller, Kornblith & Hinton 2019, "When Does Label Smoothing Help?".
     """
     fn = lsspec.caller("smoothed_cross_entropy", _caller)
     if isinstance(logits, torch.Tensor):
@@ -199,17 +266,21 @@ def smoothed_cross_entropy(
         class_mask = _common.tensor_option(fn, "class_mask", class_mask, logits.device)
     labels, axis = _check_arrays(fn, logits, labels, axis, weight, where, class_mask)
     num_classes = logits.shape[axis]
-    _common.check_label_options(
+    z_value = _check_options(
         fn,
         num_classes,
-        lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction),
-        normalizer=_common.concrete_scalar(fn, "normalizer", normalizer, optional=True),
+        smoothing=smoothing,
+        convention=convention,
+        ignore_index=ignore_index,
+        pad_index=pad_index,
+        weight=weight,
+        reduction=reduction,
+        normalizer=normalizer,
         kl=kl,
-        has_weight=weight is not None,
         from_log_probs=from_log_probs,
+        z_loss=z_loss,
+        return_z_loss=return_z_loss,
     )
-    z_value = _common.concrete_scalar(fn, "z_loss", z_loss)
-    lsspec.check_z_loss(fn, z_value, from_log_probs=from_log_probs, return_z_loss=return_z_loss)
     if class_mask is not None and not torch.compiler.is_compiling():
         lsspec.check_class_mask_support(fn, class_mask.tolist(), convention, pad_index)
     counted = _common.counted_rows(labels, ignore_index, pad_index, where)

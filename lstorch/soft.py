@@ -33,19 +33,37 @@ def soft_target_cross_entropy(
 
         loss = (1 - eps) * (lse * sum(w t) - sum(w t x)) + (eps/K) * (lse * sum(w) - sum(w x))
 
-    Same keywords and semantics as ``lsjax.soft_target_cross_entropy`` (``from_log_probs``,
-    ``z_loss``, ``return_z_loss`` included; ``smoothing`` and ``z_loss`` tensors that require
-    grad are differentiated, at smoothing 0 and 1 too). Reproduces
-    ``torch.nn.functional.cross_entropy(x, t, weight=w, reduction=r, label_smoothing=eps)`` for
-    probability targets (class axis ``axis``; ``"mean"`` divides by the number of rows that
-    ``where`` keeps, even with weights, as torch does). Returns float32 for bf16/fp16/float32
-    logits and float64 for float64.
+    The gradient with respect to the logits is ``g * (A * softmax(x) - w t')`` with
+    ``A = sum_c w_c t'_c``. Reproduces ``torch.nn.functional.cross_entropy(x, t, weight=w,
+    reduction=r, label_smoothing=eps)`` for probability targets (class axis ``axis``;
+    ``"mean"`` divides by the number of rows that ``where`` keeps, even with weights, as torch
+    does), timm's ``SoftTargetCrossEntropy`` (``eps=0``, ``reduction="mean"``) and
+    ``optax.softmax_cross_entropy(x, t)`` (``eps=0``). Its JAX twin is
+    ``lsjax.soft_target_cross_entropy``.
 
-    ``axis=None`` (the default) is the last axis of 1-D and 2-D logits; logits with 3 or more
-    dimensions need an explicit ``axis`` (1 for torch's ``(N, C, d1, ...)``, -1 for the classes
-    last), as in :func:`lstorch.smoothed_cross_entropy`, whose rules for tensor options
-    (``smoothing``, ``z_loss``: checked when on the CPU, NaN when out of range and not read) and
-    list-valued ``weight``/``where`` apply here too. ``_caller`` is internal (who errors name).
+    Args:
+      logits: float tensor, the classes on ``axis``; bf16/fp16 accumulate in float32.
+      targets: float tensor of the logits' shape (rows need not sum to 1: mixup/cutmix targets
+        and distillation targets are taken as given).
+      smoothing: ``eps`` in [0, 1], a number or a one-element tensor (read and checked when it
+        can be: a number or a CPU tensor; otherwise NaN rows outside [0, 1]). A tensor that
+        requires grad is differentiated, at 0 and 1 too (the loss is linear in it).
+      weight: per-class weights of shape ``(K,)`` (a tensor or a list), a constant.
+      where: boolean row mask of the logits' shape without the class axis.
+      axis: the class axis. ``None`` (the default) is the last axis of 1-D and 2-D logits;
+        logits with 3 or more dimensions need it (1 for torch's ``(N, C, d1, ...)``, -1 for
+        the classes last), as in :func:`lstorch.smoothed_cross_entropy`.
+      reduction: ``"none"`` | ``"sum"`` | ``"mean"`` (over rows that ``where`` keeps; 0 if none).
+      from_log_probs: ``logits`` are log-probabilities: the loss is ``-sum_c w_c t'_c x_c``.
+      z_loss: ``z >= 0``, adds ``z * logsumexp(x)**2`` per counted row (needs logits); read
+        and checked as ``smoothing``; a tensor that requires grad is differentiated,
+        ``d loss_row / d z = lse**2``.
+      return_z_loss: return ``(loss, z_part)`` (the loss includes the z-part), reduced alike.
+
+    Returns:
+      float32 for bf16/fp16/float32 logits, float64 for float64: per row, or a scalar.
+
+    ``_caller`` is internal (who errors name).
     """
     fn = lsspec.caller("soft_target_cross_entropy", _caller)
     _common.floating(fn, logits=logits, targets=targets)
