@@ -28,15 +28,7 @@ import jax
 import jax.numpy as jnp
 
 import lsspec
-from lsjax import _common
-from lsjax._closed_form import (
-    RowTerms,
-    counted_only,
-    label_rows,
-    row_loss,
-    smoothing_slope,
-    support_size,
-)
+from lsjax import _closed_form, _common
 from lsjax._common import Array, ArrayLike
 
 DEFAULT_CHUNK_SIZE = 2048
@@ -281,7 +273,7 @@ def _fused_terms(options, hidden, weight, bias, labels, counted, eps):
     start, num_classes = _vocab_layout(options, weight.shape[0])
     hidden = _counted_rows_only(hidden.astype(compute_dtype), counted)
     lse = _local_lse(options, hidden, weight, bias, compute_dtype)
-    safe_labels, bad = label_rows(labels, counted, eps, num_classes)
+    safe_labels, bad = _closed_form.label_rows(labels, counted, eps, num_classes)
     x_y = _column(options, hidden, weight, bias, safe_labels, start)
     # sum_c x_c = hidden . (sum_c weight_c) + sum_c bias_c: rank 1, no pass over the logits.
     # Unlike the dense core (relative to the row max), this needs |logits| < float max / K.
@@ -293,8 +285,8 @@ def _fused_terms(options, hidden, weight, bias, labels, counted, eps):
     if options.convention == "others_but_pad":
         pad = jnp.full(labels.shape, options.pad_index)
         support_sum = support_sum - _column(options, hidden, weight, bias, pad, start)
-    size = support_size(options.convention, num_classes)
-    terms = RowTerms(
+    size = _closed_form.support_size(options.convention, num_classes)
+    terms = _closed_form.RowTerms(
         lse=lse,
         peak=0.0,
         log_sum=lse,
@@ -307,10 +299,10 @@ def _fused_terms(options, hidden, weight, bias, labels, counted, eps):
         size=size,
         sum_scale=1.0,
     )
-    loss = row_loss(terms, counted, eps, convention=options.convention)
+    loss = _closed_form.row_loss(terms, counted, eps, convention=options.convention)
     # d loss_row / d eps (O(rows), kept for the backward pass).
-    slope = smoothing_slope(terms, eps, convention=options.convention)
-    return loss, lse, counted_only(counted, bad, slope)
+    slope = _closed_form.smoothing_slope(terms, eps, convention=options.convention)
+    return loss, lse, _closed_form.counted_only(counted, bad, slope)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -335,8 +327,8 @@ def _fused_rows_bwd(options, residuals, grad_rows):
     hidden, weight, bias, labels, counted, eps, lse, eps_slope = residuals
     compute_dtype = eps.dtype
     start, num_classes = _vocab_layout(options, weight.shape[0])
-    size = support_size(options.convention, num_classes)
-    safe_labels, bad = label_rows(labels, counted, eps, num_classes)
+    size = _closed_form.support_size(options.convention, num_classes)
+    safe_labels, bad = _closed_form.label_rows(labels, counted, eps, num_classes)
     scale = jnp.where(bad, jnp.nan, grad_rows.astype(compute_dtype))
     scale = jnp.where(counted, scale, 0.0)[:, None]
     safe_lse = jnp.where(counted, lse, 0.0)[:, None]

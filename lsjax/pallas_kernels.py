@@ -379,6 +379,19 @@ def _compiler_params(config: Config, warps: int):
     return None
 
 
+def _static_arguments(options, inputs: _Inputs, num_classes: int, block: int) -> dict:
+    """The static arguments both kernels take: the shape of a row, the convention and which
+    optional per-class inputs are there."""
+    return dict(
+        num_classes=num_classes,
+        block=block,
+        convention=CONVENTIONS[options.convention],
+        pad=options.pad_index or 0,
+        has_weight=inputs.u is not None,
+        has_mask=inputs.mask is not None,
+    )
+
+
 def forward(options, config: Config, x2, inputs: _Inputs) -> Statistics:
     """Per-row :class:`Statistics` of logits ``x2`` (R, K) (R > 0)."""
     rows, num_classes = x2.shape
@@ -388,12 +401,7 @@ def forward(options, config: Config, x2, inputs: _Inputs) -> Statistics:
     class_arrays, class_specs = _class_specs(inputs, num_classes)
     kernel = functools.partial(
         _forward_kernel,
-        num_classes=num_classes,
-        block=block,
-        convention=CONVENTIONS[options.convention],
-        pad=options.pad_index or 0,
-        has_weight=inputs.u is not None,
-        has_mask=inputs.mask is not None,
+        **_static_arguments(options, inputs, num_classes, block),
         with_z=options.with_z,
         sum_scale=lsspec.sum_scale(num_classes),
         dtype=dtype,
@@ -427,12 +435,7 @@ def backward(options, config: Config, x2, inputs: _Inputs, coefficients) -> jax.
     class_arrays, class_specs = _class_specs(inputs, num_classes)
     kernel = functools.partial(
         _backward_kernel,
-        num_classes=num_classes,
-        block=block,
-        convention=CONVENTIONS[options.convention],
-        pad=options.pad_index or 0,
-        has_weight=inputs.u is not None,
-        has_mask=inputs.mask is not None,
+        **_static_arguments(options, inputs, num_classes, block),
         dtype=inputs.params.dtype,
     )
     row_block = pl.BlockSpec((block_rows, num_classes), lambda i: (i, 0))

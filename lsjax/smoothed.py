@@ -14,15 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import lsspec
-from lsjax import _common
-from lsjax._closed_form import (
-    RowTerms,
-    counted_only,
-    label_rows,
-    row_loss,
-    smoothing_slope,
-    support_size,
-)
+from lsjax import _closed_form, _common
 from lsjax._common import Array, ArrayLike, is_zero
 
 
@@ -328,11 +320,11 @@ class _Options(NamedTuple):
     with_z: bool = False
 
 
-def _row_terms(options, x, labels, counted, eps, weight, class_mask=None) -> RowTerms:
+def _row_terms(options, x, labels, counted, eps, weight, class_mask=None) -> _closed_form.RowTerms:
     """Per-row statistics of the closed form; ``x`` is (..., K), class axis last.
 
-    Only O(rows) values come out (:class:`RowTerms`): lse, x_y, the sum over the support of
-    ``w_c (x_c - lse)`` and of ``w_c``, and the support's size.
+    Only O(rows) values come out (``_closed_form.RowTerms``): lse, x_y, the sum over the
+    support of ``w_c (x_c - lse)`` and of ``w_c``, and the support's size.
     Each reduction reads ``x`` in its own dtype and accumulates in float32 (or float64): there is
     no float32 copy of a bf16 ``x``. Rows that do not count may hold NaN here; callers mask them.
     Masked classes are replaced inside each reduction (``-inf`` for lse, 0 for the sums), so a
@@ -342,8 +334,8 @@ def _row_terms(options, x, labels, counted, eps, weight, class_mask=None) -> Row
     compute_dtype = eps.dtype
     # A counted row whose label is out of range (or masked), or a (traced) smoothing outside
     # [0, 1], gives NaN: never a plausible number.
-    safe_labels, bad = label_rows(labels, counted, eps, num_classes, class_mask)
-    size = support_size(options.convention, num_classes, options.pad_index, class_mask)
+    safe_labels, bad = _closed_form.label_rows(labels, counted, eps, num_classes, class_mask)
+    size = _closed_form.support_size(options.convention, num_classes, options.pad_index, class_mask)
     if options.from_log_probs:
         peak = log_sum = jnp.zeros(labels.shape, compute_dtype)
     else:
@@ -379,7 +371,7 @@ def _row_terms(options, x, labels, counted, eps, weight, class_mask=None) -> Row
             x_pad = jnp.where(class_mask[options.pad_index], x_pad, 0.0)
         support_sum = support_sum - w_pad * (x_pad * scale)
         support_weight = support_weight - w_pad
-    return RowTerms(
+    return _closed_form.RowTerms(
         peak + log_sum,
         peak,
         log_sum,
@@ -407,7 +399,7 @@ def _row_loss(options, x, labels, counted, eps, weight, class_mask, z):
 def _loss_from_terms(options, terms, counted, eps, z):
     """:func:`lsjax._closed_form.row_loss` with the core's options."""
     kl = options.kl
-    return row_loss(terms, counted, eps, convention=options.convention, kl=kl, z=z)
+    return _closed_form.row_loss(terms, counted, eps, convention=options.convention, kl=kl, z=z)
 
 
 def _row_loss_jvp(options, primals, tangents):
@@ -431,11 +423,13 @@ def _row_loss_jvp(options, primals, tangents):
             options, x, dx, terms, counted, eps, weight, class_mask, z
         )
     if not is_zero(d_eps):
-        slope = smoothing_slope(terms, eps, convention=options.convention, kl=options.kl)
-        slope = counted_only(counted, bad, slope)
+        slope = _closed_form.smoothing_slope(
+            terms, eps, convention=options.convention, kl=options.kl
+        )
+        slope = _closed_form.counted_only(counted, bad, slope)
         loss_tangent = loss_tangent + slope * d_eps
     if options.with_z and not is_zero(d_z):
-        z_slope = counted_only(counted, bad, jnp.square(lse)) * d_z
+        z_slope = _closed_form.counted_only(counted, bad, jnp.square(lse)) * d_z
         loss_tangent, z_tangent = loss_tangent + z_slope, z_tangent + z_slope
     if not options.with_z:
         return loss, loss_tangent

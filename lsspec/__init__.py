@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 DISTRIBUTION = "label-smoothing-parity"
@@ -216,6 +216,11 @@ class LabelOptions(NamedTuple):
     ignore_index: object
     pad_index: object
     reduction: str
+
+    @classmethod
+    def of(cls, options: Mapping[str, object]) -> LabelOptions:
+        """The label options among ``options``, keyword by keyword (e.g. a module's)."""
+        return cls(*(options[name] for name in cls._fields))
 
 
 def check_options(

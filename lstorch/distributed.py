@@ -28,17 +28,7 @@ import torch
 import torch.distributed as dist
 
 import lsspec
-from lstorch import _common
-from lstorch._closed_form import (
-    Lse,
-    RowTerms,
-    counted_only,
-    label_rows,
-    row_loss,
-    smoothed_target,
-    smoothing_slope,
-    support_size,
-)
+from lstorch import _closed_form, _common
 from lstorch._common import times
 
 
@@ -151,16 +141,17 @@ class _Layout(NamedTuple):
 
 def _bad_rows(labels, counted, eps, layout: _Layout):
     """Counted rows with a label out of range or under a smoothing outside [0, 1]: NaN."""
-    return label_rows(labels, counted, eps, layout.num_classes)[1]
+    return _closed_form.label_rows(labels, counted, eps, layout.num_classes)[1]
 
 
 def _local_target(x, labels, counted, eps, layout):
     """``q`` on this rank's classes: ``(1 - eps) [c = y] + eps / |S| [c in S]``."""
-    per_class = eps / support_size(layout.convention, layout.num_classes)
+    per_class = eps / _closed_form.support_size(layout.convention, layout.num_classes)
     classes = torch.arange(layout.start, layout.start + x.shape[-1], device=x.device)
     labels = torch.where(counted, labels, 0)
-    return smoothed_target(layout.convention, layout.pad_index, classes, labels, 1.0 - eps,
-                           per_class)  # fmt: skip
+    return _closed_form.smoothed_target(
+        layout.convention, layout.pad_index, classes, labels, 1.0 - eps, per_class
+    )
 
 
 class _VocabParallelRows(torch.autograd.Function):
@@ -176,7 +167,7 @@ class _VocabParallelRows(torch.autograd.Function):
             peak = x.amax(dim=-1).to(compute_dtype)
             dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
             peak = torch.where(torch.isfinite(peak), peak, 0.0)
-            safe_labels, bad = label_rows(labels, counted, eps, num_classes)
+            safe_labels, bad = _closed_form.label_rows(labels, counted, eps, num_classes)
             sums = torch.stack(
                 [
                     torch.exp(x.to(compute_dtype) - peak.unsqueeze(-1)).sum(-1),
@@ -195,14 +186,16 @@ class _VocabParallelRows(torch.autograd.Function):
                 support_sum = support_sum - x_y
             if convention == "others_but_pad":
                 support_sum = support_sum - x_pad
-            size = support_size(convention, num_classes)
+            size = _closed_form.support_size(convention, num_classes)
             # The closed form of statistics relative to 0: peak 0, log_sum the lse, no scaling.
             # A (tensor) smoothing outside [0, 1] gives NaN rows, never a plausible number.
-            terms = RowTerms(Lse(0.0, lse), x_y, 1.0, support_sum, size, safe_labels, bad, size,
-                             1.0)  # fmt: skip
-            loss = row_loss(terms, counted, eps, convention=convention)
+            lse_parts = _closed_form.Lse(0.0, lse)
+            terms = _closed_form.RowTerms(
+                lse_parts, x_y, 1.0, support_sum, size, safe_labels, bad, size, 1.0
+            )
+            loss = _closed_form.row_loss(terms, counted, eps, convention=convention)
             # d loss_row / d eps from the global statistics (the same on every rank).
-            eps_slope = smoothing_slope(terms, eps, convention=convention)
+            eps_slope = _closed_form.smoothing_slope(terms, eps, convention=convention)
         return loss, lse, eps_slope
 
     @staticmethod
@@ -262,10 +255,14 @@ class _VocabParallelRows(torch.autograd.Function):
         grad = torch.exp(x_c - safe_lse.unsqueeze(-1)) - target
         grad = grad * grad_loss.to(eps.dtype).unsqueeze(-1)
         bad = _bad_rows(labels, counted, eps, ctx.layout)
-        grad = counted_only(counted.unsqueeze(-1), bad.unsqueeze(-1), grad)
+        grad = _closed_form.counted_only(counted.unsqueeze(-1), bad.unsqueeze(-1), grad)
         d_eps = None
         if eps_slope is not None:  # d eps = sum_rows g * slope, the whole loss's on every rank
-            d_eps = counted_only(counted, bad, grad_loss * eps_slope).sum().reshape(eps.shape)
+            d_eps = (
+                _closed_form.counted_only(counted, bad, grad_loss * eps_slope)
+                .sum()
+                .reshape(eps.shape)
+            )
         return grad.to(x.dtype), None, None, d_eps, None
 
 
@@ -290,7 +287,7 @@ class _VocabParallelRowsForwardMode(_VocabParallelRows):
             d_loss = d_loss + times(eps_tangent, eps_slope)  # 0 tangent: exactly 0
         # lse and the slope: non-differentiable
         return (
-            counted_only(counted, _bad_rows(labels, counted, eps, ctx.layout), d_loss),
+            _closed_form.counted_only(counted, _bad_rows(labels, counted, eps, ctx.layout), d_loss),
             None,
             None,
         )

@@ -15,17 +15,7 @@ from typing import NamedTuple
 import torch
 
 import lsspec
-from lstorch import _common
-from lstorch._closed_form import (
-    Lse,
-    RowTerms,
-    counted_only,
-    label_rows,
-    row_loss,
-    smoothed_target,
-    smoothing_slope,
-    support_size,
-)
+from lstorch import _closed_form, _common
 from lstorch._common import times
 
 DEFAULT_CHUNK_SIZE = 2048
@@ -117,16 +107,8 @@ def fused_linear_smoothed_cross_entropy(
     operand_dtype = _check_fused(fn, hidden, weight, bias, labels)
     labels = _common.index_labels(labels)  # before any comparison, and so weight[labels] indexes
     num_classes = weight.shape[0]
-    chunk_size = _check_options(
-        fn,
-        num_classes,
-        smoothing=smoothing,
-        convention=convention,
-        ignore_index=ignore_index,
-        pad_index=pad_index,
-        reduction=reduction,
-        chunk_size=chunk_size,
-    )
+    options = lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction)
+    chunk_size = _check_options(fn, num_classes, options, chunk_size)
     counted = _common.counted_rows(labels, ignore_index, pad_index)
     _common.check_label_range(fn, labels, counted, num_classes, ignore_index)
     compute_dtype = _common.compute_dtype(operand_dtype)
@@ -146,14 +128,9 @@ def fused_linear_smoothed_cross_entropy(
     return _common.reduce(loss.reshape(labels.shape), counted.to(compute_dtype), reduction)
 
 
-def _check_options(
-    fn, num_classes, *, smoothing, convention, ignore_index, pad_index, reduction, chunk_size,
-    **_inputs,
-) -> int:  # fmt: skip
-    """Check the plain options of :func:`fused_linear_smoothed_cross_entropy`, given by keyword
-    (the inputs are passed over): the function's, and its module's at construction
-    (``num_classes=None``). Returns ``chunk_size`` as an int."""
-    options = lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction)
+def _check_options(fn, num_classes, options: lsspec.LabelOptions, chunk_size) -> int:
+    """Check the plain options of :func:`fused_linear_smoothed_cross_entropy`: the function's,
+    and its module's at construction (``num_classes=None``). Returns ``chunk_size`` as an int."""
     _common.check_label_options(fn, num_classes, options)
     return lsspec.check_chunk_size(fn, chunk_size)
 
@@ -263,7 +240,7 @@ def _terms(options, hidden, weight, bias, labels, counted, eps):
     for start, stop in _chunks(num_classes, chunk_size):
         logits = _chunk_logits(hidden, weight, bias, start, stop, operand_dtype, compute_dtype)
         lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
-    safe_labels, bad = label_rows(labels, counted, eps, num_classes)
+    safe_labels, bad = _closed_form.label_rows(labels, counted, eps, num_classes)
 
     def column(classes):
         rows = _operand(weight[classes], operand_dtype, compute_dtype)
@@ -279,12 +256,14 @@ def _terms(options, hidden, weight, bias, labels, counted, eps):
         support_sum = support_sum - x_y
     if convention == "others_but_pad":
         support_sum = support_sum - column(torch.full_like(labels, pad_index))
-    size = support_size(convention, num_classes)
+    size = _closed_form.support_size(convention, num_classes)
     # The closed form of statistics relative to 0: peak 0, log_sum the lse, no scaling.
-    terms = RowTerms(Lse(0.0, lse), x_y, 1.0, support_sum, size, safe_labels, bad, size, 1.0)
-    loss = row_loss(terms, counted, eps, convention=convention)
+    terms = _closed_form.RowTerms(
+        _closed_form.Lse(0.0, lse), x_y, 1.0, support_sum, size, safe_labels, bad, size, 1.0
+    )
+    loss = _closed_form.row_loss(terms, counted, eps, convention=convention)
     # d loss_row / d eps (O(rows), kept for backward; masked there, after the product with g).
-    eps_slope = smoothing_slope(terms, eps, convention=convention)
+    eps_slope = _closed_form.smoothing_slope(terms, eps, convention=convention)
     return loss, lse, eps_slope
 
 
@@ -373,8 +352,8 @@ class _FusedRowsForwardMode(_FusedRows):
 def _smoothing_rows(labels, counted, eps, num_classes, per_row):
     """``per_row`` (a term of the smoothing's derivative) on the rows that count, NaN on the
     invalid ones, 0 elsewhere (a select: the others may hold anything)."""
-    _, bad = label_rows(labels, counted, eps, num_classes)
-    return counted_only(counted, bad, per_row.to(eps.dtype))
+    _, bad = _closed_form.label_rows(labels, counted, eps, num_classes)
+    return _closed_form.counted_only(counted, bad, per_row.to(eps.dtype))
 
 
 def _row_setup(options, hidden, num_classes, labels, counted, eps):
@@ -383,9 +362,9 @@ def _row_setup(options, hidden, num_classes, labels, counted, eps):
     smoothing's two masses ``(1 - eps)`` and ``eps / |S|``."""
     convention, _, _, operand_dtype = options
     compute_dtype = eps.dtype
-    safe_labels, bad = label_rows(labels, counted, eps, num_classes)
+    safe_labels, bad = _closed_form.label_rows(labels, counted, eps, num_classes)
     hidden_c = _counted_rows_only(_operand(hidden, operand_dtype, compute_dtype), counted)
-    per_class = eps / support_size(convention, num_classes)
+    per_class = eps / _closed_form.support_size(convention, num_classes)
     return hidden_c, safe_labels.unsqueeze(-1), bad, 1.0 - eps, per_class
 
 
@@ -393,8 +372,9 @@ def _chunk_target(options, safe_labels, on_true, per_class, start, stop, device)
     """``q`` on the classes [start, stop): (rows, chunk), out of place."""
     classes = torch.arange(start, stop, device=device)
     labels = safe_labels.squeeze(-1)
-    return smoothed_target(options.convention, options.pad_index, classes, labels, on_true,
-                           per_class)  # fmt: skip
+    return _closed_form.smoothed_target(
+        options.convention, options.pad_index, classes, labels, on_true, per_class
+    )
 
 
 def _gradients(options, hidden, weight, bias, labels, counted, eps, lse, grad_loss):

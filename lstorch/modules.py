@@ -128,7 +128,8 @@ class SmoothedCrossEntropyLoss(_LossModule):
         super().__init__(locals())
 
     def _check(self, fn: lsspec.Caller) -> None:
-        smoothed._check_options(fn, None, **self._options())
+        options = self._options()
+        smoothed._check_options(fn, None, lsspec.LabelOptions.of(options), **options)
         if self.axis is not None and not lsspec.is_index(self.axis):
             raise ValueError(f"{fn}: `axis` must be an int or None; got {self.axis!r}.")
 
@@ -179,7 +180,8 @@ class FusedLinearSmoothedCrossEntropyLoss(_LossModule):
         super().__init__(locals())
 
     def _check(self, fn: lsspec.Caller) -> None:
-        fused._check_options(fn, None, **self._options())
+        options = self._options()
+        fused._check_options(fn, None, lsspec.LabelOptions.of(options), options["chunk_size"])
 
     def forward(
         self,

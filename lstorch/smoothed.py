@@ -14,17 +14,7 @@ from typing import NamedTuple
 import torch
 
 import lsspec
-from lstorch import _common
-from lstorch._closed_form import (
-    Lse,
-    RowTerms,
-    counted_only,
-    kl_terms,
-    label_rows,
-    row_loss,
-    smoothing_slope,
-    support_size,
-)
+from lstorch import _closed_form, _common
 from lstorch._common import times
 
 
@@ -99,13 +89,9 @@ def _check_arrays(fn, logits, labels, axis, weight, where, class_mask=None):
 def _check_options(
     fn,
     num_classes: int | None,
+    options: lsspec.LabelOptions,
     *,
-    smoothing,
-    convention,
-    ignore_index,
-    pad_index,
     weight,
-    reduction,
     normalizer,
     kl,
     from_log_probs,
@@ -113,14 +99,14 @@ def _check_options(
     return_z_loss,
     **_inputs,
 ):
-    """Check the plain options of :func:`smoothed_cross_entropy`, given by keyword (the others,
-    ``where``, ``axis``, ..., are passed over): the function's, and its module's at construction
-    (``num_classes=None``, before any input). Returns ``z_loss`` as read (a float, or the tensor
-    that could not be read)."""
+    """Check the plain options of :func:`smoothed_cross_entropy`: the label ``options`` and the
+    others by keyword (any more, ``where``, ``axis``, ..., are passed over); the function's, and
+    its module's at construction (``num_classes=None``, before any input). Returns ``z_loss`` as
+    read (a float, or the tensor that could not be read)."""
     _common.check_label_options(
         fn,
         num_classes,
-        lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction),
+        options,
         normalizer=_common.concrete_scalar(fn, "normalizer", normalizer, optional=True),
         kl=kl,
         has_weight=weight is not None,
@@ -269,12 +255,8 @@ def smoothed_cross_entropy(
     z_value = _check_options(
         fn,
         num_classes,
-        smoothing=smoothing,
-        convention=convention,
-        ignore_index=ignore_index,
-        pad_index=pad_index,
+        lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction),
         weight=weight,
-        reduction=reduction,
         normalizer=normalizer,
         kl=kl,
         from_log_probs=from_log_probs,
@@ -310,8 +292,8 @@ def smoothed_cross_entropy(
             )
     triton = _use_triton(x, from_log_probs)
     options = _Options(convention, pad_index, kl, from_log_probs, with_z, triton, inplace_backward)
-    row_loss = _common.with_forward_mode(_RowLoss, _RowLossForwardMode)
-    loss, z_part, *_ = row_loss.apply(x, labels, counted, eps, weight, class_mask, z, options)
+    core = _common.with_forward_mode(_RowLoss, _RowLossForwardMode)
+    loss, z_part, *_ = core.apply(x, labels, counted, eps, weight, class_mask, z, options)
     safe_labels = torch.where(counted, labels, 0).clamp(0, num_classes - 1)
     w_y = 1.0 if weight is None else weight[safe_labels]
     row_weight = torch.where(counted, w_y, 0.0).to(compute_dtype)
@@ -330,31 +312,35 @@ def _peak(upcast: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(peak), peak, 0.0)
 
 
-def _masked_logsumexp(x, class_mask, compute_dtype) -> Lse:
+def _masked_logsumexp(x, class_mask, compute_dtype) -> _closed_form.Lse:
     """logsumexp over the allowed classes (all of them without a mask), in two parts."""
     upcast = x.to(compute_dtype)
     if class_mask is not None:
         upcast = upcast.masked_fill(~class_mask, -torch.inf)
     peak = _peak(upcast)
-    return Lse(peak, (upcast - peak.unsqueeze(-1)).exp().sum(-1).log())
+    return _closed_form.Lse(peak, (upcast - peak.unsqueeze(-1)).exp().sum(-1).log())
 
 
-def _row_terms(options, x, labels, counted, eps, weight, class_mask, lse=None) -> RowTerms:
+def _row_terms(
+    options, x, labels, counted, eps, weight, class_mask, lse=None
+) -> _closed_form.RowTerms:
     """Per-row statistics of the closed form (``lstorch._closed_form.RowTerms``), relative to
     each row's max; ``x`` is (..., K), class axis last. Rows that do not count may hold NaN
     here; callers mask them. Masked classes are filled with ``-inf`` (lse) or 0 (sums) before
     each reduction, so a ``-inf`` logit there is harmless. A given ``lse`` (backward's saved
-    :class:`Lse`) is used as it is.
+    :class:`_closed_form.Lse`) is used as it is.
 
     Without a given lse, ``x - peak`` is built once (a transient rows x K tensor, freed before
     backward): the sums read it, then it becomes the softmax's numerator in place.
     """
     num_classes = x.shape[-1]
     compute_dtype = eps.dtype
-    safe_labels, bad = label_rows(labels, counted, eps, num_classes, class_mask)
+    safe_labels, bad = _closed_form.label_rows(labels, counted, eps, num_classes, class_mask)
     if lse is None and options.from_log_probs:
         zeros = torch.zeros(labels.shape, dtype=compute_dtype, device=x.device)
-        lse = Lse(zeros, torch.zeros_like(zeros))  # two outputs: never one tensor twice
+        lse = _closed_form.Lse(
+            zeros, torch.zeros_like(zeros)
+        )  # two outputs: never one tensor twice
     if lse is None:
         upcast = x.to(compute_dtype)
         if class_mask is not None:
@@ -394,9 +380,11 @@ def _row_terms(options, x, labels, counted, eps, weight, class_mask, lse=None) -
         support_sum = support_sum - w_pad * (x_summed[..., options.pad_index] * scale)
         support_weight = support_weight - w_pad
     if lse is None:  # the softmax's numerator, in the same buffer (read by nothing else now)
-        lse = Lse(peak, shifted.exp_().sum(-1).log())
-    size = support_size(options.convention, num_classes, options.pad_index, class_mask)
-    return RowTerms(lse, x_y, w_y, support_sum, support_weight, safe_labels, bad, size, scale)
+        lse = _closed_form.Lse(peak, shifted.exp_().sum(-1).log())
+    size = _closed_form.support_size(options.convention, num_classes, options.pad_index, class_mask)
+    return _closed_form.RowTerms(
+        lse, x_y, w_y, support_sum, support_weight, safe_labels, bad, size, scale
+    )
 
 
 class _Saved(NamedTuple):
@@ -409,14 +397,16 @@ class _Saved(NamedTuple):
     weight: torch.Tensor | None
     class_mask: torch.Tensor | None
     z: torch.Tensor
-    lse: Lse
+    lse: _closed_form.Lse
 
-    def terms(self, options) -> RowTerms:
+    def terms(self, options) -> _closed_form.RowTerms:
         """The closed form's statistics, the sums recomputed from ``x`` around the saved lse."""
         return _row_terms(options, *self[:6], lse=self.lse)
 
     def bad(self) -> torch.Tensor:
-        return label_rows(self.labels, self.counted, self.eps, self.x.shape[-1], self.class_mask)[1]
+        return _closed_form.label_rows(
+            self.labels, self.counted, self.eps, self.x.shape[-1], self.class_mask
+        )[1]
 
 
 def _option_gradients(options, saved: _Saved, grads, needs):
@@ -436,11 +426,15 @@ def _option_gradients(options, saved: _Saved, grads, needs):
     g = grad_rows.to(eps.dtype)
     d_eps = d_z = None
     if need_eps:
-        slope = smoothing_slope(saved.terms(options), eps, **_form_options(options))
-        d_eps = counted_only(counted, bad, g * slope).sum().reshape(eps.shape)
+        slope = _closed_form.smoothing_slope(saved.terms(options), eps, **_form_options(options))
+        d_eps = _closed_form.counted_only(counted, bad, g * slope).sum().reshape(eps.shape)
     if need_z:
         g_total = g + grad_z.to(eps.dtype) if options.with_z else g
-        d_z = counted_only(counted, bad, g_total * saved.lse.value.square()).sum().to(eps.dtype)
+        d_z = (
+            _closed_form.counted_only(counted, bad, g_total * saved.lse.value.square())
+            .sum()
+            .to(eps.dtype)
+        )
     return d_eps, d_z
 
 
@@ -454,10 +448,12 @@ def _option_tangents(options, saved: _Saved, tangents):
     counted, bad = saved.counted, saved.bad()
     d_loss, d_z = torch.zeros_like(saved.lse.peak), torch.zeros_like(saved.lse.peak)
     if eps_tangent is not None:
-        slope = smoothing_slope(saved.terms(options), saved.eps, **_form_options(options))
-        d_loss = d_loss + counted_only(counted, bad, times(eps_tangent, slope))
+        slope = _closed_form.smoothing_slope(
+            saved.terms(options), saved.eps, **_form_options(options)
+        )
+        d_loss = d_loss + _closed_form.counted_only(counted, bad, times(eps_tangent, slope))
     if z_tangent is not None and options.with_z:
-        d_z = counted_only(counted, bad, times(z_tangent, saved.lse.value.square()))
+        d_z = _closed_form.counted_only(counted, bad, times(z_tangent, saved.lse.value.square()))
         d_loss = d_loss + d_z
     return d_loss, d_z
 
@@ -470,7 +466,7 @@ def _form_options(options) -> dict:
 def _kernel_params(options, num_classes, eps, weight, class_mask, z):
     """The scalars of ``lstorch.triton_kernels`` as one float32 device tensor (no host copy):
     [eps, |S|, sum_c u_c, u_pad, z, KL constant], ``u`` the weights times the class mask."""
-    size = support_size(options.convention, num_classes, options.pad_index, class_mask)
+    size = _closed_form.support_size(options.convention, num_classes, options.pad_index, class_mask)
     zero = eps * 0
     u = weight
     if class_mask is not None:
@@ -479,7 +475,7 @@ def _kernel_params(options, num_classes, eps, weight, class_mask, z):
     pad_weight = zero
     if options.pad_index is not None:
         pad_weight = zero + 1 if u is None else u[options.pad_index]
-    kl = sum(kl_terms(options.convention, eps, size), zero) if options.kl else zero
+    kl = sum(_closed_form.kl_terms(options.convention, eps, size), zero) if options.kl else zero
     values = [eps, zero + size, total, pad_weight, z, kl]
     return torch.stack([torch.as_tensor(v).to(eps.device) for v in values]).to(torch.float32)
 
@@ -509,9 +505,9 @@ def _row_loss_forward(options, x, labels, counted, eps, weight, class_mask, z):
         )  # fmt: skip
     terms = _row_terms(options, x, labels, counted, eps, weight, class_mask)
     if options.with_z:
-        loss, z_part = row_loss(terms, counted, eps, **_form_options(options), z=z)
+        loss, z_part = _closed_form.row_loss(terms, counted, eps, **_form_options(options), z=z)
     else:
-        loss = row_loss(terms, counted, eps, **_form_options(options))
+        loss = _closed_form.row_loss(terms, counted, eps, **_form_options(options))
         z_part = torch.zeros_like(loss)
     return loss, z_part, *terms.lse
 
@@ -538,8 +534,8 @@ class _Target(NamedTuple):
 
 
 def _target(options, num_classes, labels, counted, eps, weight, class_mask) -> _Target:
-    safe_labels, bad = label_rows(labels, counted, eps, num_classes, class_mask)
-    size = support_size(options.convention, num_classes, options.pad_index, class_mask)
+    safe_labels, bad = _closed_form.label_rows(labels, counted, eps, num_classes, class_mask)
+    size = _closed_form.support_size(options.convention, num_classes, options.pad_index, class_mask)
     unmasked = torch.ones((), dtype=eps.dtype, device=eps.device) if weight is None else weight
     w = unmasked.expand(num_classes)
     if class_mask is not None:
@@ -710,7 +706,9 @@ def _row_loss_tangent(options, saved: _Saved, tangent):
         if options.with_z:
             d_z = 2.0 * saved.z * safe_lse.value * prob_dot
             d_loss = d_loss + d_z
-    return counted_only(counted, target.bad, d_loss), counted_only(counted, target.bad, d_z)
+    return _closed_form.counted_only(counted, target.bad, d_loss), _closed_form.counted_only(
+        counted, target.bad, d_z
+    )
 
 
 class _RowLoss(torch.autograd.Function):
@@ -745,7 +743,9 @@ class _RowLoss(torch.autograd.Function):
         x, labels, counted, eps, z, peak, log_sum, *rest = ctx.saved_tensors
         weight = rest.pop(0) if ctx.optional[0] else None
         class_mask = rest.pop(0) if ctx.optional[1] else None
-        return _Saved(x, labels, counted, eps, weight, class_mask, z, Lse(peak, log_sum))
+        return _Saved(
+            x, labels, counted, eps, weight, class_mask, z, _closed_form.Lse(peak, log_sum)
+        )
 
     @staticmethod
     def backward(ctx, grad_loss, grad_z, grad_peak, grad_log_sum):
