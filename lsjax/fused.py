@@ -311,12 +311,25 @@ def _fused_rows(options, hidden, weight, bias, labels, counted, eps):
     return _fused_terms(options, hidden, weight, bias, labels, counted, eps)[0]
 
 
+class _Residuals(NamedTuple):
+    """What the backward pass reads: the inputs and the O(rows) statistics of the forward."""
+
+    hidden: Array
+    weight: Array
+    bias: Array
+    labels: Array
+    counted: Array
+    eps: Array
+    lse: Array
+    eps_slope: Array
+
+
 def _fused_rows_fwd(options, hidden, weight, bias, labels, counted, eps):
     loss, lse, eps_slope = _fused_terms(options, hidden, weight, bias, labels, counted, eps)
-    return loss, (hidden, weight, bias, labels, counted, eps, lse, eps_slope)
+    return loss, _Residuals(hidden, weight, bias, labels, counted, eps, lse, eps_slope)
 
 
-def _fused_rows_bwd(options, residuals, grad_rows):
+def _fused_rows_bwd(options, residuals: _Residuals, grad_rows):
     """Chunk by chunk: ``coeff = g * (softmax(x) - q)`` on a ``rows x chunk`` block, then
     ``d hidden += coeff @ W_chunk``, ``d W_chunk = coeff.T @ hidden``, ``d b_chunk = sum coeff``.
 
@@ -324,7 +337,9 @@ def _fused_rows_bwd(options, residuals, grad_rows):
     chunk (the uniform part is a constant subtracted elementwise), so nothing outside a chunk is
     rows x V. With a vocabulary axis, ``d hidden`` is the all-reduce of every shard's part.
     """
-    hidden, weight, bias, labels, counted, eps, lse, eps_slope = residuals
+    hidden, weight, bias = residuals.hidden, residuals.weight, residuals.bias
+    labels, counted, eps = residuals.labels, residuals.counted, residuals.eps
+    lse, eps_slope = residuals.lse, residuals.eps_slope
     compute_dtype = eps.dtype
     start, num_classes = _vocab_layout(options, weight.shape[0])
     size = _closed_form.support_size(options.convention, num_classes)

@@ -139,9 +139,21 @@ class _Layout(NamedTuple):
     group: Any  # the process group the vocabulary is split over
 
 
-def _bad_rows(labels, counted, eps, layout: _Layout):
+class _Saved(NamedTuple):
+    """What backward and forward mode read: the inputs and the forward's global statistics (the
+    smoothing's slope None where the smoothing is not differentiated)."""
+
+    x: torch.Tensor
+    labels: torch.Tensor
+    counted: torch.Tensor
+    eps: torch.Tensor
+    lse: torch.Tensor
+    eps_slope: torch.Tensor | None
+
+
+def _bad_rows(saved: _Saved, layout: _Layout):
     """Counted rows with a label out of range or under a smoothing outside [0, 1]: NaN."""
-    return _closed_form.label_rows(labels, counted, eps, layout.num_classes)[1]
+    return _closed_form.label_rows(saved.labels, saved.counted, saved.eps, layout.num_classes)[1]
 
 
 def _local_target(x, labels, counted, eps, layout):
@@ -161,11 +173,11 @@ class _VocabParallelRows(torch.autograd.Function):
 
     @staticmethod
     def forward(x, labels, counted, eps, layout):
-        convention, pad_index, start, num_classes, group = layout
+        convention, num_classes, start = layout.convention, layout.num_classes, layout.start
         compute_dtype = eps.dtype
         with torch.no_grad():
             peak = x.amax(dim=-1).to(compute_dtype)
-            dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=layout.group)
             peak = torch.where(torch.isfinite(peak), peak, 0.0)
             safe_labels, bad = _closed_form.label_rows(labels, counted, eps, num_classes)
             sums = torch.stack(
@@ -173,12 +185,12 @@ class _VocabParallelRows(torch.autograd.Function):
                     torch.exp(x.to(compute_dtype) - peak.unsqueeze(-1)).sum(-1),
                     _local_column(x, safe_labels, start).to(compute_dtype),
                     x.sum(-1, dtype=compute_dtype),
-                    _local_column(x, torch.full_like(labels, pad_index or 0), start).to(
+                    _local_column(x, torch.full_like(labels, layout.pad_index or 0), start).to(
                         compute_dtype
                     ),
                 ]
             )
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=layout.group)
             sum_exp, x_y, total, x_pad = sums
             lse = torch.log(sum_exp) + peak
             support_sum = total
@@ -243,26 +255,24 @@ class _VocabParallelRows(torch.autograd.Function):
         through ``_AllReduceSum`` (shifted by the saved lse, the same on every rank), so that
         its dependence on every rank's logits is in the graph."""
         del grad_lse, grad_slope  # internal statistics, never differentiated.
-        x, labels, counted, eps, lse, eps_slope = ctx.saved_tensors
-        safe_lse = torch.where(counted, lse, 0.0)
+        saved = _Saved(*ctx.saved_tensors)
+        x, labels, counted, eps = saved.x, saved.labels, saved.counted, saved.eps
+        safe_lse = torch.where(counted, saved.lse, 0.0)
         x_c = x.to(eps.dtype)
         if _common.differentiated_again(x):
-            shift = torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1)
+            shift = torch.where(torch.isfinite(saved.lse), saved.lse, 0.0).unsqueeze(-1)
             local = torch.exp(x_c - shift).sum(-1)
             total = _AllReduceSum.apply(local, ctx.layout.group)
             safe_lse = torch.where(counted, torch.log(total) + shift.squeeze(-1), 0.0)
         target = _local_target(x, labels, counted, eps, ctx.layout)
         grad = torch.exp(x_c - safe_lse.unsqueeze(-1)) - target
         grad = grad * grad_loss.to(eps.dtype).unsqueeze(-1)
-        bad = _bad_rows(labels, counted, eps, ctx.layout)
+        bad = _bad_rows(saved, ctx.layout)
         grad = _closed_form.counted_only(counted.unsqueeze(-1), bad.unsqueeze(-1), grad)
         d_eps = None
-        if eps_slope is not None:  # d eps = sum_rows g * slope, the whole loss's on every rank
-            d_eps = (
-                _closed_form.counted_only(counted, bad, grad_loss * eps_slope)
-                .sum()
-                .reshape(eps.shape)
-            )
+        if saved.eps_slope is not None:  # d eps = sum_rows g * slope, the whole loss's, every rank
+            d_eps = _closed_form.counted_only(counted, bad, grad_loss * saved.eps_slope).sum()
+            d_eps = d_eps.reshape(eps.shape)
         return grad.to(x.dtype), None, None, d_eps, None
 
 
@@ -274,20 +284,16 @@ class _VocabParallelRowsForwardMode(_VocabParallelRows):
         """``d loss = sum_c (softmax(x)_c - q_c) dx_c`` over all K classes: each rank's share,
         all-reduced (one all-reduce of O(rows) values, run on every rank)."""
         eps_tangent = other_tangents[2]  # labels and the counted mask are constants
-        x, labels, counted, eps, lse, eps_slope = ctx.saved_tensors
-        d_loss = torch.zeros_like(lse)
+        saved = _Saved(*ctx.saved_tensors)
+        x, labels, counted, eps = saved.x, saved.labels, saved.counted, saved.eps
+        d_loss = torch.zeros_like(saved.lse)
         if x_tangent is not None:
-            safe_lse = torch.where(counted, lse, 0.0).unsqueeze(-1)
-            coeff = torch.exp(x.to(eps.dtype) - safe_lse) - _local_target(
-                x, labels, counted, eps, ctx.layout
-            )
+            safe_lse = torch.where(counted, saved.lse, 0.0).unsqueeze(-1)
+            target = _local_target(x, labels, counted, eps, ctx.layout)
+            coeff = torch.exp(x.to(eps.dtype) - safe_lse) - target
             local = torch.matmul(coeff.unsqueeze(-2), x_tangent.to(eps.dtype).unsqueeze(-1))
             d_loss = _AllReduceSum.apply(local.squeeze(-1).squeeze(-1), ctx.layout.group)
         if eps_tangent is not None:  # the same on every rank: no communication
-            d_loss = d_loss + times(eps_tangent, eps_slope)  # 0 tangent: exactly 0
-        # lse and the slope: non-differentiable
-        return (
-            _closed_form.counted_only(counted, _bad_rows(labels, counted, eps, ctx.layout), d_loss),
-            None,
-            None,
-        )
+            d_loss = d_loss + times(eps_tangent, saved.eps_slope)  # 0 tangent: exactly 0
+        d_loss = _closed_form.counted_only(counted, _bad_rows(saved, ctx.layout), d_loss)
+        return d_loss, None, None  # lse and the slope: non-differentiable

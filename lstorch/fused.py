@@ -232,7 +232,8 @@ def _counted_rows_only(hidden, counted):
 def _terms(options, hidden, weight, bias, labels, counted, eps):
     """``(loss, lse, eps_slope)`` per row, each O(rows): the lse chunk by chunk, ``x_y`` from
     the label's row of the weight, the support sum as a rank-1 product."""
-    convention, pad_index, chunk_size, operand_dtype = options
+    convention, operand_dtype = options.convention, options.operand_dtype
+    chunk_size = options.chunk_size
     compute_dtype = eps.dtype
     num_classes = weight.shape[0]
     hidden = _counted_rows_only(_operand(hidden, operand_dtype, compute_dtype), counted)
@@ -255,7 +256,7 @@ def _terms(options, hidden, weight, bias, labels, counted, eps):
     if convention != "uniform":
         support_sum = support_sum - x_y
     if convention == "others_but_pad":
-        support_sum = support_sum - column(torch.full_like(labels, pad_index))
+        support_sum = support_sum - column(torch.full_like(labels, options.pad_index))
     size = _closed_form.support_size(convention, num_classes)
     # The closed form of statistics relative to 0: peak 0, log_sum the lse, no scaling.
     terms = _closed_form.RowTerms(
@@ -305,20 +306,16 @@ class _FusedRows(torch.autograd.Function):
         coeff``, with ``q_c = (1 - eps) [c = y] + eps / |S| [c in S]``; ``d eps = sum_rows g
         slope_row`` when the smoothing is differentiated."""
         del grad_lse, grad_slope  # internal statistics, never differentiated.
-        hidden, weight, bias, labels, counted, eps, lse, eps_slope = ctx.saved_tensors
-        if _common.differentiated_again(hidden, weight, bias):
-            with _autocast_off(hidden.device.type):
-                grads = _differentiable_gradients(
-                    ctx.options, hidden, weight, bias, labels, counted, eps, grad_loss
-                )
+        saved = _Saved(*ctx.saved_tensors)
+        if _common.differentiated_again(saved.hidden, saved.weight, saved.bias):
+            with _autocast_off(saved.hidden.device.type):
+                grads = _differentiable_gradients(ctx.options, saved, grad_loss)
         else:
-            grads = _gradients(
-                ctx.options, hidden, weight, bias, labels, counted, eps, lse, grad_loss
-            )
+            grads = _gradients(ctx.options, saved, grad_loss)
         d_eps = None
-        if eps_slope is not None:  # d eps = sum_rows g * slope (NaN from invalid rows)
-            d_eps = _smoothing_rows(labels, counted, eps, weight.shape[0], grad_loss * eps_slope)
-            d_eps = d_eps.sum().reshape(eps.shape)
+        if saved.eps_slope is not None:  # d eps = sum_rows g * slope (NaN from invalid rows)
+            d_eps = _smoothing_rows(saved, grad_loss * saved.eps_slope)
+            d_eps = d_eps.sum().reshape(saved.eps.shape)
         return (*grads, None, None, d_eps, None)
 
 
@@ -331,41 +328,56 @@ class _FusedRowsForwardMode(_FusedRows):
         """``d loss = sum_c (softmax(x)_c - q_c) dx_c`` with ``dx = d hidden @ W.T + hidden @
         d W.T + d b``, one ``rows x chunk_size`` block at a time."""
         eps_tangent = other_tangents[2]  # labels and the counted mask are constants
-        hidden, weight, bias, labels, counted, eps, lse, eps_slope = ctx.saved_tensors
-        with _autocast_off(hidden.device.type):
-            d_loss = _loss_tangent(
-                ctx.options,
-                (hidden, weight, bias),
-                (hidden_tangent, weight_tangent, bias_tangent),
-                labels,
-                counted,
-                eps,
-                lse,
-            )
+        saved = _Saved(*ctx.saved_tensors)
+        with _autocast_off(saved.hidden.device.type):
+            tangents = (hidden_tangent, weight_tangent, bias_tangent)
+            d_loss = _loss_tangent(ctx.options, saved, tangents)
         if eps_tangent is not None:
-            d_loss = d_loss + _smoothing_rows(
-                labels, counted, eps, weight.shape[0], times(eps_tangent, eps_slope)
-            )
+            d_loss = d_loss + _smoothing_rows(saved, times(eps_tangent, saved.eps_slope))
         return d_loss, None, None  # lse and the slope: non-differentiable
 
 
-def _smoothing_rows(labels, counted, eps, num_classes, per_row):
+class _Saved(NamedTuple):
+    """What the core's backward and forward mode read: its inputs and the forward's per-row
+    lse and smoothing slope (the slope None where the smoothing is not differentiated)."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    labels: torch.Tensor
+    counted: torch.Tensor
+    eps: torch.Tensor
+    lse: torch.Tensor
+    eps_slope: torch.Tensor | None
+
+
+def _smoothing_rows(saved: _Saved, per_row):
     """``per_row`` (a term of the smoothing's derivative) on the rows that count, NaN on the
     invalid ones, 0 elsewhere (a select: the others may hold anything)."""
-    _, bad = _closed_form.label_rows(labels, counted, eps, num_classes)
-    return _closed_form.counted_only(counted, bad, per_row.to(eps.dtype))
+    num_classes = saved.weight.shape[0]
+    _, bad = _closed_form.label_rows(saved.labels, saved.counted, saved.eps, num_classes)
+    return _closed_form.counted_only(saved.counted, bad, per_row.to(saved.eps.dtype))
 
 
-def _row_setup(options, hidden, num_classes, labels, counted, eps):
-    """What every pass over the chunks shares: the operand hidden in the compute dtype (rows
-    that do not count zeroed), the target's label column, the rows that are NaN, and the
-    smoothing's two masses ``(1 - eps)`` and ``eps / |S|``."""
-    convention, _, _, operand_dtype = options
-    compute_dtype = eps.dtype
-    safe_labels, bad = _closed_form.label_rows(labels, counted, eps, num_classes)
-    hidden_c = _counted_rows_only(_operand(hidden, operand_dtype, compute_dtype), counted)
-    per_class = eps / _closed_form.support_size(convention, num_classes)
-    return hidden_c, safe_labels.unsqueeze(-1), bad, 1.0 - eps, per_class
+class _Rows(NamedTuple):
+    """What every pass over the chunks shares."""
+
+    hidden: torch.Tensor  # the operand hidden in the compute dtype, rows that do not count zeroed
+    safe_labels: torch.Tensor  # (rows, 1): the target's column
+    bad: torch.Tensor  # the rows that are NaN
+    on_true: torch.Tensor  # 1 - eps, the target's mass
+    per_class: torch.Tensor  # eps / |S|, each support class's
+
+
+def _rows(options, saved: _Saved) -> _Rows:
+    compute_dtype, counted, eps = saved.eps.dtype, saved.counted, saved.eps
+    num_classes = saved.weight.shape[0]
+    safe_labels, bad = _closed_form.label_rows(saved.labels, counted, eps, num_classes)
+    hidden = _counted_rows_only(
+        _operand(saved.hidden, options.operand_dtype, compute_dtype), counted
+    )
+    per_class = eps / _closed_form.support_size(options.convention, num_classes)
+    return _Rows(hidden, safe_labels.unsqueeze(-1), bad, 1.0 - eps, per_class)
 
 
 def _chunk_target(options, safe_labels, on_true, per_class, start, stop, device):
@@ -377,14 +389,15 @@ def _chunk_target(options, safe_labels, on_true, per_class, start, stop, device)
     )
 
 
-def _gradients(options, hidden, weight, bias, labels, counted, eps, lse, grad_loss):
+def _gradients(options, saved: _Saved, grad_loss):
     """The first-order gradients, each chunk's ``coeff`` built in its logits' buffer."""
-    convention, pad_index, chunk_size, operand_dtype = options
-    compute_dtype = eps.dtype
+    convention, pad_index = options.convention, options.pad_index
+    operand_dtype = options.operand_dtype
+    hidden, weight, bias = saved.hidden, saved.weight, saved.bias
+    counted, lse = saved.counted, saved.lse
+    compute_dtype = saved.eps.dtype
     num_classes = weight.shape[0]
-    hidden_c, safe_labels, bad, on_true, per_class = _row_setup(
-        options, hidden, num_classes, labels, counted, eps
-    )
+    hidden_c, safe_labels, bad, on_true, per_class = _rows(options, saved)
     scale = torch.where(bad, torch.nan, grad_loss.to(compute_dtype))
     scale = torch.where(counted, scale, 0.0).unsqueeze(-1)
     keep = counted.unsqueeze(-1)
@@ -393,7 +406,7 @@ def _gradients(options, hidden, weight, bias, labels, counted, eps, lse, grad_lo
     d_weight = torch.empty_like(weight)
     d_bias = torch.empty_like(bias)
     with torch.no_grad(), _autocast_off(hidden.device.type):
-        for start, stop in _chunks(num_classes, chunk_size):
+        for start, stop in _chunks(num_classes, options.chunk_size):
             coeff = _chunk_logits(hidden_c, weight, bias, start, stop, operand_dtype, compute_dtype)
             coeff.sub_(safe_lse).exp_()  # softmax, in the logits' buffer
             classes = torch.arange(start, stop, device=hidden.device).unsqueeze(0)
@@ -415,17 +428,15 @@ def _gradients(options, hidden, weight, bias, labels, counted, eps, lse, grad_lo
     return d_hidden.to(hidden.dtype), d_weight, d_bias
 
 
-def _differentiable_gradients(options, hidden, weight, bias, labels, counted, eps, grad_loss):
+def _differentiable_gradients(options, saved: _Saved, grad_loss):
     """The same gradients through differentiable, out-of-place ops, with the lse recomputed
     from (hidden, weight, bias): their own derivatives (double backward, forward over reverse)
     are then exact. Chunked as the first-order pass; a recorded graph keeps what it needs."""
-    _, _, chunk_size, operand_dtype = options
-    compute_dtype = eps.dtype
+    operand_dtype, compute_dtype = options.operand_dtype, saved.eps.dtype
+    hidden, weight, bias, counted = saved.hidden, saved.weight, saved.bias, saved.counted
     num_classes = weight.shape[0]
-    hidden_c, safe_labels, bad, on_true, per_class = _row_setup(
-        options, hidden, num_classes, labels, counted, eps
-    )
-    chunks = _chunks(num_classes, chunk_size)
+    hidden_c, safe_labels, bad, on_true, per_class = _rows(options, saved)
+    chunks = _chunks(num_classes, options.chunk_size)
     lse = None
     for start, stop in chunks:
         logits = _chunk_logits(hidden_c, weight, bias, start, stop, operand_dtype, compute_dtype)
@@ -451,22 +462,20 @@ def _differentiable_gradients(options, hidden, weight, bias, labels, counted, ep
     )
 
 
-def _loss_tangent(options, primals, tangents, labels, counted, eps, lse):
+def _loss_tangent(options, saved: _Saved, tangents):
     """``sum_c (softmax(x)_c - q_c) dx_c`` per row (NaN where the row is, 0 where it does not
     count), ``dx`` the tangent of the chunk's logits."""
-    _, _, chunk_size, operand_dtype = options
-    hidden, weight, bias = primals
+    operand_dtype, compute_dtype = options.operand_dtype, saved.eps.dtype
+    hidden, weight, bias = saved.hidden, saved.weight, saved.bias
+    labels, counted, lse = saved.labels, saved.counted, saved.lse
     hidden_tangent, weight_tangent, bias_tangent = tangents
-    compute_dtype = eps.dtype
     num_classes = weight.shape[0]
-    hidden_c, safe_labels, bad, on_true, per_class = _row_setup(
-        options, hidden, num_classes, labels, counted, eps
-    )
+    hidden_c, safe_labels, bad, on_true, per_class = _rows(options, saved)
     if hidden_tangent is not None:  # rounding to the operand dtype passes tangents unchanged
         hidden_tangent = _counted_rows_only(hidden_tangent.to(compute_dtype), counted)
     safe_lse = torch.where(counted, lse, 0.0).unsqueeze(-1)
     d_loss = torch.zeros(labels.shape, dtype=compute_dtype, device=hidden.device)
-    for start, stop in _chunks(num_classes, chunk_size):
+    for start, stop in _chunks(num_classes, options.chunk_size):
         logits = _chunk_logits(hidden_c, weight, bias, start, stop, operand_dtype, compute_dtype)
         target = _chunk_target(options, safe_labels, on_true, per_class, start, stop, hidden.device)
         coeff = torch.exp(logits - safe_lse) - target
