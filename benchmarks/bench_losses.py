@@ -12,8 +12,8 @@ respect to the logits:
 * ``lstorch``: ``lstorch.SmoothedCrossEntropyLoss`` forward + backward; also with
   ``inplace_backward=True`` (the gradient written into the logits' storage).
 * ``F.cross_entropy``: ``torch.nn.functional.cross_entropy(x, y, label_smoothing=eps)``.
-* ``naive (seed)``: the seed modules' algorithm, the naive baseline: build the full smoothed
-  target, then ``sum(-q * log_softmax(x))``.
+* ``naive (one-hot)``: the naive baseline, the algorithm of the forum's and OpenNMT's
+  ``LabelSmoothingLoss``: build the full smoothed target, then ``sum(-q * log_softmax(x))``.
 * ``copy floor``: copying the logits into a preallocated buffer (read once, write once).
 
 Memory: XLA's ``memory_analysis().temp_size_in_bytes`` of each compiled JAX program, and for
@@ -78,8 +78,9 @@ def _jax_candidates(logits: jax.Array, labels: jax.Array) -> dict[str, tuple[Cal
     return candidates
 
 
-def _naive_seed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """THE NAIVE BASELINE (the seed modules' algorithm): a full rows x K smoothed target."""
+def _naive_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """THE NAIVE BASELINE (the forum's and OpenNMT's algorithm): a full rows x K smoothed
+    target."""
     log_probs = logits.log_softmax(dim=-1)
     with torch.no_grad():
         target = torch.full_like(log_probs, SMOOTHING / (logits.shape[-1] - 1))
@@ -122,7 +123,7 @@ def _torch_candidates(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, C
         "F.cross_entropy": forward_backward(
             lambda x: F.cross_entropy(x, labels, label_smoothing=SMOOTHING)
         ),
-        "naive (seed)": forward_backward(lambda x: _naive_seed_loss(x, labels)),
+        "naive (one-hot)": forward_backward(lambda x: _naive_loss(x, labels)),
         "copy floor": lambda: buffer.copy_(logits),
     }
 

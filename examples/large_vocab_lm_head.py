@@ -1,7 +1,7 @@
 """A toy LM head: dense vs fused label-smoothed cross-entropy, memory and time, JAX and PyTorch.
 
     python examples/large_vocab_lm_head.py                 # rows=2048, D=256, V=32768 (seconds)
-    python examples/large_vocab_lm_head.py --full          # the issue's rows=8192, D=512, V=131072
+    python examples/large_vocab_lm_head.py --full          # rows=8192, D=512, V=131072
     python examples/large_vocab_lm_head.py --rows 4096 --vocab 65536 --repeats 5
 
 JAX memory is XLA's own accounting of the compiled forward + backward
@@ -9,8 +9,9 @@ JAX memory is XLA's own accounting of the compiled forward + backward
 allocator statistics, so its number is the rise of the process's peak resident memory
 (``ru_maxrss``) during one forward + backward, each variant in a fresh subprocess (coarse:
 includes allocator slack). Times are the median of ``--repeats`` steps after one warm-up, on
-whatever the machine is doing meanwhile (noisy on a shared box). ``--full`` at the issue's size
-needs about 9 GiB for JAX's dense route and more for torch's; the fused routes need ~0.1 GiB.
+whatever the machine is doing meanwhile (noisy on a shared box). ``--full`` (rows=8192, D=512,
+V=131072) needs about 9 GiB for JAX's dense route and more for torch's; the fused routes need
+~0.1 GiB.
 """
 
 from __future__ import annotations

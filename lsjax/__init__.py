@@ -18,11 +18,12 @@ except ModuleNotFoundError as error:
 
 from lsjax import compat
 from lsjax.binary import sigmoid_binary_cross_entropy
+from lsjax.compat.opennmt import kl_label_smoothing_loss
+from lsjax.compat.pytorch import cross_entropy
+from lsjax.compat.pytorch_forum import label_smoothing_loss
 from lsjax.fused import fused_linear_smoothed_cross_entropy
-from lsjax.seed_modules import kl_label_smoothing_loss, label_smoothing_loss
 from lsjax.smoothed import smoothed_cross_entropy
 from lsjax.soft import soft_target_cross_entropy
-from lsjax.torch_mirror import cross_entropy
 
 __all__ = [
     "compat",

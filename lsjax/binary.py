@@ -9,12 +9,8 @@ import jax
 import jax.numpy as jnp
 
 import lsspec
-from lsjax.smoothed import (
-    ArrayLike,
-    _concrete_smoothing,
-    _reduce,
-    _smoothing_array,
-)
+from lsjax import _common
+from lsjax._common import ArrayLike
 
 
 def sigmoid_binary_cross_entropy(
@@ -59,31 +55,20 @@ def sigmoid_binary_cross_entropy(
       float32 for bf16/fp16/float32 logits, float64 for float64.
     """
     fn = lsspec.caller("sigmoid_binary_cross_entropy", _caller)
-    _, arg = lsspec.names(fn)
-    logits = jnp.asarray(logits)
-    labels = jnp.asarray(labels)
-    for name, value in (("logits", logits), ("labels", labels)):
-        if not jnp.issubdtype(value.dtype, jnp.floating):
-            raise lsspec.dtype_error(fn, name, value.dtype, "a floating dtype")
-    if labels.shape != logits.shape:
-        raise lsspec.shape_error(
-            fn,
-            "labels",
-            labels.shape,
-            f"the {lsspec.possessive(arg('logits'))} shape {logits.shape}",
-        )
+    logits, labels = _common.floating(fn, logits=logits, labels=labels)
+    lsspec.check_same_shape(fn, "labels", labels.shape, logits.shape)
     if pos_weight is not None:
         lsspec.check_broadcastable(fn, "pos_weight", jnp.shape(pos_weight), logits.shape)
     lsspec.check_choice(fn, "reduction", reduction, lsspec.REDUCTIONS)
-    lsspec.check_smoothing(fn, _concrete_smoothing(fn, smoothing))
+    lsspec.check_smoothing(fn, _common.concrete_smoothing(fn, smoothing))
 
-    compute_dtype = jnp.promote_types(logits.dtype, jnp.float32)
+    compute_dtype = _common.compute_dtype(logits.dtype)
     x = logits.astype(compute_dtype)
-    eps = _smoothing_array(smoothing, compute_dtype)  # differentiated: d y' / d eps = 1/2 - y
+    eps = _common.smoothing_array(smoothing, compute_dtype)  # d y' / d eps = 1/2 - y
     target = labels.astype(compute_dtype) * (1.0 - eps) + eps / 2
     positive = target * jnp.logaddexp(-x, 0.0)
     if pos_weight is not None:
         positive = jax.lax.stop_gradient(jnp.asarray(pos_weight, compute_dtype)) * positive
     loss = positive + (1.0 - target) * jnp.logaddexp(x, 0.0)
     loss = jnp.where((eps >= 0) & (eps <= 1), loss, jnp.nan)  # a traced eps outside [0, 1]
-    return _reduce(loss, jnp.ones(loss.shape, compute_dtype), reduction, None)
+    return _common.reduce(loss, jnp.ones(loss.shape, compute_dtype), reduction)

@@ -26,20 +26,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import lsspec
-from lsjax.smoothed import (
-    _concrete_smoothing,
-    _index_labels,
-    _is_traced,
-    _reduce,
-    _smoothing_array,
-    _times,
-)
-
-Array = jax.Array
-ArrayLike = Any
+from lsjax import _closed_form, _common
+from lsjax._common import Array, ArrayLike
 
 DEFAULT_CHUNK_SIZE = 2048
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -115,26 +105,14 @@ def fused_linear_smoothed_cross_entropy(
       inputs' dtypes.
     """
     fn = lsspec.caller("fused_linear_smoothed_cross_entropy", _caller)
-    hidden, weight, bias, labels = _check_fused(fn, hidden, weight, bias, labels)
-    num_classes = weight.shape[0]
-    lsspec.check_options(
-        fn,
-        num_classes=num_classes,
-        smoothing=_concrete_smoothing(fn, smoothing),
-        convention=convention,
-        reduction=reduction,
-        pad_index=pad_index,
-        ignore_index=ignore_index,
-    )
+    options = lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction)
+    hidden, weight, bias, labels = _check_fused(fn, hidden, weight, bias, labels, options)
     chunk_size = lsspec.check_chunk_size(fn, chunk_size)
-    counted = _counted(labels, ignore_index, pad_index)
-    if not (_is_traced(labels) or _is_traced(counted)):
-        labels_np = np.asarray(labels)
-        bad = np.asarray(counted) & ((labels_np < 0) | (labels_np >= num_classes))
-        if bad.any():
-            raise lsspec.label_range_error(fn, labels_np[bad].tolist(), num_classes, ignore_index)
-    compute_dtype = jnp.promote_types(hidden.dtype, jnp.float32)
-    eps = _smoothing_array(smoothing, compute_dtype)  # differentiated (see _fused_rows_bwd)
+    num_classes = weight.shape[0]
+    counted = _common.counted_rows(labels, ignore_index, pad_index)
+    _common.check_label_range(fn, labels, counted, num_classes, ignore_index)
+    compute_dtype = _common.compute_dtype(hidden.dtype)
+    eps = _common.smoothing_array(smoothing, compute_dtype)  # differentiated (_fused_rows_bwd)
     options = _FusedOptions(convention, pad_index, chunk_size, None)
     row_shape = labels.shape
     loss = _fused_rows_jit(
@@ -146,16 +124,14 @@ def fused_linear_smoothed_cross_entropy(
         counted.reshape(-1),
         eps,
     ).reshape(row_shape)
-    return _reduce(loss, counted.astype(compute_dtype), reduction, None)
+    return _common.reduce(loss, counted.astype(compute_dtype), reduction)
 
 
-def _check_fused(fn, hidden, weight, bias, labels):
-    hidden, weight, labels = jnp.asarray(hidden), jnp.asarray(weight), jnp.asarray(labels)
-    if not jnp.issubdtype(hidden.dtype, jnp.floating):
-        raise lsspec.dtype_error(fn, "hidden", hidden.dtype, "a floating dtype")
-    if not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise lsspec.dtype_error(fn, "labels", labels.dtype, "an integer dtype")
-    labels = _index_labels(labels)  # before any comparison with ignore_index / pad_index
+def _check_fused(fn, hidden, weight, bias, labels, options: lsspec.LabelOptions):
+    """The fused losses' checks: the arrays (returned, bias zeros when None) and the options."""
+    (hidden,) = _common.floating(fn, hidden=hidden)
+    weight = jnp.asarray(weight)
+    labels = _common.integer_labels(fn, labels)  # widened before any comparison
     lsspec.check_linear_shapes(
         fn, hidden.shape, weight.shape, None if bias is None else jnp.shape(bias), labels.shape
     )
@@ -167,16 +143,8 @@ def _check_fused(fn, hidden, weight, bias, labels):
         bias = jnp.asarray(bias)
         if bias.dtype != hidden.dtype:
             raise lsspec.dtype_mismatch_error(fn, "bias", bias.dtype, hidden.dtype)
+    _common.check_label_options(fn, weight.shape[0], options)
     return hidden, weight, bias, labels
-
-
-def _counted(labels, ignore_index, pad_index):
-    counted = jnp.ones(labels.shape, dtype=bool)
-    if ignore_index is not None:
-        counted = counted & (labels != ignore_index)
-    if pad_index is not None:
-        counted = counted & (labels != pad_index)
-    return counted
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,12 +267,13 @@ def _counted_rows_only(hidden, counted):
 
 
 def _fused_terms(options, hidden, weight, bias, labels, counted, eps):
+    """``(loss, lse, eps_slope)`` per row: the closed form (``lsjax._closed_form``) of statistics
+    relative to 0 (``peak = 0``, ``log_sum = lse``), each O(rows)."""
     compute_dtype = eps.dtype
     start, num_classes = _vocab_layout(options, weight.shape[0])
     hidden = _counted_rows_only(hidden.astype(compute_dtype), counted)
     lse = _local_lse(options, hidden, weight, bias, compute_dtype)
-    in_range = (labels >= 0) & (labels < num_classes)
-    safe_labels = jnp.where(counted & in_range, labels, 0)
+    safe_labels, bad = _closed_form.label_rows(labels, counted, eps, num_classes)
     x_y = _column(options, hidden, weight, bias, safe_labels, start)
     # sum_c x_c = hidden . (sum_c weight_c) + sum_c bias_c: rank 1, no pass over the logits.
     # Unlike the dense core (relative to the row max), this needs |logits| < float max / K.
@@ -316,14 +285,24 @@ def _fused_terms(options, hidden, weight, bias, labels, counted, eps):
     if options.convention == "others_but_pad":
         pad = jnp.full(labels.shape, options.pad_index)
         support_sum = support_sum - _column(options, hidden, weight, bias, pad, start)
-    bad = counted & ~(in_range & (eps >= 0) & (eps <= 1))
-    size = lsspec.support_size(options.convention, num_classes)
-    loss = _times(1.0 - eps, lse - x_y) + _times(eps, lse - support_sum / size)
-    loss = jnp.where(counted, jnp.where(bad, jnp.nan, loss), 0.0)
-    # d loss_row / d eps: the smoothing term minus the true one (O(rows), kept for backward).
-    eps_slope = (lse - support_sum / size) - (lse - x_y)
-    eps_slope = jnp.where(counted, jnp.where(bad, jnp.nan, eps_slope), 0.0)
-    return loss, lse, eps_slope
+    size = _closed_form.support_size(options.convention, num_classes)
+    terms = _closed_form.RowTerms(
+        lse=lse,
+        peak=0.0,
+        log_sum=lse,
+        x_y=x_y,
+        w_y=1.0,
+        support_sum=support_sum,
+        support_weight=size,
+        safe_labels=safe_labels,
+        bad=bad,
+        size=size,
+        sum_scale=1.0,
+    )
+    loss = _closed_form.row_loss(terms, counted, eps, convention=options.convention)
+    # d loss_row / d eps (O(rows), kept for the backward pass).
+    slope = _closed_form.smoothing_slope(terms, eps, convention=options.convention)
+    return loss, lse, _closed_form.counted_only(counted, bad, slope)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -332,12 +311,25 @@ def _fused_rows(options, hidden, weight, bias, labels, counted, eps):
     return _fused_terms(options, hidden, weight, bias, labels, counted, eps)[0]
 
 
+class _Residuals(NamedTuple):
+    """What the backward pass reads: the inputs and the O(rows) statistics of the forward."""
+
+    hidden: Array
+    weight: Array
+    bias: Array
+    labels: Array
+    counted: Array
+    eps: Array
+    lse: Array
+    eps_slope: Array
+
+
 def _fused_rows_fwd(options, hidden, weight, bias, labels, counted, eps):
     loss, lse, eps_slope = _fused_terms(options, hidden, weight, bias, labels, counted, eps)
-    return loss, (hidden, weight, bias, labels, counted, eps, lse, eps_slope)
+    return loss, _Residuals(hidden, weight, bias, labels, counted, eps, lse, eps_slope)
 
 
-def _fused_rows_bwd(options, residuals, grad_rows):
+def _fused_rows_bwd(options, residuals: _Residuals, grad_rows):
     """Chunk by chunk: ``coeff = g * (softmax(x) - q)`` on a ``rows x chunk`` block, then
     ``d hidden += coeff @ W_chunk``, ``d W_chunk = coeff.T @ hidden``, ``d b_chunk = sum coeff``.
 
@@ -345,13 +337,13 @@ def _fused_rows_bwd(options, residuals, grad_rows):
     chunk (the uniform part is a constant subtracted elementwise), so nothing outside a chunk is
     rows x V. With a vocabulary axis, ``d hidden`` is the all-reduce of every shard's part.
     """
-    hidden, weight, bias, labels, counted, eps, lse, eps_slope = residuals
+    hidden, weight, bias = residuals.hidden, residuals.weight, residuals.bias
+    labels, counted, eps = residuals.labels, residuals.counted, residuals.eps
+    lse, eps_slope = residuals.lse, residuals.eps_slope
     compute_dtype = eps.dtype
     start, num_classes = _vocab_layout(options, weight.shape[0])
-    size = lsspec.support_size(options.convention, num_classes)
-    in_range = (labels >= 0) & (labels < num_classes)
-    safe_labels = jnp.where(counted & in_range, labels, 0)
-    bad = counted & ~(in_range & (eps >= 0) & (eps <= 1))
+    size = _closed_form.support_size(options.convention, num_classes)
+    safe_labels, bad = _closed_form.label_rows(labels, counted, eps, num_classes)
     scale = jnp.where(bad, jnp.nan, grad_rows.astype(compute_dtype))
     scale = jnp.where(counted, scale, 0.0)[:, None]
     safe_lse = jnp.where(counted, lse, 0.0)[:, None]

@@ -6,7 +6,7 @@ forward+backward and nothing else of rows x K size. The JAX twin of ``lstorch.tr
   ``peak + log_sum``, rescaled as the running max moves, as in flash attention), the support sum
   ``sum_c u_c (x_c - peak)`` times ``lsspec.sum_scale(K)`` (``u`` the class weights times the
   class mask, or 1; rescaled with the max), and the label's and the pad's logits. Then, per row,
-  the closed form of ``lsjax.smoothed._loss_from_terms`` (the same terms in the same order):
+  the closed form of ``lsjax._closed_form.row_loss`` (the same terms in the same order):
   ``(1 - eps) w_y (lse - x_y) + eps (W lse - sum_{c in S} u_c x_c) / |S|`` + the KL constant +
   ``z lse^2``, written relative to the peak so that logits near the float32 maximum give the
   finite loss they have. It also writes the row's ``d loss / d eps``, so that a differentiated
@@ -61,6 +61,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 import lsspec
+from lsjax._closed_form import kl_slope, kl_terms, label_rows, support_size
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
 ENVIRONMENT_VARIABLE = "LSJAX_IMPLEMENTATION"
@@ -215,7 +216,7 @@ def _forward_kernel(params_ref, rows_ref, w_y_ref, *refs, num_classes, block, co
     log_sum = jnp.log(running_sum)
     lse = peak + log_sum
 
-    # 2. The row's closed form (lsjax.smoothed._loss_from_terms, in the same order).
+    # 2. The row's closed form (lsjax._closed_form.row_loss, in the same order).
     state = rows_ref[:, 1:2]
     w_y = w_y_ref[...]
     eps = params_ref[0, EPS]
@@ -317,37 +318,13 @@ class Statistics(NamedTuple):
     slope: jax.Array  # d loss / d eps
 
 
-def _xlogx(value):
-    return jax.scipy.special.xlogy(value, value)
-
-
-def _times(scale, term):
-    """``scale * term``, exactly 0 where ``scale`` is 0 (even where ``term`` is infinite)."""
-    return jnp.where(scale == 0, jnp.zeros_like(term), scale * term)
-
-
-def _support_size(options, num_classes, class_mask):
-    size = lsspec.support_size(options.convention, num_classes)
-    if class_mask is not None:
-        size = size - jnp.sum(~class_mask)
-        if options.convention == "others_but_pad":
-            size = size + ~class_mask[options.pad_index]  # a masked pad is not excluded twice
-    return size
-
-
 def _kl_params(options, eps, size):
-    """The KL constant ``sum_c q_c log q_c`` and its derivative in eps (the one-sided limits
-    at the ends), as ``lsjax.smoothed._loss_from_terms`` and ``_smoothing_slope`` have them."""
+    """The KL constant ``sum_c q_c log q_c`` and its derivative in eps (the one-sided limits at
+    the ends), as ``lsjax._closed_form`` has them; 0 without ``kl``."""
     if not options.kl:
         return 0.0, 0.0
-    uniform = options.convention == "uniform"
-    on_target = (1.0 - eps) + (eps / size if uniform else 0.0)
-    off_target_count = size - 1 if uniform else size
-    constant = _xlogx(on_target) + off_target_count * _xlogx(eps / size)
-    slope = jnp.log(eps / size) - jnp.log(on_target)
-    if uniform:  # q_y moves by (|S| - 1) / |S| per unit of eps
-        slope = _times((size - 1) / size, slope)
-    return constant, slope
+    on_target_term, off_target_term = kl_terms(options.convention, eps, size)
+    return on_target_term + off_target_term, kl_slope(options.convention, eps, size)
 
 
 def _inputs(options, num_classes, labels, counted, eps, weight, class_mask, z) -> _Inputs:
@@ -355,18 +332,14 @@ def _inputs(options, num_classes, labels, counted, eps, weight, class_mask, z) -
     dtype = eps.dtype
     labels = labels.reshape(-1)
     counted = counted.reshape(-1)
-    in_range = (labels >= 0) & (labels < num_classes)
-    safe = jnp.where(counted & in_range, labels, 0)
-    valid = in_range & (eps >= 0) & (eps <= 1)
-    if class_mask is not None:
-        valid = valid & class_mask[safe]
-    state = jnp.where(counted, jnp.where(valid, COUNTED, INVALID), NOT_COUNTED)
+    safe, bad = label_rows(labels, counted, eps, num_classes, class_mask)
+    state = jnp.where(counted, jnp.where(bad, INVALID, COUNTED), NOT_COUNTED)
     u = weight
     if class_mask is not None:
         mask_values = class_mask.astype(dtype)
         u = mask_values if u is None else u * mask_values
     w_y = jnp.ones(labels.shape, dtype) if weight is None else weight[safe]
-    size = _support_size(options, num_classes, class_mask)
+    size = support_size(options.convention, num_classes, options.pad_index, class_mask)
     total = jnp.asarray(num_classes, dtype) if u is None else jnp.sum(u)
     pad_weight = pad_allowed = jnp.asarray(0.0, dtype)
     if options.pad_index is not None:
@@ -406,6 +379,19 @@ def _compiler_params(config: Config, warps: int):
     return None
 
 
+def _static_arguments(options, inputs: _Inputs, num_classes: int, block: int) -> dict:
+    """The static arguments both kernels take: the shape of a row, the convention and which
+    optional per-class inputs are there."""
+    return dict(
+        num_classes=num_classes,
+        block=block,
+        convention=CONVENTIONS[options.convention],
+        pad=options.pad_index or 0,
+        has_weight=inputs.u is not None,
+        has_mask=inputs.mask is not None,
+    )
+
+
 def forward(options, config: Config, x2, inputs: _Inputs) -> Statistics:
     """Per-row :class:`Statistics` of logits ``x2`` (R, K) (R > 0)."""
     rows, num_classes = x2.shape
@@ -415,12 +401,7 @@ def forward(options, config: Config, x2, inputs: _Inputs) -> Statistics:
     class_arrays, class_specs = _class_specs(inputs, num_classes)
     kernel = functools.partial(
         _forward_kernel,
-        num_classes=num_classes,
-        block=block,
-        convention=CONVENTIONS[options.convention],
-        pad=options.pad_index or 0,
-        has_weight=inputs.u is not None,
-        has_mask=inputs.mask is not None,
+        **_static_arguments(options, inputs, num_classes, block),
         with_z=options.with_z,
         sum_scale=lsspec.sum_scale(num_classes),
         dtype=dtype,
@@ -454,12 +435,7 @@ def backward(options, config: Config, x2, inputs: _Inputs, coefficients) -> jax.
     class_arrays, class_specs = _class_specs(inputs, num_classes)
     kernel = functools.partial(
         _backward_kernel,
-        num_classes=num_classes,
-        block=block,
-        convention=CONVENTIONS[options.convention],
-        pad=options.pad_index or 0,
-        has_weight=inputs.u is not None,
-        has_mask=inputs.mask is not None,
+        **_static_arguments(options, inputs, num_classes, block),
         dtype=inputs.params.dtype,
     )
     row_block = pl.BlockSpec((block_rows, num_classes), lambda i: (i, 0))

@@ -22,14 +22,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 import lsspec
-from lsjax.fused import (
-    DEFAULT_CHUNK_SIZE,
-    _check_fused,
-    _counted,
-    _fused_rows,
-    _FusedOptions,
-)
-from lsjax.smoothed import _concrete_smoothing, _smoothing_array
+from lsjax import _common
+from lsjax.fused import DEFAULT_CHUNK_SIZE, _check_fused, _fused_rows, _FusedOptions
 
 Array = jax.Array
 
@@ -67,18 +61,10 @@ def sharded_fused_linear_smoothed_cross_entropy(
     batch shards, once: the per-row slope is already global over the vocabulary).
     """
     fn = "sharded_fused_linear_smoothed_cross_entropy"
-    hidden, weight, bias, labels = _check_fused(fn, hidden, weight, bias, labels)
+    options = lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction)
+    hidden, weight, bias, labels = _check_fused(fn, hidden, weight, bias, labels, options)
     if hidden.ndim != 2:
         raise lsspec.shape_error(fn, "hidden", hidden.shape, "two dimensions (N, D)")
-    lsspec.check_options(
-        fn,
-        num_classes=weight.shape[0],
-        smoothing=_concrete_smoothing(fn, smoothing),
-        convention=convention,
-        reduction=reduction,
-        pad_index=pad_index,
-        ignore_index=ignore_index,
-    )
     chunk_size = lsspec.check_chunk_size(fn, chunk_size)
     for name, axis, size in (("vocab_axis", vocab_axis, weight.shape[0]),) + (
         (("batch_axis", batch_axis, hidden.shape[0]),) if batch_axis is not None else ()
@@ -93,12 +79,12 @@ def sharded_fused_linear_smoothed_cross_entropy(
                 f"{fn}: `{name}`={axis!r} has {mesh.shape[axis]} devices, which must divide "
                 f"the size they split; got {size}."
             )
-    compute_dtype = jnp.promote_types(hidden.dtype, jnp.float32)
-    eps = _smoothing_array(smoothing, compute_dtype)  # differentiated, as in the fused loss
+    compute_dtype = _common.compute_dtype(hidden.dtype)
+    eps = _common.smoothing_array(smoothing, compute_dtype)  # differentiated, as in the fused loss
     options = _FusedOptions(convention, pad_index, chunk_size, vocab_axis)
 
     def local(hidden, weight, bias, labels, eps):
-        counted = _counted(labels, ignore_index, pad_index)
+        counted = _common.counted_rows(labels, ignore_index, pad_index)
         rows = _fused_rows(options, hidden, weight, bias, labels, counted, eps)
         if reduction == "none":
             return rows

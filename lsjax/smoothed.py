@@ -7,58 +7,15 @@ PyTorch twin is ``lstorch.smoothed_cross_entropy`` (same name, same keywords, sa
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.custom_derivatives import SymbolicZero
 
 import lsspec
-
-Array = jax.Array
-ArrayLike = Any
-
-
-def _is_traced(value: Any) -> bool:
-    return isinstance(value, jax.core.Tracer)
-
-
-def _xlogx(value: Array) -> Array:
-    """x * log(x) with 0 log 0 = 0, so smoothing = 1 (confidence 0) stays finite."""
-    return jax.scipy.special.xlogy(value, value)
-
-
-@jax.custom_jvp
-def _times(scale: Array, term: Array) -> Array:
-    """``scale * term`` that is exactly 0 when ``scale`` is 0, even where ``term`` is infinite.
-
-    With smoothing = 0 and a -inf logit the smoothing term is +inf; ``0 * inf`` would be NaN.
-    Its derivative is the product's, at ``scale = 0`` too: ``term`` with respect to ``scale``
-    (a select would give 0 there: a smoothing at 0 would never move), ``scale`` (0 there, not
-    ``0 * inf``) with respect to ``term``.
-    """
-    return jnp.where(scale == 0, jnp.zeros_like(term), scale * term)
-
-
-def _is_zero(tangent: Any) -> bool:
-    """Whether a tangent is JAX's symbolic zero: that input is not being differentiated."""
-    return isinstance(tangent, SymbolicZero)
-
-
-def _times_jvp(primals, tangents):
-    scale, term = primals
-    d_scale, d_term = tangents
-    value = _times(scale, term)
-    tangent = jnp.zeros_like(value)
-    if not _is_zero(d_term):
-        tangent = tangent + _times(scale, d_term)
-    if not _is_zero(d_scale):  # skipped when scale is constant: 0 * inf would be NaN
-        tangent = tangent + d_scale * term
-    return value, tangent
-
-
-_times.defjvp(_times_jvp, symbolic_zeros=True)
+from lsjax import _closed_form, _common
+from lsjax._common import Array, ArrayLike, is_zero
 
 
 def _upcast_alone(x: Array, compute_dtype, companion: Array) -> Array:
@@ -148,150 +105,23 @@ def _zero_masked(x: Array, class_mask: Array, companion: Array) -> Array:
     return jnp.minimum(jnp.maximum(x, floor), ceiling) * mask
 
 
-def _concrete_scalar(fn: Any, name: str, value: Any, *, optional: bool = False) -> Any:
-    """A scalar option (smoothing, normalizer, z_loss, ...) as a Python float for checking: a
-    number or a concrete 0-d array of a real dtype. A traced value passes through unread (out of
-    range, it gives NaN). None is kept where ``optional``; anything else (None, a string, a
-    tuple, a bool) raises TypeError, an array of more than one element ValueError."""
-    if value is None and optional:
-        return None
-    if lsspec.is_number(value):
-        return float(value)
-    if not isinstance(value, jax.Array | np.ndarray | np.generic):
-        raise lsspec.scalar_type_error(fn, name, value)
-    if np.ndim(value) != 0:
-        raise lsspec.shape_error(fn, name, np.shape(value), "a scalar shape ()")
-    dtype = value.dtype
-    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
-        raise lsspec.scalar_type_error(fn, name, value)
-    if _is_traced(value):
-        return value
-    return float(np.asarray(value))
-
-
-_FLOAT64_ULP = float(np.finfo(np.float64).eps)
-
-
-def _ulp_of_one(value: Any) -> float:
-    """The spacing of ``value``'s own float dtype at 1.0 (float64's for a Python number)."""
-    dtype = getattr(value, "dtype", None)
-    if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
-        return float(jnp.finfo(dtype).eps)
-    return _FLOAT64_ULP
-
-
-def _concrete_smoothing(fn: Any, value: Any, name: str = "smoothing") -> Any:
-    """A concrete smoothing as a Python float, snapped into [0, 1] when it is only rounding
-    outside it (``lsspec.UNIT_INTERVAL_ULPS``); traced values pass through."""
-    concrete = _concrete_scalar(fn, name, value)
-    if lsspec.is_number(concrete):
-        return lsspec.snap_to_unit_interval(concrete, _ulp_of_one(value))
-    return concrete
-
-
-def _smoothing_array(value: Any, dtype) -> Array:
-    """``value`` as a 0-d ``dtype`` array, clamped into [0, 1] where it lies within the rounding
-    slack outside it (a traced schedule that ends at 0); farther out it stays out of range, and
-    the rows it reaches are NaN."""
-    slack = lsspec.unit_interval_slack(_ulp_of_one(value))
-    eps = jnp.asarray(value, dtype)
-    snapped = jnp.clip(eps, 0, 1)
-    rounding = (eps != snapped) & (jnp.abs(eps - snapped) <= slack)
-    # The snap is rounding, not a change of value: its derivative is 1 (straight through), so
-    # a learned smoothing at 0 or 1 keeps its whole derivative (clip's would be 1/2 there).
-    return jnp.where(rounding, eps + jax.lax.stop_gradient(snapped - eps), eps)
-
-
-def _z_loss_array(value: Any, dtype) -> Array:
-    """``z_loss`` as a 0-d ``dtype`` array, NaN where it is negative or not finite (a traced
-    value the checks could not read): the rows it reaches are NaN, never a plausible number."""
-    z = jnp.asarray(value, dtype)
-    return jnp.where((z >= 0) & jnp.isfinite(z), z, jnp.nan)
-
-
-def _index_labels(labels: Array) -> Array:
-    """Integer ``labels`` (already checked) in JAX's default integer dtype (int64 under
-    ``jax_enable_x64``, else int32) wherever that holds them, so that every class index and
-    every ``ignore_index``/``pad_index`` fits: uint8, int8, uint16, int16 (and, under x64, int32
-    and uint32) are widened.
-
-    JAX compares an array with a Python int in the array's dtype, so in uint8 ``-100`` would be
-    156 (a real class, silently ignored) and ``K = 259`` would be 3 (real labels out of range).
-    Widening before any comparison makes narrow labels give exactly what int64 labels give, and
-    widening to ONE dtype makes the compiled program the same whatever the labels' dtype: XLA's
-    fusion choices (and so the order of float32 additions) may otherwise differ by a last bit.
-    Labels as wide as the target are left as they are.
-    """
-    target = jnp.dtype(jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
-    if labels.dtype.itemsize < target.itemsize:
-        return labels.astype(target)
-    return labels
-
-
-def _array_or_none(value: Any) -> Any:
-    """``weight``/``where``/``class_mask`` as an array (a Python list becomes one)."""
-    return None if value is None else jnp.asarray(value)
-
-
 def _check_arrays(fn, logits, labels, axis, weight, where, class_mask=None):
-    """Shared input checks; returns (logits, labels widened by :func:`_index_labels`, class
+    """Shared input checks; returns (logits, labels widened by ``_common.index_labels``, class
     axis as a non-negative int). ``weight``, ``where`` and ``class_mask`` may be any array-like
     (a Python list too)."""
-    _, arg = lsspec.names(fn)
-    logits = jnp.asarray(logits)
-    labels = jnp.asarray(labels)
-    if not jnp.issubdtype(logits.dtype, jnp.floating):
-        raise lsspec.dtype_error(fn, "logits", logits.dtype, "a floating dtype")
-    if not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise lsspec.dtype_error(fn, "labels", labels.dtype, "an integer dtype")
-    labels = _index_labels(labels)
+    (logits,) = _common.floating(fn, logits=logits)
+    labels = _common.integer_labels(fn, labels)
     if logits.ndim < 1:
         raise lsspec.shape_error(fn, "logits", logits.shape, "at least one dimension")
     axis = lsspec.check_axis(fn, axis, logits.ndim)
-    row_shape = logits.shape[:axis] + logits.shape[axis + 1 :]
-    if labels.shape != row_shape:
-        raise lsspec.shape_error(
-            fn,
-            "labels",
-            labels.shape,
-            f"the {lsspec.possessive(arg('logits'))} shape without the class axis, {row_shape}",
-        )
-    num_classes = logits.shape[axis]
-    if weight is not None and jnp.shape(weight) != (num_classes,):
-        raise lsspec.shape_error(fn, "weight", jnp.shape(weight), f"shape ({num_classes},)")
-    if where is not None:
-        if jnp.shape(where) != row_shape:
-            raise lsspec.shape_error(
-                fn,
-                "where",
-                jnp.shape(where),
-                f"the {lsspec.possessive(arg('labels'))} shape {row_shape}",
-            )
-        if jnp.asarray(where).dtype != jnp.bool_:
-            raise lsspec.dtype_error(fn, "where", jnp.asarray(where).dtype, "dtype bool")
-    if class_mask is not None:
-        if jnp.shape(class_mask) != (num_classes,):
-            raise lsspec.shape_error(
-                fn, "class_mask", jnp.shape(class_mask), f"shape ({num_classes},)"
-            )
-        if jnp.asarray(class_mask).dtype != jnp.bool_:
-            raise lsspec.dtype_error(fn, "class_mask", jnp.asarray(class_mask).dtype, "dtype bool")
+    rows = lsspec.row_shape(logits.shape, axis)
+    lsspec.check_labels_shape(fn, labels.shape, rows)
+    shapes = {name: None if v is None else jnp.shape(v) for name, v in
+              (("weight", weight), ("where", where), ("class_mask", class_mask))}  # fmt: skip
+    lsspec.check_row_options_shapes(fn, logits.shape[axis], rows, **shapes)
+    _common.check_bool(fn, "where", where)
+    _common.check_bool(fn, "class_mask", class_mask)
     return logits, labels, axis
-
-
-def _check_label_range(fn, labels, counted, num_classes, ignore_index, class_mask=None):
-    """Concrete labels out of range (or of a masked class) raise; traced ones give NaN rows."""
-    if _is_traced(labels) or _is_traced(counted):
-        return
-    labels_np = np.asarray(labels)
-    bad = np.asarray(counted) & ((labels_np < 0) | (labels_np >= num_classes))
-    if bad.any():
-        raise lsspec.label_range_error(fn, labels_np[bad].tolist(), num_classes, ignore_index)
-    if class_mask is not None and not _is_traced(class_mask):
-        allowed = np.asarray(class_mask)
-        masked = np.asarray(counted) & ~allowed[np.clip(labels_np, 0, num_classes - 1)]
-        if masked.any():
-            raise lsspec.masked_label_error(fn, labels_np[masked].tolist())
 
 
 def smoothed_cross_entropy(
@@ -341,9 +171,9 @@ def smoothed_cross_entropy(
       * ``convention="uniform"``: ``torch.nn.functional.cross_entropy(x, y, weight=w,
         ignore_index=i, reduction=r, label_smoothing=eps)`` (class axis given by ``axis``), and
         ``optax.softmax_cross_entropy(x, optax.smooth_labels(onehot(y), eps))``;
-      * ``convention="others"``: the seed ``LabelSmoothingLoss(classes, smoothing)``, fairseq's
+      * ``convention="others"``: the forum's ``LabelSmoothingLoss(classes, smoothing)``, fairseq's
         ``label_smoothed_nll_loss`` (with ``from_log_probs=True``) and T5X/Flax (with ``kl=True``);
-      * ``convention="others_but_pad", kl=True, from_log_probs=True``: the OpenNMT-style seed
+      * ``convention="others_but_pad", kl=True, from_log_probs=True``: OpenNMT-py's
         ``LabelSmoothingLoss(label_smoothing, tgt_vocab_size, ignore_index)``;
       * ``convention="uniform", class_mask=m``: ``optax.softmax_cross_entropy(x,
         optax.smooth_labels(onehot(y), eps, where=m), where=m)``;
@@ -384,7 +214,7 @@ def smoothed_cross_entropy(
       kl: return the KL form, the loss minus the target's entropy (SEMANTICS.md §2): same
         gradient, minimum 0, finite at smoothing = 1. Not defined with ``weight``.
       from_log_probs: ``logits`` already are log-probabilities: the loss is ``-sum_c q_c x_c``
-        and its gradient ``-q`` (the seed's KL module and fairseq take log-probs).
+        and its gradient ``-q`` (OpenNMT's KL loss and fairseq take log-probs).
       class_mask: boolean ``(K,)``; False classes leave the softmax and the smoothing support.
         A counted row whose label is a masked class raises (concrete) or is NaN (traced).
       z_loss: ``z >= 0`` and finite (traced and out of range: NaN rows); adds ``z * lse**2``
@@ -431,50 +261,40 @@ def smoothed_cross_entropy(
       Müller, Kornblith & Hinton 2019, "When Does Label Smoothing Help?".
     """
     fn = lsspec.caller("smoothed_cross_entropy", _caller)
-    weight, where, class_mask = (_array_or_none(v) for v in (weight, where, class_mask))
+    weight, where, class_mask = (_common.array_or_none(v) for v in (weight, where, class_mask))
     logits, labels, axis = _check_arrays(fn, logits, labels, axis, weight, where, class_mask)
     num_classes = logits.shape[axis]
-    lsspec.check_options(
+    _common.check_label_options(
         fn,
-        num_classes=num_classes,
-        smoothing=_concrete_smoothing(fn, smoothing),
-        convention=convention,
-        reduction=reduction,
-        pad_index=pad_index,
-        ignore_index=ignore_index,
-        normalizer=_concrete_scalar(fn, "normalizer", normalizer, optional=True),
+        num_classes,
+        lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction),
+        normalizer=_common.concrete_scalar(fn, "normalizer", normalizer, optional=True),
         kl=kl,
         has_weight=weight is not None,
         from_log_probs=from_log_probs,
     )
-    z_value = _concrete_scalar(fn, "z_loss", z_loss)
+    z_value = _common.concrete_scalar(fn, "z_loss", z_loss)
     lsspec.check_z_loss(fn, z_value, from_log_probs=from_log_probs, return_z_loss=return_z_loss)
     from lsjax import pallas_kernels  # imports Pallas: only when a loss is computed
 
     core = _row_loss_jit
     if pallas_kernels.chosen(fn, implementation, logits, from_log_probs=from_log_probs):
         core = pallas_kernels.row_loss
-    if class_mask is not None and not _is_traced(class_mask):
+    if class_mask is not None and not _common.is_traced(class_mask):
         lsspec.check_class_mask_support(fn, np.asarray(class_mask).tolist(), convention, pad_index)
-    counted = jnp.ones(labels.shape, dtype=bool)
-    if ignore_index is not None:
-        counted = counted & (labels != ignore_index)
-    if pad_index is not None:
-        counted = counted & (labels != pad_index)
-    if where is not None:
-        counted = counted & jnp.asarray(where)
-    _check_label_range(fn, labels, counted, num_classes, ignore_index, class_mask)
+    counted = _common.counted_rows(labels, ignore_index, pad_index, where)
+    _common.check_label_range(fn, labels, counted, num_classes, ignore_index, class_mask)
 
     x = jnp.moveaxis(logits, axis, -1)
-    compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
-    eps = _smoothing_array(smoothing, compute_dtype)  # differentiated (see _row_loss_jvp)
+    compute_dtype = _common.compute_dtype(x.dtype)
+    eps = _common.smoothing_array(smoothing, compute_dtype)  # differentiated (see _row_loss_jvp)
     if weight is not None:
         weight = jax.lax.stop_gradient(jnp.asarray(weight, compute_dtype))
     if class_mask is not None:
         class_mask = jax.lax.stop_gradient(jnp.asarray(class_mask))
     # z-loss is compiled in only when it can matter: a concrete 0 leaves the program unchanged.
     with_z = return_z_loss or not (lsspec.is_number(z_value) and z_value == 0)
-    z = _z_loss_array(z_loss, compute_dtype) if with_z else None
+    z = _common.z_loss_array(z_loss, compute_dtype) if with_z else None
     options = _Options(convention, pad_index, kl, from_log_probs, with_z)
     loss = core(options, x, labels, counted, eps, weight, class_mask, z)
     w_y = 1.0 if weight is None else weight[jnp.where(counted, labels, 0).clip(0, num_classes - 1)]
@@ -482,12 +302,12 @@ def smoothed_cross_entropy(
     if with_z:
         loss, z_part = loss
         if not return_z_loss:
-            return _reduce(loss, row_weight, reduction, normalizer)
+            return _common.reduce(loss, row_weight, reduction, normalizer)
         return (
-            _reduce(loss, row_weight, reduction, normalizer),
-            _reduce(z_part, row_weight, reduction, normalizer),
+            _common.reduce(loss, row_weight, reduction, normalizer),
+            _common.reduce(z_part, row_weight, reduction, normalizer),
         )
-    return _reduce(loss, row_weight, reduction, normalizer)
+    return _common.reduce(loss, row_weight, reduction, normalizer)
 
 
 class _Options(NamedTuple):
@@ -500,41 +320,11 @@ class _Options(NamedTuple):
     with_z: bool = False
 
 
-class RowTerms(NamedTuple):
-    """The O(rows) statistics the closed form is written in (one value per row unless noted).
-
-    Everything is taken relative to the row's ``peak``: ``support_sum`` is
-    ``sum_{c in S} w_c (x_c - peak)`` times ``lsspec.sum_scale(K)`` (a power of two), each
-    term <= 0 for logits, and the softmax is ``exp((x_c - peak) - log_sum)``. Summing ``x_c``
-    itself overflows float32 when the logits are near its maximum (``[[3e38, 3e38, 0]]`` sums
-    to ``inf``) although the loss is finite; relative to the peak, and scaled, every term and
-    the sum are finite, so the loss is returned wherever the exact one is finite, and logits
-    offset by a large constant lose no precision.
-    """
-
-    lse: Array  # logsumexp over the allowed classes, peak + log_sum (0 with from_log_probs)
-    peak: Array  # the row's max over the allowed classes (0 where not finite; 0 for log-probs)
-    log_sum: Array  # log sum_c exp(x_c - peak) over the allowed classes (0 for log-probs)
-    x_y: Array  # the label's logit
-    w_y: Any  # the label's class weight (1.0 without weights)
-    support_sum: Array  # sum over S of w_c (x_c - peak), times sum_scale
-    support_weight: Any  # sum over S of w_c
-    safe_labels: Array  # labels, 0 where not counted or out of range
-    bad: Array  # counted rows with an invalid label or smoothing: NaN
-    size: Any  # |S|: a static int, or a scalar array under a class_mask
-    sum_scale: float  # lsspec.sum_scale(K), a power of two
-
-    def smooth_term(self) -> Array:
-        """``sum_{c in S} w_c (lse - x_c) / |S|``, the smoothing's cross-entropy term."""
-        mean_offset = (self.support_sum / self.size) * (1.0 / self.sum_scale)  # exact scaling
-        return self.support_weight * self.log_sum / self.size - mean_offset
-
-
-def _row_terms(options, x, labels, counted, eps, weight, class_mask=None) -> RowTerms:
+def _row_terms(options, x, labels, counted, eps, weight, class_mask=None) -> _closed_form.RowTerms:
     """Per-row statistics of the closed form; ``x`` is (..., K), class axis last.
 
-    Only O(rows) values come out (:class:`RowTerms`): lse, x_y, the sum over the support of
-    ``w_c (x_c - lse)`` and of ``w_c``, and the support's size.
+    Only O(rows) values come out (``_closed_form.RowTerms``): lse, x_y, the sum over the
+    support of ``w_c (x_c - lse)`` and of ``w_c``, and the support's size.
     Each reduction reads ``x`` in its own dtype and accumulates in float32 (or float64): there is
     no float32 copy of a bf16 ``x``. Rows that do not count may hold NaN here; callers mask them.
     Masked classes are replaced inside each reduction (``-inf`` for lse, 0 for the sums), so a
@@ -542,9 +332,10 @@ def _row_terms(options, x, labels, counted, eps, weight, class_mask=None) -> Row
     """
     num_classes = x.shape[-1]
     compute_dtype = eps.dtype
-    in_range = (labels >= 0) & (labels < num_classes)
-    safe_labels = jnp.where(counted & in_range, labels, 0)
-    size = lsspec.support_size(options.convention, num_classes)
+    # A counted row whose label is out of range (or masked), or a (traced) smoothing outside
+    # [0, 1], gives NaN: never a plausible number.
+    safe_labels, bad = _closed_form.label_rows(labels, counted, eps, num_classes, class_mask)
+    size = _closed_form.support_size(options.convention, num_classes, options.pad_index, class_mask)
     if options.from_log_probs:
         peak = log_sum = jnp.zeros(labels.shape, compute_dtype)
     else:
@@ -558,9 +349,6 @@ def _row_terms(options, x, labels, counted, eps, weight, class_mask=None) -> Row
     x_summed = _upcast_alone(x, compute_dtype, labels) - peak_apart[..., None]
     if class_mask is not None:
         x_summed = _zero_masked(x_summed, class_mask, labels)
-        size = size - jnp.sum(~class_mask)
-        if options.convention == "others_but_pad":
-            size = size + ~class_mask[options.pad_index]  # a masked pad is not excluded twice
     x_y = jnp.take_along_axis(x, safe_labels[..., None], axis=-1)[..., 0].astype(compute_dtype)
     mask_weight = 1.0 if class_mask is None else class_mask.astype(compute_dtype)
     if weight is None:
@@ -583,13 +371,7 @@ def _row_terms(options, x, labels, counted, eps, weight, class_mask=None) -> Row
             x_pad = jnp.where(class_mask[options.pad_index], x_pad, 0.0)
         support_sum = support_sum - w_pad * (x_pad * scale)
         support_weight = support_weight - w_pad
-    # A counted row whose label is out of range (or masked), or a (traced) smoothing outside
-    # [0, 1], gives NaN: never a plausible number.
-    valid = in_range & (eps >= 0) & (eps <= 1)
-    if class_mask is not None:
-        valid = valid & class_mask[safe_labels]
-    bad = counted & ~valid
-    return RowTerms(
+    return _closed_form.RowTerms(
         peak + log_sum,
         peak,
         log_sum,
@@ -604,57 +386,6 @@ def _row_terms(options, x, labels, counted, eps, weight, class_mask=None) -> Row
     )
 
 
-def _counted_only(counted, bad, value):
-    """Per-row ``value``: 0 on rows that do not count, NaN on counted rows that are invalid."""
-    return jnp.where(counted, jnp.where(bad, jnp.nan, value), 0.0)
-
-
-def _on_target_mass(options, eps, size):
-    """``q_y``, the smoothed target's mass on the label: ``1 - eps (+ eps / |S|)``."""
-    confidence = 1.0 - eps
-    return confidence + eps / size if options.convention == "uniform" else confidence
-
-
-def _loss_from_terms(options, terms, counted, eps, z):
-    """Per-row loss (and, with ``options.with_z``, the z-loss part alone): 0 where not counted."""
-    lse, x_y, w_y, bad, size = terms.lse, terms.x_y, terms.w_y, terms.bad, terms.size
-    confidence = 1.0 - eps
-    true_term = w_y * ((terms.peak - x_y) + terms.log_sum)
-    smooth_term = terms.smooth_term()
-    loss = _times(confidence, true_term) + _times(eps, smooth_term)
-    if options.kl:  # Subtract the entropy of q: add sum_c q_c log q_c, a constant per row.
-        uniform = options.convention == "uniform"
-        off_target_count = size - 1 if uniform else size
-        loss = loss + _xlogx(_on_target_mass(options, eps, size))
-        loss = loss + off_target_count * _xlogx(eps / size)
-    if not options.with_z:
-        return _counted_only(counted, bad, loss)
-    z_part = jnp.where(bad, jnp.nan, _times(z, jnp.square(lse)))
-    loss = jnp.where(bad, jnp.nan, loss + z_part)
-    return jnp.where(counted, loss, 0.0), jnp.where(counted, z_part, 0.0)
-
-
-def _smoothing_slope(options, terms, eps):
-    """``d loss_row / d eps``, per row (before masking):
-    ``-w_y (lse - x_y) + sum_{c in S} w_c (lse - x_c) / |S|``, plus with ``kl=True`` the KL
-    constant's ``c (log(eps / |S|) - log q_y)`` (``c = (|S| - 1) / |S|`` uniform, else 1).
-
-    The KL constant's derivative is infinite at the ends (``x log x`` at 0); this gives the
-    one-sided limits of the derivative inside [0, 1]: ``-inf`` at ``eps = 0``, ``+inf`` at
-    ``eps = 1`` for ``"others"``/``"others_but_pad"`` (where ``q_y = 1 - eps`` reaches 0), and
-    the finite limit (the CE part's slope) at ``eps = 1`` for ``"uniform"``.
-    """
-    size = terms.size
-    smooth_term = terms.smooth_term()
-    slope = smooth_term - terms.w_y * ((terms.peak - terms.x_y) + terms.log_sum)
-    if options.kl:
-        kl_slope = jnp.log(eps / size) - jnp.log(_on_target_mass(options, eps, size))
-        if options.convention == "uniform":  # q_y moves by (|S| - 1) / |S| per unit of eps
-            kl_slope = _times((size - 1) / size, kl_slope)
-        slope = slope + kl_slope
-    return slope
-
-
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _row_loss(options, x, labels, counted, eps, weight, class_mask, z):
     """The closed-form core: the per-row loss, 0 on rows that do not count.
@@ -665,11 +396,18 @@ def _row_loss(options, x, labels, counted, eps, weight, class_mask, z):
     return _loss_from_terms(options, terms, counted, eps, z)
 
 
+def _loss_from_terms(options, terms, counted, eps, z):
+    """:func:`lsjax._closed_form.row_loss` with the core's options."""
+    kl = options.kl
+    return _closed_form.row_loss(terms, counted, eps, convention=options.convention, kl=kl, z=z)
+
+
 def _row_loss_jvp(options, primals, tangents):
     """Tangents with respect to the logits ``x``, the smoothing ``eps`` and the z-loss ``z``.
 
-    ``d loss_row = sum_c r_c dx_c + s d_eps + lse**2 d_z``, with ``s`` the per-row slope of
-    :func:`_smoothing_slope`; the z-part alone has ``sum_c 2 z lse p_c dx_c + lse**2 d_z``.
+    ``d loss_row = sum_c r_c dx_c + s d_eps + lse**2 d_z``, with ``s`` the per-row slope
+    (``_closed_form.smoothing_slope``); the z-part alone has ``sum_c 2 z lse p_c dx_c +
+    lse**2 d_z``.
     Labels, masks and class weights are constants. An input that is not differentiated comes
     as a symbolic zero and its term is not built: differentiating the logits only costs nothing
     more, and differentiating ``eps`` or ``z`` only is O(rows) work on the statistics.
@@ -680,15 +418,18 @@ def _row_loss_jvp(options, primals, tangents):
     loss = _loss_from_terms(options, terms, counted, eps, z)
     lse, bad = terms.lse, terms.bad
     loss_tangent = z_tangent = jnp.zeros(labels.shape, eps.dtype)
-    if not _is_zero(dx):
+    if not is_zero(dx):
         loss_tangent, z_tangent = _logits_tangents(
             options, x, dx, terms, counted, eps, weight, class_mask, z
         )
-    if not _is_zero(d_eps):
-        slope = _counted_only(counted, bad, _smoothing_slope(options, terms, eps))
+    if not is_zero(d_eps):
+        slope = _closed_form.smoothing_slope(
+            terms, eps, convention=options.convention, kl=options.kl
+        )
+        slope = _closed_form.counted_only(counted, bad, slope)
         loss_tangent = loss_tangent + slope * d_eps
-    if options.with_z and not _is_zero(d_z):
-        z_slope = _counted_only(counted, bad, jnp.square(lse)) * d_z
+    if options.with_z and not is_zero(d_z):
+        z_slope = _closed_form.counted_only(counted, bad, jnp.square(lse)) * d_z
         loss_tangent, z_tangent = loss_tangent + z_slope, z_tangent + z_slope
     if not options.with_z:
         return loss, loss_tangent
@@ -754,28 +495,6 @@ def _logits_tangents(options, x, dx, terms, counted, eps, weight, class_mask, z)
 
 
 _row_loss.defjvp(_row_loss_jvp, symbolic_zeros=True)
-
-
-def _reduce(loss, row_weight, reduction, normalizer):
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return jnp.sum(loss)
-    # The mean of rows near the float32 maximum is finite while their sum is not: each row is
-    # scaled by a power of two before it is added and the quotient scaled back, which is the
-    # unscaled quotient bit for bit wherever that one is finite (lsspec.sum_scale).
-    scale = lsspec.sum_scale(loss.size)
-    total = jnp.sum(loss * scale)
-    if normalizer is not None:
-        # A traced normalizer that is not a finite number > 0 gives NaN (a concrete one raised).
-        denominator = jnp.asarray(normalizer, loss.dtype)
-        valid = (denominator > 0) & jnp.isfinite(denominator)
-        return jnp.where(valid, total / jnp.where(valid, denominator, 1.0) / scale, jnp.nan)
-    denominator = jnp.sum(row_weight)
-    nothing_counts = denominator == 0
-    return jnp.where(
-        nothing_counts, 0.0, total / jnp.where(nothing_counts, 1.0, denominator) / scale
-    )
 
 
 # The core as one compiled program per (options, shapes): inside a user's jit it is inlined;

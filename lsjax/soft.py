@@ -9,16 +9,8 @@ import jax
 import jax.numpy as jnp
 
 import lsspec
-from lsjax.smoothed import (
-    ArrayLike,
-    _array_or_none,
-    _concrete_scalar,
-    _concrete_smoothing,
-    _reduce,
-    _smoothing_array,
-    _times,
-    _z_loss_array,
-)
+from lsjax import _common
+from lsjax._common import ArrayLike, times
 
 
 def soft_target_cross_entropy(
@@ -76,39 +68,32 @@ def soft_target_cross_entropy(
       float32 for bf16/fp16/float32 logits, float64 for float64: per row, or a scalar.
     """
     fn = lsspec.caller("soft_target_cross_entropy", _caller)
-    _, arg = lsspec.names(fn)
-    weight, where = _array_or_none(weight), _array_or_none(where)
-    logits = jnp.asarray(logits)
-    targets = jnp.asarray(targets)
-    for name, value in (("logits", logits), ("targets", targets)):
-        if not jnp.issubdtype(value.dtype, jnp.floating):
-            raise lsspec.dtype_error(fn, name, value.dtype, "a floating dtype")
-    if targets.shape != logits.shape:
-        raise lsspec.shape_error(
-            fn,
-            "targets",
-            targets.shape,
-            f"the {lsspec.possessive(arg('logits'))} shape {logits.shape}",
-        )
+    weight, where = _common.array_or_none(weight), _common.array_or_none(where)
+    logits, targets = _common.floating(fn, logits=logits, targets=targets)
+    lsspec.check_same_shape(fn, "targets", targets.shape, logits.shape)
     axis = lsspec.check_axis(fn, axis, logits.ndim)
     lsspec.check_choice(fn, "reduction", reduction, lsspec.REDUCTIONS)
-    lsspec.check_smoothing(fn, _concrete_smoothing(fn, smoothing))
-    z_value = _concrete_scalar(fn, "z_loss", z_loss)
+    lsspec.check_smoothing(fn, _common.concrete_smoothing(fn, smoothing))
+    z_value = _common.concrete_scalar(fn, "z_loss", z_loss)
     lsspec.check_z_loss(fn, z_value, from_log_probs=from_log_probs, return_z_loss=return_z_loss)
     num_classes = logits.shape[axis]
-    row_shape = logits.shape[:axis] + logits.shape[axis + 1 :]
-    if weight is not None and jnp.shape(weight) != (num_classes,):
-        raise lsspec.shape_error(fn, "weight", jnp.shape(weight), f"shape ({num_classes},)")
-    if where is not None and jnp.shape(where) != row_shape:
-        raise lsspec.shape_error(fn, "where", jnp.shape(where), f"shape {row_shape}")
-    counted = jnp.ones(row_shape, bool) if where is None else jnp.asarray(where, bool)
+    rows = lsspec.row_shape(logits.shape, axis)
+    lsspec.check_row_options_shapes(
+        fn,
+        num_classes,
+        rows,
+        weight=None if weight is None else jnp.shape(weight),
+        where=None if where is None else jnp.shape(where),
+        has_labels=False,
+    )
+    counted = jnp.ones(rows, bool) if where is None else jnp.asarray(where, bool)
 
-    compute_dtype = jnp.promote_types(logits.dtype, jnp.float32)
+    compute_dtype = _common.compute_dtype(logits.dtype)
     keep = counted[..., None]
     x = jnp.where(keep, jnp.moveaxis(logits, axis, -1), 0).astype(compute_dtype)
     t = jnp.where(keep, jnp.moveaxis(targets, axis, -1), 0).astype(compute_dtype)
     w = 1.0 if weight is None else jax.lax.stop_gradient(jnp.asarray(weight, compute_dtype))
-    eps = _smoothing_array(smoothing, compute_dtype)
+    eps = _common.smoothing_array(smoothing, compute_dtype)
 
     lse = jnp.zeros(x.shape[:-1], compute_dtype) if from_log_probs else jax.nn.logsumexp(x, axis=-1)
     given = lse * jnp.sum(w * t, axis=-1) - jnp.sum(w * t * x, axis=-1)
@@ -116,9 +101,9 @@ def soft_target_cross_entropy(
     uniform = (lse * total_w - jnp.sum(w * x, axis=-1)) / num_classes
     # _times: exactly `given` at eps = 0 (an infinite uniform term does not leak), and its
     # derivative with respect to eps is `uniform - given` there too.
-    loss = _times(1.0 - eps, given) + _times(eps, uniform)
+    loss = times(1.0 - eps, given) + times(eps, uniform)
     valid = counted & (eps >= 0) & (eps <= 1)
-    z_part = _z_loss_array(z_loss, compute_dtype) * jnp.square(lse)
+    z_part = _common.z_loss_array(z_loss, compute_dtype) * jnp.square(lse)
     if return_z_loss or not (lsspec.is_number(z_value) and z_value == 0):
         loss = loss + z_part
     loss = jnp.where(valid, loss, jnp.where(counted, jnp.nan, 0.0))
@@ -126,7 +111,7 @@ def soft_target_cross_entropy(
     if return_z_loss:
         z_part = jnp.where(valid, z_part, jnp.where(counted, jnp.nan, 0.0))
         return (
-            _reduce(loss, row_weight, reduction, None),
-            _reduce(z_part, row_weight, reduction, None),
+            _common.reduce(loss, row_weight, reduction, None),
+            _common.reduce(z_part, row_weight, reduction, None),
         )
-    return _reduce(loss, row_weight, reduction, None)
+    return _common.reduce(loss, row_weight, reduction, None)

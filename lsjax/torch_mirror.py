@@ -1,77 +1,15 @@
-"""``lsjax.cross_entropy``: the JAX mirror of ``torch.nn.functional.cross_entropy``.
-
-Its twin is torch's own function. It is a thin binding: class-index targets go to
-:func:`lsjax.smoothed_cross_entropy` (``convention="uniform"``), probability targets to
-:func:`lsjax.soft_target_cross_entropy`.
+"""Deprecated: ``lsjax.compat.pytorch.cross_entropy`` (also ``lsjax.cross_entropy``). Importing
+this module warns; it will be removed.
 """
 
-from __future__ import annotations
+import warnings
 
-import jax
-import jax.numpy as jnp
+from lsjax.compat.pytorch import cross_entropy
 
-import lsspec
-from lsjax.smoothed import ArrayLike, smoothed_cross_entropy
-from lsjax.soft import soft_target_cross_entropy
+__all__ = ["cross_entropy"]
 
-
-def cross_entropy(
-    input: ArrayLike,
-    target: ArrayLike,
-    weight: ArrayLike | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-) -> jax.Array:
-    """``torch.nn.functional.cross_entropy`` in JAX, same arguments, same semantics.
-
-    ``input`` has shape ``(C,)``, ``(N, C)`` or ``(N, C, d1, ...)`` (class axis 1, as torch).
-    ``target`` holds class indices (the input's shape without the class axis) or class
-    probabilities (the input's shape). With indices the loss is
-    ``(1 - eps) * w_y * (lse - x_y) + (eps/C) * sum_c w_c * (lse - x_c)`` and ``"mean"`` divides
-    by the sum of ``w_y`` over rows whose target is not ``ignore_index``; with probabilities the
-    target is smoothed to ``t * (1 - eps) + eps/C``, ``"mean"`` divides by the number of rows and
-    ``ignore_index`` must stay at its default (torch raises otherwise).
-
-    Output dtype is the input's, as torch: the value is accumulated in float32 for bf16/fp16
-    and rounded once. Documented difference: when every row is ignored, ``"mean"`` returns 0 with
-    a zero gradient where torch returns NaN.
-    """
-    fn = "cross_entropy"
-    # Errors of the functions called below name this one and its arguments.
-    caller = lsspec.caller(
-        fn, logits="input", labels="target", targets="target", smoothing="label_smoothing"
-    )
-    input = jnp.asarray(input)
-    target = jnp.asarray(target)
-    if input.ndim < 1:
-        raise lsspec.shape_error(fn, "input", input.shape, "shape (C,), (N, C) or (N, C, d1, ...)")
-    class_axis = 0 if input.ndim == 1 else 1
-    if jnp.issubdtype(target.dtype, jnp.floating):
-        if ignore_index != -100:
-            raise ValueError(
-                f"{fn}: `ignore_index` is not supported with probability targets (as in torch); "
-                f"got ignore_index={ignore_index!r}."
-            )
-        loss = soft_target_cross_entropy(
-            input,
-            target,
-            smoothing=label_smoothing,
-            weight=weight,
-            axis=class_axis,
-            reduction=reduction,
-            _caller=caller,
-        )
-    else:
-        lsspec.check_choice(fn, "reduction", reduction, lsspec.REDUCTIONS)
-        loss = smoothed_cross_entropy(
-            input,
-            target,
-            smoothing=label_smoothing,
-            ignore_index=ignore_index,
-            weight=weight,
-            axis=class_axis,
-            reduction=reduction,
-            _caller=caller,
-        )
-    return loss.astype(input.dtype)
+warnings.warn(
+    "lsjax.torch_mirror is deprecated: import cross_entropy from lsjax (or lsjax.compat.pytorch).",
+    DeprecationWarning,
+    stacklevel=2,
+)

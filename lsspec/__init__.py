@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 DISTRIBUTION = "label-smoothing-parity"
@@ -206,6 +206,23 @@ def check_axis(fn: str | Caller, axis: object, ndim: int, name: str = "axis") ->
     return int(axis) % ndim
 
 
+class LabelOptions(NamedTuple):
+    """The options every loss with integer labels takes, in the order of its keywords, as the
+    user gave them: checked by :func:`check_options`; ``ignore_index`` and ``pad_index`` decide
+    which rows count."""
+
+    smoothing: object
+    convention: str
+    ignore_index: object
+    pad_index: object
+    reduction: str
+
+    @classmethod
+    def of(cls, options: Mapping[str, object]) -> LabelOptions:
+        """The label options among ``options``, keyword by keyword (e.g. a module's)."""
+        return cls(*(options[name] for name in cls._fields))
+
+
 def check_options(
     fn: str | Caller,
     *,
@@ -288,6 +305,58 @@ def dtype_error(fn: str | Caller, name: str, got: object, allowed: str) -> TypeE
     return TypeError(f"{fn}: `{arg(name)}` must have {allowed}; got dtype {got}.")
 
 
+def row_shape(shape: tuple, axis: int) -> tuple:
+    """``shape`` without the class axis ``axis`` (a non-negative int): the shape of a row mask."""
+    shape = tuple(shape)
+    return shape[:axis] + shape[axis + 1 :]
+
+
+def check_same_shape(fn: str | Caller, name: str, got: tuple, logits_shape: tuple) -> None:
+    """``name`` (labels of the binary loss, targets of the soft one) has the logits' shape."""
+    if tuple(got) != tuple(logits_shape):
+        _, arg = names(fn)
+        raise shape_error(
+            fn, name, got, f"the {possessive(arg('logits'))} shape {tuple(logits_shape)}"
+        )
+
+
+def check_row_options_shapes(
+    fn: str | Caller,
+    num_classes: int,
+    rows: tuple,
+    *,
+    weight: tuple | None = None,
+    where: tuple | None = None,
+    class_mask: tuple | None = None,
+    has_labels: bool = True,
+) -> None:
+    """The shapes of the per-class options (``weight``, ``class_mask``: ``(K,)``) and of the row
+    mask ``where`` (``rows``, the logits' shape without the class axis); None where an option is
+    not given. ``has_labels``: the loss takes integer labels, whose shape ``rows`` is."""
+    _, arg = names(fn)
+    for name, shape in (("weight", weight), ("class_mask", class_mask)):
+        if shape is not None and tuple(shape) != (num_classes,):
+            raise shape_error(fn, name, shape, f"shape ({num_classes},)")
+    if where is not None and tuple(where) != tuple(rows):
+        if has_labels:
+            allowed = f"the {possessive(arg('labels'))} shape {tuple(rows)}"
+        else:
+            allowed = f"the {possessive(arg('logits'))} shape without the class axis, {tuple(rows)}"
+        raise shape_error(fn, "where", where, allowed)
+
+
+def check_labels_shape(fn: str | Caller, labels: tuple, rows: tuple) -> None:
+    """Integer labels have the logits' shape without the class axis, ``rows``."""
+    if tuple(labels) != tuple(rows):
+        _, arg = names(fn)
+        raise shape_error(
+            fn,
+            "labels",
+            labels,
+            f"the {possessive(arg('logits'))} shape without the class axis, {tuple(rows)}",
+        )
+
+
 def label_range_error(
     fn: str | Caller, bad: list[int], num_classes: int, ignore_index: object
 ) -> ValueError:
@@ -300,7 +369,8 @@ def label_range_error(
 
 
 def check_declared_classes(fn: str | Caller, name: str, declared: object, actual: int) -> None:
-    """The seed modules take the class count in their constructor; it must match the input."""
+    """The losses that take the class count in their constructor (OpenNMT's, the forum's
+    ``LabelSmoothingLoss``): it must match the input."""
     if not is_index(declared) or declared != actual:
         fn, arg = names(fn)
         raise ValueError(
@@ -309,10 +379,10 @@ def check_declared_classes(fn: str | Caller, name: str, declared: object, actual
         )
 
 
-def check_seed_ce_options(
+def check_label_smoothing_loss_options(
     fn: str | Caller, classes: object, smoothing: object, dim: object
 ) -> None:
-    """The seed's ``LabelSmoothingLoss(classes, smoothing, dim)``, checked at construction:
+    """The forum's ``LabelSmoothingLoss(classes, smoothing, dim)``, checked at construction:
     ``classes`` an int >= 2 (the smoothing goes to the ``classes - 1`` others), ``smoothing``
     in [0, 1] (when concrete), ``dim`` an int."""
     fn, arg = names(fn)
@@ -326,14 +396,15 @@ def check_seed_ce_options(
         raise ValueError(f"{fn}: `{arg('dim')}` must be an int (the class axis); got {dim!r}.")
 
 
-def seed_kl_options(
+def opennmt_kl_options(
     fn: str | Caller, label_smoothing: object, ignore_index: object, vocab: object
 ) -> dict:
-    """Options of ``smoothed_cross_entropy`` that reproduce the seed's OpenNMT-style KL module.
+    """Options of ``smoothed_cross_entropy`` that reproduce OpenNMT-py's KL
+    ``LabelSmoothingLoss(label_smoothing, tgt_vocab_size, ignore_index)``.
 
-    ``0 <= ignore_index < vocab`` is the pad column ("others_but_pad", exactly the seed); a
+    ``0 <= ignore_index < vocab`` is the pad column ("others_but_pad", exactly OpenNMT's); a
     negative ``ignore_index`` excludes no column ("others") and only zeroes the rows it labels.
-    Checked in the seed's own terms (``tgt_vocab_size``, not the convention it maps to), so the
+    Checked in OpenNMT's own terms (``tgt_vocab_size``, not the convention it maps to), so the
     module can check them at construction.
     """
     fn, arg = names(fn)

@@ -18,9 +18,15 @@ except ModuleNotFoundError as error:
 
 from lstorch import compat
 from lstorch.binary import sigmoid_binary_cross_entropy
-from lstorch.fused import FusedLinearSmoothedCrossEntropyLoss, fused_linear_smoothed_cross_entropy
-from lstorch.modules import KLLabelSmoothingLoss, LabelSmoothingLoss, SmoothedCrossEntropyLoss
-from lstorch.seed_modules import kl_label_smoothing_loss, label_smoothing_loss
+from lstorch.compat.opennmt import kl_label_smoothing_loss
+from lstorch.compat.pytorch_forum import label_smoothing_loss
+from lstorch.fused import fused_linear_smoothed_cross_entropy
+from lstorch.modules import (
+    FusedLinearSmoothedCrossEntropyLoss,
+    KLLabelSmoothingLoss,
+    LabelSmoothingLoss,
+    SmoothedCrossEntropyLoss,
+)
 from lstorch.smoothed import smoothed_cross_entropy
 from lstorch.soft import soft_target_cross_entropy
 

@@ -8,12 +8,7 @@ from __future__ import annotations
 import torch
 
 import lsspec
-from lstorch.smoothed import (
-    _compute_dtype,
-    _concrete_smoothing,
-    _reduce,
-    _smoothing_tensor,
-)
+from lstorch import _common
 
 
 def sigmoid_binary_cross_entropy(
@@ -27,40 +22,44 @@ def sigmoid_binary_cross_entropy(
 ) -> torch.Tensor:
     r"""Sigmoid cross-entropy of every element, labels smoothed toward 1/2 (PyTorch).
 
-    With ``y' = y * (1 - eps) + eps / 2``::
+    With ``y' = y * (1 - eps) + eps / 2`` and ``softplus(z) = logaddexp(z, 0)`` (never
+    ``log(sigmoid)``)::
 
         loss = pos_weight * y' * softplus(-x) + (1 - y') * softplus(x)
 
-    (``softplus(z) = logaddexp(z, 0)``), gradient ``sigmoid(x) (pos_weight y' + 1 - y') -
-    pos_weight y'``. Same keywords and semantics as ``lsjax.sigmoid_binary_cross_entropy`` (a
-    ``smoothing`` tensor that requires grad is differentiated).
-    Reproduces ``torch.nn.functional.binary_cross_entropy_with_logits(x, y', pos_weight=pw,
-    reduction=r)``; returns float32 for bf16/fp16/float32 logits and float64 for float64.
-    A number or CPU tensor ``smoothing`` outside [0, 1] raises; one that is not read (on an
-    accelerator, under ``torch.compile``/``vmap``) gives NaN. ``_caller`` is internal (who
-    errors name).
+    with the gradient ``sigmoid(x) (pos_weight y' + 1 - y') - pos_weight y'``. Reproduces
+    ``torch.nn.functional.binary_cross_entropy_with_logits(x, y', pos_weight=pw,
+    reduction=r)`` and, averaged over the last axis, Keras ``BinaryCrossentropy(from_logits=True,
+    label_smoothing=eps)`` (``lstorch.compat.keras``). Its JAX twin is
+    ``lsjax.sigmoid_binary_cross_entropy``.
+
+    Args:
+      logits: float tensor of any shape; bf16/fp16 are computed in float32.
+      labels: float tensor of the logits' shape, targets in [0, 1] (multi-label, soft or hard).
+      smoothing: ``eps`` in [0, 1]: each label becomes ``y * (1 - eps) + eps / 2``. A number or
+        a CPU tensor outside [0, 1] raises; a tensor that is not read (on an accelerator, under
+        ``torch.compile``/``vmap``) gives NaN. A tensor that requires grad is differentiated,
+        ``d loss / d eps = (1/2 - y) (pos_weight softplus(-x) - softplus(x))``.
+      pos_weight: weight of the positive term, broadcast against the logits (torch's
+        ``pos_weight``, e.g. shape ``(C,)``); a constant.
+      reduction: ``"none"`` (elementwise), ``"sum"`` or ``"mean"`` (over all elements).
+
+    Returns:
+      float32 for bf16/fp16/float32 logits, float64 for float64.
+
+    ``_caller`` is internal (who errors name).
     """
     fn = lsspec.caller("sigmoid_binary_cross_entropy", _caller)
-    _, arg = lsspec.names(fn)
-    for name, value in (("logits", logits), ("labels", labels)):
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
-            raise lsspec.dtype_error(fn, name, got, "a floating dtype (a float torch.Tensor)")
-    if labels.shape != logits.shape:
-        raise lsspec.shape_error(
-            fn,
-            "labels",
-            tuple(labels.shape),
-            f"the {lsspec.possessive(arg('logits'))} shape {tuple(logits.shape)}",
-        )
+    _common.floating(fn, logits=logits, labels=labels)
+    lsspec.check_same_shape(fn, "labels", tuple(labels.shape), tuple(logits.shape))
     if pos_weight is not None:
         lsspec.check_broadcastable(fn, "pos_weight", tuple(pos_weight.shape), tuple(logits.shape))
     lsspec.check_choice(fn, "reduction", reduction, lsspec.REDUCTIONS)
-    lsspec.check_smoothing(fn, _concrete_smoothing(fn, smoothing))
+    lsspec.check_smoothing(fn, _common.concrete_smoothing(fn, smoothing))
 
-    compute_dtype = _compute_dtype(logits.dtype)
+    compute_dtype = _common.compute_dtype(logits.dtype)
     x = logits.to(compute_dtype)
-    eps = _smoothing_tensor(smoothing, compute_dtype, x.device)  # d y' / d eps = 1/2 - y
+    eps = _common.smoothing_tensor(smoothing, compute_dtype, x.device)  # d y' / d eps = 1/2 - y
     zero = torch.zeros((), dtype=compute_dtype, device=x.device)
     target = labels.to(compute_dtype) * (1.0 - eps) + eps / 2
     positive = target * torch.logaddexp(-x, zero)
@@ -68,4 +67,4 @@ def sigmoid_binary_cross_entropy(
         positive = pos_weight.detach().to(compute_dtype) * positive
     loss = positive + (1.0 - target) * torch.logaddexp(x, zero)
     loss = torch.where((eps >= 0) & (eps <= 1), loss, torch.nan)  # a tensor eps outside [0, 1]
-    return _reduce(loss, torch.ones_like(loss), reduction, None)
+    return _common.reduce(loss, torch.ones_like(loss), reduction)

@@ -22,21 +22,14 @@ The JAX counterparts are ``lsjax.smoothed_cross_entropy`` on logits placed by a
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 import torch.distributed as dist
 
 import lsspec
-from lstorch.smoothed import (
-    _compute_dtype,
-    _concrete_smoothing,
-    _differentiated_again,
-    _index_labels,
-    _reduce,
-    _smoothing_tensor,
-    _times,
-    _values_readable,
-    _with_forward_mode,
-)
+from lstorch import _closed_form, _common
+from lstorch._common import times
 
 
 def vocab_parallel_smoothed_cross_entropy(
@@ -75,56 +68,25 @@ def vocab_parallel_smoothed_cross_entropy(
       reduction: as ``smoothed_cross_entropy``.
     """
     fn = "vocab_parallel_smoothed_cross_entropy"
-    if not isinstance(local_logits, torch.Tensor) or not local_logits.is_floating_point():
-        got = getattr(local_logits, "dtype", type(local_logits).__name__)
-        raise lsspec.dtype_error(fn, "local_logits", got, "a floating dtype (a float torch.Tensor)")
-    if (
-        not isinstance(labels, torch.Tensor)
-        or labels.is_floating_point()
-        or labels.is_complex()
-        or labels.dtype == torch.bool
-    ):
-        got = getattr(labels, "dtype", type(labels).__name__)
-        raise lsspec.dtype_error(fn, "labels", got, "an integer dtype (an int torch.Tensor)")
-    if tuple(labels.shape) != tuple(local_logits.shape[:-1]):
-        raise lsspec.shape_error(
-            fn,
-            "labels",
-            tuple(labels.shape),
-            f"the logits' shape without the class axis, {tuple(local_logits.shape[:-1])}",
-        )
-    labels = _index_labels(labels)  # before any comparison with ignore_index / pad_index
+    _common.floating(fn, local_logits=local_logits)
+    labels = _common.integer_labels(fn, labels)  # widened before any comparison
+    lsspec.check_labels_shape(fn, tuple(labels.shape), tuple(local_logits.shape[:-1]))
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     local_classes = local_logits.shape[-1]
     num_classes = world * local_classes
-    lsspec.check_options(
+    _common.check_label_options(
         fn,
-        num_classes=num_classes,
-        smoothing=_concrete_smoothing(fn, smoothing),
-        convention=convention,
-        reduction=reduction,
-        pad_index=pad_index,
-        ignore_index=ignore_index,
+        num_classes,
+        lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction),
     )
-    counted = torch.ones_like(labels, dtype=torch.bool)
-    if ignore_index is not None:
-        counted = counted & (labels != ignore_index)
-    if pad_index is not None:
-        counted = counted & (labels != pad_index)
-    bad = counted & ((labels < 0) | (labels >= num_classes))
-    if _values_readable(bad) and bool(bad.any()):  # not under torch.compile or vmapped labels
-        raise lsspec.label_range_error(fn, labels[bad].tolist(), num_classes, ignore_index)
-    compute_dtype = _compute_dtype(local_logits.dtype)
-    eps = _smoothing_tensor(smoothing, compute_dtype, local_logits.device)  # differentiated
-    layout = (convention, pad_index, rank * local_classes, num_classes, group)
-    rows = _with_forward_mode(_VocabParallelRows, _VocabParallelRowsForwardMode)
+    counted = _common.counted_rows(labels, ignore_index, pad_index)
+    _common.check_label_range(fn, labels, counted, num_classes, ignore_index)
+    compute_dtype = _common.compute_dtype(local_logits.dtype)
+    eps = _common.smoothing_tensor(smoothing, compute_dtype, local_logits.device)  # differentiated
+    layout = _Layout(convention, pad_index, rank * local_classes, num_classes, group)
+    rows = _common.with_forward_mode(_VocabParallelRows, _VocabParallelRowsForwardMode)
     loss, _, _ = rows.apply(local_logits, labels, counted, eps, layout)
-    return _reduce(loss, counted.to(compute_dtype), reduction, None)
-
-
-def _smoothing_invalid(eps: torch.Tensor) -> torch.Tensor:
-    """A 0-d bool: the smoothing (already snapped by ``_smoothing_tensor``) is outside [0, 1]."""
-    return (eps < 0) | (eps > 1)
+    return _common.reduce(loss, counted.to(compute_dtype), reduction)
 
 
 def _local_column(x, classes, start):
@@ -167,16 +129,41 @@ class _AllReduceSum(torch.autograd.Function):
         return _AllReduceSum.apply(tensor, group), in_dims[0]
 
 
+class _Layout(NamedTuple):
+    """Where this rank's classes lie in the vocabulary, and the options that need the layout."""
+
+    convention: str
+    pad_index: int | None
+    start: int  # the first (global) class this rank holds
+    num_classes: int  # K, the global number of classes
+    group: Any  # the process group the vocabulary is split over
+
+
+class _Saved(NamedTuple):
+    """What backward and forward mode read: the inputs and the forward's global statistics (the
+    smoothing's slope None where the smoothing is not differentiated)."""
+
+    x: torch.Tensor
+    labels: torch.Tensor
+    counted: torch.Tensor
+    eps: torch.Tensor
+    lse: torch.Tensor
+    eps_slope: torch.Tensor | None
+
+
+def _bad_rows(saved: _Saved, layout: _Layout):
+    """Counted rows with a label out of range or under a smoothing outside [0, 1]: NaN."""
+    return _closed_form.label_rows(saved.labels, saved.counted, saved.eps, layout.num_classes)[1]
+
+
 def _local_target(x, labels, counted, eps, layout):
     """``q`` on this rank's classes: ``(1 - eps) [c = y] + eps / |S| [c in S]``."""
-    convention, pad_index, start, num_classes, _ = layout
-    size = lsspec.support_size(convention, num_classes)
-    classes = torch.arange(start, start + x.shape[-1], device=x.device)
-    is_target = classes == torch.where(counted, labels, 0).unsqueeze(-1)
-    in_support = torch.ones_like(is_target) if convention == "uniform" else ~is_target
-    if convention == "others_but_pad":
-        in_support = in_support & (classes != pad_index)
-    return torch.where(is_target, 1.0 - eps, 0.0) + torch.where(in_support, eps / size, 0.0)
+    per_class = eps / _closed_form.support_size(layout.convention, layout.num_classes)
+    classes = torch.arange(layout.start, layout.start + x.shape[-1], device=x.device)
+    labels = torch.where(counted, labels, 0)
+    return _closed_form.smoothed_target(
+        layout.convention, layout.pad_index, classes, labels, 1.0 - eps, per_class
+    )
 
 
 class _VocabParallelRows(torch.autograd.Function):
@@ -186,24 +173,24 @@ class _VocabParallelRows(torch.autograd.Function):
 
     @staticmethod
     def forward(x, labels, counted, eps, layout):
-        convention, pad_index, start, num_classes, group = layout
+        convention, num_classes, start = layout.convention, layout.num_classes, layout.start
         compute_dtype = eps.dtype
         with torch.no_grad():
             peak = x.amax(dim=-1).to(compute_dtype)
-            dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=layout.group)
             peak = torch.where(torch.isfinite(peak), peak, 0.0)
-            safe_labels = torch.where(counted, labels, 0)
+            safe_labels, bad = _closed_form.label_rows(labels, counted, eps, num_classes)
             sums = torch.stack(
                 [
                     torch.exp(x.to(compute_dtype) - peak.unsqueeze(-1)).sum(-1),
                     _local_column(x, safe_labels, start).to(compute_dtype),
                     x.sum(-1, dtype=compute_dtype),
-                    _local_column(x, torch.full_like(labels, pad_index or 0), start).to(
+                    _local_column(x, torch.full_like(labels, layout.pad_index or 0), start).to(
                         compute_dtype
                     ),
                 ]
             )
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=layout.group)
             sum_exp, x_y, total, x_pad = sums
             lse = torch.log(sum_exp) + peak
             support_sum = total
@@ -211,13 +198,16 @@ class _VocabParallelRows(torch.autograd.Function):
                 support_sum = support_sum - x_y
             if convention == "others_but_pad":
                 support_sum = support_sum - x_pad
-            size = lsspec.support_size(convention, num_classes)
-            loss = _times(1.0 - eps, lse - x_y) + _times(eps, lse - support_sum / size)
+            size = _closed_form.support_size(convention, num_classes)
+            # The closed form of statistics relative to 0: peak 0, log_sum the lse, no scaling.
             # A (tensor) smoothing outside [0, 1] gives NaN rows, never a plausible number.
-            loss = torch.where(_smoothing_invalid(eps), torch.nan, loss)
-            loss = torch.where(counted, loss, 0.0)
+            lse_parts = _closed_form.Lse(0.0, lse)
+            terms = _closed_form.RowTerms(
+                lse_parts, x_y, 1.0, support_sum, size, safe_labels, bad, size, 1.0
+            )
+            loss = _closed_form.row_loss(terms, counted, eps, convention=convention)
             # d loss_row / d eps from the global statistics (the same on every rank).
-            eps_slope = (lse - support_sum / size) - (lse - x_y)
+            eps_slope = _closed_form.smoothing_slope(terms, eps, convention=convention)
         return loss, lse, eps_slope
 
     @staticmethod
@@ -248,7 +238,7 @@ class _VocabParallelRows(torch.autograd.Function):
                 return tensor.expand(info.batch_size, *tensor.shape)
             return tensor.movedim(dim, 0)
 
-        rows = _with_forward_mode(_VocabParallelRows, _VocabParallelRowsForwardMode)
+        rows = _common.with_forward_mode(_VocabParallelRows, _VocabParallelRowsForwardMode)
         outputs = rows.apply(
             leading(x, x_dim),
             leading(labels, labels_dim),
@@ -265,45 +255,45 @@ class _VocabParallelRows(torch.autograd.Function):
         through ``_AllReduceSum`` (shifted by the saved lse, the same on every rank), so that
         its dependence on every rank's logits is in the graph."""
         del grad_lse, grad_slope  # internal statistics, never differentiated.
-        x, labels, counted, eps, lse, eps_slope = ctx.saved_tensors
-        safe_lse = torch.where(counted, lse, 0.0)
+        saved = _Saved(*ctx.saved_tensors)
+        x, labels, counted, eps = saved.x, saved.labels, saved.counted, saved.eps
+        safe_lse = torch.where(counted, saved.lse, 0.0)
         x_c = x.to(eps.dtype)
-        if _differentiated_again(x):
-            shift = torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1)
+        if _common.differentiated_again(x):
+            shift = torch.where(torch.isfinite(saved.lse), saved.lse, 0.0).unsqueeze(-1)
             local = torch.exp(x_c - shift).sum(-1)
-            total = _AllReduceSum.apply(local, ctx.layout[-1])
+            total = _AllReduceSum.apply(local, ctx.layout.group)
             safe_lse = torch.where(counted, torch.log(total) + shift.squeeze(-1), 0.0)
         target = _local_target(x, labels, counted, eps, ctx.layout)
         grad = torch.exp(x_c - safe_lse.unsqueeze(-1)) - target
         grad = grad * grad_loss.to(eps.dtype).unsqueeze(-1)
-        grad = torch.where(_smoothing_invalid(eps), torch.nan, grad)
-        grad = torch.where(counted.unsqueeze(-1), grad, 0.0)
+        bad = _bad_rows(saved, ctx.layout)
+        grad = _closed_form.counted_only(counted.unsqueeze(-1), bad.unsqueeze(-1), grad)
         d_eps = None
-        if eps_slope is not None:  # d eps = sum_rows g * slope, the whole loss's on every rank
-            d_eps = torch.where(_smoothing_invalid(eps), torch.nan, grad_loss * eps_slope)
-            d_eps = torch.where(counted, d_eps, 0.0).sum().reshape(eps.shape)
+        if saved.eps_slope is not None:  # d eps = sum_rows g * slope, the whole loss's, every rank
+            d_eps = _closed_form.counted_only(counted, bad, grad_loss * saved.eps_slope).sum()
+            d_eps = d_eps.reshape(eps.shape)
         return grad.to(x.dtype), None, None, d_eps, None
 
 
 class _VocabParallelRowsForwardMode(_VocabParallelRows):
-    """``_VocabParallelRows`` with ``jvp`` (see ``lstorch.smoothed._with_forward_mode``)."""
+    """``_VocabParallelRows`` with ``jvp`` (see ``lstorch._common.with_forward_mode``)."""
 
     @staticmethod
     def jvp(ctx, x_tangent, *other_tangents):
         """``d loss = sum_c (softmax(x)_c - q_c) dx_c`` over all K classes: each rank's share,
         all-reduced (one all-reduce of O(rows) values, run on every rank)."""
         eps_tangent = other_tangents[2]  # labels and the counted mask are constants
-        x, labels, counted, eps, lse, eps_slope = ctx.saved_tensors
-        d_loss = torch.zeros_like(lse)
+        saved = _Saved(*ctx.saved_tensors)
+        x, labels, counted, eps = saved.x, saved.labels, saved.counted, saved.eps
+        d_loss = torch.zeros_like(saved.lse)
         if x_tangent is not None:
-            safe_lse = torch.where(counted, lse, 0.0).unsqueeze(-1)
-            coeff = torch.exp(x.to(eps.dtype) - safe_lse) - _local_target(
-                x, labels, counted, eps, ctx.layout
-            )
+            safe_lse = torch.where(counted, saved.lse, 0.0).unsqueeze(-1)
+            target = _local_target(x, labels, counted, eps, ctx.layout)
+            coeff = torch.exp(x.to(eps.dtype) - safe_lse) - target
             local = torch.matmul(coeff.unsqueeze(-2), x_tangent.to(eps.dtype).unsqueeze(-1))
-            d_loss = _AllReduceSum.apply(local.squeeze(-1).squeeze(-1), ctx.layout[-1])
+            d_loss = _AllReduceSum.apply(local.squeeze(-1).squeeze(-1), ctx.layout.group)
         if eps_tangent is not None:  # the same on every rank: no communication
-            d_loss = d_loss + _times(eps_tangent, eps_slope)  # 0 tangent: exactly 0
-        d_loss = torch.where(_smoothing_invalid(eps), torch.nan, d_loss)
-        # lse and the slope: non-differentiable
-        return torch.where(counted, d_loss, 0.0), None, None
+            d_loss = d_loss + times(eps_tangent, saved.eps_slope)  # 0 tangent: exactly 0
+        d_loss = _closed_form.counted_only(counted, _bad_rows(saved, ctx.layout), d_loss)
+        return d_loss, None, None  # lse and the slope: non-differentiable

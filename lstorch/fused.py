@@ -13,20 +13,10 @@ import contextlib
 from typing import NamedTuple
 
 import torch
-from torch import nn
 
 import lsspec
-from lstorch.smoothed import (
-    _compute_dtype,
-    _concrete_smoothing,
-    _differentiated_again,
-    _index_labels,
-    _reduce,
-    _smoothing_tensor,
-    _times,
-    _values_readable,
-    _with_forward_mode,
-)
+from lstorch import _closed_form, _common
+from lstorch._common import times
 
 DEFAULT_CHUNK_SIZE = 2048
 
@@ -47,27 +37,25 @@ def fused_linear_smoothed_cross_entropy(
 ) -> torch.Tensor:
     r"""``smoothed_cross_entropy(F.linear(hidden, weight, bias), labels, ...)`` without the logits.
 
-    Same formula, keywords and semantics as ``lsjax.fused_linear_smoothed_cross_entropy`` (whose
-    docstring carries the full description). With ``x = hidden @ weight.T + bias``::
+    For a language-model head with a large vocabulary ``V``, ``F.linear`` builds ``rows x V``
+    logits (and as much again for their gradient). Here, with ``x = hidden @ weight.T + bias``
+    (``K = V`` classes), each row's loss is the closed form of SEMANTICS.md §1::
 
         loss = (1 - eps) * (lse - x_y) + eps * (lse - mean_{c in S} x_c)
 
-    ``lse`` is accumulated over vocabulary chunks, ``x_y = hidden . weight[y] + bias[y]`` and
-    ``sum_c x_c = hidden . weight.sum(0) + bias.sum()`` (a rank-1 product: no pass over the
-    logits). Backward recomputes each chunk's logits and forms ``g * (softmax(x) - q)`` one
-    ``rows x chunk_size`` block at a time.
+    ``lse`` is accumulated over vocabulary chunks of ``chunk_size`` classes (each chunk's
+    logits computed from ``hidden`` and ``weight`` and dropped), ``x_y = hidden . weight[y] +
+    bias[y]`` and ``sum_c x_c = hidden . weight.sum(0) + bias.sum()`` (a rank-1 product: no pass
+    over the logits). Backward recomputes each chunk's logits and forms ``g * (softmax(x) - q)``
+    one ``rows x chunk_size`` block at a time: ``d hidden += coeff @ W_chunk``, ``d W_chunk =
+    coeff.T @ hidden``, ``d b_chunk = sum_rows coeff``.
 
     Reproduces ``lstorch.smoothed_cross_entropy(F.linear(hidden, weight, bias), labels, ...)``
     and so, for ``convention="uniform"``, ``F.cross_entropy(F.linear(hidden, weight, bias),
-    labels, label_smoothing=eps, ignore_index=i, reduction=r)`` (except that when no row counts
-    ``"mean"`` returns 0 with a zero gradient, where torch returns NaN).
-
-    ``weight`` is ``(V, D)``, the layout of ``nn.Linear(D, V).weight`` and of a tied embedding.
-    A ``smoothing`` tensor that requires grad is differentiated: ``d loss_row / d eps = x_y -
-    mean_{c in S} x_c``, one O(rows) statistic kept for backward only then.
-    Returns float32 for bf16/fp16/float32 inputs (every logit, lse and sum accumulated in
-    float32), float64 for float64; gradients come back in the inputs' dtypes. Outside
-    ``torch.autocast``, ``hidden``, ``weight`` and ``bias`` must share one dtype.
+    labels, label_smoothing=eps, ignore_index=i, reduction=r)``, loss and gradients for
+    ``hidden``, ``weight`` and ``bias``, up to float rounding (except that when no row counts
+    ``"mean"`` returns 0 with a zero gradient, where torch returns NaN). Its JAX twin is
+    ``lsjax.fused_linear_smoothed_cross_entropy``.
 
     Under ``torch.autocast`` (enabled for the hidden's device type), the inputs are what
     ``F.linear`` would make of them: ``hidden``, ``weight`` and ``bias``, whatever their dtypes
@@ -87,38 +75,47 @@ def fused_linear_smoothed_cross_entropy(
     ``torch._inductor.config.emulate_precision_casts`` is set): the loss is then that of the
     unrounded inputs, and the backward still differentiates the loss returned.
 
-    A number or CPU tensor ``smoothing`` outside [0, 1] raises; one that is not read (on an
-    accelerator, under ``torch.compile``/``vmap``) gives NaN rows. ``_caller`` is internal (who
-    errors name: ``FusedLinearSmoothedCrossEntropyLoss`` when the module called).
+    Args:
+      hidden: float tensor ``(..., D)``: the features that feed the output layer. Outside
+        ``torch.autocast``, ``hidden``, ``weight`` and ``bias`` share one dtype.
+      weight: ``(V, D)``, the layout of ``nn.Linear(D, V).weight`` and of a tied embedding
+        table: one row per class.
+      labels: int tensor with the hidden's shape without its last axis; any integer dtype, as
+        in :func:`lstorch.smoothed_cross_entropy`.
+      bias: optional ``(V,)``.
+      smoothing: ``eps`` in [0, 1], a number or a one-element tensor; one that can be read (a
+        number, a CPU tensor) outside [0, 1] raises, one that cannot (on an accelerator, under
+        ``torch.compile``/``vmap``) gives NaN rows. A tensor that requires grad is
+        differentiated: ``d loss_row / d eps = x_y - mean_{c in S} x_c``, one O(rows) statistic
+        kept for backward only then.
+      convention: ``"uniform"`` | ``"others"`` | ``"others_but_pad"`` (needs ``pad_index``).
+      ignore_index: rows whose label equals it count for nothing (left out of ``"mean"``).
+      pad_index: the pad column of ``"others_but_pad"``; rows labelled with it count for nothing.
+      reduction: ``"none"`` | ``"sum"`` | ``"mean"`` (over counted rows; 0 when none counts).
+      chunk_size: classes per chunk. Temporaries grow as ``rows x chunk_size``; larger chunks
+        mean fewer, larger matrix products.
+
+    Returns:
+      float32 for bf16/fp16/float32 inputs (accumulated in float32: every logit, lse and sum),
+      float64 for float64; per row for ``"none"``, else a scalar. Gradients come back in the
+      inputs' dtypes.
+
+    ``_caller`` is internal: the public function or module that called this one for the user
+    (who errors name: ``FusedLinearSmoothedCrossEntropyLoss`` when the module called).
     """
     fn = lsspec.caller("fused_linear_smoothed_cross_entropy", _caller)
     operand_dtype = _check_fused(fn, hidden, weight, bias, labels)
-    labels = _index_labels(labels)  # before any comparison, and so weight[labels] indexes
+    labels = _common.index_labels(labels)  # before any comparison, and so weight[labels] indexes
     num_classes = weight.shape[0]
-    lsspec.check_options(
-        fn,
-        num_classes=num_classes,
-        smoothing=_concrete_smoothing(fn, smoothing),
-        convention=convention,
-        reduction=reduction,
-        pad_index=pad_index,
-        ignore_index=ignore_index,
-    )
-    chunk_size = lsspec.check_chunk_size(fn, chunk_size)
-    counted = torch.ones_like(labels, dtype=torch.bool)
-    if ignore_index is not None:
-        counted = counted & (labels != ignore_index)
-    if pad_index is not None:
-        counted = counted & (labels != pad_index)
-    if _values_readable(counted):  # not under torch.compile, nor vmapped labels
-        bad = counted & ((labels < 0) | (labels >= num_classes))
-        if bool(bad.any()):
-            raise lsspec.label_range_error(fn, labels[bad].tolist(), num_classes, ignore_index)
-    compute_dtype = _compute_dtype(operand_dtype)
-    eps = _smoothing_tensor(smoothing, compute_dtype, hidden.device)  # differentiated
+    options = lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction)
+    chunk_size = _check_options(fn, num_classes, options, chunk_size)
+    counted = _common.counted_rows(labels, ignore_index, pad_index)
+    _common.check_label_range(fn, labels, counted, num_classes, ignore_index)
+    compute_dtype = _common.compute_dtype(operand_dtype)
+    eps = _common.smoothing_tensor(smoothing, compute_dtype, hidden.device)  # differentiated
     if bias is None:
         bias = torch.zeros(num_classes, dtype=hidden.dtype, device=hidden.device)
-    fused_rows = _with_forward_mode(_FusedRows, _FusedRowsForwardMode)
+    fused_rows = _common.with_forward_mode(_FusedRows, _FusedRowsForwardMode)
     loss, _, _ = fused_rows.apply(
         hidden.reshape(-1, hidden.shape[-1]),
         weight,
@@ -128,7 +125,14 @@ def fused_linear_smoothed_cross_entropy(
         eps,
         _Options(convention, pad_index, chunk_size, operand_dtype),
     )
-    return _reduce(loss.reshape(labels.shape), counted.to(compute_dtype), reduction, None)
+    return _common.reduce(loss.reshape(labels.shape), counted.to(compute_dtype), reduction)
+
+
+def _check_options(fn, num_classes, options: lsspec.LabelOptions, chunk_size) -> int:
+    """Check the plain options of :func:`fused_linear_smoothed_cross_entropy`: the function's,
+    and its module's at construction (``num_classes=None``). Returns ``chunk_size`` as an int."""
+    _common.check_label_options(fn, num_classes, options)
+    return lsspec.check_chunk_size(fn, chunk_size)
 
 
 class _Options(NamedTuple):
@@ -158,20 +162,8 @@ def _autocast_off(device_type: str):
 def _check_fused(fn, hidden, weight, bias, labels) -> torch.dtype:
     """Checks the inputs; returns the dtype the products see (the operand dtype): the hidden's,
     or under ``torch.autocast`` the one ``F.linear`` would cast its inputs to."""
-    for name, tensor in (("hidden", hidden), ("weight", weight), ("bias", bias)):
-        if name == "bias" and tensor is None:
-            continue
-        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-            got = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            raise lsspec.dtype_error(fn, name, got, "a floating dtype (a float torch.Tensor)")
-    if (
-        not isinstance(labels, torch.Tensor)
-        or labels.is_floating_point()
-        or labels.is_complex()
-        or labels.dtype == torch.bool
-    ):
-        got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise lsspec.dtype_error(fn, "labels", got, "an integer dtype (an int torch.Tensor)")
+    _common.floating(fn, hidden=hidden, weight=weight, **({} if bias is None else {"bias": bias}))
+    _common.integer_labels(fn, labels)
     lsspec.check_linear_shapes(
         fn,
         tuple(hidden.shape),
@@ -238,7 +230,10 @@ def _counted_rows_only(hidden, counted):
 
 
 def _terms(options, hidden, weight, bias, labels, counted, eps):
-    convention, pad_index, chunk_size, operand_dtype = options
+    """``(loss, lse, eps_slope)`` per row, each O(rows): the lse chunk by chunk, ``x_y`` from
+    the label's row of the weight, the support sum as a rank-1 product."""
+    convention, operand_dtype = options.convention, options.operand_dtype
+    chunk_size = options.chunk_size
     compute_dtype = eps.dtype
     num_classes = weight.shape[0]
     hidden = _counted_rows_only(_operand(hidden, operand_dtype, compute_dtype), counted)
@@ -246,8 +241,7 @@ def _terms(options, hidden, weight, bias, labels, counted, eps):
     for start, stop in _chunks(num_classes, chunk_size):
         logits = _chunk_logits(hidden, weight, bias, start, stop, operand_dtype, compute_dtype)
         lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
-    in_range = (labels >= 0) & (labels < num_classes)
-    safe_labels = torch.where(counted & in_range, labels, 0)
+    safe_labels, bad = _closed_form.label_rows(labels, counted, eps, num_classes)
 
     def column(classes):
         rows = _operand(weight[classes], operand_dtype, compute_dtype)
@@ -262,13 +256,15 @@ def _terms(options, hidden, weight, bias, labels, counted, eps):
     if convention != "uniform":
         support_sum = support_sum - x_y
     if convention == "others_but_pad":
-        support_sum = support_sum - column(torch.full_like(labels, pad_index))
-    bad = counted & ~(in_range & (eps >= 0) & (eps <= 1))
-    size = lsspec.support_size(convention, num_classes)
-    loss = _times(1.0 - eps, lse - x_y) + _times(eps, lse - support_sum / size)
-    loss = torch.where(counted, torch.where(bad, torch.nan, loss), 0.0)
-    # d loss_row / d eps: the smoothing term minus the true one (O(rows), kept for backward).
-    eps_slope = (lse - support_sum / size) - (lse - x_y)
+        support_sum = support_sum - column(torch.full_like(labels, options.pad_index))
+    size = _closed_form.support_size(convention, num_classes)
+    # The closed form of statistics relative to 0: peak 0, log_sum the lse, no scaling.
+    terms = _closed_form.RowTerms(
+        _closed_form.Lse(0.0, lse), x_y, 1.0, support_sum, size, safe_labels, bad, size, 1.0
+    )
+    loss = _closed_form.row_loss(terms, counted, eps, convention=convention)
+    # d loss_row / d eps (O(rows), kept for backward; masked there, after the product with g).
+    eps_slope = _closed_form.smoothing_slope(terms, eps, convention=convention)
     return loss, lse, eps_slope
 
 
@@ -310,20 +306,16 @@ class _FusedRows(torch.autograd.Function):
         coeff``, with ``q_c = (1 - eps) [c = y] + eps / |S| [c in S]``; ``d eps = sum_rows g
         slope_row`` when the smoothing is differentiated."""
         del grad_lse, grad_slope  # internal statistics, never differentiated.
-        hidden, weight, bias, labels, counted, eps, lse, eps_slope = ctx.saved_tensors
-        if _differentiated_again(hidden, weight, bias):
-            with _autocast_off(hidden.device.type):
-                grads = _differentiable_gradients(
-                    ctx.options, hidden, weight, bias, labels, counted, eps, grad_loss
-                )
+        saved = _Saved(*ctx.saved_tensors)
+        if _common.differentiated_again(saved.hidden, saved.weight, saved.bias):
+            with _autocast_off(saved.hidden.device.type):
+                grads = _differentiable_gradients(ctx.options, saved, grad_loss)
         else:
-            grads = _gradients(
-                ctx.options, hidden, weight, bias, labels, counted, eps, lse, grad_loss
-            )
+            grads = _gradients(ctx.options, saved, grad_loss)
         d_eps = None
-        if eps_slope is not None:  # d eps = sum_rows g * slope (NaN from invalid rows)
-            d_eps = _smoothing_rows(labels, counted, eps, weight.shape[0], grad_loss * eps_slope)
-            d_eps = d_eps.sum().reshape(eps.shape)
+        if saved.eps_slope is not None:  # d eps = sum_rows g * slope (NaN from invalid rows)
+            d_eps = _smoothing_rows(saved, grad_loss * saved.eps_slope)
+            d_eps = d_eps.sum().reshape(saved.eps.shape)
         return (*grads, None, None, d_eps, None)
 
 
@@ -336,65 +328,76 @@ class _FusedRowsForwardMode(_FusedRows):
         """``d loss = sum_c (softmax(x)_c - q_c) dx_c`` with ``dx = d hidden @ W.T + hidden @
         d W.T + d b``, one ``rows x chunk_size`` block at a time."""
         eps_tangent = other_tangents[2]  # labels and the counted mask are constants
-        hidden, weight, bias, labels, counted, eps, lse, eps_slope = ctx.saved_tensors
-        with _autocast_off(hidden.device.type):
-            d_loss = _loss_tangent(
-                ctx.options,
-                (hidden, weight, bias),
-                (hidden_tangent, weight_tangent, bias_tangent),
-                labels,
-                counted,
-                eps,
-                lse,
-            )
+        saved = _Saved(*ctx.saved_tensors)
+        with _autocast_off(saved.hidden.device.type):
+            tangents = (hidden_tangent, weight_tangent, bias_tangent)
+            d_loss = _loss_tangent(ctx.options, saved, tangents)
         if eps_tangent is not None:
-            d_loss = d_loss + _smoothing_rows(
-                labels, counted, eps, weight.shape[0], _times(eps_tangent, eps_slope)
-            )
+            d_loss = d_loss + _smoothing_rows(saved, times(eps_tangent, saved.eps_slope))
         return d_loss, None, None  # lse and the slope: non-differentiable
 
 
-def _smoothing_rows(labels, counted, eps, num_classes, per_row):
+class _Saved(NamedTuple):
+    """What the core's backward and forward mode read: its inputs and the forward's per-row
+    lse and smoothing slope (the slope None where the smoothing is not differentiated)."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    labels: torch.Tensor
+    counted: torch.Tensor
+    eps: torch.Tensor
+    lse: torch.Tensor
+    eps_slope: torch.Tensor | None
+
+
+def _smoothing_rows(saved: _Saved, per_row):
     """``per_row`` (a term of the smoothing's derivative) on the rows that count, NaN on the
     invalid ones, 0 elsewhere (a select: the others may hold anything)."""
-    in_range = (labels >= 0) & (labels < num_classes)
-    bad = counted & ~(in_range & (eps >= 0) & (eps <= 1))
-    return torch.where(counted, torch.where(bad, torch.nan, per_row.to(eps.dtype)), 0.0)
+    num_classes = saved.weight.shape[0]
+    _, bad = _closed_form.label_rows(saved.labels, saved.counted, saved.eps, num_classes)
+    return _closed_form.counted_only(saved.counted, bad, per_row.to(saved.eps.dtype))
 
 
-def _row_setup(options, hidden, num_classes, labels, counted, eps):
-    """What every pass over the chunks shares: the operand hidden in the compute dtype (rows
-    that do not count zeroed), the target's label column, the rows that are NaN, and the
-    smoothing's two masses ``(1 - eps)`` and ``eps / |S|``."""
-    convention, _, _, operand_dtype = options
-    compute_dtype = eps.dtype
-    in_range = (labels >= 0) & (labels < num_classes)
-    safe_labels = torch.where(counted & in_range, labels, 0).unsqueeze(-1)
-    bad = counted & ~(in_range & (eps >= 0) & (eps <= 1))
-    hidden_c = _counted_rows_only(_operand(hidden, operand_dtype, compute_dtype), counted)
-    per_class = eps / lsspec.support_size(convention, num_classes)
-    return hidden_c, safe_labels, bad, 1.0 - eps, per_class
+class _Rows(NamedTuple):
+    """What every pass over the chunks shares."""
+
+    hidden: torch.Tensor  # the operand hidden in the compute dtype, rows that do not count zeroed
+    safe_labels: torch.Tensor  # (rows, 1): the target's column
+    bad: torch.Tensor  # the rows that are NaN
+    on_true: torch.Tensor  # 1 - eps, the target's mass
+    per_class: torch.Tensor  # eps / |S|, each support class's
+
+
+def _rows(options, saved: _Saved) -> _Rows:
+    compute_dtype, counted, eps = saved.eps.dtype, saved.counted, saved.eps
+    num_classes = saved.weight.shape[0]
+    safe_labels, bad = _closed_form.label_rows(saved.labels, counted, eps, num_classes)
+    hidden = _counted_rows_only(
+        _operand(saved.hidden, options.operand_dtype, compute_dtype), counted
+    )
+    per_class = eps / _closed_form.support_size(options.convention, num_classes)
+    return _Rows(hidden, safe_labels.unsqueeze(-1), bad, 1.0 - eps, per_class)
 
 
 def _chunk_target(options, safe_labels, on_true, per_class, start, stop, device):
     """``q`` on the classes [start, stop): (rows, chunk), out of place."""
-    convention, pad_index, _, _ = options
-    classes = torch.arange(start, stop, device=device).unsqueeze(0)
-    is_target = classes == safe_labels
-    in_support = ~is_target if convention != "uniform" else torch.ones_like(is_target)
-    if convention == "others_but_pad":
-        in_support = in_support & (classes != pad_index)
-    return torch.where(is_target, on_true, 0.0) + torch.where(in_support, per_class, 0.0)
-
-
-def _gradients(options, hidden, weight, bias, labels, counted, eps, lse, grad_loss):
-    """The first-order gradients, each chunk's ``coeff`` built in its logits' buffer."""
-    convention, pad_index, chunk_size, operand_dtype = options
-    compute_dtype = eps.dtype
-    num_classes = weight.shape[0]
-    hidden_c, safe_labels, bad, on_true, per_class = _row_setup(
-        options, hidden, num_classes, labels, counted, eps
+    classes = torch.arange(start, stop, device=device)
+    labels = safe_labels.squeeze(-1)
+    return _closed_form.smoothed_target(
+        options.convention, options.pad_index, classes, labels, on_true, per_class
     )
+
+
+def _gradients(options, saved: _Saved, grad_loss):
+    """The first-order gradients, each chunk's ``coeff`` built in its logits' buffer."""
+    convention, pad_index = options.convention, options.pad_index
+    operand_dtype = options.operand_dtype
+    hidden, weight, bias = saved.hidden, saved.weight, saved.bias
+    counted, lse = saved.counted, saved.lse
+    compute_dtype = saved.eps.dtype
+    num_classes = weight.shape[0]
+    hidden_c, safe_labels, bad, on_true, per_class = _rows(options, saved)
     scale = torch.where(bad, torch.nan, grad_loss.to(compute_dtype))
     scale = torch.where(counted, scale, 0.0).unsqueeze(-1)
     keep = counted.unsqueeze(-1)
@@ -403,7 +406,7 @@ def _gradients(options, hidden, weight, bias, labels, counted, eps, lse, grad_lo
     d_weight = torch.empty_like(weight)
     d_bias = torch.empty_like(bias)
     with torch.no_grad(), _autocast_off(hidden.device.type):
-        for start, stop in _chunks(num_classes, chunk_size):
+        for start, stop in _chunks(num_classes, options.chunk_size):
             coeff = _chunk_logits(hidden_c, weight, bias, start, stop, operand_dtype, compute_dtype)
             coeff.sub_(safe_lse).exp_()  # softmax, in the logits' buffer
             classes = torch.arange(start, stop, device=hidden.device).unsqueeze(0)
@@ -425,17 +428,15 @@ def _gradients(options, hidden, weight, bias, labels, counted, eps, lse, grad_lo
     return d_hidden.to(hidden.dtype), d_weight, d_bias
 
 
-def _differentiable_gradients(options, hidden, weight, bias, labels, counted, eps, grad_loss):
+def _differentiable_gradients(options, saved: _Saved, grad_loss):
     """The same gradients through differentiable, out-of-place ops, with the lse recomputed
     from (hidden, weight, bias): their own derivatives (double backward, forward over reverse)
     are then exact. Chunked as the first-order pass; a recorded graph keeps what it needs."""
-    _, _, chunk_size, operand_dtype = options
-    compute_dtype = eps.dtype
+    operand_dtype, compute_dtype = options.operand_dtype, saved.eps.dtype
+    hidden, weight, bias, counted = saved.hidden, saved.weight, saved.bias, saved.counted
     num_classes = weight.shape[0]
-    hidden_c, safe_labels, bad, on_true, per_class = _row_setup(
-        options, hidden, num_classes, labels, counted, eps
-    )
-    chunks = _chunks(num_classes, chunk_size)
+    hidden_c, safe_labels, bad, on_true, per_class = _rows(options, saved)
+    chunks = _chunks(num_classes, options.chunk_size)
     lse = None
     for start, stop in chunks:
         logits = _chunk_logits(hidden_c, weight, bias, start, stop, operand_dtype, compute_dtype)
@@ -461,22 +462,20 @@ def _differentiable_gradients(options, hidden, weight, bias, labels, counted, ep
     )
 
 
-def _loss_tangent(options, primals, tangents, labels, counted, eps, lse):
+def _loss_tangent(options, saved: _Saved, tangents):
     """``sum_c (softmax(x)_c - q_c) dx_c`` per row (NaN where the row is, 0 where it does not
     count), ``dx`` the tangent of the chunk's logits."""
-    _, _, chunk_size, operand_dtype = options
-    hidden, weight, bias = primals
+    operand_dtype, compute_dtype = options.operand_dtype, saved.eps.dtype
+    hidden, weight, bias = saved.hidden, saved.weight, saved.bias
+    labels, counted, lse = saved.labels, saved.counted, saved.lse
     hidden_tangent, weight_tangent, bias_tangent = tangents
-    compute_dtype = eps.dtype
     num_classes = weight.shape[0]
-    hidden_c, safe_labels, bad, on_true, per_class = _row_setup(
-        options, hidden, num_classes, labels, counted, eps
-    )
+    hidden_c, safe_labels, bad, on_true, per_class = _rows(options, saved)
     if hidden_tangent is not None:  # rounding to the operand dtype passes tangents unchanged
         hidden_tangent = _counted_rows_only(hidden_tangent.to(compute_dtype), counted)
     safe_lse = torch.where(counted, lse, 0.0).unsqueeze(-1)
     d_loss = torch.zeros(labels.shape, dtype=compute_dtype, device=hidden.device)
-    for start, stop in _chunks(num_classes, chunk_size):
+    for start, stop in _chunks(num_classes, options.chunk_size):
         logits = _chunk_logits(hidden_c, weight, bias, start, stop, operand_dtype, compute_dtype)
         target = _chunk_target(options, safe_labels, on_true, per_class, start, stop, hidden.device)
         coeff = torch.exp(logits - safe_lse) - target
@@ -491,79 +490,3 @@ def _loss_tangent(options, primals, tangents, labels, counted, eps, lse):
         d_loss = d_loss + (coeff * d_logits).sum(-1)
     d_loss = torch.where(bad, torch.nan, d_loss)
     return torch.where(counted, d_loss, 0.0)
-
-
-class FusedLinearSmoothedCrossEntropyLoss(nn.Module):
-    """Module form of :func:`fused_linear_smoothed_cross_entropy` (the same keywords).
-
-    ``forward(hidden, weight, labels, bias=None)`` takes the output layer's parameters, so a
-    model keeps its own ``nn.Linear`` (or tied embedding) and hands ``head.weight`` /
-    ``head.bias`` here instead of calling the head. As ``SmoothedCrossEntropyLoss``, the default
-    reduction is ``"mean"`` and ``ignore_index`` defaults to -100. Under ``torch.autocast`` the
-    inputs are rounded as ``F.linear`` would cast them (see the function). Every keyword of the
-    function is a constructor argument (``bias`` goes to ``forward``), shown by ``repr``;
-    errors name this module.
-
-    Example::
-
-        head = nn.Linear(512, 131072)
-        loss_fn = FusedLinearSmoothedCrossEntropyLoss(smoothing=0.1)
-        loss = loss_fn(features, head.weight, labels, head.bias)
-    """
-
-    def __init__(
-        self,
-        *,
-        smoothing: float = 0.0,
-        convention: str = "uniform",
-        ignore_index: int | None = -100,
-        pad_index: int | None = None,
-        reduction: str = "mean",
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
-    ) -> None:
-        super().__init__()
-        fn = lsspec.caller(type(self).__name__)
-        lsspec.check_options(
-            fn,
-            num_classes=None,
-            smoothing=_concrete_smoothing(fn, smoothing),
-            convention=convention,
-            reduction=reduction,
-            pad_index=pad_index,
-            ignore_index=ignore_index,
-        )
-        lsspec.check_chunk_size(fn, chunk_size)
-        self.smoothing = smoothing
-        self.convention = convention
-        self.ignore_index = ignore_index
-        self.pad_index = pad_index
-        self.reduction = reduction
-        self.chunk_size = chunk_size
-
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        labels: torch.Tensor,
-        bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return fused_linear_smoothed_cross_entropy(
-            hidden,
-            weight,
-            labels,
-            bias=bias,
-            smoothing=self.smoothing,
-            convention=self.convention,
-            ignore_index=self.ignore_index,
-            pad_index=self.pad_index,
-            reduction=self.reduction,
-            chunk_size=self.chunk_size,
-            _caller=lsspec.caller(type(self).__name__),
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"smoothing={self.smoothing}, convention={self.convention!r}, "
-            f"ignore_index={self.ignore_index}, pad_index={self.pad_index}, "
-            f"reduction={self.reduction!r}, chunk_size={self.chunk_size}"
-        )

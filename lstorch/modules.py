@@ -1,18 +1,28 @@
-"""``nn.Module`` forms: the constructor takes the keywords, ``forward(logits, labels)`` the data.
+"""Every ``nn.Module`` of lstorch: the constructor takes the keywords, ``forward`` the data.
 
-Every module takes every keyword of its function (``tests/test_modules.py`` checks it from the
-signatures), stores it as an attribute of the same name, shows it in ``repr`` and checks at
-construction what needs no input; errors, there and in ``forward``, name the module.
+As ``torch.nn``'s losses: a module stores its options (``weight`` and ``class_mask`` as
+registered buffers, so ``.to(device)`` and ``state_dict`` carry them; the others as plain
+attributes, which may be changed between calls, e.g. ``loss_fn.smoothing = next_value`` for a
+schedule), and ``forward`` is one call into its function. Each module takes every keyword of
+its function (``tests/test_modules.py`` checks it from the signatures), shows them in ``repr``
+and checks at construction what needs no input; errors, there and in ``forward``, name the
+module. Its docstring's ``Args:`` are its function's (``lstorch._doc``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 import lsspec
-from lstorch.seed_modules import kl_label_smoothing_loss, label_smoothing_loss
-from lstorch.smoothed import _concrete_scalar, _concrete_smoothing, smoothed_cross_entropy
+from lstorch import _common, fused, smoothed
+from lstorch._doc import module_args
+from lstorch.compat.opennmt import kl_label_smoothing_loss
+from lstorch.compat.pytorch_forum import label_smoothing_loss
+from lstorch.fused import DEFAULT_CHUNK_SIZE, fused_linear_smoothed_cross_entropy
+from lstorch.smoothed import smoothed_cross_entropy
 
 
 def _shown(value: object) -> str:
@@ -32,32 +42,57 @@ def _buffer(value: object) -> torch.Tensor | None:
     return value if value is None or isinstance(value, torch.Tensor) else torch.as_tensor(value)
 
 
-class SmoothedCrossEntropyLoss(nn.Module):
-    """Module form of :func:`lstorch.smoothed_cross_entropy`.
+class _LossModule(nn.Module):
+    """What every loss module shares: its constructor's arguments stored under their own names
+    (the tensor options as buffers), checked at construction by :meth:`_check`, shown by
+    ``repr``, and handed with the data to the function, whose errors then name the module."""
 
-    Every keyword of the function is a constructor argument of the same name and meaning, except
-    ``where``, which changes with the batch and goes to ``forward``. ``weight`` and
-    ``class_mask`` are registered buffers (Python lists are made tensors), so ``.to(device)``
-    and ``state_dict`` carry them; the other options are plain attributes, which may be changed
-    between calls (``loss_fn.smoothing = next_value`` for a schedule; a tensor or parameter
-    works too).
+    _function: Callable  # the function this module is the form of (a staticmethod)
+    _buffer_names: tuple[str, ...] = ()  # the arguments registered as buffers
 
-    Differences from the function's defaults, for a training objective and as
-    ``torch.nn.CrossEntropyLoss``: ``reduction="mean"`` and ``ignore_index=-100`` (pass
-    ``ignore_index=None`` to count every row).
+    def __init__(self, arguments: dict) -> None:
+        """``arguments``: the subclass constructor's ``locals()``, its arguments by name."""
+        super().__init__()
+        self._option_names = tuple(n for n in arguments if n not in ("self", "__class__"))
+        for name in self._option_names:
+            if name in self._buffer_names:
+                self.register_buffer(name, _buffer(arguments[name]))
+            else:
+                setattr(self, name, arguments[name])
+        self._check(self._caller())
 
-    The class axis, as in the function: ``axis=None`` (the default) is the last axis of
-    ``(C,)`` and ``(N, C)`` logits, where ``nn.CrossEntropyLoss`` finds the classes too. Logits
-    with 3 or more dimensions need ``axis``: ``axis=1`` for ``nn.CrossEntropyLoss``'s
-    ``(N, C, d1, ...)``, ``axis=-1`` for the classes last (a language model's
-    ``(batch, time, vocab)``); without it they raise ``ValueError`` rather than guess (when
-    ``C`` equals ``d1`` a guess would silently give another loss).
+    def _caller(self) -> lsspec.Caller:
+        return lsspec.caller(type(self).__name__)
 
-    Options that need no input (``convention``, ``reduction``, ``smoothing``, ``z_loss``,
-    ``normalizer``, ``pad_index``, ...) are checked at construction; errors name this module.
+    def _options(self) -> dict:
+        """The options as they are now (an attribute may have changed since construction)."""
+        return {name: getattr(self, name) for name in self._option_names}
+
+    def _check(self, fn: lsspec.Caller) -> None:
+        """Check at construction what needs no input; errors name ``fn``, the module."""
+
+    def _loss(self, *data: object, **per_call: object):
+        return self._function(*data, **per_call, **self._options(), _caller=self._caller())
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}={_shown(value)}" for name, value in self._options().items())
+
+
+@module_args(smoothed_cross_entropy)
+class SmoothedCrossEntropyLoss(_LossModule):
+    """Module form of :func:`lstorch.smoothed_cross_entropy`: label-smoothed cross-entropy from
+    integer labels.
+
+    Every keyword of the function is a constructor argument of the same name and meaning,
+    except ``where``, which changes with the batch and goes to ``forward``. Differences from
+    the function's defaults, for a training objective and as ``torch.nn.CrossEntropyLoss``:
+    ``reduction="mean"`` and ``ignore_index=-100`` (pass ``ignore_index=None`` to count every
+    row).
 
     Shape:
-      - logits: ``(C,)``, ``(N, C)``, or any shape with the classes on ``axis``.
+      - logits: ``(C,)``, ``(N, C)``, or any shape with the classes on ``axis`` (which logits
+        with 3 or more dimensions need: ``axis=1`` for ``nn.CrossEntropyLoss``'s
+        ``(N, C, d1, ...)``, ``axis=-1`` for a language model's ``(batch, time, vocab)``).
       - labels: the logits' shape without the class axis, integer.
       - where (optional): the labels' shape, bool.
       - output: a scalar for ``"mean"``/``"sum"``, the labels' shape for ``"none"``;
@@ -68,6 +103,9 @@ class SmoothedCrossEntropyLoss(nn.Module):
         loss_fn = SmoothedCrossEntropyLoss(smoothing=0.1, convention="others")
         loss = loss_fn(logits, labels)
     """
+
+    _function = staticmethod(smoothed_cross_entropy)
+    _buffer_names = ("weight", "class_mask")
 
     def __init__(
         self,
@@ -87,140 +125,143 @@ class SmoothedCrossEntropyLoss(nn.Module):
         return_z_loss: bool = False,
         inplace_backward: bool = False,
     ) -> None:
-        super().__init__()
-        fn = lsspec.caller(type(self).__name__)
-        lsspec.check_options(
-            fn,
-            num_classes=None,
-            smoothing=_concrete_smoothing(fn, smoothing),
-            convention=convention,
-            reduction=reduction,
-            pad_index=pad_index,
-            ignore_index=ignore_index,
-            normalizer=_concrete_scalar(fn, "normalizer", normalizer, optional=True),
-            kl=kl,
-            has_weight=weight is not None,
-            from_log_probs=from_log_probs,
-        )
-        z_value = _concrete_scalar(fn, "z_loss", z_loss)
-        lsspec.check_z_loss(fn, z_value, from_log_probs=from_log_probs, return_z_loss=return_z_loss)
-        if axis is not None and not lsspec.is_index(axis):
-            raise ValueError(f"{fn}: `axis` must be an int or None; got {axis!r}.")
-        self.smoothing = smoothing
-        self.convention = convention
-        self.ignore_index = ignore_index
-        self.pad_index = pad_index
-        self.register_buffer("weight", _buffer(weight))
-        self.axis = axis
-        self.reduction = reduction
-        self.normalizer = normalizer
-        self.kl = kl
-        self.from_log_probs = from_log_probs
-        self.register_buffer("class_mask", _buffer(class_mask))
-        self.z_loss = z_loss
-        self.return_z_loss = return_z_loss
-        self.inplace_backward = inplace_backward
+        super().__init__(locals())
+
+    def _check(self, fn: lsspec.Caller) -> None:
+        options = self._options()
+        smoothed._check_options(fn, None, lsspec.LabelOptions.of(options), **options)
+        if self.axis is not None and not lsspec.is_index(self.axis):
+            raise ValueError(f"{fn}: `axis` must be an int or None; got {self.axis!r}.")
 
     def forward(
         self, logits: torch.Tensor, labels: torch.Tensor, where: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        return smoothed_cross_entropy(
-            logits,
-            labels,
-            smoothing=self.smoothing,
-            convention=self.convention,
-            ignore_index=self.ignore_index,
-            pad_index=self.pad_index,
-            weight=self.weight,
-            where=where,
-            axis=self.axis,
-            reduction=self.reduction,
-            normalizer=self.normalizer,
-            kl=self.kl,
-            from_log_probs=self.from_log_probs,
-            class_mask=self.class_mask,
-            z_loss=self.z_loss,
-            return_z_loss=self.return_z_loss,
-            inplace_backward=self.inplace_backward,
-            _caller=lsspec.caller(type(self).__name__),
-        )
-
-    def extra_repr(self) -> str:
-        names = (
-            "smoothing", "convention", "ignore_index", "pad_index", "weight", "axis",
-            "reduction", "normalizer", "kl", "from_log_probs", "class_mask", "z_loss",
-            "return_z_loss", "inplace_backward",
-        )  # fmt: skip
-        return ", ".join(f"{name}={_shown(getattr(self, name))}" for name in names)
+        return self._loss(logits, labels, where=where)
 
 
-class LabelSmoothingLoss(nn.Module):
-    """Drop-in for the seed's ``LabelSmoothingLoss(classes, smoothing=0.0, dim=-1)``.
+@module_args(fused_linear_smoothed_cross_entropy)
+class FusedLinearSmoothedCrossEntropyLoss(_LossModule):
+    """Module form of :func:`lstorch.fused_linear_smoothed_cross_entropy`: the output layer and
+    the label-smoothed cross-entropy in one, the ``rows x V`` logits never built.
 
-    Logits in, ``"others"`` convention, mean over rows; ``dim`` works for any class axis.
-    See :func:`lstorch.label_smoothing_loss`. ``classes`` (an int >= 2), ``smoothing`` (in
-    [0, 1]) and ``dim`` are checked at construction; errors name this module.
+    ``forward(hidden, weight, labels, bias=None)`` takes the output layer's parameters, so a
+    model keeps its own ``nn.Linear`` (or tied embedding) and hands ``head.weight`` /
+    ``head.bias`` here instead of calling the head. Every keyword of the function is a
+    constructor argument (``bias`` goes to ``forward``). As ``SmoothedCrossEntropyLoss``,
+    ``ignore_index`` defaults to -100. Under ``torch.autocast`` the inputs are rounded as
+    ``F.linear`` would cast them (see the function).
+
+    Shape:
+      - hidden: ``(..., D)``.
+      - weight: ``(V, D)``, as ``nn.Linear(D, V).weight``.
+      - labels: ``hidden.shape[:-1]``, integer.
+      - bias (optional): ``(V,)``.
+      - output: a scalar for ``"mean"``/``"sum"``, the labels' shape for ``"none"``.
+
+    Example::
+
+        head = nn.Linear(512, 131072)
+        loss_fn = FusedLinearSmoothedCrossEntropyLoss(smoothing=0.1)
+        loss = loss_fn(features, head.weight, labels, head.bias)
     """
+
+    _function = staticmethod(fused_linear_smoothed_cross_entropy)
+
+    def __init__(
+        self,
+        *,
+        smoothing: float = 0.0,
+        convention: str = "uniform",
+        ignore_index: int | None = -100,
+        pad_index: int | None = None,
+        reduction: str = "mean",
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        super().__init__(locals())
+
+    def _check(self, fn: lsspec.Caller) -> None:
+        options = self._options()
+        fused._check_options(fn, None, lsspec.LabelOptions.of(options), options["chunk_size"])
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self._loss(hidden, weight, labels, bias=bias)
+
+
+@module_args(label_smoothing_loss)
+class LabelSmoothingLoss(_LossModule):
+    """Drop-in for the forum's ``LabelSmoothingLoss(classes, smoothing=0.0, dim=-1)``
+    (:func:`lstorch.label_smoothing_loss`): logits in, the ``"others"`` convention, the mean
+    over rows; ``dim`` works for any class axis.
+
+    The arguments are checked at construction: ``classes`` an int >= 2, ``smoothing`` in [0, 1],
+    ``dim`` an int. As the original, it keeps ``cls`` (= ``classes``) and ``confidence``
+    (= ``1 - smoothing``).
+
+    Shape:
+      - pred: logits with the classes on ``dim``, ``classes`` of them.
+      - target: ``pred``'s shape without ``dim``, integer.
+      - output: a scalar.
+    """
+
+    _function = staticmethod(label_smoothing_loss)
 
     def __init__(self, classes: int, smoothing: float = 0.0, dim: int = -1) -> None:
-        super().__init__()
-        fn = lsspec.caller(type(self).__name__)
-        smoothing_value = _concrete_smoothing(fn, smoothing)
-        lsspec.check_seed_ce_options(fn, classes, smoothing_value, dim)
-        self.cls = classes
-        self.smoothing = smoothing
-        self.confidence = 1.0 - smoothing
-        self.dim = dim
+        super().__init__(locals())
+
+    def _check(self, fn: lsspec.Caller) -> None:
+        smoothing = _common.concrete_smoothing(fn, self.smoothing)
+        lsspec.check_label_smoothing_loss_options(fn, self.classes, smoothing, self.dim)
+
+    @property
+    def cls(self) -> int:
+        return self.classes
+
+    @property
+    def confidence(self) -> float | torch.Tensor:
+        return 1.0 - self.smoothing
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return label_smoothing_loss(
-            pred,
-            target,
-            classes=self.cls,
-            smoothing=self.smoothing,
-            dim=self.dim,
-            _caller=lsspec.caller(type(self).__name__),
-        )
-
-    def extra_repr(self) -> str:
-        return f"classes={self.cls}, smoothing={_shown(self.smoothing)}, dim={self.dim}"
+        return self._loss(pred, target)
 
 
-class KLLabelSmoothingLoss(nn.Module):
-    """Drop-in for the seed's OpenNMT-style ``LabelSmoothingLoss(label_smoothing,
-    tgt_vocab_size, ignore_index=-100)`` (renamed: both seed modules share one name).
+@module_args(kl_label_smoothing_loss)
+class KLLabelSmoothingLoss(_LossModule):
+    """Drop-in for OpenNMT-py's ``LabelSmoothingLoss(label_smoothing, tgt_vocab_size,
+    ignore_index=-100)`` (:func:`lstorch.kl_label_smoothing_loss`), renamed: the forum's loss
+    (:class:`LabelSmoothingLoss`) has that name. Log-probabilities in, the KL form, the
+    ``"others_but_pad"`` convention, summed; a negative ``ignore_index`` excludes no column
+    (OpenNMT's ``one_hot[-100]`` is not reproduced: see the function).
 
-    Log-probabilities in, KL form, ``"others_but_pad"``, summed. See
-    :func:`lstorch.kl_label_smoothing_loss` for the documented fix of the seed's
-    ``one_hot[-100]`` bug. The arguments are checked at construction, as the seed's asserts
-    did, in its terms: ``tgt_vocab_size`` must leave the smoothing a class to go to (>= 3 with a
-    pad column, >= 2 without); errors name this module.
+    The arguments are checked at construction, as OpenNMT's asserts did, in its terms:
+    ``tgt_vocab_size`` must leave the smoothing a class to go to (>= 3 with a pad column, >= 2
+    without). As the original, it keeps ``confidence`` (= ``1 - label_smoothing``).
+
+    Shape:
+      - output: log-probabilities ``(..., tgt_vocab_size)``.
+      - target: ``output.shape[:-1]``, integer.
+      - output (returned): a scalar.
     """
+
+    _function = staticmethod(kl_label_smoothing_loss)
 
     def __init__(
         self, label_smoothing: float, tgt_vocab_size: int, ignore_index: int = -100
     ) -> None:
-        super().__init__()
-        fn = lsspec.caller(type(self).__name__)
-        value = _concrete_scalar(fn, "label_smoothing", label_smoothing)
-        lsspec.seed_kl_options(fn, value, ignore_index, tgt_vocab_size)
-        self.label_smoothing = label_smoothing
-        self.tgt_vocab_size = tgt_vocab_size
-        self.ignore_index = ignore_index
-        self.confidence = 1.0 - label_smoothing
+        super().__init__(locals())
+
+    def _check(self, fn: lsspec.Caller) -> None:
+        value = _common.concrete_scalar(fn, "label_smoothing", self.label_smoothing)
+        lsspec.opennmt_kl_options(fn, value, self.ignore_index, self.tgt_vocab_size)
+
+    @property
+    def confidence(self) -> float | torch.Tensor:
+        return 1.0 - self.label_smoothing
 
     def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return kl_label_smoothing_loss(
-            output,
-            target,
-            label_smoothing=self.label_smoothing,
-            tgt_vocab_size=self.tgt_vocab_size,
-            ignore_index=self.ignore_index,
-            _caller=lsspec.caller(type(self).__name__),
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"label_smoothing={_shown(self.label_smoothing)}, "
-            f"tgt_vocab_size={self.tgt_vocab_size}, ignore_index={self.ignore_index}"
-        )
+        return self._loss(output, target)

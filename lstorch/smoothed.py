@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-import torch.autograd.forward_ad as fwAD
 
 import lsspec
+from lstorch import _closed_form, _common
+from lstorch._common import times
 
 
 class _Options(NamedTuple):
@@ -66,278 +68,53 @@ def _use_triton(x: torch.Tensor, from_log_probs: bool) -> bool:
     return _triton_available()
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _xlogx(value: torch.Tensor) -> torch.Tensor:
-    """x * log(x) with 0 log 0 = 0, so smoothing = 1 (confidence 0) stays finite."""
-    return torch.xlogy(value, value)
-
-
-def _times(scale: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
-    """``scale * term``, exactly 0 when ``scale`` is 0 even where ``term`` is infinite.
-
-    Autograd gives it ``torch.where``'s derivative, 0 with respect to ``scale`` at ``scale = 0``:
-    where ``scale`` may be differentiated, use :func:`_scaled`."""
-    return torch.where(scale == 0, torch.zeros_like(term), scale * term)
-
-
-class _Times(torch.autograd.Function):
-    """:func:`_times` with the product's derivative, at ``scale = 0`` too: ``term`` with respect
-    to ``scale`` (so a smoothing at 0 still moves) and ``scale`` (0 there, not ``0 * inf``) with
-    respect to ``term``. Works under ``torch.func`` and ``torch.compile``."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(scale, term):
-        return _times(scale, term)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-        ctx.save_for_forward(*inputs)
-
-    @staticmethod
-    def backward(ctx, grad):
-        scale, term = ctx.saved_tensors
-        d_scale = d_term = None
-        if ctx.needs_input_grad[0]:
-            d_scale = (grad * term).sum_to_size(scale.shape)
-        if ctx.needs_input_grad[1]:
-            d_term = _times(scale, grad).sum_to_size(term.shape)
-        return d_scale, d_term
-
-
-class _TimesForwardMode(_Times):
-    """``_Times`` with ``jvp``, the same product rule: ``d scale * term + scale * d term``
-    (``scale * d term`` exactly 0 at ``scale = 0``). See ``_with_forward_mode``."""
-
-    @staticmethod
-    def jvp(ctx, scale_tangent, term_tangent):
-        scale, term = ctx.saved_tensors
-        tangent = torch.zeros(torch.broadcast_shapes(scale.shape, term.shape), dtype=term.dtype,
-                              device=term.device)  # fmt: skip
-        if scale_tangent is not None:
-            tangent = tangent + scale_tangent * term
-        if term_tangent is not None:
-            tangent = tangent + _times(scale, term_tangent)
-        return tangent
-
-
-def _scaled(scale: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
-    """:func:`_times`, differentiable with respect to ``scale`` at ``scale = 0`` (``_Times``)."""
-    return _with_forward_mode(_Times, _TimesForwardMode).apply(scale, term)
-
-
-def _numpy_as_tensor(value: object) -> object:
-    """A NumPy array option (``np.array(0.1)``) as a CPU tensor, as lsjax takes one; any other
-    value unchanged."""
-    if isinstance(value, torch.Tensor) or not hasattr(value, "__array__"):
-        return value
-    return torch.as_tensor(value)
-
-
-def _option_readable(value: torch.Tensor) -> bool:
-    """Whether the host may read a tensor option's value to check it: a CPU tensor (reading one
-    on an accelerator would make the host wait for the device on every call), outside
-    ``torch.compile``, ``torch.jit`` tracing and ``torch.func.vmap`` batching (see
-    ``_values_readable``)."""
-    return value.device.type == "cpu" and not torch.jit.is_tracing() and _values_readable(value)
-
-
-def _concrete_scalar(fn: object, name: str, value: object, *, optional: bool = False) -> object:
-    """A scalar option (smoothing, normalizer, z_loss, ...) as a Python float for checking: a
-    number, or a one-element tensor of a real dtype whose value the host may read
-    (``_option_readable``: a CPU tensor). Any other tensor passes through unread: out of range,
-    it gives NaN. None is kept where ``optional``; anything else (None, a string, a tuple, a
-    bool) raises TypeError."""
-    if value is None and optional:
-        return None
-    if lsspec.is_number(value):
-        return float(value)
-    value = _numpy_as_tensor(value)
-    if not isinstance(value, torch.Tensor) or value.dtype == torch.bool or value.is_complex():
-        raise lsspec.scalar_type_error(fn, name, value)
-    if value.numel() != 1:
-        raise lsspec.shape_error(fn, name, tuple(value.shape), "a scalar shape ()")
-    if _option_readable(value):
-        return float(value.detach().reshape(()))
-    return value
-
-
-_FLOAT64_ULP = torch.finfo(torch.float64).eps
-
-
-def _ulp_of_one(value: object) -> float:
-    """The spacing of ``value``'s own float dtype at 1.0 (float64's for a Python number)."""
-    value = _numpy_as_tensor(value)
-    if isinstance(value, torch.Tensor) and value.is_floating_point():
-        return torch.finfo(value.dtype).eps
-    return _FLOAT64_ULP
-
-
-def _concrete_smoothing(fn: object, value: object, name: str = "smoothing") -> object:
-    """A concrete smoothing (a number, or a CPU tensor: see ``_concrete_scalar``) as a float,
-    snapped into [0, 1] when it is only rounding outside it (``lsspec.UNIT_INTERVAL_ULPS``);
-    other tensors pass through unread."""
-    concrete = _concrete_scalar(fn, name, value)
-    if lsspec.is_number(concrete):
-        return lsspec.snap_to_unit_interval(concrete, _ulp_of_one(value))
-    return concrete
-
-
-def _smoothing_tensor(value, dtype, device) -> torch.Tensor:
-    """``value`` as a 0-d ``dtype`` tensor on ``device``, clamped into [0, 1] where it lies
-    within the rounding slack outside it (a schedule that ends at 0); farther out it stays out
-    of range, and the rows it reaches are NaN."""
-    slack = lsspec.unit_interval_slack(_ulp_of_one(value))
-    eps = _device_scalar(value, dtype, device)
-    snapped = eps.clamp(0, 1)
-    rounding = (eps != snapped) & ((eps - snapped).abs() <= slack)
-    # The snap is rounding, not a change of value: its derivative is 1 (straight through), as
-    # lsjax's, so a learned smoothing just outside [0, 1] keeps its derivative.
-    return torch.where(rounding, eps + (snapped - eps).detach(), eps)
-
-
-def _z_loss_tensor(value, dtype, device) -> torch.Tensor:
-    """``z_loss`` as a 0-d ``dtype`` tensor on ``device``, NaN where it is negative or not finite
-    (a value the checks could not read): the rows it reaches are NaN, never a plausible
-    number."""
-    z = _device_scalar(value, dtype, device)
-    return torch.where((z >= 0) & torch.isfinite(z), z, torch.nan)
-
-
-def _tensor_option(fn, name, value, device):
-    """``weight``, ``where`` or ``class_mask`` as a tensor: a Python list (or another array-like)
-    becomes one on ``device``, as lsjax accepts any array-like; a tensor is kept as it is."""
-    if value is None or isinstance(value, torch.Tensor):
-        return value
-    try:
-        return torch.as_tensor(value, device=device)
-    except (TypeError, ValueError, RuntimeError) as error:
-        fn, arg = lsspec.names(fn)
-        raise TypeError(
-            f"{fn}: `{arg(name)}` must be a tensor or a list of numbers; got {value!r} ({error})."
-        ) from None
-
-
-def _class_axis(fn, axis, ndim, shape) -> int:
-    """The class axis as a non-negative int. ``axis=None`` (the default) is the last axis for
-    1-D and 2-D logits, where torch's class axis (0 of ``(C,)``, 1 of ``(N, C)``) is the last
-    one too; with 3 or more dimensions it must be given (``lsspec.axis_required_error``)."""
-    if axis is None:
-        if ndim >= 3:
-            raise lsspec.axis_required_error(fn, shape)
-        axis = -1
-    return lsspec.check_axis(fn, axis, ndim)
-
-
 def _check_arrays(fn, logits, labels, axis, weight, where, class_mask=None):
-    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
-        got = logits.dtype if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise lsspec.dtype_error(fn, "logits", got, "a floating dtype (a float torch.Tensor)")
-    if (
-        not isinstance(labels, torch.Tensor)
-        or labels.is_floating_point()
-        or labels.is_complex()
-        or labels.dtype == torch.bool
-    ):
-        got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise lsspec.dtype_error(fn, "labels", got, "an integer dtype (an int torch.Tensor)")
+    """Shared input checks; returns (labels widened by ``_common.index_labels``, the class axis
+    as a non-negative int)."""
+    _common.floating(fn, logits=logits)
+    labels = _common.integer_labels(fn, labels)
     if logits.ndim < 1:
         raise lsspec.shape_error(fn, "logits", tuple(logits.shape), "at least one dimension")
-    axis = _class_axis(fn, axis, logits.ndim, tuple(logits.shape))
-    _, arg = lsspec.names(fn)
-    row_shape = tuple(logits.shape[:axis]) + tuple(logits.shape[axis + 1 :])
-    if tuple(labels.shape) != row_shape:
-        raise lsspec.shape_error(
-            fn,
-            "labels",
-            tuple(labels.shape),
-            f"the {lsspec.possessive(arg('logits'))} shape without the class axis, {row_shape}",
-        )
-    num_classes = logits.shape[axis]
-    if weight is not None and tuple(weight.shape) != (num_classes,):
-        raise lsspec.shape_error(fn, "weight", tuple(weight.shape), f"shape ({num_classes},)")
-    if where is not None:
-        if tuple(where.shape) != row_shape:
-            raise lsspec.shape_error(
-                fn,
-                "where",
-                tuple(where.shape),
-                f"the {lsspec.possessive(arg('labels'))} shape {row_shape}",
-            )
-        if where.dtype != torch.bool:
-            raise lsspec.dtype_error(fn, "where", where.dtype, "dtype bool")
-    if class_mask is not None:
-        if tuple(class_mask.shape) != (num_classes,):
-            raise lsspec.shape_error(
-                fn, "class_mask", tuple(class_mask.shape), f"shape ({num_classes},)"
-            )
-        if class_mask.dtype != torch.bool:
-            raise lsspec.dtype_error(fn, "class_mask", class_mask.dtype, "dtype bool")
-    return axis
+    axis = _common.class_axis(fn, axis, logits.ndim, tuple(logits.shape))
+    rows = lsspec.row_shape(logits.shape, axis)
+    lsspec.check_labels_shape(fn, tuple(labels.shape), rows)
+    shapes = {name: None if v is None else tuple(v.shape) for name, v in
+              (("weight", weight), ("where", where), ("class_mask", class_mask))}  # fmt: skip
+    lsspec.check_row_options_shapes(fn, logits.shape[axis], rows, **shapes)
+    _common.check_bool(fn, "where", where)
+    _common.check_bool(fn, "class_mask", class_mask)
+    return labels, axis
 
 
-def _index_labels(labels: torch.Tensor) -> torch.Tensor:
-    """Integer ``labels`` (already checked) as int64, the dtype torch indexes with.
-
-    In a narrower dtype ``gather`` refuses the labels, ``weight[labels]`` reads uint8 labels as
-    a boolean mask, uint16 has no ``<`` on the CPU, and a comparison with a Python int is made
-    in the labels' dtype (uint8: ``-100`` is 156, ``K = 259`` is 3). Widening before any of
-    those makes narrow labels give exactly what int64 labels give. A no-op for int64.
-    """
-    return labels.to(torch.int64)
-
-
-def _values_readable(tensor: torch.Tensor) -> bool:
-    """Whether the host can read ``tensor``'s values: not inside ``torch.compile`` (the read
-    would break the graph) and not batched by ``torch.func.vmap`` (a vmapped value cannot be
-    read; per-sample-gradient code vmaps over the labels)."""
-    if torch.compiler.is_compiling():
-        return False
-    functorch = torch._C._functorch
-    while functorch.is_functorch_wrapped_tensor(tensor):  # e.g. vmap(grad(loss)): unwrap grad's
-        if functorch.is_batchedtensor(tensor):
-            return False
-        tensor = functorch.get_unwrapped(tensor)
-    return True
-
-
-def _differentiated_again(*tensors: torch.Tensor) -> bool:
-    """Whether a backward's result will itself be differentiated, so that it must be built from
-    differentiable ops on the inputs (statistics such as the lse recomputed from them, nothing
-    written in place): a graph is being recorded (``create_graph=True``), a ``torch.func``
-    transform is active (``hessian``, ``jacfwd`` over ``jacrev``), or an input carries a
-    ``torch.autograd.forward_ad`` tangent (forward over reverse)."""
-    return (
-        torch.is_grad_enabled()
-        or torch._C._are_functorch_transforms_active()
-        or any(fwAD.unpack_dual(t).tangent is not None for t in tensors if t is not None)
+def _check_options(
+    fn,
+    num_classes: int | None,
+    options: lsspec.LabelOptions,
+    *,
+    weight,
+    normalizer,
+    kl,
+    from_log_probs,
+    z_loss,
+    return_z_loss,
+    **_inputs,
+):
+    """Check the plain options of :func:`smoothed_cross_entropy`: the label ``options`` and the
+    others by keyword (any more, ``where``, ``axis``, ..., are passed over); the function's, and
+    its module's at construction (``num_classes=None``, before any input). Returns ``z_loss`` as
+    read (a float, or the tensor that could not be read)."""
+    _common.check_label_options(
+        fn,
+        num_classes,
+        options,
+        normalizer=_common.concrete_scalar(fn, "normalizer", normalizer, optional=True),
+        kl=kl,
+        has_weight=weight is not None,
+        from_log_probs=from_log_probs,
     )
-
-
-def _with_forward_mode(function: type, with_jvp: type) -> type:
-    """The autograd.Function to apply: ``with_jvp`` (``function`` plus a ``jvp`` for forward
-    mode), except while ``torch.compile`` traces the call, where Dynamo refuses (graph-breaks
-    on) a Function that defines ``jvp`` and gets ``function``, the same in every other way."""
-    return function if torch.compiler.is_compiling() else with_jvp
-
-
-def _check_label_range(fn, labels, counted, num_classes, ignore_index, class_mask=None):
-    """Labels out of range (or of a masked class) raise; where their values cannot be read
-    (``torch.compile``, batched labels under ``torch.func.vmap``) such a row is NaN instead."""
-    if not (_values_readable(labels) and _values_readable(counted)):
-        return
-    bad = counted & ((labels < 0) | (labels >= num_classes))
-    if bool(bad.any()):
-        raise lsspec.label_range_error(fn, labels[bad].tolist(), num_classes, ignore_index)
-    if class_mask is not None:
-        masked = counted & ~class_mask[labels.clamp(0, num_classes - 1)]
-        if bool(masked.any()):
-            raise lsspec.masked_label_error(fn, labels[masked].tolist())
+    z_value = _common.concrete_scalar(fn, "z_loss", z_loss)
+    lsspec.check_z_loss(fn, z_value, from_log_probs=from_log_probs, return_z_loss=return_z_loss)
+    return z_value
 
 
 def smoothed_cross_entropy(
@@ -363,123 +140,143 @@ def smoothed_cross_entropy(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Label-smoothed cross-entropy from integer labels, in closed form (PyTorch).
 
-    Same formula, keywords and semantics as ``lsjax.smoothed_cross_entropy`` (whose docstring
-    carries the full description)::
+    The smoothed target of a row is ``q = (1 - eps) * onehot(y) + eps * u``, with ``u`` uniform
+    over the convention's support ``S`` (SEMANTICS.md §1): ``"uniform"``, all K classes;
+    ``"others"``, all but ``y``; ``"others_but_pad"``, all but ``y`` and ``pad_index``. The loss
+    is computed without building ``q``, from per-row statistics (``lse = logsumexp(x)``, ``x_y``
+    and the sum over ``S``)::
 
         loss = (1 - eps) * w_y * (lse - x_y) + eps * sum_{c in S} w_c (lse - x_c) / |S|
 
-    with ``S`` the convention's support (``"uniform"``: all K classes; ``"others"``: all but
-    ``y``; ``"others_but_pad"``: all but ``y`` and ``pad_index``) and ``w = 1`` without weights.
-    The gradient with respect to the logits is ``g * (A * softmax(x) - t)`` (``t`` the weighted
-    smoothed target, ``A = sum_c t_c``), or ``-g * t`` with ``from_log_probs=True``.
+    with ``w = 1`` without class weights. The gradient with respect to the logits is
+    ``g * (A * softmax(x) - t)`` (``t`` the weighted smoothed target, ``A = sum_c t_c``), or
+    ``-g * t`` with ``from_log_probs=True``. With a ``class_mask`` the masked classes leave both
+    the softmax and the support (SEMANTICS.md §7); with ``z_loss`` ``z`` every counted row adds
+    ``z * lse**2`` (the PaLM/T5X z-loss).
 
     Reproduces ``torch.nn.functional.cross_entropy(x, y, weight=w, ignore_index=i, reduction=r,
     label_smoothing=eps)`` with ``convention="uniform"`` and the class axis given by ``axis``,
-    except that when no row counts ``"mean"`` returns 0 with a zero gradient (torch: NaN).
-
-    The class axis: ``axis=None`` (the default) is the last axis of 1-D ``(C,)`` and 2-D
-    ``(N, C)`` logits, which is where torch puts the classes too. Logits with 3 or more
-    dimensions need an explicit ``axis``, and without one raise ``ValueError``: torch's layout
-    ``(N, C, d1, ...)`` has the classes on ``axis=1``, JAX's (and a language model's
-    ``(batch, time, vocab)``) on ``axis=-1``, and a guess would silently compute another loss
-    whenever the two sizes agree. (``lsjax.smoothed_cross_entropy`` defaults to ``axis=-1``,
-    optax's layout; with an explicit ``axis`` the twins are equal.)
+    except that when no row counts ``"mean"`` returns 0 with a zero gradient (torch: NaN). The
+    other conventions reproduce the peers of ``lstorch.compat`` (SEMANTICS.md §6). Its JAX twin
+    is ``lsjax.smoothed_cross_entropy``: the same keywords and meaning (with an explicit
+    ``axis``, the same values).
 
     Memory: backward keeps the input and O(rows) statistics only (no rows x K log-softmax as
-    ``F.cross_entropy`` keeps) and builds the gradient in one buffer.
+    ``F.cross_entropy`` keeps) and builds the gradient in one buffer. On CUDA (outside
+    ``torch.func`` transforms) forward and backward run on the Triton kernels of
+    ``lstorch.triton_kernels`` (one read of the logits in forward, one read and one write in
+    backward), for float32/bf16/fp16 logits; the environment variable ``LSTORCH_TRITON=off``
+    turns them off.
 
-    ``inplace_backward=True`` (PyTorch only; JAX's counterpart is buffer donation,
-    ``jax.jit(..., donate_argnums=0)``) makes backward write the gradient into the logits' own
-    storage instead of a new rows x K buffer, as Liger-Kernel's loss does: after backward the
-    logits hold their gradient. Use it when nothing else needs the logits' values (the usual
-    output layer of a language model); another autograd node that saved them then raises
-    PyTorch's "modified by an inplace operation" error rather than computing with the gradient.
-    It needs logits that are not a leaf tensor (a leaf's ``.grad`` would alias it) and that are
-    contiguous with the class axis moved last.
+    Args:
+      logits: float tensor; the class axis is ``axis``. bf16/fp16 are accumulated in float32.
+      labels: int tensor with the logits' shape without the class axis. Any integer dtype
+        (uint8 included) gives what int64 labels give; an ``ignore_index`` the dtype cannot
+        hold (-100 with uint8 labels) matches no label.
+      smoothing: ``eps`` in [0, 1]: a Python number, or a one-element tensor (or NumPy array)
+        of a real dtype. A value within ``lsspec.UNIT_INTERVAL_ULPS`` (4) ulps outside [0, 1]
+        in its own dtype is rounding (a schedule that ends at 0) and is clamped; farther out it
+        raises when it can be read and gives NaN rows otherwise. A tensor that requires grad is
+        differentiated (also under ``torch.func``): ``d loss_row / d eps = -w_y (lse - x_y) +
+        sum_{c in S} w_c (lse - x_c) / |S|``, plus with ``kl=True`` the KL constant's
+        ``c (log(eps/|S|) - log q_y)`` (``c = (|S|-1)/|S|`` uniform, else 1), whose one-sided
+        limits are returned at the ends (``-inf`` at ``eps = 0``, ``+inf`` at ``eps = 1`` for
+        ``"others"``/``"others_but_pad"``). Backward then reads the logits once more, for
+        ``x_y`` and the support sums (O(rows) results).
+      convention: ``"uniform"`` | ``"others"`` | ``"others_but_pad"``.
+      ignore_index: rows whose label equals it count for nothing (torch's ``ignore_index``).
+      pad_index: the pad column, required by and only allowed with ``"others_but_pad"``. It never
+        receives smoothing mass, and rows whose label is the pad count for nothing.
+      weight: per-class weights, shape ``(K,)``, a tensor or a Python list; a constant (not
+        differentiated).
+      where: boolean row mask with the labels' shape (a tensor or a list); False rows count for
+        nothing.
+      axis: the class axis of ``logits``. ``None`` (the default) is the last axis of ``(C,)``
+        and ``(N, C)`` logits, which is where torch puts the classes too. Logits with 3 or more
+        dimensions need an explicit ``axis`` (without one: ``ValueError``): ``axis=1`` for
+        torch's ``(N, C, d1, ...)``, ``axis=-1`` for the classes last (a language model's
+        ``(batch, time, vocab)``); a guess would silently compute another loss whenever the two
+        sizes agree.
+      reduction: ``"none"`` (the labels' shape, 0 on rows that do not count), ``"sum"`` or
+        ``"mean"`` (over the sum of ``w_y`` on counted rows, or their number without weights).
+      normalizer: with ``reduction="mean"``, divide the sum by this instead (for gradient
+        accumulation: the token count of the whole accumulated batch). A finite number > 0 (a
+        Python number or one-element tensor); one that cannot be read and is not a finite
+        number > 0 makes the mean NaN.
+      kl: return the KL form, the loss minus the target's entropy (SEMANTICS.md §2): same
+        gradient, minimum 0, finite at smoothing = 1. Not defined with ``weight``.
+      from_log_probs: ``logits`` already are log-probabilities: the loss is ``-sum_c q_c x_c``
+        and its gradient ``-q`` (OpenNMT's KL loss and fairseq take log-probabilities).
+      class_mask: boolean ``(K,)`` (a tensor or a list); False classes leave the softmax and the
+        smoothing support, and their logits may be ``-inf``. A counted row whose label is a
+        masked class raises (or is NaN where the labels cannot be read).
+      z_loss: ``z >= 0`` and finite (a value that cannot be read and is out of range: NaN rows);
+        adds ``z * lse**2`` to every counted row. Needs logits (not allowed with
+        ``from_log_probs=True``). A tensor that requires grad is differentiated:
+        ``d loss_row / d z = lse**2``.
+      return_z_loss: also return the z-loss part alone, reduced like the loss:
+        ``(loss, z_part)`` where ``loss`` already includes ``z_part`` (T5X's convention).
+      inplace_backward: make backward write the gradient into the logits' own storage instead
+        of a new rows x K buffer, as Liger-Kernel's loss does: after backward the logits hold
+        their gradient (JAX's counterpart is buffer donation, ``jax.jit(...,
+        donate_argnums=0)``). Use it when nothing else needs the logits' values (the usual
+        output layer of a language model); another autograd node that saved them then raises
+        PyTorch's "modified by an inplace operation" error rather than computing with the
+        gradient. It needs logits that are not a leaf tensor (a leaf's ``.grad`` would alias
+        it) and that are contiguous with the class axis moved last.
 
-    On CUDA (outside ``torch.compile`` and ``torch.func``) forward and backward run on the Triton
-    kernels of ``lstorch.triton_kernels`` (one read of the logits in forward, one read and one
-    write in backward), float32/bf16/fp16 logits input only; the environment variable
-    ``LSTORCH_TRITON=off`` turns them off.
+    Returns:
+      The loss in float32 for bf16/fp16/float32 logits and float64 for float64 logits: per row
+      with ``reduction="none"``, else a scalar; ``(loss, z_part)`` with ``return_z_loss=True``.
 
-    ``smoothing`` within 4 ulps (in its own dtype) outside [0, 1] is rounding, e.g. a schedule
-    that ends at 0, and is clamped; farther out it raises when concrete and gives NaN rows
-    otherwise.
-
-    The scalar options ``smoothing``, ``normalizer`` and ``z_loss`` are Python numbers or
-    one-element tensors (or NumPy arrays) of a real dtype; anything else raises ``TypeError``.
-    A number or a CPU tensor is checked like a number: out of range, it raises ``ValueError``.
-    A tensor on an accelerator is not read (that would make the host wait for the device on
-    every call), nor is any tensor inside ``torch.compile`` or batched by ``torch.func.vmap``:
-    out of range, such a value gives NaN, never a plausible number (``smoothing`` more than 4
-    ulps outside [0, 1] or ``z_loss`` negative or not finite: every counted row; ``normalizer``
-    not a finite number > 0: the mean). ``weight``, ``where`` and ``class_mask`` may be tensors
-    or Python lists.
-
-    ``smoothing`` and ``z_loss`` given as tensors that require grad are differentiated (also
-    under ``torch.func``), with lsjax's derivatives: ``d loss_row / d eps = -w_y (lse - x_y) +
-    sum_{c in S} w_c (lse - x_c) / |S|`` (+ the KL constant's with ``kl=True``: ``-inf`` at
-    ``eps = 0``, ``+inf`` at ``eps = 1`` for ``"others"``/``"others_but_pad"``, the one-sided
-    limits) and ``d loss_row / d z = lse**2``; class weights stay constants. When the smoothing
-    requires grad, backward reads the logits once more (plain torch ops, on the Triton path
-    too) for ``x_y`` and the support sums: O(rows) results, and with a class mask, class
-    weights or bf16/fp16 logits the same transient temporaries as the plain forward's sums.
-
-    Labels of any integer dtype (uint8 included) give what int64 labels give; an
-    ``ignore_index`` the dtype cannot hold (-100 with uint8 labels) matches no label.
-
-    Returns float32 for bf16/fp16/float32 logits and float64 for float64 logits.
-    Labels out of range raise ``ValueError``; inside ``torch.compile`` (where the check would
-    break the graph) and under ``torch.func.vmap`` over the labels (per-sample gradients, where
-    no value can be read) such a row's loss and gradient are NaN instead.
+    Errors and values that cannot be read: every bad option raises ``ValueError``/``TypeError``
+    naming the argument, the value given and what is allowed. A number or a CPU tensor is read
+    and checked like a number. A tensor on an accelerator is not read (that would make the host
+    wait for the device on every call), nor is any tensor inside ``torch.compile`` or batched by
+    ``torch.func.vmap``: out of range, such a value gives NaN, never a plausible number. Labels
+    out of range raise ``ValueError``; inside ``torch.compile`` (where the check would break
+    the graph) and under ``torch.func.vmap`` over the labels (per-sample gradients) such a
+    row's loss and gradient are NaN instead.
 
     ``_caller`` is internal: the public function or module that called this one on the user's
     behalf (``lsspec.Caller``), named in error messages instead of this function.
+
+    References:
+      Szegedy et al. 2016, "Rethinking the Inception Architecture for Computer Vision";
+      Müller, Kornblith & Hinton 2019, "When Does Label Smoothing Help?".
     """
     fn = lsspec.caller("smoothed_cross_entropy", _caller)
     if isinstance(logits, torch.Tensor):
-        weight = _tensor_option(fn, "weight", weight, logits.device)
-        where = _tensor_option(fn, "where", where, logits.device)
-        class_mask = _tensor_option(fn, "class_mask", class_mask, logits.device)
-    axis = _check_arrays(fn, logits, labels, axis, weight, where, class_mask)
-    labels = _index_labels(labels)  # before any comparison with ignore_index / pad_index
+        weight = _common.tensor_option(fn, "weight", weight, logits.device)
+        where = _common.tensor_option(fn, "where", where, logits.device)
+        class_mask = _common.tensor_option(fn, "class_mask", class_mask, logits.device)
+    labels, axis = _check_arrays(fn, logits, labels, axis, weight, where, class_mask)
     num_classes = logits.shape[axis]
-    smoothing_value = _concrete_smoothing(fn, smoothing)
-    lsspec.check_options(
+    z_value = _check_options(
         fn,
-        num_classes=num_classes,
-        smoothing=smoothing_value,
-        convention=convention,
-        reduction=reduction,
-        pad_index=pad_index,
-        ignore_index=ignore_index,
-        normalizer=_concrete_scalar(fn, "normalizer", normalizer, optional=True),
+        num_classes,
+        lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction),
+        weight=weight,
+        normalizer=normalizer,
         kl=kl,
-        has_weight=weight is not None,
         from_log_probs=from_log_probs,
+        z_loss=z_loss,
+        return_z_loss=return_z_loss,
     )
-    z_value = _concrete_scalar(fn, "z_loss", z_loss)
-    lsspec.check_z_loss(fn, z_value, from_log_probs=from_log_probs, return_z_loss=return_z_loss)
     if class_mask is not None and not torch.compiler.is_compiling():
         lsspec.check_class_mask_support(fn, class_mask.tolist(), convention, pad_index)
-    counted = torch.ones_like(labels, dtype=torch.bool)
-    if ignore_index is not None:
-        counted = counted & (labels != ignore_index)
-    if pad_index is not None:
-        counted = counted & (labels != pad_index)
-    if where is not None:
-        counted = counted & where
-    _check_label_range(fn, labels, counted, num_classes, ignore_index, class_mask)
+    counted = _common.counted_rows(labels, ignore_index, pad_index, where)
+    _common.check_label_range(fn, labels, counted, num_classes, ignore_index, class_mask)
 
     x = logits.movedim(axis, -1)
-    compute_dtype = _compute_dtype(logits.dtype)
-    eps = _smoothing_tensor(smoothing, compute_dtype, logits.device)  # differentiated
+    compute_dtype = _common.compute_dtype(logits.dtype)
+    eps = _common.smoothing_tensor(smoothing, compute_dtype, logits.device)  # differentiated
     if weight is not None:
         weight = weight.detach().to(compute_dtype)
     if class_mask is not None:
         class_mask = class_mask.detach().to(logits.device)
     with_z = return_z_loss or isinstance(z_loss, torch.Tensor) or z_value != 0
-    z = _z_loss_tensor(z_loss if with_z else 0.0, compute_dtype, logits.device)
+    z = _common.z_loss_tensor(z_loss if with_z else 0.0, compute_dtype, logits.device)
     if inplace_backward and logits.requires_grad:
         if logits.is_leaf:
             raise ValueError(
@@ -495,72 +292,17 @@ def smoothed_cross_entropy(
             )
     triton = _use_triton(x, from_log_probs)
     options = _Options(convention, pad_index, kl, from_log_probs, with_z, triton, inplace_backward)
-    row_loss = _with_forward_mode(_RowLoss, _RowLossForwardMode)
-    loss, z_part, *_ = row_loss.apply(x, labels, counted, eps, weight, class_mask, z, options)
+    core = _common.with_forward_mode(_RowLoss, _RowLossForwardMode)
+    loss, z_part, *_ = core.apply(x, labels, counted, eps, weight, class_mask, z, options)
     safe_labels = torch.where(counted, labels, 0).clamp(0, num_classes - 1)
     w_y = 1.0 if weight is None else weight[safe_labels]
     row_weight = torch.where(counted, w_y, 0.0).to(compute_dtype)
     if return_z_loss:
         return (
-            _reduce(loss, row_weight, reduction, normalizer),
-            _reduce(z_part, row_weight, reduction, normalizer),
+            _common.reduce(loss, row_weight, reduction, normalizer),
+            _common.reduce(z_part, row_weight, reduction, normalizer),
         )
-    return _reduce(loss, row_weight, reduction, normalizer)
-
-
-def _device_scalar(value, dtype, device) -> torch.Tensor:
-    """A 0-d tensor of ``value`` on ``device``: a Python number is filled there (on a GPU, a
-    host-to-device copy from pageable memory would wait for the stream), a tensor is cast."""
-    value = _numpy_as_tensor(value)
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype=dtype, device=device)
-    return torch.full((), value, dtype=dtype, device=device)
-
-
-def _reduce(loss, row_weight, reduction, normalizer):
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    # The mean of rows near the float32 maximum is finite while their sum is not: each row is
-    # scaled by a power of two before it is added and the quotient scaled back, which is the
-    # unscaled quotient bit for bit wherever that one is finite (lsspec.sum_scale).
-    scale = lsspec.sum_scale(loss.numel())
-    total = (loss * scale).sum()
-    if normalizer is not None:
-        # A normalizer that was not read (a tensor on an accelerator, inside torch.compile) and
-        # is not a finite number > 0 gives NaN; a concrete one was checked.
-        denominator = _device_scalar(normalizer, loss.dtype, loss.device)
-        valid = (denominator > 0) & torch.isfinite(denominator)
-        return torch.where(valid, total / torch.where(valid, denominator, 1.0) / scale, torch.nan)
-    denominator = row_weight.sum()
-    nothing_counts = denominator == 0
-    return torch.where(
-        nothing_counts, 0.0, total / torch.where(nothing_counts, 1.0, denominator) / scale
-    )
-
-
-class _Lse(NamedTuple):
-    """A row's logsumexp kept in two parts, ``lse = peak + log_sum``, as ``torch.log_softmax``
-    keeps them: ``peak`` the max over the allowed classes (0 where it is not finite) and
-    ``log_sum = log sum_c exp(x_c - peak)``. ``(x_c - peak) - log_sum`` is exact where
-    ``x_c - lse`` would round the lse first (at ``x ~ 3e38`` a float32 lse cannot hold ``log 2``,
-    and the softmax would come out as ``[1, 1, 0]``)."""
-
-    peak: torch.Tensor
-    log_sum: torch.Tensor
-
-    @property
-    def value(self) -> torch.Tensor:
-        return self.peak + self.log_sum
-
-    def counted(self, counted: torch.Tensor) -> _Lse:
-        """Both parts, 0 on rows that do not count (their logits may hold anything)."""
-        return _Lse(*(torch.where(counted, part, 0.0) for part in self))
-
-    def log_softmax(self, x: torch.Tensor, dtype) -> torch.Tensor:
-        """``(x - peak) - log_sum`` in ``dtype``, a new rows x K tensor."""
-        return (x.to(dtype) - self.peak.unsqueeze(-1)).sub_(self.log_sum.unsqueeze(-1))
+    return _common.reduce(loss, row_weight, reduction, normalizer)
 
 
 def _peak(upcast: torch.Tensor) -> torch.Tensor:
@@ -570,67 +312,35 @@ def _peak(upcast: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(peak), peak, 0.0)
 
 
-def _masked_logsumexp(x, class_mask, compute_dtype) -> _Lse:
+def _masked_logsumexp(x, class_mask, compute_dtype) -> _closed_form.Lse:
     """logsumexp over the allowed classes (all of them without a mask), in two parts."""
     upcast = x.to(compute_dtype)
     if class_mask is not None:
         upcast = upcast.masked_fill(~class_mask, -torch.inf)
     peak = _peak(upcast)
-    return _Lse(peak, (upcast - peak.unsqueeze(-1)).exp().sum(-1).log())
+    return _closed_form.Lse(peak, (upcast - peak.unsqueeze(-1)).exp().sum(-1).log())
 
 
-def _support_size(options, num_classes, class_mask):
-    """``|S|``: a static int, or a 0-d tensor under a ``class_mask``."""
-    size = lsspec.support_size(options.convention, num_classes)
-    if class_mask is None:
-        return size
-    size = size - (~class_mask).sum()
-    if options.convention == "others_but_pad":
-        size = size + (~class_mask[options.pad_index]).long()  # a masked pad is not excluded twice
-    return size
-
-
-class _RowTerms(NamedTuple):
-    """The O(rows) statistics the closed form is written in, as ``lsjax``'s ``RowTerms``.
-
-    Sums are taken relative to the row's peak and scaled by ``lsspec.sum_scale(K)`` (a power of
-    two): ``support_sum = sum_{c in S} w_c (x_c - peak) * sum_scale`` (each term <= 0 for
-    logits). Summing ``x_c`` itself overflows float32 near its maximum (``[[3e38, 3e38, 0]]``
-    sums to ``inf``) although the loss is finite; relative to the peak, and scaled, every term
-    and the sum are finite, and logits offset by a large constant lose no precision.
-    """
-
-    lse: _Lse
-    x_y: torch.Tensor  # the label's logit
-    w_y: torch.Tensor | float  # the label's class weight (1.0 without weights)
-    support_sum: torch.Tensor  # sum over S of w_c (x_c - peak), times sum_scale
-    support_weight: torch.Tensor  # sum over S of w_c
-    safe_labels: torch.Tensor  # labels, 0 where not counted or out of range
-    bad: torch.Tensor  # counted rows with an invalid label or smoothing: NaN
-    sum_scale: float  # lsspec.sum_scale(K), a power of two
-
-    def smooth_term(self, size) -> torch.Tensor:
-        """``sum_{c in S} w_c (lse - x_c) / |S|``, the smoothing's cross-entropy term."""
-        mean_offset = (self.support_sum / size) * (1.0 / self.sum_scale)  # exact scaling
-        return self.support_weight * self.lse.log_sum / size - mean_offset
-
-
-def _row_terms(options, x, labels, counted, eps, weight, class_mask, lse=None) -> _RowTerms:
-    """Per-row statistics of the closed form (:class:`_RowTerms`); ``x`` is (..., K), class
-    axis last. Rows that do not count may hold NaN here; callers mask them. Masked classes are
-    filled with ``-inf`` (lse) or 0 (sums) before each reduction, so a ``-inf`` logit there is
-    harmless. A given ``lse`` (backward's saved :class:`_Lse`) is used as it is.
+def _row_terms(
+    options, x, labels, counted, eps, weight, class_mask, lse=None
+) -> _closed_form.RowTerms:
+    """Per-row statistics of the closed form (``lstorch._closed_form.RowTerms``), relative to
+    each row's max; ``x`` is (..., K), class axis last. Rows that do not count may hold NaN
+    here; callers mask them. Masked classes are filled with ``-inf`` (lse) or 0 (sums) before
+    each reduction, so a ``-inf`` logit there is harmless. A given ``lse`` (backward's saved
+    :class:`_closed_form.Lse`) is used as it is.
 
     Without a given lse, ``x - peak`` is built once (a transient rows x K tensor, freed before
     backward): the sums read it, then it becomes the softmax's numerator in place.
     """
     num_classes = x.shape[-1]
     compute_dtype = eps.dtype
-    in_range = (labels >= 0) & (labels < num_classes)
-    safe_labels = torch.where(counted & in_range, labels, 0)
+    safe_labels, bad = _closed_form.label_rows(labels, counted, eps, num_classes, class_mask)
     if lse is None and options.from_log_probs:
         zeros = torch.zeros(labels.shape, dtype=compute_dtype, device=x.device)
-        lse = _Lse(zeros, torch.zeros_like(zeros))  # two outputs: never one tensor twice
+        lse = _closed_form.Lse(
+            zeros, torch.zeros_like(zeros)
+        )  # two outputs: never one tensor twice
     if lse is None:
         upcast = x.to(compute_dtype)
         if class_mask is not None:
@@ -670,54 +380,36 @@ def _row_terms(options, x, labels, counted, eps, weight, class_mask, lse=None) -
         support_sum = support_sum - w_pad * (x_summed[..., options.pad_index] * scale)
         support_weight = support_weight - w_pad
     if lse is None:  # the softmax's numerator, in the same buffer (read by nothing else now)
-        lse = _Lse(peak, shifted.exp_().sum(-1).log())
-    bad = _bad_rows(labels, counted, eps, class_mask, num_classes)
-    return _RowTerms(lse, x_y, w_y, support_sum, support_weight, safe_labels, bad, scale)
+        lse = _closed_form.Lse(peak, shifted.exp_().sum(-1).log())
+    size = _closed_form.support_size(options.convention, num_classes, options.pad_index, class_mask)
+    return _closed_form.RowTerms(
+        lse, x_y, w_y, support_sum, support_weight, safe_labels, bad, size, scale
+    )
 
 
-def _bad_rows(labels, counted, eps, class_mask, num_classes):
-    """Counted rows whose label is out of range or masked, or any row under a smoothing outside
-    [0, 1] (a tensor option): they give NaN, never a plausible number."""
-    in_range = (labels >= 0) & (labels < num_classes)
-    valid = in_range & (eps >= 0) & (eps <= 1)
-    if class_mask is not None:
-        valid = valid & class_mask[torch.where(in_range, labels, 0)]
-    return counted & ~valid
+class _Saved(NamedTuple):
+    """What the core's backward and forward mode read: its inputs and the forward's lse."""
+
+    x: torch.Tensor
+    labels: torch.Tensor
+    counted: torch.Tensor
+    eps: torch.Tensor
+    weight: torch.Tensor | None
+    class_mask: torch.Tensor | None
+    z: torch.Tensor
+    lse: _closed_form.Lse
+
+    def terms(self, options) -> _closed_form.RowTerms:
+        """The closed form's statistics, the sums recomputed from ``x`` around the saved lse."""
+        return _row_terms(options, *self[:6], lse=self.lse)
+
+    def bad(self) -> torch.Tensor:
+        return _closed_form.label_rows(
+            self.labels, self.counted, self.eps, self.x.shape[-1], self.class_mask
+        )[1]
 
 
-def _on_target_mass(options, eps, size):
-    """``q_y``, the smoothed target's mass on the label: ``1 - eps (+ eps / |S|)``."""
-    confidence = 1.0 - eps
-    return confidence + eps / size if options.convention == "uniform" else confidence
-
-
-def _kl_terms(options, eps, size):
-    """``sum_c q_c log q_c`` of the smoothed target (a constant per row, added by ``kl=True``)
-    as its two terms, the target's and the other classes', added in that order (as lsjax does,
-    so both round alike)."""
-    off_target_count = size - 1 if options.convention == "uniform" else size
-    return _xlogx(_on_target_mass(options, eps, size)), off_target_count * _xlogx(eps / size)
-
-
-def _smoothing_slope(options, terms, eps, size):
-    """``d loss_row / d eps`` per row (before masking), as ``lsjax.smoothed._smoothing_slope``:
-    ``-w_y (lse - x_y) + sum_{c in S} w_c (lse - x_c) / |S|``, plus with ``kl=True`` the KL
-    constant's ``c (log(eps / |S|) - log q_y)`` (``c = (|S| - 1) / |S|`` uniform, else 1), whose
-    one-sided limits are taken at the ends: ``-inf`` at ``eps = 0``, ``+inf`` at ``eps = 1``
-    for ``"others"``/``"others_but_pad"`` (``q_y`` reaches 0), finite for ``"uniform"``."""
-    lse, x_y, w_y = terms.lse, terms.x_y, terms.w_y
-    smooth_term = terms.smooth_term(size)
-    slope = smooth_term - w_y * ((lse.peak - x_y) + lse.log_sum)
-    if options.kl:
-        kl_slope = torch.log(eps / size) - torch.log(_on_target_mass(options, eps, size))
-        if options.convention == "uniform":  # q_y moves by (|S| - 1) / |S| per unit of eps
-            share = torch.as_tensor((size - 1) / size, dtype=eps.dtype, device=eps.device)
-            kl_slope = _times(share, kl_slope)
-        slope = slope + kl_slope
-    return slope
-
-
-def _option_gradients(options, x, labels, counted, eps, weight, class_mask, lse, grads, needs):
+def _option_gradients(options, saved: _Saved, grads, needs):
     """``(d eps, d z)`` of ``sum_rows g loss_row + g_z z_row`` (None where ``needs`` is False):
     ``sum_rows g slope_row`` and ``sum_rows (g + g_z) lse_row**2`` over counted rows (NaN from
     invalid ones), in the shapes of ``eps`` and ``z``.
@@ -730,52 +422,51 @@ def _option_gradients(options, x, labels, counted, eps, weight, class_mask, lse,
     """
     grad_rows, grad_z = grads
     need_eps, need_z = needs
-    num_classes = x.shape[-1]
-    bad = _bad_rows(labels, counted, eps, class_mask, num_classes)
+    eps, counted, bad = saved.eps, saved.counted, saved.bad()
     g = grad_rows.to(eps.dtype)
-
-    def total(per_row):  # a select, not a product: g may be anything on rows that do not count
-        return torch.where(counted, torch.where(bad, torch.nan, per_row), 0.0).sum()
-
     d_eps = d_z = None
     if need_eps:
-        terms = _row_terms(options, x, labels, counted, eps, weight, class_mask, lse=lse)
-        size = _support_size(options, num_classes, class_mask)
-        d_eps = total(g * _smoothing_slope(options, terms, eps, size)).reshape(eps.shape)
+        slope = _closed_form.smoothing_slope(saved.terms(options), eps, **_form_options(options))
+        d_eps = _closed_form.counted_only(counted, bad, g * slope).sum().reshape(eps.shape)
     if need_z:
         g_total = g + grad_z.to(eps.dtype) if options.with_z else g
-        d_z = total(g_total * lse.value.square()).to(eps.dtype)
+        d_z = (
+            _closed_form.counted_only(counted, bad, g_total * saved.lse.value.square())
+            .sum()
+            .to(eps.dtype)
+        )
     return d_eps, d_z
 
 
-def _option_tangents(options, x, labels, counted, eps, weight, class_mask, lse, tangents):
+def _option_tangents(options, saved: _Saved, tangents):
     """Per-row ``(d loss, d z_part)`` from the tangents of ``eps`` and ``z`` (forward mode):
     ``slope_row * d eps`` (the smoothing's closed-form slope, as in :func:`_option_gradients`)
-    and ``lse_row**2 * d z``, 0 on rows that do not count and NaN on invalid ones."""
+    and ``lse_row**2 * d z``, 0 on rows that do not count and NaN on invalid ones. A zero
+    tangent contributes exactly 0 (``times``), even where the slope is infinite (``kl=True`` at
+    eps = 0 or 1): autograd hands zeros for inputs that carry no tangent."""
     eps_tangent, z_tangent = tangents
-    num_classes = x.shape[-1]
-    bad = _bad_rows(labels, counted, eps, class_mask, num_classes)
-
-    def rows(per_row):  # a select: rows that do not count may hold anything
-        return torch.where(counted, torch.where(bad, torch.nan, per_row), 0.0)
-
-    d_loss, d_z = torch.zeros_like(lse.peak), torch.zeros_like(lse.peak)
+    counted, bad = saved.counted, saved.bad()
+    d_loss, d_z = torch.zeros_like(saved.lse.peak), torch.zeros_like(saved.lse.peak)
     if eps_tangent is not None:
-        terms = _row_terms(options, x, labels, counted, eps, weight, class_mask, lse=lse)
-        size = _support_size(options, num_classes, class_mask)
-        # A zero tangent contributes exactly 0, even where the slope is infinite (kl=True at
-        # eps = 0 or 1): autograd hands zeros for inputs that carry no tangent.
-        d_loss = d_loss + rows(_times(eps_tangent, _smoothing_slope(options, terms, eps, size)))
+        slope = _closed_form.smoothing_slope(
+            saved.terms(options), saved.eps, **_form_options(options)
+        )
+        d_loss = d_loss + _closed_form.counted_only(counted, bad, times(eps_tangent, slope))
     if z_tangent is not None and options.with_z:
-        d_z = rows(_times(z_tangent, lse.value.square()))
+        d_z = _closed_form.counted_only(counted, bad, times(z_tangent, saved.lse.value.square()))
         d_loss = d_loss + d_z
     return d_loss, d_z
+
+
+def _form_options(options) -> dict:
+    """The core's options that the closed form (``lstorch._closed_form``) takes."""
+    return {"convention": options.convention, "kl": options.kl}
 
 
 def _kernel_params(options, num_classes, eps, weight, class_mask, z):
     """The scalars of ``lstorch.triton_kernels`` as one float32 device tensor (no host copy):
     [eps, |S|, sum_c u_c, u_pad, z, KL constant], ``u`` the weights times the class mask."""
-    size = _support_size(options, num_classes, class_mask)
+    size = _closed_form.support_size(options.convention, num_classes, options.pad_index, class_mask)
     zero = eps * 0
     u = weight
     if class_mask is not None:
@@ -784,7 +475,7 @@ def _kernel_params(options, num_classes, eps, weight, class_mask, z):
     pad_weight = zero
     if options.pad_index is not None:
         pad_weight = zero + 1 if u is None else u[options.pad_index]
-    kl = sum(_kl_terms(options, eps, size), zero) if options.kl else zero
+    kl = sum(_closed_form.kl_terms(options.convention, eps, size), zero) if options.kl else zero
     values = [eps, zero + size, total, pad_weight, z, kl]
     return torch.stack([torch.as_tensor(v).to(eps.device) for v in values]).to(torch.float32)
 
@@ -803,6 +494,8 @@ def _kernel_call(options, x, labels, counted, weight, class_mask):
 
 
 def _row_loss_forward(options, x, labels, counted, eps, weight, class_mask, z):
+    """``(loss, z_part, peak, log_sum)`` per row: on the Triton kernel (one pass over ``x``),
+    or the closed form (``lstorch._closed_form.row_loss``) of the statistics of ``x``."""
     if options.triton:  # one pass over x, the per-row closed form in the kernel
         params = _kernel_params(options, x.shape[-1], eps, weight, class_mask, z)
         call = _kernel_call(options, x, labels, counted, weight, class_mask)
@@ -811,165 +504,211 @@ def _row_loss_forward(options, x, labels, counted, eps, weight, class_mask, z):
             options.convention, options.pad_index, options.with_z,
         )  # fmt: skip
     terms = _row_terms(options, x, labels, counted, eps, weight, class_mask)
-    lse, bad = terms.lse, terms.bad
-    size = _support_size(options, x.shape[-1], class_mask)
-    confidence = 1.0 - eps
-    true_term = terms.w_y * ((lse.peak - terms.x_y) + lse.log_sum)
-    smooth_term = terms.smooth_term(size)
-    loss = _times(confidence, true_term) + _times(eps, smooth_term)
-    if options.kl:  # Subtract the entropy of q: add sum_c q_c log q_c, a constant per row.
-        on_target_term, off_target_term = _kl_terms(options, eps, size)
-        loss = loss + on_target_term + off_target_term
     if options.with_z:
-        z_part = torch.where(bad, torch.nan, _times(z, lse.value.square()))
-        loss = loss + z_part
-        z_part = torch.where(counted, z_part, 0.0)
+        loss, z_part = _closed_form.row_loss(terms, counted, eps, **_form_options(options), z=z)
     else:
+        loss = _closed_form.row_loss(terms, counted, eps, **_form_options(options))
         z_part = torch.zeros_like(loss)
-    loss = torch.where(bad, torch.nan, loss)
-    return torch.where(counted, loss, 0.0), z_part, *lse
+    return loss, z_part, *terms.lse
 
 
-def _row_loss_gradient(
-    options, x, labels, counted, eps, weight, class_mask, z, lse, grads, *, again=False
-):
-    """``g * r + g_z * 2 z lse p`` with ``r = (A + 2 z lse) * p - t`` (logits) or ``-t``.
+# ---------------------------------------------------------------------------------------------
+# The gradient with respect to the logits, in three modes: the Triton kernel, a first-order
+# backward built in one buffer in place (the logits' own storage with inplace_backward), and
+# out of place, through differentiable ops, when the gradient will be differentiated again.
 
-    ``t_c = (1 - eps) w_y [c = y] + (eps / |S|) w_c [c in S]``, ``A = sum_c t_c``, ``p`` the
-    softmax over the allowed classes, ``g``/``g_z`` the upstream gradients of the loss and of the
-    z-part. Built in one rows x K buffer with in-place updates (the row scales are applied
-    before the target is subtracted, so no second buffer is needed), unless the gradient will be
-    differentiated ``again`` (double backward, forward over reverse: see
-    ``_differentiated_again``), where the same steps run out of place.
-    """
-    grad_rows, grad_z = grads
-    inplace = not again
-    # Overwrite the logits only in a first-order backward (a recorded graph needs them).
-    overwrite = options.inplace and not again
-    if options.triton and not again:  # one read of x, one write of the grad
-        call = _kernel_call(options, x, labels, counted, weight, class_mask)
-        arguments = (
-            call["labels"], call["counted"],
-            _kernel_params(options, x.shape[-1], eps, weight, class_mask, z),
-            call["weight"], call["class_mask"], lse.peak, lse.log_sum,
-            grad_rows.to(torch.float32),
-            grad_z.to(torch.float32) if options.with_z else None,
-            options.convention, options.pad_index, options.with_z,
-        )  # fmt: skip
-        if overwrite:  # an operator that declares it mutates x, so autograd counts a version
-            torch.ops.lstorch.smoothed_rows_backward_(x, *arguments)
-            return x.detach()  # x's storage, no longer x's history
-        return torch.ops.lstorch.smoothed_rows_backward(x, *arguments)
-    num_classes = x.shape[-1]
-    size = _support_size(options, num_classes, class_mask)
-    in_range = (labels >= 0) & (labels < num_classes)
-    safe_labels = torch.where(counted & in_range, labels, 0)
-    bad = _bad_rows(labels, counted, eps, class_mask, num_classes)
-    w = torch.ones((), dtype=eps.dtype, device=x.device) if weight is None else weight
-    w_full = w.expand(num_classes)
+
+class _Target(NamedTuple):
+    """The weighted smoothed target of each row, ``t_c = on_true [c = y] + per_class w_c
+    [c in S]``, and its total mass ``A = sum_c t_c = on_true + per_class support_weight``."""
+
+    safe_labels: torch.Tensor
+    bad: torch.Tensor  # counted rows with an invalid label or smoothing: NaN
+    w: torch.Tensor  # (K,) class weights times the class mask (ones without either)
+    on_true: torch.Tensor  # (1 - eps) w_y
+    per_class: torch.Tensor  # eps / |S|
+    support_weight: torch.Tensor  # sum over S of w_c
+
+    def mass(self) -> torch.Tensor:
+        return self.on_true + self.per_class * self.support_weight
+
+
+def _target(options, num_classes, labels, counted, eps, weight, class_mask) -> _Target:
+    safe_labels, bad = _closed_form.label_rows(labels, counted, eps, num_classes, class_mask)
+    size = _closed_form.support_size(options.convention, num_classes, options.pad_index, class_mask)
+    unmasked = torch.ones((), dtype=eps.dtype, device=eps.device) if weight is None else weight
+    w = unmasked.expand(num_classes)
     if class_mask is not None:
-        w_full = w_full * class_mask.to(eps.dtype)  # masked classes leave the support
-    w_y = w.expand(num_classes)[safe_labels]
-    on_true = (1.0 - eps) * w_y
-    per_class = eps / size
-    support_weight = w_full.sum()
+        w = w * class_mask.to(eps.dtype)  # masked classes leave the support
+    w_y = unmasked.expand(num_classes)[safe_labels]
+    support_weight = w.sum()
     if options.convention != "uniform":
         support_weight = support_weight - w_y
     if options.convention == "others_but_pad":
-        support_weight = support_weight - w_full[options.pad_index]
+        support_weight = support_weight - w[options.pad_index]
+    return _Target(safe_labels, bad, w, (1.0 - eps) * w_y, eps / size, support_weight)
+
+
+class _GradientOps(NamedTuple):
+    """The tensor operations the gradient is built with: in place, into one buffer (first
+    order), or out of place, so that autograd can differentiate them (higher orders)."""
+
+    exp: Callable
+    masked_fill: Callable
+    mul: Callable
+    addcmul: Callable
+    scatter_add: Callable
+
+
+_IN_PLACE = _GradientOps(
+    torch.Tensor.exp_,
+    torch.Tensor.masked_fill_,
+    torch.Tensor.mul_,
+    torch.Tensor.addcmul_,
+    torch.Tensor.scatter_add_,
+)
+_OUT_OF_PLACE = _GradientOps(torch.exp, torch.masked_fill, torch.mul, torch.addcmul,
+                             torch.scatter_add)  # fmt: skip
+
+
+def _build_gradient(ops: _GradientOps, start, options, saved: _Saved, grads) -> torch.Tensor:
+    """``g * r + g_z * 2 z lse p`` with ``r = (A + 2 z lse) * p - t`` (logits) or ``-t``
+    (log-probabilities), from ``start``: the log-softmax ``(x - peak) - log_sum`` (logits) or
+    zeros (log-probabilities), rows x K in the compute dtype.
+
+    ``t`` and ``A`` as in :class:`_Target`, ``p`` the softmax over the allowed classes,
+    ``g``/``g_z`` the upstream gradients of the loss and of the z-part. Per element:
+    ``grad_c = scale p_c - g m_c + [c = y] correction + [c = pad] pad_mass``, with ``m =
+    (eps / |S|) w`` the smoothing mass; the row scales are applied before the target is
+    subtracted, so that with ``ops = _IN_PLACE`` one buffer holds every step.
+    """
+    x, counted, eps, class_mask = saved.x, saved.counted, saved.eps, saved.class_mask
+    grad_rows, grad_z = grads
+    target = _target(options, x.shape[-1], saved.labels, counted, eps, saved.weight, class_mask)
     g = grad_rows.to(eps.dtype)
-    # The gradient's per-row coefficients (O(rows)): grad_c = scale p_c - g m_c
-    # + [c = y] correction + [c = pad] pad_mass, with m = (eps / |S|) w the smoothing mass.
-    safe_lse = lse.counted(counted)
-    scale = g * (on_true + per_class * support_weight)
-    if options.with_z:
-        scale = scale + 2.0 * z * safe_lse.value * (g + grad_z.to(eps.dtype))
-    correction = -on_true
-    if options.convention != "uniform":
-        correction = correction + per_class * w_full[safe_labels]  # y is not in the support
-    correction = g * correction
-    pad_mass = None
-    if options.convention == "others_but_pad":
-        pad_mass = g * per_class * w_full[options.pad_index]
-
-    def update(tensor, method, *args, **kwargs):
-        method = method + "_" if inplace else method
-        return getattr(tensor, method)(*args, **kwargs)
-
-    same_dtype = overwrite and x.dtype == eps.dtype  # build the gradient in x itself
-    if options.from_log_probs:
-        grad = x.zero_() if same_dtype else torch.zeros(x.shape, dtype=eps.dtype, device=x.device)
-    else:
-        shifted = (  # log softmax, (x - peak) - log_sum
-            x.sub_(safe_lse.peak.unsqueeze(-1)).sub_(safe_lse.log_sum.unsqueeze(-1))
-            if same_dtype
-            else safe_lse.log_softmax(x, eps.dtype)
-        )
-        grad = update(shifted, "exp")  # softmax(x)
+    grad = start
+    if not options.from_log_probs:
+        scale = g * target.mass()
+        if options.with_z:
+            safe_lse = saved.lse.counted(counted)
+            scale = scale + 2.0 * saved.z * safe_lse.value * (g + grad_z.to(eps.dtype))
+        grad = ops.exp(grad)  # softmax(x)
         if class_mask is not None:
-            grad = update(grad, "masked_fill", ~class_mask, 0.0)
-        grad = update(grad, "mul", scale.unsqueeze(-1))
+            grad = ops.masked_fill(grad, ~class_mask, 0.0)
+        grad = ops.mul(grad, scale.unsqueeze(-1))
     # - g t: the smoothing mass over the support, then the confidence on the target.
-    grad = update(grad, "addcmul", g.unsqueeze(-1), per_class * w_full, value=-1)
-    grad = update(grad, "scatter_add", -1, safe_labels.unsqueeze(-1), correction.unsqueeze(-1))
-    if pad_mass is not None:
-        pad_column = torch.full_like(safe_labels, options.pad_index).unsqueeze(-1)
-        grad = update(grad, "scatter_add", -1, pad_column, pad_mass.unsqueeze(-1).to(grad.dtype))
-    grad = update(grad, "masked_fill", bad.unsqueeze(-1), torch.nan)
-    grad = update(grad, "masked_fill", ~counted.unsqueeze(-1), 0.0)
-    if overwrite:
-        return (x if same_dtype else x.copy_(grad)).detach()  # x's storage, not its history
+    grad = ops.addcmul(grad, g.unsqueeze(-1), target.per_class * target.w, value=-1)
+    correction = -target.on_true
+    if options.convention != "uniform":  # y is not in the support
+        correction = correction + target.per_class * target.w[target.safe_labels]
+    labels = target.safe_labels.unsqueeze(-1)
+    grad = ops.scatter_add(grad, -1, labels, (g * correction).unsqueeze(-1))
+    if options.convention == "others_but_pad":
+        pad_mass = g * target.per_class * target.w[options.pad_index]
+        pad_column = torch.full_like(labels, options.pad_index)
+        grad = ops.scatter_add(grad, -1, pad_column, pad_mass.unsqueeze(-1).to(grad.dtype))
+    grad = ops.masked_fill(grad, target.bad.unsqueeze(-1), torch.nan)
+    return ops.masked_fill(grad, ~counted.unsqueeze(-1), 0.0)
+
+
+def _kernel_gradient(options, saved: _Saved, grads) -> torch.Tensor:
+    """The Triton kernel: one read of ``x`` and one write of the gradient, into ``x`` itself
+    with ``inplace_backward`` (an operator that declares it mutates ``x``, so autograd counts
+    a version)."""
+    x, lse = saved.x, saved.lse
+    grad_rows, grad_z = grads
+    call = _kernel_call(options, x, saved.labels, saved.counted, saved.weight, saved.class_mask)
+    params = _kernel_params(
+        options, x.shape[-1], saved.eps, saved.weight, saved.class_mask, saved.z
+    )
+    arguments = (
+        call["labels"], call["counted"], params, call["weight"], call["class_mask"],
+        lse.peak, lse.log_sum, grad_rows.to(torch.float32),
+        grad_z.to(torch.float32) if options.with_z else None,
+        options.convention, options.pad_index, options.with_z,
+    )  # fmt: skip
+    if options.inplace:
+        torch.ops.lstorch.smoothed_rows_backward_(x, *arguments)
+        return x.detach()  # x's storage, no longer x's history
+    return torch.ops.lstorch.smoothed_rows_backward(x, *arguments)
+
+
+def _first_order_gradient(options, saved: _Saved, grads) -> torch.Tensor:
+    """Built in place in one rows x K buffer: a new one, or with ``inplace_backward`` the
+    logits' own storage (directly when they are in the compute dtype, else copied back)."""
+    x, eps, lse = saved.x, saved.eps, saved.lse.counted(saved.counted)
+    in_x = options.inplace and x.dtype == eps.dtype  # build the gradient in x itself
+    if options.from_log_probs:
+        start = x.zero_() if in_x else torch.zeros(x.shape, dtype=eps.dtype, device=x.device)
+    elif in_x:  # the log-softmax, (x - peak) - log_sum
+        start = x.sub_(lse.peak.unsqueeze(-1)).sub_(lse.log_sum.unsqueeze(-1))
+    else:
+        start = lse.log_softmax(x, eps.dtype)
+    grad = _build_gradient(_IN_PLACE, start, options, saved, grads)
+    if options.inplace:
+        return (x if in_x else x.copy_(grad)).detach()  # x's storage, not its history
     return grad.to(x.dtype)
 
 
-def _row_loss_tangent(options, x, labels, counted, eps, weight, class_mask, z, lse, tangent):
+def _differentiable_gradient(options, saved: _Saved, grads) -> torch.Tensor:
+    """Out of place, through differentiable ops (double backward, forward over reverse): the
+    logits are left as they are, even with ``inplace_backward`` (the recorded graph needs them)."""
+    x, eps, lse = saved.x, saved.eps, saved.lse.counted(saved.counted)
+    if options.from_log_probs:
+        start = torch.zeros(x.shape, dtype=eps.dtype, device=x.device)
+    else:
+        start = lse.log_softmax(x, eps.dtype)
+    return _build_gradient(_OUT_OF_PLACE, start, options, saved, grads).to(x.dtype)
+
+
+def _row_loss_gradient(options, saved: _Saved, grads, *, again: bool) -> torch.Tensor:
+    """The logits' gradient by the mode that fits: out of place when it will be differentiated
+    ``again`` (``_common.differentiated_again``), else the Triton kernel where the forward ran
+    on it, else in place."""
+    if again:
+        return _differentiable_gradient(options, saved, grads)
+    if options.triton:
+        return _kernel_gradient(options, saved, grads)
+    return _first_order_gradient(options, saved, grads)
+
+
+def _row_loss_tangent(options, saved: _Saved, tangent):
     """Forward-mode derivative of the rows (loss, z-part) along ``dx = tangent``.
 
     ``d loss = sum_c (A p_c - t_c) dx_c + d z_part`` with ``d z_part = 2 z lse sum_c p_c dx_c``
     (logits), or ``d loss = -sum_c t_c dx_c`` (``from_log_probs``), ``t``, ``A`` and ``p`` as in
-    ``_row_loss_gradient``. The target's part is O(rows): ``sum_c t_c dx_c = (1 - eps) w_y dx_y
-    + (eps / |S|) (sum_c w_c dx_c - [others] w_y dx_y - [others_but_pad] w_pad dx_pad)``; the
-    only rows x K temporary is ``p`` (and the tangent's upcast for bf16/fp16), contracted with
-    ``dx`` by a batched product.
+    :func:`_build_gradient`. The target's part is O(rows): ``sum_c t_c dx_c = (1 - eps) w_y
+    dx_y + (eps / |S|) (sum_c w_c dx_c - [others] w_y dx_y - [others_but_pad] w_pad dx_pad)``;
+    the only rows x K temporary is ``p`` (and the tangent's upcast for bf16/fp16), contracted
+    with ``dx`` by a batched product.
     """
-    num_classes = x.shape[-1]
-    size = _support_size(options, num_classes, class_mask)
-    in_range = (labels >= 0) & (labels < num_classes)
-    safe_labels = torch.where(counted & in_range, labels, 0)
-    bad = _bad_rows(labels, counted, eps, class_mask, num_classes)
-    w = torch.ones((), dtype=eps.dtype, device=x.device) if weight is None else weight
-    w_full = w.expand(num_classes)
-    if class_mask is not None:
-        w_full = w_full * class_mask.to(eps.dtype)
-    on_true = (1.0 - eps) * w.expand(num_classes)[safe_labels]
-    per_class = eps / size
+    x, counted, eps, class_mask = saved.x, saved.counted, saved.eps, saved.class_mask
+    target = _target(options, x.shape[-1], saved.labels, counted, eps, saved.weight, class_mask)
+    w = target.w
     dx = tangent.to(eps.dtype)
-    dx_y = dx.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
-    support_dot = torch.matmul(dx, w_full)
-    support_weight = w_full.sum()
+    dx_y = dx.gather(-1, target.safe_labels.unsqueeze(-1)).squeeze(-1)
+    support_dot = torch.matmul(dx, w)
     if options.convention != "uniform":
-        support_dot = support_dot - w_full[safe_labels] * dx_y
-        support_weight = support_weight - w_full[safe_labels]
+        support_dot = support_dot - w[target.safe_labels] * dx_y
     if options.convention == "others_but_pad":
-        w_pad = w_full[options.pad_index]
-        support_dot = support_dot - w_pad * dx[..., options.pad_index]
-        support_weight = support_weight - w_pad
-    target_dot = on_true * dx_y + per_class * support_dot
+        support_dot = support_dot - w[options.pad_index] * dx[..., options.pad_index]
+    target_dot = target.on_true * dx_y + target.per_class * support_dot
     d_z = torch.zeros_like(target_dot)
     if options.from_log_probs:
         d_loss = -target_dot
     else:
-        safe_lse = lse.counted(counted)
+        safe_lse = saved.lse.counted(counted)
         probs = safe_lse.log_softmax(x, eps.dtype).exp_()  # softmax, in its own buffer
         if class_mask is not None:
             probs = probs.masked_fill_(~class_mask, 0.0)
         prob_dot = torch.matmul(probs.unsqueeze(-2), dx.unsqueeze(-1)).squeeze(-1).squeeze(-1)
-        d_loss = (on_true + per_class * support_weight) * prob_dot - target_dot
+        d_loss = target.mass() * prob_dot - target_dot
         if options.with_z:
-            d_z = 2.0 * z * safe_lse.value * prob_dot
+            d_z = 2.0 * saved.z * safe_lse.value * prob_dot
             d_loss = d_loss + d_z
-    d_loss, d_z = (torch.where(bad, torch.nan, d) for d in (d_loss, d_z))
-    return torch.where(counted, d_loss, 0.0), torch.where(counted, d_z, 0.0)
+    return _closed_form.counted_only(counted, target.bad, d_loss), _closed_form.counted_only(
+        counted, target.bad, d_z
+    )
 
 
 class _RowLoss(torch.autograd.Function):
@@ -979,7 +718,7 @@ class _RowLoss(torch.autograd.Function):
     and ``torch.compile`` (fullgraph) as well as plain autograd; ``_RowLossForwardMode`` adds
     forward mode. Second derivatives: backward runs through differentiable ops, with the lse
     recomputed from ``x``, whenever its result will be differentiated again
-    (``_differentiated_again``).
+    (``_common.differentiated_again``).
     """
 
     generate_vmap_rule = True
@@ -1000,75 +739,51 @@ class _RowLoss(torch.autograd.Function):
         ctx.mark_non_differentiable(peak, log_sum)
 
     @staticmethod
-    def _unpack(ctx):
+    def _unpack(ctx) -> _Saved:
         x, labels, counted, eps, z, peak, log_sum, *rest = ctx.saved_tensors
         weight = rest.pop(0) if ctx.optional[0] else None
         class_mask = rest.pop(0) if ctx.optional[1] else None
-        return x, labels, counted, eps, weight, class_mask, z, _Lse(peak, log_sum)
+        return _Saved(
+            x, labels, counted, eps, weight, class_mask, z, _closed_form.Lse(peak, log_sum)
+        )
 
     @staticmethod
     def backward(ctx, grad_loss, grad_z, grad_peak, grad_log_sum):
         """Gradients for the logits ``x``, the smoothing ``eps`` and the z-loss ``z`` (each only
         when needed); labels, masks and class weights are constants."""
         del grad_peak, grad_log_sum  # the lse is an internal statistic, never differentiated
-        x, labels, counted, eps, weight, class_mask, z, lse = _RowLoss._unpack(ctx)
+        saved = _RowLoss._unpack(ctx)
         need_x, need_eps, need_z = (ctx.needs_input_grad[i] for i in (0, 3, 6))
-        again = _differentiated_again(x)
+        again = _common.differentiated_again(saved.x)
         if again and not ctx.options.from_log_probs:
             # Differentiated again: lse must be a function of x for the Hessian to be right.
-            lse = _masked_logsumexp(x, class_mask, eps.dtype)
+            lse = _masked_logsumexp(saved.x, saved.class_mask, saved.eps.dtype)
+            saved = saved._replace(lse=lse)
+        grads = (grad_loss, grad_z)
         d_eps = d_z = grad = None
         if need_eps or need_z:  # first: inplace_backward overwrites x with its gradient
-            d_eps, d_z = _option_gradients(
-                ctx.options,
-                x,
-                labels,
-                counted,
-                eps,
-                weight,
-                class_mask,
-                lse,
-                (grad_loss, grad_z),
-                (need_eps, need_z),
-            )
+            d_eps, d_z = _option_gradients(ctx.options, saved, grads, (need_eps, need_z))
         if need_x:
-            grad = _row_loss_gradient(
-                ctx.options,
-                x,
-                labels,
-                counted,
-                eps,
-                weight,
-                class_mask,
-                z,
-                lse,
-                (grad_loss, grad_z),
-                again=again,
-            )
+            grad = _row_loss_gradient(ctx.options, saved, grads, again=again)
         if d_z is not None:
-            d_z = d_z.reshape(z.shape)
+            d_z = d_z.reshape(saved.z.shape)
         return grad, None, None, d_eps, None, None, d_z, None
 
 
 class _RowLossForwardMode(_RowLoss):
     """``_RowLoss`` with ``jvp``: ``torch.func.jvp``/``jacfwd``/``hessian`` and
-    ``torch.autograd.forward_ad`` (see ``_with_forward_mode`` for why it is a separate class).
+    ``torch.autograd.forward_ad`` (``_common.with_forward_mode`` says why it is a separate class).
     Tangents of the logits, the smoothing and the z-loss weight move the rows; labels, masks
     and class weights are constants."""
 
     @staticmethod
     def jvp(ctx, x_tangent, *other_tangents):
-        x, labels, counted, eps, weight, class_mask, z, lse = _RowLoss._unpack(ctx)
+        saved = _RowLoss._unpack(ctx)
         eps_tangent, z_tangent = other_tangents[2], other_tangents[5]
-        d_loss, d_z = torch.zeros_like(lse.peak), torch.zeros_like(lse.peak)
+        d_loss, d_z = torch.zeros_like(saved.lse.peak), torch.zeros_like(saved.lse.peak)
         if x_tangent is not None:
-            d_loss, d_z = _row_loss_tangent(
-                ctx.options, x, labels, counted, eps, weight, class_mask, z, lse, x_tangent
-            )
+            d_loss, d_z = _row_loss_tangent(ctx.options, saved, x_tangent)
         if eps_tangent is not None or z_tangent is not None:
-            option_loss, option_z = _option_tangents(
-                ctx.options, x, labels, counted, eps, weight, class_mask, lse,
-                (eps_tangent, z_tangent),
-            )  # fmt: skip
+            option_loss, option_z = _option_tangents(ctx.options, saved, (eps_tangent, z_tangent))
             d_loss, d_z = d_loss + option_loss, d_z + option_z
         return d_loss, d_z, None, None  # the lse's parts: non-differentiable

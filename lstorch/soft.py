@@ -8,17 +8,8 @@ from __future__ import annotations
 import torch
 
 import lsspec
-from lstorch.smoothed import (
-    _class_axis,
-    _compute_dtype,
-    _concrete_scalar,
-    _concrete_smoothing,
-    _reduce,
-    _scaled,
-    _smoothing_tensor,
-    _tensor_option,
-    _z_loss_tensor,
-)
+from lstorch import _common
+from lstorch._common import scaled
 
 
 def soft_target_cross_entropy(
@@ -42,58 +33,70 @@ def soft_target_cross_entropy(
 
         loss = (1 - eps) * (lse * sum(w t) - sum(w t x)) + (eps/K) * (lse * sum(w) - sum(w x))
 
-    Same keywords and semantics as ``lsjax.soft_target_cross_entropy`` (``from_log_probs``,
-    ``z_loss``, ``return_z_loss`` included; ``smoothing`` and ``z_loss`` tensors that require
-    grad are differentiated, at smoothing 0 and 1 too). Reproduces
-    ``torch.nn.functional.cross_entropy(x, t, weight=w, reduction=r, label_smoothing=eps)`` for
-    probability targets (class axis ``axis``; ``"mean"`` divides by the number of rows that
-    ``where`` keeps, even with weights, as torch does). Returns float32 for bf16/fp16/float32
-    logits and float64 for float64.
+    The gradient with respect to the logits is ``g * (A * softmax(x) - w t')`` with
+    ``A = sum_c w_c t'_c``. Reproduces ``torch.nn.functional.cross_entropy(x, t, weight=w,
+    reduction=r, label_smoothing=eps)`` for probability targets (class axis ``axis``;
+    ``"mean"`` divides by the number of rows that ``where`` keeps, even with weights, as torch
+    does), timm's ``SoftTargetCrossEntropy`` (``eps=0``, ``reduction="mean"``) and
+    ``optax.softmax_cross_entropy(x, t)`` (``eps=0``). Its JAX twin is
+    ``lsjax.soft_target_cross_entropy``.
 
-    ``axis=None`` (the default) is the last axis of 1-D and 2-D logits; logits with 3 or more
-    dimensions need an explicit ``axis`` (1 for torch's ``(N, C, d1, ...)``, -1 for the classes
-    last), as in :func:`lstorch.smoothed_cross_entropy`, whose rules for tensor options
-    (``smoothing``, ``z_loss``: checked when on the CPU, NaN when out of range and not read) and
-    list-valued ``weight``/``where`` apply here too. ``_caller`` is internal (who errors name).
+    Args:
+      logits: float tensor, the classes on ``axis``; bf16/fp16 accumulate in float32.
+      targets: float tensor of the logits' shape (rows need not sum to 1: mixup/cutmix targets
+        and distillation targets are taken as given).
+      smoothing: ``eps`` in [0, 1], a number or a one-element tensor (read and checked when it
+        can be: a number or a CPU tensor; otherwise NaN rows outside [0, 1]). A tensor that
+        requires grad is differentiated, at 0 and 1 too (the loss is linear in it).
+      weight: per-class weights of shape ``(K,)`` (a tensor or a list), a constant.
+      where: boolean row mask of the logits' shape without the class axis.
+      axis: the class axis. ``None`` (the default) is the last axis of 1-D and 2-D logits;
+        logits with 3 or more dimensions need it (1 for torch's ``(N, C, d1, ...)``, -1 for
+        the classes last), as in :func:`lstorch.smoothed_cross_entropy`.
+      reduction: ``"none"`` | ``"sum"`` | ``"mean"`` (over rows that ``where`` keeps; 0 if none).
+      from_log_probs: ``logits`` are log-probabilities: the loss is ``-sum_c w_c t'_c x_c``.
+      z_loss: ``z >= 0``, adds ``z * logsumexp(x)**2`` per counted row (needs logits); read
+        and checked as ``smoothing``; a tensor that requires grad is differentiated,
+        ``d loss_row / d z = lse**2``.
+      return_z_loss: return ``(loss, z_part)`` (the loss includes the z-part), reduced alike.
+
+    Returns:
+      float32 for bf16/fp16/float32 logits, float64 for float64: per row, or a scalar.
+
+    ``_caller`` is internal (who errors name).
     """
     fn = lsspec.caller("soft_target_cross_entropy", _caller)
-    _, arg = lsspec.names(fn)
-    for name, value in (("logits", logits), ("targets", targets)):
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
-            raise lsspec.dtype_error(fn, name, got, "a floating dtype (a float torch.Tensor)")
-    if targets.shape != logits.shape:
-        raise lsspec.shape_error(
-            fn,
-            "targets",
-            tuple(targets.shape),
-            f"the {lsspec.possessive(arg('logits'))} shape {tuple(logits.shape)}",
-        )
-    axis = _class_axis(fn, axis, logits.ndim, tuple(logits.shape))
-    weight = _tensor_option(fn, "weight", weight, logits.device)
-    where = _tensor_option(fn, "where", where, logits.device)
+    _common.floating(fn, logits=logits, targets=targets)
+    lsspec.check_same_shape(fn, "targets", tuple(targets.shape), tuple(logits.shape))
+    axis = _common.class_axis(fn, axis, logits.ndim, tuple(logits.shape))
+    weight = _common.tensor_option(fn, "weight", weight, logits.device)
+    where = _common.tensor_option(fn, "where", where, logits.device)
     lsspec.check_choice(fn, "reduction", reduction, lsspec.REDUCTIONS)
-    lsspec.check_smoothing(fn, _concrete_smoothing(fn, smoothing))
-    z_value = _concrete_scalar(fn, "z_loss", z_loss)
+    lsspec.check_smoothing(fn, _common.concrete_smoothing(fn, smoothing))
+    z_value = _common.concrete_scalar(fn, "z_loss", z_loss)
     lsspec.check_z_loss(fn, z_value, from_log_probs=from_log_probs, return_z_loss=return_z_loss)
     num_classes = logits.shape[axis]
-    row_shape = tuple(logits.shape[:axis]) + tuple(logits.shape[axis + 1 :])
-    if weight is not None and tuple(weight.shape) != (num_classes,):
-        raise lsspec.shape_error(fn, "weight", tuple(weight.shape), f"shape ({num_classes},)")
-    if where is not None and tuple(where.shape) != row_shape:
-        raise lsspec.shape_error(fn, "where", tuple(where.shape), f"shape {row_shape}")
+    rows = lsspec.row_shape(logits.shape, axis)
+    lsspec.check_row_options_shapes(
+        fn,
+        num_classes,
+        rows,
+        weight=None if weight is None else tuple(weight.shape),
+        where=None if where is None else tuple(where.shape),
+        has_labels=False,
+    )
     counted = (
-        torch.ones(row_shape, dtype=torch.bool, device=logits.device)
+        torch.ones(rows, dtype=torch.bool, device=logits.device)
         if where is None
         else where.to(torch.bool)
     )
 
-    compute_dtype = _compute_dtype(logits.dtype)
+    compute_dtype = _common.compute_dtype(logits.dtype)
     keep = counted.unsqueeze(-1)
     x = torch.where(keep, logits.movedim(axis, -1), 0).to(compute_dtype)
     t = torch.where(keep, targets.movedim(axis, -1), 0).to(compute_dtype)
     w = 1.0 if weight is None else weight.detach().to(compute_dtype)
-    eps = _smoothing_tensor(smoothing, compute_dtype, logits.device)  # differentiated
+    eps = _common.smoothing_tensor(smoothing, compute_dtype, logits.device)  # differentiated
 
     if from_log_probs:
         lse = torch.zeros(x.shape[:-1], dtype=compute_dtype, device=x.device)
@@ -104,9 +107,9 @@ def soft_target_cross_entropy(
     uniform = (lse * total_w - (w * x).sum(-1)) / num_classes
     # _scaled: exactly `given` at eps = 0 (an infinite uniform term does not leak), and its
     # derivative with respect to eps is `uniform - given` there too (torch.where's would be 0).
-    loss = _scaled(1.0 - eps, given) + _scaled(eps, uniform)
+    loss = scaled(1.0 - eps, given) + scaled(eps, uniform)
     valid = counted & (eps >= 0) & (eps <= 1)
-    z_part = _z_loss_tensor(z_loss, compute_dtype, x.device) * lse.square()
+    z_part = _common.z_loss_tensor(z_loss, compute_dtype, x.device) * lse.square()
     if return_z_loss or isinstance(z_loss, torch.Tensor) or z_value != 0:
         loss = loss + z_part
     loss = torch.where(valid, loss, torch.where(counted, torch.nan, 0.0))
@@ -114,7 +117,7 @@ def soft_target_cross_entropy(
     if return_z_loss:
         z_part = torch.where(valid, z_part, torch.where(counted, torch.nan, 0.0))
         return (
-            _reduce(loss, row_weight, reduction, None),
-            _reduce(z_part, row_weight, reduction, None),
+            _common.reduce(loss, row_weight, reduction, None),
+            _common.reduce(z_part, row_weight, reduction, None),
         )
-    return _reduce(loss, row_weight, reduction, None)
+    return _common.reduce(loss, row_weight, reduction, None)

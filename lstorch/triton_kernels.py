@@ -25,8 +25,8 @@ sum_c u_c, u_pad, z, the KL constant) come in one small device tensor, so nothin
 the host.
 
 Those three passes are the bandwidth floor of a label-smoothed cross-entropy that returns the
-gradient of its logits (the issue's "read logits in forward, read again and write the gradient in
-backward"); ``benchmarks/bench_gpu.py`` measures how close the kernels come to it.
+gradient of its logits (read the logits in forward, read them again and write the gradient in
+backward); ``benchmarks/bench_gpu.py`` measures how close the kernels come to it.
 
 The kernels are used for CUDA tensors, in eager mode and inside ``torch.compile`` (where the
 compiled graph calls them as the operators ``torch.ops.lstorch.smoothed_rows*`` defined at the

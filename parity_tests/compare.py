@@ -80,9 +80,9 @@ ROUNDING_STEPS = 4
 # (rtol, atol) per dtype, for a check of one result against another in the same dtype: the
 # parity verdict of ``compare`` in float64 and float32, ``compare_with_oracle``, and the execution
 # paths (``parity_tests.paths``).
-#  * float64 / float32: the rtol (1e-10, 1e-5); atol covers gradient entries that are
-#    differences of O(1) terms (A * p_c - t_c), whose absolute rounding error is about the
-#    dtype's epsilon times 1, however small the entry itself is.
+#  * float64 / float32: rtol 1e-10 and 1e-5, the parity the project promises; atol covers
+#    gradient entries that are differences of O(1) terms (A * p_c - t_c), whose absolute rounding
+#    error is about the dtype's epsilon times 1, however small the entry itself is.
 #  * bfloat16 (the execution paths only; ``compare`` judges bf16 by the rounding budget): a bf16
 #    output is a float32 value rounded once to an 8-bit significand, relative error <= 2**-9. We
 #    allow 2**-7 (four such roundings); atol 2**-9 covers gradient entries near zero, where

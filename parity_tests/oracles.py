@@ -285,8 +285,8 @@ def torch_cross_entropy(
     )
 
 
-def seed_label_smoothing_loss(pred, target, *, classes, smoothing=0.0, dim=-1):
-    """The seed's ``LabelSmoothingLoss(classes, smoothing, dim)``, read line by line.
+def forum_label_smoothing_loss(pred, target, *, classes, smoothing=0.0, dim=-1):
+    """The forum's ``LabelSmoothingLoss(classes, smoothing, dim)``, read line by line.
 
     ``true_dist`` = ``smoothing / (classes - 1)`` everywhere, ``1 - smoothing`` at the target;
     ``mean(sum(-true_dist * log_softmax(pred), dim))``.
@@ -302,15 +302,15 @@ def seed_label_smoothing_loss(pred, target, *, classes, smoothing=0.0, dim=-1):
     return rows.mean(), lambda cot: np.moveaxis(float(cot) / count * grad_rows, -1, dim)
 
 
-def seed_kl_label_smoothing_loss(
+def opennmt_kl_label_smoothing_loss(
     output, target, *, label_smoothing, tgt_vocab_size, ignore_index=-100
 ):
-    """The seed's OpenNMT-style module, read line by line (class axis last, log-probs in).
+    """OpenNMT-py's KL ``LabelSmoothingLoss``, read line by line (class axis last, log-probs in).
 
     ``one_hot`` = ``eps / (V - 2)`` with 0 at the pad column; the target gets ``1 - eps``; pad
     rows are zeroed; ``F.kl_div(output, q, 'sum') = sum_{q > 0} q (log q - output)``. For a
     negative ``ignore_index`` the project's documented deviation applies (no column excluded,
-    ``eps / (V - 1)``): the seed's own value there is a bug (SEMANTICS §3).
+    ``eps / (V - 1)``): OpenNMT's own value there is a bug (SEMANTICS §3).
     """
     x = np.asarray(output, np.float64)
     target = np.asarray(target)

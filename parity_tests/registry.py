@@ -243,14 +243,14 @@ def _module_call(logits, labels, *, where=None, **options):
 
 
 # --------------------------------------------------------------------------------------------
-# The seed modules
+# The forum's LabelSmoothingLoss and OpenNMT's KL LabelSmoothingLoss
 
 
-def _seed_ce_cases() -> tuple[dict, ...]:
+def _forum_ce_cases() -> tuple[dict, ...]:
     return tuple(_grid(smoothing=SMOOTHINGS, num_classes=NUM_CLASSES, dim=(-1, 0, 1)))
 
 
-def _seed_ce_inputs(rng: np.random.Generator, case: dict):
+def _forum_ce_inputs(rng: np.random.Generator, case: dict):
     num_classes, dim = case["num_classes"], case["dim"]
     shape = {-1: (9, num_classes), 0: (num_classes, 9), 1: (3, num_classes, 5)}[dim]
     row_shape = tuple(size for axis, size in enumerate(shape) if axis != dim % len(shape))
@@ -260,17 +260,17 @@ def _seed_ce_inputs(rng: np.random.Generator, case: dict):
     )
 
 
-def _seed_ce_module(pred, target, *, classes, smoothing, dim):
+def _forum_ce_module(pred, target, *, classes, smoothing, dim):
     return lstorch.LabelSmoothingLoss(classes, smoothing, dim)(pred, target)
 
 
-def _seed_kl_cases() -> tuple[dict, ...]:
+def _opennmt_kl_cases() -> tuple[dict, ...]:
     cases = _grid(smoothing=(0.1, 0.5, 1.0), num_classes=(3, 1000), pad=("first", "last", None))
     cases += _grid(smoothing=(0.1, 1.0), num_classes=(2,), pad=(None,))
     return tuple(cases)
 
 
-def _seed_kl_inputs(rng: np.random.Generator, case: dict):
+def _opennmt_kl_inputs(rng: np.random.Generator, case: dict):
     num_classes = case["num_classes"]
     ignore_index = {"first": 0, "last": num_classes - 1, None: IGNORE}[case["pad"]]
     log_probs = _log_softmax(_logits(rng, (11, num_classes)), -1)
@@ -281,7 +281,7 @@ def _seed_kl_inputs(rng: np.random.Generator, case: dict):
     )
 
 
-def _seed_kl_module(output, target, *, label_smoothing, tgt_vocab_size, ignore_index):
+def _opennmt_kl_module(output, target, *, label_smoothing, tgt_vocab_size, ignore_index):
     return lstorch.KLLabelSmoothingLoss(label_smoothing, tgt_vocab_size, ignore_index)(
         output, target
     )
@@ -866,20 +866,20 @@ TWINS: tuple[Twin, ...] = (
     Twin(
         "label_smoothing_loss / LabelSmoothingLoss",
         lsjax.label_smoothing_loss,
-        _seed_ce_module,
-        _seed_ce_inputs,
-        _seed_ce_cases(),
-        oracles.seed_label_smoothing_loss,
+        _forum_ce_module,
+        _forum_ce_inputs,
+        _forum_ce_cases(),
+        oracles.forum_label_smoothing_loss,
         kernels=True,
         pallas=True,
     ),
     Twin(
         "kl_label_smoothing_loss / KLLabelSmoothingLoss",
         lsjax.kl_label_smoothing_loss,
-        _seed_kl_module,
-        _seed_kl_inputs,
-        _seed_kl_cases(),
-        oracles.seed_kl_label_smoothing_loss,
+        _opennmt_kl_module,
+        _opennmt_kl_inputs,
+        _opennmt_kl_cases(),
+        oracles.opennmt_kl_label_smoothing_loss,
     ),
     Twin(
         "cross_entropy / F.cross_entropy",

@@ -331,3 +331,32 @@ def test_fairseq_keeps_its_unreduced_shapes(framework):
     loss, nll = fn(array(lprobs), array(target), 0.1, reduce=False)
     assert tuple(loss.shape) == tuple(nll.shape) == (4,)
     assert float(nll[1]) == pytest.approx(-lprobs[1, 1], rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "names"),
+    [
+        ("lsjax.torch_mirror", "lsjax.compat.pytorch", ["cross_entropy"]),
+        (
+            "lsjax.seed_modules",
+            "lsjax.compat.pytorch_forum",
+            ["label_smoothing_loss"],
+        ),
+        ("lsjax.seed_modules", "lsjax.compat.opennmt", ["kl_label_smoothing_loss"]),
+        ("lstorch.seed_modules", "lstorch.compat.pytorch_forum", ["label_smoothing_loss"]),
+        ("lstorch.seed_modules", "lstorch.compat.opennmt", ["kl_label_smoothing_loss"]),
+    ],
+)
+def test_moved_modules_keep_a_deprecated_alias(old, new, names):
+    # The old module paths still import, warn, and give the very functions of their new home
+    # (and of the package: lsjax.cross_entropy, lstorch.label_smoothing_loss, ...).
+    import importlib
+    import sys
+
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=old.replace(".", r"\.") + " is deprecated"):
+        alias = importlib.import_module(old)
+    moved = importlib.import_module(new)
+    package = importlib.import_module(old.split(".")[0])
+    for name in names:
+        assert getattr(alias, name) is getattr(moved, name) is getattr(package, name)

@@ -480,7 +480,7 @@ def test_modules_name_themselves_and_their_arguments():
         lstorch.LabelSmoothingLoss(1, 0.1)
     with pytest.raises(ValueError, match=r"^LabelSmoothingLoss: `target` must lie in \[0, 4\]"):
         lstorch.LabelSmoothingLoss(5, 0.1)(x, torch.tensor([0, 1, 9, 2]))
-    # The seed's KL module with a pad column needs 3 classes: said at construction, in its terms.
+    # OpenNMT's KL loss with a pad column needs 3 classes: said at construction, in its terms.
     with pytest.raises(
         ValueError, match=r"^KLLabelSmoothingLoss: `tgt_vocab_size` must be >= 3 with a pad column"
     ):
@@ -520,7 +520,7 @@ def test_calibration_takes_a_concrete_0d_array_temperature():
         calibration.negative_log_likelihood(logits, labels, temperature=jnp.array([2.0]))
 
 
-def test_seed_modules_check_their_constructor_arguments():
+def test_forum_and_opennmt_losses_check_their_constructor_arguments():
     with pytest.raises(ValueError, match=r"`label_smoothing` must be in \(0, 1\]; got 0\.0"):
         lstorch.KLLabelSmoothingLoss(0.0, 10)
     with pytest.raises(ValueError, match=r"`ignore_index` must be an int below tgt_vocab_size=10"):

@@ -1,7 +1,7 @@
-"""The fused linear + label-smoothed cross-entropy (issue 6).
+"""The fused linear + label-smoothed cross-entropy.
 
-* Memory, deterministic: XLA's ``memory_analysis()`` of the compiled forward + backward at the
-  issue's size (rows=8192, D=512, V=131072, float32), lowered from ``jax.ShapeDtypeStruct`` so
+* Memory, deterministic: XLA's ``memory_analysis()`` of the compiled forward + backward at an LLM
+  head's size (rows=8192, D=512, V=131072, float32), lowered from ``jax.ShapeDtypeStruct`` so
   nothing is allocated: the fused loss needs <= 5% of the dense logits' bytes in temporaries;
   the dense route needs more than the logits themselves (so the bound can fail).
 * PyTorch's autograd graph saves the inputs and O(rows) statistics only.

@@ -8,6 +8,7 @@ from ``torch.nn.CrossEntropyLoss`` itself and from the float64 NumPy oracle.
 """
 
 import inspect
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +18,7 @@ from torch import nn
 
 import lsjax
 import lstorch
+import lstorch.distributed
 from parity_tests import oracles
 
 # Every nn.Module lstorch exports, with the function it is the module form of.
@@ -32,7 +34,7 @@ DIFFERENT_DEFAULTS = {
     lstorch.SmoothedCrossEntropyLoss: {"reduction": "mean", "ignore_index": -100},
     lstorch.FusedLinearSmoothedCrossEntropyLoss: {"ignore_index": -100},
 }
-# Arguments the seed modules require, to build one.
+# Arguments the forum's and OpenNMT's modules require, to build one.
 REQUIRED = {
     lstorch.LabelSmoothingLoss: {"classes": 5},
     lstorch.KLLabelSmoothingLoss: {"label_smoothing": 0.1, "tgt_vocab_size": 5},
@@ -81,6 +83,61 @@ def test_repr_shows_every_option(module_class):
     text = repr(module_class(**REQUIRED.get(module_class, {})))
     for name in _parameters(module_class.__init__):
         assert f"{name}=" in text, name
+
+
+def _args_entry(doc: str, name: str) -> str:
+    """The text of ``name``'s entry in a docstring's ``Args:`` section (whitespace collapsed)."""
+    lines = inspect.cleandoc(doc).splitlines()
+    start = lines.index("Args:") + 1
+    entry = []
+    for line in lines[start:]:
+        if line and not line.startswith(" "):
+            break
+        if line.startswith("  ") and not line.startswith("    "):
+            if entry:
+                break
+            if line.strip().startswith(f"{name}:"):
+                entry.append(line)
+        elif entry and line:
+            entry.append(line)
+    return " ".join(" ".join(entry).split())
+
+
+@pytest.mark.parametrize("module_class", list(MODULES), ids=lambda c: c.__name__)
+def test_module_documents_its_arguments_in_its_functions_words(module_class):
+    # One source: each constructor argument's entry is the function's, word for word.
+    for name in _parameters(module_class.__init__):
+        expected = _args_entry(MODULES[module_class].__doc__, name)
+        assert expected, f"{MODULES[module_class].__name__} does not document {name}"
+        assert _args_entry(module_class.__doc__, name) == expected, name
+
+
+@pytest.mark.parametrize("module_class", list(MODULES), ids=lambda c: c.__name__)
+def test_module_docstring_has_a_shape_section(module_class):
+    # As torch.nn's losses: the shapes forward takes and returns, after the arguments.
+    lines = [line.strip() for line in module_class.__doc__.splitlines()]
+    assert "Shape:" in lines and lines.index("Args:") < lines.index("Shape:")
+    for name in _parameters(module_class.forward):
+        assert any(line.startswith(f"- {name}") for line in lines), name
+
+
+def _public_lstorch_objects():
+    namespaces = [lstorch] + [getattr(lstorch.compat, name) for name in lstorch.compat.__all__]
+    namespaces.append(lstorch.distributed)
+    for namespace in namespaces:
+        for name in getattr(namespace, "__all__", None) or dir(namespace):
+            value = getattr(namespace, name)
+            public = not name.startswith("_")
+            if public and callable(value) and value.__module__.startswith("lstorch"):
+                yield f"{namespace.__name__}.{name}", value
+
+
+def test_lstorch_docstrings_stand_on_their_own():
+    # A PyTorch user reads lstorch's docs: they name the JAX twin, but never defer to it.
+    deferring = re.compile(r"\b(see|as|whose docstring)\s+``lsjax|whose docstring carries")
+    for name, value in _public_lstorch_objects():
+        assert value.__doc__, name
+        assert not deferring.search(" ".join(value.__doc__.split())), name
 
 
 def test_weight_and_class_mask_are_buffers():

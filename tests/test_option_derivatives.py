@@ -4,7 +4,7 @@ A learned or scheduled smoothing (or z-loss weight) trains only if ``d loss / d 
 ``d loss / d z_loss`` are the true derivatives, not a silent 0. Checked in both frameworks, in
 float64, for ``smoothed_cross_entropy`` (every convention, with weights, a class mask, ignored
 rows, ``where``, the KL form, log-probabilities, the z-loss, every reduction and a normaliser),
-what is built on it (the torch module, compat twins, seed functions),
+what is built on it (the torch module, compat twins, the forum's and OpenNMT's functions),
 ``soft_target_cross_entropy``, ``sigmoid_binary_cross_entropy`` and
 ``fused_linear_smoothed_cross_entropy``; under ``jax.jit``/``jax.vmap`` and ``torch.func``;
 and on lstorch's Triton path (its kernels in Triton's interpreter on a CPU).
@@ -226,7 +226,7 @@ def test_a_z_loss_that_starts_at_zero_has_its_derivative(framework):
 
 
 # ---------------------------------------------------------------------------------------------
-# Everything built on them: torch module, seed functions, compat twins.
+# Everything built on them: torch module, the forum's and OpenNMT's functions, compat twins.
 
 
 def _one_hot(framework, labels):

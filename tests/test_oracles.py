@@ -177,13 +177,13 @@ def test_compare_passes_a_true_twin_and_reports_per_dtype():
     assert all(row["cases"] == 2 for row in report.summary())
 
 
-def test_oracle_reproduces_the_seed_kl_bug_free_value_for_a_real_pad_column():
-    # The seed's module with pad column 0, written out by hand for one row: V=4, eps=0.3,
+def test_oracle_reproduces_opennmt_kl_value_for_a_real_pad_column():
+    # OpenNMT's loss with pad column 0, written out by hand for one row: V=4, eps=0.3,
     # target 2: q = [0, 0.15, 0.7, 0.15]; loss = sum q (log q - output).
     output = np.log(np.array([[0.1, 0.2, 0.3, 0.4]]))
     q = np.array([0.0, 0.15, 0.7, 0.15])
     expected = np.sum(q[1:] * (np.log(q[1:]) - output[0, 1:]))
-    value, _ = oracles.seed_kl_label_smoothing_loss(
+    value, _ = oracles.opennmt_kl_label_smoothing_loss(
         output, np.array([2]), label_smoothing=0.3, tgt_vocab_size=4, ignore_index=0
     )
     assert value == pytest.approx(expected, rel=1e-12)

@@ -221,15 +221,15 @@ def test_module_forms_match_their_functions():
     )
     torch.testing.assert_close(module(x, y), expected)
     assert "convention='others'" in repr(module)
-    seed = lstorch.LabelSmoothingLoss(5, 0.1)
-    assert seed.cls == 5 and seed.confidence == pytest.approx(0.9)
+    forum = lstorch.LabelSmoothingLoss(5, 0.1)
+    assert forum.cls == 5 and forum.confidence == pytest.approx(0.9)
     torch.testing.assert_close(
-        seed(x, y.clamp(0)), lstorch.label_smoothing_loss(x, y.clamp(0), classes=5, smoothing=0.1)
+        forum(x, y.clamp(0)), lstorch.label_smoothing_loss(x, y.clamp(0), classes=5, smoothing=0.1)
     )
 
 
-def test_seed_ce_dim_works_for_any_class_axis():
-    # The seed only handled the last axis of 2-D input; here dim=1 of a 3-D input equals moving
+def test_forum_label_smoothing_loss_dim_works_for_any_class_axis():
+    # The original only handled the last axis of 2-D input; here dim=1 of a 3-D input equals moving
     # the class axis last.
     rng = np.random.default_rng(3)
     pred = torch.as_tensor(rng.standard_normal((4, 7, 6)))

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 
 import lsspec
-from lsjax.smoothed import ArrayLike, smoothed_cross_entropy
+from lsjax._common import ArrayLike
+from lsjax.smoothed import smoothed_cross_entropy
 
 
 def label_smoother(

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 
 import lsspec
+from lsjax._common import ArrayLike
 from lsjax.binary import sigmoid_binary_cross_entropy
-from lsjax.smoothed import ArrayLike
 from lsjax.soft import soft_target_cross_entropy
 
 

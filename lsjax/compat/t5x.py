@@ -6,7 +6,9 @@ import jax
 import jax.numpy as jnp
 
 import lsspec
-from lsjax.smoothed import ArrayLike, _concrete_scalar, smoothed_cross_entropy
+from lsjax import _common
+from lsjax._common import ArrayLike
+from lsjax.smoothed import smoothed_cross_entropy
 from lsjax.soft import soft_target_cross_entropy
 
 
@@ -33,7 +35,7 @@ def cross_entropy_with_logits(
     logits = jnp.asarray(logits)
     targets = jnp.asarray(targets)
     # Checked here, where the value is still concrete (inside the custom_vjp it is traced).
-    z_value = _concrete_scalar(fn, "z_loss", z_loss)
+    z_value = _common.concrete_scalar(fn, "z_loss", z_loss)
     lsspec.check_z_loss(fn, z_value, from_log_probs=False, return_z_loss=True)
     compute_dtype = jnp.promote_types(logits.dtype, jnp.float32)
     return _cross_entropy_with_logits(logits, targets, jnp.asarray(z_loss, compute_dtype))

@@ -8,7 +8,9 @@ from __future__ import annotations
 import jax
 
 import lsspec
-from lsjax.smoothed import ArrayLike, _concrete_scalar, smoothed_cross_entropy
+from lsjax import _common
+from lsjax._common import ArrayLike
+from lsjax.smoothed import smoothed_cross_entropy
 from lsjax.soft import soft_target_cross_entropy as _soft_target
 
 
@@ -23,7 +25,8 @@ def label_smoothing_cross_entropy(
     below 1 (checked when concrete; a traced value is held to [0, 1] only, NaN outside).
     """
     fn = "label_smoothing_cross_entropy"
-    lsspec.check_positive_below_one(fn, "smoothing", _concrete_scalar(fn, "smoothing", smoothing))
+    value = _common.concrete_scalar(fn, "smoothing", smoothing)
+    lsspec.check_positive_below_one(fn, "smoothing", value)
     return smoothed_cross_entropy(
         x,
         target,

@@ -23,8 +23,15 @@ def label_smoothed_nll_loss(
     ``smooth = -sum(lprobs)``, ``eps_i = epsilon / (V - 1)`` (``pre_2021=True``: ``eps_i =
     epsilon / V``, ``loss = (1 - epsilon) * nll + eps_i * smooth``), ignored rows zeroed,
     summed when ``reduce``: ``smoothed_cross_entropy(lprobs, target, smoothing=epsilon,
-    convention="others", from_log_probs=True, ...)``. Same return structure and documented
-    differences as ``lsjax.compat.fairseq.label_smoothed_nll_loss``.
+    convention="others", from_log_probs=True, ignore_index=ignore_index, reduction="sum" if
+    reduce else "none")``, and ``nll`` the same call with ``smoothing=0``; the gradient is
+    ``-q``. ``lprobs`` has the vocabulary on its last axis.
+
+    Returns ``(loss, nll_loss)`` like fairseq: scalars when ``reduce``; otherwise per row, with
+    a trailing axis of 1 when ``ignore_index`` is given (fairseq keeps the gathered
+    ``(..., 1)`` shape then and squeezes it otherwise). ``target`` may carry that trailing 1.
+    Differences: an ``epsilon`` outside [0, 1] or a (non-ignored) target out of range raises
+    instead of computing a number.
     """
     fn = "label_smoothed_nll_loss"
     trailing = lsspec.fairseq_labels_shape(fn, tuple(target.shape), tuple(lprobs.shape))

@@ -20,9 +20,12 @@ def label_smoother(
 
     ``(1 - eps) * sum(-lp[y]) / n + eps * sum(-sum_c lp_c) / (n K)`` over the ``n`` rows not
     labelled ``ignore_index``: ``smoothed_cross_entropy(logits, labels, smoothing=epsilon,
-    ignore_index=ignore_index, reduction="mean")``; ``shift_labels=True`` drops the last logit
-    position and the first label. Same documented differences as ``lsjax.compat.hf``: all rows
-    ignored gives 0 (HF: NaN); other negative labels raise (HF clamps them to class 0).
+    ignore_index=ignore_index, reduction="mean")``, the class axis last; ``shift_labels=True``
+    drops the last position of ``logits`` (axis -2) and the first of ``labels`` (causal LM).
+    ``labels`` may carry a trailing axis of 1, as HF accepts.
+
+    Differences: when every row is ignored this returns 0 with a zero gradient (HF: NaN, 0/0);
+    a negative label other than ``ignore_index`` raises (HF clamps it to class 0 and counts it).
     """
     if shift_labels:
         logits = logits[..., :-1, :]

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 
 import lsspec
+from lstorch._common import compute_dtype as _compute_dtype
 from lstorch.binary import sigmoid_binary_cross_entropy
-from lstorch.smoothed import _compute_dtype
 from lstorch.soft import soft_target_cross_entropy
 
 
@@ -23,8 +23,13 @@ def categorical_crossentropy(
 ) -> torch.Tensor:
     r"""``keras.losses.categorical_crossentropy(y_true, y_pred, from_logits, label_smoothing,
     axis)``: ``t = y_true (1 - eps) + eps / K``, ``-sum_c t_c log p_c`` with ``p`` the softmax
-    of logits or Keras's normalised-and-clipped (``[1e-7, 1 - 1e-7]``) probabilities. Same
-    binding and documented differences as ``lsjax.compat.keras.categorical_crossentropy``.
+    of logits or Keras's normalised-and-clipped (``[1e-7, 1 - 1e-7]``) probabilities: that is
+    ``soft_target_cross_entropy(y_pred, y_true, smoothing=eps, axis=axis)``, on the clipped
+    log-probabilities with ``from_log_probs=True`` when ``from_logits=False``.
+
+    Differences: ``K`` is the size of ``axis`` (Keras uses ``y_true.shape[-1]`` whatever
+    ``axis`` is; the same for ``axis=-1``); computed in float32 for bf16/fp16 inputs (Keras
+    casts ``y_true`` to ``y_pred``'s dtype and computes there).
     """
     compute_dtype = _compute_dtype(y_pred.dtype)
     y_true = y_true.to(compute_dtype)
@@ -58,8 +63,10 @@ def binary_crossentropy(
 ) -> torch.Tensor:
     r"""``keras.losses.binary_crossentropy(y_true, y_pred, from_logits, label_smoothing, axis)``:
     labels ``y (1 - eps) + eps / 2``, elementwise sigmoid cross-entropy (probabilities clipped
-    to ``[1e-7, 1 - 1e-7]`` when not ``from_logits``), mean over ``axis``. Same binding as
-    ``lsjax.compat.keras.binary_crossentropy``.
+    to ``[1e-7, 1 - 1e-7]`` when not ``from_logits``), mean over ``axis``: that is
+    ``mean(sigmoid_binary_cross_entropy(z, y_true, smoothing=eps), axis)`` with ``z = y_pred``,
+    or ``z = log(p) - log(1 - p)`` (the logit of the clipped probability, whose softplus terms
+    are exactly ``-log p`` and ``-log(1 - p)``). Computed in float32 for bf16/fp16 inputs.
     """
     compute_dtype = _compute_dtype(y_pred.dtype)
     lsspec.check_axis("binary_crossentropy", axis, max(y_pred.ndim, 1))

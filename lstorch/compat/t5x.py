@@ -5,12 +5,8 @@ from __future__ import annotations
 import torch
 
 import lsspec
-from lstorch.smoothed import (
-    _compute_dtype,
-    _concrete_scalar,
-    _with_forward_mode,
-    smoothed_cross_entropy,
-)
+from lstorch import _common
+from lstorch.smoothed import smoothed_cross_entropy
 from lstorch.soft import soft_target_cross_entropy
 
 
@@ -24,14 +20,19 @@ def cross_entropy_with_logits(
     targets)`` for the logits, ``-g log_softmax`` for the targets, the z-part's cotangent
     ignored. Forward mode (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``) is
     the transpose of that rule, so ``jacfwd`` equals ``jacrev`` and the z-part's tangent is 0.
-    See ``lsjax.compat.t5x.cross_entropy_with_logits``.
+    The value is ``lstorch.soft_target_cross_entropy(logits, targets, z_loss=z_loss,
+    return_z_loss=True)`` (the vocabulary on the last axis); the ``1`` in the rule assumes that
+    each row of ``targets`` sums to 1 (for other targets it is not the derivative of the loss;
+    T5X does the same).
     """
     fn = "cross_entropy_with_logits"
     # Checked here (inside the autograd.Function the value is a tensor on the logits' device).
-    z_value = _concrete_scalar(fn, "z_loss", z_loss)
+    z_value = _common.concrete_scalar(fn, "z_loss", z_loss)
     lsspec.check_z_loss(fn, z_value, from_log_probs=False, return_z_loss=True)
-    z = torch.as_tensor(z_loss, dtype=_compute_dtype(logits.dtype), device=logits.device)
-    function = _with_forward_mode(_CrossEntropyWithLogits, _CrossEntropyWithLogitsForwardMode)
+    z = torch.as_tensor(z_loss, dtype=_common.compute_dtype(logits.dtype), device=logits.device)
+    function = _common.with_forward_mode(
+        _CrossEntropyWithLogits, _CrossEntropyWithLogitsForwardMode
+    )
     return function.apply(logits, targets, z)
 
 
@@ -89,7 +90,7 @@ class _CrossEntropyWithLogits(torch.autograd.Function):
 
 class _CrossEntropyWithLogitsForwardMode(_CrossEntropyWithLogits):
     """``_CrossEntropyWithLogits`` with ``jvp``, the transpose of its backward rule; Dynamo traces
-    the class without it (see ``lstorch.smoothed._with_forward_mode``)."""
+    the class without it (see ``lstorch._common.with_forward_mode``)."""
 
     @staticmethod
     def jvp(ctx, logits_tangent, targets_tangent, z_loss_tangent):
@@ -116,8 +117,11 @@ def compute_weighted_cross_entropy(
     Per token ``smoothed_cross_entropy(logits, targets, smoothing=label_smoothing,
     convention="others", kl=True, z_loss=z_loss, return_z_loss=True)``; loss and z-loss times
     ``weights``, divided by ``loss_normalizing_factor``, summed. Returns ``(loss, z_loss,
-    weight_sum)``; the z-loss output carries no gradient (T5X ignores its cotangent). Same
-    documented differences as ``lsjax.compat.t5x.compute_weighted_cross_entropy``.
+    weight_sum)`` (``weight_sum = sum(weights)``, or the number of targets); the z-loss output
+    carries no gradient (T5X ignores its cotangent). Differences: the targets' entropy (the
+    normalizing constant of the KL form) is exact (``xlogy``), where T5X writes ``low * log(low +
+    1e-20)`` (a shift below 1e-19 per token) and ``c * log(c)``, which is NaN at
+    ``label_smoothing = 1``; here that case is finite. Outputs are float32 for bf16 logits.
     """
     fn = "compute_weighted_cross_entropy"
     lsspec.check_t5x_targets(fn, tuple(logits.shape), tuple(targets.shape))

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 import lsspec
-from lstorch.smoothed import _concrete_scalar, smoothed_cross_entropy
+from lstorch import _common
+from lstorch.smoothed import smoothed_cross_entropy
 from lstorch.soft import soft_target_cross_entropy as _soft_target
 
 
@@ -23,7 +24,7 @@ def label_smoothing_cross_entropy(
     outside).
     """
     fn = "label_smoothing_cross_entropy"
-    value = _concrete_scalar(fn, "smoothing", smoothing)
+    value = _common.concrete_scalar(fn, "smoothing", smoothing)
     lsspec.check_positive_below_one(fn, "smoothing", value)
     return smoothed_cross_entropy(
         x,

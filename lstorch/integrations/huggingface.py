@@ -44,8 +44,9 @@ except ModuleNotFoundError as error:
 import torch
 from torch import nn
 
+from lstorch import _common
 from lstorch.fused import fused_linear_smoothed_cross_entropy
-from lstorch.smoothed import _concrete_scalar, _concrete_smoothing, _reduce, smoothed_cross_entropy
+from lstorch.smoothed import smoothed_cross_entropy
 
 __all__ = ["compute_loss_func", "fused_causal_lm_loss"]
 
@@ -196,7 +197,7 @@ def fused_causal_lm_loss(
     fn = lsspec.caller("fused_causal_lm_loss", normalizer="num_items_in_batch")
     _check_options(fn, options, fused_linear_smoothed_cross_entropy)
     _check_values(fn, smoothing, ignore_index, options)
-    normalizer = _concrete_scalar(fn, "normalizer", num_items_in_batch, optional=True)
+    normalizer = _common.concrete_scalar(fn, "normalizer", num_items_in_batch, optional=True)
     if lsspec.is_number(normalizer) and not (normalizer > 0 and math.isfinite(normalizer)):
         raise ValueError(
             f"{fn}: `num_items_in_batch` must be a finite number > 0; got {num_items_in_batch!r}."
@@ -222,7 +223,7 @@ def fused_causal_lm_loss(
         return loss
     # The sum divided by the count, with smoothed_cross_entropy's handling of a normalizer that
     # could not be read (NaN where it is not a finite number > 0).
-    return _reduce(loss.reshape(1), None, "mean", num_items_in_batch)
+    return _common.reduce(loss.reshape(1), None, "mean", num_items_in_batch)
 
 
 def _check_options(fn: lsspec.Caller, options: dict, function: Callable) -> None:
@@ -249,7 +250,7 @@ def _check_values(fn: lsspec.Caller, smoothing: object, ignore_index: object, op
     lsspec.check_options(
         fn,
         num_classes=None,
-        smoothing=_concrete_smoothing(fn, smoothing),
+        smoothing=_common.concrete_smoothing(fn, smoothing),
         convention=options.get("convention", "uniform"),
         reduction="mean",
         pad_index=options.get("pad_index"),
@@ -258,7 +259,7 @@ def _check_values(fn: lsspec.Caller, smoothing: object, ignore_index: object, op
         has_weight=options.get("weight") is not None,
     )
     if "z_loss" in options:
-        z_value = _concrete_scalar(fn, "z_loss", options["z_loss"])
+        z_value = _common.concrete_scalar(fn, "z_loss", options["z_loss"])
         lsspec.check_z_loss(
             fn, z_value, from_log_probs=options.get("from_log_probs", False), return_z_loss=False
         )

@@ -1,0 +1,258 @@
+"""The prologue and epilogue every lsjax loss shares: input checks, options, rows, reduction.
+
+Each loss family adds only its own arithmetic on top of these: the checks of arrays and labels
+(dtype, range, masked class), the scalar options (``smoothing``, ``z_loss``, ``normalizer``) as
+numbers to check and as arrays to compute with, the mask of the rows that count, the zero-safe
+product :func:`times`, and the reduction. Their PyTorch counterparts are in
+``lstorch._common``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.custom_derivatives import SymbolicZero
+
+import lsspec
+
+Array = jax.Array
+ArrayLike = Any
+
+
+def is_traced(value: Any) -> bool:
+    return isinstance(value, jax.core.Tracer)
+
+
+def compute_dtype(dtype) -> Any:
+    """The dtype a loss accumulates in: float32 for bf16/fp16/float32, float64 for float64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def xlogx(value: Array) -> Array:
+    """x * log(x) with 0 log 0 = 0, so smoothing = 1 (confidence 0) stays finite."""
+    return jax.scipy.special.xlogy(value, value)
+
+
+@jax.custom_jvp
+def times(scale: Array, term: Array) -> Array:
+    """``scale * term`` that is exactly 0 when ``scale`` is 0, even where ``term`` is infinite.
+
+    With smoothing = 0 and a -inf logit the smoothing term is +inf; ``0 * inf`` would be NaN.
+    Its derivative is the product's, at ``scale = 0`` too: ``term`` with respect to ``scale``
+    (a select would give 0 there: a smoothing at 0 would never move), ``scale`` (0 there, not
+    ``0 * inf``) with respect to ``term``.
+    """
+    return jnp.where(scale == 0, jnp.zeros_like(term), scale * term)
+
+
+def is_zero(tangent: Any) -> bool:
+    """Whether a tangent is JAX's symbolic zero: that input is not being differentiated."""
+    return isinstance(tangent, SymbolicZero)
+
+
+def _times_jvp(primals, tangents):
+    scale, term = primals
+    d_scale, d_term = tangents
+    value = times(scale, term)
+    tangent = jnp.zeros_like(value)
+    if not is_zero(d_term):
+        tangent = tangent + times(scale, d_term)
+    if not is_zero(d_scale):  # skipped when scale is constant: 0 * inf would be NaN
+        tangent = tangent + d_scale * term
+    return value, tangent
+
+
+times.defjvp(_times_jvp, symbolic_zeros=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Scalar options
+
+
+def concrete_scalar(fn: Any, name: str, value: Any, *, optional: bool = False) -> Any:
+    """A scalar option (smoothing, normalizer, z_loss, ...) as a Python float for checking: a
+    number or a concrete 0-d array of a real dtype. A traced value passes through unread (out of
+    range, it gives NaN). None is kept where ``optional``; anything else (None, a string, a
+    tuple, a bool) raises TypeError, an array of more than one element ValueError."""
+    if value is None and optional:
+        return None
+    if lsspec.is_number(value):
+        return float(value)
+    if not isinstance(value, jax.Array | np.ndarray | np.generic):
+        raise lsspec.scalar_type_error(fn, name, value)
+    if np.ndim(value) != 0:
+        raise lsspec.shape_error(fn, name, np.shape(value), "a scalar shape ()")
+    dtype = value.dtype
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        raise lsspec.scalar_type_error(fn, name, value)
+    if is_traced(value):
+        return value
+    return float(np.asarray(value))
+
+
+_FLOAT64_ULP = float(np.finfo(np.float64).eps)
+
+
+def _ulp_of_one(value: Any) -> float:
+    """The spacing of ``value``'s own float dtype at 1.0 (float64's for a Python number)."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
+        return float(jnp.finfo(dtype).eps)
+    return _FLOAT64_ULP
+
+
+def concrete_smoothing(fn: Any, value: Any, name: str = "smoothing") -> Any:
+    """A concrete smoothing as a Python float, snapped into [0, 1] when it is only rounding
+    outside it (``lsspec.UNIT_INTERVAL_ULPS``); traced values pass through."""
+    concrete = concrete_scalar(fn, name, value)
+    if lsspec.is_number(concrete):
+        return lsspec.snap_to_unit_interval(concrete, _ulp_of_one(value))
+    return concrete
+
+
+def check_label_options(fn, num_classes: int | None, options: lsspec.LabelOptions, **more) -> None:
+    """``lsspec.check_options`` of a loss with integer labels: its ``options`` and ``more``
+    (the dense loss's ``normalizer``, ``kl``, ...). A concrete smoothing is read and checked;
+    a traced one passes."""
+    lsspec.check_options(
+        fn,
+        num_classes=num_classes,
+        smoothing=concrete_smoothing(fn, options.smoothing),
+        convention=options.convention,
+        reduction=options.reduction,
+        pad_index=options.pad_index,
+        ignore_index=options.ignore_index,
+        **more,
+    )
+
+
+def smoothing_array(value: Any, dtype) -> Array:
+    """``value`` as a 0-d ``dtype`` array, clamped into [0, 1] where it lies within the rounding
+    slack outside it (a traced schedule that ends at 0); farther out it stays out of range, and
+    the rows it reaches are NaN."""
+    slack = lsspec.unit_interval_slack(_ulp_of_one(value))
+    eps = jnp.asarray(value, dtype)
+    snapped = jnp.clip(eps, 0, 1)
+    rounding = (eps != snapped) & (jnp.abs(eps - snapped) <= slack)
+    # The snap is rounding, not a change of value: its derivative is 1 (straight through), so
+    # a learned smoothing at 0 or 1 keeps its whole derivative (clip's would be 1/2 there).
+    return jnp.where(rounding, eps + jax.lax.stop_gradient(snapped - eps), eps)
+
+
+def z_loss_array(value: Any, dtype) -> Array:
+    """``z_loss`` as a 0-d ``dtype`` array, NaN where it is negative or not finite (a traced
+    value the checks could not read): the rows it reaches are NaN, never a plausible number."""
+    z = jnp.asarray(value, dtype)
+    return jnp.where((z >= 0) & jnp.isfinite(z), z, jnp.nan)
+
+
+# --------------------------------------------------------------------------------------------
+# Arrays and labels
+
+
+def array_or_none(value: Any) -> Any:
+    """``weight``/``where``/``class_mask`` as an array (a Python list becomes one)."""
+    return None if value is None else jnp.asarray(value)
+
+
+def floating(fn: Any, **arrays: ArrayLike) -> tuple[Array, ...]:
+    """The named inputs as arrays, each of a floating dtype (else a TypeError naming it)."""
+    checked = []
+    for name, value in arrays.items():
+        value = jnp.asarray(value)
+        if not jnp.issubdtype(value.dtype, jnp.floating):
+            raise lsspec.dtype_error(fn, name, value.dtype, "a floating dtype")
+        checked.append(value)
+    return tuple(checked)
+
+
+def check_bool(fn: Any, name: str, value: Any) -> None:
+    """A mask option (``where``, ``class_mask``), when given, has dtype bool."""
+    if value is not None and jnp.asarray(value).dtype != jnp.bool_:
+        raise lsspec.dtype_error(fn, name, jnp.asarray(value).dtype, "dtype bool")
+
+
+def integer_labels(fn: Any, labels: ArrayLike) -> Array:
+    """``labels`` as an array of an integer dtype (else a TypeError), widened by
+    :func:`index_labels` before any comparison with ``ignore_index`` or ``pad_index``."""
+    labels = jnp.asarray(labels)
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise lsspec.dtype_error(fn, "labels", labels.dtype, "an integer dtype")
+    return index_labels(labels)
+
+
+def index_labels(labels: Array) -> Array:
+    """Integer ``labels`` (already checked) in JAX's default integer dtype (int64 under
+    ``jax_enable_x64``, else int32) wherever that holds them, so that every class index and
+    every ``ignore_index``/``pad_index`` fits: uint8, int8, uint16, int16 (and, under x64, int32
+    and uint32) are widened.
+
+    JAX compares an array with a Python int in the array's dtype, so in uint8 ``-100`` would be
+    156 (a real class, silently ignored) and ``K = 259`` would be 3 (real labels out of range).
+    Widening before any comparison makes narrow labels give exactly what int64 labels give, and
+    widening to ONE dtype makes the compiled program the same whatever the labels' dtype: XLA's
+    fusion choices (and so the order of float32 additions) may otherwise differ by a last bit.
+    Labels as wide as the target are left as they are.
+    """
+    target = jnp.dtype(jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
+    if labels.dtype.itemsize < target.itemsize:
+        return labels.astype(target)
+    return labels
+
+
+def counted_rows(labels: Array, ignore_index=None, pad_index=None, where=None) -> Array:
+    """The rows that count: label not ``ignore_index``, not ``pad_index``, and ``where`` True."""
+    counted = jnp.ones(labels.shape, dtype=bool)
+    if ignore_index is not None:
+        counted = counted & (labels != ignore_index)
+    if pad_index is not None:
+        counted = counted & (labels != pad_index)
+    if where is not None:
+        counted = counted & jnp.asarray(where)
+    return counted
+
+
+def check_label_range(fn, labels, counted, num_classes, ignore_index, class_mask=None) -> None:
+    """Concrete labels out of range (or of a masked class) raise; traced ones give NaN rows."""
+    if is_traced(labels) or is_traced(counted):
+        return
+    labels_np = np.asarray(labels)
+    bad = np.asarray(counted) & ((labels_np < 0) | (labels_np >= num_classes))
+    if bad.any():
+        raise lsspec.label_range_error(fn, labels_np[bad].tolist(), num_classes, ignore_index)
+    if class_mask is not None and not is_traced(class_mask):
+        allowed = np.asarray(class_mask)
+        masked = np.asarray(counted) & ~allowed[np.clip(labels_np, 0, num_classes - 1)]
+        if masked.any():
+            raise lsspec.masked_label_error(fn, labels_np[masked].tolist())
+
+
+# --------------------------------------------------------------------------------------------
+# The reduction
+
+
+def reduce(loss: Array, row_weight: Array, reduction: str, normalizer: Any = None) -> Array:
+    """``"none"``: ``loss``; ``"sum"``: its sum; ``"mean"``: the sum over ``sum(row_weight)`` (0
+    when that is 0), or over ``normalizer`` when given."""
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return jnp.sum(loss)
+    # The mean of rows near the float32 maximum is finite while their sum is not: each row is
+    # scaled by a power of two before it is added and the quotient scaled back, which is the
+    # unscaled quotient bit for bit wherever that one is finite (lsspec.sum_scale).
+    scale = lsspec.sum_scale(loss.size)
+    total = jnp.sum(loss * scale)
+    if normalizer is not None:
+        # A traced normalizer that is not a finite number > 0 gives NaN (a concrete one raised).
+        denominator = jnp.asarray(normalizer, loss.dtype)
+        valid = (denominator > 0) & jnp.isfinite(denominator)
+        return jnp.where(valid, total / jnp.where(valid, denominator, 1.0) / scale, jnp.nan)
+    denominator = jnp.sum(row_weight)
+    nothing_counts = denominator == 0
+    return jnp.where(
+        nothing_counts, 0.0, total / jnp.where(nothing_counts, 1.0, denominator) / scale
+    )

@@ -1,0 +1,333 @@
+"""The prologue and epilogue every lstorch loss shares: input checks, options, rows, reduction.
+
+Each loss family adds only its own arithmetic on top of these: the checks of tensors and labels
+(dtype, range, masked class), the scalar options (``smoothing``, ``z_loss``, ``normalizer``) as
+numbers to check and as tensors to compute with, the mask of the rows that count, the zero-safe
+product :func:`times` (and :func:`scaled`, its differentiable form), the reduction, and the
+autograd helpers the cores share (:func:`with_forward_mode`, :func:`differentiated_again`).
+Their JAX counterparts are in ``lsjax._common``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.autograd.forward_ad as fwAD
+
+import lsspec
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def xlogx(value: torch.Tensor) -> torch.Tensor:
+    """x * log(x) with 0 log 0 = 0, so smoothing = 1 (confidence 0) stays finite."""
+    return torch.xlogy(value, value)
+
+
+def times(scale: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
+    """``scale * term``, exactly 0 when ``scale`` is 0 even where ``term`` is infinite.
+
+    Autograd gives it ``torch.where``'s derivative, 0 with respect to ``scale`` at ``scale = 0``:
+    where ``scale`` may be differentiated, use :func:`scaled`."""
+    return torch.where(scale == 0, torch.zeros_like(term), scale * term)
+
+
+class _Times(torch.autograd.Function):
+    """:func:`times` with the product's derivative, at ``scale = 0`` too: ``term`` with respect
+    to ``scale`` (so a smoothing at 0 still moves) and ``scale`` (0 there, not ``0 * inf``) with
+    respect to ``term``. Works under ``torch.func`` and ``torch.compile``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(scale, term):
+        return times(scale, term)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        scale, term = ctx.saved_tensors
+        d_scale = d_term = None
+        if ctx.needs_input_grad[0]:
+            d_scale = (grad * term).sum_to_size(scale.shape)
+        if ctx.needs_input_grad[1]:
+            d_term = times(scale, grad).sum_to_size(term.shape)
+        return d_scale, d_term
+
+
+class _TimesForwardMode(_Times):
+    """``_Times`` with ``jvp``, the same product rule: ``d scale * term + scale * d term``
+    (``scale * d term`` exactly 0 at ``scale = 0``). See ``with_forward_mode``."""
+
+    @staticmethod
+    def jvp(ctx, scale_tangent, term_tangent):
+        scale, term = ctx.saved_tensors
+        tangent = torch.zeros(torch.broadcast_shapes(scale.shape, term.shape), dtype=term.dtype,
+                              device=term.device)  # fmt: skip
+        if scale_tangent is not None:
+            tangent = tangent + scale_tangent * term
+        if term_tangent is not None:
+            tangent = tangent + times(scale, term_tangent)
+        return tangent
+
+
+def scaled(scale: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
+    """:func:`times`, differentiable with respect to ``scale`` at ``scale = 0`` (``_Times``)."""
+    return with_forward_mode(_Times, _TimesForwardMode).apply(scale, term)
+
+
+def numpy_as_tensor(value: object) -> object:
+    """A NumPy array option (``np.array(0.1)``) as a CPU tensor, as lsjax takes one; any other
+    value unchanged."""
+    if isinstance(value, torch.Tensor) or not hasattr(value, "__array__"):
+        return value
+    return torch.as_tensor(value)
+
+
+def option_readable(value: torch.Tensor) -> bool:
+    """Whether the host may read a tensor option's value to check it: a CPU tensor (reading one
+    on an accelerator would make the host wait for the device on every call), outside
+    ``torch.compile``, ``torch.jit`` tracing and ``torch.func.vmap`` batching (see
+    ``values_readable``)."""
+    return value.device.type == "cpu" and not torch.jit.is_tracing() and values_readable(value)
+
+
+def concrete_scalar(fn: object, name: str, value: object, *, optional: bool = False) -> object:
+    """A scalar option (smoothing, normalizer, z_loss, ...) as a Python float for checking: a
+    number, or a one-element tensor of a real dtype whose value the host may read
+    (``option_readable``: a CPU tensor). Any other tensor passes through unread: out of range,
+    it gives NaN. None is kept where ``optional``; anything else (None, a string, a tuple, a
+    bool) raises TypeError."""
+    if value is None and optional:
+        return None
+    if lsspec.is_number(value):
+        return float(value)
+    value = numpy_as_tensor(value)
+    if not isinstance(value, torch.Tensor) or value.dtype == torch.bool or value.is_complex():
+        raise lsspec.scalar_type_error(fn, name, value)
+    if value.numel() != 1:
+        raise lsspec.shape_error(fn, name, tuple(value.shape), "a scalar shape ()")
+    if option_readable(value):
+        return float(value.detach().reshape(()))
+    return value
+
+
+_FLOAT64_ULP = torch.finfo(torch.float64).eps
+
+
+def _ulp_of_one(value: object) -> float:
+    """The spacing of ``value``'s own float dtype at 1.0 (float64's for a Python number)."""
+    value = numpy_as_tensor(value)
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return torch.finfo(value.dtype).eps
+    return _FLOAT64_ULP
+
+
+def concrete_smoothing(fn: object, value: object, name: str = "smoothing") -> object:
+    """A concrete smoothing (a number, or a CPU tensor: see ``concrete_scalar``) as a float,
+    snapped into [0, 1] when it is only rounding outside it (``lsspec.UNIT_INTERVAL_ULPS``);
+    other tensors pass through unread."""
+    concrete = concrete_scalar(fn, name, value)
+    if lsspec.is_number(concrete):
+        return lsspec.snap_to_unit_interval(concrete, _ulp_of_one(value))
+    return concrete
+
+
+def smoothing_tensor(value, dtype, device) -> torch.Tensor:
+    """``value`` as a 0-d ``dtype`` tensor on ``device``, clamped into [0, 1] where it lies
+    within the rounding slack outside it (a schedule that ends at 0); farther out it stays out
+    of range, and the rows it reaches are NaN."""
+    slack = lsspec.unit_interval_slack(_ulp_of_one(value))
+    eps = device_scalar(value, dtype, device)
+    snapped = eps.clamp(0, 1)
+    rounding = (eps != snapped) & ((eps - snapped).abs() <= slack)
+    # The snap is rounding, not a change of value: its derivative is 1 (straight through), as
+    # lsjax's, so a learned smoothing just outside [0, 1] keeps its derivative.
+    return torch.where(rounding, eps + (snapped - eps).detach(), eps)
+
+
+def z_loss_tensor(value, dtype, device) -> torch.Tensor:
+    """``z_loss`` as a 0-d ``dtype`` tensor on ``device``, NaN where it is negative or not finite
+    (a value the checks could not read): the rows it reaches are NaN, never a plausible
+    number."""
+    z = device_scalar(value, dtype, device)
+    return torch.where((z >= 0) & torch.isfinite(z), z, torch.nan)
+
+
+def tensor_option(fn, name, value, device):
+    """``weight``, ``where`` or ``class_mask`` as a tensor: a Python list (or another array-like)
+    becomes one on ``device``, as lsjax accepts any array-like; a tensor is kept as it is."""
+    if value is None or isinstance(value, torch.Tensor):
+        return value
+    try:
+        return torch.as_tensor(value, device=device)
+    except (TypeError, ValueError, RuntimeError) as error:
+        fn, arg = lsspec.names(fn)
+        raise TypeError(
+            f"{fn}: `{arg(name)}` must be a tensor or a list of numbers; got {value!r} ({error})."
+        ) from None
+
+
+def class_axis(fn, axis, ndim, shape) -> int:
+    """The class axis as a non-negative int. ``axis=None`` (the default) is the last axis for
+    1-D and 2-D logits, where torch's class axis (0 of ``(C,)``, 1 of ``(N, C)``) is the last
+    one too; with 3 or more dimensions it must be given (``lsspec.axis_required_error``)."""
+    if axis is None:
+        if ndim >= 3:
+            raise lsspec.axis_required_error(fn, shape)
+        axis = -1
+    return lsspec.check_axis(fn, axis, ndim)
+
+
+def index_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Integer ``labels`` (already checked) as int64, the dtype torch indexes with.
+
+    In a narrower dtype ``gather`` refuses the labels, ``weight[labels]`` reads uint8 labels as
+    a boolean mask, uint16 has no ``<`` on the CPU, and a comparison with a Python int is made
+    in the labels' dtype (uint8: ``-100`` is 156, ``K = 259`` is 3). Widening before any of
+    those makes narrow labels give exactly what int64 labels give. A no-op for int64.
+    """
+    return labels.to(torch.int64)
+
+
+def values_readable(tensor: torch.Tensor) -> bool:
+    """Whether the host can read ``tensor``'s values: not inside ``torch.compile`` (the read
+    would break the graph) and not batched by ``torch.func.vmap`` (a vmapped value cannot be
+    read; per-sample-gradient code vmaps over the labels)."""
+    if torch.compiler.is_compiling():
+        return False
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(tensor):  # e.g. vmap(grad(loss)): unwrap grad's
+        if functorch.is_batchedtensor(tensor):
+            return False
+        tensor = functorch.get_unwrapped(tensor)
+    return True
+
+
+def differentiated_again(*tensors: torch.Tensor) -> bool:
+    """Whether a backward's result will itself be differentiated, so that it must be built from
+    differentiable ops on the inputs (statistics such as the lse recomputed from them, nothing
+    written in place): a graph is being recorded (``create_graph=True``), a ``torch.func``
+    transform is active (``hessian``, ``jacfwd`` over ``jacrev``), or an input carries a
+    ``torch.autograd.forward_ad`` tangent (forward over reverse)."""
+    return (
+        torch.is_grad_enabled()
+        or torch._C._are_functorch_transforms_active()
+        or any(fwAD.unpack_dual(t).tangent is not None for t in tensors if t is not None)
+    )
+
+
+def with_forward_mode(function: type, with_jvp: type) -> type:
+    """The autograd.Function to apply: ``with_jvp`` (``function`` plus a ``jvp`` for forward
+    mode), except while ``torch.compile`` traces the call, where Dynamo refuses (graph-breaks
+    on) a Function that defines ``jvp`` and gets ``function``, the same in every other way."""
+    return function if torch.compiler.is_compiling() else with_jvp
+
+
+def check_label_range(fn, labels, counted, num_classes, ignore_index, class_mask=None):
+    """Labels out of range (or of a masked class) raise; where their values cannot be read
+    (``torch.compile``, batched labels under ``torch.func.vmap``) such a row is NaN instead."""
+    if not (values_readable(labels) and values_readable(counted)):
+        return
+    bad = counted & ((labels < 0) | (labels >= num_classes))
+    if bool(bad.any()):
+        raise lsspec.label_range_error(fn, labels[bad].tolist(), num_classes, ignore_index)
+    if class_mask is not None:
+        masked = counted & ~class_mask[labels.clamp(0, num_classes - 1)]
+        if bool(masked.any()):
+            raise lsspec.masked_label_error(fn, labels[masked].tolist())
+
+
+def device_scalar(value, dtype, device) -> torch.Tensor:
+    """A 0-d tensor of ``value`` on ``device``: a Python number is filled there (on a GPU, a
+    host-to-device copy from pageable memory would wait for the stream), a tensor is cast."""
+    value = numpy_as_tensor(value)
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype=dtype, device=device)
+    return torch.full((), value, dtype=dtype, device=device)
+
+
+def reduce(loss, row_weight, reduction: str, normalizer=None) -> torch.Tensor:
+    """``"none"``: ``loss``; ``"sum"``: its sum; ``"mean"``: the sum over ``sum(row_weight)`` (0
+    when that is 0), or over ``normalizer`` when given."""
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    # The mean of rows near the float32 maximum is finite while their sum is not: each row is
+    # scaled by a power of two before it is added and the quotient scaled back, which is the
+    # unscaled quotient bit for bit wherever that one is finite (lsspec.sum_scale).
+    scale = lsspec.sum_scale(loss.numel())
+    total = (loss * scale).sum()
+    if normalizer is not None:
+        # A normalizer that was not read (a tensor on an accelerator, inside torch.compile) and
+        # is not a finite number > 0 gives NaN; a concrete one was checked.
+        denominator = device_scalar(normalizer, loss.dtype, loss.device)
+        valid = (denominator > 0) & torch.isfinite(denominator)
+        return torch.where(valid, total / torch.where(valid, denominator, 1.0) / scale, torch.nan)
+    denominator = row_weight.sum()
+    nothing_counts = denominator == 0
+    return torch.where(
+        nothing_counts, 0.0, total / torch.where(nothing_counts, 1.0, denominator) / scale
+    )
+
+
+def check_label_options(fn, num_classes: int | None, options: lsspec.LabelOptions, **more) -> None:
+    """``lsspec.check_options`` of a loss with integer labels: its ``options`` and ``more``
+    (the dense loss's ``normalizer``, ``kl``, ...). A smoothing given as a number or a CPU
+    tensor is read and checked; any other tensor passes."""
+    lsspec.check_options(
+        fn,
+        num_classes=num_classes,
+        smoothing=concrete_smoothing(fn, options.smoothing),
+        convention=options.convention,
+        reduction=options.reduction,
+        pad_index=options.pad_index,
+        ignore_index=options.ignore_index,
+        **more,
+    )
+
+
+def floating(fn, **tensors: torch.Tensor) -> None:
+    """Each named input is a tensor of a floating dtype (else a TypeError naming it)."""
+    for name, value in tensors.items():
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            got = getattr(value, "dtype", type(value).__name__)
+            raise lsspec.dtype_error(fn, name, got, "a floating dtype (a float torch.Tensor)")
+
+
+def integer_labels(fn, labels: torch.Tensor, name: str = "labels") -> torch.Tensor:
+    """``labels``, a tensor of an integer dtype (not bool, float or complex: else a TypeError),
+    widened by :func:`index_labels` before any comparison with ``ignore_index``/``pad_index``."""
+    if (
+        not isinstance(labels, torch.Tensor)
+        or labels.is_floating_point()
+        or labels.is_complex()
+        or labels.dtype == torch.bool
+    ):
+        got = getattr(labels, "dtype", type(labels).__name__)
+        raise lsspec.dtype_error(fn, name, got, "an integer dtype (an int torch.Tensor)")
+    return index_labels(labels)
+
+
+def check_bool(fn, name: str, value: torch.Tensor | None) -> None:
+    """A mask option (``where``, ``class_mask``), when given, has dtype bool."""
+    if value is not None and value.dtype != torch.bool:
+        raise lsspec.dtype_error(fn, name, value.dtype, "dtype bool")
+
+
+def counted_rows(labels, ignore_index=None, pad_index=None, where=None) -> torch.Tensor:
+    """The rows that count: label not ``ignore_index``, not ``pad_index``, and ``where`` True."""
+    counted = torch.ones_like(labels, dtype=torch.bool)
+    if ignore_index is not None:
+        counted = counted & (labels != ignore_index)
+    if pad_index is not None:
+        counted = counted & (labels != pad_index)
+    if where is not None:
+        counted = counted & where
+    return counted
