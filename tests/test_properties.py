@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 import lsjax
 import lstorch
+from lsspec import MIN_CLASSES
 from parity_tests import DEFAULT_TOLERANCES, oracles
 from parity_tests.compare import (
     _round_to,
@@ -37,8 +38,6 @@ from parity_tests.compare import (
     run_torch,
 )
 from parity_tests.registry import TWINS
-
-MIN_CLASSES = {"uniform": 1, "others": 2, "others_but_pad": 3}
 
 
 @st.composite
