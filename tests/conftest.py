@@ -8,14 +8,11 @@
   subprocesses see it.
 * float64 tests need jax_enable_x64; every array here names its dtype, so turning it on globally
   changes no float32 or bf16 result. JAX has two CPU devices (for the sharded path).
-* One persistent JAX compilation cache for the whole run, shared by the pytest-xdist workers and
-  the subprocesses the tests start (see :func:`_share_one_compilation_cache`).
+* One persistent JAX compilation cache, shared by the pytest-xdist workers, the subprocesses
+  the tests start and the next run (see :func:`_share_one_compilation_cache`).
 """
 
-import atexit
 import os
-import shutil
-import tempfile
 
 import torch
 
@@ -42,19 +39,19 @@ jax.config.update("jax_num_cpu_devices", 2)
 
 
 def _share_one_compilation_cache() -> None:
-    """Point JAX's persistent compilation cache at one folder for the whole run.
+    """Point JAX's persistent compilation cache at one folder that every test process uses.
 
-    The first process of a run (pytest itself; the controller under ``-n 2``) makes a fresh
-    temporary folder, removed when it exits, and names it in ``JAX_COMPILATION_CACHE_DIR``; the
-    xdist workers and every subprocess a test starts inherit it, so a program compiled by one
-    is read back (about three times cheaper than compiling it) by the others. It also catches
-    the programs the in-memory caches evict: the suite compiles more distinct small programs
-    (twin cases, dtypes and shapes) than they keep. Same HLO and options, same executable.
-    A cache folder the user set already is used as it is and left in place.
+    ``JAX_COMPILATION_CACHE_DIR`` names it (``~/.cache/label-smoothing-parity/jax`` unless it is
+    set already), so the xdist workers and every subprocess a test starts inherit it: a program
+    one of them compiled is read back by the others (several times cheaper than compiling it),
+    and by the next run, as Inductor's own cache (``/tmp/torchinductor_$USER``) already is.
+    It also catches the programs JAX's in-memory caches evict: the suite compiles more distinct
+    small programs (twin cases, dtypes and shapes) than they keep. The key of an entry is the
+    program, its compile options and the jax/jaxlib versions: same key, same executable.
     """
     if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-        folder = tempfile.mkdtemp(prefix="label-smoothing-tests-jax-cache-")
-        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        folder = os.path.join(home, "label-smoothing-parity", "jax")
         os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
     # Cache every program, however small or quick to compile (the environment variables reach
     # the subprocesses too).
