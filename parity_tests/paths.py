@@ -41,8 +41,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import os
 import sys
+import zlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -75,10 +77,11 @@ ZERO_DIM_GRAD = 0.375  # exact in every dtype
 TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 JAX_DTYPES = {"float64": jnp.float64, "float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-# Cases per twin and path (None: every case). "ci" is what the test suite runs on CI's CPU,
-# "report" what ``python -m parity_tests`` runs by default, "all" is ``--sample all``.
+# Cases per twin and path (None: every case): "report" is what ``python -m parity_tests`` runs
+# by default, "all" is ``--sample all``. "ci", what the test suite runs on CI's CPU, is
+# :func:`ci_sample`, a few cases of the twin rows' pairwise cover; a number here limits it.
 SAMPLES = {
-    "ci": {"default": 3},
+    "ci": {"torch: compile": 1},
     "report": {"default": 6, "torch: compile": 3},
     "all": {"default": None},
 }
@@ -184,10 +187,9 @@ class KernelLaunches:
 
     @contextlib.contextmanager
     def counting(self):
-        from lstorch import smoothed
-
-        kernels = smoothed._triton_kernels()
-        if kernels is None:
+        try:
+            from lstorch import triton_kernels as kernels
+        except ImportError:  # no Triton: nothing can launch
             yield
             return
         originals = kernels.forward, kernels.backward
@@ -418,17 +420,29 @@ class NotApplicable(Exception):
     """This case cannot take this path (e.g. no axis of ``x`` divides over the devices)."""
 
 
+def _split_axis(shape, kwargs) -> int:
+    """The axis of ``x`` that the sharded path splits over the devices: its class axis where
+    that divides, else its first axis that does; :class:`NotApplicable` when none does."""
+    count = len(jax.devices())
+    if count < 2:
+        raise NotApplicable("needs 2+ devices")
+    axis = kwargs.get("axis", kwargs.get("dim", -1))
+    order = [axis % len(shape), *range(len(shape))] if shape else []
+    split = next((dim for dim in order if shape[dim] % count == 0), None)
+    if split is None:
+        raise NotApplicable(f"no axis of shape {tuple(shape)} divides over {count} devices")
+    return split
+
+
+def _check_shardable(args, kwargs):
+    _split_axis(np.shape(args[0]), kwargs)
+
+
 def _shard(x, kwargs):
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     devices = jax.devices()
-    if len(devices) < 2:
-        raise NotApplicable("needs 2+ devices")
-    axis = kwargs.get("axis", kwargs.get("dim", -1))
-    order = [axis % x.ndim, *range(x.ndim)] if x.ndim else []
-    split = next((dim for dim in order if x.shape[dim] % len(devices) == 0), None)
-    if split is None:
-        raise NotApplicable(f"no axis of shape {x.shape} divides over {len(devices)} devices")
+    split = _split_axis(x.shape, kwargs)
     spec = [None] * x.ndim
     spec[split] = "devices"
     mesh = Mesh(np.array(devices), ("devices",))
@@ -475,6 +489,10 @@ class Path:
     needs: tuple[str, ...] = ()  # the Twin flags this path needs: "kernels", "inplace", "pallas"
     dtypes: tuple[str, ...] = DTYPES  # the kernels take float32/bf16/fp16 logits, not float64
     kernels: str = ""  # the kernels ("Triton", "Pallas") the path must be seen to launch
+    examples: int = 1  # results per call: 2 under vmap (x and x / 2)
+    # ``check(args, kwargs)`` raises NotApplicable for a case the path cannot take, before the
+    # case's oracle and plain path are computed (None: every case applies).
+    check: Callable | None = None
 
     @property
     def plain(self) -> str:
@@ -517,10 +535,10 @@ PATHS: tuple[Path, ...] = (
         kernels="Triton",
     ),
     Path("torch: func.grad", "torch", torch_func_grad),
-    Path("torch: func.vmap", "torch", torch_func_vmap),
+    Path("torch: func.vmap", "torch", torch_func_vmap, examples=2),
     Path("jax: jit", "jax", jax_jit),
-    Path("jax: vmap", "jax", jax_vmap),
-    Path("jax: sharded", "jax", jax_sharded),
+    Path("jax: vmap", "jax", jax_vmap, examples=2),
+    Path("jax: sharded", "jax", jax_sharded, check=_check_shardable),
     Path("jax: pallas", "jax", jax_pallas, ("pallas",), ("float32", "bfloat16"), "Pallas"),
 )
 PLAIN = {"torch": torch_eager, "jax": jax_eager}
@@ -567,6 +585,114 @@ def sample(cases: Sequence[dict], size: int | None) -> list[int]:
             break
         chosen.append(int(step * len(cases) / size))
     return sorted(dict.fromkeys(chosen))
+
+
+def _features(case: dict) -> set:
+    """The case's (key, value) pairs and every pair of them."""
+    items = sorted((key, repr(value)) for key, value in case.items())
+    return set(items) | set(itertools.combinations(items, 2))
+
+
+@functools.cache
+def _greedy_cover(features: tuple[frozenset, ...], seed: int) -> tuple[int, ...]:
+    """Indices of candidates that together hold every feature any candidate holds: each time
+    the one with the most features not held yet, ties broken in an order drawn from ``seed``."""
+    order = [int(i) for i in np.random.default_rng(seed).permutation(len(features))]
+    needed = set().union(*features) if features else set()
+    chosen = []
+    while needed:
+        best = max(order, key=lambda i: len(features[i] & needed))
+        chosen.append(best)
+        order.remove(best)
+        needed -= features[best]
+    return tuple(chosen)
+
+
+def _seed(name: str) -> int:
+    return zlib.crc32(name.encode())
+
+
+def pairwise_cover(cases: Sequence[dict], seed: int | str, **axes: Sequence) -> list[tuple]:
+    """A few of ``cases`` that together hold every value of every key, and every pair of
+    values of two keys, that any case holds (the special classes' markers included).
+
+    Each of ``axes`` (e.g. ``dtype=DTYPES``) is one more key that every case can take any value
+    of: the cover then meets every dtype with every option value, and every pair of option
+    values in some dtype. Returns ``(index, *axis values)`` tuples, sorted. Greedy, ties broken
+    in an order drawn from ``seed`` (a string is hashed): the same cover in every run and
+    process, and another seed gives another cover.
+    """
+    combos = list(itertools.product(*axes.values()))
+    features = tuple(
+        frozenset(_features({**case, **dict(zip(axes, combo, strict=True))}))
+        for case in cases
+        for combo in combos
+    )
+    chosen = sorted(_greedy_cover(features, _seed(seed) if isinstance(seed, str) else seed))
+    return [(i // len(combos), *combos[i % len(combos)]) for i in chosen]
+
+
+def twin_cover(twin) -> list[tuple[int, str]]:
+    """``(case index, dtype)``: the pairwise cover of the twin's grid with the dtype as one more
+    option. The ``ci`` sample of the twin rows (``tests/test_parity.py``) and of the paths:
+    every option value in every dtype, every pair of option values in some dtype; 6 to 35 of a
+    twin's cases, 306 case runs for the registry where every case in every dtype is 3282."""
+    return pairwise_cover(twin.cases, twin.name, dtype=DTYPES)
+
+
+def ci_sample(twin, path: Path) -> list[tuple[int, tuple[str, ...]]]:
+    """``(case index, dtypes)`` that the ``ci`` profile runs on ``path``: a few of the cases of
+    :func:`twin_cover` (so the plain path's compiled programs are the ones the twin rows
+    compiled already), together holding every reduction of the grid, every special class
+    (:data:`ALWAYS_SAMPLED`, each value of it) and every dtype of the path; on a path that
+    ``SAMPLES["ci"]`` limits (``torch.compile``: seconds of Inductor and C++ compilation per
+    case), the first of them only. The Triton paths run each chosen case in both of their
+    dtypes; a path with a ``check`` takes only the cases it applies to (the first case that
+    applies when none of the cover does)."""
+    kernels = "kernels" in path.needs
+    cover = twin_cover(twin)
+    if kernels:
+        candidates = [(index, path.dtypes) for index in dict.fromkeys(i for i, _ in cover)]
+    else:
+        candidates = [(index, (dtype,)) for index, dtype in cover if dtype in path.dtypes]
+    if path.check is not None:
+        applicable = [pair for pair in candidates if _applies(twin, path, pair[0])]
+        if not applicable:
+            everything = range(len(twin.cases))
+            applicable = [(i, path.dtypes) for i in everything if _applies(twin, path, i)][:1]
+        candidates = applicable
+    features = []
+    for index, dtypes in candidates:
+        case = twin.cases[index]
+        held = {(key, repr(case[key])) for key in ("reduction", "reduce") if key in case}
+        held |= {(key, repr(case[key])) for key in ALWAYS_SAMPLED if key in case}
+        features.append(frozenset(held | {("dtype", dtype) for dtype in dtypes}))
+    chosen = _greedy_cover(tuple(features), _seed(f"{twin.name} | {path.name}"))
+    chosen = chosen[: SAMPLES["ci"].get(path.name)]
+    return [candidates[i] for i in sorted(chosen)]
+
+
+def ci_upstream(path: Path, position: int, count: int) -> tuple[str, ...]:
+    """The upstream gradients the ``position``-th of ``count`` cases of a ``ci`` sample runs.
+
+    On the JAX paths each case runs the random cotangent and its share of the four scalar
+    upstream gradients (``sum``, ``mean``, ``scaled``, ``0-d grad_outputs``), dealt in turn,
+    so the sample still runs all five: in JAX each kind is more compiled programs, and the
+    scalar ones differ only by a scalar factor there (no stride-0 tensor reaches a kernel).
+    The PyTorch paths run all five on every case (what their kernels read differs)."""
+    if path.framework != "jax" or count <= 1:
+        return UPSTREAM
+    scalar = UPSTREAM[1:]
+    return (UPSTREAM[0], *scalar[position::count])
+
+
+def _applies(twin, path: Path, index: int) -> bool:
+    args, kwargs = twin.make_inputs(np.random.default_rng(index), dict(twin.cases[index]))
+    try:
+        path.check(args, kwargs)
+    except NotApplicable:
+        return False
+    return True
 
 
 @dataclasses.dataclass
@@ -641,32 +767,39 @@ def _with_fallback(indices, total, results):
 def run_twin_path(twin, path: Path, *, profile: str = "report", dtypes=DTYPES) -> list[PathResult]:
     """Run ``twin`` on ``path`` (the sample of ``profile``), one :class:`PathResult` per dtype.
 
-    On the ``ci`` profile every path but the Triton ones rotates the dtype over the sampled
-    cases (each case is a fresh compilation there: seconds with Inductor, a fraction of one with
-    XLA), so each twin meets every dtype once per path; the Triton paths, and every path on the
-    other profiles, run each sampled case in every dtype.
+    The ``ci`` profile runs :func:`ci_sample`, each case in one dtype (both, on the Triton
+    paths); the other profiles run each sampled case in every dtype of the path.
     """
     fn = twin.jax_fn if path.framework == "jax" else twin.torch_fn
     tolerances = {**DEFAULT_TOLERANCES, **(twin.path_tolerances or {})}
-    size = SAMPLES[profile].get(path.name, SAMPLES[profile]["default"])
-    indices = sample(twin.cases, size)
     dtypes = [dtype for dtype in dtypes if dtype in path.dtypes]
     results = {dtype: PathResult(twin.name, path.name, dtype) for dtype in dtypes}
     launches = {dtype: KernelLaunches() for dtype in dtypes}
-    for position, index in _with_fallback(indices, len(twin.cases), results):
+    factors = (1.0, 0.5)[: path.examples]  # the scale of x in each example of a call
+    if profile == "ci":
+        chosen = ci_sample(twin, path)
+        plan = (
+            (index, [d for d in dtypes if d in ds], ci_upstream(path, position, len(chosen)))
+            for position, (index, ds) in enumerate(chosen)
+        )
+    else:
+        size = SAMPLES[profile].get(path.name, SAMPLES[profile]["default"])
+        indices = sample(twin.cases, size)
+        fallback = _with_fallback(indices, len(twin.cases), results)
+        plan = ((index, dtypes, UPSTREAM) for _, index in fallback)
+    for index, case_dtypes, kinds in plan:
         case = twin.cases[index]
         args, kwargs = twin.make_inputs(np.random.default_rng(index), dict(case))
-        case_dtypes = dtypes
-        if position is not None and profile == "ci" and "kernels" not in path.needs:
-            case_dtypes = [dtypes[position % len(dtypes)]]
         for dtype in case_dtypes:
             result = results[dtype]
             rounded = (round_to(args[0], dtype), *args[1:])
             name = f"case {index} {case}"
             expected_by_scale, plain_by_scale = {}, {}
             try:
+                if path.check is not None:
+                    path.check(rounded, kwargs)
                 dense_by_kind = None
-                for factor in (1.0, 0.5):
+                for factor in factors:
                     scaled = _scaled(rounded, factor)
                     expected, vjp = twin.oracle(*scaled, **kwargs) if twin.oracle else (None, None)
                     several = isinstance(expected, tuple)
@@ -677,6 +810,7 @@ def run_twin_path(twin, path: Path, *, profile: str = "report", dtypes=DTYPES) -
                             shapes = plain[0]["sum"][0]
                         rng = np.random.default_rng(index + 1)
                         dense_by_kind = {kind: cotangents(kind, shapes, rng) for kind in UPSTREAM}
+                        dense_by_kind = {kind: dense_by_kind[kind] for kind in kinds}
                     if expected is not None:
                         outputs = [np.asarray(out) for out in (expected if several else [expected])]
                         expected_by_scale[factor] = {
@@ -699,7 +833,7 @@ def run_twin_path(twin, path: Path, *, profile: str = "report", dtypes=DTYPES) -
                 continue
             tolerance = tolerances[dtype]
             result.cases.append(index)
-            for factor, per_kind in zip((1.0, 0.5), runs, strict=False):
+            for factor, per_kind in zip(factors, runs, strict=True):
                 for kind, got in per_kind.items():
                     _check(
                         result,

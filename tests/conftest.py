@@ -1,18 +1,24 @@
-"""Test-wide settings.
+"""Test-wide settings and shared fixtures.
 
+* Profiles. ``ci`` (the default) is sized so that ``python -m pytest -n 2`` runs in minutes on
+  two cores; ``python -m pytest -n 2 --nightly`` runs the ``nightly`` profile: 10,000 hypothesis
+  examples per property (random, not derandomized) and every registry case on every dtype and
+  execution path. ``docs/testing.md`` says what each profile runs. The profile is also in the
+  environment (``tests.helpers.PROFILE_VARIABLE``), so the check scripts that tests start in
+  subprocesses see it.
 * float64 tests need jax_enable_x64; every array here names its dtype, so turning it on globally
-  changes no float32 or bf16 result.
-* Hypothesis profiles: ``ci`` (the default: 2000 examples per property, derandomized so a CI
-  run is reproducible) and ``nightly`` (five times the examples, 10000 per property, random).
-  Pick one with ``HYPOTHESIS_PROFILE=nightly python -m pytest tests/test_properties.py``.
+  changes no float32 or bf16 result. JAX has two CPU devices (for the sharded path).
+* One persistent JAX compilation cache, shared by the pytest-xdist workers, the subprocesses
+  the tests start and the next run (see :func:`_share_one_compilation_cache`).
 """
 
-import atexit
 import os
-import shutil
-import tempfile
 
 import torch
+
+# torch.compile (the compile path of tests/test_paths.py) compiles in this process instead of
+# starting a pool of compiler processes in every xdist worker (set before Inductor is imported).
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 if not torch.cuda.is_available():
     # lstorch's Triton kernels (the Triton execution paths, tests/test_paths.py) run in Triton's
@@ -20,22 +26,115 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import jax
+import pytest
 from hypothesis import HealthCheck, settings
 
-jax.config.update("jax_enable_x64", True)
+from tests.helpers import FRAMEWORKS, PROFILE_VARIABLE
 
-# A persistent compilation cache for this session only (a fresh temporary folder, removed at
-# exit). The suite compiles more distinct small programs (one per twin case, dtype and shape)
-# than JAX's in-memory caches keep (2048 lowered programs), so a program evicted and needed
-# again, as the twin property draws grid cases at random, was compiled again from scratch; now
-# it is read back, about three times cheaper. Same HLO and options, same executable.
-_COMPILATION_CACHE = tempfile.mkdtemp(prefix="lsp-jax-cache-")
-atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
-jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+jax.config.update("jax_enable_x64", True)
+# Two CPU devices, so the sharded execution path (tests/test_paths.py) runs in the test process,
+# with its caches, instead of in a subprocess; every other test runs on the first device, as
+# before (set before JAX starts its backend, at the first array).
+jax.config.update("jax_num_cpu_devices", 2)
+
+
+def _share_one_compilation_cache() -> None:
+    """Point JAX's persistent compilation cache at one folder that every test process uses.
+
+    ``JAX_COMPILATION_CACHE_DIR`` names it (``~/.cache/label-smoothing-parity/jax`` unless it is
+    set already), so the xdist workers and every subprocess a test starts inherit it: a program
+    one of them compiled is read back by the others (several times cheaper than compiling it),
+    and by the next run, as Inductor's own cache (``/tmp/torchinductor_$USER``) already is.
+    It also catches the programs JAX's in-memory caches evict: the suite compiles more distinct
+    small programs (twin cases, dtypes and shapes) than they keep. The key of an entry is the
+    program, its compile options and the jax/jaxlib versions: same key, same executable.
+    """
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        folder = os.path.join(home, "label-smoothing-parity", "jax")
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    # Cache every program, however small or quick to compile (the environment variables reach
+    # the subprocesses too).
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update(
+        "jax_persistent_cache_min_compile_time_secs",
+        float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+    )
+    jax.config.update(
+        "jax_persistent_cache_min_entry_size_bytes",
+        int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]),
+    )
+
+
+_share_one_compilation_cache()
 
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("ci", max_examples=2000, derandomize=True, **_COMMON)
-settings.register_profile("nightly", max_examples=10000, **_COMMON)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+settings.register_profile("ci", max_examples=50, derandomize=True, **_COMMON)
+settings.register_profile("nightly", max_examples=10_000, **_COMMON)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--nightly",
+        action="store_true",
+        help="the nightly profile: 10,000 hypothesis examples per property and every registry "
+        "case on every dtype and execution path (docs/testing.md)",
+    )
+
+
+def pytest_configure(config):
+    # Before collection, so the test modules' parametrizations see the profile; the xdist
+    # workers get the same command line and set it themselves.
+    profile = "nightly" if config.getoption("nightly") else os.environ.get(PROFILE_VARIABLE, "ci")
+    os.environ[PROFILE_VARIABLE] = profile
+    settings.load_profile(profile)
+
+
+@pytest.fixture(params=list(FRAMEWORKS))
+def framework(request):
+    """``(module, array)`` for each framework: ``lsjax`` with ``jnp.asarray``, ``lstorch``
+    with ``torch.as_tensor``."""
+    return FRAMEWORKS[request.param]
+
+
+# The tests that take many seconds each (most CPU time first), started first so that the two
+# xdist workers end together: a long test handed out last keeps one worker busy while the
+# other waits.
+LONG_FIRST = (
+    "tests/test_properties.py::test_every_registered_twin",
+    "tests/test_paths.py::test_twin_on_path_equals_plain_path_and_oracle[torch: compile",
+    "tests/test_properties.py",
+    "tests/test_triton.py::test_the_kernels_equal_the_oracle_in_every_option",
+    "tests/test_distributed.py",
+    "tests/test_fused.py::test_the_lm_head_example",
+    "tests/test_examples.py",
+    "tests/test_sharded.py",
+    "tests/test_isolation.py",
+    "tests/test_paths.py::test_gpu_benchmark",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deal the long tests in turn to the start of each xdist worker's first batch (the
+    ``load`` scheduler gives each worker a batch of ``len(items) // workers // 4`` consecutive
+    tests first, then one at a time as they finish); without xdist, run them first."""
+    rank = {}
+    for item in items:
+        for position, prefix in enumerate(LONG_FIRST):
+            if item.nodeid.startswith(prefix):
+                rank[item.nodeid] = position
+                break
+    long = sorted((i for i in items if i.nodeid in rank), key=lambda i: rank[i.nodeid])
+    rest = [item for item in items if item.nodeid not in rank]
+    workers = getattr(config, "workerinput", {}).get("workercount", 1)
+    batch = max(len(items) // workers // 4, 2)
+    ordered = []
+    for worker in range(workers):
+        ordered += long[worker::workers]
+        if worker < workers - 1:
+            take = max(batch * (worker + 1) - len(ordered), 0)
+            ordered += rest[:take]
+            rest = rest[take:]
+    items[:] = ordered + rest

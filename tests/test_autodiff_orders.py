@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import lstorch
 from lstorch.compat import fairseq, hf, keras, t5x, timm
 from lstorch.distributed import vocab_parallel_smoothed_cross_entropy
+from parity_tests.paths import KernelLaunches
 
 TOLERANCE = dict(rtol=1e-10, atol=1e-12)
 DTYPE = torch.float64
@@ -336,11 +337,8 @@ def test_core_forward_mode_on_the_triton_kernels(monkeypatch):
     and forward over reverse still give F.cross_entropy's derivatives. float32: rtol 1e-5,
     atol 1e-6 (values O(1) summed over 6 classes; the float64 tolerance cannot apply)."""
     pytest.importorskip("triton", reason="Triton is in the dev extras; CI installs it")
-    from lstorch import smoothed
-
     monkeypatch.setenv("LSTORCH_TRITON", "all")
     logits = _random(ROWS, CLASSES).float()
-    assert smoothed._use_triton(logits, from_log_probs=False)
     labels = torch.tensor([0, 3, IGNORE, 5, 2])
     options = dict(label_smoothing=0.3, ignore_index=IGNORE, reduction="mean")
     vector = _random(ROWS, CLASSES, seed=3, scale=1.0).float()
@@ -353,11 +351,14 @@ def test_core_forward_mode_on_the_triton_kernels(monkeypatch):
             (grad,) = torch.autograd.grad(loss, dual)
             return fwAD.unpack_dual(loss).tangent, fwAD.unpack_dual(grad).tangent
 
-    ours = forward_over_reverse(
-        lambda x: lstorch.smoothed_cross_entropy(
-            x, labels, smoothing=0.3, ignore_index=IGNORE, reduction="mean"
+    launches = KernelLaunches()
+    with launches.counting():
+        ours = forward_over_reverse(
+            lambda x: lstorch.smoothed_cross_entropy(
+                x, labels, smoothing=0.3, ignore_index=IGNORE, reduction="mean"
+            )
         )
-    )
+    assert launches.count > 0  # the kernels ran
     theirs = forward_over_reverse(lambda x: F.cross_entropy(x, labels, **options))
     for got, want in zip(ours, theirs, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -17,16 +17,7 @@ import lsjax.compat
 import lstorch
 import lstorch.compat
 from parity_tests import oracles
-
-FRAMEWORKS = {
-    "jax": (lsjax, lambda a: jnp.asarray(a)),
-    "torch": (lstorch, lambda a: torch.as_tensor(a)),
-}
-
-
-@pytest.fixture(params=list(FRAMEWORKS))
-def framework(request):
-    return FRAMEWORKS[request.param]
+from tests.helpers import FRAMEWORKS, finite_difference_vjp
 
 
 def _value_and_grad(module, array, fn, x, *args, **kwargs):
@@ -217,16 +208,6 @@ def test_sigmoid_bce_is_finite_for_huge_logits(framework):
 # T5X's custom gradient
 
 
-def _finite_differences(loss, x, step=1e-6):
-    grad = np.zeros_like(x)
-    for index in np.ndindex(x.shape):
-        up, down = x.copy(), x.copy()
-        up[index] += step
-        down[index] -= step
-        grad[index] = (loss(up) - loss(down)) / (2 * step)
-    return grad
-
-
 @pytest.mark.parametrize("name", ["jax", "torch"])
 def test_t5x_gradient_is_the_derivative_for_distributions_and_drops_the_z_part(name):
     module, array = FRAMEWORKS[name]
@@ -247,7 +228,7 @@ def test_t5x_gradient_is_the_derivative_for_distributions_and_drops_the_z_part(n
         return oracles.t5x_cross_entropy_with_logits(x, targets, 0.1)[0][0].sum()
 
     np.testing.assert_allclose(
-        grad_of(lambda out: out[0]), _finite_differences(loss_value, logits), rtol=1e-6, atol=1e-7
+        grad_of(lambda out: out[0]), finite_difference_vjp(loss_value, logits), rtol=1e-6, atol=1e-7
     )
     # T5X ignores the z-loss output's cotangent ("only used for logging"): zero gradient.
     assert np.all(grad_of(lambda out: out[1]) == 0)

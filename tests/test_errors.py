@@ -10,16 +10,7 @@ import torch
 import lsjax
 import lstorch
 from parity_tests import oracles
-
-FRAMEWORKS = {
-    "jax": (lsjax, lambda a: jnp.asarray(a)),
-    "torch": (lstorch, lambda a: torch.as_tensor(a)),
-}
-
-
-@pytest.fixture(params=list(FRAMEWORKS))
-def framework(request):
-    return FRAMEWORKS[request.param]
+from tests.helpers import FRAMEWORKS
 
 
 def _data(num_classes=5, rows=4, int_labels=True):

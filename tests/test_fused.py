@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import lsjax
 import lstorch
+from tests.helpers import compiled_temp_bytes
 
 ROWS, FEATURES, VOCAB = 8192, 512, 131072
 
@@ -32,8 +33,7 @@ def _temp_bytes(loss):
         jax.ShapeDtypeStruct((VOCAB,), jnp.float32),
         jax.ShapeDtypeStruct((ROWS,), jnp.int32),
     )
-    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-    return step.lower(*shapes).compile().memory_analysis().temp_size_in_bytes
+    return compiled_temp_bytes(loss, *shapes, argnums=(0, 1, 2))
 
 
 def test_fused_temporaries_at_the_issue_size_are_under_5_percent_of_the_logits():

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import lsjax
 import lstorch
+from tests.helpers import compiled_temp_bytes
 
 ROWS, CLASSES = 4096, 32000
 VARIANTS = [
@@ -46,9 +47,7 @@ def _mask_and_z(options, classes, module):
 
 def _temp_bytes(loss, dtype):
     logits = jax.ShapeDtypeStruct((ROWS, CLASSES), dtype)
-    labels = jax.ShapeDtypeStruct((ROWS,), jnp.int32)
-    compiled = jax.jit(jax.value_and_grad(loss)).lower(logits, labels).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
+    return compiled_temp_bytes(loss, logits, jax.ShapeDtypeStruct((ROWS,), jnp.int32))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])

@@ -23,6 +23,7 @@ import lsjax
 import lstorch
 from parity_tests import compare, oracles
 from parity_tests.registry import TWINS
+from tests.helpers import finite_difference_vjp
 
 
 def _oracle_value(oracle, rest, kwargs, x):
@@ -30,16 +31,6 @@ def _oracle_value(oracle, rest, kwargs, x):
     output = oracle(x, *rest, **kwargs)[0]
     outputs = output if isinstance(output, tuple) else (output,)
     return np.concatenate([np.ravel(out) for out in outputs])
-
-
-def _finite_difference_grad(loss, x, cotangent, step=1e-6):
-    grad = np.zeros_like(x)
-    for index in np.ndindex(x.shape):
-        bumped_up, bumped_down = x.copy(), x.copy()
-        bumped_up[index] += step
-        bumped_down[index] -= step
-        grad[index] = np.sum(cotangent * (loss(bumped_up) - loss(bumped_down))) / (2 * step)
-    return grad
 
 
 # A twin flagged custom_gradient reproduces a peer's gradient RULE (T5X's), which is not the
@@ -60,7 +51,7 @@ def test_oracle_gradient_matches_finite_differences(twin):
         rng = np.random.default_rng(99)
         cotangents = [rng.uniform(0.5, 1.5, size=np.shape(out)) for out in outputs]
         flat_cotangent = np.concatenate([np.ravel(c) for c in cotangents])
-        expected = _finite_difference_grad(
+        expected = finite_difference_vjp(
             functools.partial(_oracle_value, twin.oracle, rest, kwargs), x, flat_cotangent
         )
         np.testing.assert_allclose(

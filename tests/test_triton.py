@@ -2,14 +2,16 @@
 
 CI has no GPU, so ``tests/triton_checks.py`` runs the kernels in Triton's interpreter on the CPU,
 in a subprocess (the interpreter must be switched on before Triton is imported). On a machine
-with CUDA the same script runs them on the GPU. The fallback rules of ``_use_triton`` are tested
-here directly.
+with CUDA the same script runs them on the GPU. When the kernels run and when lstorch falls
+back to plain torch ops is tested here, by counting the calls into ``lstorch.triton_kernels``.
 """
+
+import importlib.util
 
 import pytest
 import torch
 
-from lstorch import smoothed
+from parity_tests.paths import KernelLaunches
 from tests.check_scripts import run_check_script
 
 
@@ -19,22 +21,37 @@ def test_the_kernels_equal_the_oracle_in_every_option():
     assert "90 cases" in output and ": 0 failures" in output, output
 
 
+def _launches(call) -> int:
+    """How many times ``call()`` entered lstorch's Triton kernels (forward or backward)."""
+    launches = KernelLaunches()
+    with launches.counting():
+        call()
+    return launches.count
+
+
 def test_the_kernels_are_used_only_where_they_apply(monkeypatch):
-    cpu = torch.zeros(2, 3)
+    import lstorch
+
+    labels = torch.tensor([0, 2])
+    cpu = torch.randn(2, 3)
+
+    def loss(x, **options):
+        return lstorch.smoothed_cross_entropy(x, labels, smoothing=0.1, **options).sum()
+
     monkeypatch.setenv("LSTORCH_TRITON", "auto")
-    assert not smoothed._use_triton(cpu, from_log_probs=False)  # CPU tensors: plain torch ops
+    assert _launches(lambda: loss(cpu)) == 0  # CPU tensors: plain torch ops
     monkeypatch.setenv("LSTORCH_TRITON", "all")
-    expected = smoothed._triton_kernels() is not None
-    assert smoothed._use_triton(cpu, from_log_probs=False) == expected
-    assert not smoothed._use_triton(cpu, from_log_probs=True)
-    assert not smoothed._use_triton(cpu.double(), from_log_probs=False)
-    # Under a torch.func transform the kernels are off (the gradient is 0 * ones).
-    assert not torch.func.grad(lambda x: x.sum() * smoothed._use_triton(x, False))(cpu).any()
+    available = importlib.util.find_spec("triton") is not None
+    assert (_launches(lambda: loss(cpu)) > 0) == available
+    assert _launches(lambda: loss(torch.log_softmax(cpu, -1), from_log_probs=True)) == 0
+    assert _launches(lambda: loss(cpu.double())) == 0
+    # Under a torch.func transform the kernels are off.
+    assert _launches(lambda: torch.func.grad(loss)(cpu)) == 0
     monkeypatch.setenv("LSTORCH_TRITON", "off")
-    assert not smoothed._use_triton(cpu, from_log_probs=False)
+    assert _launches(lambda: loss(cpu)) == 0
     monkeypatch.setenv("LSTORCH_TRITON", "fast")
     with pytest.raises(ValueError, match=r"LSTORCH_TRITON.*'auto', 'all', 'off'.*'fast'"):
-        smoothed._use_triton(cpu, from_log_probs=False)
+        loss(cpu)
 
 
 def test_inplace_backward_on_a_leaf_is_an_error():
