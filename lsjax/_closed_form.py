@@ -21,16 +21,20 @@ import lsspec
 from lsjax._common import Array, times, xlogx
 
 
-def support_size(convention: str, num_classes: int, pad_index=None, class_mask=None) -> Any:
+def support_size(
+    convention: str, num_classes: int, pad_index=None, class_mask=None, dtype=None
+) -> Any:
     """``|S|``, the number of classes the smoothing goes to: a static int, or a scalar array
-    under a ``class_mask`` (masked classes leave the support)."""
+    under a ``class_mask`` (masked classes leave the support), of ``dtype`` when given (the
+    loss's compute dtype: an integer count would promote a float32 loss to float64 under
+    ``jax_enable_x64``)."""
     size = lsspec.support_size(convention, num_classes)
     if class_mask is None:
         return size
     size = size - jnp.sum(~class_mask)
     if convention == "others_but_pad":
         size = size + ~class_mask[pad_index]  # a masked pad is not excluded twice
-    return size
+    return size if dtype is None else size.astype(dtype)
 
 
 def label_rows(labels, counted, eps, num_classes: int, class_mask=None) -> tuple[Array, Array]:

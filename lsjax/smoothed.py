@@ -335,7 +335,9 @@ def _row_terms(options, x, labels, counted, eps, weight, class_mask=None) -> _cl
     # A counted row whose label is out of range (or masked), or a (traced) smoothing outside
     # [0, 1], gives NaN: never a plausible number.
     safe_labels, bad = _closed_form.label_rows(labels, counted, eps, num_classes, class_mask)
-    size = _closed_form.support_size(options.convention, num_classes, options.pad_index, class_mask)
+    size = _closed_form.support_size(
+        options.convention, num_classes, options.pad_index, class_mask, compute_dtype
+    )
     if options.from_log_probs:
         peak = log_sum = jnp.zeros(labels.shape, compute_dtype)
     else:

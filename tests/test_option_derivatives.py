@@ -647,3 +647,26 @@ def test_the_triton_path_gives_the_option_derivatives(monkeypatch, case, inplace
         np.testing.assert_allclose(float(grads[1]), expected_z, rtol=2e-5, atol=2e-5)
     assert torch.isfinite(grads[-1]).all()
     assert ran == ["forward", "backward"]  # the kernels ran, both passes
+
+
+@pytest.mark.parametrize("convention", CONVENTIONS)
+@pytest.mark.parametrize("transform", ["grad", "jit"])
+def test_kl_with_a_class_mask_differentiates_float32_logits_under_x64(convention, transform):
+    """With ``jax_enable_x64`` on (as in this suite), float32 logits, ``kl=True`` and a
+    ``class_mask``: the masked support size was an int64 count, which promoted the KL constant's
+    tangent to float64 and made ``jax.grad`` over the smoothing raise a custom-JVP dtype error."""
+    (logits, labels), options, _ = core_inputs(convention, dict(class_mask=True, kl=True))
+    options["reduction"] = "sum"
+    x32 = jnp.asarray(logits, jnp.float32)
+
+    def loss(smoothing):
+        return lsjax.smoothed_cross_entropy(x32, labels, smoothing=smoothing, **options)
+
+    grad = jax.grad(loss) if transform == "grad" else jax.jit(jax.grad(loss))
+    d_eps = grad(jnp.float32(0.2))
+    expected, _ = oracles.smoothed_cross_entropy_option_derivatives(
+        np.asarray(x32, np.float64), labels, smoothing=0.2, **options
+    )
+    assert d_eps.dtype == jnp.float32
+    # float32 logits: a sum over 9 rows of float32 log-probabilities, each within ~1e-6 relative
+    np.testing.assert_allclose(d_eps, expected, rtol=1e-5, atol=1e-5)
