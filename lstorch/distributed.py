@@ -43,6 +43,13 @@ from lstorch import _closed_form, _common
 from lstorch import fused as _fused  # its chunking and rounding helpers (private), not copied
 from lstorch._common import times
 
+__all__ = [
+    "dtensor_smoothed_cross_entropy",
+    "is_dtensor",
+    "vocab_parallel_fused_linear_smoothed_cross_entropy",
+    "vocab_parallel_smoothed_cross_entropy",
+]
+
 
 def vocab_parallel_smoothed_cross_entropy(
     local_logits: torch.Tensor,

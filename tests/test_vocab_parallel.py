@@ -13,6 +13,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import lstorch.compat.megatron
 from parity_tests import oracles
@@ -151,3 +152,33 @@ def test_megatron_docstring_states_the_two_rank_numbers(results):
         assert case["forward"] == _forward_bytes(1, False, 8)
     own = [float(_megatron_own_loss(example, [0], 0.1, rank, 2)[0]) for rank in (0, 1)]
     assert f"returns {own[0]:.4f} on rank 0 and {own[1]:.4f} on rank 1" in doc
+
+
+ERRORS = {  # case: what the message must say (the function, the argument, the value or shape)
+    "dense weight shape": "vocab_parallel_smoothed_cross_entropy: `weight` must have shape (5,), "
+    "this rank's slice of the class weights; got shape (20,).",
+    "fused class_weight shape": "vocab_parallel_fused_linear_smoothed_cross_entropy: "
+    "`class_weight` must have shape (5,), this rank's slice of the class weights; got shape (20,).",
+    "fused weight_shard shape": "vocab_parallel_fused_linear_smoothed_cross_entropy: "
+    "`weight_shard` must have shape (V, 4)",
+    "dtensor kl": "smoothed_cross_entropy: `kl` is not supported with DTensor logits",
+    "dtensor replicated logits": "smoothed_cross_entropy: DTensor `logits` must be sharded on its "
+    "class axis 1 over a 1-D device mesh",
+}
+
+
+def test_bad_calls_name_the_function_the_argument_and_the_value(results):
+    cases = [case for case in results if case["check"] == "errors"]
+    assert len(cases) == 4 * len(ERRORS)
+    for case in cases:
+        assert case["message"] is not None, case
+        assert ERRORS[case["case"]] in case["message"], case
+
+
+def test_megatron_compat_checks_its_arguments_as_megatron():
+    call = lstorch.compat.megatron.vocab_parallel_cross_entropy
+    logits, target = torch.zeros(2, 4), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r"`label_smoothing` must be in \[0, 1\); got 1.0"):
+        call(logits, target, 1.0)  # Megatron asserts 0 <= label_smoothing < 1
+    with pytest.raises(ValueError, match="as `group` or as `tp_group`; got both"):
+        call(logits, target, 0.1, object(), tp_group=object())

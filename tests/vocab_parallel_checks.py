@@ -319,6 +319,47 @@ def dtensor_checks(counter, mesh, world, rank, tag):
     return results
 
 
+def error_checks(mesh, world):
+    """The messages of bad calls (every rank makes each, so no collective is left waiting)."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    import lstorch
+    from lstorch.distributed import (
+        vocab_parallel_fused_linear_smoothed_cross_entropy,
+        vocab_parallel_smoothed_cross_entropy,
+    )
+
+    logits, labels, class_weight, _, hidden, weight, _ = data(0, world, torch.float32)
+    local = logits[:, :LOCAL_VOCAB]
+    sharded = distribute_tensor(logits, mesh, [Shard(-1)])
+    calls = {
+        "dense weight shape": lambda: vocab_parallel_smoothed_cross_entropy(
+            local, labels, weight=class_weight, ignore_index=IGNORE
+        ),
+        "fused class_weight shape": lambda: vocab_parallel_fused_linear_smoothed_cross_entropy(
+            hidden, weight[:LOCAL_VOCAB], labels, class_weight=class_weight, ignore_index=IGNORE
+        ),
+        "fused weight_shard shape": lambda: vocab_parallel_fused_linear_smoothed_cross_entropy(
+            hidden, weight[:LOCAL_VOCAB, :2], labels, ignore_index=IGNORE
+        ),
+        "dtensor kl": lambda: lstorch.smoothed_cross_entropy(
+            sharded, labels, ignore_index=IGNORE, smoothing=0.1, kl=True
+        ),
+        "dtensor replicated logits": lambda: lstorch.smoothed_cross_entropy(
+            distribute_tensor(logits, mesh, [Replicate()]), labels, ignore_index=IGNORE
+        ),
+    }
+    results = []
+    for name, call in calls.items():
+        try:
+            call()
+            message = None
+        except (ValueError, TypeError) as error:
+            message = f"{type(error).__name__}: {error}"
+        results.append(dict(check="errors", case=name, world=world, message=message))
+    return results
+
+
 def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -339,6 +380,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
             results += checks(counter, group, size, pair_rank, tag)
     results += dtensor_checks(counter, world_mesh, world, rank, "world")
     results += dtensor_checks(counter, pair_mesh, 2, rank % 2, f"pair{rank // 2}")
+    results += error_checks(world_mesh, world)
     print(f"rank {rank}: checks {time.perf_counter() - started:.1f} s", file=sys.stderr)
     pathlib.Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
