@@ -32,6 +32,7 @@ The JAX counterparts are ``lsjax.smoothed_cross_entropy`` on logits placed by a
 
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import Any, NamedTuple
 
@@ -217,10 +218,8 @@ def is_dtensor(value: object) -> bool:
     return module is not None and isinstance(value, module.DTensor)
 
 
-_DTENSOR_DEFAULTS = dict(
-    where=None, normalizer=None, kl=False, from_log_probs=False, class_mask=None, z_loss=0.0,
-    return_z_loss=False, inplace_backward=False,
-)  # fmt: skip
+# The options of smoothed_cross_entropy that the vocabulary-parallel path takes.
+_DTENSOR_OPTIONS = ("smoothing", "convention", "ignore_index", "pad_index", "reduction")
 
 
 def dtensor_smoothed_cross_entropy(logits, labels, *, axis=None, weight=None, _caller=None,
@@ -232,20 +231,23 @@ def dtensor_smoothed_cross_entropy(logits, labels, *, axis=None, weight=None, _c
     replicated DTensor; ``weight`` a full ``(K,)`` tensor (each rank takes its slice) or a
     DTensor sharded or replicated over the same mesh. Returns the dense call's value as a
     replicated DTensor on the mesh (its backward reaches ``logits`` as a ``Shard(axis)``
-    gradient). Options the vocabulary-parallel path lacks (``where``, ``normalizer``, ``kl``,
-    ``from_log_probs``, ``class_mask``, ``z_loss``, ``return_z_loss``,
-    ``inplace_backward``) raise when given."""
+    gradient). Any other option of ``smoothed_cross_entropy`` (``where``, ``normalizer``,
+    ``kl``, ``from_log_probs``, ``class_mask``, ``z_loss``, ...) raises when it is given a
+    value other than its default."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    from lstorch.smoothed import smoothed_cross_entropy
 
     fn = lsspec.caller("smoothed_cross_entropy", _caller)
     name, arg = lsspec.names(fn)
-    for option, default in _DTENSOR_DEFAULTS.items():
-        value = options.pop(option, default)
+    parameters = inspect.signature(smoothed_cross_entropy).parameters
+    for option in [option for option in options if option not in _DTENSOR_OPTIONS]:
+        value, default = options.pop(option), parameters[option].default
         if value is not default and not (lsspec.is_number(value) and value == default):
             raise ValueError(
                 f"{name}: `{arg(option)}` is not supported with DTensor logits (the "
-                f"vocabulary-parallel path takes smoothing, convention, ignore_index, "
-                f"pad_index, weight and reduction); got {arg(option)}={value!r}."
+                f"vocabulary-parallel path takes {', '.join(_DTENSOR_OPTIONS)} and weight); "
+                f"got {arg(option)}={value!r}."
             )
     mesh, placements = logits.device_mesh, logits.placements
     axis = _common.class_axis(fn, axis, logits.ndim, tuple(logits.shape))

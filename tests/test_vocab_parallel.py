@@ -52,6 +52,18 @@ def test_each_rank_gets_the_single_process_loss_and_gradients(results, check):
             assert _close(case, "eps_grad"), case
 
 
+def test_with_class_weights_second_derivatives_and_forward_mode_equal_the_dense_ones(results):
+    for case in _of(results, "higher order"):
+        assert _close(case, "hvp"), case  # double backward: the other ranks' terms included
+        assert _close(case, "jvp"), case  # forward mode: each rank's share, all-reduced
+
+
+def test_fused_head_under_autocast_rounds_as_the_single_process_fused_loss(results):
+    for case in _of(results, "autocast"):
+        assert _close(case, "loss") and _close(case, "grad"), case
+        assert case["grad_dtypes"] == ["torch.float32"] * 3, case  # the inputs' own dtypes
+
+
 def test_class_weights_give_torch_cross_entropy(results):
     # The uniform convention with class weights is F.cross_entropy(weight=..., label_smoothing).
     cases = [case for case in _of(results, "dense") if case["case"].startswith("uniform")]
@@ -72,7 +84,9 @@ def test_dtensor_logits_give_a_replicated_loss_and_a_sharded_gradient(results):
         assert case["grad_placements"] == "(Shard(dim=1),)", case
 
 
-@pytest.mark.parametrize("check", ["dense", "fused", "megatron", "dtensor"])
+@pytest.mark.parametrize(
+    "check", ["dense", "fused", "megatron", "dtensor", "higher order", "autocast"]
+)
 def test_every_rank_of_a_group_is_bit_identical(results, check):
     groups = {}
     for case in _of(results, check):
@@ -161,7 +175,9 @@ ERRORS = {  # case: what the message must say (the function, the argument, the v
     "`class_weight` must have shape (5,), this rank's slice of the class weights; got shape (20,).",
     "fused weight_shard shape": "vocab_parallel_fused_linear_smoothed_cross_entropy: "
     "`weight_shard` must have shape (V, 4)",
-    "dtensor kl": "smoothed_cross_entropy: `kl` is not supported with DTensor logits",
+    "dtensor kl": "smoothed_cross_entropy: `kl` is not supported with DTensor logits (the "
+    "vocabulary-parallel path takes smoothing, convention, ignore_index, pad_index, reduction and "
+    "weight); got kl=True.",
     "dtensor replicated logits": "smoothed_cross_entropy: DTensor `logits` must be sharded on its "
     "class axis 1 over a 1-D device mesh",
 }

@@ -242,6 +242,96 @@ def fused_checks(counter, group, world, rank, tag):
     return results
 
 
+def higher_order_checks(counter, group, world, rank, tag):
+    """With class weights: the Hessian-vector product by double backward (this rank's slice)
+    and the loss's tangent by forward-mode dual numbers (each rank holding its slice of the
+    tangent), against the dense loss's, in float64."""
+    import torch.autograd.forward_ad as fwAD
+
+    import lstorch
+    from lstorch.distributed import vocab_parallel_smoothed_cross_entropy
+
+    results = []
+    mine = slice(rank * LOCAL_VOCAB, (rank + 1) * LOCAL_VOCAB)
+    for index, (convention, pad_index, reduction, smoothing) in enumerate(DENSE_CASES):
+        logits, labels, class_weight, cotangent, *_ = data(20 + index, world, torch.float64)
+        vector = torch.randn(logits.shape, generator=torch.Generator().manual_seed(index),
+                             dtype=torch.float64)  # fmt: skip
+        options = dict(convention=convention, pad_index=pad_index, ignore_index=IGNORE,
+                       reduction=reduction, smoothing=smoothing)  # fmt: skip
+
+        def ours(x, options=options, labels=labels, class_weight=class_weight):
+            return vocab_parallel_smoothed_cross_entropy(
+                x, labels, group=group, weight=class_weight[mine], **options
+            )
+
+        def dense(x, options=options, labels=labels, class_weight=class_weight):
+            return lstorch.smoothed_cross_entropy(x, labels, weight=class_weight, **options)
+
+        def hvp(loss_fn, x, v, cotangent=cotangent):
+            loss = loss_fn(x)
+            cot = cotangent_for(loss, cotangent)
+            (grad,) = torch.autograd.grad(loss, x, cot, create_graph=True)
+            (result,) = torch.autograd.grad((grad * v).sum(), x)
+            return result
+
+        local = logits[:, mine].clone().requires_grad_(True)
+        full = logits.clone().requires_grad_(True)
+        ours_hvp = hvp(ours, local, vector[:, mine])
+        dense_hvp = hvp(dense, full, vector)[:, mine]
+        with fwAD.dual_level():
+            ours_jvp = fwAD.unpack_dual(ours(fwAD.make_dual(logits[:, mine], vector[:, mine])))
+            dense_jvp = fwAD.unpack_dual(dense(fwAD.make_dual(logits, vector)))
+        results.append(
+            dict(
+                check="higher order", group=tag, world=world, dtype="float64",
+                case=f"{convention}/{reduction}/{smoothing}/weighted=True",
+                loss_bytes=hexbytes(ours_jvp.primal),
+                hvp_diff=diff(ours_hvp, dense_hvp), hvp_scale=scale(dense_hvp),
+                jvp_diff=diff(ours_jvp.tangent, dense_jvp.tangent),
+                jvp_scale=scale(dense_jvp.tangent),
+            )
+        )  # fmt: skip
+    return results
+
+
+def autocast_checks(counter, group, world, rank, tag):
+    """The fused head under ``torch.autocast`` (bf16 on the CPU): the single-process fused
+    loss's rounding, in both passes, against ``lstorch.fused_linear_smoothed_cross_entropy``
+    of the whole weight under the same autocast."""
+    import lstorch
+    from lstorch.distributed import vocab_parallel_fused_linear_smoothed_cross_entropy
+
+    mine = slice(rank * LOCAL_VOCAB, (rank + 1) * LOCAL_VOCAB)
+    _, labels, _, _, hidden, weight, bias = data(30, world, torch.float32)
+    full = [hidden.clone(), weight.clone(), bias.clone()]
+    ours = [hidden.clone(), weight[mine].clone(), bias[mine].clone()]
+    for tensor in full + ours:
+        tensor.requires_grad_(True)
+    options = dict(smoothing=0.1, ignore_index=IGNORE, chunk_size=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = lstorch.fused_linear_smoothed_cross_entropy(
+            full[0], full[1], labels, bias=full[2], **options
+        )
+        loss = vocab_parallel_fused_linear_smoothed_cross_entropy(
+            ours[0], ours[1], labels, bias_shard=ours[2], group=group, **options
+        )
+    expected_grads = torch.autograd.grad(expected, full)
+    grads = torch.autograd.grad(loss, ours)
+    return [
+        dict(
+            check="autocast", group=tag, world=world, dtype="float32",
+            case="fused/bf16 autocast", loss_bytes=hexbytes(loss),
+            loss_diff=diff(loss, expected), loss_scale=scale(expected),
+            grad_diff=max(diff(grads[0], expected_grads[0]),
+                          diff(grads[1], expected_grads[1][mine]),
+                          diff(grads[2], expected_grads[2][mine])),
+            grad_scale=max(scale(g) for g in expected_grads),
+            grad_dtypes=[str(g.dtype) for g in grads],
+        )
+    ]  # fmt: skip
+
+
 # The example of lstorch.compat.megatron.vocab_parallel_cross_entropy's docstring.
 MEGATRON_EXAMPLE = [2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 1.5, 0.25]
 
@@ -376,7 +466,8 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     results = []
     for group, size, tag in ((None, world, "world"), (pair, 2, f"pair{rank // 2}")):
         pair_rank = dist.get_rank(group)
-        for checks in (dense_checks, fused_checks, megatron_checks):
+        for checks in (dense_checks, fused_checks, megatron_checks, higher_order_checks,
+                       autocast_checks):  # fmt: skip
             results += checks(counter, group, size, pair_rank, tag)
     results += dtensor_checks(counter, world_mesh, world, rank, "world")
     results += dtensor_checks(counter, pair_mesh, 2, rank % 2, f"pair{rank // 2}")
