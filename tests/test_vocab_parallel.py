@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import lsjax.compat.megatron
 import lstorch.compat.megatron
 from parity_tests import oracles
 from tests.check_scripts import run_check_script
@@ -194,7 +195,10 @@ def test_bad_calls_name_the_function_the_argument_and_the_value(results):
 def test_megatron_compat_checks_its_arguments_as_megatron():
     call = lstorch.compat.megatron.vocab_parallel_cross_entropy
     logits, target = torch.zeros(2, 4), torch.tensor([0, 1])
-    with pytest.raises(ValueError, match=r"`label_smoothing` must be in \[0, 1\); got 1.0"):
-        call(logits, target, 1.0)  # Megatron asserts 0 <= label_smoothing < 1
+    message = r"cross_entropy: `label_smoothing` must be in \[0, 1\); got 1.0"
+    with pytest.raises(ValueError, match=message):  # Megatron asserts 0 <= label_smoothing < 1
+        call(logits, target, 1.0)
+    with pytest.raises(ValueError, match=message):  # the JAX twin in the same words
+        lsjax.compat.megatron.cross_entropy(logits.numpy(), target.numpy(), 1.0)
     with pytest.raises(ValueError, match="as `group` or as `tp_group`; got both"):
         call(logits, target, 0.1, object(), tp_group=object())

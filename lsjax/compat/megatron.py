@@ -28,9 +28,10 @@ def cross_entropy(logits: ArrayLike, target: ArrayLike, label_smoothing: float =
     for bf16/fp16/float32 logits, as Megatron (which casts the logits to float32).
 
     Under ``jax.jit`` with logits split over the vocabulary by a ``NamedSharding``, this is the
-    vocabulary-parallel loss with the global ``V`` and the global mean: Megatron's own code at
-    tensor-parallel size > 1 uses the local ones instead (see the PyTorch twin's docstring for
-    the numbers).
+    vocabulary-parallel loss with the global ``V`` and the global mean. Megatron's own code at
+    tensor-parallel size > 1 uses the local ones instead (Megatron-LM#737): with 2 ranks, ``V =
+    8``, ``label_smoothing = 0.1``, logits ``[2, 1, 0.5, 0, -0.5, -1, 1.5, 0.25]`` and target 0,
+    it returns 1.1202 on rank 0 and 1.2286 on rank 1, where this returns 1.1452.
     """
     fn = "cross_entropy"
     value = _common.concrete_scalar(fn, "label_smoothing", label_smoothing)
