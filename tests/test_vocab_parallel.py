@@ -11,11 +11,14 @@ their bytes, O(rows) each, never rows x V.
 
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 import lsjax.compat.megatron
+import lsjax.sharded
 import lstorch.compat.megatron
 from parity_tests import oracles
 from tests.check_scripts import run_check_script
@@ -72,6 +75,37 @@ def test_class_weights_give_torch_cross_entropy(results):
     for case in cases:
         rtol, atol = TOLERANCES[case["dtype"]]
         assert case["torch_diff"] <= atol + rtol * case["loss_scale"], case
+
+
+def test_fused_head_equals_its_jax_twin(results):
+    # lsjax.sharded.sharded_fused_linear_smoothed_cross_entropy, the same keywords, on one
+    # device's mesh: the same loss and gradients as each rank's (its slice of d weight, d bias).
+    cases = [case for case in _of(results, "fused") if case["twin"]]
+    assert {case["world"] for case in cases} == {2, 4}
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("vocab",))
+    jax_results = {}  # by group size: the same data on every rank of every group of that size
+    for case in cases:
+        twin = case["twin"]
+        if case["world"] not in jax_results:
+            inputs = [jnp.asarray(twin[name], jnp.float64) for name in ("hidden", "weight", "bias")]
+
+            def loss_fn(hidden, weight, bias, twin=twin):
+                return lsjax.sharded.sharded_fused_linear_smoothed_cross_entropy(
+                    hidden, weight, jnp.asarray(twin["labels"]), mesh=mesh, batch_axis=None,
+                    vocab_axis="vocab", bias=bias, smoothing=twin["smoothing"], chunk_size=2,
+                    **twin["options"],
+                )  # fmt: skip
+
+            loss, vjp = jax.vjp(jax.jit(loss_fn), *inputs)
+            cotangent = jnp.asarray(twin["cotangent"], jnp.float64)
+            jax_results[case["world"]] = (loss, *vjp(cotangent))
+        loss, d_hidden, d_weight, d_bias = jax_results[case["world"]]
+        local, rank = len(twin["d_bias"]), case["rank"] % case["world"]
+        mine = slice(rank * local, (rank + 1) * local)
+        pairs = [(twin["loss"], loss), (twin["d_hidden"], d_hidden),
+                 (twin["d_weight"], d_weight[mine]), (twin["d_bias"], d_bias[mine])]  # fmt: skip
+        for ours, theirs in pairs:
+            np.testing.assert_allclose(ours, np.asarray(theirs), rtol=1e-12, atol=1e-13)
 
 
 def test_fused_head_without_bias_returns_no_bias_gradient(results):

@@ -222,6 +222,14 @@ def fused_checks(counter, group, world, rank, tag):
             )
             d_hidden, d_weight, d_bias, d_eps = grads
             expected_bias = dense_grads[2][mine] if with_bias else None
+            twin = {}
+            if dtype == torch.float64 and not weighted:  # for the JAX twin, in the test
+                twin = dict(
+                    hidden=hidden.tolist(), weight=weight.tolist(), bias=bias.tolist(),
+                    labels=labels.tolist(), cotangent=cot.tolist(), options=options,
+                    smoothing=smoothing, loss=loss.tolist(), d_hidden=d_hidden.tolist(),
+                    d_weight=d_weight.tolist(), d_bias=d_bias.tolist(),
+                )  # fmt: skip
             results.append(
                 dict(
                     check="fused", group=tag, world=world, dtype=str(dtype)[6:],
@@ -236,7 +244,7 @@ def fused_checks(counter, group, world, rank, tag):
                     grad_scale=max(scale(g) for g in dense_grads[:3] if g is not None),
                     eps_grad_diff=diff(d_eps, dense_grads[3]),
                     eps_grad_scale=scale(dense_grads[3]),
-                    forward=forward, backward=backward,
+                    forward=forward, backward=backward, twin=twin,
                 )
             )  # fmt: skip
     return results
