@@ -2,11 +2,14 @@
 
 One subprocess (``tests/vocab_parallel_checks.py``) starts its own process group of 4 ranks and
 runs every check over the whole world and over two groups of 2 ranks side by side: the
-vocabulary-parallel loss with class weights, the vocabulary-parallel fused head, Megatron's
+vocabulary-parallel loss with class weights (its Hessian-vector products and forward-mode
+tangents included), the vocabulary-parallel fused head (under autocast too), Megatron's
 ``vocab_parallel_cross_entropy`` and ``lstorch.smoothed_cross_entropy`` of DTensor logits
 sharded on the class axis. Each result equals the single-process loss and gradients, is bit for
 bit the same on every rank of its group, and runs the stated collectives: their number and
-their bytes, O(rows) each, never rows x V.
+their bytes, O(rows) each, never rows x V. Here, the fused head is compared with its JAX twin,
+Megatron's call with a float64 oracle of Megatron's intended formula and with Megatron's own
+local-V formula (the numbers its docstring states), and the bad calls' messages are read.
 """
 
 import json

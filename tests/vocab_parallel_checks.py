@@ -1,15 +1,18 @@
 """The checks of tests/test_vocab_parallel.py: ``python vocab_parallel_checks.py``.
 
-Spawns 4 gloo processes on CPU (MASTER_ADDR=127.0.0.1, a free port). Each check runs over the
-whole world (4 ranks) and over pairs of ranks (two groups of 2, side by side), every rank
-holding its slice of the same vocabulary:
+Forks 4 gloo processes on CPU (MASTER_ADDR=127.0.0.1, a free port; forked after torch and
+lstorch are imported, so that no rank imports them again). Each check runs over the whole world
+(4 ranks) and over pairs of ranks (two groups of 2, side by side), every rank holding its slice
+of the same vocabulary:
 
 * ``dense``: ``vocab_parallel_smoothed_cross_entropy`` with class weights;
 * ``fused``: ``vocab_parallel_fused_linear_smoothed_cross_entropy`` (with and without class
   weights and bias, several chunks per rank);
 * ``megatron``: ``lstorch.compat.megatron.vocab_parallel_cross_entropy`` (pairs only: the
   example of its docstring, and random logits);
-* ``dtensor``: ``lstorch.smoothed_cross_entropy`` of a DTensor sharded on the class axis.
+* ``dtensor``: ``lstorch.smoothed_cross_entropy`` of a DTensor sharded on the class axis;
+* ``higher order`` (class weights: double backward and forward mode), ``autocast`` (the fused
+  head under bf16 autocast) and ``errors`` (the messages of bad calls).
 
 Each result is compared on the rank with the single-process loss and gradients (the dense
 ``lstorch.smoothed_cross_entropy`` of the full logits, and ``F.cross_entropy`` where torch has
