@@ -426,12 +426,12 @@ def _global_terms(peak, sum_exp_at, share: _Share, labels, counted, eps, layout)
     if weighted:
         w_y, (weight_sum, w_pad) = per_row[4], packed[len(rows) * peak.numel() :]
         support_weight = weight_sum.expand(peak.shape)
-    else:  # the unweighted sums, exactly as before weights: w = 1, sum_{c in S} w_c = |S|
+    else:  # w = 1 (a product with 1.0 is exact), sum_{c in S} w_c = |S|
         w_y, w_pad, support_weight = 1.0, 1.0, size
     if convention != "uniform":
-        support_sum = support_sum - _times_weight(w_y, x_y)
+        support_sum = support_sum - w_y * x_y
     if convention == "others_but_pad":
-        support_sum = support_sum - _times_weight(w_pad, x_pad)
+        support_sum = support_sum - w_pad * x_pad
     if weighted and convention != "uniform":  # |S| already leaves y (and the pad) out
         support_weight = support_weight - w_y
     if weighted and convention == "others_but_pad":
@@ -444,11 +444,6 @@ def _global_terms(peak, sum_exp_at, share: _Share, labels, counted, eps, layout)
     )  # fmt: skip
     ones = torch.ones_like(lse)
     return _Global(terms, ones * w_y, ones * support_weight)
-
-
-def _times_weight(w, value):
-    """``w * value``, ``value`` itself where ``w`` is the number 1 (no weights: exact)."""
-    return value if isinstance(w, float) and w == 1.0 else w * value
 
 
 def _row_outputs(glob: _Global, counted, eps, layout):
