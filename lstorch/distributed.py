@@ -1,20 +1,30 @@
 """Vocabulary-parallel label-smoothed cross-entropy over ``torch.distributed``.
 
-Each rank of ``group`` holds the logits of one contiguous slice of the vocabulary (rank ``r`` of
-``n`` holds classes ``[r * V_local, (r + 1) * V_local)``, ``K = n * V_local``), as in Megatron's
-tensor-parallel output layer, and the same labels. The loss is the closed form of SEMANTICS.md
-§1 with GLOBAL statistics, so every rank gets the single-device loss and the slice of the
-single-device gradient that belongs to its logits (Megatron's label smoothing uses the local
-vocabulary size and the local mean instead: loss and gradients differ between ranks,
-Megatron-LM#737).
+Each rank of ``group`` holds one contiguous slice of the vocabulary (rank ``r`` of ``n`` holds
+classes ``[r * V_local, (r + 1) * V_local)``, ``K = n * V_local``), as in Megatron's
+tensor-parallel output layer, and the same labels (and, for the fused head, the same hidden
+states). The loss is the closed form of SEMANTICS.md §1 with GLOBAL statistics, so every rank
+gets the single-device loss and the slice of the single-device gradient that belongs to its
+logits (Megatron's label smoothing uses the local vocabulary size and the local mean instead:
+loss and gradients differ between ranks, Megatron-LM#737).
 
-Communication per call: two all-reduces of O(rows) values (the max; then the sum-exp, the
-target's logit, the sum of the logits and the pad's logit packed in one tensor). Backward needs
-none: ``g * (softmax - q)`` on the local slice uses the global lse saved by the forward. A
-backward that will be differentiated again (``create_graph=True``, forward over reverse)
-recomputes the global lse through a differentiable all-reduce (one more of O(rows) values, and
-one in its own backward), so that Hessian-vector products are exact; forward mode (``jvp``,
-``torch.autograd.forward_ad``) all-reduces the rows' O(rows) tangents once.
+* :func:`vocab_parallel_smoothed_cross_entropy`: this rank's slice of the logits.
+* :func:`vocab_parallel_fused_linear_smoothed_cross_entropy`: this rank's rows of the output
+  layer's weight; no rows x V logits anywhere, not even per rank.
+* ``lstorch.smoothed_cross_entropy`` of a DTensor sharded on the class axis calls the first
+  (:func:`dtensor_smoothed_cross_entropy`).
+
+Communication per call, for ``R`` rows and ``b`` bytes per value of the compute dtype (4 for
+bf16/fp16/float32 logits, 8 for float64): two all-reduces in forward, the max (``R b`` bytes)
+and then one packed sum (the sum-exp, the label's logit, the support sum and the pad's logit,
+plus the label's class weight with ``weight``: ``4 R b``, or ``5 R b + 2 b``). Backward needs
+none for the logits (``g * (A softmax - t)`` on the local slice uses the global statistics saved
+by the forward); the fused head's backward all-reduces ``d hidden`` (``R D b`` bytes, the price
+of a replicated input, as Megatron's column-parallel layer pays it). A backward that will be
+differentiated again (``create_graph=True``, forward over reverse) recomputes the global lse
+through a differentiable all-reduce (one more of ``R b`` bytes, and one in its own backward), so
+that Hessian-vector products are exact; forward mode (``jvp``, ``torch.autograd.forward_ad``)
+all-reduces the rows' O(R) tangents once.
 
 The JAX counterparts are ``lsjax.smoothed_cross_entropy`` on logits placed by a
 ``NamedSharding`` and ``lsjax.sharded.sharded_fused_linear_smoothed_cross_entropy``.
@@ -22,6 +32,8 @@ The JAX counterparts are ``lsjax.smoothed_cross_entropy`` on logits placed by a
 
 from __future__ import annotations
 
+import inspect
+import sys
 from typing import Any, NamedTuple
 
 import torch
@@ -29,7 +41,15 @@ import torch.distributed as dist
 
 import lsspec
 from lstorch import _closed_form, _common
+from lstorch import fused as _fused  # its chunking and rounding helpers (private), not copied
 from lstorch._common import times
+
+__all__ = [
+    "dtensor_smoothed_cross_entropy",
+    "is_dtensor",
+    "vocab_parallel_fused_linear_smoothed_cross_entropy",
+    "vocab_parallel_smoothed_cross_entropy",
+]
 
 
 def vocab_parallel_smoothed_cross_entropy(
@@ -41,19 +61,29 @@ def vocab_parallel_smoothed_cross_entropy(
     convention: str = "uniform",
     ignore_index: int | None = None,
     pad_index: int | None = None,
+    weight: torch.Tensor | None = None,
     reduction: str = "none",
+    _caller: lsspec.Caller | None = None,
 ) -> torch.Tensor:
     r"""``smoothed_cross_entropy`` of logits split over the vocabulary across ``group``'s ranks.
 
-    With ``x`` the (global) logits of a row, ``K = world_size * V_local``::
+    With ``x`` the (global) logits of a row, ``K = world_size * V_local``, ``w`` the class
+    weights (1 without ``weight``)::
 
         lse = m + log(all_reduce_sum(sum_local exp(x - m))),  m = all_reduce_max(max_local x)
-        loss = (1 - eps) * (lse - x_y) + eps * (lse - mean_{c in S} x_c)
+        loss = (1 - eps) w_y (lse - x_y) + eps sum_{c in S} w_c (lse - x_c) / |S|
 
-    where ``x_y``, ``sum_c x_c`` and ``x_pad`` are all-reduced sums of each rank's share (only
-    the rank holding the class contributes). Every rank returns the same loss, bit for bit, equal
-    to ``lstorch.smoothed_cross_entropy(full_logits, labels, ...)``; the gradient with respect to
-    ``local_logits`` is that rank's slice of the full gradient.
+    where ``x_y``, ``w_y``, ``sum_c w_c x_c``, ``x_pad`` (and ``sum_c w_c``, ``w_pad``) are
+    all-reduced sums of each rank's share (only the rank holding the class contributes). Every
+    rank returns the same loss, bit for bit, equal to ``lstorch.smoothed_cross_entropy(
+    full_logits, labels, ...)`` (and so, for ``convention="uniform"``, to
+    ``F.cross_entropy(full_logits, labels, weight=full_weight, label_smoothing=eps)``); the
+    gradient with respect to ``local_logits`` is that rank's slice of the full gradient,
+    ``g * (A softmax(x) - t)`` with ``t`` the weighted smoothed target and ``A = sum_c t_c``.
+
+    Communication: two all-reduces in forward, of ``R b`` and ``4 R b`` bytes (``5 R b + 2 b``
+    with ``weight``) for ``R`` rows and ``b`` bytes per value (4, or 8 for float64 logits);
+    none in backward.
 
     Args:
       local_logits: ``(..., V_local)``, this rank's slice of the class axis (the last axis).
@@ -65,36 +95,249 @@ def vocab_parallel_smoothed_cross_entropy(
       convention: as ``smoothed_cross_entropy``.
       ignore_index: as ``smoothed_cross_entropy``.
       pad_index: as ``smoothed_cross_entropy``; a global class index.
+      weight: this rank's slice of the class weights, ``(V_local,)`` (classes ``[r * V_local,
+        (r + 1) * V_local)`` of torch's ``weight``), a constant; ``"mean"`` divides by the sum
+        of ``w_y`` over the counted rows, as torch does.
       reduction: as ``smoothed_cross_entropy``.
+
+    Returns:
+      float32 for bf16/fp16/float32 logits, float64 for float64; per row for ``"none"``, else
+      a scalar. The same on every rank.
     """
-    fn = "vocab_parallel_smoothed_cross_entropy"
+    fn = lsspec.caller("vocab_parallel_smoothed_cross_entropy", _caller)
     _common.floating(fn, local_logits=local_logits)
     labels = _common.integer_labels(fn, labels)  # widened before any comparison
     lsspec.check_labels_shape(fn, tuple(labels.shape), tuple(local_logits.shape[:-1]))
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    local_classes = local_logits.shape[-1]
-    num_classes = world * local_classes
-    _common.check_label_options(
-        fn,
-        num_classes,
-        lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction),
-    )
-    counted = _common.counted_rows(labels, ignore_index, pad_index)
-    _common.check_label_range(fn, labels, counted, num_classes, ignore_index)
+    options = lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction)
     compute_dtype = _common.compute_dtype(local_logits.dtype)
+    layout, counted, class_weight = _prologue(
+        fn, local_logits.shape[-1], labels, options, weight, group, compute_dtype
+    )
     eps = _common.smoothing_tensor(smoothing, compute_dtype, local_logits.device)  # differentiated
-    layout = _Layout(convention, pad_index, rank * local_classes, num_classes, group)
     rows = _common.with_forward_mode(_VocabParallelRows, _VocabParallelRowsForwardMode)
-    loss, _, _ = rows.apply(local_logits, labels, counted, eps, layout)
-    return _common.reduce(loss, counted.to(compute_dtype), reduction)
+    loss, _, _, w_y, _ = rows.apply(local_logits, labels, counted, eps, class_weight, layout)
+    return _common.reduce(loss, torch.where(counted, w_y, 0.0), reduction)
+
+
+def vocab_parallel_fused_linear_smoothed_cross_entropy(
+    hidden: torch.Tensor,
+    weight_shard: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias_shard: torch.Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
+    smoothing: float | torch.Tensor = 0.0,
+    convention: str = "uniform",
+    ignore_index: int | None = None,
+    pad_index: int | None = None,
+    class_weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int = _fused.DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    r"""``fused_linear_smoothed_cross_entropy`` with the output layer split over the vocabulary.
+
+    Each rank of ``group`` holds the rows of the output layer's weight (and bias) for its slice
+    of the vocabulary, ``weight_shard = weight[r * V_local : (r + 1) * V_local]``, and the same
+    ``hidden`` and ``labels``. With ``x = hidden @ weight.T + bias`` (``K = world_size *
+    V_local`` classes, never built: each rank walks its own rows in chunks of ``chunk_size``)::
+
+        loss = (1 - eps) w_y (lse - x_y) + eps sum_{c in S} w_c (lse - x_c) / |S|
+
+    ``lse`` is combined from each rank's chunked logsumexp (an all-reduce of the max, then of
+    the sum-exp), ``x_y = hidden . weight[y] + bias[y]`` (the rank holding ``y`` contributes)
+    and ``sum_c w_c x_c = hidden . (sum_c w_c weight_c) + sum_c w_c bias_c`` (a rank-1 product
+    per rank) are all-reduced sums. Every rank returns the same loss, bit for bit, equal to
+    ``lstorch.fused_linear_smoothed_cross_entropy(hidden, full_weight, labels, ...)`` and to
+    ``lstorch.smoothed_cross_entropy(F.linear(hidden, full_weight, full_bias), labels, ...)``.
+    Backward recomputes each chunk's logits: ``d weight_shard`` and ``d bias_shard`` are this
+    rank's rows of the full gradients, and ``d hidden`` is summed over the group (an
+    all-reduce), so that every rank gets the full gradient for the replicated ``hidden``.
+
+    Communication per call, ``R`` rows, ``D`` features, ``b`` bytes per value (4; 8 for
+    float64): forward, two all-reduces of ``R b`` and ``4 R b`` bytes (``5 R b + 2 b`` with
+    ``class_weight``); backward, one of ``R D b`` bytes (``d hidden``, only when ``hidden``
+    requires grad). Nothing ``R x V`` crosses the wire or exists on any rank.
+
+    Its JAX twin is ``lsjax.sharded.sharded_fused_linear_smoothed_cross_entropy``, the fused
+    loss under ``shard_map`` with the weight split over a vocabulary axis.
+
+    Args:
+      hidden: ``(..., D)``, the features that feed the output layer, the same on every rank.
+      weight_shard: ``(V_local, D)``, this rank's rows of the ``(V, D)`` weight.
+      labels: global class indices, the same on every rank, the hidden's shape without ``D``.
+      bias_shard: optional ``(V_local,)``, this rank's slice of the bias.
+      group: the process group the vocabulary is split over (default: the world).
+      smoothing: ``eps`` in [0, 1], as ``fused_linear_smoothed_cross_entropy``; a tensor that
+        requires grad is differentiated (the whole loss's derivative on every rank).
+      convention: ``"uniform"`` | ``"others"`` | ``"others_but_pad"`` (needs ``pad_index``).
+      ignore_index: rows whose label equals it count for nothing (left out of ``"mean"``).
+      pad_index: the pad column of ``"others_but_pad"`` (a global class index).
+      class_weight: this rank's slice of the per-class weights, ``(V_local,)``, a constant
+        (torch's ``weight`` of ``F.cross_entropy``); ``"mean"`` divides by the sum of ``w_y``.
+      reduction: ``"none"`` | ``"sum"`` | ``"mean"`` (over counted rows; 0 when none counts).
+      chunk_size: classes per chunk on each rank.
+
+    Returns:
+      float32 for bf16/fp16/float32 inputs, float64 for float64; per row for ``"none"``, else
+      a scalar. The same on every rank. First-order gradients only: a backward that would be
+      differentiated again (``create_graph=True``, ``torch.func`` transforms) raises.
+    """
+    fn = "vocab_parallel_fused_linear_smoothed_cross_entropy"
+    names = lsspec.caller(fn, weight="weight_shard", bias="bias_shard")
+    operand_dtype = _fused._check_fused(names, hidden, weight_shard, bias_shard, labels)
+    labels = _common.index_labels(labels)
+    options = lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction)
+    chunk_size = lsspec.check_chunk_size(fn, chunk_size)
+    compute_dtype = _common.compute_dtype(operand_dtype)
+    local_classes = weight_shard.shape[0]
+    layout, counted, class_weight = _prologue(
+        lsspec.caller(fn, weight="class_weight"), local_classes, labels, options, class_weight,
+        group, compute_dtype, chunk_size=chunk_size, operand_dtype=operand_dtype,
+    )  # fmt: skip
+    eps = _common.smoothing_tensor(smoothing, compute_dtype, hidden.device)  # differentiated
+    if bias_shard is None:
+        bias_shard = torch.zeros(local_classes, dtype=hidden.dtype, device=hidden.device)
+    loss, _, _, w_y, _ = _FusedVocabParallelRows.apply(
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight_shard,
+        bias_shard,
+        labels.reshape(-1),
+        counted.reshape(-1),
+        eps,
+        class_weight,
+        layout,
+    )
+    row_weight = torch.where(counted, w_y.reshape(labels.shape), 0.0)
+    return _common.reduce(loss.reshape(labels.shape), row_weight, reduction)
+
+
+def is_dtensor(value: object) -> bool:
+    """Whether ``value`` is a ``torch.distributed.tensor.DTensor`` (without importing that
+    module: a DTensor cannot exist unless it was imported)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(value, module.DTensor)
+
+
+# The options of smoothed_cross_entropy that the vocabulary-parallel path takes.
+_DTENSOR_OPTIONS = ("smoothing", "convention", "ignore_index", "pad_index", "reduction")
+
+
+def dtensor_smoothed_cross_entropy(logits, labels, *, axis=None, weight=None, _caller=None,
+                                   **options):  # fmt: skip
+    """``lstorch.smoothed_cross_entropy`` of a DTensor ``logits`` sharded on its class axis
+    (``Shard(axis)`` over a 1-D device mesh, the axis's size divisible by the mesh's): each
+    rank computes :func:`vocab_parallel_smoothed_cross_entropy` on its local shard over the
+    mesh's process group, without gathering the logits. ``labels`` are a tensor or a
+    replicated DTensor; ``weight`` a full ``(K,)`` tensor (each rank takes its slice) or a
+    DTensor sharded or replicated over the same mesh. Returns the dense call's value as a
+    replicated DTensor on the mesh (its backward reaches ``logits`` as a ``Shard(axis)``
+    gradient). Any other option of ``smoothed_cross_entropy`` (``where``, ``normalizer``,
+    ``kl``, ``from_log_probs``, ``class_mask``, ``z_loss``, ...) raises when it is given a
+    value other than its default."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    from lstorch.smoothed import smoothed_cross_entropy
+
+    fn = lsspec.caller("smoothed_cross_entropy", _caller)
+    name, arg = lsspec.names(fn)
+    parameters = inspect.signature(smoothed_cross_entropy).parameters
+    for option in [option for option in options if option not in _DTENSOR_OPTIONS]:
+        value, default = options.pop(option), parameters[option].default
+        if value is not default and not (lsspec.is_number(value) and value == default):
+            raise ValueError(
+                f"{name}: `{arg(option)}` is not supported with DTensor logits (the "
+                f"vocabulary-parallel path takes {', '.join(_DTENSOR_OPTIONS)} and weight); "
+                f"got {arg(option)}={value!r}."
+            )
+    mesh, placements = logits.device_mesh, logits.placements
+    axis = _common.class_axis(fn, axis, logits.ndim, tuple(logits.shape))
+    if mesh.ndim != 1 or placements != (Shard(axis),):
+        raise ValueError(
+            f"{name}: DTensor `{arg('logits')}` must be sharded on its class axis {axis} over a "
+            f"1-D device mesh (placements (Shard({axis}),)); got a {mesh.ndim}-D mesh with "
+            f"placements {placements}."
+        )
+    world, rank = mesh.size(), mesh.get_local_rank()
+    if logits.shape[axis] % world:
+        raise ValueError(
+            f"{name}: DTensor `{arg('logits')}` must split its {logits.shape[axis]} classes "
+            f"evenly over the mesh's {world} ranks; got {logits.shape[axis]} % {world} = "
+            f"{logits.shape[axis] % world}."
+        )
+    if isinstance(labels, DTensor):
+        if any(placement != Replicate() for placement in labels.placements):
+            raise ValueError(
+                f"{name}: DTensor `{arg('labels')}` must be replicated over the mesh; got "
+                f"placements {labels.placements}."
+            )
+        labels = labels.to_local()
+    local_classes = logits.shape[axis] // world
+    if isinstance(weight, DTensor):
+        sharded = weight.placements == (Shard(0),)
+        weight = weight.to_local()
+        if not sharded:
+            weight = weight[rank * local_classes : (rank + 1) * local_classes]
+    elif weight is not None:
+        weight = _common.tensor_option(fn, "weight", weight, logits.device)
+        lsspec.check_row_options_shapes(fn, logits.shape[axis], (), weight=tuple(weight.shape))
+        weight = weight[rank * local_classes : (rank + 1) * local_classes]
+    local = logits.to_local().movedim(axis, -1)
+    loss = vocab_parallel_smoothed_cross_entropy(
+        local, labels, group=mesh.get_group(), weight=weight, _caller=fn, **options
+    )
+    return DTensor.from_local(loss, mesh, [Replicate()], run_check=False)
+
+
+class _Layout(NamedTuple):
+    """Where this rank's classes lie in the vocabulary, and the options that need the layout."""
+
+    convention: str
+    pad_index: int | None
+    start: int  # the first (global) class this rank holds
+    num_classes: int  # K, the global number of classes
+    group: Any  # the process group the vocabulary is split over
+    chunk_size: int = 0  # the fused head's classes per chunk
+    operand_dtype: torch.dtype | None = None  # the fused head's operands' (autocast's) dtype
+
+
+def _prologue(fn, local_classes, labels, options: lsspec.LabelOptions, weight, group,
+              compute_dtype, **fused):  # fmt: skip
+    """The shared checks: ``(layout, counted rows, this rank's class weights in the compute
+    dtype or None)``."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    num_classes = world * local_classes
+    _common.check_label_options(fn, num_classes, options)
+    device = labels.device
+    weight = _common.tensor_option(fn, "weight", weight, device)
+    if weight is not None:
+        _common.floating(fn, weight=weight)
+        if tuple(weight.shape) != (local_classes,):
+            raise lsspec.shape_error(
+                fn, "weight", tuple(weight.shape),
+                f"shape ({local_classes},), this rank's slice of the class weights",
+            )  # fmt: skip
+        weight = weight.detach().to(dtype=compute_dtype, device=device)
+    counted = _common.counted_rows(labels, options.ignore_index, options.pad_index)
+    _common.check_label_range(fn, labels, counted, num_classes, options.ignore_index)
+    layout = _Layout(
+        options.convention, options.pad_index, rank * local_classes, num_classes, group, **fused
+    )
+    return layout, counted, weight
 
 
 def _local_column(x, classes, start):
-    """``x[..., classes - start]`` where this rank holds the class, else 0 (compute dtype)."""
+    """``x[..., classes - start]`` where this rank holds the class, else 0."""
     local = classes - start
     here = (local >= 0) & (local < x.shape[-1])
     value = x.gather(-1, torch.where(here, local, 0).unsqueeze(-1)).squeeze(-1)
     return torch.where(here, value, 0.0)
+
+
+def _local_entry(vector, classes, start):
+    """``vector[classes - start]`` where this rank holds the class, else 0 (``vector`` 1-D)."""
+    local = classes - start
+    here = (local >= 0) & (local < vector.shape[0])
+    return torch.where(here, vector[torch.where(here, local, 0)], 0.0)
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -129,41 +372,138 @@ class _AllReduceSum(torch.autograd.Function):
         return _AllReduceSum.apply(tensor, group), in_dims[0]
 
 
-class _Layout(NamedTuple):
-    """Where this rank's classes lie in the vocabulary, and the options that need the layout."""
+class _Share(NamedTuple):
+    """This rank's share of a row's sums (only the rank holding a class adds its column)."""
 
-    convention: str
-    pad_index: int | None
-    start: int  # the first (global) class this rank holds
-    num_classes: int  # K, the global number of classes
-    group: Any  # the process group the vocabulary is split over
+    x_y: torch.Tensor  # the label's logit
+    total: torch.Tensor  # sum over this rank's classes of w_c x_c (w = 1 without weights)
+    x_pad: torch.Tensor  # the pad's logit
+    w_y: torch.Tensor | None = None  # with class weights: the label's weight
+    weight_sum: torch.Tensor | None = None  # with class weights: the sum of this rank's (0-d)
+    w_pad: torch.Tensor | None = None  # with class weights: the pad's weight (0-d)
+
+
+def _weight_share(class_weight, safe_labels, layout: _Layout):
+    """The class weights' part of :class:`_Share` (None, None, None without weights)."""
+    if class_weight is None:
+        return None, None, None
+    pad = torch.tensor(layout.pad_index or 0, device=class_weight.device)
+    return (
+        _local_entry(class_weight, safe_labels, layout.start),
+        class_weight.sum(),
+        _local_entry(class_weight, pad, layout.start),
+    )
+
+
+class _Global(NamedTuple):
+    """The closed form's statistics of every row, global over the group (the same on every
+    rank), and the per-row ``w_y`` and ``sum_{c in S} w_c`` that backward and the reduction
+    read."""
+
+    terms: _closed_form.RowTerms
+    w_y: torch.Tensor
+    support_weight: torch.Tensor
+
+
+def _global_terms(peak, sum_exp_at, share: _Share, labels, counted, eps, layout) -> _Global:
+    """Two all-reduces: the max of each row's local ``peak`` (written in place), then one
+    packed sum of the rows' shares (``sum_exp_at(global_peak)``, ``x_y``, the support sum,
+    ``x_pad``, and with class weights ``w_y``, plus two scalars: ``sum w`` and ``w_pad``)."""
+    convention, num_classes = layout.convention, layout.num_classes
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=layout.group)
+    peak = torch.where(torch.isfinite(peak), peak, 0.0)
+    weighted = share.w_y is not None
+    rows = [sum_exp_at(peak), share.x_y, share.total, share.x_pad]
+    rows += [share.w_y] if weighted else []
+    packed = torch.stack(rows).reshape(-1)
+    if weighted:
+        packed = torch.cat([packed, torch.stack([share.weight_sum, share.w_pad])])
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=layout.group)
+    per_row = packed[: len(rows) * peak.numel()].reshape(len(rows), *peak.shape)
+    sum_exp, x_y, support_sum, x_pad = per_row[:4]
+    lse = torch.log(sum_exp) + peak
+    size = _closed_form.support_size(convention, num_classes)
+    if weighted:
+        w_y, (weight_sum, w_pad) = per_row[4], packed[len(rows) * peak.numel() :]
+        support_weight = weight_sum.expand(peak.shape)
+    else:  # w = 1 (a product with 1.0 is exact), sum_{c in S} w_c = |S|
+        w_y, w_pad, support_weight = 1.0, 1.0, size
+    if convention != "uniform":
+        support_sum = support_sum - w_y * x_y
+    if convention == "others_but_pad":
+        support_sum = support_sum - w_pad * x_pad
+    if weighted and convention != "uniform":  # |S| already leaves y (and the pad) out
+        support_weight = support_weight - w_y
+    if weighted and convention == "others_but_pad":
+        support_weight = support_weight - w_pad
+    safe_labels, bad = _closed_form.label_rows(labels, counted, eps, num_classes)
+    # The closed form of statistics relative to 0: peak 0, log_sum the lse, no scaling.
+    terms = _closed_form.RowTerms(
+        _closed_form.Lse(0.0, lse), x_y, w_y, support_sum, support_weight, safe_labels, bad,
+        size, 1.0,
+    )  # fmt: skip
+    ones = torch.ones_like(lse)
+    return _Global(terms, ones * w_y, ones * support_weight)
+
+
+def _row_outputs(glob: _Global, counted, eps, layout):
+    """``(loss, lse, eps_slope, w_y, support_weight)`` per row: the cores' outputs."""
+    terms = glob.terms
+    loss = _closed_form.row_loss(terms, counted, eps, convention=layout.convention)
+    # d loss_row / d eps from the global statistics (the same on every rank).
+    eps_slope = _closed_form.smoothing_slope(terms, eps, convention=layout.convention)
+    return loss, terms.lse.log_sum, eps_slope, glob.w_y, glob.support_weight
+
+
+def _local_target(labels, counted, eps, class_weight, w_y, layout, start, stop, device):
+    """The weighted smoothed target on this rank's classes ``[start, stop)`` (local indices),
+    ``t_c = (1 - eps) w_y [c = y] + eps / |S| w_c [c in S]``, out of place."""
+    per_class = eps / _closed_form.support_size(layout.convention, layout.num_classes)
+    if class_weight is not None:
+        per_class = per_class * class_weight[start:stop]
+    classes = torch.arange(layout.start + start, layout.start + stop, device=device)
+    labels = torch.where(counted, labels, 0)
+    on_true = ((1.0 - eps) * w_y).unsqueeze(-1)
+    return _closed_form.smoothed_target(
+        layout.convention, layout.pad_index, classes, labels, on_true, per_class
+    )
+
+
+def _target_mass(eps, support_weight, w_y, layout):
+    """``A = sum_c t_c = (1 - eps) w_y + eps / |S| sum_{c in S} w_c`` per row."""
+    size = _closed_form.support_size(layout.convention, layout.num_classes)
+    return (1.0 - eps) * w_y + eps / size * support_weight
 
 
 class _Saved(NamedTuple):
-    """What backward and forward mode read: the inputs and the forward's global statistics (the
-    smoothing's slope None where the smoothing is not differentiated)."""
+    """What the dense core's backward and forward mode read: the inputs and the forward's
+    global statistics (the smoothing's slope None where the smoothing is not differentiated)."""
 
     x: torch.Tensor
     labels: torch.Tensor
     counted: torch.Tensor
     eps: torch.Tensor
+    class_weight: torch.Tensor | None
     lse: torch.Tensor
+    w_y: torch.Tensor
+    support_weight: torch.Tensor
     eps_slope: torch.Tensor | None
 
 
-def _bad_rows(saved: _Saved, layout: _Layout):
+def _bad_rows(saved, layout: _Layout):
     """Counted rows with a label out of range or under a smoothing outside [0, 1]: NaN."""
     return _closed_form.label_rows(saved.labels, saved.counted, saved.eps, layout.num_classes)[1]
 
 
-def _local_target(x, labels, counted, eps, layout):
-    """``q`` on this rank's classes: ``(1 - eps) [c = y] + eps / |S| [c in S]``."""
-    per_class = eps / _closed_form.support_size(layout.convention, layout.num_classes)
-    classes = torch.arange(layout.start, layout.start + x.shape[-1], device=x.device)
-    labels = torch.where(counted, labels, 0)
-    return _closed_form.smoothed_target(
-        layout.convention, layout.pad_index, classes, labels, 1.0 - eps, per_class
-    )
+def _dense_coefficients(saved: _Saved, lse, layout):
+    """``A softmax(x) - t`` on this rank's classes (rows x V_local, compute dtype)."""
+    x, eps = saved.x, saved.eps
+    target = _local_target(
+        saved.labels, saved.counted, eps, saved.class_weight, saved.w_y, layout, 0,
+        x.shape[-1], x.device,
+    )  # fmt: skip
+    mass = _target_mass(eps, saved.support_weight, saved.w_y, layout).unsqueeze(-1)
+    return mass * torch.exp(x.to(eps.dtype) - lse.unsqueeze(-1)) - target
 
 
 class _VocabParallelRows(torch.autograd.Function):
@@ -172,65 +512,51 @@ class _VocabParallelRows(torch.autograd.Function):
     ``_VocabParallelRowsForwardMode`` adds forward mode (``jvp``)."""
 
     @staticmethod
-    def forward(x, labels, counted, eps, layout):
-        convention, num_classes, start = layout.convention, layout.num_classes, layout.start
+    def forward(x, labels, counted, eps, class_weight, layout):
         compute_dtype = eps.dtype
         with torch.no_grad():
             peak = x.amax(dim=-1).to(compute_dtype)
-            dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=layout.group)
-            peak = torch.where(torch.isfinite(peak), peak, 0.0)
-            safe_labels, bad = _closed_form.label_rows(labels, counted, eps, num_classes)
-            sums = torch.stack(
-                [
-                    torch.exp(x.to(compute_dtype) - peak.unsqueeze(-1)).sum(-1),
-                    _local_column(x, safe_labels, start).to(compute_dtype),
-                    x.sum(-1, dtype=compute_dtype),
-                    _local_column(x, torch.full_like(labels, layout.pad_index or 0), start).to(
-                        compute_dtype
-                    ),
-                ]
+            safe_labels, _ = _closed_form.label_rows(labels, counted, eps, layout.num_classes)
+            pad = torch.full_like(labels, layout.pad_index or 0)
+            if class_weight is None:
+                total = x.sum(-1, dtype=compute_dtype)
+            else:
+                total = torch.matmul(x.to(compute_dtype), class_weight)
+            share = _Share(
+                _local_column(x, safe_labels, layout.start).to(compute_dtype),
+                total,
+                _local_column(x, pad, layout.start).to(compute_dtype),
+                *_weight_share(class_weight, safe_labels, layout),
             )
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=layout.group)
-            sum_exp, x_y, total, x_pad = sums
-            lse = torch.log(sum_exp) + peak
-            support_sum = total
-            if convention != "uniform":
-                support_sum = support_sum - x_y
-            if convention == "others_but_pad":
-                support_sum = support_sum - x_pad
-            size = _closed_form.support_size(convention, num_classes)
-            # The closed form of statistics relative to 0: peak 0, log_sum the lse, no scaling.
-            # A (tensor) smoothing outside [0, 1] gives NaN rows, never a plausible number.
-            lse_parts = _closed_form.Lse(0.0, lse)
-            terms = _closed_form.RowTerms(
-                lse_parts, x_y, 1.0, support_sum, size, safe_labels, bad, size, 1.0
-            )
-            loss = _closed_form.row_loss(terms, counted, eps, convention=convention)
-            # d loss_row / d eps from the global statistics (the same on every rank).
-            eps_slope = _closed_form.smoothing_slope(terms, eps, convention=convention)
-        return loss, lse, eps_slope
+
+            def sum_exp_at(global_peak):
+                return torch.exp(x.to(compute_dtype) - global_peak.unsqueeze(-1)).sum(-1)
+
+            glob = _global_terms(peak, sum_exp_at, share, labels, counted, eps, layout)
+            return _row_outputs(glob, counted, eps, layout)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, labels, counted, eps, layout = inputs
-        _, lse, eps_slope = output
+        x, labels, counted, eps, class_weight, layout = inputs
+        _, lse, eps_slope, w_y, support_weight = output
         ctx.layout = layout
         # The smoothing's slope (O(rows)) is kept for backward only when it is differentiated.
         kept = eps_slope if ctx.needs_input_grad[3] else None
-        ctx.save_for_backward(x, labels, counted, eps, lse, kept)
-        ctx.save_for_forward(x, labels, counted, eps, lse, eps_slope)
-        ctx.mark_non_differentiable(lse, eps_slope)
+        statistics = (lse, w_y, support_weight)
+        ctx.save_for_backward(x, labels, counted, eps, class_weight, *statistics, kept)
+        ctx.save_for_forward(x, labels, counted, eps, class_weight, *statistics, eps_slope)
+        ctx.mark_non_differentiable(lse, eps_slope, w_y, support_weight)
 
     @staticmethod
-    def vmap(info, in_dims, x, labels, counted, eps, layout):
+    def vmap(info, in_dims, x, labels, counted, eps, class_weight, layout):
         """Rows are independent: a ``torch.func.vmap`` batch axis (``jacrev``, ``jacfwd``,
         ``hessian``, per-sample gradients) becomes one more leading row axis, so each rank runs
         the same collectives once for the whole batch."""
-        x_dim, labels_dim, counted_dim, eps_dim, _ = in_dims
-        if eps_dim is not None:
+        x_dim, labels_dim, counted_dim, eps_dim, weight_dim, _ = in_dims
+        if eps_dim is not None or weight_dim is not None:
             raise ValueError(
-                "vocab_parallel_smoothed_cross_entropy: `smoothing` cannot be batched by "
-                "torch.func.vmap (it is one value for every row); got a vmapped smoothing tensor."
+                "vocab_parallel_smoothed_cross_entropy: `smoothing` and `weight` cannot be "
+                "batched by torch.func.vmap (one value for every row); got a vmapped one."
             )
 
         def leading(tensor, dim):
@@ -244,28 +570,27 @@ class _VocabParallelRows(torch.autograd.Function):
             leading(labels, labels_dim),
             leading(counted, counted_dim),
             eps,
+            class_weight,
             layout,
         )
-        return outputs, (0, 0, 0)
+        return outputs, (0, 0, 0, 0, 0)
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_lse, grad_slope):
-        """``g * (softmax(x) - q)`` on this rank's classes; no communication, except when the
-        gradient will be differentiated again: then the global lse is recomputed from ``x``
+    def backward(ctx, grad_loss, *grad_statistics):
+        """``g * (A softmax(x) - t)`` on this rank's classes; no communication, except when
+        the gradient will be differentiated again: then the global lse is recomputed from ``x``
         through ``_AllReduceSum`` (shifted by the saved lse, the same on every rank), so that
         its dependence on every rank's logits is in the graph."""
-        del grad_lse, grad_slope  # internal statistics, never differentiated.
+        del grad_statistics  # internal statistics, never differentiated.
         saved = _Saved(*ctx.saved_tensors)
-        x, labels, counted, eps = saved.x, saved.labels, saved.counted, saved.eps
+        x, counted, eps = saved.x, saved.counted, saved.eps
         safe_lse = torch.where(counted, saved.lse, 0.0)
-        x_c = x.to(eps.dtype)
         if _common.differentiated_again(x):
             shift = torch.where(torch.isfinite(saved.lse), saved.lse, 0.0).unsqueeze(-1)
-            local = torch.exp(x_c - shift).sum(-1)
+            local = torch.exp(x.to(eps.dtype) - shift).sum(-1)
             total = _AllReduceSum.apply(local, ctx.layout.group)
             safe_lse = torch.where(counted, torch.log(total) + shift.squeeze(-1), 0.0)
-        target = _local_target(x, labels, counted, eps, ctx.layout)
-        grad = torch.exp(x_c - safe_lse.unsqueeze(-1)) - target
+        grad = _dense_coefficients(saved, safe_lse, ctx.layout)
         grad = grad * grad_loss.to(eps.dtype).unsqueeze(-1)
         bad = _bad_rows(saved, ctx.layout)
         grad = _closed_form.counted_only(counted.unsqueeze(-1), bad.unsqueeze(-1), grad)
@@ -273,7 +598,7 @@ class _VocabParallelRows(torch.autograd.Function):
         if saved.eps_slope is not None:  # d eps = sum_rows g * slope, the whole loss's, every rank
             d_eps = _closed_form.counted_only(counted, bad, grad_loss * saved.eps_slope).sum()
             d_eps = d_eps.reshape(eps.shape)
-        return grad.to(x.dtype), None, None, d_eps, None
+        return grad.to(x.dtype), None, None, d_eps, None, None
 
 
 class _VocabParallelRowsForwardMode(_VocabParallelRows):
@@ -281,19 +606,175 @@ class _VocabParallelRowsForwardMode(_VocabParallelRows):
 
     @staticmethod
     def jvp(ctx, x_tangent, *other_tangents):
-        """``d loss = sum_c (softmax(x)_c - q_c) dx_c`` over all K classes: each rank's share,
-        all-reduced (one all-reduce of O(rows) values, run on every rank)."""
-        eps_tangent = other_tangents[2]  # labels and the counted mask are constants
+        """``d loss = sum_c (A softmax(x)_c - t_c) dx_c`` over all K classes: each rank's
+        share, all-reduced (one all-reduce of O(rows) values, run on every rank)."""
+        eps_tangent = other_tangents[2]  # labels, the counted mask and the weights: constants
         saved = _Saved(*ctx.saved_tensors)
-        x, labels, counted, eps = saved.x, saved.labels, saved.counted, saved.eps
+        counted, eps = saved.counted, saved.eps
         d_loss = torch.zeros_like(saved.lse)
         if x_tangent is not None:
-            safe_lse = torch.where(counted, saved.lse, 0.0).unsqueeze(-1)
-            target = _local_target(x, labels, counted, eps, ctx.layout)
-            coeff = torch.exp(x.to(eps.dtype) - safe_lse) - target
+            safe_lse = torch.where(counted, saved.lse, 0.0)
+            coeff = _dense_coefficients(saved, safe_lse, ctx.layout)
             local = torch.matmul(coeff.unsqueeze(-2), x_tangent.to(eps.dtype).unsqueeze(-1))
             d_loss = _AllReduceSum.apply(local.squeeze(-1).squeeze(-1), ctx.layout.group)
         if eps_tangent is not None:  # the same on every rank: no communication
             d_loss = d_loss + times(eps_tangent, saved.eps_slope)  # 0 tangent: exactly 0
         d_loss = _closed_form.counted_only(counted, _bad_rows(saved, ctx.layout), d_loss)
-        return d_loss, None, None  # lse and the slope: non-differentiable
+        return d_loss, None, None, None, None  # the statistics: non-differentiable
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused head: each rank's rows of the output layer, chunk by chunk (lstorch.fused's helpers).
+
+
+class _FusedSaved(NamedTuple):
+    """What the fused core's backward reads."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    labels: torch.Tensor
+    counted: torch.Tensor
+    eps: torch.Tensor
+    class_weight: torch.Tensor | None
+    lse: torch.Tensor
+    w_y: torch.Tensor
+    support_weight: torch.Tensor
+    eps_slope: torch.Tensor | None
+
+
+def _weighted_column_sum(weight, class_weight, layout: _Layout, compute_dtype):
+    """``sum_c w_c weight[c]`` over this rank's rows, of the operand, in ``compute_dtype``
+    (unweighted: ``lstorch.fused``'s own column sum), chunk by chunk."""
+    if class_weight is None:
+        return _fused._weight_column_sum(
+            weight, layout.chunk_size, layout.operand_dtype, compute_dtype
+        )
+    total = torch.zeros(weight.shape[1], dtype=compute_dtype, device=weight.device)
+    for start, stop in _fused._chunks(weight.shape[0], layout.chunk_size):
+        rows = _fused._operand(weight[start:stop], layout.operand_dtype, compute_dtype)
+        total = total + class_weight[start:stop] @ rows
+    return total
+
+
+class _FusedVocabParallelRows(torch.autograd.Function):
+    """Per-row loss of ``F.linear(hidden, weight, bias)`` with the weight's rows split over the
+    group; backward recomputes each local chunk's logits and all-reduces ``d hidden``."""
+
+    @staticmethod
+    def forward(hidden, weight, bias, labels, counted, eps, class_weight, layout):
+        operand_dtype, compute_dtype = layout.operand_dtype, eps.dtype
+        with torch.no_grad(), _fused._autocast_off(hidden.device.type):
+            hidden_c = _fused._counted_rows_only(
+                _fused._operand(hidden, operand_dtype, compute_dtype), counted
+            )
+            local_lse = torch.full(labels.shape, -torch.inf, dtype=compute_dtype,
+                                   device=hidden.device)  # fmt: skip
+            for start, stop in _fused._chunks(weight.shape[0], layout.chunk_size):
+                logits = _fused._chunk_logits(
+                    hidden_c, weight, bias, start, stop, operand_dtype, compute_dtype
+                )
+                local_lse = torch.logaddexp(local_lse, torch.logsumexp(logits, dim=-1))
+            safe_labels, _ = _closed_form.label_rows(labels, counted, eps, layout.num_classes)
+
+            def column(classes):  # x_c where this rank holds class c, else 0
+                local = classes - layout.start
+                here = (local >= 0) & (local < weight.shape[0])
+                local = torch.where(here, local, 0)
+                rows = _fused._operand(weight[local], operand_dtype, compute_dtype)
+                bias_c = _fused._operand(bias[local], operand_dtype, compute_dtype)
+                return torch.where(here, (hidden_c * rows).sum(-1) + bias_c, 0.0)
+
+            bias_c = _fused._operand(bias, operand_dtype, compute_dtype)
+            bias_sum = bias_c.sum() if class_weight is None else class_weight @ bias_c
+            column_sum = _weighted_column_sum(weight, class_weight, layout, compute_dtype)
+            share = _Share(
+                column(safe_labels),
+                hidden_c @ column_sum + bias_sum,
+                column(torch.full_like(labels, layout.pad_index or 0)),
+                *_weight_share(class_weight, safe_labels, layout),
+            )
+
+            def sum_exp_at(global_peak):
+                return torch.exp(local_lse - global_peak)
+
+            glob = _global_terms(local_lse.clone(), sum_exp_at, share, labels, counted, eps,
+                                 layout)  # fmt: skip
+            return _row_outputs(glob, counted, eps, layout)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        hidden, weight, bias, labels, counted, eps, class_weight, layout = inputs
+        _, lse, eps_slope, w_y, support_weight = output
+        ctx.layout = layout
+        kept = eps_slope if ctx.needs_input_grad[5] else None
+        ctx.save_for_backward(hidden, weight, bias, labels, counted, eps, class_weight, lse, w_y,
+                              support_weight, kept)  # fmt: skip
+        ctx.mark_non_differentiable(lse, eps_slope, w_y, support_weight)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *grad_statistics):
+        """Per local chunk: ``coeff = g * (A softmax(x) - t)`` (rows x chunk), ``d hidden +=
+        coeff @ W_chunk``, ``d W_chunk = coeff.T @ hidden``, ``d b_chunk = sum coeff``; then
+        ``d hidden`` is all-reduced over the group (each rank holds its classes' part)."""
+        del grad_statistics  # internal statistics, never differentiated.
+        saved = _FusedSaved(*ctx.saved_tensors)
+        layout = ctx.layout
+        if _common.differentiated_again(saved.hidden, saved.weight, saved.bias):
+            raise NotImplementedError(
+                "vocab_parallel_fused_linear_smoothed_cross_entropy: first-order gradients "
+                "only; got a backward that will be differentiated again (create_graph=True, "
+                "a torch.func transform or forward-mode tangents)."
+            )
+        d_hidden, d_weight, d_bias = _fused_gradients(saved, grad_loss, layout)
+        if ctx.needs_input_grad[0]:
+            dist.all_reduce(d_hidden, op=dist.ReduceOp.SUM, group=layout.group)
+        d_eps = None
+        if saved.eps_slope is not None:  # the whole loss's derivative, the same on every rank
+            bad = _bad_rows(saved, layout)
+            d_eps = _closed_form.counted_only(saved.counted, bad, grad_loss * saved.eps_slope)
+            d_eps = d_eps.sum().reshape(saved.eps.shape)
+        hidden, weight, bias = saved.hidden, saved.weight, saved.bias
+        return (
+            d_hidden.to(hidden.dtype), d_weight.to(weight.dtype), d_bias.to(bias.dtype),
+            None, None, d_eps, None, None,
+        )  # fmt: skip
+
+
+def _fused_gradients(saved: _FusedSaved, grad_loss, layout: _Layout):
+    """This rank's part of ``d hidden`` (before the all-reduce) and its rows of ``d weight``,
+    ``d bias``, each chunk's ``coeff`` built in its logits' buffer."""
+    operand_dtype, compute_dtype = layout.operand_dtype, saved.eps.dtype
+    hidden, weight, bias, counted = saved.hidden, saved.weight, saved.bias, saved.counted
+    bad = _bad_rows(saved, layout)
+    hidden_c = _fused._counted_rows_only(
+        _fused._operand(hidden, operand_dtype, compute_dtype), counted
+    )
+    scale = torch.where(bad, torch.nan, grad_loss.to(compute_dtype))
+    scale = torch.where(counted, scale, 0.0).unsqueeze(-1)
+    keep = counted.unsqueeze(-1)
+    safe_lse = torch.where(counted, saved.lse, 0.0).unsqueeze(-1)
+    mass = _target_mass(saved.eps, saved.support_weight, saved.w_y, layout).unsqueeze(-1)
+    d_hidden = torch.zeros_like(hidden_c)
+    d_weight = torch.empty(weight.shape, dtype=compute_dtype, device=weight.device)
+    d_bias = torch.empty(bias.shape, dtype=compute_dtype, device=bias.device)
+    with torch.no_grad(), _fused._autocast_off(hidden.device.type):
+        for start, stop in _fused._chunks(weight.shape[0], layout.chunk_size):
+            coeff = _fused._chunk_logits(
+                hidden_c, weight, bias, start, stop, operand_dtype, compute_dtype
+            )
+            coeff.sub_(safe_lse).exp_().mul_(mass)  # A softmax, in the logits' buffer
+            coeff.sub_(
+                _local_target(
+                    saved.labels, counted, saved.eps, saved.class_weight, saved.w_y, layout,
+                    start, stop, hidden.device,
+                )
+            )  # fmt: skip
+            coeff.mul_(scale)
+            # Select, do not multiply: 0 * NaN would leak a non-counted row's NaN features.
+            coeff.masked_fill_(~keep, 0.0)
+            weight_chunk = _fused._operand(weight[start:stop], operand_dtype, compute_dtype)
+            d_hidden.addmm_(coeff, weight_chunk)
+            d_weight[start:stop] = coeff.T @ hidden_c
+            d_bias[start:stop] = coeff.sum(0)
+    return d_hidden, d_weight, d_bias

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 import lsspec
-from lstorch import _closed_form, _common
+from lstorch import _closed_form, _common, distributed
 from lstorch._common import times
 
 
@@ -170,6 +170,8 @@ def smoothed_cross_entropy(
 
     Args:
       logits: float tensor; the class axis is ``axis``. bf16/fp16 are accumulated in float32.
+        A DTensor sharded on the class axis over a 1-D mesh is computed vocabulary-parallel,
+        never gathered (``lstorch.distributed.dtensor_smoothed_cross_entropy``).
       labels: int tensor with the logits' shape without the class axis. Any integer dtype
         (uint8 included) gives what int64 labels give; an ``ignore_index`` the dtype cannot
         hold (-100 with uint8 labels) matches no label.
@@ -245,6 +247,8 @@ def smoothed_cross_entropy(
       Szegedy et al. 2016, "Rethinking the Inception Architecture for Computer Vision";
       Müller, Kornblith & Hinton 2019, "When Does Label Smoothing Help?".
     """
+    if distributed.is_dtensor(logits):  # sharded on the class axis: never gathered
+        return distributed.dtensor_smoothed_cross_entropy(**locals())
     fn = lsspec.caller("smoothed_cross_entropy", _caller)
     if isinstance(logits, torch.Tensor):
         weight = _common.tensor_option(fn, "weight", weight, logits.device)

@@ -498,6 +498,23 @@ def keras_binary_crossentropy(y_pred, y_true, *, from_logits=False, label_smooth
     return value, lambda cot: np.expand_dims(np.asarray(cot), axis) * grad / count
 
 
+def megatron_cross_entropy(logits, target, label_smoothing=0.0):
+    """Megatron-core's ``vocab_parallel_cross_entropy`` at tensor-parallel size 1, read from
+    ``megatron/core/tensor_parallel/cross_entropy.py``: ``s = eps V / (V - 1)``, ``loss = (1 -
+    s) nll - s mean_c lp_c`` per token, and its backward ``softmax - (1 - s) onehot(y) - s / V``;
+    dense, on the whole vocabulary."""
+    x = np.asarray(logits, np.float64)
+    target = np.asarray(target)
+    vocab = x.shape[-1]
+    log_probs = _log_softmax(x)
+    onehot = np.arange(vocab) == target[..., None]
+    nll = -np.take_along_axis(log_probs, target[..., None], -1)[..., 0]
+    smoothing = label_smoothing * vocab / (vocab - 1)
+    rows = (1 - smoothing) * nll - smoothing * log_probs.mean(-1)
+    grad = np.exp(log_probs) - (1 - smoothing) * onehot - smoothing / vocab
+    return rows, lambda cot: np.asarray(cot)[..., None] * grad
+
+
 def timm_label_smoothing_cross_entropy(x, target, *, smoothing=0.1):
     """timm: ``mean_rows((1 - s) nll + s * (-mean_c lp))``, dense."""
     x = np.asarray(x, np.float64)

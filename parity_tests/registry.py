@@ -574,6 +574,19 @@ def _hf_inputs(rng: np.random.Generator, case: dict):
     return (_logits(rng, (3, 5, num_classes)), labels), kwargs
 
 
+def _megatron_cases() -> tuple[dict, ...]:
+    return tuple(_grid(label_smoothing=(0.0, 0.1, 0.9), num_classes=NUM_CLASSES))
+
+
+def _megatron_inputs(rng: np.random.Generator, case: dict):
+    # Megatron's layout: [sequence, batch, vocab] logits and [sequence, batch] targets.
+    num_classes = case["num_classes"]
+    target = rng.integers(0, num_classes, size=(5, 3))
+    return (_logits(rng, (5, 3, num_classes)), target), dict(
+        label_smoothing=case["label_smoothing"]
+    )
+
+
 def _keras_cce_cases() -> tuple[dict, ...]:
     return tuple(
         _grid(
@@ -972,6 +985,16 @@ TWINS: tuple[Twin, ...] = (
         _hf_inputs,
         _hf_cases(),
         oracles.hf_label_smoother,
+        kernels=True,
+        pallas=True,
+    ),
+    Twin(
+        "megatron.vocab_parallel_cross_entropy",
+        lsjax.compat.megatron.cross_entropy,
+        lstorch.compat.megatron.vocab_parallel_cross_entropy,
+        _megatron_inputs,
+        _megatron_cases(),
+        oracles.megatron_cross_entropy,
         kernels=True,
         pallas=True,
     ),

@@ -1,0 +1,241 @@
+"""Vocabulary parallelism in PyTorch over 2 and 4 gloo processes on CPU.
+
+One subprocess (``tests/vocab_parallel_checks.py``) starts its own process group of 4 ranks and
+runs every check over the whole world and over two groups of 2 ranks side by side: the
+vocabulary-parallel loss with class weights (its Hessian-vector products and forward-mode
+tangents included), the vocabulary-parallel fused head (under autocast too), Megatron's
+``vocab_parallel_cross_entropy`` and ``lstorch.smoothed_cross_entropy`` of DTensor logits
+sharded on the class axis. Each result equals the single-process loss and gradients, is bit for
+bit the same on every rank of its group, and runs the stated collectives: their number and
+their bytes, O(rows) each, never rows x V. Here, the fused head is compared with its JAX twin,
+Megatron's call with a float64 oracle of Megatron's intended formula and with Megatron's own
+local-V formula (the numbers its docstring states), and the bad calls' messages are read.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import lsjax.compat.megatron
+import lsjax.sharded
+import lstorch.compat.megatron
+from parity_tests import oracles
+from tests.check_scripts import run_check_script
+
+# (rtol, atol) by dtype: the sharded sums are added in another order than the dense ones.
+TOLERANCES = {"float64": (1e-12, 1e-13), "float32": (1e-5, 1e-6)}
+BYTES = {"float64": 8, "float32": 4}
+
+
+@pytest.fixture(scope="module")
+def results():
+    output = run_check_script("vocab_parallel_checks.py")
+    result = json.loads(output.strip().splitlines()[-1])
+    assert result["world"] == 4 and len(result["ranks"]) == 4
+    return [dict(case, rank=rank) for rank, cases in enumerate(result["ranks"]) for case in cases]
+
+
+def _of(results, check):
+    found = [case for case in results if case["check"] == check]
+    assert {case["world"] for case in found} == {2, 4}, check  # both group sizes ran
+    return found
+
+
+def _close(case, name):
+    rtol, atol = TOLERANCES[case["dtype"]]
+    return case[f"{name}_diff"] <= atol + rtol * case[f"{name}_scale"]
+
+
+@pytest.mark.parametrize("check", ["dense", "fused", "dtensor"])
+def test_each_rank_gets_the_single_process_loss_and_gradients(results, check):
+    for case in _of(results, check):
+        assert _close(case, "loss"), case
+        assert _close(case, "grad"), case  # this rank's slice; the whole d hidden (fused)
+        if check != "dtensor":  # d loss / d smoothing: the whole loss's, on every rank
+            assert _close(case, "eps_grad"), case
+
+
+def test_with_class_weights_second_derivatives_and_forward_mode_equal_the_dense_ones(results):
+    for case in _of(results, "higher order"):
+        assert _close(case, "hvp"), case  # double backward: the other ranks' terms included
+        assert _close(case, "jvp"), case  # forward mode: each rank's share, all-reduced
+
+
+def test_fused_head_under_autocast_rounds_as_the_single_process_fused_loss(results):
+    for case in _of(results, "autocast"):
+        assert _close(case, "loss") and _close(case, "grad"), case
+        assert case["grad_dtypes"] == ["torch.float32"] * 3, case  # the inputs' own dtypes
+
+
+def test_class_weights_give_torch_cross_entropy(results):
+    # The uniform convention with class weights is F.cross_entropy(weight=..., label_smoothing).
+    cases = [case for case in _of(results, "dense") if case["case"].startswith("uniform")]
+    assert cases
+    for case in cases:
+        rtol, atol = TOLERANCES[case["dtype"]]
+        assert case["torch_diff"] <= atol + rtol * case["loss_scale"], case
+
+
+def test_fused_head_equals_its_jax_twin(results):
+    # lsjax.sharded.sharded_fused_linear_smoothed_cross_entropy, the same keywords, on one
+    # device's mesh: the same loss and gradients as each rank's (its slice of d weight, d bias).
+    cases = [case for case in _of(results, "fused") if case["twin"]]
+    assert {case["world"] for case in cases} == {2, 4}
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("vocab",))
+    jax_results = {}  # by group size: the same data on every rank of every group of that size
+    for case in cases:
+        twin = case["twin"]
+        if case["world"] not in jax_results:
+            inputs = [jnp.asarray(twin[name], jnp.float64) for name in ("hidden", "weight", "bias")]
+
+            def loss_fn(hidden, weight, bias, twin=twin):
+                return lsjax.sharded.sharded_fused_linear_smoothed_cross_entropy(
+                    hidden, weight, jnp.asarray(twin["labels"]), mesh=mesh, batch_axis=None,
+                    vocab_axis="vocab", bias=bias, smoothing=twin["smoothing"], chunk_size=2,
+                    **twin["options"],
+                )  # fmt: skip
+
+            loss, vjp = jax.vjp(jax.jit(loss_fn), *inputs)
+            cotangent = jnp.asarray(twin["cotangent"], jnp.float64)
+            jax_results[case["world"]] = (loss, *vjp(cotangent))
+        loss, d_hidden, d_weight, d_bias = jax_results[case["world"]]
+        local, rank = len(twin["d_bias"]), case["rank"] % case["world"]
+        mine = slice(rank * local, (rank + 1) * local)
+        pairs = [(twin["loss"], loss), (twin["d_hidden"], d_hidden),
+                 (twin["d_weight"], d_weight[mine]), (twin["d_bias"], d_bias[mine])]  # fmt: skip
+        for ours, theirs in pairs:
+            np.testing.assert_allclose(ours, np.asarray(theirs), rtol=1e-12, atol=1e-13)
+
+
+def test_fused_head_without_bias_returns_no_bias_gradient(results):
+    for case in _of(results, "fused"):
+        assert case["bias_grad_none"] == ("bias=False" in case["case"]), case
+
+
+def test_dtensor_logits_give_a_replicated_loss_and_a_sharded_gradient(results):
+    for case in _of(results, "dtensor"):
+        assert case["replicated"], case
+        assert case["grad_placements"] == "(Shard(dim=1),)", case
+
+
+@pytest.mark.parametrize(
+    "check", ["dense", "fused", "megatron", "dtensor", "higher order", "autocast"]
+)
+def test_every_rank_of_a_group_is_bit_identical(results, check):
+    groups = {}
+    for case in _of(results, check):
+        key = (case["group"], case["case"], case.get("dtype"))
+        groups.setdefault(key, []).append(case)
+    for key, cases in groups.items():
+        assert len(cases) == cases[0]["world"], key  # every rank of the group reported
+        assert len({case["loss_bytes"] for case in cases}) == 1, key
+        if check == "fused":  # d hidden, all-reduced: the same on every rank too
+            assert len({case["d_hidden_bytes"] for case in cases}) == 1, key
+
+
+def _forward_bytes(rows, weighted, value_bytes):
+    """The two forward all-reduces: the rows' max, then the packed sums (sum-exp, x_y, the
+    support sum, x_pad; with class weights w_y per row and two scalars)."""
+    packed = 5 * rows + 2 if weighted else 4 * rows
+    return [["all_reduce", rows * value_bytes], ["all_reduce", packed * value_bytes]]
+
+
+@pytest.mark.parametrize("check", ["dense", "fused", "dtensor"])
+def test_collectives_per_call_are_stated_and_o_of_rows(results, check):
+    for case in _of(results, check):
+        value_bytes, rows = BYTES[case["dtype"]], case["rows"]
+        weighted = check == "dense" or "weighted=True" in case["case"]
+        assert case["forward"] == _forward_bytes(rows, weighted, value_bytes), case
+        # Backward: nothing for the logits; the fused head all-reduces d hidden (rows x D).
+        expected = []
+        if check == "fused":
+            expected = [["all_reduce", rows * case["features"] * value_bytes]]
+        assert case["backward"] == expected, case
+        vocab = 5 * case["world"]
+        largest = max(size for _, size in case["forward"] + case["backward"])
+        assert largest < rows * vocab * value_bytes, case  # never rows x V
+
+
+def _megatron_own_loss(logits, target, label_smoothing, rank, world):
+    """Megatron-core's ``vocab_parallel_cross_entropy`` as its code computes it on one rank
+    (megatron/core/tensor_parallel/cross_entropy.py, ``_VocabParallelCrossEntropy.forward``):
+    the global log-softmax, then smoothing with the LOCAL vocabulary size and the LOCAL mean
+    of the log-probabilities, over the rank's own slice. Float64 NumPy, per token."""
+    x = np.asarray(logits, np.float64)
+    local_vocab = x.shape[-1] // world
+    shifted = x - x.max(-1, keepdims=True)  # the global max and sum-exp, all-reduced
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(log_probs, np.asarray(target)[..., None], -1)[..., 0]
+    local = log_probs[..., rank * local_vocab : (rank + 1) * local_vocab]
+    smoothing = label_smoothing * local_vocab / (local_vocab - 1)
+    return (1 - smoothing) * nll - smoothing * local.mean(-1)
+
+
+def test_megatron_compat_is_megatrons_intended_formula_on_every_rank(results):
+    cases = [case for case in _of(results, "megatron") if case["case"] == "random"]
+    assert len(cases) == 8  # every rank, in the world and in its pair
+    for case in cases:
+        expected, vjp = oracles.megatron_cross_entropy(case["logits"], case["target"], 0.2)
+        np.testing.assert_allclose(case["loss"], expected, rtol=1e-12, atol=1e-13)
+        world, local = case["world"], len(case["grad"][0][0])
+        rank = case["rank"] % world
+        full_grad = vjp(np.ones(np.shape(expected)))
+        np.testing.assert_allclose(
+            case["grad"], full_grad[..., rank * local : (rank + 1) * local], rtol=1e-12, atol=1e-13
+        )
+        # Megatron's own code at this many ranks gives another loss on each rank.
+        own = _megatron_own_loss(case["logits"], case["target"], 0.2, rank, world)
+        assert np.abs(own - expected).max() > 1e-3
+
+
+def test_megatron_docstring_states_the_two_rank_numbers(results):
+    example = [[2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 1.5, 0.25]]
+    cases = [case for case in results if case["case"] == "docstring example"]
+    intended, _ = oracles.megatron_cross_entropy(example, [0], 0.1)
+    doc = " ".join(lstorch.compat.megatron.vocab_parallel_cross_entropy.__doc__.split())
+    assert f"returns {float(intended[0]):.4f} on both ranks" in doc
+    for case in cases:  # ours: the intended value on every rank, with 2 ranks
+        assert case["world"] == 2
+        np.testing.assert_allclose(case["loss"], intended, rtol=1e-14)
+        assert case["forward"] == _forward_bytes(1, False, 8)
+    own = [float(_megatron_own_loss(example, [0], 0.1, rank, 2)[0]) for rank in (0, 1)]
+    assert f"returns {own[0]:.4f} on rank 0 and {own[1]:.4f} on rank 1" in doc
+
+
+ERRORS = {  # case: what the message must say (the function, the argument, the value or shape)
+    "dense weight shape": "vocab_parallel_smoothed_cross_entropy: `weight` must have shape (5,), "
+    "this rank's slice of the class weights; got shape (20,).",
+    "fused class_weight shape": "vocab_parallel_fused_linear_smoothed_cross_entropy: "
+    "`class_weight` must have shape (5,), this rank's slice of the class weights; got shape (20,).",
+    "fused weight_shard shape": "vocab_parallel_fused_linear_smoothed_cross_entropy: "
+    "`weight_shard` must have shape (V, 4)",
+    "dtensor kl": "smoothed_cross_entropy: `kl` is not supported with DTensor logits (the "
+    "vocabulary-parallel path takes smoothing, convention, ignore_index, pad_index, reduction and "
+    "weight); got kl=True.",
+    "dtensor replicated logits": "smoothed_cross_entropy: DTensor `logits` must be sharded on its "
+    "class axis 1 over a 1-D device mesh",
+}
+
+
+def test_bad_calls_name_the_function_the_argument_and_the_value(results):
+    cases = [case for case in results if case["check"] == "errors"]
+    assert len(cases) == 4 * len(ERRORS)
+    for case in cases:
+        assert case["message"] is not None, case
+        assert ERRORS[case["case"]] in case["message"], case
+
+
+def test_megatron_compat_checks_its_arguments_as_megatron():
+    call = lstorch.compat.megatron.vocab_parallel_cross_entropy
+    logits, target = torch.zeros(2, 4), torch.tensor([0, 1])
+    message = r"cross_entropy: `label_smoothing` must be in \[0, 1\); got 1.0"
+    with pytest.raises(ValueError, match=message):  # Megatron asserts 0 <= label_smoothing < 1
+        call(logits, target, 1.0)
+    with pytest.raises(ValueError, match=message):  # the JAX twin in the same words
+        lsjax.compat.megatron.cross_entropy(logits.numpy(), target.numpy(), 1.0)
+    with pytest.raises(ValueError, match="as `group` or as `tp_group`; got both"):
+        call(logits, target, 0.1, object(), tp_group=object())

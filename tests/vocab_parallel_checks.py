@@ -1,0 +1,510 @@
+"""The checks of tests/test_vocab_parallel.py: ``python vocab_parallel_checks.py``.
+
+Forks 4 gloo processes on CPU (MASTER_ADDR=127.0.0.1, a free port; forked after torch and
+lstorch are imported, so that no rank imports them again). Each check runs over the whole world
+(4 ranks) and over pairs of ranks (two groups of 2, side by side), every rank holding its slice
+of the same vocabulary:
+
+* ``dense``: ``vocab_parallel_smoothed_cross_entropy`` with class weights;
+* ``fused``: ``vocab_parallel_fused_linear_smoothed_cross_entropy`` (with and without class
+  weights and bias, several chunks per rank);
+* ``megatron``: ``lstorch.compat.megatron.vocab_parallel_cross_entropy`` (pairs only: the
+  example of its docstring, and random logits);
+* ``dtensor``: ``lstorch.smoothed_cross_entropy`` of a DTensor sharded on the class axis;
+* ``higher order`` (class weights: double backward and forward mode), ``autocast`` (the fused
+  head under bf16 autocast) and ``errors`` (the messages of bad calls).
+
+Each result is compared on the rank with the single-process loss and gradients (the dense
+``lstorch.smoothed_cross_entropy`` of the full logits, and ``F.cross_entropy`` where torch has
+the same loss). Every collective is counted by wrapping ``torch.distributed``'s functions:
+its kind, bytes and group size, in forward and backward separately. Rank files are collected
+and one JSON object is printed.
+"""
+
+import json
+import os
+import pathlib
+import socket
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+WORLD = 4
+ROWS, LOCAL_VOCAB, FEATURES = 6, 5, 4
+IGNORE = -100
+
+# The collectives that could move data; each is wrapped to record (kind, bytes).
+WRAPPED = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast",
+           "reduce_scatter_tensor", "all_to_all_single", "send", "recv")  # fmt: skip
+FUNCTIONAL = ("all_reduce", "all_gather_tensor", "reduce_scatter_tensor", "all_to_all_single")
+
+
+class Counter:
+    """Records every collective a rank runs while ``active``."""
+
+    def __init__(self):
+        self.calls = []
+        self.active = False
+
+    def wrap(self, module, name, prefix=""):
+        original = getattr(module, name)
+
+        def counted(tensor, *args, **kwargs):
+            if self.active:
+                size = tensor.numel() * tensor.element_size() if torch.is_tensor(tensor) else -1
+                self.calls.append([prefix + name, size])
+            return original(tensor, *args, **kwargs)
+
+        setattr(module, name, counted)
+
+    def measure(self, fn):
+        """``(fn(), the collectives it ran)``."""
+        self.calls, self.active = [], True
+        try:
+            result = fn()
+        finally:
+            self.active = False
+        return result, self.calls
+
+
+def install_counter() -> Counter:
+    import torch.distributed._functional_collectives as funcol
+
+    counter = Counter()
+    for name in WRAPPED:
+        counter.wrap(dist, name)
+    for name in FUNCTIONAL:
+        counter.wrap(funcol, name, prefix="functional.")
+    return counter
+
+
+def diff(a, b) -> float:
+    return float((a.detach().double() - b.detach().double()).abs().max())
+
+
+def scale(a) -> float:
+    return max(1.0, float(a.detach().double().abs().max()))
+
+
+def hexbytes(tensor) -> str:
+    return tensor.detach().contiguous().numpy().tobytes().hex()
+
+
+def data(seed, world, dtype):
+    """The same full-vocabulary data on every rank."""
+    generator = torch.Generator().manual_seed(seed)
+    vocab = world * LOCAL_VOCAB
+    logits = 3 * torch.randn(ROWS, vocab, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, vocab, (ROWS,), generator=generator)
+    labels[torch.rand(ROWS, generator=generator) < 0.3] = IGNORE
+    labels[0] = 1  # a counted row
+    class_weight = torch.rand(vocab, generator=generator, dtype=torch.float64) + 0.5
+    cotangent = torch.rand(ROWS, generator=generator, dtype=torch.float64) + 0.5
+    hidden = torch.randn(ROWS, FEATURES, generator=generator, dtype=torch.float64)
+    weight = torch.randn(vocab, FEATURES, generator=generator, dtype=torch.float64)
+    bias = torch.randn(vocab, generator=generator, dtype=torch.float64)
+    tensors = (logits, labels, class_weight, cotangent, hidden, weight, bias)
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
+
+
+DENSE_CASES = [  # convention, pad_index, reduction, smoothing
+    ("uniform", None, "mean", 0.1),
+    ("others", None, "none", 0.2),
+    ("others_but_pad", 3, "sum", 0.3),
+]
+FUSED_CASES = [  # convention, pad_index, reduction, smoothing, class weights, bias
+    ("uniform", None, "mean", 0.1, True, True),
+    ("others", None, "none", 0.2, False, True),
+    ("others_but_pad", 3, "sum", 0.3, True, False),
+]
+
+
+def cotangent_for(loss, cotangent):
+    return cotangent.to(loss.dtype) if loss.ndim else torch.tensor(1.0, dtype=loss.dtype)
+
+
+def dense_checks(counter, group, world, rank, tag):
+    import lstorch
+    from lstorch.distributed import vocab_parallel_smoothed_cross_entropy
+
+    results = []
+    mine = slice(rank * LOCAL_VOCAB, (rank + 1) * LOCAL_VOCAB)
+    for index, (convention, pad_index, reduction, smoothing) in enumerate(DENSE_CASES):
+        for dtype in (torch.float64, torch.float32):
+            logits, labels, class_weight, cotangent, *_ = data(index, world, dtype)
+            options = dict(convention=convention, pad_index=pad_index, ignore_index=IGNORE,
+                           reduction=reduction)  # fmt: skip
+            full = logits.clone().requires_grad_(True)
+            dense_eps = torch.tensor(smoothing, dtype=dtype, requires_grad=True)
+            dense = lstorch.smoothed_cross_entropy(
+                full, labels, smoothing=dense_eps, weight=class_weight, **options
+            )
+            cot = cotangent_for(dense, cotangent)
+            dense_grad, dense_eps_grad = torch.autograd.grad(dense, (full, dense_eps), cot)
+            local = logits[:, mine].clone().requires_grad_(True)
+            eps = torch.tensor(smoothing, dtype=dtype, requires_grad=True)
+            loss, forward = counter.measure(
+                lambda local=local, eps=eps, labels=labels, class_weight=class_weight,
+                options=options: vocab_parallel_smoothed_cross_entropy(
+                    local, labels, group=group, smoothing=eps, weight=class_weight[mine],
+                    **options,
+                )
+            )  # fmt: skip
+            (grad, eps_grad), backward = counter.measure(
+                lambda loss=loss, local=local, eps=eps, cot=cot: torch.autograd.grad(
+                    loss, (local, eps), cot
+                )
+            )
+            torch_diff = 0.0
+            if convention == "uniform":  # torch's own loss, where it has this one
+                torch_loss = F.cross_entropy(
+                    logits, labels, weight=class_weight, ignore_index=IGNORE,
+                    label_smoothing=smoothing, reduction=reduction,
+                )  # fmt: skip
+                torch_diff = diff(loss, torch_loss)
+            results.append(
+                dict(
+                    check="dense", group=tag, world=world, dtype=str(dtype)[6:],
+                    case=f"{convention}/{reduction}/{smoothing}", rows=ROWS,
+                    loss_bytes=hexbytes(loss),
+                    loss_diff=diff(loss, dense), loss_scale=scale(dense), torch_diff=torch_diff,
+                    grad_diff=diff(grad, dense_grad[:, mine]), grad_scale=scale(dense_grad),
+                    eps_grad_diff=diff(eps_grad, dense_eps_grad),
+                    eps_grad_scale=scale(dense_eps_grad),
+                    forward=forward, backward=backward,
+                )
+            )  # fmt: skip
+    return results
+
+
+def fused_checks(counter, group, world, rank, tag):
+    import lstorch
+    from lstorch.distributed import vocab_parallel_fused_linear_smoothed_cross_entropy
+
+    results = []
+    mine = slice(rank * LOCAL_VOCAB, (rank + 1) * LOCAL_VOCAB)
+    for index, case in enumerate(FUSED_CASES):
+        convention, pad_index, reduction, smoothing, weighted, with_bias = case
+        for dtype in (torch.float64, torch.float32):
+            _, labels, class_weight, cotangent, hidden, weight, bias = data(index, world, dtype)
+            options = dict(convention=convention, pad_index=pad_index, ignore_index=IGNORE,
+                           reduction=reduction)  # fmt: skip
+            full = [hidden.clone(), weight.clone(), bias.clone()]
+            for tensor in full:
+                tensor.requires_grad_(True)
+            dense_eps = torch.tensor(smoothing, dtype=dtype, requires_grad=True)
+            dense = lstorch.smoothed_cross_entropy(
+                F.linear(full[0], full[1], full[2] if with_bias else None), labels,
+                smoothing=dense_eps, weight=class_weight if weighted else None, **options,
+            )  # fmt: skip
+            cot = cotangent_for(dense, cotangent)
+            dense_grads = torch.autograd.grad(dense, (*full, dense_eps), cot, allow_unused=True)
+            ours = [hidden.clone(), weight[mine].clone(), bias[mine].clone()]
+            for tensor in ours:
+                tensor.requires_grad_(True)
+            eps = torch.tensor(smoothing, dtype=dtype, requires_grad=True)
+
+            def call(ours=ours, eps=eps, labels=labels, class_weight=class_weight,
+                     weighted=weighted, with_bias=with_bias, options=options):  # fmt: skip
+                return vocab_parallel_fused_linear_smoothed_cross_entropy(
+                    ours[0], ours[1], labels, bias_shard=ours[2] if with_bias else None,
+                    group=group, smoothing=eps, chunk_size=2,
+                    class_weight=class_weight[mine] if weighted else None, **options,
+                )  # fmt: skip
+
+            loss, forward = counter.measure(call)
+            grads, backward = counter.measure(
+                lambda loss=loss, ours=ours, eps=eps, cot=cot: torch.autograd.grad(
+                    loss, (*ours, eps), cot, allow_unused=True
+                )
+            )
+            d_hidden, d_weight, d_bias, d_eps = grads
+            expected_bias = dense_grads[2][mine] if with_bias else None
+            twin = {}
+            if dtype == torch.float64 and not weighted:  # for the JAX twin, in the test
+                twin = dict(
+                    hidden=hidden.tolist(), weight=weight.tolist(), bias=bias.tolist(),
+                    labels=labels.tolist(), cotangent=cot.tolist(), options=options,
+                    smoothing=smoothing, loss=loss.tolist(), d_hidden=d_hidden.tolist(),
+                    d_weight=d_weight.tolist(), d_bias=d_bias.tolist(),
+                )  # fmt: skip
+            results.append(
+                dict(
+                    check="fused", group=tag, world=world, dtype=str(dtype)[6:],
+                    case=f"{convention}/{reduction}/{smoothing}/weighted={weighted}"
+                    f"/bias={with_bias}", rows=ROWS, features=FEATURES,
+                    loss_bytes=hexbytes(loss), d_hidden_bytes=hexbytes(d_hidden),
+                    loss_diff=diff(loss, dense), loss_scale=scale(dense),
+                    grad_diff=max(diff(d_hidden, dense_grads[0]),
+                                  diff(d_weight, dense_grads[1][mine]),
+                                  diff(d_bias, expected_bias) if with_bias else 0.0),
+                    bias_grad_none=d_bias is None,
+                    grad_scale=max(scale(g) for g in dense_grads[:3] if g is not None),
+                    eps_grad_diff=diff(d_eps, dense_grads[3]),
+                    eps_grad_scale=scale(dense_grads[3]),
+                    forward=forward, backward=backward, twin=twin,
+                )
+            )  # fmt: skip
+    return results
+
+
+def higher_order_checks(counter, group, world, rank, tag):
+    """With class weights: the Hessian-vector product by double backward (this rank's slice)
+    and the loss's tangent by forward-mode dual numbers (each rank holding its slice of the
+    tangent), against the dense loss's, in float64."""
+    import torch.autograd.forward_ad as fwAD
+
+    import lstorch
+    from lstorch.distributed import vocab_parallel_smoothed_cross_entropy
+
+    results = []
+    mine = slice(rank * LOCAL_VOCAB, (rank + 1) * LOCAL_VOCAB)
+    for index, (convention, pad_index, reduction, smoothing) in enumerate(DENSE_CASES):
+        logits, labels, class_weight, cotangent, *_ = data(20 + index, world, torch.float64)
+        vector = torch.randn(logits.shape, generator=torch.Generator().manual_seed(index),
+                             dtype=torch.float64)  # fmt: skip
+        options = dict(convention=convention, pad_index=pad_index, ignore_index=IGNORE,
+                       reduction=reduction, smoothing=smoothing)  # fmt: skip
+
+        def ours(x, options=options, labels=labels, class_weight=class_weight):
+            return vocab_parallel_smoothed_cross_entropy(
+                x, labels, group=group, weight=class_weight[mine], **options
+            )
+
+        def dense(x, options=options, labels=labels, class_weight=class_weight):
+            return lstorch.smoothed_cross_entropy(x, labels, weight=class_weight, **options)
+
+        def hvp(loss_fn, x, v, cotangent=cotangent):
+            loss = loss_fn(x)
+            cot = cotangent_for(loss, cotangent)
+            (grad,) = torch.autograd.grad(loss, x, cot, create_graph=True)
+            (result,) = torch.autograd.grad((grad * v).sum(), x)
+            return result
+
+        local = logits[:, mine].clone().requires_grad_(True)
+        full = logits.clone().requires_grad_(True)
+        ours_hvp = hvp(ours, local, vector[:, mine])
+        dense_hvp = hvp(dense, full, vector)[:, mine]
+        with fwAD.dual_level():
+            ours_jvp = fwAD.unpack_dual(ours(fwAD.make_dual(logits[:, mine], vector[:, mine])))
+            dense_jvp = fwAD.unpack_dual(dense(fwAD.make_dual(logits, vector)))
+        results.append(
+            dict(
+                check="higher order", group=tag, world=world, dtype="float64",
+                case=f"{convention}/{reduction}/{smoothing}/weighted=True",
+                loss_bytes=hexbytes(ours_jvp.primal),
+                hvp_diff=diff(ours_hvp, dense_hvp), hvp_scale=scale(dense_hvp),
+                jvp_diff=diff(ours_jvp.tangent, dense_jvp.tangent),
+                jvp_scale=scale(dense_jvp.tangent),
+            )
+        )  # fmt: skip
+    return results
+
+
+def autocast_checks(counter, group, world, rank, tag):
+    """The fused head under ``torch.autocast`` (bf16 on the CPU): the single-process fused
+    loss's rounding, in both passes, against ``lstorch.fused_linear_smoothed_cross_entropy``
+    of the whole weight under the same autocast."""
+    import lstorch
+    from lstorch.distributed import vocab_parallel_fused_linear_smoothed_cross_entropy
+
+    mine = slice(rank * LOCAL_VOCAB, (rank + 1) * LOCAL_VOCAB)
+    _, labels, _, _, hidden, weight, bias = data(30, world, torch.float32)
+    full = [hidden.clone(), weight.clone(), bias.clone()]
+    ours = [hidden.clone(), weight[mine].clone(), bias[mine].clone()]
+    for tensor in full + ours:
+        tensor.requires_grad_(True)
+    options = dict(smoothing=0.1, ignore_index=IGNORE, chunk_size=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = lstorch.fused_linear_smoothed_cross_entropy(
+            full[0], full[1], labels, bias=full[2], **options
+        )
+        loss = vocab_parallel_fused_linear_smoothed_cross_entropy(
+            ours[0], ours[1], labels, bias_shard=ours[2], group=group, **options
+        )
+    expected_grads = torch.autograd.grad(expected, full)
+    grads = torch.autograd.grad(loss, ours)
+    return [
+        dict(
+            check="autocast", group=tag, world=world, dtype="float32",
+            case="fused/bf16 autocast", loss_bytes=hexbytes(loss),
+            loss_diff=diff(loss, expected), loss_scale=scale(expected),
+            grad_diff=max(diff(grads[0], expected_grads[0]),
+                          diff(grads[1], expected_grads[1][mine]),
+                          diff(grads[2], expected_grads[2][mine])),
+            grad_scale=max(scale(g) for g in expected_grads),
+            grad_dtypes=[str(g.dtype) for g in grads],
+        )
+    ]  # fmt: skip
+
+
+# The example of lstorch.compat.megatron.vocab_parallel_cross_entropy's docstring.
+MEGATRON_EXAMPLE = [2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 1.5, 0.25]
+
+
+def megatron_checks(counter, group, world, rank, tag):
+    from lstorch.compat.megatron import vocab_parallel_cross_entropy
+
+    results = []
+    if world == 2:  # the docstring's example, a 2-rank one
+        example = torch.tensor([MEGATRON_EXAMPLE], dtype=torch.float64)
+        local_vocab = example.shape[-1] // world
+        local = example[:, rank * local_vocab : (rank + 1) * local_vocab]
+        loss, forward = counter.measure(
+            lambda: vocab_parallel_cross_entropy(local, torch.tensor([0]), 0.1, group)
+        )
+        results.append(
+            dict(check="megatron", group=tag, world=world, case="docstring example",
+                 loss=loss.tolist(), loss_bytes=hexbytes(loss), forward=forward)
+        )  # fmt: skip
+    generator = torch.Generator().manual_seed(7)
+    logits = 3 * torch.randn(3, 2, world * LOCAL_VOCAB, generator=generator, dtype=torch.float64)
+    target = torch.randint(0, world * LOCAL_VOCAB, (3, 2), generator=generator)
+    mine = slice(rank * LOCAL_VOCAB, (rank + 1) * LOCAL_VOCAB)
+    local = logits[..., mine].clone().requires_grad_(True)
+    loss = vocab_parallel_cross_entropy(local, target, 0.2, tp_group=group)
+    (grad,) = torch.autograd.grad(loss.sum(), local)
+    results.append(
+        dict(check="megatron", group=tag, world=world, case="random", logits=logits.tolist(),
+             target=target.tolist(), loss=loss.tolist(), grad=grad.tolist(),
+             loss_bytes=hexbytes(loss))
+    )  # fmt: skip
+    return results
+
+
+def dtensor_checks(counter, mesh, world, rank, tag):
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    import lstorch
+
+    results = []
+    mine = slice(rank * LOCAL_VOCAB, (rank + 1) * LOCAL_VOCAB)
+    for index, (convention, pad_index, reduction, smoothing) in enumerate(DENSE_CASES):
+        logits, labels, class_weight, cotangent, *_ = data(10 + index, world, torch.float32)
+        options = dict(smoothing=smoothing, convention=convention, pad_index=pad_index,
+                       ignore_index=IGNORE, reduction=reduction)  # fmt: skip
+        weighted = index != 1
+        weight = class_weight if weighted else None
+        full = logits.clone().requires_grad_(True)
+        dense = lstorch.smoothed_cross_entropy(full, labels, weight=weight, **options)
+        cot = cotangent_for(dense, cotangent)
+        (dense_grad,) = torch.autograd.grad(dense, full, cot)
+        sharded = distribute_tensor(logits, mesh, [Shard(-1)]).requires_grad_(True)
+        replicated_labels = distribute_tensor(labels, mesh, [Replicate()])
+        loss, forward = counter.measure(
+            lambda sharded=sharded, labels=replicated_labels, weight=weight, options=options:
+            lstorch.smoothed_cross_entropy(sharded, labels, weight=weight, **options)
+        )  # fmt: skip
+        is_replicated = isinstance(loss, DTensor) and loss.placements == (Replicate(),)
+        cot_dtensor = distribute_tensor(cot, mesh, [Replicate()])
+        _, backward = counter.measure(lambda loss=loss, cot=cot_dtensor: loss.backward(cot))
+        grad = sharded.grad
+        grad_placements = str(grad.placements)
+        local_loss = loss.to_local()
+        results.append(
+            dict(
+                check="dtensor", group=tag, world=world, dtype="float32",
+                case=f"{convention}/{reduction}/{smoothing}/weighted={weighted}", rows=ROWS,
+                replicated=is_replicated, grad_placements=grad_placements,
+                loss_bytes=hexbytes(local_loss),
+                loss_diff=diff(local_loss, dense), loss_scale=scale(dense),
+                grad_diff=diff(grad.to_local(), dense_grad[:, mine]),
+                grad_scale=scale(dense_grad), forward=forward, backward=backward,
+            )
+        )  # fmt: skip
+    return results
+
+
+def error_checks(mesh, world):
+    """The messages of bad calls (every rank makes each, so no collective is left waiting)."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    import lstorch
+    from lstorch.distributed import (
+        vocab_parallel_fused_linear_smoothed_cross_entropy,
+        vocab_parallel_smoothed_cross_entropy,
+    )
+
+    logits, labels, class_weight, _, hidden, weight, _ = data(0, world, torch.float32)
+    local = logits[:, :LOCAL_VOCAB]
+    sharded = distribute_tensor(logits, mesh, [Shard(-1)])
+    calls = {
+        "dense weight shape": lambda: vocab_parallel_smoothed_cross_entropy(
+            local, labels, weight=class_weight, ignore_index=IGNORE
+        ),
+        "fused class_weight shape": lambda: vocab_parallel_fused_linear_smoothed_cross_entropy(
+            hidden, weight[:LOCAL_VOCAB], labels, class_weight=class_weight, ignore_index=IGNORE
+        ),
+        "fused weight_shard shape": lambda: vocab_parallel_fused_linear_smoothed_cross_entropy(
+            hidden, weight[:LOCAL_VOCAB, :2], labels, ignore_index=IGNORE
+        ),
+        "dtensor kl": lambda: lstorch.smoothed_cross_entropy(
+            sharded, labels, ignore_index=IGNORE, smoothing=0.1, kl=True
+        ),
+        "dtensor replicated logits": lambda: lstorch.smoothed_cross_entropy(
+            distribute_tensor(logits, mesh, [Replicate()]), labels, ignore_index=IGNORE
+        ),
+    }
+    results = []
+    for name, call in calls.items():
+        try:
+            call()
+            message = None
+        except (ValueError, TypeError) as error:
+            message = f"{type(error).__name__}: {error}"
+        results.append(dict(check="errors", case=name, world=world, message=message))
+    return results
+
+
+def worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    pair, _ = dist.new_subgroups(group_size=2)
+    world_mesh = init_device_mesh("cpu", (world,))
+    pair_mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("data", "vocab"))
+    pair_mesh = pair_mesh["vocab"]
+    counter = install_counter()
+    started = time.perf_counter()
+    results = []
+    for group, size, tag in ((None, world, "world"), (pair, 2, f"pair{rank // 2}")):
+        pair_rank = dist.get_rank(group)
+        for checks in (dense_checks, fused_checks, megatron_checks, higher_order_checks,
+                       autocast_checks):  # fmt: skip
+            results += checks(counter, group, size, pair_rank, tag)
+    results += dtensor_checks(counter, world_mesh, world, rank, "world")
+    results += dtensor_checks(counter, pair_mesh, 2, rank % 2, f"pair{rank // 2}")
+    results += error_checks(world_mesh, world)
+    print(f"rank {rank}: checks {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    pathlib.Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    import torch.distributed.tensor  # noqa: F401  (imported once, before the ranks fork)
+
+    import lstorch.compat.megatron  # noqa: F401
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out_dir:
+        # fork: the ranks inherit the imported torch (spawn would import it 4 times over)
+        mp.start_processes(worker, args=(WORLD, port, out_dir), nprocs=WORLD, start_method="fork")
+        ranks = [
+            json.loads(pathlib.Path(out_dir, f"rank{rank}.json").read_text())
+            for rank in range(WORLD)
+        ]
+    print(json.dumps({"world": WORLD, "ranks": ranks}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
