@@ -36,9 +36,7 @@ def _upcast_alone(x: Array, compute_dtype, companion: Array) -> Array:
 _IDENTITY = lsspec.LogitTransform()
 
 
-def _logsumexp_parts(
-    x: Array, compute_dtype, class_mask: Array | None = None, transform=_IDENTITY
-):
+def _logsumexp_parts(x: Array, compute_dtype, class_mask: Array | None = None, transform=_IDENTITY):
     """``(peak, log_sum)`` with ``logsumexp(x) = peak + log_sum`` over the last axis (over the
     allowed classes): ``peak`` the row's max (0 where it is not finite), ``log_sum`` the log of
     ``sum_c exp(x_c - peak)``, accumulated in ``compute_dtype``. Kept apart, as

@@ -490,9 +490,7 @@ def check_logit_transform(
             )
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{fn}: `{arg(name)}` must be {allowed}; got {value!r}.")
-    transform = LogitTransform(
-        float(logit_scale), None if softcap is None else float(softcap)
-    )
+    transform = LogitTransform(float(logit_scale), None if softcap is None else float(softcap))
     if from_log_probs and transform.active:
         raise ValueError(
             f"{fn}: `{arg('softcap')}` and `{arg('logit_scale')}` transform logits: with "
