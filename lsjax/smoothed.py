@@ -233,6 +233,32 @@ def smoothed_cross_entropy(
       return_z_loss: also return the z-loss part alone, reduced like the loss:
         ``(loss, z_part)`` where ``loss`` already includes ``z_part`` (T5X's convention). The
         z-part's gradient is ``2 z lse softmax(x)``.
+      softcap: ``None`` (the default) or a finite number ``cap > 0``: the loss is taken on
+        ``t = cap * tanh(logit_scale * x / cap)`` instead of the logits (Gemma 2/3's final-logit
+        softcapping). The transform is applied inside the closed form, as each reduction and
+        the gradient read the logits: no transformed rows x K copy is kept for backward. The
+        gradient is the chain rule, ``dt/dx = logit_scale * (1 - tanh(logit_scale * x /
+        cap)**2)`` times the gradient for ``t``. The z-loss and the statistics are those of
+        ``t``. A Python number, compiled in: not differentiated (a new value recompiles).
+        Needs logits (not allowed with ``from_log_probs=True``).
+      logit_scale: a finite number ``> 0`` (default 1.0) the logits are multiplied by first
+        (flash-attn's ``logit_scale``; ``1 / temperature``). 0 (every logit equal) and
+        negative values (the class order reversed) are refused. Like ``softcap``: a Python
+        number, not differentiated, and it needs logits.
+      return_stats: also return per-row statistics of the (transformed) logits, from the pass
+        that computes the loss: ``(loss, stats)``, or ``(loss, z_part, stats)`` with
+        ``return_z_loss=True``, ``stats`` a ``lsjax.RowStats(lse, entropy, correct)`` of per-row
+        arrays (the labels' shape, whatever the ``reduction``): the logsumexp, the entropy of
+        the softmax, and whether the argmax is the label (the first maximal index on ties, as
+        ``torch.argmax``; taken on the logits before the increasing transform). Rows that do not
+        count hold 0, 0 and False. The statistics carry no gradient. Needs logits. The mean of
+        ``correct`` over the counted rows is the token accuracy::
+
+          loss, stats = lsjax.smoothed_cross_entropy(
+              logits, labels, smoothing=0.1, ignore_index=-100, reduction="mean",
+              return_stats=True)
+          counted = labels != -100
+          accuracy = stats.correct.sum() / counted.sum()
       implementation: ``"auto"`` | ``"xla"`` | ``"pallas"``: how the core runs.
         ``"pallas"``: on the Pallas kernels of ``lsjax.pallas_kernels`` (one read of the
         logits in forward, one read and one write in backward); compiled on a GPU (Triton) or
