@@ -40,21 +40,28 @@ class RowStats(NamedTuple):
     correct: Array
 
 
-def transformed(x: Array, transform: lsspec.LogitTransform) -> Array:
+def transformed(x: Array, transform: lsspec.LogitTransform, scale=None, cap=None) -> Array:
     """``t = cap * tanh(scale * x / cap)`` (``scale * x`` without a cap), elementwise on ``x``
-    in its compute dtype: applied where each reduction reads ``x``, so XLA fuses it there."""
+    in its compute dtype: applied where each reduction reads ``x``, so XLA fuses it there.
+    ``scale``/``cap``: the transform's values as 0-d arrays to use instead of its floats (the
+    dense core passes them through a barrier, see ``lsjax.smoothed._transformed_alone``)."""
+    scale = transform.scale if scale is None else scale
+    cap = transform.cap if cap is None else cap
     if transform.scale != 1.0:
-        x = x * transform.scale
+        x = x * scale
     if transform.cap is not None:
-        x = transform.cap * jnp.tanh(x / transform.cap)
+        x = cap * jnp.tanh(x / cap)
     return x
 
 
-def transform_slope(x: Array, transform: lsspec.LogitTransform) -> Array:
-    """``dt/dx = scale * (1 - tanh(scale * x / cap)**2)`` (``scale`` without a cap)."""
+def transform_slope(x: Array, transform: lsspec.LogitTransform, scale=None, cap=None) -> Array:
+    """``dt/dx = scale * (1 - tanh(scale * x / cap)**2)`` (``scale`` without a cap: a 0-d
+    array); ``scale``/``cap`` as in :func:`transformed`."""
+    scale = jnp.asarray(transform.scale, x.dtype) if scale is None else scale
     if transform.cap is None:
-        return jnp.full_like(x, transform.scale)
-    return transform.scale * (1.0 - jnp.square(jnp.tanh(x * (transform.scale / transform.cap))))
+        return scale
+    cap = transform.cap if cap is None else cap
+    return scale * (1.0 - jnp.square(jnp.tanh((x * scale) / cap)))
 
 
 def support_size(convention: str, num_classes: int, pad_index=None, class_mask=None) -> Any:

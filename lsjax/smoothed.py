@@ -36,6 +36,27 @@ def _upcast_alone(x: Array, compute_dtype, companion: Array) -> Array:
 _IDENTITY = lsspec.LogitTransform()
 
 
+def _transformed_alone(x: Array, compute_dtype, companion: Array, transform) -> Array:
+    """``transform(x.astype(compute_dtype))`` for ONE reduction to fuse into: as
+    :func:`_upcast_alone`, with a barrier even when no upcast is needed, since XLA would
+    otherwise compute one ``tanh(x / cap)`` for every reduction that reads it and materialise
+    it (a rows x K temporary)."""
+    if not transform.active:
+        return _upcast_alone(x, compute_dtype, companion)
+    x, scale, cap = _apart(x, compute_dtype, companion, transform)
+    return _closed_form.transformed(x.astype(compute_dtype), transform, scale, cap)
+
+
+def _apart(x: Array, compute_dtype, companion: Array, transform):
+    """``(x, scale, cap)`` through one barrier with ``companion``: the transform's values as 0-d
+    arrays of this use only. As constants, XLA would share one rows x K broadcast of each
+    between the reductions and materialise it."""
+    values = (jnp.asarray(transform.scale, compute_dtype),
+              jnp.asarray(transform.cap or 1.0, compute_dtype))  # fmt: skip
+    x, scale, cap, _ = jax.lax.optimization_barrier((x, *values, companion))
+    return x, scale, cap
+
+
 def _logsumexp_parts(x: Array, compute_dtype, class_mask: Array | None = None, transform=_IDENTITY):
     """``(peak, log_sum)`` with ``logsumexp(x) = peak + log_sum`` over the last axis (over the
     allowed classes): ``peak`` the row's max (0 where it is not finite), ``log_sum`` the log of
@@ -54,7 +75,7 @@ def _logsumexp_parts(x: Array, compute_dtype, class_mask: Array | None = None, t
         return _allowed_logsumexp(x, class_mask, compute_dtype, transform)
     peak = _closed_form.transformed(jnp.max(x, axis=-1).astype(compute_dtype), transform)
     peak = jax.lax.stop_gradient(jnp.where(jnp.isfinite(peak), peak, 0.0))
-    upcast = _closed_form.transformed(_upcast_alone(x, compute_dtype, peak), transform)
+    upcast = _transformed_alone(x, compute_dtype, peak, transform)
     terms = jnp.exp(upcast - peak[..., None])
     return peak, jnp.log(jnp.sum(terms, axis=-1))
 
@@ -66,7 +87,7 @@ def _allowed_logsumexp(x: Array, class_mask: Array, compute_dtype, transform):
     never enters, so it neither overflows nor underflows the sum. The operands are ``x``, a
     broadcast 1 and the broadcast mask, which XLA fuses into the reduction: no rows x K
     temporary (an elementwise-masked ``x`` feeding a max or a sum is materialised by XLA:CPU)."""
-    values = _closed_form.transformed(x.astype(compute_dtype), transform)
+    values = _transformed_alone(x, compute_dtype, class_mask, transform)
     ones = jnp.ones(x.shape, compute_dtype)
     allowed = jnp.broadcast_to(class_mask, x.shape)
 
@@ -392,7 +413,7 @@ def _row_terms(options, x, labels, counted, eps, weight, class_mask=None) -> _cl
     # reduction and materialise it.
     peak_apart, _ = jax.lax.optimization_barrier((peak, counted))
     scale = lsspec.sum_scale(num_classes)
-    x_summed = _closed_form.transformed(_upcast_alone(x, compute_dtype, labels), transform)
+    x_summed = _transformed_alone(x, compute_dtype, labels, transform)
     x_summed = x_summed - peak_apart[..., None]
     if class_mask is not None:
         x_summed = _zero_masked(x_summed, class_mask, labels)
@@ -459,7 +480,7 @@ def _row_stats(options, x, terms, counted, class_mask):
     is taken over the allowed logits before the (increasing) transform."""
     dtype = terms.lse.dtype
     peak, log_sum, _ = jax.lax.optimization_barrier((terms.peak, terms.log_sum, counted))
-    upcast = _closed_form.transformed(_upcast_alone(x, dtype, log_sum), options.transform)
+    upcast = _transformed_alone(x, dtype, log_sum, options.transform)
     log_p = jnp.minimum((upcast - peak[..., None]) - log_sum[..., None], 0.0)
     p = jnp.exp(log_p)
     if class_mask is not None:
@@ -546,15 +567,20 @@ def _logits_tangents(options, x, dx, terms, counted, eps, weight, class_mask, z)
         in_support, per_class * w, 0.0
     )
     dx = dx.astype(eps.dtype)
-    if options.transform.active:  # the chain rule: dt = (dt/dx) dx, elementwise
-        safe_raw = jnp.where(keep, x, 0).astype(eps.dtype)  # rows not counted may hold NaN
-        dx = dx * _closed_form.transform_slope(safe_raw, options.transform)
+    transform = options.transform
+    if transform.active:  # the chain rule: dt = (dt/dx) dx, elementwise
+        raw, scale, cap = _apart(x, eps.dtype, terms.log_sum, transform)
+        safe_raw = jnp.where(keep, raw, 0).astype(eps.dtype)  # rows not counted may hold NaN
+        dx = dx * _closed_form.transform_slope(safe_raw, transform, scale, cap)
     if options.from_log_probs:
         coefficient = -target
     else:
         mass = on_true + per_class * support_weight
         safe_x = jnp.where(keep, x, 0).astype(eps.dtype)
-        safe_x = _closed_form.transformed(safe_x, options.transform)
+        if transform.active:
+            raw, scale, cap = _apart(x, eps.dtype, terms.lse, transform)
+            safe_x = jnp.where(keep, raw, 0).astype(eps.dtype)
+            safe_x = _closed_form.transformed(safe_x, transform, scale, cap)
         # x - lse as (x - peak) - log_sum: exact where a rounded lse would not be. The peak
         # passes a barrier: XLA would otherwise share one rows x K broadcast of it with the
         # lse's reduction and materialise it.

@@ -120,6 +120,7 @@ def test_torch_compile_keeps_the_kernels(inplace, monkeypatch):
     expected_loss, expected_grad = _loss_and_grad(loss_fn, x, labels, inplace)
     monkeypatch.setenv("LSTORCH_TRITON", "all")
     launched = []
+
     def counted(name, original):
         def launch(*args, **kwargs):
             launched.append(name)
