@@ -87,7 +87,9 @@ def _allowed_logsumexp(x: Array, class_mask: Array, compute_dtype, transform):
     never enters, so it neither overflows nor underflows the sum. The operands are ``x``, a
     broadcast 1 and the broadcast mask, which XLA fuses into the reduction: no rows x K
     temporary (an elementwise-masked ``x`` feeding a max or a sum is materialised by XLA:CPU)."""
-    values = _transformed_alone(x, compute_dtype, class_mask, transform)
+    values = x.astype(compute_dtype)
+    if transform.active:
+        values = _transformed_alone(x, compute_dtype, class_mask, transform)
     ones = jnp.ones(x.shape, compute_dtype)
     allowed = jnp.broadcast_to(class_mask, x.shape)
 
