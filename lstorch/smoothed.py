@@ -233,7 +233,10 @@ def smoothed_cross_entropy(
         gradient is the chain rule, ``dt/dx = logit_scale * (1 - tanh(logit_scale * x /
         cap)**2)`` times the gradient for ``t``. The z-loss and the statistics are those of
         ``t``. A Python number, compiled in: not differentiated (a new value recompiles).
-        Needs logits (not allowed with ``from_log_probs=True``).
+        Needs logits (not allowed with ``from_log_probs=True``). On plain torch ops the
+        transform costs one transient rows x K buffer in forward and in backward (freed at
+        once; with ``inplace_backward`` and float32 logits the gradient is built beside the
+        logits and copied into them); the Triton kernels apply it in registers.
       logit_scale: a finite number ``> 0`` (default 1.0) the logits are multiplied by first
         (flash-attn's ``logit_scale``; ``1 / temperature``). 0 (every logit equal) and
         negative values (the class order reversed) are refused. Like ``softcap``: a Python
