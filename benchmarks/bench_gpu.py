@@ -560,7 +560,7 @@ def _kernel_rows(torch, case, result_rows, sweep=False):
         return (lambda: x), (lambda x: triton_kernels.forward(x, **call, config=config)), line
 
     def backward_row(config=None):
-        _, _, peak, log_sum = triton_kernels.forward(x, **call)
+        _, _, peak, log_sum, *_ = triton_kernels.forward(x, **call)
 
         def backward(x):
             return triton_kernels.backward(

@@ -17,6 +17,7 @@ except ModuleNotFoundError as error:
     raise ImportError(lsspec.install_hint("lsjax", "JAX", "jax", error)) from error
 
 from lsjax import compat
+from lsjax._closed_form import RowStats
 from lsjax.binary import sigmoid_binary_cross_entropy
 from lsjax.compat.opennmt import kl_label_smoothing_loss
 from lsjax.compat.pytorch import cross_entropy
@@ -26,6 +27,7 @@ from lsjax.smoothed import smoothed_cross_entropy
 from lsjax.soft import soft_target_cross_entropy
 
 __all__ = [
+    "RowStats",
     "compat",
     "cross_entropy",
     "fused_linear_smoothed_cross_entropy",

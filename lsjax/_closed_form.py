@@ -21,6 +21,49 @@ import lsspec
 from lsjax._common import Array, times, xlogx
 
 
+class RowStats(NamedTuple):
+    """Per-row statistics of the (transformed) logits, returned by ``return_stats=True``, taken in
+    the pass that computes the loss. Each has the shape of the per-row loss; rows that do not
+    count hold 0, 0 and False. They carry no gradient (constants to autodiff).
+
+    ``lse``: ``logsumexp(t)`` of the transformed logits ``t`` over the allowed classes.
+    ``entropy``: ``-sum_c p_c log p_c`` of ``p = softmax(t)`` (over the allowed classes).
+    ``correct``: whether the first maximal logit (``torch.argmax``'s tie rule) over the allowed
+    classes is the label. The argmax is taken on the logits before the transform: ``softcap``
+    and ``logit_scale > 0`` are strictly increasing, so it is the transformed logits' argmax,
+    without the ties a saturated ``tanh`` can make in float32. The mean of ``correct`` over the
+    rows that count is the token accuracy.
+    """
+
+    lse: Array
+    entropy: Array
+    correct: Array
+
+
+def transformed(x: Array, transform: lsspec.LogitTransform, scale=None, cap=None) -> Array:
+    """``t = cap * tanh(scale * x / cap)`` (``scale * x`` without a cap), elementwise on ``x``
+    in its compute dtype: applied where each reduction reads ``x``, so XLA fuses it there.
+    ``scale``/``cap``: the transform's values as 0-d arrays to use instead of its floats (the
+    dense core passes them through a barrier, see ``lsjax.smoothed._transformed_alone``)."""
+    scale = transform.scale if scale is None else scale
+    cap = transform.cap if cap is None else cap
+    if transform.scale != 1.0:
+        x = x * scale
+    if transform.cap is not None:
+        x = cap * jnp.tanh(x / cap)
+    return x
+
+
+def transform_slope(x: Array, transform: lsspec.LogitTransform, scale=None, cap=None) -> Array:
+    """``dt/dx = scale * (1 - tanh(scale * x / cap)**2)`` (``scale`` without a cap: a 0-d
+    array); ``scale``/``cap`` as in :func:`transformed`."""
+    scale = jnp.asarray(transform.scale, x.dtype) if scale is None else scale
+    if transform.cap is None:
+        return scale
+    cap = transform.cap if cap is None else cap
+    return scale * (1.0 - jnp.square(jnp.tanh((x * scale) / cap)))
+
+
 def support_size(
     convention: str, num_classes: int, pad_index=None, class_mask=None, dtype=None
 ) -> Any:

@@ -61,7 +61,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 import lsspec
-from lsjax._closed_form import kl_slope, kl_terms, label_rows, support_size
+from lsjax._closed_form import (
+    kl_slope,
+    kl_terms,
+    label_rows,
+    support_size,
+    transform_slope,
+    transformed,
+)
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
 ENVIRONMENT_VARIABLE = "LSJAX_IMPLEMENTATION"
@@ -167,21 +174,26 @@ def _columns(step, block: int, num_classes: int):
 
 
 def _forward_kernel(params_ref, rows_ref, w_y_ref, *refs, num_classes, block, convention, pad,
-                    has_weight, has_mask, with_z, sum_scale, dtype):  # fmt: skip
+                    has_weight, has_mask, with_z, sum_scale, dtype, transform,
+                    with_stats):  # fmt: skip
     refs = list(refs)
     u_ref = refs.pop(0) if has_weight else None
     mask_ref = refs.pop(0) if has_mask else None
-    x_ref, loss_ref, z_part_ref, peak_ref, log_sum_ref, slope_ref = refs
+    x_ref, loss_ref, z_part_ref, peak_ref, log_sum_ref, slope_ref, *stats_refs = refs
     labels = rows_ref[:, 0:1]  # (block_rows, 1)
     shape = labels.shape
 
     # 1. One pass over the row's classes. Online, as in flash attention: the running max, the
     # sum of exp(x - shift) and the support sum of u (x - shift), each rescaled when the shift
     # moves (the shift is the running max, 0 while it is not finite: lsjax.smoothed's peak).
+    # The logits are transformed (softcap, logit scale) as each block is read, in registers.
+    # With the statistics: also the sum of exp(x - shift) (x - shift) (rescaled the same way,
+    # for the entropy) and the first maximal raw logit's column (the argmax).
     def step(index, carry):
-        running_max, shift, running_sum, support_sum, support_seen, x_y = carry
+        running_max, shift, running_sum, support_sum, support_seen, x_y, *argmax = carry
         start, cols, new = _columns(index, block, num_classes)
-        x = x_ref[:, pl.ds(start, block)].astype(dtype)
+        raw = x_ref[:, pl.ds(start, block)].astype(dtype)
+        x = transformed(raw, transform)
         allowed = new
         if has_mask:
             allowed = allowed & (mask_ref[:, pl.ds(start, block)] != 0)
@@ -192,6 +204,22 @@ def _forward_kernel(params_ref, rows_ref, w_y_ref, *refs, num_classes, block, co
         # The old sum's factor exp(shift - new_shift) is at most 1 once a max is seen; before,
         # the sum is 0 and the shift a placeholder 0, so the clamp only avoids 0 * inf.
         rescale = jnp.exp(jnp.minimum(shift - new_shift, 0.0))
+        if with_stats:
+            # sum e^(x - s') (x - s') = e^(s - s') (sum e^(x - s) (x - s) + (s - s') sum e^(x - s))
+            entropy_sum, best, best_col = argmax
+            centred = x_lse - new_shift
+            terms = jnp.where(x_lse > -jnp.inf, jnp.exp(centred) * centred, 0.0)
+            entropy_sum = rescale * (entropy_sum + (shift - new_shift) * running_sum) + jnp.sum(
+                terms, axis=1, keepdims=True
+            )
+            raw_allowed = jnp.where(allowed, raw, -jnp.inf)
+            block_max = jnp.max(raw_allowed, axis=1, keepdims=True)
+            block_col = jnp.min(
+                jnp.where(raw_allowed == block_max, cols, num_classes), axis=1, keepdims=True
+            )
+            later = block_max > best  # ties keep the earlier column (torch.argmax's rule)
+            argmax = [entropy_sum, jnp.where(later, block_max, best),
+                      jnp.where(later, block_col, best_col)]  # fmt: skip
         running_sum = running_sum * rescale + jnp.sum(
             jnp.exp(x_lse - new_shift), axis=1, keepdims=True
         )
@@ -206,11 +234,13 @@ def _forward_kernel(params_ref, rows_ref, w_y_ref, *refs, num_classes, block, co
         support_sum = support_sum + jnp.sum(x_sum, axis=1, keepdims=True) - support_seen * moved
         support_seen = support_seen + jnp.sum(u, axis=1, keepdims=True)
         x_y = x_y + jnp.sum(jnp.where(new & (cols == labels), x, 0.0), axis=1, keepdims=True)
-        return running_max, new_shift, running_sum, support_sum, support_seen, x_y
+        return running_max, new_shift, running_sum, support_sum, support_seen, x_y, *argmax
 
     zeros = jnp.zeros(shape, dtype)
     start = (jnp.full(shape, -jnp.inf, dtype), zeros, zeros, zeros, zeros, zeros)
-    _, peak, running_sum, support_sum, _, x_y = jax.lax.fori_loop(
+    if with_stats:
+        start = (*start, zeros, jnp.full(shape, -jnp.inf, dtype), jnp.zeros(shape, jnp.int32))
+    _, peak, running_sum, support_sum, _, x_y, *argmax = jax.lax.fori_loop(
         *_steps(num_classes, block), step, start
     )
     log_sum = jnp.log(running_sum)
@@ -227,7 +257,7 @@ def _forward_kernel(params_ref, rows_ref, w_y_ref, *refs, num_classes, block, co
         support_weight = support_weight - w_y
     if convention == 2:  # nor is the pad
         pad_weight = params_ref[0, PAD_WEIGHT]
-        x_pad = x_ref[:, pad : pad + 1].astype(dtype) - peak
+        x_pad = transformed(x_ref[:, pad : pad + 1].astype(dtype), transform) - peak
         x_pad = jnp.where(params_ref[0, PAD_ALLOWED] != 0, x_pad, 0.0)
         support_sum = support_sum - pad_weight * (x_pad * sum_scale)
         support_weight = support_weight - pad_weight
@@ -254,10 +284,17 @@ def _forward_kernel(params_ref, rows_ref, w_y_ref, *refs, num_classes, block, co
     peak_ref[...] = peak
     log_sum_ref[...] = log_sum
     slope_ref[...] = rows_only(slope)
+    if with_stats:
+        entropy_sum, _, best_col = argmax
+        lse_ref, entropy_ref, correct_ref = stats_refs
+        counted = state == COUNTED
+        lse_ref[...] = jnp.where(state == NOT_COUNTED, 0.0, lse)
+        entropy_ref[...] = jnp.where(state == NOT_COUNTED, 0.0, log_sum - entropy_sum / running_sum)
+        correct_ref[...] = (counted & (best_col == labels)).astype(dtype)
 
 
 def _backward_kernel(rows_ref, coefficients_ref, *refs, num_classes, block, convention, pad,
-                     has_weight, has_mask, dtype):  # fmt: skip
+                     has_weight, has_mask, dtype, transform):  # fmt: skip
     refs = list(refs)
     u_ref = refs.pop(0) if has_weight else None
     mask_ref = refs.pop(0) if has_mask else None
@@ -273,7 +310,8 @@ def _backward_kernel(rows_ref, coefficients_ref, *refs, num_classes, block, conv
     def step(index, carry):
         # Every column of the last (overlapping) step is written again with the same value.
         start, cols, _ = _columns(index, block, num_classes)
-        x = x_ref[:, pl.ds(start, block)].astype(dtype)
+        raw = x_ref[:, pl.ds(start, block)].astype(dtype)
+        x = transformed(raw, transform)  # in registers, as the forward
         softmax = jnp.exp((x - peak) - log_sum)  # exact where a rounded lse would not be
         u = jnp.ones((1, block), dtype)
         if has_weight:
@@ -286,6 +324,8 @@ def _backward_kernel(rows_ref, coefficients_ref, *refs, num_classes, block, conv
         grad = grad + jnp.where(cols == labels, cy, 0.0)
         if convention == 2:
             grad = grad + jnp.where(cols == pad, cp, 0.0)
+        if transform.active:  # the chain rule through the transform
+            grad = grad * transform_slope(raw, transform)
         grad = jnp.where(state == NOT_COUNTED, 0.0, grad)
         grad = jnp.where(state == INVALID, jnp.nan, grad)
         out_ref[:, pl.ds(start, block)] = grad.astype(out_ref.dtype)
@@ -316,6 +356,9 @@ class Statistics(NamedTuple):
     peak: jax.Array  # the max over the allowed classes (0 where not finite)
     log_sum: jax.Array  # log sum_c exp(x_c - peak); lse = peak + log_sum
     slope: jax.Array  # d loss / d eps
+    lse: jax.Array | None = None  # with the statistics: lse, entropy, correct (0/1)
+    entropy: jax.Array | None = None
+    correct: jax.Array | None = None
 
 
 def _kl_params(options, eps, size):
@@ -389,6 +432,7 @@ def _static_arguments(options, inputs: _Inputs, num_classes: int, block: int) ->
         pad=options.pad_index or 0,
         has_weight=inputs.u is not None,
         has_mask=inputs.mask is not None,
+        transform=options.transform,
     )
 
 
@@ -405,11 +449,13 @@ def forward(options, config: Config, x2, inputs: _Inputs) -> Statistics:
         with_z=options.with_z,
         sum_scale=lsspec.sum_scale(num_classes),
         dtype=dtype,
+        with_stats=options.with_stats,
     )
     row_spec = pl.BlockSpec((block_rows, 1), lambda i: (i, 0))
+    num_outputs = 8 if options.with_stats else 5
     outputs = pl.pallas_call(
         kernel,
-        out_shape=[jax.ShapeDtypeStruct((rows, 1), dtype)] * 5,
+        out_shape=[jax.ShapeDtypeStruct((rows, 1), dtype)] * num_outputs,
         grid=(pl.cdiv(rows, block_rows),),
         in_specs=[
             pl.BlockSpec((1, NUM_PARAMS), lambda i: (0, 0)),
@@ -418,7 +464,7 @@ def forward(options, config: Config, x2, inputs: _Inputs) -> Statistics:
             *class_specs,
             pl.BlockSpec((block_rows, num_classes), lambda i: (i, 0)),
         ],
-        out_specs=[row_spec] * 5,
+        out_specs=[row_spec] * num_outputs,
         interpret=_interpret(config),
         compiler_params=_compiler_params(config, config.forward_warps),
         name="lsjax_smoothed_cross_entropy_forward",
@@ -495,14 +541,20 @@ def _statistics(options, config, x, labels, counted, eps, weight, class_mask, z)
     inputs = _inputs(options, x.shape[-1], labels, counted, eps, weight, class_mask, z)
     if math.prod(labels.shape) == 0:  # no rows: no program to run
         empty = jnp.zeros((0,), eps.dtype)
-        return inputs, Statistics(empty, empty, empty, empty, empty)
+        return inputs, Statistics(*[empty] * (8 if options.with_stats else 5))
     return inputs, forward(options, config, _as_rows(x), inputs)
 
 
 def _outputs(options, stats: Statistics, shape):
+    """``lsjax.smoothed._row_loss``'s result: the loss, (loss, z_part) with ``with_z``, and the
+    (lse, entropy, correct) rows last with ``with_stats``."""
+    loss = (stats.loss.reshape(shape),)
     if options.with_z:
-        return stats.loss.reshape(shape), stats.z_part.reshape(shape)
-    return stats.loss.reshape(shape)
+        loss = (*loss, stats.z_part.reshape(shape))
+    if options.with_stats:
+        row_stats = (stats.lse, stats.entropy, stats.correct)
+        return (*loss, tuple(value.reshape(shape) for value in row_stats))
+    return loss if options.with_z else loss[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -522,6 +574,8 @@ def _row_loss_backward(options, config, saved, cotangents):
     ``sum_rows (g + g_z) lse_row**2`` (0 on rows that do not count, NaN from invalid ones).
     Labels, masks and class weights are constants (no cotangent)."""
     x, labels, counted, eps, weight, class_mask, z, peak, log_sum, slope = saved
+    if options.with_stats:  # the statistics are constants: their cotangents are dropped
+        cotangents = cotangents[:-1] if options.with_z else cotangents[0]
     g, g_z = cotangents if options.with_z else (cotangents, None)
     g = g.reshape(-1).astype(eps.dtype)
     g_z = None if g_z is None else g_z.reshape(-1).astype(eps.dtype)

@@ -33,7 +33,31 @@ def _upcast_alone(x: Array, compute_dtype, companion: Array) -> Array:
     return x.astype(compute_dtype)
 
 
-def _logsumexp_parts(x: Array, compute_dtype, class_mask: Array | None = None):
+_IDENTITY = lsspec.LogitTransform()
+
+
+def _transformed_alone(x: Array, compute_dtype, companion: Array, transform) -> Array:
+    """``transform(x.astype(compute_dtype))`` for ONE reduction to fuse into: as
+    :func:`_upcast_alone`, with a barrier even when no upcast is needed, since XLA would
+    otherwise compute one ``tanh(x / cap)`` for every reduction that reads it and materialise
+    it (a rows x K temporary)."""
+    if not transform.active:
+        return _upcast_alone(x, compute_dtype, companion)
+    x, scale, cap = _apart(x, compute_dtype, companion, transform)
+    return _closed_form.transformed(x.astype(compute_dtype), transform, scale, cap)
+
+
+def _apart(x: Array, compute_dtype, companion: Array, transform):
+    """``(x, scale, cap)`` through one barrier with ``companion``: the transform's values as 0-d
+    arrays of this use only. As constants, XLA would share one rows x K broadcast of each
+    between the reductions and materialise it."""
+    values = (jnp.asarray(transform.scale, compute_dtype),
+              jnp.asarray(transform.cap or 1.0, compute_dtype))  # fmt: skip
+    x, scale, cap, _ = jax.lax.optimization_barrier((x, *values, companion))
+    return x, scale, cap
+
+
+def _logsumexp_parts(x: Array, compute_dtype, class_mask: Array | None = None, transform=_IDENTITY):
     """``(peak, log_sum)`` with ``logsumexp(x) = peak + log_sum`` over the last axis (over the
     allowed classes): ``peak`` the row's max (0 where it is not finite), ``log_sum`` the log of
     ``sum_c exp(x_c - peak)``, accumulated in ``compute_dtype``. Kept apart, as
@@ -44,16 +68,19 @@ def _logsumexp_parts(x: Array, compute_dtype, class_mask: Array | None = None):
     XLA fuses it there: a bf16 ``x`` never gets a float32 copy. A row of -inf gives
     ``log_sum = -inf``. With a ``class_mask``: :func:`_allowed_logsumexp`, one pass that never
     lets a masked logit in, whatever its value (-inf, or far above every allowed one).
+    With a ``transform`` (increasing), the parts are those of the transformed logits: the peak
+    is the transform of the max.
     """
     if class_mask is not None:
-        return _allowed_logsumexp(x, class_mask, compute_dtype)
-    peak = jnp.max(x, axis=-1).astype(compute_dtype)
+        return _allowed_logsumexp(x, class_mask, compute_dtype, transform)
+    peak = _closed_form.transformed(jnp.max(x, axis=-1).astype(compute_dtype), transform)
     peak = jax.lax.stop_gradient(jnp.where(jnp.isfinite(peak), peak, 0.0))
-    terms = jnp.exp(_upcast_alone(x, compute_dtype, peak) - peak[..., None])
+    upcast = _transformed_alone(x, compute_dtype, peak, transform)
+    terms = jnp.exp(upcast - peak[..., None])
     return peak, jnp.log(jnp.sum(terms, axis=-1))
 
 
-def _allowed_logsumexp(x: Array, class_mask: Array, compute_dtype):
+def _allowed_logsumexp(x: Array, class_mask: Array, compute_dtype, transform):
     """``(peak, log_sum)`` over the last axis and the allowed classes, in ONE variadic reduction
     whose state is the running (max, sum of exp(x - max)) of the allowed entries seen, as an
     online softmax keeps it: a masked logit of any size (-inf, or far above every allowed one)
@@ -61,6 +88,8 @@ def _allowed_logsumexp(x: Array, class_mask: Array, compute_dtype):
     broadcast 1 and the broadcast mask, which XLA fuses into the reduction: no rows x K
     temporary (an elementwise-masked ``x`` feeding a max or a sum is materialised by XLA:CPU)."""
     values = x.astype(compute_dtype)
+    if transform.active:
+        values = _transformed_alone(x, compute_dtype, class_mask, transform)
     ones = jnp.ones(x.shape, compute_dtype)
     allowed = jnp.broadcast_to(class_mask, x.shape)
 
@@ -142,9 +171,12 @@ def smoothed_cross_entropy(
     class_mask: ArrayLike | None = None,
     z_loss: float | Array = 0.0,
     return_z_loss: bool = False,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    return_stats: bool = False,
     implementation: str = "auto",
     _caller: lsspec.Caller | None = None,
-) -> Array | tuple[Array, Array]:
+) -> Array | tuple:
     r"""Label-smoothed cross-entropy from integer labels, in closed form.
 
     The smoothed target of a row is ``q = (1 - eps) * onehot(y) + eps * u``, with ``u`` uniform
@@ -224,6 +256,32 @@ def smoothed_cross_entropy(
       return_z_loss: also return the z-loss part alone, reduced like the loss:
         ``(loss, z_part)`` where ``loss`` already includes ``z_part`` (T5X's convention). The
         z-part's gradient is ``2 z lse softmax(x)``.
+      softcap: ``None`` (the default) or a finite number ``cap > 0``: the loss is taken on
+        ``t = cap * tanh(logit_scale * x / cap)`` instead of the logits (Gemma 2/3's final-logit
+        softcapping). The transform is applied inside the closed form, as each reduction and
+        the gradient read the logits: no transformed rows x K copy is kept for backward. The
+        gradient is the chain rule, ``dt/dx = logit_scale * (1 - tanh(logit_scale * x /
+        cap)**2)`` times the gradient for ``t``. The z-loss and the statistics are those of
+        ``t``. A Python number, compiled in: not differentiated (a new value recompiles).
+        Needs logits (not allowed with ``from_log_probs=True``).
+      logit_scale: a finite number ``> 0`` (default 1.0) the logits are multiplied by first
+        (flash-attn's ``logit_scale``; ``1 / temperature``). 0 (every logit equal) and
+        negative values (the class order reversed) are refused. Like ``softcap``: a Python
+        number, not differentiated, and it needs logits.
+      return_stats: also return per-row statistics of the (transformed) logits, from the pass
+        that computes the loss: ``(loss, stats)``, or ``(loss, z_part, stats)`` with
+        ``return_z_loss=True``, ``stats`` a ``lsjax.RowStats(lse, entropy, correct)`` of per-row
+        arrays (the labels' shape, whatever the ``reduction``): the logsumexp, the entropy of
+        the softmax, and whether the argmax is the label (the first maximal index on ties, as
+        ``torch.argmax``; taken on the logits before the increasing transform). Rows that do not
+        count hold 0, 0 and False. The statistics carry no gradient. Needs logits. The mean of
+        ``correct`` over the counted rows is the token accuracy::
+
+          loss, stats = lsjax.smoothed_cross_entropy(
+              logits, labels, smoothing=0.1, ignore_index=-100, reduction="mean",
+              return_stats=True)
+          counted = labels != -100
+          accuracy = stats.correct.sum() / counted.sum()
       implementation: ``"auto"`` | ``"xla"`` | ``"pallas"``: how the core runs.
         ``"pallas"``: on the Pallas kernels of ``lsjax.pallas_kernels`` (one read of the
         logits in forward, one read and one write in backward); compiled on a GPU (Triton) or
@@ -275,6 +333,10 @@ def smoothed_cross_entropy(
     )
     z_value = _common.concrete_scalar(fn, "z_loss", z_loss)
     lsspec.check_z_loss(fn, z_value, from_log_probs=from_log_probs, return_z_loss=return_z_loss)
+    transform = lsspec.check_logit_transform(
+        fn, softcap, logit_scale, from_log_probs=from_log_probs
+    )
+    lsspec.check_return_stats(fn, return_stats, from_log_probs=from_log_probs)
     from lsjax import pallas_kernels  # imports Pallas: only when a loss is computed
 
     core = _row_loss_jit
@@ -295,19 +357,23 @@ def smoothed_cross_entropy(
     # z-loss is compiled in only when it can matter: a concrete 0 leaves the program unchanged.
     with_z = return_z_loss or not (lsspec.is_number(z_value) and z_value == 0)
     z = _common.z_loss_array(z_loss, compute_dtype) if with_z else None
-    options = _Options(convention, pad_index, kl, from_log_probs, with_z)
+    options = _Options(convention, pad_index, kl, from_log_probs, with_z, transform, return_stats)
     loss = core(options, x, labels, counted, eps, weight, class_mask, z)
     w_y = 1.0 if weight is None else weight[jnp.where(counted, labels, 0).clip(0, num_classes - 1)]
     row_weight = jnp.where(counted, w_y, 0.0).astype(compute_dtype)
+    stats = None
+    if return_stats:
+        *loss, (lse, entropy, correct) = loss
+        loss = tuple(loss) if with_z else loss[0]
+        stats = _closed_form.RowStats(lse, entropy, correct > 0)
+    outputs = (loss,)
     if with_z:
         loss, z_part = loss
-        if not return_z_loss:
-            return _common.reduce(loss, row_weight, reduction, normalizer)
-        return (
-            _common.reduce(loss, row_weight, reduction, normalizer),
-            _common.reduce(z_part, row_weight, reduction, normalizer),
-        )
-    return _common.reduce(loss, row_weight, reduction, normalizer)
+        outputs = (loss, z_part) if return_z_loss else (loss,)
+    outputs = tuple(_common.reduce(value, row_weight, reduction, normalizer) for value in outputs)
+    if stats is not None:
+        return (*outputs, stats)
+    return outputs if len(outputs) > 1 else outputs[0]
 
 
 class _Options(NamedTuple):
@@ -318,6 +384,8 @@ class _Options(NamedTuple):
     kl: bool
     from_log_probs: bool
     with_z: bool = False
+    transform: lsspec.LogitTransform = lsspec.LogitTransform()
+    with_stats: bool = False
 
 
 def _row_terms(options, x, labels, counted, eps, weight, class_mask=None) -> _closed_form.RowTerms:
@@ -338,20 +406,23 @@ def _row_terms(options, x, labels, counted, eps, weight, class_mask=None) -> _cl
     size = _closed_form.support_size(
         options.convention, num_classes, options.pad_index, class_mask, compute_dtype
     )
+    transform = options.transform
     if options.from_log_probs:
         peak = log_sum = jnp.zeros(labels.shape, compute_dtype)
     else:
-        peak, log_sum = _logsumexp_parts(x, compute_dtype, class_mask)
+        peak, log_sum = _logsumexp_parts(x, compute_dtype, class_mask, transform)
     # The upcast comes first (kept apart from the other reductions), then the shift and the
     # mask: a barrier over an already-masked array would materialise it.
     # Its own copy of the peak: XLA would share one rows x K broadcast of it with the lse's
     # reduction and materialise it.
     peak_apart, _ = jax.lax.optimization_barrier((peak, counted))
     scale = lsspec.sum_scale(num_classes)
-    x_summed = _upcast_alone(x, compute_dtype, labels) - peak_apart[..., None]
+    x_summed = _transformed_alone(x, compute_dtype, labels, transform)
+    x_summed = x_summed - peak_apart[..., None]
     if class_mask is not None:
         x_summed = _zero_masked(x_summed, class_mask, labels)
     x_y = jnp.take_along_axis(x, safe_labels[..., None], axis=-1)[..., 0].astype(compute_dtype)
+    x_y = _closed_form.transformed(x_y, transform)
     mask_weight = 1.0 if class_mask is None else class_mask.astype(compute_dtype)
     if weight is None:
         w_y = 1.0
@@ -368,7 +439,8 @@ def _row_terms(options, x, labels, counted, eps, weight, class_mask=None) -> _cl
         support_sum = support_sum - w_y * ((x_y - peak) * scale)
         support_weight = support_weight - w_y
     if options.convention == "others_but_pad":
-        x_pad = x[..., options.pad_index].astype(compute_dtype) - peak
+        x_pad = x[..., options.pad_index].astype(compute_dtype)
+        x_pad = _closed_form.transformed(x_pad, transform) - peak
         if class_mask is not None:  # a masked pad is already out of the support
             x_pad = jnp.where(class_mask[options.pad_index], x_pad, 0.0)
         support_sum = support_sum - w_pad * (x_pad * scale)
@@ -392,10 +464,38 @@ def _row_terms(options, x, labels, counted, eps, weight, class_mask=None) -> _cl
 def _row_loss(options, x, labels, counted, eps, weight, class_mask, z):
     """The closed-form core: the per-row loss, 0 on rows that do not count.
 
-    With ``options.with_z`` it returns ``(loss, z_part)``, the loss including the z-loss.
+    With ``options.with_z`` it returns ``(loss, z_part)``, the loss including the z-loss; with
+    ``options.with_stats`` the :func:`_row_stats` come last, ``correct`` as 0/1 in the compute
+    dtype (a custom_jvp output has a float tangent).
     """
     terms = _row_terms(options, x, labels, counted, eps, weight, class_mask)
-    return _loss_from_terms(options, terms, counted, eps, z)
+    loss = _loss_from_terms(options, terms, counted, eps, z)
+    if not options.with_stats:
+        return loss
+    loss = loss if options.with_z else (loss,)
+    return (*loss, _row_stats(options, x, terms, counted, class_mask))
+
+
+def _row_stats(options, x, terms, counted, class_mask):
+    """``(lse, entropy, correct)`` per row (``_closed_form.RowStats``), 0 on rows that do not
+    count; constants to autodiff. The entropy ``-sum_c p_c log p_c`` is one more reduction over
+    ``x`` beside the lse's (XLA fuses the transform and the softmax into it: no rows x K
+    temporary); the argmax, ``jnp.argmax``'s first maximal index (``torch.argmax``'s rule),
+    is taken over the allowed logits before the (increasing) transform."""
+    dtype = terms.lse.dtype
+    peak, log_sum, _ = jax.lax.optimization_barrier((terms.peak, terms.log_sum, counted))
+    upcast = _transformed_alone(x, dtype, log_sum, options.transform)
+    log_p = jnp.minimum((upcast - peak[..., None]) - log_sum[..., None], 0.0)
+    p = jnp.exp(log_p)
+    if class_mask is not None:
+        p = p * _mask_for(class_mask, dtype, log_sum)
+    entropy = -jnp.sum(jnp.where(p > 0, p * log_p, 0.0), axis=-1)
+    values = x if class_mask is None else jnp.where(class_mask, x, -jnp.inf)
+    hit = (jnp.argmax(values, axis=-1) == terms.safe_labels) & counted & ~terms.bad
+    zero = jnp.zeros((), dtype)
+    stats = (jnp.where(counted, terms.lse, zero), jnp.where(counted, entropy, zero),
+             hit.astype(dtype))  # fmt: skip
+    return jax.lax.stop_gradient(stats)
 
 
 def _loss_from_terms(options, terms, counted, eps, z):
@@ -433,9 +533,14 @@ def _row_loss_jvp(options, primals, tangents):
     if options.with_z and not is_zero(d_z):
         z_slope = _closed_form.counted_only(counted, bad, jnp.square(lse)) * d_z
         loss_tangent, z_tangent = loss_tangent + z_slope, z_tangent + z_slope
-    if not options.with_z:
-        return loss, loss_tangent
-    return loss, (loss_tangent, z_tangent)
+    tangents = (loss_tangent, z_tangent) if options.with_z else loss_tangent
+    if not options.with_stats:
+        return loss, tangents
+    tangents = tangents if options.with_z else (tangents,)
+    loss = loss if options.with_z else (loss,)
+    stats = _row_stats(options, x, terms, counted, class_mask)
+    zeros = tuple(jnp.zeros_like(value) for value in stats)
+    return (*loss, stats), (*tangents, zeros)
 
 
 def _logits_tangents(options, x, dx, terms, counted, eps, weight, class_mask, z):
@@ -466,11 +571,20 @@ def _logits_tangents(options, x, dx, terms, counted, eps, weight, class_mask, z)
         in_support, per_class * w, 0.0
     )
     dx = dx.astype(eps.dtype)
+    transform = options.transform
+    if transform.active:  # the chain rule: dt = (dt/dx) dx, elementwise
+        raw, scale, cap = _apart(x, eps.dtype, terms.log_sum, transform)
+        safe_raw = jnp.where(keep, raw, 0).astype(eps.dtype)  # rows not counted may hold NaN
+        dx = dx * _closed_form.transform_slope(safe_raw, transform, scale, cap)
     if options.from_log_probs:
         coefficient = -target
     else:
         mass = on_true + per_class * support_weight
         safe_x = jnp.where(keep, x, 0).astype(eps.dtype)
+        if transform.active:
+            raw, scale, cap = _apart(x, eps.dtype, terms.lse, transform)
+            safe_x = jnp.where(keep, raw, 0).astype(eps.dtype)
+            safe_x = _closed_form.transformed(safe_x, transform, scale, cap)
         # x - lse as (x - peak) - log_sum: exact where a rounded lse would not be. The peak
         # passes a barrier: XLA would otherwise share one rows x K broadcast of it with the
         # lse's reduction and materialise it.

@@ -456,6 +456,66 @@ def check_z_loss(
         )
 
 
+class LogitTransform(NamedTuple):
+    """``t = softcap(logit_scale * x)`` with ``softcap(v) = cap * tanh(v / cap)`` (the identity
+    when ``cap`` is None), applied to the logits before the loss: Gemma 2/3's final-logit
+    softcapping and flash-attn's ``logit_scale``. Both are Python floats, compiled in."""
+
+    scale: float = 1.0
+    cap: float | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.scale != 1.0 or self.cap is not None
+
+
+def check_logit_transform(
+    fn: str | Caller, softcap: object, logit_scale: object, *, from_log_probs: bool
+) -> LogitTransform:
+    """``softcap`` (None or a finite number > 0) and ``logit_scale`` (a finite number > 0), as
+    Python numbers: they are constants of the model, compiled into the loss, not differentiated.
+    A scale <= 0 is refused: 0 makes every logit equal and a negative one reverses the order of
+    the classes (the argmax becomes the argmin), which no model means. Both need logits: with
+    ``from_log_probs=True`` the input is not logits, and transforming log-probabilities would
+    leave them unnormalised."""
+    fn, arg = names(fn)
+    for name, value, optional in (("softcap", softcap, True), ("logit_scale", logit_scale, False)):
+        if optional and value is None:
+            continue
+        allowed = "None or a finite number > 0" if optional else "a finite number > 0"
+        if not is_number(value):
+            raise TypeError(
+                f"{fn}: `{arg(name)}` must be {allowed} (a Python number: it is compiled in and "
+                f"not differentiated); got {value!r} ({type(value).__name__})."
+            )
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{fn}: `{arg(name)}` must be {allowed}; got {value!r}.")
+    transform = LogitTransform(float(logit_scale), None if softcap is None else float(softcap))
+    if from_log_probs and transform.active:
+        raise ValueError(
+            f"{fn}: `{arg('softcap')}` and `{arg('logit_scale')}` transform logits: with "
+            f"{arg('from_log_probs')}=True the input is log-probabilities, which a transform "
+            f"would leave unnormalised; got {arg('softcap')}={softcap!r}, "
+            f"{arg('logit_scale')}={logit_scale!r}."
+        )
+    return transform
+
+
+def check_return_stats(fn: str | Caller, return_stats: object, *, from_log_probs: bool) -> None:
+    """``return_stats`` is a bool, and needs logits (there is no softmax of log-probabilities to
+    take the entropy of; their lse is 0)."""
+    fn, arg = names(fn)
+    if not isinstance(return_stats, bool):
+        raise TypeError(
+            f"{fn}: `{arg('return_stats')}` must be True or False; got {return_stats!r}."
+        )
+    if return_stats and from_log_probs:
+        raise ValueError(
+            f"{fn}: {arg('return_stats')}=True needs logits (the lse, the entropy and the "
+            f"argmax of their softmax); got {arg('from_log_probs')}=True."
+        )
+
+
 def check_class_mask_support(
     fn: str | Caller, allowed: list[bool], convention: str, pad_index: object
 ) -> None:

@@ -17,6 +17,7 @@ except ModuleNotFoundError as error:
     raise ImportError(lsspec.install_hint("lstorch", "PyTorch", "torch", error)) from error
 
 from lstorch import compat
+from lstorch._closed_form import RowStats
 from lstorch.binary import sigmoid_binary_cross_entropy
 from lstorch.compat.opennmt import kl_label_smoothing_loss
 from lstorch.compat.pytorch_forum import label_smoothing_loss
@@ -34,6 +35,7 @@ __all__ = [
     "FusedLinearSmoothedCrossEntropyLoss",
     "KLLabelSmoothingLoss",
     "LabelSmoothingLoss",
+    "RowStats",
     "SmoothedCrossEntropyLoss",
     "compat",
     "fused_linear_smoothed_cross_entropy",

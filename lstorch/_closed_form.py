@@ -20,6 +20,47 @@ import torch
 import lsspec
 from lstorch._common import times, xlogx
 
+IDENTITY = lsspec.LogitTransform()
+
+
+class RowStats(NamedTuple):
+    """Per-row statistics of the (transformed) logits, returned by ``return_stats=True``, taken in
+    the pass that computes the loss. Each has the shape of the per-row loss; rows that do not
+    count hold 0, 0 and False. They carry no gradient (detached).
+
+    ``lse``: ``logsumexp(t)`` of the transformed logits ``t`` over the allowed classes.
+    ``entropy``: ``-sum_c p_c log p_c`` of ``p = softmax(t)`` (over the allowed classes).
+    ``correct``: whether the first maximal logit (``torch.argmax``'s tie rule) over the allowed
+    classes is the label. The argmax is taken on the logits before the transform: ``softcap``
+    and ``logit_scale > 0`` are strictly increasing, so it is the transformed logits' argmax,
+    without the ties a saturated ``tanh`` can make in float32. The mean of ``correct`` over the
+    rows that count is the token accuracy. The JAX twin is ``lsjax.RowStats``.
+    """
+
+    lse: torch.Tensor
+    entropy: torch.Tensor
+    correct: torch.Tensor
+
+
+def transformed(x: torch.Tensor, transform: lsspec.LogitTransform) -> torch.Tensor:
+    """``t = cap * tanh(scale * x / cap)`` (``scale * x`` without a cap): ``x`` itself for the
+    identity, else a new tensor, through differentiable ops (the transient steps are freed as
+    they go; the result may be changed in place: no backward saves it)."""
+    if transform.scale != 1.0:
+        x = x * transform.scale
+    if transform.cap is not None:
+        x = torch.tanh(x / transform.cap) * transform.cap
+    return x
+
+
+def transform_slope(x: torch.Tensor, transform: lsspec.LogitTransform) -> torch.Tensor:
+    """``dt/dx = scale * (1 - tanh(scale * x / cap)**2)``, a new tensor (``scale`` without a
+    cap: a 0-d tensor), through differentiable ops (one rows x K buffer besides tanh's)."""
+    if transform.cap is None:
+        return torch.full((), transform.scale, dtype=x.dtype, device=x.device)
+    tanh = torch.tanh(x * (transform.scale / transform.cap))
+    return (1.0 - tanh * tanh).mul_(transform.scale)
+
 
 def support_size(convention: str, num_classes: int, pad_index=None, class_mask=None) -> Any:
     """``|S|``, the number of classes the smoothing goes to: a static int, or a 0-d tensor under
@@ -64,9 +105,17 @@ class Lse(NamedTuple):
         """Both parts, 0 on rows that do not count (their logits may hold anything)."""
         return Lse(*(torch.where(counted, part, 0.0) for part in self))
 
-    def log_softmax(self, x: torch.Tensor, dtype) -> torch.Tensor:
-        """``(x - peak) - log_sum`` in ``dtype``, a new rows x K tensor."""
-        return (x.to(dtype) - self.peak.unsqueeze(-1)).sub_(self.log_sum.unsqueeze(-1))
+    def log_softmax(self, x: torch.Tensor, dtype, transform=IDENTITY) -> torch.Tensor:
+        """``(t - peak) - log_sum`` in ``dtype``, ``t`` the transformed ``x``: a new rows x K
+        tensor."""
+        upcast = x.to(dtype)
+        if transform.active:  # a new tensor already: shift it in place
+            return (
+                transformed(upcast, transform)
+                .sub_(self.peak.unsqueeze(-1))
+                .sub_(self.log_sum.unsqueeze(-1))
+            )
+        return (upcast - self.peak.unsqueeze(-1)).sub_(self.log_sum.unsqueeze(-1))
 
 
 class RowTerms(NamedTuple):

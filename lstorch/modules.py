@@ -96,7 +96,9 @@ class SmoothedCrossEntropyLoss(_LossModule):
       - labels: the logits' shape without the class axis, integer.
       - where (optional): the labels' shape, bool.
       - output: a scalar for ``"mean"``/``"sum"``, the labels' shape for ``"none"``;
-        ``(loss, z_part)`` with ``return_z_loss=True``.
+        ``(loss, z_part)`` with ``return_z_loss=True``; ``(loss, stats)`` or ``(loss, z_part,
+        stats)`` with ``return_stats=True`` (``stats`` an :class:`lstorch.RowStats` of the
+        labels' shape).
 
     Example::
 
@@ -123,6 +125,9 @@ class SmoothedCrossEntropyLoss(_LossModule):
         class_mask: torch.Tensor | None = None,
         z_loss: float | torch.Tensor = 0.0,
         return_z_loss: bool = False,
+        softcap: float | None = None,
+        logit_scale: float = 1.0,
+        return_stats: bool = False,
         inplace_backward: bool = False,
     ) -> None:
         super().__init__(locals())

@@ -28,6 +28,8 @@ class _Options(NamedTuple):
     with_z: bool = False
     triton: bool = False  # forward statistics and backward gradient by lstorch.triton_kernels
     inplace: bool = False  # backward writes the gradient into the logits' storage
+    transform: lsspec.LogitTransform = _closed_form.IDENTITY  # softcap(logit_scale * x)
+    with_stats: bool = False  # also the rows' entropy and whether the argmax is the label
 
 
 @functools.cache
@@ -97,6 +99,9 @@ def _check_options(
     from_log_probs,
     z_loss,
     return_z_loss,
+    softcap=None,
+    logit_scale=1.0,
+    return_stats=False,
     **_inputs,
 ):
     """Check the plain options of :func:`smoothed_cross_entropy`: the label ``options`` and the
@@ -114,6 +119,8 @@ def _check_options(
     )
     z_value = _common.concrete_scalar(fn, "z_loss", z_loss)
     lsspec.check_z_loss(fn, z_value, from_log_probs=from_log_probs, return_z_loss=return_z_loss)
+    lsspec.check_logit_transform(fn, softcap, logit_scale, from_log_probs=from_log_probs)
+    lsspec.check_return_stats(fn, return_stats, from_log_probs=from_log_probs)
     return z_value
 
 
@@ -135,9 +142,12 @@ def smoothed_cross_entropy(
     class_mask: torch.Tensor | None = None,
     z_loss: float | torch.Tensor = 0.0,
     return_z_loss: bool = False,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    return_stats: bool = False,
     inplace_backward: bool = False,
     _caller: lsspec.Caller | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor | tuple:
     r"""Label-smoothed cross-entropy from integer labels, in closed form (PyTorch).
 
     The smoothed target of a row is ``q = (1 - eps) * onehot(y) + eps * u``, with ``u`` uniform
@@ -218,6 +228,35 @@ def smoothed_cross_entropy(
         ``d loss_row / d z = lse**2``.
       return_z_loss: also return the z-loss part alone, reduced like the loss:
         ``(loss, z_part)`` where ``loss`` already includes ``z_part`` (T5X's convention).
+      softcap: ``None`` (the default) or a finite number ``cap > 0``: the loss is taken on
+        ``t = cap * tanh(logit_scale * x / cap)`` instead of the logits (Gemma 2/3's final-logit
+        softcapping). The transform is applied inside the closed form, as each reduction and
+        the gradient read the logits: no transformed rows x K copy is kept for backward. The
+        gradient is the chain rule, ``dt/dx = logit_scale * (1 - tanh(logit_scale * x /
+        cap)**2)`` times the gradient for ``t``. The z-loss and the statistics are those of
+        ``t``. A Python number, compiled in: not differentiated (a new value recompiles).
+        Needs logits (not allowed with ``from_log_probs=True``). On plain torch ops the
+        transform costs one transient rows x K buffer in forward and in backward (freed at
+        once; with ``inplace_backward`` and float32 logits the gradient is built beside the
+        logits and copied into them); the Triton kernels apply it in registers.
+      logit_scale: a finite number ``> 0`` (default 1.0) the logits are multiplied by first
+        (flash-attn's ``logit_scale``; ``1 / temperature``). 0 (every logit equal) and
+        negative values (the class order reversed) are refused. Like ``softcap``: a Python
+        number, not differentiated, and it needs logits.
+      return_stats: also return per-row statistics of the (transformed) logits, from the pass
+        that computes the loss: ``(loss, stats)``, or ``(loss, z_part, stats)`` with
+        ``return_z_loss=True``, ``stats`` a ``lstorch.RowStats(lse, entropy, correct)`` of per-row
+        arrays (the labels' shape, whatever the ``reduction``): the logsumexp, the entropy of
+        the softmax, and whether the argmax is the label (the first maximal index on ties, as
+        ``torch.argmax``; taken on the logits before the increasing transform). Rows that do not
+        count hold 0, 0 and False. The statistics carry no gradient. Needs logits. The mean of
+        ``correct`` over the counted rows is the token accuracy::
+
+          loss, stats = lstorch.smoothed_cross_entropy(
+              logits, labels, smoothing=0.1, ignore_index=-100, reduction="mean",
+              return_stats=True)
+          counted = labels != -100
+          accuracy = stats.correct.sum() / counted.sum()
       inplace_backward: make backward write the gradient into the logits' own storage instead
         of a new rows x K buffer, as Liger-Kernel's loss does: after backward the logits hold
         their gradient (JAX's counterpart is buffer donation, ``jax.jit(...,
@@ -266,6 +305,12 @@ def smoothed_cross_entropy(
         from_log_probs=from_log_probs,
         z_loss=z_loss,
         return_z_loss=return_z_loss,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        return_stats=return_stats,
+    )
+    transform = lsspec.LogitTransform(
+        float(logit_scale), None if softcap is None else float(softcap)
     )
     if class_mask is not None and not torch.compiler.is_compiling():
         lsspec.check_class_mask_support(fn, class_mask.tolist(), convention, pad_index)
@@ -295,18 +340,22 @@ def smoothed_cross_entropy(
                 f"shape {tuple(logits.shape)}."
             )
     triton = _use_triton(x, from_log_probs)
-    options = _Options(convention, pad_index, kl, from_log_probs, with_z, triton, inplace_backward)
+    options = _Options(convention, pad_index, kl, from_log_probs, with_z, triton, inplace_backward,
+                       transform, return_stats)  # fmt: skip
     core = _common.with_forward_mode(_RowLoss, _RowLossForwardMode)
-    loss, z_part, *_ = core.apply(x, labels, counted, eps, weight, class_mask, z, options)
+    loss, z_part, peak, log_sum, entropy, correct = core.apply(
+        x, labels, counted, eps, weight, class_mask, z, options
+    )
     safe_labels = torch.where(counted, labels, 0).clamp(0, num_classes - 1)
     w_y = 1.0 if weight is None else weight[safe_labels]
     row_weight = torch.where(counted, w_y, 0.0).to(compute_dtype)
-    if return_z_loss:
-        return (
-            _common.reduce(loss, row_weight, reduction, normalizer),
-            _common.reduce(z_part, row_weight, reduction, normalizer),
-        )
-    return _common.reduce(loss, row_weight, reduction, normalizer)
+    outputs = (loss, z_part) if return_z_loss else (loss,)
+    outputs = tuple(_common.reduce(value, row_weight, reduction, normalizer) for value in outputs)
+    if return_stats:
+        lse = torch.where(counted, peak + log_sum, 0.0)
+        stats = _closed_form.RowStats(lse, entropy, correct > 0)
+        return (*outputs, stats)
+    return outputs if return_z_loss else outputs[0]
 
 
 def _peak(upcast: torch.Tensor) -> torch.Tensor:
@@ -316,9 +365,10 @@ def _peak(upcast: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(peak), peak, 0.0)
 
 
-def _masked_logsumexp(x, class_mask, compute_dtype) -> _closed_form.Lse:
-    """logsumexp over the allowed classes (all of them without a mask), in two parts."""
-    upcast = x.to(compute_dtype)
+def _masked_logsumexp(x, class_mask, compute_dtype, transform) -> _closed_form.Lse:
+    """logsumexp over the allowed classes (all of them without a mask) of the transformed
+    logits, in two parts."""
+    upcast = _closed_form.transformed(x.to(compute_dtype), transform)
     if class_mask is not None:
         upcast = upcast.masked_fill(~class_mask, -torch.inf)
     peak = _peak(upcast)
@@ -345,18 +395,20 @@ def _row_terms(
         lse = _closed_form.Lse(
             zeros, torch.zeros_like(zeros)
         )  # two outputs: never one tensor twice
+    transform = options.transform
     if lse is None:
-        upcast = x.to(compute_dtype)
+        upcast = _closed_form.transformed(x.to(compute_dtype), transform)
         if class_mask is not None:
             upcast = upcast.masked_fill(~class_mask, -torch.inf)
         peak = _peak(upcast)
         shifted = upcast - peak.unsqueeze(-1)
     else:  # the sums relative to the given peak (0 for log-probabilities: no shift)
         peak = lse.peak
-        shifted = x.to(compute_dtype)
+        shifted = _closed_form.transformed(x.to(compute_dtype), transform)
         if not options.from_log_probs:
             shifted = shifted - peak.unsqueeze(-1)
     x_y = x.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1).to(compute_dtype)
+    x_y = _closed_form.transformed(x_y, transform)
     if class_mask is None:
         mask_weight = torch.ones((), dtype=compute_dtype, device=x.device)
         x_summed = shifted
@@ -498,14 +550,17 @@ def _kernel_call(options, x, labels, counted, weight, class_mask):
 
 
 def _row_loss_forward(options, x, labels, counted, eps, weight, class_mask, z):
-    """``(loss, z_part, peak, log_sum)`` per row: on the Triton kernel (one pass over ``x``),
-    or the closed form (``lstorch._closed_form.row_loss``) of the statistics of ``x``."""
+    """``(loss, z_part, peak, log_sum, entropy, correct)`` per row (the last two 0 without
+    ``with_stats``; ``correct`` as 0/1 in the compute dtype): on the Triton kernel (one pass
+    over ``x``), or the closed form (``lstorch._closed_form.row_loss``) of the statistics of
+    ``x``."""
     if options.triton:  # one pass over x, the per-row closed form in the kernel
         params = _kernel_params(options, x.shape[-1], eps, weight, class_mask, z)
         call = _kernel_call(options, x, labels, counted, weight, class_mask)
         return torch.ops.lstorch.smoothed_rows(
             x, call["labels"], call["counted"], params, call["weight"], call["class_mask"],
-            options.convention, options.pad_index, options.with_z,
+            options.convention, options.pad_index, options.with_z, options.transform.scale,
+            options.transform.cap, options.with_stats,
         )  # fmt: skip
     terms = _row_terms(options, x, labels, counted, eps, weight, class_mask)
     if options.with_z:
@@ -513,7 +568,25 @@ def _row_loss_forward(options, x, labels, counted, eps, weight, class_mask, z):
     else:
         loss = _closed_form.row_loss(terms, counted, eps, **_form_options(options))
         z_part = torch.zeros_like(loss)
-    return loss, z_part, *terms.lse
+    entropy, correct = torch.zeros_like(loss), torch.zeros_like(loss)
+    if options.with_stats:
+        entropy, correct = _eager_stats(options, x, terms, counted, class_mask)
+    return loss, z_part, *terms.lse, entropy, correct
+
+
+def _eager_stats(options, x, terms: _closed_form.RowTerms, counted, class_mask):
+    """``(entropy, correct)`` per row on plain torch ops, 0 on rows that do not count: the
+    entropy ``-sum_c p_c log p_c`` of the (transformed) softmax, from the lse just computed
+    (one more read of ``x``, two transient rows x K buffers), and whether the first maximal
+    allowed logit (``torch.argmax``) is the label, over the logits before the transform."""
+    dtype = terms.lse.peak.dtype
+    probs = terms.lse.counted(counted).log_softmax(x, dtype, options.transform).exp_()
+    if class_mask is not None:
+        probs = probs.masked_fill_(~class_mask, 0.0)
+    entropy = torch.where(counted, torch.special.entr(probs).sum(-1), 0.0)
+    values = x if class_mask is None else x.masked_fill(~class_mask, -torch.inf)
+    hit = (values.argmax(-1) == terms.safe_labels) & counted & ~terms.bad
+    return entropy, hit.to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -590,7 +663,7 @@ def _build_gradient(ops: _GradientOps, start, options, saved: _Saved, grads) -> 
     grad_rows, grad_z = grads
     target = _target(options, x.shape[-1], saved.labels, counted, eps, saved.weight, class_mask)
     g = grad_rows.to(eps.dtype)
-    grad = start
+    grad = start  # (the log-softmax of the transformed logits t: a gradient for t, first)
     if not options.from_log_probs:
         scale = g * target.mass()
         if options.with_z:
@@ -611,6 +684,8 @@ def _build_gradient(ops: _GradientOps, start, options, saved: _Saved, grads) -> 
         pad_mass = g * target.per_class * target.w[options.pad_index]
         pad_column = torch.full_like(labels, options.pad_index)
         grad = ops.scatter_add(grad, -1, pad_column, pad_mass.unsqueeze(-1).to(grad.dtype))
+    if options.transform.active:  # the chain rule: d/dx = dt/dx d/dt, elementwise
+        grad = ops.mul(grad, _closed_form.transform_slope(x.to(eps.dtype), options.transform))
     grad = ops.masked_fill(grad, target.bad.unsqueeze(-1), torch.nan)
     return ops.masked_fill(grad, ~counted.unsqueeze(-1), 0.0)
 
@@ -629,7 +704,8 @@ def _kernel_gradient(options, saved: _Saved, grads) -> torch.Tensor:
         call["labels"], call["counted"], params, call["weight"], call["class_mask"],
         lse.peak, lse.log_sum, grad_rows.to(torch.float32),
         grad_z.to(torch.float32) if options.with_z else None,
-        options.convention, options.pad_index, options.with_z,
+        options.convention, options.pad_index, options.with_z, options.transform.scale,
+        options.transform.cap,
     )  # fmt: skip
     if options.inplace:
         torch.ops.lstorch.smoothed_rows_backward_(x, *arguments)
@@ -641,13 +717,14 @@ def _first_order_gradient(options, saved: _Saved, grads) -> torch.Tensor:
     """Built in place in one rows x K buffer: a new one, or with ``inplace_backward`` the
     logits' own storage (directly when they are in the compute dtype, else copied back)."""
     x, eps, lse = saved.x, saved.eps, saved.lse.counted(saved.counted)
-    in_x = options.inplace and x.dtype == eps.dtype  # build the gradient in x itself
+    # Built in x itself, unless the chain rule through a transform reads x at the end.
+    in_x = options.inplace and x.dtype == eps.dtype and not options.transform.active
     if options.from_log_probs:
         start = x.zero_() if in_x else torch.zeros(x.shape, dtype=eps.dtype, device=x.device)
     elif in_x:  # the log-softmax, (x - peak) - log_sum
         start = x.sub_(lse.peak.unsqueeze(-1)).sub_(lse.log_sum.unsqueeze(-1))
     else:
-        start = lse.log_softmax(x, eps.dtype)
+        start = lse.log_softmax(x, eps.dtype, options.transform)
     grad = _build_gradient(_IN_PLACE, start, options, saved, grads)
     if options.inplace:
         return (x if in_x else x.copy_(grad)).detach()  # x's storage, not its history
@@ -661,7 +738,7 @@ def _differentiable_gradient(options, saved: _Saved, grads) -> torch.Tensor:
     if options.from_log_probs:
         start = torch.zeros(x.shape, dtype=eps.dtype, device=x.device)
     else:
-        start = lse.log_softmax(x, eps.dtype)
+        start = lse.log_softmax(x, eps.dtype, options.transform)
     return _build_gradient(_OUT_OF_PLACE, start, options, saved, grads).to(x.dtype)
 
 
@@ -690,6 +767,8 @@ def _row_loss_tangent(options, saved: _Saved, tangent):
     target = _target(options, x.shape[-1], saved.labels, counted, eps, saved.weight, class_mask)
     w = target.w
     dx = tangent.to(eps.dtype)
+    if options.transform.active:  # the tangent of the transformed logits
+        dx = dx * _closed_form.transform_slope(x.to(eps.dtype), options.transform)
     dx_y = dx.gather(-1, target.safe_labels.unsqueeze(-1)).squeeze(-1)
     support_dot = torch.matmul(dx, w)
     if options.convention != "uniform":
@@ -702,7 +781,7 @@ def _row_loss_tangent(options, saved: _Saved, tangent):
         d_loss = -target_dot
     else:
         safe_lse = saved.lse.counted(counted)
-        probs = safe_lse.log_softmax(x, eps.dtype).exp_()  # softmax, in its own buffer
+        probs = safe_lse.log_softmax(x, eps.dtype, options.transform).exp_()  # in its own buffer
         if class_mask is not None:
             probs = probs.masked_fill_(~class_mask, 0.0)
         prob_dot = torch.matmul(probs.unsqueeze(-2), dx.unsqueeze(-1)).squeeze(-1).squeeze(-1)
@@ -734,13 +813,13 @@ class _RowLoss(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, labels, counted, eps, weight, class_mask, z, options = inputs
-        _, _, peak, log_sum = output
+        _, _, peak, log_sum, entropy, correct = output
         ctx.options = options
         ctx.optional = (weight is not None, class_mask is not None)
         extra = [t for t in (weight, class_mask) if t is not None]
         ctx.save_for_backward(x, labels, counted, eps, z, peak, log_sum, *extra)
         ctx.save_for_forward(x, labels, counted, eps, z, peak, log_sum, *extra)  # the same
-        ctx.mark_non_differentiable(peak, log_sum)
+        ctx.mark_non_differentiable(peak, log_sum, entropy, correct)
 
     @staticmethod
     def _unpack(ctx) -> _Saved:
@@ -752,16 +831,18 @@ class _RowLoss(torch.autograd.Function):
         )
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_z, grad_peak, grad_log_sum):
+    def backward(ctx, grad_loss, grad_z, *grad_statistics):
         """Gradients for the logits ``x``, the smoothing ``eps`` and the z-loss ``z`` (each only
         when needed); labels, masks and class weights are constants."""
-        del grad_peak, grad_log_sum  # the lse is an internal statistic, never differentiated
+        del grad_statistics  # the lse's parts and the statistics are never differentiated
         saved = _RowLoss._unpack(ctx)
         need_x, need_eps, need_z = (ctx.needs_input_grad[i] for i in (0, 3, 6))
         again = _common.differentiated_again(saved.x)
         if again and not ctx.options.from_log_probs:
             # Differentiated again: lse must be a function of x for the Hessian to be right.
-            lse = _masked_logsumexp(saved.x, saved.class_mask, saved.eps.dtype)
+            lse = _masked_logsumexp(
+                saved.x, saved.class_mask, saved.eps.dtype, ctx.options.transform
+            )
             saved = saved._replace(lse=lse)
         grads = (grad_loss, grad_z)
         d_eps = d_z = grad = None
@@ -790,4 +871,4 @@ class _RowLossForwardMode(_RowLoss):
         if eps_tangent is not None or z_tangent is not None:
             option_loss, option_z = _option_tangents(ctx.options, saved, (eps_tangent, z_tangent))
             d_loss, d_z = d_loss + option_loss, d_z + option_z
-        return d_loss, d_z, None, None  # the lse's parts: non-differentiable
+        return d_loss, d_z, None, None, None, None  # the statistics: non-differentiable

@@ -63,6 +63,31 @@ CONVENTIONS = {"uniform": 0, "others": 1, "others_but_pad": 2}
 
 
 @triton.jit
+def _tanh(v):
+    """tanh in float32 from ``exp`` (Triton's interpreter has no libdevice): ``(1 - e) / (1 +
+    e)`` with ``e = exp(-2|v|)``, whose ``1 - e`` cancels near 0, so below 0.125 its Taylor
+    series to ``v**9`` (the next term is 1e-11 of the value there)."""
+    a = tl.abs(v)
+    e = tl.exp(-2.0 * a)
+    far = (1.0 - e) / (1.0 + e)
+    s = v * v
+    series = -17.0 / 315.0 + s * (62.0 / 2835.0)
+    near = a * (1.0 + s * (-1.0 / 3.0 + s * (2.0 / 15.0 + s * series)))
+    magnitude = tl.where(a < 0.125, near, far)
+    return tl.where(v < 0, -magnitude, magnitude)
+
+
+@triton.jit
+def _transformed(x, scale, cap, HAS_SCALE: tl.constexpr, HAS_CAP: tl.constexpr):
+    """``t = cap * tanh(scale * x / cap)`` (softcap, logit scale), in registers."""
+    if HAS_SCALE:
+        x = x * scale
+    if HAS_CAP:
+        x = cap * _tanh(x / cap)
+    return x
+
+
+@triton.jit
 def _row_setup(label_ptr, counted_ptr, params_ptr, weight_ptr, mask_ptr, row, num_classes,
                HAS_WEIGHT: tl.constexpr, HAS_MASK: tl.constexpr):  # fmt: skip
     """The row's safe label, w_y, and state: 0 counts, 1 does not count, 2 invalid (NaN)."""
@@ -84,9 +109,10 @@ def _row_setup(label_ptr, counted_ptr, params_ptr, weight_ptr, mask_ptr, row, nu
 @triton.jit
 def _forward_kernel(
     x_ptr, x_row_stride, label_ptr, counted_ptr, params_ptr, weight_ptr, mask_ptr,
-    loss_ptr, z_part_ptr, peak_ptr, log_sum_ptr, num_classes: tl.constexpr,
-    CONVENTION: tl.constexpr,
+    loss_ptr, z_part_ptr, peak_ptr, log_sum_ptr, entropy_ptr, correct_ptr, logit_scale, cap,
+    num_classes: tl.constexpr, CONVENTION: tl.constexpr,
     PAD: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_MASK: tl.constexpr, WITH_Z: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_CAP: tl.constexpr, WITH_STATS: tl.constexpr,
     SUM_SCALE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
@@ -99,10 +125,17 @@ def _forward_kernel(
     running_sum = tl.zeros([], tl.float32)
     support_sum = tl.zeros([], tl.float32)  # sum_c u_c (x_c - shift), times SUM_SCALE
     support_seen = tl.zeros([], tl.float32)  # sum_c u_c so far
+    # With the statistics: sum exp(x - shift) (x - shift), rescaled the same way (the entropy),
+    # and the first column of the largest raw logit seen (the argmax).
+    entropy_sum = tl.zeros([], tl.float32)
+    best = tl.full([], float("-inf"), tl.float32)
+    best_col = tl.zeros([], tl.int32)
     for start in range(0, num_classes, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         inside = cols < num_classes
-        x = tl.load(row_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+        raw = tl.load(row_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+        # The transform (softcap, logit scale), in registers as the block is read.
+        x = _transformed(raw, logit_scale, cap, HAS_SCALE, HAS_CAP)
         allowed = inside
         if HAS_MASK:
             allowed = allowed & (tl.load(mask_ptr + cols, mask=inside, other=0) != 0)
@@ -114,6 +147,18 @@ def _forward_kernel(
         # still 0): the clamp keeps exp from overflowing there (0 * inf would be NaN) when the
         # first block's logits are all below -88.
         rescale = tl.exp(tl.minimum(shift - new_shift, 0.0))
+        if WITH_STATS:
+            # sum e^(x-s')(x-s') = e^(s-s') (sum e^(x-s)(x-s) + (s-s') sum e^(x-s))
+            centred = x_lse - new_shift
+            terms = tl.where(x_lse > float("-inf"), tl.exp(centred) * centred, 0.0)
+            moved_sum = (shift - new_shift) * running_sum
+            entropy_sum = rescale * (entropy_sum + moved_sum) + tl.sum(terms, 0)
+            raw_allowed = tl.where(allowed, raw, float("-inf"))
+            block_max = tl.max(raw_allowed, 0)
+            block_col = tl.min(tl.where(raw_allowed == block_max, cols, num_classes), 0)
+            later = block_max > best  # ties keep the earlier column (torch.argmax's rule)
+            best_col = tl.where(later, block_col, best_col)
+            best = tl.where(later, block_max, best)
         running_sum = running_sum * rescale + tl.sum(tl.exp(x_lse - new_shift), 0)
         u = tl.where(allowed, 1.0, 0.0)
         if HAS_WEIGHT:
@@ -135,13 +180,14 @@ def _forward_kernel(
     eps = tl.load(params_ptr + EPS)
     size = tl.load(params_ptr + SIZE)
     support_weight = tl.load(params_ptr + TOTAL_WEIGHT)
-    x_y = tl.load(row_ptr + safe).to(tl.float32)
+    x_y = _transformed(tl.load(row_ptr + safe).to(tl.float32), logit_scale, cap, HAS_SCALE, HAS_CAP)
     if CONVENTION >= 1:  # y is not in the support
         support_sum -= w_y * ((x_y - peak) * SUM_SCALE)
         support_weight -= w_y
     if CONVENTION == 2:  # nor is the pad
         pad_weight = tl.load(params_ptr + PAD_WEIGHT)
-        x_pad = tl.load(row_ptr + PAD).to(tl.float32) - peak
+        x_pad = tl.load(row_ptr + PAD).to(tl.float32)
+        x_pad = _transformed(x_pad, logit_scale, cap, HAS_SCALE, HAS_CAP) - peak
         if HAS_MASK:
             x_pad = tl.where(tl.load(mask_ptr + PAD) != 0, x_pad, 0.0)
         support_sum -= pad_weight * (x_pad * SUM_SCALE)
@@ -164,14 +210,19 @@ def _forward_kernel(
     tl.store(loss_ptr + row, loss)
     tl.store(peak_ptr + row, peak)
     tl.store(log_sum_ptr + row, log_sum)
+    if WITH_STATS:
+        entropy = tl.where(state == 1, 0.0, log_sum - entropy_sum / running_sum)
+        tl.store(entropy_ptr + row, entropy)
+        tl.store(correct_ptr + row, tl.where((state == 0) & (best_col == safe), 1.0, 0.0))
 
 
 @triton.jit
 def _backward_kernel(
     x_ptr, x_row_stride, out_ptr, out_row_stride, label_ptr, counted_ptr, params_ptr,
-    weight_ptr, mask_ptr, peak_ptr, log_sum_ptr, grad_ptr, grad_z_ptr, num_classes: tl.constexpr,
-    CONVENTION: tl.constexpr, PAD: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_MASK: tl.constexpr, WITH_Z: tl.constexpr, BLOCK: tl.constexpr,
+    weight_ptr, mask_ptr, peak_ptr, log_sum_ptr, grad_ptr, grad_z_ptr, logit_scale, cap,
+    num_classes: tl.constexpr, CONVENTION: tl.constexpr, PAD: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_MASK: tl.constexpr, WITH_Z: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_row_stride
@@ -206,7 +257,8 @@ def _backward_kernel(
     for start in range(0, num_classes, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         inside = cols < num_classes
-        x = tl.load(x_row + cols, mask=inside, other=0.0).to(tl.float32)
+        raw = tl.load(x_row + cols, mask=inside, other=0.0).to(tl.float32)
+        x = _transformed(raw, logit_scale, cap, HAS_SCALE, HAS_CAP)  # in registers, as the forward
         softmax = tl.exp((x - peak) - log_sum)  # exact where a rounded lse would not be
         u = tl.full([BLOCK], 1.0, tl.float32)
         if HAS_WEIGHT:
@@ -219,6 +271,11 @@ def _backward_kernel(
         grad += tl.where(cols == safe, correction, 0.0)
         if CONVENTION == 2:
             grad += tl.where(cols == PAD, pad_mass, 0.0)
+        if HAS_CAP:  # the chain rule: dt/dx = scale (1 - tanh(scale x / cap)^2)
+            tanh = _tanh(raw * (logit_scale / cap))
+            grad = grad * (logit_scale * (1.0 - tanh * tanh))
+        elif HAS_SCALE:
+            grad = grad * logit_scale
         grad = tl.where(state == 1, 0.0, grad)
         grad = tl.where(state == 2, float("nan"), grad)
         tl.store(out_row + cols, grad.to(out_ptr.dtype.element_ty), mask=inside)
@@ -242,9 +299,12 @@ def _dense(values: torch.Tensor) -> torch.Tensor:
     return values.reshape(-1).contiguous()
 
 
-def _common(x, labels, counted, params, weight, class_mask, convention, pad_index, with_z):
+def _common(x, labels, counted, params, weight, class_mask, convention, pad_index, with_z,
+            logit_scale=1.0, softcap=None):  # fmt: skip
     """The arguments both kernels share, after the logits and their row stride."""
     flat = dict(
+        logit_scale=float(logit_scale),
+        cap=1.0 if softcap is None else float(softcap),
         label_ptr=_dense(labels),
         counted_ptr=_dense(counted),
         params_ptr=_dense(params),
@@ -258,36 +318,43 @@ def _common(x, labels, counted, params, weight, class_mask, convention, pad_inde
         HAS_WEIGHT=weight is not None,
         HAS_MASK=class_mask is not None,
         WITH_Z=with_z,
+        HAS_SCALE=logit_scale != 1.0,
+        HAS_CAP=softcap is not None,
     )
     return flat, constants
 
 
 def forward(x, labels, counted, params, weight, class_mask, *, convention, pad_index, with_z,
-            config=None):  # fmt: skip
-    """Per-row ``(loss, z_part, peak, log_sum)`` (float32, shape ``labels.shape``; the lse is
-    ``peak + log_sum``) of logits ``x`` (..., K); ``labels`` int64 and ``counted`` bool of the
+            logit_scale=1.0, softcap=None, with_stats=False, config=None):  # fmt: skip
+    """Per-row ``(loss, z_part, peak, log_sum, entropy, correct)`` (float32, shape
+    ``labels.shape``; the lse is ``peak + log_sum``; ``entropy`` and ``correct``, 0/1, are 0
+    without ``with_stats``) of logits ``x`` (..., K), transformed to ``softcap * tanh(
+    logit_scale * x / softcap)`` as they are read; ``labels`` int64 and ``counted`` bool of the
     rows' shape; ``params`` as above; ``weight`` float32 (K,) or None; ``class_mask`` bool (K,)
     or None. Any strides: the kernels read dense copies where they are not dense already."""
     x2 = _rows(x)
     rows = x2.shape[0]
-    loss, z_part, peak, log_sum = (
-        torch.zeros(labels.shape, dtype=torch.float32, device=x.device) for _ in range(4)
+    loss, z_part, peak, log_sum, entropy, correct = (
+        torch.zeros(labels.shape, dtype=torch.float32, device=x.device) for _ in range(6)
     )
     flat, constants = _common(
-        x, labels, counted, params, weight, class_mask, convention, pad_index, with_z
-    )
+        x, labels, counted, params, weight, class_mask, convention, pad_index, with_z,
+        logit_scale, softcap,
+    )  # fmt: skip
     block, num_warps = config or _config(x.shape[-1], "forward")
     if rows:
         _forward_kernel[(rows,)](
             x2, x2.stride(0), **flat, loss_ptr=loss, z_part_ptr=z_part, peak_ptr=peak,
-            log_sum_ptr=log_sum, **constants, SUM_SCALE=lsspec.sum_scale(x.shape[-1]),
-            BLOCK=block, num_warps=num_warps,
+            log_sum_ptr=log_sum, entropy_ptr=entropy, correct_ptr=correct, **constants,
+            WITH_STATS=with_stats, SUM_SCALE=lsspec.sum_scale(x.shape[-1]), BLOCK=block,
+            num_warps=num_warps,
         )  # fmt: skip
-    return loss, z_part, peak, log_sum
+    return loss, z_part, peak, log_sum, entropy, correct
 
 
 def backward(x, out, labels, counted, params, weight, class_mask, peak, log_sum, grad, grad_z, *,
-             convention, pad_index, with_z, config=None):  # fmt: skip
+             convention, pad_index, with_z, logit_scale=1.0, softcap=None,
+             config=None):  # fmt: skip
     """Write the gradient with respect to ``x`` into ``out`` (contiguous, ``x``'s shape; may be
     ``x`` itself), given the saved ``peak`` and ``log_sum`` and the upstream ``grad`` (and
     ``grad_z`` of the z-part) per row, float32, of any strides (an expanded, stride-0 gradient
@@ -298,8 +365,9 @@ def backward(x, out, labels, counted, params, weight, class_mask, peak, log_sum,
     out2 = out.view(-1, x.shape[-1])
     rows = x2.shape[0]
     flat, constants = _common(
-        x, labels, counted, params, weight, class_mask, convention, pad_index, with_z
-    )
+        x, labels, counted, params, weight, class_mask, convention, pad_index, with_z,
+        logit_scale, softcap,
+    )  # fmt: skip
     block, num_warps = config or _config(x.shape[-1], "backward")
     if rows:
         _backward_kernel[(rows,)](
@@ -330,22 +398,29 @@ def smoothed_rows(
     convention: str,
     pad_index: int | None,
     with_z: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`forward` as an operator: per-row ``(loss, z_part, peak, log_sum)``."""
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    with_stats: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`forward` as an operator: per-row ``(loss, z_part, peak, log_sum, entropy,
+    correct)``."""
     return forward(x, labels, counted, params, weight, class_mask, convention=convention,
-                   pad_index=pad_index, with_z=with_z)  # fmt: skip
+                   pad_index=pad_index, with_z=with_z, logit_scale=logit_scale,
+                   softcap=softcap, with_stats=with_stats)  # fmt: skip
 
 
 @smoothed_rows.register_fake
 def _smoothed_rows_fake(x, labels, counted, params, weight, class_mask, convention, pad_index,
-                        with_z):  # fmt: skip
-    return tuple(labels.new_empty(labels.shape, dtype=torch.float32) for _ in range(4))
+                        with_z, logit_scale=1.0, softcap=None, with_stats=False):  # fmt: skip
+    return tuple(labels.new_empty(labels.shape, dtype=torch.float32) for _ in range(6))
 
 
 def _backward_into(out, x, labels, counted, params, weight, class_mask, peak, log_sum, grad,
-                   grad_z, convention, pad_index, with_z):  # fmt: skip
+                   grad_z, convention, pad_index, with_z, logit_scale,
+                   softcap):  # fmt: skip
     backward(x, out, labels, counted, params, weight, class_mask, peak, log_sum, grad, grad_z,
-             convention=convention, pad_index=pad_index, with_z=with_z)  # fmt: skip
+             convention=convention, pad_index=pad_index, with_z=with_z,
+             logit_scale=logit_scale, softcap=softcap)  # fmt: skip
 
 
 @torch.library.custom_op("lstorch::smoothed_rows_backward", mutates_args=())
@@ -363,11 +438,13 @@ def smoothed_rows_backward(
     convention: str,
     pad_index: int | None,
     with_z: bool,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """:func:`backward` as an operator, into a new contiguous tensor of ``x``'s shape."""
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _backward_into(out, x, labels, counted, params, weight, class_mask, peak, log_sum, grad,
-                   grad_z, convention, pad_index, with_z)  # fmt: skip
+                   grad_z, convention, pad_index, with_z, logit_scale, softcap)  # fmt: skip
     return out
 
 
@@ -391,11 +468,13 @@ def smoothed_rows_backward_(
     convention: str,
     pad_index: int | None,
     with_z: bool,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> None:
     """:func:`backward` as an operator that overwrites ``x`` (contiguous) with its gradient:
     each element is read before the same program writes it."""
     _backward_into(x, x, labels, counted, params, weight, class_mask, peak, log_sum, grad,
-                   grad_z, convention, pad_index, with_z)  # fmt: skip
+                   grad_z, convention, pad_index, with_z, logit_scale, softcap)  # fmt: skip
 
 
 @smoothed_rows_backward_.register_fake

@@ -76,14 +76,31 @@ def smoothed_cross_entropy(
     class_mask=None,
     z_loss=0.0,
     return_z_loss=False,
+    softcap=None,
+    logit_scale=1.0,
+    return_stats=False,
 ):
     """SEMANTICS §1-§5 with a dense target ``t_c = (1-eps) w_y [c=y] + eps w_c u_c``.
 
     A ``class_mask`` removes classes from the support and from the softmax (their log-prob is
     -inf and their target 0; SEMANTICS §7). ``z_loss`` adds ``z * lse**2`` per counted row, with
     gradient ``2 z lse softmax``; ``return_z_loss`` returns ``(loss, z_part)``.
+
+    ``softcap``/``logit_scale``: the logits are first transformed, ``t = cap tanh(s x / cap)``
+    (``s x`` without a cap), and everything above is taken on ``t``; the gradient is the chain
+    rule, ``dt/dx = s (1 - tanh(s x / cap)**2)`` times the gradient for ``t``.
+    ``return_stats`` appends per row ``(lse, entropy, correct)`` of ``t``: ``-sum p log p`` of
+    its softmax and ``argmax(t) == label`` (NumPy's argmax: the first maximal index), 0, 0 and
+    False on rows that do not count; they take no cotangent.
     """
-    x = np.moveaxis(np.asarray(logits, np.float64), axis, -1)
+    raw = np.moveaxis(np.asarray(logits, np.float64), axis, -1)
+    x, slope = raw, 1.0
+    if logit_scale != 1.0 or softcap is not None:
+        scaled = logit_scale * raw
+        x, slope = scaled, np.full(raw.shape, float(logit_scale))
+        if softcap is not None:
+            x = softcap * np.tanh(scaled / softcap)
+            slope = logit_scale * (1.0 - np.tanh(scaled / softcap) ** 2)
     labels = np.asarray(labels).astype(np.int64)  # the values, whatever their dtype
     num_classes = x.shape[-1]
     eps = float(smoothing)
@@ -129,6 +146,8 @@ def smoothed_cross_entropy(
         z_grad_rows = 2 * z_loss * lse[..., None] * np.exp(log_probs)
         rows, grad_rows = rows + z_rows, grad_rows + z_grad_rows
     keep = counted[..., None]
+    grad_rows = grad_rows * np.where(keep, slope, 0.0)  # the chain rule through the transform
+    z_grad_rows = z_grad_rows * np.where(keep, slope, 0.0)
     denominators = np.where(counted, w[safe_labels], 0.0)
     reduced = [
         _reduce(
@@ -142,6 +161,15 @@ def smoothed_cross_entropy(
         )
         for value, grad in ((rows, grad_rows), (z_rows, z_grad_rows))
     ]
+    if return_stats:
+        probs = np.exp(log_probs)
+        entropy = -np.where(probs > 0, probs * finite_log_probs, 0.0).sum(axis=-1)
+        correct = np.argmax(np.where(allowed, x, -np.inf), axis=-1) == safe_labels
+        stats = (np.where(counted, lse, 0.0), np.where(counted, entropy, 0.0), counted & correct)
+        (loss, loss_vjp), (z_part, z_vjp) = reduced
+        if not return_z_loss:
+            return (loss, stats), lambda cots: loss_vjp(cots[0])
+        return (loss, z_part, stats), lambda cots: loss_vjp(cots[0]) + z_vjp(cots[1])
     if not return_z_loss:
         return reduced[0]
     (loss, loss_vjp), (z_part, z_vjp) = reduced

@@ -145,12 +145,19 @@ def _torch_autograd(outputs, x, kind, dense):
 def _torch_func(call, x, kind, dense):
     """Outputs and gradient by ``torch.func`` (``grad``, or ``vjp`` for cotangents)."""
     if kind == "random":
-        outputs, pull = torch.func.vjp(call, x)
+        # torch.func.vjp takes floating outputs only: a bool one (return_stats's ``correct``)
+        # travels as auxiliary output, without a cotangent.
+        def floating_and_all(x):
+            outputs = call(x)
+            return [leaf for leaf in output_leaves(outputs) if leaf.is_floating_point()], outputs
+
+        _, pull, outputs = torch.func.vjp(floating_and_all, x, has_aux=True)
         cot = [
             torch.tensor(c, dtype=leaf.dtype, device=leaf.device)
             for c, leaf in zip(dense, output_leaves(outputs), strict=True)
+            if leaf.is_floating_point()
         ]
-        (grad,) = pull(unflatten_output(outputs, cot))
+        (grad,) = pull(cot)
         return outputs, grad
 
     def total(x):
@@ -803,8 +810,10 @@ def run_twin_path(twin, path: Path, *, profile: str = "report", dtypes=DTYPES) -
                     scaled = _scaled(rounded, factor)
                     expected, vjp = twin.oracle(*scaled, **kwargs) if twin.oracle else (None, None)
                     several = isinstance(expected, tuple)
+                    # The outputs' leaves (nested ones too: return_stats's RowStats)
+                    leaves = output_leaves(expected) if several else [expected]
                     if dense_by_kind is None:  # the upstream gradients, shaped as the outputs
-                        shapes = list(expected) if several else [expected]
+                        shapes = leaves
                         if expected is None:
                             plain = PLAIN[path.framework](fn, scaled, kwargs, dtype, {"sum": None})
                             shapes = plain[0]["sum"][0]
@@ -812,7 +821,7 @@ def run_twin_path(twin, path: Path, *, profile: str = "report", dtypes=DTYPES) -
                         dense_by_kind = {kind: cotangents(kind, shapes, rng) for kind in UPSTREAM}
                         dense_by_kind = {kind: dense_by_kind[kind] for kind in kinds}
                     if expected is not None:
-                        outputs = [np.asarray(out) for out in (expected if several else [expected])]
+                        outputs = [np.asarray(out) for out in leaves]
                         expected_by_scale[factor] = {
                             kind: (outputs, vjp(dense if several else dense[0]))
                             for kind, dense in dense_by_kind.items()

@@ -473,6 +473,49 @@ def _mask_z_inputs(rng: np.random.Generator, case: dict):
     return (logits, labels), kwargs
 
 
+# --------------------------------------------------------------------------------------------
+# Language-model options on smoothed_cross_entropy: softcap, logit_scale, return_stats
+
+
+def _lm_cases() -> tuple[dict, ...]:
+    """Softcap (None, Gemma's 30, a tight 2) x logit scale (1, 0.5) x statistics (off, on); the
+    convention, K, the z-loss (returned or not), a class mask and ignored rows rotate, so every
+    option meets the transform and the statistics."""
+    cases = []
+    grid = _grid(softcap=(None, 30.0, 2.0), logit_scale=(1.0, 0.5), stats=(False, True))
+    for index, case in enumerate(grid):
+        if case["softcap"] is None and case["logit_scale"] == 1.0 and not case["stats"]:
+            continue  # the plain loss: the other twins' cases
+        case["convention"] = CONVENTIONS[index % 3]
+        case["num_classes"] = (3, 1000)[index % 2]
+        case["extra"] = ("z", "z_return", "mask", "mask_inf", "plain")[index % 5]
+        case["reduction"] = REDUCTIONS[index % 3]
+        case["smoothing"] = SMOOTHINGS[1 + index % 3]
+        case["ignored"] = index % 3 != 2
+        cases.append(case)
+    return tuple(cases)
+
+
+def _lm_inputs(rng: np.random.Generator, case: dict):
+    """:func:`_mask_z_inputs`'s inputs with the logits spread to where a tight cap bends them
+    (|x| up to ~10), the label the argmax on about half the rows (so ``correct`` is both), and
+    the transform's options."""
+    (logits, labels), kwargs = _mask_z_inputs(rng, dict(case, kl=False))
+    logits = logits * 1.5
+    allowed = np.asarray(kwargs.get("class_mask", np.ones(logits.shape[-1], bool)))
+    best = np.argmax(np.where(allowed, logits, -np.inf), axis=-1)
+    pad = kwargs.get("pad_index")
+    chosen = (rng.random(labels.shape) < 0.5) & (labels != IGNORE) & (best != pad)
+    labels = np.where(chosen, best, labels)
+    if case["softcap"] is not None:
+        kwargs["softcap"] = case["softcap"]
+    if case["logit_scale"] != 1.0:
+        kwargs["logit_scale"] = case["logit_scale"]
+    if case["stats"]:
+        kwargs["return_stats"] = True
+    return (logits, labels), kwargs
+
+
 # A binary twin's grid is 7 x 5 (odd on purpose); one case of 8 x 6 in each binary twin lets the
 # sharded path split an axis over two devices.
 EVEN_SHAPE = (8, 6)
@@ -931,6 +974,17 @@ TWINS: tuple[Twin, ...] = (
         _mask_z_cases(),
         oracles.smoothed_cross_entropy,
         kernels=True,
+        pallas=True,
+    ),
+    Twin(
+        "smoothed_cross_entropy (softcap, logit_scale, return_stats)",
+        lsjax.smoothed_cross_entropy,
+        lstorch.smoothed_cross_entropy,
+        _lm_inputs,
+        _lm_cases(),
+        oracles.smoothed_cross_entropy,
+        kernels=True,
+        inplace=True,
         pallas=True,
     ),
     Twin(

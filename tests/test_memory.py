@@ -31,12 +31,17 @@ VARIANTS = [
     ("others_but_pad", {"pad_index": 0, "from_log_probs": True, "ignore_index": -100}),
     ("uniform", {"class_mask": True, "z_loss": True}),
     ("others_but_pad", {"pad_index": 0, "class_mask": True, "weight": True, "z_loss": True}),
+    # softcap and logit scale inside the closed form, and the per-row statistics
+    ("others", {"class_mask": True, "z_loss": True, "lm": True}),
 ]
 
 
 def _mask_and_z(options, classes, module):
-    """Pop the class_mask / z_loss flags into real options (a mask over every 7th class)."""
+    """Pop the class_mask / z_loss / lm flags into real options (a mask over every 7th class;
+    softcap, logit scale and the statistics)."""
     extra = {}
+    if options.pop("lm", False):  # with the z-loss flag: (loss, z_part, stats)
+        extra.update(softcap=30.0, logit_scale=0.5, return_stats=True)
     if options.pop("class_mask", False):
         extra["class_mask"] = module.arange(classes) % 7 != 3
     if options.pop("z_loss", False):

@@ -30,6 +30,17 @@ OPTION_SETS = {
     "others_but_pad+mask": dict(
         convention="others_but_pad", pad_index=3, weight=False, mask=True, with_z=False
     ),
+    # softcap and logit scale applied in the kernels, with the per-row statistics
+    "uniform+softcap+stats": dict(
+        convention="uniform",
+        pad_index=None,
+        weight=False,
+        mask=True,
+        with_z=True,
+        logit_scale=0.5,
+        softcap=2.0,
+        with_stats=True,
+    ),
 }
 
 
@@ -62,10 +73,12 @@ def _arguments(options, dtype):
 def test_opcheck_passes_for_the_three_operators(name, dtype):
     options = OPTION_SETS[name]
     x, labels, counted, params, weight, class_mask = _arguments(options, dtype)
-    tail = (options["convention"], options["pad_index"], options["with_z"])
-    forward = (x, labels, counted, params, weight, class_mask, *tail)
+    transform = (options.get("logit_scale", 1.0), options.get("softcap"))
+    tail = (options["convention"], options["pad_index"], options["with_z"], *transform)
+    forward = (x, labels, counted, params, weight, class_mask, *tail,
+               options.get("with_stats", False))  # fmt: skip
     torch.library.opcheck(torch.ops.lstorch.smoothed_rows.default, forward)
-    _, _, peak, log_sum = torch.ops.lstorch.smoothed_rows(*forward)
+    _, _, peak, log_sum, *_ = torch.ops.lstorch.smoothed_rows(*forward)
     grad = torch.rand(ROWS, device=DEVICE)
     grad_z = torch.rand(ROWS, device=DEVICE) if options["with_z"] else None
     stats = (peak, log_sum, grad, grad_z)
@@ -107,6 +120,7 @@ def test_torch_compile_keeps_the_kernels(inplace, monkeypatch):
     expected_loss, expected_grad = _loss_and_grad(loss_fn, x, labels, inplace)
     monkeypatch.setenv("LSTORCH_TRITON", "all")
     launched = []
+
     def counted(name, original):
         def launch(*args, **kwargs):
             launched.append(name)
