@@ -105,6 +105,50 @@ def test_study_smoke(examples_path, tmp_path):
     assert _is_png(tmp_path / "study.png")
 
 
+def test_overconfidence_study_smoke(examples_path, tmp_path):
+    import overconfidence_study
+
+    assert overconfidence_study.main(["--smoke", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "overconfident.json").read_text())
+    assert [row["hidden"] for row in summary["regime_rows"]] == [512]
+    assert [row["smoothing"] for row in summary["rows"]] == [0.0, 0.1]
+    assert [run["steps"] for run in summary["runs"]] == [3] * 4  # 2 smoothings x 2 seeds
+    unsmoothed, smoothed = summary["rows"]
+    # The paired differences: the unsmoothed row against itself is 0; the smoothed one is the
+    # mean of the per-seed differences, recomputed here from the runs.
+    assert unsmoothed["diff_accuracy"] == 0 and unsmoothed["diff_ece"] == 0
+    runs = {(run["smoothing"], run["seed"]): run for run in summary["runs"]}
+    expected = np.mean([runs[0.1, seed]["ece"] - runs[0.0, seed]["ece"] for seed in (0, 1)])
+    assert smoothed["diff_ece"] == pytest.approx(expected)
+    assert 0 <= smoothed["confidence"] <= 1
+    assert (tmp_path / "overconfident.md").read_text().startswith("| regime | hidden |")
+    assert _is_png(tmp_path / "overconfident_reliability.png")
+
+
+def test_distillation_study_smoke(examples_path, tmp_path):
+    import distillation_study
+
+    assert distillation_study.main(["--smoke", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "distillation.json").read_text())
+    assert [row["teacher_smoothing"] for row in summary["teachers"]] == [0.0, 0.1]
+    students = summary["students"]
+    assert [(r["teacher_smoothing"], r["distillation_temperature"]) for r in students] == [
+        (0.0, 4.0),
+        (0.1, 4.0),
+    ]
+    assert all(0 <= r["accuracy"] <= 1 and math.isfinite(r["nll"]) for r in students)
+    assert students[0]["diff_vs_unsmoothed_teacher"] == 0
+    # Flax and PyTorch train the same teacher and student step by step (float64 in smoke mode).
+    (comparison,) = summary["framework_comparison"]
+    assert comparison["dtype"] == "float64"
+    for role in ("teacher", "student"):
+        assert comparison[role]["steps"] == 3 and comparison[role]["passed"]
+        assert comparison[role]["max_relative_difference"] <= 1e-8
+    assert len(summary["penultimate_spread"]) == 2 * 2 * 2  # triples x train/test x teachers
+    assert _is_png(tmp_path / "penultimate.png")
+    assert _is_png(tmp_path / "distillation_compare.png")
+
+
 def test_torch_train_compare_exits_zero_in_float64(tmp_path):
     flags = ["--compare", "--steps", "20", "--dtypes", "float64", "--out", str(tmp_path)]
     result = subprocess.run(
