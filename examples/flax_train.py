@@ -118,6 +118,13 @@ def build_parser(description: str, default_out: Path) -> argparse.ArgumentParser
     parser.add_argument("--epochs", type=int, default=Config.epochs)
     parser.add_argument("--seed", type=int, default=Config.seed)
     parser.add_argument("--dtype", default=Config.dtype, choices=["float32", "float64"])
+    parser.add_argument("--hidden", type=int, default=Config.hidden, help="hidden layer width")
+    parser.add_argument(
+        "--train-size",
+        type=int,
+        default=Config.train_size,
+        help="train on a stratified subset of this many images (default: the whole split)",
+    )
     parser.add_argument("--out", type=Path, default=default_out, help="output folder")
     parser.add_argument("--smoke", action="store_true", help="train 3 steps only (tests)")
     return parser
@@ -132,6 +139,8 @@ def config_from_args(args) -> Config:
         seed=args.seed,
         dtype=args.dtype,
         max_steps=3 if args.smoke else None,
+        hidden=args.hidden,
+        train_size=args.train_size,
     )
 
 

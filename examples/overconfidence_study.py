@@ -53,6 +53,8 @@ PAIRED = (
     ("nll", "Δ NLL", "nll", "nll"),
     ("ece", "Δ ECE", "ece", "ece"),
     ("ece_vs_ts", "ECE - (no smoothing + TS) ECE", "ece", "ece_after_temperature"),
+    ("nll_after_ts", "Δ NLL after TS", "nll_after_temperature", "nll_after_temperature"),
+    ("ece_after_ts", "Δ ECE after TS", "ece_after_temperature", "ece_after_temperature"),
 )
 
 

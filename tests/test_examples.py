@@ -76,12 +76,15 @@ def test_flax_and_torch_train_smoke(examples_path, tmp_path):
     import torch_train
 
     flags = ["--smoke", "--smoothing", "0.1", "--label-noise", "0.2", "--convention", "others"]
+    flags += ["--hidden", "16", "--train-size", "100"]
     assert flax_train.main([*flags, "--out", str(tmp_path / "flax")]) == 0
     assert torch_train.main([*flags, "--out", str(tmp_path / "torch")]) == 0
     flax_metrics = _check_training_outputs(tmp_path / "flax")
     torch_metrics = _check_training_outputs(tmp_path / "torch")
     assert flax_metrics["config"]["convention"] == "others"
     assert flax_metrics["config"]["label_noise"] == 0.2
+    assert flax_metrics["config"]["hidden"] == torch_metrics["config"]["hidden"] == 16
+    assert flax_metrics["config"]["train_size"] == 100
     # Same split, initial weights, batches and optimizer: the float32 losses agree within the
     # float32 tolerance of --compare (torch_train.TOLERANCES explains it).
     assert torch_metrics["final_train_loss"] == pytest.approx(
@@ -131,13 +134,24 @@ def test_distillation_study_smoke(examples_path, tmp_path):
     assert distillation_study.main(["--smoke", "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "distillation.json").read_text())
     assert [row["teacher_smoothing"] for row in summary["teachers"]] == [0.0, 0.1]
-    students = summary["students"]
-    assert [(r["teacher_smoothing"], r["distillation_temperature"]) for r in students] == [
-        (0.0, 4.0),
-        (0.1, 4.0),
+    students = rows = summary["students"]
+    keys = [(r["transfer"], r["teacher_smoothing"], r["distillation_temperature"]) for r in rows]
+    assert keys == [
+        ("teacher's 200", 0.0, 4.0),
+        ("teacher's 200", 0.1, 4.0),
+        ("all 1,077", 0.0, 4.0),
+        ("all 1,077", 0.1, 4.0),
     ]
     assert all(0 <= r["accuracy"] <= 1 and math.isfinite(r["nll"]) for r in students)
-    assert students[0]["diff_vs_unsmoothed_teacher"] == 0
+    # Paired by seed (one seed here): the student of the smoothed teacher minus the student of
+    # the unsmoothed one on the same transfer set, and minus the hard-label student.
+    hard = summary["hard_label_student"]["accuracy"]
+    for unsmoothed, smoothed in (students[:2], students[2:]):
+        assert unsmoothed["diff_vs_unsmoothed_teacher"] == 0
+        assert smoothed["diff_vs_unsmoothed_teacher"] == pytest.approx(
+            smoothed["accuracy"] - unsmoothed["accuracy"]
+        )
+        assert smoothed["diff_vs_hard_labels"] == pytest.approx(smoothed["accuracy"] - hard)
     # Flax and PyTorch train the same teacher and student step by step (float64 in smoke mode).
     (comparison,) = summary["framework_comparison"]
     assert comparison["dtype"] == "float64"
