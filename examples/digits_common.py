@@ -33,11 +33,12 @@ class Split:
     test_y: np.ndarray
 
 
-def load_digits_split(seed: int, dtype: str = "float32") -> Split:
+def load_digits_split(seed: int, dtype: str = "float32", train_size: int | None = None) -> Split:
     """scikit-learn's bundled digits (1,797 8x8 images, no download), split 60/20/20, stratified.
 
     The split depends on ``seed``, so the seeds of a study also vary the data. Validation is
-    held out for temperature scaling; test for the reported metrics.
+    held out for temperature scaling; test for the reported metrics. ``train_size`` keeps a
+    stratified subset of that many training images (validation and test are unchanged).
     """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -50,6 +51,10 @@ def load_digits_split(seed: int, dtype: str = "float32") -> Split:
     train, val = train_test_split(
         rest, test_size=0.25, stratify=labels[rest], random_state=seed + 1
     )
+    if train_size is not None and train_size < len(train):
+        train, _ = train_test_split(
+            train, train_size=train_size, stratify=labels[train], random_state=seed + 2
+        )
     return Split(
         features[train], labels[train], features[val], labels[val], features[test], labels[test]
     )
@@ -87,20 +92,23 @@ def steps_for(epochs: int, num_train: int, batch_size: int = BATCH_SIZE) -> int:
 
 
 class MLP(nnx.Module):
-    """64 -> 128 -> 128 -> 10, ReLU. Kernels are (in, out), as ``x @ kernel + bias``."""
+    """64 -> hidden -> hidden -> 10, ReLU (hidden 128 unless given). Kernels are (in, out), as
+    ``x @ kernel + bias``."""
 
-    def __init__(self, *, rngs: nnx.Rngs, dtype: str = "float32"):
+    def __init__(self, *, rngs: nnx.Rngs, dtype: str = "float32", hidden: int = HIDDEN):
         def linear(size_in, size_out):
             return nnx.Linear(size_in, size_out, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
-        self.hidden1 = linear(NUM_FEATURES, HIDDEN)
-        self.hidden2 = linear(HIDDEN, HIDDEN)
-        self.output = linear(HIDDEN, NUM_CLASSES)
+        self.hidden1 = linear(NUM_FEATURES, hidden)
+        self.hidden2 = linear(hidden, hidden)
+        self.output = linear(hidden, NUM_CLASSES)
+
+    def features(self, x):
+        """The penultimate layer: the activations the output layer reads."""
+        return nnx.relu(self.hidden2(nnx.relu(self.hidden1(x))))
 
     def __call__(self, x):
-        x = nnx.relu(self.hidden1(x))
-        x = nnx.relu(self.hidden2(x))
-        return self.output(x)
+        return self.output(self.features(x))
 
 
 def torch_mlp_from_flax(model: MLP):

@@ -35,6 +35,8 @@ class Config:
     seed: int = 0
     dtype: str = "float32"
     max_steps: int | None = None  # cut training short (smoke tests)
+    hidden: int = common.HIDDEN  # width of both hidden layers
+    train_size: int | None = None  # a stratified subset of the training split (None: all of it)
 
 
 @functools.partial(nnx.jit, static_argnames="convention")
@@ -57,7 +59,11 @@ def predict(model, images):
 
 
 def init_model(config: Config) -> common.MLP:
-    return common.MLP(rngs=nnx.Rngs(config.seed), dtype=config.dtype)
+    return common.MLP(rngs=nnx.Rngs(config.seed), dtype=config.dtype, hidden=config.hidden)
+
+
+def load_split(config: Config, dtype: str | None = None) -> common.Split:
+    return common.load_digits_split(config.seed, dtype or config.dtype, config.train_size)
 
 
 def num_steps(config: Config, split: common.Split) -> int:
@@ -87,7 +93,7 @@ def train(model, config: Config, split: common.Split, *, progress: bool = True) 
 
 def run(config: Config, *, progress: bool = True):
     """Train, evaluate; return (metrics, per-step losses, test logits, split)."""
-    split = common.load_digits_split(config.seed, config.dtype)
+    split = load_split(config)
     model = init_model(config)
     losses = train(model, config, split, progress=progress)
     test_logits = np.asarray(predict(model, jnp.asarray(split.test_x)))
@@ -112,6 +118,13 @@ def build_parser(description: str, default_out: Path) -> argparse.ArgumentParser
     parser.add_argument("--epochs", type=int, default=Config.epochs)
     parser.add_argument("--seed", type=int, default=Config.seed)
     parser.add_argument("--dtype", default=Config.dtype, choices=["float32", "float64"])
+    parser.add_argument("--hidden", type=int, default=Config.hidden, help="hidden layer width")
+    parser.add_argument(
+        "--train-size",
+        type=int,
+        default=Config.train_size,
+        help="train on a stratified subset of this many images (default: the whole split)",
+    )
     parser.add_argument("--out", type=Path, default=default_out, help="output folder")
     parser.add_argument("--smoke", action="store_true", help="train 3 steps only (tests)")
     return parser
@@ -126,6 +139,8 @@ def config_from_args(args) -> Config:
         seed=args.seed,
         dtype=args.dtype,
         max_steps=3 if args.smoke else None,
+        hidden=args.hidden,
+        train_size=args.train_size,
     )
 
 

@@ -80,11 +80,11 @@ def predict(model, images: np.ndarray) -> np.ndarray:
 def compare(config, dtype: str, steps: int, *, torch_smoothing=None, progress=True):
     """Train Flax and PyTorch from the same initial weights for ``steps`` steps in ``dtype``;
     return both per-step loss lists."""
-    per_epoch = len(common.load_digits_split(config.seed).train_y) // common.BATCH_SIZE
+    per_epoch = len(flax_train.load_split(config).train_y) // common.BATCH_SIZE
     config = dataclasses.replace(
         config, dtype=dtype, epochs=-(-steps // per_epoch), max_steps=steps
     )
-    split = common.load_digits_split(config.seed, dtype)
+    split = flax_train.load_split(config, dtype)
     flax_model = flax_train.init_model(config)
     torch_model = common.torch_mlp_from_flax(flax_model)  # before Flax trains it
     jax_losses = flax_train.train(flax_model, config, split, progress=progress)
@@ -180,7 +180,7 @@ def main(argv=None) -> int:
     if args.compare:
         return run_compare(args, config)
     start = time.perf_counter()
-    split = common.load_digits_split(config.seed, config.dtype)
+    split = flax_train.load_split(config)
     model = common.torch_mlp_from_flax(flax_train.init_model(config))
     losses = train_torch(model, config, split, torch_smoothing=args.torch_smoothing)
     test_logits = predict(model, split.test_x)

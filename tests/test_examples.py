@@ -76,12 +76,15 @@ def test_flax_and_torch_train_smoke(examples_path, tmp_path):
     import torch_train
 
     flags = ["--smoke", "--smoothing", "0.1", "--label-noise", "0.2", "--convention", "others"]
+    flags += ["--hidden", "16", "--train-size", "100"]
     assert flax_train.main([*flags, "--out", str(tmp_path / "flax")]) == 0
     assert torch_train.main([*flags, "--out", str(tmp_path / "torch")]) == 0
     flax_metrics = _check_training_outputs(tmp_path / "flax")
     torch_metrics = _check_training_outputs(tmp_path / "torch")
     assert flax_metrics["config"]["convention"] == "others"
     assert flax_metrics["config"]["label_noise"] == 0.2
+    assert flax_metrics["config"]["hidden"] == torch_metrics["config"]["hidden"] == 16
+    assert flax_metrics["config"]["train_size"] == 100
     # Same split, initial weights, batches and optimizer: the float32 losses agree within the
     # float32 tolerance of --compare (torch_train.TOLERANCES explains it).
     assert torch_metrics["final_train_loss"] == pytest.approx(
@@ -103,6 +106,61 @@ def test_study_smoke(examples_path, tmp_path):
     )
     assert (tmp_path / "study.md").read_text().startswith("| label noise | smoothing |")
     assert _is_png(tmp_path / "study.png")
+
+
+def test_overconfidence_study_smoke(examples_path, tmp_path):
+    import overconfidence_study
+
+    assert overconfidence_study.main(["--smoke", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "overconfident.json").read_text())
+    assert [row["hidden"] for row in summary["regime_rows"]] == [512]
+    assert [row["smoothing"] for row in summary["rows"]] == [0.0, 0.1]
+    assert [run["steps"] for run in summary["runs"]] == [3] * 4  # 2 smoothings x 2 seeds
+    unsmoothed, smoothed = summary["rows"]
+    # The paired differences: the unsmoothed row against itself is 0; the smoothed one is the
+    # mean of the per-seed differences, recomputed here from the runs.
+    assert unsmoothed["diff_accuracy"] == 0 and unsmoothed["diff_ece"] == 0
+    runs = {(run["smoothing"], run["seed"]): run for run in summary["runs"]}
+    expected = np.mean([runs[0.1, seed]["ece"] - runs[0.0, seed]["ece"] for seed in (0, 1)])
+    assert smoothed["diff_ece"] == pytest.approx(expected)
+    assert 0 <= smoothed["confidence"] <= 1
+    assert (tmp_path / "overconfident.md").read_text().startswith("| regime | hidden |")
+    assert _is_png(tmp_path / "overconfident_reliability.png")
+
+
+def test_distillation_study_smoke(examples_path, tmp_path):
+    import distillation_study
+
+    assert distillation_study.main(["--smoke", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "distillation.json").read_text())
+    assert [row["teacher_smoothing"] for row in summary["teachers"]] == [0.0, 0.1]
+    students = rows = summary["students"]
+    keys = [(r["transfer"], r["teacher_smoothing"], r["distillation_temperature"]) for r in rows]
+    assert keys == [
+        ("teacher's 200", 0.0, 4.0),
+        ("teacher's 200", 0.1, 4.0),
+        ("all 1,077", 0.0, 4.0),
+        ("all 1,077", 0.1, 4.0),
+    ]
+    assert all(0 <= r["accuracy"] <= 1 and math.isfinite(r["nll"]) for r in students)
+    # Paired by seed (one seed here): the student of the smoothed teacher minus the student of
+    # the unsmoothed one on the same transfer set, and minus the hard-label student.
+    hard = summary["hard_label_student"]["accuracy"]
+    for unsmoothed, smoothed in (students[:2], students[2:]):
+        assert unsmoothed["diff_vs_unsmoothed_teacher"] == 0
+        assert smoothed["diff_vs_unsmoothed_teacher"] == pytest.approx(
+            smoothed["accuracy"] - unsmoothed["accuracy"]
+        )
+        assert smoothed["diff_vs_hard_labels"] == pytest.approx(smoothed["accuracy"] - hard)
+    # Flax and PyTorch train the same teacher and student step by step (float64 in smoke mode).
+    (comparison,) = summary["framework_comparison"]
+    assert comparison["dtype"] == "float64"
+    for role in ("teacher", "student"):
+        assert comparison[role]["steps"] == 3 and comparison[role]["passed"]
+        assert comparison[role]["max_relative_difference"] <= 1e-8
+    assert len(summary["penultimate_spread"]) == 2 * 2 * 2  # triples x train/test x teachers
+    assert _is_png(tmp_path / "penultimate.png")
+    assert _is_png(tmp_path / "distillation_compare.png")
 
 
 def test_torch_train_compare_exits_zero_in_float64(tmp_path):
