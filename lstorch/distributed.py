@@ -42,6 +42,7 @@ def vocab_parallel_smoothed_cross_entropy(
     ignore_index: int | None = None,
     pad_index: int | None = None,
     reduction: str = "none",
+    check_labels: bool | None = None,
 ) -> torch.Tensor:
     r"""``smoothed_cross_entropy`` of logits split over the vocabulary across ``group``'s ranks.
 
@@ -66,6 +67,9 @@ def vocab_parallel_smoothed_cross_entropy(
       ignore_index: as ``smoothed_cross_entropy``.
       pad_index: as ``smoothed_cross_entropy``; a global class index.
       reduction: as ``smoothed_cross_entropy``.
+      check_labels: as ``smoothed_cross_entropy``: ``None`` reads and checks the labels on the
+        CPU only (on an accelerator, no read-back: a label out of range gives a NaN row on
+        every rank), ``True`` on any device, ``False`` never.
     """
     fn = "vocab_parallel_smoothed_cross_entropy"
     _common.floating(fn, local_logits=local_logits)
@@ -78,9 +82,12 @@ def vocab_parallel_smoothed_cross_entropy(
         fn,
         num_classes,
         lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction),
+        check_labels,
     )
     counted = _common.counted_rows(labels, ignore_index, pad_index)
-    _common.check_label_range(fn, labels, counted, num_classes, ignore_index)
+    _common.check_label_range(
+        fn, labels, counted, num_classes, ignore_index, check_labels=check_labels
+    )
     compute_dtype = _common.compute_dtype(local_logits.dtype)
     eps = _common.smoothing_tensor(smoothing, compute_dtype, local_logits.device)  # differentiated
     layout = _Layout(convention, pad_index, rank * local_classes, num_classes, group)
