@@ -561,3 +561,22 @@ def test_both_twins_take_check_labels_as_a_keyword(name):
         assert parameter.default is None, (package.__name__, name)
     vocab_parallel = inspect.signature(vocab_parallel_smoothed_cross_entropy).parameters
     assert vocab_parallel["check_labels"].default is None
+
+
+def test_the_hugging_face_loss_takes_check_labels(host_reads):
+    pytest.importorskip("transformers")
+    from lstorch.integrations.huggingface import compute_loss_func
+
+    with pytest.raises(ValueError, match=r"compute_loss_func: `check_labels`.*got 'yes'"):
+        compute_loss_func(smoothing=0.1, check_labels="yes")
+    logits = torch.randn(2, 4, 6, requires_grad=True)
+    labels = torch.tensor([[1, 2, -100, 3], [4, 9, 0, 1]])  # 9: out of range, counted
+    with pytest.raises(ValueError, match=r"compute_loss_func: `labels` must lie in \[0, 5\]"):
+        compute_loss_func(smoothing=0.1)(logits, labels)
+    loss_fn = compute_loss_func(smoothing=0.1, z_loss=1e-4, check_labels=False)
+    with host_reads("forward"):
+        loss = loss_fn(logits, labels, num_items_in_batch=torch.tensor(5))
+    with host_reads("backward"):
+        (grad,) = torch.autograd.grad(loss, logits)
+    _assert_no_reads(host_reads)
+    assert torch.isnan(loss) and torch.isnan(grad[1, 0]).all()  # position 0 predicts the 9
