@@ -10,6 +10,9 @@ Their JAX counterparts are in ``lsjax._common``.
 
 from __future__ import annotations
 
+import math
+import struct
+
 import torch
 import torch.autograd.forward_ad as fwAD
 
@@ -150,11 +153,36 @@ def concrete_smoothing(
     return concrete
 
 
+def _in_dtype(value: float, dtype: torch.dtype) -> float | None:
+    """The Python float ``value`` rounded to ``dtype`` (float32 or float64) on the host, as
+    ``torch.full((), value, dtype=dtype)`` rounds it; None where that is not a finite float32
+    or float64 value (then the caller takes the tensor route)."""
+    if dtype == torch.float64:
+        return value if math.isfinite(value) else None
+    if dtype != torch.float32 or not math.isfinite(value):
+        return None
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:  # beyond float32's range: inf there
+        return None
+
+
 def smoothing_tensor(value, dtype, device) -> torch.Tensor:
     """``value`` as a 0-d ``dtype`` tensor on ``device``, clamped into [0, 1] where it lies
     within the rounding slack outside it (a schedule that ends at 0); farther out it stays out
-    of range, and the rows it reaches are NaN."""
+    of range, and the rows it reaches are NaN.
+
+    A Python number is rounded and clamped on the host, with the same arithmetic the tensor
+    route does on the device (every step exact: the difference of a float and 0 or 1 near it),
+    and filled in one op: the same value, bit for bit, without ten small device ops per call."""
     slack = lsspec.unit_interval_slack(_ulp_of_one(value))
+    if lsspec.is_number(value):
+        rounded, slack_in_dtype = _in_dtype(float(value), dtype), _in_dtype(slack, dtype)
+        if rounded is not None and slack_in_dtype is not None:
+            snapped = min(max(rounded, 0.0), 1.0)  # -0.0 stays -0.0, as torch.clamp keeps it
+            if rounded != snapped and abs(rounded - snapped) <= slack_in_dtype:
+                rounded = snapped
+            return torch.full((), rounded, dtype=dtype, device=device)
     eps = device_scalar(value, dtype, device)
     snapped = eps.clamp(0, 1)
     rounding = (eps != snapped) & ((eps - snapped).abs() <= slack)
@@ -166,7 +194,12 @@ def smoothing_tensor(value, dtype, device) -> torch.Tensor:
 def z_loss_tensor(value, dtype, device) -> torch.Tensor:
     """``z_loss`` as a 0-d ``dtype`` tensor on ``device``, NaN where it is negative or not finite
     (a value the checks could not read): the rows it reaches are NaN, never a plausible
-    number."""
+    number. A Python number that is finite and >= 0 in ``dtype`` is filled in one op (the
+    same value)."""
+    if lsspec.is_number(value):
+        rounded = _in_dtype(float(value), dtype)
+        if rounded is not None and rounded >= 0:
+            return torch.full((), rounded, dtype=dtype, device=device)
     z = device_scalar(value, dtype, device)
     return torch.where((z >= 0) & torch.isfinite(z), z, torch.nan)
 
@@ -351,12 +384,16 @@ def check_bool(fn, name: str, value: torch.Tensor | None) -> None:
 
 
 def counted_rows(labels, ignore_index=None, pad_index=None, where=None) -> torch.Tensor:
-    """The rows that count: label not ``ignore_index``, not ``pad_index``, and ``where`` True."""
-    counted = torch.ones_like(labels, dtype=torch.bool)
-    if ignore_index is not None:
-        counted = counted & (labels != ignore_index)
-    if pad_index is not None:
-        counted = counted & (labels != pad_index)
+    """The rows that count: label not ``ignore_index``, not ``pad_index``, and ``where`` True.
+    The first comparison starts the mask (one op fewer than a mask of ones it is and-ed
+    with); without one, a fresh mask of ones, never the caller's ``where`` itself."""
+    counted = None
+    for value in (ignore_index, pad_index):
+        if value is not None:
+            differs = labels != value
+            counted = differs if counted is None else counted & differs
+    if counted is None:
+        counted = torch.ones_like(labels, dtype=torch.bool)
     if where is not None:
         counted = counted & where
     return counted

@@ -314,9 +314,13 @@ def smoothed_cross_entropy(
     options = _Options(convention, pad_index, kl, from_log_probs, with_z, triton, inplace_backward)
     core = _common.with_forward_mode(_RowLoss, _RowLossForwardMode)
     loss, z_part, *_ = core.apply(x, labels, counted, eps, weight, class_mask, z, options)
-    safe_labels = torch.where(counted, labels, 0).clamp(0, num_classes - 1)
-    w_y = 1.0 if weight is None else weight[safe_labels]
-    row_weight = torch.where(counted, w_y, 0.0).to(compute_dtype)
+    row_weight = None  # the denominator's terms: only "mean" without a normalizer reads them
+    if reduction == "mean" and normalizer is None:
+        if weight is None:
+            row_weight = counted.to(compute_dtype)
+        else:
+            safe_labels = torch.where(counted, labels, 0).clamp(0, num_classes - 1)
+            row_weight = torch.where(counted, weight[safe_labels], 0.0).to(compute_dtype)
     if return_z_loss:
         return (
             _common.reduce(loss, row_weight, reduction, normalizer),

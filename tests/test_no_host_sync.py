@@ -580,3 +580,82 @@ def test_the_hugging_face_loss_takes_check_labels(host_reads):
         (grad,) = torch.autograd.grad(loss, logits)
     _assert_no_reads(host_reads)
     assert torch.isnan(loss) and torch.isnan(grad[1, 0]).all()  # position 0 predicts the 9
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-call host cost: the small ops around the kernels
+
+
+class OpCount(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+# The aten ops one call makes around the Triton kernels (forward, backward), numbers as
+# options: each is a launch on a GPU, host time per call. Before they were filled on the host
+# the smoothing and z-loss took 20 ops and the rows' mask and weights 5 more (43 forward).
+OPS_AROUND_THE_KERNELS = {"forward": 22, "backward": 17}
+
+
+@pytest.mark.parametrize("options", [{}, {"ignore_index": -100}, {"z_loss": 1e-4}])
+def test_the_triton_path_makes_few_small_ops_per_call(monkeypatch, options):
+    pytest.importorskip("triton", reason="Triton is in the dev extras; CI installs it")
+    monkeypatch.setenv("LSTORCH_TRITON", "all")
+    x = torch.randn(16, 256, requires_grad=True)
+    labels = torch.randint(0, 256, (16,))
+
+    def loss():
+        return lstorch.smoothed_cross_entropy(
+            x, labels, smoothing=0.1, reduction="mean", check_labels=False, **options
+        )
+
+    loss().backward()  # the first call compiles the kernels
+    with OpCount() as forward:
+        value = loss()
+    with OpCount() as backward:
+        value.backward()
+    counts = {"forward": len(forward.ops), "backward": len(backward.ops)}
+    assert "lstorch.smoothed_rows.default" in forward.ops
+    assert "lstorch.smoothed_rows_backward.default" in backward.ops
+    for phase, most in OPS_AROUND_THE_KERNELS.items():
+        ops = forward.ops if phase == "forward" else backward.ops
+        assert counts[phase] <= most, f"{phase}: {counts[phase]} ops: {ops}"
+
+
+EDGE_SMOOTHINGS = [0.0, -0.0, 0.1, 1 / 3, 1.0, -5.6e-17, -1e-50, 1 + 2.2e-16, 1 - 1e-17, 0.7]
+
+
+def _same_bits(got, want):
+    return torch.equal(got, want) and torch.equal(torch.signbit(got), torch.signbit(want))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_number_option_gives_what_the_same_tensor_gives_bit_for_bit(dtype):
+    """A Python smoothing or z-loss is rounded and clamped on the host; a 0-d float64 tensor
+    of the same value takes the device ops (the expected value): loss and gradient are the
+    same bits, signed zeros included."""
+    x = torch.randn(6, 7, dtype=dtype)
+    labels = torch.tensor([0, 6, 3, -100, 2, 5])
+    for value in EDGE_SMOOTHINGS:
+        for convention, kl in (("uniform", False), ("others", True)):
+            results = []
+            for as_option in (float, lambda v: torch.tensor(v, dtype=torch.float64)):
+                leaf = x.clone().requires_grad_(True)
+                loss = lstorch.smoothed_cross_entropy(
+                    leaf,
+                    labels,
+                    smoothing=as_option(value),
+                    z_loss=as_option(abs(value) * 1e-3),
+                    convention=convention,
+                    kl=kl,
+                    ignore_index=-100,
+                )
+                (grad,) = torch.autograd.grad(loss.sum(), leaf)
+                results.append((loss.detach(), grad))
+            for got, want in zip(results[0], results[1], strict=True):
+                assert _same_bits(got, want), (value, convention)
