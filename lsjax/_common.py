@@ -72,11 +72,27 @@ times.defjvp(_times_jvp, symbolic_zeros=True)
 # Scalar options
 
 
-def concrete_scalar(fn: Any, name: str, value: Any, *, optional: bool = False) -> Any:
+def reads_values(value: Any, check_labels: bool | None = None) -> bool:
+    """Whether the host reads an array's values to check them: THE one decision behind every
+    check of an array's values (labels in range, of an allowed class, a ``class_mask`` that
+    leaves a support, a smoothing, ``z_loss`` or ``normalizer`` given as an array).
+
+    ``check_labels`` (the losses' keyword, the twin of lstorch's): ``None`` or ``True``, a
+    concrete array (reading it waits for the device that computes it); ``False``, never. A
+    traced value (under ``jit``, ``vmap``, ``grad``) is never read, whatever ``check_labels``
+    says. A value that is not read is not checked: out of range, it gives NaN where it is
+    used, never a plausible number."""
+    return check_labels is not False and not is_traced(value)
+
+
+def concrete_scalar(
+    fn: Any, name: str, value: Any, *, optional: bool = False, check_labels=None
+) -> Any:
     """A scalar option (smoothing, normalizer, z_loss, ...) as a Python float for checking: a
-    number or a concrete 0-d array of a real dtype. A traced value passes through unread (out of
-    range, it gives NaN). None is kept where ``optional``; anything else (None, a string, a
-    tuple, a bool) raises TypeError, an array of more than one element ValueError."""
+    number, or a 0-d array of a real dtype that ``reads_values`` reads (concrete, and
+    ``check_labels`` not False). Any other array passes through unread (out of range, it
+    gives NaN). None is kept where ``optional``; anything else (None, a string, a tuple, a
+    bool) raises TypeError, an array of more than one element ValueError."""
     if value is None and optional:
         return None
     if lsspec.is_number(value):
@@ -88,7 +104,7 @@ def concrete_scalar(fn: Any, name: str, value: Any, *, optional: bool = False) -
     dtype = value.dtype
     if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
         raise lsspec.scalar_type_error(fn, name, value)
-    if is_traced(value):
+    if not reads_values(value, check_labels):
         return value
     return float(np.asarray(value))
 
@@ -104,23 +120,28 @@ def _ulp_of_one(value: Any) -> float:
     return _FLOAT64_ULP
 
 
-def concrete_smoothing(fn: Any, value: Any, name: str = "smoothing") -> Any:
-    """A concrete smoothing as a Python float, snapped into [0, 1] when it is only rounding
-    outside it (``lsspec.UNIT_INTERVAL_ULPS``); traced values pass through."""
-    concrete = concrete_scalar(fn, name, value)
+def concrete_smoothing(fn: Any, value: Any, name: str = "smoothing", check_labels=None) -> Any:
+    """A smoothing that ``reads_values`` reads (or a number) as a Python float, snapped into
+    [0, 1] when it is only rounding outside it (``lsspec.UNIT_INTERVAL_ULPS``); other values
+    (traced, or with ``check_labels=False``) pass through."""
+    concrete = concrete_scalar(fn, name, value, check_labels=check_labels)
     if lsspec.is_number(concrete):
         return lsspec.snap_to_unit_interval(concrete, _ulp_of_one(value))
     return concrete
 
 
-def check_label_options(fn, num_classes: int | None, options: lsspec.LabelOptions, **more) -> None:
-    """``lsspec.check_options`` of a loss with integer labels: its ``options`` and ``more``
-    (the dense loss's ``normalizer``, ``kl``, ...). A concrete smoothing is read and checked;
-    a traced one passes."""
+def check_label_options(
+    fn, num_classes: int | None, options: lsspec.LabelOptions, check_labels=None, **more
+) -> None:
+    """``lsspec.check_options`` of a loss with integer labels: its ``options``,
+    ``check_labels`` and ``more`` (the dense loss's ``normalizer``, ``kl``, ...). A smoothing
+    that ``reads_values`` reads is checked; any other passes."""
+    lsspec.check_check_labels(fn, check_labels)
     lsspec.check_options(
         fn,
         num_classes=num_classes,
-        smoothing=concrete_smoothing(fn, options.smoothing),
+        check_labels=check_labels,
+        smoothing=concrete_smoothing(fn, options.smoothing, check_labels=check_labels),
         convention=options.convention,
         reduction=options.reduction,
         pad_index=options.pad_index,
@@ -215,19 +236,31 @@ def counted_rows(labels: Array, ignore_index=None, pad_index=None, where=None) -
     return counted
 
 
-def check_label_range(fn, labels, counted, num_classes, ignore_index, class_mask=None) -> None:
-    """Concrete labels out of range (or of a masked class) raise; traced ones give NaN rows."""
-    if is_traced(labels) or is_traced(counted):
+def check_label_range(
+    fn, labels, counted, num_classes, ignore_index, class_mask=None, check_labels=None
+) -> None:
+    """Counted labels out of range (or of a masked class) raise where ``reads_values`` reads
+    them (concrete, and ``check_labels`` not False); traced ones, and any with
+    ``check_labels=False``, give NaN rows instead."""
+    if not (reads_values(labels, check_labels) and reads_values(counted, check_labels)):
         return
     labels_np = np.asarray(labels)
     bad = np.asarray(counted) & ((labels_np < 0) | (labels_np >= num_classes))
     if bad.any():
         raise lsspec.label_range_error(fn, labels_np[bad].tolist(), num_classes, ignore_index)
-    if class_mask is not None and not is_traced(class_mask):
+    if class_mask is not None and reads_values(class_mask, check_labels):
         allowed = np.asarray(class_mask)
         masked = np.asarray(counted) & ~allowed[np.clip(labels_np, 0, num_classes - 1)]
         if masked.any():
             raise lsspec.masked_label_error(fn, labels_np[masked].tolist())
+
+
+def check_class_mask_support(fn, class_mask, convention, pad_index, check_labels=None) -> None:
+    """A ``class_mask`` that ``reads_values`` reads must leave the convention a class to smooth
+    over (``lsspec.check_class_mask_support``); one that is not read and leaves none gives
+    NaN: the gradient of every counted row, and its loss where the smoothing is > 0."""
+    if class_mask is not None and reads_values(class_mask, check_labels):
+        lsspec.check_class_mask_support(fn, np.asarray(class_mask).tolist(), convention, pad_index)
 
 
 # --------------------------------------------------------------------------------------------

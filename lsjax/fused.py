@@ -56,6 +56,7 @@ def fused_linear_smoothed_cross_entropy(
     pad_index: int | None = None,
     reduction: str = "mean",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    check_labels: bool | None = None,
     _caller: lsspec.Caller | None = None,
 ) -> Array:
     r"""``smoothed_cross_entropy(hidden @ weight.T + bias, labels, ...)`` without the logits.
@@ -96,6 +97,9 @@ def fused_linear_smoothed_cross_entropy(
       reduction: ``"none"`` | ``"sum"`` | ``"mean"`` (over counted rows; 0 when none counts).
       chunk_size: classes per chunk. Temporaries grow as ``rows x chunk_size``; larger chunks
         mean fewer, larger matrix products.
+      check_labels: whether the host reads concrete labels (and a ``smoothing`` array) to check
+        them, as in :func:`lsjax.smoothed_cross_entropy`: ``None``/``True``, concrete values;
+        ``False``, never (a label out of range gives a NaN row, as under ``jit``).
       _caller: internal, the public function or module that called this one for the user (its
         name is the one errors give).
 
@@ -106,11 +110,15 @@ def fused_linear_smoothed_cross_entropy(
     """
     fn = lsspec.caller("fused_linear_smoothed_cross_entropy", _caller)
     options = lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction)
-    hidden, weight, bias, labels = _check_fused(fn, hidden, weight, bias, labels, options)
+    hidden, weight, bias, labels = _check_fused(
+        fn, hidden, weight, bias, labels, options, check_labels
+    )
     chunk_size = lsspec.check_chunk_size(fn, chunk_size)
     num_classes = weight.shape[0]
     counted = _common.counted_rows(labels, ignore_index, pad_index)
-    _common.check_label_range(fn, labels, counted, num_classes, ignore_index)
+    _common.check_label_range(
+        fn, labels, counted, num_classes, ignore_index, check_labels=check_labels
+    )
     compute_dtype = _common.compute_dtype(hidden.dtype)
     eps = _common.smoothing_array(smoothing, compute_dtype)  # differentiated (_fused_rows_bwd)
     options = _FusedOptions(convention, pad_index, chunk_size, None)
@@ -127,7 +135,7 @@ def fused_linear_smoothed_cross_entropy(
     return _common.reduce(loss, counted.astype(compute_dtype), reduction)
 
 
-def _check_fused(fn, hidden, weight, bias, labels, options: lsspec.LabelOptions):
+def _check_fused(fn, hidden, weight, bias, labels, options: lsspec.LabelOptions, check_labels=None):
     """The fused losses' checks: the arrays (returned, bias zeros when None) and the options."""
     (hidden,) = _common.floating(fn, hidden=hidden)
     weight = jnp.asarray(weight)
@@ -143,7 +151,7 @@ def _check_fused(fn, hidden, weight, bias, labels, options: lsspec.LabelOptions)
         bias = jnp.asarray(bias)
         if bias.dtype != hidden.dtype:
             raise lsspec.dtype_mismatch_error(fn, "bias", bias.dtype, hidden.dtype)
-    _common.check_label_options(fn, weight.shape[0], options)
+    _common.check_label_options(fn, weight.shape[0], options, check_labels)
     return hidden, weight, bias, labels
 
 

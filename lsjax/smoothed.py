@@ -175,6 +175,7 @@ def smoothed_cross_entropy(
     logit_scale: float = 1.0,
     return_stats: bool = False,
     implementation: str = "auto",
+    check_labels: bool | None = None,
     _caller: lsspec.Caller | None = None,
 ) -> Array | tuple:
     r"""Label-smoothed cross-entropy from integer labels, in closed form.
@@ -295,6 +296,15 @@ def smoothed_cross_entropy(
         the environment variable ``LSJAX_IMPLEMENTATION=xla|pallas`` overrides that choice
         (log-probabilities stay on XLA). The kernels were tested in interpret mode on CPUs
         only: never run on a GPU or a TPU.
+      check_labels: whether the host reads concrete array values to check them: the labels
+        (in range, not of a masked class), a ``class_mask`` (leaves a class to smooth over) and
+        the scalar options given as arrays (``smoothing``, ``z_loss``, ``normalizer``).
+        ``None`` (the default) and ``True``: concrete arrays are read and a bad value raises
+        (reading one waits for the device that computed it); ``False``: nothing is read, so
+        an out-of-range counted label gives a NaN loss and gradient for its row, as under
+        ``jit``. Traced values are never read: under ``jit`` the keyword changes nothing.
+        Python numbers are checked whatever the value. The twin of lstorch's keyword, where
+        ``None`` reads CPU tensors only.
 
     Returns:
       The loss in ``float32`` for bf16/fp16/float32 logits and ``float64`` for float64 logits:
@@ -326,12 +336,15 @@ def smoothed_cross_entropy(
         fn,
         num_classes,
         lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction),
-        normalizer=_common.concrete_scalar(fn, "normalizer", normalizer, optional=True),
+        check_labels,
+        normalizer=_common.concrete_scalar(
+            fn, "normalizer", normalizer, optional=True, check_labels=check_labels
+        ),
         kl=kl,
         has_weight=weight is not None,
         from_log_probs=from_log_probs,
     )
-    z_value = _common.concrete_scalar(fn, "z_loss", z_loss)
+    z_value = _common.concrete_scalar(fn, "z_loss", z_loss, check_labels=check_labels)
     lsspec.check_z_loss(fn, z_value, from_log_probs=from_log_probs, return_z_loss=return_z_loss)
     transform = lsspec.check_logit_transform(
         fn, softcap, logit_scale, from_log_probs=from_log_probs
@@ -342,10 +355,11 @@ def smoothed_cross_entropy(
     core = _row_loss_jit
     if pallas_kernels.chosen(fn, implementation, logits, from_log_probs=from_log_probs):
         core = pallas_kernels.row_loss
-    if class_mask is not None and not _common.is_traced(class_mask):
-        lsspec.check_class_mask_support(fn, np.asarray(class_mask).tolist(), convention, pad_index)
+    _common.check_class_mask_support(fn, class_mask, convention, pad_index, check_labels)
     counted = _common.counted_rows(labels, ignore_index, pad_index, where)
-    _common.check_label_range(fn, labels, counted, num_classes, ignore_index, class_mask)
+    _common.check_label_range(
+        fn, labels, counted, num_classes, ignore_index, class_mask, check_labels
+    )
 
     x = jnp.moveaxis(logits, axis, -1)
     compute_dtype = _common.compute_dtype(x.dtype)

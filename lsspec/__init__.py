@@ -127,6 +127,22 @@ def check_choice(fn: str | Caller, name: str, value: object, allowed: tuple[str,
     return value
 
 
+CHECK_LABELS = (None, True, False)
+
+
+def check_check_labels(fn: str | Caller, check_labels: object) -> bool | None:
+    """``check_labels`` is None (check where it is free: values on the host), True (check on
+    any device, waiting for it) or False (never read a value to check it); anything else
+    raises, naming the allowed values."""
+    if not any(check_labels is allowed for allowed in CHECK_LABELS):
+        fn, arg = names(fn)
+        raise ValueError(
+            f"{fn}: `{arg('check_labels')}` must be one of {list(CHECK_LABELS)}; got "
+            f"{check_labels!r}."
+        )
+    return check_labels
+
+
 def is_number(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
@@ -236,6 +252,7 @@ def check_options(
     kl: bool = False,
     has_weight: bool = False,
     from_log_probs: bool = False,
+    check_labels: object = None,
 ) -> None:
     """Check every plain option of ``smoothed_cross_entropy`` (the same in both frameworks).
 
@@ -245,6 +262,7 @@ def check_options(
     ``num_classes=None`` (a module's constructor, before any input) skips what needs it."""
     check_choice(fn, "convention", convention, CONVENTIONS)
     check_choice(fn, "reduction", reduction, REDUCTIONS)
+    check_check_labels(fn, check_labels)
     check_smoothing(fn, smoothing)
     fn, arg = names(fn)
     minimum = MIN_CLASSES[convention]

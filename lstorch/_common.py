@@ -10,6 +10,9 @@ Their JAX counterparts are in ``lsjax._common``.
 
 from __future__ import annotations
 
+import math
+import struct
+
 import torch
 import torch.autograd.forward_ad as fwAD
 
@@ -89,20 +92,30 @@ def numpy_as_tensor(value: object) -> object:
     return torch.as_tensor(value)
 
 
-def option_readable(value: torch.Tensor) -> bool:
-    """Whether the host may read a tensor option's value to check it: a CPU tensor (reading one
-    on an accelerator would make the host wait for the device on every call), outside
-    ``torch.compile``, ``torch.jit`` tracing and ``torch.func.vmap`` batching (see
-    ``values_readable``)."""
-    return value.device.type == "cpu" and not torch.jit.is_tracing() and values_readable(value)
+def reads_values(value: torch.Tensor, check_labels: bool | None = None) -> bool:
+    """Whether the host reads ``value``'s values to check them: THE one decision behind every
+    check of a tensor's values (labels in range, of an allowed class, a ``class_mask`` that
+    leaves a support, a smoothing, ``z_loss`` or ``normalizer`` given as a tensor).
+
+    ``check_labels`` (the losses' keyword): ``None``, a CPU tensor only (reading one on an
+    accelerator makes the host wait for the device on every call, and a CUDA graph cannot be
+    captured); ``True``, on any device (paying that wait); ``False``, never. In no case inside
+    ``torch.compile``, ``torch.jit`` tracing or ``torch.func.vmap`` batching, where the value
+    cannot be read (``values_readable``). A value that is not read is not checked: out of
+    range, it gives NaN where it is used, never a plausible number."""
+    if check_labels is False or torch.jit.is_tracing() or not values_readable(value):
+        return False
+    return check_labels is True or value.device.type == "cpu"
 
 
-def concrete_scalar(fn: object, name: str, value: object, *, optional: bool = False) -> object:
+def concrete_scalar(
+    fn: object, name: str, value: object, *, optional: bool = False, check_labels=None
+) -> object:
     """A scalar option (smoothing, normalizer, z_loss, ...) as a Python float for checking: a
-    number, or a one-element tensor of a real dtype whose value the host may read
-    (``option_readable``: a CPU tensor). Any other tensor passes through unread: out of range,
-    it gives NaN. None is kept where ``optional``; anything else (None, a string, a tuple, a
-    bool) raises TypeError."""
+    number, or a one-element tensor of a real dtype whose value the host reads
+    (``reads_values``: a CPU tensor, unless ``check_labels`` says otherwise). Any other tensor
+    passes through unread: out of range, it gives NaN. None is kept where ``optional``;
+    anything else (None, a string, a tuple, a bool) raises TypeError."""
     if value is None and optional:
         return None
     if lsspec.is_number(value):
@@ -112,7 +125,7 @@ def concrete_scalar(fn: object, name: str, value: object, *, optional: bool = Fa
         raise lsspec.scalar_type_error(fn, name, value)
     if value.numel() != 1:
         raise lsspec.shape_error(fn, name, tuple(value.shape), "a scalar shape ()")
-    if option_readable(value):
+    if reads_values(value, check_labels):
         return float(value.detach().reshape(()))
     return value
 
@@ -128,21 +141,48 @@ def _ulp_of_one(value: object) -> float:
     return _FLOAT64_ULP
 
 
-def concrete_smoothing(fn: object, value: object, name: str = "smoothing") -> object:
-    """A concrete smoothing (a number, or a CPU tensor: see ``concrete_scalar``) as a float,
-    snapped into [0, 1] when it is only rounding outside it (``lsspec.UNIT_INTERVAL_ULPS``);
-    other tensors pass through unread."""
-    concrete = concrete_scalar(fn, name, value)
+def concrete_smoothing(
+    fn: object, value: object, name: str = "smoothing", check_labels=None
+) -> object:
+    """A concrete smoothing (a number, or a tensor ``reads_values`` reads: see
+    ``concrete_scalar``) as a float, snapped into [0, 1] when it is only rounding outside it
+    (``lsspec.UNIT_INTERVAL_ULPS``); other tensors pass through unread."""
+    concrete = concrete_scalar(fn, name, value, check_labels=check_labels)
     if lsspec.is_number(concrete):
         return lsspec.snap_to_unit_interval(concrete, _ulp_of_one(value))
     return concrete
 
 
+def _in_dtype(value: float, dtype: torch.dtype) -> float | None:
+    """The Python float ``value`` rounded to ``dtype`` (float32 or float64) on the host, as
+    ``torch.full((), value, dtype=dtype)`` rounds it; None where that is not a finite float32
+    or float64 value (then the caller takes the tensor route)."""
+    if dtype == torch.float64:
+        return value if math.isfinite(value) else None
+    if dtype != torch.float32 or not math.isfinite(value):
+        return None
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:  # beyond float32's range: inf there
+        return None
+
+
 def smoothing_tensor(value, dtype, device) -> torch.Tensor:
     """``value`` as a 0-d ``dtype`` tensor on ``device``, clamped into [0, 1] where it lies
     within the rounding slack outside it (a schedule that ends at 0); farther out it stays out
-    of range, and the rows it reaches are NaN."""
+    of range, and the rows it reaches are NaN.
+
+    A Python number is rounded and clamped on the host, with the same arithmetic the tensor
+    route does on the device (every step exact: the difference of a float and 0 or 1 near it),
+    and filled in one op: the same value, bit for bit, without ten small device ops per call."""
     slack = lsspec.unit_interval_slack(_ulp_of_one(value))
+    if lsspec.is_number(value):
+        rounded, slack_in_dtype = _in_dtype(float(value), dtype), _in_dtype(slack, dtype)
+        if rounded is not None and slack_in_dtype is not None:
+            snapped = min(max(rounded, 0.0), 1.0)  # -0.0 stays -0.0, as torch.clamp keeps it
+            if rounded != snapped and abs(rounded - snapped) <= slack_in_dtype:
+                rounded = snapped
+            return torch.full((), rounded, dtype=dtype, device=device)
     eps = device_scalar(value, dtype, device)
     snapped = eps.clamp(0, 1)
     rounding = (eps != snapped) & ((eps - snapped).abs() <= slack)
@@ -154,7 +194,12 @@ def smoothing_tensor(value, dtype, device) -> torch.Tensor:
 def z_loss_tensor(value, dtype, device) -> torch.Tensor:
     """``z_loss`` as a 0-d ``dtype`` tensor on ``device``, NaN where it is negative or not finite
     (a value the checks could not read): the rows it reaches are NaN, never a plausible
-    number."""
+    number. A Python number that is finite and >= 0 in ``dtype`` is filled in one op (the
+    same value)."""
+    if lsspec.is_number(value):
+        rounded = _in_dtype(float(value), dtype)
+        if rounded is not None and rounded >= 0:
+            return torch.full((), rounded, dtype=dtype, device=device)
     z = device_scalar(value, dtype, device)
     return torch.where((z >= 0) & torch.isfinite(z), z, torch.nan)
 
@@ -229,18 +274,30 @@ def with_forward_mode(function: type, with_jvp: type) -> type:
     return function if torch.compiler.is_compiling() else with_jvp
 
 
-def check_label_range(fn, labels, counted, num_classes, ignore_index, class_mask=None):
-    """Labels out of range (or of a masked class) raise; where their values cannot be read
-    (``torch.compile``, batched labels under ``torch.func.vmap``) such a row is NaN instead."""
-    if not (values_readable(labels) and values_readable(counted)):
+def check_label_range(
+    fn, labels, counted, num_classes, ignore_index, class_mask=None, check_labels=None
+):
+    """Counted labels out of range (or of a masked class) raise, where ``reads_values`` reads
+    them (by ``check_labels``: on the CPU by default). Where they are not read (on an
+    accelerator by default, with ``check_labels=False``, inside ``torch.compile``, batched
+    under ``torch.func.vmap``) such a row's loss and gradient are NaN instead."""
+    if not (reads_values(labels, check_labels) and reads_values(counted, check_labels)):
         return
     bad = counted & ((labels < 0) | (labels >= num_classes))
     if bool(bad.any()):
         raise lsspec.label_range_error(fn, labels[bad].tolist(), num_classes, ignore_index)
-    if class_mask is not None:
+    if class_mask is not None and reads_values(class_mask, check_labels):
         masked = counted & ~class_mask[labels.clamp(0, num_classes - 1)]
         if bool(masked.any()):
             raise lsspec.masked_label_error(fn, labels[masked].tolist())
+
+
+def check_class_mask_support(fn, class_mask, convention, pad_index, check_labels=None) -> None:
+    """A ``class_mask`` that ``reads_values`` reads must leave the convention a class to smooth
+    over (``lsspec.check_class_mask_support``); one that is not read and leaves none gives
+    NaN: the gradient of every counted row, and its loss where the smoothing is > 0."""
+    if class_mask is not None and reads_values(class_mask, check_labels):
+        lsspec.check_class_mask_support(fn, class_mask.tolist(), convention, pad_index)
 
 
 def device_scalar(value, dtype, device) -> torch.Tensor:
@@ -277,14 +334,19 @@ def reduce(loss, row_weight, reduction: str, normalizer=None) -> torch.Tensor:
     )
 
 
-def check_label_options(fn, num_classes: int | None, options: lsspec.LabelOptions, **more) -> None:
-    """``lsspec.check_options`` of a loss with integer labels: its ``options`` and ``more``
-    (the dense loss's ``normalizer``, ``kl``, ...). A smoothing given as a number or a CPU
-    tensor is read and checked; any other tensor passes."""
+def check_label_options(
+    fn, num_classes: int | None, options: lsspec.LabelOptions, check_labels=None, **more
+) -> None:
+    """``lsspec.check_options`` of a loss with integer labels: its ``options``,
+    ``check_labels`` and ``more`` (the dense loss's ``normalizer``, ``kl``, ...). A smoothing
+    given as a number, or as a tensor that ``reads_values`` reads, is checked; any other
+    tensor passes."""
+    lsspec.check_check_labels(fn, check_labels)
     lsspec.check_options(
         fn,
         num_classes=num_classes,
-        smoothing=concrete_smoothing(fn, options.smoothing),
+        check_labels=check_labels,
+        smoothing=concrete_smoothing(fn, options.smoothing, check_labels=check_labels),
         convention=options.convention,
         reduction=options.reduction,
         pad_index=options.pad_index,
@@ -322,12 +384,16 @@ def check_bool(fn, name: str, value: torch.Tensor | None) -> None:
 
 
 def counted_rows(labels, ignore_index=None, pad_index=None, where=None) -> torch.Tensor:
-    """The rows that count: label not ``ignore_index``, not ``pad_index``, and ``where`` True."""
-    counted = torch.ones_like(labels, dtype=torch.bool)
-    if ignore_index is not None:
-        counted = counted & (labels != ignore_index)
-    if pad_index is not None:
-        counted = counted & (labels != pad_index)
+    """The rows that count: label not ``ignore_index``, not ``pad_index``, and ``where`` True.
+    The first comparison starts the mask (one op fewer than a mask of ones it is and-ed
+    with); without one, a fresh mask of ones, never the caller's ``where`` itself."""
+    counted = None
+    for value in (ignore_index, pad_index):
+        if value is not None:
+            differs = labels != value
+            counted = differs if counted is None else counted & differs
+    if counted is None:
+        counted = torch.ones_like(labels, dtype=torch.bool)
     if where is not None:
         counted = counted & where
     return counted

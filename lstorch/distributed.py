@@ -63,6 +63,7 @@ def vocab_parallel_smoothed_cross_entropy(
     pad_index: int | None = None,
     weight: torch.Tensor | None = None,
     reduction: str = "none",
+    check_labels: bool | None = None,
     _caller: lsspec.Caller | None = None,
 ) -> torch.Tensor:
     r"""``smoothed_cross_entropy`` of logits split over the vocabulary across ``group``'s ranks.
@@ -99,6 +100,9 @@ def vocab_parallel_smoothed_cross_entropy(
         (r + 1) * V_local)`` of torch's ``weight``), a constant; ``"mean"`` divides by the sum
         of ``w_y`` over the counted rows, as torch does.
       reduction: as ``smoothed_cross_entropy``.
+      check_labels: as ``smoothed_cross_entropy``: ``None`` reads and checks the labels on the
+        CPU only (on an accelerator, no read-back: a label out of range gives a NaN row on
+        every rank), ``True`` on any device, ``False`` never.
 
     Returns:
       float32 for bf16/fp16/float32 logits, float64 for float64; per row for ``"none"``, else
@@ -111,8 +115,9 @@ def vocab_parallel_smoothed_cross_entropy(
     options = lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction)
     compute_dtype = _common.compute_dtype(local_logits.dtype)
     layout, counted, class_weight = _prologue(
-        fn, local_logits.shape[-1], labels, options, weight, group, compute_dtype
-    )
+        fn, local_logits.shape[-1], labels, options, weight, group, compute_dtype,
+        check_labels=check_labels,
+    )  # fmt: skip
     eps = _common.smoothing_tensor(smoothing, compute_dtype, local_logits.device)  # differentiated
     rows = _common.with_forward_mode(_VocabParallelRows, _VocabParallelRowsForwardMode)
     loss, _, _, w_y, _ = rows.apply(local_logits, labels, counted, eps, class_weight, layout)
@@ -133,6 +138,7 @@ def vocab_parallel_fused_linear_smoothed_cross_entropy(
     class_weight: torch.Tensor | None = None,
     reduction: str = "mean",
     chunk_size: int = _fused.DEFAULT_CHUNK_SIZE,
+    check_labels: bool | None = None,
 ) -> torch.Tensor:
     r"""``fused_linear_smoothed_cross_entropy`` with the output layer split over the vocabulary.
 
@@ -176,6 +182,8 @@ def vocab_parallel_fused_linear_smoothed_cross_entropy(
         (torch's ``weight`` of ``F.cross_entropy``); ``"mean"`` divides by the sum of ``w_y``.
       reduction: ``"none"`` | ``"sum"`` | ``"mean"`` (over counted rows; 0 when none counts).
       chunk_size: classes per chunk on each rank.
+      check_labels: as ``smoothed_cross_entropy``: ``None`` reads and checks the labels on the
+        CPU only, ``True`` on any device, ``False`` never (a label out of range: a NaN row).
 
     Returns:
       float32 for bf16/fp16/float32 inputs, float64 for float64; per row for ``"none"``, else
@@ -192,7 +200,8 @@ def vocab_parallel_fused_linear_smoothed_cross_entropy(
     local_classes = weight_shard.shape[0]
     layout, counted, class_weight = _prologue(
         lsspec.caller(fn, weight="class_weight"), local_classes, labels, options, class_weight,
-        group, compute_dtype, chunk_size=chunk_size, operand_dtype=operand_dtype,
+        group, compute_dtype, check_labels=check_labels, chunk_size=chunk_size,
+        operand_dtype=operand_dtype,
     )  # fmt: skip
     eps = _common.smoothing_tensor(smoothing, compute_dtype, hidden.device)  # differentiated
     if bias_shard is None:
@@ -301,12 +310,12 @@ class _Layout(NamedTuple):
 
 
 def _prologue(fn, local_classes, labels, options: lsspec.LabelOptions, weight, group,
-              compute_dtype, **fused):  # fmt: skip
+              compute_dtype, *, check_labels=None, **fused):  # fmt: skip
     """The shared checks: ``(layout, counted rows, this rank's class weights in the compute
     dtype or None)``."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     num_classes = world * local_classes
-    _common.check_label_options(fn, num_classes, options)
+    _common.check_label_options(fn, num_classes, options, check_labels)
     device = labels.device
     weight = _common.tensor_option(fn, "weight", weight, device)
     if weight is not None:
@@ -318,7 +327,9 @@ def _prologue(fn, local_classes, labels, options: lsspec.LabelOptions, weight, g
             )  # fmt: skip
         weight = weight.detach().to(dtype=compute_dtype, device=device)
     counted = _common.counted_rows(labels, options.ignore_index, options.pad_index)
-    _common.check_label_range(fn, labels, counted, num_classes, options.ignore_index)
+    _common.check_label_range(
+        fn, labels, counted, num_classes, options.ignore_index, check_labels=check_labels
+    )
     layout = _Layout(
         options.convention, options.pad_index, rank * local_classes, num_classes, group, **fused
     )

@@ -33,6 +33,7 @@ def fused_linear_smoothed_cross_entropy(
     pad_index: int | None = None,
     reduction: str = "mean",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    check_labels: bool | None = None,
     _caller: lsspec.Caller | None = None,
 ) -> torch.Tensor:
     r"""``smoothed_cross_entropy(F.linear(hidden, weight, bias), labels, ...)`` without the logits.
@@ -94,6 +95,10 @@ def fused_linear_smoothed_cross_entropy(
       reduction: ``"none"`` | ``"sum"`` | ``"mean"`` (over counted rows; 0 when none counts).
       chunk_size: classes per chunk. Temporaries grow as ``rows x chunk_size``; larger chunks
         mean fewer, larger matrix products.
+      check_labels: whether the host reads the labels (and a ``smoothing`` tensor) to check
+        them, as in :func:`lstorch.smoothed_cross_entropy`: ``None``, CPU tensors only (on an
+        accelerator no read-back: a label out of range gives a NaN row); ``True``, on any
+        device (a sync); ``False``, never.
 
     Returns:
       float32 for bf16/fp16/float32 inputs (accumulated in float32: every logit, lse and sum),
@@ -108,9 +113,11 @@ def fused_linear_smoothed_cross_entropy(
     labels = _common.index_labels(labels)  # before any comparison, and so weight[labels] indexes
     num_classes = weight.shape[0]
     options = lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction)
-    chunk_size = _check_options(fn, num_classes, options, chunk_size)
+    chunk_size = _check_options(fn, num_classes, options, chunk_size, check_labels)
     counted = _common.counted_rows(labels, ignore_index, pad_index)
-    _common.check_label_range(fn, labels, counted, num_classes, ignore_index)
+    _common.check_label_range(
+        fn, labels, counted, num_classes, ignore_index, check_labels=check_labels
+    )
     compute_dtype = _common.compute_dtype(operand_dtype)
     eps = _common.smoothing_tensor(smoothing, compute_dtype, hidden.device)  # differentiated
     if bias is None:
@@ -128,10 +135,12 @@ def fused_linear_smoothed_cross_entropy(
     return _common.reduce(loss.reshape(labels.shape), counted.to(compute_dtype), reduction)
 
 
-def _check_options(fn, num_classes, options: lsspec.LabelOptions, chunk_size) -> int:
+def _check_options(
+    fn, num_classes, options: lsspec.LabelOptions, chunk_size, check_labels=None
+) -> int:
     """Check the plain options of :func:`fused_linear_smoothed_cross_entropy`: the function's,
     and its module's at construction (``num_classes=None``). Returns ``chunk_size`` as an int."""
-    _common.check_label_options(fn, num_classes, options)
+    _common.check_label_options(fn, num_classes, options, check_labels)
     return lsspec.check_chunk_size(fn, chunk_size)
 
 

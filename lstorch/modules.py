@@ -129,6 +129,7 @@ class SmoothedCrossEntropyLoss(_LossModule):
         logit_scale: float = 1.0,
         return_stats: bool = False,
         inplace_backward: bool = False,
+        check_labels: bool | None = None,
     ) -> None:
         super().__init__(locals())
 
@@ -181,12 +182,19 @@ class FusedLinearSmoothedCrossEntropyLoss(_LossModule):
         pad_index: int | None = None,
         reduction: str = "mean",
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        check_labels: bool | None = None,
     ) -> None:
         super().__init__(locals())
 
     def _check(self, fn: lsspec.Caller) -> None:
         options = self._options()
-        fused._check_options(fn, None, lsspec.LabelOptions.of(options), options["chunk_size"])
+        fused._check_options(
+            fn,
+            None,
+            lsspec.LabelOptions.of(options),
+            options["chunk_size"],
+            options["check_labels"],
+        )
 
     def forward(
         self,
@@ -216,11 +224,19 @@ class LabelSmoothingLoss(_LossModule):
 
     _function = staticmethod(label_smoothing_loss)
 
-    def __init__(self, classes: int, smoothing: float = 0.0, dim: int = -1) -> None:
+    def __init__(
+        self,
+        classes: int,
+        smoothing: float = 0.0,
+        dim: int = -1,
+        *,
+        check_labels: bool | None = None,
+    ) -> None:
         super().__init__(locals())
 
     def _check(self, fn: lsspec.Caller) -> None:
-        smoothing = _common.concrete_smoothing(fn, self.smoothing)
+        lsspec.check_check_labels(fn, self.check_labels)
+        smoothing = _common.concrete_smoothing(fn, self.smoothing, check_labels=self.check_labels)
         lsspec.check_label_smoothing_loss_options(fn, self.classes, smoothing, self.dim)
 
     @property
@@ -256,12 +272,20 @@ class KLLabelSmoothingLoss(_LossModule):
     _function = staticmethod(kl_label_smoothing_loss)
 
     def __init__(
-        self, label_smoothing: float, tgt_vocab_size: int, ignore_index: int = -100
+        self,
+        label_smoothing: float,
+        tgt_vocab_size: int,
+        ignore_index: int = -100,
+        *,
+        check_labels: bool | None = None,
     ) -> None:
         super().__init__(locals())
 
     def _check(self, fn: lsspec.Caller) -> None:
-        value = _common.concrete_scalar(fn, "label_smoothing", self.label_smoothing)
+        lsspec.check_check_labels(fn, self.check_labels)
+        value = _common.concrete_scalar(
+            fn, "label_smoothing", self.label_smoothing, check_labels=self.check_labels
+        )
         lsspec.opennmt_kl_options(fn, value, self.ignore_index, self.tgt_vocab_size)
 
     @property

@@ -102,22 +102,26 @@ def _check_options(
     softcap=None,
     logit_scale=1.0,
     return_stats=False,
+    check_labels=None,
     **_inputs,
 ):
     """Check the plain options of :func:`smoothed_cross_entropy`: the label ``options`` and the
     others by keyword (any more, ``where``, ``axis``, ..., are passed over); the function's, and
     its module's at construction (``num_classes=None``, before any input). Returns ``z_loss`` as
-    read (a float, or the tensor that could not be read)."""
+    read (a float, or the tensor that was not read: ``_common.reads_values``)."""
     _common.check_label_options(
         fn,
         num_classes,
         options,
-        normalizer=_common.concrete_scalar(fn, "normalizer", normalizer, optional=True),
+        check_labels,
+        normalizer=_common.concrete_scalar(
+            fn, "normalizer", normalizer, optional=True, check_labels=check_labels
+        ),
         kl=kl,
         has_weight=weight is not None,
         from_log_probs=from_log_probs,
     )
-    z_value = _common.concrete_scalar(fn, "z_loss", z_loss)
+    z_value = _common.concrete_scalar(fn, "z_loss", z_loss, check_labels=check_labels)
     lsspec.check_z_loss(fn, z_value, from_log_probs=from_log_probs, return_z_loss=return_z_loss)
     lsspec.check_logit_transform(fn, softcap, logit_scale, from_log_probs=from_log_probs)
     lsspec.check_return_stats(fn, return_stats, from_log_probs=from_log_probs)
@@ -146,6 +150,7 @@ def smoothed_cross_entropy(
     logit_scale: float = 1.0,
     return_stats: bool = False,
     inplace_backward: bool = False,
+    check_labels: bool | None = None,
     _caller: lsspec.Caller | None = None,
 ) -> torch.Tensor | tuple:
     r"""Label-smoothed cross-entropy from integer labels, in closed form (PyTorch).
@@ -265,19 +270,32 @@ def smoothed_cross_entropy(
         PyTorch's "modified by an inplace operation" error rather than computing with the
         gradient. It needs logits that are not a leaf tensor (a leaf's ``.grad`` would alias
         it) and that are contiguous with the class axis moved last.
+      check_labels: whether the host reads tensor values to check them: the labels (in range,
+        not of a masked class), a ``class_mask`` (leaves a class to smooth over) and the scalar
+        options given as tensors (``smoothing``, ``z_loss``, ``normalizer``). ``None`` (the
+        default): CPU tensors are read and a bad value raises, as ever; on an accelerator
+        nothing is read, so the call never makes the host wait for the device (no ``.item()``,
+        no ``bool(tensor)``: CUDA-graph capturable, ``torch.cuda.set_sync_debug_mode("error")``
+        passes), and an out-of-range counted label gives a NaN loss and gradient for its row,
+        exactly as under ``torch.compile``. ``True``: read and check on any device, paying
+        that wait. ``False``: never read a value to check it (NaN instead of an error, on the
+        CPU too). Python numbers are checked whatever the value, for free.
 
     Returns:
       The loss in float32 for bf16/fp16/float32 logits and float64 for float64 logits: per row
       with ``reduction="none"``, else a scalar; ``(loss, z_part)`` with ``return_z_loss=True``.
 
-    Errors and values that cannot be read: every bad option raises ``ValueError``/``TypeError``
-    naming the argument, the value given and what is allowed. A number or a CPU tensor is read
-    and checked like a number. A tensor on an accelerator is not read (that would make the host
-    wait for the device on every call), nor is any tensor inside ``torch.compile`` or batched by
-    ``torch.func.vmap``: out of range, such a value gives NaN, never a plausible number. Labels
-    out of range raise ``ValueError``; inside ``torch.compile`` (where the check would break
-    the graph) and under ``torch.func.vmap`` over the labels (per-sample gradients) such a
-    row's loss and gradient are NaN instead.
+    Errors and values that are not read: every bad option raises ``ValueError``/``TypeError``
+    naming the argument, the value given and what is allowed. A number, and a tensor that
+    ``check_labels`` lets the host read (a CPU tensor by default), is checked like a number. A
+    tensor on an accelerator is not read by default (that would make the host wait for the
+    device on every call), nor is any tensor with ``check_labels=False``, inside
+    ``torch.compile`` or batched by ``torch.func.vmap``: out of range, such a value gives NaN,
+    never a plausible number (a smoothing outside [0, 1], a negative or non-finite ``z_loss``:
+    every counted row; a ``normalizer`` that is not a finite number > 0: the mean; a label out
+    of range or of a masked class: its row, loss and gradient; a ``class_mask`` that leaves no
+    class to smooth over: every counted row's gradient, and its loss where the smoothing is
+    > 0). Labels out of range raise ``ValueError`` where they are read.
 
     ``_caller`` is internal: the public function or module that called this one on the user's
     behalf (``lsspec.Caller``), named in error messages instead of this function.
@@ -308,14 +326,16 @@ def smoothed_cross_entropy(
         softcap=softcap,
         logit_scale=logit_scale,
         return_stats=return_stats,
+        check_labels=check_labels,
     )
     transform = lsspec.LogitTransform(
         float(logit_scale), None if softcap is None else float(softcap)
     )
-    if class_mask is not None and not torch.compiler.is_compiling():
-        lsspec.check_class_mask_support(fn, class_mask.tolist(), convention, pad_index)
+    _common.check_class_mask_support(fn, class_mask, convention, pad_index, check_labels)
     counted = _common.counted_rows(labels, ignore_index, pad_index, where)
-    _common.check_label_range(fn, labels, counted, num_classes, ignore_index, class_mask)
+    _common.check_label_range(
+        fn, labels, counted, num_classes, ignore_index, class_mask, check_labels
+    )
 
     x = logits.movedim(axis, -1)
     compute_dtype = _common.compute_dtype(logits.dtype)
@@ -346,9 +366,13 @@ def smoothed_cross_entropy(
     loss, z_part, peak, log_sum, entropy, correct = core.apply(
         x, labels, counted, eps, weight, class_mask, z, options
     )
-    safe_labels = torch.where(counted, labels, 0).clamp(0, num_classes - 1)
-    w_y = 1.0 if weight is None else weight[safe_labels]
-    row_weight = torch.where(counted, w_y, 0.0).to(compute_dtype)
+    row_weight = None  # the denominator's terms: only "mean" without a normalizer reads them
+    if reduction == "mean" and normalizer is None:
+        if weight is None:
+            row_weight = counted.to(compute_dtype)
+        else:
+            safe_labels = torch.where(counted, labels, 0).clamp(0, num_classes - 1)
+            row_weight = torch.where(counted, weight[safe_labels], 0.0).to(compute_dtype)
     outputs = (loss, z_part) if return_z_loss else (loss,)
     outputs = tuple(_common.reduce(value, row_weight, reduction, normalizer) for value in outputs)
     if return_stats:

@@ -260,8 +260,8 @@ def _forum_ce_inputs(rng: np.random.Generator, case: dict):
     )
 
 
-def _forum_ce_module(pred, target, *, classes, smoothing, dim):
-    return lstorch.LabelSmoothingLoss(classes, smoothing, dim)(pred, target)
+def _forum_ce_module(pred, target, *, classes, smoothing, dim, **options):
+    return lstorch.LabelSmoothingLoss(classes, smoothing, dim, **options)(pred, target)
 
 
 def _opennmt_kl_cases() -> tuple[dict, ...]:
@@ -281,8 +281,8 @@ def _opennmt_kl_inputs(rng: np.random.Generator, case: dict):
     )
 
 
-def _opennmt_kl_module(output, target, *, label_smoothing, tgt_vocab_size, ignore_index):
-    return lstorch.KLLabelSmoothingLoss(label_smoothing, tgt_vocab_size, ignore_index)(
+def _opennmt_kl_module(output, target, *, label_smoothing, tgt_vocab_size, ignore_index, **options):
+    return lstorch.KLLabelSmoothingLoss(label_smoothing, tgt_vocab_size, ignore_index, **options)(
         output, target
     )
 
@@ -395,9 +395,11 @@ def _optax_route(logits, labels, *, smoothing, num_classes, where=None):
     return rows if where is None else rows * where
 
 
-def _lstorch_uniform(logits, labels, *, smoothing, num_classes, where=None):
+def _lstorch_uniform(logits, labels, *, smoothing, num_classes, where=None, **options):
     del num_classes
-    return lstorch.smoothed_cross_entropy(logits, labels, smoothing=smoothing, where=where)
+    return lstorch.smoothed_cross_entropy(
+        logits, labels, smoothing=smoothing, where=where, **options
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -744,9 +746,9 @@ def _optax_masked_route(logits, labels, *, smoothing, class_mask, where=None):
     return rows if where is None else jnp.where(where, rows, 0.0)
 
 
-def _lstorch_class_mask(logits, labels, *, smoothing, class_mask, where=None):
+def _lstorch_class_mask(logits, labels, *, smoothing, class_mask, where=None, **options):
     return lstorch.smoothed_cross_entropy(
-        logits, labels, smoothing=smoothing, class_mask=class_mask, where=where
+        logits, labels, smoothing=smoothing, class_mask=class_mask, where=where, **options
     )
 
 

@@ -77,6 +77,7 @@ CASES = [
     ),
     ("unknown `convention`", _call({"convention": "eps/K"})),
     ("unknown `reduction`", _call({"reduction": "avg"})),
+    ("`check_labels` not None, True or False", _call({"check_labels": "yes"})),
     ("labels out of range (concrete)", _call(labels=np.array([0, 1, 7, 2]))),
     ("`labels` shape not the logits' minus the class axis", _call(labels=np.zeros((4, 1), int))),
     ("`weight` of the wrong length", _call({"weight": np.ones(4, np.float32)})),

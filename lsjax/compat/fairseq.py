@@ -18,6 +18,7 @@ def label_smoothed_nll_loss(
     reduce: bool = True,
     *,
     pre_2021: bool = False,
+    check_labels: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     r"""fairseq's ``label_smoothed_nll_loss(lprobs, target, epsilon, ignore_index, reduce)``.
 
@@ -40,7 +41,9 @@ def label_smoothed_nll_loss(
     a trailing axis of 1 when ``ignore_index`` is given (fairseq keeps the gathered
     ``(..., 1)`` shape then and squeezes it otherwise). ``target`` may carry that trailing 1.
     Differences: an ``epsilon`` outside [0, 1] or a (non-ignored) target out of range raises
-    instead of computing a number.
+    instead of computing a number. ``check_labels`` is
+    :func:`lsjax.smoothed_cross_entropy`'s: ``False`` reads no concrete value to check it (a
+    target out of range gives a NaN row, as under ``jit``).
     """
     fn = "label_smoothed_nll_loss"
     lprobs = jnp.asarray(lprobs)
@@ -51,6 +54,7 @@ def label_smoothed_nll_loss(
         from_log_probs=True,
         ignore_index=ignore_index,
         reduction="sum" if reduce else "none",
+        check_labels=check_labels,
     )
     convention = "uniform" if pre_2021 else "others"
     # Errors below name this function and its arguments; the class axis is the last.

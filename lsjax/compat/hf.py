@@ -17,6 +17,7 @@ def label_smoother(
     epsilon: float = 0.1,
     ignore_index: int = -100,
     shift_labels: bool = False,
+    check_labels: bool | None = None,
 ) -> jax.Array:
     r"""``transformers.trainer_pt_utils.LabelSmoother(epsilon, ignore_index)(logits, labels)``.
 
@@ -32,6 +33,8 @@ def label_smoother(
 
     Differences: when every row is ignored this returns 0 with a zero gradient (HF: NaN, 0/0);
     a negative label other than ``ignore_index`` raises (HF clamps it to class 0 and counts it).
+    ``check_labels`` is :func:`lsjax.smoothed_cross_entropy`'s: ``False`` reads no concrete
+    value to check it (a target out of range gives a NaN row, as under ``jit``).
     """
     logits = jnp.asarray(logits)
     labels = jnp.asarray(labels)
@@ -47,5 +50,6 @@ def label_smoother(
         ignore_index=ignore_index,
         reduction="mean",
         axis=-1,
+        check_labels=check_labels,
         _caller=lsspec.caller("label_smoother", smoothing="epsilon"),
     )

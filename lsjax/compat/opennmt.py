@@ -18,6 +18,7 @@ def kl_label_smoothing_loss(
     label_smoothing: float,
     tgt_vocab_size: int,
     ignore_index: int = -100,
+    check_labels: bool | None = None,
     _caller: lsspec.Caller | None = None,
 ) -> jax.Array:
     """OpenNMT-py's ``LabelSmoothingLoss(label_smoothing, tgt_vocab_size, ignore_index)``.
@@ -36,10 +37,16 @@ def kl_label_smoothing_loss(
     ``ignore_index`` are zeroed. For ``0 <= ignore_index < K`` OpenNMT is reproduced exactly.
     As OpenNMT asserts, ``label_smoothing`` must lie in (0, 1] (checked when concrete; traced, only
     [0, 1] is enforced, by NaN). ``_caller`` is internal (who errors name).
+    ``check_labels`` is :func:`lsjax.smoothed_cross_entropy`'s: ``False`` reads no concrete
+    value to check it (a target out of range gives a NaN row, and ``label_smoothing`` as an
+    array is held to [0, 1] only, by NaN, as under ``jit``).
     """
     fn = lsspec.caller("kl_label_smoothing_loss", _caller)
     output = jnp.asarray(output)
-    value = _common.concrete_scalar(fn, "label_smoothing", label_smoothing)
+    lsspec.check_check_labels(fn, check_labels)
+    value = _common.concrete_scalar(
+        fn, "label_smoothing", label_smoothing, check_labels=check_labels
+    )
     options = lsspec.opennmt_kl_options(fn, value, ignore_index, tgt_vocab_size)
     if output.ndim:
         lsspec.check_declared_classes(fn, "tgt_vocab_size", tgt_vocab_size, output.shape[-1])
@@ -59,6 +66,7 @@ def kl_label_smoothing_loss(
         from_log_probs=True,
         reduction="sum",
         axis=-1,
+        check_labels=check_labels,
         _caller=inner,
         **options,
     )

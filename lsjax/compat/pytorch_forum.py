@@ -20,6 +20,7 @@ def label_smoothing_loss(
     classes: int,
     smoothing: float = 0.0,
     dim: int = -1,
+    check_labels: bool | None = None,
     _caller: lsspec.Caller | None = None,
 ) -> jax.Array:
     """The forum's ``LabelSmoothingLoss(classes, smoothing, dim)(pred, target)``: logits in, mean
@@ -31,7 +32,9 @@ def label_smoothing_loss(
     reduction="mean")``. Unlike the original, ``dim`` may name any class axis of any rank (its
     ``scatter_(1, ...)`` only worked for the last axis of 2-D input), and ``classes`` must equal
     the size of that axis (the original silently used a wrong ``eps/(classes-1)`` otherwise).
-    ``_caller`` is internal (who errors name).
+    ``_caller`` is internal (who errors name). ``check_labels`` is
+    :func:`lsjax.smoothed_cross_entropy`'s: ``False`` reads no concrete value to check it (a
+    target out of range gives a NaN row, as under ``jit``).
     """
     fn = lsspec.caller("label_smoothing_loss", _caller)
     pred = jnp.asarray(pred)
@@ -45,6 +48,7 @@ def label_smoothing_loss(
         convention="others",
         axis=dim,
         reduction="mean",
+        check_labels=check_labels,
         _caller=lsspec.caller(
             "label_smoothing_loss", _caller, logits="pred", labels="target", axis="dim"
         ),

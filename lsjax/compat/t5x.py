@@ -84,6 +84,8 @@ def compute_weighted_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     loss_normalizing_factor: float | None = None,
+    *,
+    check_labels: bool | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     r"""``t5x.losses.compute_weighted_cross_entropy``; without ``z_loss``, the Flax WMT/lm1b
     examples' ``compute_weighted_cross_entropy``.
@@ -105,6 +107,8 @@ def compute_weighted_cross_entropy(
     Differences: the normalizing constant is the exact entropy (``xlogy``), where T5X writes
     ``low * log(low + 1e-20)`` (a shift below 1e-19 per token) and ``c * log(c)``, which is NaN
     at ``label_smoothing = 1``; here that case is finite. Outputs are float32 for bf16 logits.
+    ``check_labels`` is :func:`lsjax.smoothed_cross_entropy`'s: ``False`` reads no concrete
+    value to check it (a target out of range gives a NaN row, as under ``jit``).
     """
     fn = "compute_weighted_cross_entropy"
     logits = jnp.asarray(logits)
@@ -119,6 +123,7 @@ def compute_weighted_cross_entropy(
         z_loss=z_loss,
         return_z_loss=True,
         axis=-1,
+        check_labels=check_labels,
         _caller=lsspec.caller(fn, labels="targets", smoothing="label_smoothing"),
     )
     z_part = jax.lax.stop_gradient(z_part)  # T5X's custom gradient ignores the z-loss output.

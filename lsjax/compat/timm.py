@@ -15,7 +15,11 @@ from lsjax.soft import soft_target_cross_entropy as _soft_target
 
 
 def label_smoothing_cross_entropy(
-    x: ArrayLike, target: ArrayLike, *, smoothing: float = 0.1
+    x: ArrayLike,
+    target: ArrayLike,
+    *,
+    smoothing: float = 0.1,
+    check_labels: bool | None = None,
 ) -> jax.Array:
     r"""``timm.loss.LabelSmoothingCrossEntropy(smoothing)(x, target)``.
 
@@ -23,9 +27,12 @@ def label_smoothing_cross_entropy(
     axis last): the uniform convention, batch mean, i.e. ``smoothed_cross_entropy(x, target,
     smoothing=smoothing, reduction="mean")``. As timm (which asserts it), ``smoothing`` must be
     below 1 (checked when concrete; a traced value is held to [0, 1] only, NaN outside).
+    ``check_labels`` is :func:`lsjax.smoothed_cross_entropy`'s: ``False`` reads no concrete
+    value to check it (a target out of range gives a NaN row, as under ``jit``).
     """
     fn = "label_smoothing_cross_entropy"
-    value = _common.concrete_scalar(fn, "smoothing", smoothing)
+    lsspec.check_check_labels(fn, check_labels)
+    value = _common.concrete_scalar(fn, "smoothing", smoothing, check_labels=check_labels)
     lsspec.check_positive_below_one(fn, "smoothing", value)
     return smoothed_cross_entropy(
         x,
@@ -33,6 +40,7 @@ def label_smoothing_cross_entropy(
         smoothing=smoothing,
         reduction="mean",
         axis=-1,
+        check_labels=check_labels,
         _caller=lsspec.caller(fn, logits="x", labels="target"),
     )
 

@@ -15,6 +15,7 @@ def label_smoother(
     epsilon: float = 0.1,
     ignore_index: int = -100,
     shift_labels: bool = False,
+    check_labels: bool | None = None,
 ) -> torch.Tensor:
     r"""``transformers.trainer_pt_utils.LabelSmoother(epsilon, ignore_index)(logits, labels)``.
 
@@ -25,7 +26,10 @@ def label_smoother(
     ``labels`` may carry a trailing axis of 1, as HF accepts.
 
     Differences: when every row is ignored this returns 0 with a zero gradient (HF: NaN, 0/0);
-    a negative label other than ``ignore_index`` raises (HF clamps it to class 0 and counts it).
+    a negative label other than ``ignore_index`` raises (HF clamps it to class 0 and counts it)
+    where the labels are checked: ``check_labels`` is :func:`lstorch.smoothed_cross_entropy`'s
+    (``None``: on the CPU only; on an accelerator such a row is NaN, with no host read-back;
+    ``True``: on any device; ``False``: never).
     """
     if shift_labels:
         logits = logits[..., :-1, :]
@@ -39,5 +43,6 @@ def label_smoother(
         ignore_index=ignore_index,
         reduction="mean",
         axis=-1,
+        check_labels=check_labels,
         _caller=lsspec.caller("label_smoother", smoothing="epsilon"),
     )

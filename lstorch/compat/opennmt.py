@@ -20,6 +20,7 @@ def kl_label_smoothing_loss(
     label_smoothing: float,
     tgt_vocab_size: int,
     ignore_index: int = -100,
+    check_labels: bool | None = None,
     _caller: lsspec.Caller | None = None,
 ) -> torch.Tensor:
     """OpenNMT-py's ``LabelSmoothingLoss(label_smoothing, tgt_vocab_size, ignore_index)``.
@@ -45,6 +46,10 @@ def kl_label_smoothing_loss(
       tgt_vocab_size: the number of classes; must equal the size of the class axis, and leave
         the smoothing a class to go to (>= 3 with a pad column, >= 2 without).
       ignore_index: the pad column (``0 <= ignore_index < K``), or negative for none.
+      check_labels: whether the host reads tensor values to check them (the targets, a
+        ``label_smoothing`` tensor), as in :func:`lstorch.smoothed_cross_entropy`: ``None``, CPU
+        tensors only; ``True``, on any device (a sync); ``False``, never (a target out of range
+        gives a NaN row).
 
     Returns:
       The summed loss, a scalar: float32 for bf16/fp16/float32 input, float64 for float64.
@@ -52,7 +57,10 @@ def kl_label_smoothing_loss(
     ``_caller`` is internal (who errors name: ``KLLabelSmoothingLoss`` when the module called).
     """
     fn = lsspec.caller("kl_label_smoothing_loss", _caller)
-    value = _common.concrete_scalar(fn, "label_smoothing", label_smoothing)
+    lsspec.check_check_labels(fn, check_labels)
+    value = _common.concrete_scalar(
+        fn, "label_smoothing", label_smoothing, check_labels=check_labels
+    )
     options = lsspec.opennmt_kl_options(fn, value, ignore_index, tgt_vocab_size)
     if isinstance(output, torch.Tensor) and output.ndim:
         lsspec.check_declared_classes(fn, "tgt_vocab_size", tgt_vocab_size, output.shape[-1])
@@ -72,6 +80,7 @@ def kl_label_smoothing_loss(
         from_log_probs=True,
         reduction="sum",
         axis=-1,
+        check_labels=check_labels,
         _caller=inner,
         **options,
     )

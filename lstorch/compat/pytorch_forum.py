@@ -19,6 +19,7 @@ def label_smoothing_loss(
     classes: int,
     smoothing: float = 0.0,
     dim: int = -1,
+    check_labels: bool | None = None,
     _caller: lsspec.Caller | None = None,
 ) -> torch.Tensor:
     """The forum's ``LabelSmoothingLoss(classes, smoothing, dim)(pred, target)``: logits in, mean
@@ -39,6 +40,10 @@ def label_smoothing_loss(
       classes: the number of classes, an int >= 2; must equal ``pred.shape[dim]``.
       smoothing: the mass spread over the ``classes - 1`` other classes, in [0, 1].
       dim: the class axis.
+      check_labels: whether the host reads the targets (and a ``smoothing`` tensor) to check
+        them, as in :func:`lstorch.smoothed_cross_entropy`: ``None``, CPU tensors only;
+        ``True``, on any device (a sync); ``False``, never (a target out of range gives a NaN
+        row).
 
     Returns:
       The mean over rows, a scalar: float32 for bf16/fp16/float32 logits, float64 for float64.
@@ -56,6 +61,7 @@ def label_smoothing_loss(
         convention="others",
         axis=dim,
         reduction="mean",
+        check_labels=check_labels,
         _caller=lsspec.caller(
             "label_smoothing_loss", _caller, logits="pred", labels="target", axis="dim"
         ),

@@ -29,7 +29,7 @@ def cross_entropy_with_logits(
     # Checked here (inside the autograd.Function the value is a tensor on the logits' device).
     z_value = _common.concrete_scalar(fn, "z_loss", z_loss)
     lsspec.check_z_loss(fn, z_value, from_log_probs=False, return_z_loss=True)
-    z = torch.as_tensor(z_loss, dtype=_common.compute_dtype(logits.dtype), device=logits.device)
+    z = _common.device_scalar(z_loss, _common.compute_dtype(logits.dtype), logits.device)
     function = _common.with_forward_mode(
         _CrossEntropyWithLogits, _CrossEntropyWithLogitsForwardMode
     )
@@ -111,6 +111,8 @@ def compute_weighted_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     loss_normalizing_factor: float | None = None,
+    *,
+    check_labels: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""``t5x.losses.compute_weighted_cross_entropy`` (the Flax WMT example's without z_loss).
 
@@ -122,6 +124,9 @@ def compute_weighted_cross_entropy(
     normalizing constant of the KL form) is exact (``xlogy``), where T5X writes ``low * log(low +
     1e-20)`` (a shift below 1e-19 per token) and ``c * log(c)``, which is NaN at
     ``label_smoothing = 1``; here that case is finite. Outputs are float32 for bf16 logits.
+    ``check_labels`` is :func:`lstorch.smoothed_cross_entropy`'s: ``None`` checks the targets
+    on the CPU only (on an accelerator, no host read-back: a target out of range gives a NaN
+    row), ``True`` on any device, ``False`` never.
     """
     fn = "compute_weighted_cross_entropy"
     lsspec.check_t5x_targets(fn, tuple(logits.shape), tuple(targets.shape))
@@ -134,10 +139,13 @@ def compute_weighted_cross_entropy(
         z_loss=z_loss,
         return_z_loss=True,
         axis=-1,
+        check_labels=check_labels,
         _caller=lsspec.caller(fn, labels="targets", smoothing="label_smoothing"),
     )
     z_part = z_part.detach()  # T5X's custom gradient ignores the z-loss output.
-    weight_sum = torch.tensor(float(targets.numel()), dtype=loss.dtype, device=loss.device)
+    # Filled on the device: torch.tensor(number, device="cuda") would copy it from pageable
+    # host memory, making the host wait for the stream.
+    weight_sum = torch.full((), float(targets.numel()), dtype=loss.dtype, device=loss.device)
     if weights is not None:
         weights = weights.to(loss.dtype)
         loss, z_part = loss * weights, z_part * weights

@@ -14,17 +14,24 @@ from lstorch.soft import soft_target_cross_entropy as _soft_target
 
 
 def label_smoothing_cross_entropy(
-    x: torch.Tensor, target: torch.Tensor, *, smoothing: float = 0.1
+    x: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    smoothing: float = 0.1,
+    check_labels: bool | None = None,
 ) -> torch.Tensor:
     r"""``timm.loss.LabelSmoothingCrossEntropy(smoothing)(x, target)``.
 
     ``mean_rows((1 - s) * (-lp[y]) + s * (-mean_c lp_c))``: ``smoothed_cross_entropy(x, target,
     smoothing=smoothing, reduction="mean")``; ``smoothing`` must be below 1, as timm asserts
     (checked for a number or CPU tensor; a value that is not read is held to [0, 1] only, NaN
-    outside).
+    outside). ``check_labels`` is :func:`lstorch.smoothed_cross_entropy`'s: ``None`` reads
+    and checks CPU tensors only (on an accelerator, no host read-back: a target out of range
+    gives a NaN row), ``True`` on any device, ``False`` never.
     """
     fn = "label_smoothing_cross_entropy"
-    value = _common.concrete_scalar(fn, "smoothing", smoothing)
+    lsspec.check_check_labels(fn, check_labels)
+    value = _common.concrete_scalar(fn, "smoothing", smoothing, check_labels=check_labels)
     lsspec.check_positive_below_one(fn, "smoothing", value)
     return smoothed_cross_entropy(
         x,
@@ -32,6 +39,7 @@ def label_smoothing_cross_entropy(
         smoothing=smoothing,
         reduction="mean",
         axis=-1,
+        check_labels=check_labels,
         _caller=lsspec.caller(fn, logits="x", labels="target"),
     )
 

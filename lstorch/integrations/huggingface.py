@@ -107,12 +107,15 @@ def compute_loss_func(
       ignore_index: the label of tokens that do not count (None: every token counts).
       **options: any other keyword of :func:`lstorch.smoothed_cross_entropy`: ``convention``,
         ``pad_index``, ``weight``, ``class_mask``, ``z_loss``, ``kl``, ``from_log_probs``,
-        ``inplace_backward``. Those the Trainer's contract fixes (``axis``, ``reduction``,
+        ``inplace_backward``, ``check_labels`` (``None``: the labels are checked on the CPU
+        only, so a CUDA step has no host read-back; ``True``: on any device; ``False``:
+        never). Those the Trainer's contract fixes (``axis``, ``reduction``,
         ``normalizer``, ``where``, ``return_z_loss``) raise ``TypeError``, as do unknown names;
         option values that need no input are checked here, before training starts.
 
     Errors name ``compute_loss_func``; ``num_items_in_batch`` that is not a number > 0 raises
-    (a CUDA tensor is not read: then the loss is NaN).
+    (a CUDA tensor is not read, unless ``check_labels=True``, nor any tensor with
+    ``check_labels=False``: then the loss is NaN).
     """
     fn = lsspec.caller("compute_loss_func", normalizer="num_items_in_batch")
     _check_options(fn, options, smoothed_cross_entropy)
@@ -189,7 +192,8 @@ def fused_causal_lm_loss(
       num_items_in_batch: the counted tokens of the whole accumulated batch (the Trainer's).
       smoothing, shift_labels, ignore_index: as in :func:`compute_loss_func`.
       **options: any other keyword of :func:`lstorch.fused_linear_smoothed_cross_entropy`
-        (``convention``, ``pad_index``, ``chunk_size``); ``reduction`` is set here.
+        (``convention``, ``pad_index``, ``chunk_size``, ``check_labels``, which also decides
+        whether a ``num_items_in_batch`` tensor is read); ``reduction`` is set here.
 
     Returns:
       The scalar loss, float32 for bf16/fp16/float32 models.
@@ -197,7 +201,13 @@ def fused_causal_lm_loss(
     fn = lsspec.caller("fused_causal_lm_loss", normalizer="num_items_in_batch")
     _check_options(fn, options, fused_linear_smoothed_cross_entropy)
     _check_values(fn, smoothing, ignore_index, options)
-    normalizer = _common.concrete_scalar(fn, "normalizer", num_items_in_batch, optional=True)
+    normalizer = _common.concrete_scalar(
+        fn,
+        "normalizer",
+        num_items_in_batch,
+        optional=True,
+        check_labels=options.get("check_labels"),
+    )
     if lsspec.is_number(normalizer) and not (normalizer > 0 and math.isfinite(normalizer)):
         raise ValueError(
             f"{fn}: `num_items_in_batch` must be a finite number > 0; got {num_items_in_batch!r}."
@@ -247,10 +257,11 @@ def _check_options(fn: lsspec.Caller, options: dict, function: Callable) -> None
 
 def _check_values(fn: lsspec.Caller, smoothing: object, ignore_index: object, options: dict):
     """Check what needs no input now, so a bad option fails before training starts."""
+    check_labels = lsspec.check_check_labels(fn, options.get("check_labels"))
     lsspec.check_options(
         fn,
         num_classes=None,
-        smoothing=_common.concrete_smoothing(fn, smoothing),
+        smoothing=_common.concrete_smoothing(fn, smoothing, check_labels=check_labels),
         convention=options.get("convention", "uniform"),
         reduction="mean",
         pad_index=options.get("pad_index"),
@@ -259,7 +270,9 @@ def _check_values(fn: lsspec.Caller, smoothing: object, ignore_index: object, op
         has_weight=options.get("weight") is not None,
     )
     if "z_loss" in options:
-        z_value = _common.concrete_scalar(fn, "z_loss", options["z_loss"])
+        z_value = _common.concrete_scalar(
+            fn, "z_loss", options["z_loss"], check_labels=check_labels
+        )
         lsspec.check_z_loss(
             fn, z_value, from_log_probs=options.get("from_log_probs", False), return_z_loss=False
         )
