@@ -844,6 +844,9 @@ class _RowLoss(torch.autograd.Function):
         ctx.save_for_backward(x, labels, counted, eps, z, peak, log_sum, *extra)
         ctx.save_for_forward(x, labels, counted, eps, z, peak, log_sum, *extra)  # the same
         ctx.mark_non_differentiable(peak, log_sum, entropy, correct)
+        # No zero cotangents built for the outputs nobody differentiates (the statistics, an
+        # unused z-part): each would be one more launch per call on a GPU.
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def _unpack(ctx) -> _Saved:
@@ -859,7 +862,13 @@ class _RowLoss(torch.autograd.Function):
         """Gradients for the logits ``x``, the smoothing ``eps`` and the z-loss ``z`` (each only
         when needed); labels, masks and class weights are constants."""
         del grad_statistics  # the lse's parts and the statistics are never differentiated
+        if grad_loss is None and grad_z is None:
+            return (None,) * 8
         saved = _RowLoss._unpack(ctx)
+        if grad_loss is None:
+            grad_loss = torch.zeros_like(grad_z)
+        if grad_z is None and ctx.options.with_z:
+            grad_z = torch.zeros_like(grad_loss)
         need_x, need_eps, need_z = (ctx.needs_input_grad[i] for i in (0, 3, 6))
         again = _common.differentiated_again(saved.x)
         if again and not ctx.options.from_log_probs:

@@ -172,7 +172,7 @@ def _call_without_reads(host_reads, twin, index, *, tensor_options):
     options["check_labels"] = False
     with host_reads(f"{twin.name} #{index} forward"):
         outputs = twin.torch_fn(x, *rest, **options)
-    leaves = outputs if isinstance(outputs, tuple) else (outputs,)
+    leaves = [o for o in torch.utils._pytree.tree_leaves(outputs) if o.is_floating_point()]
     weights = [torch.rand(o.shape, dtype=o.dtype) for o in leaves]  # a non-uniform upstream
     total = sum((o * w).sum() for o, w in zip(leaves, weights, strict=True) if o.requires_grad)
     with host_reads(f"{twin.name} #{index} backward"):

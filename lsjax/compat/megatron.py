@@ -13,7 +13,13 @@ from lsjax._common import ArrayLike
 from lsjax.smoothed import smoothed_cross_entropy
 
 
-def cross_entropy(logits: ArrayLike, target: ArrayLike, label_smoothing: float = 0.0) -> jax.Array:
+def cross_entropy(
+    logits: ArrayLike,
+    target: ArrayLike,
+    label_smoothing: float = 0.0,
+    *,
+    check_labels: bool | None = None,
+) -> jax.Array:
     r"""Megatron-core's ``vocab_parallel_cross_entropy(logits, target, label_smoothing)``, as
     intended (at tensor-parallel size 1), on full logits ``(..., V)``.
 
@@ -32,9 +38,12 @@ def cross_entropy(logits: ArrayLike, target: ArrayLike, label_smoothing: float =
     tensor-parallel size > 1 uses the local ones instead (Megatron-LM#737): with 2 ranks, ``V =
     8``, ``label_smoothing = 0.1``, logits ``[2, 1, 0.5, 0, -0.5, -1, 1.5, 0.25]`` and target 0,
     it returns 1.1202 on rank 0 and 1.2286 on rank 1, where this returns 1.1452.
+    ``check_labels`` as ``lsjax.smoothed_cross_entropy`` (``False``: no concrete check, NaN).
     """
     fn = "cross_entropy"
-    value = _common.concrete_scalar(fn, "label_smoothing", label_smoothing)
+    value = _common.concrete_scalar(
+        fn, "label_smoothing", label_smoothing, check_labels=check_labels
+    )
     lsspec.check_positive_below_one(fn, "label_smoothing", value)
     return smoothed_cross_entropy(
         logits,
@@ -42,5 +51,6 @@ def cross_entropy(logits: ArrayLike, target: ArrayLike, label_smoothing: float =
         smoothing=label_smoothing,
         convention="others",
         axis=-1,
+        check_labels=check_labels,
         _caller=lsspec.caller(fn, labels="target", smoothing="label_smoothing"),
     )

@@ -21,6 +21,7 @@ def vocab_parallel_cross_entropy(
     group: dist.ProcessGroup | None = None,
     *,
     tp_group: dist.ProcessGroup | None = None,
+    check_labels: bool | None = None,
 ) -> torch.Tensor:
     r"""``megatron.core.tensor_parallel.vocab_parallel_cross_entropy``, as Megatron intends it.
 
@@ -50,7 +51,8 @@ def vocab_parallel_cross_entropy(
     (Megatron's formula at size 1); Megatron's code returns 1.1202 on rank 0 and 1.2286 on
     rank 1. Without smoothing the two agree. As Megatron (which asserts it),
     ``label_smoothing`` must lie in [0, 1); targets must be class ids in range (Megatron has no
-    ``ignore_index``).
+    ``ignore_index``). ``check_labels`` as ``lstorch.smoothed_cross_entropy`` (``None``: the
+    targets are read and checked on the CPU only, so a call on a GPU never waits for it).
     """
     fn = "vocab_parallel_cross_entropy"
     if tp_group is not None:
@@ -59,7 +61,9 @@ def vocab_parallel_cross_entropy(
                 f"{fn}: give the tensor-parallel group once, as `group` or as `tp_group`; got both."
             )
         group = tp_group
-    value = _common.concrete_scalar(fn, "label_smoothing", label_smoothing)
+    value = _common.concrete_scalar(
+        fn, "label_smoothing", label_smoothing, check_labels=check_labels
+    )
     lsspec.check_positive_below_one(fn, "label_smoothing", value)
     caller = lsspec.caller(
         fn, logits="vocab_parallel_logits", local_logits="vocab_parallel_logits",
@@ -68,9 +72,9 @@ def vocab_parallel_cross_entropy(
     if group is None and not (dist.is_available() and dist.is_initialized()):
         return smoothed_cross_entropy(
             vocab_parallel_logits, target, smoothing=label_smoothing, convention="others",
-            axis=-1, _caller=caller,
+            axis=-1, check_labels=check_labels, _caller=caller,
         )  # fmt: skip
     return vocab_parallel_smoothed_cross_entropy(
         vocab_parallel_logits, target, group=group, smoothing=label_smoothing,
-        convention="others", _caller=caller,
+        convention="others", check_labels=check_labels, _caller=caller,
     )  # fmt: skip
