@@ -81,8 +81,9 @@ JAX_DTYPES = {"float64": jnp.float64, "float32": jnp.float32, "bfloat16": jnp.bf
 # by default, "all" is ``--sample all``. "ci", what the test suite runs on CI's CPU, is
 # :func:`ci_sample`, a few cases of the twin rows' pairwise cover; a number here limits it.
 SAMPLES = {
-    "ci": {"torch: compile": 1},
-    "report": {"default": 6, "torch: compile": 3},
+    # torch.compile costs seconds of Inductor and C++ compilation per case and dtype.
+    "ci": {"torch: compile": 1, "torch: compile + triton": 1},
+    "report": {"default": 6, "torch: compile": 3, "torch: compile + triton": 3},
     "all": {"default": None},
 }
 
