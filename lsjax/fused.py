@@ -82,6 +82,15 @@ def fused_linear_smoothed_cross_entropy(
     ``g * (softmax(x) - q)``, formed chunk by chunk in the backward pass and contracted at once
     with ``weight`` (for ``hidden``) and ``hidden`` (for ``weight`` and ``bias``).
 
+    Every option of :func:`lsjax.smoothed_cross_entropy` that applies to logits is taken, with
+    the same meaning and errors: the class weights (named ``class_weight``, ``weight`` being the
+    head's), ``where``, ``normalizer``, ``kl``, ``class_mask``, ``z_loss`` and
+    ``return_z_loss``. Weights and mask enter the rank-1 support sum as ``hidden . sum_c w_c m_c
+    W_c``, a masked class's logit is left out of each chunk's logsumexp, and the logits'
+    gradient is ``g ((A + 2 z lse) softmax(x) - t) + g_z 2 z lse softmax(x)`` (``t`` the
+    weighted smoothed target, ``A = sum_c t_c``, ``g_z`` the z-part's cotangent), still one
+    ``rows x chunk_size`` block at a time.
+
     Reproduces ``lsjax.smoothed_cross_entropy(hidden @ weight.T + bias, labels, ...)`` (and so
     ``torch.nn.functional.cross_entropy(F.linear(hidden, weight, bias), labels,
     label_smoothing=eps)`` for the uniform convention), loss and gradients for ``hidden``,
@@ -104,6 +113,22 @@ def fused_linear_smoothed_cross_entropy(
       ignore_index: rows whose label equals it count for nothing (left out of 'mean').
       pad_index: the pad column of ``"others_but_pad"``; rows labelled with it count for nothing.
       reduction: ``"none"`` | ``"sum"`` | ``"mean"`` (over counted rows; 0 when none counts).
+      class_weight: per-class weights ``(V,)``: the dense loss's ``weight`` (torch's class
+        ``weight``), named apart from the head's ``weight``. A row is ``(1 - eps) w_y (lse - x_y)
+        + eps sum_{c in S} w_c (lse - x_c) / |S|`` and ``"mean"`` divides by the sum of ``w_y``
+        over counted rows. A constant (not differentiated).
+      where: boolean row mask with the labels' shape; False rows count for nothing.
+      normalizer: with ``reduction="mean"``, divide the sum by this instead (for gradient
+        accumulation: the token count of the whole accumulated batch). A finite number > 0.
+      kl: return the KL form, the loss minus the target's entropy (SEMANTICS.md §2): same
+        gradient, minimum 0. Not defined with ``class_weight``.
+      class_mask: boolean ``(V,)``; False classes leave the softmax and the smoothing support
+        (SEMANTICS.md §7). A counted row whose label is a masked class raises (or is NaN where
+        the labels cannot be read).
+      z_loss: ``z >= 0`` and finite; adds ``z * lse**2`` to every counted row (the PaLM/T5X
+        z-loss, with the head's logits). Differentiable: ``d loss_row / d z = lse**2``.
+      return_z_loss: also return the z-loss part alone, reduced like the loss: ``(loss,
+        z_part)`` where ``loss`` already includes ``z_part``.
       chunk_size: classes per chunk. Temporaries grow as ``rows x chunk_size``; larger chunks
         mean fewer, larger matrix products.
       _caller: internal, the public function or module that called this one for the user (its
@@ -111,8 +136,10 @@ def fused_linear_smoothed_cross_entropy(
 
     Returns:
       float32 for bf16/fp16/float32 inputs (accumulated in float32: every logit, lse and sum),
-      float64 for float64; per row for ``"none"``, else a scalar. Gradients come back in the
-      inputs' dtypes.
+      float64 for float64; per row for ``"none"``, else a scalar; ``(loss, z_part)`` with
+      ``return_z_loss=True``. Gradients come back in the inputs' dtypes: ``d hidden`` is
+      accumulated over every chunk, and each class's ``d weight`` row over every row, in float32
+      (float64 for float64 inputs), and rounded to the inputs' dtype once.
     """
     fn = lsspec.caller("fused_linear_smoothed_cross_entropy", _caller)
     options = lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction)
