@@ -350,28 +350,45 @@ def _psum(value, options):
     return value if options.axis_name is None else jax.lax.psum(value, options.axis_name)
 
 
-def _local_lse(options, hidden, weight, bias, class_mask, compute_dtype):
-    """logsumexp over the (allowed) classes held here, one chunk at a time (each chunk fused:
-    max + sum); a masked class's logit is -inf."""
+def _lse_parts(options, hidden, weight, bias, class_mask, compute_dtype):
+    """``(peak, log_sum)`` with ``lse = peak + log_sum`` over the (allowed) classes: ``peak`` the
+    row's max logit (0 where it is not finite), ``log_sum`` the log of ``sum_c exp(x_c -
+    peak)``, accumulated one chunk at a time as an online softmax does (a running max and the
+    sum relative to it). Kept apart, as the dense core keeps them: with confident predictions
+    ``1 - softmax(x)_y`` is ``1 - exp((x_y - peak) - log_sum)``, exact to float32's resolution
+    at 1, where ``exp(x_y - lse)`` would carry the rounding of ``lse`` (an ulp of ``|x|``: at
+    logits ~20 that is 20x the gradient error of the dense float32 route). A masked class's
+    logit is -inf. With a vocabulary axis, the max and the sum are all-reduced."""
     num_classes = weight.shape[0]
     chunk, count = _chunking(num_classes, options.chunk_size)
 
-    def step(lse, index):
+    def finite(peak):
+        return jnp.where(jnp.isfinite(peak), peak, 0.0)
+
+    def step(carry, index):
+        peak, total = carry
         offset = _chunk_offset(index, chunk, num_classes)
         logits = _chunk_logits(hidden, weight, bias, offset, chunk, compute_dtype)
         keep = _fresh(index, offset, chunk)
         if class_mask is not None:
             keep = keep & jax.lax.dynamic_slice_in_dim(class_mask, offset, chunk, 0)[None, :]
         logits = jnp.where(keep, logits, -jnp.inf)
-        return jnp.logaddexp(lse, jax.nn.logsumexp(logits, axis=-1)), None
+        new_peak = jnp.maximum(peak, jnp.max(logits, axis=-1))
+        shift = finite(new_peak)
+        total = total * jnp.exp(peak - shift) + jnp.sum(jnp.exp(logits - shift[:, None]), -1)
+        return (new_peak, total), None
 
-    lse = _varying(jnp.full(hidden.shape[:1], -jnp.inf, compute_dtype), hidden, weight, bias)
-    lse, _ = jax.lax.scan(step, lse, jnp.arange(count))
-    if options.axis_name is not None:  # global lse: all-reduce of the max and of the sum-exp
-        peak = jax.lax.pmax(lse, options.axis_name)
-        peak = jax.lax.stop_gradient(jnp.where(jnp.isfinite(peak), peak, 0.0))
-        lse = jnp.log(jax.lax.psum(jnp.exp(lse - peak), options.axis_name)) + peak
-    return lse
+    start = (
+        jnp.full(hidden.shape[:1], -jnp.inf, compute_dtype),
+        jnp.zeros(hidden.shape[:1], compute_dtype),
+    )
+    start = tuple(_varying(value, hidden, weight, bias) for value in start)
+    (peak, total), _ = jax.lax.scan(step, start, jnp.arange(count))
+    if options.axis_name is not None:  # the global max, and the sum-exp relative to it
+        global_peak = jax.lax.pmax(peak, options.axis_name)
+        total = jax.lax.psum(total * jnp.exp(peak - finite(global_peak)), options.axis_name)
+        peak = global_peak
+    return finite(peak), jnp.log(total)
 
 
 def _gather(options, values, classes, start):
@@ -423,7 +440,8 @@ def _classes(class_weight, class_mask, compute_dtype) -> _Classes:
 class _RowStats(NamedTuple):
     """The O(rows) statistics the backward pass reads besides the inputs."""
 
-    lse: Array
+    peak: Array  # lse = peak + log_sum (_lse_parts)
+    log_sum: Array
     eps_slope: Array  # d loss_row / d eps, 0 where the row does not count
     w_y: Any  # the label's class weight
     support_weight: Any  # sum over S of u_c
@@ -432,12 +450,11 @@ class _RowStats(NamedTuple):
 
 
 def _row_statistics(options, hidden, weight, bias, labels, counted, eps, classes: _Classes):
-    """``(terms, lse)``: the closed form's :class:`lsjax._closed_form.RowTerms` (relative to 0:
-    ``peak = 0``, ``log_sum = lse``), each O(rows); ``hidden`` already has the rows that do not
-    count zeroed."""
+    """The closed form's :class:`lsjax._closed_form.RowTerms`, relative to each row's max logit
+    (``peak``), each O(rows); ``hidden`` already has the rows that do not count zeroed."""
     compute_dtype = eps.dtype
     start, num_classes = _vocab_layout(options, weight.shape[0])
-    lse = _local_lse(options, hidden, weight, bias, classes.class_mask, compute_dtype)
+    peak, log_sum = _lse_parts(options, hidden, weight, bias, classes.class_mask, compute_dtype)
     safe_labels, bad = _closed_form.label_rows(labels, counted, eps, num_classes)
     size = lsspec.support_size(options.convention, num_classes)
     pad = jnp.full(labels.shape, options.pad_index or 0)
@@ -471,10 +488,12 @@ def _row_statistics(options, hidden, weight, bias, labels, counted, eps, classes
         u_pad = 1.0 if classes.support is None else _gather(options, classes.support, pad, start)
         support_sum = support_sum - u_pad * _column(options, hidden, weight, bias, pad, start)
         support_weight = support_weight - u_pad
+    # Relative to the peak, as the closed form takes it (the rank-1 sum is of unshifted logits).
+    support_sum = support_sum - support_weight * peak
     terms = _closed_form.RowTerms(
-        lse=lse,
-        peak=0.0,
-        log_sum=lse,
+        lse=peak + log_sum,
+        peak=peak,
+        log_sum=log_sum,
         x_y=x_y,
         w_y=w_y,
         support_sum=support_sum,
@@ -499,7 +518,9 @@ def _fused_terms(options, hidden, weight, bias, labels, counted, eps, class_weig
     # d loss_row / d eps (O(rows), kept for the backward pass).
     slope = _closed_form.smoothing_slope(terms, eps, **form)
     slope = _closed_form.counted_only(counted, terms.bad, slope)
-    stats = _RowStats(terms.lse, slope, terms.w_y, terms.support_weight, terms.size, terms.bad)
+    stats = _RowStats(
+        terms.peak, terms.log_sum, slope, terms.w_y, terms.support_weight, terms.size, terms.bad
+    )
     return output, stats
 
 
@@ -557,7 +578,9 @@ def _fused_rows_bwd(options, residuals: _Residuals, grads):
     safe_labels, _ = _closed_form.label_rows(labels, counted, eps, num_classes)
     bad = stats.bad
     g = grad_rows.astype(compute_dtype)
-    safe_lse = jnp.where(counted, stats.lse, 0.0)
+    safe_peak = jnp.where(counted, stats.peak, 0.0)
+    safe_log_sum = jnp.where(counted, stats.log_sum, 0.0)
+    safe_lse = safe_peak + safe_log_sum
     on_true = (1.0 - eps) * stats.w_y
     per_class = eps / stats.size
     # The softmax's factor per row: g (A + 2 z lse) (+ g_z 2 z lse for the z-part).
@@ -587,7 +610,7 @@ def _fused_rows_bwd(options, residuals: _Residuals, grads):
             in_support = ~is_target
         if options.convention == "others_but_pad":
             in_support = in_support & (classes_here != options.pad_index)
-        softmax = jnp.exp(logits - safe_lse[:, None])
+        softmax = jnp.exp((logits - safe_peak[:, None]) - safe_log_sum[:, None])
         other = jnp.where(in_support, target_other, 0.0)
         if classes.support is not None:
             support = jax.lax.dynamic_slice_in_dim(classes.support, offset, chunk, 0)

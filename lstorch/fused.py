@@ -173,7 +173,7 @@ def fused_linear_smoothed_cross_entropy(
     with_z = return_z_loss or isinstance(z_loss, torch.Tensor) or z_value != 0
     z = _common.z_loss_tensor(z_loss if with_z else 0.0, compute_dtype, hidden.device)
     fused_rows = _common.with_forward_mode(_FusedRows, _FusedRowsForwardMode)
-    loss, z_part, _, _ = fused_rows.apply(
+    loss, z_part, *_ = fused_rows.apply(
         hidden.reshape(-1, hidden.shape[-1]),
         weight,
         bias,
@@ -359,11 +359,28 @@ def _classes(options, labels, counted, eps, class_weight, class_mask, num_classe
     return _Classes(target, support, class_mask, size)
 
 
-def _masked_lse(logits, class_mask, start, stop):
-    """logsumexp of a chunk's logits over its allowed classes (a masked logit is -inf)."""
-    if class_mask is not None:
-        logits = logits.masked_fill(~class_mask[start:stop], -torch.inf)
-    return torch.logsumexp(logits, dim=-1)
+def _lse_parts(options, hidden, weight, bias, class_mask, compute_dtype) -> _closed_form.Lse:
+    """``lse = peak + log_sum`` over the allowed classes (a masked logit is -inf): ``peak`` the
+    row's max logit (0 where it is not finite), ``log_sum`` the log of ``sum_c exp(x_c -
+    peak)``, accumulated one chunk at a time as an online softmax does (a running max, not
+    differentiated, and the sum relative to it). Kept apart, as the dense core keeps them: with
+    confident predictions ``1 - softmax(x)_y`` is ``1 - exp((x_y - peak) - log_sum)``, exact to
+    float32's resolution at 1, where ``exp(x_y - lse)`` would carry the rounding of ``lse`` (an
+    ulp of ``|x|``: at logits ~20 that is 20x the gradient error of the dense float32 route).
+    Differentiable in ``hidden``, ``weight`` and ``bias`` where they require grad."""
+    operand_dtype = options.operand_dtype
+    rows = hidden.shape[0]
+    peak = torch.full((rows,), -torch.inf, dtype=compute_dtype, device=hidden.device)
+    total = torch.zeros(rows, dtype=compute_dtype, device=hidden.device)
+    for start, stop in _chunks(weight.shape[0], options.chunk_size):
+        logits = _chunk_logits(hidden, weight, bias, start, stop, operand_dtype, compute_dtype)
+        if class_mask is not None:
+            logits = logits.masked_fill(~class_mask[start:stop], -torch.inf)
+        new_peak = torch.maximum(peak, logits.detach().amax(-1))
+        shift = torch.where(torch.isfinite(new_peak), new_peak, 0.0)
+        total = total * torch.exp(peak - shift) + torch.exp(logits - shift.unsqueeze(-1)).sum(-1)
+        peak = new_peak
+    return _closed_form.Lse(torch.where(torch.isfinite(peak), peak, 0.0), torch.log(total))
 
 
 def _support_column_sum(support, weight, chunk_size, operand_dtype, compute_dtype):
@@ -385,10 +402,7 @@ def _terms(options, hidden, weight, bias, labels, counted, eps, class_weight, cl
     compute_dtype = eps.dtype
     num_classes = weight.shape[0]
     hidden = _counted_rows_only(_operand(hidden, operand_dtype, compute_dtype), counted)
-    lse = torch.full(labels.shape, -torch.inf, dtype=compute_dtype, device=hidden.device)
-    for start, stop in _chunks(num_classes, chunk_size):
-        logits = _chunk_logits(hidden, weight, bias, start, stop, operand_dtype, compute_dtype)
-        lse = torch.logaddexp(lse, _masked_lse(logits, class_mask, start, stop))
+    lse = _lse_parts(options, hidden, weight, bias, class_mask, compute_dtype)
     classes = _classes(options, labels, counted, eps, class_weight, class_mask, num_classes)
     target = classes.target
     safe_labels, support = target.safe_labels, classes.support
@@ -411,12 +425,13 @@ def _terms(options, hidden, weight, bias, labels, counted, eps, class_weight, cl
     if convention == "others_but_pad":
         u_pad = 1.0 if support is None else support[options.pad_index]
         support_sum = support_sum - u_pad * column(torch.full_like(labels, options.pad_index))
-    # The closed form of statistics relative to 0: peak 0, log_sum the lse, no scaling.
+    # The closed form of statistics relative to the row's max (the rank-1 sum is of unshifted
+    # logits), no scaling.
     terms = _closed_form.RowTerms(
-        _closed_form.Lse(0.0, lse),
+        lse,
         x_y,
         w_y,
-        support_sum,
+        support_sum - target.support_weight * lse.peak,
         target.support_weight,
         safe_labels,
         target.bad,
@@ -428,7 +443,7 @@ def _terms(options, hidden, weight, bias, labels, counted, eps, class_weight, cl
     loss, z_part = output if options.with_z else (output, torch.zeros_like(output))
     # d loss_row / d eps (O(rows), kept for backward; masked there, after the product with g).
     eps_slope = _closed_form.smoothing_slope(terms, eps, **form)
-    return loss, z_part, lse, eps_slope
+    return loss, z_part, lse.peak, lse.log_sum, eps_slope
 
 
 class _FusedRows(torch.autograd.Function):
@@ -455,23 +470,23 @@ class _FusedRows(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         *tensors, options = inputs
-        _, _, lse, eps_slope = output
+        _, _, peak, log_sum, eps_slope = output
         ctx.options = options
         # The smoothing's per-row slope (O(rows)) is kept only when the smoothing is
         # differentiated (backward) or may carry a tangent (forward mode).
         kept = eps_slope if ctx.needs_input_grad[5] else None
-        ctx.save_for_backward(*tensors, lse, kept)
-        ctx.save_for_forward(*tensors, lse, eps_slope)
-        ctx.mark_non_differentiable(lse, eps_slope)
+        ctx.save_for_backward(*tensors, peak, log_sum, kept)
+        ctx.save_for_forward(*tensors, peak, log_sum, eps_slope)
+        ctx.mark_non_differentiable(peak, log_sum, eps_slope)
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_z, grad_lse, grad_slope):
+    def backward(ctx, grad_loss, grad_z, grad_peak, grad_log_sum, grad_slope):
         """Per chunk: ``coeff = s p - g t`` (rows x chunk; ``p`` the softmax over the allowed
         classes, ``t`` the weighted smoothed target, ``s = g (A + 2 z lse) + g_z 2 z lse``,
         ``A = sum_c t_c``), then ``d hidden += coeff @ W_chunk``, ``d W_chunk = coeff.T @
         hidden``, ``d b_chunk = sum coeff``; ``d eps = sum_rows g slope_row`` and ``d z =
         sum_rows (g + g_z) lse_row**2`` when they are differentiated."""
-        del grad_lse, grad_slope  # internal statistics, never differentiated.
+        del grad_peak, grad_log_sum, grad_slope  # internal statistics, never differentiated.
         saved = _Saved(*ctx.saved_tensors)
         options = ctx.options
         grad_z = grad_z if options.with_z else None
@@ -511,7 +526,7 @@ class _FusedRowsForwardMode(_FusedRows):
         if z_tangent is not None and options.with_z:
             z_rows = _smoothing_rows(options, saved, times(z_tangent, saved.lse.square()))
             d_loss, d_z = d_loss + z_rows, d_z + z_rows
-        return d_loss, d_z, None, None  # lse and the slope: non-differentiable
+        return d_loss, d_z, None, None, None  # the lse's parts, the slope: non-differentiable
 
 
 class _Saved(NamedTuple):
@@ -527,8 +542,13 @@ class _Saved(NamedTuple):
     class_weight: torch.Tensor | None
     class_mask: torch.Tensor | None
     z: torch.Tensor
-    lse: torch.Tensor
+    peak: torch.Tensor  # lse = peak + log_sum (_lse_parts)
+    log_sum: torch.Tensor
     eps_slope: torch.Tensor | None
+
+    @property
+    def lse(self) -> torch.Tensor:
+        return self.peak + self.log_sum
 
 
 def _smoothing_rows(options, saved: _Saved, per_row):
@@ -551,7 +571,8 @@ class _Rows(NamedTuple):
     target_other: torch.Tensor  # (rows, 1): g eps / |S|, each support class's before u_c
     support: torch.Tensor | None  # (V,): u_c = w_c m_c; None when all 1
     class_mask: torch.Tensor | None
-    lse: torch.Tensor  # (rows, 1), 0 on rows that do not count
+    peak: torch.Tensor  # (rows, 1): lse = peak + log_sum, both 0 on rows that do not count
+    log_sum: torch.Tensor  # (rows, 1)
 
 
 def _rows(options, saved: _Saved, grad_loss, grad_z) -> _Rows:
@@ -568,7 +589,9 @@ def _rows(options, saved: _Saved, grad_loss, grad_z) -> _Rows:
         _operand(saved.hidden, options.operand_dtype, compute_dtype), counted
     )
     g = grad_loss.to(compute_dtype)
-    lse = torch.where(counted, saved.lse, 0.0)
+    peak = torch.where(counted, saved.peak, 0.0)
+    log_sum = torch.where(counted, saved.log_sum, 0.0)
+    lse = peak + log_sum
     softmax_scale = g * target.mass()
     if options.with_z:
         z_scale = 2.0 * saved.z * lse
@@ -588,7 +611,8 @@ def _rows(options, saved: _Saved, grad_loss, grad_z) -> _Rows:
         row_factor(g * target.per_class),
         classes.support,
         classes.class_mask,
-        lse.unsqueeze(-1),
+        peak.unsqueeze(-1),
+        log_sum.unsqueeze(-1),
     )
 
 
@@ -605,7 +629,7 @@ def _chunk_target(options, rows: _Rows, start, stop, device):
 
 def _chunk_softmax(rows: _Rows, logits, start, stop):
     """The softmax over the allowed classes of a chunk's logits, out of place (0 masked)."""
-    softmax = torch.exp(logits - rows.lse)
+    softmax = torch.exp((logits - rows.peak) - rows.log_sum)
     if rows.class_mask is not None:
         softmax = softmax.masked_fill(~rows.class_mask[start:stop], 0.0)
     return softmax
@@ -630,7 +654,7 @@ def _gradients(options, saved: _Saved, grad_loss, grad_z):
     with torch.no_grad(), _autocast_off(hidden.device.type):
         for start, stop in _chunks(num_classes, options.chunk_size):
             coeff = _chunk_logits(hidden_c, weight, bias, start, stop, operand_dtype, compute_dtype)
-            coeff.sub_(rows.lse).exp_()  # softmax, in the logits' buffer
+            coeff.sub_(rows.peak).sub_(rows.log_sum).exp_()  # softmax, in the logits' buffer
             if rows.class_mask is not None:
                 coeff.masked_fill_(~rows.class_mask[start:stop], 0.0)
             coeff.mul_(rows.softmax_scale)
@@ -653,12 +677,9 @@ def _differentiable_gradients(options, saved: _Saved, grad_loss, grad_z):
     num_classes = weight.shape[0]
     chunks = _chunks(num_classes, options.chunk_size)
     hidden_c = _counted_rows_only(_operand(hidden, operand_dtype, compute_dtype), counted)
-    lse = None
-    for start, stop in chunks:
-        logits = _chunk_logits(hidden_c, weight, bias, start, stop, operand_dtype, compute_dtype)
-        chunk_lse = _masked_lse(logits, saved.class_mask, start, stop)
-        lse = chunk_lse if lse is None else torch.logaddexp(lse, chunk_lse)
-    rows = _rows(options, saved._replace(lse=lse), grad_loss, grad_z)._replace(hidden=hidden_c)
+    lse = _lse_parts(options, hidden_c, weight, bias, saved.class_mask, compute_dtype)
+    recomputed = saved._replace(peak=lse.peak, log_sum=lse.log_sum)
+    rows = _rows(options, recomputed, grad_loss, grad_z)._replace(hidden=hidden_c)
     keep = counted.unsqueeze(-1)
     d_hidden, d_weight, d_bias = 0.0, [], []
     for start, stop in chunks:

@@ -547,7 +547,8 @@ def fused_linear_smoothed_cross_entropy(
 
     The logits' gradient ``G`` (rows x V, from the dense oracle above) is carried back through
     the linear layer by the chain rule: ``d hidden = G @ weight``, ``d weight = G.T @ hidden``,
-    ``d bias = sum_rows G``; ``wrt`` names which one the vjp returns. ``chunk_size`` is an
+    ``d bias = sum_rows G``; ``wrt`` names which one the vjp returns (a tuple of names: each
+    of them, in that order). ``chunk_size`` is an
     implementation detail of the fused losses and changes nothing here. With
     ``return_z_loss=True`` the output is ``(loss, z_part)`` and the vjp takes a pair.
     """
@@ -591,6 +592,11 @@ def fused_linear_smoothed_cross_entropy(
         else:
             cotangent = flat_cotangent(cotangent)
         grad_logits = logits_vjp(cotangent)
+        if isinstance(wrt, tuple):  # several at once, from one dense gradient
+            return tuple(pull(grad_logits, name) for name in wrt)
+        return pull(grad_logits, wrt)
+
+    def pull(grad_logits, wrt):
         if wrt == "hidden":
             return (grad_logits @ weight).reshape(hidden.shape)
         if wrt == "weight":
