@@ -42,6 +42,8 @@ def vocab_parallel_smoothed_cross_entropy(
     ignore_index: int | None = None,
     pad_index: int | None = None,
     reduction: str = "none",
+    where: torch.Tensor | None = None,
+    normalizer: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""``smoothed_cross_entropy`` of logits split over the vocabulary across ``group``'s ranks.
 
@@ -66,6 +68,13 @@ def vocab_parallel_smoothed_cross_entropy(
       ignore_index: as ``smoothed_cross_entropy``.
       pad_index: as ``smoothed_cross_entropy``; a global class index.
       reduction: as ``smoothed_cross_entropy``.
+      where: as ``smoothed_cross_entropy``: a boolean row mask with the labels' shape, the same
+        on every rank; False rows count for nothing.
+      normalizer: as ``smoothed_cross_entropy``: with ``reduction="mean"``, divide the sum by
+        this instead (the token count of a whole accumulated batch).
+
+    Not taken yet (``smoothed_cross_entropy`` has them): class ``weight``, ``kl``,
+    ``from_log_probs``, ``class_mask``, ``z_loss``, ``return_z_loss``.
     """
     fn = "vocab_parallel_smoothed_cross_entropy"
     _common.floating(fn, local_logits=local_logits)
@@ -74,19 +83,28 @@ def vocab_parallel_smoothed_cross_entropy(
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     local_classes = local_logits.shape[-1]
     num_classes = world * local_classes
+    where = _common.tensor_option(fn, "where", where, local_logits.device)
+    lsspec.check_row_options_shapes(
+        fn,
+        num_classes,
+        tuple(labels.shape),
+        where=None if where is None else tuple(where.shape),
+    )
+    _common.check_bool(fn, "where", where)
     _common.check_label_options(
         fn,
         num_classes,
         lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction),
+        normalizer=_common.concrete_scalar(fn, "normalizer", normalizer, optional=True),
     )
-    counted = _common.counted_rows(labels, ignore_index, pad_index)
+    counted = _common.counted_rows(labels, ignore_index, pad_index, where)
     _common.check_label_range(fn, labels, counted, num_classes, ignore_index)
     compute_dtype = _common.compute_dtype(local_logits.dtype)
     eps = _common.smoothing_tensor(smoothing, compute_dtype, local_logits.device)  # differentiated
     layout = _Layout(convention, pad_index, rank * local_classes, num_classes, group)
     rows = _common.with_forward_mode(_VocabParallelRows, _VocabParallelRowsForwardMode)
     loss, _, _ = rows.apply(local_logits, labels, counted, eps, layout)
-    return _common.reduce(loss, counted.to(compute_dtype), reduction)
+    return _common.reduce(loss, counted.to(compute_dtype), reduction, normalizer)
 
 
 def _local_column(x, classes, start):
