@@ -7,7 +7,8 @@ per-row statistics that need no ``rows x V`` array:
 
 * ``lse``: logsumexp over the classes, accumulated chunk by chunk over the vocabulary
   (``chunk_size`` classes at a time, each chunk's logits recomputed from ``hidden`` and
-  ``weight``);
+  ``weight``) as a running max and the sum of exponentials relative to it (kept apart, as the
+  dense core keeps them: the softmax of a confident prediction stays exact);
 * ``x_y = hidden . weight[y] + bias[y]``: one gathered row of the weight per row;
 * ``sum_c x_c = hidden . (sum_c weight[c]) + sum_c bias[c]``: the smoothing term is a rank-1
   product with the column sums of the weight, no pass over the logits at all.

@@ -2,9 +2,9 @@
 
 Twin of ``lsjax.fused_linear_smoothed_cross_entropy`` (same name, keywords and meaning). The core
 is a ``torch.autograd.Function`` that walks the vocabulary in chunks of ``chunk_size`` classes,
-saves only the inputs and the per-row logsumexp for backward, and recomputes each chunk's logits
-there. Under ``torch.autocast`` the inputs are rounded as ``F.linear`` would cast them, in both
-passes alike (see the function's docstring).
+saves only the inputs and the per-row logsumexp (as its row max and log-sum) for backward, and
+recomputes each chunk's logits there. Under ``torch.autocast`` the inputs are rounded as
+``F.linear`` would cast them, in both passes alike (see the function's docstring).
 """
 
 from __future__ import annotations

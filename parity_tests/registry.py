@@ -703,9 +703,11 @@ def _fused_cases() -> tuple[dict, ...]:
     is shifted back and masked), and a few shapes placed so the grid needs few compilations:
     K=3 in one chunk (uniform, ``"sum"``), K=300 in chunks of 64 (uniform, ``"none"``), a 2-D
     row shape (others, ``"none"``), no bias (others_but_pad, ``"none"``); ignored rows alternate;
-    plus the all-ignored 'mean' case. Compiling the eager JAX runs is most of these twins' cost:
-    the smoothing, the reduction and the ignored rows are not part of the compiled core's key,
-    shapes and the bias's presence are."""
+    plus the all-ignored 'mean' case; plus each of the dense loss's other options
+    (:data:`_FUSED_OPTIONS`: ``class_weight``, ``where``, ``normalizer``, ``kl``, ``class_mask``,
+    ``z_loss``, ``return_z_loss`` and all at once) in each convention. Compiling the eager JAX
+    runs is most of these twins' cost: the smoothing, the reduction and the ignored rows are not
+    part of the compiled core's key, shapes and the bias's presence are."""
     cases = []
     for index, case in enumerate(
         _grid(convention=CONVENTIONS, reduction=REDUCTIONS, smoothing=(0.0, 0.1, 1.0))
