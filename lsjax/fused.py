@@ -7,7 +7,8 @@ per-row statistics that need no ``rows x V`` array:
 
 * ``lse``: logsumexp over the classes, accumulated chunk by chunk over the vocabulary
   (``chunk_size`` classes at a time, each chunk's logits recomputed from ``hidden`` and
-  ``weight``);
+  ``weight``) as a running max and the sum of exponentials relative to it (kept apart, as the
+  dense core keeps them: the softmax of a confident prediction stays exact);
 * ``x_y = hidden . weight[y] + bias[y]``: one gathered row of the weight per row;
 * ``sum_c x_c = hidden . (sum_c weight[c]) + sum_c bias[c]``: the smoothing term is a rank-1
   product with the column sums of the weight, no pass over the logits at all.
@@ -42,6 +43,8 @@ class _FusedOptions(NamedTuple):
     pad_index: int | None
     chunk_size: int
     axis_name: Any  # the mesh axis the vocabulary is split over (inside shard_map), or None
+    kl: bool = False
+    with_z: bool = False  # the core returns (loss, z_part)
 
 
 def fused_linear_smoothed_cross_entropy(
@@ -55,10 +58,17 @@ def fused_linear_smoothed_cross_entropy(
     ignore_index: int | None = None,
     pad_index: int | None = None,
     reduction: str = "mean",
+    class_weight: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    normalizer: float | Array | None = None,
+    kl: bool = False,
+    class_mask: ArrayLike | None = None,
+    z_loss: float | Array = 0.0,
+    return_z_loss: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     check_labels: bool | None = None,
     _caller: lsspec.Caller | None = None,
-) -> Array:
+) -> Array | tuple[Array, Array]:
     r"""``smoothed_cross_entropy(hidden @ weight.T + bias, labels, ...)`` without the logits.
 
     With ``x = hidden @ weight.T + bias`` (``K = V`` classes), each row's loss is the closed form
@@ -72,6 +82,15 @@ def fused_linear_smoothed_cross_entropy(
     ``(sum(x) - x_y - x_pad)/(K-2)`` others_but_pad). The gradient with respect to the logits is
     ``g * (softmax(x) - q)``, formed chunk by chunk in the backward pass and contracted at once
     with ``weight`` (for ``hidden``) and ``hidden`` (for ``weight`` and ``bias``).
+
+    Every option of :func:`lsjax.smoothed_cross_entropy` that applies to logits is taken, with
+    the same meaning and errors: the class weights (named ``class_weight``, ``weight`` being the
+    head's), ``where``, ``normalizer``, ``kl``, ``class_mask``, ``z_loss`` and
+    ``return_z_loss``. Weights and mask enter the rank-1 support sum as ``hidden . sum_c w_c m_c
+    W_c``, a masked class's logit is left out of each chunk's logsumexp, and the logits'
+    gradient is ``g ((A + 2 z lse) softmax(x) - t) + g_z 2 z lse softmax(x)`` (``t`` the
+    weighted smoothed target, ``A = sum_c t_c``, ``g_z`` the z-part's cotangent), still one
+    ``rows x chunk_size`` block at a time.
 
     Reproduces ``lsjax.smoothed_cross_entropy(hidden @ weight.T + bias, labels, ...)`` (and so
     ``torch.nn.functional.cross_entropy(F.linear(hidden, weight, bias), labels,
@@ -95,6 +114,22 @@ def fused_linear_smoothed_cross_entropy(
       ignore_index: rows whose label equals it count for nothing (left out of 'mean').
       pad_index: the pad column of ``"others_but_pad"``; rows labelled with it count for nothing.
       reduction: ``"none"`` | ``"sum"`` | ``"mean"`` (over counted rows; 0 when none counts).
+      class_weight: per-class weights ``(V,)``: the dense loss's ``weight`` (torch's class
+        ``weight``), named apart from the head's ``weight``. A row is ``(1 - eps) w_y (lse - x_y)
+        + eps sum_{c in S} w_c (lse - x_c) / |S|`` and ``"mean"`` divides by the sum of ``w_y``
+        over counted rows. A constant (not differentiated).
+      where: boolean row mask with the labels' shape; False rows count for nothing.
+      normalizer: with ``reduction="mean"``, divide the sum by this instead (for gradient
+        accumulation: the token count of the whole accumulated batch). A finite number > 0.
+      kl: return the KL form, the loss minus the target's entropy (SEMANTICS.md §2): same
+        gradient, minimum 0. Not defined with ``class_weight``.
+      class_mask: boolean ``(V,)``; False classes leave the softmax and the smoothing support
+        (SEMANTICS.md §7). A counted row whose label is a masked class raises (or is NaN where
+        the labels cannot be read).
+      z_loss: ``z >= 0`` and finite; adds ``z * lse**2`` to every counted row (the PaLM/T5X
+        z-loss, with the head's logits). Differentiable: ``d loss_row / d z = lse**2``.
+      return_z_loss: also return the z-loss part alone, reduced like the loss: ``(loss,
+        z_part)`` where ``loss`` already includes ``z_part``.
       chunk_size: classes per chunk. Temporaries grow as ``rows x chunk_size``; larger chunks
         mean fewer, larger matrix products.
       check_labels: whether the host reads concrete labels (and a ``smoothing`` array) to check
@@ -105,38 +140,130 @@ def fused_linear_smoothed_cross_entropy(
 
     Returns:
       float32 for bf16/fp16/float32 inputs (accumulated in float32: every logit, lse and sum),
-      float64 for float64; per row for ``"none"``, else a scalar. Gradients come back in the
-      inputs' dtypes.
+      float64 for float64; per row for ``"none"``, else a scalar; ``(loss, z_part)`` with
+      ``return_z_loss=True``. Gradients come back in the inputs' dtypes: ``d hidden`` is
+      accumulated over every chunk, and each class's ``d weight`` row over every row, in float32
+      (float64 for float64 inputs), and rounded to the inputs' dtype once.
     """
     fn = lsspec.caller("fused_linear_smoothed_cross_entropy", _caller)
     options = lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction)
-    hidden, weight, bias, labels = _check_fused(
-        fn, hidden, weight, bias, labels, options, check_labels
-    )
-    chunk_size = lsspec.check_chunk_size(fn, chunk_size)
+    hidden, weight, bias, labels = _check_fused(fn, hidden, weight, bias, labels)
     num_classes = weight.shape[0]
-    counted = _common.counted_rows(labels, ignore_index, pad_index)
+    extra = _check_extra_options(
+        fn, options, num_classes, labels.shape, class_weight, where, normalizer, kl, class_mask,
+        z_loss, return_z_loss, check_labels,
+    )  # fmt: skip
+    chunk_size = lsspec.check_chunk_size(fn, chunk_size)
+    counted = _common.counted_rows(labels, ignore_index, pad_index, extra.where)
     _common.check_label_range(
-        fn, labels, counted, num_classes, ignore_index, check_labels=check_labels
+        fn, labels, counted, num_classes, ignore_index, extra.class_mask, check_labels
     )
     compute_dtype = _common.compute_dtype(hidden.dtype)
     eps = _common.smoothing_array(smoothing, compute_dtype)  # differentiated (_fused_rows_bwd)
-    options = _FusedOptions(convention, pad_index, chunk_size, None)
-    row_shape = labels.shape
-    loss = _fused_rows_jit(
-        options,
+    class_weight, class_mask, z = extra.arrays(compute_dtype)
+    core_options = _FusedOptions(convention, pad_index, chunk_size, None, kl, z is not None)
+    rows = _fused_rows_jit(
+        core_options,
         hidden.reshape(-1, hidden.shape[-1]),
         weight,
         bias,
         labels.reshape(-1),
         counted.reshape(-1),
         eps,
-    ).reshape(row_shape)
-    return _common.reduce(loss, counted.astype(compute_dtype), reduction)
+        class_weight,
+        class_mask,
+        z,
+    )
+    w_y = 1.0 if class_weight is None else class_weight[_safe_classes(labels, counted, num_classes)]
+    row_weight = jnp.where(counted, w_y, 0.0).astype(compute_dtype)
+    return _reduced(rows, labels.shape, row_weight, reduction, normalizer, return_z_loss)
 
 
-def _check_fused(fn, hidden, weight, bias, labels, options: lsspec.LabelOptions, check_labels=None):
-    """The fused losses' checks: the arrays (returned, bias zeros when None) and the options."""
+def _safe_classes(labels, counted, num_classes):
+    """The labels as indices safe to gather with (0 where the row does not count)."""
+    return jnp.where(counted, labels, 0).clip(0, num_classes - 1)
+
+
+def _reduced(rows, row_shape, row_weight, reduction, normalizer, return_z_loss):
+    """The core's per-row output (the loss, or ``(loss, z_part)``) reduced as the dense loss
+    reduces it; ``(loss, z_part)`` only with ``return_z_loss``."""
+    parts = rows if isinstance(rows, tuple) else (rows,)
+    parts = [
+        _common.reduce(part.reshape(row_shape), row_weight, reduction, normalizer) for part in parts
+    ]
+    return tuple(parts) if return_z_loss else parts[0]
+
+
+class _Extra(NamedTuple):
+    """The options the fused losses share with the dense one, checked (arrays or None)."""
+
+    class_weight: Any
+    where: Any
+    class_mask: Any
+    z_loss: Any
+    with_z: bool
+
+    def arrays(self, compute_dtype):
+        """(class weight in ``compute_dtype``, class mask, z-loss weight or None), the first two
+        constants (not differentiated, as in the dense loss)."""
+        class_weight = self.class_weight
+        if class_weight is not None:
+            class_weight = jax.lax.stop_gradient(class_weight.astype(compute_dtype))
+        class_mask = None if self.class_mask is None else jax.lax.stop_gradient(self.class_mask)
+        z = _common.z_loss_array(self.z_loss, compute_dtype) if self.with_z else None
+        return class_weight, class_mask, z
+
+
+def _check_extra_options(
+    fn, options, num_classes, rows, class_weight, where, normalizer, kl, class_mask, z_loss,
+    return_z_loss, check_labels=None,
+) -> _Extra:  # fmt: skip
+    """The checks the fused losses share with :func:`lsjax.smoothed_cross_entropy` (the same
+    messages; the class weights are called ``class_weight`` here, ``weight`` being the head's).
+    ``rows``: the labels' shape (global, for the sharded loss); ``check_labels`` as
+    :func:`lsjax._common.reads_values` decides which array values are read."""
+    class_weight, where, class_mask = (
+        _common.array_or_none(v) for v in (class_weight, where, class_mask)
+    )
+    if class_weight is not None and tuple(class_weight.shape) != (num_classes,):
+        raise lsspec.shape_error(fn, "class_weight", class_weight.shape, f"shape ({num_classes},)")
+    lsspec.check_row_options_shapes(
+        fn,
+        num_classes,
+        rows,
+        where=None if where is None else where.shape,
+        class_mask=None if class_mask is None else class_mask.shape,
+    )
+    _common.check_bool(fn, "where", where)
+    _common.check_bool(fn, "class_mask", class_mask)
+    _common.check_label_options(
+        _class_weight_caller(fn),
+        num_classes,
+        options,
+        check_labels,
+        normalizer=_common.concrete_scalar(
+            fn, "normalizer", normalizer, optional=True, check_labels=check_labels
+        ),
+        kl=kl,
+        has_weight=class_weight is not None,
+    )
+    z_value = _common.concrete_scalar(fn, "z_loss", z_loss, check_labels=check_labels)
+    lsspec.check_z_loss(fn, z_value, from_log_probs=False, return_z_loss=return_z_loss)
+    _common.check_class_mask_support(
+        fn, class_mask, options.convention, options.pad_index, check_labels
+    )
+    # z-loss is compiled in only when it can matter: a concrete 0 leaves the program unchanged.
+    with_z = return_z_loss or not (lsspec.is_number(z_value) and z_value == 0)
+    return _Extra(class_weight, where, class_mask, z_loss, with_z)
+
+
+def _class_weight_caller(fn: lsspec.Caller) -> lsspec.Caller:
+    """``fn`` naming the dense loss's ``weight`` (class weights) ``class_weight``."""
+    return lsspec.Caller(fn.fn, (*fn.renamed, ("weight", fn.arg("class_weight"))))
+
+
+def _check_fused(fn, hidden, weight, bias, labels):
+    """The fused losses' checks of the arrays (returned, bias zeros when None)."""
     (hidden,) = _common.floating(fn, hidden=hidden)
     weight = jnp.asarray(weight)
     labels = _common.integer_labels(fn, labels)  # widened before any comparison
@@ -151,7 +278,6 @@ def _check_fused(fn, hidden, weight, bias, labels, options: lsspec.LabelOptions,
         bias = jnp.asarray(bias)
         if bias.dtype != hidden.dtype:
             raise lsspec.dtype_mismatch_error(fn, "bias", bias.dtype, hidden.dtype)
-    _common.check_label_options(fn, weight.shape[0], options, check_labels)
     return hidden, weight, bias, labels
 
 
@@ -234,24 +360,55 @@ def _psum(value, options):
     return value if options.axis_name is None else jax.lax.psum(value, options.axis_name)
 
 
-def _local_lse(options, hidden, weight, bias, compute_dtype):
-    """logsumexp over the classes held here, one chunk at a time (each chunk fused: max + sum)."""
+def _lse_parts(options, hidden, weight, bias, class_mask, compute_dtype):
+    """``(peak, log_sum)`` with ``lse = peak + log_sum`` over the (allowed) classes: ``peak`` the
+    row's max logit (0 where it is not finite), ``log_sum`` the log of ``sum_c exp(x_c -
+    peak)``, accumulated one chunk at a time as an online softmax does (a running max and the
+    sum relative to it). Kept apart, as the dense core keeps them: with confident predictions
+    ``1 - softmax(x)_y`` is ``1 - exp((x_y - peak) - log_sum)``, exact to float32's resolution
+    at 1, where ``exp(x_y - lse)`` would carry the rounding of ``lse`` (an ulp of ``|x|``: at
+    logits ~20 that is 20x the gradient error of the dense float32 route). A masked class's
+    logit is -inf. With a vocabulary axis, the max and the sum are all-reduced."""
     num_classes = weight.shape[0]
     chunk, count = _chunking(num_classes, options.chunk_size)
 
-    def step(lse, index):
+    def finite(peak):
+        return jnp.where(jnp.isfinite(peak), peak, 0.0)
+
+    def step(carry, index):
+        peak, total = carry
         offset = _chunk_offset(index, chunk, num_classes)
         logits = _chunk_logits(hidden, weight, bias, offset, chunk, compute_dtype)
-        logits = jnp.where(_fresh(index, offset, chunk), logits, -jnp.inf)
-        return jnp.logaddexp(lse, jax.nn.logsumexp(logits, axis=-1)), None
+        keep = _fresh(index, offset, chunk)
+        if class_mask is not None:
+            keep = keep & jax.lax.dynamic_slice_in_dim(class_mask, offset, chunk, 0)[None, :]
+        logits = jnp.where(keep, logits, -jnp.inf)
+        new_peak = jnp.maximum(peak, jnp.max(logits, axis=-1))
+        shift = finite(new_peak)
+        total = total * jnp.exp(peak - shift) + jnp.sum(jnp.exp(logits - shift[:, None]), -1)
+        return (new_peak, total), None
 
-    lse = _varying(jnp.full(hidden.shape[:1], -jnp.inf, compute_dtype), hidden, weight, bias)
-    lse, _ = jax.lax.scan(step, lse, jnp.arange(count))
-    if options.axis_name is not None:  # global lse: all-reduce of the max and of the sum-exp
-        peak = jax.lax.pmax(lse, options.axis_name)
-        peak = jax.lax.stop_gradient(jnp.where(jnp.isfinite(peak), peak, 0.0))
-        lse = jnp.log(jax.lax.psum(jnp.exp(lse - peak), options.axis_name)) + peak
-    return lse
+    start = (
+        jnp.full(hidden.shape[:1], -jnp.inf, compute_dtype),
+        jnp.zeros(hidden.shape[:1], compute_dtype),
+    )
+    start = tuple(_varying(value, hidden, weight, bias) for value in start)
+    (peak, total), _ = jax.lax.scan(step, start, jnp.arange(count))
+    if options.axis_name is not None:  # the global max, and the sum-exp relative to it
+        global_peak = jax.lax.pmax(peak, options.axis_name)
+        total = jax.lax.psum(total * jnp.exp(peak - finite(global_peak)), options.axis_name)
+        peak = global_peak
+    return finite(peak), jnp.log(total)
+
+
+def _gather(options, values, classes, start):
+    """``values[classes]`` of a per-class array (``(V_local,)`` held here) at global class
+    indices: the shard holding each class gives it, the others 0, summed over the vocabulary
+    axis."""
+    local = classes - start
+    here = (local >= 0) & (local < values.shape[0])
+    value = jnp.where(here, values[jnp.where(here, local, 0)], 0)
+    return _psum(value, options)
 
 
 def _column(options, hidden, weight, bias, classes, start):
@@ -274,49 +431,116 @@ def _counted_rows_only(hidden, counted):
     return jnp.where(counted[:, None], hidden, 0.0)
 
 
-def _fused_terms(options, hidden, weight, bias, labels, counted, eps):
-    """``(loss, lse, eps_slope)`` per row: the closed form (``lsjax._closed_form``) of statistics
-    relative to 0 (``peak = 0``, ``log_sum = lse``), each O(rows)."""
+class _Classes(NamedTuple):
+    """The per-class factors of the closed form, held here (``(V_local,)`` each, or None)."""
+
+    support: Any  # u_c = w_c m_c, the class weight times the class mask (None: all 1)
+    class_weight: Any  # w_c (None: all 1)
+    class_mask: Any  # m_c (None: every class allowed)
+
+
+def _classes(class_weight, class_mask, compute_dtype) -> _Classes:
+    support = class_weight
+    if class_mask is not None:
+        mask = class_mask.astype(compute_dtype)
+        support = mask if support is None else support * mask
+    return _Classes(support, class_weight, class_mask)
+
+
+class _RowStats(NamedTuple):
+    """The O(rows) statistics the backward pass reads besides the inputs."""
+
+    peak: Array  # lse = peak + log_sum (_lse_parts)
+    log_sum: Array
+    eps_slope: Array  # d loss_row / d eps, 0 where the row does not count
+    w_y: Any  # the label's class weight
+    support_weight: Any  # sum over S of u_c
+    size: Any  # |S|
+    bad: Array  # counted rows with an invalid label or smoothing: NaN
+
+
+def _row_statistics(options, hidden, weight, bias, labels, counted, eps, classes: _Classes):
+    """The closed form's :class:`lsjax._closed_form.RowTerms`, relative to each row's max logit
+    (``peak``), each O(rows); ``hidden`` already has the rows that do not count zeroed."""
     compute_dtype = eps.dtype
     start, num_classes = _vocab_layout(options, weight.shape[0])
-    hidden = _counted_rows_only(hidden.astype(compute_dtype), counted)
-    lse = _local_lse(options, hidden, weight, bias, compute_dtype)
+    peak, log_sum = _lse_parts(options, hidden, weight, bias, classes.class_mask, compute_dtype)
     safe_labels, bad = _closed_form.label_rows(labels, counted, eps, num_classes)
+    size = lsspec.support_size(options.convention, num_classes)
+    pad = jnp.full(labels.shape, options.pad_index or 0)
+    if classes.class_mask is not None:  # masked classes leave the softmax and the support
+        label_allowed = _gather(options, classes.class_mask.astype(jnp.int32), safe_labels, start)
+        bad = bad | (counted & (label_allowed == 0))
+        size = size - _psum(jnp.sum(~classes.class_mask), options)
+        if options.convention == "others_but_pad":  # a masked pad is not excluded twice
+            size = size + 1 - _gather(options, classes.class_mask.astype(jnp.int32), pad, start)
     x_y = _column(options, hidden, weight, bias, safe_labels, start)
-    # sum_c x_c = hidden . (sum_c weight_c) + sum_c bias_c: rank 1, no pass over the logits.
-    # Unlike the dense core (relative to the row max), this needs |logits| < float max / K.
-    column_sum = jnp.sum(weight, axis=0, dtype=compute_dtype)
-    total = jnp.dot(hidden, column_sum, precision=_HIGHEST) + jnp.sum(bias, dtype=compute_dtype)
+    w_y = 1.0
+    if classes.class_weight is not None:
+        w_y = _gather(options, classes.class_weight, safe_labels, start)
+    # sum_{c in S} u_c x_c = hidden . (sum_c u_c weight_c) + sum_c u_c bias_c: rank 1, no pass
+    # over the logits. Unlike the dense core (relative to the row max), this needs
+    # |logits| < float max / K.
+    if classes.support is None:
+        column_sum = jnp.sum(weight, axis=0, dtype=compute_dtype)
+        bias_sum = jnp.sum(bias, dtype=compute_dtype)
+        support_weight = _psum(jnp.asarray(weight.shape[0], compute_dtype), options)
+    else:
+        column_sum = jnp.dot(classes.support, weight.astype(compute_dtype), precision=_HIGHEST)
+        bias_sum = jnp.dot(classes.support, bias.astype(compute_dtype), precision=_HIGHEST)
+        support_weight = _psum(jnp.sum(classes.support), options)
+    total = jnp.dot(hidden, column_sum, precision=_HIGHEST) + bias_sum
     support_sum = _psum(total, options)
-    if options.convention != "uniform":
-        support_sum = support_sum - x_y
+    if options.convention != "uniform":  # the label is allowed (else the row is bad): u_y = w_y
+        support_sum = support_sum - w_y * x_y
+        support_weight = support_weight - w_y
     if options.convention == "others_but_pad":
-        pad = jnp.full(labels.shape, options.pad_index)
-        support_sum = support_sum - _column(options, hidden, weight, bias, pad, start)
-    size = _closed_form.support_size(options.convention, num_classes)
+        u_pad = 1.0 if classes.support is None else _gather(options, classes.support, pad, start)
+        support_sum = support_sum - u_pad * _column(options, hidden, weight, bias, pad, start)
+        support_weight = support_weight - u_pad
+    # Relative to the peak, as the closed form takes it (the rank-1 sum is of unshifted logits).
+    support_sum = support_sum - support_weight * peak
     terms = _closed_form.RowTerms(
-        lse=lse,
-        peak=0.0,
-        log_sum=lse,
+        lse=peak + log_sum,
+        peak=peak,
+        log_sum=log_sum,
         x_y=x_y,
-        w_y=1.0,
+        w_y=w_y,
         support_sum=support_sum,
-        support_weight=size,
+        support_weight=support_weight,
         safe_labels=safe_labels,
         bad=bad,
         size=size,
         sum_scale=1.0,
     )
-    loss = _closed_form.row_loss(terms, counted, eps, convention=options.convention)
+    return terms
+
+
+def _fused_terms(options, hidden, weight, bias, labels, counted, eps, class_weight, class_mask, z):
+    """``(output, stats)``: the per-row loss (``(loss, z_part)`` with ``options.with_z``) by the
+    closed form (``lsjax._closed_form``), and the :class:`_RowStats` for the backward pass."""
+    compute_dtype = eps.dtype
+    classes = _classes(class_weight, class_mask, compute_dtype)
+    hidden = _counted_rows_only(hidden.astype(compute_dtype), counted)
+    terms = _row_statistics(options, hidden, weight, bias, labels, counted, eps, classes)
+    form = dict(convention=options.convention, kl=options.kl)
+    output = _closed_form.row_loss(terms, counted, eps, z=z, **form)
     # d loss_row / d eps (O(rows), kept for the backward pass).
-    slope = _closed_form.smoothing_slope(terms, eps, convention=options.convention)
-    return loss, lse, _closed_form.counted_only(counted, bad, slope)
+    slope = _closed_form.smoothing_slope(terms, eps, **form)
+    slope = _closed_form.counted_only(counted, terms.bad, slope)
+    stats = _RowStats(
+        terms.peak, terms.log_sum, slope, terms.w_y, terms.support_weight, terms.size, terms.bad
+    )
+    return output, stats
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused_rows(options, hidden, weight, bias, labels, counted, eps):
-    """Per-row loss of ``hidden @ weight.T + bias`` (0 on rows that do not count)."""
-    return _fused_terms(options, hidden, weight, bias, labels, counted, eps)[0]
+def _fused_rows(options, hidden, weight, bias, labels, counted, eps, class_weight, class_mask, z):
+    """Per-row loss of ``hidden @ weight.T + bias`` (0 on rows that do not count); with
+    ``options.with_z``, ``(loss, z_part)``."""
+    return _fused_terms(
+        options, hidden, weight, bias, labels, counted, eps, class_weight, class_mask, z
+    )[0]
 
 
 class _Residuals(NamedTuple):
@@ -328,35 +552,59 @@ class _Residuals(NamedTuple):
     labels: Array
     counted: Array
     eps: Array
-    lse: Array
-    eps_slope: Array
+    class_weight: Any
+    class_mask: Any
+    z: Any
+    stats: _RowStats
 
 
-def _fused_rows_fwd(options, hidden, weight, bias, labels, counted, eps):
-    loss, lse, eps_slope = _fused_terms(options, hidden, weight, bias, labels, counted, eps)
-    return loss, _Residuals(hidden, weight, bias, labels, counted, eps, lse, eps_slope)
+def _fused_rows_fwd(
+    options, hidden, weight, bias, labels, counted, eps, class_weight, class_mask, z
+):
+    inputs = (hidden, weight, bias, labels, counted, eps, class_weight, class_mask, z)
+    output, stats = _fused_terms(options, *inputs)
+    return output, _Residuals(*inputs, stats)
 
 
-def _fused_rows_bwd(options, residuals: _Residuals, grad_rows):
-    """Chunk by chunk: ``coeff = g * (softmax(x) - q)`` on a ``rows x chunk`` block, then
-    ``d hidden += coeff @ W_chunk``, ``d W_chunk = coeff.T @ hidden``, ``d b_chunk = sum coeff``.
+def _fused_rows_bwd(options, residuals: _Residuals, grads):
+    """Chunk by chunk: ``coeff = g (A + 2 z lse) p - g t + g_z 2 z lse p`` on a ``rows x
+    chunk`` block (``p`` the softmax over the allowed classes, ``t`` the weighted smoothed
+    target, ``A = sum_c t_c``, ``g_z`` the z-part's cotangent), then ``d hidden += coeff @
+    W_chunk``, ``d W_chunk = coeff.T @ hidden``, ``d b_chunk = sum coeff``.
 
-    ``q_c = (1 - eps) [c = y] + eps / |S| [c in S]`` is built from an iota compare inside the
-    chunk (the uniform part is a constant subtracted elementwise), so nothing outside a chunk is
-    rows x V. With a vocabulary axis, ``d hidden`` is the all-reduce of every shard's part.
+    ``t_c = (1 - eps) w_y [c = y] + eps u_c / |S| [c in S]`` is built from an iota compare
+    inside the chunk, so nothing outside a chunk is rows x V. With a vocabulary axis, ``d
+    hidden`` is the all-reduce of every shard's part. ``d hidden`` and ``d weight`` accumulate
+    in float32 (float64 for float64 inputs) over every chunk and row and are rounded to the
+    inputs' dtype once.
     """
     hidden, weight, bias = residuals.hidden, residuals.weight, residuals.bias
-    labels, counted, eps = residuals.labels, residuals.counted, residuals.eps
-    lse, eps_slope = residuals.lse, residuals.eps_slope
+    labels, counted, eps, z = residuals.labels, residuals.counted, residuals.eps, residuals.z
+    stats = residuals.stats
+    grad_rows, grad_z = grads if options.with_z else (grads, None)
     compute_dtype = eps.dtype
+    classes = _classes(residuals.class_weight, residuals.class_mask, compute_dtype)
     start, num_classes = _vocab_layout(options, weight.shape[0])
-    size = _closed_form.support_size(options.convention, num_classes)
-    safe_labels, bad = _closed_form.label_rows(labels, counted, eps, num_classes)
-    scale = jnp.where(bad, jnp.nan, grad_rows.astype(compute_dtype))
-    scale = jnp.where(counted, scale, 0.0)[:, None]
-    safe_lse = jnp.where(counted, lse, 0.0)[:, None]
-    on_true = 1.0 - eps
-    per_class = eps / size
+    safe_labels, _ = _closed_form.label_rows(labels, counted, eps, num_classes)
+    bad = stats.bad
+    g = grad_rows.astype(compute_dtype)
+    safe_peak = jnp.where(counted, stats.peak, 0.0)
+    safe_log_sum = jnp.where(counted, stats.log_sum, 0.0)
+    safe_lse = safe_peak + safe_log_sum
+    on_true = (1.0 - eps) * stats.w_y
+    per_class = eps / stats.size
+    # The softmax's factor per row: g (A + 2 z lse) (+ g_z 2 z lse for the z-part).
+    softmax_scale = g * (on_true + per_class * stats.support_weight)
+    if options.with_z:
+        z_scale = 2.0 * z * safe_lse
+        softmax_scale = softmax_scale + (g + grad_z.astype(compute_dtype)) * z_scale
+
+    def row_factor(value):  # NaN on invalid rows, 0 on rows that do not count, (rows, 1)
+        return jnp.where(counted, jnp.where(bad, jnp.nan, value), 0.0)[:, None]
+
+    softmax_scale = row_factor(softmax_scale)
+    target_true = row_factor(g * on_true)
+    target_other = row_factor(g * per_class)
     hidden_c = _counted_rows_only(hidden.astype(compute_dtype), counted)
     local_classes = weight.shape[0]
     chunk, count = _chunking(local_classes, options.chunk_size)
@@ -365,15 +613,22 @@ def _fused_rows_bwd(options, residuals: _Residuals, grad_rows):
         d_hidden, d_weight, d_bias = carry
         offset = _chunk_offset(index, chunk, local_classes)
         logits = _chunk_logits(hidden_c, weight, bias, offset, chunk, compute_dtype)
-        classes = start + offset + jax.lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
-        is_target = classes == safe_labels[:, None]
+        classes_here = start + offset + jax.lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
+        is_target = classes_here == safe_labels[:, None]
         in_support = jnp.ones(is_target.shape, bool)
         if options.convention != "uniform":
             in_support = ~is_target
         if options.convention == "others_but_pad":
-            in_support = in_support & (classes != options.pad_index)
-        target = jnp.where(is_target, on_true, 0.0) + jnp.where(in_support, per_class, 0.0)
-        coeff = scale * (jnp.exp(logits - safe_lse) - target)
+            in_support = in_support & (classes_here != options.pad_index)
+        softmax = jnp.exp((logits - safe_peak[:, None]) - safe_log_sum[:, None])
+        other = jnp.where(in_support, target_other, 0.0)
+        if classes.support is not None:
+            support = jax.lax.dynamic_slice_in_dim(classes.support, offset, chunk, 0)
+            other = other * support[None, :]
+        if classes.class_mask is not None:
+            allowed = jax.lax.dynamic_slice_in_dim(classes.class_mask, offset, chunk, 0)
+            softmax = jnp.where(allowed[None, :], softmax, 0.0)
+        coeff = softmax_scale * softmax - jnp.where(is_target, target_true, 0.0) - other
         # Select, do not multiply: 0 * NaN would leak a non-counted row's NaN features.
         coeff = jnp.where(counted[:, None], coeff, 0.0)
         weight_chunk = _slice_upcast(weight, offset, chunk, compute_dtype)
@@ -383,34 +638,41 @@ def _fused_rows_bwd(options, residuals: _Residuals, grad_rows):
         fresh = _fresh(index, offset, chunk).reshape(chunk, 1)
         fresh_weight = jnp.where(fresh, weight_chunk, 0.0)
         d_hidden = d_hidden + jnp.dot(coeff, fresh_weight, precision=_HIGHEST)
-        update = jnp.dot(coeff.T, hidden_c, precision=_HIGHEST).astype(weight.dtype)
+        # Each class's d weight row is one float32 sum over every row, rounded once here.
+        update = jnp.dot(coeff.T, hidden_c, precision=_HIGHEST).astype(d_weight.dtype)
         d_weight = jax.lax.dynamic_update_slice_in_dim(d_weight, update, offset, 0)
-        update = jnp.sum(coeff, axis=0).astype(bias.dtype)
+        update = jnp.sum(coeff, axis=0).astype(d_bias.dtype)
         d_bias = jax.lax.dynamic_update_slice_in_dim(d_bias, update, offset, 0)
         return d_hidden, d_weight, d_bias
 
     everything = (hidden, weight, bias, grad_rows)
+    # Rows split over a batch axis: d weight / d bias are summed over its shards below, in the
+    # compute dtype (each shard's part rounded first would round the sum more than once).
+    summed_over_rows = bool(_varying_axes(hidden) - _varying_axes(weight))
+    weight_dtype = compute_dtype if summed_over_rows else weight.dtype
+    bias_dtype = compute_dtype if summed_over_rows else bias.dtype
     carry = (
         _varying(jnp.zeros(hidden.shape, compute_dtype), *everything),
-        _varying(jnp.zeros(weight.shape, weight.dtype), *everything),
-        _varying(jnp.zeros(bias.shape, bias.dtype), *everything),
+        _varying(jnp.zeros(weight.shape, weight_dtype), *everything),
+        _varying(jnp.zeros(bias.shape, bias_dtype), *everything),
     )
     d_hidden, d_weight, d_bias = jax.lax.fori_loop(0, count, step, carry)
     # Inside shard_map: d hidden sums every vocabulary shard's part, d weight / d bias every
     # batch shard's rows (a psum over the axes the cotangent varies over and the input does not).
-    d_hidden = _sum_to_type(d_hidden.astype(hidden.dtype), hidden)
+    # d hidden, a float32 sum over every chunk, is rounded to the hidden's dtype once, here.
+    d_hidden = _sum_to_type(d_hidden, hidden).astype(hidden.dtype)
+    d_weight = _sum_to_type(d_weight, weight).astype(weight.dtype)
+    d_bias = _sum_to_type(d_bias, bias).astype(bias.dtype)
     # d eps = sum_rows g * slope (a select: 0 * NaN would leak a non-counted row's NaN upstream);
     # with a batch axis, every batch shard's rows (the slope is already global over the vocab).
-    d_eps = jnp.sum(jnp.where(counted, grad_rows.astype(compute_dtype) * eps_slope, 0.0))
+    d_eps = jnp.sum(jnp.where(counted, g * stats.eps_slope, 0.0))
     d_eps = _sum_to_type(d_eps.astype(eps.dtype).reshape(eps.shape), eps)
-    return (
-        d_hidden,
-        _sum_to_type(d_weight, weight),
-        _sum_to_type(d_bias, bias),
-        None,
-        None,
-        d_eps,
-    )
+    d_z = None
+    if options.with_z:  # d z = sum_rows (g + g_z) lse**2
+        square = jnp.where(bad, jnp.nan, jnp.square(safe_lse))
+        d_z = jnp.sum(jnp.where(counted, (g + grad_z.astype(compute_dtype)) * square, 0.0))
+        d_z = _sum_to_type(d_z.astype(z.dtype).reshape(z.shape), z)
+    return (d_hidden, d_weight, d_bias, None, None, d_eps, None, None, d_z)
 
 
 _fused_rows.defvjp(_fused_rows_fwd, _fused_rows_bwd)

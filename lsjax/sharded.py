@@ -23,7 +23,14 @@ from jax.sharding import Mesh, PartitionSpec
 
 import lsspec
 from lsjax import _common
-from lsjax.fused import DEFAULT_CHUNK_SIZE, _check_fused, _fused_rows, _FusedOptions
+from lsjax.fused import (
+    DEFAULT_CHUNK_SIZE,
+    _check_extra_options,
+    _check_fused,
+    _fused_rows,
+    _FusedOptions,
+    _gather,
+)
 
 Array = jax.Array
 
@@ -42,16 +49,25 @@ def sharded_fused_linear_smoothed_cross_entropy(
     ignore_index: int | None = None,
     pad_index: int | None = None,
     reduction: str = "mean",
+    class_weight: Array | None = None,
+    where: Array | None = None,
+    normalizer: float | Array | None = None,
+    kl: bool = False,
+    class_mask: Array | None = None,
+    z_loss: float | Array = 0.0,
+    return_z_loss: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> Array:
+) -> Array | tuple[Array, Array]:
     r""":func:`lsjax.fused_linear_smoothed_cross_entropy` with the weight split over the vocabulary.
 
     The same loss, keywords and result as the single-device function (global ``K = V``, global
-    sums, global 'mean' denominator: the number of counted rows over the whole batch). ``hidden``
-    ``(N, D)`` and ``labels`` ``(N,)`` are split over ``batch_axis`` (None: replicated),
-    ``weight`` ``(V, D)`` and ``bias`` ``(V,)`` over ``vocab_axis`` of ``mesh``; ``N`` and ``V``
-    must divide by those axes' sizes. Call it under ``jax.jit``; with ``reduction="none"`` the
-    per-row losses come back split over ``batch_axis``.
+    sums, global 'mean' denominator: the number of counted rows, or the sum of their
+    ``class_weight``, over the whole batch; or ``normalizer``). ``hidden`` ``(N, D)``, ``labels``
+    and ``where`` ``(N,)`` are split over ``batch_axis`` (None: replicated), ``weight``
+    ``(V, D)``, ``bias``, ``class_weight`` and ``class_mask`` ``(V,)`` over ``vocab_axis`` of
+    ``mesh``; ``N`` and ``V`` must divide by those axes' sizes. Every option of the
+    single-device function is taken, with the same meaning. Call it under ``jax.jit``; with
+    ``reduction="none"`` the per-row losses (and z-parts) come back split over ``batch_axis``.
 
     Per device: the local chunks give a local logsumexp, all-reduced over ``vocab_axis`` as
     ``m = pmax(lse)``, ``lse = m + log(psum(exp(lse - m)))``; ``x_y`` (only the shard holding
@@ -60,11 +76,19 @@ def sharded_fused_linear_smoothed_cross_entropy(
     ``smoothing`` is differentiated as in the fused loss (its derivative is summed over the
     batch shards, once: the per-row slope is already global over the vocabulary).
     """
-    fn = "sharded_fused_linear_smoothed_cross_entropy"
+    fn = lsspec.caller("sharded_fused_linear_smoothed_cross_entropy")
     options = lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction)
-    hidden, weight, bias, labels = _check_fused(fn, hidden, weight, bias, labels, options)
+    hidden, weight, bias, labels = _check_fused(fn, hidden, weight, bias, labels)
     if hidden.ndim != 2:
         raise lsspec.shape_error(fn, "hidden", hidden.shape, "two dimensions (N, D)")
+    num_classes = weight.shape[0]
+    extra = _check_extra_options(
+        fn, options, num_classes, labels.shape, class_weight, where, normalizer, kl, class_mask,
+        z_loss, return_z_loss,
+    )  # fmt: skip
+    if not _common.is_traced(labels):
+        counted = _common.counted_rows(labels, ignore_index, pad_index, extra.where)
+        _common.check_label_range(fn, labels, counted, num_classes, ignore_index, extra.class_mask)
     chunk_size = lsspec.check_chunk_size(fn, chunk_size)
     for name, axis, size in (("vocab_axis", vocab_axis, weight.shape[0]),) + (
         (("batch_axis", batch_axis, hidden.shape[0]),) if batch_axis is not None else ()
@@ -81,23 +105,36 @@ def sharded_fused_linear_smoothed_cross_entropy(
             )
     compute_dtype = _common.compute_dtype(hidden.dtype)
     eps = _common.smoothing_array(smoothing, compute_dtype)  # differentiated, as in the fused loss
-    options = _FusedOptions(convention, pad_index, chunk_size, vocab_axis)
+    class_weight, class_mask, z = extra.arrays(compute_dtype)
+    options = _FusedOptions(convention, pad_index, chunk_size, vocab_axis, kl, z is not None)
+    row_mask = jnp.ones(labels.shape, bool) if extra.where is None else extra.where
+    classes = {"class_weight": class_weight, "class_mask": class_mask}
+    classes = {name: value for name, value in classes.items() if value is not None}
 
-    def local(hidden, weight, bias, labels, eps):
-        counted = _common.counted_rows(labels, ignore_index, pad_index)
-        rows = _fused_rows(options, hidden, weight, bias, labels, counted, eps)
+    def local(hidden, weight, bias, labels, row_mask, eps, z, classes):
+        counted = _common.counted_rows(labels, ignore_index, pad_index, row_mask)
+        class_weight, class_mask = classes.get("class_weight"), classes.get("class_mask")
+        z = z if options.with_z else None
+        rows = _fused_rows(
+            options, hidden, weight, bias, labels, counted, eps, class_weight, class_mask, z
+        )
+        parts = rows if isinstance(rows, tuple) else (rows,)
         if reduction == "none":
-            return rows
-        total, count = jnp.sum(rows), jnp.sum(counted.astype(compute_dtype))
+            return parts if return_z_loss else parts[0]
+        w_y = 1.0
+        if class_weight is not None:
+            start = jax.lax.axis_index(vocab_axis) * weight.shape[0]
+            w_y = _gather(options, class_weight, jnp.where(counted, labels, 0), start)
+        count = jnp.sum(jnp.where(counted, w_y, 0.0).astype(compute_dtype))
+        totals = [jnp.sum(part) for part in parts]
         if batch_axis is not None:
-            total = jax.lax.psum(total, batch_axis)
+            totals = [jax.lax.psum(total, batch_axis) for total in totals]
             count = jax.lax.psum(count, batch_axis)
-        if reduction == "sum":
-            return total
-        nothing_counts = count == 0
-        return jnp.where(nothing_counts, 0.0, total / jnp.where(nothing_counts, 1.0, count))
+        reduced = [_common.reduce(total, count, reduction, normalizer) for total in totals]
+        return tuple(reduced) if return_z_loss else reduced[0]
 
     rows_spec = PartitionSpec(batch_axis)
+    out_spec = rows_spec if reduction == "none" else PartitionSpec()
     sharded = jax.shard_map(
         local,
         mesh=mesh,
@@ -106,8 +143,12 @@ def sharded_fused_linear_smoothed_cross_entropy(
             PartitionSpec(vocab_axis, None),
             PartitionSpec(vocab_axis),
             rows_spec,
+            rows_spec,
             PartitionSpec(),
+            PartitionSpec(),
+            {name: PartitionSpec(vocab_axis) for name in classes},
         ),
-        out_specs=rows_spec if reduction == "none" else PartitionSpec(),
+        out_specs=(out_spec, out_spec) if return_z_loss else out_spec,
     )
-    return sharded(hidden, weight, bias, labels, eps)
+    z = jnp.zeros((), compute_dtype) if z is None else z  # a placeholder without a z-loss
+    return sharded(hidden, weight, bias, labels, row_mask, eps, z, classes)

@@ -63,6 +63,8 @@ def vocab_parallel_smoothed_cross_entropy(
     pad_index: int | None = None,
     weight: torch.Tensor | None = None,
     reduction: str = "none",
+    where: torch.Tensor | None = None,
+    normalizer: float | torch.Tensor | None = None,
     check_labels: bool | None = None,
     _caller: lsspec.Caller | None = None,
 ) -> torch.Tensor:
@@ -100,6 +102,10 @@ def vocab_parallel_smoothed_cross_entropy(
         (r + 1) * V_local)`` of torch's ``weight``), a constant; ``"mean"`` divides by the sum
         of ``w_y`` over the counted rows, as torch does.
       reduction: as ``smoothed_cross_entropy``.
+      where: as ``smoothed_cross_entropy``: a boolean row mask with the labels' shape, the same
+        on every rank; False rows count for nothing.
+      normalizer: as ``smoothed_cross_entropy``: with ``reduction="mean"``, divide the sum by
+        this instead (the token count of a whole accumulated batch).
       check_labels: as ``smoothed_cross_entropy``: ``None`` reads and checks the labels on the
         CPU only (on an accelerator, no read-back: a label out of range gives a NaN row on
         every rank), ``True`` on any device, ``False`` never.
@@ -107,21 +113,26 @@ def vocab_parallel_smoothed_cross_entropy(
     Returns:
       float32 for bf16/fp16/float32 logits, float64 for float64; per row for ``"none"``, else
       a scalar. The same on every rank.
+
+    Not taken yet (``smoothed_cross_entropy`` has them): ``kl``, ``from_log_probs``,
+    ``class_mask``, ``z_loss``, ``return_z_loss``.
     """
     fn = lsspec.caller("vocab_parallel_smoothed_cross_entropy", _caller)
     _common.floating(fn, local_logits=local_logits)
     labels = _common.integer_labels(fn, labels)  # widened before any comparison
     lsspec.check_labels_shape(fn, tuple(labels.shape), tuple(local_logits.shape[:-1]))
     options = lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction)
+    where = _common.tensor_option(fn, "where", where, local_logits.device)
+    _common.check_bool(fn, "where", where)
     compute_dtype = _common.compute_dtype(local_logits.dtype)
     layout, counted, class_weight = _prologue(
         fn, local_logits.shape[-1], labels, options, weight, group, compute_dtype,
-        check_labels=check_labels,
+        check_labels=check_labels, where=where, normalizer=normalizer,
     )  # fmt: skip
     eps = _common.smoothing_tensor(smoothing, compute_dtype, local_logits.device)  # differentiated
     rows = _common.with_forward_mode(_VocabParallelRows, _VocabParallelRowsForwardMode)
     loss, _, _, w_y, _ = rows.apply(local_logits, labels, counted, eps, class_weight, layout)
-    return _common.reduce(loss, torch.where(counted, w_y, 0.0), reduction)
+    return _common.reduce(loss, torch.where(counted, w_y, 0.0), reduction, normalizer)
 
 
 def vocab_parallel_fused_linear_smoothed_cross_entropy(
@@ -310,12 +321,21 @@ class _Layout(NamedTuple):
 
 
 def _prologue(fn, local_classes, labels, options: lsspec.LabelOptions, weight, group,
-              compute_dtype, *, check_labels=None, **fused):  # fmt: skip
+              compute_dtype, *, check_labels=None, where=None, normalizer=None,
+              **fused):  # fmt: skip
     """The shared checks: ``(layout, counted rows, this rank's class weights in the compute
     dtype or None)``."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     num_classes = world * local_classes
-    _common.check_label_options(fn, num_classes, options, check_labels)
+    if where is not None:
+        shape = tuple(where.shape)
+        lsspec.check_row_options_shapes(fn, num_classes, tuple(labels.shape), where=shape)
+    _common.check_label_options(
+        fn, num_classes, options, check_labels,
+        normalizer=_common.concrete_scalar(
+            fn, "normalizer", normalizer, optional=True, check_labels=check_labels
+        ),
+    )  # fmt: skip
     device = labels.device
     weight = _common.tensor_option(fn, "weight", weight, device)
     if weight is not None:
@@ -326,7 +346,7 @@ def _prologue(fn, local_classes, labels, options: lsspec.LabelOptions, weight, g
                 f"shape ({local_classes},), this rank's slice of the class weights",
             )  # fmt: skip
         weight = weight.detach().to(dtype=compute_dtype, device=device)
-    counted = _common.counted_rows(labels, options.ignore_index, options.pad_index)
+    counted = _common.counted_rows(labels, options.ignore_index, options.pad_index, where)
     _common.check_label_range(
         fn, labels, counted, num_classes, options.ignore_index, check_labels=check_labels
     )

@@ -2,20 +2,20 @@
 
 Twin of ``lsjax.fused_linear_smoothed_cross_entropy`` (same name, keywords and meaning). The core
 is a ``torch.autograd.Function`` that walks the vocabulary in chunks of ``chunk_size`` classes,
-saves only the inputs and the per-row logsumexp for backward, and recomputes each chunk's logits
-there. Under ``torch.autocast`` the inputs are rounded as ``F.linear`` would cast them, in both
-passes alike (see the function's docstring).
+saves only the inputs and the per-row logsumexp (as its row max and log-sum) for backward, and
+recomputes each chunk's logits there. Under ``torch.autocast`` the inputs are rounded as
+``F.linear`` would cast them, in both passes alike (see the function's docstring).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 import lsspec
-from lstorch import _closed_form, _common
+from lstorch import _closed_form, _common, smoothed
 from lstorch._common import times
 
 DEFAULT_CHUNK_SIZE = 2048
@@ -32,10 +32,17 @@ def fused_linear_smoothed_cross_entropy(
     ignore_index: int | None = None,
     pad_index: int | None = None,
     reduction: str = "mean",
+    class_weight: torch.Tensor | None = None,
+    where: torch.Tensor | None = None,
+    normalizer: float | torch.Tensor | None = None,
+    kl: bool = False,
+    class_mask: torch.Tensor | None = None,
+    z_loss: float | torch.Tensor = 0.0,
+    return_z_loss: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     check_labels: bool | None = None,
     _caller: lsspec.Caller | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""``smoothed_cross_entropy(F.linear(hidden, weight, bias), labels, ...)`` without the logits.
 
     For a language-model head with a large vocabulary ``V``, ``F.linear`` builds ``rows x V``
@@ -50,6 +57,15 @@ def fused_linear_smoothed_cross_entropy(
     over the logits). Backward recomputes each chunk's logits and forms ``g * (softmax(x) - q)``
     one ``rows x chunk_size`` block at a time: ``d hidden += coeff @ W_chunk``, ``d W_chunk =
     coeff.T @ hidden``, ``d b_chunk = sum_rows coeff``.
+
+    Every option of :func:`lstorch.smoothed_cross_entropy` that applies to logits is taken, with
+    the same meaning and errors: the class weights (named ``class_weight``, ``weight`` being the
+    head's), ``where``, ``normalizer``, ``kl``, ``class_mask``, ``z_loss`` and
+    ``return_z_loss``. Weights and mask enter the rank-1 support sum as ``hidden . sum_c w_c m_c
+    W_c``, a masked class's logit is left out of each chunk's logsumexp, and the logits'
+    gradient is ``g ((A + 2 z lse) softmax(x) - t) + g_z 2 z lse softmax(x)`` (``t`` the
+    weighted smoothed target, ``A = sum_c t_c``, ``g_z`` the z-part's cotangent), still one
+    ``rows x chunk_size`` block at a time.
 
     Reproduces ``lstorch.smoothed_cross_entropy(F.linear(hidden, weight, bias), labels, ...)``
     and so, for ``convention="uniform"``, ``F.cross_entropy(F.linear(hidden, weight, bias),
@@ -93,6 +109,22 @@ def fused_linear_smoothed_cross_entropy(
       ignore_index: rows whose label equals it count for nothing (left out of ``"mean"``).
       pad_index: the pad column of ``"others_but_pad"``; rows labelled with it count for nothing.
       reduction: ``"none"`` | ``"sum"`` | ``"mean"`` (over counted rows; 0 when none counts).
+      class_weight: per-class weights ``(V,)``: the dense loss's ``weight`` (torch's class
+        ``weight``), named apart from the head's ``weight``. A row is ``(1 - eps) w_y (lse - x_y)
+        + eps sum_{c in S} w_c (lse - x_c) / |S|`` and ``"mean"`` divides by the sum of ``w_y``
+        over counted rows. A constant (not differentiated).
+      where: boolean row mask with the labels' shape; False rows count for nothing.
+      normalizer: with ``reduction="mean"``, divide the sum by this instead (for gradient
+        accumulation: the token count of the whole accumulated batch). A finite number > 0.
+      kl: return the KL form, the loss minus the target's entropy (SEMANTICS.md §2): same
+        gradient, minimum 0. Not defined with ``class_weight``.
+      class_mask: boolean ``(V,)``; False classes leave the softmax and the smoothing support
+        (SEMANTICS.md §7). A counted row whose label is a masked class raises (or is NaN where
+        the labels cannot be read).
+      z_loss: ``z >= 0`` and finite; adds ``z * lse**2`` to every counted row (the PaLM/T5X
+        z-loss, with the head's logits). Differentiable: ``d loss_row / d z = lse**2``.
+      return_z_loss: also return the z-loss part alone, reduced like the loss: ``(loss,
+        z_part)`` where ``loss`` already includes ``z_part``.
       chunk_size: classes per chunk. Temporaries grow as ``rows x chunk_size``; larger chunks
         mean fewer, larger matrix products.
       check_labels: whether the host reads the labels (and a ``smoothing`` tensor) to check
@@ -102,46 +134,127 @@ def fused_linear_smoothed_cross_entropy(
 
     Returns:
       float32 for bf16/fp16/float32 inputs (accumulated in float32: every logit, lse and sum),
-      float64 for float64; per row for ``"none"``, else a scalar. Gradients come back in the
-      inputs' dtypes.
+      float64 for float64; per row for ``"none"``, else a scalar; ``(loss, z_part)`` with
+      ``return_z_loss=True``. Gradients come back in the inputs' dtypes: ``d hidden`` is
+      accumulated over every chunk, and each class's ``d weight`` row over every row, in float32
+      (float64 for float64 inputs), and rounded to the inputs' dtype once.
 
     ``_caller`` is internal: the public function or module that called this one for the user
     (who errors name: ``FusedLinearSmoothedCrossEntropyLoss`` when the module called).
     """
     fn = lsspec.caller("fused_linear_smoothed_cross_entropy", _caller)
+    class_weight = _common.tensor_option(fn, "class_weight", class_weight, hidden.device)
+    where = _common.tensor_option(fn, "where", where, hidden.device)
+    class_mask = _common.tensor_option(fn, "class_mask", class_mask, hidden.device)
     operand_dtype = _check_fused(fn, hidden, weight, bias, labels)
     labels = _common.index_labels(labels)  # before any comparison, and so weight[labels] indexes
     num_classes = weight.shape[0]
+    _check_row_options(fn, num_classes, tuple(labels.shape), class_weight, where, class_mask)
     options = lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction)
-    chunk_size = _check_options(fn, num_classes, options, chunk_size, check_labels)
-    counted = _common.counted_rows(labels, ignore_index, pad_index)
+    z_value, chunk_size = _check_options(
+        fn,
+        num_classes,
+        options,
+        chunk_size,
+        class_weight=class_weight,
+        normalizer=normalizer,
+        kl=kl,
+        z_loss=z_loss,
+        return_z_loss=return_z_loss,
+        check_labels=check_labels,
+    )
+    _common.check_class_mask_support(fn, class_mask, convention, pad_index, check_labels)
+    counted = _common.counted_rows(labels, ignore_index, pad_index, where)
     _common.check_label_range(
-        fn, labels, counted, num_classes, ignore_index, check_labels=check_labels
+        fn, labels, counted, num_classes, ignore_index, class_mask, check_labels
     )
     compute_dtype = _common.compute_dtype(operand_dtype)
     eps = _common.smoothing_tensor(smoothing, compute_dtype, hidden.device)  # differentiated
     if bias is None:
         bias = torch.zeros(num_classes, dtype=hidden.dtype, device=hidden.device)
+    if class_weight is not None:  # constants, as in the dense loss
+        class_weight = class_weight.detach().to(compute_dtype)
+    if class_mask is not None:
+        class_mask = class_mask.detach()
+    # z-loss is computed only when it can matter (as in the dense loss).
+    with_z = return_z_loss or isinstance(z_loss, torch.Tensor) or z_value != 0
+    z = _common.z_loss_tensor(z_loss if with_z else 0.0, compute_dtype, hidden.device)
     fused_rows = _common.with_forward_mode(_FusedRows, _FusedRowsForwardMode)
-    loss, _, _ = fused_rows.apply(
+    loss, z_part, *_ = fused_rows.apply(
         hidden.reshape(-1, hidden.shape[-1]),
         weight,
         bias,
         labels.reshape(-1),
         counted.reshape(-1),
         eps,
-        _Options(convention, pad_index, chunk_size, operand_dtype),
+        class_weight,
+        class_mask,
+        z,
+        _Options(convention, pad_index, chunk_size, operand_dtype, kl, with_z),
     )
-    return _common.reduce(loss.reshape(labels.shape), counted.to(compute_dtype), reduction)
+    safe_labels = torch.where(counted, labels, 0).clamp(0, num_classes - 1)
+    w_y = 1.0 if class_weight is None else class_weight[safe_labels]
+    row_weight = torch.where(counted, w_y, 0.0).to(compute_dtype)
+    loss = _common.reduce(loss.reshape(labels.shape), row_weight, reduction, normalizer)
+    if return_z_loss:
+        z_part = _common.reduce(z_part.reshape(labels.shape), row_weight, reduction, normalizer)
+        return loss, z_part
+    return loss
+
+
+def _check_row_options(fn, num_classes, rows, class_weight, where, class_mask) -> None:
+    """The shapes and dtypes of the options the fused loss shares with the dense one."""
+    if class_weight is not None and tuple(class_weight.shape) != (num_classes,):
+        shape = tuple(class_weight.shape)
+        raise lsspec.shape_error(fn, "class_weight", shape, f"shape ({num_classes},)")
+    lsspec.check_row_options_shapes(
+        fn,
+        num_classes,
+        rows,
+        where=None if where is None else tuple(where.shape),
+        class_mask=None if class_mask is None else tuple(class_mask.shape),
+    )
+    _common.check_bool(fn, "where", where)
+    _common.check_bool(fn, "class_mask", class_mask)
 
 
 def _check_options(
-    fn, num_classes, options: lsspec.LabelOptions, chunk_size, check_labels=None
-) -> int:
+    fn,
+    num_classes,
+    options: lsspec.LabelOptions,
+    chunk_size,
+    *,
+    class_weight=None,
+    normalizer=None,
+    kl=False,
+    z_loss=0.0,
+    return_z_loss=False,
+    check_labels=None,
+    **_inputs,
+):
     """Check the plain options of :func:`fused_linear_smoothed_cross_entropy`: the function's,
-    and its module's at construction (``num_classes=None``). Returns ``chunk_size`` as an int."""
-    _common.check_label_options(fn, num_classes, options, check_labels)
-    return lsspec.check_chunk_size(fn, chunk_size)
+    and its module's at construction (``num_classes=None``; the other inputs, ``where``,
+    ``class_mask``, ..., are passed over). The class weights are called ``class_weight`` in
+    the messages (``weight`` is the head's). Returns ``(z_loss as read, chunk_size)``."""
+    _common.check_label_options(
+        _class_weight_caller(fn),
+        num_classes,
+        options,
+        check_labels,
+        normalizer=_common.concrete_scalar(
+            fn, "normalizer", normalizer, optional=True, check_labels=check_labels
+        ),
+        kl=kl,
+        has_weight=class_weight is not None,
+    )
+    z_value = _common.concrete_scalar(fn, "z_loss", z_loss, check_labels=check_labels)
+    lsspec.check_z_loss(fn, z_value, from_log_probs=False, return_z_loss=return_z_loss)
+    return z_value, lsspec.check_chunk_size(fn, chunk_size)
+
+
+def _class_weight_caller(fn: lsspec.Caller) -> lsspec.Caller:
+    """``fn`` naming the dense loss's ``weight`` (class weights) ``class_weight``."""
+    return lsspec.Caller(fn.fn, (*fn.renamed, ("weight", fn.arg("class_weight"))))
 
 
 class _Options(NamedTuple):
@@ -151,6 +264,8 @@ class _Options(NamedTuple):
     pad_index: int | None
     chunk_size: int
     operand_dtype: torch.dtype  # what hidden, weight and bias are rounded to (autocast's dtype)
+    kl: bool = False
+    with_z: bool = False  # the z-loss is part of the loss (else z_part is 0)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -238,47 +353,113 @@ def _counted_rows_only(hidden, counted):
     return torch.where(counted.unsqueeze(-1), hidden, 0.0)
 
 
-def _terms(options, hidden, weight, bias, labels, counted, eps):
-    """``(loss, lse, eps_slope)`` per row, each O(rows): the lse chunk by chunk, ``x_y`` from
-    the label's row of the weight, the support sum as a rank-1 product."""
+class _Classes(NamedTuple):
+    """The per-class side of a call, O(V): the weighted smoothed target's factors
+    (``lstorch.smoothed._target``) and the mask."""
+
+    target: Any  # smoothed._Target: safe labels, bad rows, u = w m, on_true, per_class, ...
+    support: torch.Tensor | None  # u_c = w_c m_c, None when every u_c is 1
+    class_mask: torch.Tensor | None
+    size: Any  # |S|
+
+
+def _classes(options, labels, counted, eps, class_weight, class_mask, num_classes) -> _Classes:
+    target = smoothed._target(options, num_classes, labels, counted, eps, class_weight, class_mask)
+    support = None if class_weight is None and class_mask is None else target.w
+    size = _closed_form.support_size(options.convention, num_classes, options.pad_index, class_mask)
+    return _Classes(target, support, class_mask, size)
+
+
+def _lse_parts(options, hidden, weight, bias, class_mask, compute_dtype) -> _closed_form.Lse:
+    """``lse = peak + log_sum`` over the allowed classes (a masked logit is -inf): ``peak`` the
+    row's max logit (0 where it is not finite), ``log_sum`` the log of ``sum_c exp(x_c -
+    peak)``, accumulated one chunk at a time as an online softmax does (a running max, not
+    differentiated, and the sum relative to it). Kept apart, as the dense core keeps them: with
+    confident predictions ``1 - softmax(x)_y`` is ``1 - exp((x_y - peak) - log_sum)``, exact to
+    float32's resolution at 1, where ``exp(x_y - lse)`` would carry the rounding of ``lse`` (an
+    ulp of ``|x|``: at logits ~20 that is 20x the gradient error of the dense float32 route).
+    Differentiable in ``hidden``, ``weight`` and ``bias`` where they require grad."""
+    operand_dtype = options.operand_dtype
+    rows = hidden.shape[0]
+    peak = torch.full((rows,), -torch.inf, dtype=compute_dtype, device=hidden.device)
+    total = torch.zeros(rows, dtype=compute_dtype, device=hidden.device)
+    for start, stop in _chunks(weight.shape[0], options.chunk_size):
+        logits = _chunk_logits(hidden, weight, bias, start, stop, operand_dtype, compute_dtype)
+        if class_mask is not None:
+            logits = logits.masked_fill(~class_mask[start:stop], -torch.inf)
+        new_peak = torch.maximum(peak, logits.detach().amax(-1))
+        shift = torch.where(torch.isfinite(new_peak), new_peak, 0.0)
+        total = total * torch.exp(peak - shift) + torch.exp(logits - shift.unsqueeze(-1)).sum(-1)
+        peak = new_peak
+    return _closed_form.Lse(torch.where(torch.isfinite(peak), peak, 0.0), torch.log(total))
+
+
+def _support_column_sum(support, weight, chunk_size, operand_dtype, compute_dtype):
+    """``sum_c u_c weight[c]`` of the operand, in ``compute_dtype``: (D,), chunk by chunk."""
+    if support is None:
+        return _weight_column_sum(weight, chunk_size, operand_dtype, compute_dtype)
+    total = torch.zeros(weight.shape[1], dtype=compute_dtype, device=weight.device)
+    for start, stop in _chunks(weight.shape[0], chunk_size):
+        chunk = _operand(weight[start:stop], operand_dtype, compute_dtype)
+        total = total + support[start:stop] @ chunk
+    return total
+
+
+def _terms(options, hidden, weight, bias, labels, counted, eps, class_weight, class_mask, z):
+    """``(loss, z_part, lse, eps_slope)`` per row, each O(rows): the lse chunk by chunk, ``x_y``
+    from the label's row of the weight, the support sum as a rank-1 product."""
     convention, operand_dtype = options.convention, options.operand_dtype
     chunk_size = options.chunk_size
     compute_dtype = eps.dtype
     num_classes = weight.shape[0]
     hidden = _counted_rows_only(_operand(hidden, operand_dtype, compute_dtype), counted)
-    lse = torch.full(labels.shape, -torch.inf, dtype=compute_dtype, device=hidden.device)
-    for start, stop in _chunks(num_classes, chunk_size):
-        logits = _chunk_logits(hidden, weight, bias, start, stop, operand_dtype, compute_dtype)
-        lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
-    safe_labels, bad = _closed_form.label_rows(labels, counted, eps, num_classes)
+    lse = _lse_parts(options, hidden, weight, bias, class_mask, compute_dtype)
+    classes = _classes(options, labels, counted, eps, class_weight, class_mask, num_classes)
+    target = classes.target
+    safe_labels, support = target.safe_labels, classes.support
 
     def column(classes):
         rows = _operand(weight[classes], operand_dtype, compute_dtype)
         return (hidden * rows).sum(-1) + _operand(bias[classes], operand_dtype, compute_dtype)
 
     x_y = column(safe_labels)
-    # sum_c x_c = hidden . (sum_c weight_c) + sum_c bias_c: rank 1, no pass over the logits.
-    # Unlike the dense core (relative to the row max), this needs |logits| < float max / K.
-    weight_sum = _weight_column_sum(weight, chunk_size, operand_dtype, compute_dtype)
-    bias_sum = _operand(bias, operand_dtype, compute_dtype).sum()
+    w_y = 1.0 if class_weight is None else class_weight[safe_labels]
+    # sum_{c in S} u_c x_c = hidden . (sum_c u_c weight_c) + sum_c u_c bias_c: rank 1, no pass
+    # over the logits. Unlike the dense core (relative to the row max), this needs
+    # |logits| < float max / K.
+    weight_sum = _support_column_sum(support, weight, chunk_size, operand_dtype, compute_dtype)
+    bias_values = _operand(bias, operand_dtype, compute_dtype)
+    bias_sum = bias_values.sum() if support is None else support @ bias_values
     support_sum = hidden @ weight_sum + bias_sum
-    if convention != "uniform":
-        support_sum = support_sum - x_y
+    if convention != "uniform":  # the label is allowed (else the row is bad): u_y = w_y
+        support_sum = support_sum - w_y * x_y
     if convention == "others_but_pad":
-        support_sum = support_sum - column(torch.full_like(labels, options.pad_index))
-    size = _closed_form.support_size(convention, num_classes)
-    # The closed form of statistics relative to 0: peak 0, log_sum the lse, no scaling.
+        u_pad = 1.0 if support is None else support[options.pad_index]
+        support_sum = support_sum - u_pad * column(torch.full_like(labels, options.pad_index))
+    # The closed form of statistics relative to the row's max (the rank-1 sum is of unshifted
+    # logits), no scaling.
     terms = _closed_form.RowTerms(
-        _closed_form.Lse(0.0, lse), x_y, 1.0, support_sum, size, safe_labels, bad, size, 1.0
+        lse,
+        x_y,
+        w_y,
+        support_sum - target.support_weight * lse.peak,
+        target.support_weight,
+        safe_labels,
+        target.bad,
+        classes.size,
+        1.0,
     )
-    loss = _closed_form.row_loss(terms, counted, eps, convention=convention)
+    form = dict(convention=convention, kl=options.kl)
+    output = _closed_form.row_loss(terms, counted, eps, z=z if options.with_z else None, **form)
+    loss, z_part = output if options.with_z else (output, torch.zeros_like(output))
     # d loss_row / d eps (O(rows), kept for backward; masked there, after the product with g).
-    eps_slope = _closed_form.smoothing_slope(terms, eps, convention=convention)
-    return loss, lse, eps_slope
+    eps_slope = _closed_form.smoothing_slope(terms, eps, **form)
+    return loss, z_part, lse.peak, lse.log_sum, eps_slope
 
 
 class _FusedRows(torch.autograd.Function):
-    """Per-row loss of ``F.linear(hidden, weight, bias)``; backward recomputes chunk logits.
+    """Per-row loss (and z-part) of ``F.linear(hidden, weight, bias)``; backward recomputes
+    chunk logits.
 
     ``setup_context`` + ``generate_vmap_rule`` make it work under ``torch.func`` (grad, vmap
     with batched labels); ``_FusedRowsForwardMode`` adds forward mode. A first-order
@@ -290,42 +471,50 @@ class _FusedRows(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(hidden, weight, bias, labels, counted, eps, options):
+    def forward(hidden, weight, bias, labels, counted, eps, class_weight, class_mask, z, options):
         # Autocast off in both passes: the products see the operands rounded by _operand, in
         # float32, the same in forward and backward.
         with torch.no_grad(), _autocast_off(hidden.device.type):
-            return _terms(options, hidden, weight, bias, labels, counted, eps)
+            inputs = (hidden, weight, bias, labels, counted, eps, class_weight, class_mask, z)
+            return _terms(options, *inputs)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        hidden, weight, bias, labels, counted, eps, options = inputs
-        _, lse, eps_slope = output
+        *tensors, options = inputs
+        _, _, peak, log_sum, eps_slope = output
         ctx.options = options
         # The smoothing's per-row slope (O(rows)) is kept only when the smoothing is
         # differentiated (backward) or may carry a tangent (forward mode).
         kept = eps_slope if ctx.needs_input_grad[5] else None
-        ctx.save_for_backward(hidden, weight, bias, labels, counted, eps, lse, kept)
-        ctx.save_for_forward(hidden, weight, bias, labels, counted, eps, lse, eps_slope)
-        ctx.mark_non_differentiable(lse, eps_slope)
+        ctx.save_for_backward(*tensors, peak, log_sum, kept)
+        ctx.save_for_forward(*tensors, peak, log_sum, eps_slope)
+        ctx.mark_non_differentiable(peak, log_sum, eps_slope)
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_lse, grad_slope):
-        """Per chunk: ``coeff = g * (softmax(x) - q)`` (rows x chunk), then
-        ``d hidden += coeff @ W_chunk``, ``d W_chunk = coeff.T @ hidden``, ``d b_chunk = sum
-        coeff``, with ``q_c = (1 - eps) [c = y] + eps / |S| [c in S]``; ``d eps = sum_rows g
-        slope_row`` when the smoothing is differentiated."""
-        del grad_lse, grad_slope  # internal statistics, never differentiated.
+    def backward(ctx, grad_loss, grad_z, grad_peak, grad_log_sum, grad_slope):
+        """Per chunk: ``coeff = s p - g t`` (rows x chunk; ``p`` the softmax over the allowed
+        classes, ``t`` the weighted smoothed target, ``s = g (A + 2 z lse) + g_z 2 z lse``,
+        ``A = sum_c t_c``), then ``d hidden += coeff @ W_chunk``, ``d W_chunk = coeff.T @
+        hidden``, ``d b_chunk = sum coeff``; ``d eps = sum_rows g slope_row`` and ``d z =
+        sum_rows (g + g_z) lse_row**2`` when they are differentiated."""
+        del grad_peak, grad_log_sum, grad_slope  # internal statistics, never differentiated.
         saved = _Saved(*ctx.saved_tensors)
+        options = ctx.options
+        grad_z = grad_z if options.with_z else None
         if _common.differentiated_again(saved.hidden, saved.weight, saved.bias):
             with _autocast_off(saved.hidden.device.type):
-                grads = _differentiable_gradients(ctx.options, saved, grad_loss)
+                grads = _differentiable_gradients(options, saved, grad_loss, grad_z)
         else:
-            grads = _gradients(ctx.options, saved, grad_loss)
-        d_eps = None
+            grads = _gradients(options, saved, grad_loss, grad_z)
+        d_eps = d_z = None
         if saved.eps_slope is not None:  # d eps = sum_rows g * slope (NaN from invalid rows)
-            d_eps = _smoothing_rows(saved, grad_loss * saved.eps_slope)
+            d_eps = _smoothing_rows(options, saved, grad_loss * saved.eps_slope)
             d_eps = d_eps.sum().reshape(saved.eps.shape)
-        return (*grads, None, None, d_eps, None)
+        if ctx.needs_input_grad[8] and options.with_z:
+            g_total = grad_loss + grad_z if grad_z is not None else grad_loss
+            d_z = _smoothing_rows(options, saved, g_total * saved.lse.square())
+            d_z = d_z.sum().reshape(saved.z.shape)
+        return (*grads, None, None, d_eps, None, None, d_z, None)
 
 
 class _FusedRowsForwardMode(_FusedRows):
@@ -334,16 +523,21 @@ class _FusedRowsForwardMode(_FusedRows):
 
     @staticmethod
     def jvp(ctx, hidden_tangent, weight_tangent, bias_tangent, *other_tangents):
-        """``d loss = sum_c (softmax(x)_c - q_c) dx_c`` with ``dx = d hidden @ W.T + hidden @
-        d W.T + d b``, one ``rows x chunk_size`` block at a time."""
-        eps_tangent = other_tangents[2]  # labels and the counted mask are constants
+        """``d loss = sum_c ((A + 2 z lse) p_c - t_c) dx_c`` and ``d z_part = sum_c 2 z lse p_c
+        dx_c`` with ``dx = d hidden @ W.T + hidden @ d W.T + d b``, one ``rows x chunk_size``
+        block at a time; plus ``slope d eps`` and ``lse**2 d z``."""
+        eps_tangent, z_tangent = other_tangents[2], other_tangents[5]  # labels, masks: constants
         saved = _Saved(*ctx.saved_tensors)
+        options = ctx.options
         with _autocast_off(saved.hidden.device.type):
             tangents = (hidden_tangent, weight_tangent, bias_tangent)
-            d_loss = _loss_tangent(ctx.options, saved, tangents)
+            d_loss, d_z = _loss_tangent(options, saved, tangents)
         if eps_tangent is not None:
-            d_loss = d_loss + _smoothing_rows(saved, times(eps_tangent, saved.eps_slope))
-        return d_loss, None, None  # lse and the slope: non-differentiable
+            d_loss = d_loss + _smoothing_rows(options, saved, times(eps_tangent, saved.eps_slope))
+        if z_tangent is not None and options.with_z:
+            z_rows = _smoothing_rows(options, saved, times(z_tangent, saved.lse.square()))
+            d_loss, d_z = d_loss + z_rows, d_z + z_rows
+        return d_loss, d_z, None, None, None  # the lse's parts, the slope: non-differentiable
 
 
 class _Saved(NamedTuple):
@@ -356,15 +550,25 @@ class _Saved(NamedTuple):
     labels: torch.Tensor
     counted: torch.Tensor
     eps: torch.Tensor
-    lse: torch.Tensor
+    class_weight: torch.Tensor | None
+    class_mask: torch.Tensor | None
+    z: torch.Tensor
+    peak: torch.Tensor  # lse = peak + log_sum (_lse_parts)
+    log_sum: torch.Tensor
     eps_slope: torch.Tensor | None
 
+    @property
+    def lse(self) -> torch.Tensor:
+        return self.peak + self.log_sum
 
-def _smoothing_rows(saved: _Saved, per_row):
-    """``per_row`` (a term of the smoothing's derivative) on the rows that count, NaN on the
+
+def _smoothing_rows(options, saved: _Saved, per_row):
+    """``per_row`` (a term of an option's derivative) on the rows that count, NaN on the
     invalid ones, 0 elsewhere (a select: the others may hold anything)."""
     num_classes = saved.weight.shape[0]
-    _, bad = _closed_form.label_rows(saved.labels, saved.counted, saved.eps, num_classes)
+    _, bad = _closed_form.label_rows(
+        saved.labels, saved.counted, saved.eps, num_classes, saved.class_mask
+    )
     return _closed_form.counted_only(saved.counted, bad, per_row.to(saved.eps.dtype))
 
 
@@ -372,62 +576,100 @@ class _Rows(NamedTuple):
     """What every pass over the chunks shares."""
 
     hidden: torch.Tensor  # the operand hidden in the compute dtype, rows that do not count zeroed
-    safe_labels: torch.Tensor  # (rows, 1): the target's column
-    bad: torch.Tensor  # the rows that are NaN
-    on_true: torch.Tensor  # 1 - eps, the target's mass
-    per_class: torch.Tensor  # eps / |S|, each support class's
+    safe_labels: torch.Tensor  # (rows,): the target's column
+    softmax_scale: torch.Tensor  # (rows, 1): s = g (A + 2 z lse) + g_z 2 z lse
+    target_true: torch.Tensor  # (rows, 1): g (1 - eps) w_y, the target's mass
+    target_other: torch.Tensor  # (rows, 1): g eps / |S|, each support class's before u_c
+    support: torch.Tensor | None  # (V,): u_c = w_c m_c; None when all 1
+    class_mask: torch.Tensor | None
+    peak: torch.Tensor  # (rows, 1): lse = peak + log_sum, both 0 on rows that do not count
+    log_sum: torch.Tensor  # (rows, 1)
 
 
-def _rows(options, saved: _Saved) -> _Rows:
+def _rows(options, saved: _Saved, grad_loss, grad_z) -> _Rows:
+    """The per-row factors of the chunks' ``coeff = s p - g t`` for the cotangents ``grad_loss``
+    and ``grad_z`` (None: 0); ``grad_loss = 1`` gives the tangent's factors. NaN on invalid
+    rows, 0 on rows that do not count."""
     compute_dtype, counted, eps = saved.eps.dtype, saved.counted, saved.eps
     num_classes = saved.weight.shape[0]
-    safe_labels, bad = _closed_form.label_rows(saved.labels, counted, eps, num_classes)
+    classes = _classes(
+        options, saved.labels, counted, eps, saved.class_weight, saved.class_mask, num_classes
+    )
+    target = classes.target
     hidden = _counted_rows_only(
         _operand(saved.hidden, options.operand_dtype, compute_dtype), counted
     )
-    per_class = eps / _closed_form.support_size(options.convention, num_classes)
-    return _Rows(hidden, safe_labels.unsqueeze(-1), bad, 1.0 - eps, per_class)
+    g = grad_loss.to(compute_dtype)
+    peak = torch.where(counted, saved.peak, 0.0)
+    log_sum = torch.where(counted, saved.log_sum, 0.0)
+    lse = peak + log_sum
+    softmax_scale = g * target.mass()
+    if options.with_z:
+        z_scale = 2.0 * saved.z * lse
+        g_total = g if grad_z is None else g + grad_z.to(compute_dtype)
+        softmax_scale = softmax_scale + g_total * z_scale
 
+    def row_factor(value):
+        value = torch.as_tensor(value, dtype=compute_dtype, device=hidden.device)
+        value = value.expand(counted.shape)
+        return _closed_form.counted_only(counted, target.bad, value).unsqueeze(-1)
 
-def _chunk_target(options, safe_labels, on_true, per_class, start, stop, device):
-    """``q`` on the classes [start, stop): (rows, chunk), out of place."""
-    classes = torch.arange(start, stop, device=device)
-    labels = safe_labels.squeeze(-1)
-    return _closed_form.smoothed_target(
-        options.convention, options.pad_index, classes, labels, on_true, per_class
+    return _Rows(
+        hidden,
+        target.safe_labels,
+        row_factor(softmax_scale),
+        row_factor(g * target.on_true),
+        row_factor(g * target.per_class),
+        classes.support,
+        classes.class_mask,
+        peak.unsqueeze(-1),
+        log_sum.unsqueeze(-1),
     )
 
 
-def _gradients(options, saved: _Saved, grad_loss):
-    """The first-order gradients, each chunk's ``coeff`` built in its logits' buffer."""
-    convention, pad_index = options.convention, options.pad_index
+def _chunk_target(options, rows: _Rows, start, stop, device):
+    """``g t`` on the classes [start, stop): (rows, chunk), out of place."""
+    classes = torch.arange(start, stop, device=device)
+    other = rows.target_other
+    if rows.support is not None:
+        other = other * rows.support[start:stop]
+    return _closed_form.smoothed_target(
+        options.convention, options.pad_index, classes, rows.safe_labels, rows.target_true, other
+    )
+
+
+def _chunk_softmax(rows: _Rows, logits, start, stop):
+    """The softmax over the allowed classes of a chunk's logits, out of place (0 masked)."""
+    softmax = torch.exp((logits - rows.peak) - rows.log_sum)
+    if rows.class_mask is not None:
+        softmax = softmax.masked_fill(~rows.class_mask[start:stop], 0.0)
+    return softmax
+
+
+def _gradients(options, saved: _Saved, grad_loss, grad_z):
+    """The first-order gradients, each chunk's ``coeff`` built in its logits' buffer. ``d
+    hidden`` accumulates over the chunks in the compute dtype (float32 for bf16/fp16 inputs)
+    and each class's ``d weight`` row is one float32 product over every row: both are rounded
+    to the inputs' dtype once."""
     operand_dtype = options.operand_dtype
     hidden, weight, bias = saved.hidden, saved.weight, saved.bias
-    counted, lse = saved.counted, saved.lse
+    counted = saved.counted
     compute_dtype = saved.eps.dtype
     num_classes = weight.shape[0]
-    hidden_c, safe_labels, bad, on_true, per_class = _rows(options, saved)
-    scale = torch.where(bad, torch.nan, grad_loss.to(compute_dtype))
-    scale = torch.where(counted, scale, 0.0).unsqueeze(-1)
+    rows = _rows(options, saved, grad_loss, grad_z)
+    hidden_c = rows.hidden
     keep = counted.unsqueeze(-1)
-    safe_lse = torch.where(counted, lse, 0.0).unsqueeze(-1)
     d_hidden = torch.zeros_like(hidden_c)
     d_weight = torch.empty_like(weight)
     d_bias = torch.empty_like(bias)
     with torch.no_grad(), _autocast_off(hidden.device.type):
         for start, stop in _chunks(num_classes, options.chunk_size):
             coeff = _chunk_logits(hidden_c, weight, bias, start, stop, operand_dtype, compute_dtype)
-            coeff.sub_(safe_lse).exp_()  # softmax, in the logits' buffer
-            classes = torch.arange(start, stop, device=hidden.device).unsqueeze(0)
-            is_target = classes == safe_labels
-            if convention == "uniform":
-                coeff.sub_(per_class)
-            else:
-                coeff.sub_(torch.where(is_target, 0.0, per_class))
-            if convention == "others_but_pad" and start <= pad_index < stop:
-                coeff[:, pad_index - start] += per_class
-            coeff.sub_(torch.where(is_target, on_true, 0.0))
-            coeff.mul_(scale)
+            coeff.sub_(rows.peak).sub_(rows.log_sum).exp_()  # softmax, in the logits' buffer
+            if rows.class_mask is not None:
+                coeff.masked_fill_(~rows.class_mask[start:stop], 0.0)
+            coeff.mul_(rows.softmax_scale)
+            coeff.sub_(_chunk_target(options, rows, start, stop, hidden.device))
             # Select, do not multiply: 0 * NaN would leak a non-counted row's NaN features.
             coeff.masked_fill_(~keep, 0.0)
             weight_chunk = _operand(weight[start:stop], operand_dtype, compute_dtype)
@@ -437,29 +679,25 @@ def _gradients(options, saved: _Saved, grad_loss):
     return d_hidden.to(hidden.dtype), d_weight, d_bias
 
 
-def _differentiable_gradients(options, saved: _Saved, grad_loss):
+def _differentiable_gradients(options, saved: _Saved, grad_loss, grad_z):
     """The same gradients through differentiable, out-of-place ops, with the lse recomputed
     from (hidden, weight, bias): their own derivatives (double backward, forward over reverse)
     are then exact. Chunked as the first-order pass; a recorded graph keeps what it needs."""
     operand_dtype, compute_dtype = options.operand_dtype, saved.eps.dtype
     hidden, weight, bias, counted = saved.hidden, saved.weight, saved.bias, saved.counted
     num_classes = weight.shape[0]
-    hidden_c, safe_labels, bad, on_true, per_class = _rows(options, saved)
     chunks = _chunks(num_classes, options.chunk_size)
-    lse = None
-    for start, stop in chunks:
-        logits = _chunk_logits(hidden_c, weight, bias, start, stop, operand_dtype, compute_dtype)
-        chunk_lse = torch.logsumexp(logits, dim=-1)
-        lse = chunk_lse if lse is None else torch.logaddexp(lse, chunk_lse)
-    safe_lse = torch.where(counted, lse, 0.0).unsqueeze(-1)
-    scale = torch.where(bad, torch.nan, grad_loss.to(compute_dtype))
-    scale = torch.where(counted, scale, 0.0).unsqueeze(-1)
+    hidden_c = _counted_rows_only(_operand(hidden, operand_dtype, compute_dtype), counted)
+    lse = _lse_parts(options, hidden_c, weight, bias, saved.class_mask, compute_dtype)
+    recomputed = saved._replace(peak=lse.peak, log_sum=lse.log_sum)
+    rows = _rows(options, recomputed, grad_loss, grad_z)._replace(hidden=hidden_c)
     keep = counted.unsqueeze(-1)
     d_hidden, d_weight, d_bias = 0.0, [], []
     for start, stop in chunks:
         logits = _chunk_logits(hidden_c, weight, bias, start, stop, operand_dtype, compute_dtype)
-        target = _chunk_target(options, safe_labels, on_true, per_class, start, stop, hidden.device)
-        coeff = torch.where(keep, (torch.exp(logits - safe_lse) - target) * scale, 0.0)
+        softmax = _chunk_softmax(rows, logits, start, stop)
+        target = _chunk_target(options, rows, start, stop, hidden.device)
+        coeff = torch.where(keep, rows.softmax_scale * softmax - target, 0.0)
         weight_chunk = _operand(weight[start:stop], operand_dtype, compute_dtype)
         d_hidden = d_hidden + coeff @ weight_chunk
         d_weight.append(coeff.T @ hidden_c)
@@ -472,22 +710,29 @@ def _differentiable_gradients(options, saved: _Saved, grad_loss):
 
 
 def _loss_tangent(options, saved: _Saved, tangents):
-    """``sum_c (softmax(x)_c - q_c) dx_c`` per row (NaN where the row is, 0 where it does not
-    count), ``dx`` the tangent of the chunk's logits."""
+    """Per row ``(d loss, d z_part)``: ``sum_c ((A + 2 z lse) p_c - t_c) dx_c`` and ``sum_c 2 z
+    lse p_c dx_c`` (NaN where the row is, 0 where it does not count), ``dx`` the tangent of the
+    chunk's logits."""
     operand_dtype, compute_dtype = options.operand_dtype, saved.eps.dtype
     hidden, weight, bias = saved.hidden, saved.weight, saved.bias
-    labels, counted, lse = saved.labels, saved.counted, saved.lse
+    labels, counted = saved.labels, saved.counted
     hidden_tangent, weight_tangent, bias_tangent = tangents
     num_classes = weight.shape[0]
-    hidden_c, safe_labels, bad, on_true, per_class = _rows(options, saved)
+    ones = torch.ones(labels.shape, dtype=compute_dtype, device=hidden.device)
+    rows = _rows(options, saved, ones, None)
+    z_rows = None
+    if options.with_z:  # the z-part's own: s = 2 z lse, t = 0
+        z_rows = _rows(options, saved, torch.zeros_like(ones), ones)
+    hidden_c = rows.hidden
     if hidden_tangent is not None:  # rounding to the operand dtype passes tangents unchanged
         hidden_tangent = _counted_rows_only(hidden_tangent.to(compute_dtype), counted)
-    safe_lse = torch.where(counted, lse, 0.0).unsqueeze(-1)
     d_loss = torch.zeros(labels.shape, dtype=compute_dtype, device=hidden.device)
+    d_z = torch.zeros_like(d_loss)
     for start, stop in _chunks(num_classes, options.chunk_size):
         logits = _chunk_logits(hidden_c, weight, bias, start, stop, operand_dtype, compute_dtype)
-        target = _chunk_target(options, safe_labels, on_true, per_class, start, stop, hidden.device)
-        coeff = torch.exp(logits - safe_lse) - target
+        softmax = _chunk_softmax(rows, logits, start, stop)
+        target = _chunk_target(options, rows, start, stop, hidden.device)
+        coeff = rows.softmax_scale * softmax - target
         d_logits = 0.0
         if hidden_tangent is not None:
             weight_chunk = _operand(weight[start:stop], operand_dtype, compute_dtype)
@@ -497,5 +742,6 @@ def _loss_tangent(options, saved: _Saved, tangents):
         if bias_tangent is not None:
             d_logits = d_logits + bias_tangent[start:stop].to(compute_dtype)
         d_loss = d_loss + (coeff * d_logits).sum(-1)
-    d_loss = torch.where(bad, torch.nan, d_loss)
-    return torch.where(counted, d_loss, 0.0)
+        if z_rows is not None:
+            d_z = d_z + (z_rows.softmax_scale * softmax * d_logits).sum(-1)
+    return torch.where(counted, d_loss, 0.0), torch.where(counted, d_z, 0.0)

@@ -153,16 +153,19 @@ class FusedLinearSmoothedCrossEntropyLoss(_LossModule):
     ``forward(hidden, weight, labels, bias=None)`` takes the output layer's parameters, so a
     model keeps its own ``nn.Linear`` (or tied embedding) and hands ``head.weight`` /
     ``head.bias`` here instead of calling the head. Every keyword of the function is a
-    constructor argument (``bias`` goes to ``forward``). As ``SmoothedCrossEntropyLoss``,
-    ``ignore_index`` defaults to -100. Under ``torch.autocast`` the inputs are rounded as
-    ``F.linear`` would cast them (see the function).
+    constructor argument (``bias`` and the row mask ``where``, which change with the batch, go
+    to ``forward``; ``class_weight`` and ``class_mask`` are buffers). As
+    ``SmoothedCrossEntropyLoss``, ``ignore_index`` defaults to -100. Under ``torch.autocast``
+    the inputs are rounded as ``F.linear`` would cast them (see the function).
 
     Shape:
       - hidden: ``(..., D)``.
       - weight: ``(V, D)``, as ``nn.Linear(D, V).weight``.
       - labels: ``hidden.shape[:-1]``, integer.
       - bias (optional): ``(V,)``.
-      - output: a scalar for ``"mean"``/``"sum"``, the labels' shape for ``"none"``.
+      - where (optional): the labels' shape, bool.
+      - output: a scalar for ``"mean"``/``"sum"``, the labels' shape for ``"none"``;
+        ``(loss, z_part)`` with ``return_z_loss=True``.
 
     Example::
 
@@ -172,15 +175,22 @@ class FusedLinearSmoothedCrossEntropyLoss(_LossModule):
     """
 
     _function = staticmethod(fused_linear_smoothed_cross_entropy)
+    _buffer_names = ("class_weight", "class_mask")
 
     def __init__(
         self,
         *,
-        smoothing: float = 0.0,
+        smoothing: float | torch.Tensor = 0.0,
         convention: str = "uniform",
         ignore_index: int | None = -100,
         pad_index: int | None = None,
         reduction: str = "mean",
+        class_weight: torch.Tensor | None = None,
+        normalizer: float | torch.Tensor | None = None,
+        kl: bool = False,
+        class_mask: torch.Tensor | None = None,
+        z_loss: float | torch.Tensor = 0.0,
+        return_z_loss: bool = False,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         check_labels: bool | None = None,
     ) -> None:
@@ -188,13 +198,7 @@ class FusedLinearSmoothedCrossEntropyLoss(_LossModule):
 
     def _check(self, fn: lsspec.Caller) -> None:
         options = self._options()
-        fused._check_options(
-            fn,
-            None,
-            lsspec.LabelOptions.of(options),
-            options["chunk_size"],
-            options["check_labels"],
-        )
+        fused._check_options(fn, None, lsspec.LabelOptions.of(options), **options)
 
     def forward(
         self,
@@ -202,8 +206,9 @@ class FusedLinearSmoothedCrossEntropyLoss(_LossModule):
         weight: torch.Tensor,
         labels: torch.Tensor,
         bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return self._loss(hidden, weight, labels, bias=bias)
+        where: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return self._loss(hidden, weight, labels, bias=bias, where=where)
 
 
 @module_args(label_smoothing_loss)

@@ -577,15 +577,25 @@ def fused_linear_smoothed_cross_entropy(
     ignore_index=None,
     pad_index=None,
     reduction="mean",
+    class_weight=None,
+    where=None,
+    normalizer=None,
+    kl=False,
+    class_mask=None,
+    z_loss=0.0,
+    return_z_loss=False,
     chunk_size=None,
     wrt="hidden",
 ):
-    """The dense route in float64: ``smoothed_cross_entropy(hidden @ weight.T + bias, ...)``.
+    """The dense route in float64: ``smoothed_cross_entropy(hidden @ weight.T + bias, ...)``,
+    the class weights ``class_weight`` handed on as the dense loss's ``weight``.
 
     The logits' gradient ``G`` (rows x V, from the dense oracle above) is carried back through
     the linear layer by the chain rule: ``d hidden = G @ weight``, ``d weight = G.T @ hidden``,
-    ``d bias = sum_rows G``; ``wrt`` names which one the vjp returns. ``chunk_size`` is an
-    implementation detail of the fused losses and changes nothing here.
+    ``d bias = sum_rows G``; ``wrt`` names which one the vjp returns (a tuple of names: each
+    of them, in that order). ``chunk_size`` is an
+    implementation detail of the fused losses and changes nothing here. With
+    ``return_z_loss=True`` the output is ``(loss, z_part)`` and the vjp takes a pair.
     """
     del chunk_size
     hidden = np.asarray(hidden, np.float64)
@@ -600,17 +610,38 @@ def fused_linear_smoothed_cross_entropy(
         convention=convention,
         ignore_index=ignore_index,
         pad_index=pad_index,
+        weight=class_weight,
+        where=None if where is None else np.asarray(where).reshape(-1),
         reduction=reduction,
+        normalizer=normalizer,
+        kl=kl,
+        class_mask=class_mask,
+        z_loss=z_loss,
+        return_z_loss=return_z_loss,
     )
     if reduction == "none":
-        output = output.reshape(np.shape(labels))
+        output = (
+            tuple(part.reshape(np.shape(labels)) for part in output)
+            if return_z_loss
+            else (output.reshape(np.shape(labels)))
+        )
+
+    def flat_cotangent(cotangent):
+        if reduction != "none":
+            return cotangent
+        return np.asarray(cotangent).reshape(-1)
 
     def vjp(cotangent):
-        grad_logits = logits_vjp(
-            np.asarray(cotangent).reshape(np.shape(output.reshape(-1)))
-            if reduction == "none"
-            else cotangent
-        )
+        if return_z_loss:
+            cotangent = tuple(flat_cotangent(part) for part in cotangent)
+        else:
+            cotangent = flat_cotangent(cotangent)
+        grad_logits = logits_vjp(cotangent)
+        if isinstance(wrt, tuple):  # several at once, from one dense gradient
+            return tuple(pull(grad_logits, name) for name in wrt)
+        return pull(grad_logits, wrt)
+
+    def pull(grad_logits, wrt):
         if wrt == "hidden":
             return (grad_logits @ weight).reshape(hidden.shape)
         if wrt == "weight":

@@ -761,9 +761,11 @@ def _fused_cases() -> tuple[dict, ...]:
     is shifted back and masked), and a few shapes placed so the grid needs few compilations:
     K=3 in one chunk (uniform, ``"sum"``), K=300 in chunks of 64 (uniform, ``"none"``), a 2-D
     row shape (others, ``"none"``), no bias (others_but_pad, ``"none"``); ignored rows alternate;
-    plus the all-ignored 'mean' case. Compiling the eager JAX runs is most of these twins' cost:
-    the smoothing, the reduction and the ignored rows are not part of the compiled core's key,
-    shapes and the bias's presence are."""
+    plus the all-ignored 'mean' case; plus each of the dense loss's other options
+    (:data:`_FUSED_OPTIONS`: ``class_weight``, ``where``, ``normalizer``, ``kl``, ``class_mask``,
+    ``z_loss``, ``return_z_loss`` and all at once) in each convention. Compiling the eager JAX
+    runs is most of these twins' cost: the smoothing, the reduction and the ignored rows are not
+    part of the compiled core's key, shapes and the bias's presence are."""
     cases = []
     for index, case in enumerate(
         _grid(convention=CONVENTIONS, reduction=REDUCTIONS, smoothing=(0.0, 0.1, 1.0))
@@ -791,7 +793,58 @@ def _fused_cases() -> tuple[dict, ...]:
             all_ignored=True,
         )
     )
+    # The dense loss's other options, each in every convention (K=37 in ragged chunks of 8):
+    # reduction and smoothing rotate; a normalizer needs "mean"; "all" is every one at once
+    # but kl (not defined with class weights), "kl" comes with a class mask and a z-loss.
+    for index, case in enumerate(_grid(convention=CONVENTIONS, option=_FUSED_OPTIONS)):
+        mean = case["option"] in ("normalizer", "all")
+        case["reduction"] = "mean" if mean else REDUCTIONS[index % 3]
+        case["smoothing"] = (0.1, 1.0, 0.0, 0.1)[index % 4]
+        case.update(num_classes=37, chunk_size=8, ignored=index % 2 == 0, biased=True)
+        case["row_shape"] = (7,)
+        cases.append(case)
     return tuple(cases)
+
+
+_FUSED_OPTIONS = (
+    "class_weight",
+    "where",
+    "normalizer",
+    "kl",
+    "class_mask",
+    "z_loss",
+    "return_z_loss",
+    "all",
+)
+
+
+def _fused_option_kwargs(rng: np.random.Generator, case: dict, labels) -> tuple[dict, np.ndarray]:
+    """The options of a case's ``option`` (none without one), and the labels (drawn again
+    among the allowed classes under a class mask)."""
+    option, num_classes = case.get("option"), case["num_classes"]
+    if option is None:
+        return {}, labels
+    every = option == "all"
+    kwargs = {}
+    if option in ("class_weight",) or every:
+        kwargs["class_weight"] = rng.uniform(0.2, 2.0, num_classes)
+    if option == "where" or every:
+        kwargs["where"] = rng.random(case["row_shape"]) < 0.7
+    if option == "normalizer" or every:
+        kwargs["normalizer"] = 5.5  # not the count of any case: the mean divides by it
+    if option == "kl":
+        kwargs.update(kl=True, z_loss=0.05)
+    if option in ("class_mask", "kl") or every:
+        allowed = rng.random(num_classes) < 0.7
+        allowed[:2] = True
+        kwargs["class_mask"] = allowed
+        fresh = rng.choice(np.flatnonzero(allowed), size=case["row_shape"])
+        labels = np.where(labels == IGNORE, IGNORE, fresh)
+    if option in ("z_loss", "return_z_loss") or every:
+        kwargs["z_loss"] = 0.1  # large beside T5X's 1e-4, so its term is well above rounding
+    if option == "return_z_loss" or every:
+        kwargs["return_z_loss"] = True
+    return kwargs, labels
 
 
 def _fused_arrays(rng: np.random.Generator, case: dict):
@@ -814,7 +867,8 @@ def _fused_arrays(rng: np.random.Generator, case: dict):
         kwargs["ignore_index"] = IGNORE
         drop = rng.random(case["row_shape"]) < (1.0 if case.get("all_ignored") else 0.3)
         labels = np.where(drop, IGNORE, labels)
-    return hidden, weight, bias, labels, kwargs
+    more, labels = _fused_option_kwargs(rng, case, labels)
+    return hidden, weight, bias, labels, {**kwargs, **more}
 
 
 def _fused_inputs(rng, case):
@@ -846,10 +900,13 @@ def _fused_packed(fused):
 
 
 def _fused_module(packed, labels, *, hidden_shape, weight_shape, biased, **options):
-    """``lstorch.FusedLinearSmoothedCrossEntropyLoss(**options)(hidden, weight, labels, bias)``."""
+    """``lstorch.FusedLinearSmoothedCrossEntropyLoss(**options)(hidden, weight, labels, bias,
+    where)``."""
     options.setdefault("ignore_index", None)
+    where = options.pop("where", None)  # forward's, as bias
     hidden, weight, bias = _unpack(packed, hidden_shape, weight_shape, biased)
-    return lstorch.FusedLinearSmoothedCrossEntropyLoss(**options)(hidden, weight, labels, bias)
+    loss_fn = lstorch.FusedLinearSmoothedCrossEntropyLoss(**options)
+    return loss_fn(hidden, weight, labels, bias, where)
 
 
 def _fused_oracle(packed, labels, *, hidden_shape, weight_shape, biased, **options):

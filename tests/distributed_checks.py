@@ -26,6 +26,8 @@ CASES = [
     ("others", None, "mean", 0.1),
     ("others_but_pad", 4, "sum", 0.3),
     ("uniform", None, "mean", 1.0),
+    ("others", None, "mean", 0.2, dict(where=True, normalizer=11.0)),
+    ("others_but_pad", 4, "none", 0.1, dict(where=True)),
 ]
 
 
@@ -37,7 +39,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from lstorch.distributed import vocab_parallel_smoothed_cross_entropy
 
     results = []
-    for index, (convention, pad_index, reduction, smoothing) in enumerate(CASES):
+    for index, (convention, pad_index, reduction, smoothing, *more) in enumerate(CASES):
         generator = torch.Generator().manual_seed(index)  # the same data on every rank
         vocab = world * LOCAL_VOCAB
         logits = 3 * torch.randn(ROWS, vocab, generator=generator, dtype=torch.float64)
@@ -50,7 +52,10 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
             pad_index=pad_index,
             ignore_index=-100,
             reduction=reduction,
+            **(more[0] if more else {}),
         )
+        if options.get("where") is True:  # a row mask, the same on every rank
+            options["where"] = torch.rand(ROWS, generator=generator) < 0.7
         for dtype in (torch.float64, torch.float32):
             # The smoothing is a tensor that requires grad: d loss / d smoothing is compared too.
             dense_eps = torch.tensor(smoothing, dtype=dtype, requires_grad=True)

@@ -98,11 +98,28 @@ def main() -> None:
             )
         )
 
-    # 2. The fused loss with the weight split over the vocabulary (shard_map).
-    for convention, pad_index, reduction in (
-        ("uniform", None, "mean"),
-        ("others", None, "none"),
-        ("others_but_pad", 300, "sum"),
+    # 2. The fused loss with the weight split over the vocabulary (shard_map), with the dense
+    # loss's other options too: class weights and mask split over the vocabulary as the weight,
+    # the row mask over the batch.
+    class_weight = rng.uniform(0.5, 2.0, VOCAB).astype(np.float32)
+    class_mask = rng.random(VOCAB) < 0.7
+    class_mask[labels[labels >= 0]] = True  # every label allowed
+    class_mask[300] = False  # a masked pad
+    row_mask = rng.random(ROWS) < 0.8
+    everything = dict(
+        class_weight=class_weight,
+        class_mask=class_mask,
+        where=row_mask,
+        z_loss=0.1,
+        return_z_loss=True,
+    )
+    for convention, pad_index, reduction, more in (
+        ("uniform", None, "mean", {}),
+        ("others", None, "none", {}),
+        ("others_but_pad", 300, "sum", {}),
+        ("uniform", None, "mean", {**everything, "normalizer": 20.0}),
+        ("others_but_pad", 300, "none", everything),
+        ("others", None, "sum", dict(kl=True, class_mask=class_mask, z_loss=0.1)),
     ):
         options = dict(
             smoothing=0.1,
@@ -111,27 +128,26 @@ def main() -> None:
             ignore_index=-100,
             reduction=reduction,
             chunk_size=96,  # ragged within each shard's 256 classes
+            **more,
         )
 
         # Gradients for hidden, weight, bias and the smoothing (a differentiated argument).
         def single(h, w, b, y, eps, options=options):
             def scalar(h, w, b, eps):
-                return jnp.sum(
-                    lsjax.fused_linear_smoothed_cross_entropy(
-                        h, w, y, bias=b, **{**options, "smoothing": eps}
-                    )
+                out = lsjax.fused_linear_smoothed_cross_entropy(
+                    h, w, y, bias=b, **{**options, "smoothing": eps}
                 )
+                return sum(jnp.sum(part) for part in jax.tree.leaves(out))
 
             out = lsjax.fused_linear_smoothed_cross_entropy(h, w, y, bias=b, **options)
             return out, jax.grad(scalar, argnums=(0, 1, 2, 3))(h, w, b, eps)
 
         def split(h, w, b, y, eps, options=options):
             def scalar(h, w, b, eps):
-                return jnp.sum(
-                    sharded_fused_linear_smoothed_cross_entropy(
-                        h, w, y, bias=b, mesh=mesh, **{**options, "smoothing": eps}
-                    )
+                out = sharded_fused_linear_smoothed_cross_entropy(
+                    h, w, y, bias=b, mesh=mesh, **{**options, "smoothing": eps}
                 )
+                return sum(jnp.sum(part) for part in jax.tree.leaves(out))
 
             out = sharded_fused_linear_smoothed_cross_entropy(h, w, y, bias=b, mesh=mesh, **options)
             return out, jax.grad(scalar, argnums=(0, 1, 2, 3))(h, w, b, eps)
@@ -167,15 +183,15 @@ def main() -> None:
             )
         )
         # The dense single-device loss, too (the fused loss's own reference).
+        dense_options = {k: v for k, v in options.items() if k != "chunk_size"}
+        dense_options["weight"] = dense_options.pop("class_weight", None)
         dense = lsjax.smoothed_cross_entropy(
-            jnp.asarray(logits),
-            jnp.asarray(labels),
-            **{k: v for k, v in options.items() if k != "chunk_size"},
+            jnp.asarray(logits), jnp.asarray(labels), **dense_options
         )
         flat_got, flat_expected = jax.tree.leaves(got), jax.tree.leaves(expected)
         results["fused"].append(
             dict(
-                case=f"{convention}/{reduction}",
+                case=f"{convention}/{reduction}/{'+'.join(more)}",
                 diffs=[
                     float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                     for a, b in zip(flat_got, flat_expected, strict=True)
@@ -187,7 +203,13 @@ def main() -> None:
                 # Bit-for-bit: every device's copy of the (replicated) loss is the same.
                 replicas_identical=bool(
                     reduction == "none"
-                    or len({np.asarray(s.data).tobytes() for s in got[0].addressable_shards}) == 1
+                    or len(
+                        {
+                            np.asarray(s.data).tobytes()
+                            for s in jax.tree.leaves(got[0])[0].addressable_shards
+                        }
+                    )
+                    == 1
                 ),
             )
         )

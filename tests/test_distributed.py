@@ -6,7 +6,8 @@ vocabulary of the same logits. On every rank: the loss equals the dense single-p
 of the dense gradient, the derivative with respect to the smoothing equals the dense one, and the
 loss is bit-for-bit the same on all ranks; the Hessian-vector product (double backward) is that
 rank's slice of the dense one, cross-rank terms included, and the loss's forward-mode tangent
-(each rank holding its slice of the tangent) is the dense one.
+(each rank holding its slice of the tangent) is the dense one. Two cases add a row mask
+(``where``), one with a ``normalizer``.
 """
 
 import json
@@ -29,7 +30,7 @@ def ranks():
 
 
 def test_every_rank_gets_the_dense_loss_and_its_slice_of_the_dense_gradient(ranks):
-    assert len(ranks[0]) == 8  # 4 cases x (float64, float32)
+    assert len(ranks[0]) == 12  # 6 cases x (float64, float32)
     for rank in ranks:
         for case in rank:
             rtol, atol = TOLERANCES[case["case"].rsplit("/", 1)[1]]

@@ -8,6 +8,10 @@
 * Against the dense path (``smoothed_cross_entropy(hidden @ weight.T + bias)``), in each
   framework, float32 and bf16: loss and the gradients of hidden, weight and bias. (The registry
   twins check JAX against PyTorch and both against a float64 NumPy oracle.)
+* Every option of the dense loss (class weights, ``where``, ``normalizer``, ``kl``,
+  ``class_mask``, ``z_loss``, ``return_z_loss``), in each framework: against torch's own
+  ``F.cross_entropy`` on the materialised logits where it has the option, else the float64 dense
+  oracle on them; the derivatives in the smoothing and the z-loss weight against the oracle's.
 * Bad input: the same message in both frameworks.
 """
 
@@ -21,6 +25,7 @@ import torch.nn.functional as F
 
 import lsjax
 import lstorch
+from parity_tests import oracles
 from tests.helpers import compiled_temp_bytes
 
 ROWS, FEATURES, VOCAB = 8192, 512, 131072
@@ -176,6 +181,163 @@ def test_fused_equals_the_dense_path(framework, convention, pad_index, reduction
         ["loss", "d hidden", "d weight", "d bias"], got, expected, strict=True
     ):
         np.testing.assert_allclose(left, right, rtol=rtol, atol=atol, err_msg=name)
+
+
+# --------------------------------------------------------------------------------------------
+# Every option of the dense loss, on the fused head: against torch's own F.cross_entropy on the
+# materialised logits where it has the option (class weights), else the float64 dense oracle
+# (parity_tests.oracles) on them. float64 inputs, so what is compared is the formula.
+
+_VOCAB_SMALL = 50
+_RNG = np.random.default_rng(11)
+_CLASS_WEIGHT = _RNG.uniform(0.2, 2.0, _VOCAB_SMALL)
+_CLASS_MASK = _RNG.random(_VOCAB_SMALL) < 0.7
+_CLASS_MASK[:4] = True
+OPTION_CASES = {
+    "class_weight": dict(class_weight=_CLASS_WEIGHT, reduction="mean"),
+    "class_weight-sum-others": dict(
+        class_weight=_CLASS_WEIGHT, convention="others", reduction="sum"
+    ),
+    "where": dict(where=True, reduction="mean"),
+    "normalizer": dict(normalizer=13.0, reduction="mean"),
+    "kl": dict(kl=True, convention="others", reduction="none"),
+    "class_mask": dict(class_mask=_CLASS_MASK, reduction="none"),
+    "class_mask-others_but_pad": dict(
+        class_mask=_CLASS_MASK, convention="others_but_pad", pad_index=3, reduction="mean"
+    ),
+    "z_loss": dict(z_loss=0.1, reduction="mean"),
+    "return_z_loss": dict(z_loss=0.1, return_z_loss=True, reduction="none"),
+    "everything": dict(
+        class_weight=_CLASS_WEIGHT,
+        where=True,
+        normalizer=9.0,
+        class_mask=_CLASS_MASK,
+        z_loss=0.05,
+        return_z_loss=True,
+        reduction="mean",
+    ),
+}
+
+
+def _option_problem(name):
+    hidden, weight, bias, labels, cotangent = _problem(seed=7, rows=12, features=8, vocab=50)
+    options = dict(smoothing=0.2, ignore_index=-100, **OPTION_CASES[name])
+    rng = np.random.default_rng(len(name))
+    if options.get("where") is True:
+        options["where"] = rng.random(labels.shape) < 0.7
+    if "class_mask" in options:  # every counted label allowed
+        allowed = np.flatnonzero(options["class_mask"])
+        labels = np.where(labels == -100, -100, rng.choice(allowed, labels.shape))
+    return [a.astype(np.float64) for a in (hidden, weight, bias)], labels, cotangent, options
+
+
+def _option_outputs(value):
+    return list(value) if isinstance(value, tuple) else [value]
+
+
+def _option_cotangents(outputs, cotangent):
+    return [cotangent * (index + 1) if np.ndim(out) else 1.0 + index
+            for index, out in enumerate(outputs)]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(OPTION_CASES))
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_each_option_equals_the_dense_loss_on_the_materialised_logits(framework, name):
+    (hidden, weight, bias), labels, cotangent, options = _option_problem(name)
+    if framework == "jax":
+        with jax.enable_x64(True):
+            arrays = [jnp.asarray(a) for a in (hidden, weight, bias)]
+            kwargs = {k: jnp.asarray(v) if isinstance(v, np.ndarray) else v
+                      for k, v in options.items()}  # fmt: skip
+
+            def loss(hidden, weight, bias):
+                return lsjax.fused_linear_smoothed_cross_entropy(
+                    hidden, weight, jnp.asarray(labels), bias=bias, chunk_size=16, **kwargs
+                )
+
+            value, vjp = jax.vjp(loss, *arrays)
+            outputs = _option_outputs(value)
+            cots = _option_cotangents(outputs, cotangent)
+            jax_cots = [jnp.asarray(c, jnp.float64) for c in cots]
+            grads = vjp(tuple(jax_cots) if isinstance(value, tuple) else jax_cots[0])
+            got = [np.asarray(a) for a in (*outputs, *grads)]
+    else:
+        tensors = [torch.tensor(a, requires_grad=True) for a in (hidden, weight, bias)]
+        kwargs = {k: torch.tensor(v) if isinstance(v, np.ndarray) else v
+                  for k, v in options.items()}  # fmt: skip
+        value = lstorch.fused_linear_smoothed_cross_entropy(
+            *tensors[:2], torch.tensor(labels), bias=tensors[2], chunk_size=16, **kwargs
+        )
+        outputs = _option_outputs(value)
+        cots = _option_cotangents(outputs, cotangent)
+        torch_cots = [torch.as_tensor(c, dtype=torch.float64).expand(o.shape)
+                      for c, o in zip(cots, outputs, strict=True)]  # fmt: skip
+        grads = torch.autograd.grad(outputs, tensors, torch_cots)
+        got = [a.detach().numpy() for a in (*outputs, *grads)]
+    if set(options) <= {"smoothing", "ignore_index", "class_weight", "reduction"}:
+        # torch's own F.cross_entropy has class weights (the "uniform" convention only).
+        tensors = [torch.tensor(a, requires_grad=True) for a in (hidden, weight, bias)]
+        if options.get("convention", "uniform") == "uniform":
+            value = F.cross_entropy(
+                F.linear(*tensors),
+                torch.tensor(labels),
+                weight=torch.tensor(options["class_weight"]),
+                ignore_index=-100,
+                reduction=options["reduction"],
+                label_smoothing=options["smoothing"],
+            )
+            grads = torch.autograd.grad(value, tensors, torch.as_tensor(float(cots[0])))
+            expected = [a.detach().numpy() for a in (value, *grads)]
+            for left, right in zip(got, expected, strict=True):
+                np.testing.assert_allclose(left, right, rtol=1e-10, atol=1e-12)
+            return
+    expected_outputs, grads = None, []
+    for wrt in ("hidden", "weight", "bias"):
+        expected_outputs, vjp = oracles.fused_linear_smoothed_cross_entropy(
+            hidden, weight, labels, bias=bias, wrt=wrt, **options
+        )
+        grads.append(vjp(tuple(cots) if isinstance(expected_outputs, tuple) else cots[0]))
+    expected = [*_option_outputs(expected_outputs), *grads]
+    assert len(got) == len(expected)
+    for left, right in zip(got, expected, strict=True):
+        np.testing.assert_allclose(left, right, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["kl", "class_mask", "everything"])
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_smoothing_and_z_loss_are_differentiated_as_in_the_dense_loss(framework, name):
+    (hidden, weight, bias), labels, _, options = _option_problem(name)
+    options = {**options, "reduction": "mean", "z_loss": 0.1}
+    options.pop("return_z_loss", None)
+    smoothing, z_loss = options.pop("smoothing"), options.pop("z_loss")
+    dense = {k: v for k, v in options.items() if k != "class_weight"}
+    dense["weight"] = options.get("class_weight")
+    expected = oracles.smoothed_cross_entropy_option_derivatives(
+        hidden @ weight.T + bias, labels, smoothing=smoothing, z_loss=z_loss, **dense
+    )
+    if framework == "jax":
+        with jax.enable_x64(True):
+            kwargs = {k: jnp.asarray(v) if isinstance(v, np.ndarray) else v
+                      for k, v in options.items()}  # fmt: skip
+
+            def loss(eps, z):
+                return lsjax.fused_linear_smoothed_cross_entropy(
+                    hidden, weight, labels, bias=bias, smoothing=eps, z_loss=z, chunk_size=16,
+                    **kwargs,
+                )  # fmt: skip
+
+            got = jax.grad(loss, argnums=(0, 1))(jnp.float64(smoothing), jnp.float64(z_loss))
+    else:
+        kwargs = {k: torch.tensor(v) if isinstance(v, np.ndarray) else v
+                  for k, v in options.items()}  # fmt: skip
+        eps = torch.tensor(smoothing, dtype=torch.float64, requires_grad=True)
+        z = torch.tensor(z_loss, dtype=torch.float64, requires_grad=True)
+        value = lstorch.fused_linear_smoothed_cross_entropy(
+            *(torch.tensor(a) for a in (hidden, weight)), torch.tensor(labels),
+            bias=torch.tensor(bias), smoothing=eps, z_loss=z, chunk_size=16, **kwargs,
+        )  # fmt: skip
+        got = torch.autograd.grad(value, (eps, z))
+    np.testing.assert_allclose([float(g) for g in got], np.asarray(expected, float), rtol=1e-10)
 
 
 def test_all_rows_ignored_mean_is_zero_with_zero_gradients():

@@ -10,7 +10,13 @@
   of the SAME rounded inputs (hidden, weight and bias cast to the autocast dtype, then to
   float64); torch's own ``F.cross_entropy(F.linear(...))`` under the same autocast as a sanity
   check, within a bound derived from that path's rounding of the logits.
+* bf16 hidden and weight, 4096 rows (16384 nightly) of confident predictions, 16 vocabulary
+  chunks, both frameworks: d hidden and d weight accumulate in float32 and are rounded once, so
+  their error against the float64 oracle of the same bf16 inputs is at most twice that of the
+  float32 dense route (``F.linear`` + ``F.cross_entropy``) rounded once to bf16.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +28,7 @@ import torch.nn.functional as F
 import lsjax
 import lstorch
 from parity_tests import oracles
+from tests.helpers import profile
 
 ROWS, FEATURES, VOCAB = 12, 8, 50
 IGNORE, PAD = -100, 3
@@ -308,3 +315,108 @@ def test_under_torch_compile_and_autocast_forward_and_backward_agree():
         np.testing.assert_allclose(_numpy(loss), expected, rtol=RTOL, atol=ATOL)
         for name, got, want in zip(NAMES[1:], grads, expected_grads, strict=True):
             np.testing.assert_allclose(_numpy(got), want, rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+# --------------------------------------------------------------------------------------------
+# bf16 hidden and weight: the gradients accumulate in float32 and are rounded once
+#
+# Oracle: the float64 dense route (parity_tests.oracles) on the SAME bf16-rounded inputs.
+# Yardstick: the float32 dense route, F.linear then F.cross_entropy with its gradient in
+# float32, rounded once to bf16 (what the gradient of a bf16 parameter can at best be). The
+# error is the relative Frobenius norm ||got - oracle||_F / ||oracle||_F of d hidden and of
+# d weight; the fused loss may be at most twice the yardstick's.
+#
+# Why this catches bf16 accumulation (an experiment on a copy of the code): keeping the running
+# sum of d hidden over the 16 vocabulary chunks in bf16 gave 4.8e-3 against a yardstick of
+# 1.66e-3 (2.9x), and d weight summed over 16 blocks of 256 rows in bf16 gave 4.0e-3 (2.4x):
+# both fail the smoothing-0.1 case. With smoothing 0 the yardstick itself is 2.3x larger
+# (float32's own resolution of 1 - p_y), so that case does not see them; it is the one that
+# catches an lse rounded to an ulp of |x| ~ 21 (2e-6) instead of kept as (max, log-sum): 1 - p_y
+# is tiny there, and the fused gradient was 15x the yardstick.
+
+PRECISION_ROWS = 4096 if profile() == "ci" else 16384
+PRECISION_FEATURES, PRECISION_VOCAB, PRECISION_CHUNK = 64, 1024, 64
+
+
+def _confident_bf16_problem(rows):
+    """bf16 hidden and weight (no bias), labels, and the float64 values of the rounded inputs:
+    each row's hidden points along its label's weight row, so its logit is ~21 and every other
+    one ~N(0, 2.6): softmax at the label in [0.999, 1 - 1e-5]."""
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((PRECISION_VOCAB, PRECISION_FEATURES)) / np.sqrt(
+        PRECISION_FEATURES
+    )
+    labels = rng.integers(0, PRECISION_VOCAB, rows)
+    rows_of_label = weight[labels]
+    hidden = 21.0 * rows_of_label / (rows_of_label**2).sum(1, keepdims=True)
+    hidden = torch.tensor(hidden, dtype=torch.float32).bfloat16()
+    weight = torch.tensor(weight, dtype=torch.float32).bfloat16()
+    return hidden, weight, labels
+
+
+def _relative_error(got, expected):
+    got = np.asarray(got, np.float64)
+    return float(np.linalg.norm(got - expected) / np.linalg.norm(expected))
+
+
+def _fused_bf16_gradients(framework, hidden, weight, labels, options):
+    """(d hidden, d weight) of the fused loss on bf16 inputs, in float64 NumPy."""
+    if framework == "torch":
+        inputs = [t.clone().requires_grad_(True) for t in (hidden, weight)]
+        loss = lstorch.fused_linear_smoothed_cross_entropy(
+            *inputs, torch.as_tensor(labels), **options
+        )
+        grads = torch.autograd.grad(loss, inputs)
+        assert all(g.dtype == torch.bfloat16 for g in grads)
+        return [_numpy(g) for g in grads]
+
+    def loss(hidden, weight):
+        return lsjax.fused_linear_smoothed_cross_entropy(
+            hidden, weight, jnp.asarray(labels), **options
+        )
+
+    inputs = [jnp.asarray(t.float().numpy(), jnp.bfloat16) for t in (hidden, weight)]
+    grads = jax.grad(loss, argnums=(0, 1))(*inputs)
+    assert all(g.dtype == jnp.bfloat16 for g in grads)
+    return [np.asarray(g.astype(jnp.float32), np.float64) for g in grads]
+
+
+@functools.cache
+def _precision_case(smoothing):
+    """(hidden, weight, labels, options, the oracle's (d hidden, d weight), the yardstick's
+    errors), shared by both frameworks' tests."""
+    hidden, weight, labels = _confident_bf16_problem(PRECISION_ROWS)
+    options = dict(smoothing=smoothing, reduction="mean", chunk_size=PRECISION_CHUNK)
+    hidden64, weight64 = _numpy(hidden), _numpy(weight)
+    logits = hidden64 @ weight64.T
+    log_probs = logits - logits.max(1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(1, keepdims=True))
+    label_probs = np.exp(log_probs[np.arange(len(labels)), labels])
+    assert label_probs.min() >= 0.999 and np.median(label_probs) > 1 - 1e-4  # confident
+    _, vjp = oracles.fused_linear_smoothed_cross_entropy(
+        hidden64, weight64, labels, wrt=("hidden", "weight"), **options
+    )
+    expected = vjp(1.0)
+    # The yardstick: float32 dense, rounded once to bf16.
+    dense = [t.float().requires_grad_(True) for t in (hidden, weight)]
+    loss = F.cross_entropy(F.linear(*dense), torch.as_tensor(labels), label_smoothing=smoothing)
+    dense_grads = [g.bfloat16() for g in torch.autograd.grad(loss, dense)]
+    yardsticks = [
+        _relative_error(_numpy(g), exact) for g, exact in zip(dense_grads, expected, strict=True)
+    ]
+    return hidden, weight, labels, options, expected, yardsticks
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_bf16_gradients_are_as_accurate_as_the_float32_dense_route_rounded_once(
+    framework, smoothing
+):
+    hidden, weight, labels, options, expected, yardsticks = _precision_case(smoothing)
+    assert PRECISION_ROWS >= 4096 and PRECISION_VOCAB // PRECISION_CHUNK >= 8  # several chunks
+    got = _fused_bf16_gradients(framework, hidden, weight, labels, options)
+    for name, value, exact, yardstick in zip(
+        ("d hidden", "d weight"), got, expected, yardsticks, strict=True
+    ):
+        error = _relative_error(value, exact)
+        assert error <= 2 * yardstick, (name, error, yardstick)
