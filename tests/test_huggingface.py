@@ -177,6 +177,7 @@ def _batch(rows=3):
         (dict(smoothing=0.1), None),
         (dict(smoothing=0.2, convention="others", chunk_size=24), 40),
         (dict(smoothing=0.3, convention="others_but_pad", pad_index=5), torch.tensor(17)),
+        (dict(smoothing=0.1, kl=True, z_loss=1e-3, chunk_size=24), 40),
     ],
 )
 def test_fused_equals_the_dense_loss(options, num_items_in_batch):
@@ -257,8 +258,8 @@ def test_options_the_trainer_fixes_and_unknown_ones_raise():
         compute_loss_func()({"logits": logits}, labels, 0)
     with pytest.raises(ValueError, match=r"compute_loss_func: the Trainer passed labels=None"):
         compute_loss_func()({"logits": logits}, None, None)
-    with pytest.raises(TypeError, match=r"fused_causal_lm_loss: got an unexpected .*'kl'"):
-        fused_causal_lm_loss(tiny_gpt2(), labels, labels, kl=True)
+    with pytest.raises(TypeError, match=r"fused_causal_lm_loss: got an unexpected .*'eps'"):
+        fused_causal_lm_loss(tiny_gpt2(), labels, labels, eps=0.1)
 
 
 def test_the_fused_loss_refuses_what_it_would_get_wrong():
