@@ -65,9 +65,12 @@ def vocab_parallel_smoothed_cross_entropy(
     reduction: str = "none",
     where: torch.Tensor | None = None,
     normalizer: float | torch.Tensor | None = None,
+    kl: bool = False,
+    z_loss: float | torch.Tensor = 0.0,
+    return_z_loss: bool = False,
     check_labels: bool | None = None,
     _caller: lsspec.Caller | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""``smoothed_cross_entropy`` of logits split over the vocabulary across ``group``'s ranks.
 
     With ``x`` the (global) logits of a row, ``K = world_size * V_local``, ``w`` the class
@@ -125,14 +128,26 @@ def vocab_parallel_smoothed_cross_entropy(
     where = _common.tensor_option(fn, "where", where, local_logits.device)
     _common.check_bool(fn, "where", where)
     compute_dtype = _common.compute_dtype(local_logits.dtype)
-    layout, counted, class_weight = _prologue(
+    layout, counted, class_weight, z = _prologue(
         fn, local_logits.shape[-1], labels, options, weight, group, compute_dtype,
-        check_labels=check_labels, where=where, normalizer=normalizer,
+        check_labels=check_labels, where=where, normalizer=normalizer, kl=kl, z_loss=z_loss,
+        return_z_loss=return_z_loss,
     )  # fmt: skip
     eps = _common.smoothing_tensor(smoothing, compute_dtype, local_logits.device)  # differentiated
     rows = _common.with_forward_mode(_VocabParallelRows, _VocabParallelRowsForwardMode)
-    loss, _, _, w_y, _ = rows.apply(local_logits, labels, counted, eps, class_weight, layout)
-    return _common.reduce(loss, torch.where(counted, w_y, 0.0), reduction, normalizer)
+    loss, z_part, _, _, w_y, _ = rows.apply(
+        local_logits, labels, counted, eps, class_weight, z, layout
+    )
+    return _reduced(loss, z_part, counted, w_y, reduction, normalizer, return_z_loss)
+
+
+def _reduced(loss, z_part, counted, w_y, reduction, normalizer, return_z_loss):
+    """The rows reduced (the z-part alone too, reduced alike, with ``return_z_loss``)."""
+    row_weight = torch.where(counted, w_y, 0.0)
+    loss = _common.reduce(loss, row_weight, reduction, normalizer)
+    if not return_z_loss:
+        return loss
+    return loss, _common.reduce(z_part, row_weight, reduction, normalizer)
 
 
 def vocab_parallel_fused_linear_smoothed_cross_entropy(
@@ -149,8 +164,13 @@ def vocab_parallel_fused_linear_smoothed_cross_entropy(
     class_weight: torch.Tensor | None = None,
     reduction: str = "mean",
     chunk_size: int = _fused.DEFAULT_CHUNK_SIZE,
+    where: torch.Tensor | None = None,
+    normalizer: float | torch.Tensor | None = None,
+    kl: bool = False,
+    z_loss: float | torch.Tensor = 0.0,
+    return_z_loss: bool = False,
     check_labels: bool | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""``fused_linear_smoothed_cross_entropy`` with the output layer split over the vocabulary.
 
     Each rank of ``group`` holds the rows of the output layer's weight (and bias) for its slice
@@ -209,15 +229,18 @@ def vocab_parallel_fused_linear_smoothed_cross_entropy(
     chunk_size = lsspec.check_chunk_size(fn, chunk_size)
     compute_dtype = _common.compute_dtype(operand_dtype)
     local_classes = weight_shard.shape[0]
-    layout, counted, class_weight = _prologue(
+    where = _common.tensor_option(names, "where", where, hidden.device)
+    _common.check_bool(names, "where", where)
+    layout, counted, class_weight, z = _prologue(
         lsspec.caller(fn, weight="class_weight"), local_classes, labels, options, class_weight,
-        group, compute_dtype, check_labels=check_labels, chunk_size=chunk_size,
+        group, compute_dtype, check_labels=check_labels, where=where, normalizer=normalizer,
+        kl=kl, z_loss=z_loss, return_z_loss=return_z_loss, chunk_size=chunk_size,
         operand_dtype=operand_dtype,
     )  # fmt: skip
     eps = _common.smoothing_tensor(smoothing, compute_dtype, hidden.device)  # differentiated
     if bias_shard is None:
         bias_shard = torch.zeros(local_classes, dtype=hidden.dtype, device=hidden.device)
-    loss, _, _, w_y, _ = _FusedVocabParallelRows.apply(
+    loss, z_part, _, _, w_y, _ = _FusedVocabParallelRows.apply(
         hidden.reshape(-1, hidden.shape[-1]),
         weight_shard,
         bias_shard,
@@ -225,10 +248,14 @@ def vocab_parallel_fused_linear_smoothed_cross_entropy(
         counted.reshape(-1),
         eps,
         class_weight,
+        z,
         layout,
     )
-    row_weight = torch.where(counted, w_y.reshape(labels.shape), 0.0)
-    return _common.reduce(loss.reshape(labels.shape), row_weight, reduction)
+    shape = labels.shape
+    return _reduced(
+        loss.reshape(shape), z_part.reshape(shape), counted, w_y.reshape(shape), reduction,
+        normalizer, return_z_loss,
+    )  # fmt: skip
 
 
 def is_dtensor(value: object) -> bool:
@@ -318,13 +345,15 @@ class _Layout(NamedTuple):
     group: Any  # the process group the vocabulary is split over
     chunk_size: int = 0  # the fused head's classes per chunk
     operand_dtype: torch.dtype | None = None  # the fused head's operands' (autocast's) dtype
+    kl: bool = False  # the KL form: plus the target's sum_c q_c log q_c, a constant per row
+    with_z: bool = False  # a z-loss term z lse**2 (computed only when it can matter)
 
 
 def _prologue(fn, local_classes, labels, options: lsspec.LabelOptions, weight, group,
-              compute_dtype, *, check_labels=None, where=None, normalizer=None,
-              **fused):  # fmt: skip
+              compute_dtype, *, check_labels=None, where=None, normalizer=None, kl=False,
+              z_loss=0.0, return_z_loss=False, **fused):  # fmt: skip
     """The shared checks: ``(layout, counted rows, this rank's class weights in the compute
-    dtype or None)``."""
+    dtype or None, the z-loss weight as a 0-d compute-dtype tensor)``."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     num_classes = world * local_classes
     if where is not None:
@@ -335,8 +364,15 @@ def _prologue(fn, local_classes, labels, options: lsspec.LabelOptions, weight, g
         normalizer=_common.concrete_scalar(
             fn, "normalizer", normalizer, optional=True, check_labels=check_labels
         ),
+        kl=kl,
+        has_weight=weight is not None,
     )  # fmt: skip
+    z_value = _common.concrete_scalar(fn, "z_loss", z_loss, check_labels=check_labels)
+    lsspec.check_z_loss(fn, z_value, from_log_probs=False, return_z_loss=return_z_loss)
     device = labels.device
+    # The z-loss is computed only when it can matter (as in the single-device losses).
+    with_z = return_z_loss or isinstance(z_loss, torch.Tensor) or z_value != 0
+    z = _common.z_loss_tensor(z_loss if with_z else 0.0, compute_dtype, device)
     weight = _common.tensor_option(fn, "weight", weight, device)
     if weight is not None:
         _common.floating(fn, weight=weight)
@@ -351,9 +387,10 @@ def _prologue(fn, local_classes, labels, options: lsspec.LabelOptions, weight, g
         fn, labels, counted, num_classes, options.ignore_index, check_labels=check_labels
     )
     layout = _Layout(
-        options.convention, options.pad_index, rank * local_classes, num_classes, group, **fused
-    )
-    return layout, counted, weight
+        options.convention, options.pad_index, rank * local_classes, num_classes, group,
+        kl=kl, with_z=with_z, **fused,
+    )  # fmt: skip
+    return layout, counted, weight, z
 
 
 def _local_column(x, classes, start):
@@ -477,13 +514,16 @@ def _global_terms(peak, sum_exp_at, share: _Share, labels, counted, eps, layout)
     return _Global(terms, ones * w_y, ones * support_weight)
 
 
-def _row_outputs(glob: _Global, counted, eps, layout):
-    """``(loss, lse, eps_slope, w_y, support_weight)`` per row: the cores' outputs."""
+def _row_outputs(glob: _Global, counted, eps, z, layout):
+    """``(loss, z_part, lse, eps_slope, w_y, support_weight)`` per row: the cores' outputs
+    (``z_part`` 0 without a z-loss; the loss includes it)."""
     terms = glob.terms
-    loss = _closed_form.row_loss(terms, counted, eps, convention=layout.convention)
+    form = dict(convention=layout.convention, kl=layout.kl)
+    output = _closed_form.row_loss(terms, counted, eps, z=z if layout.with_z else None, **form)
+    loss, z_part = output if layout.with_z else (output, torch.zeros_like(output))
     # d loss_row / d eps from the global statistics (the same on every rank).
-    eps_slope = _closed_form.smoothing_slope(terms, eps, convention=layout.convention)
-    return loss, terms.lse.log_sum, eps_slope, glob.w_y, glob.support_weight
+    eps_slope = _closed_form.smoothing_slope(terms, eps, **form)
+    return loss, z_part, terms.lse.log_sum, eps_slope, glob.w_y, glob.support_weight
 
 
 def _local_target(labels, counted, eps, class_weight, w_y, layout, start, stop, device):
@@ -515,6 +555,7 @@ class _Saved(NamedTuple):
     counted: torch.Tensor
     eps: torch.Tensor
     class_weight: torch.Tensor | None
+    z: torch.Tensor
     lse: torch.Tensor
     w_y: torch.Tensor
     support_weight: torch.Tensor
@@ -526,15 +567,28 @@ def _bad_rows(saved, layout: _Layout):
     return _closed_form.label_rows(saved.labels, saved.counted, saved.eps, layout.num_classes)[1]
 
 
-def _dense_coefficients(saved: _Saved, lse, layout):
-    """``A softmax(x) - t`` on this rank's classes (rows x V_local, compute dtype)."""
+def _dense_coefficients(saved: _Saved, lse, layout, grad_loss, grad_z=None):
+    """``(g A + g_total 2 z lse) softmax(x) - g t`` on this rank's classes (rows x V_local,
+    compute dtype), ``g_total = g + g_z`` (the z-part's cotangent, None: 0); the z term only
+    with a z-loss."""
     x, eps = saved.x, saved.eps
+    g = grad_loss.to(eps.dtype).unsqueeze(-1)
     target = _local_target(
         saved.labels, saved.counted, eps, saved.class_weight, saved.w_y, layout, 0,
         x.shape[-1], x.device,
     )  # fmt: skip
-    mass = _target_mass(eps, saved.support_weight, saved.w_y, layout).unsqueeze(-1)
-    return mass * torch.exp(x.to(eps.dtype) - lse.unsqueeze(-1)) - target
+    scale = g * _target_mass(eps, saved.support_weight, saved.w_y, layout).unsqueeze(-1)
+    scale = scale + _z_scale(saved.z, lse, layout, grad_loss, grad_z)
+    return scale * torch.exp(x.to(eps.dtype) - lse.unsqueeze(-1)) - g * target
+
+
+def _z_scale(z, lse, layout, grad_loss, grad_z):
+    """``(g + g_z) 2 z lse`` per row, ``(rows, 1)`` (``grad_z`` None: ``g_z = 0``); 0 without a
+    z-loss."""
+    if not layout.with_z:
+        return 0.0
+    g_total = grad_loss if grad_z is None else grad_loss + grad_z
+    return (g_total.to(lse.dtype) * 2.0 * z * lse).unsqueeze(-1)
 
 
 class _VocabParallelRows(torch.autograd.Function):
@@ -543,7 +597,7 @@ class _VocabParallelRows(torch.autograd.Function):
     ``_VocabParallelRowsForwardMode`` adds forward mode (``jvp``)."""
 
     @staticmethod
-    def forward(x, labels, counted, eps, class_weight, layout):
+    def forward(x, labels, counted, eps, class_weight, z, layout):
         compute_dtype = eps.dtype
         with torch.no_grad():
             peak = x.amax(dim=-1).to(compute_dtype)
@@ -564,30 +618,31 @@ class _VocabParallelRows(torch.autograd.Function):
                 return torch.exp(x.to(compute_dtype) - global_peak.unsqueeze(-1)).sum(-1)
 
             glob = _global_terms(peak, sum_exp_at, share, labels, counted, eps, layout)
-            return _row_outputs(glob, counted, eps, layout)
+            return _row_outputs(glob, counted, eps, z, layout)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, labels, counted, eps, class_weight, layout = inputs
-        _, lse, eps_slope, w_y, support_weight = output
+        x, labels, counted, eps, class_weight, z, layout = inputs
+        _, _, lse, eps_slope, w_y, support_weight = output
         ctx.layout = layout
         # The smoothing's slope (O(rows)) is kept for backward only when it is differentiated.
         kept = eps_slope if ctx.needs_input_grad[3] else None
         statistics = (lse, w_y, support_weight)
-        ctx.save_for_backward(x, labels, counted, eps, class_weight, *statistics, kept)
-        ctx.save_for_forward(x, labels, counted, eps, class_weight, *statistics, eps_slope)
+        ctx.save_for_backward(x, labels, counted, eps, class_weight, z, *statistics, kept)
+        ctx.save_for_forward(x, labels, counted, eps, class_weight, z, *statistics, eps_slope)
         ctx.mark_non_differentiable(lse, eps_slope, w_y, support_weight)
 
     @staticmethod
-    def vmap(info, in_dims, x, labels, counted, eps, class_weight, layout):
+    def vmap(info, in_dims, x, labels, counted, eps, class_weight, z, layout):
         """Rows are independent: a ``torch.func.vmap`` batch axis (``jacrev``, ``jacfwd``,
         ``hessian``, per-sample gradients) becomes one more leading row axis, so each rank runs
         the same collectives once for the whole batch."""
-        x_dim, labels_dim, counted_dim, eps_dim, weight_dim, _ = in_dims
-        if eps_dim is not None or weight_dim is not None:
+        x_dim, labels_dim, counted_dim, eps_dim, weight_dim, z_dim, _ = in_dims
+        if eps_dim is not None or weight_dim is not None or z_dim is not None:
             raise ValueError(
-                "vocab_parallel_smoothed_cross_entropy: `smoothing` and `weight` cannot be "
-                "batched by torch.func.vmap (one value for every row); got a vmapped one."
+                "vocab_parallel_smoothed_cross_entropy: `smoothing`, `weight` and `z_loss` "
+                "cannot be batched by torch.func.vmap (one value for every row); got a vmapped "
+                "one."
             )
 
         def leading(tensor, dim):
@@ -602,13 +657,15 @@ class _VocabParallelRows(torch.autograd.Function):
             leading(counted, counted_dim),
             eps,
             class_weight,
+            z,
             layout,
         )
-        return outputs, (0, 0, 0, 0, 0)
+        return outputs, (0, 0, 0, 0, 0, 0)
 
     @staticmethod
-    def backward(ctx, grad_loss, *grad_statistics):
-        """``g * (A softmax(x) - t)`` on this rank's classes; no communication, except when
+    def backward(ctx, grad_loss, grad_z, *grad_statistics):
+        """``(g A + (g + g_z) 2 z lse) softmax(x) - g t`` on this rank's classes (``g_z`` the
+        z-part's cotangent; no z term without a z-loss); no communication, except when
         the gradient will be differentiated again: then the global lse is recomputed from ``x``
         through ``_AllReduceSum`` (shifted by the saved lse, the same on every rank), so that
         its dependence on every rank's logits is in the graph."""
@@ -621,15 +678,26 @@ class _VocabParallelRows(torch.autograd.Function):
             local = torch.exp(x.to(eps.dtype) - shift).sum(-1)
             total = _AllReduceSum.apply(local, ctx.layout.group)
             safe_lse = torch.where(counted, torch.log(total) + shift.squeeze(-1), 0.0)
-        grad = _dense_coefficients(saved, safe_lse, ctx.layout)
-        grad = grad * grad_loss.to(eps.dtype).unsqueeze(-1)
+        grad_z = grad_z if ctx.layout.with_z else None
+        grad = _dense_coefficients(saved, safe_lse, ctx.layout, grad_loss, grad_z)
         bad = _bad_rows(saved, ctx.layout)
         grad = _closed_form.counted_only(counted.unsqueeze(-1), bad.unsqueeze(-1), grad)
         d_eps = None
         if saved.eps_slope is not None:  # d eps = sum_rows g * slope, the whole loss's, every rank
             d_eps = _closed_form.counted_only(counted, bad, grad_loss * saved.eps_slope).sum()
             d_eps = d_eps.reshape(eps.shape)
-        return grad.to(x.dtype), None, None, d_eps, None, None
+        d_z = _z_grad(ctx, 5, saved, grad_loss, grad_z, bad)
+        return grad.to(x.dtype), None, None, d_eps, None, d_z, None
+
+
+def _z_grad(ctx, index, saved, grad_loss, grad_z, bad):
+    """``d z = sum_rows (g + g_z) lse**2`` (the whole loss's, from the global lse: the same on
+    every rank) when the z-loss weight is differentiated, else None."""
+    if not (ctx.needs_input_grad[index] and ctx.layout.with_z):
+        return None
+    g_total = grad_loss if grad_z is None else grad_loss + grad_z
+    rows = _closed_form.counted_only(saved.counted, bad, g_total * saved.lse.square())
+    return rows.sum().reshape(saved.z.shape)
 
 
 class _VocabParallelRowsForwardMode(_VocabParallelRows):
@@ -637,21 +705,35 @@ class _VocabParallelRowsForwardMode(_VocabParallelRows):
 
     @staticmethod
     def jvp(ctx, x_tangent, *other_tangents):
-        """``d loss = sum_c (A softmax(x)_c - t_c) dx_c`` over all K classes: each rank's
-        share, all-reduced (one all-reduce of O(rows) values, run on every rank)."""
-        eps_tangent = other_tangents[2]  # labels, the counted mask and the weights: constants
+        """``d loss = sum_c ((A + 2 z lse) softmax(x)_c - t_c) dx_c`` over all K classes (and
+        with a z-loss ``d z_part = sum_c 2 z lse softmax(x)_c dx_c``): each rank's share,
+        all-reduced (one all-reduce of O(rows) values, two per row with a z-loss, run on every
+        rank); plus ``slope d eps`` and ``lse**2 d z``."""
+        eps_tangent, z_tangent = other_tangents[2], other_tangents[4]  # the rest: constants
         saved = _Saved(*ctx.saved_tensors)
-        counted, eps = saved.counted, saved.eps
+        counted, eps, layout = saved.counted, saved.eps, ctx.layout
         d_loss = torch.zeros_like(saved.lse)
+        d_z = torch.zeros_like(saved.lse)
         if x_tangent is not None:
             safe_lse = torch.where(counted, saved.lse, 0.0)
-            coeff = _dense_coefficients(saved, safe_lse, ctx.layout)
-            local = torch.matmul(coeff.unsqueeze(-2), x_tangent.to(eps.dtype).unsqueeze(-1))
-            d_loss = _AllReduceSum.apply(local.squeeze(-1).squeeze(-1), ctx.layout.group)
+            ones = torch.ones_like(safe_lse)
+            coeffs = [_dense_coefficients(saved, safe_lse, layout, ones)]
+            if layout.with_z:  # the z-part's own: g = 0, g_z = 1
+                coeffs.append(_dense_coefficients(saved, safe_lse, layout, 0 * ones, ones))
+            dx = x_tangent.to(eps.dtype)
+            local = torch.stack([(coeff * dx).sum(-1) for coeff in coeffs])
+            total = _AllReduceSum.apply(local, layout.group)
+            d_loss = total[0]
+            d_z = total[1] if layout.with_z else d_z
         if eps_tangent is not None:  # the same on every rank: no communication
             d_loss = d_loss + times(eps_tangent, saved.eps_slope)  # 0 tangent: exactly 0
-        d_loss = _closed_form.counted_only(counted, _bad_rows(saved, ctx.layout), d_loss)
-        return d_loss, None, None, None, None  # the statistics: non-differentiable
+        if z_tangent is not None and layout.with_z:
+            z_rows = times(z_tangent, saved.lse.square())
+            d_loss, d_z = d_loss + z_rows, d_z + z_rows
+        bad = _bad_rows(saved, layout)
+        d_loss = _closed_form.counted_only(counted, bad, d_loss)
+        d_z = _closed_form.counted_only(counted, bad, d_z)
+        return d_loss, d_z, None, None, None, None  # the statistics: non-differentiable
 
 
 # ---------------------------------------------------------------------------------------------
@@ -668,6 +750,7 @@ class _FusedSaved(NamedTuple):
     counted: torch.Tensor
     eps: torch.Tensor
     class_weight: torch.Tensor | None
+    z: torch.Tensor
     lse: torch.Tensor
     w_y: torch.Tensor
     support_weight: torch.Tensor
@@ -693,7 +776,7 @@ class _FusedVocabParallelRows(torch.autograd.Function):
     group; backward recomputes each local chunk's logits and all-reduces ``d hidden``."""
 
     @staticmethod
-    def forward(hidden, weight, bias, labels, counted, eps, class_weight, layout):
+    def forward(hidden, weight, bias, labels, counted, eps, class_weight, z, layout):
         operand_dtype, compute_dtype = layout.operand_dtype, eps.dtype
         with torch.no_grad(), _fused._autocast_off(hidden.device.type):
             hidden_c = _fused._counted_rows_only(
@@ -731,20 +814,20 @@ class _FusedVocabParallelRows(torch.autograd.Function):
 
             glob = _global_terms(local_lse.clone(), sum_exp_at, share, labels, counted, eps,
                                  layout)  # fmt: skip
-            return _row_outputs(glob, counted, eps, layout)
+            return _row_outputs(glob, counted, eps, z, layout)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        hidden, weight, bias, labels, counted, eps, class_weight, layout = inputs
-        _, lse, eps_slope, w_y, support_weight = output
+        hidden, weight, bias, labels, counted, eps, class_weight, z, layout = inputs
+        _, _, lse, eps_slope, w_y, support_weight = output
         ctx.layout = layout
         kept = eps_slope if ctx.needs_input_grad[5] else None
-        ctx.save_for_backward(hidden, weight, bias, labels, counted, eps, class_weight, lse, w_y,
-                              support_weight, kept)  # fmt: skip
+        ctx.save_for_backward(hidden, weight, bias, labels, counted, eps, class_weight, z, lse,
+                              w_y, support_weight, kept)  # fmt: skip
         ctx.mark_non_differentiable(lse, eps_slope, w_y, support_weight)
 
     @staticmethod
-    def backward(ctx, grad_loss, *grad_statistics):
+    def backward(ctx, grad_loss, grad_z, *grad_statistics):
         """Per local chunk: ``coeff = g * (A softmax(x) - t)`` (rows x chunk), ``d hidden +=
         coeff @ W_chunk``, ``d W_chunk = coeff.T @ hidden``, ``d b_chunk = sum coeff``; then
         ``d hidden`` is all-reduced over the group (each rank holds its classes' part)."""
@@ -757,22 +840,24 @@ class _FusedVocabParallelRows(torch.autograd.Function):
                 "only; got a backward that will be differentiated again (create_graph=True, "
                 "a torch.func transform or forward-mode tangents)."
             )
-        d_hidden, d_weight, d_bias = _fused_gradients(saved, grad_loss, layout)
+        grad_z = grad_z if layout.with_z else None
+        d_hidden, d_weight, d_bias = _fused_gradients(saved, grad_loss, grad_z, layout)
         if ctx.needs_input_grad[0]:
             dist.all_reduce(d_hidden, op=dist.ReduceOp.SUM, group=layout.group)
         d_eps = None
+        bad = _bad_rows(saved, layout)
         if saved.eps_slope is not None:  # the whole loss's derivative, the same on every rank
-            bad = _bad_rows(saved, layout)
             d_eps = _closed_form.counted_only(saved.counted, bad, grad_loss * saved.eps_slope)
             d_eps = d_eps.sum().reshape(saved.eps.shape)
+        d_z = _z_grad(ctx, 7, saved, grad_loss, grad_z, bad)
         hidden, weight, bias = saved.hidden, saved.weight, saved.bias
         return (
             d_hidden.to(hidden.dtype), d_weight.to(weight.dtype), d_bias.to(bias.dtype),
-            None, None, d_eps, None, None,
+            None, None, d_eps, None, d_z, None,
         )  # fmt: skip
 
 
-def _fused_gradients(saved: _FusedSaved, grad_loss, layout: _Layout):
+def _fused_gradients(saved: _FusedSaved, grad_loss, grad_z, layout: _Layout):
     """This rank's part of ``d hidden`` (before the all-reduce) and its rows of ``d weight``,
     ``d bias``, each chunk's ``coeff`` built in its logits' buffer."""
     operand_dtype, compute_dtype = layout.operand_dtype, saved.eps.dtype
@@ -784,8 +869,11 @@ def _fused_gradients(saved: _FusedSaved, grad_loss, layout: _Layout):
     scale = torch.where(bad, torch.nan, grad_loss.to(compute_dtype))
     scale = torch.where(counted, scale, 0.0).unsqueeze(-1)
     keep = counted.unsqueeze(-1)
-    safe_lse = torch.where(counted, saved.lse, 0.0).unsqueeze(-1)
+    safe_lse = torch.where(counted, saved.lse, 0.0)
+    # s = g A + (g + g_z) 2 z lse: the softmax's factor (NaN on invalid rows, as g's).
     mass = _target_mass(saved.eps, saved.support_weight, saved.w_y, layout).unsqueeze(-1)
+    softmax_scale = scale * mass + _z_scale(saved.z, safe_lse, layout, grad_loss, grad_z)
+    safe_lse = safe_lse.unsqueeze(-1)
     d_hidden = torch.zeros_like(hidden_c)
     d_weight = torch.empty(weight.shape, dtype=compute_dtype, device=weight.device)
     d_bias = torch.empty(bias.shape, dtype=compute_dtype, device=bias.device)
@@ -794,14 +882,12 @@ def _fused_gradients(saved: _FusedSaved, grad_loss, layout: _Layout):
             coeff = _fused._chunk_logits(
                 hidden_c, weight, bias, start, stop, operand_dtype, compute_dtype
             )
-            coeff.sub_(safe_lse).exp_().mul_(mass)  # A softmax, in the logits' buffer
-            coeff.sub_(
-                _local_target(
-                    saved.labels, counted, saved.eps, saved.class_weight, saved.w_y, layout,
-                    start, stop, hidden.device,
-                )
+            coeff.sub_(safe_lse).exp_().mul_(softmax_scale)  # s softmax, in the logits' buffer
+            target = _local_target(
+                saved.labels, counted, saved.eps, saved.class_weight, saved.w_y, layout, start,
+                stop, hidden.device,
             )  # fmt: skip
-            coeff.mul_(scale)
+            coeff.sub_(target * scale)
             # Select, do not multiply: 0 * NaN would leak a non-counted row's NaN features.
             coeff.masked_fill_(~keep, 0.0)
             weight_chunk = _fused._operand(weight[start:stop], operand_dtype, compute_dtype)
