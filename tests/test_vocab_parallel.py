@@ -160,6 +160,32 @@ def test_collectives_per_call_are_stated_and_o_of_rows(results, check):
         assert largest < rows * vocab * value_bytes, case  # never rows x V
 
 
+def test_where_normalizer_kl_and_z_loss_give_the_single_process_loss_and_gradients(results):
+    # Both losses: the loss, the z-part (return_z_loss), every gradient and d z_loss equal
+    # lstorch.smoothed_cross_entropy's of the full logits; no collective beyond the plain call's.
+    cases = _of(results, "options")
+    assert {case["case"] for case in cases} == {
+        f"{kind}/{name}"
+        for kind in ("dense", "fused")
+        for name in ("where/normalizer", "kl", "z_loss", "kl/z_loss")
+    }
+    groups = {}
+    for case in cases:
+        assert _close(case, "loss") and _close(case, "grad"), case
+        returns_z = case["case"].split("/", 1)[1] == "z_loss"  # return_z_loss: (loss, z-part)
+        assert case["returned_z"] == case["expected_z"] == returns_z, case
+        assert case["forward"] == _forward_bytes(case["rows"], False, 8), case
+        expected = []
+        if case["case"].startswith("fused"):  # d hidden, as without the options
+            expected = [["all_reduce", case["rows"] * case["features"] * 8]]
+        assert case["backward"] == expected, case
+        groups.setdefault((case["group"], case["case"]), []).append(case)
+    for key, group in groups.items():  # bit for bit the same on every rank of its group
+        # (the loss, and what each rank gets whole: d hidden of the fused head, d z_loss)
+        assert len(group) == group[0]["world"], key
+        assert len({(case["loss_bytes"], case["grad_bytes"]) for case in group}) == 1, key
+
+
 def _megatron_own_loss(logits, target, label_smoothing, rank, world):
     """Megatron-core's ``vocab_parallel_cross_entropy`` as its code computes it on one rank
     (megatron/core/tensor_parallel/cross_entropy.py, ``_VocabParallelCrossEntropy.forward``):
