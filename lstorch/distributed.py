@@ -24,7 +24,10 @@ of a replicated input, as Megatron's column-parallel layer pays it). A backward 
 differentiated again (``create_graph=True``, forward over reverse) recomputes the global lse
 through a differentiable all-reduce (one more of ``R b`` bytes, and one in its own backward), so
 that Hessian-vector products are exact; forward mode (``jvp``, ``torch.autograd.forward_ad``)
-all-reduces the rows' O(R) tangents once.
+all-reduces the rows' O(R) tangents once (``R b`` bytes; ``2 R b`` with a z-loss: the loss's
+and the z-part's). ``where``, ``normalizer``, ``kl``, ``z_loss`` and ``return_z_loss`` add no
+communication: the row mask is the same on every rank, and the KL constant and ``z lse**2``
+are functions of the global statistics already all-reduced.
 
 The JAX counterparts are ``lsjax.smoothed_cross_entropy`` on logits placed by a
 ``NamedSharding`` and ``lsjax.sharded.sharded_fused_linear_smoothed_cross_entropy``.
@@ -78,6 +81,7 @@ def vocab_parallel_smoothed_cross_entropy(
 
         lse = m + log(all_reduce_sum(sum_local exp(x - m))),  m = all_reduce_max(max_local x)
         loss = (1 - eps) w_y (lse - x_y) + eps sum_{c in S} w_c (lse - x_c) / |S|
+               [+ sum_c q_c log q_c with kl]  [+ z lse**2 with z_loss]
 
     where ``x_y``, ``w_y``, ``sum_c w_c x_c``, ``x_pad`` (and ``sum_c w_c``, ``w_pad``) are
     all-reduced sums of each rank's share (only the rank holding the class contributes). Every
@@ -85,11 +89,12 @@ def vocab_parallel_smoothed_cross_entropy(
     full_logits, labels, ...)`` (and so, for ``convention="uniform"``, to
     ``F.cross_entropy(full_logits, labels, weight=full_weight, label_smoothing=eps)``); the
     gradient with respect to ``local_logits`` is that rank's slice of the full gradient,
-    ``g * (A softmax(x) - t)`` with ``t`` the weighted smoothed target and ``A = sum_c t_c``.
+    ``(g A + (g + g_z) 2 z lse) softmax(x) - g t`` with ``t`` the weighted smoothed target, ``A
+    = sum_c t_c`` and ``g_z`` the z-part's cotangent (``return_z_loss``).
 
     Communication: two all-reduces in forward, of ``R b`` and ``4 R b`` bytes (``5 R b + 2 b``
-    with ``weight``) for ``R`` rows and ``b`` bytes per value (4, or 8 for float64 logits);
-    none in backward.
+    with ``weight``) for ``R`` rows and ``b`` bytes per value (4, or 8 for float64 logits),
+    whatever the other options; none in backward.
 
     Args:
       local_logits: ``(..., V_local)``, this rank's slice of the class axis (the last axis).
@@ -109,16 +114,21 @@ def vocab_parallel_smoothed_cross_entropy(
         on every rank; False rows count for nothing.
       normalizer: as ``smoothed_cross_entropy``: with ``reduction="mean"``, divide the sum by
         this instead (the token count of a whole accumulated batch).
+      kl: as ``smoothed_cross_entropy``: the KL form (SEMANTICS.md §2), the loss plus the
+        target's ``sum_c q_c log q_c``, a constant per row from the global ``K``.
+      z_loss: as ``smoothed_cross_entropy``: ``z >= 0``; adds ``z * lse**2`` (the global lse)
+        to every counted row. A tensor that requires grad is differentiated (``d z``, the whole
+        loss's, on every rank).
+      return_z_loss: also return the z-part alone, reduced like the loss: ``(loss, z_part)``.
       check_labels: as ``smoothed_cross_entropy``: ``None`` reads and checks the labels on the
         CPU only (on an accelerator, no read-back: a label out of range gives a NaN row on
         every rank), ``True`` on any device, ``False`` never.
 
     Returns:
       float32 for bf16/fp16/float32 logits, float64 for float64; per row for ``"none"``, else
-      a scalar. The same on every rank.
+      a scalar; ``(loss, z_part)`` with ``return_z_loss``. The same on every rank.
 
-    Not taken yet (``smoothed_cross_entropy`` has them): ``kl``, ``from_log_probs``,
-    ``class_mask``, ``z_loss``, ``return_z_loss``.
+    Not taken yet (``smoothed_cross_entropy`` has them): ``from_log_probs``, ``class_mask``.
     """
     fn = lsspec.caller("vocab_parallel_smoothed_cross_entropy", _caller)
     _common.floating(fn, local_logits=local_logits)
@@ -179,6 +189,7 @@ def vocab_parallel_fused_linear_smoothed_cross_entropy(
     V_local`` classes, never built: each rank walks its own rows in chunks of ``chunk_size``)::
 
         loss = (1 - eps) w_y (lse - x_y) + eps sum_{c in S} w_c (lse - x_c) / |S|
+               [+ sum_c q_c log q_c with kl]  [+ z lse**2 with z_loss]
 
     ``lse`` is combined from each rank's chunked logsumexp (an all-reduce of the max, then of
     the sum-exp), ``x_y = hidden . weight[y] + bias[y]`` (the rank holding ``y`` contributes)
@@ -192,8 +203,9 @@ def vocab_parallel_fused_linear_smoothed_cross_entropy(
 
     Communication per call, ``R`` rows, ``D`` features, ``b`` bytes per value (4; 8 for
     float64): forward, two all-reduces of ``R b`` and ``4 R b`` bytes (``5 R b + 2 b`` with
-    ``class_weight``); backward, one of ``R D b`` bytes (``d hidden``, only when ``hidden``
-    requires grad). Nothing ``R x V`` crosses the wire or exists on any rank.
+    ``class_weight``), whatever the other options; backward, one of ``R D b`` bytes (``d
+    hidden``, only when ``hidden`` requires grad). Nothing ``R x V`` crosses the wire or exists
+    on any rank.
 
     Its JAX twin is ``lsjax.sharded.sharded_fused_linear_smoothed_cross_entropy``, the fused
     loss under ``shard_map`` with the weight split over a vocabulary axis.
@@ -213,13 +225,23 @@ def vocab_parallel_fused_linear_smoothed_cross_entropy(
         (torch's ``weight`` of ``F.cross_entropy``); ``"mean"`` divides by the sum of ``w_y``.
       reduction: ``"none"`` | ``"sum"`` | ``"mean"`` (over counted rows; 0 when none counts).
       chunk_size: classes per chunk on each rank.
+      where: boolean row mask with the labels' shape, the same on every rank; False rows count
+        for nothing.
+      normalizer: with ``reduction="mean"``, divide the sum by this instead.
+      kl: the KL form (SEMANTICS.md §2): plus the target's ``sum_c q_c log q_c`` per row.
+      z_loss: ``z >= 0``; adds ``z * lse**2`` (the global lse) to every counted row; a tensor
+        that requires grad is differentiated (the whole loss's ``d z`` on every rank).
+      return_z_loss: also return the z-part alone, reduced like the loss: ``(loss, z_part)``.
       check_labels: as ``smoothed_cross_entropy``: ``None`` reads and checks the labels on the
         CPU only, ``True`` on any device, ``False`` never (a label out of range: a NaN row).
 
     Returns:
       float32 for bf16/fp16/float32 inputs, float64 for float64; per row for ``"none"``, else
-      a scalar. The same on every rank. First-order gradients only: a backward that would be
-      differentiated again (``create_graph=True``, ``torch.func`` transforms) raises.
+      a scalar; ``(loss, z_part)`` with ``return_z_loss``. The same on every rank.
+      First-order gradients only: a backward that would be differentiated again
+      (``create_graph=True``, ``torch.func`` transforms) raises.
+
+    Not taken yet (``fused_linear_smoothed_cross_entropy`` has it): ``class_mask``.
     """
     fn = "vocab_parallel_fused_linear_smoothed_cross_entropy"
     names = lsspec.caller(fn, weight="weight_shard", bias="bias_shard")
