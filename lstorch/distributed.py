@@ -69,6 +69,7 @@ def vocab_parallel_smoothed_cross_entropy(
     where: torch.Tensor | None = None,
     normalizer: float | torch.Tensor | None = None,
     kl: bool = False,
+    class_mask: torch.Tensor | None = None,
     z_loss: float | torch.Tensor = 0.0,
     return_z_loss: bool = False,
     check_labels: bool | None = None,
@@ -140,8 +141,8 @@ def vocab_parallel_smoothed_cross_entropy(
     compute_dtype = _common.compute_dtype(local_logits.dtype)
     layout, counted, class_weight, z = _prologue(
         fn, local_logits.shape[-1], labels, options, weight, group, compute_dtype,
-        check_labels=check_labels, where=where, normalizer=normalizer, kl=kl, z_loss=z_loss,
-        return_z_loss=return_z_loss,
+        check_labels=check_labels, where=where, normalizer=normalizer, kl=kl,
+        class_mask=class_mask, z_loss=z_loss, return_z_loss=return_z_loss,
     )  # fmt: skip
     eps = _common.smoothing_tensor(smoothing, compute_dtype, local_logits.device)  # differentiated
     rows = _common.with_forward_mode(_VocabParallelRows, _VocabParallelRowsForwardMode)
@@ -177,6 +178,7 @@ def vocab_parallel_fused_linear_smoothed_cross_entropy(
     where: torch.Tensor | None = None,
     normalizer: float | torch.Tensor | None = None,
     kl: bool = False,
+    class_mask: torch.Tensor | None = None,
     z_loss: float | torch.Tensor = 0.0,
     return_z_loss: bool = False,
     check_labels: bool | None = None,
@@ -256,7 +258,8 @@ def vocab_parallel_fused_linear_smoothed_cross_entropy(
     layout, counted, class_weight, z = _prologue(
         lsspec.caller(fn, weight="class_weight"), local_classes, labels, options, class_weight,
         group, compute_dtype, check_labels=check_labels, where=where, normalizer=normalizer,
-        kl=kl, z_loss=z_loss, return_z_loss=return_z_loss, chunk_size=chunk_size,
+        kl=kl, class_mask=class_mask, z_loss=z_loss, return_z_loss=return_z_loss,
+        chunk_size=chunk_size,
         operand_dtype=operand_dtype,
     )  # fmt: skip
     eps = _common.smoothing_tensor(smoothing, compute_dtype, hidden.device)  # differentiated
@@ -369,11 +372,29 @@ class _Layout(NamedTuple):
     operand_dtype: torch.dtype | None = None  # the fused head's operands' (autocast's) dtype
     kl: bool = False  # the KL form: plus the target's sum_c q_c log q_c, a constant per row
     with_z: bool = False  # a z-loss term z lse**2 (computed only when it can matter)
+    class_mask: Any = None  # the full (K,) class mask, the same on every rank, or None
+    local_mask: Any = None  # this rank's slice of it
+    size: Any = None  # |S| under the class mask (a 0-d tensor), None without one
+
+
+def _size(layout: _Layout):
+    """``|S|``, the number of classes smoothed over (global): from the full class mask."""
+    if layout.size is not None:
+        return layout.size
+    return _closed_form.support_size(layout.convention, layout.num_classes)
+
+
+def _allowed(x, mask, start=0, stop=None):
+    """``x`` with the masked classes at ``-inf`` (out of the lse and the softmax), out of place;
+    ``mask`` this rank's slice (None: ``x``), ``[start, stop)`` the columns ``x`` holds."""
+    if mask is None:
+        return x
+    return x.masked_fill(~mask[start : stop if stop is not None else mask.shape[0]], -torch.inf)
 
 
 def _prologue(fn, local_classes, labels, options: lsspec.LabelOptions, weight, group,
               compute_dtype, *, check_labels=None, where=None, normalizer=None, kl=False,
-              z_loss=0.0, return_z_loss=False, **fused):  # fmt: skip
+              class_mask=None, z_loss=0.0, return_z_loss=False, **fused):  # fmt: skip
     """The shared checks: ``(layout, counted rows, this rank's class weights in the compute
     dtype or None, the z-loss weight as a 0-d compute-dtype tensor)``."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -404,13 +425,33 @@ def _prologue(fn, local_classes, labels, options: lsspec.LabelOptions, weight, g
                 f"shape ({local_classes},), this rank's slice of the class weights",
             )  # fmt: skip
         weight = weight.detach().to(dtype=compute_dtype, device=device)
+    class_mask = _common.tensor_option(fn, "class_mask", class_mask, device)
+    local_mask = size = None
+    if class_mask is not None:  # the full mask on every rank: every rank checks and raises alike
+        _common.check_bool(fn, "class_mask", class_mask)
+        lsspec.check_row_options_shapes(
+            fn, num_classes, tuple(labels.shape), class_mask=tuple(class_mask.shape)
+        )
+        class_mask = class_mask.detach()
+        _common.check_class_mask_support(
+            fn, class_mask, options.convention, options.pad_index, check_labels
+        )
+        start = rank * local_classes
+        local_mask = class_mask[start : start + local_classes]
+        size = _closed_form.support_size(
+            options.convention, num_classes, options.pad_index, class_mask
+        )
+        # The support's weights u_c = w_c m_c (w = 1 without weights): masked classes leave the
+        # support sums; an allowed label's u_y is its w_y.
+        base = weight if weight is not None else torch.ones((), dtype=compute_dtype, device=device)
+        weight = torch.where(local_mask, base, 0.0)
     counted = _common.counted_rows(labels, options.ignore_index, options.pad_index, where)
     _common.check_label_range(
-        fn, labels, counted, num_classes, options.ignore_index, check_labels=check_labels
+        fn, labels, counted, num_classes, options.ignore_index, class_mask, check_labels
     )
     layout = _Layout(
         options.convention, options.pad_index, rank * local_classes, num_classes, group,
-        kl=kl, with_z=with_z, **fused,
+        kl=kl, with_z=with_z, class_mask=class_mask, local_mask=local_mask, size=size, **fused,
     )  # fmt: skip
     return layout, counted, weight, z
 
@@ -512,7 +553,7 @@ def _global_terms(peak, sum_exp_at, share: _Share, labels, counted, eps, layout)
     per_row = packed[: len(rows) * peak.numel()].reshape(len(rows), *peak.shape)
     sum_exp, x_y, support_sum, x_pad = per_row[:4]
     lse = torch.log(sum_exp) + peak
-    size = _closed_form.support_size(convention, num_classes)
+    size = _size(layout)
     if weighted:
         w_y, (weight_sum, w_pad) = per_row[4], packed[len(rows) * peak.numel() :]
         support_weight = weight_sum.expand(peak.shape)
@@ -526,7 +567,7 @@ def _global_terms(peak, sum_exp_at, share: _Share, labels, counted, eps, layout)
         support_weight = support_weight - w_y
     if weighted and convention == "others_but_pad":
         support_weight = support_weight - w_pad
-    safe_labels, bad = _closed_form.label_rows(labels, counted, eps, num_classes)
+    safe_labels, bad = _closed_form.label_rows(labels, counted, eps, num_classes, layout.class_mask)
     # The closed form of statistics relative to 0: peak 0, log_sum the lse, no scaling.
     terms = _closed_form.RowTerms(
         _closed_form.Lse(0.0, lse), x_y, w_y, support_sum, support_weight, safe_labels, bad,
@@ -551,7 +592,7 @@ def _row_outputs(glob: _Global, counted, eps, z, layout):
 def _local_target(labels, counted, eps, class_weight, w_y, layout, start, stop, device):
     """The weighted smoothed target on this rank's classes ``[start, stop)`` (local indices),
     ``t_c = (1 - eps) w_y [c = y] + eps / |S| w_c [c in S]``, out of place."""
-    per_class = eps / _closed_form.support_size(layout.convention, layout.num_classes)
+    per_class = eps / _size(layout)
     if class_weight is not None:
         per_class = per_class * class_weight[start:stop]
     classes = torch.arange(layout.start + start, layout.start + stop, device=device)
@@ -564,7 +605,7 @@ def _local_target(labels, counted, eps, class_weight, w_y, layout, start, stop, 
 
 def _target_mass(eps, support_weight, w_y, layout):
     """``A = sum_c t_c = (1 - eps) w_y + eps / |S| sum_{c in S} w_c`` per row."""
-    size = _closed_form.support_size(layout.convention, layout.num_classes)
+    size = _size(layout)
     return (1.0 - eps) * w_y + eps / size * support_weight
 
 
@@ -586,7 +627,9 @@ class _Saved(NamedTuple):
 
 def _bad_rows(saved, layout: _Layout):
     """Counted rows with a label out of range or under a smoothing outside [0, 1]: NaN."""
-    return _closed_form.label_rows(saved.labels, saved.counted, saved.eps, layout.num_classes)[1]
+    return _closed_form.label_rows(
+        saved.labels, saved.counted, saved.eps, layout.num_classes, layout.class_mask
+    )[1]
 
 
 def _dense_coefficients(saved: _Saved, lse, layout, grad_loss, grad_z=None):
@@ -601,7 +644,8 @@ def _dense_coefficients(saved: _Saved, lse, layout, grad_loss, grad_z=None):
     )  # fmt: skip
     scale = g * _target_mass(eps, saved.support_weight, saved.w_y, layout).unsqueeze(-1)
     scale = scale + _z_scale(saved.z, lse, layout, grad_loss, grad_z)
-    return scale * torch.exp(x.to(eps.dtype) - lse.unsqueeze(-1)) - g * target
+    allowed = _allowed(x, layout.local_mask).to(eps.dtype)
+    return scale * torch.exp(allowed - lse.unsqueeze(-1)) - g * target
 
 
 def _z_scale(z, lse, layout, grad_loss, grad_z):
@@ -622,8 +666,11 @@ class _VocabParallelRows(torch.autograd.Function):
     def forward(x, labels, counted, eps, class_weight, z, layout):
         compute_dtype = eps.dtype
         with torch.no_grad():
-            peak = x.amax(dim=-1).to(compute_dtype)
-            safe_labels, _ = _closed_form.label_rows(labels, counted, eps, layout.num_classes)
+            allowed = _allowed(x, layout.local_mask)
+            peak = allowed.amax(dim=-1).to(compute_dtype)
+            safe_labels, _ = _closed_form.label_rows(
+                labels, counted, eps, layout.num_classes, layout.class_mask
+            )
             pad = torch.full_like(labels, layout.pad_index or 0)
             if class_weight is None:
                 total = x.sum(-1, dtype=compute_dtype)
@@ -637,7 +684,7 @@ class _VocabParallelRows(torch.autograd.Function):
             )
 
             def sum_exp_at(global_peak):
-                return torch.exp(x.to(compute_dtype) - global_peak.unsqueeze(-1)).sum(-1)
+                return torch.exp(allowed.to(compute_dtype) - global_peak.unsqueeze(-1)).sum(-1)
 
             glob = _global_terms(peak, sum_exp_at, share, labels, counted, eps, layout)
             return _row_outputs(glob, counted, eps, z, layout)
@@ -697,7 +744,7 @@ class _VocabParallelRows(torch.autograd.Function):
         safe_lse = torch.where(counted, saved.lse, 0.0)
         if _common.differentiated_again(x):
             shift = torch.where(torch.isfinite(saved.lse), saved.lse, 0.0).unsqueeze(-1)
-            local = torch.exp(x.to(eps.dtype) - shift).sum(-1)
+            local = torch.exp(_allowed(x, ctx.layout.local_mask).to(eps.dtype) - shift).sum(-1)
             total = _AllReduceSum.apply(local, ctx.layout.group)
             safe_lse = torch.where(counted, torch.log(total) + shift.squeeze(-1), 0.0)
         grad_z = grad_z if ctx.layout.with_z else None
@@ -810,8 +857,11 @@ class _FusedVocabParallelRows(torch.autograd.Function):
                 logits = _fused._chunk_logits(
                     hidden_c, weight, bias, start, stop, operand_dtype, compute_dtype
                 )
+                logits = _allowed(logits, layout.local_mask, start, stop)
                 local_lse = torch.logaddexp(local_lse, torch.logsumexp(logits, dim=-1))
-            safe_labels, _ = _closed_form.label_rows(labels, counted, eps, layout.num_classes)
+            safe_labels, _ = _closed_form.label_rows(
+                labels, counted, eps, layout.num_classes, layout.class_mask
+            )
 
             def column(classes):  # x_c where this rank holds class c, else 0
                 local = classes - layout.start
@@ -904,7 +954,10 @@ def _fused_gradients(saved: _FusedSaved, grad_loss, grad_z, layout: _Layout):
             coeff = _fused._chunk_logits(
                 hidden_c, weight, bias, start, stop, operand_dtype, compute_dtype
             )
-            coeff.sub_(safe_lse).exp_().mul_(softmax_scale)  # s softmax, in the logits' buffer
+            coeff.sub_(safe_lse).exp_()  # the softmax, in the logits' buffer
+            if layout.local_mask is not None:  # 0 on the masked classes
+                coeff.masked_fill_(~layout.local_mask[start:stop], 0.0)
+            coeff.mul_(softmax_scale)
             target = _local_target(
                 saved.labels, counted, saved.eps, saved.class_weight, saved.w_y, layout, start,
                 stop, hidden.device,

@@ -566,6 +566,14 @@ DISTRIBUTED_CASES = {
     "others_but_pad-none": dict(smoothing=0.3, convention="others_but_pad", pad_index=2),
     # the KL form with a z-loss: z lse**2 of the global lse, its curvature and tangents included
     "others-kl-z_loss-none": dict(smoothing=0.2, convention="others", kl=True, z_loss=0.05),
+    # class 4 masked: out of the lse, the softmax and the support
+    "others_but_pad-class_mask-sum": dict(
+        smoothing=0.2,
+        convention="others_but_pad",
+        pad_index=2,
+        reduction="sum",
+        class_mask=torch.arange(CLASSES) != 4,
+    ),
 }
 
 
@@ -634,6 +642,8 @@ def test_vocab_parallel_under_torch_func_matches_the_dense_logits(name, one_rank
     _assert_close(torch.func.hessian(ours)(logits), torch.func.hessian(reference)(logits))
     options = dict(DISTRIBUTED_CASES[name])
     labels = torch.tensor([0, 3, 4, 5, 2])
+    if "class_mask" in options:  # every example's label allowed
+        labels = torch.where(options["class_mask"][labels], labels, 0)
 
     def per_example(x, label):
         return vocab_parallel_smoothed_cross_entropy(
