@@ -17,17 +17,22 @@ loss and gradients differ between ranks, Megatron-LM#737).
 Communication per call, for ``R`` rows and ``b`` bytes per value of the compute dtype (4 for
 bf16/fp16/float32 logits, 8 for float64): two all-reduces in forward, the max (``R b`` bytes)
 and then one packed sum (the sum-exp, the label's logit, the support sum and the pad's logit,
-plus the label's class weight with ``weight``: ``4 R b``, or ``5 R b + 2 b``). Backward needs
-none for the logits (``g * (A softmax - t)`` on the local slice uses the global statistics saved
-by the forward); the fused head's backward all-reduces ``d hidden`` (``R D b`` bytes, the price
-of a replicated input, as Megatron's column-parallel layer pays it). A backward that will be
+plus the label's class weight with ``weight`` or ``class_mask``: ``4 R b``, or ``5 R b + 2
+b``). Backward needs none for the logits (``g * (A softmax - t)`` on the local slice uses the
+global statistics saved by the forward); the fused head's backward all-reduces ``d hidden``
+(``R D b`` bytes, the price of a replicated input, as Megatron's column-parallel layer pays
+it). A backward that will be
 differentiated again (``create_graph=True``, forward over reverse) recomputes the global lse
 through a differentiable all-reduce (one more of ``R b`` bytes, and one in its own backward), so
 that Hessian-vector products are exact; forward mode (``jvp``, ``torch.autograd.forward_ad``)
 all-reduces the rows' O(R) tangents once (``R b`` bytes; ``2 R b`` with a z-loss: the loss's
 and the z-part's). ``where``, ``normalizer``, ``kl``, ``z_loss`` and ``return_z_loss`` add no
 communication: the row mask is the same on every rank, and the KL constant and ``z lse**2``
-are functions of the global statistics already all-reduced.
+are functions of the global statistics already all-reduced. ``class_mask`` is the full ``(K,)``
+mask on every rank (``K`` bytes, as the labels are replicated): every rank checks it and
+raises alike (a rank that raised alone would leave the others waiting in a collective), and
+``|S|`` needs no collective; its columns enter the packed sum as support weights ``u = w m``
+(the weighted call's ``5 R b + 2 b``).
 
 The JAX counterparts are ``lsjax.smoothed_cross_entropy`` on logits placed by a
 ``NamedSharding`` and ``lsjax.sharded.sharded_fused_linear_smoothed_cross_entropy``.
@@ -94,8 +99,8 @@ def vocab_parallel_smoothed_cross_entropy(
     = sum_c t_c`` and ``g_z`` the z-part's cotangent (``return_z_loss``).
 
     Communication: two all-reduces in forward, of ``R b`` and ``4 R b`` bytes (``5 R b + 2 b``
-    with ``weight``) for ``R`` rows and ``b`` bytes per value (4, or 8 for float64 logits),
-    whatever the other options; none in backward.
+    with ``weight`` or ``class_mask``) for ``R`` rows and ``b`` bytes per value (4, or 8 for
+    float64 logits), whatever the other options; none in backward.
 
     Args:
       local_logits: ``(..., V_local)``, this rank's slice of the class axis (the last axis).
@@ -116,7 +121,11 @@ def vocab_parallel_smoothed_cross_entropy(
       normalizer: as ``smoothed_cross_entropy``: with ``reduction="mean"``, divide the sum by
         this instead (the token count of a whole accumulated batch).
       kl: as ``smoothed_cross_entropy``: the KL form (SEMANTICS.md §2), the loss plus the
-        target's ``sum_c q_c log q_c``, a constant per row from the global ``K``.
+        target's ``sum_c q_c log q_c``, a constant per row from the global ``|S|``.
+      class_mask: as ``smoothed_cross_entropy``: the FULL boolean ``(K,)`` mask, the same on
+        every rank (unlike ``weight``, not a slice); masked classes leave the lse, the softmax
+        and the smoothing's support (SEMANTICS.md §7). A counted row whose label is masked
+        raises on every rank (or is NaN where the labels are not read).
       z_loss: as ``smoothed_cross_entropy``: ``z >= 0``; adds ``z * lse**2`` (the global lse)
         to every counted row. A tensor that requires grad is differentiated (``d z``, the whole
         loss's, on every rank).
@@ -129,7 +138,7 @@ def vocab_parallel_smoothed_cross_entropy(
       float32 for bf16/fp16/float32 logits, float64 for float64; per row for ``"none"``, else
       a scalar; ``(loss, z_part)`` with ``return_z_loss``. The same on every rank.
 
-    Not taken yet (``smoothed_cross_entropy`` has them): ``from_log_probs``, ``class_mask``.
+    Not taken yet (``smoothed_cross_entropy`` has it): ``from_log_probs``.
     """
     fn = lsspec.caller("vocab_parallel_smoothed_cross_entropy", _caller)
     _common.floating(fn, local_logits=local_logits)
@@ -205,9 +214,9 @@ def vocab_parallel_fused_linear_smoothed_cross_entropy(
 
     Communication per call, ``R`` rows, ``D`` features, ``b`` bytes per value (4; 8 for
     float64): forward, two all-reduces of ``R b`` and ``4 R b`` bytes (``5 R b + 2 b`` with
-    ``class_weight``), whatever the other options; backward, one of ``R D b`` bytes (``d
-    hidden``, only when ``hidden`` requires grad). Nothing ``R x V`` crosses the wire or exists
-    on any rank.
+    ``class_weight`` or ``class_mask``), whatever the other options; backward, one of ``R D
+    b`` bytes (``d hidden``, only when ``hidden`` requires grad). Nothing ``R x V`` crosses the
+    wire or exists on any rank.
 
     Its JAX twin is ``lsjax.sharded.sharded_fused_linear_smoothed_cross_entropy``, the fused
     loss under ``shard_map`` with the weight split over a vocabulary axis.
@@ -231,6 +240,10 @@ def vocab_parallel_fused_linear_smoothed_cross_entropy(
         for nothing.
       normalizer: with ``reduction="mean"``, divide the sum by this instead.
       kl: the KL form (SEMANTICS.md §2): plus the target's ``sum_c q_c log q_c`` per row.
+      class_mask: the FULL boolean ``(K,)`` mask, the same on every rank (not a slice: every
+        rank checks it alike, and ``|S|`` needs no collective); masked classes leave the lse,
+        the softmax and the support. A counted row whose label is masked raises on every rank
+        (or is NaN where the labels are not read).
       z_loss: ``z >= 0``; adds ``z * lse**2`` (the global lse) to every counted row; a tensor
         that requires grad is differentiated (the whole loss's ``d z`` on every rank).
       return_z_loss: also return the z-part alone, reduced like the loss: ``(loss, z_part)``.
@@ -242,8 +255,6 @@ def vocab_parallel_fused_linear_smoothed_cross_entropy(
       a scalar; ``(loss, z_part)`` with ``return_z_loss``. The same on every rank.
       First-order gradients only: a backward that would be differentiated again
       (``create_graph=True``, ``torch.func`` transforms) raises.
-
-    Not taken yet (``fused_linear_smoothed_cross_entropy`` has it): ``class_mask``.
     """
     fn = "vocab_parallel_fused_linear_smoothed_cross_entropy"
     names = lsspec.caller(fn, weight="weight_shard", bias="bias_shard")
