@@ -17,14 +17,22 @@ loss and gradients differ between ranks, Megatron-LM#737).
 Communication per call, for ``R`` rows and ``b`` bytes per value of the compute dtype (4 for
 bf16/fp16/float32 logits, 8 for float64): two all-reduces in forward, the max (``R b`` bytes)
 and then one packed sum (the sum-exp, the label's logit, the support sum and the pad's logit,
-plus the label's class weight with ``weight``: ``4 R b``, or ``5 R b + 2 b``). Backward needs
-none for the logits (``g * (A softmax - t)`` on the local slice uses the global statistics saved
-by the forward); the fused head's backward all-reduces ``d hidden`` (``R D b`` bytes, the price
-of a replicated input, as Megatron's column-parallel layer pays it). A backward that will be
+plus the label's class weight with ``weight`` or ``class_mask``: ``4 R b``, or ``5 R b + 2
+b``). Backward needs none for the logits (``g * (A softmax - t)`` on the local slice uses the
+global statistics saved by the forward); the fused head's backward all-reduces ``d hidden``
+(``R D b`` bytes, the price of a replicated input, as Megatron's column-parallel layer pays
+it). A backward that will be
 differentiated again (``create_graph=True``, forward over reverse) recomputes the global lse
 through a differentiable all-reduce (one more of ``R b`` bytes, and one in its own backward), so
 that Hessian-vector products are exact; forward mode (``jvp``, ``torch.autograd.forward_ad``)
-all-reduces the rows' O(R) tangents once.
+all-reduces the rows' O(R) tangents once (``R b`` bytes; ``2 R b`` with a z-loss: the loss's
+and the z-part's). ``where``, ``normalizer``, ``kl``, ``z_loss`` and ``return_z_loss`` add no
+communication: the row mask is the same on every rank, and the KL constant and ``z lse**2``
+are functions of the global statistics already all-reduced. ``class_mask`` is the full ``(K,)``
+mask on every rank (``K`` bytes, as the labels are replicated): every rank checks it and
+raises alike (a rank that raised alone would leave the others waiting in a collective), and
+``|S|`` needs no collective; its columns enter the packed sum as support weights ``u = w m``
+(the weighted call's ``5 R b + 2 b``).
 
 The JAX counterparts are ``lsjax.smoothed_cross_entropy`` on logits placed by a
 ``NamedSharding`` and ``lsjax.sharded.sharded_fused_linear_smoothed_cross_entropy``.
@@ -65,9 +73,13 @@ def vocab_parallel_smoothed_cross_entropy(
     reduction: str = "none",
     where: torch.Tensor | None = None,
     normalizer: float | torch.Tensor | None = None,
+    kl: bool = False,
+    class_mask: torch.Tensor | None = None,
+    z_loss: float | torch.Tensor = 0.0,
+    return_z_loss: bool = False,
     check_labels: bool | None = None,
     _caller: lsspec.Caller | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""``smoothed_cross_entropy`` of logits split over the vocabulary across ``group``'s ranks.
 
     With ``x`` the (global) logits of a row, ``K = world_size * V_local``, ``w`` the class
@@ -75,6 +87,7 @@ def vocab_parallel_smoothed_cross_entropy(
 
         lse = m + log(all_reduce_sum(sum_local exp(x - m))),  m = all_reduce_max(max_local x)
         loss = (1 - eps) w_y (lse - x_y) + eps sum_{c in S} w_c (lse - x_c) / |S|
+               [+ sum_c q_c log q_c with kl]  [+ z lse**2 with z_loss]
 
     where ``x_y``, ``w_y``, ``sum_c w_c x_c``, ``x_pad`` (and ``sum_c w_c``, ``w_pad``) are
     all-reduced sums of each rank's share (only the rank holding the class contributes). Every
@@ -82,11 +95,12 @@ def vocab_parallel_smoothed_cross_entropy(
     full_logits, labels, ...)`` (and so, for ``convention="uniform"``, to
     ``F.cross_entropy(full_logits, labels, weight=full_weight, label_smoothing=eps)``); the
     gradient with respect to ``local_logits`` is that rank's slice of the full gradient,
-    ``g * (A softmax(x) - t)`` with ``t`` the weighted smoothed target and ``A = sum_c t_c``.
+    ``(g A + (g + g_z) 2 z lse) softmax(x) - g t`` with ``t`` the weighted smoothed target, ``A
+    = sum_c t_c`` and ``g_z`` the z-part's cotangent (``return_z_loss``).
 
     Communication: two all-reduces in forward, of ``R b`` and ``4 R b`` bytes (``5 R b + 2 b``
-    with ``weight``) for ``R`` rows and ``b`` bytes per value (4, or 8 for float64 logits);
-    none in backward.
+    with ``weight`` or ``class_mask``) for ``R`` rows and ``b`` bytes per value (4, or 8 for
+    float64 logits), whatever the other options; none in backward.
 
     Args:
       local_logits: ``(..., V_local)``, this rank's slice of the class axis (the last axis).
@@ -106,16 +120,25 @@ def vocab_parallel_smoothed_cross_entropy(
         on every rank; False rows count for nothing.
       normalizer: as ``smoothed_cross_entropy``: with ``reduction="mean"``, divide the sum by
         this instead (the token count of a whole accumulated batch).
+      kl: as ``smoothed_cross_entropy``: the KL form (SEMANTICS.md §2), the loss plus the
+        target's ``sum_c q_c log q_c``, a constant per row from the global ``|S|``.
+      class_mask: as ``smoothed_cross_entropy``: the FULL boolean ``(K,)`` mask, the same on
+        every rank (unlike ``weight``, not a slice); masked classes leave the lse, the softmax
+        and the smoothing's support (SEMANTICS.md §7). A counted row whose label is masked
+        raises on every rank (or is NaN where the labels are not read).
+      z_loss: as ``smoothed_cross_entropy``: ``z >= 0``; adds ``z * lse**2`` (the global lse)
+        to every counted row. A tensor that requires grad is differentiated (``d z``, the whole
+        loss's, on every rank).
+      return_z_loss: also return the z-part alone, reduced like the loss: ``(loss, z_part)``.
       check_labels: as ``smoothed_cross_entropy``: ``None`` reads and checks the labels on the
         CPU only (on an accelerator, no read-back: a label out of range gives a NaN row on
         every rank), ``True`` on any device, ``False`` never.
 
     Returns:
       float32 for bf16/fp16/float32 logits, float64 for float64; per row for ``"none"``, else
-      a scalar. The same on every rank.
+      a scalar; ``(loss, z_part)`` with ``return_z_loss``. The same on every rank.
 
-    Not taken yet (``smoothed_cross_entropy`` has them): ``kl``, ``from_log_probs``,
-    ``class_mask``, ``z_loss``, ``return_z_loss``.
+    Not taken yet (``smoothed_cross_entropy`` has it): ``from_log_probs``.
     """
     fn = lsspec.caller("vocab_parallel_smoothed_cross_entropy", _caller)
     _common.floating(fn, local_logits=local_logits)
@@ -125,14 +148,26 @@ def vocab_parallel_smoothed_cross_entropy(
     where = _common.tensor_option(fn, "where", where, local_logits.device)
     _common.check_bool(fn, "where", where)
     compute_dtype = _common.compute_dtype(local_logits.dtype)
-    layout, counted, class_weight = _prologue(
+    layout, counted, class_weight, z = _prologue(
         fn, local_logits.shape[-1], labels, options, weight, group, compute_dtype,
-        check_labels=check_labels, where=where, normalizer=normalizer,
+        check_labels=check_labels, where=where, normalizer=normalizer, kl=kl,
+        class_mask=class_mask, z_loss=z_loss, return_z_loss=return_z_loss,
     )  # fmt: skip
     eps = _common.smoothing_tensor(smoothing, compute_dtype, local_logits.device)  # differentiated
     rows = _common.with_forward_mode(_VocabParallelRows, _VocabParallelRowsForwardMode)
-    loss, _, _, w_y, _ = rows.apply(local_logits, labels, counted, eps, class_weight, layout)
-    return _common.reduce(loss, torch.where(counted, w_y, 0.0), reduction, normalizer)
+    loss, z_part, _, _, w_y, _ = rows.apply(
+        local_logits, labels, counted, eps, class_weight, z, layout
+    )
+    return _reduced(loss, z_part, counted, w_y, reduction, normalizer, return_z_loss)
+
+
+def _reduced(loss, z_part, counted, w_y, reduction, normalizer, return_z_loss):
+    """The rows reduced (the z-part alone too, reduced alike, with ``return_z_loss``)."""
+    row_weight = torch.where(counted, w_y, 0.0)
+    loss = _common.reduce(loss, row_weight, reduction, normalizer)
+    if not return_z_loss:
+        return loss
+    return loss, _common.reduce(z_part, row_weight, reduction, normalizer)
 
 
 def vocab_parallel_fused_linear_smoothed_cross_entropy(
@@ -149,8 +184,14 @@ def vocab_parallel_fused_linear_smoothed_cross_entropy(
     class_weight: torch.Tensor | None = None,
     reduction: str = "mean",
     chunk_size: int = _fused.DEFAULT_CHUNK_SIZE,
+    where: torch.Tensor | None = None,
+    normalizer: float | torch.Tensor | None = None,
+    kl: bool = False,
+    class_mask: torch.Tensor | None = None,
+    z_loss: float | torch.Tensor = 0.0,
+    return_z_loss: bool = False,
     check_labels: bool | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""``fused_linear_smoothed_cross_entropy`` with the output layer split over the vocabulary.
 
     Each rank of ``group`` holds the rows of the output layer's weight (and bias) for its slice
@@ -159,6 +200,7 @@ def vocab_parallel_fused_linear_smoothed_cross_entropy(
     V_local`` classes, never built: each rank walks its own rows in chunks of ``chunk_size``)::
 
         loss = (1 - eps) w_y (lse - x_y) + eps sum_{c in S} w_c (lse - x_c) / |S|
+               [+ sum_c q_c log q_c with kl]  [+ z lse**2 with z_loss]
 
     ``lse`` is combined from each rank's chunked logsumexp (an all-reduce of the max, then of
     the sum-exp), ``x_y = hidden . weight[y] + bias[y]`` (the rank holding ``y`` contributes)
@@ -172,8 +214,9 @@ def vocab_parallel_fused_linear_smoothed_cross_entropy(
 
     Communication per call, ``R`` rows, ``D`` features, ``b`` bytes per value (4; 8 for
     float64): forward, two all-reduces of ``R b`` and ``4 R b`` bytes (``5 R b + 2 b`` with
-    ``class_weight``); backward, one of ``R D b`` bytes (``d hidden``, only when ``hidden``
-    requires grad). Nothing ``R x V`` crosses the wire or exists on any rank.
+    ``class_weight`` or ``class_mask``), whatever the other options; backward, one of ``R D
+    b`` bytes (``d hidden``, only when ``hidden`` requires grad). Nothing ``R x V`` crosses the
+    wire or exists on any rank.
 
     Its JAX twin is ``lsjax.sharded.sharded_fused_linear_smoothed_cross_entropy``, the fused
     loss under ``shard_map`` with the weight split over a vocabulary axis.
@@ -193,13 +236,25 @@ def vocab_parallel_fused_linear_smoothed_cross_entropy(
         (torch's ``weight`` of ``F.cross_entropy``); ``"mean"`` divides by the sum of ``w_y``.
       reduction: ``"none"`` | ``"sum"`` | ``"mean"`` (over counted rows; 0 when none counts).
       chunk_size: classes per chunk on each rank.
+      where: boolean row mask with the labels' shape, the same on every rank; False rows count
+        for nothing.
+      normalizer: with ``reduction="mean"``, divide the sum by this instead.
+      kl: the KL form (SEMANTICS.md §2): plus the target's ``sum_c q_c log q_c`` per row.
+      class_mask: the FULL boolean ``(K,)`` mask, the same on every rank (not a slice: every
+        rank checks it alike, and ``|S|`` needs no collective); masked classes leave the lse,
+        the softmax and the support. A counted row whose label is masked raises on every rank
+        (or is NaN where the labels are not read).
+      z_loss: ``z >= 0``; adds ``z * lse**2`` (the global lse) to every counted row; a tensor
+        that requires grad is differentiated (the whole loss's ``d z`` on every rank).
+      return_z_loss: also return the z-part alone, reduced like the loss: ``(loss, z_part)``.
       check_labels: as ``smoothed_cross_entropy``: ``None`` reads and checks the labels on the
         CPU only, ``True`` on any device, ``False`` never (a label out of range: a NaN row).
 
     Returns:
       float32 for bf16/fp16/float32 inputs, float64 for float64; per row for ``"none"``, else
-      a scalar. The same on every rank. First-order gradients only: a backward that would be
-      differentiated again (``create_graph=True``, ``torch.func`` transforms) raises.
+      a scalar; ``(loss, z_part)`` with ``return_z_loss``. The same on every rank.
+      First-order gradients only: a backward that would be differentiated again
+      (``create_graph=True``, ``torch.func`` transforms) raises.
     """
     fn = "vocab_parallel_fused_linear_smoothed_cross_entropy"
     names = lsspec.caller(fn, weight="weight_shard", bias="bias_shard")
@@ -209,15 +264,19 @@ def vocab_parallel_fused_linear_smoothed_cross_entropy(
     chunk_size = lsspec.check_chunk_size(fn, chunk_size)
     compute_dtype = _common.compute_dtype(operand_dtype)
     local_classes = weight_shard.shape[0]
-    layout, counted, class_weight = _prologue(
+    where = _common.tensor_option(names, "where", where, hidden.device)
+    _common.check_bool(names, "where", where)
+    layout, counted, class_weight, z = _prologue(
         lsspec.caller(fn, weight="class_weight"), local_classes, labels, options, class_weight,
-        group, compute_dtype, check_labels=check_labels, chunk_size=chunk_size,
+        group, compute_dtype, check_labels=check_labels, where=where, normalizer=normalizer,
+        kl=kl, class_mask=class_mask, z_loss=z_loss, return_z_loss=return_z_loss,
+        chunk_size=chunk_size,
         operand_dtype=operand_dtype,
     )  # fmt: skip
     eps = _common.smoothing_tensor(smoothing, compute_dtype, hidden.device)  # differentiated
     if bias_shard is None:
         bias_shard = torch.zeros(local_classes, dtype=hidden.dtype, device=hidden.device)
-    loss, _, _, w_y, _ = _FusedVocabParallelRows.apply(
+    loss, z_part, _, _, w_y, _ = _FusedVocabParallelRows.apply(
         hidden.reshape(-1, hidden.shape[-1]),
         weight_shard,
         bias_shard,
@@ -225,10 +284,14 @@ def vocab_parallel_fused_linear_smoothed_cross_entropy(
         counted.reshape(-1),
         eps,
         class_weight,
+        z,
         layout,
     )
-    row_weight = torch.where(counted, w_y.reshape(labels.shape), 0.0)
-    return _common.reduce(loss.reshape(labels.shape), row_weight, reduction)
+    shape = labels.shape
+    return _reduced(
+        loss.reshape(shape), z_part.reshape(shape), counted, w_y.reshape(shape), reduction,
+        normalizer, return_z_loss,
+    )  # fmt: skip
 
 
 def is_dtensor(value: object) -> bool:
@@ -318,13 +381,33 @@ class _Layout(NamedTuple):
     group: Any  # the process group the vocabulary is split over
     chunk_size: int = 0  # the fused head's classes per chunk
     operand_dtype: torch.dtype | None = None  # the fused head's operands' (autocast's) dtype
+    kl: bool = False  # the KL form: plus the target's sum_c q_c log q_c, a constant per row
+    with_z: bool = False  # a z-loss term z lse**2 (computed only when it can matter)
+    class_mask: Any = None  # the full (K,) class mask, the same on every rank, or None
+    local_mask: Any = None  # this rank's slice of it
+    size: Any = None  # |S| under the class mask (a 0-d tensor), None without one
+
+
+def _size(layout: _Layout):
+    """``|S|``, the number of classes smoothed over (global): from the full class mask."""
+    if layout.size is not None:
+        return layout.size
+    return _closed_form.support_size(layout.convention, layout.num_classes)
+
+
+def _allowed(x, mask, start=0, stop=None):
+    """``x`` with the masked classes at ``-inf`` (out of the lse and the softmax), out of place;
+    ``mask`` this rank's slice (None: ``x``), ``[start, stop)`` the columns ``x`` holds."""
+    if mask is None:
+        return x
+    return x.masked_fill(~mask[start : stop if stop is not None else mask.shape[0]], -torch.inf)
 
 
 def _prologue(fn, local_classes, labels, options: lsspec.LabelOptions, weight, group,
-              compute_dtype, *, check_labels=None, where=None, normalizer=None,
-              **fused):  # fmt: skip
+              compute_dtype, *, check_labels=None, where=None, normalizer=None, kl=False,
+              class_mask=None, z_loss=0.0, return_z_loss=False, **fused):  # fmt: skip
     """The shared checks: ``(layout, counted rows, this rank's class weights in the compute
-    dtype or None)``."""
+    dtype or None, the z-loss weight as a 0-d compute-dtype tensor)``."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     num_classes = world * local_classes
     if where is not None:
@@ -335,8 +418,15 @@ def _prologue(fn, local_classes, labels, options: lsspec.LabelOptions, weight, g
         normalizer=_common.concrete_scalar(
             fn, "normalizer", normalizer, optional=True, check_labels=check_labels
         ),
+        kl=kl,
+        has_weight=weight is not None,
     )  # fmt: skip
+    z_value = _common.concrete_scalar(fn, "z_loss", z_loss, check_labels=check_labels)
+    lsspec.check_z_loss(fn, z_value, from_log_probs=False, return_z_loss=return_z_loss)
     device = labels.device
+    # The z-loss is computed only when it can matter (as in the single-device losses).
+    with_z = return_z_loss or isinstance(z_loss, torch.Tensor) or z_value != 0
+    z = _common.z_loss_tensor(z_loss if with_z else 0.0, compute_dtype, device)
     weight = _common.tensor_option(fn, "weight", weight, device)
     if weight is not None:
         _common.floating(fn, weight=weight)
@@ -346,14 +436,35 @@ def _prologue(fn, local_classes, labels, options: lsspec.LabelOptions, weight, g
                 f"shape ({local_classes},), this rank's slice of the class weights",
             )  # fmt: skip
         weight = weight.detach().to(dtype=compute_dtype, device=device)
+    class_mask = _common.tensor_option(fn, "class_mask", class_mask, device)
+    local_mask = size = None
+    if class_mask is not None:  # the full mask on every rank: every rank checks and raises alike
+        _common.check_bool(fn, "class_mask", class_mask)
+        lsspec.check_row_options_shapes(
+            fn, num_classes, tuple(labels.shape), class_mask=tuple(class_mask.shape)
+        )
+        class_mask = class_mask.detach()
+        _common.check_class_mask_support(
+            fn, class_mask, options.convention, options.pad_index, check_labels
+        )
+        start = rank * local_classes
+        local_mask = class_mask[start : start + local_classes]
+        size = _closed_form.support_size(
+            options.convention, num_classes, options.pad_index, class_mask
+        )
+        # The support's weights u_c = w_c m_c (w = 1 without weights): masked classes leave the
+        # support sums; an allowed label's u_y is its w_y.
+        base = weight if weight is not None else torch.ones((), dtype=compute_dtype, device=device)
+        weight = torch.where(local_mask, base, 0.0)
     counted = _common.counted_rows(labels, options.ignore_index, options.pad_index, where)
     _common.check_label_range(
-        fn, labels, counted, num_classes, options.ignore_index, check_labels=check_labels
+        fn, labels, counted, num_classes, options.ignore_index, class_mask, check_labels
     )
     layout = _Layout(
-        options.convention, options.pad_index, rank * local_classes, num_classes, group, **fused
-    )
-    return layout, counted, weight
+        options.convention, options.pad_index, rank * local_classes, num_classes, group,
+        kl=kl, with_z=with_z, class_mask=class_mask, local_mask=local_mask, size=size, **fused,
+    )  # fmt: skip
+    return layout, counted, weight, z
 
 
 def _local_column(x, classes, start):
@@ -453,7 +564,7 @@ def _global_terms(peak, sum_exp_at, share: _Share, labels, counted, eps, layout)
     per_row = packed[: len(rows) * peak.numel()].reshape(len(rows), *peak.shape)
     sum_exp, x_y, support_sum, x_pad = per_row[:4]
     lse = torch.log(sum_exp) + peak
-    size = _closed_form.support_size(convention, num_classes)
+    size = _size(layout)
     if weighted:
         w_y, (weight_sum, w_pad) = per_row[4], packed[len(rows) * peak.numel() :]
         support_weight = weight_sum.expand(peak.shape)
@@ -467,7 +578,7 @@ def _global_terms(peak, sum_exp_at, share: _Share, labels, counted, eps, layout)
         support_weight = support_weight - w_y
     if weighted and convention == "others_but_pad":
         support_weight = support_weight - w_pad
-    safe_labels, bad = _closed_form.label_rows(labels, counted, eps, num_classes)
+    safe_labels, bad = _closed_form.label_rows(labels, counted, eps, num_classes, layout.class_mask)
     # The closed form of statistics relative to 0: peak 0, log_sum the lse, no scaling.
     terms = _closed_form.RowTerms(
         _closed_form.Lse(0.0, lse), x_y, w_y, support_sum, support_weight, safe_labels, bad,
@@ -477,19 +588,22 @@ def _global_terms(peak, sum_exp_at, share: _Share, labels, counted, eps, layout)
     return _Global(terms, ones * w_y, ones * support_weight)
 
 
-def _row_outputs(glob: _Global, counted, eps, layout):
-    """``(loss, lse, eps_slope, w_y, support_weight)`` per row: the cores' outputs."""
+def _row_outputs(glob: _Global, counted, eps, z, layout):
+    """``(loss, z_part, lse, eps_slope, w_y, support_weight)`` per row: the cores' outputs
+    (``z_part`` 0 without a z-loss; the loss includes it)."""
     terms = glob.terms
-    loss = _closed_form.row_loss(terms, counted, eps, convention=layout.convention)
+    form = dict(convention=layout.convention, kl=layout.kl)
+    output = _closed_form.row_loss(terms, counted, eps, z=z if layout.with_z else None, **form)
+    loss, z_part = output if layout.with_z else (output, torch.zeros_like(output))
     # d loss_row / d eps from the global statistics (the same on every rank).
-    eps_slope = _closed_form.smoothing_slope(terms, eps, convention=layout.convention)
-    return loss, terms.lse.log_sum, eps_slope, glob.w_y, glob.support_weight
+    eps_slope = _closed_form.smoothing_slope(terms, eps, **form)
+    return loss, z_part, terms.lse.log_sum, eps_slope, glob.w_y, glob.support_weight
 
 
 def _local_target(labels, counted, eps, class_weight, w_y, layout, start, stop, device):
     """The weighted smoothed target on this rank's classes ``[start, stop)`` (local indices),
     ``t_c = (1 - eps) w_y [c = y] + eps / |S| w_c [c in S]``, out of place."""
-    per_class = eps / _closed_form.support_size(layout.convention, layout.num_classes)
+    per_class = eps / _size(layout)
     if class_weight is not None:
         per_class = per_class * class_weight[start:stop]
     classes = torch.arange(layout.start + start, layout.start + stop, device=device)
@@ -502,7 +616,7 @@ def _local_target(labels, counted, eps, class_weight, w_y, layout, start, stop, 
 
 def _target_mass(eps, support_weight, w_y, layout):
     """``A = sum_c t_c = (1 - eps) w_y + eps / |S| sum_{c in S} w_c`` per row."""
-    size = _closed_form.support_size(layout.convention, layout.num_classes)
+    size = _size(layout)
     return (1.0 - eps) * w_y + eps / size * support_weight
 
 
@@ -515,6 +629,7 @@ class _Saved(NamedTuple):
     counted: torch.Tensor
     eps: torch.Tensor
     class_weight: torch.Tensor | None
+    z: torch.Tensor
     lse: torch.Tensor
     w_y: torch.Tensor
     support_weight: torch.Tensor
@@ -523,18 +638,34 @@ class _Saved(NamedTuple):
 
 def _bad_rows(saved, layout: _Layout):
     """Counted rows with a label out of range or under a smoothing outside [0, 1]: NaN."""
-    return _closed_form.label_rows(saved.labels, saved.counted, saved.eps, layout.num_classes)[1]
+    return _closed_form.label_rows(
+        saved.labels, saved.counted, saved.eps, layout.num_classes, layout.class_mask
+    )[1]
 
 
-def _dense_coefficients(saved: _Saved, lse, layout):
-    """``A softmax(x) - t`` on this rank's classes (rows x V_local, compute dtype)."""
+def _dense_coefficients(saved: _Saved, lse, layout, grad_loss, grad_z=None):
+    """``(g A + g_total 2 z lse) softmax(x) - g t`` on this rank's classes (rows x V_local,
+    compute dtype), ``g_total = g + g_z`` (the z-part's cotangent, None: 0); the z term only
+    with a z-loss."""
     x, eps = saved.x, saved.eps
+    g = grad_loss.to(eps.dtype).unsqueeze(-1)
     target = _local_target(
         saved.labels, saved.counted, eps, saved.class_weight, saved.w_y, layout, 0,
         x.shape[-1], x.device,
     )  # fmt: skip
-    mass = _target_mass(eps, saved.support_weight, saved.w_y, layout).unsqueeze(-1)
-    return mass * torch.exp(x.to(eps.dtype) - lse.unsqueeze(-1)) - target
+    scale = g * _target_mass(eps, saved.support_weight, saved.w_y, layout).unsqueeze(-1)
+    scale = scale + _z_scale(saved.z, lse, layout, grad_loss, grad_z)
+    allowed = _allowed(x, layout.local_mask).to(eps.dtype)
+    return scale * torch.exp(allowed - lse.unsqueeze(-1)) - g * target
+
+
+def _z_scale(z, lse, layout, grad_loss, grad_z):
+    """``(g + g_z) 2 z lse`` per row, ``(rows, 1)`` (``grad_z`` None: ``g_z = 0``); 0 without a
+    z-loss."""
+    if not layout.with_z:
+        return 0.0
+    g_total = grad_loss if grad_z is None else grad_loss + grad_z
+    return (g_total.to(lse.dtype) * 2.0 * z * lse).unsqueeze(-1)
 
 
 class _VocabParallelRows(torch.autograd.Function):
@@ -543,11 +674,14 @@ class _VocabParallelRows(torch.autograd.Function):
     ``_VocabParallelRowsForwardMode`` adds forward mode (``jvp``)."""
 
     @staticmethod
-    def forward(x, labels, counted, eps, class_weight, layout):
+    def forward(x, labels, counted, eps, class_weight, z, layout):
         compute_dtype = eps.dtype
         with torch.no_grad():
-            peak = x.amax(dim=-1).to(compute_dtype)
-            safe_labels, _ = _closed_form.label_rows(labels, counted, eps, layout.num_classes)
+            allowed = _allowed(x, layout.local_mask)
+            peak = allowed.amax(dim=-1).to(compute_dtype)
+            safe_labels, _ = _closed_form.label_rows(
+                labels, counted, eps, layout.num_classes, layout.class_mask
+            )
             pad = torch.full_like(labels, layout.pad_index or 0)
             if class_weight is None:
                 total = x.sum(-1, dtype=compute_dtype)
@@ -561,33 +695,34 @@ class _VocabParallelRows(torch.autograd.Function):
             )
 
             def sum_exp_at(global_peak):
-                return torch.exp(x.to(compute_dtype) - global_peak.unsqueeze(-1)).sum(-1)
+                return torch.exp(allowed.to(compute_dtype) - global_peak.unsqueeze(-1)).sum(-1)
 
             glob = _global_terms(peak, sum_exp_at, share, labels, counted, eps, layout)
-            return _row_outputs(glob, counted, eps, layout)
+            return _row_outputs(glob, counted, eps, z, layout)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, labels, counted, eps, class_weight, layout = inputs
-        _, lse, eps_slope, w_y, support_weight = output
+        x, labels, counted, eps, class_weight, z, layout = inputs
+        _, _, lse, eps_slope, w_y, support_weight = output
         ctx.layout = layout
         # The smoothing's slope (O(rows)) is kept for backward only when it is differentiated.
         kept = eps_slope if ctx.needs_input_grad[3] else None
         statistics = (lse, w_y, support_weight)
-        ctx.save_for_backward(x, labels, counted, eps, class_weight, *statistics, kept)
-        ctx.save_for_forward(x, labels, counted, eps, class_weight, *statistics, eps_slope)
+        ctx.save_for_backward(x, labels, counted, eps, class_weight, z, *statistics, kept)
+        ctx.save_for_forward(x, labels, counted, eps, class_weight, z, *statistics, eps_slope)
         ctx.mark_non_differentiable(lse, eps_slope, w_y, support_weight)
 
     @staticmethod
-    def vmap(info, in_dims, x, labels, counted, eps, class_weight, layout):
+    def vmap(info, in_dims, x, labels, counted, eps, class_weight, z, layout):
         """Rows are independent: a ``torch.func.vmap`` batch axis (``jacrev``, ``jacfwd``,
         ``hessian``, per-sample gradients) becomes one more leading row axis, so each rank runs
         the same collectives once for the whole batch."""
-        x_dim, labels_dim, counted_dim, eps_dim, weight_dim, _ = in_dims
-        if eps_dim is not None or weight_dim is not None:
+        x_dim, labels_dim, counted_dim, eps_dim, weight_dim, z_dim, _ = in_dims
+        if eps_dim is not None or weight_dim is not None or z_dim is not None:
             raise ValueError(
-                "vocab_parallel_smoothed_cross_entropy: `smoothing` and `weight` cannot be "
-                "batched by torch.func.vmap (one value for every row); got a vmapped one."
+                "vocab_parallel_smoothed_cross_entropy: `smoothing`, `weight` and `z_loss` "
+                "cannot be batched by torch.func.vmap (one value for every row); got a vmapped "
+                "one."
             )
 
         def leading(tensor, dim):
@@ -602,13 +737,15 @@ class _VocabParallelRows(torch.autograd.Function):
             leading(counted, counted_dim),
             eps,
             class_weight,
+            z,
             layout,
         )
-        return outputs, (0, 0, 0, 0, 0)
+        return outputs, (0, 0, 0, 0, 0, 0)
 
     @staticmethod
-    def backward(ctx, grad_loss, *grad_statistics):
-        """``g * (A softmax(x) - t)`` on this rank's classes; no communication, except when
+    def backward(ctx, grad_loss, grad_z, *grad_statistics):
+        """``(g A + (g + g_z) 2 z lse) softmax(x) - g t`` on this rank's classes (``g_z`` the
+        z-part's cotangent; no z term without a z-loss); no communication, except when
         the gradient will be differentiated again: then the global lse is recomputed from ``x``
         through ``_AllReduceSum`` (shifted by the saved lse, the same on every rank), so that
         its dependence on every rank's logits is in the graph."""
@@ -618,18 +755,29 @@ class _VocabParallelRows(torch.autograd.Function):
         safe_lse = torch.where(counted, saved.lse, 0.0)
         if _common.differentiated_again(x):
             shift = torch.where(torch.isfinite(saved.lse), saved.lse, 0.0).unsqueeze(-1)
-            local = torch.exp(x.to(eps.dtype) - shift).sum(-1)
+            local = torch.exp(_allowed(x, ctx.layout.local_mask).to(eps.dtype) - shift).sum(-1)
             total = _AllReduceSum.apply(local, ctx.layout.group)
             safe_lse = torch.where(counted, torch.log(total) + shift.squeeze(-1), 0.0)
-        grad = _dense_coefficients(saved, safe_lse, ctx.layout)
-        grad = grad * grad_loss.to(eps.dtype).unsqueeze(-1)
+        grad_z = grad_z if ctx.layout.with_z else None
+        grad = _dense_coefficients(saved, safe_lse, ctx.layout, grad_loss, grad_z)
         bad = _bad_rows(saved, ctx.layout)
         grad = _closed_form.counted_only(counted.unsqueeze(-1), bad.unsqueeze(-1), grad)
         d_eps = None
         if saved.eps_slope is not None:  # d eps = sum_rows g * slope, the whole loss's, every rank
             d_eps = _closed_form.counted_only(counted, bad, grad_loss * saved.eps_slope).sum()
             d_eps = d_eps.reshape(eps.shape)
-        return grad.to(x.dtype), None, None, d_eps, None, None
+        d_z = _z_grad(ctx, 5, saved, grad_loss, grad_z, bad)
+        return grad.to(x.dtype), None, None, d_eps, None, d_z, None
+
+
+def _z_grad(ctx, index, saved, grad_loss, grad_z, bad):
+    """``d z = sum_rows (g + g_z) lse**2`` (the whole loss's, from the global lse: the same on
+    every rank) when the z-loss weight is differentiated, else None."""
+    if not (ctx.needs_input_grad[index] and ctx.layout.with_z):
+        return None
+    g_total = grad_loss if grad_z is None else grad_loss + grad_z
+    rows = _closed_form.counted_only(saved.counted, bad, g_total * saved.lse.square())
+    return rows.sum().reshape(saved.z.shape)
 
 
 class _VocabParallelRowsForwardMode(_VocabParallelRows):
@@ -637,21 +785,35 @@ class _VocabParallelRowsForwardMode(_VocabParallelRows):
 
     @staticmethod
     def jvp(ctx, x_tangent, *other_tangents):
-        """``d loss = sum_c (A softmax(x)_c - t_c) dx_c`` over all K classes: each rank's
-        share, all-reduced (one all-reduce of O(rows) values, run on every rank)."""
-        eps_tangent = other_tangents[2]  # labels, the counted mask and the weights: constants
+        """``d loss = sum_c ((A + 2 z lse) softmax(x)_c - t_c) dx_c`` over all K classes (and
+        with a z-loss ``d z_part = sum_c 2 z lse softmax(x)_c dx_c``): each rank's share,
+        all-reduced (one all-reduce of O(rows) values, two per row with a z-loss, run on every
+        rank); plus ``slope d eps`` and ``lse**2 d z``."""
+        eps_tangent, z_tangent = other_tangents[2], other_tangents[4]  # the rest: constants
         saved = _Saved(*ctx.saved_tensors)
-        counted, eps = saved.counted, saved.eps
+        counted, eps, layout = saved.counted, saved.eps, ctx.layout
         d_loss = torch.zeros_like(saved.lse)
+        d_z = torch.zeros_like(saved.lse)
         if x_tangent is not None:
             safe_lse = torch.where(counted, saved.lse, 0.0)
-            coeff = _dense_coefficients(saved, safe_lse, ctx.layout)
-            local = torch.matmul(coeff.unsqueeze(-2), x_tangent.to(eps.dtype).unsqueeze(-1))
-            d_loss = _AllReduceSum.apply(local.squeeze(-1).squeeze(-1), ctx.layout.group)
+            ones = torch.ones_like(safe_lse)
+            coeffs = [_dense_coefficients(saved, safe_lse, layout, ones)]
+            if layout.with_z:  # the z-part's own: g = 0, g_z = 1
+                coeffs.append(_dense_coefficients(saved, safe_lse, layout, 0 * ones, ones))
+            dx = x_tangent.to(eps.dtype)
+            local = torch.stack([(coeff * dx).sum(-1) for coeff in coeffs])
+            total = _AllReduceSum.apply(local, layout.group)
+            d_loss = total[0]
+            d_z = total[1] if layout.with_z else d_z
         if eps_tangent is not None:  # the same on every rank: no communication
             d_loss = d_loss + times(eps_tangent, saved.eps_slope)  # 0 tangent: exactly 0
-        d_loss = _closed_form.counted_only(counted, _bad_rows(saved, ctx.layout), d_loss)
-        return d_loss, None, None, None, None  # the statistics: non-differentiable
+        if z_tangent is not None and layout.with_z:
+            z_rows = times(z_tangent, saved.lse.square())
+            d_loss, d_z = d_loss + z_rows, d_z + z_rows
+        bad = _bad_rows(saved, layout)
+        d_loss = _closed_form.counted_only(counted, bad, d_loss)
+        d_z = _closed_form.counted_only(counted, bad, d_z)
+        return d_loss, d_z, None, None, None, None  # the statistics: non-differentiable
 
 
 # ---------------------------------------------------------------------------------------------
@@ -668,6 +830,7 @@ class _FusedSaved(NamedTuple):
     counted: torch.Tensor
     eps: torch.Tensor
     class_weight: torch.Tensor | None
+    z: torch.Tensor
     lse: torch.Tensor
     w_y: torch.Tensor
     support_weight: torch.Tensor
@@ -693,7 +856,7 @@ class _FusedVocabParallelRows(torch.autograd.Function):
     group; backward recomputes each local chunk's logits and all-reduces ``d hidden``."""
 
     @staticmethod
-    def forward(hidden, weight, bias, labels, counted, eps, class_weight, layout):
+    def forward(hidden, weight, bias, labels, counted, eps, class_weight, z, layout):
         operand_dtype, compute_dtype = layout.operand_dtype, eps.dtype
         with torch.no_grad(), _fused._autocast_off(hidden.device.type):
             hidden_c = _fused._counted_rows_only(
@@ -705,8 +868,11 @@ class _FusedVocabParallelRows(torch.autograd.Function):
                 logits = _fused._chunk_logits(
                     hidden_c, weight, bias, start, stop, operand_dtype, compute_dtype
                 )
+                logits = _allowed(logits, layout.local_mask, start, stop)
                 local_lse = torch.logaddexp(local_lse, torch.logsumexp(logits, dim=-1))
-            safe_labels, _ = _closed_form.label_rows(labels, counted, eps, layout.num_classes)
+            safe_labels, _ = _closed_form.label_rows(
+                labels, counted, eps, layout.num_classes, layout.class_mask
+            )
 
             def column(classes):  # x_c where this rank holds class c, else 0
                 local = classes - layout.start
@@ -731,20 +897,20 @@ class _FusedVocabParallelRows(torch.autograd.Function):
 
             glob = _global_terms(local_lse.clone(), sum_exp_at, share, labels, counted, eps,
                                  layout)  # fmt: skip
-            return _row_outputs(glob, counted, eps, layout)
+            return _row_outputs(glob, counted, eps, z, layout)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        hidden, weight, bias, labels, counted, eps, class_weight, layout = inputs
-        _, lse, eps_slope, w_y, support_weight = output
+        hidden, weight, bias, labels, counted, eps, class_weight, z, layout = inputs
+        _, _, lse, eps_slope, w_y, support_weight = output
         ctx.layout = layout
         kept = eps_slope if ctx.needs_input_grad[5] else None
-        ctx.save_for_backward(hidden, weight, bias, labels, counted, eps, class_weight, lse, w_y,
-                              support_weight, kept)  # fmt: skip
+        ctx.save_for_backward(hidden, weight, bias, labels, counted, eps, class_weight, z, lse,
+                              w_y, support_weight, kept)  # fmt: skip
         ctx.mark_non_differentiable(lse, eps_slope, w_y, support_weight)
 
     @staticmethod
-    def backward(ctx, grad_loss, *grad_statistics):
+    def backward(ctx, grad_loss, grad_z, *grad_statistics):
         """Per local chunk: ``coeff = g * (A softmax(x) - t)`` (rows x chunk), ``d hidden +=
         coeff @ W_chunk``, ``d W_chunk = coeff.T @ hidden``, ``d b_chunk = sum coeff``; then
         ``d hidden`` is all-reduced over the group (each rank holds its classes' part)."""
@@ -757,22 +923,24 @@ class _FusedVocabParallelRows(torch.autograd.Function):
                 "only; got a backward that will be differentiated again (create_graph=True, "
                 "a torch.func transform or forward-mode tangents)."
             )
-        d_hidden, d_weight, d_bias = _fused_gradients(saved, grad_loss, layout)
+        grad_z = grad_z if layout.with_z else None
+        d_hidden, d_weight, d_bias = _fused_gradients(saved, grad_loss, grad_z, layout)
         if ctx.needs_input_grad[0]:
             dist.all_reduce(d_hidden, op=dist.ReduceOp.SUM, group=layout.group)
         d_eps = None
+        bad = _bad_rows(saved, layout)
         if saved.eps_slope is not None:  # the whole loss's derivative, the same on every rank
-            bad = _bad_rows(saved, layout)
             d_eps = _closed_form.counted_only(saved.counted, bad, grad_loss * saved.eps_slope)
             d_eps = d_eps.sum().reshape(saved.eps.shape)
+        d_z = _z_grad(ctx, 7, saved, grad_loss, grad_z, bad)
         hidden, weight, bias = saved.hidden, saved.weight, saved.bias
         return (
             d_hidden.to(hidden.dtype), d_weight.to(weight.dtype), d_bias.to(bias.dtype),
-            None, None, d_eps, None, None,
+            None, None, d_eps, None, d_z, None,
         )  # fmt: skip
 
 
-def _fused_gradients(saved: _FusedSaved, grad_loss, layout: _Layout):
+def _fused_gradients(saved: _FusedSaved, grad_loss, grad_z, layout: _Layout):
     """This rank's part of ``d hidden`` (before the all-reduce) and its rows of ``d weight``,
     ``d bias``, each chunk's ``coeff`` built in its logits' buffer."""
     operand_dtype, compute_dtype = layout.operand_dtype, saved.eps.dtype
@@ -784,8 +952,11 @@ def _fused_gradients(saved: _FusedSaved, grad_loss, layout: _Layout):
     scale = torch.where(bad, torch.nan, grad_loss.to(compute_dtype))
     scale = torch.where(counted, scale, 0.0).unsqueeze(-1)
     keep = counted.unsqueeze(-1)
-    safe_lse = torch.where(counted, saved.lse, 0.0).unsqueeze(-1)
+    safe_lse = torch.where(counted, saved.lse, 0.0)
+    # s = g A + (g + g_z) 2 z lse: the softmax's factor (NaN on invalid rows, as g's).
     mass = _target_mass(saved.eps, saved.support_weight, saved.w_y, layout).unsqueeze(-1)
+    softmax_scale = scale * mass + _z_scale(saved.z, safe_lse, layout, grad_loss, grad_z)
+    safe_lse = safe_lse.unsqueeze(-1)
     d_hidden = torch.zeros_like(hidden_c)
     d_weight = torch.empty(weight.shape, dtype=compute_dtype, device=weight.device)
     d_bias = torch.empty(bias.shape, dtype=compute_dtype, device=bias.device)
@@ -794,14 +965,15 @@ def _fused_gradients(saved: _FusedSaved, grad_loss, layout: _Layout):
             coeff = _fused._chunk_logits(
                 hidden_c, weight, bias, start, stop, operand_dtype, compute_dtype
             )
-            coeff.sub_(safe_lse).exp_().mul_(mass)  # A softmax, in the logits' buffer
-            coeff.sub_(
-                _local_target(
-                    saved.labels, counted, saved.eps, saved.class_weight, saved.w_y, layout,
-                    start, stop, hidden.device,
-                )
+            coeff.sub_(safe_lse).exp_()  # the softmax, in the logits' buffer
+            if layout.local_mask is not None:  # 0 on the masked classes
+                coeff.masked_fill_(~layout.local_mask[start:stop], 0.0)
+            coeff.mul_(softmax_scale)
+            target = _local_target(
+                saved.labels, counted, saved.eps, saved.class_weight, saved.w_y, layout, start,
+                stop, hidden.device,
             )  # fmt: skip
-            coeff.mul_(scale)
+            coeff.sub_(target * scale)
             # Select, do not multiply: 0 * NaN would leak a non-counted row's NaN features.
             coeff.masked_fill_(~keep, 0.0)
             weight_chunk = _fused._operand(weight[start:stop], operand_dtype, compute_dtype)

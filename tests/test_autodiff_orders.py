@@ -564,6 +564,16 @@ DISTRIBUTED_CASES = {
     "uniform-ignore-mean": dict(smoothing=0.1, ignore_index=IGNORE, reduction="mean"),
     "others-sum": dict(smoothing=0.2, convention="others", reduction="sum"),
     "others_but_pad-none": dict(smoothing=0.3, convention="others_but_pad", pad_index=2),
+    # the KL form with a z-loss: z lse**2 of the global lse, its curvature and tangents included
+    "others-kl-z_loss-none": dict(smoothing=0.2, convention="others", kl=True, z_loss=0.05),
+    # class 4 masked: out of the lse, the softmax and the support
+    "others_but_pad-class_mask-sum": dict(
+        smoothing=0.2,
+        convention="others_but_pad",
+        pad_index=2,
+        reduction="sum",
+        class_mask=torch.arange(CLASSES) != 4,
+    ),
 }
 
 
@@ -632,6 +642,8 @@ def test_vocab_parallel_under_torch_func_matches_the_dense_logits(name, one_rank
     _assert_close(torch.func.hessian(ours)(logits), torch.func.hessian(reference)(logits))
     options = dict(DISTRIBUTED_CASES[name])
     labels = torch.tensor([0, 3, 4, 5, 2])
+    if "class_mask" in options:  # every example's label allowed
+        labels = torch.where(options["class_mask"][labels], labels, 0)
 
     def per_example(x, label):
         return vocab_parallel_smoothed_cross_entropy(
@@ -856,3 +868,34 @@ def test_soft_and_binary_second_derivatives_equal_torch_functions():
             )
         )(x),
     )
+
+
+def test_vocab_parallel_z_part_tangent_and_z_loss_gradient(one_rank_group):
+    """``return_z_loss``: the z-part's own forward-mode tangent and both parts' ``d z_loss``
+    equal those of ``z * logsumexp**2`` and the reference loss."""
+    logits, labels = _random(ROWS, CLASSES, seed=8), torch.tensor([0, 3, IGNORE, 5, 2])
+    tangent = _random(ROWS, CLASSES, seed=1, scale=1.0)
+    options = dict(smoothing=0.1, ignore_index=IGNORE, reduction="sum")
+    counted = (labels != IGNORE).to(DTYPE)
+
+    def ours(x, z):
+        return vocab_parallel_smoothed_cross_entropy(
+            x, labels, group=one_rank_group, z_loss=z, return_z_loss=True, **options
+        )
+
+    def reference(x, z):
+        z_part = (counted * z * torch.logsumexp(x, -1).square()).sum()
+        return reference_smoothed(x, labels, z_loss=z, **options), z_part
+
+    z = torch.tensor(0.05, dtype=DTYPE)
+    _assert_close(
+        torch.func.jvp(ours, (logits, z), (tangent, torch.tensor(0.5, dtype=DTYPE)))[1],
+        torch.func.jvp(reference, (logits, z), (tangent, torch.tensor(0.5, dtype=DTYPE)))[1],
+    )
+    for part in (0, 1):
+        _assert_close(
+            torch.func.grad(lambda x, z, part=part: ours(x, z)[part], argnums=(0, 1))(logits, z),
+            torch.func.grad(lambda x, z, part=part: reference(x, z)[part], argnums=(0, 1))(
+                logits, z
+            ),
+        )

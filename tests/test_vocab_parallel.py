@@ -160,6 +160,40 @@ def test_collectives_per_call_are_stated_and_o_of_rows(results, check):
         assert largest < rows * vocab * value_bytes, case  # never rows x V
 
 
+def test_where_normalizer_kl_mask_and_z_loss_give_the_single_process_loss_and_gradients(results):
+    # Both losses: the loss, the z-part (return_z_loss), every gradient and d z_loss equal
+    # lstorch.smoothed_cross_entropy's of the full logits; no collective beyond the plain call's.
+    cases = _of(results, "options")
+    assert {case["case"] for case in cases} == {
+        f"{kind}/{name}"
+        for kind in ("dense", "fused")
+        for name in (
+            "where/normalizer",
+            "kl",
+            "z_loss",
+            "kl/z_loss",
+            "class_mask",
+            "class_mask/weight/z_loss",
+        )
+    }
+    groups = {}
+    for case in cases:
+        assert _close(case, "loss") and _close(case, "grad"), case
+        # return_z_loss=True: (loss, z-part), as the single-process loss returns
+        assert case["returned_z"] == case["expected_z"] == case["asked_z"], case
+        # A class mask travels as support weights u = w m: the weighted call's packed sum.
+        assert case["forward"] == _forward_bytes(case["rows"], case["weighted"], 8), case
+        expected = []
+        if case["case"].startswith("fused"):  # d hidden, as without the options
+            expected = [["all_reduce", case["rows"] * case["features"] * 8]]
+        assert case["backward"] == expected, case
+        groups.setdefault((case["group"], case["case"]), []).append(case)
+    for key, group in groups.items():  # bit for bit the same on every rank of its group
+        # (the loss, and what each rank gets whole: d hidden of the fused head, d z_loss)
+        assert len(group) == group[0]["world"], key
+        assert len({(case["loss_bytes"], case["grad_bytes"]) for case in group}) == 1, key
+
+
 def _megatron_own_loss(logits, target, label_smoothing, rank, world):
     """Megatron-core's ``vocab_parallel_cross_entropy`` as its code computes it on one rank
     (megatron/core/tensor_parallel/cross_entropy.py, ``_VocabParallelCrossEntropy.forward``):
@@ -213,6 +247,12 @@ ERRORS = {  # case: what the message must say (the function, the argument, the v
     "`class_weight` must have shape (5,), this rank's slice of the class weights; got shape (20,).",
     "fused weight_shard shape": "vocab_parallel_fused_linear_smoothed_cross_entropy: "
     "`weight_shard` must have shape (V, 4)",
+    # the full (K,) class mask on every rank: every rank checks it and raises alike
+    "dense class_mask shape": "vocab_parallel_smoothed_cross_entropy: `class_mask` must have "
+    "shape (20,); got shape (5,).",
+    "fused masked label": "vocab_parallel_fused_linear_smoothed_cross_entropy: `labels` of "
+    "counted rows must be classes that `class_mask` allows (True); got labels of masked classes "
+    "[1",
     "dtensor kl": "smoothed_cross_entropy: `kl` is not supported with DTensor logits (the "
     "vocabulary-parallel path takes smoothing, convention, ignore_index, pad_index, reduction and "
     "weight); got kl=True.",

@@ -11,6 +11,8 @@ of the same vocabulary:
 * ``megatron``: ``lstorch.compat.megatron.vocab_parallel_cross_entropy`` (pairs only: the
   example of its docstring, and random logits);
 * ``dtensor``: ``lstorch.smoothed_cross_entropy`` of a DTensor sharded on the class axis;
+* ``options``: both losses with ``where``, ``normalizer``, ``kl``, ``class_mask``, ``z_loss``
+  and ``return_z_loss`` (``d z_loss`` too);
 * ``higher order`` (class weights: double backward and forward mode), ``autocast`` (the fused
   head under bf16 autocast) and ``errors`` (the messages of bad calls).
 
@@ -253,6 +255,138 @@ def fused_checks(counter, group, world, rank, tag):
     return results
 
 
+Z_CASE = dict(smoothing=0.3, convention="others_but_pad", pad_index=3, reduction="sum")
+OPTION_CASES = [  # name, the options (both losses), a z-loss weight that requires grad
+    ("where/normalizer", dict(smoothing=0.1, reduction="mean", normalizer=7.0), False),
+    ("kl", dict(smoothing=0.2, convention="others", reduction="none", kl=True), False),
+    ("z_loss", dict(Z_CASE, return_z_loss=True), True),
+    ("kl/z_loss", dict(smoothing=0.1, reduction="none", kl=True, z_loss=0.02), False),
+    # the full (K,) mask on every rank; classes 2, 3 (the pad) and 7 masked
+    (
+        "class_mask",
+        dict(
+            smoothing=0.2,
+            convention="others_but_pad",
+            pad_index=3,
+            reduction="none",
+            class_mask=True,
+        ),
+        False,
+    ),
+    (
+        "class_mask/weight/z_loss",
+        dict(
+            smoothing=0.3,
+            convention="others",
+            reduction="mean",
+            class_mask=True,
+            weight=True,
+            kl=False,
+            z_loss=0.1,
+            return_z_loss=True,
+        ),
+        True,
+    ),
+]
+MASKED = [2, 3, 7]
+
+
+def option_checks(counter, group, world, rank, tag):
+    """``where``, ``normalizer``, ``kl``, ``z_loss`` and ``return_z_loss`` in both
+    vocabulary-parallel losses, against ``lstorch.smoothed_cross_entropy`` of the full logits
+    (of ``F.linear`` of the full weight for the fused head): the loss, the z-part, every
+    gradient (``d z_loss`` too where it requires grad)."""
+    import lstorch
+    from lstorch.distributed import (
+        vocab_parallel_fused_linear_smoothed_cross_entropy,
+        vocab_parallel_smoothed_cross_entropy,
+    )
+
+    results = []
+    mine = slice(rank * LOCAL_VOCAB, (rank + 1) * LOCAL_VOCAB)
+    for index, (name, options, z_grad) in enumerate(OPTION_CASES):
+        dtype = torch.float64
+        logits, labels, class_weight, cotangent, hidden, weight, bias = data(
+            10 + index, world, dtype
+        )
+        where = torch.ones(ROWS, dtype=torch.bool)
+        where[1] = False  # a row that would count, left out by `where`
+        options = dict(options, ignore_index=IGNORE, where=where)
+        if options.get("class_mask"):
+            mask = torch.ones(world * LOCAL_VOCAB, dtype=torch.bool)
+            mask[MASKED] = False
+            labels = torch.where((labels != IGNORE) & ~mask[labels.clamp(0)], 0, labels)
+            options["class_mask"] = mask
+        full_weight = class_weight if options.pop("weight", False) else None
+        if z_grad:
+            options["z_loss"] = torch.tensor(0.05, dtype=dtype, requires_grad=True)
+        extra = [options["z_loss"]] if z_grad else []
+
+        def total(out):  # the loss, plus the z-part alone (its own cotangent reaches backward)
+            return out[0] + 0.5 * out[1] if isinstance(out, tuple) else out
+
+        for kind in ("dense", "fused"):
+            full = [logits.clone()] if kind == "dense" else [hidden.clone(), weight.clone(),
+                                                              bias.clone()]  # fmt: skip
+            for tensor in full:
+                tensor.requires_grad_(True)
+            x = full[0] if kind == "dense" else F.linear(*full)
+            expected = lstorch.smoothed_cross_entropy(x, labels, weight=full_weight, **options)
+            cot = cotangent_for(total(expected), cotangent)
+            expected_grads = torch.autograd.grad(total(expected), full + extra, cot)
+            if kind == "dense":
+                ours = [logits[:, mine].clone()]
+                expected_mine = [expected_grads[0][:, mine]]
+            else:
+                ours = [hidden.clone(), weight[mine].clone(), bias[mine].clone()]
+                expected_mine = [expected_grads[0], expected_grads[1][mine],
+                                 expected_grads[2][mine]]  # fmt: skip
+            for tensor in ours:
+                tensor.requires_grad_(True)
+
+            local_weight = None if full_weight is None else full_weight[mine]
+
+            def call(ours=ours, kind=kind, labels=labels, options=options, w=local_weight):
+                if kind == "dense":
+                    return vocab_parallel_smoothed_cross_entropy(
+                        ours[0], labels, group=group, weight=w, **options
+                    )
+                return vocab_parallel_fused_linear_smoothed_cross_entropy(
+                    ours[0], ours[1], labels, bias_shard=ours[2], group=group, chunk_size=2,
+                    class_weight=w, **options,
+                )  # fmt: skip
+
+            out, forward = counter.measure(call)
+            grads, backward = counter.measure(
+                lambda out=out, ours=ours, cot=cot, extra=extra: torch.autograd.grad(
+                    total(out), ours + extra, cot
+                )
+            )
+            z_diff = diff(out[1], expected[1]) if isinstance(out, tuple) else 0.0
+            replicated = [grads[0]] if kind == "fused" else []
+            replicated += list(grads[len(ours) :])
+            out_z = out[1].reshape(-1) if isinstance(out, tuple) else torch.zeros(0, dtype=dtype)
+            expected_all = expected_mine + list(expected_grads[len(full) :])  # and d z_loss
+            results.append(
+                dict(
+                    check="options", group=tag, world=world, dtype="float64",
+                    case=f"{kind}/{name}", rows=ROWS, features=FEATURES,
+                    loss_bytes=hexbytes(total(out)),
+                    # what every rank gets whole: d hidden (fused), d z_loss, the z-part
+                    grad_bytes=hexbytes(torch.cat([g.reshape(-1) for g in [*replicated, out_z]])),
+                    weighted=full_weight is not None or "class_mask" in options,
+                    asked_z=bool(options.get("return_z_loss")),
+                    returned_z=isinstance(out, tuple), expected_z=isinstance(expected, tuple),
+                    loss_diff=diff(total(out), total(expected)) + z_diff,
+                    loss_scale=scale(total(expected)),
+                    grad_diff=max(diff(a, b) for a, b in zip(grads, expected_all, strict=True)),
+                    grad_scale=max(scale(g) for g in expected_grads),
+                    forward=forward, backward=backward,
+                )
+            )  # fmt: skip
+    return results
+
+
 def higher_order_checks(counter, group, world, rank, tag):
     """With class weights: the Hessian-vector product by double backward (this rank's slice)
     and the loss's tangent by forward-mode dual numbers (each rank holding its slice of the
@@ -443,6 +577,16 @@ def error_checks(mesh, world):
         "fused weight_shard shape": lambda: vocab_parallel_fused_linear_smoothed_cross_entropy(
             hidden, weight[:LOCAL_VOCAB, :2], labels, ignore_index=IGNORE
         ),
+        "dense class_mask shape": lambda: vocab_parallel_smoothed_cross_entropy(
+            local, labels, class_mask=torch.ones(LOCAL_VOCAB, dtype=torch.bool)
+        ),
+        "fused masked label": lambda: vocab_parallel_fused_linear_smoothed_cross_entropy(
+            hidden,
+            weight[:LOCAL_VOCAB],
+            labels,
+            class_mask=torch.arange(world * LOCAL_VOCAB) != 1,
+            ignore_index=IGNORE,
+        ),
         "dtensor kl": lambda: lstorch.smoothed_cross_entropy(
             sharded, labels, ignore_index=IGNORE, smoothing=0.1, kl=True
         ),
@@ -478,7 +622,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     for group, size, tag in ((None, world, "world"), (pair, 2, f"pair{rank // 2}")):
         pair_rank = dist.get_rank(group)
         for checks in (dense_checks, fused_checks, megatron_checks, higher_order_checks,
-                       autocast_checks):  # fmt: skip
+                       autocast_checks, option_checks):  # fmt: skip
             results += checks(counter, group, size, pair_rank, tag)
     results += dtensor_checks(counter, world_mesh, world, rank, "world")
     results += dtensor_checks(counter, pair_mesh, 2, rank % 2, f"pair{rank // 2}")
