@@ -130,36 +130,21 @@ def fused_loss(hidden, weight, labels, *, mesh, **options):
     )
 
 
-def row_logsumexp(hidden, weight, labels, *, mesh, chunk_size):
-    """Each row's logsumexp of ``hidden @ weight.T``, for the z-loss, without the logits.
-
-    The fused loss takes no ``z_loss`` yet. Its row loss with uniform smoothing 1 is
-    ``lse - mean_c x_c``, and ``mean_c x_c = hidden . mean_c w_c``: one more pass over the
-    vocabulary chunks, differentiated as the loss is. (When the fused loss takes ``z_loss``,
-    this goes.)"""
-    rest = fused_loss(
-        hidden, weight, labels, mesh=mesh, smoothing=1.0, reduction="none", chunk_size=chunk_size
-    )
-    return rest + hidden @ jnp.mean(weight, axis=0)
-
-
 def make_train_step(config: Config, mesh: Mesh | None):
     def loss_fn(model, inputs, targets):
         hidden = model.hidden(inputs).reshape(-1, config.features)
         labels = targets.reshape(-1)
         weight = model.output_weight
-        loss = fused_loss(
+        # The z-loss (z * lse**2 per token) in the same pass over the vocabulary chunks.
+        return fused_loss(
             hidden,
             weight,
             labels,
             mesh=mesh,
             smoothing=config.smoothing,
+            z_loss=config.z_loss,
             chunk_size=config.chunk_size,
         )
-        if config.z_loss:
-            lse = row_logsumexp(hidden, weight, labels, mesh=mesh, chunk_size=config.chunk_size)
-            loss = loss + config.z_loss * jnp.mean(lse**2)
-        return loss
 
     @nnx.jit
     def train_step(model, optimizer, inputs, targets):
