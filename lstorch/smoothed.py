@@ -543,20 +543,26 @@ def _form_options(options) -> dict:
     return {"convention": options.convention, "kl": options.kl}
 
 
-def _kernel_params(options, num_classes, eps, weight, class_mask, z):
-    """The scalars of ``lstorch.triton_kernels`` as one float32 device tensor (no host copy):
-    [eps, |S|, sum_c u_c, u_pad, z, KL constant], ``u`` the weights times the class mask."""
-    size = _closed_form.support_size(options.convention, num_classes, options.pad_index, class_mask)
+def kernel_params(
+    convention, num_classes, eps, weight=None, class_mask=None, z=None, *, pad_index=None, kl=False
+):
+    """The ``params`` operand of the kernel operators (``torch.ops.lstorch.smoothed_rows``,
+    ``smoothed_rows_backward``, ``smoothed_rows_backward_``): the loss's scalars as one float32
+    tensor on ``eps``'s device, built there (no host copy): ``[eps, |S|, sum_c u_c, u_pad, z,
+    KL constant]``, ``u`` the class weights times the class mask (ones without either), the KL
+    constant 0 unless ``kl``. ``eps`` and ``z`` are 0-d tensors (``z`` None: 0)."""
+    z = eps * 0 if z is None else z
+    size = _closed_form.support_size(convention, num_classes, pad_index, class_mask)
     zero = eps * 0
     u = weight
     if class_mask is not None:
         u = class_mask.to(eps.dtype) if u is None else u * class_mask
     total = zero + num_classes if u is None else u.sum()
     pad_weight = zero
-    if options.pad_index is not None:
-        pad_weight = zero + 1 if u is None else u[options.pad_index]
-    kl = sum(_closed_form.kl_terms(options.convention, eps, size), zero) if options.kl else zero
-    values = [eps, zero + size, total, pad_weight, z, kl]
+    if pad_index is not None:
+        pad_weight = zero + 1 if u is None else u[pad_index]
+    kl_constant = sum(_closed_form.kl_terms(convention, eps, size), zero) if kl else zero
+    values = [eps, zero + size, total, pad_weight, z, kl_constant]
     return torch.stack([torch.as_tensor(v).to(eps.device) for v in values]).to(torch.float32)
 
 
@@ -579,7 +585,8 @@ def _row_loss_forward(options, x, labels, counted, eps, weight, class_mask, z):
     over ``x``), or the closed form (``lstorch._closed_form.row_loss``) of the statistics of
     ``x``."""
     if options.triton:  # one pass over x, the per-row closed form in the kernel
-        params = _kernel_params(options, x.shape[-1], eps, weight, class_mask, z)
+        params = kernel_params(options.convention, x.shape[-1], eps, weight, class_mask, z,
+                               pad_index=options.pad_index, kl=options.kl)  # fmt: skip
         call = _kernel_call(options, x, labels, counted, weight, class_mask)
         return torch.ops.lstorch.smoothed_rows(
             x, call["labels"], call["counted"], params, call["weight"], call["class_mask"],
@@ -721,9 +728,9 @@ def _kernel_gradient(options, saved: _Saved, grads) -> torch.Tensor:
     x, lse = saved.x, saved.lse
     grad_rows, grad_z = grads
     call = _kernel_call(options, x, saved.labels, saved.counted, saved.weight, saved.class_mask)
-    params = _kernel_params(
-        options, x.shape[-1], saved.eps, saved.weight, saved.class_mask, saved.z
-    )
+    params = kernel_params(options.convention, x.shape[-1], saved.eps, saved.weight,
+                           saved.class_mask, saved.z, pad_index=options.pad_index,
+                           kl=options.kl)  # fmt: skip
     arguments = (
         call["labels"], call["counted"], params, call["weight"], call["class_mask"],
         lse.peak, lse.log_sum, grad_rows.to(torch.float32),

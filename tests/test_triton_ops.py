@@ -59,12 +59,11 @@ def _arguments(options, dtype):
         class_mask = torch.ones(CLASSES, dtype=torch.bool, device=DEVICE)
         class_mask[[0, 5]] = False
         labels[(labels == 0) | (labels == 5)] = 6
-    core = smoothed._Options(
-        options["convention"], options["pad_index"], False, False, options["with_z"], True, False
-    )
     eps = torch.tensor(0.1, device=DEVICE)
     z = torch.tensor(1e-3 if options["with_z"] else 0.0, device=DEVICE)
-    params = smoothed._kernel_params(core, CLASSES, eps, weight, class_mask, z)
+    params = smoothed.kernel_params(
+        options["convention"], CLASSES, eps, weight, class_mask, z, pad_index=options["pad_index"]
+    )
     return x, labels, counted, params, weight, class_mask
 
 
