@@ -13,6 +13,8 @@ of the same vocabulary:
 * ``dtensor``: ``lstorch.smoothed_cross_entropy`` of a DTensor sharded on the class axis;
 * ``options``: both losses with ``where``, ``normalizer``, ``kl``, ``class_mask``, ``z_loss``
   and ``return_z_loss`` (``d z_loss`` too);
+* ``transforms``: both losses with ``softcap``, ``logit_scale`` and ``return_stats`` (the
+  argmax's ties across ranks included);
 * ``higher order`` (class weights: double backward and forward mode), ``autocast`` (the fused
   head under bf16 autocast) and ``errors`` (the messages of bad calls).
 
@@ -387,6 +389,141 @@ def option_checks(counter, group, world, rank, tag):
     return results
 
 
+TRANSFORM_CASES = [  # name, the options (both losses)
+    ("softcap", dict(smoothing=0.1, reduction="mean", softcap=2.0)),
+    ("logit_scale", dict(smoothing=0.2, convention="others", reduction="none", logit_scale=0.7)),
+    (
+        "softcap/logit_scale/weight/z_loss",
+        dict(
+            smoothing=0.1, reduction="sum", softcap=3.0, logit_scale=1.3, z_loss=0.01, weight=True
+        ),
+    ),
+    ("return_stats", dict(smoothing=0.1, reduction="none", return_stats=True)),
+    (
+        "return_stats/softcap/weight",
+        dict(smoothing=0.2, reduction="mean", softcap=2.0, weight=True, return_stats=True),
+    ),
+    (
+        "return_stats/class_mask/return_z_loss",
+        dict(
+            smoothing=0.2,
+            convention="others",
+            reduction="none",
+            class_mask=True,
+            z_loss=0.05,
+            return_z_loss=True,
+            return_stats=True,
+        ),
+    ),
+]
+
+
+def transform_checks(counter, group, world, rank, tag):
+    """``softcap``, ``logit_scale`` and ``return_stats`` in both vocabulary-parallel losses,
+    against ``lstorch.smoothed_cross_entropy`` of the full logits (of ``F.linear`` of the full
+    weight for the fused head) with the same options: the loss (and z-part), every gradient,
+    and the stats (``lse``, ``entropy``, ``correct``). Rows 3-5 are argmax cases: all logits
+    equal (the first class wins), two equal maxima on the first and the last rank with the
+    label on the later one (not correct: torch's first-max rule), and the label at the argmax."""
+    import lstorch
+    from lstorch.distributed import (
+        vocab_parallel_fused_linear_smoothed_cross_entropy,
+        vocab_parallel_smoothed_cross_entropy,
+    )
+
+    results = []
+    mine = slice(rank * LOCAL_VOCAB, (rank + 1) * LOCAL_VOCAB)
+    vocab = world * LOCAL_VOCAB
+    for index, (name, options) in enumerate(TRANSFORM_CASES):
+        dtype = torch.float64
+        logits, labels, class_weight, cotangent, hidden, weight, bias = data(
+            30 + index, world, dtype
+        )
+        options = dict(options, ignore_index=IGNORE)
+        mask = torch.ones(vocab, dtype=torch.bool)
+        if options.get("class_mask"):
+            mask[MASKED] = False
+            options["class_mask"] = mask
+        allowed = [c for c in range(vocab) if mask[c]]
+        logits[3] = 0.0  # every logit equal: the first allowed class is the argmax
+        logits[4] = 0.0
+        logits[4, [allowed[0], allowed[-1]]] = 5.0  # a tie across ranks: the first wins
+        labels[3], labels[4] = allowed[0], allowed[-1]
+        labels = torch.where((labels != IGNORE) & ~mask[labels.clamp(0)], allowed[1], labels)
+        full_weight = class_weight if options.pop("weight", False) else None
+
+        def parts(out, options=options):  # (the loss plus half the z-part, the stats or None)
+            if not isinstance(out, tuple):
+                return out, None
+            stats = out[-1] if options.get("return_stats") else None
+            values = out[:-1] if stats is not None else out
+            loss = values[0] + 0.5 * values[1] if len(values) == 2 else values[0]
+            return loss, stats
+
+        for kind in ("dense", "fused"):
+            full = [logits.clone()] if kind == "dense" else [hidden.clone(), weight.clone(),
+                                                              bias.clone()]  # fmt: skip
+            for tensor in full:
+                tensor.requires_grad_(True)
+            x = full[0] if kind == "dense" else F.linear(*full)
+            label_rows = labels.clone()
+            label_rows[5] = x.detach()[5].masked_fill(~mask, -torch.inf).argmax()  # correct
+            expected = lstorch.smoothed_cross_entropy(x, label_rows, weight=full_weight, **options)
+            expected_loss, expected_stats = parts(expected)
+            cot = cotangent_for(expected_loss, cotangent)
+            expected_grads = torch.autograd.grad(expected_loss, full, cot)
+            if kind == "dense":
+                ours = [logits[:, mine].clone()]
+                expected_mine = [expected_grads[0][:, mine]]
+            else:
+                ours = [hidden.clone(), weight[mine].clone(), bias[mine].clone()]
+                expected_mine = [expected_grads[0], expected_grads[1][mine],
+                                 expected_grads[2][mine]]  # fmt: skip
+            for tensor in ours:
+                tensor.requires_grad_(True)
+            local_weight = None if full_weight is None else full_weight[mine]
+
+            def call(ours=ours, kind=kind, labels=label_rows, w=local_weight, options=options):
+                if kind == "dense":
+                    return vocab_parallel_smoothed_cross_entropy(
+                        ours[0], labels, group=group, weight=w, **options
+                    )
+                return vocab_parallel_fused_linear_smoothed_cross_entropy(
+                    ours[0], ours[1], labels, bias_shard=ours[2], group=group, chunk_size=2,
+                    class_weight=w, **options,
+                )  # fmt: skip
+
+            out, forward = counter.measure(call)
+            loss, stats = parts(out)
+            grads, backward = counter.measure(
+                lambda loss=loss, ours=ours, cot=cot: torch.autograd.grad(loss, ours, cot)
+            )
+            stats_diff, stats_bytes, correct = 0.0, "", None
+            if expected_stats is not None:
+                stats_diff = max(diff(stats.lse, expected_stats.lse),
+                                 diff(stats.entropy, expected_stats.entropy))  # fmt: skip
+                stats_bytes = hexbytes(torch.stack([stats.lse, stats.entropy]))
+                stats_bytes += hexbytes(stats.correct)
+                correct = [stats.correct.tolist(), expected_stats.correct.tolist()]
+            results.append(
+                dict(
+                    check="transforms", group=tag, world=world, dtype="float64",
+                    case=f"{kind}/{name}", rows=ROWS, features=FEATURES,
+                    loss_bytes=hexbytes(loss) + stats_bytes,
+                    d_hidden_bytes=hexbytes(grads[0]) if kind == "fused" else "",
+                    weighted=full_weight is not None or "class_mask" in options,
+                    stats=expected_stats is not None, returned_stats=stats is not None,
+                    correct=correct,
+                    loss_diff=diff(loss, expected_loss) + stats_diff,
+                    loss_scale=scale(expected_loss),
+                    grad_diff=max(diff(a, b) for a, b in zip(grads, expected_mine, strict=True)),
+                    grad_scale=max(scale(g) for g in expected_grads),
+                    forward=forward, backward=backward,
+                )
+            )  # fmt: skip
+    return results
+
+
 def higher_order_checks(counter, group, world, rank, tag):
     """With class weights: the Hessian-vector product by double backward (this rank's slice)
     and the loss's tangent by forward-mode dual numbers (each rank holding its slice of the
@@ -622,7 +759,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     for group, size, tag in ((None, world, "world"), (pair, 2, f"pair{rank // 2}")):
         pair_rank = dist.get_rank(group)
         for checks in (dense_checks, fused_checks, megatron_checks, higher_order_checks,
-                       autocast_checks, option_checks):  # fmt: skip
+                       autocast_checks, option_checks, transform_checks):  # fmt: skip
             results += checks(counter, group, size, pair_rank, tag)
     results += dtensor_checks(counter, world_mesh, world, rank, "world")
     results += dtensor_checks(counter, pair_mesh, 2, rank % 2, f"pair{rank // 2}")
