@@ -32,7 +32,11 @@ are functions of the global statistics already all-reduced. ``class_mask`` is th
 mask on every rank (``K`` bytes, as the labels are replicated): every rank checks it and
 raises alike (a rank that raised alone would leave the others waiting in a collective), and
 ``|S|`` needs no collective; its columns enter the packed sum as support weights ``u = w m``
-(the weighted call's ``5 R b + 2 b``).
+(the weighted call's ``5 R b + 2 b``). ``softcap`` and ``logit_scale`` add none either: the
+transform is elementwise, so each rank applies it to its own logits. ``return_stats=True``
+adds bytes to the same two forward all-reduces and no collective: the max carries each row's
+raw max logit beside the peak (``2 R b``), the packed sum two more values per row (``+ 2 R
+b``: the entropy's ``sum_c exp(t_c - m) (t_c - m)`` and the argmax's tie count).
 
 The JAX counterparts are ``lsjax.smoothed_cross_entropy`` on logits placed by a
 ``NamedSharding`` and ``lsjax.sharded.sharded_fused_linear_smoothed_cross_entropy``.
@@ -104,7 +108,8 @@ def vocab_parallel_smoothed_cross_entropy(
 
     Communication: two all-reduces in forward, of ``R b`` and ``4 R b`` bytes (``5 R b + 2 b``
     with ``weight`` or ``class_mask``) for ``R`` rows and ``b`` bytes per value (4, or 8 for
-    float64 logits), whatever the other options; none in backward.
+    float64 logits), whatever the other options, except ``return_stats``: ``2 R b`` and ``2 R
+    b`` more; none in backward.
 
     Args:
       local_logits: ``(..., V_local)``, this rank's slice of the class axis (the last axis).
@@ -134,13 +139,24 @@ def vocab_parallel_smoothed_cross_entropy(
         to every counted row. A tensor that requires grad is differentiated (``d z``, the whole
         loss's, on every rank).
       return_z_loss: also return the z-part alone, reduced like the loss: ``(loss, z_part)``.
+      softcap: as ``smoothed_cross_entropy``: ``t = cap * tanh(x / cap)`` (after
+        ``logit_scale``), applied by each rank to its own logits before the lse and the sums;
+        no collective.
+      logit_scale: as ``smoothed_cross_entropy``: ``x`` times this first (a number > 0).
+      return_stats: also return ``lstorch.RowStats(lse, entropy, correct)`` per row, as
+        ``smoothed_cross_entropy`` does (after the loss and the z-part), the same on every rank:
+        the global lse and entropy of the transformed logits, and whether torch's first-max
+        argmax over all K (allowed) logits before the transform is the label. Each rank adds
+        its row's raw max to the max all-reduce and two values per row (the entropy's sum, the
+        argmax's tie count) to the packed sum: ``3 R b`` more bytes, no further collective.
       check_labels: as ``smoothed_cross_entropy``: ``None`` reads and checks the labels on the
         CPU only (on an accelerator, no read-back: a label out of range gives a NaN row on
         every rank), ``True`` on any device, ``False`` never.
 
     Returns:
       float32 for bf16/fp16/float32 logits, float64 for float64; per row for ``"none"``, else
-      a scalar; ``(loss, z_part)`` with ``return_z_loss``. The same on every rank.
+      a scalar; ``(loss, z_part)`` with ``return_z_loss``; ``(..., stats)`` with
+      ``return_stats``. The same on every rank.
 
     Not taken yet (``smoothed_cross_entropy`` has it): ``from_log_probs``.
     """
@@ -232,7 +248,8 @@ def vocab_parallel_fused_linear_smoothed_cross_entropy(
 
     Communication per call, ``R`` rows, ``D`` features, ``b`` bytes per value (4; 8 for
     float64): forward, two all-reduces of ``R b`` and ``4 R b`` bytes (``5 R b + 2 b`` with
-    ``class_weight`` or ``class_mask``), whatever the other options; backward, one of ``R D
+    ``class_weight`` or ``class_mask``), whatever the other options, except ``return_stats``:
+    ``2 R b`` and ``2 R b`` more; backward, one of ``R D
     b`` bytes (``d hidden``, only when ``hidden`` requires grad). Nothing ``R x V`` crosses the
     wire or exists on any rank.
 
@@ -265,14 +282,24 @@ def vocab_parallel_fused_linear_smoothed_cross_entropy(
       z_loss: ``z >= 0``; adds ``z * lse**2`` (the global lse) to every counted row; a tensor
         that requires grad is differentiated (the whole loss's ``d z`` on every rank).
       return_z_loss: also return the z-part alone, reduced like the loss: ``(loss, z_part)``.
+      softcap: as ``smoothed_cross_entropy``: ``t = cap * tanh(x / cap)`` (after
+        ``logit_scale``), applied by each rank to its own logits, chunk by chunk, before the
+        lse and the sums; no collective.
+      logit_scale: as ``smoothed_cross_entropy``: ``x`` times this first (a number > 0).
+      return_stats: also return ``lstorch.RowStats(lse, entropy, correct)`` per row, as
+        ``smoothed_cross_entropy`` does (after the loss and the z-part), the same on every rank:
+        the global lse and entropy of the transformed logits, and whether torch's first-max
+        argmax over all K (allowed) logits before the transform is the label. Each rank adds
+        its row's raw max to the max all-reduce and two values per row (the entropy's sum, the
+        argmax's tie count) to the packed sum: ``3 R b`` more bytes, no further collective.
       check_labels: as ``smoothed_cross_entropy``: ``None`` reads and checks the labels on the
         CPU only, ``True`` on any device, ``False`` never (a label out of range: a NaN row).
 
     Returns:
       float32 for bf16/fp16/float32 inputs, float64 for float64; per row for ``"none"``, else
-      a scalar; ``(loss, z_part)`` with ``return_z_loss``. The same on every rank.
-      First-order gradients only: a backward that would be differentiated again
-      (``create_graph=True``, ``torch.func`` transforms) raises.
+      a scalar; ``(loss, z_part)`` with ``return_z_loss``; ``(..., stats)`` with
+      ``return_stats``. The same on every rank. First-order gradients only: a backward that
+      would be differentiated again (``create_graph=True``, ``torch.func`` transforms) raises.
     """
     fn = "vocab_parallel_fused_linear_smoothed_cross_entropy"
     names = lsspec.caller(fn, weight="weight_shard", bias="bias_shard")
