@@ -349,8 +349,25 @@ def is_dtensor(value: object) -> bool:
     return module is not None and isinstance(value, module.DTensor)
 
 
-# The options of smoothed_cross_entropy that the vocabulary-parallel path takes.
-_DTENSOR_OPTIONS = ("smoothing", "convention", "ignore_index", "pad_index", "reduction")
+# The options of smoothed_cross_entropy that the vocabulary-parallel path takes (and weight).
+_DTENSOR_OPTIONS = (
+    "smoothing", "convention", "ignore_index", "pad_index", "reduction", "where", "normalizer",
+    "kl", "class_mask", "z_loss", "return_z_loss", "softcap", "logit_scale", "return_stats",
+    "check_labels",
+)  # fmt: skip
+
+
+def _whole(value):
+    """A DTensor option as the plain tensor every rank holds whole: its local tensor when
+    replicated, else gathered (``full_tensor``: an all-gather of the option, e.g. ``K`` bytes
+    of a sharded ``class_mask``); anything else as it is."""
+    if not is_dtensor(value):
+        return value
+    from torch.distributed.tensor import Replicate
+
+    if all(placement == Replicate() for placement in value.placements):
+        return value.to_local()
+    return value.full_tensor()
 
 
 def dtensor_smoothed_cross_entropy(logits, labels, *, axis=None, weight=None, _caller=None,
@@ -360,11 +377,14 @@ def dtensor_smoothed_cross_entropy(logits, labels, *, axis=None, weight=None, _c
     rank computes :func:`vocab_parallel_smoothed_cross_entropy` on its local shard over the
     mesh's process group, without gathering the logits. ``labels`` are a tensor or a
     replicated DTensor; ``weight`` a full ``(K,)`` tensor (each rank takes its slice) or a
-    DTensor sharded or replicated over the same mesh. Returns the dense call's value as a
-    replicated DTensor on the mesh (its backward reaches ``logits`` as a ``Shard(axis)``
-    gradient). Any other option of ``smoothed_cross_entropy`` (``where``, ``normalizer``,
-    ``kl``, ``from_log_probs``, ``class_mask``, ``z_loss``, ...) raises when it is given a
-    value other than its default."""
+    DTensor sharded or replicated over the same mesh. ``where``, ``normalizer``, ``kl``,
+    ``class_mask`` (the full ``(K,)`` mask), ``z_loss``, ``return_z_loss``, ``softcap``,
+    ``logit_scale``, ``return_stats`` and ``check_labels`` are those of
+    :func:`vocab_parallel_smoothed_cross_entropy` (a tensor option may be a DTensor: its local
+    tensor when replicated, else gathered whole). Returns what the dense call returns, each
+    tensor a replicated DTensor on the mesh (``(loss, z_part)``, ``RowStats`` of DTensors; the
+    loss's backward reaches ``logits`` as a ``Shard(axis)`` gradient). ``from_log_probs`` and
+    ``inplace_backward`` raise when given a value other than their default."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
     from lstorch.smoothed import smoothed_cross_entropy
@@ -377,8 +397,8 @@ def dtensor_smoothed_cross_entropy(logits, labels, *, axis=None, weight=None, _c
         if value is not default and not (lsspec.is_number(value) and value == default):
             raise ValueError(
                 f"{name}: `{arg(option)}` is not supported with DTensor logits (the "
-                f"vocabulary-parallel path takes {', '.join(_DTENSOR_OPTIONS)} and weight); "
-                f"got {arg(option)}={value!r}."
+                f"vocabulary-parallel path takes {', '.join(_DTENSOR_OPTIONS)}, weight and "
+                f"axis); got {arg(option)}={value!r}."
             )
     mesh, placements = logits.device_mesh, logits.placements
     axis = _common.class_axis(fn, axis, logits.ndim, tuple(logits.shape))
@@ -402,6 +422,9 @@ def dtensor_smoothed_cross_entropy(logits, labels, *, axis=None, weight=None, _c
                 f"placements {labels.placements}."
             )
         labels = labels.to_local()
+    for option in ("where", "normalizer", "class_mask", "z_loss"):
+        if option in options:
+            options[option] = _whole(options[option])
     local_classes = logits.shape[axis] // world
     if isinstance(weight, DTensor):
         sharded = weight.placements == (Shard(0),)
@@ -413,10 +436,18 @@ def dtensor_smoothed_cross_entropy(logits, labels, *, axis=None, weight=None, _c
         lsspec.check_row_options_shapes(fn, logits.shape[axis], (), weight=tuple(weight.shape))
         weight = weight[rank * local_classes : (rank + 1) * local_classes]
     local = logits.to_local().movedim(axis, -1)
-    loss = vocab_parallel_smoothed_cross_entropy(
+    output = vocab_parallel_smoothed_cross_entropy(
         local, labels, group=mesh.get_group(), weight=weight, _caller=fn, **options
     )
-    return DTensor.from_local(loss, mesh, [Replicate()], run_check=False)
+
+    def replicated(value):  # every rank holds the same value: no check, no collective
+        if isinstance(value, _closed_form.RowStats):
+            return _closed_form.RowStats(*map(replicated, value))
+        if isinstance(value, tuple):  # (loss, z_part[, stats])
+            return tuple(map(replicated, value))
+        return DTensor.from_local(value, mesh, [Replicate()], run_check=False)
+
+    return replicated(output)
 
 
 class _Layout(NamedTuple):

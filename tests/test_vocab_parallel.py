@@ -238,6 +238,31 @@ def test_softcap_logit_scale_and_return_stats_give_the_single_process_results(re
         assert len({(case["loss_bytes"], case["d_hidden_bytes"]) for case in group}) == 1, key
 
 
+def test_dtensor_logits_take_the_vocabulary_parallel_options(results):
+    # where, normalizer, kl, class_mask, z_loss/return_z_loss; softcap, logit_scale, weight,
+    # return_stats: what the dense call returns, every tensor a replicated DTensor; the
+    # collectives of the vocabulary-parallel loss (none in backward).
+    cases = _of(results, "dtensor options")
+    assert {case["case"] for case in cases} == {
+        "where/normalizer/kl/class_mask/z_loss",
+        "softcap/logit_scale/weight/return_stats",
+    }
+    groups = {}
+    for case in cases:
+        assert case["replicated"] and case["outputs"] == case["expected_outputs"], case
+        assert case["bools_equal"], case  # stats.correct
+        assert _close(case, "loss") and _close(case, "grad"), case
+        rows, forward = case["rows"], _forward_bytes(case["rows"], case["weighted"], 8)
+        if case["stats"]:
+            forward = [["all_reduce", 2 * rows * 8], ["all_reduce", forward[1][1] + 2 * rows * 8]]
+        assert case["forward"] == forward, case
+        assert case["backward"] == [], case
+        groups.setdefault((case["group"], case["case"]), []).append(case)
+    for key, group in groups.items():
+        assert len(group) == group[0]["world"], key
+        assert len({case["loss_bytes"] for case in group}) == 1, key
+
+
 def _megatron_own_loss(logits, target, label_smoothing, rank, world):
     """Megatron-core's ``vocab_parallel_cross_entropy`` as its code computes it on one rank
     (megatron/core/tensor_parallel/cross_entropy.py, ``_VocabParallelCrossEntropy.forward``):
@@ -297,9 +322,15 @@ ERRORS = {  # case: what the message must say (the function, the argument, the v
     "fused masked label": "vocab_parallel_fused_linear_smoothed_cross_entropy: `labels` of "
     "counted rows must be classes that `class_mask` allows (True); got labels of masked classes "
     "[1",
-    "dtensor kl": "smoothed_cross_entropy: `kl` is not supported with DTensor logits (the "
-    "vocabulary-parallel path takes smoothing, convention, ignore_index, pad_index, reduction and "
-    "weight); got kl=True.",
+    # every option of the vocabulary-parallel loss passes; log-probabilities are not logits
+    "dtensor from_log_probs": "smoothed_cross_entropy: `from_log_probs` is not supported with "
+    "DTensor logits (the vocabulary-parallel path takes smoothing, convention, ignore_index, "
+    "pad_index, reduction, where, normalizer, kl, class_mask, z_loss, return_z_loss, softcap, "
+    "logit_scale, return_stats, check_labels, weight and axis); got from_log_probs=True.",
+    "fused softcap": "vocab_parallel_fused_linear_smoothed_cross_entropy: `softcap` must be None "
+    "or a finite number > 0; got 0.0.",
+    "dense return_stats": "vocab_parallel_smoothed_cross_entropy: `return_stats` must be True or "
+    "False; got 'yes'.",
     "dtensor replicated logits": "smoothed_cross_entropy: DTensor `logits` must be sharded on its "
     "class axis 1 over a 1-D device mesh",
 }

@@ -11,6 +11,7 @@ of the same vocabulary:
 * ``megatron``: ``lstorch.compat.megatron.vocab_parallel_cross_entropy`` (pairs only: the
   example of its docstring, and random logits);
 * ``dtensor``: ``lstorch.smoothed_cross_entropy`` of a DTensor sharded on the class axis;
+* ``dtensor options``: the same with the options the vocabulary-parallel loss takes;
 * ``options``: both losses with ``where``, ``normalizer``, ``kl``, ``class_mask``, ``z_loss``
   and ``return_z_loss`` (``d z_loss`` too);
 * ``transforms``: both losses with ``softcap``, ``logit_scale`` and ``return_stats`` (the
@@ -691,6 +692,93 @@ def dtensor_checks(counter, mesh, world, rank, tag):
     return results
 
 
+DTENSOR_OPTION_CASES = [  # name, the options; where, class_mask and z_loss given as DTensors
+    (
+        "where/normalizer/kl/class_mask/z_loss",
+        dict(smoothing=0.2, convention="others", reduction="mean", normalizer=7.0, kl=True,
+             class_mask=True, z_loss=0.05, return_z_loss=True),
+    ),
+    (
+        "softcap/logit_scale/weight/return_stats",
+        dict(smoothing=0.1, reduction="none", softcap=2.0, logit_scale=0.8, weight=True,
+             return_stats=True),
+    ),
+]  # fmt: skip
+
+
+def dtensor_option_checks(counter, mesh, world, rank, tag):
+    """``lstorch.smoothed_cross_entropy`` of a DTensor sharded on the class axis with the
+    options the vocabulary-parallel loss takes (``where`` and ``class_mask`` as replicated
+    DTensors, ``z_loss`` as a 0-d one), against the same call on the full logits: every
+    output a replicated DTensor, the loss, the z-part, the stats and the gradient."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    import lstorch
+
+    results = []
+    mine = slice(rank * LOCAL_VOCAB, (rank + 1) * LOCAL_VOCAB)
+    vocab = world * LOCAL_VOCAB
+    for index, (name, options) in enumerate(DTENSOR_OPTION_CASES):
+        dtype = torch.float64
+        logits, labels, class_weight, cotangent, *_ = data(50 + index, world, dtype)
+        options = dict(options, ignore_index=IGNORE)
+        weight = class_weight if options.pop("weight", False) else None
+        where = torch.ones(ROWS, dtype=torch.bool)
+        where[1] = False
+        options["where"] = where
+        if options.get("class_mask"):
+            mask = torch.ones(vocab, dtype=torch.bool)
+            mask[MASKED] = False
+            labels = torch.where((labels != IGNORE) & ~mask[labels.clamp(0)], 0, labels)
+            options["class_mask"] = mask
+        full = logits.clone().requires_grad_(True)
+        expected = lstorch.smoothed_cross_entropy(full, labels, weight=weight, **options)
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        cot = cotangent_for(expected[0], cotangent)
+        (expected_grad,) = torch.autograd.grad(expected[0], full, cot)
+        sharded = distribute_tensor(logits, mesh, [Shard(-1)]).requires_grad_(True)
+        dtensor_options = dict(options)
+        for option in ("where", "class_mask", "z_loss"):
+            if option in dtensor_options:
+                value = dtensor_options[option]
+                value = torch.tensor(value, dtype=dtype) if isinstance(value, float) else value
+                dtensor_options[option] = distribute_tensor(value, mesh, [Replicate()])
+        out, forward = counter.measure(
+            lambda sharded=sharded, labels=labels, weight=weight, options=dtensor_options:
+            lstorch.smoothed_cross_entropy(sharded, labels, weight=weight, **options)
+        )  # fmt: skip
+        out = out if isinstance(out, tuple) else (out,)
+        flat_out = [*out[:-1], *out[-1]] if options.get("return_stats") else list(out)
+        flat_expected = (
+            [*expected[:-1], *expected[-1]] if options.get("return_stats") else list(expected)
+        )
+        replicated = all(
+            isinstance(value, DTensor) and value.placements == (Replicate(),) for value in flat_out
+        )
+        local = [value.to_local() for value in flat_out]
+        cot_dtensor = distribute_tensor(cot, mesh, [Replicate()])
+        _, backward = counter.measure(lambda loss=out[0], cot=cot_dtensor: loss.backward(cot))
+        floats = [(a, b) for a, b in zip(local, flat_expected, strict=True)
+                  if a.is_floating_point()]  # fmt: skip
+        bools = [torch.equal(a, b) for a, b in zip(local, flat_expected, strict=True)
+                 if not a.is_floating_point()]  # fmt: skip
+        results.append(
+            dict(
+                check="dtensor options", group=tag, world=world, dtype="float64", case=name,
+                rows=ROWS, replicated=replicated, outputs=len(flat_out),
+                expected_outputs=len(flat_expected), bools_equal=all(bools),
+                weighted=weight is not None or "class_mask" in options,
+                stats=bool(options.get("return_stats")),
+                loss_bytes="".join(hexbytes(value) for value in local),
+                loss_diff=max(diff(a, b) for a, b in floats),
+                loss_scale=max(scale(b) for _, b in floats),
+                grad_diff=diff(sharded.grad.to_local(), expected_grad[:, mine]),
+                grad_scale=scale(expected_grad), forward=forward, backward=backward,
+            )
+        )  # fmt: skip
+    return results
+
+
 def error_checks(mesh, world):
     """The messages of bad calls (every rank makes each, so no collective is left waiting)."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
@@ -724,8 +812,14 @@ def error_checks(mesh, world):
             class_mask=torch.arange(world * LOCAL_VOCAB) != 1,
             ignore_index=IGNORE,
         ),
-        "dtensor kl": lambda: lstorch.smoothed_cross_entropy(
-            sharded, labels, ignore_index=IGNORE, smoothing=0.1, kl=True
+        "dtensor from_log_probs": lambda: lstorch.smoothed_cross_entropy(
+            sharded, labels, ignore_index=IGNORE, smoothing=0.1, from_log_probs=True
+        ),
+        "fused softcap": lambda: vocab_parallel_fused_linear_smoothed_cross_entropy(
+            hidden, weight[:LOCAL_VOCAB], labels, ignore_index=IGNORE, softcap=0.0
+        ),
+        "dense return_stats": lambda: vocab_parallel_smoothed_cross_entropy(
+            local, labels, ignore_index=IGNORE, return_stats="yes"
         ),
         "dtensor replicated logits": lambda: lstorch.smoothed_cross_entropy(
             distribute_tensor(logits, mesh, [Replicate()]), labels, ignore_index=IGNORE
@@ -763,6 +857,8 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
             results += checks(counter, group, size, pair_rank, tag)
     results += dtensor_checks(counter, world_mesh, world, rank, "world")
     results += dtensor_checks(counter, pair_mesh, 2, rank % 2, f"pair{rank // 2}")
+    results += dtensor_option_checks(counter, world_mesh, world, rank, "world")
+    results += dtensor_option_checks(counter, pair_mesh, 2, rank % 2, f"pair{rank // 2}")
     results += error_checks(world_mesh, world)
     print(f"rank {rank}: checks {time.perf_counter() - started:.1f} s", file=sys.stderr)
     pathlib.Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
