@@ -32,7 +32,11 @@ are functions of the global statistics already all-reduced. ``class_mask`` is th
 mask on every rank (``K`` bytes, as the labels are replicated): every rank checks it and
 raises alike (a rank that raised alone would leave the others waiting in a collective), and
 ``|S|`` needs no collective; its columns enter the packed sum as support weights ``u = w m``
-(the weighted call's ``5 R b + 2 b``).
+(the weighted call's ``5 R b + 2 b``). ``softcap`` and ``logit_scale`` add none either: the
+transform is elementwise, so each rank applies it to its own logits. ``return_stats=True``
+adds bytes to the same two forward all-reduces and no collective: the max carries each row's
+raw max logit beside the peak (``2 R b``), the packed sum two more values per row (``+ 2 R
+b``: the entropy's ``sum_c exp(t_c - m) (t_c - m)`` and the argmax's tie count).
 
 The JAX counterparts are ``lsjax.smoothed_cross_entropy`` on logits placed by a
 ``NamedSharding`` and ``lsjax.sharded.sharded_fused_linear_smoothed_cross_entropy``.
@@ -40,6 +44,7 @@ The JAX counterparts are ``lsjax.smoothed_cross_entropy`` on logits placed by a
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 from typing import Any, NamedTuple
@@ -77,9 +82,12 @@ def vocab_parallel_smoothed_cross_entropy(
     class_mask: torch.Tensor | None = None,
     z_loss: float | torch.Tensor = 0.0,
     return_z_loss: bool = False,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    return_stats: bool = False,
     check_labels: bool | None = None,
     _caller: lsspec.Caller | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     r"""``smoothed_cross_entropy`` of logits split over the vocabulary across ``group``'s ranks.
 
     With ``x`` the (global) logits of a row, ``K = world_size * V_local``, ``w`` the class
@@ -100,7 +108,8 @@ def vocab_parallel_smoothed_cross_entropy(
 
     Communication: two all-reduces in forward, of ``R b`` and ``4 R b`` bytes (``5 R b + 2 b``
     with ``weight`` or ``class_mask``) for ``R`` rows and ``b`` bytes per value (4, or 8 for
-    float64 logits), whatever the other options; none in backward.
+    float64 logits), whatever the other options, except ``return_stats``: ``2 R b`` and ``2 R
+    b`` more; none in backward.
 
     Args:
       local_logits: ``(..., V_local)``, this rank's slice of the class axis (the last axis).
@@ -130,13 +139,24 @@ def vocab_parallel_smoothed_cross_entropy(
         to every counted row. A tensor that requires grad is differentiated (``d z``, the whole
         loss's, on every rank).
       return_z_loss: also return the z-part alone, reduced like the loss: ``(loss, z_part)``.
+      softcap: as ``smoothed_cross_entropy``: ``t = cap * tanh(x / cap)`` (after
+        ``logit_scale``), applied by each rank to its own logits before the lse and the sums;
+        no collective.
+      logit_scale: as ``smoothed_cross_entropy``: ``x`` times this first (a number > 0).
+      return_stats: also return ``lstorch.RowStats(lse, entropy, correct)`` per row, as
+        ``smoothed_cross_entropy`` does (after the loss and the z-part), the same on every rank:
+        the global lse and entropy of the transformed logits, and whether torch's first-max
+        argmax over all K (allowed) logits before the transform is the label. Each rank adds
+        its row's raw max to the max all-reduce and two values per row (the entropy's sum, the
+        argmax's tie count) to the packed sum: ``3 R b`` more bytes, no further collective.
       check_labels: as ``smoothed_cross_entropy``: ``None`` reads and checks the labels on the
         CPU only (on an accelerator, no read-back: a label out of range gives a NaN row on
         every rank), ``True`` on any device, ``False`` never.
 
     Returns:
       float32 for bf16/fp16/float32 logits, float64 for float64; per row for ``"none"``, else
-      a scalar; ``(loss, z_part)`` with ``return_z_loss``. The same on every rank.
+      a scalar; ``(loss, z_part)`` with ``return_z_loss``; ``(..., stats)`` with
+      ``return_stats``. The same on every rank.
 
     Not taken yet (``smoothed_cross_entropy`` has it): ``from_log_probs``.
     """
@@ -151,14 +171,25 @@ def vocab_parallel_smoothed_cross_entropy(
     layout, counted, class_weight, z = _prologue(
         fn, local_logits.shape[-1], labels, options, weight, group, compute_dtype,
         check_labels=check_labels, where=where, normalizer=normalizer, kl=kl,
-        class_mask=class_mask, z_loss=z_loss, return_z_loss=return_z_loss,
+        class_mask=class_mask, z_loss=z_loss, return_z_loss=return_z_loss, softcap=softcap,
+        logit_scale=logit_scale, return_stats=return_stats,
     )  # fmt: skip
     eps = _common.smoothing_tensor(smoothing, compute_dtype, local_logits.device)  # differentiated
     rows = _common.with_forward_mode(_VocabParallelRows, _VocabParallelRowsForwardMode)
-    loss, z_part, _, _, w_y, _ = rows.apply(
+    loss, z_part, lse, _, w_y, _, entropy, correct = rows.apply(
         local_logits, labels, counted, eps, class_weight, z, layout
     )
-    return _reduced(loss, z_part, counted, w_y, reduction, normalizer, return_z_loss)
+    outputs = _reduced(loss, z_part, counted, w_y, reduction, normalizer, return_z_loss)
+    return _with_stats(outputs, return_stats, counted, lse, entropy, correct)
+
+
+def _with_stats(outputs, return_stats, counted, lse, entropy, correct):
+    """``outputs`` and, with ``return_stats``, a ``RowStats`` after them (as the dense loss
+    returns it: 0, 0 and False on rows that do not count)."""
+    if not return_stats:
+        return outputs
+    stats = _closed_form.RowStats(torch.where(counted, lse, 0.0), entropy, correct > 0)
+    return (*(outputs if isinstance(outputs, tuple) else (outputs,)), stats)
 
 
 def _reduced(loss, z_part, counted, w_y, reduction, normalizer, return_z_loss):
@@ -190,8 +221,11 @@ def vocab_parallel_fused_linear_smoothed_cross_entropy(
     class_mask: torch.Tensor | None = None,
     z_loss: float | torch.Tensor = 0.0,
     return_z_loss: bool = False,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    return_stats: bool = False,
     check_labels: bool | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     r"""``fused_linear_smoothed_cross_entropy`` with the output layer split over the vocabulary.
 
     Each rank of ``group`` holds the rows of the output layer's weight (and bias) for its slice
@@ -214,7 +248,8 @@ def vocab_parallel_fused_linear_smoothed_cross_entropy(
 
     Communication per call, ``R`` rows, ``D`` features, ``b`` bytes per value (4; 8 for
     float64): forward, two all-reduces of ``R b`` and ``4 R b`` bytes (``5 R b + 2 b`` with
-    ``class_weight`` or ``class_mask``), whatever the other options; backward, one of ``R D
+    ``class_weight`` or ``class_mask``), whatever the other options, except ``return_stats``:
+    ``2 R b`` and ``2 R b`` more; backward, one of ``R D
     b`` bytes (``d hidden``, only when ``hidden`` requires grad). Nothing ``R x V`` crosses the
     wire or exists on any rank.
 
@@ -247,14 +282,24 @@ def vocab_parallel_fused_linear_smoothed_cross_entropy(
       z_loss: ``z >= 0``; adds ``z * lse**2`` (the global lse) to every counted row; a tensor
         that requires grad is differentiated (the whole loss's ``d z`` on every rank).
       return_z_loss: also return the z-part alone, reduced like the loss: ``(loss, z_part)``.
+      softcap: as ``smoothed_cross_entropy``: ``t = cap * tanh(x / cap)`` (after
+        ``logit_scale``), applied by each rank to its own logits, chunk by chunk, before the
+        lse and the sums; no collective.
+      logit_scale: as ``smoothed_cross_entropy``: ``x`` times this first (a number > 0).
+      return_stats: also return ``lstorch.RowStats(lse, entropy, correct)`` per row, as
+        ``smoothed_cross_entropy`` does (after the loss and the z-part), the same on every rank:
+        the global lse and entropy of the transformed logits, and whether torch's first-max
+        argmax over all K (allowed) logits before the transform is the label. Each rank adds
+        its row's raw max to the max all-reduce and two values per row (the entropy's sum, the
+        argmax's tie count) to the packed sum: ``3 R b`` more bytes, no further collective.
       check_labels: as ``smoothed_cross_entropy``: ``None`` reads and checks the labels on the
         CPU only, ``True`` on any device, ``False`` never (a label out of range: a NaN row).
 
     Returns:
       float32 for bf16/fp16/float32 inputs, float64 for float64; per row for ``"none"``, else
-      a scalar; ``(loss, z_part)`` with ``return_z_loss``. The same on every rank.
-      First-order gradients only: a backward that would be differentiated again
-      (``create_graph=True``, ``torch.func`` transforms) raises.
+      a scalar; ``(loss, z_part)`` with ``return_z_loss``; ``(..., stats)`` with
+      ``return_stats``. The same on every rank. First-order gradients only: a backward that
+      would be differentiated again (``create_graph=True``, ``torch.func`` transforms) raises.
     """
     fn = "vocab_parallel_fused_linear_smoothed_cross_entropy"
     names = lsspec.caller(fn, weight="weight_shard", bias="bias_shard")
@@ -270,13 +315,14 @@ def vocab_parallel_fused_linear_smoothed_cross_entropy(
         lsspec.caller(fn, weight="class_weight"), local_classes, labels, options, class_weight,
         group, compute_dtype, check_labels=check_labels, where=where, normalizer=normalizer,
         kl=kl, class_mask=class_mask, z_loss=z_loss, return_z_loss=return_z_loss,
+        softcap=softcap, logit_scale=logit_scale, return_stats=return_stats,
         chunk_size=chunk_size,
         operand_dtype=operand_dtype,
     )  # fmt: skip
     eps = _common.smoothing_tensor(smoothing, compute_dtype, hidden.device)  # differentiated
     if bias_shard is None:
         bias_shard = torch.zeros(local_classes, dtype=hidden.dtype, device=hidden.device)
-    loss, z_part, _, _, w_y, _ = _FusedVocabParallelRows.apply(
+    loss, z_part, lse, _, w_y, _, entropy, correct = _FusedVocabParallelRows.apply(
         hidden.reshape(-1, hidden.shape[-1]),
         weight_shard,
         bias_shard,
@@ -288,10 +334,12 @@ def vocab_parallel_fused_linear_smoothed_cross_entropy(
         layout,
     )
     shape = labels.shape
-    return _reduced(
+    outputs = _reduced(
         loss.reshape(shape), z_part.reshape(shape), counted, w_y.reshape(shape), reduction,
         normalizer, return_z_loss,
     )  # fmt: skip
+    return _with_stats(outputs, return_stats, counted, lse.reshape(shape),
+                       entropy.reshape(shape), correct.reshape(shape))  # fmt: skip
 
 
 def is_dtensor(value: object) -> bool:
@@ -301,8 +349,25 @@ def is_dtensor(value: object) -> bool:
     return module is not None and isinstance(value, module.DTensor)
 
 
-# The options of smoothed_cross_entropy that the vocabulary-parallel path takes.
-_DTENSOR_OPTIONS = ("smoothing", "convention", "ignore_index", "pad_index", "reduction")
+# The options of smoothed_cross_entropy that the vocabulary-parallel path takes (and weight).
+_DTENSOR_OPTIONS = (
+    "smoothing", "convention", "ignore_index", "pad_index", "reduction", "where", "normalizer",
+    "kl", "class_mask", "z_loss", "return_z_loss", "softcap", "logit_scale", "return_stats",
+    "check_labels",
+)  # fmt: skip
+
+
+def _whole(value):
+    """A DTensor option as the plain tensor every rank holds whole: its local tensor when
+    replicated, else gathered (``full_tensor``: an all-gather of the option, e.g. ``K`` bytes
+    of a sharded ``class_mask``); anything else as it is."""
+    if not is_dtensor(value):
+        return value
+    from torch.distributed.tensor import Replicate
+
+    if all(placement == Replicate() for placement in value.placements):
+        return value.to_local()
+    return value.full_tensor()
 
 
 def dtensor_smoothed_cross_entropy(logits, labels, *, axis=None, weight=None, _caller=None,
@@ -312,11 +377,14 @@ def dtensor_smoothed_cross_entropy(logits, labels, *, axis=None, weight=None, _c
     rank computes :func:`vocab_parallel_smoothed_cross_entropy` on its local shard over the
     mesh's process group, without gathering the logits. ``labels`` are a tensor or a
     replicated DTensor; ``weight`` a full ``(K,)`` tensor (each rank takes its slice) or a
-    DTensor sharded or replicated over the same mesh. Returns the dense call's value as a
-    replicated DTensor on the mesh (its backward reaches ``logits`` as a ``Shard(axis)``
-    gradient). Any other option of ``smoothed_cross_entropy`` (``where``, ``normalizer``,
-    ``kl``, ``from_log_probs``, ``class_mask``, ``z_loss``, ...) raises when it is given a
-    value other than its default."""
+    DTensor sharded or replicated over the same mesh. ``where``, ``normalizer``, ``kl``,
+    ``class_mask`` (the full ``(K,)`` mask), ``z_loss``, ``return_z_loss``, ``softcap``,
+    ``logit_scale``, ``return_stats`` and ``check_labels`` are those of
+    :func:`vocab_parallel_smoothed_cross_entropy` (a tensor option may be a DTensor: its local
+    tensor when replicated, else gathered whole). Returns what the dense call returns, each
+    tensor a replicated DTensor on the mesh (``(loss, z_part)``, ``RowStats`` of DTensors; the
+    loss's backward reaches ``logits`` as a ``Shard(axis)`` gradient). ``from_log_probs`` and
+    ``inplace_backward`` raise when given a value other than their default."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
     from lstorch.smoothed import smoothed_cross_entropy
@@ -329,8 +397,8 @@ def dtensor_smoothed_cross_entropy(logits, labels, *, axis=None, weight=None, _c
         if value is not default and not (lsspec.is_number(value) and value == default):
             raise ValueError(
                 f"{name}: `{arg(option)}` is not supported with DTensor logits (the "
-                f"vocabulary-parallel path takes {', '.join(_DTENSOR_OPTIONS)} and weight); "
-                f"got {arg(option)}={value!r}."
+                f"vocabulary-parallel path takes {', '.join(_DTENSOR_OPTIONS)}, weight and "
+                f"axis); got {arg(option)}={value!r}."
             )
     mesh, placements = logits.device_mesh, logits.placements
     axis = _common.class_axis(fn, axis, logits.ndim, tuple(logits.shape))
@@ -354,6 +422,9 @@ def dtensor_smoothed_cross_entropy(logits, labels, *, axis=None, weight=None, _c
                 f"placements {labels.placements}."
             )
         labels = labels.to_local()
+    for option in ("where", "normalizer", "class_mask", "z_loss"):
+        if option in options:
+            options[option] = _whole(options[option])
     local_classes = logits.shape[axis] // world
     if isinstance(weight, DTensor):
         sharded = weight.placements == (Shard(0),)
@@ -365,10 +436,18 @@ def dtensor_smoothed_cross_entropy(logits, labels, *, axis=None, weight=None, _c
         lsspec.check_row_options_shapes(fn, logits.shape[axis], (), weight=tuple(weight.shape))
         weight = weight[rank * local_classes : (rank + 1) * local_classes]
     local = logits.to_local().movedim(axis, -1)
-    loss = vocab_parallel_smoothed_cross_entropy(
+    output = vocab_parallel_smoothed_cross_entropy(
         local, labels, group=mesh.get_group(), weight=weight, _caller=fn, **options
     )
-    return DTensor.from_local(loss, mesh, [Replicate()], run_check=False)
+
+    def replicated(value):  # every rank holds the same value: no check, no collective
+        if isinstance(value, _closed_form.RowStats):
+            return _closed_form.RowStats(*map(replicated, value))
+        if isinstance(value, tuple):  # (loss, z_part[, stats])
+            return tuple(map(replicated, value))
+        return DTensor.from_local(value, mesh, [Replicate()], run_check=False)
+
+    return replicated(output)
 
 
 class _Layout(NamedTuple):
@@ -386,6 +465,8 @@ class _Layout(NamedTuple):
     class_mask: Any = None  # the full (K,) class mask, the same on every rank, or None
     local_mask: Any = None  # this rank's slice of it
     size: Any = None  # |S| under the class mask (a 0-d tensor), None without one
+    transform: lsspec.LogitTransform = _closed_form.IDENTITY  # softcap(logit_scale * x)
+    with_stats: bool = False  # also the rows' entropy and whether the argmax is the label
 
 
 def _size(layout: _Layout):
@@ -393,6 +474,22 @@ def _size(layout: _Layout):
     if layout.size is not None:
         return layout.size
     return _closed_form.support_size(layout.convention, layout.num_classes)
+
+
+def _transformed(x, layout: _Layout, compute_dtype):
+    """``softcap(logit_scale * x)`` in ``compute_dtype`` (a new tensor), or ``x`` itself
+    without a transform (its reductions upcast as before)."""
+    if not layout.transform.active:
+        return x
+    return _closed_form.transformed(x.to(compute_dtype), layout.transform)
+
+
+def _entropy_share(allowed, global_peak):
+    """``sum_c exp(t_c - peak) (t_c - peak)`` per row over ``allowed`` (masked classes at -inf
+    give 0, not NaN)."""
+    shifted = allowed - global_peak.unsqueeze(-1)
+    weights = torch.exp(shifted)
+    return torch.where(weights > 0, weights * shifted, 0.0).sum(-1)
 
 
 def _allowed(x, mask, start=0, stop=None):
@@ -405,7 +502,8 @@ def _allowed(x, mask, start=0, stop=None):
 
 def _prologue(fn, local_classes, labels, options: lsspec.LabelOptions, weight, group,
               compute_dtype, *, check_labels=None, where=None, normalizer=None, kl=False,
-              class_mask=None, z_loss=0.0, return_z_loss=False, **fused):  # fmt: skip
+              class_mask=None, z_loss=0.0, return_z_loss=False, softcap=None, logit_scale=1.0,
+              return_stats=False, **fused):  # fmt: skip
     """The shared checks: ``(layout, counted rows, this rank's class weights in the compute
     dtype or None, the z-loss weight as a 0-d compute-dtype tensor)``."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -423,6 +521,8 @@ def _prologue(fn, local_classes, labels, options: lsspec.LabelOptions, weight, g
     )  # fmt: skip
     z_value = _common.concrete_scalar(fn, "z_loss", z_loss, check_labels=check_labels)
     lsspec.check_z_loss(fn, z_value, from_log_probs=False, return_z_loss=return_z_loss)
+    transform = lsspec.check_logit_transform(fn, softcap, logit_scale, from_log_probs=False)
+    lsspec.check_return_stats(fn, return_stats, from_log_probs=False)
     device = labels.device
     # The z-loss is computed only when it can matter (as in the single-device losses).
     with_z = return_z_loss or isinstance(z_loss, torch.Tensor) or z_value != 0
@@ -462,7 +562,8 @@ def _prologue(fn, local_classes, labels, options: lsspec.LabelOptions, weight, g
     )
     layout = _Layout(
         options.convention, options.pad_index, rank * local_classes, num_classes, group,
-        kl=kl, with_z=with_z, class_mask=class_mask, local_mask=local_mask, size=size, **fused,
+        kl=kl, with_z=with_z, class_mask=class_mask, local_mask=local_mask, size=size,
+        transform=transform, with_stats=return_stats, **fused,
     )  # fmt: skip
     return layout, counted, weight, z
 
@@ -545,18 +646,55 @@ class _Global(NamedTuple):
     terms: _closed_form.RowTerms
     w_y: torch.Tensor
     support_weight: torch.Tensor
+    entropy: torch.Tensor | None = None  # with return_stats: the softmax's entropy per row
+    correct: torch.Tensor | None = None  # with return_stats: 1.0 where the argmax is the label
 
 
-def _global_terms(peak, sum_exp_at, share: _Share, labels, counted, eps, layout) -> _Global:
+class _StatsShare(NamedTuple):
+    """This rank's part of ``return_stats``: its first maximal allowed logit (before the
+    transform, compute dtype) and that class's global index, per row; and ``entropy_at(peak)``,
+    ``sum_c exp(t_c - peak) (t_c - peak)`` over this rank's allowed classes."""
+
+    raw_max: torch.Tensor
+    first: torch.Tensor
+    entropy_at: Any
+
+
+def _tie_share(stats: _StatsShare, global_max, safe_labels, layout: _Layout, local_classes):
+    """Per row: 1 if this rank's first maximal class attains the global max before the label,
+    plus, on the rank holding the label, 1 unless its first maximal class is the label and
+    attains the global max. Summed over the group it is 0 exactly where the global first
+    maximal class (``torch.argmax``'s) is the label."""
+    at_max = stats.raw_max == global_max
+    earlier = at_max & (stats.first < safe_labels)
+    holds = (safe_labels >= layout.start) & (safe_labels < layout.start + local_classes)
+    hit = at_max & (stats.first == safe_labels)
+    return earlier.to(global_max.dtype) + (holds & ~hit).to(global_max.dtype)
+
+
+def _global_terms(peak, sum_exp_at, share: _Share, labels, counted, eps, layout,
+                  stats: _StatsShare | None = None, local_classes=0) -> _Global:  # fmt: skip
     """Two all-reduces: the max of each row's local ``peak`` (written in place), then one
     packed sum of the rows' shares (``sum_exp_at(global_peak)``, ``x_y``, the support sum,
-    ``x_pad``, and with class weights ``w_y``, plus two scalars: ``sum w`` and ``w_pad``)."""
+    ``x_pad``, and with class weights ``w_y``, plus two scalars: ``sum w`` and ``w_pad``).
+    With ``stats`` (``return_stats``) the max also carries each row's raw max logit (``2 R``
+    values), and the packed sum two more rows: the entropy's ``sum_c exp(t_c - peak) (t_c -
+    peak)`` and the argmax's tie count (:func:`_tie_share`); no further collective."""
     convention, num_classes = layout.convention, layout.num_classes
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=layout.group)
+    if stats is None:
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=layout.group)
+    else:
+        both = torch.stack([peak, stats.raw_max])
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=layout.group)
+        peak, global_max = both[0], both[1]
     peak = torch.where(torch.isfinite(peak), peak, 0.0)
     weighted = share.w_y is not None
     rows = [sum_exp_at(peak), share.x_y, share.total, share.x_pad]
     rows += [share.w_y] if weighted else []
+    if stats is not None:
+        safe = _closed_form.label_rows(labels, counted, eps, num_classes, layout.class_mask)[0]
+        rows += [stats.entropy_at(peak), _tie_share(stats, global_max, safe, layout,
+                                                    local_classes)]  # fmt: skip
     packed = torch.stack(rows).reshape(-1)
     if weighted:
         packed = torch.cat([packed, torch.stack([share.weight_sum, share.w_pad])])
@@ -564,6 +702,10 @@ def _global_terms(peak, sum_exp_at, share: _Share, labels, counted, eps, layout)
     per_row = packed[: len(rows) * peak.numel()].reshape(len(rows), *peak.shape)
     sum_exp, x_y, support_sum, x_pad = per_row[:4]
     lse = torch.log(sum_exp) + peak
+    entropy = correct = None
+    if stats is not None:  # H = log sum_exp - sum_c p_c (t_c - peak); argmax: no tie before y
+        entropy = torch.where(counted, torch.log(sum_exp) - per_row[-2] / sum_exp, 0.0)
+        correct = (per_row[-1] == 0).to(lse.dtype)
     size = _size(layout)
     if weighted:
         w_y, (weight_sum, w_pad) = per_row[4], packed[len(rows) * peak.numel() :]
@@ -585,19 +727,25 @@ def _global_terms(peak, sum_exp_at, share: _Share, labels, counted, eps, layout)
         size, 1.0,
     )  # fmt: skip
     ones = torch.ones_like(lse)
-    return _Global(terms, ones * w_y, ones * support_weight)
+    if correct is not None:
+        correct = torch.where(counted & ~bad, correct, 0.0)
+    return _Global(terms, ones * w_y, ones * support_weight, entropy, correct)
 
 
 def _row_outputs(glob: _Global, counted, eps, z, layout):
-    """``(loss, z_part, lse, eps_slope, w_y, support_weight)`` per row: the cores' outputs
-    (``z_part`` 0 without a z-loss; the loss includes it)."""
+    """``(loss, z_part, lse, eps_slope, w_y, support_weight, entropy, correct)`` per row: the
+    cores' outputs (``z_part`` 0 without a z-loss, the loss includes it; the last two 0
+    without ``return_stats``)."""
     terms = glob.terms
     form = dict(convention=layout.convention, kl=layout.kl)
     output = _closed_form.row_loss(terms, counted, eps, z=z if layout.with_z else None, **form)
     loss, z_part = output if layout.with_z else (output, torch.zeros_like(output))
     # d loss_row / d eps from the global statistics (the same on every rank).
     eps_slope = _closed_form.smoothing_slope(terms, eps, **form)
-    return loss, z_part, terms.lse.log_sum, eps_slope, glob.w_y, glob.support_weight
+    lse = terms.lse.log_sum
+    entropy = glob.entropy if glob.entropy is not None else torch.zeros_like(lse)
+    correct = glob.correct if glob.correct is not None else torch.zeros_like(lse)
+    return loss, z_part, lse, eps_slope, glob.w_y, glob.support_weight, entropy, correct
 
 
 def _local_target(labels, counted, eps, class_weight, w_y, layout, start, stop, device):
@@ -655,8 +803,11 @@ def _dense_coefficients(saved: _Saved, lse, layout, grad_loss, grad_z=None):
     )  # fmt: skip
     scale = g * _target_mass(eps, saved.support_weight, saved.w_y, layout).unsqueeze(-1)
     scale = scale + _z_scale(saved.z, lse, layout, grad_loss, grad_z)
-    allowed = _allowed(x, layout.local_mask).to(eps.dtype)
-    return scale * torch.exp(allowed - lse.unsqueeze(-1)) - g * target
+    t = _closed_form.transformed(x.to(eps.dtype), layout.transform)
+    coeff = scale * torch.exp(_allowed(t, layout.local_mask) - lse.unsqueeze(-1)) - g * target
+    if layout.transform.active:  # the chain rule: d/dx = dt/dx d/dt, elementwise
+        coeff = coeff * _closed_form.transform_slope(x.to(eps.dtype), layout.transform)
+    return coeff
 
 
 def _z_scale(z, lse, layout, grad_loss, grad_z):
@@ -677,40 +828,51 @@ class _VocabParallelRows(torch.autograd.Function):
     def forward(x, labels, counted, eps, class_weight, z, layout):
         compute_dtype = eps.dtype
         with torch.no_grad():
-            allowed = _allowed(x, layout.local_mask)
+            t = _transformed(x, layout, compute_dtype)  # x itself without a transform
+            allowed = _allowed(t, layout.local_mask)
             peak = allowed.amax(dim=-1).to(compute_dtype)
             safe_labels, _ = _closed_form.label_rows(
                 labels, counted, eps, layout.num_classes, layout.class_mask
             )
             pad = torch.full_like(labels, layout.pad_index or 0)
             if class_weight is None:
-                total = x.sum(-1, dtype=compute_dtype)
+                total = t.sum(-1, dtype=compute_dtype)
             else:
-                total = torch.matmul(x.to(compute_dtype), class_weight)
+                total = torch.matmul(t.to(compute_dtype), class_weight)
             share = _Share(
-                _local_column(x, safe_labels, layout.start).to(compute_dtype),
+                _local_column(t, safe_labels, layout.start).to(compute_dtype),
                 total,
-                _local_column(x, pad, layout.start).to(compute_dtype),
+                _local_column(t, pad, layout.start).to(compute_dtype),
                 *_weight_share(class_weight, safe_labels, layout),
             )
 
             def sum_exp_at(global_peak):
                 return torch.exp(allowed.to(compute_dtype) - global_peak.unsqueeze(-1)).sum(-1)
 
-            glob = _global_terms(peak, sum_exp_at, share, labels, counted, eps, layout)
+            stats = None
+            if layout.with_stats:  # the argmax over the logits before the transform
+                raw = _allowed(x, layout.local_mask)
+
+                def entropy_at(global_peak):
+                    return _entropy_share(allowed.to(compute_dtype), global_peak)
+
+                stats = _StatsShare(raw.amax(-1).to(compute_dtype),
+                                    raw.argmax(-1) + layout.start, entropy_at)  # fmt: skip
+            glob = _global_terms(peak, sum_exp_at, share, labels, counted, eps, layout, stats,
+                                 x.shape[-1])  # fmt: skip
             return _row_outputs(glob, counted, eps, z, layout)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, labels, counted, eps, class_weight, z, layout = inputs
-        _, _, lse, eps_slope, w_y, support_weight = output
+        _, _, lse, eps_slope, w_y, support_weight, entropy, correct = output
         ctx.layout = layout
         # The smoothing's slope (O(rows)) is kept for backward only when it is differentiated.
         kept = eps_slope if ctx.needs_input_grad[3] else None
         statistics = (lse, w_y, support_weight)
         ctx.save_for_backward(x, labels, counted, eps, class_weight, z, *statistics, kept)
         ctx.save_for_forward(x, labels, counted, eps, class_weight, z, *statistics, eps_slope)
-        ctx.mark_non_differentiable(lse, eps_slope, w_y, support_weight)
+        ctx.mark_non_differentiable(lse, eps_slope, w_y, support_weight, entropy, correct)
 
     @staticmethod
     def vmap(info, in_dims, x, labels, counted, eps, class_weight, z, layout):
@@ -740,7 +902,7 @@ class _VocabParallelRows(torch.autograd.Function):
             z,
             layout,
         )
-        return outputs, (0, 0, 0, 0, 0, 0)
+        return outputs, (0,) * 8
 
     @staticmethod
     def backward(ctx, grad_loss, grad_z, *grad_statistics):
@@ -755,7 +917,8 @@ class _VocabParallelRows(torch.autograd.Function):
         safe_lse = torch.where(counted, saved.lse, 0.0)
         if _common.differentiated_again(x):
             shift = torch.where(torch.isfinite(saved.lse), saved.lse, 0.0).unsqueeze(-1)
-            local = torch.exp(_allowed(x, ctx.layout.local_mask).to(eps.dtype) - shift).sum(-1)
+            t = _closed_form.transformed(x.to(eps.dtype), ctx.layout.transform)
+            local = torch.exp(_allowed(t, ctx.layout.local_mask) - shift).sum(-1)
             total = _AllReduceSum.apply(local, ctx.layout.group)
             safe_lse = torch.where(counted, torch.log(total) + shift.squeeze(-1), 0.0)
         grad_z = grad_z if ctx.layout.with_z else None
@@ -813,7 +976,7 @@ class _VocabParallelRowsForwardMode(_VocabParallelRows):
         bad = _bad_rows(saved, layout)
         d_loss = _closed_form.counted_only(counted, bad, d_loss)
         d_z = _closed_form.counted_only(counted, bad, d_z)
-        return d_loss, d_z, None, None, None, None  # the statistics: non-differentiable
+        return d_loss, d_z, *(None,) * 6  # the statistics: non-differentiable
 
 
 # ---------------------------------------------------------------------------------------------
@@ -835,6 +998,15 @@ class _FusedSaved(NamedTuple):
     w_y: torch.Tensor
     support_weight: torch.Tensor
     eps_slope: torch.Tensor | None
+
+
+def _combined_mean(lse_a, mean_a, lse_b, mean_b, lse):
+    """The softmax mean of ``t`` over two blocks of classes from each block's lse and mean
+    (``lse`` their logaddexp); a block whose lse is -inf (all masked) weighs 0."""
+    weight_a, weight_b = torch.exp(lse_a - lse), torch.exp(lse_b - lse)
+    part_a = torch.where(weight_a > 0, weight_a * mean_a, 0.0)
+    part_b = torch.where(weight_b > 0, weight_b * mean_b, 0.0)
+    return part_a + part_b
 
 
 def _weighted_column_sum(weight, class_weight, layout: _Layout, compute_dtype):
@@ -862,32 +1034,60 @@ class _FusedVocabParallelRows(torch.autograd.Function):
             hidden_c = _fused._counted_rows_only(
                 _fused._operand(hidden, operand_dtype, compute_dtype), counted
             )
-            local_lse = torch.full(labels.shape, -torch.inf, dtype=compute_dtype,
-                                   device=hidden.device)  # fmt: skip
+            full = functools.partial(torch.full, labels.shape, dtype=compute_dtype,
+                                     device=hidden.device)  # fmt: skip
+            local_lse = full(-torch.inf)
+            transform, with_stats = layout.transform, layout.with_stats
+            # With a transform, sum_c w_c t_c is summed chunk by chunk (t is not linear in x).
+            transformed_sum = full(0.0) if transform.active else None
+            # With return_stats: the first maximal raw logit and its class, and sum_c p_c t_c
+            # of this rank's own softmax (combined chunk by chunk, as the lse).
+            raw_max, first, local_mean = full(-torch.inf), torch.zeros_like(labels), full(0.0)
             for start, stop in _fused._chunks(weight.shape[0], layout.chunk_size):
                 logits = _fused._chunk_logits(
                     hidden_c, weight, bias, start, stop, operand_dtype, compute_dtype
                 )
+                if with_stats:
+                    chunk_max, chunk_first = _allowed(logits, layout.local_mask, start,
+                                                      stop).max(-1)  # fmt: skip
+                    better = chunk_max > raw_max  # strictly: the first maximal class stays
+                    raw_max = torch.where(better, chunk_max, raw_max)
+                    first = torch.where(better, chunk_first + layout.start + start, first)
+                logits = _closed_form.transformed(logits, transform)
+                if transformed_sum is not None:
+                    chunk_weight = None if class_weight is None else class_weight[start:stop]
+                    transformed_sum += (
+                        logits.sum(-1) if chunk_weight is None else logits @ chunk_weight
+                    )
                 logits = _allowed(logits, layout.local_mask, start, stop)
-                local_lse = torch.logaddexp(local_lse, torch.logsumexp(logits, dim=-1))
+                chunk_lse = torch.logsumexp(logits, dim=-1)
+                combined = torch.logaddexp(local_lse, chunk_lse)
+                if with_stats:
+                    chunk_mean = _entropy_share(logits, chunk_lse) + chunk_lse  # E_p[t]
+                    local_mean = _combined_mean(local_lse, local_mean, chunk_lse, chunk_mean,
+                                                combined)  # fmt: skip
+                local_lse = combined
             safe_labels, _ = _closed_form.label_rows(
                 labels, counted, eps, layout.num_classes, layout.class_mask
             )
 
-            def column(classes):  # x_c where this rank holds class c, else 0
+            def column(classes):  # t_c where this rank holds class c, else 0
                 local = classes - layout.start
                 here = (local >= 0) & (local < weight.shape[0])
                 local = torch.where(here, local, 0)
                 rows = _fused._operand(weight[local], operand_dtype, compute_dtype)
                 bias_c = _fused._operand(bias[local], operand_dtype, compute_dtype)
-                return torch.where(here, (hidden_c * rows).sum(-1) + bias_c, 0.0)
+                value = _closed_form.transformed((hidden_c * rows).sum(-1) + bias_c, transform)
+                return torch.where(here, value, 0.0)
 
-            bias_c = _fused._operand(bias, operand_dtype, compute_dtype)
-            bias_sum = bias_c.sum() if class_weight is None else class_weight @ bias_c
-            column_sum = _weighted_column_sum(weight, class_weight, layout, compute_dtype)
+            if transformed_sum is None:  # sum_c w_c x_c = hidden . sum_c w_c W_c + sum w_c b_c
+                bias_c = _fused._operand(bias, operand_dtype, compute_dtype)
+                bias_sum = bias_c.sum() if class_weight is None else class_weight @ bias_c
+                column_sum = _weighted_column_sum(weight, class_weight, layout, compute_dtype)
+                transformed_sum = hidden_c @ column_sum + bias_sum
             share = _Share(
                 column(safe_labels),
-                hidden_c @ column_sum + bias_sum,
+                transformed_sum,
                 column(torch.full_like(labels, layout.pad_index or 0)),
                 *_weight_share(class_weight, safe_labels, layout),
             )
@@ -895,19 +1095,28 @@ class _FusedVocabParallelRows(torch.autograd.Function):
             def sum_exp_at(global_peak):
                 return torch.exp(local_lse - global_peak)
 
+            stats = None
+            if with_stats:
+
+                def entropy_at(global_peak):  # sum_c exp(t_c - peak) (t_c - peak), this rank's
+                    weight_here = torch.exp(local_lse - global_peak)
+                    return torch.where(weight_here > 0,
+                                       weight_here * (local_mean - global_peak), 0.0)  # fmt: skip
+
+                stats = _StatsShare(raw_max, first, entropy_at)
             glob = _global_terms(local_lse.clone(), sum_exp_at, share, labels, counted, eps,
-                                 layout)  # fmt: skip
+                                 layout, stats, weight.shape[0])  # fmt: skip
             return _row_outputs(glob, counted, eps, z, layout)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         hidden, weight, bias, labels, counted, eps, class_weight, z, layout = inputs
-        _, _, lse, eps_slope, w_y, support_weight = output
+        _, _, lse, eps_slope, w_y, support_weight, entropy, correct = output
         ctx.layout = layout
         kept = eps_slope if ctx.needs_input_grad[5] else None
         ctx.save_for_backward(hidden, weight, bias, labels, counted, eps, class_weight, z, lse,
                               w_y, support_weight, kept)  # fmt: skip
-        ctx.mark_non_differentiable(lse, eps_slope, w_y, support_weight)
+        ctx.mark_non_differentiable(lse, eps_slope, w_y, support_weight, entropy, correct)
 
     @staticmethod
     def backward(ctx, grad_loss, grad_z, *grad_statistics):
@@ -965,6 +1174,10 @@ def _fused_gradients(saved: _FusedSaved, grad_loss, grad_z, layout: _Layout):
             coeff = _fused._chunk_logits(
                 hidden_c, weight, bias, start, stop, operand_dtype, compute_dtype
             )
+            slope = None
+            if layout.transform.active:  # d/dx = dt/dx d/dt: the slope from the raw logits
+                slope = _closed_form.transform_slope(coeff, layout.transform)
+                coeff = _closed_form.transformed(coeff, layout.transform)
             coeff.sub_(safe_lse).exp_()  # the softmax, in the logits' buffer
             if layout.local_mask is not None:  # 0 on the masked classes
                 coeff.masked_fill_(~layout.local_mask[start:stop], 0.0)
@@ -974,6 +1187,8 @@ def _fused_gradients(saved: _FusedSaved, grad_loss, grad_z, layout: _Layout):
                 stop, hidden.device,
             )  # fmt: skip
             coeff.sub_(target * scale)
+            if slope is not None:
+                coeff.mul_(slope)
             # Select, do not multiply: 0 * NaN would leak a non-counted row's NaN features.
             coeff.masked_fill_(~keep, 0.0)
             weight_chunk = _fused._operand(weight[start:stop], operand_dtype, compute_dtype)

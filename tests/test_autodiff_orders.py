@@ -133,6 +133,10 @@ def reference_smoothed(logits, labels, **options):
     class_mask, reduction = options.get("class_mask"), options.get("reduction", "none")
     z_loss = options.get("z_loss", 0.0)
     x = logits.movedim(options.get("axis", -1), -1)
+    if options.get("logit_scale", 1.0) != 1.0:  # softcap(logit_scale * x), by torch's own ops
+        x = x * options["logit_scale"]
+    if options.get("softcap") is not None:
+        x = options["softcap"] * torch.tanh(x / options["softcap"])
     num_classes = x.shape[-1]
     counted = _counted(labels, options.get("ignore_index"), pad_index, options.get("where"))
     q = _smoothed_target(labels, counted, num_classes, smoothing, convention, pad_index, class_mask)
@@ -573,6 +577,16 @@ DISTRIBUTED_CASES = {
         pad_index=2,
         reduction="sum",
         class_mask=torch.arange(CLASSES) != 4,
+    ),
+    # softcap(logit_scale * x) on each rank's logits, the chain rule through tanh; a z-loss
+    # of the transformed logits' global lse
+    "others-softcap-logit_scale-z_loss-sum": dict(
+        smoothing=0.2,
+        convention="others",
+        reduction="sum",
+        softcap=2.0,
+        logit_scale=1.5,
+        z_loss=0.05,
     ),
 }
 

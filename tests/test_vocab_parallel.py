@@ -194,6 +194,75 @@ def test_where_normalizer_kl_mask_and_z_loss_give_the_single_process_loss_and_gr
         assert len({(case["loss_bytes"], case["grad_bytes"]) for case in group}) == 1, key
 
 
+def test_softcap_logit_scale_and_return_stats_give_the_single_process_results(results):
+    # Both losses with softcap, logit_scale and return_stats: the loss, every gradient and the
+    # stats (lse, entropy, correct) equal lstorch.smoothed_cross_entropy's of the full logits.
+    # The transform needs no collective; return_stats adds bytes to the same two all-reduces
+    # (the raw max beside the peak; the entropy's sum and the argmax's tie count in the
+    # packed sum), and none in backward.
+    cases = _of(results, "transforms")
+    assert {case["case"] for case in cases} == {
+        f"{kind}/{name}"
+        for kind in ("dense", "fused")
+        for name in (
+            "softcap",
+            "logit_scale",
+            "softcap/logit_scale/weight/z_loss",
+            "return_stats",
+            "return_stats/softcap/weight",
+            "return_stats/class_mask/return_z_loss",
+        )
+    }
+    groups = {}
+    for case in cases:
+        assert _close(case, "loss") and _close(case, "grad"), case
+        assert case["returned_stats"] == case["stats"], case
+        rows = case["rows"]
+        forward = _forward_bytes(rows, case["weighted"], 8)
+        if case["stats"]:
+            ours, expected = case["correct"]
+            assert ours == expected, case  # torch.argmax's first-max rule, across ranks
+            if case["case"].startswith("dense"):
+                # all equal: the first class; a tie across ranks: not the later label; the
+                # label at the argmax
+                assert ours[3:6] == [True, False, True], case
+            forward = [["all_reduce", 2 * rows * 8], ["all_reduce", forward[1][1] + 2 * rows * 8]]
+        assert case["forward"] == forward, case
+        expected_backward = []
+        if case["case"].startswith("fused"):  # d hidden, as without the options
+            expected_backward = [["all_reduce", rows * case["features"] * 8]]
+        assert case["backward"] == expected_backward, case
+        groups.setdefault((case["group"], case["case"]), []).append(case)
+    for key, group in groups.items():  # bit for bit the same on every rank of its group
+        assert len(group) == group[0]["world"], key
+        assert len({(case["loss_bytes"], case["d_hidden_bytes"]) for case in group}) == 1, key
+
+
+def test_dtensor_logits_take_the_vocabulary_parallel_options(results):
+    # where, normalizer, kl, class_mask, z_loss/return_z_loss; softcap, logit_scale, weight,
+    # return_stats: what the dense call returns, every tensor a replicated DTensor; the
+    # collectives of the vocabulary-parallel loss (none in backward).
+    cases = _of(results, "dtensor options")
+    assert {case["case"] for case in cases} == {
+        "where/normalizer/kl/class_mask/z_loss",
+        "softcap/logit_scale/weight/return_stats",
+    }
+    groups = {}
+    for case in cases:
+        assert case["replicated"] and case["outputs"] == case["expected_outputs"], case
+        assert case["bools_equal"], case  # stats.correct
+        assert _close(case, "loss") and _close(case, "grad"), case
+        rows, forward = case["rows"], _forward_bytes(case["rows"], case["weighted"], 8)
+        if case["stats"]:
+            forward = [["all_reduce", 2 * rows * 8], ["all_reduce", forward[1][1] + 2 * rows * 8]]
+        assert case["forward"] == forward, case
+        assert case["backward"] == [], case
+        groups.setdefault((case["group"], case["case"]), []).append(case)
+    for key, group in groups.items():
+        assert len(group) == group[0]["world"], key
+        assert len({case["loss_bytes"] for case in group}) == 1, key
+
+
 def _megatron_own_loss(logits, target, label_smoothing, rank, world):
     """Megatron-core's ``vocab_parallel_cross_entropy`` as its code computes it on one rank
     (megatron/core/tensor_parallel/cross_entropy.py, ``_VocabParallelCrossEntropy.forward``):
@@ -253,9 +322,15 @@ ERRORS = {  # case: what the message must say (the function, the argument, the v
     "fused masked label": "vocab_parallel_fused_linear_smoothed_cross_entropy: `labels` of "
     "counted rows must be classes that `class_mask` allows (True); got labels of masked classes "
     "[1",
-    "dtensor kl": "smoothed_cross_entropy: `kl` is not supported with DTensor logits (the "
-    "vocabulary-parallel path takes smoothing, convention, ignore_index, pad_index, reduction and "
-    "weight); got kl=True.",
+    # every option of the vocabulary-parallel loss passes; log-probabilities are not logits
+    "dtensor from_log_probs": "smoothed_cross_entropy: `from_log_probs` is not supported with "
+    "DTensor logits (the vocabulary-parallel path takes smoothing, convention, ignore_index, "
+    "pad_index, reduction, where, normalizer, kl, class_mask, z_loss, return_z_loss, softcap, "
+    "logit_scale, return_stats, check_labels, weight and axis); got from_log_probs=True.",
+    "fused softcap": "vocab_parallel_fused_linear_smoothed_cross_entropy: `softcap` must be None "
+    "or a finite number > 0; got 0.0.",
+    "dense return_stats": "vocab_parallel_smoothed_cross_entropy: `return_stats` must be True or "
+    "False; got 'yes'.",
     "dtensor replicated logits": "smoothed_cross_entropy: DTensor `logits` must be sharded on its "
     "class axis 1 over a 1-D device mesh",
 }

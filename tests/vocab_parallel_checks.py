@@ -11,8 +11,11 @@ of the same vocabulary:
 * ``megatron``: ``lstorch.compat.megatron.vocab_parallel_cross_entropy`` (pairs only: the
   example of its docstring, and random logits);
 * ``dtensor``: ``lstorch.smoothed_cross_entropy`` of a DTensor sharded on the class axis;
+* ``dtensor options``: the same with the options the vocabulary-parallel loss takes;
 * ``options``: both losses with ``where``, ``normalizer``, ``kl``, ``class_mask``, ``z_loss``
   and ``return_z_loss`` (``d z_loss`` too);
+* ``transforms``: both losses with ``softcap``, ``logit_scale`` and ``return_stats`` (the
+  argmax's ties across ranks included);
 * ``higher order`` (class weights: double backward and forward mode), ``autocast`` (the fused
   head under bf16 autocast) and ``errors`` (the messages of bad calls).
 
@@ -387,6 +390,141 @@ def option_checks(counter, group, world, rank, tag):
     return results
 
 
+TRANSFORM_CASES = [  # name, the options (both losses)
+    ("softcap", dict(smoothing=0.1, reduction="mean", softcap=2.0)),
+    ("logit_scale", dict(smoothing=0.2, convention="others", reduction="none", logit_scale=0.7)),
+    (
+        "softcap/logit_scale/weight/z_loss",
+        dict(
+            smoothing=0.1, reduction="sum", softcap=3.0, logit_scale=1.3, z_loss=0.01, weight=True
+        ),
+    ),
+    ("return_stats", dict(smoothing=0.1, reduction="none", return_stats=True)),
+    (
+        "return_stats/softcap/weight",
+        dict(smoothing=0.2, reduction="mean", softcap=2.0, weight=True, return_stats=True),
+    ),
+    (
+        "return_stats/class_mask/return_z_loss",
+        dict(
+            smoothing=0.2,
+            convention="others",
+            reduction="none",
+            class_mask=True,
+            z_loss=0.05,
+            return_z_loss=True,
+            return_stats=True,
+        ),
+    ),
+]
+
+
+def transform_checks(counter, group, world, rank, tag):
+    """``softcap``, ``logit_scale`` and ``return_stats`` in both vocabulary-parallel losses,
+    against ``lstorch.smoothed_cross_entropy`` of the full logits (of ``F.linear`` of the full
+    weight for the fused head) with the same options: the loss (and z-part), every gradient,
+    and the stats (``lse``, ``entropy``, ``correct``). Rows 3-5 are argmax cases: all logits
+    equal (the first class wins), two equal maxima on the first and the last rank with the
+    label on the later one (not correct: torch's first-max rule), and the label at the argmax."""
+    import lstorch
+    from lstorch.distributed import (
+        vocab_parallel_fused_linear_smoothed_cross_entropy,
+        vocab_parallel_smoothed_cross_entropy,
+    )
+
+    results = []
+    mine = slice(rank * LOCAL_VOCAB, (rank + 1) * LOCAL_VOCAB)
+    vocab = world * LOCAL_VOCAB
+    for index, (name, options) in enumerate(TRANSFORM_CASES):
+        dtype = torch.float64
+        logits, labels, class_weight, cotangent, hidden, weight, bias = data(
+            30 + index, world, dtype
+        )
+        options = dict(options, ignore_index=IGNORE)
+        mask = torch.ones(vocab, dtype=torch.bool)
+        if options.get("class_mask"):
+            mask[MASKED] = False
+            options["class_mask"] = mask
+        allowed = [c for c in range(vocab) if mask[c]]
+        logits[3] = 0.0  # every logit equal: the first allowed class is the argmax
+        logits[4] = 0.0
+        logits[4, [allowed[0], allowed[-1]]] = 5.0  # a tie across ranks: the first wins
+        labels[3], labels[4] = allowed[0], allowed[-1]
+        labels = torch.where((labels != IGNORE) & ~mask[labels.clamp(0)], allowed[1], labels)
+        full_weight = class_weight if options.pop("weight", False) else None
+
+        def parts(out, options=options):  # (the loss plus half the z-part, the stats or None)
+            if not isinstance(out, tuple):
+                return out, None
+            stats = out[-1] if options.get("return_stats") else None
+            values = out[:-1] if stats is not None else out
+            loss = values[0] + 0.5 * values[1] if len(values) == 2 else values[0]
+            return loss, stats
+
+        for kind in ("dense", "fused"):
+            full = [logits.clone()] if kind == "dense" else [hidden.clone(), weight.clone(),
+                                                              bias.clone()]  # fmt: skip
+            for tensor in full:
+                tensor.requires_grad_(True)
+            x = full[0] if kind == "dense" else F.linear(*full)
+            label_rows = labels.clone()
+            label_rows[5] = x.detach()[5].masked_fill(~mask, -torch.inf).argmax()  # correct
+            expected = lstorch.smoothed_cross_entropy(x, label_rows, weight=full_weight, **options)
+            expected_loss, expected_stats = parts(expected)
+            cot = cotangent_for(expected_loss, cotangent)
+            expected_grads = torch.autograd.grad(expected_loss, full, cot)
+            if kind == "dense":
+                ours = [logits[:, mine].clone()]
+                expected_mine = [expected_grads[0][:, mine]]
+            else:
+                ours = [hidden.clone(), weight[mine].clone(), bias[mine].clone()]
+                expected_mine = [expected_grads[0], expected_grads[1][mine],
+                                 expected_grads[2][mine]]  # fmt: skip
+            for tensor in ours:
+                tensor.requires_grad_(True)
+            local_weight = None if full_weight is None else full_weight[mine]
+
+            def call(ours=ours, kind=kind, labels=label_rows, w=local_weight, options=options):
+                if kind == "dense":
+                    return vocab_parallel_smoothed_cross_entropy(
+                        ours[0], labels, group=group, weight=w, **options
+                    )
+                return vocab_parallel_fused_linear_smoothed_cross_entropy(
+                    ours[0], ours[1], labels, bias_shard=ours[2], group=group, chunk_size=2,
+                    class_weight=w, **options,
+                )  # fmt: skip
+
+            out, forward = counter.measure(call)
+            loss, stats = parts(out)
+            grads, backward = counter.measure(
+                lambda loss=loss, ours=ours, cot=cot: torch.autograd.grad(loss, ours, cot)
+            )
+            stats_diff, stats_bytes, correct = 0.0, "", None
+            if expected_stats is not None:
+                stats_diff = max(diff(stats.lse, expected_stats.lse),
+                                 diff(stats.entropy, expected_stats.entropy))  # fmt: skip
+                stats_bytes = hexbytes(torch.stack([stats.lse, stats.entropy]))
+                stats_bytes += hexbytes(stats.correct)
+                correct = [stats.correct.tolist(), expected_stats.correct.tolist()]
+            results.append(
+                dict(
+                    check="transforms", group=tag, world=world, dtype="float64",
+                    case=f"{kind}/{name}", rows=ROWS, features=FEATURES,
+                    loss_bytes=hexbytes(loss) + stats_bytes,
+                    d_hidden_bytes=hexbytes(grads[0]) if kind == "fused" else "",
+                    weighted=full_weight is not None or "class_mask" in options,
+                    stats=expected_stats is not None, returned_stats=stats is not None,
+                    correct=correct,
+                    loss_diff=diff(loss, expected_loss) + stats_diff,
+                    loss_scale=scale(expected_loss),
+                    grad_diff=max(diff(a, b) for a, b in zip(grads, expected_mine, strict=True)),
+                    grad_scale=max(scale(g) for g in expected_grads),
+                    forward=forward, backward=backward,
+                )
+            )  # fmt: skip
+    return results
+
+
 def higher_order_checks(counter, group, world, rank, tag):
     """With class weights: the Hessian-vector product by double backward (this rank's slice)
     and the loss's tangent by forward-mode dual numbers (each rank holding its slice of the
@@ -554,6 +692,93 @@ def dtensor_checks(counter, mesh, world, rank, tag):
     return results
 
 
+DTENSOR_OPTION_CASES = [  # name, the options; where, class_mask and z_loss given as DTensors
+    (
+        "where/normalizer/kl/class_mask/z_loss",
+        dict(smoothing=0.2, convention="others", reduction="mean", normalizer=7.0, kl=True,
+             class_mask=True, z_loss=0.05, return_z_loss=True),
+    ),
+    (
+        "softcap/logit_scale/weight/return_stats",
+        dict(smoothing=0.1, reduction="none", softcap=2.0, logit_scale=0.8, weight=True,
+             return_stats=True),
+    ),
+]  # fmt: skip
+
+
+def dtensor_option_checks(counter, mesh, world, rank, tag):
+    """``lstorch.smoothed_cross_entropy`` of a DTensor sharded on the class axis with the
+    options the vocabulary-parallel loss takes (``where`` and ``class_mask`` as replicated
+    DTensors, ``z_loss`` as a 0-d one), against the same call on the full logits: every
+    output a replicated DTensor, the loss, the z-part, the stats and the gradient."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    import lstorch
+
+    results = []
+    mine = slice(rank * LOCAL_VOCAB, (rank + 1) * LOCAL_VOCAB)
+    vocab = world * LOCAL_VOCAB
+    for index, (name, options) in enumerate(DTENSOR_OPTION_CASES):
+        dtype = torch.float64
+        logits, labels, class_weight, cotangent, *_ = data(50 + index, world, dtype)
+        options = dict(options, ignore_index=IGNORE)
+        weight = class_weight if options.pop("weight", False) else None
+        where = torch.ones(ROWS, dtype=torch.bool)
+        where[1] = False
+        options["where"] = where
+        if options.get("class_mask"):
+            mask = torch.ones(vocab, dtype=torch.bool)
+            mask[MASKED] = False
+            labels = torch.where((labels != IGNORE) & ~mask[labels.clamp(0)], 0, labels)
+            options["class_mask"] = mask
+        full = logits.clone().requires_grad_(True)
+        expected = lstorch.smoothed_cross_entropy(full, labels, weight=weight, **options)
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        cot = cotangent_for(expected[0], cotangent)
+        (expected_grad,) = torch.autograd.grad(expected[0], full, cot)
+        sharded = distribute_tensor(logits, mesh, [Shard(-1)]).requires_grad_(True)
+        dtensor_options = dict(options)
+        for option in ("where", "class_mask", "z_loss"):
+            if option in dtensor_options:
+                value = dtensor_options[option]
+                value = torch.tensor(value, dtype=dtype) if isinstance(value, float) else value
+                dtensor_options[option] = distribute_tensor(value, mesh, [Replicate()])
+        out, forward = counter.measure(
+            lambda sharded=sharded, labels=labels, weight=weight, options=dtensor_options:
+            lstorch.smoothed_cross_entropy(sharded, labels, weight=weight, **options)
+        )  # fmt: skip
+        out = out if isinstance(out, tuple) else (out,)
+        flat_out = [*out[:-1], *out[-1]] if options.get("return_stats") else list(out)
+        flat_expected = (
+            [*expected[:-1], *expected[-1]] if options.get("return_stats") else list(expected)
+        )
+        replicated = all(
+            isinstance(value, DTensor) and value.placements == (Replicate(),) for value in flat_out
+        )
+        local = [value.to_local() for value in flat_out]
+        cot_dtensor = distribute_tensor(cot, mesh, [Replicate()])
+        _, backward = counter.measure(lambda loss=out[0], cot=cot_dtensor: loss.backward(cot))
+        floats = [(a, b) for a, b in zip(local, flat_expected, strict=True)
+                  if a.is_floating_point()]  # fmt: skip
+        bools = [torch.equal(a, b) for a, b in zip(local, flat_expected, strict=True)
+                 if not a.is_floating_point()]  # fmt: skip
+        results.append(
+            dict(
+                check="dtensor options", group=tag, world=world, dtype="float64", case=name,
+                rows=ROWS, replicated=replicated, outputs=len(flat_out),
+                expected_outputs=len(flat_expected), bools_equal=all(bools),
+                weighted=weight is not None or "class_mask" in options,
+                stats=bool(options.get("return_stats")),
+                loss_bytes="".join(hexbytes(value) for value in local),
+                loss_diff=max(diff(a, b) for a, b in floats),
+                loss_scale=max(scale(b) for _, b in floats),
+                grad_diff=diff(sharded.grad.to_local(), expected_grad[:, mine]),
+                grad_scale=scale(expected_grad), forward=forward, backward=backward,
+            )
+        )  # fmt: skip
+    return results
+
+
 def error_checks(mesh, world):
     """The messages of bad calls (every rank makes each, so no collective is left waiting)."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
@@ -587,8 +812,14 @@ def error_checks(mesh, world):
             class_mask=torch.arange(world * LOCAL_VOCAB) != 1,
             ignore_index=IGNORE,
         ),
-        "dtensor kl": lambda: lstorch.smoothed_cross_entropy(
-            sharded, labels, ignore_index=IGNORE, smoothing=0.1, kl=True
+        "dtensor from_log_probs": lambda: lstorch.smoothed_cross_entropy(
+            sharded, labels, ignore_index=IGNORE, smoothing=0.1, from_log_probs=True
+        ),
+        "fused softcap": lambda: vocab_parallel_fused_linear_smoothed_cross_entropy(
+            hidden, weight[:LOCAL_VOCAB], labels, ignore_index=IGNORE, softcap=0.0
+        ),
+        "dense return_stats": lambda: vocab_parallel_smoothed_cross_entropy(
+            local, labels, ignore_index=IGNORE, return_stats="yes"
         ),
         "dtensor replicated logits": lambda: lstorch.smoothed_cross_entropy(
             distribute_tensor(logits, mesh, [Replicate()]), labels, ignore_index=IGNORE
@@ -622,10 +853,12 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     for group, size, tag in ((None, world, "world"), (pair, 2, f"pair{rank // 2}")):
         pair_rank = dist.get_rank(group)
         for checks in (dense_checks, fused_checks, megatron_checks, higher_order_checks,
-                       autocast_checks, option_checks):  # fmt: skip
+                       autocast_checks, option_checks, transform_checks):  # fmt: skip
             results += checks(counter, group, size, pair_rank, tag)
     results += dtensor_checks(counter, world_mesh, world, rank, "world")
     results += dtensor_checks(counter, pair_mesh, 2, rank % 2, f"pair{rank // 2}")
+    results += dtensor_option_checks(counter, world_mesh, world, rank, "world")
+    results += dtensor_option_checks(counter, pair_mesh, 2, rank % 2, f"pair{rank // 2}")
     results += error_checks(world_mesh, world)
     print(f"rank {rank}: checks {time.perf_counter() - started:.1f} s", file=sys.stderr)
     pathlib.Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
