@@ -601,7 +601,7 @@ def fused_linear_smoothed_cross_entropy(
     ``return_z_loss=True`` the output is ``(loss, z_part)`` and the vjp takes a pair.
     ``softcap``/``logit_scale`` transform the materialised logits and ``return_stats`` appends
     the per-row ``(lse, entropy, correct)`` (the labels' shape), as the dense oracle does; the
-    vjp then takes the cotangents of the outputs before the statistics.
+    vjp then takes a tuple like the output and reads the cotangents before the statistics.
     """
     del chunk_size
     hidden = np.asarray(hidden, np.float64)
@@ -667,6 +667,7 @@ def fused_linear_smoothed_cross_entropy(
             return grad_logits.T @ flat
         return grad_logits.sum(axis=0)
 
-    if stats is not None:
-        return (*(output if return_z_loss else (output,)), stats), vjp
+    if stats is not None:  # the vjp takes a tuple like the output's, as the dense oracle's
+        outputs = (*(output if return_z_loss else (output,)), stats)
+        return outputs, lambda cots: vjp(tuple(cots[:2]) if return_z_loss else cots[0])
     return output, vjp
