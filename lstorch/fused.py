@@ -550,7 +550,9 @@ def _terms(options, hidden, weight, bias, labels, counted, eps, class_weight, cl
         correct = (forward.argmax == safe_labels) & counted & ~target.bad
         correct = correct.to(compute_dtype)
     else:
-        entropy = correct = torch.zeros(0, dtype=compute_dtype, device=hidden.device)
+        # Two tensors: one tensor returned as two outputs aliases them (torch.compile refuses).
+        entropy = torch.zeros(0, dtype=compute_dtype, device=hidden.device)
+        correct = torch.zeros(0, dtype=compute_dtype, device=hidden.device)
     return loss, z_part, lse.peak, lse.log_sum, eps_slope, entropy, correct
 
 
