@@ -476,12 +476,18 @@ def _lse_parts(options, hidden, weight, bias, classes, compute_dtype) -> _Pass:
     )
     start = tuple(_varying(value, hidden, weight, bias) for value in start)
     carry, _ = jax.lax.scan(step, start, jnp.arange(count))
-    peak, total, support_sum, moment, _, best_index = carry
+    peak, total, support_sum, moment, best, best_index = carry
     if options.axis_name is not None:  # the global max, and the sum-exp relative to it
-        if options.with_stats:
-            raise NotImplementedError("return_stats with a vocabulary axis")
-        global_peak = jax.lax.pmax(peak, options.axis_name)
-        total = jax.lax.psum(total * jnp.exp(peak - finite(global_peak)), options.axis_name)
+        axis = options.axis_name
+        global_peak = jax.lax.pmax(peak, axis)
+        factor = jnp.exp(peak - finite(global_peak))
+        if options.with_stats:  # the entropy's sum moved to the global max; the first argmax
+            moved = jnp.where(jnp.isfinite(peak), peak - finite(global_peak), 0.0)
+            moment = jax.lax.psum(factor * (moment + moved * total), axis)
+            global_best = jax.lax.pmax(best, axis)
+            later = jnp.iinfo(jnp.int32).max  # a shard without the max offers no class
+            best_index = jax.lax.pmin(jnp.where(best == global_best, best_index, later), axis)
+        total = jax.lax.psum(total * factor, axis)
         peak = global_peak
     entropy = argmax = None
     if options.with_stats:  # H = log_sum - sum_c p_c (t_c - peak)
