@@ -45,6 +45,8 @@ class _FusedOptions(NamedTuple):
     axis_name: Any  # the mesh axis the vocabulary is split over (inside shard_map), or None
     kl: bool = False
     with_z: bool = False  # the core returns (loss, z_part)
+    transform: lsspec.LogitTransform = lsspec.LogitTransform()  # softcap(logit_scale * x)
+    with_stats: bool = False  # the core also returns (lse, entropy, correct) per row
 
 
 def fused_linear_smoothed_cross_entropy(
@@ -65,10 +67,13 @@ def fused_linear_smoothed_cross_entropy(
     class_mask: ArrayLike | None = None,
     z_loss: float | Array = 0.0,
     return_z_loss: bool = False,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    return_stats: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     check_labels: bool | None = None,
     _caller: lsspec.Caller | None = None,
-) -> Array | tuple[Array, Array]:
+) -> Array | tuple:
     r"""``smoothed_cross_entropy(hidden @ weight.T + bias, labels, ...)`` without the logits.
 
     With ``x = hidden @ weight.T + bias`` (``K = V`` classes), each row's loss is the closed form
@@ -130,6 +135,17 @@ def fused_linear_smoothed_cross_entropy(
         z-loss, with the head's logits). Differentiable: ``d loss_row / d z = lse**2``.
       return_z_loss: also return the z-loss part alone, reduced like the loss: ``(loss,
         z_part)`` where ``loss`` already includes ``z_part``.
+      softcap: ``None`` or a finite number ``cap > 0``: the loss is taken on ``t = cap *
+        tanh(logit_scale * x / cap)``, as in :func:`lsjax.smoothed_cross_entropy`. Applied to
+        each chunk's logits where the chunk loop reads them (the smoothing's sum over the
+        classes then is one more sum in the forward loop instead of the rank-1 product); the
+        gradient is the chain rule, ``dt/dx`` times the gradient for ``t``, in the backward
+        loop. The z-loss and the statistics are those of ``t``. A Python number, compiled in.
+      logit_scale: a finite number ``> 0`` (default 1.0) the logits are multiplied by first.
+      return_stats: also return ``lsjax.RowStats(lse, entropy, correct)`` per row (the labels'
+        shape), taken in the forward chunk loop (an online entropy sum and an online argmax
+        with ``torch.argmax``'s first-max rule, on the logits before the transform):
+        ``(loss, stats)`` or ``(loss, z_part, stats)``, as the dense loss returns them.
       chunk_size: classes per chunk. Temporaries grow as ``rows x chunk_size``; larger chunks
         mean fewer, larger matrix products.
       check_labels: whether the host reads concrete labels (and a ``smoothing`` array) to check
@@ -153,6 +169,8 @@ def fused_linear_smoothed_cross_entropy(
         fn, options, num_classes, labels.shape, class_weight, where, normalizer, kl, class_mask,
         z_loss, return_z_loss, check_labels,
     )  # fmt: skip
+    transform = lsspec.check_logit_transform(fn, softcap, logit_scale, from_log_probs=False)
+    lsspec.check_return_stats(fn, return_stats, from_log_probs=False)
     chunk_size = lsspec.check_chunk_size(fn, chunk_size)
     counted = _common.counted_rows(labels, ignore_index, pad_index, extra.where)
     _common.check_label_range(
@@ -161,7 +179,9 @@ def fused_linear_smoothed_cross_entropy(
     compute_dtype = _common.compute_dtype(hidden.dtype)
     eps = _common.smoothing_array(smoothing, compute_dtype)  # differentiated (_fused_rows_bwd)
     class_weight, class_mask, z = extra.arrays(compute_dtype)
-    core_options = _FusedOptions(convention, pad_index, chunk_size, None, kl, z is not None)
+    core_options = _FusedOptions(
+        convention, pad_index, chunk_size, None, kl, z is not None, transform, return_stats
+    )
     rows = _fused_rows_jit(
         core_options,
         hidden.reshape(-1, hidden.shape[-1]),
@@ -176,7 +196,22 @@ def fused_linear_smoothed_cross_entropy(
     )
     w_y = 1.0 if class_weight is None else class_weight[_safe_classes(labels, counted, num_classes)]
     row_weight = jnp.where(counted, w_y, 0.0).astype(compute_dtype)
-    return _reduced(rows, labels.shape, row_weight, reduction, normalizer, return_z_loss)
+    stats = None
+    if return_stats:
+        *rows, stats = rows
+        rows = tuple(rows) if z is not None else rows[0]
+        stats = _public_stats(stats, labels.shape)
+    loss = _reduced(rows, labels.shape, row_weight, reduction, normalizer, return_z_loss)
+    if stats is None:
+        return loss
+    return (*loss, stats) if return_z_loss else (loss, stats)
+
+
+def _public_stats(stats, row_shape):
+    """The core's per-row ``(lse, entropy, correct)`` as a :class:`lsjax.RowStats` of the
+    labels' shape (constants to autodiff)."""
+    lse, entropy, correct = (jax.lax.stop_gradient(v).reshape(row_shape) for v in stats)
+    return _closed_form.RowStats(lse, entropy, correct > 0)
 
 
 def _safe_classes(labels, counted, num_classes):
@@ -360,7 +395,17 @@ def _psum(value, options):
     return value if options.axis_name is None else jax.lax.psum(value, options.axis_name)
 
 
-def _lse_parts(options, hidden, weight, bias, class_mask, compute_dtype):
+class _Pass(NamedTuple):
+    """What the forward chunk loop gathers per row (None where not asked for)."""
+
+    peak: Array  # the running max of the (transformed) allowed logits, 0 where not finite
+    log_sum: Array  # log sum_c exp(t_c - peak)
+    support_sum: Any  # sum_c u_c t_c over every class (with a transform: t is not linear)
+    entropy: Any  # -sum_c p_c log p_c (return_stats)
+    argmax: Any  # the first maximal class of the untransformed allowed logits (return_stats)
+
+
+def _lse_parts(options, hidden, weight, bias, classes, compute_dtype) -> _Pass:
     """``(peak, log_sum)`` with ``lse = peak + log_sum`` over the (allowed) classes: ``peak`` the
     row's max logit (0 where it is not finite), ``log_sum`` the log of ``sum_c exp(x_c -
     peak)``, accumulated one chunk at a time as an online softmax does (a running max and the
@@ -368,37 +413,93 @@ def _lse_parts(options, hidden, weight, bias, class_mask, compute_dtype):
     ``1 - softmax(x)_y`` is ``1 - exp((x_y - peak) - log_sum)``, exact to float32's resolution
     at 1, where ``exp(x_y - lse)`` would carry the rounding of ``lse`` (an ulp of ``|x|``: at
     logits ~20 that is 20x the gradient error of the dense float32 route). A masked class's
-    logit is -inf. With a vocabulary axis, the max and the sum are all-reduced."""
+    logit is -inf. With a vocabulary axis, the max and the sum are all-reduced.
+
+    The logits are the transformed ones, ``t = softcap(logit_scale * x)``, when
+    ``options.transform`` is active; then the same loop also sums ``u_c t_c`` (the smoothing's
+    support sum, no longer a rank-1 product). With ``options.with_stats`` it also keeps, online,
+    ``sum_c exp(t_c - peak) (t_c - peak)`` (rescaled as the running max moves) for the entropy,
+    and the running first argmax of the untransformed allowed logits (a later chunk replaces it
+    only with a strictly larger max: ``torch.argmax``'s first-max rule)."""
+    class_mask = classes.class_mask
+    transform = options.transform
     num_classes = weight.shape[0]
     chunk, count = _chunking(num_classes, options.chunk_size)
+    start_class, _ = _vocab_layout(options, num_classes)
 
     def finite(peak):
         return jnp.where(jnp.isfinite(peak), peak, 0.0)
 
     def step(carry, index):
-        peak, total = carry
+        peak, total, support_sum, moment, best, best_index = carry
         offset = _chunk_offset(index, chunk, num_classes)
-        logits = _chunk_logits(hidden, weight, bias, offset, chunk, compute_dtype)
+        raw = _chunk_logits(hidden, weight, bias, offset, chunk, compute_dtype)
         keep = _fresh(index, offset, chunk)
         if class_mask is not None:
             keep = keep & jax.lax.dynamic_slice_in_dim(class_mask, offset, chunk, 0)[None, :]
-        logits = jnp.where(keep, logits, -jnp.inf)
+        transformed = _closed_form.transformed(raw, transform)
+        if transform.active:
+            fresh = _fresh(index, offset, chunk)
+            if classes.support is None:
+                term = jnp.where(fresh, transformed, 0.0)
+            else:
+                support = jax.lax.dynamic_slice_in_dim(classes.support, offset, chunk, 0)
+                term = jnp.where(fresh & (support[None, :] != 0), transformed * support, 0.0)
+            support_sum = support_sum + jnp.sum(term, axis=-1)
+        logits = jnp.where(keep, transformed, -jnp.inf)
         new_peak = jnp.maximum(peak, jnp.max(logits, axis=-1))
         shift = finite(new_peak)
-        total = total * jnp.exp(peak - shift) + jnp.sum(jnp.exp(logits - shift[:, None]), -1)
-        return (new_peak, total), None
+        rescale = jnp.exp(peak - shift)
+        relative = logits - shift[:, None]
+        exps = jnp.exp(relative)
+        if options.with_stats:
+            moved = jnp.where(jnp.isfinite(peak), peak - shift, 0.0)
+            chunk_moment = jnp.sum(jnp.where(keep, exps * relative, 0.0), axis=-1)
+            moment = rescale * (moment + moved * total) + chunk_moment
+            values = jnp.where(keep, raw, -jnp.inf)
+            chunk_best = jnp.max(values, axis=-1)
+            chunk_index = (start_class + offset + jnp.argmax(values, axis=-1)).astype(jnp.int32)
+            take = chunk_best > best
+            best = jnp.where(take, chunk_best, best)
+            best_index = jnp.where(take, chunk_index, best_index)
+        total = total * rescale + jnp.sum(exps, -1)
+        return (new_peak, total, support_sum, moment, best, best_index), None
 
+    rows = hidden.shape[:1]
     start = (
-        jnp.full(hidden.shape[:1], -jnp.inf, compute_dtype),
-        jnp.zeros(hidden.shape[:1], compute_dtype),
+        jnp.full(rows, -jnp.inf, compute_dtype),
+        jnp.zeros(rows, compute_dtype),
+        jnp.zeros(rows, compute_dtype),
+        jnp.zeros(rows, compute_dtype),
+        jnp.full(rows, -jnp.inf, compute_dtype),
+        jnp.zeros(rows, jnp.int32),
     )
     start = tuple(_varying(value, hidden, weight, bias) for value in start)
-    (peak, total), _ = jax.lax.scan(step, start, jnp.arange(count))
+    carry, _ = jax.lax.scan(step, start, jnp.arange(count))
+    peak, total, support_sum, moment, best, best_index = carry
     if options.axis_name is not None:  # the global max, and the sum-exp relative to it
-        global_peak = jax.lax.pmax(peak, options.axis_name)
-        total = jax.lax.psum(total * jnp.exp(peak - finite(global_peak)), options.axis_name)
+        axis = options.axis_name
+        global_peak = jax.lax.pmax(peak, axis)
+        factor = jnp.exp(peak - finite(global_peak))
+        if options.with_stats:  # the entropy's sum moved to the global max; the first argmax
+            moved = jnp.where(jnp.isfinite(peak), peak - finite(global_peak), 0.0)
+            moment = jax.lax.psum(factor * (moment + moved * total), axis)
+            global_best = jax.lax.pmax(best, axis)
+            later = jnp.iinfo(jnp.int32).max  # a shard without the max offers no class
+            best_index = jax.lax.pmin(jnp.where(best == global_best, best_index, later), axis)
+        total = jax.lax.psum(total * factor, axis)
         peak = global_peak
-    return finite(peak), jnp.log(total)
+    entropy = argmax = None
+    if options.with_stats:  # H = log_sum - sum_c p_c (t_c - peak)
+        entropy = jnp.log(total) - moment / total
+        argmax = best_index
+    return _Pass(
+        finite(peak),
+        jnp.log(total),
+        support_sum if transform.active else None,
+        entropy,
+        argmax,
+    )
 
 
 def _gather(options, values, classes, start):
@@ -464,7 +565,14 @@ def _row_statistics(options, hidden, weight, bias, labels, counted, eps, classes
     (``peak``), each O(rows); ``hidden`` already has the rows that do not count zeroed."""
     compute_dtype = eps.dtype
     start, num_classes = _vocab_layout(options, weight.shape[0])
-    peak, log_sum = _lse_parts(options, hidden, weight, bias, classes.class_mask, compute_dtype)
+    forward = _lse_parts(options, hidden, weight, bias, classes, compute_dtype)
+    peak, log_sum = forward.peak, forward.log_sum
+    transform = options.transform
+
+    def column(classes_at):  # the (transformed) logit of one class per row
+        value = _column(options, hidden, weight, bias, classes_at, start)
+        return _closed_form.transformed(value, transform)
+
     safe_labels, bad = _closed_form.label_rows(labels, counted, eps, num_classes)
     size = lsspec.support_size(options.convention, num_classes)
     pad = jnp.full(labels.shape, options.pad_index or 0)
@@ -474,14 +582,20 @@ def _row_statistics(options, hidden, weight, bias, labels, counted, eps, classes
         size = size - _psum(jnp.sum(~classes.class_mask), options)
         if options.convention == "others_but_pad":  # a masked pad is not excluded twice
             size = size + 1 - _gather(options, classes.class_mask.astype(jnp.int32), pad, start)
-    x_y = _column(options, hidden, weight, bias, safe_labels, start)
+    x_y = column(safe_labels)
     w_y = 1.0
     if classes.class_weight is not None:
         w_y = _gather(options, classes.class_weight, safe_labels, start)
     # sum_{c in S} u_c x_c = hidden . (sum_c u_c weight_c) + sum_c u_c bias_c: rank 1, no pass
     # over the logits. Unlike the dense core (relative to the row max), this needs
     # |logits| < float max / K.
-    if classes.support is None:
+    if transform.active:  # the transformed logits' sum, from the forward loop
+        support_sum = _psum(forward.support_sum, options)
+        if classes.support is None:
+            support_weight = _psum(jnp.asarray(weight.shape[0], compute_dtype), options)
+        else:
+            support_weight = _psum(jnp.sum(classes.support), options)
+    elif classes.support is None:
         column_sum = jnp.sum(weight, axis=0, dtype=compute_dtype)
         bias_sum = jnp.sum(bias, dtype=compute_dtype)
         support_weight = _psum(jnp.asarray(weight.shape[0], compute_dtype), options)
@@ -489,14 +603,15 @@ def _row_statistics(options, hidden, weight, bias, labels, counted, eps, classes
         column_sum = jnp.dot(classes.support, weight.astype(compute_dtype), precision=_HIGHEST)
         bias_sum = jnp.dot(classes.support, bias.astype(compute_dtype), precision=_HIGHEST)
         support_weight = _psum(jnp.sum(classes.support), options)
-    total = jnp.dot(hidden, column_sum, precision=_HIGHEST) + bias_sum
-    support_sum = _psum(total, options)
+    if not transform.active:
+        total = jnp.dot(hidden, column_sum, precision=_HIGHEST) + bias_sum
+        support_sum = _psum(total, options)
     if options.convention != "uniform":  # the label is allowed (else the row is bad): u_y = w_y
         support_sum = support_sum - w_y * x_y
         support_weight = support_weight - w_y
     if options.convention == "others_but_pad":
         u_pad = 1.0 if classes.support is None else _gather(options, classes.support, pad, start)
-        support_sum = support_sum - u_pad * _column(options, hidden, weight, bias, pad, start)
+        support_sum = support_sum - u_pad * column(pad)
         support_weight = support_weight - u_pad
     # Relative to the peak, as the closed form takes it (the rank-1 sum is of unshifted logits).
     support_sum = support_sum - support_weight * peak
@@ -513,7 +628,7 @@ def _row_statistics(options, hidden, weight, bias, labels, counted, eps, classes
         size=size,
         sum_scale=1.0,
     )
-    return terms
+    return terms, forward
 
 
 def _fused_terms(options, hidden, weight, bias, labels, counted, eps, class_weight, class_mask, z):
@@ -522,9 +637,17 @@ def _fused_terms(options, hidden, weight, bias, labels, counted, eps, class_weig
     compute_dtype = eps.dtype
     classes = _classes(class_weight, class_mask, compute_dtype)
     hidden = _counted_rows_only(hidden.astype(compute_dtype), counted)
-    terms = _row_statistics(options, hidden, weight, bias, labels, counted, eps, classes)
+    terms, forward = _row_statistics(options, hidden, weight, bias, labels, counted, eps, classes)
     form = dict(convention=options.convention, kl=options.kl)
     output = _closed_form.row_loss(terms, counted, eps, z=z, **form)
+    if options.with_stats:  # 0, 0 and False on rows that do not count (as the dense loss)
+        correct = (forward.argmax == terms.safe_labels) & counted & ~terms.bad
+        row_stats = (
+            jnp.where(counted, terms.lse, 0.0),
+            jnp.where(counted, forward.entropy, 0.0),
+            correct.astype(compute_dtype),
+        )
+        output = (*output, row_stats) if options.with_z else (output, row_stats)
     # d loss_row / d eps (O(rows), kept for the backward pass).
     slope = _closed_form.smoothing_slope(terms, eps, **form)
     slope = _closed_form.counted_only(counted, terms.bad, slope)
@@ -581,6 +704,8 @@ def _fused_rows_bwd(options, residuals: _Residuals, grads):
     hidden, weight, bias = residuals.hidden, residuals.weight, residuals.bias
     labels, counted, eps, z = residuals.labels, residuals.counted, residuals.eps, residuals.z
     stats = residuals.stats
+    if options.with_stats:  # the statistics are constants: their cotangent is dropped
+        grads = grads[:-1] if options.with_z else grads[0]
     grad_rows, grad_z = grads if options.with_z else (grads, None)
     compute_dtype = eps.dtype
     classes = _classes(residuals.class_weight, residuals.class_mask, compute_dtype)
@@ -612,7 +737,8 @@ def _fused_rows_bwd(options, residuals: _Residuals, grads):
     def step(index, carry):
         d_hidden, d_weight, d_bias = carry
         offset = _chunk_offset(index, chunk, local_classes)
-        logits = _chunk_logits(hidden_c, weight, bias, offset, chunk, compute_dtype)
+        raw = _chunk_logits(hidden_c, weight, bias, offset, chunk, compute_dtype)
+        logits = _closed_form.transformed(raw, options.transform)
         classes_here = start + offset + jax.lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
         is_target = classes_here == safe_labels[:, None]
         in_support = jnp.ones(is_target.shape, bool)
@@ -629,6 +755,8 @@ def _fused_rows_bwd(options, residuals: _Residuals, grads):
             allowed = jax.lax.dynamic_slice_in_dim(classes.class_mask, offset, chunk, 0)
             softmax = jnp.where(allowed[None, :], softmax, 0.0)
         coeff = softmax_scale * softmax - jnp.where(is_target, target_true, 0.0) - other
+        if options.transform.active:  # the chain rule through t = softcap(scale * x)
+            coeff = coeff * _closed_form.transform_slope(raw, options.transform)
         # Select, do not multiply: 0 * NaN would leak a non-counted row's NaN features.
         coeff = jnp.where(counted[:, None], coeff, 0.0)
         weight_chunk = _slice_upcast(weight, offset, chunk, compute_dtype)

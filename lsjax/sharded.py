@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 import lsspec
-from lsjax import _common
+from lsjax import _closed_form, _common
 from lsjax.fused import (
     DEFAULT_CHUNK_SIZE,
     _check_extra_options,
@@ -56,8 +56,11 @@ def sharded_fused_linear_smoothed_cross_entropy(
     class_mask: Array | None = None,
     z_loss: float | Array = 0.0,
     return_z_loss: bool = False,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    return_stats: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> Array | tuple[Array, Array]:
+) -> Array | tuple:
     r""":func:`lsjax.fused_linear_smoothed_cross_entropy` with the weight split over the vocabulary.
 
     The same loss, keywords and result as the single-device function (global ``K = V``, global
@@ -75,6 +78,12 @@ def sharded_fused_linear_smoothed_cross_entropy(
     backward pass all-reduces ``d hidden``; ``d weight`` and ``d bias`` stay local. A traced
     ``smoothing`` is differentiated as in the fused loss (its derivative is summed over the
     batch shards, once: the per-row slope is already global over the vocabulary).
+
+    ``softcap``, ``logit_scale`` and ``return_stats`` as in the single-device function: the
+    transformed support sum is a ``psum`` of each shard's forward-loop sum; the statistics'
+    entropy sum is moved to the global max and summed, and the argmax is the smallest class
+    index among the shards that hold the global max (``torch.argmax``'s first-max rule). The
+    statistics come back split over ``batch_axis``, as the per-row losses.
     """
     fn = lsspec.caller("sharded_fused_linear_smoothed_cross_entropy")
     options = lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction)
@@ -89,6 +98,8 @@ def sharded_fused_linear_smoothed_cross_entropy(
     if not _common.is_traced(labels):
         counted = _common.counted_rows(labels, ignore_index, pad_index, extra.where)
         _common.check_label_range(fn, labels, counted, num_classes, ignore_index, extra.class_mask)
+    transform = lsspec.check_logit_transform(fn, softcap, logit_scale, from_log_probs=False)
+    lsspec.check_return_stats(fn, return_stats, from_log_probs=False)
     chunk_size = lsspec.check_chunk_size(fn, chunk_size)
     for name, axis, size in (("vocab_axis", vocab_axis, weight.shape[0]),) + (
         (("batch_axis", batch_axis, hidden.shape[0]),) if batch_axis is not None else ()
@@ -106,7 +117,9 @@ def sharded_fused_linear_smoothed_cross_entropy(
     compute_dtype = _common.compute_dtype(hidden.dtype)
     eps = _common.smoothing_array(smoothing, compute_dtype)  # differentiated, as in the fused loss
     class_weight, class_mask, z = extra.arrays(compute_dtype)
-    options = _FusedOptions(convention, pad_index, chunk_size, vocab_axis, kl, z is not None)
+    options = _FusedOptions(
+        convention, pad_index, chunk_size, vocab_axis, kl, z is not None, transform, return_stats
+    )
     row_mask = jnp.ones(labels.shape, bool) if extra.where is None else extra.where
     classes = {"class_weight": class_weight, "class_mask": class_mask}
     classes = {name: value for name, value in classes.items() if value is not None}
@@ -118,9 +131,14 @@ def sharded_fused_linear_smoothed_cross_entropy(
         rows = _fused_rows(
             options, hidden, weight, bias, labels, counted, eps, class_weight, class_mask, z
         )
+        stats = ()
+        if return_stats:  # per row, split over the batch axis as the rows
+            *rows, row_stats = rows
+            rows = tuple(rows) if options.with_z else rows[0]
+            stats = (tuple(jax.lax.stop_gradient(value) for value in row_stats),)
         parts = rows if isinstance(rows, tuple) else (rows,)
         if reduction == "none":
-            return parts if return_z_loss else parts[0]
+            return (*(parts if return_z_loss else parts[:1]), *stats)
         w_y = 1.0
         if class_weight is not None:
             start = jax.lax.axis_index(vocab_axis) * weight.shape[0]
@@ -131,7 +149,7 @@ def sharded_fused_linear_smoothed_cross_entropy(
             totals = [jax.lax.psum(total, batch_axis) for total in totals]
             count = jax.lax.psum(count, batch_axis)
         reduced = [_common.reduce(total, count, reduction, normalizer) for total in totals]
-        return tuple(reduced) if return_z_loss else reduced[0]
+        return (*(reduced if return_z_loss else reduced[:1]), *stats)
 
     rows_spec = PartitionSpec(batch_axis)
     out_spec = rows_spec if reduction == "none" else PartitionSpec()
@@ -148,7 +166,14 @@ def sharded_fused_linear_smoothed_cross_entropy(
             PartitionSpec(),
             {name: PartitionSpec(vocab_axis) for name in classes},
         ),
-        out_specs=(out_spec, out_spec) if return_z_loss else out_spec,
+        out_specs=(
+            *((out_spec, out_spec) if return_z_loss else (out_spec,)),
+            *(((rows_spec, rows_spec, rows_spec),) if return_stats else ()),
+        ),
     )
     z = jnp.zeros((), compute_dtype) if z is None else z  # a placeholder without a z-loss
-    return sharded(hidden, weight, bias, labels, row_mask, eps, z, classes)
+    outputs = sharded(hidden, weight, bias, labels, row_mask, eps, z, classes)
+    if return_stats:
+        lse, entropy, correct = outputs[-1]
+        outputs = (*outputs[:-1], _closed_form.RowStats(lse, entropy, correct > 0))
+    return outputs if len(outputs) > 1 else outputs[0]

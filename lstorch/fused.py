@@ -39,10 +39,13 @@ def fused_linear_smoothed_cross_entropy(
     class_mask: torch.Tensor | None = None,
     z_loss: float | torch.Tensor = 0.0,
     return_z_loss: bool = False,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    return_stats: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     check_labels: bool | None = None,
     _caller: lsspec.Caller | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor | tuple:
     r"""``smoothed_cross_entropy(F.linear(hidden, weight, bias), labels, ...)`` without the logits.
 
     For a language-model head with a large vocabulary ``V``, ``F.linear`` builds ``rows x V``
@@ -125,6 +128,17 @@ def fused_linear_smoothed_cross_entropy(
         z-loss, with the head's logits). Differentiable: ``d loss_row / d z = lse**2``.
       return_z_loss: also return the z-loss part alone, reduced like the loss: ``(loss,
         z_part)`` where ``loss`` already includes ``z_part``.
+      softcap: ``None`` or a finite number ``cap > 0``: the loss is taken on ``t = cap *
+        tanh(logit_scale * x / cap)``, as in :func:`lstorch.smoothed_cross_entropy`. Applied to
+        each chunk's logits where the chunk loop reads them (the smoothing's sum over the
+        classes then is one more sum in the forward loop instead of the rank-1 product); the
+        gradient is the chain rule, ``dt/dx`` times the gradient for ``t``, in the backward
+        loop. The z-loss and the statistics are those of ``t``. A Python number, compiled in.
+      logit_scale: a finite number ``> 0`` (default 1.0) the logits are multiplied by first.
+      return_stats: also return ``lstorch.RowStats(lse, entropy, correct)`` per row (the
+        labels' shape), taken in the forward chunk loop (an online entropy sum and an online
+        argmax with ``torch.argmax``'s first-max rule, on the logits before the transform):
+        ``(loss, stats)`` or ``(loss, z_part, stats)``, as the dense loss returns them.
       chunk_size: classes per chunk. Temporaries grow as ``rows x chunk_size``; larger chunks
         mean fewer, larger matrix products.
       check_labels: whether the host reads the labels (and a ``smoothing`` tensor) to check
@@ -161,8 +175,12 @@ def fused_linear_smoothed_cross_entropy(
         kl=kl,
         z_loss=z_loss,
         return_z_loss=return_z_loss,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        return_stats=return_stats,
         check_labels=check_labels,
     )
+    transform = lsspec.check_logit_transform(fn, softcap, logit_scale, from_log_probs=False)
     _common.check_class_mask_support(fn, class_mask, convention, pad_index, check_labels)
     counted = _common.counted_rows(labels, ignore_index, pad_index, where)
     _common.check_label_range(
@@ -180,7 +198,7 @@ def fused_linear_smoothed_cross_entropy(
     with_z = return_z_loss or isinstance(z_loss, torch.Tensor) or z_value != 0
     z = _common.z_loss_tensor(z_loss if with_z else 0.0, compute_dtype, hidden.device)
     fused_rows = _common.with_forward_mode(_FusedRows, _FusedRowsForwardMode)
-    loss, z_part, *_ = fused_rows.apply(
+    loss, z_part, peak, log_sum, _, entropy, correct = fused_rows.apply(
         hidden.reshape(-1, hidden.shape[-1]),
         weight,
         bias,
@@ -190,16 +208,25 @@ def fused_linear_smoothed_cross_entropy(
         class_weight,
         class_mask,
         z,
-        _Options(convention, pad_index, chunk_size, operand_dtype, kl, with_z),
+        _Options(
+            convention, pad_index, chunk_size, operand_dtype, kl, with_z, transform, return_stats
+        ),
     )
     safe_labels = torch.where(counted, labels, 0).clamp(0, num_classes - 1)
     w_y = 1.0 if class_weight is None else class_weight[safe_labels]
     row_weight = torch.where(counted, w_y, 0.0).to(compute_dtype)
     loss = _common.reduce(loss.reshape(labels.shape), row_weight, reduction, normalizer)
+    outputs = (loss,)
     if return_z_loss:
         z_part = _common.reduce(z_part.reshape(labels.shape), row_weight, reduction, normalizer)
-        return loss, z_part
-    return loss
+        outputs = (loss, z_part)
+    if return_stats:
+        flat_counted = counted.reshape(-1)
+        lse = torch.where(flat_counted, peak + log_sum, 0.0)
+        stats = (lse, entropy, correct > 0)
+        stats = _closed_form.RowStats(*(value.reshape(labels.shape) for value in stats))
+        return (*outputs, stats)
+    return outputs if return_z_loss else outputs[0]
 
 
 def _check_row_options(fn, num_classes, rows, class_weight, where, class_mask) -> None:
@@ -229,6 +256,9 @@ def _check_options(
     kl=False,
     z_loss=0.0,
     return_z_loss=False,
+    softcap=None,
+    logit_scale=1.0,
+    return_stats=False,
     check_labels=None,
     **_inputs,
 ):
@@ -249,6 +279,8 @@ def _check_options(
     )
     z_value = _common.concrete_scalar(fn, "z_loss", z_loss, check_labels=check_labels)
     lsspec.check_z_loss(fn, z_value, from_log_probs=False, return_z_loss=return_z_loss)
+    lsspec.check_logit_transform(fn, softcap, logit_scale, from_log_probs=False)
+    lsspec.check_return_stats(fn, return_stats, from_log_probs=False)
     return z_value, lsspec.check_chunk_size(fn, chunk_size)
 
 
@@ -266,6 +298,8 @@ class _Options(NamedTuple):
     operand_dtype: torch.dtype  # what hidden, weight and bias are rounded to (autocast's dtype)
     kl: bool = False
     with_z: bool = False  # the z-loss is part of the loss (else z_part is 0)
+    transform: lsspec.LogitTransform = lsspec.LogitTransform()  # softcap(logit_scale * x)
+    with_stats: bool = False  # the forward also takes the entropy and the argmax
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -370,7 +404,18 @@ def _classes(options, labels, counted, eps, class_weight, class_mask, num_classe
     return _Classes(target, support, class_mask, size)
 
 
-def _lse_parts(options, hidden, weight, bias, class_mask, compute_dtype) -> _closed_form.Lse:
+class _Pass(NamedTuple):
+    """What the forward chunk loop gathers per row (None where not asked for)."""
+
+    lse: _closed_form.Lse
+    support_sum: Any  # sum_c u_c t_c (with a transform: t is not linear, no rank-1 product)
+    entropy: Any  # -sum_c p_c log p_c (with_stats)
+    argmax: Any  # the first maximal class of the untransformed allowed logits (with_stats)
+
+
+def _lse_parts(
+    options, hidden, weight, bias, class_mask, compute_dtype, support=None, forward=False
+):
     """``lse = peak + log_sum`` over the allowed classes (a masked logit is -inf): ``peak`` the
     row's max logit (0 where it is not finite), ``log_sum`` the log of ``sum_c exp(x_c -
     peak)``, accumulated one chunk at a time as an online softmax does (a running max, not
@@ -378,20 +423,59 @@ def _lse_parts(options, hidden, weight, bias, class_mask, compute_dtype) -> _clo
     confident predictions ``1 - softmax(x)_y`` is ``1 - exp((x_y - peak) - log_sum)``, exact to
     float32's resolution at 1, where ``exp(x_y - lse)`` would carry the rounding of ``lse`` (an
     ulp of ``|x|``: at logits ~20 that is 20x the gradient error of the dense float32 route).
-    Differentiable in ``hidden``, ``weight`` and ``bias`` where they require grad."""
-    operand_dtype = options.operand_dtype
+    Differentiable in ``hidden``, ``weight`` and ``bias`` where they require grad.
+
+    The logits are the transformed ones, ``t = softcap(logit_scale * x)``. With ``forward``
+    it returns a :class:`_Pass`: with a transform the same loop also sums ``u_c t_c`` (``u =
+    support``, None: all 1), and with ``options.with_stats`` it keeps, online, ``sum_c exp(t_c
+    - peak) (t_c - peak)`` (rescaled as the running max moves) for the entropy and the running
+    first argmax of the untransformed allowed logits (a later chunk replaces it only with a
+    strictly larger max: ``torch.argmax``'s first-max rule). Else the :class:`Lse` alone."""
+    operand_dtype, transform = options.operand_dtype, options.transform
+    stats = forward and options.with_stats
     rows = hidden.shape[0]
     peak = torch.full((rows,), -torch.inf, dtype=compute_dtype, device=hidden.device)
     total = torch.zeros(rows, dtype=compute_dtype, device=hidden.device)
+    support_sum = moment = torch.zeros_like(total)
+    best = torch.full_like(peak, -torch.inf)
+    best_index = torch.zeros(rows, dtype=torch.long, device=hidden.device)
     for start, stop in _chunks(weight.shape[0], options.chunk_size):
-        logits = _chunk_logits(hidden, weight, bias, start, stop, operand_dtype, compute_dtype)
+        raw = _chunk_logits(hidden, weight, bias, start, stop, operand_dtype, compute_dtype)
+        logits = _closed_form.transformed(raw, transform)
+        if forward and transform.active:
+            if support is None:
+                support_sum = support_sum + logits.sum(-1)
+            else:
+                u = support[start:stop]
+                support_sum = support_sum + torch.where(u != 0, logits * u, 0.0).sum(-1)
         if class_mask is not None:
             logits = logits.masked_fill(~class_mask[start:stop], -torch.inf)
         new_peak = torch.maximum(peak, logits.detach().amax(-1))
         shift = torch.where(torch.isfinite(new_peak), new_peak, 0.0)
-        total = total * torch.exp(peak - shift) + torch.exp(logits - shift.unsqueeze(-1)).sum(-1)
+        rescale = torch.exp(peak - shift)
+        relative = logits - shift.unsqueeze(-1)
+        exps = torch.exp(relative)
+        if stats:
+            moved = torch.where(torch.isfinite(peak), peak - shift, 0.0)
+            chunk_moment = torch.where(exps > 0, exps * relative, 0.0).sum(-1)
+            moment = rescale * (moment + moved * total) + chunk_moment
+            values = (
+                raw if class_mask is None else raw.masked_fill(~class_mask[start:stop], -torch.inf)
+            )
+            chunk_best, chunk_index = values.max(-1)  # the first maximal index
+            take = chunk_best > best
+            best = torch.where(take, chunk_best, best)
+            best_index = torch.where(take, chunk_index + start, best_index)
+        total = total * rescale + exps.sum(-1)
         peak = new_peak
-    return _closed_form.Lse(torch.where(torch.isfinite(peak), peak, 0.0), torch.log(total))
+    lse = _closed_form.Lse(torch.where(torch.isfinite(peak), peak, 0.0), torch.log(total))
+    if not forward:
+        return lse
+    entropy = argmax = None
+    if stats:  # H = log_sum - sum_c p_c (t_c - peak)
+        entropy = torch.log(total) - moment / total
+        argmax = best_index
+    return _Pass(lse, support_sum if transform.active else None, entropy, argmax)
 
 
 def _support_column_sum(support, weight, chunk_size, operand_dtype, compute_dtype):
@@ -413,24 +497,31 @@ def _terms(options, hidden, weight, bias, labels, counted, eps, class_weight, cl
     compute_dtype = eps.dtype
     num_classes = weight.shape[0]
     hidden = _counted_rows_only(_operand(hidden, operand_dtype, compute_dtype), counted)
-    lse = _lse_parts(options, hidden, weight, bias, class_mask, compute_dtype)
     classes = _classes(options, labels, counted, eps, class_weight, class_mask, num_classes)
     target = classes.target
     safe_labels, support = target.safe_labels, classes.support
+    forward = _lse_parts(
+        options, hidden, weight, bias, class_mask, compute_dtype, support, forward=True
+    )
+    lse = forward.lse
 
-    def column(classes):
+    def column(classes):  # the (transformed) logit of one class per row
         rows = _operand(weight[classes], operand_dtype, compute_dtype)
-        return (hidden * rows).sum(-1) + _operand(bias[classes], operand_dtype, compute_dtype)
+        value = (hidden * rows).sum(-1) + _operand(bias[classes], operand_dtype, compute_dtype)
+        return _closed_form.transformed(value, options.transform)
 
     x_y = column(safe_labels)
     w_y = 1.0 if class_weight is None else class_weight[safe_labels]
     # sum_{c in S} u_c x_c = hidden . (sum_c u_c weight_c) + sum_c u_c bias_c: rank 1, no pass
     # over the logits. Unlike the dense core (relative to the row max), this needs
     # |logits| < float max / K.
-    weight_sum = _support_column_sum(support, weight, chunk_size, operand_dtype, compute_dtype)
-    bias_values = _operand(bias, operand_dtype, compute_dtype)
-    bias_sum = bias_values.sum() if support is None else support @ bias_values
-    support_sum = hidden @ weight_sum + bias_sum
+    if options.transform.active:  # the transformed logits' sum, from the forward loop
+        support_sum = forward.support_sum
+    else:
+        weight_sum = _support_column_sum(support, weight, chunk_size, operand_dtype, compute_dtype)
+        bias_values = _operand(bias, operand_dtype, compute_dtype)
+        bias_sum = bias_values.sum() if support is None else support @ bias_values
+        support_sum = hidden @ weight_sum + bias_sum
     if convention != "uniform":  # the label is allowed (else the row is bad): u_y = w_y
         support_sum = support_sum - w_y * x_y
     if convention == "others_but_pad":
@@ -454,7 +545,15 @@ def _terms(options, hidden, weight, bias, labels, counted, eps, class_weight, cl
     loss, z_part = output if options.with_z else (output, torch.zeros_like(output))
     # d loss_row / d eps (O(rows), kept for backward; masked there, after the product with g).
     eps_slope = _closed_form.smoothing_slope(terms, eps, **form)
-    return loss, z_part, lse.peak, lse.log_sum, eps_slope
+    if options.with_stats:  # 0, 0 and False on rows that do not count (as the dense loss)
+        entropy = torch.where(counted, forward.entropy, 0.0)
+        correct = (forward.argmax == safe_labels) & counted & ~target.bad
+        correct = correct.to(compute_dtype)
+    else:
+        # Two tensors: one tensor returned as two outputs aliases them (torch.compile refuses).
+        entropy = torch.zeros(0, dtype=compute_dtype, device=hidden.device)
+        correct = torch.zeros(0, dtype=compute_dtype, device=hidden.device)
+    return loss, z_part, lse.peak, lse.log_sum, eps_slope, entropy, correct
 
 
 class _FusedRows(torch.autograd.Function):
@@ -481,23 +580,24 @@ class _FusedRows(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         *tensors, options = inputs
-        _, _, peak, log_sum, eps_slope = output
+        _, _, peak, log_sum, eps_slope, entropy, correct = output
         ctx.options = options
         # The smoothing's per-row slope (O(rows)) is kept only when the smoothing is
         # differentiated (backward) or may carry a tangent (forward mode).
         kept = eps_slope if ctx.needs_input_grad[5] else None
         ctx.save_for_backward(*tensors, peak, log_sum, kept)
         ctx.save_for_forward(*tensors, peak, log_sum, eps_slope)
-        ctx.mark_non_differentiable(peak, log_sum, eps_slope)
+        ctx.mark_non_differentiable(peak, log_sum, eps_slope, entropy, correct)
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_z, grad_peak, grad_log_sum, grad_slope):
+    def backward(ctx, grad_loss, grad_z, grad_peak, grad_log_sum, grad_slope, *grad_stats):
         """Per chunk: ``coeff = s p - g t`` (rows x chunk; ``p`` the softmax over the allowed
         classes, ``t`` the weighted smoothed target, ``s = g (A + 2 z lse) + g_z 2 z lse``,
         ``A = sum_c t_c``), then ``d hidden += coeff @ W_chunk``, ``d W_chunk = coeff.T @
         hidden``, ``d b_chunk = sum coeff``; ``d eps = sum_rows g slope_row`` and ``d z =
         sum_rows (g + g_z) lse_row**2`` when they are differentiated."""
-        del grad_peak, grad_log_sum, grad_slope  # internal statistics, never differentiated.
+        # internal statistics, never differentiated.
+        del grad_peak, grad_log_sum, grad_slope, grad_stats
         saved = _Saved(*ctx.saved_tensors)
         options = ctx.options
         grad_z = grad_z if options.with_z else None
@@ -537,7 +637,8 @@ class _FusedRowsForwardMode(_FusedRows):
         if z_tangent is not None and options.with_z:
             z_rows = _smoothing_rows(options, saved, times(z_tangent, saved.lse.square()))
             d_loss, d_z = d_loss + z_rows, d_z + z_rows
-        return d_loss, d_z, None, None, None  # the lse's parts, the slope: non-differentiable
+        # the lse's parts, the slope, the statistics: non-differentiable
+        return d_loss, d_z, None, None, None, None, None
 
 
 class _Saved(NamedTuple):
@@ -665,11 +766,18 @@ def _gradients(options, saved: _Saved, grad_loss, grad_z):
     with torch.no_grad(), _autocast_off(hidden.device.type):
         for start, stop in _chunks(num_classes, options.chunk_size):
             coeff = _chunk_logits(hidden_c, weight, bias, start, stop, operand_dtype, compute_dtype)
+            slope = None
+            if options.transform.active:  # the chain rule through t = softcap(scale * x)
+                slope = _closed_form.transform_slope(coeff, options.transform)
+                coeff = _closed_form.transformed(coeff, options.transform)
             coeff.sub_(rows.peak).sub_(rows.log_sum).exp_()  # softmax, in the logits' buffer
             if rows.class_mask is not None:
                 coeff.masked_fill_(~rows.class_mask[start:stop], 0.0)
             coeff.mul_(rows.softmax_scale)
             coeff.sub_(_chunk_target(options, rows, start, stop, hidden.device))
+            if slope is not None:
+                coeff.mul_(slope)
+                del slope
             # Select, do not multiply: 0 * NaN would leak a non-counted row's NaN features.
             coeff.masked_fill_(~keep, 0.0)
             weight_chunk = _operand(weight[start:stop], operand_dtype, compute_dtype)
@@ -694,10 +802,14 @@ def _differentiable_gradients(options, saved: _Saved, grad_loss, grad_z):
     keep = counted.unsqueeze(-1)
     d_hidden, d_weight, d_bias = 0.0, [], []
     for start, stop in chunks:
-        logits = _chunk_logits(hidden_c, weight, bias, start, stop, operand_dtype, compute_dtype)
+        raw = _chunk_logits(hidden_c, weight, bias, start, stop, operand_dtype, compute_dtype)
+        logits = _closed_form.transformed(raw, options.transform)
         softmax = _chunk_softmax(rows, logits, start, stop)
         target = _chunk_target(options, rows, start, stop, hidden.device)
-        coeff = torch.where(keep, rows.softmax_scale * softmax - target, 0.0)
+        coeff = rows.softmax_scale * softmax - target
+        if options.transform.active:  # the chain rule through t = softcap(scale * x)
+            coeff = coeff * _closed_form.transform_slope(raw, options.transform)
+        coeff = torch.where(keep, coeff, 0.0)
         weight_chunk = _operand(weight[start:stop], operand_dtype, compute_dtype)
         d_hidden = d_hidden + coeff @ weight_chunk
         d_weight.append(coeff.T @ hidden_c)
@@ -729,7 +841,8 @@ def _loss_tangent(options, saved: _Saved, tangents):
     d_loss = torch.zeros(labels.shape, dtype=compute_dtype, device=hidden.device)
     d_z = torch.zeros_like(d_loss)
     for start, stop in _chunks(num_classes, options.chunk_size):
-        logits = _chunk_logits(hidden_c, weight, bias, start, stop, operand_dtype, compute_dtype)
+        raw = _chunk_logits(hidden_c, weight, bias, start, stop, operand_dtype, compute_dtype)
+        logits = _closed_form.transformed(raw, options.transform)
         softmax = _chunk_softmax(rows, logits, start, stop)
         target = _chunk_target(options, rows, start, stop, hidden.device)
         coeff = rows.softmax_scale * softmax - target
@@ -741,6 +854,8 @@ def _loss_tangent(options, saved: _Saved, tangents):
             d_logits = d_logits + hidden_c @ weight_tangent[start:stop].to(compute_dtype).T
         if bias_tangent is not None:
             d_logits = d_logits + bias_tangent[start:stop].to(compute_dtype)
+        if options.transform.active:  # dt = dt/dx dx
+            d_logits = d_logits * _closed_form.transform_slope(raw, options.transform)
         d_loss = d_loss + (coeff * d_logits).sum(-1)
         if z_rows is not None:
             d_z = d_z + (z_rows.softmax_scale * softmax * d_logits).sum(-1)

@@ -165,7 +165,8 @@ class FusedLinearSmoothedCrossEntropyLoss(_LossModule):
       - bias (optional): ``(V,)``.
       - where (optional): the labels' shape, bool.
       - output: a scalar for ``"mean"``/``"sum"``, the labels' shape for ``"none"``;
-        ``(loss, z_part)`` with ``return_z_loss=True``.
+        ``(loss, z_part)`` with ``return_z_loss=True``; ``stats`` (an :class:`lstorch.RowStats`)
+        after them with ``return_stats=True``.
 
     Example::
 
@@ -191,6 +192,9 @@ class FusedLinearSmoothedCrossEntropyLoss(_LossModule):
         class_mask: torch.Tensor | None = None,
         z_loss: float | torch.Tensor = 0.0,
         return_z_loss: bool = False,
+        softcap: float | None = None,
+        logit_scale: float = 1.0,
+        return_stats: bool = False,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         check_labels: bool | None = None,
     ) -> None:
@@ -207,7 +211,7 @@ class FusedLinearSmoothedCrossEntropyLoss(_LossModule):
         labels: torch.Tensor,
         bias: torch.Tensor | None = None,
         where: torch.Tensor | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor | tuple:
         return self._loss(hidden, weight, labels, bias=bias, where=where)
 
 

@@ -584,6 +584,9 @@ def fused_linear_smoothed_cross_entropy(
     class_mask=None,
     z_loss=0.0,
     return_z_loss=False,
+    softcap=None,
+    logit_scale=1.0,
+    return_stats=False,
     chunk_size=None,
     wrt="hidden",
 ):
@@ -596,6 +599,9 @@ def fused_linear_smoothed_cross_entropy(
     of them, in that order). ``chunk_size`` is an
     implementation detail of the fused losses and changes nothing here. With
     ``return_z_loss=True`` the output is ``(loss, z_part)`` and the vjp takes a pair.
+    ``softcap``/``logit_scale`` transform the materialised logits and ``return_stats`` appends
+    the per-row ``(lse, entropy, correct)`` (the labels' shape), as the dense oracle does; the
+    vjp then takes a tuple like the output and reads the cotangents before the statistics.
     """
     del chunk_size
     hidden = np.asarray(hidden, np.float64)
@@ -618,7 +624,20 @@ def fused_linear_smoothed_cross_entropy(
         class_mask=class_mask,
         z_loss=z_loss,
         return_z_loss=return_z_loss,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        return_stats=return_stats,
     )
+    stats = None
+    if return_stats:  # the statistics take no cotangent
+        *output, stats = output
+        output = tuple(output) if return_z_loss else output[0]
+        stats = tuple(value.reshape(np.shape(labels)) for value in stats)
+        dense_vjp = logits_vjp
+
+        def logits_vjp(cotangent):
+            return dense_vjp(cotangent if return_z_loss else (cotangent,))
+
     if reduction == "none":
         output = (
             tuple(part.reshape(np.shape(labels)) for part in output)
@@ -648,4 +667,7 @@ def fused_linear_smoothed_cross_entropy(
             return grad_logits.T @ flat
         return grad_logits.sum(axis=0)
 
+    if stats is not None:  # the vjp takes a tuple like the output's, as the dense oracle's
+        outputs = (*(output if return_z_loss else (output,)), stats)
+        return outputs, lambda cots: vjp(tuple(cots[:2]) if return_z_loss else cots[0])
     return output, vjp

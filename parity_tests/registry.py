@@ -871,6 +871,49 @@ def _fused_arrays(rng: np.random.Generator, case: dict):
     return hidden, weight, bias, labels, {**kwargs, **more}
 
 
+def _fused_lm_cases() -> tuple[dict, ...]:
+    """The language-model options on the fused head: softcap (None, a tight 2) x logit scale
+    (1, 0.5) x statistics (off, on), without the plain loss; the convention, the reduction, the
+    smoothing and one of the dense loss's other options (a z-loss, returned or not, a class mask,
+    class weights, none) rotate, at K=37 in ragged chunks of 8."""
+    cases = []
+    grid = _grid(softcap=(None, 2.0), logit_scale=(1.0, 0.5), stats=(False, True))
+    for index, case in enumerate(grid):
+        if case["softcap"] is None and case["logit_scale"] == 1.0 and not case["stats"]:
+            continue
+        case["convention"] = CONVENTIONS[index % 3]
+        case["reduction"] = REDUCTIONS[index % 3]
+        case["smoothing"] = (0.1, 1.0, 0.0, 0.1)[index % 4]
+        case["option"] = ("z_loss", "return_z_loss", "class_mask", "class_weight", None)[index % 5]
+        case.update(num_classes=37, chunk_size=8, ignored=index % 2 == 0, biased=True)
+        case["row_shape"] = (7,)
+        cases.append(case)
+    return tuple(cases)
+
+
+def _fused_lm_inputs(rng, case):
+    """:func:`_fused_inputs` with the transform's options, and the label the argmax of the
+    (allowed) logits on about half the counted rows, so that ``correct`` is both."""
+    (packed, labels), kwargs = _fused_inputs(rng, case)
+    hidden, weight, bias = _unpack(
+        packed, kwargs["hidden_shape"], kwargs["weight_shape"], kwargs["biased"]
+    )
+    logits = hidden @ weight.T + (0.0 if bias is None else bias)
+    allowed = np.asarray(kwargs.get("class_mask", np.ones(weight.shape[0], bool)))
+    best = np.argmax(np.where(allowed, logits, -np.inf), axis=-1)
+    chosen = (rng.random(labels.shape) < 0.5) & (labels != IGNORE)
+    if "pad_index" in kwargs:
+        chosen &= best != kwargs["pad_index"]
+    labels = np.where(chosen, best, labels)
+    if case["softcap"] is not None:
+        kwargs["softcap"] = case["softcap"]
+    if case["logit_scale"] != 1.0:
+        kwargs["logit_scale"] = case["logit_scale"]
+    if case["stats"]:
+        kwargs["return_stats"] = True
+    return (packed, labels), kwargs
+
+
 def _fused_inputs(rng, case):
     """``(packed, labels)``: hidden, weight and bias raveled into the ONE differentiated input,
     so a single comparison checks the gradients of all three (``compare`` differentiates the
@@ -1161,6 +1204,24 @@ TWINS: tuple[Twin, ...] = (
         _fused_module,
         _fused_inputs,
         _fused_cases()[1::4],
+        _fused_oracle,
+        tolerances=_FLOAT32_CANCELLING_SUMS,
+    ),
+    Twin(
+        "fused_linear_smoothed_cross_entropy (softcap, logit_scale, return_stats)",
+        _fused_packed(lsjax.fused_linear_smoothed_cross_entropy),
+        _fused_packed(lstorch.fused_linear_smoothed_cross_entropy),
+        _fused_lm_inputs,
+        _fused_lm_cases(),
+        _fused_oracle,
+        tolerances=_FLOAT32_CANCELLING_SUMS,
+    ),
+    Twin(
+        "FusedLinearSmoothedCrossEntropyLoss (module; softcap, logit_scale, return_stats)",
+        _fused_packed(lsjax.fused_linear_smoothed_cross_entropy),
+        _fused_module,
+        _fused_lm_inputs,
+        _fused_lm_cases()[::2],
         _fused_oracle,
         tolerances=_FLOAT32_CANCELLING_SUMS,
     ),

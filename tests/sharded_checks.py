@@ -120,6 +120,10 @@ def main() -> None:
         ("uniform", None, "mean", {**everything, "normalizer": 20.0}),
         ("others_but_pad", 300, "none", everything),
         ("others", None, "sum", dict(kl=True, class_mask=class_mask, z_loss=0.1)),
+        # The language-model options: the transform, and the statistics (the entropy's sum and
+        # the first argmax combined over the vocabulary shards).
+        ("others", None, "none", dict(softcap=2.0, logit_scale=0.7, z_loss=0.1, return_stats=True)),
+        ("uniform", None, "mean", dict(softcap=3.0, class_mask=class_mask, return_stats=True)),
     ):
         options = dict(
             smoothing=0.1,
@@ -192,12 +196,15 @@ def main() -> None:
         results["fused"].append(
             dict(
                 case=f"{convention}/{reduction}/{'+'.join(more)}",
-                diffs=[
-                    float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                diffs=[  # float64: the statistics' `correct` is boolean
+                    float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
                     for a, b in zip(flat_got, flat_expected, strict=True)
                 ],
-                scales=[float(np.max(np.abs(np.asarray(b)))) for b in flat_expected],
-                dense_diff=float(np.max(np.abs(np.asarray(got[0]) - np.asarray(dense)))),
+                scales=[float(np.max(np.abs(np.asarray(b, np.float64)))) for b in flat_expected],
+                dense_diff=max(
+                    float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+                    for a, b in zip(jax.tree.leaves(got[0]), jax.tree.leaves(dense), strict=True)
+                ),
                 biggest_all_gather=biggest(all_gathers(compiled.as_text())),
                 non_finite_reaches_nothing=non_finite_reaches_nothing,
                 # Bit-for-bit: every device's copy of the (replicated) loss is the same.

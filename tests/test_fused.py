@@ -9,9 +9,13 @@
   framework, float32 and bf16: loss and the gradients of hidden, weight and bias. (The registry
   twins check JAX against PyTorch and both against a float64 NumPy oracle.)
 * Every option of the dense loss (class weights, ``where``, ``normalizer``, ``kl``,
-  ``class_mask``, ``z_loss``, ``return_z_loss``), in each framework: against torch's own
-  ``F.cross_entropy`` on the materialised logits where it has the option, else the float64 dense
-  oracle on them; the derivatives in the smoothing and the z-loss weight against the oracle's.
+  ``class_mask``, ``z_loss``, ``return_z_loss``, ``softcap``, ``logit_scale``), in each
+  framework: against torch's own ``F.cross_entropy`` on the materialised logits where it has
+  the option, else the float64 dense oracle on them; the derivatives in the smoothing and the
+  z-loss weight against the oracle's.
+* ``return_stats``: the per-row lse, entropy and argmax hit against the float64 oracle on the
+  materialised (transformed) logits, and the argmax's tie rule (the first maximal class, across
+  chunks) against ``torch.argmax``.
 * Bad input: the same message in both frameworks.
 """
 
@@ -206,6 +210,24 @@ OPTION_CASES = {
         class_mask=_CLASS_MASK, convention="others_but_pad", pad_index=3, reduction="mean"
     ),
     "z_loss": dict(z_loss=0.1, reduction="mean"),
+    "softcap": dict(softcap=1.5, reduction="mean"),
+    "logit_scale": dict(logit_scale=2.5, reduction="sum"),
+    "softcap-logit_scale-z_loss-others": dict(
+        softcap=2.0,
+        logit_scale=0.6,
+        z_loss=0.1,
+        return_z_loss=True,
+        convention="others",
+        reduction="none",
+    ),
+    "softcap-class_weight-class_mask-others_but_pad": dict(
+        softcap=1.5,
+        class_weight=_CLASS_WEIGHT,
+        class_mask=_CLASS_MASK,
+        convention="others_but_pad",
+        pad_index=3,
+        reduction="mean",
+    ),
     "return_z_loss": dict(z_loss=0.1, return_z_loss=True, reduction="none"),
     "everything": dict(
         class_weight=_CLASS_WEIGHT,
@@ -338,6 +360,87 @@ def test_smoothing_and_z_loss_are_differentiated_as_in_the_dense_loss(framework,
         )  # fmt: skip
         got = torch.autograd.grad(value, (eps, z))
     np.testing.assert_allclose([float(g) for g in got], np.asarray(expected, float), rtol=1e-10)
+
+
+def _fused_stats(framework, hidden, weight, bias, labels, **options):
+    """``(loss, RowStats)`` of the fused loss as float64 NumPy arrays (``correct`` as bool)."""
+    if framework == "jax":
+        with jax.enable_x64(True):
+            arrays = [None if a is None else jnp.asarray(a) for a in (hidden, weight, bias)]
+            kwargs = {k: jnp.asarray(v) if isinstance(v, np.ndarray) else v
+                      for k, v in options.items()}  # fmt: skip
+            loss, stats = lsjax.fused_linear_smoothed_cross_entropy(
+                *arrays[:2], jnp.asarray(labels), bias=arrays[2], return_stats=True, **kwargs
+            )
+            assert isinstance(stats, lsjax.RowStats)
+            return np.asarray(loss), [np.asarray(v) for v in stats]
+    tensors = [None if a is None else torch.tensor(a) for a in (hidden, weight, bias)]
+    kwargs = {k: torch.tensor(v) if isinstance(v, np.ndarray) else v for k, v in options.items()}
+    loss, stats = lstorch.fused_linear_smoothed_cross_entropy(
+        *tensors[:2], torch.tensor(labels), bias=tensors[2], return_stats=True, **kwargs
+    )
+    assert isinstance(stats, lstorch.RowStats)
+    return loss.numpy(), [v.numpy() for v in stats]
+
+
+@pytest.mark.parametrize("name", ["plain", "softcap-class_mask"])
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_return_stats_equal_the_oracle_on_the_materialised_logits(framework, name):
+    (hidden, weight, bias), labels, _, _ = _option_problem("class_mask")
+    # Labels the model often predicts, so that both values of `correct` occur.
+    logits = hidden @ weight.T + bias
+    allowed = np.where(_CLASS_MASK, logits, -np.inf)
+    labels = np.where(labels == -100, -100, np.where(np.arange(12) % 2, allowed.argmax(-1), labels))
+    options = dict(smoothing=0.1, ignore_index=-100, reduction="none", chunk_size=16)
+    if name == "softcap-class_mask":
+        options.update(softcap=1.5, logit_scale=1.3, class_mask=_CLASS_MASK, z_loss=0.1)
+    loss, stats = _fused_stats(framework, hidden, weight, bias, labels, **options)
+    options.pop("chunk_size")
+    (expected_loss, expected_stats), _ = oracles.smoothed_cross_entropy(
+        logits, labels, return_stats=True, **options
+    )
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-10, atol=1e-12)
+    for got, expected in zip(stats[:2], expected_stats[:2], strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+    assert stats[2].dtype == bool
+    np.testing.assert_array_equal(stats[2], expected_stats[2])
+    assert 0 < stats[2].sum() < (labels != -100).sum()
+
+
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_return_stats_argmax_takes_the_first_maximal_class_across_chunks(framework):
+    # Classes 2 (chunk 0), 9 (chunk 1) and 21 (the shifted last chunk in JAX) have one weight
+    # row and so equal logits (small integers: exact, whatever the order of the products), the
+    # largest: torch.argmax picks class 2.
+    rng = np.random.default_rng(3)
+    vocab, features = 23, 4
+    hidden = np.tile(rng.integers(1, 4, features).astype(np.float64), (6, 1))
+    weight = rng.integers(-1, 2, (vocab, features)).astype(np.float64)
+    weight[[2, 9, 21]] = 3.0
+    labels = np.array([2, 9, 21, 2, 0, 9])
+    logits = torch.tensor(hidden @ weight.T)
+    expected = (torch.argmax(logits, dim=-1) == torch.tensor(labels)).numpy()
+    np.testing.assert_array_equal(expected, labels == 2)
+    for chunk_size in (8, 10, 64):
+        _, stats = _fused_stats(framework, hidden, weight, None, labels, chunk_size=chunk_size)
+        np.testing.assert_array_equal(stats[2], expected)
+
+
+def test_the_torch_module_takes_softcap_and_return_stats():
+    (hidden, weight, bias), labels, _, _ = _option_problem("softcap")
+    module = lstorch.FusedLinearSmoothedCrossEntropyLoss(
+        smoothing=0.2, softcap=1.5, logit_scale=1.3, return_stats=True, chunk_size=16
+    )
+    loss, stats = module(*(torch.tensor(a) for a in (hidden, weight)), torch.tensor(labels),
+                         torch.tensor(bias))  # fmt: skip
+    (expected, expected_stats), _ = oracles.smoothed_cross_entropy(
+        hidden @ weight.T + bias, labels, smoothing=0.2, ignore_index=-100, reduction="mean",
+        softcap=1.5, logit_scale=1.3, return_stats=True,
+    )  # fmt: skip
+    np.testing.assert_allclose(loss.numpy(), expected, rtol=1e-10)
+    np.testing.assert_allclose(stats.entropy.numpy(), expected_stats[1], rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="FusedLinearSmoothedCrossEntropyLoss: `softcap`"):
+        lstorch.FusedLinearSmoothedCrossEntropyLoss(softcap=0.0)
 
 
 def test_all_rows_ignored_mean_is_zero_with_zero_gradients():

@@ -45,7 +45,7 @@ def test_sharded_logits_give_the_single_device_loss_and_gradient(results):
 
 
 def test_sharded_weight_gives_the_single_device_fused_and_dense_results(results):
-    assert len(results["fused"]) == 6
+    assert len(results["fused"]) == 8
     for case in results["fused"]:
         assert case["scales"][-1] > 0, case  # d loss / d smoothing (the last leaf) is not 0
         for diff, scale in zip(case["diffs"], case["scales"], strict=True):
