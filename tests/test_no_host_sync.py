@@ -125,13 +125,18 @@ def test_the_recorder_sees_every_kind_of_read_back(host_reads):
 # Every labelled entry point of the registry, every option of its grid
 
 
-def _torch_value(value, requires_grad=False):
-    """A registry input (NumPy, float64) as a float32 / integer / bool tensor; others as they
-    are."""
+# The kernels run on a GPU where there is one; on a CPU, in Triton's interpreter (conftest).
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _torch_value(value, requires_grad=False, device="cpu"):
+    """A registry input (NumPy, float64) as a float32 / integer / bool tensor on ``device``;
+    others as they are."""
     if isinstance(value, np.ndarray):
         if np.issubdtype(value.dtype, np.floating):
-            return torch.tensor(value, dtype=torch.float32, requires_grad=requires_grad)
-        return torch.as_tensor(value)
+            tensor = torch.tensor(value, dtype=torch.float32, device=device)
+            return tensor.requires_grad_(requires_grad)
+        return torch.as_tensor(value, device=device)
     return value
 
 
@@ -155,25 +160,25 @@ def _sampled_cases(twin) -> list[int]:
     return list(dict.fromkeys(index for index, _ in twin_cover(twin)))
 
 
-def _call_without_reads(host_reads, twin, index, *, tensor_options):
+def _call_without_reads(host_reads, twin, index, *, tensor_options, device="cpu"):
     """Forward and backward of the twin's PyTorch side on case ``index`` with
     ``check_labels=False``, under the recorder; the scalar options as tensors that require
     grad when ``tensor_options``."""
     args, kwargs = twin.make_inputs(np.random.default_rng(index), dict(twin.cases[index]))
-    x = _torch_value(args[0], requires_grad=True)
-    rest = [_torch_value(a) for a in args[1:]]
-    options = {key: _torch_value(value) for key, value in kwargs.items()}
+    x = _torch_value(args[0], requires_grad=True, device=device)
+    rest = [_torch_value(a, device=device) for a in args[1:]]
+    options = {key: _torch_value(value, device=device) for key, value in kwargs.items()}
     differentiated = [x]
     if tensor_options:
         for key in SCALAR_OPTIONS:
             if isinstance(options.get(key), float):
-                options[key] = torch.tensor(options[key], requires_grad=True)
+                options[key] = torch.tensor(options[key], device=device, requires_grad=True)
                 differentiated.append(options[key])
     options["check_labels"] = False
     with host_reads(f"{twin.name} #{index} forward"):
         outputs = twin.torch_fn(x, *rest, **options)
     leaves = [o for o in torch.utils._pytree.tree_leaves(outputs) if o.is_floating_point()]
-    weights = [torch.rand(o.shape, dtype=o.dtype) for o in leaves]  # a non-uniform upstream
+    weights = [torch.rand(o.shape, dtype=o.dtype, device=o.device) for o in leaves]  # non-uniform
     total = sum((o * w).sum() for o, w in zip(leaves, weights, strict=True) if o.requires_grad)
     with host_reads(f"{twin.name} #{index} backward"):
         torch.autograd.grad(total, differentiated, allow_unused=True)
@@ -217,7 +222,9 @@ def test_no_host_read_back_on_the_triton_kernels(host_reads, twin, monkeypatch):
     cases = _sampled_cases(twin)
     with launches.counting():
         for position, index in enumerate(cases if profile() == "nightly" else cases[:2]):
-            _call_without_reads(host_reads, twin, index, tensor_options=position % 2 == 0)
+            _call_without_reads(
+                host_reads, twin, index, tensor_options=position % 2 == 0, device=KERNEL_DEVICE
+            )
     assert launches.count > 0
     _assert_no_reads(host_reads)
 
@@ -234,12 +241,12 @@ EXTRA_OPTIONS = [
 ]
 
 
-def _extra(options):
+def _extra(options, device="cpu"):
     values = dict(
-        tensor=lambda: torch.tensor(0.25, requires_grad=True),
-        weight=lambda: torch.rand(6) + 0.5,
-        mask=lambda: torch.tensor([True, True, False, True, True, True]),
-        where=lambda: torch.tensor([True, False, True, True, True]),
+        tensor=lambda: torch.tensor(0.25, device=device, requires_grad=True),
+        weight=lambda: torch.rand(6, device=device) + 0.5,
+        mask=lambda: torch.tensor([True, True, False, True, True, True], device=device),
+        where=lambda: torch.tensor([True, False, True, True, True], device=device),
     )
     return {k: values[v]() if isinstance(v, str) and v in values else v for k, v in options.items()}
 
@@ -248,14 +255,16 @@ def _extra(options):
 @pytest.mark.parametrize("options", EXTRA_OPTIONS, ids=lambda o: ",".join(o))
 def test_no_host_read_back_for_the_options_no_grid_holds(host_reads, monkeypatch, options,
                                                          triton):  # fmt: skip
+    device = "cpu"
     if triton:
         pytest.importorskip("triton", reason="Triton is in the dev extras; CI installs it")
         monkeypatch.setenv("LSTORCH_TRITON", "all")
-    x = torch.randn(5, 6, requires_grad=True)
-    labels = torch.tensor([0, 3, 5, -100, 1])
-    options = {"ignore_index": -100, **_extra(options)}
+        device = KERNEL_DEVICE
+    x = torch.randn(5, 6, device=device, requires_grad=True)
+    labels = torch.tensor([0, 3, 5, -100, 1], device=device)
+    options = {"ignore_index": -100, **_extra(options, device)}
     if options.get("from_log_probs"):
-        x = torch.log_softmax(torch.randn(5, 6), -1).requires_grad_(True)
+        x = torch.log_softmax(torch.randn(5, 6, device=device), -1).requires_grad_(True)
     module_options = {k: v for k, v in options.items() if k != "where"}
     differentiated = [x] + [v for v in options.values() if isinstance(v, torch.Tensor)
                             and v.requires_grad]  # fmt: skip
@@ -606,8 +615,8 @@ OPS_AROUND_THE_KERNELS = {"forward": 22, "backward": 17}
 def test_the_triton_path_makes_few_small_ops_per_call(monkeypatch, options):
     pytest.importorskip("triton", reason="Triton is in the dev extras; CI installs it")
     monkeypatch.setenv("LSTORCH_TRITON", "all")
-    x = torch.randn(16, 256, requires_grad=True)
-    labels = torch.randint(0, 256, (16,))
+    x = torch.randn(16, 256, device=KERNEL_DEVICE, requires_grad=True)
+    labels = torch.randint(0, 256, (16,), device=KERNEL_DEVICE)
 
     def loss():
         return lstorch.smoothed_cross_entropy(
