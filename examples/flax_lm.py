@@ -42,6 +42,7 @@ if __name__ == "__main__" and _mesh_devices(sys.argv[1:]) > 1:
 
 import argparse  # noqa: E402  (after XLA_FLAGS, above)
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
@@ -72,6 +73,7 @@ class Config:
     learning_rate: float = 3e-3
     smoothing: float = 0.1
     z_loss: float = 1e-4
+    softcap: float | None = None  # Gemma 2/3's cap * tanh(x / cap) on the logits, in the loss
     chunk_size: int = 128  # two vocabulary chunks of the 256 bytes
     eval_every: int = 50
     eval_batch: int = 32
@@ -143,6 +145,7 @@ def make_train_step(config: Config, mesh: Mesh | None):
             mesh=mesh,
             smoothing=config.smoothing,
             z_loss=config.z_loss,
+            softcap=config.softcap,
             chunk_size=config.chunk_size,
         )
 
@@ -155,13 +158,15 @@ def make_train_step(config: Config, mesh: Mesh | None):
     return train_step
 
 
-@nnx.jit
-def eval_step(model, inputs, targets):
+@functools.partial(nnx.jit, static_argnames="softcap")
+def eval_step(model, inputs, targets, softcap=None):
     """Held-out NLL (no smoothing: the perplexity's) and token accuracy of a small evaluation
     batch: the accuracy is the mean of ``return_stats``'s per-token ``correct`` (argmax equals
     the label), from the same pass as the loss."""
     logits = model.hidden(inputs) @ model.output_weight.T
-    losses, stats = lsjax.smoothed_cross_entropy(logits, targets, return_stats=True)
+    losses, stats = lsjax.smoothed_cross_entropy(
+        logits, targets, softcap=softcap, return_stats=True
+    )
     return jnp.mean(losses), jnp.mean(stats.correct)
 
 
@@ -204,7 +209,9 @@ def run(config: Config, *, progress: bool = True) -> dict:
     train_step = nnx.cached_partial(make_train_step(config, mesh), model, optimizer)
 
     def evaluate(step):
-        nll, accuracy = eval_step(model, eval_windows[:, :-1], eval_windows[:, 1:])
+        nll, accuracy = eval_step(
+            model, eval_windows[:, :-1], eval_windows[:, 1:], softcap=config.softcap
+        )
         nll = float(nll)
         return {"step": step, "nll": nll, "perplexity": math.exp(nll), "accuracy": float(accuracy)}
 
@@ -260,7 +267,7 @@ def _mesh_shape(value: str) -> tuple[int, int]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for field in dataclasses.fields(Config):
-        if field.name in ("mesh",):
+        if field.name in ("mesh", "softcap"):
             continue
         flag = "--" + field.name.replace("_", "-")
         parser.add_argument(flag, type=type(field.default), default=field.default)
@@ -270,6 +277,12 @@ def main(argv=None) -> int:
         default=None,
         metavar="BxV",
         help="run on B*V simulated CPU devices with the vocabulary-sharded loss",
+    )
+    parser.add_argument(
+        "--softcap",
+        type=float,
+        default=None,
+        help="soft-cap the logits in the loss, cap * tanh(x / cap) (Gemma 2/3; e.g. 30)",
     )
     parser.add_argument("--out", type=Path, default=Path("runs/flax_lm"), help="output folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -201,7 +201,9 @@ FLAX_EVAL = ["--eval-every", "2", "--eval-batch", "4"]
 def test_flax_lm_smoke_and_its_mesh_run_agree(examples_path, tmp_path):
     import flax_lm
 
-    assert flax_lm.main([*TINY_LM, *FLAX_EVAL, "--out", str(tmp_path / "one")]) == 0
+    # With a softcap, so the sharded loss's softcap is checked against the one-device loss's.
+    flags = [*TINY_LM, *FLAX_EVAL, "--softcap", "0.5"]  # small: it bites
+    assert flax_lm.main([*flags, "--out", str(tmp_path / "one")]) == 0
     metrics = json.loads((tmp_path / "one" / "metrics.json").read_text())
     assert metrics["steps"] == 3 and len(metrics["train_loss"]) == 3
     assert [row["step"] for row in metrics["eval"]] == [0, 2, 3]
@@ -209,9 +211,10 @@ def test_flax_lm_smoke_and_its_mesh_run_agree(examples_path, tmp_path):
         assert 0 <= row["accuracy"] <= 1
         assert row["perplexity"] == pytest.approx(math.exp(row["nll"]))
     assert metrics["config"]["z_loss"] > 0 and metrics["config"]["smoothing"] > 0
+    assert metrics["config"]["softcap"] == 0.5
     assert _is_png(tmp_path / "one" / "curves.png")
 
-    flags = [*TINY_LM, *FLAX_EVAL, "--mesh", "2x2", "--out", str(tmp_path / "mesh")]
+    flags = [*flags, "--mesh", "2x2", "--out", str(tmp_path / "mesh")]
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / "flax_lm.py"), *flags],
         cwd=ROOT,

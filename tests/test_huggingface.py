@@ -247,6 +247,12 @@ def test_options_the_trainer_fixes_and_unknown_ones_raise():
         compute_loss_func(reduction="sum")
     with pytest.raises(TypeError, match=r"compute_loss_func: `normalizer` is set here"):
         compute_loss_func(normalizer=10)
+    # a tuple would reach the Trainer, which takes one loss tensor
+    with pytest.raises(TypeError, match=r"compute_loss_func: `return_stats` is set here"):
+        compute_loss_func(return_stats=True)
+    with pytest.raises(TypeError, match=r"fused_causal_lm_loss: `return_stats` is set here"):
+        fused_causal_lm_loss(tiny_gpt2(), torch.zeros(1, 2, dtype=torch.long),
+                             torch.zeros(1, 2, dtype=torch.long), return_stats=True)  # fmt: skip
     with pytest.raises(TypeError, match=r"compute_loss_func: got an unexpected keyword .*'eps'"):
         compute_loss_func(eps=0.1)
     with pytest.raises(ValueError, match=r"compute_loss_func: `smoothing` must be in \[0, 1\]"):

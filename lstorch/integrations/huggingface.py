@@ -58,6 +58,7 @@ _SET_HERE = {
     "normalizer": "it is the `num_items_in_batch` the Trainer passes at every call",
     "where": "the causal shift and `ignore_index` decide which tokens count",
     "return_z_loss": "the Trainer takes one loss tensor",
+    "return_stats": "the Trainer takes one loss tensor",
 }
 
 # Config attributes of models whose forward changes the logits after the output layer (Gemma 2
