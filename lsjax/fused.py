@@ -167,10 +167,9 @@ def fused_linear_smoothed_cross_entropy(
     num_classes = weight.shape[0]
     extra = _check_extra_options(
         fn, options, num_classes, labels.shape, class_weight, where, normalizer, kl, class_mask,
-        z_loss, return_z_loss, check_labels,
+        z_loss, return_z_loss, check_labels, softcap, logit_scale, return_stats,
     )  # fmt: skip
-    transform = lsspec.check_logit_transform(fn, softcap, logit_scale, from_log_probs=False)
-    lsspec.check_return_stats(fn, return_stats, from_log_probs=False)
+    transform = extra.transform
     chunk_size = lsspec.check_chunk_size(fn, chunk_size)
     counted = _common.counted_rows(labels, ignore_index, pad_index, extra.where)
     _common.check_label_range(
@@ -237,6 +236,7 @@ class _Extra(NamedTuple):
     class_mask: Any
     z_loss: Any
     with_z: bool
+    transform: lsspec.LogitTransform
 
     def arrays(self, compute_dtype):
         """(class weight in ``compute_dtype``, class mask, z-loss weight or None), the first two
@@ -251,7 +251,7 @@ class _Extra(NamedTuple):
 
 def _check_extra_options(
     fn, options, num_classes, rows, class_weight, where, normalizer, kl, class_mask, z_loss,
-    return_z_loss, check_labels=None,
+    return_z_loss, check_labels=None, softcap=None, logit_scale=1.0, return_stats=False,
 ) -> _Extra:  # fmt: skip
     """The checks the fused losses share with :func:`lsjax.smoothed_cross_entropy` (the same
     messages; the class weights are called ``class_weight`` here, ``weight`` being the head's).
@@ -271,25 +271,17 @@ def _check_extra_options(
     )
     _common.check_bool(fn, "where", where)
     _common.check_bool(fn, "class_mask", class_mask)
-    _common.check_label_options(
-        _class_weight_caller(fn),
-        num_classes,
-        options,
-        check_labels,
-        normalizer=_common.concrete_scalar(
-            fn, "normalizer", normalizer, optional=True, check_labels=check_labels
-        ),
-        kl=kl,
-        has_weight=class_weight is not None,
-    )
-    z_value = _common.concrete_scalar(fn, "z_loss", z_loss, check_labels=check_labels)
-    lsspec.check_z_loss(fn, z_value, from_log_probs=False, return_z_loss=return_z_loss)
+    z_value, transform = _common.check_loss_options(
+        _class_weight_caller(fn), num_classes, options, check_labels, normalizer=normalizer,
+        kl=kl, has_weight=class_weight is not None, z_loss=z_loss, return_z_loss=return_z_loss,
+        softcap=softcap, logit_scale=logit_scale, return_stats=return_stats,
+    )  # fmt: skip
     _common.check_class_mask_support(
         fn, class_mask, options.convention, options.pad_index, check_labels
     )
     # z-loss is compiled in only when it can matter: a concrete 0 leaves the program unchanged.
     with_z = return_z_loss or not (lsspec.is_number(z_value) and z_value == 0)
-    return _Extra(class_weight, where, class_mask, z_loss, with_z)
+    return _Extra(class_weight, where, class_mask, z_loss, with_z, transform)
 
 
 def _class_weight_caller(fn: lsspec.Caller) -> lsspec.Caller:

@@ -93,13 +93,12 @@ def sharded_fused_linear_smoothed_cross_entropy(
     num_classes = weight.shape[0]
     extra = _check_extra_options(
         fn, options, num_classes, labels.shape, class_weight, where, normalizer, kl, class_mask,
-        z_loss, return_z_loss,
+        z_loss, return_z_loss, None, softcap, logit_scale, return_stats,
     )  # fmt: skip
     if not _common.is_traced(labels):
         counted = _common.counted_rows(labels, ignore_index, pad_index, extra.where)
         _common.check_label_range(fn, labels, counted, num_classes, ignore_index, extra.class_mask)
-    transform = lsspec.check_logit_transform(fn, softcap, logit_scale, from_log_probs=False)
-    lsspec.check_return_stats(fn, return_stats, from_log_probs=False)
+    transform = extra.transform
     chunk_size = lsspec.check_chunk_size(fn, chunk_size)
     for name, axis, size in (("vocab_axis", vocab_axis, weight.shape[0]),) + (
         (("batch_axis", batch_axis, hidden.shape[0]),) if batch_axis is not None else ()

@@ -332,24 +332,13 @@ def smoothed_cross_entropy(
     weight, where, class_mask = (_common.array_or_none(v) for v in (weight, where, class_mask))
     logits, labels, axis = _check_arrays(fn, logits, labels, axis, weight, where, class_mask)
     num_classes = logits.shape[axis]
-    _common.check_label_options(
-        fn,
-        num_classes,
-        lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction),
-        check_labels,
-        normalizer=_common.concrete_scalar(
-            fn, "normalizer", normalizer, optional=True, check_labels=check_labels
-        ),
-        kl=kl,
-        has_weight=weight is not None,
-        from_log_probs=from_log_probs,
-    )
-    z_value = _common.concrete_scalar(fn, "z_loss", z_loss, check_labels=check_labels)
-    lsspec.check_z_loss(fn, z_value, from_log_probs=from_log_probs, return_z_loss=return_z_loss)
-    transform = lsspec.check_logit_transform(
-        fn, softcap, logit_scale, from_log_probs=from_log_probs
-    )
-    lsspec.check_return_stats(fn, return_stats, from_log_probs=from_log_probs)
+    label_options = lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction)
+    z_value, transform = _common.check_loss_options(
+        fn, num_classes, label_options, check_labels, normalizer=normalizer, kl=kl,
+        has_weight=weight is not None, from_log_probs=from_log_probs, z_loss=z_loss,
+        return_z_loss=return_z_loss, softcap=softcap, logit_scale=logit_scale,
+        return_stats=return_stats,
+    )  # fmt: skip
     from lsjax import pallas_kernels  # imports Pallas: only when a loss is computed
 
     core = _row_loss_jit

@@ -354,6 +354,32 @@ def check_label_options(
         **more,
     )
 
+def check_loss_options(
+    fn, num_classes, options: lsspec.LabelOptions, check_labels=None, *, normalizer=None,
+    kl=False, has_weight=False, from_log_probs=False, z_loss=0.0, return_z_loss=False,
+    softcap=None, logit_scale=1.0, return_stats=False,
+):  # fmt: skip
+    """The option checks every loss with integer labels shares (dense, fused, sharded,
+    vocabulary-parallel): :func:`check_label_options` with the ``normalizer``, ``kl`` and
+    ``from_log_probs``, then the z-loss, the logit transform and ``return_stats``. Returns
+    ``(z_loss as read, the lsspec.LogitTransform)``: a number, or the value that
+    ``reads_values`` did not read."""
+    check_label_options(
+        fn, num_classes, options, check_labels,
+        normalizer=concrete_scalar(
+            fn, "normalizer", normalizer, optional=True, check_labels=check_labels
+        ),
+        kl=kl, has_weight=has_weight, from_log_probs=from_log_probs,
+    )  # fmt: skip
+    z_value = concrete_scalar(fn, "z_loss", z_loss, check_labels=check_labels)
+    lsspec.check_z_loss(fn, z_value, from_log_probs=from_log_probs, return_z_loss=return_z_loss)
+    transform = lsspec.check_logit_transform(
+        fn, softcap, logit_scale, from_log_probs=from_log_probs
+    )
+    lsspec.check_return_stats(fn, return_stats, from_log_probs=from_log_probs)
+    return z_value, transform
+
+
 
 def floating(fn, **tensors: torch.Tensor) -> None:
     """Each named input is a tensor of a floating dtype (else a TypeError naming it)."""

@@ -511,18 +511,11 @@ def _prologue(fn, local_classes, labels, options: lsspec.LabelOptions, weight, g
     if where is not None:
         shape = tuple(where.shape)
         lsspec.check_row_options_shapes(fn, num_classes, tuple(labels.shape), where=shape)
-    _common.check_label_options(
-        fn, num_classes, options, check_labels,
-        normalizer=_common.concrete_scalar(
-            fn, "normalizer", normalizer, optional=True, check_labels=check_labels
-        ),
-        kl=kl,
-        has_weight=weight is not None,
+    z_value, transform = _common.check_loss_options(
+        fn, num_classes, options, check_labels, normalizer=normalizer, kl=kl,
+        has_weight=weight is not None, z_loss=z_loss, return_z_loss=return_z_loss,
+        softcap=softcap, logit_scale=logit_scale, return_stats=return_stats,
     )  # fmt: skip
-    z_value = _common.concrete_scalar(fn, "z_loss", z_loss, check_labels=check_labels)
-    lsspec.check_z_loss(fn, z_value, from_log_probs=False, return_z_loss=return_z_loss)
-    transform = lsspec.check_logit_transform(fn, softcap, logit_scale, from_log_probs=False)
-    lsspec.check_return_stats(fn, return_stats, from_log_probs=False)
     device = labels.device
     # The z-loss is computed only when it can matter (as in the single-device losses).
     with_z = return_z_loss or isinstance(z_loss, torch.Tensor) or z_value != 0

@@ -165,7 +165,7 @@ def fused_linear_smoothed_cross_entropy(
     num_classes = weight.shape[0]
     _check_row_options(fn, num_classes, tuple(labels.shape), class_weight, where, class_mask)
     options = lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction)
-    z_value, chunk_size = _check_options(
+    z_value, transform, chunk_size = _check_options(
         fn,
         num_classes,
         options,
@@ -180,7 +180,6 @@ def fused_linear_smoothed_cross_entropy(
         return_stats=return_stats,
         check_labels=check_labels,
     )
-    transform = lsspec.check_logit_transform(fn, softcap, logit_scale, from_log_probs=False)
     _common.check_class_mask_support(fn, class_mask, convention, pad_index, check_labels)
     counted = _common.counted_rows(labels, ignore_index, pad_index, where)
     _common.check_label_range(
@@ -265,23 +264,14 @@ def _check_options(
     """Check the plain options of :func:`fused_linear_smoothed_cross_entropy`: the function's,
     and its module's at construction (``num_classes=None``; the other inputs, ``where``,
     ``class_mask``, ..., are passed over). The class weights are called ``class_weight`` in
-    the messages (``weight`` is the head's). Returns ``(z_loss as read, chunk_size)``."""
-    _common.check_label_options(
-        _class_weight_caller(fn),
-        num_classes,
-        options,
-        check_labels,
-        normalizer=_common.concrete_scalar(
-            fn, "normalizer", normalizer, optional=True, check_labels=check_labels
-        ),
-        kl=kl,
-        has_weight=class_weight is not None,
-    )
-    z_value = _common.concrete_scalar(fn, "z_loss", z_loss, check_labels=check_labels)
-    lsspec.check_z_loss(fn, z_value, from_log_probs=False, return_z_loss=return_z_loss)
-    lsspec.check_logit_transform(fn, softcap, logit_scale, from_log_probs=False)
-    lsspec.check_return_stats(fn, return_stats, from_log_probs=False)
-    return z_value, lsspec.check_chunk_size(fn, chunk_size)
+    the messages (``weight`` is the head's). Returns ``(z_loss as read, the logit transform,
+    chunk_size)``."""
+    z_value, transform = _common.check_loss_options(
+        _class_weight_caller(fn), num_classes, options, check_labels, normalizer=normalizer,
+        kl=kl, has_weight=class_weight is not None, z_loss=z_loss, return_z_loss=return_z_loss,
+        softcap=softcap, logit_scale=logit_scale, return_stats=return_stats,
+    )  # fmt: skip
+    return z_value, transform, lsspec.check_chunk_size(fn, chunk_size)
 
 
 def _class_weight_caller(fn: lsspec.Caller) -> lsspec.Caller:

@@ -109,22 +109,12 @@ def _check_options(
     others by keyword (any more, ``where``, ``axis``, ..., are passed over); the function's, and
     its module's at construction (``num_classes=None``, before any input). Returns ``z_loss`` as
     read (a float, or the tensor that was not read: ``_common.reads_values``)."""
-    _common.check_label_options(
-        fn,
-        num_classes,
-        options,
-        check_labels,
-        normalizer=_common.concrete_scalar(
-            fn, "normalizer", normalizer, optional=True, check_labels=check_labels
-        ),
-        kl=kl,
-        has_weight=weight is not None,
-        from_log_probs=from_log_probs,
-    )
-    z_value = _common.concrete_scalar(fn, "z_loss", z_loss, check_labels=check_labels)
-    lsspec.check_z_loss(fn, z_value, from_log_probs=from_log_probs, return_z_loss=return_z_loss)
-    lsspec.check_logit_transform(fn, softcap, logit_scale, from_log_probs=from_log_probs)
-    lsspec.check_return_stats(fn, return_stats, from_log_probs=from_log_probs)
+    z_value, _ = _common.check_loss_options(
+        fn, num_classes, options, check_labels, normalizer=normalizer, kl=kl,
+        has_weight=weight is not None, from_log_probs=from_log_probs, z_loss=z_loss,
+        return_z_loss=return_z_loss, softcap=softcap, logit_scale=logit_scale,
+        return_stats=return_stats,
+    )  # fmt: skip
     return z_value
 
 
