@@ -415,66 +415,55 @@ def _smoothed_rows_fake(x, labels, counted, params, weight, class_mask, conventi
     return tuple(labels.new_empty(labels.shape, dtype=torch.float32) for _ in range(6))
 
 
+# The two backward operators take the same arguments, declared once here: ``x`` (the logits),
+# the forward's operands and statistics, the upstream gradients and the static options. One
+# writes the gradient into a new tensor, the other over ``x`` (``Tensor(a!)``: it mutates it).
+_BACKWARD_SCHEMA = (
+    "(Tensor{alias} x, Tensor labels, Tensor counted, Tensor params, Tensor? weight, "
+    "Tensor? class_mask, Tensor peak, Tensor log_sum, Tensor grad, Tensor? grad_z, "
+    "str convention, SymInt? pad_index, bool with_z, float logit_scale=1.0, "
+    "float? softcap=None) -> {returns}"
+)
+
+
 def _backward_into(out, x, labels, counted, params, weight, class_mask, peak, log_sum, grad,
-                   grad_z, convention, pad_index, with_z, logit_scale,
-                   softcap):  # fmt: skip
+                   grad_z, convention, pad_index, with_z, logit_scale=1.0,
+                   softcap=None):  # fmt: skip
     backward(x, out, labels, counted, params, weight, class_mask, peak, log_sum, grad, grad_z,
              convention=convention, pad_index=pad_index, with_z=with_z,
              logit_scale=logit_scale, softcap=softcap)  # fmt: skip
 
 
-@torch.library.custom_op("lstorch::smoothed_rows_backward", mutates_args=())
-def smoothed_rows_backward(
-    x: torch.Tensor,
-    labels: torch.Tensor,
-    counted: torch.Tensor,
-    params: torch.Tensor,
-    weight: torch.Tensor | None,
-    class_mask: torch.Tensor | None,
-    peak: torch.Tensor,
-    log_sum: torch.Tensor,
-    grad: torch.Tensor,
-    grad_z: torch.Tensor | None,
-    convention: str,
-    pad_index: int | None,
-    with_z: bool,
-    logit_scale: float = 1.0,
-    softcap: float | None = None,
-) -> torch.Tensor:
+def _backward_new(x, *arguments):
     """:func:`backward` as an operator, into a new contiguous tensor of ``x``'s shape."""
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _backward_into(out, x, labels, counted, params, weight, class_mask, peak, log_sum, grad,
-                   grad_z, convention, pad_index, with_z, logit_scale, softcap)  # fmt: skip
+    _backward_into(out, x, *arguments)
     return out
+
+
+def _backward_over_x(x, *arguments):
+    """:func:`backward` as an operator that overwrites ``x`` (contiguous) with its gradient:
+    each element is read before the same program writes it."""
+    _backward_into(x, x, *arguments)
+
+
+smoothed_rows_backward = torch.library.custom_op(
+    "lstorch::smoothed_rows_backward",
+    _backward_new,
+    mutates_args=(),
+    schema=_BACKWARD_SCHEMA.format(alias="", returns="Tensor"),
+)
+smoothed_rows_backward_ = torch.library.custom_op(
+    "lstorch::smoothed_rows_backward_",
+    _backward_over_x,
+    mutates_args=("x",),
+    schema=_BACKWARD_SCHEMA.format(alias="(a!)", returns="()"),
+)
 
 
 @smoothed_rows_backward.register_fake
 def _smoothed_rows_backward_fake(x, *args):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-
-
-@torch.library.custom_op("lstorch::smoothed_rows_backward_", mutates_args=("x",))
-def smoothed_rows_backward_(
-    x: torch.Tensor,
-    labels: torch.Tensor,
-    counted: torch.Tensor,
-    params: torch.Tensor,
-    weight: torch.Tensor | None,
-    class_mask: torch.Tensor | None,
-    peak: torch.Tensor,
-    log_sum: torch.Tensor,
-    grad: torch.Tensor,
-    grad_z: torch.Tensor | None,
-    convention: str,
-    pad_index: int | None,
-    with_z: bool,
-    logit_scale: float = 1.0,
-    softcap: float | None = None,
-) -> None:
-    """:func:`backward` as an operator that overwrites ``x`` (contiguous) with its gradient:
-    each element is read before the same program writes it."""
-    _backward_into(x, x, labels, counted, params, weight, class_mask, peak, log_sum, grad,
-                   grad_z, convention, pad_index, with_z, logit_scale, softcap)  # fmt: skip
 
 
 @smoothed_rows_backward_.register_fake
