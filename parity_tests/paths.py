@@ -121,8 +121,9 @@ def _outputs_numpy(outputs) -> list[np.ndarray]:
     return [leaf.detach().to(torch.float64).cpu().numpy() for leaf in output_leaves(outputs)]
 
 
-def _torch_autograd(outputs, x, kind, dense):
-    """Gradient of ``outputs`` with respect to ``x`` by ``torch.autograd.grad``."""
+def _torch_autograd(outputs, x, kind, dense, retain_graph=False):
+    """Gradient of ``outputs`` with respect to ``x`` by ``torch.autograd.grad``
+    (``retain_graph``: keeping the graph for another upstream gradient)."""
     leaves = output_leaves(outputs)
     if kind == "random":
         pairs = [
@@ -133,14 +134,16 @@ def _torch_autograd(outputs, x, kind, dense):
         if not pairs:
             return torch.zeros_like(x)
         leaves, cot = zip(*pairs, strict=True)
-        return torch.autograd.grad(leaves, x, cot, allow_unused=True)[0]
+        return torch.autograd.grad(
+            leaves, x, cot, allow_unused=True, retain_graph=retain_graph
+        )[0]
     total = _torch_total(outputs, kind)
     if not total.requires_grad:
         return torch.zeros_like(x)
     upstream = None
     if kind == "0-d grad_outputs":
         upstream = torch.tensor(ZERO_DIM_GRAD, dtype=total.dtype, device=total.device)
-    return torch.autograd.grad(total, x, upstream, allow_unused=True)[0]
+    return torch.autograd.grad(total, x, upstream, allow_unused=True, retain_graph=retain_graph)[0]
 
 
 def _torch_func(call, x, kind, dense):
@@ -229,20 +232,25 @@ def _move(value, device):
 
 
 def torch_eager(fn, args, kwargs, dtype, dense_by_kind, *, device="cpu", inplace=False):
-    """The plain call (``inplace=True``: with ``inplace_backward=True``): per upstream kind,
-    a fresh forward and ``torch.autograd.grad``."""
+    """The plain call (``inplace=True``: with ``inplace_backward=True``): one forward, and
+    ``torch.autograd.grad`` for each upstream kind, the graph kept between them (a fresh
+    forward per kind with ``inplace_backward``, whose backward overwrites the logits)."""
     results = {}
-    for kind, dense in dense_by_kind.items():
-        x, rest, options = _torch_inputs(args, kwargs, dtype, device)
-        leaf = x.requires_grad_(True)
-        if inplace:
-            # inplace_backward needs a non-leaf whose memory is class-last: a layer's output.
-            axis = options.get("axis", -1)
-            base = leaf.movedim(axis, -1).clone(memory_format=torch.contiguous_format)
-            x = base.movedim(-1, axis)
-            options["inplace_backward"] = True
-        outputs = fn(x, *rest, **options)
-        grad = _torch_autograd(outputs, leaf, kind, dense)
+    outputs = leaf = None
+    kinds = list(dense_by_kind)
+    for position, (kind, dense) in enumerate(dense_by_kind.items()):
+        if inplace or outputs is None:
+            x, rest, options = _torch_inputs(args, kwargs, dtype, device)
+            leaf = x.requires_grad_(True)
+            if inplace:
+                # inplace_backward needs a non-leaf whose memory is class-last: a layer's output.
+                axis = options.get("axis", -1)
+                base = leaf.movedim(axis, -1).clone(memory_format=torch.contiguous_format)
+                x = base.movedim(-1, axis)
+                options["inplace_backward"] = True
+            outputs = fn(x, *rest, **options)
+        retain = not inplace and position < len(kinds) - 1
+        grad = _torch_autograd(outputs, leaf, kind, dense, retain_graph=retain)
         results[kind] = (_outputs_numpy(outputs), _as_numpy(grad, kind))
     return [results]
 
@@ -278,6 +286,9 @@ def torch_compile(fn, args, kwargs, dtype, dense_by_kind, *, device="cpu"):
                              fullgraph=True)  # fmt: skip
     results = {}
     for kind, dense in dense_by_kind.items():
+        # A fresh compiled forward per kind, as a training step makes it: torch 2.13's Inductor
+        # may reuse a saved activation's buffer in the compiled backward, so a second backward
+        # through one graph (retain_graph=True) can read an overwritten value.
         leaf = x.detach().clone().requires_grad_(True)
         outputs = compiled(leaf, *rest)
         grad = _torch_autograd(outputs, leaf, kind, dense)
@@ -459,19 +470,20 @@ def _shard(x, kwargs):
 
 def jax_vmap(fn, args, kwargs, dtype, dense_by_kind):
     """``jax.vmap`` of the per-example pull-back over ``x`` and ``x / 2``, the positional arrays
-    (labels or targets) batched with it; one result per example."""
+    (labels or targets) batched with it, inside one ``jax.jit`` that computes every upstream
+    kind (as a train step that vmaps a per-example loss is jitted); one result per example."""
     with jax.enable_x64(True):
         x, rest, arrays, constants = _jax_inputs(args, kwargs, dtype)
         batch = jnp.stack([x, x / 2])
         rests = [jnp.stack([r, r]) for r in rest]
+
+        def example(x, rest, arrays):
+            call = lambda x: fn(x, *rest, **arrays, **constants)  # noqa: E731
+            return {kind: _jax_pull(call, x, kind, dense) for kind, dense in dense_by_kind.items()}
+
+        batched = jax.jit(jax.vmap(example, in_axes=(0, 0, None)))(batch, rests, arrays)
         results = [{}, {}]
-        for kind, dense in dense_by_kind.items():
-
-            def example(x, rest, kind=kind, dense=dense):
-                call = lambda x: fn(x, *rest, **arrays, **constants)  # noqa: E731
-                return _jax_pull(call, x, kind, dense)
-
-            outputs, grads = jax.vmap(example)(batch, rests)
+        for kind, (outputs, grads) in batched.items():
             for index in range(2):
                 per_example = [leaf[index] for leaf in output_leaves(outputs)]
                 results[index][kind] = _jax_numpy(per_example, grads[index], kind)
@@ -657,9 +669,9 @@ def ci_sample(twin, path: Path) -> list[tuple[int, tuple[str, ...]]]:
     case), the first of them only. The Triton paths run each chosen case in both of their
     dtypes; a path with a ``check`` takes only the cases it applies to (the first case that
     applies when none of the cover does)."""
-    kernels = "kernels" in path.needs
+    kernels = bool(path.kernels)
     cover = twin_cover(twin)
-    if kernels:
+    if "kernels" in path.needs:
         candidates = [(index, path.dtypes) for index in dict.fromkeys(i for i, _ in cover)]
     else:
         candidates = [(index, (dtype,)) for index, dtype in cover if dtype in path.dtypes]
@@ -675,7 +687,13 @@ def ci_sample(twin, path: Path) -> list[tuple[int, tuple[str, ...]]]:
         held = {(key, repr(case[key])) for key in ("reduction", "reduce") if key in case}
         held |= {(key, repr(case[key])) for key in ALWAYS_SAMPLED if key in case}
         features.append(frozenset(held | {("dtype", dtype) for dtype in dtypes}))
-    chosen = _greedy_cover(tuple(features), _seed(f"{twin.name} | {path.name}"))
+    # Ties broken by the twin alone on the paths without kernels: those of the same dtypes take
+    # the same cases, so they share the plain calls they are compared with (computed once,
+    # :func:`_plain`). The kernel paths keep a draw of their own, which puts a case that
+    # launches the kernels in every dtype (a twin's soft-target cases stay on XLA and torch).
+    chosen = _greedy_cover(
+        tuple(features), _seed(f"{twin.name} | {path.name}" if kernels else twin.name)
+    )
     chosen = chosen[: SAMPLES["ci"].get(path.name)]
     return [candidates[i] for i in sorted(chosen)]
 
@@ -772,6 +790,23 @@ def _with_fallback(indices, total, results):
             yield None, index
 
 
+# The plain call's results, per (framework, twin, case, dtype, scale of x): every path of a twin
+# compares with the same plain call on the same inputs (the case's seed fixes them and its
+# upstream gradients), so a process computes each once. Eager JAX lowers every primitive of a
+# new shape or option set on its first call, which makes the plain call the larger part of a
+# JAX path's time.
+_PLAIN_RESULTS: dict[tuple, dict] = {}
+
+
+def _plain(framework, twin, index, dtype, factor, fn, scaled, kwargs, dense_by_kind):
+    key = (framework, twin.name, index, dtype, factor)
+    known = _PLAIN_RESULTS.setdefault(key, {})
+    missing = {kind: dense for kind, dense in dense_by_kind.items() if kind not in known}
+    if missing:
+        known.update(PLAIN[framework](fn, scaled, kwargs, dtype, missing)[0])
+    return {kind: known[kind] for kind in dense_by_kind}
+
+
 def run_twin_path(twin, path: Path, *, profile: str = "report", dtypes=DTYPES) -> list[PathResult]:
     """Run ``twin`` on ``path`` (the sample of ``profile``), one :class:`PathResult` per dtype.
 
@@ -827,9 +862,10 @@ def run_twin_path(twin, path: Path, *, profile: str = "report", dtypes=DTYPES) -
                             kind: (outputs, vjp(dense if several else dense[0]))
                             for kind, dense in dense_by_kind.items()
                         }
-                    plain_by_scale[factor] = PLAIN[path.framework](
-                        fn, scaled, kwargs, dtype, dense_by_kind
-                    )[0]
+                    plain_by_scale[factor] = _plain(
+                        path.framework, twin, index, dtype, factor, fn, scaled, kwargs,
+                        dense_by_kind,
+                    )  # fmt: skip
                 if path.kernels:
                     runs = path.run(fn, rounded, kwargs, dtype, dense_by_kind, launches[dtype])
                 else:
