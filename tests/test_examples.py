@@ -163,17 +163,12 @@ def test_distillation_study_smoke(examples_path, tmp_path):
     assert _is_png(tmp_path / "distillation_compare.png")
 
 
-def test_torch_train_compare_exits_zero_in_float64(tmp_path):
+def test_torch_train_compare_exits_zero_in_float64(examples_path, tmp_path, capsys):
+    import torch_train
+
     flags = ["--compare", "--steps", "20", "--dtypes", "float64", "--out", str(tmp_path)]
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / "torch_train.py"), *flags],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "float64: largest per-step relative difference" in result.stdout
+    assert torch_train.main(flags) == 0  # the script's exit status (main's return value)
+    assert "float64: largest per-step relative difference" in capsys.readouterr().out
     report = json.loads((tmp_path / "compare.json").read_text())["float64"]
     assert report["steps"] == 20 and report["passed"]
     assert report["max_relative_difference"] <= 1e-8

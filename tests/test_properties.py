@@ -7,7 +7,7 @@ oracle (``parity_tests.oracles``) and torch's own ``F.cross_entropy``; the invar
 expected value at all.
 
 Every property runs the active hypothesis profile's example count (``tests/conftest.py``):
-``ci`` by default (50 per property, derandomized: the same examples in every run), ``nightly``
+``ci`` by default (25 per property, derandomized: the same examples in every run), ``nightly``
 (10,000 per property, random) with ``python -m pytest --nightly``. Each example checks both
 frameworks. JAX runs eagerly (the path that checks concrete inputs): ~8 ms a call, plus
 compiling the core once per (options, shapes). Under ``jit`` a call costs ~0.2 ms, but a
