@@ -350,8 +350,7 @@ def smoothed_cross_entropy(
         fn, labels, counted, num_classes, ignore_index, class_mask, check_labels
     )
 
-    x = jnp.moveaxis(logits, axis, -1)
-    compute_dtype = _common.compute_dtype(x.dtype)
+    compute_dtype = _common.compute_dtype(logits.dtype)
     eps = _common.smoothing_array(smoothing, compute_dtype)  # differentiated (see _row_loss_jvp)
     if weight is not None:
         weight = jax.lax.stop_gradient(jnp.asarray(weight, compute_dtype))
@@ -360,20 +359,54 @@ def smoothed_cross_entropy(
     # z-loss is compiled in only when it can matter: a concrete 0 leaves the program unchanged.
     with_z = return_z_loss or not (lsspec.is_number(z_value) and z_value == 0)
     z = _common.z_loss_array(z_loss, compute_dtype) if with_z else None
+    if normalizer is not None:
+        normalizer = jnp.asarray(normalizer)
     options = _Options(convention, pad_index, kl, from_log_probs, with_z, transform, return_stats)
+    layout = _Layout(axis, reduction, return_z_loss, core is _row_loss_jit)
+    # (With the Pallas kernels, as the calls around them: their block sizes are chosen for the
+    # platform when a program is traced, and a cached trace would keep another platform's.)
+    after_checks = _after_checks_jit if layout.xla else _after_checks
+    return after_checks(
+        layout, options, logits, labels, counted, eps, weight, class_mask, z, normalizer
+    )
+
+
+class _Layout(NamedTuple):
+    """The static options of what runs around the core: the class axis, the reduction, whether
+    the z-part is returned, and which core (XLA's or the Pallas kernels')."""
+
+    axis: int
+    reduction: str
+    return_z_loss: bool
+    xla: bool
+
+
+def _after_checks(layout, options, logits, labels, counted, eps, weight, class_mask, z,
+                  normalizer):  # fmt: skip
+    """Everything after the checks, as one program (:data:`_after_checks_jit`): the core on the
+    class-last logits, the per-row weights, the statistics and the reduction."""
+    from lsjax import pallas_kernels
+
+    core = _row_loss_jit if layout.xla else pallas_kernels.row_loss
+    x = jnp.moveaxis(logits, layout.axis, -1)
+    num_classes = x.shape[-1]
+    compute_dtype = _common.compute_dtype(x.dtype)
     loss = core(options, x, labels, counted, eps, weight, class_mask, z)
     w_y = 1.0 if weight is None else weight[jnp.where(counted, labels, 0).clip(0, num_classes - 1)]
     row_weight = jnp.where(counted, w_y, 0.0).astype(compute_dtype)
     stats = None
-    if return_stats:
+    with_z = options.with_z
+    if options.with_stats:
         *loss, (lse, entropy, correct) = loss
         loss = tuple(loss) if with_z else loss[0]
         stats = _closed_form.RowStats(lse, entropy, correct > 0)
     outputs = (loss,)
     if with_z:
         loss, z_part = loss
-        outputs = (loss, z_part) if return_z_loss else (loss,)
-    outputs = tuple(_common.reduce(value, row_weight, reduction, normalizer) for value in outputs)
+        outputs = (loss, z_part) if layout.return_z_loss else (loss,)
+    outputs = tuple(
+        _common.reduce(value, row_weight, layout.reduction, normalizer) for value in outputs
+    )
     if stats is not None:
         return (*outputs, stats)
     return outputs if len(outputs) > 1 else outputs[0]
@@ -620,3 +653,7 @@ _row_loss.defjvp(_row_loss_jvp, symbolic_zeros=True)
 # called eagerly (or under eager grad/vmap) it runs as one cached executable instead of dozens of
 # primitives dispatched one by one.
 _row_loss_jit = jax.jit(_row_loss, static_argnums=(0,))
+# What runs after the checks, as one program per (options, shapes): an eager call (and eager
+# grad or vmap) lowers and runs it once, instead of the dozens of primitives around the core
+# each dispatched (and, for a new shape, lowered) on its own. Inside a user's jit it is inlined.
+_after_checks_jit = jax.jit(_after_checks, static_argnums=(0, 1))
