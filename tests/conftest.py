@@ -4,7 +4,7 @@
   two cores; ``python -m pytest -n 2 --nightly`` runs the ``nightly`` profile: 10,000 hypothesis
   examples per property (random, not derandomized) and every registry case on every dtype and
   execution path. ``docs/testing.md`` says what each profile runs. The profile is also in the
-  environment (``tests.helpers.PROFILE_VARIABLE``), so the check scripts that tests start in
+  environment (``tests.profiles.PROFILE_VARIABLE``), so the check scripts that tests start in
   subprocesses see it.
 * float64 tests need jax_enable_x64; every array here names its dtype, so turning it on globally
   changes no float32 or bf16 result. JAX has two CPU devices (for the sharded path).
@@ -14,35 +14,41 @@
 
 import os
 
-import torch
-
-# torch.compile (the compile path of tests/test_paths.py) compiles in this process instead of
-# starting a pool of compiler processes in every xdist worker (set before Inductor is imported).
-os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
-
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # One thread of PyTorch's intra-op pool per xdist worker (and in the processes it starts):
-    # with a worker per core, a second thread each only waits for the core the other worker
-    # holds; the suite's tensors are small. About 5% of the suite's time on CI's two cores.
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-
-if not torch.cuda.is_available():
-    # lstorch's Triton kernels (the Triton execution paths, tests/test_paths.py) run in Triton's
-    # interpreter on a CPU; it must be switched on before anything imports Triton.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import jax
 import pytest
 from hypothesis import HealthCheck, settings
 
-from tests.helpers import FRAMEWORKS, PROFILE_VARIABLE
+from tests.profiles import PROFILE_VARIABLE
 
-jax.config.update("jax_enable_x64", True)
-# Two CPU devices, so the sharded execution path (tests/test_paths.py) runs in the test process,
-# with its caches, instead of in a subprocess; every other test runs on the first device, as
-# before (set before JAX starts its backend, at the first array).
-jax.config.update("jax_num_cpu_devices", 2)
+
+def _set_up_the_frameworks() -> None:
+    """Import and configure PyTorch, Triton and JAX for the tests, before collection. The xdist
+    controller (``-n 2``), which only hands tests to its workers, skips this: its start is
+    the first seconds of every run."""
+    import torch
+
+    # torch.compile (the compile path of tests/test_paths.py) compiles in this process instead
+    # of starting a pool of compiler processes in every xdist worker (before Inductor loads).
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # One thread of PyTorch's intra-op pool per xdist worker (and in the processes it
+        # starts): with a worker per core, a second thread each only waits for the core the
+        # other worker holds; the suite's tensors are small. About 5% of the suite's time on
+        # CI's two cores.
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    if not torch.cuda.is_available():
+        # lstorch's Triton kernels (the Triton execution paths, tests/test_paths.py) run in
+        # Triton's interpreter on a CPU; it must be switched on before anything imports Triton.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    # Two CPU devices, so the sharded execution path (tests/test_paths.py) runs in the test
+    # process, with its caches, instead of in a subprocess; every other test runs on the first
+    # device, as before (set before JAX starts its backend, at the first array).
+    jax.config.update("jax_num_cpu_devices", 2)
+    _share_one_compilation_cache()
 
 
 def _share_one_compilation_cache() -> None:
@@ -56,6 +62,8 @@ def _share_one_compilation_cache() -> None:
     small programs (twin cases, dtypes and shapes) than they keep. The key of an entry is the
     program, its compile options and the jax/jaxlib versions: same key, same executable.
     """
+    import jax
+
     if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
         home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         folder = os.path.join(home, "label-smoothing-parity", "jax")
@@ -75,8 +83,6 @@ def _share_one_compilation_cache() -> None:
     )
 
 
-_share_one_compilation_cache()
-
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 # ci: 25 fixed examples per property (each example is new shapes and options, so new JAX
 # programs: about 2 s of a property's time on CI's cores per 5 examples); nightly explores.
@@ -94,6 +100,8 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    if not (config.getoption("numprocesses", None) and not hasattr(config, "workerinput")):
+        _set_up_the_frameworks()
     # Before collection, so the test modules' parametrizations see the profile; the xdist
     # workers get the same command line and set it themselves.
     profile = "nightly" if config.getoption("nightly") else os.environ.get(PROFILE_VARIABLE, "ci")
@@ -101,10 +109,12 @@ def pytest_configure(config):
     settings.load_profile(profile)
 
 
-@pytest.fixture(params=list(FRAMEWORKS))
+@pytest.fixture(params=["jax", "torch"])
 def framework(request):
     """``(module, array)`` for each framework: ``lsjax`` with ``jnp.asarray``, ``lstorch``
     with ``torch.as_tensor``."""
+    from tests.helpers import FRAMEWORKS
+
     return FRAMEWORKS[request.param]
 
 

@@ -17,10 +17,7 @@ import torch
 
 import lsjax
 import lstorch
-
-# Set by conftest.py from the command line (``--nightly``) before the test modules are
-# collected, and inherited by the subprocesses the tests start.
-PROFILE_VARIABLE = "LABEL_SMOOTHING_TEST_PROFILE"
+from tests.profiles import PROFILE_VARIABLE
 
 
 def profile() -> str:
