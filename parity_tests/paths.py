@@ -689,8 +689,9 @@ def ci_sample(twin, path: Path) -> list[tuple[int, tuple[str, ...]]]:
         features.append(frozenset(held | {("dtype", dtype) for dtype in dtypes}))
     # Ties broken by the twin alone on the paths without kernels: those of the same dtypes take
     # the same cases, so they share the plain calls they are compared with (computed once,
-    # :func:`_plain`). The kernel paths keep a draw of their own, which puts a case that
-    # launches the kernels in every dtype (a twin's soft-target cases stay on XLA and torch).
+    # :func:`_plain`). The kernel paths keep a draw of their own: a twin's soft-target cases
+    # stay on XLA and torch, and the draw of the twin alone gave Pallas a dtype with none of
+    # its cases on the kernels (a dtype whose cases launch no kernel fails the run).
     chosen = _greedy_cover(
         tuple(features), _seed(f"{twin.name} | {path.name}" if kernels else twin.name)
     )
