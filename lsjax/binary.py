@@ -63,12 +63,26 @@ def sigmoid_binary_cross_entropy(
     lsspec.check_smoothing(fn, _common.concrete_smoothing(fn, smoothing))
 
     compute_dtype = _common.compute_dtype(logits.dtype)
-    x = logits.astype(compute_dtype)
     eps = _common.smoothing_array(smoothing, compute_dtype)  # d y' / d eps = 1/2 - y
+    if pos_weight is not None:
+        pos_weight = jnp.asarray(pos_weight, compute_dtype)
+    return _after_checks_jit(reduction, logits, labels, eps, pos_weight)
+
+
+def _after_checks(reduction, logits, labels, eps, pos_weight):
+    """Everything after the checks (:data:`_after_checks_jit`): the elementwise loss and its
+    reduction."""
+    compute_dtype = eps.dtype
+    x = logits.astype(compute_dtype)
     target = labels.astype(compute_dtype) * (1.0 - eps) + eps / 2
     positive = target * jnp.logaddexp(-x, 0.0)
     if pos_weight is not None:
-        positive = jax.lax.stop_gradient(jnp.asarray(pos_weight, compute_dtype)) * positive
+        positive = jax.lax.stop_gradient(pos_weight) * positive
     loss = positive + (1.0 - target) * jnp.logaddexp(x, 0.0)
     loss = jnp.where((eps >= 0) & (eps <= 1), loss, jnp.nan)  # a traced eps outside [0, 1]
     return _common.reduce(loss, jnp.ones(loss.shape, compute_dtype), reduction)
+
+
+# What runs after the checks, as one program per (reduction, shapes): an eager call lowers and
+# runs it once instead of each primitive on its own. Inside a user's jit it is inlined.
+_after_checks_jit = jax.jit(_after_checks, static_argnums=(0,))

@@ -181,8 +181,31 @@ def fused_linear_smoothed_cross_entropy(
     core_options = _FusedOptions(
         convention, pad_index, chunk_size, None, kl, z is not None, transform, return_stats
     )
-    rows = _fused_rows_jit(
-        core_options,
+    if normalizer is not None:
+        normalizer = jnp.asarray(normalizer)
+    layout = _Layout(reduction, return_z_loss)
+    return _after_checks_jit(
+        core_options, layout, hidden, weight, bias, labels, counted, eps, class_weight,
+        class_mask, z, normalizer,
+    )  # fmt: skip
+
+
+class _Layout(NamedTuple):
+    """The static options of what runs around the core: the reduction and whether the z-part
+    is returned."""
+
+    reduction: str
+    return_z_loss: bool
+
+
+def _after_checks(options, layout, hidden, weight, bias, labels, counted, eps, class_weight,
+                  class_mask, z, normalizer):  # fmt: skip
+    """Everything after the checks (:data:`_after_checks_jit`): the core on the flattened rows,
+    the per-row weights, the statistics and the reduction."""
+    num_classes = weight.shape[0]
+    compute_dtype = eps.dtype
+    rows = _fused_rows(
+        options,
         hidden.reshape(-1, hidden.shape[-1]),
         weight,
         bias,
@@ -196,14 +219,16 @@ def fused_linear_smoothed_cross_entropy(
     w_y = 1.0 if class_weight is None else class_weight[_safe_classes(labels, counted, num_classes)]
     row_weight = jnp.where(counted, w_y, 0.0).astype(compute_dtype)
     stats = None
-    if return_stats:
+    if options.with_stats:
         *rows, stats = rows
         rows = tuple(rows) if z is not None else rows[0]
         stats = _public_stats(stats, labels.shape)
-    loss = _reduced(rows, labels.shape, row_weight, reduction, normalizer, return_z_loss)
+    loss = _reduced(
+        rows, labels.shape, row_weight, layout.reduction, normalizer, layout.return_z_loss
+    )
     if stats is None:
         return loss
-    return (*loss, stats) if return_z_loss else (loss, stats)
+    return (*loss, stats) if layout.return_z_loss else (loss, stats)
 
 
 def _public_stats(stats, row_shape):
@@ -797,5 +822,7 @@ def _fused_rows_bwd(options, residuals: _Residuals, grads):
 
 _fused_rows.defvjp(_fused_rows_fwd, _fused_rows_bwd)
 
-# One compiled program per (options, shapes) for eager calls; inlined inside a user's jit.
-_fused_rows_jit = jax.jit(_fused_rows, static_argnums=(0,))
+# What runs after the checks, as one program per (options, shapes): an eager call (and eager grad
+# or vmap) lowers and runs it once, instead of the core and each primitive around it on its
+# own. Inside a user's jit it is inlined.
+_after_checks_jit = jax.jit(_after_checks, static_argnums=(0, 1))

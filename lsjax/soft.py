@@ -5,6 +5,8 @@ Twin: ``lstorch.soft_target_cross_entropy``.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -87,15 +89,39 @@ def soft_target_cross_entropy(
         has_labels=False,
     )
     counted = jnp.ones(rows, bool) if where is None else jnp.asarray(where, bool)
-
     compute_dtype = _common.compute_dtype(logits.dtype)
-    keep = counted[..., None]
-    x = jnp.where(keep, jnp.moveaxis(logits, axis, -1), 0).astype(compute_dtype)
-    t = jnp.where(keep, jnp.moveaxis(targets, axis, -1), 0).astype(compute_dtype)
-    w = 1.0 if weight is None else jax.lax.stop_gradient(jnp.asarray(weight, compute_dtype))
     eps = _common.smoothing_array(smoothing, compute_dtype)
+    if weight is not None:
+        weight = jnp.asarray(weight, compute_dtype)
+    # z-loss is compiled in only when it can matter: a concrete 0 leaves the program unchanged.
+    with_z = return_z_loss or not (lsspec.is_number(z_value) and z_value == 0)
+    z = _common.z_loss_array(z_loss, compute_dtype) if with_z else None
+    layout = _Layout(axis, reduction, from_log_probs, return_z_loss)
+    return _after_checks_jit(layout, logits, targets, counted, eps, weight, z)
 
-    lse = jnp.zeros(x.shape[:-1], compute_dtype) if from_log_probs else jax.nn.logsumexp(x, axis=-1)
+
+class _Layout(NamedTuple):
+    """The static options of :func:`_after_checks`."""
+
+    axis: int
+    reduction: str
+    from_log_probs: bool
+    return_z_loss: bool
+
+
+def _after_checks(layout, logits, targets, counted, eps, weight, z):
+    """Everything after the checks (:data:`_after_checks_jit`): the per-row sums of the closed
+    form, the z-part (``z`` None: none) and the reduction."""
+    num_classes = logits.shape[layout.axis]
+    compute_dtype = eps.dtype
+    keep = counted[..., None]
+    x = jnp.where(keep, jnp.moveaxis(logits, layout.axis, -1), 0).astype(compute_dtype)
+    t = jnp.where(keep, jnp.moveaxis(targets, layout.axis, -1), 0).astype(compute_dtype)
+    w = 1.0 if weight is None else jax.lax.stop_gradient(weight)
+    if layout.from_log_probs:
+        lse = jnp.zeros(x.shape[:-1], compute_dtype)
+    else:
+        lse = jax.nn.logsumexp(x, axis=-1)
     given = lse * jnp.sum(w * t, axis=-1) - jnp.sum(w * t * x, axis=-1)
     total_w = num_classes if weight is None else jnp.sum(w)
     uniform = (lse * total_w - jnp.sum(w * x, axis=-1)) / num_classes
@@ -103,15 +129,21 @@ def soft_target_cross_entropy(
     # derivative with respect to eps is `uniform - given` there too.
     loss = times(1.0 - eps, given) + times(eps, uniform)
     valid = counted & (eps >= 0) & (eps <= 1)
-    z_part = _common.z_loss_array(z_loss, compute_dtype) * jnp.square(lse)
-    if return_z_loss or not (lsspec.is_number(z_value) and z_value == 0):
+    z_part = None if z is None else z * jnp.square(lse)
+    if z_part is not None:
         loss = loss + z_part
     loss = jnp.where(valid, loss, jnp.where(counted, jnp.nan, 0.0))
     row_weight = counted.astype(compute_dtype)
-    if return_z_loss:
+    if layout.return_z_loss:
         z_part = jnp.where(valid, z_part, jnp.where(counted, jnp.nan, 0.0))
         return (
-            _common.reduce(loss, row_weight, reduction, None),
-            _common.reduce(z_part, row_weight, reduction, None),
+            _common.reduce(loss, row_weight, layout.reduction, None),
+            _common.reduce(z_part, row_weight, layout.reduction, None),
         )
-    return _common.reduce(loss, row_weight, reduction, None)
+    return _common.reduce(loss, row_weight, layout.reduction, None)
+
+
+# What runs after the checks, as one program per (layout, shapes): an eager call (and eager grad
+# or vmap) lowers and runs it once, instead of the dozens of primitives it holds each dispatched
+# (and, for a new shape, lowered) on its own. Inside a user's jit it is inlined.
+_after_checks_jit = jax.jit(_after_checks, static_argnums=(0,))

@@ -38,7 +38,7 @@ def cross_entropy_with_logits(
     z_value = _common.concrete_scalar(fn, "z_loss", z_loss)
     lsspec.check_z_loss(fn, z_value, from_log_probs=False, return_z_loss=True)
     compute_dtype = jnp.promote_types(logits.dtype, jnp.float32)
-    return _cross_entropy_with_logits(logits, targets, jnp.asarray(z_loss, compute_dtype))
+    return _cross_entropy_with_logits_jit(logits, targets, jnp.asarray(z_loss, compute_dtype))
 
 
 _CROSS_ENTROPY_WITH_LOGITS = lsspec.caller("cross_entropy_with_logits")
@@ -75,6 +75,9 @@ def _cross_entropy_with_logits_bwd(residuals, cotangents):
 
 
 _cross_entropy_with_logits.defvjp(_cross_entropy_with_logits_fwd, _cross_entropy_with_logits_bwd)
+# One program per shape for an eager call (its forward and T5X's backward each run as one
+# executable, not primitive by primitive); inlined inside a user's jit.
+_cross_entropy_with_logits_jit = jax.jit(_cross_entropy_with_logits)
 
 
 def compute_weighted_cross_entropy(
