@@ -287,13 +287,7 @@ def _check_extra_options(
     )
     if class_weight is not None and tuple(class_weight.shape) != (num_classes,):
         raise lsspec.shape_error(fn, "class_weight", class_weight.shape, f"shape ({num_classes},)")
-    lsspec.check_row_options_shapes(
-        fn,
-        num_classes,
-        rows,
-        where=None if where is None else where.shape,
-        class_mask=None if class_mask is None else class_mask.shape,
-    )
+    lsspec.check_row_options_shapes(fn, num_classes, rows, where=where, class_mask=class_mask)
     _common.check_bool(fn, "where", where)
     _common.check_bool(fn, "class_mask", class_mask)
     z_value, transform = _common.check_loss_options(

@@ -145,9 +145,9 @@ def _check_arrays(fn, logits, labels, axis, weight, where, class_mask=None):
     axis = lsspec.check_axis(fn, axis, logits.ndim)
     rows = lsspec.row_shape(logits.shape, axis)
     lsspec.check_labels_shape(fn, labels.shape, rows)
-    shapes = {name: None if v is None else jnp.shape(v) for name, v in
-              (("weight", weight), ("where", where), ("class_mask", class_mask))}  # fmt: skip
-    lsspec.check_row_options_shapes(fn, logits.shape[axis], rows, **shapes)
+    lsspec.check_row_options_shapes(
+        fn, logits.shape[axis], rows, weight=weight, where=where, class_mask=class_mask
+    )
     _common.check_bool(fn, "where", where)
     _common.check_bool(fn, "class_mask", class_mask)
     return logits, labels, axis

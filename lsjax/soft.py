@@ -81,12 +81,7 @@ def soft_target_cross_entropy(
     num_classes = logits.shape[axis]
     rows = lsspec.row_shape(logits.shape, axis)
     lsspec.check_row_options_shapes(
-        fn,
-        num_classes,
-        rows,
-        weight=None if weight is None else jnp.shape(weight),
-        where=None if where is None else jnp.shape(where),
-        has_labels=False,
+        fn, num_classes, rows, weight=weight, where=where, has_labels=False
     )
     counted = jnp.ones(rows, bool) if where is None else jnp.asarray(where, bool)
     compute_dtype = _common.compute_dtype(logits.dtype)

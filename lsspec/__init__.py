@@ -343,24 +343,26 @@ def check_row_options_shapes(
     num_classes: int,
     rows: tuple,
     *,
-    weight: tuple | None = None,
-    where: tuple | None = None,
-    class_mask: tuple | None = None,
+    weight: object = None,
+    where: object = None,
+    class_mask: object = None,
     has_labels: bool = True,
 ) -> None:
     """The shapes of the per-class options (``weight``, ``class_mask``: ``(K,)``) and of the row
-    mask ``where`` (``rows``, the logits' shape without the class axis); None where an option is
-    not given. ``has_labels``: the loss takes integer labels, whose shape ``rows`` is."""
+    mask ``where`` (``rows``, the logits' shape without the class axis): each an array of either
+    framework (its ``.shape`` is read) or None where the option is not given. ``has_labels``:
+    the loss takes integer labels, whose shape ``rows`` is."""
+
     _, arg = names(fn)
-    for name, shape in (("weight", weight), ("class_mask", class_mask)):
-        if shape is not None and tuple(shape) != (num_classes,):
-            raise shape_error(fn, name, shape, f"shape ({num_classes},)")
-    if where is not None and tuple(where) != tuple(rows):
+    for name, value in (("weight", weight), ("class_mask", class_mask)):
+        if value is not None and tuple(value.shape) != (num_classes,):
+            raise shape_error(fn, name, tuple(value.shape), f"shape ({num_classes},)")
+    if where is not None and tuple(where.shape) != tuple(rows):
         if has_labels:
             allowed = f"the {possessive(arg('labels'))} shape {tuple(rows)}"
         else:
             allowed = f"the {possessive(arg('logits'))} shape without the class axis, {tuple(rows)}"
-        raise shape_error(fn, "where", where, allowed)
+        raise shape_error(fn, "where", tuple(where.shape), allowed)
 
 
 def check_labels_shape(fn: str | Caller, labels: tuple, rows: tuple) -> None:

@@ -433,7 +433,7 @@ def dtensor_smoothed_cross_entropy(logits, labels, *, axis=None, weight=None, _c
             weight = weight[rank * local_classes : (rank + 1) * local_classes]
     elif weight is not None:
         weight = _common.tensor_option(fn, "weight", weight, logits.device)
-        lsspec.check_row_options_shapes(fn, logits.shape[axis], (), weight=tuple(weight.shape))
+        lsspec.check_row_options_shapes(fn, logits.shape[axis], (), weight=weight)
         weight = weight[rank * local_classes : (rank + 1) * local_classes]
     local = logits.to_local().movedim(axis, -1)
     output = vocab_parallel_smoothed_cross_entropy(
@@ -508,9 +508,7 @@ def _prologue(fn, local_classes, labels, options: lsspec.LabelOptions, weight, g
     dtype or None, the z-loss weight as a 0-d compute-dtype tensor)``."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     num_classes = world * local_classes
-    if where is not None:
-        shape = tuple(where.shape)
-        lsspec.check_row_options_shapes(fn, num_classes, tuple(labels.shape), where=shape)
+    lsspec.check_row_options_shapes(fn, num_classes, tuple(labels.shape), where=where)
     z_value, transform = _common.check_loss_options(
         fn, num_classes, options, check_labels, normalizer=normalizer, kl=kl,
         has_weight=weight is not None, z_loss=z_loss, return_z_loss=return_z_loss,
@@ -533,9 +531,7 @@ def _prologue(fn, local_classes, labels, options: lsspec.LabelOptions, weight, g
     local_mask = size = None
     if class_mask is not None:  # the full mask on every rank: every rank checks and raises alike
         _common.check_bool(fn, "class_mask", class_mask)
-        lsspec.check_row_options_shapes(
-            fn, num_classes, tuple(labels.shape), class_mask=tuple(class_mask.shape)
-        )
+        lsspec.check_row_options_shapes(fn, num_classes, tuple(labels.shape), class_mask=class_mask)
         class_mask = class_mask.detach()
         _common.check_class_mask_support(
             fn, class_mask, options.convention, options.pad_index, check_labels

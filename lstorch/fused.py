@@ -233,13 +233,7 @@ def _check_row_options(fn, num_classes, rows, class_weight, where, class_mask) -
     if class_weight is not None and tuple(class_weight.shape) != (num_classes,):
         shape = tuple(class_weight.shape)
         raise lsspec.shape_error(fn, "class_weight", shape, f"shape ({num_classes},)")
-    lsspec.check_row_options_shapes(
-        fn,
-        num_classes,
-        rows,
-        where=None if where is None else tuple(where.shape),
-        class_mask=None if class_mask is None else tuple(class_mask.shape),
-    )
+    lsspec.check_row_options_shapes(fn, num_classes, rows, where=where, class_mask=class_mask)
     _common.check_bool(fn, "where", where)
     _common.check_bool(fn, "class_mask", class_mask)
 

@@ -78,12 +78,7 @@ def soft_target_cross_entropy(
     num_classes = logits.shape[axis]
     rows = lsspec.row_shape(logits.shape, axis)
     lsspec.check_row_options_shapes(
-        fn,
-        num_classes,
-        rows,
-        weight=None if weight is None else tuple(weight.shape),
-        where=None if where is None else tuple(where.shape),
-        has_labels=False,
+        fn, num_classes, rows, weight=weight, where=where, has_labels=False
     )
     counted = (
         torch.ones(rows, dtype=torch.bool, device=logits.device)
