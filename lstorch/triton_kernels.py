@@ -299,10 +299,13 @@ def _dense(values: torch.Tensor) -> torch.Tensor:
     return values.reshape(-1).contiguous()
 
 
-def _common(x, labels, counted, params, weight, class_mask, convention, pad_index, with_z,
-            logit_scale=1.0, softcap=None):  # fmt: skip
-    """The arguments both kernels share, after the logits and their row stride."""
-    flat = dict(
+def _launch(kernel, x, labels, counted, params, weight, class_mask, convention, pad_index,
+            with_z, logit_scale, softcap, config):  # fmt: skip
+    """``(x2, keywords)``: the logits as (rows, K), and the keywords both kernels take (the
+    options' pointers and constants, and ``kernel``'s block and warps: ``config`` or
+    :func:`_config`'s)."""
+    block, num_warps = config or _config(x.shape[-1], kernel)
+    return _rows(x), dict(
         logit_scale=float(logit_scale),
         cap=1.0 if softcap is None else float(softcap),
         label_ptr=_dense(labels),
@@ -310,8 +313,6 @@ def _common(x, labels, counted, params, weight, class_mask, convention, pad_inde
         params_ptr=_dense(params),
         weight_ptr=_dense(weight) if weight is not None else params,
         mask_ptr=_dense(class_mask) if class_mask is not None else params,
-    )
-    constants = dict(
         num_classes=x.shape[-1],
         CONVENTION=CONVENTIONS[convention],
         PAD=0 if pad_index is None else pad_index,
@@ -320,8 +321,9 @@ def _common(x, labels, counted, params, weight, class_mask, convention, pad_inde
         WITH_Z=with_z,
         HAS_SCALE=logit_scale != 1.0,
         HAS_CAP=softcap is not None,
+        BLOCK=block,
+        num_warps=num_warps,
     )
-    return flat, constants
 
 
 def forward(x, labels, counted, params, weight, class_mask, *, convention, pad_index, with_z,
@@ -332,22 +334,16 @@ def forward(x, labels, counted, params, weight, class_mask, *, convention, pad_i
     logit_scale * x / softcap)`` as they are read; ``labels`` int64 and ``counted`` bool of the
     rows' shape; ``params`` as above; ``weight`` float32 (K,) or None; ``class_mask`` bool (K,)
     or None. Any strides: the kernels read dense copies where they are not dense already."""
-    x2 = _rows(x)
-    rows = x2.shape[0]
     loss, z_part, peak, log_sum, entropy, correct = (
         torch.zeros(labels.shape, dtype=torch.float32, device=x.device) for _ in range(6)
     )
-    flat, constants = _common(
-        x, labels, counted, params, weight, class_mask, convention, pad_index, with_z,
-        logit_scale, softcap,
-    )  # fmt: skip
-    block, num_warps = config or _config(x.shape[-1], "forward")
-    if rows:
-        _forward_kernel[(rows,)](
-            x2, x2.stride(0), **flat, loss_ptr=loss, z_part_ptr=z_part, peak_ptr=peak,
-            log_sum_ptr=log_sum, entropy_ptr=entropy, correct_ptr=correct, **constants,
-            WITH_STATS=with_stats, SUM_SCALE=lsspec.sum_scale(x.shape[-1]), BLOCK=block,
-            num_warps=num_warps,
+    x2, shared = _launch("forward", x, labels, counted, params, weight, class_mask, convention,
+                         pad_index, with_z, logit_scale, softcap, config)  # fmt: skip
+    if x2.shape[0]:
+        _forward_kernel[(x2.shape[0],)](
+            x2, x2.stride(0), loss_ptr=loss, z_part_ptr=z_part, peak_ptr=peak,
+            log_sum_ptr=log_sum, entropy_ptr=entropy, correct_ptr=correct,
+            WITH_STATS=with_stats, SUM_SCALE=lsspec.sum_scale(x.shape[-1]), **shared,
         )  # fmt: skip
     return loss, z_part, peak, log_sum, entropy, correct
 
@@ -361,20 +357,14 @@ def backward(x, out, labels, counted, params, weight, class_mask, peak, log_sum,
     is made dense)."""
     if not out.is_contiguous():
         raise ValueError("lstorch.triton_kernels.backward: `out` must be contiguous")
-    x2 = _rows(x)
     out2 = out.view(-1, x.shape[-1])
-    rows = x2.shape[0]
-    flat, constants = _common(
-        x, labels, counted, params, weight, class_mask, convention, pad_index, with_z,
-        logit_scale, softcap,
-    )  # fmt: skip
-    block, num_warps = config or _config(x.shape[-1], "backward")
-    if rows:
-        _backward_kernel[(rows,)](
-            x2, x2.stride(0), out2, out2.stride(0), **flat, peak_ptr=_dense(peak),
+    x2, shared = _launch("backward", x, labels, counted, params, weight, class_mask, convention,
+                         pad_index, with_z, logit_scale, softcap, config)  # fmt: skip
+    if x2.shape[0]:
+        _backward_kernel[(x2.shape[0],)](
+            x2, x2.stride(0), out2, out2.stride(0), peak_ptr=_dense(peak),
             log_sum_ptr=_dense(log_sum), grad_ptr=_dense(grad),
-            grad_z_ptr=_dense(grad_z) if with_z else peak,
-            **constants, BLOCK=block, num_warps=num_warps,
+            grad_z_ptr=_dense(grad_z) if with_z else peak, **shared,
         )  # fmt: skip
     return out
 
