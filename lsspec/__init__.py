@@ -352,7 +352,6 @@ def check_row_options_shapes(
     mask ``where`` (``rows``, the logits' shape without the class axis): each an array of either
     framework (its ``.shape`` is read) or None where the option is not given. ``has_labels``:
     the loss takes integer labels, whose shape ``rows`` is."""
-
     _, arg = names(fn)
     for name, value in (("weight", weight), ("class_mask", class_mask)):
         if value is not None and tuple(value.shape) != (num_classes,):
