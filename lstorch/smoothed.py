@@ -6,7 +6,6 @@ Twin of ``lsjax.smoothed_cross_entropy`` (same name, same keywords, same meaning
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable
 from typing import NamedTuple
@@ -32,21 +31,23 @@ class _Options(NamedTuple):
     with_stats: bool = False  # also the rows' entropy and whether the argmax is the label
 
 
-@functools.cache
-def _triton_kernels():
-    """``lstorch.triton_kernels``, or None where Triton is not installed."""
-    try:
-        from lstorch import triton_kernels
-    except ImportError:
-        return None
-    return triton_kernels
+# lstorch.triton_kernels, or None where Triton is not installed: imported by the first call
+# that asks (importing it registers the operators ``torch.ops.lstorch.smoothed_rows*``).
+# A module-level list rather than ``functools.cache`` or ``torch.compiler.
+# assume_constant_result``: ``torch.compile`` reads a filled list as a constant, and the module
+# imports without ``torch._dynamo`` (about a second at every ``import lstorch``).
+_KERNELS: list = []
 
 
-@torch.compiler.assume_constant_result
 def _triton_available() -> bool:
-    """Whether the kernels (and their operators, ``torch.ops.lstorch.smoothed_rows*``, which
-    importing them registers) are there; a constant to ``torch.compile``."""
-    return _triton_kernels() is not None
+    """Whether the kernels (and their operators) are there, importing them the first time."""
+    if not _KERNELS:
+        try:
+            from lstorch import triton_kernels
+        except ImportError:
+            triton_kernels = None
+        _KERNELS.append(triton_kernels)
+    return _KERNELS[0] is not None
 
 
 def _use_triton(x: torch.Tensor, from_log_probs: bool) -> bool:
