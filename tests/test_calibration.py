@@ -12,7 +12,6 @@ import pytest
 import torch
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, logsumexp, softmax
-from sklearn.metrics import log_loss
 
 from lsjax import calibration
 from lstorch import calibration as torch_calibration
@@ -137,6 +136,10 @@ def test_random_cases_match_loop_oracle(num_bins, seed):
 
 
 def test_negative_log_likelihood_matches_sklearn_log_loss():
+    # Imported here: scikit-learn takes a second to import, which every pytest worker would
+    # pay when it collects this file.
+    from sklearn.metrics import log_loss
+
     rng = np.random.default_rng(2)
     logits = rng.normal(size=(30, 5)) * 4
     labels = rng.integers(0, 5, size=30)

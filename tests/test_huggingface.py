@@ -14,8 +14,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it: ne
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # the Trainer needs it
-
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
+# transformers' classes are read from the module where they are used (transformers.Trainer,
+# ...): importing the Trainer and GPT-2 costs seconds, which each pytest worker would pay when
+# it collects this file, whichever worker runs these tests.
 
 from lstorch.integrations.huggingface import (  # noqa: E402
     compute_loss_func,
@@ -27,7 +28,7 @@ VOCAB, TIME = 64, 12
 
 def tiny_gpt2(seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
-    config = GPT2Config(
+    config = transformers.GPT2Config(
         vocab_size=VOCAB,
         n_positions=16,
         n_embd=32,
@@ -39,7 +40,7 @@ def tiny_gpt2(seed=0, dtype=torch.float32):
         bos_token_id=0,
         eos_token_id=0,
     )
-    return GPT2LMHeadModel(config).to(dtype)
+    return transformers.GPT2LMHeadModel(config).to(dtype)
 
 
 def token_rows(rows=8, seed=0):
@@ -54,9 +55,9 @@ def token_rows(rows=8, seed=0):
 
 
 def trainer_for(
-    tmp_path, model, *, batch, accumulation=1, steps, smoothing=0.0, trainer=Trainer, **kwargs
+    tmp_path, model, *, batch, accumulation=1, steps, smoothing=0.0, trainer=None, **kwargs
 ):
-    args = TrainingArguments(
+    args = transformers.TrainingArguments(
         output_dir=str(tmp_path),
         report_to=[],
         use_cpu=True,
@@ -76,6 +77,7 @@ def trainer_for(
         disable_tqdm=True,
         seed=0,
     )
+    trainer = trainer or transformers.Trainer
     return trainer(model=model, args=args, train_dataset=token_rows(), **kwargs)
 
 
@@ -203,21 +205,25 @@ def test_fused_equals_the_dense_loss(options, num_items_in_batch):
     assert_same_parameters(fused_grads, dense_grads, rtol=1e-10, atol=1e-13)
 
 
-class FusedLossTrainer(Trainer):
+def fused_loss_trainer() -> type:
     """docs/language_models.md's Trainer: the fused loss in training, the dense one (the
-    compute_loss_func it is also given) where the logits are wanted (evaluation)."""
+    compute_loss_func it is also given) where the logits are wanted (evaluation). Made when a
+    test asks for it, so that collecting this file does not import the Trainer."""
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if return_outputs:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        return fused_causal_lm_loss(
-            model,
-            inputs["input_ids"],
-            inputs["labels"],
-            attention_mask=inputs.get("attention_mask"),
-            num_items_in_batch=num_items_in_batch,
-            smoothing=0.1,
-        )
+    class FusedLossTrainer(transformers.Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if return_outputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return fused_causal_lm_loss(
+                model,
+                inputs["input_ids"],
+                inputs["labels"],
+                attention_mask=inputs.get("attention_mask"),
+                num_items_in_batch=num_items_in_batch,
+                smoothing=0.1,
+            )
+
+    return FusedLossTrainer
 
 
 def test_the_fused_trainer_accumulates_as_the_dense_one(tmp_path):
@@ -236,7 +242,7 @@ def test_the_fused_trainer_accumulates_as_the_dense_one(tmp_path):
         batch=2,
         accumulation=2,
         steps=2,
-        trainer=FusedLossTrainer,
+        trainer=fused_loss_trainer(),
         compute_loss_func=compute_loss_func(smoothing=0.1),
     ).train()
     assert_same_parameters(parameters(fused), parameters(dense), rtol=1e-5, atol=1e-6)
