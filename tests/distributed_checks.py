@@ -135,12 +135,16 @@ def _jacobian_vector_products(full, local, labels, options, vector, mine):
 
 
 def main() -> None:
+    import lstorch.distributed  # noqa: F401  (imported once, before the ranks fork)
+
     world = int(sys.argv[1])
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(worker, args=(world, port, out_dir), nprocs=world, join=True)
+        # fork: the ranks inherit the imported torch and lstorch (spawn would import them in
+        # each rank again)
+        mp.start_processes(worker, args=(world, port, out_dir), nprocs=world, start_method="fork")
         ranks = [
             json.loads(pathlib.Path(out_dir, f"rank{rank}.json").read_text())
             for rank in range(world)
