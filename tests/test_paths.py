@@ -4,8 +4,8 @@ oracle, with every kind of upstream gradient (``parity_tests.paths``; the report
 CI's CPU runs the ``ci`` sample (``parity_tests.paths.ci_sample``): for each twin and path, a
 few cases of the twin rows' pairwise cover holding every reduction of the twin's grid, every
 special class and every dtype, each with all five upstream gradients (a random cotangent,
-``sum``, ``mean``, a GradScaler-scaled loss, a 0-d ``grad_outputs``); one case on
-``torch.compile``. ``--nightly`` runs every case of the grid on every path. lstorch's Triton
+``sum``, ``mean``, a GradScaler-scaled loss, a 0-d ``grad_outputs``); one case in one dtype
+on ``torch.compile``. ``--nightly`` runs every case of the grid on every path. lstorch's Triton
 paths run in Triton's interpreter (``TRITON_INTERPRET=1``, set in ``conftest.py`` before Triton
 is imported). The sharded path runs on the two CPU devices ``conftest.py`` gives JAX.
 """
