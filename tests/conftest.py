@@ -161,7 +161,7 @@ LONG_FIRST = (
     "tests/test_examples.py",
     "tests/test_sharded.py",
     "tests/test_isolation.py",
-    "tests/test_paths.py::test_gpu_benchmark",
+    "tests/test_bench_gpu.py::test_gpu_benchmark",
 )
 
 
