@@ -22,6 +22,7 @@ from lstorch.integrations.huggingface import (  # noqa: E402
     compute_loss_func,
     fused_causal_lm_loss,
 )
+from tests.check_scripts import ROOT  # noqa: E402
 
 VOCAB, TIME = 64, 12
 
@@ -205,28 +206,13 @@ def test_fused_equals_the_dense_loss(options, num_items_in_batch):
     assert_same_parameters(fused_grads, dense_grads, rtol=1e-10, atol=1e-13)
 
 
-def fused_loss_trainer() -> type:
-    """docs/language_models.md's Trainer: the fused loss in training, the dense one (the
-    compute_loss_func it is also given) where the logits are wanted (evaluation). Made when a
-    test asks for it, so that collecting this file does not import the Trainer."""
+def test_the_fused_trainer_accumulates_as_the_dense_one(tmp_path, monkeypatch):
+    """examples/hf_trainer.py's Trainer (docs/language_models.md's): the fused loss in
+    training; with micro-batches of 2 accumulated twice, the update of the dense Trainer's
+    batches of 4."""
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    import hf_trainer
 
-    class FusedLossTrainer(transformers.Trainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if return_outputs:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            return fused_causal_lm_loss(
-                model,
-                inputs["input_ids"],
-                inputs["labels"],
-                attention_mask=inputs.get("attention_mask"),
-                num_items_in_batch=num_items_in_batch,
-                smoothing=0.1,
-            )
-
-    return FusedLossTrainer
-
-
-def test_the_fused_trainer_accumulates_as_the_dense_one(tmp_path):
     dense = tiny_gpt2()
     trainer_for(
         tmp_path / "dense",
@@ -242,7 +228,8 @@ def test_the_fused_trainer_accumulates_as_the_dense_one(tmp_path):
         batch=2,
         accumulation=2,
         steps=2,
-        trainer=fused_loss_trainer(),
+        trainer=hf_trainer.FusedLossTrainer,
+        loss_options={"smoothing": 0.1},
         compute_loss_func=compute_loss_func(smoothing=0.1),
     ).train()
     assert_same_parameters(parameters(fused), parameters(dense), rtol=1e-5, atol=1e-6)
