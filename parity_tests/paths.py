@@ -942,7 +942,8 @@ def format_paths(results: Sequence[PathResult], unreachable=()) -> str:
     for r in results:
         verdict = "pass" if r.passed else f"FAIL ({len(r.failures)})"
         if r.checks == 0 and not r.failures:
-            verdict = f"not run ({r.skipped} cases not applicable)"
+            why = f"{r.skipped} cases not applicable" if r.skipped else "none sampled in this dtype"
+            verdict = f"not run ({why})"
         lines.append(
             f"{r.twin:<{width}} {r.path:<{path_width}} {r.dtype:<9} {r.checks:>6} "
             f"{r.plain_loss:>11.3g} {r.plain_grad:>11.3g} {r.oracle_loss:>12.3g} "
