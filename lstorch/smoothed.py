@@ -6,6 +6,7 @@ Twin of ``lsjax.smoothed_cross_entropy`` (same name, same keywords, same meaning
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable
 from typing import NamedTuple
@@ -31,23 +32,24 @@ class _Options(NamedTuple):
     with_stats: bool = False  # also the rows' entropy and whether the argmax is the label
 
 
-# lstorch.triton_kernels, or None where Triton is not installed: imported by the first call
-# that asks (importing it registers the operators ``torch.ops.lstorch.smoothed_rows*``).
-# A module-level list rather than ``functools.cache`` or ``torch.compiler.
-# assume_constant_result``: ``torch.compile`` reads a filled list as a constant, and the module
-# imports without ``torch._dynamo`` (about a second at every ``import lstorch``).
-_KERNELS: list = []
+# Whether Triton is installed, found without importing it (a millisecond; importing it and
+# torch._dynamo, as ``torch.compiler.assume_constant_result`` did here, doubled the time of
+# ``import lstorch``). A constant, so ``torch.compile`` reads it without a guard that could fail.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def _triton_available() -> bool:
-    """Whether the kernels (and their operators) are there, importing them the first time."""
-    if not _KERNELS:
-        try:
-            from lstorch import triton_kernels
-        except ImportError:
-            triton_kernels = None
-        _KERNELS.append(triton_kernels)
-    return _KERNELS[0] is not None
+    """Whether the kernels are there. The first call that asks imports
+    ``lstorch.triton_kernels``, which registers the operators ``torch.ops.lstorch.smoothed_rows*``
+    (inside ``torch.compile`` too, where the import runs as the call is traced); a Triton that
+    is installed but cannot be imported leaves eager calls on torch's own ops."""
+    if not _TRITON_INSTALLED:
+        return False
+    try:
+        from lstorch import triton_kernels  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _use_triton(x: torch.Tensor, from_log_probs: bool) -> bool:
