@@ -130,6 +130,15 @@ def concrete_smoothing(fn: Any, value: Any, name: str = "smoothing", check_label
     return concrete
 
 
+def check_smoothing_below_one(fn: Any, name: str, value: Any, check_labels=None) -> None:
+    """The smoothing of a loss whose library asserts it is below 1 (timm, Megatron):
+    ``check_labels`` checked, then a value ``concrete_scalar`` reads held to [0, 1) (a value
+    it does not read is held to [0, 1] by the loss, NaN outside)."""
+    lsspec.check_check_labels(fn, check_labels)
+    value = concrete_scalar(fn, name, value, check_labels=check_labels)
+    lsspec.check_positive_below_one(fn, name, value)
+
+
 def check_label_options(
     fn, num_classes: int | None, options: lsspec.LabelOptions, check_labels=None, **more
 ) -> None:

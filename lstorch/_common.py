@@ -153,6 +153,15 @@ def concrete_smoothing(
     return concrete
 
 
+def check_smoothing_below_one(fn: object, name: str, value: object, check_labels=None) -> None:
+    """The smoothing of a loss whose library asserts it is below 1 (timm, Megatron):
+    ``check_labels`` checked, then a value ``concrete_scalar`` reads held to [0, 1) (a value
+    it does not read is held to [0, 1] by the loss, NaN outside)."""
+    lsspec.check_check_labels(fn, check_labels)
+    value = concrete_scalar(fn, name, value, check_labels=check_labels)
+    lsspec.check_positive_below_one(fn, name, value)
+
+
 def _in_dtype(value: float, dtype: torch.dtype) -> float | None:
     """The Python float ``value`` rounded to ``dtype`` (float32 or float64) on the host, as
     ``torch.full((), value, dtype=dtype)`` rounds it; None where that is not a finite float32

@@ -41,10 +41,7 @@ def cross_entropy(
     ``check_labels`` as ``lsjax.smoothed_cross_entropy`` (``False``: no concrete check, NaN).
     """
     fn = "cross_entropy"
-    value = _common.concrete_scalar(
-        fn, "label_smoothing", label_smoothing, check_labels=check_labels
-    )
-    lsspec.check_positive_below_one(fn, "label_smoothing", value)
+    _common.check_smoothing_below_one(fn, "label_smoothing", label_smoothing, check_labels)
     return smoothed_cross_entropy(
         logits,
         target,

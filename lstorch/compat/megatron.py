@@ -61,10 +61,7 @@ def vocab_parallel_cross_entropy(
                 f"{fn}: give the tensor-parallel group once, as `group` or as `tp_group`; got both."
             )
         group = tp_group
-    value = _common.concrete_scalar(
-        fn, "label_smoothing", label_smoothing, check_labels=check_labels
-    )
-    lsspec.check_positive_below_one(fn, "label_smoothing", value)
+    _common.check_smoothing_below_one(fn, "label_smoothing", label_smoothing, check_labels)
     caller = lsspec.caller(
         fn, logits="vocab_parallel_logits", local_logits="vocab_parallel_logits",
         labels="target", smoothing="label_smoothing",

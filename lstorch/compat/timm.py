@@ -30,9 +30,7 @@ def label_smoothing_cross_entropy(
     gives a NaN row), ``True`` on any device, ``False`` never.
     """
     fn = "label_smoothing_cross_entropy"
-    lsspec.check_check_labels(fn, check_labels)
-    value = _common.concrete_scalar(fn, "smoothing", smoothing, check_labels=check_labels)
-    lsspec.check_positive_below_one(fn, "smoothing", value)
+    _common.check_smoothing_below_one(fn, "smoothing", smoothing, check_labels)
     return smoothed_cross_entropy(
         x,
         target,
