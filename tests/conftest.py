@@ -25,6 +25,14 @@ def _set_up_the_frameworks() -> None:
     """Import and configure PyTorch, Triton and JAX for the tests, before collection. The xdist
     controller (``-n 2``), which only hands tests to its workers, skips this: its start is
     the first seconds of every run."""
+    # AOTAutograd's cache (the forward and backward graphs it partitioned, read back by the next
+    # run) skips every graph that holds a custom autograd.Function unless told otherwise, and
+    # lstorch's losses are autograd.Functions: every torch.compile case partitioned its graph
+    # again in every run. Dynamo traces the Function's forward and backward into the graph the
+    # cache keys on, so a change to either is a new key (checked by hand: a backward scaled by
+    # 1.001 fails the compile rows with the cache warm, as without it). Read when torch's
+    # functorch config is imported, so set before torch.
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE_ALLOW_CUSTOM_AUTOGRAD", "1")
     import torch
 
     # torch.compile (the compile path of tests/test_paths.py) compiles in this process instead
