@@ -8,7 +8,9 @@ back with a random non-scalar cotangent (``reduction="none"``) against
 ``parity_tests.oracles.smoothed_cross_entropy`` on the same rounded inputs, with the suite's
 tolerances; NaN and inf in ignored rows must not reach the loss or the gradient; and
 ``inplace_backward=True`` must give bitwise the gradient of the out-of-place path, written into
-the logits. Prints one line per failure and a summary; exits 1 on any failure.
+the logits. First of all, the process's first lstorch call is a compiled one: one graph for
+three steps, calling the kernels' operators. Prints one line per failure and a summary; exits 1
+on any failure.
 """
 
 from __future__ import annotations
@@ -115,6 +117,39 @@ def check_case(shape, axis, convention, variant, dtype, seed) -> list[str]:
     return failures
 
 
+def check_a_compiled_first_call() -> list[str]:
+    """The process's first lstorch call is a compiled training step with the kernels forced on,
+    as a user's first step under ``torch.compile``: Dynamo compiles one graph for three steps
+    (nothing lstorch keeps from its first call may fail a guard), and the graph calls the
+    kernels' operators, not torch's ops."""
+    graphs = []
+
+    def backend(graph, example_inputs):  # Dynamo's graph, run as it is
+        graphs.append(graph)
+        return graph.forward
+
+    labels = torch.tensor([0, 3, 9, 2], device=DEVICE)
+
+    @torch.compile(backend=backend, fullgraph=True)
+    def step(x):
+        return lstorch.smoothed_cross_entropy(x, labels, smoothing=0.1, reduction="mean")
+
+    for _ in range(3):
+        step(torch.randn(4, 10, device=DEVICE, requires_grad=True)).backward()
+    called = {
+        str(node.target)
+        for graph in graphs
+        for module in graph.modules()
+        if isinstance(module, torch.fx.GraphModule)
+        for node in module.graph.nodes
+        if node.op == "call_function"
+    }  # fmt: skip
+    failures = [] if len(graphs) == 1 else [f"compiled first: {len(graphs)} graphs in 3 steps"]
+    if not {"lstorch.smoothed_rows", "lstorch.smoothed_rows_backward"} <= called:
+        failures.append("compiled first: the graph does not call the kernels' operators")
+    return failures
+
+
 def check_the_kernels_ran() -> list[str]:
     """The cases above must go through the kernels, not the eager fallback."""
     x = torch.randn(4, 10, device=DEVICE, requires_grad=True)
@@ -127,7 +162,8 @@ def check_the_kernels_ran() -> list[str]:
 
 
 def main() -> int:
-    failures = check_the_kernels_ran()
+    failures = check_a_compiled_first_call()  # first: no lstorch call may come before it
+    failures += check_the_kernels_ran()
     cases = list(itertools.product(SHAPES, CONVENTIONS, VARIANTS, TORCH_DTYPES))
     chosen = range(len(cases))
     if profile() == "ci":  # every pair of (shape, convention, variant, dtype) values, once
