@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -38,16 +39,31 @@ class _Options(NamedTuple):
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
+# Why the kernels could not be imported, once a call has tried: Python does not remember a failed
+# import, so without this every call would import Triton again, and fall back in silence.
+_TRITON_IMPORT_ERROR: list[ImportError] = []
+
+
 def _triton_available() -> bool:
     """Whether the kernels are there. The first call that asks imports
     ``lstorch.triton_kernels``, which registers the operators ``torch.ops.lstorch.smoothed_rows*``
-    (inside ``torch.compile`` too, where the import runs as the call is traced); a Triton that
-    is installed but cannot be imported leaves eager calls on torch's own ops."""
-    if not _TRITON_INSTALLED:
+    (inside ``torch.compile`` too, where the import runs as the call is traced). A Triton that
+    is installed but cannot be imported leaves the calls on torch's own ops (the same values,
+    slower): said once, as a ``RuntimeWarning`` that carries the import's error, and not tried
+    again in this process."""
+    if not _TRITON_INSTALLED or _TRITON_IMPORT_ERROR:
         return False
     try:
         from lstorch import triton_kernels  # noqa: F401
-    except ImportError:
+    except ImportError as error:
+        _TRITON_IMPORT_ERROR.append(error)
+        warnings.warn(
+            "lstorch: Triton is installed, but lstorch's Triton kernels could not be imported "
+            f"({type(error).__name__}: {error}); the losses run on torch's own ops instead "
+            "(the same values, slower). LSTORCH_TRITON=off silences this.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return False
     return True
 

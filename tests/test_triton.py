@@ -6,7 +6,10 @@ with CUDA the same script runs them on the GPU. When the kernels run and when ls
 back to plain torch ops is tested here, by counting the calls into ``lstorch.triton_kernels``.
 """
 
+import importlib.abc
 import importlib.util
+import sys
+import warnings
 
 import pytest
 import torch
@@ -55,6 +58,50 @@ def test_the_kernels_are_used_only_where_they_apply(monkeypatch):
     monkeypatch.setenv("LSTORCH_TRITON", "fast")
     with pytest.raises(ValueError, match=r"LSTORCH_TRITON.*'auto', 'all', 'off'.*'fast'"):
         loss(cpu)
+
+
+class _BrokenKernels(importlib.abc.MetaPathFinder):
+    """Makes ``import lstorch.triton_kernels`` fail, as a Triton that is installed but does not
+    match torch does, and counts the tries."""
+
+    tries = 0
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "lstorch.triton_kernels":
+            self.tries += 1
+            raise ImportError("simulated: this Triton does not match torch")
+        return None
+
+
+def test_a_triton_that_cannot_be_imported_is_said_once_and_not_tried_again(monkeypatch):
+    import lstorch
+    from lstorch import smoothed
+
+    labels = torch.tensor([0, 2, 1])
+    x = torch.randn(3, 4, requires_grad=True)
+
+    def loss_and_gradient():
+        loss = lstorch.smoothed_cross_entropy(x, labels, smoothing=0.1, reduction="mean")
+        return loss.detach(), torch.autograd.grad(loss, x)[0]
+
+    monkeypatch.setenv("LSTORCH_TRITON", "off")
+    want = loss_and_gradient()
+    broken = _BrokenKernels()
+    monkeypatch.setattr(smoothed, "_TRITON_INSTALLED", True)
+    monkeypatch.setattr(smoothed, "_TRITON_IMPORT_ERROR", [])
+    monkeypatch.delitem(sys.modules, "lstorch.triton_kernels", raising=False)
+    monkeypatch.delattr(lstorch, "triton_kernels", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [broken, *sys.meta_path])
+    monkeypatch.setenv("LSTORCH_TRITON", "all")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = [loss_and_gradient() for _ in range(3)]
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert broken.tries == 1, broken.tries
+    assert len(messages) == 1 and "simulated: this Triton does not match torch" in messages[0]
+    assert "torch's own ops" in messages[0] and "LSTORCH_TRITON=off" in messages[0]
+    for loss, grad in got:  # the fallback's values are the plain path's, bit for bit
+        assert torch.equal(loss, want[0]) and torch.equal(grad, want[1])
 
 
 def test_inplace_backward_on_a_leaf_is_an_error():
