@@ -158,6 +158,7 @@ def check_label_options(
         **more,
     )
 
+
 def check_loss_options(
     fn, num_classes, options: lsspec.LabelOptions, check_labels=None, *, normalizer=None,
     kl=False, has_weight=False, from_log_probs=False, z_loss=0.0, return_z_loss=False,
@@ -182,7 +183,6 @@ def check_loss_options(
     )
     lsspec.check_return_stats(fn, return_stats, from_log_probs=from_log_probs)
     return z_value, transform
-
 
 
 def smoothing_array(value: Any, dtype) -> Array:

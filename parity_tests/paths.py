@@ -134,9 +134,7 @@ def _torch_autograd(outputs, x, kind, dense, retain_graph=False):
         if not pairs:
             return torch.zeros_like(x)
         leaves, cot = zip(*pairs, strict=True)
-        return torch.autograd.grad(
-            leaves, x, cot, allow_unused=True, retain_graph=retain_graph
-        )[0]
+        return torch.autograd.grad(leaves, x, cot, allow_unused=True, retain_graph=retain_graph)[0]
     total = _torch_total(outputs, kind)
     if not total.requires_grad:
         return torch.zeros_like(x)
