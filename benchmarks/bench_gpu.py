@@ -80,7 +80,7 @@ LIGER_CE = "Liger LigerCrossEntropyLoss(label_smoothing=0.1)"
 OPTAX = "optax route (one-hot, smooth_labels)"
 PER_CALL = f"lstorch (Triton) at K = {SMALL_CLASSES}: per-call cost"
 PER_CALL_TORCH = f"F.cross_entropy at K = {SMALL_CLASSES}"
-# Targets of the issue (benchmarks/RESULTS.md, run 4).
+# The GPU targets (benchmarks/RESULTS.md, "The targets it reports", under run 4).
 TARGET_PCT_OF_FLOOR = 85.0
 TARGET_PER_CALL_RATIO = 1.5
 
@@ -1327,7 +1327,8 @@ def _why_missing(result, name) -> str:
 
 
 def summarize(results: list[dict]) -> list[str]:
-    """The issue's targets, each met or missed and by how much, or why it is not known."""
+    """The GPU targets (see ``TARGET_PCT_OF_FLOOR``), each met or missed and by how much, or why
+    it is not known."""
     parts = {(result["part"], result.get("dtype")): result for result in results}
     lines = []
 
