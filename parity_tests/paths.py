@@ -653,9 +653,9 @@ def pairwise_cover(cases: Sequence[dict], seed: int | str, **axes: Sequence) -> 
 def twin_cover(twin) -> list[tuple[int, str]]:
     """``(case index, dtype)``: the pairwise cover of the twin's grid with the dtype as one more
     option. The ``ci`` sample of the twin rows (``tests/test_parity.py``) and of the paths:
-    every option value in every dtype, every pair of option values in some dtype; 6 to 35 of a
-    twin's cases, 306 case runs for the registry where every case in every dtype is 3282.
-    Computed once per twin and process (tens of ms for a large grid)."""
+    every option value in every dtype, every pair of option values in some dtype; about a tenth of
+    the registry's case runs (the counts are in ``docs/testing.md``, which a test keeps
+    current). Computed once per twin and process (tens of ms for a large grid)."""
     key = (twin.name, id(twin.cases))
     if key not in _COVERS:
         _COVERS[key] = pairwise_cover(twin.cases, twin.name, dtype=DTYPES)

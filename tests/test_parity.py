@@ -3,7 +3,7 @@ gradient (pulled back with a random upstream cotangent). The same code path as t
 
 The ``ci`` profile runs a pairwise cover of each twin's grid with the dtype as one more option
 (``parity_tests.paths.twin_cover``): every option value in every dtype, and every pair of values
-of two options in some dtype, 306 case runs where every case in every dtype is 3282. The oracle
+of two options in some dtype (how many case runs that is: ``docs/testing.md``). The oracle
 test runs the cover's float64 cases (every option value). ``--nightly`` and
 ``python -m parity_tests`` run every case.
 """

@@ -14,6 +14,7 @@ import torch
 
 import lsjax
 import lstorch
+from parity_tests import paths, registry
 from tests.bad_inputs import CASES, normalise, page_block, raised, table
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -132,3 +133,20 @@ def test_relative_links_resolve(page):
         if anchor and target.suffix == ".md":
             headings = re.findall(r"^#+ (.*)$", target.read_text(), flags=re.M)
             assert anchor in {_slug(h) for h in headings}, f"{page.name}: no #{anchor} in {path}"
+
+
+def test_testing_page_counts_the_registrys_case_runs():
+    """``docs/testing.md`` says how many cases a twin's grid holds and how many case runs each
+    profile gives the twin rows: the ``ci`` pairwise cover's and every case in every dtype. A
+    twin added to the registry changes them, and this page with them."""
+    page = (ROOT / "docs" / "testing.md").read_text()
+    sizes = [len(twin.cases) for twin in registry.TWINS]
+    grids = re.search(r"(\d+) to (\d+) cases a twin", page)
+    assert grids, "docs/testing.md lost the sizes of the twins' grids"
+    assert (int(grids[1]), int(grids[2])) == (min(sizes), max(sizes))
+    cover = sum(len(paths.twin_cover(twin)) for twin in registry.TWINS)
+    every = sum(len(twin.cases) * len(paths.DTYPES) for twin in registry.TWINS)
+    counts = r"one more option: (\d+) case runs \| every case in every dtype: (\d+) case runs"
+    row = re.search(counts, page)
+    assert row, "docs/testing.md lost its row of the twin rows' case runs"
+    assert (int(row[1]), int(row[2])) == (cover, every)
