@@ -294,8 +294,9 @@ def smoothed_cross_entropy(
         (XLA's partitioner does not split a kernel: sharded logits would be gathered whole;
         inside ``shard_map`` pass ``"pallas"``), XLA elsewhere (TPU too);
         the environment variable ``LSJAX_IMPLEMENTATION=xla|pallas`` overrides that choice
-        (log-probabilities stay on XLA). The kernels were tested in interpret mode on CPUs
-        only: never run on a GPU or a TPU.
+        (log-probabilities stay on XLA). The tests run the kernels in interpret mode on CPUs;
+        on an H200 they ran in the GPU benchmark (``benchmarks/RESULTS.md``, run 4), values
+        checked before timing; never on a TPU.
       check_labels: whether the host reads concrete array values to check them: the labels
         (in range, not of a masked class), a ``class_mask`` (leaves a class to smooth over) and
         the scalar options given as arrays (``smoothing``, ``z_loss``, ``normalizer``).
