@@ -60,6 +60,7 @@ def sharded_fused_linear_smoothed_cross_entropy(
     logit_scale: float = 1.0,
     return_stats: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    check_labels: bool | None = None,
 ) -> Array | tuple:
     r""":func:`lsjax.fused_linear_smoothed_cross_entropy` with the weight split over the vocabulary.
 
@@ -93,11 +94,12 @@ def sharded_fused_linear_smoothed_cross_entropy(
     num_classes = weight.shape[0]
     extra = _check_extra_options(
         fn, options, num_classes, labels.shape, class_weight, where, normalizer, kl, class_mask,
-        z_loss, return_z_loss, None, softcap, logit_scale, return_stats,
+        z_loss, return_z_loss, check_labels, softcap, logit_scale, return_stats,
     )  # fmt: skip
-    if not _common.is_traced(labels):
-        counted = _common.counted_rows(labels, ignore_index, pad_index, extra.where)
-        _common.check_label_range(fn, labels, counted, num_classes, ignore_index, extra.class_mask)
+    counted = _common.counted_rows(labels, ignore_index, pad_index, extra.where)
+    _common.check_label_range(
+        fn, labels, counted, num_classes, ignore_index, extra.class_mask, check_labels
+    )
     transform = extra.transform
     chunk_size = lsspec.check_chunk_size(fn, chunk_size)
     for name, axis, size in (("vocab_axis", vocab_axis, weight.shape[0]),) + (

@@ -54,3 +54,26 @@ def test_sharded_weight_gives_the_single_device_fused_and_dense_results(results)
         assert case["replicas_identical"], case
         assert case["biggest_all_gather"] < results["rows_x_vocab_per_device"], case
         assert case["non_finite_reaches_nothing"], case
+
+
+def test_check_labels_decides_whether_the_sharded_fused_loss_reads_the_labels():
+    """As in ``lsjax.fused_linear_smoothed_cross_entropy``: concrete labels out of range raise
+    by default (the host reads them); ``check_labels=False`` reads nothing, and the row that
+    label reaches is NaN, never a plausible number. One device in the mesh: the check runs
+    before anything is split."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import lsjax.sharded
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("vocab",))
+    hidden = jnp.ones((3, 4), jnp.float32)
+    weight = jnp.arange(20, dtype=jnp.float32).reshape(5, 4) / 20
+    labels = jnp.array([0, 7, 2])  # 7 is out of range for 5 classes
+    loss = lsjax.sharded.sharded_fused_linear_smoothed_cross_entropy
+    options = {"mesh": mesh, "batch_axis": None, "smoothing": 0.1, "reduction": "none"}
+    with pytest.raises(ValueError, match=r"sharded_fused_linear_smoothed_cross_entropy.*labels"):
+        loss(hidden, weight, labels, **options)
+    rows = np.asarray(loss(hidden, weight, labels, check_labels=False, **options))
+    assert np.isnan(rows[1]) and np.isfinite(rows[[0, 2]]).all()
