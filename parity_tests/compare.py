@@ -228,15 +228,33 @@ def rounded_inputs(args: tuple, kwargs: dict, dtype: str) -> tuple[tuple, dict]:
     return (first, *rest), {key: _rounded(value, others) for key, value in kwargs.items()}
 
 
+def _to_device(value: Any, dtype) -> jax.Array:
+    """``value`` as a JAX array of ``dtype``, cast by NumPy on the host before it is placed.
+
+    ``jnp.asarray(value, dtype)`` of a NumPy array of another dtype casts on the device, and
+    ``jnp.asarray(value)`` stages it as an identity; each is an eager program compiled per shape
+    and dtype: several hundred a test run, each compiled (about 0.1 s on a CPU) where no
+    compilation cache holds it. ``jax.device_put`` only copies. The harness's values are
+    already rounded to the dtype they are cast to (:func:`rounded_inputs`), or are cast from a
+    wider float to float32 by round-to-nearest-even, as XLA casts: the arrays are the same."""
+    return jax.device_put(np.asarray(value).astype(np.dtype(dtype), copy=False))
+
+
+def _to_float64(value: Any) -> np.ndarray:
+    """A JAX (or NumPy) array as float64 NumPy values, widened on the host (exact: every float
+    dtype widens to float64 without rounding; see :func:`_to_device` for why not on device)."""
+    return np.asarray(value).astype(np.float64)
+
+
 def _to_jax(value: Any, float_dtype) -> Any:
     if isinstance(value, np.ndarray):
         if np.issubdtype(value.dtype, np.floating):
-            return jnp.asarray(value, float_dtype)
+            return _to_device(value, float_dtype)
         if np.issubdtype(value.dtype, np.integer):
             if value.dtype.itemsize < 4:  # narrow labels (uint8, int16, ...) keep their dtype
-                return jnp.asarray(value)
-            return jnp.asarray(value, jnp.int64 if float_dtype == jnp.float64 else jnp.int32)
-        return jnp.asarray(value)
+                return _to_device(value, value.dtype)
+            return _to_device(value, jnp.int64 if float_dtype == jnp.float64 else jnp.int32)
+        return _to_device(value, value.dtype)
     return value
 
 
@@ -429,6 +447,8 @@ def _check_cotangents(caller: str, output: Any, cotangents: Sequence) -> None:
 
 def _jax_cotangent(cotangent, leaf):
     if jnp.issubdtype(leaf.dtype, jnp.inexact):
+        if isinstance(cotangent, np.ndarray):  # concrete: cast on the host
+            return _to_device(cotangent, leaf.dtype)
         return jnp.asarray(cotangent, leaf.dtype)
     return np.zeros(np.shape(leaf), jax.dtypes.float0)  # an integer output has no gradient
 
@@ -437,12 +457,12 @@ def _forward_jax(fn: Callable, args: tuple, kwargs: dict, dtype: str) -> _Forwar
     """``fn`` run eagerly in ``dtype`` under ``jax.vjp`` (the path that checks concrete inputs)."""
     with jax.enable_x64(True):
         others = jnp.float64 if dtype == "float64" else jnp.float32
-        x = jnp.asarray(round_to(args[0], dtype), _JAX_DTYPES[dtype])
+        x = _to_device(round_to(args[0], dtype), _JAX_DTYPES[dtype])
         rest = [_to_jax(value, others) for value in args[1:]]
         options = {key: _to_jax(value, others) for key, value in kwargs.items()}
         output, vjp = jax.vjp(lambda x: fn(x, *rest, **options), x)
         leaves = output_leaves(output)
-        values = [np.asarray(jnp.asarray(leaf).astype(jnp.float64)) for leaf in leaves]
+        values = [_to_float64(leaf) for leaf in leaves]
 
     def pull(cotangents):
         with jax.enable_x64(True):
@@ -451,7 +471,7 @@ def _forward_jax(fn: Callable, args: tuple, kwargs: dict, dtype: str) -> _Forwar
                 for c, leaf in zip(cotangents, leaves, strict=True)
             ]
             (grad,) = vjp(unflatten_output(output, cot))
-            return np.asarray(grad.astype(jnp.float64))
+            return _to_float64(grad)
 
     return _Forward(output, values, pull)
 
@@ -509,7 +529,7 @@ def run_jax(
     if jit:
         with jax.enable_x64(True):
             others = jnp.float64 if dtype == "float64" else jnp.float32
-            x = jnp.asarray(round_to(args[0], dtype), _JAX_DTYPES[dtype])
+            x = _to_device(round_to(args[0], dtype), _JAX_DTYPES[dtype])
             rest = [_to_jax(value, others) for value in args[1:]]
             return _run_jax_compiled(fn, x, rest, kwargs, others, cotangents)
     # Eager on purpose: it is the path that checks concrete inputs, and compiling one program

@@ -62,6 +62,8 @@ import jax.numpy as jnp
 from parity_tests.compare import (
     DEFAULT_TOLERANCES,
     DTYPES,
+    _to_device,
+    _to_float64,
     _to_jax,
     _to_torch,
     allclose,
@@ -348,7 +350,7 @@ def _jax_pull(call, x, kind, dense):
     if kind == "random":
         outputs, pull = jax.vjp(call, x)
         leaves = output_leaves(outputs)
-        cot = [jnp.asarray(c, leaf.dtype) for c, leaf in zip(dense, leaves, strict=True)]
+        cot = [_to_device(c, leaf.dtype) for c, leaf in zip(dense, leaves, strict=True)]
         (grad,) = pull(unflatten_output(outputs, cot))
         return outputs, grad
 
@@ -358,19 +360,19 @@ def _jax_pull(call, x, kind, dense):
 
     value, pull, outputs = jax.vjp(total, x, has_aux=True)
     upstream = ZERO_DIM_GRAD if kind == "0-d grad_outputs" else 1.0
-    (grad,) = pull(jnp.asarray(upstream, value.dtype))
+    (grad,) = pull(_to_device(upstream, value.dtype))
     return outputs, grad
 
 
 def _jax_numpy(outputs, grad, kind):
-    values = [np.asarray(leaf.astype(jnp.float64)) for leaf in output_leaves(outputs)]
-    grad = np.asarray(grad.astype(jnp.float64))
+    values = [_to_float64(leaf) for leaf in output_leaves(outputs)]
+    grad = _to_float64(grad)
     return values, grad / GRAD_SCALE if kind == "scaled" else grad
 
 
 def _jax_inputs(args, kwargs, dtype):
     others = jnp.float64 if dtype == "float64" else jnp.float32
-    x = jnp.asarray(round_to(args[0], dtype), JAX_DTYPES[dtype])
+    x = _to_device(round_to(args[0], dtype), JAX_DTYPES[dtype])
     rest = [_to_jax(value, others) for value in args[1:]]
     arrays = {k: _to_jax(v, others) for k, v in kwargs.items() if isinstance(v, np.ndarray)}
     constants = {k: v for k, v in kwargs.items() if k not in arrays}
