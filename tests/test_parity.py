@@ -3,9 +3,9 @@ gradient (pulled back with a random upstream cotangent). The same code path as t
 
 The ``ci`` profile runs a pairwise cover of each twin's grid with the dtype as one more option
 (``parity_tests.paths.twin_cover``): every option value in every dtype, and every pair of values
-of two options in some dtype (how many case runs that is: ``docs/testing.md``). The oracle
-test runs the cover's float64 cases (every option value). ``--nightly`` and
-``python -m parity_tests`` run every case.
+of two options in some dtype (how many case runs that is: ``docs/testing.md``). In float64
+the JAX side is also checked against the twin's float64 NumPy oracle, on the same cases (every
+option value). ``--nightly`` and ``python -m parity_tests`` run every case.
 """
 
 import pytest
@@ -37,6 +37,9 @@ def _each_case(run, twin, indices):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("twin", TWINS, ids=IDS)
 def test_twin_matches(twin, dtype):
+    """JAX against PyTorch in ``dtype``; in float64, also the JAX side against the float64 NumPy
+    oracle on the same cases (:func:`_jax_equals_the_oracle`)."""
+
     def run(cases, seed):
         return compare(
             twin.jax_fn,
@@ -53,18 +56,20 @@ def test_twin_matches(twin, dtype):
     report = _each_case(run, twin, indices)
     assert indices and len(report.results) == len(indices)
     assert report.passed, str(report)
+    if dtype == "float64" and twin.oracle:
+        _jax_equals_the_oracle(twin, indices)
 
 
-@pytest.mark.parametrize(
-    "twin", [t for t in TWINS if t.oracle], ids=[t.name for t in TWINS if t.oracle]
-)
-def test_twin_matches_numpy_oracle(twin):
-    """The JAX side against the float64 NumPy oracle, loss and gradient (in ``ci``, on the
-    cases test_twin_matches runs in float64: the same compiled programs).
+def _jax_equals_the_oracle(twin, indices):
+    """The JAX side against the float64 NumPy oracle, loss and gradient, on the cases just run
+    in float64. In the same test, so in the same process: the compiled programs are those of
+    the float64 run (as a test of its own, an xdist worker that had not run the float64 case
+    lowered and read them again, about 15 s of the suite's time).
 
-    The PyTorch side is pinned to the JAX side at rtol 1e-10 in float64 by test_twin_matches, so
-    it equals the oracle to 2e-10 as well; ``python -m parity_tests`` also runs the PyTorch side
-    against the oracle directly. Running it here too would add a minute to CI for no new fact.
+    The PyTorch side is pinned to the JAX side at rtol 1e-10 in float64 by the comparison above,
+    so it equals the oracle to 2e-10 as well; ``python -m parity_tests`` also runs the PyTorch
+    side against the oracle directly. Running it here too would add a minute to CI for no new
+    fact.
     """
 
     def run(cases, seed):
@@ -78,5 +83,6 @@ def test_twin_matches_numpy_oracle(twin):
             name=twin.name,
         )
 
-    report = _each_case(run, twin, _indices(twin, "float64"))
-    assert report.passed, str(report)
+    report = _each_case(run, twin, indices)
+    assert len(report.results) == len(indices)
+    assert report.passed, "against the float64 NumPy oracle:\n" + str(report)
