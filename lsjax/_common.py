@@ -112,8 +112,10 @@ def concrete_scalar(
 _FLOAT64_ULP = float(np.finfo(np.float64).eps)
 
 
-def _ulp_of_one(value: Any) -> float:
-    """The spacing of ``value``'s own float dtype at 1.0 (float64's for a Python number)."""
+def ulp_of_one(value: Any) -> float:
+    """The spacing of ``value``'s own float dtype at 1.0 (float64's for a Python number): read
+    before ``value`` enters a ``jit``, which may canonicalize its dtype (a float64 NumPy scalar
+    becomes float32 without ``jax_enable_x64``)."""
     dtype = getattr(value, "dtype", None)
     if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
         return float(jnp.finfo(dtype).eps)
@@ -126,7 +128,7 @@ def concrete_smoothing(fn: Any, value: Any, name: str = "smoothing", check_label
     (traced, or with ``check_labels=False``) pass through."""
     concrete = concrete_scalar(fn, name, value, check_labels=check_labels)
     if lsspec.is_number(concrete):
-        return lsspec.snap_to_unit_interval(concrete, _ulp_of_one(value))
+        return lsspec.snap_to_unit_interval(concrete, ulp_of_one(value))
     return concrete
 
 
@@ -185,11 +187,12 @@ def check_loss_options(
     return z_value, transform
 
 
-def smoothing_array(value: Any, dtype) -> Array:
+def smoothing_array(value: Any, dtype, ulp: float) -> Array:
     """``value`` as a 0-d ``dtype`` array, clamped into [0, 1] where it lies within the rounding
     slack outside it (a traced schedule that ends at 0); farther out it stays out of range, and
-    the rows it reaches are NaN."""
-    slack = lsspec.unit_interval_slack(_ulp_of_one(value))
+    the rows it reaches are NaN. ``ulp``: :func:`ulp_of_one` of the value the user gave. Called
+    inside the losses' compiled programs, so an eager call dispatches none of these operations."""
+    slack = lsspec.unit_interval_slack(ulp)
     eps = jnp.asarray(value, dtype)
     snapped = jnp.clip(eps, 0, 1)
     rounding = (eps != snapped) & (jnp.abs(eps - snapped) <= slack)
@@ -209,16 +212,29 @@ def z_loss_array(value: Any, dtype) -> Array:
 # Arrays and labels
 
 
+def as_array(value: Any) -> Array:
+    """``value`` as a ``jax.Array``, as ``jnp.asarray(value)`` gives it, without running a
+    program: a ``jax.Array`` (a tracer too) as it is (``jnp.asarray`` would bind an identity
+    conversion, which an eager ``jax.grad`` dispatches and linearizes on every call), a NumPy
+    array or scalar by ``jax.device_put`` (``jnp.asarray`` runs a compiled identity per shape,
+    each call). Anything else (a Python number or list) by ``jnp.asarray``."""
+    if isinstance(value, jax.Array):
+        return value
+    if isinstance(value, np.ndarray | np.generic):
+        return jax.device_put(value)
+    return jnp.asarray(value)
+
+
 def array_or_none(value: Any) -> Any:
     """``weight``/``where``/``class_mask`` as an array (a Python list becomes one)."""
-    return None if value is None else jnp.asarray(value)
+    return None if value is None else as_array(value)
 
 
 def floating(fn: Any, **arrays: ArrayLike) -> tuple[Array, ...]:
     """The named inputs as arrays, each of a floating dtype (else a TypeError naming it)."""
     checked = []
     for name, value in arrays.items():
-        value = jnp.asarray(value)
+        value = as_array(value)
         if not jnp.issubdtype(value.dtype, jnp.floating):
             raise lsspec.dtype_error(fn, name, value.dtype, "a floating dtype")
         checked.append(value)
@@ -234,7 +250,7 @@ def check_bool(fn: Any, name: str, value: Any) -> None:
 def integer_labels(fn: Any, labels: ArrayLike) -> Array:
     """``labels`` as an array of an integer dtype (else a TypeError), widened by
     :func:`index_labels` before any comparison with ``ignore_index`` or ``pad_index``."""
-    labels = jnp.asarray(labels)
+    labels = as_array(labels)
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise lsspec.dtype_error(fn, "labels", labels.dtype, "an integer dtype")
     return index_labels(labels)
@@ -259,33 +275,40 @@ def index_labels(labels: Array) -> Array:
     return labels
 
 
-def counted_rows(labels: Array, ignore_index=None, pad_index=None, where=None) -> Array:
-    """The rows that count: label not ``ignore_index``, not ``pad_index``, and ``where`` True."""
-    counted = jnp.ones(labels.shape, dtype=bool)
+def counted_rows(labels, ignore_index=None, pad_index=None, where=None, *, xp: Any = jnp):
+    """The rows that count: label not ``ignore_index``, not ``pad_index``, and ``where`` True.
+    ``xp``: ``jax.numpy`` inside the losses' programs, ``numpy`` for the host's checks."""
+    counted = xp.ones(labels.shape, dtype=bool)
     if ignore_index is not None:
         counted = counted & (labels != ignore_index)
     if pad_index is not None:
         counted = counted & (labels != pad_index)
     if where is not None:
-        counted = counted & jnp.asarray(where)
+        counted = counted & xp.asarray(where)
     return counted
 
 
 def check_label_range(
-    fn, labels, counted, num_classes, ignore_index, class_mask=None, check_labels=None
-) -> None:
-    """Counted labels out of range (or of a masked class) raise where ``reads_values`` reads
-    them (concrete, and ``check_labels`` not False); traced ones, and any with
-    ``check_labels=False``, give NaN rows instead."""
-    if not (reads_values(labels, check_labels) and reads_values(counted, check_labels)):
+    fn, labels, num_classes, ignore_index, pad_index=None, where=None, class_mask=None,
+    check_labels=None,
+) -> None:  # fmt: skip
+    """Counted labels (:func:`counted_rows`) out of range (or of a masked class) raise where
+    ``reads_values`` reads the labels and ``where`` (concrete, and ``check_labels`` not False);
+    traced ones, and any with ``check_labels=False``, give NaN rows instead. The check runs on
+    the host, in NumPy, on the values it reads: it dispatches nothing to the device."""
+    if not reads_values(labels, check_labels):
+        return
+    if where is not None and not reads_values(where, check_labels):
         return
     labels_np = np.asarray(labels)
-    bad = np.asarray(counted) & ((labels_np < 0) | (labels_np >= num_classes))
+    where_np = None if where is None else np.asarray(where)
+    counted = counted_rows(labels_np, ignore_index, pad_index, where_np, xp=np)
+    bad = counted & ((labels_np < 0) | (labels_np >= num_classes))
     if bad.any():
         raise lsspec.label_range_error(fn, labels_np[bad].tolist(), num_classes, ignore_index)
     if class_mask is not None and reads_values(class_mask, check_labels):
         allowed = np.asarray(class_mask)
-        masked = np.asarray(counted) & ~allowed[np.clip(labels_np, 0, num_classes - 1)]
+        masked = counted & ~allowed[np.clip(labels_np, 0, num_classes - 1)]
         if masked.any():
             raise lsspec.masked_label_error(fn, labels_np[masked].tolist())
 

@@ -62,17 +62,20 @@ def sigmoid_binary_cross_entropy(
     lsspec.check_choice(fn, "reduction", reduction, lsspec.REDUCTIONS)
     lsspec.check_smoothing(fn, _common.concrete_smoothing(fn, smoothing))
 
-    compute_dtype = _common.compute_dtype(logits.dtype)
-    eps = _common.smoothing_array(smoothing, compute_dtype)  # d y' / d eps = 1/2 - y
     if pos_weight is not None:
-        pos_weight = jnp.asarray(pos_weight, compute_dtype)
-    return _after_checks_jit(reduction, logits, labels, eps, pos_weight)
+        pos_weight = _common.as_array(pos_weight)
+    ulp = _common.ulp_of_one(smoothing)
+    return _after_checks_jit(reduction, ulp, logits, labels, smoothing, pos_weight)
 
 
-def _after_checks(reduction, logits, labels, eps, pos_weight):
-    """Everything after the checks (:data:`_after_checks_jit`): the elementwise loss and its
-    reduction."""
-    compute_dtype = eps.dtype
+def _after_checks(reduction, smoothing_ulp, logits, labels, smoothing, pos_weight):
+    """Everything after the checks (:data:`_after_checks_jit`): the options as arrays of the
+    compute dtype, the elementwise loss and its reduction. ``smoothing_ulp``:
+    ``_common.ulp_of_one`` of the smoothing as given."""
+    compute_dtype = _common.compute_dtype(logits.dtype)
+    eps = _common.smoothing_array(smoothing, compute_dtype, smoothing_ulp)  # d y'/d eps = 1/2 - y
+    if pos_weight is not None:
+        pos_weight = pos_weight.astype(compute_dtype)
     x = logits.astype(compute_dtype)
     target = labels.astype(compute_dtype) * (1.0 - eps) + eps / 2
     positive = target * jnp.logaddexp(-x, 0.0)
@@ -83,6 +86,7 @@ def _after_checks(reduction, logits, labels, eps, pos_weight):
     return _common.reduce(loss, jnp.ones(loss.shape, compute_dtype), reduction)
 
 
-# What runs after the checks, as one program per (reduction, shapes): an eager call lowers and
-# runs it once instead of each primitive on its own. Inside a user's jit it is inlined.
-_after_checks_jit = jax.jit(_after_checks, static_argnums=(0,))
+# What runs after the checks, as one program per (reduction, smoothing's dtype, shapes): an eager
+# call lowers and runs it once instead of each primitive on its own. Inside a user's jit it is
+# inlined.
+_after_checks_jit = jax.jit(_after_checks, static_argnums=(0, 1))

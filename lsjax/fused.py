@@ -171,39 +171,42 @@ def fused_linear_smoothed_cross_entropy(
     )  # fmt: skip
     transform = extra.transform
     chunk_size = lsspec.check_chunk_size(fn, chunk_size)
-    counted = _common.counted_rows(labels, ignore_index, pad_index, extra.where)
     _common.check_label_range(
-        fn, labels, counted, num_classes, ignore_index, extra.class_mask, check_labels
-    )
-    compute_dtype = _common.compute_dtype(hidden.dtype)
-    eps = _common.smoothing_array(smoothing, compute_dtype)  # differentiated (_fused_rows_bwd)
-    class_weight, class_mask, z = extra.arrays(compute_dtype)
+        fn, labels, num_classes, ignore_index, pad_index, extra.where, extra.class_mask,
+        check_labels,
+    )  # fmt: skip
     core_options = _FusedOptions(
-        convention, pad_index, chunk_size, None, kl, z is not None, transform, return_stats
+        convention, pad_index, chunk_size, None, kl, extra.with_z, transform, return_stats
     )
-    if normalizer is not None:
-        normalizer = jnp.asarray(normalizer)
-    layout = _Layout(reduction, return_z_loss)
+    layout = _Layout(reduction, return_z_loss, ignore_index, _common.ulp_of_one(smoothing))
     return _after_checks_jit(
-        core_options, layout, hidden, weight, bias, labels, counted, eps, class_weight,
-        class_mask, z, normalizer,
+        core_options, layout, hidden, weight, bias, labels, extra.where, smoothing,
+        extra.class_weight, extra.class_mask, extra.z_loss if extra.with_z else None, normalizer,
     )  # fmt: skip
 
 
 class _Layout(NamedTuple):
-    """The static options of what runs around the core: the reduction and whether the z-part
-    is returned."""
+    """The static options of what runs around the core: the reduction, whether the z-part is
+    returned, the ignored label and the rounding slack of the smoothing's own dtype."""
 
     reduction: str
     return_z_loss: bool
+    ignore_index: int | None
+    smoothing_ulp: float  # _common.ulp_of_one of the smoothing as given
 
 
-def _after_checks(options, layout, hidden, weight, bias, labels, counted, eps, class_weight,
-                  class_mask, z, normalizer):  # fmt: skip
-    """Everything after the checks (:data:`_after_checks_jit`): the core on the flattened rows,
-    the per-row weights, the statistics and the reduction."""
+def _after_checks(options, layout, hidden, weight, bias, labels, where, smoothing, class_weight,
+                  class_mask, z_loss, normalizer):  # fmt: skip
+    """Everything after the checks (:data:`_after_checks_jit`): the counted rows, the options
+    as arrays of the compute dtype, the core on the flattened rows, the per-row weights, the
+    statistics and the reduction. ``z_loss`` is None without a z-part."""
     num_classes = weight.shape[0]
-    compute_dtype = eps.dtype
+    compute_dtype = _common.compute_dtype(hidden.dtype)
+    bias = _zero_bias(weight, bias)
+    counted = _common.counted_rows(labels, layout.ignore_index, options.pad_index, where)
+    # differentiated (_fused_rows_bwd)
+    eps = _common.smoothing_array(smoothing, compute_dtype, layout.smoothing_ulp)
+    class_weight, class_mask, z = _class_arrays(class_weight, class_mask, z_loss, compute_dtype)
     rows = _fused_rows(
         options,
         hidden.reshape(-1, hidden.shape[-1]),
@@ -264,14 +267,19 @@ class _Extra(NamedTuple):
     transform: lsspec.LogitTransform
 
     def arrays(self, compute_dtype):
-        """(class weight in ``compute_dtype``, class mask, z-loss weight or None), the first two
-        constants (not differentiated, as in the dense loss)."""
-        class_weight = self.class_weight
-        if class_weight is not None:
-            class_weight = jax.lax.stop_gradient(class_weight.astype(compute_dtype))
-        class_mask = None if self.class_mask is None else jax.lax.stop_gradient(self.class_mask)
-        z = _common.z_loss_array(self.z_loss, compute_dtype) if self.with_z else None
-        return class_weight, class_mask, z
+        """:func:`_class_arrays` of these options."""
+        z_loss = self.z_loss if self.with_z else None
+        return _class_arrays(self.class_weight, self.class_mask, z_loss, compute_dtype)
+
+
+def _class_arrays(class_weight, class_mask, z_loss, compute_dtype):
+    """(class weight in ``compute_dtype``, class mask, z-loss weight as an array; each None
+    where given None), the first two constants (not differentiated, as in the dense loss)."""
+    if class_weight is not None:
+        class_weight = jax.lax.stop_gradient(class_weight.astype(compute_dtype))
+    class_mask = None if class_mask is None else jax.lax.stop_gradient(class_mask)
+    z = None if z_loss is None else _common.z_loss_array(z_loss, compute_dtype)
+    return class_weight, class_mask, z
 
 
 def _check_extra_options(
@@ -309,22 +317,25 @@ def _class_weight_caller(fn: lsspec.Caller) -> lsspec.Caller:
 
 
 def _check_fused(fn, hidden, weight, bias, labels):
-    """The fused losses' checks of the arrays (returned, bias zeros when None)."""
+    """The fused losses' checks of the arrays (returned; ``bias`` None when not given)."""
     (hidden,) = _common.floating(fn, hidden=hidden)
-    weight = jnp.asarray(weight)
+    weight = _common.as_array(weight)
     labels = _common.integer_labels(fn, labels)  # widened before any comparison
     lsspec.check_linear_shapes(
         fn, hidden.shape, weight.shape, None if bias is None else jnp.shape(bias), labels.shape
     )
     if weight.dtype != hidden.dtype:
         raise lsspec.dtype_mismatch_error(fn, "weight", weight.dtype, hidden.dtype)
-    if bias is None:
-        bias = jnp.zeros((weight.shape[0],), hidden.dtype)
-    else:
-        bias = jnp.asarray(bias)
+    if bias is not None:
+        bias = _common.as_array(bias)
         if bias.dtype != hidden.dtype:
             raise lsspec.dtype_mismatch_error(fn, "bias", bias.dtype, hidden.dtype)
     return hidden, weight, bias, labels
+
+
+def _zero_bias(weight, bias):
+    """``bias``, or zeros of the head's ``(V,)`` and dtype when it is None."""
+    return jnp.zeros(weight.shape[:1], weight.dtype) if bias is None else bias
 
 
 # --------------------------------------------------------------------------------------------

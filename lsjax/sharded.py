@@ -30,6 +30,7 @@ from lsjax.fused import (
     _fused_rows,
     _FusedOptions,
     _gather,
+    _zero_bias,
 )
 
 Array = jax.Array
@@ -96,10 +97,10 @@ def sharded_fused_linear_smoothed_cross_entropy(
         fn, options, num_classes, labels.shape, class_weight, where, normalizer, kl, class_mask,
         z_loss, return_z_loss, check_labels, softcap, logit_scale, return_stats,
     )  # fmt: skip
-    counted = _common.counted_rows(labels, ignore_index, pad_index, extra.where)
     _common.check_label_range(
-        fn, labels, counted, num_classes, ignore_index, extra.class_mask, check_labels
-    )
+        fn, labels, num_classes, ignore_index, pad_index, extra.where, extra.class_mask,
+        check_labels,
+    )  # fmt: skip
     transform = extra.transform
     chunk_size = lsspec.check_chunk_size(fn, chunk_size)
     for name, axis, size in (("vocab_axis", vocab_axis, weight.shape[0]),) + (
@@ -116,7 +117,8 @@ def sharded_fused_linear_smoothed_cross_entropy(
                 f"the size they split; got {size}."
             )
     compute_dtype = _common.compute_dtype(hidden.dtype)
-    eps = _common.smoothing_array(smoothing, compute_dtype)  # differentiated, as in the fused loss
+    # differentiated, as in the fused loss
+    eps = _common.smoothing_array(smoothing, compute_dtype, _common.ulp_of_one(smoothing))
     class_weight, class_mask, z = extra.arrays(compute_dtype)
     options = _FusedOptions(
         convention, pad_index, chunk_size, vocab_axis, kl, z is not None, transform, return_stats
@@ -173,6 +175,7 @@ def sharded_fused_linear_smoothed_cross_entropy(
         ),
     )
     z = jnp.zeros((), compute_dtype) if z is None else z  # a placeholder without a z-loss
+    bias = _zero_bias(weight, bias)
     outputs = sharded(hidden, weight, bias, labels, row_mask, eps, z, classes)
     if return_stats:
         lse, entropy, correct = outputs[-1]

@@ -346,52 +346,58 @@ def smoothed_cross_entropy(
     if pallas_kernels.chosen(fn, implementation, logits, from_log_probs=from_log_probs):
         core = pallas_kernels.row_loss
     _common.check_class_mask_support(fn, class_mask, convention, pad_index, check_labels)
-    counted = _common.counted_rows(labels, ignore_index, pad_index, where)
     _common.check_label_range(
-        fn, labels, counted, num_classes, ignore_index, class_mask, check_labels
+        fn, labels, num_classes, ignore_index, pad_index, where, class_mask, check_labels
     )
 
-    compute_dtype = _common.compute_dtype(logits.dtype)
-    eps = _common.smoothing_array(smoothing, compute_dtype)  # differentiated (see _row_loss_jvp)
-    if weight is not None:
-        weight = jax.lax.stop_gradient(jnp.asarray(weight, compute_dtype))
-    if class_mask is not None:
-        class_mask = jax.lax.stop_gradient(jnp.asarray(class_mask))
     # z-loss is compiled in only when it can matter: a concrete 0 leaves the program unchanged.
     with_z = return_z_loss or not (lsspec.is_number(z_value) and z_value == 0)
-    z = _common.z_loss_array(z_loss, compute_dtype) if with_z else None
-    if normalizer is not None:
-        normalizer = jnp.asarray(normalizer)
     options = _Options(convention, pad_index, kl, from_log_probs, with_z, transform, return_stats)
-    layout = _Layout(axis, reduction, return_z_loss, core is _row_loss_jit)
+    layout = _Layout(
+        axis, reduction, return_z_loss, core is _row_loss_jit, ignore_index,
+        _common.ulp_of_one(smoothing),
+    )  # fmt: skip
     # (With the Pallas kernels, as the calls around them: their block sizes are chosen for the
     # platform when a program is traced, and a cached trace would keep another platform's.)
     after_checks = _after_checks_jit if layout.xla else _after_checks
     return after_checks(
-        layout, options, logits, labels, counted, eps, weight, class_mask, z, normalizer
-    )
+        layout, options, logits, labels, where, smoothing, weight, class_mask,
+        z_loss if with_z else None, normalizer,
+    )  # fmt: skip
 
 
 class _Layout(NamedTuple):
     """The static options of what runs around the core: the class axis, the reduction, whether
-    the z-part is returned, and which core (XLA's or the Pallas kernels')."""
+    the z-part is returned, which core (XLA's or the Pallas kernels'), the ignored label and
+    the rounding slack of the smoothing's own dtype."""
 
     axis: int
     reduction: str
     return_z_loss: bool
     xla: bool
+    ignore_index: int | None
+    smoothing_ulp: float  # _common.ulp_of_one of the smoothing as given
 
 
-def _after_checks(layout, options, logits, labels, counted, eps, weight, class_mask, z,
+def _after_checks(layout, options, logits, labels, where, smoothing, weight, class_mask, z_loss,
                   normalizer):  # fmt: skip
-    """Everything after the checks, as one program (:data:`_after_checks_jit`): the core on the
-    class-last logits, the per-row weights, the statistics and the reduction."""
+    """Everything after the checks, as one program (:data:`_after_checks_jit`): the counted
+    rows, the options as arrays of the compute dtype, the core on the class-last logits, the
+    per-row weights, the statistics and the reduction. ``z_loss`` is None without a z-part."""
     from lsjax import pallas_kernels
 
     core = _row_loss_jit if layout.xla else pallas_kernels.row_loss
     x = jnp.moveaxis(logits, layout.axis, -1)
     num_classes = x.shape[-1]
     compute_dtype = _common.compute_dtype(x.dtype)
+    counted = _common.counted_rows(labels, layout.ignore_index, options.pad_index, where)
+    # differentiated (see _row_loss_jvp)
+    eps = _common.smoothing_array(smoothing, compute_dtype, layout.smoothing_ulp)
+    if weight is not None:
+        weight = jax.lax.stop_gradient(weight.astype(compute_dtype))
+    if class_mask is not None:
+        class_mask = jax.lax.stop_gradient(class_mask)
+    z = None if z_loss is None else _common.z_loss_array(z_loss, compute_dtype)
     loss = core(options, x, labels, counted, eps, weight, class_mask, z)
     w_y = 1.0 if weight is None else weight[jnp.where(counted, labels, 0).clip(0, num_classes - 1)]
     row_weight = jnp.where(counted, w_y, 0.0).astype(compute_dtype)

@@ -83,16 +83,11 @@ def soft_target_cross_entropy(
     lsspec.check_row_options_shapes(
         fn, num_classes, rows, weight=weight, where=where, has_labels=False
     )
-    counted = jnp.ones(rows, bool) if where is None else jnp.asarray(where, bool)
-    compute_dtype = _common.compute_dtype(logits.dtype)
-    eps = _common.smoothing_array(smoothing, compute_dtype)
-    if weight is not None:
-        weight = jnp.asarray(weight, compute_dtype)
     # z-loss is compiled in only when it can matter: a concrete 0 leaves the program unchanged.
     with_z = return_z_loss or not (lsspec.is_number(z_value) and z_value == 0)
-    z = _common.z_loss_array(z_loss, compute_dtype) if with_z else None
-    layout = _Layout(axis, reduction, from_log_probs, return_z_loss)
-    return _after_checks_jit(layout, logits, targets, counted, eps, weight, z)
+    layout = _Layout(axis, reduction, from_log_probs, return_z_loss, _common.ulp_of_one(smoothing))
+    z_loss = z_loss if with_z else None
+    return _after_checks_jit(layout, logits, targets, where, smoothing, weight, z_loss)
 
 
 class _Layout(NamedTuple):
@@ -102,13 +97,20 @@ class _Layout(NamedTuple):
     reduction: str
     from_log_probs: bool
     return_z_loss: bool
+    smoothing_ulp: float  # _common.ulp_of_one of the smoothing as given
 
 
-def _after_checks(layout, logits, targets, counted, eps, weight, z):
-    """Everything after the checks (:data:`_after_checks_jit`): the per-row sums of the closed
-    form, the z-part (``z`` None: none) and the reduction."""
+def _after_checks(layout, logits, targets, where, smoothing, weight, z_loss):
+    """Everything after the checks (:data:`_after_checks_jit`): the options as arrays of the
+    compute dtype, the per-row sums of the closed form, the z-part (``z_loss`` None: none) and
+    the reduction."""
     num_classes = logits.shape[layout.axis]
-    compute_dtype = eps.dtype
+    compute_dtype = _common.compute_dtype(logits.dtype)
+    rows = lsspec.row_shape(logits.shape, layout.axis)
+    counted = jnp.ones(rows, bool) if where is None else where.astype(bool)
+    eps = _common.smoothing_array(smoothing, compute_dtype, layout.smoothing_ulp)
+    weight = None if weight is None else weight.astype(compute_dtype)
+    z = None if z_loss is None else _common.z_loss_array(z_loss, compute_dtype)
     keep = counted[..., None]
     x = jnp.where(keep, jnp.moveaxis(logits, layout.axis, -1), 0).astype(compute_dtype)
     t = jnp.where(keep, jnp.moveaxis(targets, layout.axis, -1), 0).astype(compute_dtype)

@@ -1,7 +1,8 @@
-"""lsjax under jit, grad, vmap and higher-order differentiation; lstorch modules and double
-backward. Expected values come from the eager call (checked against the oracles elsewhere) or
-from torch's own F.cross_entropy."""
+"""lsjax under jit, grad, vmap and higher-order differentiation; an eager lsjax call as one
+compiled program; lstorch modules and double backward. Expected values come from the eager call
+(checked against the oracles elsewhere) or from torch's own F.cross_entropy."""
 
+import contextlib
 import functools
 
 import jax
@@ -99,6 +100,130 @@ def test_vmap_over_a_batch_axis_equals_the_loop(options):
         )
         np.testing.assert_allclose(batched[0][index], value, rtol=1e-12)
         np.testing.assert_allclose(batched[1][index], grad, rtol=1e-12, atol=1e-15)
+
+
+_LOWERED = "/jax/core/compile/jaxpr_to_mlir_module_duration"  # JAX's event: one per lowering
+
+
+@contextlib.contextmanager
+def _programs_lowered():
+    """A list that gains an entry for each program JAX lowers inside the block. JAX's in-memory
+    caches are cleared first, so every program the block runs is lowered, and counted, once
+    (the persistent cache on disk may still spare the compilation)."""
+    lowered = []
+
+    def listener(event, duration, **kwargs):
+        if event == _LOWERED:
+            lowered.append(duration)
+
+    jax.clear_caches()
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield lowered
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def _eager_calls():
+    """Each lsjax loss with every array option it takes, all of them NumPy arrays, as a user
+    passes them: ``name -> (loss of one array, that array)``."""
+    rng = np.random.default_rng(0)
+    rows, classes, width = 6, 7, 3
+    x = rng.standard_normal((rows, classes))
+    labels = rng.integers(1, classes, size=rows)
+    labels[0] = -100
+    weight = np.linspace(0.5, 2.0, classes)
+    where = np.array([True, True, False, True, True, True])
+    class_mask = np.ones(classes, bool)
+    class_mask[0] = False  # no label is 0
+    targets = np.full((rows, classes), 1.0 / classes)
+    hidden, head = rng.standard_normal((rows, width)), rng.standard_normal((classes, width))
+    dense = dict(smoothing=0.1, ignore_index=-100, where=where, z_loss=1e-4, reduction="mean")
+    return {
+        "smoothed_cross_entropy": (
+            lambda x: lsjax.smoothed_cross_entropy(
+                x,
+                labels,
+                weight=weight,
+                class_mask=class_mask,
+                normalizer=np.float64(4.0),
+                softcap=30.0,
+                return_stats=True,
+                **dense,
+            ),
+            x,
+        ),
+        "soft_target_cross_entropy": (
+            lambda x: lsjax.soft_target_cross_entropy(
+                x,
+                targets,
+                smoothing=np.float64(0.1),
+                weight=weight,
+                where=where,
+                z_loss=1e-4,
+                reduction="mean",
+            ),
+            x,
+        ),
+        "sigmoid_binary_cross_entropy": (
+            lambda x: lsjax.sigmoid_binary_cross_entropy(
+                x, (targets > 0.1).astype(float), smoothing=0.1, pos_weight=weight
+            ),
+            x,
+        ),
+        "fused_linear_smoothed_cross_entropy": (
+            lambda h: lsjax.fused_linear_smoothed_cross_entropy(
+                h, head, labels, class_weight=weight, class_mask=class_mask, **dense
+            ),
+            hidden,
+        ),
+        "label_smoothing_loss": (
+            lambda x: lsjax.label_smoothing_loss(x, labels.clip(0), classes=classes, smoothing=0.1),
+            x,
+        ),
+        "kl_label_smoothing_loss": (
+            lambda log_probs: lsjax.kl_label_smoothing_loss(
+                log_probs,
+                labels.clip(0),
+                label_smoothing=0.1,
+                tgt_vocab_size=classes,
+                ignore_index=0,
+            ),
+            x - np.log(np.sum(np.exp(x), axis=-1, keepdims=True)),
+        ),
+        "cross_entropy": (
+            lambda x: lsjax.cross_entropy(x, labels, weight=weight, label_smoothing=0.1),
+            x,
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", list(_eager_calls()))
+def test_an_eager_call_runs_one_program(name):
+    """After its checks (on the host), an lsjax loss runs as one compiled program: the counted
+    rows, the options cast to the compute dtype and NumPy inputs moved to the device dispatch
+    nothing on their own. So does each half of an eager ``jax.vjp``: the forward, and the
+    backward for a cotangent already on the device. (``lsjax.cross_entropy`` of bf16/fp16
+    logits rounds its float32 result to their dtype, as torch does, in one more program.)"""
+    loss, x = _eager_calls()[name]
+    x = jax.device_put(x)
+    with _programs_lowered() as lowered:
+        jax.block_until_ready(loss(x))
+    assert len(lowered) == 1, f"{name}: an eager call ran {len(lowered)} programs"
+    with _programs_lowered() as lowered:
+        outputs, pull = jax.vjp(loss, x)
+    assert len(lowered) == 1, f"{name}: an eager jax.vjp's forward ran {len(lowered)} programs"
+    cotangents = jax.tree.map(
+        lambda leaf: (
+            jax.device_put(np.ones(leaf.shape, leaf.dtype))
+            if jnp.issubdtype(leaf.dtype, jnp.inexact)
+            else np.zeros(leaf.shape, jax.dtypes.float0)
+        ),
+        outputs,
+    )
+    with _programs_lowered() as lowered:
+        jax.block_until_ready(pull(cotangents))
+    assert len(lowered) == 1, f"{name}: an eager jax.vjp's backward ran {len(lowered)} programs"
 
 
 def test_hessian_vector_product_matches_torch():

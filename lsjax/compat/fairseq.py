@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 import lsspec
-from lsjax._common import ArrayLike
+from lsjax._common import ArrayLike, as_array
 from lsjax.smoothed import smoothed_cross_entropy
 
 
@@ -46,8 +45,8 @@ def label_smoothed_nll_loss(
     target out of range gives a NaN row, as under ``jit``).
     """
     fn = "label_smoothed_nll_loss"
-    lprobs = jnp.asarray(lprobs)
-    target = jnp.asarray(target)
+    lprobs = as_array(lprobs)
+    target = as_array(target)
     trailing = lsspec.fairseq_labels_shape(fn, target.shape, lprobs.shape)
     labels = target[..., 0] if trailing else target
     options = dict(

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 import lsspec
-from lsjax._common import ArrayLike
+from lsjax._common import ArrayLike, as_array
 from lsjax.smoothed import smoothed_cross_entropy
 
 
@@ -36,8 +35,8 @@ def label_smoother(
     ``check_labels`` is :func:`lsjax.smoothed_cross_entropy`'s: ``False`` reads no concrete
     value to check it (a target out of range gives a NaN row, as under ``jit``).
     """
-    logits = jnp.asarray(logits)
-    labels = jnp.asarray(labels)
+    logits = as_array(logits)
+    labels = as_array(labels)
     if shift_labels:
         logits = logits[..., :-1, :]
         labels = labels[..., 1:]

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 import lsspec
-from lsjax._common import ArrayLike
+from lsjax._common import ArrayLike, as_array
 from lsjax.binary import sigmoid_binary_cross_entropy
 from lsjax.soft import soft_target_cross_entropy
 
@@ -35,7 +35,7 @@ def categorical_crossentropy(
     ``axis`` is; the same for ``axis=-1``); computed in float32 for bf16/fp16 inputs (Keras
     casts ``y_true`` to ``y_pred``'s dtype and computes there).
     """
-    y_pred = jnp.asarray(y_pred)
+    y_pred = as_array(y_pred)
     compute_dtype = jnp.promote_types(y_pred.dtype, jnp.float32)
     y_true = jnp.asarray(y_true, compute_dtype)
     if not from_logits:
@@ -75,7 +75,7 @@ def binary_crossentropy(
     or ``z = log(p) - log(1 - p)`` (the logit of the clipped probability, whose softplus terms
     are exactly ``-log p`` and ``-log(1 - p)``). Computed in float32 for bf16/fp16 inputs.
     """
-    y_pred = jnp.asarray(y_pred)
+    y_pred = as_array(y_pred)
     compute_dtype = jnp.promote_types(y_pred.dtype, jnp.float32)
     lsspec.check_axis("binary_crossentropy", axis, max(y_pred.ndim, 1))
     if not from_logits:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 import lsspec
 from lsjax import _common
-from lsjax._common import ArrayLike
+from lsjax._common import ArrayLike, as_array
 from lsjax.smoothed import smoothed_cross_entropy
 
 
@@ -42,7 +41,7 @@ def kl_label_smoothing_loss(
     array is held to [0, 1] only, by NaN, as under ``jit``).
     """
     fn = lsspec.caller("kl_label_smoothing_loss", _caller)
-    output = jnp.asarray(output)
+    output = as_array(output)
     lsspec.check_check_labels(fn, check_labels)
     value = _common.concrete_scalar(
         fn, "label_smoothing", label_smoothing, check_labels=check_labels

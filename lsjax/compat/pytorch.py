@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 import lsspec
-from lsjax._common import ArrayLike
+from lsjax._common import ArrayLike, as_array
 from lsjax.smoothed import smoothed_cross_entropy
 from lsjax.soft import soft_target_cross_entropy
 
@@ -43,8 +43,8 @@ def cross_entropy(
     caller = lsspec.caller(
         fn, logits="input", labels="target", targets="target", smoothing="label_smoothing"
     )
-    input = jnp.asarray(input)
-    target = jnp.asarray(target)
+    input = as_array(input)
+    target = as_array(target)
     if input.ndim < 1:
         raise lsspec.shape_error(fn, "input", input.shape, "shape (C,), (N, C) or (N, C, d1, ...)")
     class_axis = 0 if input.ndim == 1 else 1
@@ -75,4 +75,7 @@ def cross_entropy(
             reduction=reduction,
             _caller=caller,
         )
-    return loss.astype(input.dtype)
+    # torch returns the input's dtype: bf16/fp16 results are rounded once, in a program of its
+    # own after the loss's. (A float32/float64 result binds no identity cast: under an eager
+    # jax.grad that would be one more program.)
+    return loss if loss.dtype == input.dtype else loss.astype(input.dtype)

@@ -6,10 +6,9 @@ Twin: ``lstorch.compat.pytorch_forum``.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 import lsspec
-from lsjax._common import ArrayLike
+from lsjax._common import ArrayLike, as_array
 from lsjax.smoothed import smoothed_cross_entropy
 
 
@@ -37,7 +36,7 @@ def label_smoothing_loss(
     target out of range gives a NaN row, as under ``jit``).
     """
     fn = lsspec.caller("label_smoothing_loss", _caller)
-    pred = jnp.asarray(pred)
+    pred = as_array(pred)
     axis = lsspec.check_axis(fn, dim, max(pred.ndim, 1), name="dim")
     if pred.ndim:
         lsspec.check_declared_classes(fn, "classes", classes, pred.shape[axis])

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 import lsspec
 from lsjax import _common
-from lsjax._common import ArrayLike
+from lsjax._common import ArrayLike, as_array
 from lsjax.smoothed import smoothed_cross_entropy
 from lsjax.soft import soft_target_cross_entropy
 
@@ -32,8 +32,8 @@ def cross_entropy_with_logits(
     this is not the derivative of the loss; T5X does the same).
     """
     fn = "cross_entropy_with_logits"
-    logits = jnp.asarray(logits)
-    targets = jnp.asarray(targets)
+    logits = as_array(logits)
+    targets = as_array(targets)
     # Checked here, where the value is still concrete (inside the custom_vjp it is traced).
     z_value = _common.concrete_scalar(fn, "z_loss", z_loss)
     lsspec.check_z_loss(fn, z_value, from_log_probs=False, return_z_loss=True)
@@ -114,8 +114,8 @@ def compute_weighted_cross_entropy(
     value to check it (a target out of range gives a NaN row, as under ``jit``).
     """
     fn = "compute_weighted_cross_entropy"
-    logits = jnp.asarray(logits)
-    targets = jnp.asarray(targets)
+    logits = as_array(logits)
+    targets = as_array(targets)
     lsspec.check_t5x_targets(fn, logits.shape, targets.shape)
     loss, z_part = smoothed_cross_entropy(
         logits,
