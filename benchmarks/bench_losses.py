@@ -8,6 +8,9 @@ Candidates, each computing the mean label-smoothed loss (eps = 0.1) and its grad
 respect to the logits:
 
 * ``lsjax[<convention>]``: ``jax.jit(jax.value_and_grad(lsjax.smoothed_cross_entropy))``.
+* ``lsjax (eager)``: ``jax.value_and_grad(lsjax.smoothed_cross_entropy)`` (uniform), not jitted:
+  the call as a notebook or an evaluation loop makes it, its checks on the host and then one
+  compiled program each way. Its value and gradient are checked against ``lsjax[uniform]``'s.
 * ``optax``: ``softmax_cross_entropy(x, smooth_labels(one_hot(y), eps))``, jitted the same way.
 * ``lstorch``: ``lstorch.SmoothedCrossEntropyLoss`` forward + backward; also with
   ``inplace_backward=True`` (the gradient written into the logits' storage).
@@ -48,6 +51,7 @@ import lstorch
 SMOOTHING = 0.1
 DEFAULT_SHAPES = ("4096x32000", "1024x128000", "65536x1000")
 CONVENTIONS = ("uniform", "others", "others_but_pad")
+EAGER = "lsjax (eager)"
 
 
 def _jax_candidates(logits: jax.Array, labels: jax.Array) -> dict[str, tuple[Callable, int]]:
@@ -69,6 +73,12 @@ def _jax_candidates(logits: jax.Array, labels: jax.Array) -> dict[str, tuple[Cal
             )
 
         candidates[f"lsjax[{convention}]"] = compile_value_and_grad(loss)
+
+    def eager_loss(x, y):
+        return lsjax.smoothed_cross_entropy(x, y, smoothing=SMOOTHING, reduction="mean")
+
+    eager = jax.value_and_grad(eager_loss)
+    candidates[EAGER] = (lambda: jax.block_until_ready(eager(logits, labels))), None
 
     def optax_loss(x, y):
         targets = optax.smooth_labels(jax.nn.one_hot(y, num_classes, dtype=x.dtype), SMOOTHING)
@@ -165,9 +175,15 @@ def bench_shape(rows: int, num_classes: int, dtype: str, reps: int) -> list[dict
     jax_runs = _jax_candidates(jax_logits, jax_labels)
     torch_runs = _torch_candidates(torch_logits, torch_labels)
     runners = {name: run for name, (run, _) in jax_runs.items()} | torch_runs
-    for run in runners.values():  # warm-up (compilation happened above)
+    outputs = {}
+    for name, run in runners.items():  # warm-up (compilation happened above)
         run()
-        run()
+        outputs[name] = run()
+    # The eager call computes what the jitted one computes (both accumulate in float32).
+    for eager, jitted in zip(outputs[EAGER], outputs["lsjax[uniform]"], strict=True):
+        np.testing.assert_allclose(
+            np.asarray(eager, np.float32), np.asarray(jitted, np.float32), rtol=1e-5, atol=1e-7
+        )
     samples = {name: [] for name in runners}
     for _ in range(reps):
         for name, run in runners.items():
@@ -192,7 +208,8 @@ def bench_shape(rows: int, num_classes: int, dtype: str, reps: int) -> list[dict
             "logits_bytes": logits_bytes,
         }
         if name in jax_runs:
-            row["xla_temp_bytes"] = jax_runs[name][1]
+            if jax_runs[name][1] is not None:  # None: no one program to analyse (eager)
+                row["xla_temp_bytes"] = jax_runs[name][1]
         elif name != "copy floor":
             row["torch_peak_bytes"] = _torch_peak_bytes(torch_runs[name])
         results.append(row)
