@@ -67,12 +67,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The kernels' (BLOCK, num_warps) grid of ``--sweep`` (the defaults: lstorch.triton_kernels).
 SWEEP = [(block, warps) for block in (2048, 4096, 8192, 16384, 32768) for warps in (4, 8, 16, 32)]
 PARTS = ("torch", "jax", "fused-torch", "fused-jax", "large-torch", "large-jax")
-# (full run, --dry-run) shapes.
-MAIN_SHAPE = ((8192, 131072), (16, 300))
+# (full run, --dry-run) shapes. A dry run's kernels run in Triton's interpreter, one program per
+# row in turn (about 20 ms a row there), so its Triton rows are few: 4, and 6 for "large".
+MAIN_SHAPE = ((8192, 131072), (4, 300))
 SMALL_CLASSES = 256  # the per-call cost: kernels with nothing to do
 FUSED_SHAPE = ((8192, 4096, 128256), (16, 32, 300))
 # 17408 x 131072 = 2^31 + 2^27 elements: the rows from 16384 on start past element 2^31.
-LARGE_SHAPE = ((17408, 131072), (24, 300))
+LARGE_SHAPE = ((17408, 131072), (6, 300))
 # The rows the targets compare (the summary reads them by name).
 COPY = "copy (read + write the logits once)"
 XLA_COPY = "XLA x + 1 (read + write once)"
