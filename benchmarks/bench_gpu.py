@@ -380,22 +380,22 @@ class _TorchRowCase:
         self.want_loss = _torch_mean_loss64(torch, self.logits, self.labels, SMOOTHING)
 
     def leaf(self, fresh):
-        """The logits as a leaf that requires grad: a fresh copy for a row that overwrites its
-        input (Liger, ``inplace_backward``), else the same tensor every time."""
-        if fresh:
-            return self.logits.clone().requires_grad_(True)
+        """The logits as a tensor that requires grad: for a row that overwrites its input
+        (Liger, ``inplace_backward``) a fresh copy, computed by the graph (``clone`` of a leaf:
+        ``inplace_backward`` refuses a leaf and a view of one), else the same leaf every time."""
         if not hasattr(self, "_shared"):
             self._shared = self.logits.detach().requires_grad_(True)
-        return self._shared
+        return self._shared.clone() if fresh else self._shared
 
     def row(self, name, loss_fn, kind="exact", fresh=False, inplace=False, kernels=False):
-        """``make`` for :meth:`Rows.add`: mean loss and ``torch.autograd.grad`` of the logits;
-        ``inplace`` differentiates a view (``inplace_backward`` needs a non-leaf); ``kernels``
-        requires that lstorch's Triton kernels ran."""
+        """``make`` for :meth:`Rows.add`: mean loss and ``torch.autograd.grad`` of the logits
+        (``inplace`` rows take ``fresh`` ones); ``kernels`` requires that lstorch's Triton
+        kernels ran."""
         torch = self.torch
+        if inplace and not fresh:
+            raise ValueError(f"{name}: an inplace_backward row needs fresh=True")
 
-        def call(leaf):
-            x = leaf.view_as(leaf) if inplace else leaf
+        def call(x):
             loss = loss_fn(x)
             (grad,) = torch.autograd.grad(loss, x)
             return loss, grad
@@ -872,16 +872,15 @@ def large_torch_part(args) -> dict:
     result_rows = Rows(args.row_limit)
 
     def lstorch_row(name, inplace):
-        def call(leaf):
-            x = leaf.view_as(leaf) if inplace else leaf
+        def call(x):
             per_row = lstorch.smoothed_cross_entropy(
                 x, labels, smoothing=SMOOTHING, reduction="none", inplace_backward=inplace
             )
             (grad,) = torch.autograd.grad(per_row.sum(), x)
             return per_row, grad
 
-        def prepare():  # in place: a fresh copy, the call overwrites it
-            return logits.clone().requires_grad_(True) if inplace else shared
+        def prepare():  # in place: a fresh copy computed by the graph, the call overwrites it
+            return shared.clone() if inplace else shared
 
         def make():
             with _counting_kernels() as counter:

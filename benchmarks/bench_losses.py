@@ -114,18 +114,16 @@ def _torch_candidates(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, C
     inplace_module = lstorch.SmoothedCrossEntropyLoss(
         smoothing=SMOOTHING, ignore_index=None, inplace_backward=True
     )
-    scratch = torch.empty_like(logits)
+    source = logits.detach().requires_grad_(True)
 
     def inplace_run():
-        """Self-timed: the logits are first copied into a scratch buffer (untimed), since
-        backward overwrites them with their gradient."""
-        leaf = scratch.copy_(logits).requires_grad_(True)
+        """Self-timed: the logits are first copied (untimed), since backward overwrites them
+        with their gradient; the copy, ``clone`` of a leaf, is computed by the graph, as
+        ``inplace_backward`` needs (it refuses a leaf and a view of one)."""
+        x = source.clone()
         start = time.perf_counter()
-        x = leaf.view_as(leaf)  # a non-leaf, as inplace_backward needs
         torch.autograd.grad(inplace_module(x, labels), x)
-        elapsed = time.perf_counter() - start
-        leaf.requires_grad_(False)
-        return elapsed
+        return time.perf_counter() - start
 
     return {
         "lstorch": forward_backward(lambda x: module(x, labels)),

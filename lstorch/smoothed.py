@@ -279,8 +279,9 @@ def smoothed_cross_entropy(
         donate_argnums=0)``). Use it when nothing else needs the logits' values (the usual
         output layer of a language model); another autograd node that saved them then raises
         PyTorch's "modified by an inplace operation" error rather than computing with the
-        gradient. It needs logits that are not a leaf tensor (a leaf's ``.grad`` would alias
-        it) and that are contiguous with the class axis moved last.
+        gradient. It needs logits that are neither a leaf tensor nor a view of one, such as
+        ``param.view(N, K)`` (the leaf's ``.grad`` would alias its storage), and that are
+        contiguous with the class axis moved last.
       check_labels: whether the host reads tensor values to check them: the labels (in range,
         not of a masked class), a ``class_mask`` (leaves a class to smooth over) and the scalar
         options given as tensors (``smoothing``, ``z_loss``, ``normalizer``). ``None`` (the
@@ -358,11 +359,14 @@ def smoothed_cross_entropy(
     with_z = return_z_loss or isinstance(z_loss, torch.Tensor) or z_value != 0
     z = _common.z_loss_tensor(z_loss if with_z else 0.0, compute_dtype, logits.device)
     if inplace_backward and logits.requires_grad:
-        if logits.is_leaf:
+        # A view shares its base's storage: the base's .grad would alias the base itself.
+        storage_owner = logits if logits._base is None else logits._base
+        if storage_owner.is_leaf:
+            got = "a leaf" if logits.is_leaf else "a view of a leaf"
             raise ValueError(
                 f"{fn}: inplace_backward=True overwrites the logits with their gradient, so "
-                "`logits` must be computed by the graph, not a leaf tensor (its .grad would "
-                "alias it); got a leaf that requires grad."
+                "`logits` must be computed by the graph, not a leaf tensor or a view of one "
+                f"(the leaf's .grad would alias its storage); got {got} that requires grad."
             )
         if not x.is_contiguous():
             raise ValueError(

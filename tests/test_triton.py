@@ -104,16 +104,29 @@ def test_a_triton_that_cannot_be_imported_is_said_once_and_not_tried_again(monke
         assert torch.equal(loss, want[0]) and torch.equal(grad, want[1])
 
 
-def test_inplace_backward_on_a_leaf_is_an_error():
+def test_inplace_backward_on_a_leaf_or_a_view_of_one_is_an_error():
+    """A view of a leaf (``param.view(...)``, ``param[...]``) shares the leaf's storage: in place,
+    backward would leave the parameter holding its own gradient, its ``.grad`` aliasing it."""
     import lstorch
 
     logits = torch.zeros(2, 3, requires_grad=True)
-    with pytest.raises(ValueError, match=r"inplace_backward=True.*not a leaf"):
-        lstorch.smoothed_cross_entropy(logits, torch.tensor([0, 1]), inplace_backward=True)
+    flat = torch.zeros(6, requires_grad=True)
+    labels = torch.tensor([0, 1])
+    for given, got in ((logits, "a leaf"), (flat.view(2, 3), "a view of a leaf"),
+                       (logits[:, :], "a view of a leaf")):  # fmt: skip
+        with pytest.raises(ValueError, match=rf"inplace_backward=True.*not a leaf.*got {got} "):
+            lstorch.smoothed_cross_entropy(given, labels, inplace_backward=True)
     with pytest.raises(ValueError, match="inplace_backward=True needs `logits` contiguous"):
         lstorch.smoothed_cross_entropy(
-            logits.view_as(logits), torch.tensor([0, 1, 1]), axis=0, inplace_backward=True
+            logits * 1.0, torch.tensor([0, 1, 1]), axis=0, inplace_backward=True
         )
+    # A view of a computed tensor is the graph's memory, not a parameter's: allowed.
+    computed = flat * 1.0
+    loss = lstorch.smoothed_cross_entropy(
+        computed.view(2, 3), labels, reduction="mean", inplace_backward=True
+    )
+    loss.backward()
+    assert torch.equal(flat, torch.zeros(6)) and flat.grad is not None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

@@ -84,13 +84,13 @@ def run(logits, labels, kwargs, dtype, cotangent, inplace=False):
         for key, value in kwargs.items()
     }
     leaf = torch.tensor(logits, device=DEVICE).to(TORCH_DTYPES[dtype]).requires_grad_(True)
-    x = leaf.view_as(leaf)  # a non-leaf, as inplace_backward needs
+    x = leaf.clone()  # a non-leaf with its own storage, as inplace_backward needs
     loss = lstorch.smoothed_cross_entropy(
         x, torch.tensor(labels, device=DEVICE), inplace_backward=inplace, **options
     )
     (grad,) = torch.autograd.grad(loss, x, torch.tensor(cotangent, device=DEVICE))
     values = loss.detach().double().cpu().numpy(), grad.double().cpu().numpy()
-    return (*values, leaf.detach()) if inplace else values
+    return (*values, x.detach()) if inplace else values
 
 
 def check_case(shape, axis, convention, variant, dtype, seed) -> list[str]:
