@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import torch
 
 import lsspec
-from lstorch._common import times, xlogx
+from lstorch._common import at_labels, times, xlogx
 
 IDENTITY = lsspec.LogitTransform()
 
@@ -83,7 +83,7 @@ def label_rows(labels, counted, eps, num_classes: int, class_mask=None):
     safe_labels = torch.where(counted & in_range, labels, 0)
     valid = in_range & (eps >= 0) & (eps <= 1)
     if class_mask is not None:
-        valid = valid & class_mask[torch.where(in_range, labels, 0)]
+        valid = valid & at_labels(class_mask, torch.where(in_range, labels, 0))
     return safe_labels, counted & ~valid
 
 

@@ -249,6 +249,18 @@ def index_labels(labels: torch.Tensor) -> torch.Tensor:
     return labels.to(torch.int64)
 
 
+def at_labels(table: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``table[labels]``: the rows of ``table`` (a per-class vector, or a ``(K, D)`` matrix) at
+    integer ``labels`` of any shape, 0-d included, as one ``index_select``.
+
+    Indexing with a 0-d tensor reads it on the host (``.item()``), which ``torch.func.vmap``
+    refuses: per-example gradients, ``vmap(grad(loss))`` over ``(K,)`` logits and 0-d labels,
+    would fail in backward. ``index_select`` takes the labels as a tensor in every shape.
+    """
+    picked = table.index_select(0, labels.reshape(-1))
+    return picked.reshape(labels.shape + table.shape[1:])
+
+
 def values_readable(tensor: torch.Tensor) -> bool:
     """Whether the host can read ``tensor``'s values: not inside ``torch.compile`` (the read
     would break the graph) and not batched by ``torch.func.vmap`` (a vmapped value cannot be

@@ -569,7 +569,7 @@ def _local_entry(vector, classes, start):
     """``vector[classes - start]`` where this rank holds the class, else 0 (``vector`` 1-D)."""
     local = classes - start
     here = (local >= 0) & (local < vector.shape[0])
-    return torch.where(here, vector[torch.where(here, local, 0)], 0.0)
+    return torch.where(here, _common.at_labels(vector, torch.where(here, local, 0)), 0.0)
 
 
 class _AllReduceSum(torch.autograd.Function):

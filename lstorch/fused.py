@@ -212,7 +212,7 @@ def fused_linear_smoothed_cross_entropy(
         ),
     )
     safe_labels = torch.where(counted, labels, 0).clamp(0, num_classes - 1)
-    w_y = 1.0 if class_weight is None else class_weight[safe_labels]
+    w_y = 1.0 if class_weight is None else _common.at_labels(class_weight, safe_labels)
     row_weight = torch.where(counted, w_y, 0.0).to(compute_dtype)
     loss = _common.reduce(loss.reshape(labels.shape), row_weight, reduction, normalizer)
     outputs = (loss,)
@@ -490,12 +490,13 @@ def _terms(options, hidden, weight, bias, labels, counted, eps, class_weight, cl
     lse = forward.lse
 
     def column(classes):  # the (transformed) logit of one class per row
-        rows = _operand(weight[classes], operand_dtype, compute_dtype)
-        value = (hidden * rows).sum(-1) + _operand(bias[classes], operand_dtype, compute_dtype)
+        rows = _operand(_common.at_labels(weight, classes), operand_dtype, compute_dtype)
+        bias_y = _operand(_common.at_labels(bias, classes), operand_dtype, compute_dtype)
+        value = (hidden * rows).sum(-1) + bias_y
         return _closed_form.transformed(value, options.transform)
 
     x_y = column(safe_labels)
-    w_y = 1.0 if class_weight is None else class_weight[safe_labels]
+    w_y = 1.0 if class_weight is None else _common.at_labels(class_weight, safe_labels)
     # sum_{c in S} u_c x_c = hidden . (sum_c u_c weight_c) + sum_c u_c bias_c: rank 1, no pass
     # over the logits. Unlike the dense core (relative to the row max), this needs
     # |logits| < float max / K.

@@ -387,7 +387,8 @@ def smoothed_cross_entropy(
             row_weight = counted.to(compute_dtype)
         else:
             safe_labels = torch.where(counted, labels, 0).clamp(0, num_classes - 1)
-            row_weight = torch.where(counted, weight[safe_labels], 0.0).to(compute_dtype)
+            row_weight = torch.where(counted, _common.at_labels(weight, safe_labels), 0.0)
+            row_weight = row_weight.to(compute_dtype)
     outputs = (loss, z_part) if return_z_loss else (loss,)
     outputs = tuple(_common.reduce(value, row_weight, reduction, normalizer) for value in outputs)
     if return_stats:
@@ -464,7 +465,7 @@ def _row_terms(
         support_weight = mask_weight.expand(num_classes).sum()
     else:
         masked_weight = weight * mask_weight
-        w_y = weight[safe_labels]
+        w_y = _common.at_labels(weight, safe_labels)
         w_pad = masked_weight[options.pad_index] if options.pad_index is not None else 0.0
         support_sum = torch.matmul(x_summed, weight * scale)
         support_weight = masked_weight.sum()
@@ -663,7 +664,7 @@ def _target(options, num_classes, labels, counted, eps, weight, class_mask) -> _
     w = unmasked.expand(num_classes)
     if class_mask is not None:
         w = w * class_mask.to(eps.dtype)  # masked classes leave the support
-    w_y = unmasked.expand(num_classes)[safe_labels]
+    w_y = _common.at_labels(unmasked.expand(num_classes), safe_labels)
     support_weight = w.sum()
     if options.convention != "uniform":
         support_weight = support_weight - w_y
@@ -723,7 +724,7 @@ def _build_gradient(ops: _GradientOps, start, options, saved: _Saved, grads) -> 
     grad = ops.addcmul(grad, g.unsqueeze(-1), target.per_class * target.w, value=-1)
     correction = -target.on_true
     if options.convention != "uniform":  # y is not in the support
-        correction = correction + target.per_class * target.w[target.safe_labels]
+        correction = correction + target.per_class * _common.at_labels(target.w, target.safe_labels)
     labels = target.safe_labels.unsqueeze(-1)
     grad = ops.scatter_add(grad, -1, labels, (g * correction).unsqueeze(-1))
     if options.convention == "others_but_pad":
@@ -818,7 +819,7 @@ def _row_loss_tangent(options, saved: _Saved, tangent):
     dx_y = dx.gather(-1, target.safe_labels.unsqueeze(-1)).squeeze(-1)
     support_dot = torch.matmul(dx, w)
     if options.convention != "uniform":
-        support_dot = support_dot - w[target.safe_labels] * dx_y
+        support_dot = support_dot - _common.at_labels(w, target.safe_labels) * dx_y
     if options.convention == "others_but_pad":
         support_dot = support_dot - w[options.pad_index] * dx[..., options.pad_index]
     target_dot = target.on_true * dx_y + target.per_class * support_dot

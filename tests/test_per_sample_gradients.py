@@ -62,12 +62,18 @@ LOSSES = {
 }  # fmt: skip
 
 
-def _batch(size=4, seed=0):
+# An example is a sequence of TOKENS rows, or one row: ``(K,)`` logits, a 0-d label and where,
+# as ``F.cross_entropy`` takes them (indexing a class vector with a 0-d label under vmap must
+# not read it on the host).
+ROWS = {"tokens": (TOKENS,), "one row": ()}
+
+
+def _batch(size=4, seed=0, rows=(TOKENS,)):
     rng = np.random.default_rng(seed)
-    inputs = torch.as_tensor(rng.standard_normal((size, TOKENS, FEATURES)))
-    labels = torch.as_tensor(rng.integers(1, K, (size, TOKENS)))
-    where = torch.as_tensor(rng.random((size, TOKENS)) < 0.8)
-    where[:, 0] = True  # every example has a row that counts
+    inputs = torch.as_tensor(rng.standard_normal((size, *rows, FEATURES)))
+    labels = torch.as_tensor(rng.integers(1, K, (size, *rows)))
+    where = torch.as_tensor(rng.random((size, *rows)) < 0.8)
+    where.view(size, -1)[:, 0] = True  # every example has a row that counts (a view: in place)
     return inputs, labels, where
 
 
@@ -80,10 +86,11 @@ def _per_sample(loss, head, inputs, labels, where):
     return vmap(grad(example_loss), in_dims=(None, 0, 0, 0))(params, inputs, labels, where)
 
 
+@pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("name", LOSSES)
-def test_vmapped_per_sample_gradients_equal_a_loop_of_backward_calls(name):
+def test_vmapped_per_sample_gradients_equal_a_loop_of_backward_calls(name, rows):
     loss, head = LOSSES[name], _head()
-    inputs, labels, where = _batch()
+    inputs, labels, where = _batch(rows=ROWS[rows])
     batched = _per_sample(loss, head, inputs, labels, where)
     for index in range(len(inputs)):
         head.zero_grad()
@@ -107,3 +114,27 @@ def test_an_out_of_range_label_under_vmap_is_nan_for_its_example_only():
         per_example = batched[param_name].reshape(len(inputs), -1)
         assert torch.isnan(per_example[2]).all(), param_name
         assert torch.isfinite(per_example[[0, 1, 3]]).all(), param_name
+
+
+@pytest.mark.parametrize("rows", ROWS)
+def test_fused_head_per_sample_gradients_equal_a_loop_of_backward_calls(rows):
+    """The fused loss takes the head's parameters itself: per example, ``(..., FEATURES)``
+    hidden states and the labels' shape, one row (a 0-d label) included."""
+    head = _head()
+    inputs, labels, where = _batch(rows=ROWS[rows])
+    params = {name: p.detach() for name, p in head.named_parameters()}
+
+    def loss(params, h, y, m):
+        return lstorch.fused_linear_smoothed_cross_entropy(
+            h, params["weight"], y, bias=params["bias"], smoothing=0.1, convention="others",
+            class_weight=CLASS_WEIGHT, where=m, reduction="sum",
+        )  # fmt: skip
+
+    batched = vmap(grad(loss), in_dims=(None, 0, 0, 0))(params, inputs, labels, where)
+    for index in range(len(inputs)):
+        head.zero_grad()
+        loss(dict(head.named_parameters()), inputs[index], labels[index], where[index]).backward()
+        for param_name, param in head.named_parameters():
+            torch.testing.assert_close(
+                batched[param_name][index], param.grad, rtol=1e-12, atol=1e-14
+            )
