@@ -82,16 +82,29 @@ def _logsumexp_parts(x: Array, compute_dtype, class_mask: Array | None = None, t
 
 def _allowed_logsumexp(x: Array, class_mask: Array, compute_dtype, transform):
     """``(peak, log_sum)`` over the last axis and the allowed classes, in ONE variadic reduction
-    whose state is the running (max, sum of exp(x - max)) of the allowed entries seen, as an
-    online softmax keeps it: a masked logit of any size (-inf, or far above every allowed one)
-    never enters, so it neither overflows nor underflows the sum. The operands are ``x``, a
-    broadcast 1 and the broadcast mask, which XLA fuses into the reduction: no rows x K
-    temporary (an elementwise-masked ``x`` feeding a max or a sum is materialised by XLA:CPU)."""
+    (:func:`_allowed_reduction`): a masked logit of any size (-inf, or far above every allowed
+    one) never enters, so it neither overflows nor underflows the sum."""
     values = x.astype(compute_dtype)
     if transform.active:
         values = _transformed_alone(x, compute_dtype, class_mask, transform)
-    ones = jnp.ones(x.shape, compute_dtype)
-    allowed = jnp.broadcast_to(class_mask, x.shape)
+    peak, total = _allowed_reduction(values, class_mask)
+    return jax.lax.stop_gradient(peak), jnp.log(total)
+
+
+@jax.custom_jvp
+def _allowed_reduction(values: Array, class_mask: Array) -> tuple[Array, Array]:
+    """``(peak, total)``: the allowed entries' max (0 where it is not finite) and
+    ``sum_c exp(values_c - peak)`` over them. The reduction's state is the running (max, sum of
+    exp(x - max)) of the allowed entries seen, as an online softmax keeps it. The operands are
+    ``values``, a broadcast 1 and the broadcast mask, which XLA fuses into the reduction: no
+    rows x K temporary (an elementwise-masked ``x`` feeding a max or a sum is materialised by
+    XLA:CPU).
+
+    Its derivative is given (:func:`_allowed_reduction_jvp`): JAX cannot differentiate a
+    variadic reduction with constant operands (the broadcast 1 and mask), and the core's own
+    derivative rule is differentiated through this at second order (``jax.hessian``)."""
+    ones = jnp.ones(values.shape, values.dtype)
+    allowed = jnp.broadcast_to(class_mask, values.shape)
 
     def combine(left, right):
         (left_max, left_sum, left_any), (right_max, right_sum, right_any) = left, right
@@ -104,10 +117,21 @@ def _allowed_logsumexp(x: Array, class_mask: Array, compute_dtype, transform):
         )
         return peak, total, left_any | right_any
 
-    start = (np.array(-np.inf, compute_dtype), np.array(0.0, compute_dtype), np.array(False))
-    peak, total, _ = jax.lax.reduce((values, ones, allowed), start, combine, (x.ndim - 1,))
-    peak = jax.lax.stop_gradient(jnp.where(jnp.isfinite(peak), peak, 0.0))
-    return peak, jnp.log(total)
+    dtype = values.dtype
+    start = (np.array(-np.inf, dtype), np.array(0.0, dtype), np.array(False))
+    peak, total, _ = jax.lax.reduce((values, ones, allowed), start, combine, (values.ndim - 1,))
+    return jnp.where(jnp.isfinite(peak), peak, 0.0), total
+
+
+@_allowed_reduction.defjvp
+def _allowed_reduction_jvp(primals, tangents):
+    """The peak is a shift the caller holds constant (its gradient stopped), so ``d peak = 0``
+    and ``d total = sum_c exp(values_c - peak) d values_c`` over the allowed classes."""
+    values, class_mask = primals
+    peak, total = _allowed_reduction(values, class_mask)
+    shifted = jnp.where(class_mask, values, -jnp.inf) - peak[..., None]
+    d_total = jnp.sum(jnp.exp(shifted) * tangents[0], axis=-1)
+    return (peak, total), (jnp.zeros_like(peak), d_total)
 
 
 def _mask_for(class_mask: Array, dtype, companion: Array) -> Array:

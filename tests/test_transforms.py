@@ -264,6 +264,40 @@ def test_hessian_vector_product_matches_torch():
     np.testing.assert_allclose(ours.numpy(), expected.numpy(), rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [dict(convention="uniform"), dict(convention="others", softcap=2.0, z_loss=0.1)],
+    ids=["uniform", "others-softcap-z_loss"],
+)
+def test_hessian_with_a_class_mask_matches_torch(options):
+    """Second order through the masked logsumexp (one variadic reduction with its own
+    derivative rule), against torch's ``F.cross_entropy`` on the smoothed target as
+    probabilities, the masked classes' logits at -1e30 (out of the softmax, no gradient)."""
+    logits, labels = _inputs()
+    mask = np.array([True, True, False, True, True])
+    labels = np.where(mask[labels.clip(0)], labels.clip(0), 0)
+    eps, z = 0.2, options.get("z_loss", 0.0)
+    jax_loss = functools.partial(
+        lsjax.smoothed_cross_entropy, labels=labels, smoothing=eps, class_mask=mask,
+        reduction="sum", implementation="xla", **options,
+    )  # fmt: skip
+    onehot = np.eye(5)[labels]
+    support = mask & (onehot == 0) if options["convention"] == "others" else mask + 0 * onehot
+    target = torch.as_tensor((1 - eps) * onehot + eps * support / support.sum(-1, keepdims=True))
+
+    def torch_loss(x):
+        cap = options.get("softcap")
+        x = x if cap is None else cap * torch.tanh(x / cap)
+        x = x.masked_fill(~torch.as_tensor(mask), -1e30)
+        lse = torch.logsumexp(x, -1)
+        return F.cross_entropy(x, target, reduction="sum") + z * (lse**2).sum()
+
+    expected = torch.func.hessian(torch_loss)(torch.tensor(np.asarray(logits)))
+    np.testing.assert_allclose(
+        jax.hessian(jax_loss)(logits), expected.numpy(), rtol=1e-10, atol=1e-13
+    )
+
+
 def test_all_rows_ignored_mean_is_zero_with_zero_gradient_in_both_frameworks():
     logits, _ = _inputs()
     labels = np.full(6, -100)
