@@ -530,7 +530,7 @@ def test_forum_and_opennmt_losses_check_their_constructor_arguments():
             )
 
 
-def test_cross_entropy_mirror_refuses_ignore_index_with_probabilities():
+def test_cross_entropy_mirror_takes_ignore_index_with_probabilities_as_torch():
     logits, _ = _data()
     probabilities = np.full_like(logits, 0.2)
     with pytest.raises(
@@ -541,3 +541,10 @@ def test_cross_entropy_mirror_refuses_ignore_index_with_probabilities():
         torch.nn.functional.cross_entropy(
             torch.as_tensor(logits), torch.as_tensor(probabilities), ignore_index=0
         )
+    # A negative ignore_index is accepted and unused with probabilities, by torch and by us.
+    for ignore_index in (-1, -100):
+        expected = torch.nn.functional.cross_entropy(
+            torch.as_tensor(logits), torch.as_tensor(probabilities), ignore_index=ignore_index
+        )
+        got = lsjax.cross_entropy(logits, probabilities, ignore_index=ignore_index)
+        np.testing.assert_allclose(np.asarray(got), expected.numpy(), rtol=1e-6)

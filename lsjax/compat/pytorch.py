@@ -32,7 +32,8 @@ def cross_entropy(
     ``(1 - eps) * w_y * (lse - x_y) + (eps/C) * sum_c w_c * (lse - x_c)`` and ``"mean"`` divides
     by the sum of ``w_y`` over rows whose target is not ``ignore_index``; with probabilities the
     target is smoothed to ``t * (1 - eps) + eps/C``, ``"mean"`` divides by the number of rows and
-    ``ignore_index`` must stay at its default (torch raises otherwise).
+    ``ignore_index`` must be negative, any negative value meaning nothing (torch refuses
+    ``ignore_index >= 0`` there).
 
     Output dtype is the input's, as torch: the value is accumulated in float32 for bf16/fp16
     and rounded once. Documented difference: when every row is ignored, ``"mean"`` returns 0 with
@@ -49,10 +50,10 @@ def cross_entropy(
         raise lsspec.shape_error(fn, "input", input.shape, "shape (C,), (N, C) or (N, C, d1, ...)")
     class_axis = 0 if input.ndim == 1 else 1
     if jnp.issubdtype(target.dtype, jnp.floating):
-        if ignore_index != -100:
+        if ignore_index >= 0:  # torch: TORCH_CHECK(ignore_index < 0) in its NLL loss
             raise ValueError(
-                f"{fn}: `ignore_index` is not supported with probability targets (as in torch); "
-                f"got ignore_index={ignore_index!r}."
+                f"{fn}: `ignore_index` is not supported with probability targets (as in torch): "
+                f"it must be negative, and is then unused; got ignore_index={ignore_index!r}."
             )
         loss = soft_target_cross_entropy(
             input,
