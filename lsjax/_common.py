@@ -249,7 +249,24 @@ def check_bool(fn: Any, name: str, value: Any) -> None:
 
 def integer_labels(fn: Any, labels: ArrayLike) -> Array:
     """``labels`` as an array of an integer dtype (else a TypeError), widened by
-    :func:`index_labels` before any comparison with ``ignore_index`` or ``pad_index``."""
+    :func:`index_labels` before any comparison with ``ignore_index`` or ``pad_index``.
+
+    Without ``jax_enable_x64``, JAX converts int64/uint64 NumPy labels to int32 by wrapping
+    (``2**32 + 3`` becomes 3, a real class): such labels whose values int32 cannot hold raise a
+    ValueError here, before they are converted, whatever ``check_labels`` says (they are on the
+    host; no class index is that large)."""
+    if isinstance(labels, np.ndarray | np.generic) and np.issubdtype(labels.dtype, np.integer):
+        canonical = jax.dtypes.canonicalize_dtype(labels.dtype)
+        if canonical != labels.dtype:
+            info = np.iinfo(canonical)
+            lost = (labels < info.min) | (labels > info.max)
+            if np.any(lost):
+                name, arg = lsspec.names(fn)
+                raise ValueError(
+                    f"{name}: `{arg('labels')}` must fit JAX's default integer dtype, {canonical}"
+                    f" (jax_enable_x64 is off), or they would wrap to other classes; got "
+                    f"{labels.dtype} values {sorted(set(np.asarray(labels)[lost].tolist()))[:5]}."
+                )
     labels = as_array(labels)
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise lsspec.dtype_error(fn, "labels", labels.dtype, "an integer dtype")
@@ -279,13 +296,20 @@ def counted_rows(labels, ignore_index=None, pad_index=None, where=None, *, xp: A
     """The rows that count: label not ``ignore_index``, not ``pad_index``, and ``where`` True.
     ``xp``: ``jax.numpy`` inside the losses' programs, ``numpy`` for the host's checks."""
     counted = xp.ones(labels.shape, dtype=bool)
-    if ignore_index is not None:
-        counted = counted & (labels != ignore_index)
-    if pad_index is not None:
-        counted = counted & (labels != pad_index)
+    for index in (ignore_index, pad_index):
+        if index is not None and _holds(labels.dtype, index):
+            counted = counted & (labels != index)
     if where is not None:
         counted = counted & xp.asarray(where)
     return counted
+
+
+def _holds(dtype, index: int) -> bool:
+    """Whether integer ``dtype`` holds ``index``. JAX compares an array with a Python int in the
+    array's dtype (in uint32, ``-1`` is ``2**32 - 1``), so an ``ignore_index`` the labels' dtype
+    cannot hold is no label's value and matches none."""
+    info = np.iinfo(dtype)
+    return bool(info.min <= index <= info.max)
 
 
 def check_label_range(

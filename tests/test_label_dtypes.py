@@ -290,6 +290,27 @@ def test_jax_uint8_label_156_counts_under_ignore_index_minus_100():
     np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
 
 
+def test_jax_without_x64_wide_labels_neither_wrap_nor_match_a_negative_ignore_index():
+    """Without ``jax_enable_x64`` JAX keeps uint32 labels as they are and wraps int64 ones to
+    int32. A uint32 label ``2**32 - 1`` is out of range, not ``ignore_index=-1`` (which uint32
+    cannot hold): concrete it raises, traced it gives NaN as an int64 label would. An int64
+    NumPy label int32 cannot hold raises before JAX wraps it to another class."""
+    logits = inputs_for("logits", 2)[0].astype(np.float32)
+    with jax.enable_x64(False):
+        for dtype in (np.uint32, np.int64):
+            labels = np.array([1, 2**32 - 1], dtype)
+            message = r"must lie in \[0, 258\]" if dtype == np.uint32 else "must fit JAX's default"
+            with pytest.raises(ValueError, match=message):
+                lsjax.smoothed_cross_entropy(logits, labels, ignore_index=-1)
+        labels = np.array([1, 2**32 - 1], np.uint32)
+        for call in (
+            jax.jit(lambda x, y: lsjax.smoothed_cross_entropy(x, y, ignore_index=-1)),
+            lambda x, y: lsjax.smoothed_cross_entropy(x, y, ignore_index=-1, check_labels=False),
+        ):
+            loss = np.asarray(call(logits, labels))
+            assert np.isfinite(loss[0]) and np.isnan(loss[1]), loss
+
+
 # ----------------------------------------------------------------------------------------------
 # PyTorch
 
