@@ -147,6 +147,13 @@ def is_number(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def is_finite(value: float) -> bool:
+    """``math.isfinite(value)`` by comparisons only (NaN fails both): a float that
+    ``torch.compile(dynamic=True)`` made symbolic compares (Dynamo guards on the result), but
+    cannot go through ``math.isfinite``."""
+    return -math.inf < value < math.inf
+
+
 def is_index(value: object) -> bool:
     """An int (a NumPy integer too), and not a bool: ``True`` is no class index."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -300,7 +307,7 @@ def check_options(
                 f"{arg('reduction')}='mean'; got {arg('normalizer')}={normalizer!r} with "
                 f"{arg('reduction')}={reduction!r}."
             )
-        if is_number(normalizer) and not (normalizer > 0 and math.isfinite(normalizer)):
+        if is_number(normalizer) and not (normalizer > 0 and is_finite(normalizer)):
             raise ValueError(
                 f"{fn}: `{arg('normalizer')}` must be a finite number > 0; got {normalizer!r}."
             )
@@ -464,7 +471,7 @@ def check_z_loss(
     """``z_loss`` is a finite number >= 0 and needs logits (there is no logsumexp of log-probs).
     A value that is not concrete gives NaN rows when out of range."""
     fn, arg = names(fn)
-    if is_number(z_loss) and not (z_loss >= 0 and math.isfinite(z_loss)):
+    if is_number(z_loss) and not (z_loss >= 0 and is_finite(z_loss)):
         raise ValueError(f"{fn}: `{arg('z_loss')}` must be a finite number >= 0; got {z_loss!r}.")
     uses_z = return_z_loss or not (is_number(z_loss) and z_loss == 0)
     if from_log_probs and uses_z:
@@ -507,7 +514,7 @@ def check_logit_transform(
                 f"{fn}: `{arg(name)}` must be {allowed} (a Python number: it is compiled in and "
                 f"not differentiated); got {value!r} ({type(value).__name__})."
             )
-        if not (math.isfinite(value) and value > 0):
+        if not (is_finite(value) and value > 0):
             raise ValueError(f"{fn}: `{arg(name)}` must be {allowed}; got {value!r}.")
     transform = LogitTransform(float(logit_scale), None if softcap is None else float(softcap))
     if from_log_probs and transform.active:

@@ -87,7 +87,9 @@ def scaled(scale: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
 def numpy_as_tensor(value: object) -> object:
     """A NumPy array option (``np.array(0.1)``) as a CPU tensor, as lsjax takes one; any other
     value unchanged."""
-    if isinstance(value, torch.Tensor) or not hasattr(value, "__array__"):
+    if lsspec.is_number(value) or isinstance(value, torch.Tensor):
+        return value  # (a float made symbolic by torch.compile has no hasattr under Dynamo)
+    if not hasattr(value, "__array__"):
         return value
     return torch.as_tensor(value)
 
@@ -185,7 +187,9 @@ def smoothing_tensor(value, dtype, device) -> torch.Tensor:
     route does on the device (every step exact: the difference of a float and 0 or 1 near it),
     and filled in one op: the same value, bit for bit, without ten small device ops per call."""
     slack = lsspec.unit_interval_slack(_ulp_of_one(value))
-    if lsspec.is_number(value):
+    # Under torch.compile the tensor route: a float made symbolic (dynamic=True, or a value
+    # that changes between calls) cannot be rounded on the host, and the graph fuses it anyway.
+    if lsspec.is_number(value) and not torch.compiler.is_compiling():
         rounded, slack_in_dtype = _in_dtype(float(value), dtype), _in_dtype(slack, dtype)
         if rounded is not None and slack_in_dtype is not None:
             snapped = min(max(rounded, 0.0), 1.0)  # -0.0 stays -0.0, as torch.clamp keeps it
@@ -205,7 +209,7 @@ def z_loss_tensor(value, dtype, device) -> torch.Tensor:
     (a value the checks could not read): the rows it reaches are NaN, never a plausible
     number. A Python number that is finite and >= 0 in ``dtype`` is filled in one op (the
     same value)."""
-    if lsspec.is_number(value):
+    if lsspec.is_number(value) and not torch.compiler.is_compiling():  # as smoothing_tensor
         rounded = _in_dtype(float(value), dtype)
         if rounded is not None and rounded >= 0:
             return torch.full((), rounded, dtype=dtype, device=device)

@@ -389,6 +389,43 @@ def test_torch_compile_fullgraph_still_traces_the_losses():
         _assert_close(got, torch.autograd.grad(loss_fn(*inputs).sum(), inputs))
 
 
+def test_torch_compile_takes_python_float_options_that_change():
+    """A smoothing schedule on a compiled module (``loss_fn.smoothing = eps`` between steps,
+    fullgraph), and ``dynamic=True``: Dynamo makes such a float symbolic, so the option checks
+    compare it and never round it on the host. Against torch's own ``F.cross_entropy``."""
+    logits, labels = _random(ROWS, CLASSES, seed=4), torch.tensor([0, 3, 1, 5, 2])
+
+    def reference(x, eps, z=0.0, reduction="mean"):
+        loss = F.cross_entropy(x, labels, label_smoothing=eps, reduction=reduction)
+        return loss + z * (torch.logsumexp(x, -1) ** 2).sum()
+
+    module = lstorch.SmoothedCrossEntropyLoss(smoothing=0.1)
+    compiled_module = torch.compile(module, fullgraph=True, backend="aot_eager")
+    function = torch.compile(
+        lambda x, eps, z: lstorch.smoothed_cross_entropy(
+            x, labels, smoothing=eps, z_loss=z, reduction="sum"
+        ),
+        dynamic=True, fullgraph=True, backend="aot_eager",
+    )  # fmt: skip
+    for eps, z in ((0.1, 0.0), (0.2, 0.01), (0.3, 0.02)):
+        module.smoothing = eps
+        for ours, theirs in (
+            (
+                functools.partial(compiled_module, labels=labels),
+                functools.partial(reference, eps=eps),
+            ),
+            (
+                functools.partial(function, eps=eps, z=z),
+                functools.partial(reference, eps=eps, z=z, reduction="sum"),
+            ),
+        ):
+            x = logits.clone().requires_grad_()
+            got = ours(x)
+            want = theirs(x)
+            _assert_close(got, want)
+            _assert_close(torch.autograd.grad(got, x), torch.autograd.grad(want, x))
+
+
 # --------------------------------------------------------------------------------------------
 # The fused loss: fused_linear_smoothed_cross_entropy, against F.linear + F.cross_entropy
 
