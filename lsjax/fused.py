@@ -18,6 +18,12 @@ and recomputes each chunk's logits to form ``g * (softmax - q)`` one chunk at a 
 ``d hidden += coeff @ weight_chunk``, ``d weight_chunk = coeff.T @ hidden``,
 ``d bias_chunk = sum_rows coeff``.
 Its PyTorch twin is ``lstorch.fused_linear_smoothed_cross_entropy``.
+
+Reverse mode only: ``jax.grad``/``jax.vjp`` (under ``jit`` and ``vmap`` too). Forward mode and
+second order (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) raise JAX's "can't apply
+forward-mode autodiff (jvp) to a custom_vjp function"; for them use the dense route,
+``lsjax.smoothed_cross_entropy(hidden @ weight.T + bias, labels, ...)`` (its logits built).
+The PyTorch twin, built on ``torch.autograd.Function``, has forward mode and double backward.
 """
 
 from __future__ import annotations
