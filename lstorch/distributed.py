@@ -824,14 +824,17 @@ class _VocabParallelRows(torch.autograd.Function):
                 labels, counted, eps, layout.num_classes, layout.class_mask
             )
             pad = torch.full_like(labels, layout.pad_index or 0)
+            # The support's sums see masked classes as 0, not their logit times a 0 weight: a
+            # masked -inf logit would make that product NaN.
+            summed = t if layout.local_mask is None else t.masked_fill(~layout.local_mask, 0)
             if class_weight is None:
-                total = t.sum(-1, dtype=compute_dtype)
+                total = summed.sum(-1, dtype=compute_dtype)
             else:
-                total = torch.matmul(t.to(compute_dtype), class_weight)
+                total = torch.matmul(summed.to(compute_dtype), class_weight)
             share = _Share(
                 _local_column(t, safe_labels, layout.start).to(compute_dtype),
                 total,
-                _local_column(t, pad, layout.start).to(compute_dtype),
+                _local_column(summed, pad, layout.start).to(compute_dtype),
                 *_weight_share(class_weight, safe_labels, layout),
             )
 

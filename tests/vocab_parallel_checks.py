@@ -320,6 +320,9 @@ def option_checks(counter, group, world, rank, tag):
             mask[MASKED] = False
             labels = torch.where((labels != IGNORE) & ~mask[labels.clamp(0)], 0, labels)
             options["class_mask"] = mask
+            # Masked classes' logits at -inf, as a vocabulary cut off that way holds them: out
+            # of the softmax and the support, never a -inf * 0 in a sum.
+            logits = logits.masked_fill(~mask, -torch.inf)
         full_weight = class_weight if options.pop("weight", False) else None
         if z_grad:
             options["z_loss"] = torch.tensor(0.05, dtype=dtype, requires_grad=True)
