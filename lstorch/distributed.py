@@ -467,6 +467,7 @@ class _Layout(NamedTuple):
     size: Any = None  # |S| under the class mask (a 0-d tensor), None without one
     transform: lsspec.LogitTransform = _closed_form.IDENTITY  # softcap(logit_scale * x)
     with_stats: bool = False  # also the rows' entropy and whether the argmax is the label
+    caller: Any = None  # the function the user called (named by errors)
 
 
 def _size(layout: _Layout):
@@ -552,7 +553,7 @@ def _prologue(fn, local_classes, labels, options: lsspec.LabelOptions, weight, g
     layout = _Layout(
         options.convention, options.pad_index, rank * local_classes, num_classes, group,
         kl=kl, with_z=with_z, class_mask=class_mask, local_mask=local_mask, size=size,
-        transform=transform, with_stats=return_stats, **fused,
+        transform=transform, with_stats=return_stats, caller=fn, **fused,
     )  # fmt: skip
     return layout, counted, weight, z
 
@@ -663,19 +664,33 @@ def _tie_share(stats: _StatsShare, global_max, safe_labels, layout: _Layout, loc
 
 def _global_terms(peak, sum_exp_at, share: _Share, labels, counted, eps, layout,
                   stats: _StatsShare | None = None, local_classes=0) -> _Global:  # fmt: skip
-    """Two all-reduces: the max of each row's local ``peak`` (written in place), then one
-    packed sum of the rows' shares (``sum_exp_at(global_peak)``, ``x_y``, the support sum,
-    ``x_pad``, and with class weights ``w_y``, plus two scalars: ``sum w`` and ``w_pad``).
-    With ``stats`` (``return_stats``) the max also carries each row's raw max logit (``2 R``
+    """Two all-reduces: the max of each row's local ``peak`` and of this rank's class count
+    and its negative (``R + 2`` values: every rank learns the largest and the smallest shard),
+    then one packed sum of the rows' shares (``sum_exp_at(global_peak)``, ``x_y``, the support
+    sum, ``x_pad``, and with class weights ``w_y``, plus two scalars: ``sum w`` and ``w_pad``).
+    With ``stats`` (``return_stats``) the max also carries each row's raw max logit (``2 R + 2``
     values), and the packed sum two more rows: the entropy's ``sum_c exp(t_c - peak) (t_c -
-    peak)`` and the argmax's tie count (:func:`_tie_share`); no further collective."""
+    peak)`` and the argmax's tie count (:func:`_tie_share`); no further collective.
+
+    Shards of unequal size make every rank's ``K = world * V_local`` and class offsets wrong:
+    where the host reads values (``_common.reads_values``: CPU tensors) that raises on every
+    rank alike; elsewhere (no host sync) every counted row's lse, so its loss, is NaN."""
     convention, num_classes = layout.convention, layout.num_classes
-    if stats is None:
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=layout.group)
-    else:
-        both = torch.stack([peak, stats.raw_max])
-        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=layout.group)
-        peak, global_max = both[0], both[1]
+    shards = torch.cat([peak.new_full((1,), local_classes), peak.new_full((1,), -local_classes)])
+    maxima = [peak.reshape(-1)] + ([] if stats is None else [stats.raw_max.reshape(-1)])
+    reduced = torch.cat([*maxima, shards])
+    dist.all_reduce(reduced, op=dist.ReduceOp.MAX, group=layout.group)
+    peak = reduced[: peak.numel()].reshape(peak.shape)
+    if stats is not None:
+        global_max = reduced[peak.numel() : 2 * peak.numel()].reshape(peak.shape)
+    even = reduced[-2] == -reduced[-1]  # the largest shard is the smallest
+    if _common.reads_values(even) and not bool(even):
+        fn, arg = lsspec.names(layout.caller)
+        raise ValueError(
+            f"{fn}: every rank of `{arg('group')}` must hold the same number of classes (split "
+            f"the vocabulary evenly: pad it to a multiple of the world size); got shards of "
+            f"{int(-reduced[-1])} to {int(reduced[-2])} classes."
+        )
     peak = torch.where(torch.isfinite(peak), peak, 0.0)
     weighted = share.w_y is not None
     rows = [sum_exp_at(peak), share.x_y, share.total, share.x_pad]
@@ -690,7 +705,7 @@ def _global_terms(peak, sum_exp_at, share: _Share, labels, counted, eps, layout,
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=layout.group)
     per_row = packed[: len(rows) * peak.numel()].reshape(len(rows), *peak.shape)
     sum_exp, x_y, support_sum, x_pad = per_row[:4]
-    lse = torch.log(sum_exp) + peak
+    lse = torch.where(even, torch.log(sum_exp) + peak, torch.nan)
     entropy = correct = None
     if stats is not None:  # H = log sum_exp - sum_c p_c (t_c - peak); argmax: no tie before y
         entropy = torch.where(counted, torch.log(sum_exp) - per_row[-2] / sum_exp, 0.0)

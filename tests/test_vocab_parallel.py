@@ -138,10 +138,11 @@ def test_every_rank_of_a_group_is_bit_identical(results, check):
 
 
 def _forward_bytes(rows, weighted, value_bytes):
-    """The two forward all-reduces: the rows' max, then the packed sums (sum-exp, x_y, the
-    support sum, x_pad; with class weights w_y per row and two scalars)."""
+    """The two forward all-reduces: the rows' max and the shard sizes (two values), then the
+    packed sums (sum-exp, x_y, the support sum, x_pad; with class weights w_y per row and two
+    scalars)."""
     packed = 5 * rows + 2 if weighted else 4 * rows
-    return [["all_reduce", rows * value_bytes], ["all_reduce", packed * value_bytes]]
+    return [["all_reduce", (rows + 2) * value_bytes], ["all_reduce", packed * value_bytes]]
 
 
 @pytest.mark.parametrize("check", ["dense", "fused", "dtensor"])
@@ -226,7 +227,10 @@ def test_softcap_logit_scale_and_return_stats_give_the_single_process_results(re
                 # all equal: the first class; a tie across ranks: not the later label; the
                 # label at the argmax
                 assert ours[3:6] == [True, False, True], case
-            forward = [["all_reduce", 2 * rows * 8], ["all_reduce", forward[1][1] + 2 * rows * 8]]
+            forward = [
+                ["all_reduce", (2 * rows + 2) * 8],
+                ["all_reduce", forward[1][1] + 2 * rows * 8],
+            ]
         assert case["forward"] == forward, case
         expected_backward = []
         if case["case"].startswith("fused"):  # d hidden, as without the options
@@ -254,7 +258,10 @@ def test_dtensor_logits_take_the_vocabulary_parallel_options(results):
         assert _close(case, "loss") and _close(case, "grad"), case
         rows, forward = case["rows"], _forward_bytes(case["rows"], case["weighted"], 8)
         if case["stats"]:
-            forward = [["all_reduce", 2 * rows * 8], ["all_reduce", forward[1][1] + 2 * rows * 8]]
+            forward = [
+                ["all_reduce", (2 * rows + 2) * 8],
+                ["all_reduce", forward[1][1] + 2 * rows * 8],
+            ]
         assert case["forward"] == forward, case
         assert case["backward"] == [], case
         groups.setdefault((case["group"], case["case"]), []).append(case)
@@ -312,6 +319,12 @@ def test_megatron_docstring_states_the_two_rank_numbers(results):
 ERRORS = {  # case: what the message must say (the function, the argument, the value or shape)
     "dense weight shape": "vocab_parallel_smoothed_cross_entropy: `weight` must have shape (5,), "
     "this rank's slice of the class weights; got shape (20,).",
+    # shards of unequal size: every rank learns it from the max all-reduce and raises alike
+    "dense uneven shards": "vocab_parallel_smoothed_cross_entropy: every rank of `group` must "
+    "hold the same number of classes (split the vocabulary evenly: pad it to a multiple of the "
+    "world size); got shards of 5 to 6 classes.",
+    "fused uneven shards": "vocab_parallel_fused_linear_smoothed_cross_entropy: every rank of "
+    "`group` must hold the same number of classes",
     "fused class_weight shape": "vocab_parallel_fused_linear_smoothed_cross_entropy: "
     "`class_weight` must have shape (5,), this rank's slice of the class weights; got shape (20,).",
     "fused weight_shard shape": "vocab_parallel_fused_linear_smoothed_cross_entropy: "
@@ -342,6 +355,15 @@ def test_bad_calls_name_the_function_the_argument_and_the_value(results):
     for case in cases:
         assert case["message"] is not None, case
         assert ERRORS[case["case"]] in case["message"], case
+
+
+def test_uneven_shards_unread_give_nan_rows_not_a_number(results):
+    """Where the host reads no value (an accelerator's default: no host sync), shards of
+    unequal size cannot raise; every counted row is NaN instead, never a plausible loss."""
+    cases = [case for case in results if case["check"] == "uneven unread"]
+    assert len(cases) == 4, cases  # every rank of the 4-rank group
+    for case in cases:
+        assert case["counted"] > 0 and case["counted_nan"] and case["ignored_zero"], case
 
 
 def test_megatron_compat_checks_its_arguments_as_megatron():

@@ -795,7 +795,14 @@ def error_checks(mesh, world):
     logits, labels, class_weight, _, hidden, weight, _ = data(0, world, torch.float32)
     local = logits[:, :LOCAL_VOCAB]
     sharded = distribute_tensor(logits, mesh, [Shard(-1)])
+    uneven = LOCAL_VOCAB + (dist.get_rank() == 0)  # rank 0 holds one class more
     calls = {
+        "dense uneven shards": lambda: vocab_parallel_smoothed_cross_entropy(
+            logits[:, :uneven], labels, ignore_index=IGNORE
+        ),
+        "fused uneven shards": lambda: vocab_parallel_fused_linear_smoothed_cross_entropy(
+            hidden, weight[:uneven], labels, ignore_index=IGNORE
+        ),
         "dense weight shape": lambda: vocab_parallel_smoothed_cross_entropy(
             local, labels, weight=class_weight, ignore_index=IGNORE
         ),
@@ -836,6 +843,21 @@ def error_checks(mesh, world):
         except (ValueError, TypeError) as error:
             message = f"{type(error).__name__}: {error}"
         results.append(dict(check="errors", case=name, world=world, message=message))
+    # Where the host reads no value (an accelerator's default), uneven shards give NaN rows.
+    from unittest import mock
+
+    from lstorch import _common
+
+    with mock.patch.object(_common, "reads_values", lambda *args, **kwargs: False):
+        rows = vocab_parallel_smoothed_cross_entropy(
+            logits[:, :uneven], labels, ignore_index=IGNORE
+        )
+    counted = labels != IGNORE
+    results.append(
+        dict(check="uneven unread", case="dense", world=world, counted=int(counted.sum()),
+             counted_nan=bool(rows[counted].isnan().all()), ignored_zero=bool(
+                 (rows[~counted] == 0).all()))
+    )  # fmt: skip
     return results
 
 
