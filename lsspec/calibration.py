@@ -178,8 +178,13 @@ def _check_temperature(fn: str, name: str, value: Any) -> float:
 
 
 def _bin_index(confidence: np.ndarray, num_bins: int) -> tuple[np.ndarray, np.ndarray]:
-    """Index of the right-closed bin ``(edges[m], edges[m+1]]`` holding each confidence."""
-    edges = np.linspace(0.0, 1.0, num_bins + 1)
+    """Index of the right-closed bin ``(edges[m], edges[m+1]]`` holding each confidence.
+
+    Each edge is ``m / M`` as Python and NumPy divide it, the float nearest the fraction: a
+    confidence computed as ``m / M`` lies on the edge and goes to the lower bin. (``linspace``
+    builds ``m * (1 / M)``, one float step off at some M, 49 and 98 among them, which would put
+    such a confidence one bin up.)"""
+    edges = np.arange(num_bins + 1) / num_bins
     # side="left" gives the first edge >= conf, so conf == edges[m+1] lands in bin m.
     index = np.searchsorted(edges, confidence, side="left") - 1
     return np.clip(index, 0, num_bins - 1), edges

@@ -74,6 +74,19 @@ def test_confidence_on_an_edge_goes_to_the_lower_bin():
     np.testing.assert_array_equal(diagram.accuracy, [0.0, 1.0])
 
 
+def test_a_confidence_of_exactly_m_over_M_lies_in_bin_m_for_every_M():
+    """Every edge is the float nearest ``m / M``, as the loop oracle compares: a confidence
+    ``m / M`` goes to bin ``m - 1`` (0-based) for M = 1..100 (np.linspace's edges do not, at
+    M = 49 and 98)."""
+    for num_bins in range(1, 101):
+        confidence = np.arange(1, num_bins + 1) / num_bins
+        # the rest spread over M classes, each below m / M: the confidence is the row's max
+        rest = np.repeat(((1 - confidence) / num_bins)[:, None], num_bins, axis=1)
+        probs = np.concatenate([confidence[:, None], rest], axis=1)
+        diagram = calibration.reliability_diagram(probs, np.zeros(num_bins, int), num_bins=num_bins)
+        np.testing.assert_array_equal(diagram.count, np.ones(num_bins), err_msg=f"M={num_bins}")
+
+
 def test_one_sample():
     # One sample: ECE = MCE = |correct - conf|.
     probs = np.array([[0.1, 0.7, 0.2]])
