@@ -18,6 +18,7 @@ with two host devices.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import subprocess
@@ -66,9 +67,10 @@ def run(names: list[str] | None = None) -> tuple[list[dict], list[str]]:
     return rows, failures
 
 
-def _sharded_in_subprocess(names, sample) -> tuple[list[dict], list]:
+def _sharded_in_subprocess(names, sample) -> tuple[list[dict], list, list[str]]:
     """The sharded path on two host devices, in a fresh interpreter (XLA's device count is set
-    before jax is imported)."""
+    before jax is imported): its rows, its unreachable entries, and a failure if it crashed
+    (wrote no result: its traceback is on stderr)."""
     with tempfile.TemporaryDirectory() as folder:
         out = os.path.join(folder, "sharded.json")
         command = [sys.executable, "-m", "parity_tests", "--path", "jax: sharded"]
@@ -76,28 +78,29 @@ def _sharded_in_subprocess(names, sample) -> tuple[list[dict], list]:
         for name in names or ():
             command += ["--twin", name]
         flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
-        subprocess.run(command, env={**os.environ, "XLA_FLAGS": flags}, check=False,
-                       stdout=subprocess.DEVNULL)  # fmt: skip
-        if not os.path.exists(out):
-            return [], [("(all)", "jax: sharded", "the subprocess wrote no result")]
+        done = subprocess.run(command, env={**os.environ, "XLA_FLAGS": flags}, check=False,
+                              stdout=subprocess.DEVNULL)  # fmt: skip
+        if not os.path.exists(out):  # a crash: a failure, never a path left out
+            return [], [], [f"[jax: sharded] the subprocess exited with code {done.returncode} "
+                            "and wrote no result (its error is above)"]  # fmt: skip
         with open(out) as handle:
             result = json.load(handle)
-    return result["paths"], [tuple(entry) for entry in result["unreachable"]]
+    return result["paths"], [tuple(entry) for entry in result["unreachable"]], []
 
 
-def run_paths(names, path_names, sample) -> tuple[list[dict], list]:
+def run_paths(names, path_names, sample) -> tuple[list[dict], list, list[str]]:
     import jax
 
     twins = [twin for twin in TWINS if not names or twin.name in names]
     selected = [path for path in paths.PATHS if not path_names or path.name in path_names]
     local = [p for p in selected if p.name != "jax: sharded" or len(jax.devices()) >= 2]
     results, unreachable = paths.run_paths(twins, local, profile=sample)
-    rows = [result.row() for result in results]
+    rows, crashed = [result.row() for result in results], []
     if any(p.name == "jax: sharded" for p in selected) and len(jax.devices()) < 2:
-        sharded_rows, sharded_unreachable = _sharded_in_subprocess(names, sample)
+        sharded_rows, sharded_unreachable, crashed = _sharded_in_subprocess(names, sample)
         rows += sharded_rows
         unreachable += sharded_unreachable
-    return rows, unreachable
+    return rows, unreachable, crashed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,14 +113,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample", choices=sorted(paths.SAMPLES), default="report")
     parser.add_argument("--paths-only", action="store_true", help="skip the twins' plain rows")
     args = parser.parse_args(argv)
+    # An unknown name is an error, not an empty report.
+    known_paths = [path.name for path in paths.PATHS]
     for name in args.path or ():
-        if name != "none":
-            paths.path_by_name(name)  # an unknown name is an error, not an empty report
+        if name != "none" and name not in known_paths:
+            parser.error(f"--path: unknown path {name!r}; the paths: {known_paths} or 'none'")
+    known_twins = [twin.name for twin in TWINS]
+    for name in args.twin or ():
+        if name not in known_twins:
+            close = difflib.get_close_matches(name, known_twins, n=3, cutoff=0.4)
+            parser.error(
+                f"--twin: unknown twin {name!r}; the closest names: {close} (every name is in "
+                "the first column of the report)"
+            )
     start = time.perf_counter()
     rows, failures = ([], []) if args.paths_only else run(args.twin)
     path_rows, unreachable = [], []
     if args.path != ["none"]:
-        path_rows, unreachable = run_paths(args.twin, args.path, args.sample)
+        path_rows, unreachable, crashed = run_paths(args.twin, args.path, args.sample)
+        failures += crashed
     if rows:
         print(format_table(rows))
         print()

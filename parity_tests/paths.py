@@ -564,13 +564,6 @@ PATHS: tuple[Path, ...] = (
 PLAIN = {"torch": torch_eager, "jax": jax_eager}
 
 
-def path_by_name(name: str) -> Path:
-    for path in PATHS:
-        if path.name == name:
-            return path
-    raise KeyError(f"no path named {name!r}; known: {[path.name for path in PATHS]}")
-
-
 def reaches(twin, path: Path) -> bool | str:
     """True when ``twin`` takes ``path``; False when it cannot by design; a string (the
     reason) when it should and does not yet."""

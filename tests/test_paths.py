@@ -84,6 +84,32 @@ def test_the_report_runs_the_sharded_path_in_a_two_device_subprocess(tmp_path):
     assert sum(row["checks"] for row in rows) > 0, rows
 
 
+def test_the_report_refuses_unknown_names_and_counts_a_crashed_subprocess(monkeypatch, capsys):
+    """``python -m parity_tests``: an unknown twin or path is a usage error naming it (not an
+    empty report), and a sharded-path subprocess that dies without a result is a failure (a
+    non-zero exit), not a path left out."""
+    from parity_tests import __main__ as report
+
+    for flags, named in ((["--twin", "smoothed_cross_entropi"], "smoothed_cross_entropy"),
+                         (["--path", "jax: jitt"], "jax: jit")):  # fmt: skip
+        with pytest.raises(SystemExit) as exited:
+            report.main(flags)
+        assert exited.value.code == 2
+        error = capsys.readouterr().err
+        assert f"unknown {flags[0][2:]} {flags[1]!r}" in error
+        assert repr(named) in error  # the closest twin names, or every path's name
+
+    def crashed(command, **kwargs):  # the child died (a segfault): no JSON written
+        return subprocess.CompletedProcess(command, -11)
+
+    monkeypatch.setattr(report.subprocess, "run", crashed)
+    rows, unreachable, failures = report._sharded_in_subprocess(
+        ["timm.label_smoothing_cross_entropy"], "ci"
+    )
+    assert rows == [] and unreachable == []
+    assert failures and "exited with code -11" in failures[0]
+
+
 def test_every_path_is_reached_by_the_twins_it_should_be():
     """The Triton and inplace paths run every twin that declares them; every twin of ours
     takes every other path (a path it could not take yet would be listed with its reason, and
