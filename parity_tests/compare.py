@@ -228,6 +228,14 @@ def rounded_inputs(args: tuple, kwargs: dict, dtype: str) -> tuple[tuple, dict]:
     return (first, *rest), {key: _rounded(value, others) for key, value in kwargs.items()}
 
 
+def jax_precision(dtype: str):
+    """The JAX configuration a side runs under in a ``dtype`` row: ``jax_enable_x64`` on for
+    float64, and off, JAX's default, for float32 and bfloat16, as users run those. Under x64 a
+    constant made without a dtype (``jnp.ones(())``, ``jnp.array(1.0)``) is float64 and would
+    quietly promote a float32 port's computation, so a port wrong in float32 would pass."""
+    return jax.enable_x64(dtype == "float64")
+
+
 def _to_device(value: Any, dtype) -> jax.Array:
     """``value`` as a JAX array of ``dtype``, cast by NumPy on the host before it is placed.
 
@@ -455,7 +463,7 @@ def _jax_cotangent(cotangent, leaf):
 
 def _forward_jax(fn: Callable, args: tuple, kwargs: dict, dtype: str) -> _Forward:
     """``fn`` run eagerly in ``dtype`` under ``jax.vjp`` (the path that checks concrete inputs)."""
-    with jax.enable_x64(True):
+    with jax_precision(dtype):
         others = jnp.float64 if dtype == "float64" else jnp.float32
         x = _to_device(round_to(args[0], dtype), _JAX_DTYPES[dtype])
         rest = [_to_jax(value, others) for value in args[1:]]
@@ -465,7 +473,7 @@ def _forward_jax(fn: Callable, args: tuple, kwargs: dict, dtype: str) -> _Forwar
         values = [_to_float64(leaf) for leaf in leaves]
 
     def pull(cotangents):
-        with jax.enable_x64(True):
+        with jax_precision(dtype):
             cot = [
                 _jax_cotangent(c, jnp.asarray(leaf))
                 for c, leaf in zip(cotangents, leaves, strict=True)
@@ -527,7 +535,7 @@ def run_jax(
     not for error behaviour.
     """
     if jit:
-        with jax.enable_x64(True):
+        with jax_precision(dtype):
             others = jnp.float64 if dtype == "float64" else jnp.float32
             x = _to_device(round_to(args[0], dtype), _JAX_DTYPES[dtype])
             rest = [_to_jax(value, others) for value in args[1:]]

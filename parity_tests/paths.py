@@ -67,6 +67,7 @@ from parity_tests.compare import (
     _to_jax,
     _to_torch,
     allclose,
+    jax_precision,
     max_abs_diff,
     output_leaves,
     round_to,
@@ -381,7 +382,7 @@ def _jax_inputs(args, kwargs, dtype):
 
 def jax_eager(fn, args, kwargs, dtype, dense_by_kind):
     """The plain call: eager ``jax.vjp`` per upstream kind."""
-    with jax.enable_x64(True):
+    with jax_precision(dtype):
         x, rest, arrays, constants = _jax_inputs(args, kwargs, dtype)
         call = lambda x: fn(x, *rest, **arrays, **constants)  # noqa: E731
         return [
@@ -407,7 +408,7 @@ def _jitted(fn, constants, dense_by_kind):
 def jax_jit(fn, args, kwargs, dtype, dense_by_kind, *, sharded=False):
     """``jax.jit`` of forward and pull-back (``sharded=True``: with ``x`` laid over every
     device, split along its class axis where it divides, else its first axis that divides)."""
-    with jax.enable_x64(True):
+    with jax_precision(dtype):
         x, rest, arrays, constants = _jax_inputs(args, kwargs, dtype)
         if sharded:
             x = _shard(x, kwargs)
@@ -426,7 +427,7 @@ def jax_pallas(fn, args, kwargs, dtype, dense_by_kind, launches):
     trace, so counting calls into Python would miss cached ones)."""
     with _environment(LSJAX_IMPLEMENTATION="pallas"):
         results = jax_eager(fn, args, kwargs, dtype, dense_by_kind)
-        with jax.enable_x64(True):
+        with jax_precision(dtype):
             x, rest, arrays, constants = _jax_inputs(args, kwargs, dtype)
             call = lambda x: jax.grad(  # noqa: E731
                 lambda x: _jax_total(fn(x, *rest, **arrays, **constants), "sum")
@@ -472,7 +473,7 @@ def jax_vmap(fn, args, kwargs, dtype, dense_by_kind):
     """``jax.vmap`` of the per-example pull-back over ``x`` and ``x / 2``, the positional arrays
     (labels or targets) batched with it, inside one ``jax.jit`` that computes every upstream
     kind (as a train step that vmaps a per-example loss is jitted); one result per example."""
-    with jax.enable_x64(True):
+    with jax_precision(dtype):
         x, rest, arrays, constants = _jax_inputs(args, kwargs, dtype)
         batch = jnp.stack([x, x / 2])
         rests = [jnp.stack([r, r]) for r in rest]
