@@ -54,6 +54,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -818,6 +819,19 @@ def _cotangents(rng: np.random.Generator, outputs: list[np.ndarray]) -> list[np.
     return [rng.uniform(0.5, 1.5, size=np.shape(out)) for out in outputs]
 
 
+def _check_tolerance(fn: str, name: str, value: Any, *, optional: bool = False) -> None:
+    """A tolerance is a finite number >= 0 (None where ``optional``): a negative or NaN one
+    would fail every element, or pass none, for a reason that is not the functions'."""
+    if value is None and optional:
+        return
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not (0 <= value < math.inf)
+    ):
+        raise ValueError(f"{fn}: `{name}` must be a finite number >= 0; got {value!r}.")
+
+
 def compare(
     jax_fn: Callable,
     torch_fn: Callable,
@@ -859,11 +873,29 @@ def compare(
     """
     if reference not in _FORWARDS:
         raise ValueError(f"compare: `reference` must be 'torch' or 'jax'; got {reference!r}.")
+    if isinstance(dtypes, str):
+        raise ValueError(
+            f"compare: `dtypes` must be a sequence of dtype names, e.g. ({dtypes!r},); got the "
+            f"string {dtypes!r}."
+        )
     for dtype in dtypes:
         if dtype not in SUPPORTED_DTYPES:
             raise ValueError(
                 f"compare: `dtypes` must be among {list(SUPPORTED_DTYPES)}; got {dtype!r}."
             )
+    _check_tolerance("compare", "rtol", rtol, optional=True)
+    _check_tolerance("compare", "atol", atol, optional=True)
+    for dtype, pair in (tolerances or {}).items():
+        if dtype not in SUPPORTED_DTYPES:  # a misspelt key would be ignored
+            raise ValueError(
+                f"compare: `tolerances` keys must be among {list(SUPPORTED_DTYPES)}; got {dtype!r}."
+            )
+        if not (isinstance(pair, tuple | list) and len(pair) == 2):
+            raise ValueError(
+                f"compare: `tolerances[{dtype!r}]` must be a pair (rtol, atol); got {pair!r}."
+            )
+        _check_tolerance("compare", f"tolerances[{dtype!r}]", pair[0])
+        _check_tolerance("compare", f"tolerances[{dtype!r}]", pair[1])
     table = {**DEFAULT_TOLERANCES, **(tolerances or {})}
     results = []
     for index, case in enumerate(cases):
@@ -912,6 +944,8 @@ def compare_with_oracle(
         raise ValueError(
             f"compare_with_oracle: `framework` must be 'jax' or 'torch'; got {framework!r}."
         )
+    _check_tolerance("compare_with_oracle", "rtol", rtol)
+    _check_tolerance("compare_with_oracle", "atol", atol)
     results = []
     for index, case in enumerate(cases):
         args, kwargs = make_inputs(np.random.default_rng(seed + index), dict(case))

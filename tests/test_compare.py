@@ -326,3 +326,21 @@ def test_a_float32_port_that_needs_x64_fails_as_users_run_it():
     assert compare(port, torch_cross_entropy, make_inputs, cases=SMOOTHINGS).results[0].passed
     float32 = compare(port, torch_cross_entropy, make_inputs, cases=SMOOTHINGS, dtypes=("float32",))
     assert not float32.passed, str(float32)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(dtypes="float32"), r"`dtypes` must be a sequence of dtype names.*got the string"),
+        (dict(rtol=-1e-5), r"`rtol` must be a finite number >= 0; got -1e-05"),
+        (dict(atol=float("nan")), r"`atol` must be a finite number >= 0; got nan"),
+        (dict(tolerances={"bf16": (0.1, 1.0)}), r"`tolerances` keys must be among .*got 'bf16'"),
+        (dict(tolerances={"bfloat16": 0.1}), r"`tolerances\['bfloat16'\]` must be a pair"),
+        (dict(tolerances={"float32": (0.1, -1)}), r"`tolerances\['float32'\]` must be a finite"),
+    ],
+)
+def test_bad_arguments_are_errors_not_a_quietly_different_check(kwargs, message):
+    """A misspelt dtype key or a negative tolerance would be ignored or make every element
+    fail (or none pass) for a reason that is not the functions': each is an error."""
+    with pytest.raises(ValueError, match=r"compare: " + message):
+        compare(optax_route, torch_cross_entropy, make_inputs, cases=SMOOTHINGS, **kwargs)
