@@ -468,6 +468,7 @@ class _Layout(NamedTuple):
     transform: lsspec.LogitTransform = _closed_form.IDENTITY  # softcap(logit_scale * x)
     with_stats: bool = False  # also the rows' entropy and whether the argmax is the label
     caller: Any = None  # the function the user called (named by errors)
+    check_labels: bool | None = None  # whether the host may read values (_common.reads_values)
 
 
 def _size(layout: _Layout):
@@ -553,7 +554,8 @@ def _prologue(fn, local_classes, labels, options: lsspec.LabelOptions, weight, g
     layout = _Layout(
         options.convention, options.pad_index, rank * local_classes, num_classes, group,
         kl=kl, with_z=with_z, class_mask=class_mask, local_mask=local_mask, size=size,
-        transform=transform, with_stats=return_stats, caller=fn, **fused,
+        transform=transform, with_stats=return_stats, caller=fn, check_labels=check_labels,
+        **fused,
     )  # fmt: skip
     return layout, counted, weight, z
 
@@ -673,8 +675,9 @@ def _global_terms(peak, sum_exp_at, share: _Share, labels, counted, eps, layout,
     peak)`` and the argmax's tie count (:func:`_tie_share`); no further collective.
 
     Shards of unequal size make every rank's ``K = world * V_local`` and class offsets wrong:
-    where the host reads values (``_common.reads_values``: CPU tensors) that raises on every
-    rank alike; elsewhere (no host sync) every counted row's lse, so its loss, is NaN."""
+    where the host reads values (``_common.reads_values`` with the call's ``check_labels``: CPU
+    tensors by default) that raises on every rank alike; elsewhere (no host sync) every counted
+    row's lse, so its loss, is NaN."""
     convention, num_classes = layout.convention, layout.num_classes
     shards = torch.cat([peak.new_full((1,), local_classes), peak.new_full((1,), -local_classes)])
     maxima = [peak.reshape(-1)] + ([] if stats is None else [stats.raw_max.reshape(-1)])
@@ -684,7 +687,7 @@ def _global_terms(peak, sum_exp_at, share: _Share, labels, counted, eps, layout,
     if stats is not None:
         global_max = reduced[peak.numel() : 2 * peak.numel()].reshape(peak.shape)
     even = reduced[-2] == -reduced[-1]  # the largest shard is the smallest
-    if _common.reads_values(even) and not bool(even):
+    if _common.reads_values(even, layout.check_labels) and not bool(even):
         fn, arg = lsspec.names(layout.caller)
         raise ValueError(
             f"{fn}: every rank of `{arg('group')}` must hold the same number of classes (split "
