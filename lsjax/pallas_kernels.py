@@ -5,7 +5,7 @@ forward+backward and nothing else of rows x K size. The JAX twin of ``lstorch.tr
   in order: the online ``(max, sum exp(x - max))`` over the allowed classes (kept as
   ``peak + log_sum``, rescaled as the running max moves, as in flash attention), the support sum
   ``sum_c u_c (x_c - peak)`` times ``lsspec.sum_scale(K)`` (``u`` the class weights times the
-  class mask, or 1; rescaled with the max), and the label's and the pad's logits. Then, per row,
+  class mask, or 1, and 0 on the pad; rescaled with the max), and the label's logit. Then, per row,
   the closed form of ``lsjax._closed_form.row_loss`` (the same terms in the same order):
   ``(1 - eps) w_y (lse - x_y) + eps (W lse - sum_{c in S} u_c x_c) / |S|`` + the KL constant +
   ``z lse^2``, written relative to the peak so that logits near the float32 maximum give the
@@ -76,8 +76,8 @@ ENVIRONMENT_VARIABLE = "LSJAX_IMPLEMENTATION"
 CONVENTIONS = {"uniform": 0, "others": 1, "others_but_pad": 2}
 
 # Layout of the ``params`` array, (1, len) in the compute dtype.
-EPS, SIZE, TOTAL_WEIGHT, PAD_WEIGHT, PAD_ALLOWED, Z, KL_CONSTANT, KL_SLOPE = range(8)
-NUM_PARAMS = 8
+EPS, SIZE, TOTAL_WEIGHT, PAD_WEIGHT, Z, KL_CONSTANT, KL_SLOPE = range(7)
+NUM_PARAMS = 7
 # Per-row inputs: ``rows`` (R, 2) int32 of [safe label, state], ``state`` 0 for a counted row,
 # 1 for a row that does not count (written as 0), 2 for an invalid counted row (NaN).
 COUNTED, NOT_COUNTED, INVALID = 0, 1, 2
@@ -224,9 +224,12 @@ def _forward_kernel(params_ref, rows_ref, w_y_ref, *refs, num_classes, block, co
         running_sum = running_sum * rescale + jnp.sum(
             jnp.exp(x_lse - new_shift), axis=1, keepdims=True
         )
-        u = allowed.astype(dtype)
+        # The pad never enters the sum (see lsjax.smoothed._row_terms): summed and subtracted
+        # after, a pad logit of -1e9 would swamp the others' sum, and a -inf one make it NaN.
+        summed = new if convention != 2 else new & (cols != pad)
+        u = (allowed & summed).astype(dtype)
         if has_weight:  # u_ref holds the weights times the class mask
-            u = jnp.where(new, u_ref[:, pl.ds(start, block)], 0.0)
+            u = jnp.where(summed, u_ref[:, pl.ds(start, block)], 0.0)
         # A masked logit (even -inf) adds exactly 0: a select, not u * x. Each term is scaled by
         # lsspec.sum_scale(K) (a power of two: exact) before it is added, so the sum cannot
         # overflow; the shift's move too.
@@ -256,12 +259,8 @@ def _forward_kernel(params_ref, rows_ref, w_y_ref, *refs, num_classes, block, co
     if convention >= 1:  # y is not in the support
         support_sum = support_sum - w_y * ((x_y - peak) * sum_scale)
         support_weight = support_weight - w_y
-    if convention == 2:  # nor is the pad
-        pad_weight = params_ref[0, PAD_WEIGHT]
-        x_pad = transformed(x_ref[:, pad : pad + 1].astype(dtype), transform) - peak
-        x_pad = jnp.where(params_ref[0, PAD_ALLOWED] != 0, x_pad, 0.0)
-        support_sum = support_sum - pad_weight * (x_pad * sum_scale)
-        support_weight = support_weight - pad_weight
+    if convention == 2:  # nor is the pad (left out of support_sum as it was read)
+        support_weight = support_weight - params_ref[0, PAD_WEIGHT]
     confidence = 1.0 - eps
     true_term = w_y * ((peak - x_y) + log_sum)
     mean_offset = (support_sum / size) * (1.0 / sum_scale)  # exact scaling
@@ -385,15 +384,11 @@ def _inputs(options, num_classes, labels, counted, eps, weight, class_mask, z) -
     w_y = jnp.ones(labels.shape, dtype) if weight is None else weight[safe]
     size = support_size(options.convention, num_classes, options.pad_index, class_mask)
     total = jnp.asarray(num_classes, dtype) if u is None else jnp.sum(u)
-    pad_weight = pad_allowed = jnp.asarray(0.0, dtype)
+    pad_weight = jnp.asarray(0.0, dtype)
     if options.pad_index is not None:
         pad_weight = jnp.asarray(1.0, dtype) if u is None else u[options.pad_index]
-        pad_allowed = jnp.asarray(1.0, dtype)
-        if class_mask is not None:
-            pad_allowed = class_mask[options.pad_index].astype(dtype)
     kl_constant, kl_slope = _kl_params(options, eps, size)
-    values = [eps, size, total, pad_weight, pad_allowed, 0.0 if z is None else z, kl_constant,
-              kl_slope]  # fmt: skip
+    values = [eps, size, total, pad_weight, 0.0 if z is None else z, kl_constant, kl_slope]
     params = jnp.stack([jnp.asarray(v, dtype) for v in values]).reshape(1, NUM_PARAMS)
     return _Inputs(
         params,

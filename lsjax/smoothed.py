@@ -486,8 +486,14 @@ def _row_terms(options, x, labels, counted, eps, weight, class_mask=None) -> _cl
     scale = lsspec.sum_scale(num_classes)
     x_summed = _transformed_alone(x, compute_dtype, labels, transform)
     x_summed = x_summed - peak_apart[..., None]
-    if class_mask is not None:
-        x_summed = _zero_masked(x_summed, class_mask, labels)
+    summed_columns = class_mask
+    if options.convention == "others_but_pad":
+        # The pad never enters the sum: summed and subtracted after, a pad logit of -1e9 would
+        # swamp the others' sum (float32 keeps ~7 digits) and a -inf one make it NaN.
+        not_pad = jnp.arange(num_classes) != options.pad_index
+        summed_columns = not_pad if class_mask is None else class_mask & not_pad
+    if summed_columns is not None:
+        x_summed = _zero_masked(x_summed, summed_columns, labels)
     x_y = jnp.take_along_axis(x, safe_labels[..., None], axis=-1)[..., 0].astype(compute_dtype)
     x_y = _closed_form.transformed(x_y, transform)
     mask_weight = 1.0 if class_mask is None else class_mask.astype(compute_dtype)
@@ -505,12 +511,7 @@ def _row_terms(options, x, labels, counted, eps, weight, class_mask=None) -> _cl
     if options.convention != "uniform":
         support_sum = support_sum - w_y * ((x_y - peak) * scale)
         support_weight = support_weight - w_y
-    if options.convention == "others_but_pad":
-        x_pad = x[..., options.pad_index].astype(compute_dtype)
-        x_pad = _closed_form.transformed(x_pad, transform) - peak
-        if class_mask is not None:  # a masked pad is already out of the support
-            x_pad = jnp.where(class_mask[options.pad_index], x_pad, 0.0)
-        support_sum = support_sum - w_pad * (x_pad * scale)
+    if options.convention == "others_but_pad":  # (the pad is out of support_sum already)
         support_weight = support_weight - w_pad
     return _closed_form.RowTerms(
         peak + log_sum,

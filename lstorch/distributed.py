@@ -607,12 +607,23 @@ class _AllReduceSum(torch.autograd.Function):
         return _AllReduceSum.apply(tensor, group), in_dims[0]
 
 
+def _without_pad(local_mask, layout, local_classes: int, device):
+    """The columns this rank adds to the support sum: ``local_mask`` (None: all) less the pad
+    of ``"others_but_pad"`` where this rank holds it."""
+    local_pad = (layout.pad_index or 0) - layout.start
+    if layout.convention != "others_but_pad" or not 0 <= local_pad < local_classes:
+        return local_mask
+    keep = torch.ones(local_classes, dtype=torch.bool, device=device)
+    keep[local_pad] = False
+    return keep if local_mask is None else local_mask & keep
+
+
 class _Share(NamedTuple):
     """This rank's share of a row's sums (only the rank holding a class adds its column)."""
 
     x_y: torch.Tensor  # the label's logit
     total: torch.Tensor  # sum over this rank's classes of w_c x_c (w = 1 without weights)
-    x_pad: torch.Tensor  # the pad's logit
+    x_pad: torch.Tensor  # the pad's logit where ``total`` holds it (the fused head's), else 0
     w_y: torch.Tensor | None = None  # with class weights: the label's weight
     weight_sum: torch.Tensor | None = None  # with class weights: the sum of this rank's (0-d)
     w_pad: torch.Tensor | None = None  # with class weights: the pad's weight (0-d)
@@ -841,10 +852,12 @@ class _VocabParallelRows(torch.autograd.Function):
             safe_labels, _ = _closed_form.label_rows(
                 labels, counted, eps, layout.num_classes, layout.class_mask
             )
-            pad = torch.full_like(labels, layout.pad_index or 0)
             # The support's sums see masked classes as 0, not their logit times a 0 weight: a
-            # masked -inf logit would make that product NaN.
-            summed = t if layout.local_mask is None else t.masked_fill(~layout.local_mask, 0)
+            # masked -inf logit would make that product NaN. The pad is left out of them on the
+            # rank that holds it: summed and subtracted after, a pad logit of -1e9 would swamp
+            # the others' sum and a -inf one make it NaN.
+            summed_mask = _without_pad(layout.local_mask, layout, x.shape[-1], x.device)
+            summed = t if summed_mask is None else t.masked_fill(~summed_mask, 0)
             if class_weight is None:
                 total = summed.sum(-1, dtype=compute_dtype)
             else:
@@ -852,7 +865,7 @@ class _VocabParallelRows(torch.autograd.Function):
             share = _Share(
                 _local_column(t, safe_labels, layout.start).to(compute_dtype),
                 total,
-                _local_column(summed, pad, layout.start).to(compute_dtype),
+                torch.zeros_like(total),  # the pad is not in total
                 *_weight_share(class_weight, safe_labels, layout),
             )
 

@@ -415,6 +415,18 @@ def _masked_logsumexp(x, class_mask, compute_dtype, transform) -> _closed_form.L
     return _closed_form.Lse(peak, (upcast - peak.unsqueeze(-1)).exp().sum(-1).log())
 
 
+def _column_sum(x: torch.Tensor, column_weight: torch.Tensor, pad_index: int | None):
+    """``sum_c column_weight_c x_c`` over the last axis, leaving out column ``pad_index`` (the
+    ``others_but_pad`` convention's pad; None: every column) as two products over the columns
+    on either side of it (views, no rows x K temporary). Summing the pad and subtracting it
+    after would let a pad logit of -1e9 swamp the others' sum (a float32 sum keeps ~7 digits)
+    and a -inf one make it NaN, where the loss is finite."""
+    if pad_index is None:
+        return torch.matmul(x, column_weight)
+    before = torch.matmul(x[..., :pad_index], column_weight[:pad_index])
+    return before + torch.matmul(x[..., pad_index + 1 :], column_weight[pad_index + 1 :])
+
+
 def _row_terms(
     options, x, labels, counted, eps, weight, class_mask, lse=None
 ) -> _closed_form.RowTerms:
@@ -460,20 +472,19 @@ def _row_terms(
     if weight is None:
         w_y = 1.0
         w_pad = mask_weight.expand(num_classes)[options.pad_index or 0]
-        scaled = torch.full((num_classes,), scale, dtype=compute_dtype, device=x.device)
-        support_sum = torch.matmul(x_summed, scaled)
+        column_weight = torch.full((num_classes,), scale, dtype=compute_dtype, device=x.device)
         support_weight = mask_weight.expand(num_classes).sum()
     else:
         masked_weight = weight * mask_weight
         w_y = _common.at_labels(weight, safe_labels)
         w_pad = masked_weight[options.pad_index] if options.pad_index is not None else 0.0
-        support_sum = torch.matmul(x_summed, weight * scale)
+        column_weight = weight * scale
         support_weight = masked_weight.sum()
+    support_sum = _column_sum(x_summed, column_weight, options.pad_index)
     if options.convention != "uniform":
         support_sum = support_sum - w_y * ((x_y - peak) * scale)
         support_weight = support_weight - w_y
     if options.convention == "others_but_pad":
-        support_sum = support_sum - w_pad * (x_summed[..., options.pad_index] * scale)
         support_weight = support_weight - w_pad
     if lse is None:  # the softmax's numerator, in the same buffer (read by nothing else now)
         lse = _closed_form.Lse(peak, shifted.exp_().sum(-1).log())

@@ -160,7 +160,10 @@ def _forward_kernel(
             best_col = tl.where(later, block_col, best_col)
             best = tl.where(later, block_max, best)
         running_sum = running_sum * rescale + tl.sum(tl.exp(x_lse - new_shift), 0)
-        u = tl.where(allowed, 1.0, 0.0)
+        in_support = allowed
+        if CONVENTION == 2:  # the pad never enters the sum (see lstorch.smoothed._column_sum)
+            in_support = in_support & (cols != PAD)
+        u = tl.where(in_support, 1.0, 0.0)
         if HAS_WEIGHT:
             u = u * tl.load(weight_ptr + cols, mask=inside, other=0.0)
         # A masked logit (even -inf) adds exactly 0: a select, not u * x. Each term is scaled
@@ -184,14 +187,8 @@ def _forward_kernel(
     if CONVENTION >= 1:  # y is not in the support
         support_sum -= w_y * ((x_y - peak) * SUM_SCALE)
         support_weight -= w_y
-    if CONVENTION == 2:  # nor is the pad
-        pad_weight = tl.load(params_ptr + PAD_WEIGHT)
-        x_pad = tl.load(row_ptr + PAD).to(tl.float32)
-        x_pad = _transformed(x_pad, logit_scale, cap, HAS_SCALE, HAS_CAP) - peak
-        if HAS_MASK:
-            x_pad = tl.where(tl.load(mask_ptr + PAD) != 0, x_pad, 0.0)
-        support_sum -= pad_weight * (x_pad * SUM_SCALE)
-        support_weight -= pad_weight
+    if CONVENTION == 2:  # nor is the pad (left out of support_sum as it was read)
+        support_weight -= tl.load(params_ptr + PAD_WEIGHT)
     confidence = 1.0 - eps
     true_term = w_y * ((peak - x_y) + log_sum)
     mean_offset = (support_sum / size) * (1.0 / SUM_SCALE)  # exact scaling

@@ -160,12 +160,15 @@ def _smoothed_cases() -> tuple[dict, ...]:
             )
         )
     # Extreme logits: near the float32 maximum (0 to 3e38: the exact loss, ~1e37, is finite,
-    # while a plain sum of the logits overflows to inf) and offset by 1e5 (where a rounded lse
-    # puts a 1e-3 relative error into the softmax).
+    # while a plain sum of the logits overflows to inf), offset by 1e5 (where a rounded lse
+    # puts a 1e-3 relative error into the softmax), and a pad column of -inf, as a model that
+    # masks its pad gives (the loss is finite: the pad is out of the support; summed and
+    # subtracted after, it made every row NaN, and -1e9 a wrong number).
     for extreme, convention, reduction in (
         ("near_max", "uniform", "none"),
         ("near_max", "others_but_pad", "mean"),
         ("offset", "others", "sum"),
+        ("pad_minus_inf", "others_but_pad", "none"),
     ):
         cases.append(
             dict(
@@ -210,6 +213,8 @@ def _smoothed_inputs(rng: np.random.Generator, case: dict):
         logits = rng.uniform(0.0, 3e38, size=shape)
     elif case.get("extreme") == "offset":
         logits = logits + 1e5
+    elif case.get("extreme") == "pad_minus_inf":
+        np.moveaxis(logits, axis, -1)[..., num_classes // 2] = -np.inf
     kwargs = dict(
         smoothing=case["smoothing"],
         convention=case["convention"],

@@ -175,6 +175,7 @@ def test_where_normalizer_kl_mask_and_z_loss_give_the_single_process_loss_and_gr
             "kl/z_loss",
             "class_mask",
             "class_mask/weight/z_loss",
+            "pad_minus_inf",
         )
     }
     groups = {}

@@ -290,7 +290,16 @@ OPTION_CASES = [  # name, the options (both losses), a z-loss weight that requir
         ),
         True,
     ),
-]
+    # The pad's logit at -inf (a model that masks its pad): the dense loss leaves it out of the
+    # support sum on the rank that holds it (summed and subtracted, every row was NaN). The
+    # fused head's logits come from F.linear, so its case runs with a finite pad.
+    (
+        "pad_minus_inf",
+        dict(smoothing=0.2, convention="others_but_pad", pad_index=3, reduction="none",
+             pad_minus_inf=True),
+        False,
+    ),
+]  # fmt: skip
 MASKED = [2, 3, 7]
 
 
@@ -315,6 +324,9 @@ def option_checks(counter, group, world, rank, tag):
         where = torch.ones(ROWS, dtype=torch.bool)
         where[1] = False  # a row that would count, left out by `where`
         options = dict(options, ignore_index=IGNORE, where=where)
+        if options.pop("pad_minus_inf", False):
+            logits = logits.clone()
+            logits[:, options["pad_index"]] = -torch.inf
         if options.get("class_mask"):
             mask = torch.ones(world * LOCAL_VOCAB, dtype=torch.bool)
             mask[MASKED] = False
