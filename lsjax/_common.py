@@ -212,29 +212,37 @@ def z_loss_array(value: Any, dtype) -> Array:
 # Arrays and labels
 
 
-def as_array(value: Any) -> Array:
-    """``value`` as a ``jax.Array``, as ``jnp.asarray(value)`` gives it, without running a
-    program: a ``jax.Array`` (a tracer too) as it is (``jnp.asarray`` would bind an identity
-    conversion, which an eager ``jax.grad`` dispatches and linearizes on every call), a NumPy
-    array or scalar by ``jax.device_put`` (``jnp.asarray`` runs a compiled identity per shape,
-    each call). Anything else (a Python number or list) by ``jnp.asarray``."""
+def as_array(fn: Any, name: str, value: Any) -> Array:
+    """Input ``name`` of ``fn`` as a ``jax.Array``, as ``jnp.asarray(value)`` gives it, without
+    running a program: a ``jax.Array`` (a tracer too) as it is (``jnp.asarray`` would bind an
+    identity conversion, which an eager ``jax.grad`` dispatches and linearizes on every call), a
+    NumPy array or scalar by ``jax.device_put`` (``jnp.asarray`` runs a compiled identity per
+    shape, each call). Anything else (a Python number or list) by ``jnp.asarray``; what that
+    refuses (None, a string, a ragged list) is a TypeError naming ``fn`` and ``name``."""
     if isinstance(value, jax.Array):
         return value
     if isinstance(value, np.ndarray | np.generic):
         return jax.device_put(value)
-    return jnp.asarray(value)
+    try:
+        return jnp.asarray(value)
+    except (TypeError, ValueError) as error:
+        fn, arg = lsspec.names(fn)
+        raise TypeError(
+            f"{fn}: `{arg(name)}` must be an array or a list of numbers; got {value!r} "
+            f"({type(value).__name__}: {error})."
+        ) from None
 
 
-def array_or_none(value: Any) -> Any:
-    """``weight``/``where``/``class_mask`` as an array (a Python list becomes one)."""
-    return None if value is None else as_array(value)
+def array_or_none(fn: Any, name: str, value: Any) -> Any:
+    """``weight``/``where``/``class_mask`` as an array (a Python list becomes one), or None."""
+    return None if value is None else as_array(fn, name, value)
 
 
 def floating(fn: Any, **arrays: ArrayLike) -> tuple[Array, ...]:
     """The named inputs as arrays, each of a floating dtype (else a TypeError naming it)."""
     checked = []
     for name, value in arrays.items():
-        value = as_array(value)
+        value = as_array(fn, name, value)
         if not jnp.issubdtype(value.dtype, jnp.floating):
             raise lsspec.dtype_error(fn, name, value.dtype, "a floating dtype")
         checked.append(value)
@@ -267,7 +275,7 @@ def integer_labels(fn: Any, labels: ArrayLike) -> Array:
                     f" (jax_enable_x64 is off), or they would wrap to other classes; got "
                     f"{labels.dtype} values {sorted(set(np.asarray(labels)[lost].tolist()))[:5]}."
                 )
-    labels = as_array(labels)
+    labels = as_array(fn, "labels", labels)
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise lsspec.dtype_error(fn, "labels", labels.dtype, "an integer dtype")
     return index_labels(labels)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import lsspec
 from lsjax import _common
@@ -49,7 +50,9 @@ def sigmoid_binary_cross_entropy(
         the one errors give).
 
     A concrete ``smoothing`` (a number or a 0-d array) outside [0, 1] raises; a traced one
-    more than 4 ulps outside it gives NaN.
+    more than 4 ulps outside it gives NaN. So do ``labels`` outside [0, 1] (torch and optax
+    compute a number from them, negative for a label of -1): concrete ones raise, traced
+    ones give NaN elements.
 
     Returns:
       float32 for bf16/fp16/float32 logits, float64 for float64.
@@ -57,13 +60,17 @@ def sigmoid_binary_cross_entropy(
     fn = lsspec.caller("sigmoid_binary_cross_entropy", _caller)
     logits, labels = _common.floating(fn, logits=logits, labels=labels)
     lsspec.check_same_shape(fn, "labels", labels.shape, logits.shape)
+    pos_weight = _common.array_or_none(fn, "pos_weight", pos_weight)
     if pos_weight is not None:
-        lsspec.check_broadcastable(fn, "pos_weight", jnp.shape(pos_weight), logits.shape)
+        lsspec.check_broadcastable(fn, "pos_weight", pos_weight.shape, logits.shape)
     lsspec.check_choice(fn, "reduction", reduction, lsspec.REDUCTIONS)
     lsspec.check_smoothing(fn, _common.concrete_smoothing(fn, smoothing))
 
-    if pos_weight is not None:
-        pos_weight = _common.as_array(pos_weight)
+    if _common.reads_values(labels):
+        values = np.asarray(labels, np.float64)
+        outside = (values < 0) | (values > 1)
+        if outside.any():
+            raise lsspec.binary_labels_error(fn, values[outside].tolist())
     ulp = _common.ulp_of_one(smoothing)
     return _after_checks_jit(reduction, ulp, logits, labels, smoothing, pos_weight)
 
@@ -82,7 +89,8 @@ def _after_checks(reduction, smoothing_ulp, logits, labels, smoothing, pos_weigh
     if pos_weight is not None:
         positive = jax.lax.stop_gradient(pos_weight) * positive
     loss = positive + (1.0 - target) * jnp.logaddexp(x, 0.0)
-    loss = jnp.where((eps >= 0) & (eps <= 1), loss, jnp.nan)  # a traced eps outside [0, 1]
+    # A traced eps, or traced labels, outside [0, 1]:
+    loss = jnp.where((eps >= 0) & (eps <= 1) & (labels >= 0) & (labels <= 1), loss, jnp.nan)
     return _common.reduce(loss, jnp.ones(loss.shape, compute_dtype), reduction)
 
 

@@ -296,9 +296,9 @@ def _check_extra_options(
     messages; the class weights are called ``class_weight`` here, ``weight`` being the head's).
     ``rows``: the labels' shape (global, for the sharded loss); ``check_labels`` as
     :func:`lsjax._common.reads_values` decides which array values are read."""
-    class_weight, where, class_mask = (
-        _common.array_or_none(v) for v in (class_weight, where, class_mask)
-    )
+    class_weight = _common.array_or_none(fn, "class_weight", class_weight)
+    where = _common.array_or_none(fn, "where", where)
+    class_mask = _common.array_or_none(fn, "class_mask", class_mask)
     if class_weight is not None and tuple(class_weight.shape) != (num_classes,):
         raise lsspec.shape_error(fn, "class_weight", class_weight.shape, f"shape ({num_classes},)")
     lsspec.check_row_options_shapes(fn, num_classes, rows, where=where, class_mask=class_mask)
@@ -325,7 +325,7 @@ def _class_weight_caller(fn: lsspec.Caller) -> lsspec.Caller:
 def _check_fused(fn, hidden, weight, bias, labels):
     """The fused losses' checks of the arrays (returned; ``bias`` None when not given)."""
     (hidden,) = _common.floating(fn, hidden=hidden)
-    weight = _common.as_array(weight)
+    weight = _common.as_array(fn, "weight", weight)
     labels = _common.integer_labels(fn, labels)  # widened before any comparison
     lsspec.check_linear_shapes(
         fn, hidden.shape, weight.shape, None if bias is None else jnp.shape(bias), labels.shape
@@ -333,7 +333,7 @@ def _check_fused(fn, hidden, weight, bias, labels):
     if weight.dtype != hidden.dtype:
         raise lsspec.dtype_mismatch_error(fn, "weight", weight.dtype, hidden.dtype)
     if bias is not None:
-        bias = _common.as_array(bias)
+        bias = _common.as_array(fn, "bias", bias)
         if bias.dtype != hidden.dtype:
             raise lsspec.dtype_mismatch_error(fn, "bias", bias.dtype, hidden.dtype)
     return hidden, weight, bias, labels

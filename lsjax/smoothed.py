@@ -164,8 +164,7 @@ def _check_arrays(fn, logits, labels, axis, weight, where, class_mask=None):
     (a Python list too)."""
     (logits,) = _common.floating(fn, logits=logits)
     labels = _common.integer_labels(fn, labels)
-    if logits.ndim < 1:
-        raise lsspec.shape_error(fn, "logits", logits.shape, "at least one dimension")
+    lsspec.check_has_class_axis(fn, "logits", logits.shape)
     axis = lsspec.check_axis(fn, axis, logits.ndim)
     rows = lsspec.row_shape(logits.shape, axis)
     lsspec.check_labels_shape(fn, labels.shape, rows)
@@ -354,7 +353,9 @@ def smoothed_cross_entropy(
       Müller, Kornblith & Hinton 2019, "When Does Label Smoothing Help?".
     """
     fn = lsspec.caller("smoothed_cross_entropy", _caller)
-    weight, where, class_mask = (_common.array_or_none(v) for v in (weight, where, class_mask))
+    weight = _common.array_or_none(fn, "weight", weight)
+    where = _common.array_or_none(fn, "where", where)
+    class_mask = _common.array_or_none(fn, "class_mask", class_mask)
     logits, labels, axis = _check_arrays(fn, logits, labels, axis, weight, where, class_mask)
     num_classes = logits.shape[axis]
     label_options = lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction)

@@ -70,8 +70,10 @@ def soft_target_cross_entropy(
       float32 for bf16/fp16/float32 logits, float64 for float64: per row, or a scalar.
     """
     fn = lsspec.caller("soft_target_cross_entropy", _caller)
-    weight, where = _common.array_or_none(weight), _common.array_or_none(where)
+    weight = _common.array_or_none(fn, "weight", weight)
+    where = _common.array_or_none(fn, "where", where)
     logits, targets = _common.floating(fn, logits=logits, targets=targets)
+    lsspec.check_has_class_axis(fn, "logits", logits.shape)
     lsspec.check_same_shape(fn, "targets", targets.shape, logits.shape)
     axis = lsspec.check_axis(fn, axis, logits.ndim)
     lsspec.check_choice(fn, "reduction", reduction, lsspec.REDUCTIONS)
@@ -83,6 +85,7 @@ def soft_target_cross_entropy(
     lsspec.check_row_options_shapes(
         fn, num_classes, rows, weight=weight, where=where, has_labels=False
     )
+    _common.check_bool(fn, "where", where)
     # z-loss is compiled in only when it can matter: a concrete 0 leaves the program unchanged.
     with_z = return_z_loss or not (lsspec.is_number(z_value) and z_value == 0)
     layout = _Layout(axis, reduction, from_log_probs, return_z_loss, _common.ulp_of_one(smoothing))

@@ -271,6 +271,9 @@ def check_options(
     check_choice(fn, "reduction", reduction, REDUCTIONS)
     check_check_labels(fn, check_labels)
     check_smoothing(fn, smoothing)
+    check_flags(fn, kl=kl, from_log_probs=from_log_probs)  # every combination is allowed
+    if normalizer is not None:
+        check_divisor(fn, "normalizer", normalizer)
     fn, arg = names(fn)
     minimum = MIN_CLASSES[convention]
     if num_classes is not None and num_classes < minimum:
@@ -307,17 +310,12 @@ def check_options(
                 f"{arg('reduction')}='mean'; got {arg('normalizer')}={normalizer!r} with "
                 f"{arg('reduction')}={reduction!r}."
             )
-        if is_number(normalizer) and not (normalizer > 0 and is_finite(normalizer)):
-            raise ValueError(
-                f"{fn}: `{arg('normalizer')}` must be a finite number > 0; got {normalizer!r}."
-            )
     if kl and has_weight:
         raise ValueError(
             f"{fn}: {arg('kl')}=True is not defined with class `{arg('weight')}` (weights make "
             f"the target a non-distribution, so it has no entropy to subtract); use "
             f"{arg('kl')}=False."
         )
-    del from_log_probs  # Every combination with from_log_probs is allowed.
 
 
 def shape_error(fn: str | Caller, name: str, got: tuple, allowed: str) -> ValueError:
@@ -328,6 +326,12 @@ def shape_error(fn: str | Caller, name: str, got: tuple, allowed: str) -> ValueE
 def dtype_error(fn: str | Caller, name: str, got: object, allowed: str) -> TypeError:
     fn, arg = names(fn)
     return TypeError(f"{fn}: `{arg(name)}` must have {allowed}; got dtype {got}.")
+
+
+def check_has_class_axis(fn: str | Caller, name: str, shape: tuple) -> None:
+    """An input with a class axis has at least one dimension (a 0-d one has no class axis)."""
+    if len(shape) < 1:
+        raise shape_error(fn, name, shape, "at least one dimension (a class axis)")
 
 
 def row_shape(shape: tuple, axis: int) -> tuple:
@@ -470,6 +474,7 @@ def check_z_loss(
 ) -> None:
     """``z_loss`` is a finite number >= 0 and needs logits (there is no logsumexp of log-probs).
     A value that is not concrete gives NaN rows when out of range."""
+    check_flags(fn, return_z_loss=return_z_loss, from_log_probs=from_log_probs)
     fn, arg = names(fn)
     if is_number(z_loss) and not (z_loss >= 0 and is_finite(z_loss)):
         raise ValueError(f"{fn}: `{arg('z_loss')}` must be a finite number >= 0; got {z_loss!r}.")
@@ -527,14 +532,24 @@ def check_logit_transform(
     return transform
 
 
+def check_flags(fn: str | Caller, **flags: object) -> None:
+    """Each of ``flags`` (``kl``, ``from_log_probs``, ``inplace_backward``, ...) is True or
+    False, a Python bool: a string such as ``"False"``, a number or an array is refused, where
+    a truth test would quietly read ``"False"`` as True and an array could not be compiled in."""
+    fn, arg = names(fn)
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(
+                f"{fn}: `{arg(name)}` must be True or False; got {value!r} "
+                f"({type(value).__name__})."
+            )
+
+
 def check_return_stats(fn: str | Caller, return_stats: object, *, from_log_probs: bool) -> None:
     """``return_stats`` is a bool, and needs logits (there is no softmax of log-probabilities to
     take the entropy of; their lse is 0)."""
+    check_flags(fn, return_stats=return_stats)
     fn, arg = names(fn)
-    if not isinstance(return_stats, bool):
-        raise TypeError(
-            f"{fn}: `{arg('return_stats')}` must be True or False; got {return_stats!r}."
-        )
     if return_stats and from_log_probs:
         raise ValueError(
             f"{fn}: {arg('return_stats')}=True needs logits (the lse, the entropy and the "
@@ -557,6 +572,16 @@ def check_class_mask_support(
             f"{arg('convention')}={convention!r} no class to spread the smoothing over; allow "
             "more classes."
         )
+
+
+def binary_labels_error(fn: str | Caller, bad: list[float]) -> ValueError:
+    """Targets of the sigmoid cross-entropy outside [0, 1] (e.g. -1/+1 labels): torch and
+    optax compute a number from them, a negative loss among others."""
+    fn, arg = names(fn)
+    return ValueError(
+        f"{fn}: `{arg('labels')}` must be targets in [0, 1] (for -1/+1 labels pass "
+        f"(y + 1) / 2); got values {sorted(set(bad))[:5]}."
+    )
 
 
 def masked_label_error(fn: str | Caller, bad: list[int]) -> ValueError:
@@ -604,8 +629,26 @@ def fairseq_labels_shape(fn: str, target_shape: tuple, lprobs_shape: tuple) -> b
     raise shape_error(fn, "target", target_shape, f"shape {rows} or {(*rows, 1)}")
 
 
-def check_t5x_targets(fn: str, logits_shape: tuple, targets_shape: tuple) -> None:
-    """T5X: integer ``targets`` have the logits' shape without the last (vocabulary) axis."""
+def check_divisor(fn: str | Caller, name: str, value: object) -> None:
+    """A denominator given as a number (``normalizer``, T5X's ``loss_normalizing_factor``) is
+    a finite number > 0: 0 would give inf, a negative one a negative loss. An array that was
+    not read passes."""
+    if is_number(value) and not (value > 0 and is_finite(value)):
+        fn, arg = names(fn)
+        raise ValueError(f"{fn}: `{arg(name)}` must be a finite number > 0; got {value!r}.")
+
+
+def check_t5x_inputs(
+    fn: str,
+    logits_shape: tuple,
+    targets_shape: tuple,
+    weights_shape: tuple | None = None,
+    loss_normalizing_factor: object = None,
+) -> None:
+    """T5X: integer ``targets`` have the logits' shape without the last (vocabulary) axis;
+    ``weights``, when given, the targets' shape (T5X would broadcast another one, ``(B, 1)``
+    against ``(B,)`` to ``(B, B)``, and sum that); ``loss_normalizing_factor`` (as read), when
+    given, is a finite number > 0 (:func:`check_divisor`)."""
     if tuple(targets_shape) != tuple(logits_shape[:-1]):
         raise shape_error(
             fn,
@@ -613,6 +656,10 @@ def check_t5x_targets(fn: str, logits_shape: tuple, targets_shape: tuple) -> Non
             targets_shape,
             f"the logits' shape without the last axis, {tuple(logits_shape[:-1])}",
         )
+    if weights_shape is not None and tuple(weights_shape) != tuple(targets_shape):
+        allowed = f"the targets' shape {tuple(targets_shape)}"
+        raise shape_error(fn, "weights", weights_shape, allowed)
+    check_divisor(fn, "loss_normalizing_factor", loss_normalizing_factor)
 
 
 def check_chunk_size(fn: str | Caller, chunk_size: object) -> int:
@@ -635,6 +682,8 @@ def check_linear_shapes(
     if len(hidden_shape) < 1:
         raise shape_error(fn, "hidden", hidden_shape, "at least one dimension (..., D)")
     features = hidden_shape[-1]
+    if features < 1:  # the chunking divides by the features' bytes
+        raise shape_error(fn, "hidden", hidden_shape, "at least one feature (..., D) with D >= 1")
     if len(weight_shape) != 2 or weight_shape[1] != features:
         raise shape_error(
             fn, "weight", weight_shape, f"shape (V, {features}) (classes x hidden features)"

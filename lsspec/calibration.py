@@ -66,6 +66,8 @@ def _float_eps(dtype: np.dtype) -> float | None:
     imported, so it is looked up in ``sys.modules`` and never imported here."""
     if np.issubdtype(dtype, np.floating):
         return float(np.finfo(dtype).eps)
+    if np.dtype(dtype).kind != "V":  # NumPy's own non-floats (ml_dtypes' finfo takes complex)
+        return None
     ml_dtypes = sys.modules.get("ml_dtypes")
     if ml_dtypes is not None:
         try:

@@ -114,7 +114,7 @@ def concrete_scalar(
     fn: object, name: str, value: object, *, optional: bool = False, check_labels=None
 ) -> object:
     """A scalar option (smoothing, normalizer, z_loss, ...) as a Python float for checking: a
-    number, or a one-element tensor of a real dtype whose value the host reads
+    number, or a 0-d tensor of a real dtype whose value the host reads
     (``reads_values``: a CPU tensor, unless ``check_labels`` says otherwise). Any other tensor
     passes through unread: out of range, it gives NaN. None is kept where ``optional``;
     anything else (None, a string, a tuple, a bool) raises TypeError."""
@@ -125,7 +125,7 @@ def concrete_scalar(
     value = numpy_as_tensor(value)
     if not isinstance(value, torch.Tensor) or value.dtype == torch.bool or value.is_complex():
         raise lsspec.scalar_type_error(fn, name, value)
-    if value.numel() != 1:
+    if value.dim() != 0:  # a (1,)-shaped option would broadcast the rows to (1, N)
         raise lsspec.shape_error(fn, name, tuple(value.shape), "a scalar shape ()")
     if reads_values(value, check_labels):
         return float(value.detach().reshape(()))
@@ -218,12 +218,19 @@ def z_loss_tensor(value, dtype, device) -> torch.Tensor:
 
 
 def tensor_option(fn, name, value, device):
-    """``weight``, ``where`` or ``class_mask`` as a tensor: a Python list (or another array-like)
-    becomes one on ``device``, as lsjax accepts any array-like; a tensor is kept as it is."""
+    """``weight``, ``where``, ``class_mask`` or ``pos_weight`` as a tensor: a Python list or
+    number (or another array-like) becomes one on ``device``, as lsjax accepts any array-like; a
+    tensor is kept as it is. Python floats become float64, the precision they hold
+    (``torch.as_tensor`` would round them to float32, torch's default dtype, and a float64 loss
+    would then differ from one given the same weights as a float64 tensor); the loss casts a
+    weight to its compute dtype. A NumPy array keeps its dtype."""
     if value is None or isinstance(value, torch.Tensor):
         return value
     try:
-        return torch.as_tensor(value, device=device)
+        tensor = torch.as_tensor(value, device=device)
+        if tensor.is_floating_point() and not hasattr(value, "dtype"):
+            tensor = torch.as_tensor(value, dtype=torch.float64, device=device)
+        return tensor
     except (TypeError, ValueError, RuntimeError) as error:
         fn, arg = lsspec.names(fn)
         raise TypeError(
@@ -406,25 +413,40 @@ def check_loss_options(
     return z_value, transform
 
 
-def floating(fn, **tensors: torch.Tensor) -> None:
+def not_a_tensor(fn, name: str, value: object) -> TypeError:
+    """The error for an input that must be a ``torch.Tensor`` and is something else (a NumPy
+    array, a list, None), naming what it is."""
+    fn, arg = lsspec.names(fn)
+    hint = " (torch.as_tensor(...) makes one)" if hasattr(value, "__array__") else ""
+    kind = type(value)
+    got = kind.__qualname__
+    if kind.__module__ != "builtins":
+        got = f"{kind.__module__}.{got}"
+    return TypeError(f"{fn}: `{arg(name)}` must be a torch.Tensor{hint}; got {got}.")
+
+
+def tensors(fn, **inputs: object) -> None:
+    """Each named input is a ``torch.Tensor`` (else :func:`not_a_tensor`)."""
+    for name, value in inputs.items():
+        if not isinstance(value, torch.Tensor):
+            raise not_a_tensor(fn, name, value)
+
+
+def floating(fn, **inputs: torch.Tensor) -> None:
     """Each named input is a tensor of a floating dtype (else a TypeError naming it)."""
-    for name, value in tensors.items():
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            got = getattr(value, "dtype", type(value).__name__)
-            raise lsspec.dtype_error(fn, name, got, "a floating dtype (a float torch.Tensor)")
+    tensors(fn, **inputs)
+    for name, value in inputs.items():
+        if not value.is_floating_point():
+            allowed = "a floating dtype (a float torch.Tensor)"
+            raise lsspec.dtype_error(fn, name, value.dtype, allowed)
 
 
 def integer_labels(fn, labels: torch.Tensor, name: str = "labels") -> torch.Tensor:
     """``labels``, a tensor of an integer dtype (not bool, float or complex: else a TypeError),
     widened by :func:`index_labels` before any comparison with ``ignore_index``/``pad_index``."""
-    if (
-        not isinstance(labels, torch.Tensor)
-        or labels.is_floating_point()
-        or labels.is_complex()
-        or labels.dtype == torch.bool
-    ):
-        got = getattr(labels, "dtype", type(labels).__name__)
-        raise lsspec.dtype_error(fn, name, got, "an integer dtype (an int torch.Tensor)")
+    tensors(fn, **{name: labels})
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise lsspec.dtype_error(fn, name, labels.dtype, "an integer dtype (an int torch.Tensor)")
     return index_labels(labels)
 
 
@@ -434,13 +456,18 @@ def check_bool(fn, name: str, value: torch.Tensor | None) -> None:
         raise lsspec.dtype_error(fn, name, value.dtype, "dtype bool")
 
 
+_INT64 = torch.iinfo(torch.int64)
+
+
 def counted_rows(labels, ignore_index=None, pad_index=None, where=None) -> torch.Tensor:
     """The rows that count: label not ``ignore_index``, not ``pad_index``, and ``where`` True.
     The first comparison starts the mask (one op fewer than a mask of ones it is and-ed
     with); without one, a fresh mask of ones, never the caller's ``where`` itself."""
     counted = None
     for value in (ignore_index, pad_index):
-        if value is not None:
+        # An index int64 (the labels' dtype, index_labels) cannot hold is no label's value and
+        # matches none, as in lsjax; comparing with it would overflow.
+        if value is not None and _INT64.min <= value <= _INT64.max:
             differs = labels != value
             counted = differs if counted is None else counted & differs
     if counted is None:

@@ -36,12 +36,14 @@ def sigmoid_binary_cross_entropy(
     Args:
       logits: float tensor of any shape; bf16/fp16 are computed in float32.
       labels: float tensor of the logits' shape, targets in [0, 1] (multi-label, soft or hard).
+        Outside [0, 1] (torch computes a number, negative for a label of -1) a CPU tensor
+        raises; a tensor that is not read gives NaN elements there.
       smoothing: ``eps`` in [0, 1]: each label becomes ``y * (1 - eps) + eps / 2``. A number or
         a CPU tensor outside [0, 1] raises; a tensor that is not read (on an accelerator, under
         ``torch.compile``/``vmap``) gives NaN. A tensor that requires grad is differentiated,
         ``d loss / d eps = (1/2 - y) (pos_weight softplus(-x) - softplus(x))``.
       pos_weight: weight of the positive term, broadcast against the logits (torch's
-        ``pos_weight``, e.g. shape ``(C,)``); a constant.
+        ``pos_weight``, e.g. shape ``(C,)``; a number or a list too); a constant.
       reduction: ``"none"`` (elementwise), ``"sum"`` or ``"mean"`` (over all elements).
 
     Returns:
@@ -52,10 +54,15 @@ def sigmoid_binary_cross_entropy(
     fn = lsspec.caller("sigmoid_binary_cross_entropy", _caller)
     _common.floating(fn, logits=logits, labels=labels)
     lsspec.check_same_shape(fn, "labels", tuple(labels.shape), tuple(logits.shape))
+    pos_weight = _common.tensor_option(fn, "pos_weight", pos_weight, logits.device)
     if pos_weight is not None:
         lsspec.check_broadcastable(fn, "pos_weight", tuple(pos_weight.shape), tuple(logits.shape))
     lsspec.check_choice(fn, "reduction", reduction, lsspec.REDUCTIONS)
     lsspec.check_smoothing(fn, _common.concrete_smoothing(fn, smoothing))
+    if _common.reads_values(labels):
+        outside = (labels < 0) | (labels > 1)
+        if outside.any():
+            raise lsspec.binary_labels_error(fn, labels[outside].detach().double().tolist())
 
     compute_dtype = _common.compute_dtype(logits.dtype)
     x = logits.to(compute_dtype)
@@ -66,5 +73,7 @@ def sigmoid_binary_cross_entropy(
     if pos_weight is not None:
         positive = pos_weight.detach().to(compute_dtype) * positive
     loss = positive + (1.0 - target) * torch.logaddexp(x, zero)
-    loss = torch.where((eps >= 0) & (eps <= 1), loss, torch.nan)  # a tensor eps outside [0, 1]
+    # A tensor eps, or labels that were not read, outside [0, 1]:
+    in_range = (eps >= 0) & (eps <= 1) & (labels >= 0) & (labels <= 1)
+    loss = torch.where(in_range, loss, torch.nan)
     return _common.reduce(loss, torch.ones_like(loss), reduction)

@@ -37,11 +37,6 @@ def _shown(value: object) -> str:
     return repr(value)
 
 
-def _buffer(value: object) -> torch.Tensor | None:
-    """``weight`` / ``class_mask`` as a tensor to register (a Python list becomes one)."""
-    return value if value is None or isinstance(value, torch.Tensor) else torch.as_tensor(value)
-
-
 class _LossModule(nn.Module):
     """What every loss module shares: its constructor's arguments stored under their own names
     (the tensor options as buffers), checked at construction by :meth:`_check`, shown by
@@ -56,7 +51,9 @@ class _LossModule(nn.Module):
         self._option_names = tuple(n for n in arguments if n not in ("self", "__class__"))
         for name in self._option_names:
             if name in self._buffer_names:
-                self.register_buffer(name, _buffer(arguments[name]))
+                # A list becomes a tensor (_common.tensor_option), registered on the CPU.
+                value = _common.tensor_option(self._caller(), name, arguments[name], None)
+                self.register_buffer(name, value)
             else:
                 setattr(self, name, arguments[name])
         self._check(self._caller())

@@ -94,8 +94,7 @@ def _check_arrays(fn, logits, labels, axis, weight, where, class_mask=None):
     as a non-negative int)."""
     _common.floating(fn, logits=logits)
     labels = _common.integer_labels(fn, labels)
-    if logits.ndim < 1:
-        raise lsspec.shape_error(fn, "logits", tuple(logits.shape), "at least one dimension")
+    lsspec.check_has_class_axis(fn, "logits", tuple(logits.shape))
     axis = _common.class_axis(fn, axis, logits.ndim, tuple(logits.shape))
     rows = lsspec.row_shape(logits.shape, axis)
     lsspec.check_labels_shape(fn, tuple(labels.shape), rows)
@@ -121,6 +120,7 @@ def _check_options(
     softcap=None,
     logit_scale=1.0,
     return_stats=False,
+    inplace_backward=False,
     check_labels=None,
     **_inputs,
 ):
@@ -134,6 +134,7 @@ def _check_options(
         return_z_loss=return_z_loss, softcap=softcap, logit_scale=logit_scale,
         return_stats=return_stats,
     )  # fmt: skip
+    lsspec.check_flags(fn, inplace_backward=inplace_backward)
     return z_value
 
 
@@ -338,6 +339,7 @@ def smoothed_cross_entropy(
         softcap=softcap,
         logit_scale=logit_scale,
         return_stats=return_stats,
+        inplace_backward=inplace_backward,
         check_labels=check_labels,
     )
     transform = lsspec.LogitTransform(

@@ -67,6 +67,7 @@ def soft_target_cross_entropy(
     """
     fn = lsspec.caller("soft_target_cross_entropy", _caller)
     _common.floating(fn, logits=logits, targets=targets)
+    lsspec.check_has_class_axis(fn, "logits", tuple(logits.shape))
     lsspec.check_same_shape(fn, "targets", tuple(targets.shape), tuple(logits.shape))
     axis = _common.class_axis(fn, axis, logits.ndim, tuple(logits.shape))
     weight = _common.tensor_option(fn, "weight", weight, logits.device)
@@ -80,6 +81,7 @@ def soft_target_cross_entropy(
     lsspec.check_row_options_shapes(
         fn, num_classes, rows, weight=weight, where=where, has_labels=False
     )
+    _common.check_bool(fn, "where", where)
     counted = (
         torch.ones(rows, dtype=torch.bool, device=logits.device)
         if where is None

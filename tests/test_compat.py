@@ -190,6 +190,43 @@ def test_sigmoid_bce_equals_torch_bce_with_logits(smoothing, reduction):
     np.testing.assert_allclose(jax_rows, optax_rows, rtol=1e-10, atol=1e-12)
 
 
+def test_sigmoid_bce_takes_a_number_or_list_pos_weight_as_torch_takes_a_tensor(framework):
+    module, array = framework
+    rng = np.random.default_rng(5)
+    x, y = rng.standard_normal((3, 4)), rng.integers(0, 2, size=(3, 4)).astype(np.float64)
+    for pos_weight in (2.0, [0.5, 1.0, 2.0, 3.0]):
+        ours = module.sigmoid_binary_cross_entropy(array(x), array(y), pos_weight=pos_weight)
+        theirs = F.binary_cross_entropy_with_logits(
+            torch.tensor(x), torch.tensor(y),
+            pos_weight=torch.tensor(pos_weight, dtype=torch.float64), reduction="none",
+        )  # fmt: skip
+        np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), rtol=1e-6)
+
+
+def test_sigmoid_bce_refuses_labels_outside_0_1(framework):
+    """-1/+1 labels (an SVM habit) give torch and optax a number, negative for some elements."""
+    module, array = framework
+    x = np.zeros((2, 3), np.float32)
+    for bad in (-1.0, 2.0):
+        y = np.array([[0.0, 1.0, bad], [1.0, 0.0, 0.5]], np.float32)
+        with pytest.raises(ValueError, match=r"^sigmoid_binary_cross_entropy: `labels` must be "
+                           r"targets in \[0, 1\]"):  # fmt: skip
+            module.sigmoid_binary_cross_entropy(array(x), array(y))
+    with pytest.raises(ValueError, match=r"^binary_crossentropy: `y_true` must be targets"):
+        module.compat.keras.binary_crossentropy(array(-np.ones((2, 3), np.float32)), array(x))
+
+
+def test_sigmoid_bce_labels_outside_0_1_that_are_not_read_give_nan():
+    y = np.array([[0.0, 1.0, -1.0], [1.0, 0.0, 0.5]], np.float32)
+    x = np.zeros_like(y)
+    traced = jax.jit(lsjax.sigmoid_binary_cross_entropy)(x, y)
+    batched = torch.func.vmap(lstorch.sigmoid_binary_cross_entropy)(
+        torch.as_tensor(x), torch.as_tensor(y)
+    )
+    for loss in (np.asarray(traced), batched.numpy()):
+        assert np.isnan(loss[0, 2]) and np.isfinite(np.delete(loss.ravel(), 2)).all()
+
+
 def test_sigmoid_bce_is_finite_for_huge_logits(framework):
     module, array = framework
     x = np.array([[-1e4, 1e4, 0.0]])
@@ -341,3 +378,33 @@ def test_moved_modules_keep_a_deprecated_alias(old, new, names):
     package = importlib.import_module(old.split(".")[0])
     for name in names:
         assert getattr(alias, name) is getattr(moved, name) is getattr(package, name)
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face's LabelSmoother itself
+
+
+@pytest.mark.parametrize("shift_labels", [False, True])
+def test_label_smoother_equals_transformers_with_num_items_in_batch(framework, shift_labels):
+    """transformers' ``LabelSmoother.__call__(..., shift_labels, num_items_in_batch)``: the
+    count of the whole accumulated batch replaces this call's count in both terms."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    module, array = framework
+    rng = np.random.default_rng(8)
+    logits = rng.standard_normal((2, 5, 7))
+    labels = rng.integers(0, 7, size=(2, 5))
+    labels[0, 2] = -100
+    for count in (None, 13):
+        expected = LabelSmoother(epsilon=0.1)(
+            {"logits": torch.tensor(logits)}, torch.tensor(labels), shift_labels=shift_labels,
+            num_items_in_batch=count,
+        )  # fmt: skip
+        got = module.compat.hf.label_smoother(
+            array(logits), array(labels), epsilon=0.1, shift_labels=shift_labels,
+            num_items_in_batch=count,
+        )  # fmt: skip
+        # HF sums its smoothing term in float32 (`log_probs.sum(..., dtype=torch.float32)`).
+        np.testing.assert_allclose(float(got), float(expected), rtol=1e-7)
+    with pytest.raises(ValueError, match=r"^label_smoother: `num_items_in_batch` must be"):
+        module.compat.hf.label_smoother(array(logits), array(labels), num_items_in_batch=0)

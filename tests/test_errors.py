@@ -548,3 +548,187 @@ def test_cross_entropy_mirror_takes_ignore_index_with_probabilities_as_torch():
         )
         got = lsjax.cross_entropy(logits, probabilities, ignore_index=ignore_index)
         np.testing.assert_allclose(np.asarray(got), expected.numpy(), rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Flags, scalar shapes and inputs that are not arrays: each refused with the function's name,
+# where a truth test, a broadcast or an internal helper would otherwise decide.
+
+_LOG_PROBS = _log_probs(_LOGITS)
+
+# (call(module, array, value) passing `value` as the flag, the flag's name as the user wrote it)
+FLAG_CALLS = [
+    (lambda m, a, v: m.smoothed_cross_entropy(a(_LOGITS), a(_LABELS), kl=v), "kl"),
+    (lambda m, a, v: m.smoothed_cross_entropy(a(_LOGITS), a(_LABELS), from_log_probs=v),
+     "from_log_probs"),
+    (lambda m, a, v: m.smoothed_cross_entropy(a(_LOGITS), a(_LABELS), return_z_loss=v),
+     "return_z_loss"),
+    (lambda m, a, v: m.smoothed_cross_entropy(a(_LOGITS), a(_LABELS), return_stats=v),
+     "return_stats"),
+    (lambda m, a, v: m.soft_target_cross_entropy(a(_LOGITS), a(_PROBS), from_log_probs=v),
+     "from_log_probs"),
+    (lambda m, a, v: m.fused_linear_smoothed_cross_entropy(
+        a(_LOGITS), a(np.eye(5, dtype=np.float32)), a(_LABELS), kl=v), "kl"),
+    (lambda m, a, v: m.compat.keras.categorical_crossentropy(a(_PROBS), a(_LOGITS),
+                                                             from_logits=v), "from_logits"),
+    (lambda m, a, v: m.compat.keras.binary_crossentropy(a(_PROBS), a(_LOGITS), from_logits=v),
+     "from_logits"),
+    (lambda m, a, v: m.compat.fairseq.label_smoothed_nll_loss(a(_LOG_PROBS), a(_LABELS), 0.1,
+                                                              reduce=v), "reduce"),
+    (lambda m, a, v: m.compat.hf.label_smoother(a(_LOGITS), a(_LABELS), shift_labels=v),
+     "shift_labels"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("value", ["False", 0, np.array(False)], ids=repr)
+@pytest.mark.parametrize(("call", "flag"), FLAG_CALLS, ids=[f for _, f in FLAG_CALLS])
+def test_a_flag_must_be_true_or_false(framework, call, flag, value):
+    """``kl="False"`` is a truthy string: read as a flag, it would give the KL form."""
+    module, array = framework
+    with pytest.raises(TypeError, match=rf": `{flag}` must be True or False; got "):
+        call(module, array, value)
+
+
+def test_inplace_backward_must_be_true_or_false_and_leaves_the_logits_alone():
+    """A truthy ``inplace_backward="False"`` would let backward overwrite the logits."""
+    logits = torch.as_tensor(_LOGITS).requires_grad_(True) * 1.0
+    before = logits.detach().clone()
+    with pytest.raises(TypeError, match=r"`inplace_backward` must be True or False; got 'no'"):
+        lstorch.smoothed_cross_entropy(logits, torch.as_tensor(_LABELS), inplace_backward="no")
+    with pytest.raises(TypeError, match=r"^SmoothedCrossEntropyLoss: `kl` must be True or False"):
+        lstorch.SmoothedCrossEntropyLoss(kl="False")
+    with pytest.raises(TypeError, match=r"^SmoothedCrossEntropyLoss: `inplace_backward` must be"):
+        lstorch.SmoothedCrossEntropyLoss(inplace_backward="yes")
+    assert torch.equal(logits.detach(), before)
+
+
+@pytest.mark.parametrize("name", ["smoothing", "z_loss"])
+def test_a_scalar_option_of_shape_1_is_refused(framework, name):
+    """A ``(1,)`` option would broadcast the per-row losses to ``(1, N)``."""
+    module, array = framework
+    message = rf"`{name}` must have a scalar shape \(\); got shape \(1,\)"
+    with pytest.raises(ValueError, match=message):
+        module.smoothed_cross_entropy(
+            array(_LOGITS), array(_LABELS), **{name: array(np.array([0.1], np.float32))}
+        )
+
+
+def test_inputs_that_are_not_arrays_are_named():
+    with pytest.raises(TypeError, match=r"^smoothed_cross_entropy: `logits` must be an array"):
+        lsjax.smoothed_cross_entropy(None, _LABELS)
+    with pytest.raises(TypeError, match=r"^smoothed_cross_entropy: `weight` must be an array"):
+        lsjax.smoothed_cross_entropy(_LOGITS, _LABELS, weight="abc")
+    with pytest.raises(TypeError, match=r"^cross_entropy: `target` must be an array"):
+        lsjax.cross_entropy(_LOGITS, None)
+    torch_labels = torch.as_tensor(_LABELS)
+    with pytest.raises(
+        TypeError,
+        match=r"^smoothed_cross_entropy: `logits` must be a torch.Tensor \(torch.as_tensor"
+        r"\(\.\.\.\) makes one\); got numpy.ndarray",
+    ):
+        lstorch.smoothed_cross_entropy(_LOGITS, torch_labels)
+    with pytest.raises(TypeError, match=r"^label_smoother: `labels` must be a torch.Tensor; got "
+                       r"NoneType"):  # fmt: skip
+        lstorch.compat.hf.label_smoother(torch.as_tensor(_LOGITS), None)
+    with pytest.raises(TypeError, match=r"^categorical_crossentropy: `y_true` must be a torch"):
+        lstorch.compat.keras.categorical_crossentropy(None, torch.as_tensor(_LOGITS))
+    with pytest.raises(TypeError, match=r"^SmoothedCrossEntropyLoss: `weight` must be a tensor"):
+        lstorch.SmoothedCrossEntropyLoss(weight="abc")
+
+
+def test_0d_logits_are_named_not_the_axis(framework):
+    module, array = framework
+    scalar = array(np.float32(1.0))
+    with pytest.raises(ValueError, match=r"^soft_target_cross_entropy: `logits` must have at"):
+        module.soft_target_cross_entropy(scalar, scalar)
+    with pytest.raises(ValueError, match=r"^categorical_crossentropy: `y_pred` must have at least"):
+        module.compat.keras.categorical_crossentropy(scalar, scalar)
+
+
+def test_soft_target_where_must_be_boolean(framework):
+    """A float mask of 0.5 and 2 would otherwise be cast to True."""
+    module, array = framework
+    with pytest.raises(TypeError, match=r"`where` must have dtype bool"):
+        module.soft_target_cross_entropy(
+            array(_LOGITS), array(_PROBS), where=array(np.array([1, 0.5, 0, 2], np.float32))
+        )
+
+
+def test_hf_label_smoother_takes_only_a_trailing_axis_of_1(framework):
+    module, array = framework
+    with pytest.raises(ValueError, match=r"^label_smoother: `labels` must have the logits' shape"):
+        module.compat.hf.label_smoother(array(_LOGITS), array(np.tile(_LABELS[:, None], (1, 3))))
+    trailing = module.compat.hf.label_smoother(array(_LOGITS), array(_LABELS[:, None]))
+    plain = module.compat.hf.label_smoother(array(_LOGITS), array(_LABELS))
+    assert float(trailing) == float(plain)
+
+
+def test_t5x_weights_and_normalizing_factor_are_checked(framework):
+    module, array = framework
+    loss = module.compat.t5x.compute_weighted_cross_entropy
+    logits, targets = array(_LOGITS), array(_LABELS)
+    for shape in ((4, 1), (1,), (5,)):  # (4, 1) would broadcast against (4,) to (4, 4)
+        with pytest.raises(ValueError, match=r"`weights` must have the targets' shape \(4,\)"):
+            loss(logits, targets, weights=array(np.ones(shape, np.float32)))
+    for factor in (0.0, -2.0, float("inf")):
+        with pytest.raises(ValueError, match=r"`loss_normalizing_factor` must be a finite number"):
+            loss(logits, targets, loss_normalizing_factor=factor)
+    with pytest.raises(TypeError, match=r"`loss_normalizing_factor` must be a real number"):
+        loss(logits, targets, loss_normalizing_factor="2")
+
+
+def test_fused_head_with_no_hidden_features_is_named(framework):
+    module, array = framework
+    with pytest.raises(ValueError, match=r"`hidden` must have at least one feature"):
+        module.fused_linear_smoothed_cross_entropy(
+            array(np.zeros((4, 0), np.float32)), array(np.zeros((5, 0), np.float32)),
+            array(_LABELS),
+        )  # fmt: skip
+
+
+def test_cross_entropy_mirror_ignore_index_with_probabilities_is_an_int_or_none():
+    for bad in (-1.5, "a"):
+        with pytest.raises(ValueError, match=r"^cross_entropy: `ignore_index` must be an int"):
+            lsjax.cross_entropy(_LOGITS, _PROBS, ignore_index=bad)
+    expected = torch.nn.functional.cross_entropy(torch.as_tensor(_LOGITS), torch.as_tensor(_PROBS))
+    got = lsjax.cross_entropy(_LOGITS, _PROBS, ignore_index=None)
+    np.testing.assert_allclose(np.asarray(got), expected.numpy(), rtol=1e-6)
+
+
+def test_cross_entropy_mirror_takes_torchs_later_arguments_by_keyword_only():
+    """torch's fourth position is its deprecated ``size_average``, not ``ignore_index``."""
+    with pytest.raises(TypeError, match="positional"):
+        lsjax.cross_entropy(_LOGITS, _LABELS, None, 2)
+
+
+def test_calibration_refuses_a_complex_temperature():
+    import lsjax.calibration
+
+    for temperature in (np.array(2 + 0j), jnp.array(2 + 0j)):
+        with pytest.raises(ValueError, match=r"`temperature` must be a finite number > 0"):
+            lsjax.calibration.negative_log_likelihood(_LOGITS, _LABELS, temperature=temperature)
+
+
+def test_compute_loss_func_checks_option_values_before_training():
+    from lstorch.integrations.huggingface import compute_loss_func
+
+    for options, message in (
+        ({"softcap": 0.0}, r"`softcap` must be None or a finite number > 0"),
+        ({"logit_scale": -1.0}, r"`logit_scale` must be a finite number > 0"),
+        ({"kl": "no"}, r"`kl` must be True or False"),
+        ({"inplace_backward": 1}, r"`inplace_backward` must be True or False"),
+    ):
+        with pytest.raises((TypeError, ValueError), match=rf"^compute_loss_func: {message}"):
+            compute_loss_func(**options)
+
+
+def test_an_ignore_index_beyond_int64_matches_no_label(framework):
+    """As in lsjax, an index the labels cannot hold ignores nothing (lstorch overflowed)."""
+    module, array = framework
+    expected = torch.nn.functional.cross_entropy(
+        torch.as_tensor(_LOGITS), torch.as_tensor(_LABELS), label_smoothing=0.1, reduction="none"
+    )
+    got = module.smoothed_cross_entropy(
+        array(_LOGITS), array(_LABELS), smoothing=0.1, ignore_index=2**70
+    )
+    np.testing.assert_allclose(np.asarray(got), expected.numpy(), rtol=1e-6)

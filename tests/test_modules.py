@@ -275,3 +275,21 @@ def test_one_and_two_dimensions_need_no_axis(shape):
         torch.as_tensor(logits), torch.as_tensor(labels)
     )
     assert got.item() == pytest.approx(_torch_ce(logits, labels), rel=1e-6)
+
+
+def test_list_class_weights_keep_float64_precision():
+    """A list of Python floats is float64; rounding it to float32 (torch.as_tensor's default)
+    moved float64 losses by about 1e-9."""
+    rng = np.random.default_rng(12)
+    logits = torch.tensor(rng.standard_normal((6, 4)))
+    labels = torch.tensor(rng.integers(0, 4, size=6))
+    weight = [0.1, 0.7, 1.3, 2.9]
+    expected = nn.functional.cross_entropy(
+        logits, labels, weight=torch.tensor(weight, dtype=torch.float64), label_smoothing=0.2
+    )
+    function = lstorch.smoothed_cross_entropy(
+        logits, labels, smoothing=0.2, weight=weight, reduction="mean"
+    )
+    module = lstorch.SmoothedCrossEntropyLoss(smoothing=0.2, weight=weight)(logits, labels)
+    for got in (function, module):
+        torch.testing.assert_close(got, expected, rtol=1e-14, atol=0)

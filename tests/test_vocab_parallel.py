@@ -344,7 +344,7 @@ ERRORS = {  # case: what the message must say (the function, the argument, the v
     "fused softcap": "vocab_parallel_fused_linear_smoothed_cross_entropy: `softcap` must be None "
     "or a finite number > 0; got 0.0.",
     "dense return_stats": "vocab_parallel_smoothed_cross_entropy: `return_stats` must be True or "
-    "False; got 'yes'.",
+    "False; got 'yes' (str).",
     "dtensor replicated logits": "smoothed_cross_entropy: DTensor `logits` must be sharded on its "
     "class axis 1 over a 1-D device mesh",
 }

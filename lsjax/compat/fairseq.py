@@ -45,8 +45,9 @@ def label_smoothed_nll_loss(
     target out of range gives a NaN row, as under ``jit``).
     """
     fn = "label_smoothed_nll_loss"
-    lprobs = as_array(lprobs)
-    target = as_array(target)
+    lsspec.check_flags(fn, reduce=reduce, pre_2021=pre_2021)
+    lprobs = as_array(fn, "lprobs", lprobs)
+    target = as_array(fn, "target", target)
     trailing = lsspec.fairseq_labels_shape(fn, target.shape, lprobs.shape)
     labels = target[..., 0] if trailing else target
     options = dict(

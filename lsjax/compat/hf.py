@@ -16,9 +16,11 @@ def label_smoother(
     epsilon: float = 0.1,
     ignore_index: int = -100,
     shift_labels: bool = False,
+    num_items_in_batch: float | jax.Array | None = None,
     check_labels: bool | None = None,
 ) -> jax.Array:
-    r"""``transformers.trainer_pt_utils.LabelSmoother(epsilon, ignore_index)(logits, labels)``.
+    r"""``transformers.trainer_pt_utils.LabelSmoother(epsilon, ignore_index)(logits, labels,
+    shift_labels, num_items_in_batch)``.
 
     SEMANTICS.md §6: with ``lp = log_softmax(logits)`` and ``n`` the number of rows whose label
     is not ``ignore_index``::
@@ -28,19 +30,22 @@ def label_smoother(
     the uniform convention averaged over counted rows: ``smoothed_cross_entropy(logits, labels,
     smoothing=epsilon, ignore_index=ignore_index, reduction="mean")``. ``shift_labels=True``
     drops the last position of ``logits`` (axis -2) and the first of ``labels`` (causal LM).
-    ``labels`` may carry a trailing axis of 1, as HF accepts.
+    ``labels`` may carry a trailing axis of 1, as HF accepts. ``num_items_in_batch`` (the
+    Trainer's count of the whole accumulated batch's tokens) replaces ``n`` in both terms, as
+    ``smoothed_cross_entropy``'s ``normalizer``.
 
     Differences: when every row is ignored this returns 0 with a zero gradient (HF: NaN, 0/0);
     a negative label other than ``ignore_index`` raises (HF clamps it to class 0 and counts it).
     ``check_labels`` is :func:`lsjax.smoothed_cross_entropy`'s: ``False`` reads no concrete
     value to check it (a target out of range gives a NaN row, as under ``jit``).
     """
-    logits = as_array(logits)
-    labels = as_array(labels)
+    logits = as_array("label_smoother", "logits", logits)
+    labels = as_array("label_smoother", "labels", labels)
+    lsspec.check_flags("label_smoother", shift_labels=shift_labels)
     if shift_labels:
         logits = logits[..., :-1, :]
         labels = labels[..., 1:]
-    if labels.ndim == logits.ndim:
+    if labels.ndim == logits.ndim and labels.shape[-1] == 1:  # any other shape is refused
         labels = labels[..., 0]
     return smoothed_cross_entropy(
         logits,
@@ -49,6 +54,9 @@ def label_smoother(
         ignore_index=ignore_index,
         reduction="mean",
         axis=-1,
+        normalizer=num_items_in_batch,
         check_labels=check_labels,
-        _caller=lsspec.caller("label_smoother", smoothing="epsilon"),
+        _caller=lsspec.caller(
+            "label_smoother", smoothing="epsilon", normalizer="num_items_in_batch"
+        ),
     )

@@ -35,11 +35,14 @@ def categorical_crossentropy(
     ``axis`` is; the same for ``axis=-1``); computed in float32 for bf16/fp16 inputs (Keras
     casts ``y_true`` to ``y_pred``'s dtype and computes there).
     """
-    y_pred = as_array(y_pred)
+    fn = "categorical_crossentropy"
+    lsspec.check_flags(fn, from_logits=from_logits)
+    y_pred = as_array(fn, "y_pred", y_pred)
+    lsspec.check_has_class_axis(fn, "y_pred", y_pred.shape)
     compute_dtype = jnp.promote_types(y_pred.dtype, jnp.float32)
-    y_true = jnp.asarray(y_true, compute_dtype)
+    y_true = as_array(fn, "y_true", y_true).astype(compute_dtype)
     if not from_logits:
-        lsspec.check_axis("categorical_crossentropy", axis, y_pred.ndim)
+        lsspec.check_axis(fn, axis, y_pred.ndim)
         probs = y_pred.astype(compute_dtype)
         probs = probs / jnp.sum(probs, axis=axis, keepdims=True)
         y_pred = jnp.log(jnp.clip(probs, lsspec.KERAS_EPSILON, 1.0 - lsspec.KERAS_EPSILON))
@@ -75,9 +78,11 @@ def binary_crossentropy(
     or ``z = log(p) - log(1 - p)`` (the logit of the clipped probability, whose softplus terms
     are exactly ``-log p`` and ``-log(1 - p)``). Computed in float32 for bf16/fp16 inputs.
     """
-    y_pred = as_array(y_pred)
+    fn = "binary_crossentropy"
+    lsspec.check_flags(fn, from_logits=from_logits)
+    y_pred = as_array(fn, "y_pred", y_pred)
     compute_dtype = jnp.promote_types(y_pred.dtype, jnp.float32)
-    lsspec.check_axis("binary_crossentropy", axis, max(y_pred.ndim, 1))
+    lsspec.check_axis(fn, axis, max(y_pred.ndim, 1))
     if not from_logits:
         probs = jnp.clip(
             y_pred.astype(compute_dtype), lsspec.KERAS_EPSILON, 1.0 - lsspec.KERAS_EPSILON
@@ -85,7 +90,7 @@ def binary_crossentropy(
         y_pred = jnp.log(probs) - jnp.log1p(-probs)
     elementwise = sigmoid_binary_cross_entropy(
         y_pred,
-        jnp.asarray(y_true, compute_dtype),
+        as_array(fn, "y_true", y_true).astype(compute_dtype),
         smoothing=label_smoothing,
         _caller=lsspec.caller(
             "binary_crossentropy", logits="y_pred", labels="y_true", smoothing="label_smoothing"

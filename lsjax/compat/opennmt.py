@@ -41,7 +41,7 @@ def kl_label_smoothing_loss(
     array is held to [0, 1] only, by NaN, as under ``jit``).
     """
     fn = lsspec.caller("kl_label_smoothing_loss", _caller)
-    output = as_array(output)
+    output = as_array(fn, "output", output)
     lsspec.check_check_labels(fn, check_labels)
     value = _common.concrete_scalar(
         fn, "label_smoothing", label_smoothing, check_labels=check_labels

@@ -20,11 +20,16 @@ def cross_entropy(
     input: ArrayLike,
     target: ArrayLike,
     weight: ArrayLike | None = None,
+    *,
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
 ) -> jax.Array:
     """``torch.nn.functional.cross_entropy`` in JAX, same arguments, same semantics.
+
+    The arguments after ``weight`` are keyword-only: torch's fourth and sixth positions hold
+    its deprecated ``size_average`` and ``reduce``, so ``cross_entropy(x, y, None, 2)`` would
+    mean another thing here than in torch.
 
     ``input`` has shape ``(C,)``, ``(N, C)`` or ``(N, C, d1, ...)`` (class axis 1, as torch).
     ``target`` holds class indices (the input's shape without the class axis) or class
@@ -44,13 +49,15 @@ def cross_entropy(
     caller = lsspec.caller(
         fn, logits="input", labels="target", targets="target", smoothing="label_smoothing"
     )
-    input = as_array(input)
-    target = as_array(target)
+    input = as_array(fn, "input", input)
+    target = as_array(fn, "target", target)
     if input.ndim < 1:
         raise lsspec.shape_error(fn, "input", input.shape, "shape (C,), (N, C) or (N, C, d1, ...)")
     class_axis = 0 if input.ndim == 1 else 1
     if jnp.issubdtype(target.dtype, jnp.floating):
-        if ignore_index >= 0:  # torch: TORCH_CHECK(ignore_index < 0) in its NLL loss
+        if ignore_index is not None and not lsspec.is_index(ignore_index):
+            raise ValueError(f"{fn}: `ignore_index` must be an int or None; got {ignore_index!r}.")
+        if ignore_index is not None and ignore_index >= 0:  # torch: TORCH_CHECK(ignore_index < 0)
             raise ValueError(
                 f"{fn}: `ignore_index` is not supported with probability targets (as in torch): "
                 f"it must be negative, and is then unused; got ignore_index={ignore_index!r}."

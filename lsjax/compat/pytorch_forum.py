@@ -36,7 +36,7 @@ def label_smoothing_loss(
     target out of range gives a NaN row, as under ``jit``).
     """
     fn = lsspec.caller("label_smoothing_loss", _caller)
-    pred = as_array(pred)
+    pred = as_array(fn, "pred", pred)
     axis = lsspec.check_axis(fn, dim, max(pred.ndim, 1), name="dim")
     if pred.ndim:
         lsspec.check_declared_classes(fn, "classes", classes, pred.shape[axis])

@@ -32,8 +32,8 @@ def cross_entropy_with_logits(
     this is not the derivative of the loss; T5X does the same).
     """
     fn = "cross_entropy_with_logits"
-    logits = as_array(logits)
-    targets = as_array(targets)
+    logits = as_array(fn, "logits", logits)
+    targets = as_array(fn, "targets", targets)
     # Checked here, where the value is still concrete (inside the custom_vjp it is traced).
     z_value = _common.concrete_scalar(fn, "z_loss", z_loss)
     lsspec.check_z_loss(fn, z_value, from_log_probs=False, return_z_loss=True)
@@ -109,14 +109,24 @@ def compute_weighted_cross_entropy(
 
     Differences: the normalizing constant is the exact entropy (``xlogy``), where T5X writes
     ``low * log(low + 1e-20)`` (a shift below 1e-19 per token) and ``c * log(c)``, which is NaN
-    at ``label_smoothing = 1``; here that case is finite. Outputs are float32 for bf16 logits.
-    ``check_labels`` is :func:`lsjax.smoothed_cross_entropy`'s: ``False`` reads no concrete
-    value to check it (a target out of range gives a NaN row, as under ``jit``).
+    at ``label_smoothing = 1``; here that case is finite. ``weights`` must have the targets'
+    shape, and a concrete ``loss_normalizing_factor`` must be a finite number > 0 (T5X
+    broadcasts weights of another shape, e.g. ``(B, 1)`` against ``(B,)`` to ``(B, B)``, and
+    divides by any factor). Outputs are float32 for bf16 logits. ``check_labels`` is
+    :func:`lsjax.smoothed_cross_entropy`'s: ``False`` reads no concrete value to check it (a
+    target out of range gives a NaN row, as under ``jit``).
     """
     fn = "compute_weighted_cross_entropy"
-    logits = as_array(logits)
-    targets = as_array(targets)
-    lsspec.check_t5x_targets(fn, logits.shape, targets.shape)
+    logits = as_array(fn, "logits", logits)
+    targets = as_array(fn, "targets", targets)
+    weights = _common.array_or_none(fn, "weights", weights)
+    factor = _common.concrete_scalar(
+        fn, "loss_normalizing_factor", loss_normalizing_factor, optional=True,
+        check_labels=check_labels,
+    )  # fmt: skip
+    lsspec.check_t5x_inputs(
+        fn, logits.shape, targets.shape, None if weights is None else weights.shape, factor
+    )
     loss, z_part = smoothed_cross_entropy(
         logits,
         targets,
@@ -132,7 +142,7 @@ def compute_weighted_cross_entropy(
     z_part = jax.lax.stop_gradient(z_part)  # T5X's custom gradient ignores the z-loss output.
     weight_sum = jnp.asarray(targets.size, loss.dtype)
     if weights is not None:
-        weights = jnp.asarray(weights, loss.dtype)
+        weights = weights.astype(loss.dtype)
         loss, z_part = loss * weights, z_part * weights
         weight_sum = jnp.sum(weights)
     if loss_normalizing_factor is not None:

@@ -27,8 +27,11 @@ def label_smoothing_cross_entropy(
     axis last): the uniform convention, batch mean, i.e. ``smoothed_cross_entropy(x, target,
     smoothing=smoothing, reduction="mean")``. As timm (which asserts it), ``smoothing`` must be
     below 1 (checked when concrete; a traced value is held to [0, 1] only, NaN outside).
-    ``check_labels`` is :func:`lsjax.smoothed_cross_entropy`'s: ``False`` reads no concrete
-    value to check it (a target out of range gives a NaN row, as under ``jit``).
+    Difference: ``x`` of shape ``(B, T, V)`` gives the mean over every token, which is timm's
+    loss on ``(B * T, V)``; timm's own ``gather(dim=-1, index=target.unsqueeze(1))`` reads
+    each token's target from position 0's log-probabilities there (timm is written for
+    ``(N, C)``). ``check_labels`` is :func:`lsjax.smoothed_cross_entropy`'s: ``False`` reads
+    no concrete value to check it (a target out of range gives a NaN row, as under ``jit``).
     """
     fn = "label_smoothing_cross_entropy"
     _common.check_smoothing_below_one(fn, "smoothing", smoothing, check_labels)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import lsspec
+from lstorch import _common
 from lstorch.smoothed import smoothed_cross_entropy
 
 
@@ -37,6 +38,8 @@ def label_smoothed_nll_loss(
     out of range gives a NaN row), ``True`` on any device, ``False`` never.
     """
     fn = "label_smoothed_nll_loss"
+    _common.tensors(fn, lprobs=lprobs, target=target)
+    lsspec.check_flags(fn, reduce=reduce, pre_2021=pre_2021)
     trailing = lsspec.fairseq_labels_shape(fn, tuple(target.shape), tuple(lprobs.shape))
     labels = target[..., 0] if trailing else target
     options = dict(

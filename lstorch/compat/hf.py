@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import lsspec
+from lstorch import _common
 from lstorch.smoothed import smoothed_cross_entropy
 
 
@@ -15,15 +16,19 @@ def label_smoother(
     epsilon: float = 0.1,
     ignore_index: int = -100,
     shift_labels: bool = False,
+    num_items_in_batch: float | torch.Tensor | None = None,
     check_labels: bool | None = None,
 ) -> torch.Tensor:
-    r"""``transformers.trainer_pt_utils.LabelSmoother(epsilon, ignore_index)(logits, labels)``.
+    r"""``transformers.trainer_pt_utils.LabelSmoother(epsilon, ignore_index)(logits, labels,
+    shift_labels, num_items_in_batch)``.
 
     ``(1 - eps) * sum(-lp[y]) / n + eps * sum(-sum_c lp_c) / (n K)`` over the ``n`` rows not
     labelled ``ignore_index``: ``smoothed_cross_entropy(logits, labels, smoothing=epsilon,
     ignore_index=ignore_index, reduction="mean")``, the class axis last; ``shift_labels=True``
     drops the last position of ``logits`` (axis -2) and the first of ``labels`` (causal LM).
-    ``labels`` may carry a trailing axis of 1, as HF accepts.
+    ``labels`` may carry a trailing axis of 1, as HF accepts. ``num_items_in_batch`` (the
+    Trainer's count of the whole accumulated batch's tokens) replaces ``n`` in both terms, as
+    ``smoothed_cross_entropy``'s ``normalizer``.
 
     Differences: when every row is ignored this returns 0 with a zero gradient (HF: NaN, 0/0);
     a negative label other than ``ignore_index`` raises (HF clamps it to class 0 and counts it)
@@ -31,10 +36,12 @@ def label_smoother(
     (``None``: on the CPU only; on an accelerator such a row is NaN, with no host read-back;
     ``True``: on any device; ``False``: never).
     """
+    _common.tensors("label_smoother", logits=logits, labels=labels)
+    lsspec.check_flags("label_smoother", shift_labels=shift_labels)
     if shift_labels:
         logits = logits[..., :-1, :]
         labels = labels[..., 1:]
-    if labels.ndim == logits.ndim:
+    if labels.ndim == logits.ndim and labels.shape[-1] == 1:  # any other shape is refused
         labels = labels[..., 0]
     return smoothed_cross_entropy(
         logits,
@@ -43,6 +50,9 @@ def label_smoother(
         ignore_index=ignore_index,
         reduction="mean",
         axis=-1,
+        normalizer=num_items_in_batch,
         check_labels=check_labels,
-        _caller=lsspec.caller("label_smoother", smoothing="epsilon"),
+        _caller=lsspec.caller(
+            "label_smoother", smoothing="epsilon", normalizer="num_items_in_batch"
+        ),
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 import lsspec
-from lstorch._common import compute_dtype as _compute_dtype
+from lstorch import _common
 from lstorch.binary import sigmoid_binary_cross_entropy
 from lstorch.soft import soft_target_cross_entropy
 
@@ -31,10 +31,14 @@ def categorical_crossentropy(
     ``axis`` is; the same for ``axis=-1``); computed in float32 for bf16/fp16 inputs (Keras
     casts ``y_true`` to ``y_pred``'s dtype and computes there).
     """
-    compute_dtype = _compute_dtype(y_pred.dtype)
+    fn = "categorical_crossentropy"
+    _common.tensors(fn, y_true=y_true, y_pred=y_pred)
+    lsspec.check_flags(fn, from_logits=from_logits)
+    lsspec.check_has_class_axis(fn, "y_pred", tuple(y_pred.shape))
+    compute_dtype = _common.compute_dtype(y_pred.dtype)
     y_true = y_true.to(compute_dtype)
     if not from_logits:
-        lsspec.check_axis("categorical_crossentropy", axis, y_pred.ndim)
+        lsspec.check_axis(fn, axis, y_pred.ndim)
         probs = y_pred.to(compute_dtype)
         probs = probs / probs.sum(dim=axis, keepdim=True)
         y_pred = torch.log(probs.clamp(lsspec.KERAS_EPSILON, 1.0 - lsspec.KERAS_EPSILON))
@@ -68,8 +72,11 @@ def binary_crossentropy(
     or ``z = log(p) - log(1 - p)`` (the logit of the clipped probability, whose softplus terms
     are exactly ``-log p`` and ``-log(1 - p)``). Computed in float32 for bf16/fp16 inputs.
     """
-    compute_dtype = _compute_dtype(y_pred.dtype)
-    lsspec.check_axis("binary_crossentropy", axis, max(y_pred.ndim, 1))
+    fn = "binary_crossentropy"
+    _common.tensors(fn, y_true=y_true, y_pred=y_pred)
+    lsspec.check_flags(fn, from_logits=from_logits)
+    compute_dtype = _common.compute_dtype(y_pred.dtype)
+    lsspec.check_axis(fn, axis, max(y_pred.ndim, 1))
     if not from_logits:
         probs = y_pred.to(compute_dtype).clamp(lsspec.KERAS_EPSILON, 1.0 - lsspec.KERAS_EPSILON)
         y_pred = torch.log(probs) - torch.log1p(-probs)

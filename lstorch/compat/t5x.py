@@ -123,13 +123,24 @@ def compute_weighted_cross_entropy(
     carries no gradient (T5X ignores its cotangent). Differences: the targets' entropy (the
     normalizing constant of the KL form) is exact (``xlogy``), where T5X writes ``low * log(low +
     1e-20)`` (a shift below 1e-19 per token) and ``c * log(c)``, which is NaN at
-    ``label_smoothing = 1``; here that case is finite. Outputs are float32 for bf16 logits.
+    ``label_smoothing = 1``; here that case is finite. ``weights`` must have the targets' shape,
+    and a concrete ``loss_normalizing_factor`` must be a finite number > 0 (T5X broadcasts
+    weights of another shape and divides by any factor). Outputs are float32 for bf16 logits.
     ``check_labels`` is :func:`lstorch.smoothed_cross_entropy`'s: ``None`` checks the targets
     on the CPU only (on an accelerator, no host read-back: a target out of range gives a NaN
     row), ``True`` on any device, ``False`` never.
     """
     fn = "compute_weighted_cross_entropy"
-    lsspec.check_t5x_targets(fn, tuple(logits.shape), tuple(targets.shape))
+    _common.tensors(fn, logits=logits, targets=targets)
+    weights = _common.tensor_option(fn, "weights", weights, logits.device)
+    factor = _common.concrete_scalar(
+        fn, "loss_normalizing_factor", loss_normalizing_factor, optional=True,
+        check_labels=check_labels,
+    )  # fmt: skip
+    lsspec.check_t5x_inputs(
+        fn, tuple(logits.shape), tuple(targets.shape),
+        None if weights is None else tuple(weights.shape), factor,
+    )  # fmt: skip
     loss, z_part = smoothed_cross_entropy(
         logits,
         targets,

@@ -25,7 +25,10 @@ def label_smoothing_cross_entropy(
     ``mean_rows((1 - s) * (-lp[y]) + s * (-mean_c lp_c))``: ``smoothed_cross_entropy(x, target,
     smoothing=smoothing, reduction="mean")``; ``smoothing`` must be below 1, as timm asserts
     (checked for a number or CPU tensor; a value that is not read is held to [0, 1] only, NaN
-    outside). ``check_labels`` is :func:`lstorch.smoothed_cross_entropy`'s: ``None`` reads
+    outside). Difference: ``x`` of shape ``(B, T, V)`` gives the mean over every token, which is
+    timm's loss on ``(B * T, V)``; timm's own ``gather(dim=-1, index=target.unsqueeze(1))``
+    reads each token's target from position 0's log-probabilities there (timm is written for
+    ``(N, C)``). ``check_labels`` is :func:`lstorch.smoothed_cross_entropy`'s: ``None`` reads
     and checks CPU tensors only (on an accelerator, no host read-back: a target out of range
     gives a NaN row), ``True`` on any device, ``False`` never.
     """

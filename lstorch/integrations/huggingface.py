@@ -44,7 +44,7 @@ except ModuleNotFoundError as error:
 import torch
 from torch import nn
 
-from lstorch import _common
+from lstorch import _common, fused, smoothed
 from lstorch.fused import fused_linear_smoothed_cross_entropy
 from lstorch.smoothed import smoothed_cross_entropy
 
@@ -120,7 +120,7 @@ def compute_loss_func(
     """
     fn = lsspec.caller("compute_loss_func", normalizer="num_items_in_batch")
     _check_options(fn, options, smoothed_cross_entropy)
-    _check_values(fn, smoothing, ignore_index, options)
+    _check_values(fn, smoothed_cross_entropy, smoothing, ignore_index, options)
 
     def loss(outputs: Any, labels: torch.Tensor | None, num_items_in_batch: Any = None):
         logits = _logits(fn, outputs)
@@ -201,7 +201,7 @@ def fused_causal_lm_loss(
     """
     fn = lsspec.caller("fused_causal_lm_loss", normalizer="num_items_in_batch")
     _check_options(fn, options, fused_linear_smoothed_cross_entropy)
-    _check_values(fn, smoothing, ignore_index, options)
+    _check_values(fn, fused_linear_smoothed_cross_entropy, smoothing, ignore_index, options)
     normalizer = _common.concrete_scalar(
         fn,
         "normalizer",
@@ -237,14 +237,19 @@ def fused_causal_lm_loss(
     return _common.reduce(loss.reshape(1), None, "mean", num_items_in_batch)
 
 
-def _check_options(fn: lsspec.Caller, options: dict, function: Callable) -> None:
-    """Each keyword in ``options`` is one ``function`` takes and this integration leaves to the
-    user: TypeError otherwise, naming what is allowed."""
-    taken = {
-        name
+def _keywords(function: Callable) -> dict:
+    """``function``'s public keyword-only arguments and their defaults."""
+    return {
+        name: parameter.default
         for name, parameter in inspect.signature(function).parameters.items()
         if parameter.kind is inspect.Parameter.KEYWORD_ONLY and not name.startswith("_")
     }
+
+
+def _check_options(fn: lsspec.Caller, options: dict, function: Callable) -> None:
+    """Each keyword in ``options`` is one ``function`` takes and this integration leaves to the
+    user: TypeError otherwise, naming what is allowed."""
+    taken = set(_keywords(function))
     allowed = sorted(taken - set(_SET_HERE) - {"smoothing", "ignore_index", "bias"})
     for name in options:
         if name in _SET_HERE and name in taken:
@@ -256,27 +261,20 @@ def _check_options(fn: lsspec.Caller, options: dict, function: Callable) -> None
             )
 
 
-def _check_values(fn: lsspec.Caller, smoothing: object, ignore_index: object, options: dict):
-    """Check what needs no input now, so a bad option fails before training starts."""
-    check_labels = lsspec.check_check_labels(fn, options.get("check_labels"))
-    lsspec.check_options(
-        fn,
-        num_classes=None,
-        smoothing=_common.concrete_smoothing(fn, smoothing, check_labels=check_labels),
-        convention=options.get("convention", "uniform"),
-        reduction="mean",
-        pad_index=options.get("pad_index"),
-        ignore_index=ignore_index,
-        kl=options.get("kl", False),
-        has_weight=options.get("weight") is not None,
-    )
-    if "z_loss" in options:
-        z_value = _common.concrete_scalar(
-            fn, "z_loss", options["z_loss"], check_labels=check_labels
-        )
-        lsspec.check_z_loss(
-            fn, z_value, from_log_probs=options.get("from_log_probs", False), return_z_loss=False
-        )
+_OPTION_CHECKS = {
+    smoothed_cross_entropy: smoothed._check_options,
+    fused_linear_smoothed_cross_entropy: fused._check_options,
+}
+
+
+def _check_values(
+    fn: lsspec.Caller, function: Callable, smoothing: object, ignore_index: object, options: dict
+) -> None:
+    """Check what needs no input now, as ``function``'s module does at construction (its
+    option check with ``num_classes=None``), so a bad option fails before training starts."""
+    values = _keywords(function)
+    values.update(options, smoothing=smoothing, ignore_index=ignore_index, reduction="mean")
+    _OPTION_CHECKS[function](fn, None, lsspec.LabelOptions.of(values), **values)
 
 
 def _on_device(options: dict, device: torch.device) -> dict:
