@@ -17,26 +17,28 @@ loss and gradients differ between ranks, Megatron-LM#737).
 Communication per call, for ``R`` rows and ``b`` bytes per value of the compute dtype (4 for
 bf16/fp16/float32 logits, 8 for float64): two all-reduces in forward, the max (``R b`` bytes)
 and then one packed sum (the sum-exp, the label's logit, the support sum and the pad's logit,
-plus the label's class weight with ``weight`` or ``class_mask``: ``4 R b``, or ``5 R b + 2
-b``). Backward needs none for the logits (``g * (A softmax - t)`` on the local slice uses the
-global statistics saved by the forward); the fused head's backward all-reduces ``d hidden``
-(``R D b`` bytes, the price of a replicated input, as Megatron's column-parallel layer pays
-it). A backward that will be
+plus the label's class weight with ``weight`` or ``class_mask``: ``4 R b``, or ``5 R b + 2 b``).
+Backward needs none for the logits (``g * (A softmax - t)`` on the local slice uses the global
+statistics saved by the forward); the fused head's backward all-reduces ``d hidden`` (``R D b``
+bytes, the price of a replicated input, as Megatron's column-parallel layer pays it). Where the
+host reads the labels (CPU tensors by default, or ``check_labels=True``), one all-reduce of two
+integers comes first: the ranks' class counts, so that shards of unequal size raise on every
+rank before any check that depends on ``K`` could raise on some alone. A backward that will be
 differentiated again (``create_graph=True``, forward over reverse) recomputes the global lse
 through a differentiable all-reduce (one more of ``R b`` bytes, and one in its own backward), so
 that Hessian-vector products are exact; forward mode (``jvp``, ``torch.autograd.forward_ad``)
-all-reduces the rows' O(R) tangents once (``R b`` bytes; ``2 R b`` with a z-loss: the loss's
-and the z-part's). ``where``, ``normalizer``, ``kl``, ``z_loss`` and ``return_z_loss`` add no
-communication: the row mask is the same on every rank, and the KL constant and ``z lse**2``
-are functions of the global statistics already all-reduced. ``class_mask`` is the full ``(K,)``
-mask on every rank (``K`` bytes, as the labels are replicated): every rank checks it and
-raises alike (a rank that raised alone would leave the others waiting in a collective), and
-``|S|`` needs no collective; its columns enter the packed sum as support weights ``u = w m``
-(the weighted call's ``5 R b + 2 b``). ``softcap`` and ``logit_scale`` add none either: the
-transform is elementwise, so each rank applies it to its own logits. ``return_stats=True``
-adds bytes to the same two forward all-reduces and no collective: the max carries each row's
-raw max logit beside the peak (``2 R b``), the packed sum two more values per row (``+ 2 R
-b``: the entropy's ``sum_c exp(t_c - m) (t_c - m)`` and the argmax's tie count).
+all-reduces the rows' O(R) tangents once (``R b`` bytes; ``2 R b`` with a z-loss: the loss's and
+the z-part's). ``where``, ``normalizer``, ``kl``, ``z_loss`` and ``return_z_loss`` add no
+communication: the row mask is the same on every rank, and the KL constant and ``z lse**2`` are
+functions of the global statistics already all-reduced. ``class_mask`` is the full ``(K,)`` mask
+on every rank (``K`` bytes, as the labels are replicated): every rank checks it and raises alike
+(a rank that raised alone would leave the others waiting in a collective), and ``|S|`` needs no
+collective; its columns enter the packed sum as support weights ``u = w m`` (the weighted call's
+``5 R b + 2 b``). ``softcap`` and ``logit_scale`` add none either: the transform is elementwise,
+so each rank applies it to its own logits. ``return_stats=True`` adds bytes to the same two
+forward all-reduces and no collective: the max carries each row's raw max logit beside the peak
+(``2 R b``), the packed sum two more values per row (``+ 2 R b``: the entropy's ``sum_c exp(t_c
+- m) (t_c - m)`` and the argmax's tie count).
 
 The JAX counterparts are ``lsjax.smoothed_cross_entropy`` on logits placed by a
 ``NamedSharding`` and ``lsjax.sharded.sharded_fused_linear_smoothed_cross_entropy``.
@@ -109,7 +111,8 @@ def vocab_parallel_smoothed_cross_entropy(
     Communication: two all-reduces in forward, of ``R b`` and ``4 R b`` bytes (``5 R b + 2 b``
     with ``weight`` or ``class_mask``) for ``R`` rows and ``b`` bytes per value (4, or 8 for
     float64 logits), whatever the other options, except ``return_stats``: ``2 R b`` and ``2 R
-    b`` more; none in backward.
+    b`` more; none in backward. Where the host reads the labels, one of 16 bytes before them
+    (the ranks' class counts: see the module's docstring).
 
     Args:
       local_logits: ``(..., V_local)``, this rank's slice of the class axis (the last axis).
@@ -249,8 +252,9 @@ def vocab_parallel_fused_linear_smoothed_cross_entropy(
     Communication per call, ``R`` rows, ``D`` features, ``b`` bytes per value (4; 8 for
     float64): forward, two all-reduces of ``R b`` and ``4 R b`` bytes (``5 R b + 2 b`` with
     ``class_weight`` or ``class_mask``), whatever the other options, except ``return_stats``:
-    ``2 R b`` and ``2 R b`` more; backward, one of ``R D
-    b`` bytes (``d hidden``, only when ``hidden`` requires grad). Nothing ``R x V`` crosses the
+    ``2 R b`` and ``2 R b`` more (and, where the host reads the labels, one of 16 bytes before
+    them: the ranks' class counts); backward, one of ``R D b`` bytes (``d hidden``, only when
+    ``hidden`` requires grad). Nothing ``R x V`` crosses the
     wire or exists on any rank.
 
     Its JAX twin is ``lsjax.sharded.sharded_fused_linear_smoothed_cross_entropy``, the fused
@@ -502,6 +506,28 @@ def _allowed(x, mask, start=0, stop=None):
     return x.masked_fill(~mask[start : stop if stop is not None else mask.shape[0]], -torch.inf)
 
 
+def _check_even_shards(fn, local_classes: int, labels, group, check_labels) -> None:
+    """Where the host reads values (``_common.reads_values``: CPU tensors by default), one
+    all-reduce of this rank's class count and its negative before any check that depends on
+    ``K = world * V_local``. With shards of unequal size those checks (labels in range,
+    ``class_mask``'s shape, ``pad_index``) would raise on some ranks only, and the others would
+    wait in the loss's collectives until the group's timeout; every rank raises alike instead.
+    Where the host reads nothing (an accelerator's default), :func:`_global_terms` carries the
+    same counts in its first all-reduce and the rows are NaN."""
+    if not _common.reads_values(labels, check_labels):
+        return
+    shards = torch.tensor([local_classes, -local_classes], device=labels.device)
+    dist.all_reduce(shards, op=dist.ReduceOp.MAX, group=group)
+    largest, smallest = int(shards[0]), int(-shards[1])
+    if largest != smallest:
+        name, arg = lsspec.names(fn)
+        raise ValueError(
+            f"{name}: every rank of `{arg('group')}` must hold the same number of classes "
+            f"(split the vocabulary evenly: pad it to a multiple of the world size); got shards "
+            f"of {smallest} to {largest} classes."
+        )
+
+
 def _prologue(fn, local_classes, labels, options: lsspec.LabelOptions, weight, group,
               compute_dtype, *, check_labels=None, where=None, normalizer=None, kl=False,
               class_mask=None, z_loss=0.0, return_z_loss=False, softcap=None, logit_scale=1.0,
@@ -509,6 +535,7 @@ def _prologue(fn, local_classes, labels, options: lsspec.LabelOptions, weight, g
     """The shared checks: ``(layout, counted rows, this rank's class weights in the compute
     dtype or None, the z-loss weight as a 0-d compute-dtype tensor)``."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
+    _check_even_shards(fn, local_classes, labels, group, check_labels)
     num_classes = world * local_classes
     lsspec.check_row_options_shapes(fn, num_classes, tuple(labels.shape), where=where)
     z_value, transform = _common.check_loss_options(
@@ -687,8 +714,9 @@ def _global_terms(peak, sum_exp_at, share: _Share, labels, counted, eps, layout,
 
     Shards of unequal size make every rank's ``K = world * V_local`` and class offsets wrong:
     where the host reads values (``_common.reads_values`` with the call's ``check_labels``: CPU
-    tensors by default) that raises on every rank alike; elsewhere (no host sync) every counted
-    row's lse, so its loss, is NaN."""
+    tensors by default) :func:`_check_even_shards` raised on every rank alike before any
+    collective of the loss; elsewhere (no host sync) every counted row's lse, so its loss, is
+    NaN."""
     convention, num_classes = layout.convention, layout.num_classes
     shards = torch.cat([peak.new_full((1,), local_classes), peak.new_full((1,), -local_classes)])
     maxima = [peak.reshape(-1)] + ([] if stats is None else [stats.raw_max.reshape(-1)])
@@ -698,13 +726,6 @@ def _global_terms(peak, sum_exp_at, share: _Share, labels, counted, eps, layout,
     if stats is not None:
         global_max = reduced[peak.numel() : 2 * peak.numel()].reshape(peak.shape)
     even = reduced[-2] == -reduced[-1]  # the largest shard is the smallest
-    if _common.reads_values(even, layout.check_labels) and not bool(even):
-        fn, arg = lsspec.names(layout.caller)
-        raise ValueError(
-            f"{fn}: every rank of `{arg('group')}` must hold the same number of classes (split "
-            f"the vocabulary evenly: pad it to a multiple of the world size); got shards of "
-            f"{int(-reduced[-1])} to {int(reduced[-2])} classes."
-        )
     peak = torch.where(torch.isfinite(peak), peak, 0.0)
     weighted = share.w_y is not None
     rows = [sum_exp_at(peak), share.x_y, share.total, share.x_pad]

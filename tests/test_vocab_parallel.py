@@ -137,12 +137,17 @@ def test_every_rank_of_a_group_is_bit_identical(results, check):
             assert len({case["d_hidden_bytes"] for case in cases}) == 1, key
 
 
-def _forward_bytes(rows, weighted, value_bytes):
-    """The two forward all-reduces: the rows' max and the shard sizes (two values), then the
-    packed sums (sum-exp, x_y, the support sum, x_pad; with class weights w_y per row and two
-    scalars)."""
-    packed = 5 * rows + 2 if weighted else 4 * rows
-    return [["all_reduce", (rows + 2) * value_bytes], ["all_reduce", packed * value_bytes]]
+def _forward_bytes(rows, weighted, value_bytes, stats=False):
+    """The forward all-reduces on the CPU, where the host reads the labels: each rank's class
+    count and its negative (two int64), so that shards of unequal size raise on every rank
+    before any check that depends on K; then the loss's two: the rows' max and the shard sizes
+    (two values), and the packed sums (sum-exp, x_y, the support sum, x_pad; with class weights
+    w_y per row and two scalars). ``return_stats`` adds each row's raw max to the first and
+    two rows (the entropy's sum and the argmax's tie count) to the second."""
+    maxima = 2 * rows + 2 if stats else rows + 2
+    packed = (5 * rows + 2 if weighted else 4 * rows) + (2 * rows if stats else 0)
+    loss = [["all_reduce", maxima * value_bytes], ["all_reduce", packed * value_bytes]]
+    return [["all_reduce", 2 * 8], *loss]
 
 
 @pytest.mark.parametrize("check", ["dense", "fused", "dtensor"])
@@ -220,7 +225,6 @@ def test_softcap_logit_scale_and_return_stats_give_the_single_process_results(re
         assert _close(case, "loss") and _close(case, "grad"), case
         assert case["returned_stats"] == case["stats"], case
         rows = case["rows"]
-        forward = _forward_bytes(rows, case["weighted"], 8)
         if case["stats"]:
             ours, expected = case["correct"]
             assert ours == expected, case  # torch.argmax's first-max rule, across ranks
@@ -228,10 +232,7 @@ def test_softcap_logit_scale_and_return_stats_give_the_single_process_results(re
                 # all equal: the first class; a tie across ranks: not the later label; the
                 # label at the argmax
                 assert ours[3:6] == [True, False, True], case
-            forward = [
-                ["all_reduce", (2 * rows + 2) * 8],
-                ["all_reduce", forward[1][1] + 2 * rows * 8],
-            ]
+        forward = _forward_bytes(rows, case["weighted"], 8, stats=case["stats"])
         assert case["forward"] == forward, case
         expected_backward = []
         if case["case"].startswith("fused"):  # d hidden, as without the options
@@ -257,12 +258,7 @@ def test_dtensor_logits_take_the_vocabulary_parallel_options(results):
         assert case["replicated"] and case["outputs"] == case["expected_outputs"], case
         assert case["bools_equal"], case  # stats.correct
         assert _close(case, "loss") and _close(case, "grad"), case
-        rows, forward = case["rows"], _forward_bytes(case["rows"], case["weighted"], 8)
-        if case["stats"]:
-            forward = [
-                ["all_reduce", (2 * rows + 2) * 8],
-                ["all_reduce", forward[1][1] + 2 * rows * 8],
-            ]
+        forward = _forward_bytes(case["rows"], case["weighted"], 8, stats=case["stats"])
         assert case["forward"] == forward, case
         assert case["backward"] == [], case
         groups.setdefault((case["group"], case["case"]), []).append(case)
@@ -326,6 +322,17 @@ ERRORS = {  # case: what the message must say (the function, the argument, the v
     "world size); got shards of 5 to 6 classes.",
     "fused uneven shards": "vocab_parallel_fused_linear_smoothed_cross_entropy: every rank of "
     "`group` must hold the same number of classes",
+    # ... before any check that depends on K = world * V_local, so that a label, a pad_index or
+    # a class_mask that is out of range on the smaller shard's rank alone leaves no rank waiting
+    "dense uneven shards, a label past the smaller": "vocab_parallel_smoothed_cross_entropy: "
+    "every rank of `group` must hold the same number of classes (split the vocabulary evenly: "
+    "pad it to a multiple of the world size); got shards of 4 to 5 classes.",
+    "fused uneven shards, a label past the smaller": "vocab_parallel_fused_linear_smoothed_cross_"
+    "entropy: every rank of `group` must hold the same number of classes",
+    "dense uneven shards, pad_index past the smaller": "vocab_parallel_smoothed_cross_entropy: "
+    "every rank of `group` must hold the same number of classes",
+    "dense uneven shards, the full class_mask": "vocab_parallel_smoothed_cross_entropy: every "
+    "rank of `group` must hold the same number of classes",
     "fused class_weight shape": "vocab_parallel_fused_linear_smoothed_cross_entropy: "
     "`class_weight` must have shape (5,), this rank's slice of the class weights; got shape (20,).",
     "fused weight_shard shape": "vocab_parallel_fused_linear_smoothed_cross_entropy: "

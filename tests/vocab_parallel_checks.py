@@ -808,12 +808,39 @@ def error_checks(mesh, world):
     local = logits[:, :LOCAL_VOCAB]
     sharded = distribute_tensor(logits, mesh, [Shard(-1)])
     uneven = LOCAL_VOCAB + (dist.get_rank() == 0)  # rank 0 holds one class more
+    # Rank 0 holds one class fewer, and a label is the last class: on rank 0 alone it is out
+    # of range of K = world * V_local, and so are pad_index and class_mask's (K,) shape.
+    fewer, last = LOCAL_VOCAB - (dist.get_rank() == 0), world * LOCAL_VOCAB - 1
+    top = torch.where(torch.arange(len(labels)) == 1, last, labels)
     calls = {
         "dense uneven shards": lambda: vocab_parallel_smoothed_cross_entropy(
             logits[:, :uneven], labels, ignore_index=IGNORE
         ),
         "fused uneven shards": lambda: vocab_parallel_fused_linear_smoothed_cross_entropy(
             hidden, weight[:uneven], labels, ignore_index=IGNORE
+        ),
+        "dense uneven shards, a label past the smaller": lambda: (
+            vocab_parallel_smoothed_cross_entropy(logits[:, :fewer], top, ignore_index=IGNORE)
+        ),
+        "fused uneven shards, a label past the smaller": lambda: (
+            vocab_parallel_fused_linear_smoothed_cross_entropy(
+                hidden, weight[:fewer], top, ignore_index=IGNORE
+            )
+        ),
+        "dense uneven shards, pad_index past the smaller": lambda: (
+            vocab_parallel_smoothed_cross_entropy(
+                logits[:, :fewer],
+                labels,
+                smoothing=0.1,
+                convention="others_but_pad",
+                pad_index=last,
+            )
+        ),
+        "dense uneven shards, the full class_mask": lambda: vocab_parallel_smoothed_cross_entropy(
+            logits[:, :fewer],
+            labels,
+            ignore_index=IGNORE,
+            class_mask=torch.ones(world * LOCAL_VOCAB, dtype=torch.bool),
         ),
         "dense weight shape": lambda: vocab_parallel_smoothed_cross_entropy(
             local, labels, weight=class_weight, ignore_index=IGNORE
