@@ -7,6 +7,7 @@ random weights: nothing is downloaded.
 """
 
 import os
+import re
 
 import pytest
 
@@ -254,11 +255,118 @@ def test_options_the_trainer_fixes_and_unknown_ones_raise():
         compute_loss_func(z_loss=-1.0)
     logits, labels = torch.zeros(2, 4, VOCAB), torch.zeros(2, 4, dtype=torch.long)
     with pytest.raises(ValueError, match=r"compute_loss_func: `num_items_in_batch` must be"):
-        compute_loss_func()({"logits": logits}, labels, 0)
+        compute_loss_func()({"logits": logits}, labels, -1)
     with pytest.raises(ValueError, match=r"compute_loss_func: the Trainer passed labels=None"):
         compute_loss_func()({"logits": logits}, None, None)
     with pytest.raises(TypeError, match=r"fused_causal_lm_loss: got an unexpected .*'eps'"):
         fused_causal_lm_loss(tiny_gpt2(), labels, labels, eps=0.1)
+
+
+def test_a_count_of_zero_gives_nan_and_a_zero_gradient_as_transformers_loss():
+    """A batch whose every label is -100 (all padding): the Trainer passes
+    ``num_items_in_batch=0``. Oracle: transformers' own causal-LM loss, ``sum / 0``: NaN, with a
+    zero gradient (the Trainer then leaves the loss out of its logs and eval_loss)."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 5, VOCAB, generator=generator, dtype=torch.float64)
+    labels = torch.full((2, 5), -100)
+    leaf = logits.clone().requires_grad_()
+    expected = ForCausalLMLoss(leaf, labels, VOCAB, num_items_in_batch=torch.tensor(0))
+    expected.backward()
+    assert expected.isnan() and (leaf.grad == 0).all()  # the oracle's behaviour
+    counts = (0, torch.tensor(0), torch.tensor(0.0), torch.zeros(2, 1))  # (n_gpu, 1): DataParallel
+    for smoothing in (0.0, 0.1):
+        for count in counts:
+            leaf = logits.clone().requires_grad_()
+            loss = compute_loss_func(smoothing=smoothing)({"logits": leaf}, labels, count)
+            loss.backward()
+            assert loss.isnan() and (leaf.grad == 0).all(), (smoothing, count)
+    model, ids = tiny_gpt2(), torch.zeros(2, 5, dtype=torch.long)
+    loss = fused_causal_lm_loss(model, ids, labels, num_items_in_batch=0, smoothing=0.1)
+    loss.backward()
+    assert loss.isnan()
+    assert all((p.grad == 0).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_evaluate_leaves_out_an_all_padding_batch_as_the_trainer_does(tmp_path):
+    """Trainer.evaluate() with a batch of only -100 labels: the Trainer's own label smoothing
+    gives NaN there and drops it from eval_loss; so does ours (it raised before)."""
+    rows = token_rows(4)
+    for row in rows[2:]:
+        row["labels"] = torch.full_like(row["labels"], -100)
+    losses = []
+    for kwargs in ({"smoothing": 0.1}, {"compute_loss_func": compute_loss_func(smoothing=0.1)}):
+        trainer = trainer_for(tmp_path / str(len(losses)), tiny_gpt2(), batch=2, steps=1,
+                              **kwargs)  # fmt: skip
+        trainer.args.per_device_eval_batch_size = 2
+        losses.append(trainer.evaluate(rows)["eval_loss"])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6) and losses[0] == losses[0]
+
+
+def test_a_count_per_device_as_data_parallel_passes_it():
+    """With several GPUs in one process the Trainer passes the count once per device,
+    ``(n_gpu, 1)``, and averages the loss it gets back. Oracle: what transformers' causal-LM
+    loss computes (``ForCausalLMLoss``: torch's summed cross-entropy of the shifted tokens over
+    the count; in float64 here, where it would cast the logits to float32), then the Trainer's
+    average."""
+    generator = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 6, VOCAB, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, VOCAB, (2, 6), generator=generator)
+    labels[0, :2] = -100
+    count = torch.tensor(7.0).unsqueeze(0).expand(2, -1)  # the Trainer's DataParallel count
+    total = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), reduction="sum"
+    )
+    expected = (total / count.double()).mean()
+    got = compute_loss_func()({"logits": logits}, labels, count)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match=r"compute_loss_func: `num_items_in_batch` must be the "
+                       r"same count on every device; got \[7.0, 6.0\]"):  # fmt: skip
+        compute_loss_func()({"logits": logits}, labels, torch.tensor([[7.0], [6.0]]))
+
+
+def test_bad_calls_name_the_function_and_the_argument():
+    logits, labels = torch.zeros(2, 4, VOCAB), torch.zeros(2, 4, dtype=torch.long)
+    loss_fn = compute_loss_func()
+    # a sequence classifier's (batch,) labels: the shift would run along the batch
+    message = (
+        r"compute_loss_func: `shift_labels=True` shifts `labels` along their last axis, time, "
+        r"but `labels` has shape \(2,\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        loss_fn({"logits": torch.zeros(2, 3)}, torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match=r"fused_causal_lm_loss: `shift_labels=True` shifts"):
+        fused_causal_lm_loss(tiny_gpt2(), labels, labels[:, 0])
+    # a truth test would read "False" as True
+    with pytest.raises(TypeError, match=r"compute_loss_func: `shift_labels` must be True or "
+                       r"False; got 'False' \(str\)"):  # fmt: skip
+        compute_loss_func(shift_labels="False")
+    with pytest.raises(TypeError, match=r"fused_causal_lm_loss: `shift_labels` must be True"):
+        fused_causal_lm_loss(tiny_gpt2(), labels, labels, shift_labels=1)
+    with pytest.raises(TypeError, match=r"compute_loss_func: `labels` must be a torch.Tensor; "
+                       r"got list"):  # fmt: skip
+        loss_fn({"logits": logits}, labels.tolist())
+    with pytest.raises(TypeError, match=r"fused_causal_lm_loss: `input_ids` must be a torch"):
+        fused_causal_lm_loss(tiny_gpt2(), labels.tolist(), labels)
+    with pytest.raises(TypeError, match=r"fused_causal_lm_loss: `attention_mask` must be a"):
+        fused_causal_lm_loss(tiny_gpt2(), labels, labels, attention_mask="x")
+    # tensor options are checked when the loss is built, before training starts
+    with pytest.raises(TypeError, match=r"compute_loss_func: `weight` must be a tensor or a "
+                       r"list of numbers; got 'w'"):  # fmt: skip
+        compute_loss_func(weight="w")
+    with pytest.raises(TypeError, match=r"compute_loss_func: `class_mask` must be a tensor"):
+        compute_loss_func(class_mask="m")
+    for count in (-3, torch.tensor(-3), float("nan")):  # the value given, not a conversion
+        message = (
+            r"compute_loss_func: `num_items_in_batch` must be a count of tokens, a finite "
+            rf"number >= 0; got {re.escape(repr(count))}\.$"
+        )
+        with pytest.raises(ValueError, match=message):
+            loss_fn({"logits": logits}, labels, count)
+    with pytest.raises(ValueError, match=r"fused_causal_lm_loss: `num_items_in_batch` must be a "
+                       r"count of tokens, a finite number >= 0; got -1\.$"):  # fmt: skip
+        fused_causal_lm_loss(tiny_gpt2(), labels, labels, num_items_in_batch=-1)
 
 
 def test_the_fused_loss_refuses_what_it_would_get_wrong():

@@ -87,15 +87,24 @@ def compute_loss_func(
         loss = sum_{counted t} smoothed_cross_entropy(x_t, y_t, smoothing, **options) / n
 
     A token counts unless its label is ``ignore_index``. ``n`` is ``num_items_in_batch``, the
-    number of counted tokens of the whole accumulated batch (the Trainer counts them over
-    ``labels[..., 1:]`` for a causal LM), or, when it is None, the counted tokens of this call.
-    Dividing every micro-batch by the whole batch's count makes the accumulated gradient that of
-    the whole batch (``lstorch.smoothed_cross_entropy``'s ``normalizer``).
+    Trainer's count of the whole accumulated batch's tokens, or, when it is None, the counted
+    tokens of this call. Dividing every micro-batch by the whole batch's count makes the
+    accumulated gradient that of the whole batch (``lstorch.smoothed_cross_entropy``'s
+    ``normalizer``). The count is whatever the Trainer passes, as its own loss divides by it:
+    for models whose ``loss_type`` is ``ForCausalLM`` (Llama, ...) it counts ``labels[...,
+    1:]``, the shifted tokens; for others (GPT-2's ``loss_type`` is None) every label that is
+    not -100, the first position's too (which no position predicts), and the Trainer's own loss
+    divides by that same count. A count of 0 (no token of the whole
+    batch counts: an all-padding batch) gives NaN with a zero gradient, transformers' ``0 /
+    0``, which the Trainer leaves out of its logged loss and its ``eval_loss``. With several
+    GPUs in one process (``torch.nn.DataParallel``) the Trainer passes the count once per
+    device, ``(n_gpu, 1)``: that shape is taken too, its first value used.
 
     With ``smoothing=eps`` and the default ``convention="uniform"`` this is the Trainer's own
     ``label_smoothing_factor=eps`` (``transformers.trainer_pt_utils.LabelSmoother``), which
     ``tests/test_huggingface.py`` checks step by step: ``(1 - eps) * nll + eps * mean_c(-log
-    p_c)``. Differences: no token counted gives 0 (HF: NaN); a negative label other than
+    p_c)``. Differences: no token counted with ``num_items_in_batch=None`` gives 0 (HF: NaN; a
+    count of 0 gives NaN in both); a negative label other than
     ``ignore_index`` raises (HF clamps it to class 0). The shift reads the labels one position
     on instead of slicing the logits, so no copy of the ``(batch, time, V)`` logits is made
     (HF's slices copy them) and ``inplace_backward=True`` can write the gradient into them.
@@ -104,7 +113,8 @@ def compute_loss_func(
       smoothing: ``eps`` in [0, 1].
       shift_labels: True for a causal LM (its labels are its inputs, as the Trainer passes
         them); False when ``labels[t]`` is already the target of ``logits[t]`` (a masked LM,
-        token classification, a seq2seq decoder's labels).
+        token classification, a seq2seq decoder's labels) or there is no time axis (sequence
+        classification: ``(batch,)`` labels, which raise with True).
       ignore_index: the label of tokens that do not count (None: every token counts).
       **options: any other keyword of :func:`lstorch.smoothed_cross_entropy`: ``convention``,
         ``pad_index``, ``weight``, ``class_mask``, ``z_loss``, ``kl``, ``from_log_probs``,
@@ -114,11 +124,12 @@ def compute_loss_func(
         ``normalizer``, ``where``, ``return_z_loss``) raise ``TypeError``, as do unknown names;
         option values that need no input are checked here, before training starts.
 
-    Errors name ``compute_loss_func``; ``num_items_in_batch`` that is not a number > 0 raises
-    (a CUDA tensor is not read, unless ``check_labels=True``, nor any tensor with
-    ``check_labels=False``: then the loss is NaN).
+    Errors name ``compute_loss_func``; a ``num_items_in_batch`` that is not a count (a finite
+    number >= 0) raises (a CUDA tensor is not read, unless ``check_labels=True``, nor any
+    tensor with ``check_labels=False``: then a count that is not > 0 gives NaN).
     """
     fn = lsspec.caller("compute_loss_func", normalizer="num_items_in_batch")
+    lsspec.check_flags(fn, shift_labels=shift_labels)
     _check_options(fn, options, smoothed_cross_entropy)
     _check_values(fn, smoothed_cross_entropy, smoothing, ignore_index, options)
 
@@ -129,22 +140,25 @@ def compute_loss_func(
                 f"{fn}: the Trainer passed labels=None; the loss needs the batch's `labels` (a "
                 "dataset column named 'labels', or `label_names` in TrainingArguments)."
             )
+        _common.tensors(fn, labels=labels)
+        count, empty = _count(fn, num_items_in_batch, options.get("check_labels"))
         labels = labels.to(logits.device)
         where = None
         if shift_labels:
-            labels, where = _next_token_labels(labels)
-        return smoothed_cross_entropy(
+            labels, where = _next_token_labels(fn, labels)
+        loss = smoothed_cross_entropy(
             logits,
             labels,
             smoothing=smoothing,
             ignore_index=ignore_index,
             where=where,
             axis=-1,
-            reduction="mean",
-            normalizer=num_items_in_batch,
+            reduction="sum" if empty else "mean",
+            normalizer=count,
             _caller=fn,
             **_on_device(options, logits.device),
         )
+        return _zero_count(loss) if empty else loss
 
     return loss
 
@@ -200,19 +214,15 @@ def fused_causal_lm_loss(
       The scalar loss, float32 for bf16/fp16/float32 models.
     """
     fn = lsspec.caller("fused_causal_lm_loss", normalizer="num_items_in_batch")
+    lsspec.check_flags(fn, shift_labels=shift_labels)
     _check_options(fn, options, fused_linear_smoothed_cross_entropy)
     _check_values(fn, fused_linear_smoothed_cross_entropy, smoothing, ignore_index, options)
-    normalizer = _common.concrete_scalar(
-        fn,
-        "normalizer",
-        num_items_in_batch,
-        optional=True,
-        check_labels=options.get("check_labels"),
-    )
-    if lsspec.is_number(normalizer) and not (normalizer > 0 and math.isfinite(normalizer)):
-        raise ValueError(
-            f"{fn}: `num_items_in_batch` must be a finite number > 0; got {num_items_in_batch!r}."
-        )
+    _common.tensors(fn, input_ids=input_ids, labels=labels)
+    if attention_mask is not None:
+        _common.tensors(fn, attention_mask=attention_mask)
+    count, empty = _count(fn, num_items_in_batch, options.get("check_labels"))
+    if shift_labels:
+        _check_time_axis(fn, labels)
     head, body = _head_and_body(fn, model)
     outputs = body(input_ids=input_ids, attention_mask=attention_mask)
     hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
@@ -226,15 +236,17 @@ def fused_causal_lm_loss(
         bias=head.bias,
         smoothing=smoothing,
         ignore_index=ignore_index,
-        reduction="mean" if num_items_in_batch is None else "sum",
+        reduction="mean" if count is None and not empty else "sum",
         _caller=fn,
         **options,
     )
-    if num_items_in_batch is None:
+    if empty:
+        return _zero_count(loss)
+    if count is None:
         return loss
     # The sum divided by the count, with smoothed_cross_entropy's handling of a normalizer that
     # could not be read (NaN where it is not a finite number > 0).
-    return _common.reduce(loss.reshape(1), None, "mean", num_items_in_batch)
+    return _common.reduce(loss.reshape(1), None, "mean", count)
 
 
 def _keywords(function: Callable) -> dict:
@@ -275,6 +287,9 @@ def _check_values(
     values = _keywords(function)
     values.update(options, smoothing=smoothing, ignore_index=ignore_index, reduction="mean")
     _OPTION_CHECKS[function](fn, None, lsspec.LabelOptions.of(values), **values)
+    for name in ("weight", "class_weight", "class_mask"):  # a tensor, or a list of numbers
+        if name in options:
+            _common.tensor_option(fn, name, options[name], None)
 
 
 def _on_device(options: dict, device: torch.device) -> dict:
@@ -303,9 +318,64 @@ def _logits(fn: lsspec.Caller, outputs: Any) -> torch.Tensor:
     )
 
 
-def _next_token_labels(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _count(fn: lsspec.Caller, num_items_in_batch: object, check_labels) -> tuple[Any, bool]:
+    """``(the divisor, whether it is a count of 0 that the host read)`` from the Trainer's
+    ``num_items_in_batch``: None; a number; a 0-d tensor; or, from a Trainer on several GPUs in
+    one process (``torch.nn.DataParallel``), the count repeated once per device, ``(n_gpu, 1)``
+    (or ``(n_gpu,)``), whose first value is the count. Where the host reads it (a number, a CPU
+    tensor, ``check_labels=True``) it must be a finite number >= 0 and, repeated, the same on
+    every device; an unread tensor passes through (a value that is not > 0 gives NaN)."""
+    if num_items_in_batch is None:
+        return None, False
+    count = num_items_in_batch
+    if isinstance(count, torch.Tensor) and count.ndim:
+        repeated = count.ndim == 1 or (count.ndim == 2 and count.shape[1] == 1)
+        if not repeated or count.numel() == 0:
+            raise lsspec.shape_error(
+                fn, "normalizer", tuple(count.shape),
+                "a scalar shape (), or (n_gpu, 1): the count once per device",
+            )  # fmt: skip
+        if _common.reads_values(count, check_labels) and not bool((count == count[0]).all()):
+            raise ValueError(
+                f"{fn}: `num_items_in_batch` must be the same count on every device; got "
+                f"{count.reshape(-1).tolist()}."
+            )
+        count = count.reshape(-1)[0]
+    value = _common.concrete_scalar(fn, "normalizer", count, check_labels=check_labels)
+    if lsspec.is_number(value):
+        if not (value >= 0 and math.isfinite(value)):
+            raise ValueError(
+                f"{fn}: `num_items_in_batch` must be a count of tokens, a finite number >= 0; "
+                f"got {num_items_in_batch!r}."
+            )
+        if value == 0:
+            return None, True
+    return count, False
+
+
+def _zero_count(total: torch.Tensor) -> torch.Tensor:
+    """A batch whose count is 0: transformers' ``sum / 0``, NaN (the sum over no counted token
+    is 0), with the zero gradient of that sum (the NaN is selected, not multiplied in: 0 * inf
+    would be NaN in every gradient)."""
+    return _common.reduce(total.reshape(1), None, "mean", 0.0)
+
+
+def _check_time_axis(fn: lsspec.Caller, labels: torch.Tensor) -> None:
+    """``shift_labels=True`` shifts along the labels' last axis, time: ``(batch,)`` labels (a
+    sequence classifier's) would be shifted along the batch, each row scored against the next
+    row's label."""
+    if labels.ndim < 2:
+        raise ValueError(
+            f"{fn}: `shift_labels=True` shifts `labels` along their last axis, time, but "
+            f"`labels` has shape {tuple(labels.shape)} (no time axis: a sequence classifier's "
+            f"labels?); pass shift_labels=False."
+        )
+
+
+def _next_token_labels(fn: lsspec.Caller, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """``(labels[..., t + 1] at position t, the positions that have a next token)``: the causal
     shift on the labels, so that the logits are used where they are (no sliced copy)."""
+    _check_time_axis(fn, labels)
     shifted = torch.cat([labels[..., 1:], torch.zeros_like(labels[..., :1])], dim=-1)
     has_next = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
     has_next[..., -1] = False
