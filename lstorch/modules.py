@@ -267,7 +267,9 @@ class KLLabelSmoothingLoss(_LossModule):
 
     The arguments are checked at construction, as OpenNMT's asserts did, in its terms:
     ``tgt_vocab_size`` must leave the smoothing a class to go to (>= 3 with a pad column, >= 2
-    without). As the original, it keeps ``confidence`` (= ``1 - label_smoothing``).
+    without). As the original, it keeps ``confidence`` (= ``1 - label_smoothing``). A
+    ``state_dict`` saved with OpenNMT's module in its place loads with ``strict=True``: OpenNMT's
+    ``one_hot`` buffer is checked against these arguments and dropped (this module keeps none).
 
     Shape:
       - output: log-probabilities ``(..., tgt_vocab_size)``.
@@ -300,3 +302,40 @@ class KLLabelSmoothingLoss(_LossModule):
 
     def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self._loss(output, target)
+
+    def _opennmt_one_hot(self) -> torch.Tensor | None:
+        """The ``one_hot`` buffer OpenNMT-py's module builds from these arguments, ``(1, V)``
+        float32: ``eps / (V - 2)`` everywhere and 0 at ``one_hot[ignore_index]`` (Python
+        indexing: -100 is column V - 100); None where OpenNMT's constructor would have failed."""
+        size, index = self.tgt_vocab_size, self.ignore_index
+        if not -size <= index < size:
+            return None
+        one_hot = torch.full((size,), float(self.label_smoothing) / (size - 2))
+        one_hot[index] = 0
+        return one_hot.unsqueeze(0)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        """Also loads a ``state_dict`` saved with OpenNMT-py's module in this one's place (a
+        model that holds its loss as a submodule): OpenNMT registers its smoothed target row as
+        a buffer, ``one_hot``, which this module does not keep (it computes the loss in closed
+        form). The saved row must be the one OpenNMT builds from this module's arguments, else
+        the checkpoint is of another configuration and loading fails; it is then dropped."""
+        error_msgs = args[-1]
+        saved = state_dict.pop(prefix + "one_hot", None)
+        if saved is not None:
+            expected = self._opennmt_one_hot()
+            # float32 rounding of eps / (V - 2) (a float64 model holds it in float64)
+            same = (
+                expected is not None
+                and tuple(saved.shape) == tuple(expected.shape)
+                and torch.allclose(saved.detach().cpu().double(), expected.double(), rtol=1e-6)
+            )
+            if not same:
+                error_msgs.append(
+                    f"{type(self).__name__}: the saved buffer {prefix}one_hot (OpenNMT-py's "
+                    f"smoothed target row) is not the one OpenNMT builds from "
+                    f"label_smoothing={self.label_smoothing!r}, tgt_vocab_size="
+                    f"{self.tgt_vocab_size!r}, ignore_index={self.ignore_index!r}: the "
+                    f"checkpoint is of another configuration."
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args)

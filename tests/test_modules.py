@@ -293,3 +293,45 @@ def test_list_class_weights_keep_float64_precision():
     module = lstorch.SmoothedCrossEntropyLoss(smoothing=0.2, weight=weight)(logits, labels)
     for got in (function, module):
         torch.testing.assert_close(got, expected, rtol=1e-14, atol=0)
+
+
+def _opennmt_one_hot(label_smoothing, tgt_vocab_size, ignore_index, dtype=torch.float32):
+    """OpenNMT-py's ``LabelSmoothingLoss.__init__``, line by line: the buffer it registers."""
+    one_hot = torch.full((tgt_vocab_size,), label_smoothing / (tgt_vocab_size - 2), dtype=dtype)
+    one_hot[ignore_index] = 0
+    return one_hot.unsqueeze(0)
+
+
+class _WithLoss(nn.Module):
+    """A model that holds its loss as a submodule (as a Lightning module does)."""
+
+    def __init__(self, criterion):
+        super().__init__()
+        self.head, self.criterion = nn.Linear(3, 4), criterion
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # float64: after model.double()
+def test_kl_module_loads_a_checkpoint_saved_with_opennmts_module(ignore_index, dtype):
+    """A checkpoint of a model whose loss was OpenNMT-py's module carries its ``one_hot``
+    buffer; the drop-in loads it with strict=True, and refuses one of another configuration."""
+    saved = {
+        "head.weight": torch.randn(4, 3),
+        "head.bias": torch.randn(4),
+        "criterion.one_hot": _opennmt_one_hot(0.1, 120, ignore_index, dtype),
+    }
+    model = _WithLoss(lstorch.KLLabelSmoothingLoss(0.1, 120, ignore_index=ignore_index))
+    model.load_state_dict(saved, strict=True)
+    torch.testing.assert_close(model.head.weight, saved["head.weight"], rtol=0, atol=0)
+    assert "criterion.one_hot" in saved  # the caller's dict is left as it was
+    assert list(model.state_dict()) == ["head.weight", "head.bias"]
+    model.load_state_dict({"head.weight": saved["head.weight"], "head.bias": saved["head.bias"]})
+    for other in (_opennmt_one_hot(0.2, 120, ignore_index), _opennmt_one_hot(0.1, 121, 1)):
+        message = (
+            r"KLLabelSmoothingLoss: the saved buffer criterion.one_hot \(OpenNMT-py's smoothed "
+            rf"target row\) is not the one OpenNMT builds from label_smoothing=0.1, "
+            rf"tgt_vocab_size=120, ignore_index={ignore_index}: the checkpoint is of another "
+            r"configuration"
+        )
+        with pytest.raises(RuntimeError, match=message):
+            model.load_state_dict({**saved, "criterion.one_hot": other})
