@@ -89,6 +89,7 @@ def vocab_parallel_smoothed_cross_entropy(
     return_stats: bool = False,
     check_labels: bool | None = None,
     _caller: lsspec.Caller | None = None,
+    _shard: tuple[int, int] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     r"""``smoothed_cross_entropy`` of logits split over the vocabulary across ``group``'s ranks.
 
@@ -175,7 +176,7 @@ def vocab_parallel_smoothed_cross_entropy(
         fn, local_logits.shape[-1], labels, options, weight, group, compute_dtype,
         check_labels=check_labels, where=where, normalizer=normalizer, kl=kl,
         class_mask=class_mask, z_loss=z_loss, return_z_loss=return_z_loss, softcap=softcap,
-        logit_scale=logit_scale, return_stats=return_stats,
+        logit_scale=logit_scale, return_stats=return_stats, shard=_shard,
     )  # fmt: skip
     eps = _common.smoothing_tensor(smoothing, compute_dtype, local_logits.device)  # differentiated
     rows = _common.with_forward_mode(_VocabParallelRows, _VocabParallelRowsForwardMode)
@@ -377,7 +378,8 @@ def _whole(value):
 def dtensor_smoothed_cross_entropy(logits, labels, *, axis=None, weight=None, _caller=None,
                                    **options):  # fmt: skip
     """``lstorch.smoothed_cross_entropy`` of a DTensor ``logits`` sharded on its class axis
-    (``Shard(axis)`` over a 1-D device mesh, the axis's size divisible by the mesh's): each
+    (``Shard(axis)`` over a 1-D device mesh; as torch's ``loss_parallel``, shards may differ in
+    size, ``K`` need not divide by the mesh's size, as long as every rank holds a class): each
     rank computes :func:`vocab_parallel_smoothed_cross_entropy` on its local shard over the
     mesh's process group, without gathering the logits. ``labels`` are a tensor or a
     replicated DTensor; ``weight`` a full ``(K,)`` tensor (each rank takes its slice) or a
@@ -413,11 +415,25 @@ def dtensor_smoothed_cross_entropy(logits, labels, *, axis=None, weight=None, _c
             f"placements {placements}."
         )
     world, rank = mesh.size(), mesh.get_local_rank()
-    if logits.shape[axis] % world:
+    num_classes, local = logits.shape[axis], logits.to_local().movedim(axis, -1)
+    # torch's Shard splits as torch.chunk does: ceil(K / world) classes a rank, the last
+    # ranks fewer (K = 50257 over 4 ranks: 12565, 12565, 12565, 12562). Every rank knows every
+    # shard from K and the world size: the checks below raise on every rank alike.
+    chunk = -(-num_classes // world)
+    if chunk * (world - 1) >= num_classes:
         raise ValueError(
-            f"{name}: DTensor `{arg('logits')}` must split its {logits.shape[axis]} classes "
-            f"evenly over the mesh's {world} ranks; got {logits.shape[axis]} % {world} = "
-            f"{logits.shape[axis] % world}."
+            f"{name}: DTensor `{arg('logits')}` split as torch's Shard splits it ({chunk} "
+            f"classes a rank) leaves the last ranks no class: {num_classes} classes over "
+            f"{world} ranks; use at most {-(-num_classes // chunk)} ranks, or pad the "
+            f"vocabulary."
+        )
+    start = rank * chunk
+    stop = min(start + chunk, num_classes)
+    if local.shape[-1] != stop - start:
+        raise ValueError(
+            f"{name}: DTensor `{arg('logits')}` must hold classes [{start}, {stop}) of "
+            f"{num_classes} on rank {rank} (torch's Shard({axis}) layout); got a local shard "
+            f"of {local.shape[-1]} classes."
         )
     if isinstance(labels, DTensor):
         if any(placement != Replicate() for placement in labels.placements):
@@ -429,20 +445,19 @@ def dtensor_smoothed_cross_entropy(logits, labels, *, axis=None, weight=None, _c
     for option in ("where", "normalizer", "class_mask", "z_loss"):
         if option in options:
             options[option] = _whole(options[option])
-    local_classes = logits.shape[axis] // world
     if isinstance(weight, DTensor):
         sharded = weight.placements == (Shard(0),)
         weight = weight.to_local()
         if not sharded:
-            weight = weight[rank * local_classes : (rank + 1) * local_classes]
+            weight = weight[start:stop]
     elif weight is not None:
         weight = _common.tensor_option(fn, "weight", weight, logits.device)
-        lsspec.check_row_options_shapes(fn, logits.shape[axis], (), weight=weight)
-        weight = weight[rank * local_classes : (rank + 1) * local_classes]
-    local = logits.to_local().movedim(axis, -1)
+        lsspec.check_row_options_shapes(fn, num_classes, (), weight=weight)
+        weight = weight[start:stop]
     output = vocab_parallel_smoothed_cross_entropy(
-        local, labels, group=mesh.get_group(), weight=weight, _caller=fn, **options
-    )
+        local, labels, group=mesh.get_group(), weight=weight, _caller=fn,
+        _shard=(start, num_classes), **options,
+    )  # fmt: skip
 
     def replicated(value):  # every rank holds the same value: no check, no collective
         if isinstance(value, _closed_form.RowStats):
@@ -473,6 +488,9 @@ class _Layout(NamedTuple):
     with_stats: bool = False  # also the rows' entropy and whether the argmax is the label
     caller: Any = None  # the function the user called (named by errors)
     check_labels: bool | None = None  # whether the host may read values (_common.reads_values)
+    # Whether the caller gave (start, K) (a DTensor's layout, shards of any size); else every
+    # rank holds V_local classes, K = world * V_local, and unequal shards are an error.
+    given_shard: bool = False
 
 
 def _size(layout: _Layout):
@@ -531,12 +549,18 @@ def _check_even_shards(fn, local_classes: int, labels, group, check_labels) -> N
 def _prologue(fn, local_classes, labels, options: lsspec.LabelOptions, weight, group,
               compute_dtype, *, check_labels=None, where=None, normalizer=None, kl=False,
               class_mask=None, z_loss=0.0, return_z_loss=False, softcap=None, logit_scale=1.0,
-              return_stats=False, **fused):  # fmt: skip
+              return_stats=False, shard=None, **fused):  # fmt: skip
     """The shared checks: ``(layout, counted rows, this rank's class weights in the compute
-    dtype or None, the z-loss weight as a 0-d compute-dtype tensor)``."""
+    dtype or None, the z-loss weight as a 0-d compute-dtype tensor)``. ``shard``: ``(start,
+    K)``, this rank's first class and the global class count, where the caller knows them (a
+    DTensor's layout: shards may differ in size); None: ``rank * V_local`` and ``world *
+    V_local``, every shard of one size."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    _check_even_shards(fn, local_classes, labels, group, check_labels)
-    num_classes = world * local_classes
+    if shard is None:
+        _check_even_shards(fn, local_classes, labels, group, check_labels)
+        start, num_classes = rank * local_classes, world * local_classes
+    else:
+        start, num_classes = shard
     lsspec.check_row_options_shapes(fn, num_classes, tuple(labels.shape), where=where)
     z_value, transform = _common.check_loss_options(
         fn, num_classes, options, check_labels, normalizer=normalizer, kl=kl,
@@ -565,7 +589,6 @@ def _prologue(fn, local_classes, labels, options: lsspec.LabelOptions, weight, g
         _common.check_class_mask_support(
             fn, class_mask, options.convention, options.pad_index, check_labels
         )
-        start = rank * local_classes
         local_mask = class_mask[start : start + local_classes]
         size = _closed_form.support_size(
             options.convention, num_classes, options.pad_index, class_mask
@@ -579,10 +602,10 @@ def _prologue(fn, local_classes, labels, options: lsspec.LabelOptions, weight, g
         fn, labels, counted, num_classes, options.ignore_index, class_mask, check_labels
     )
     layout = _Layout(
-        options.convention, options.pad_index, rank * local_classes, num_classes, group,
+        options.convention, options.pad_index, start, num_classes, group,
         kl=kl, with_z=with_z, class_mask=class_mask, local_mask=local_mask, size=size,
         transform=transform, with_stats=return_stats, caller=fn, check_labels=check_labels,
-        **fused,
+        given_shard=shard is not None, **fused,
     )  # fmt: skip
     return layout, counted, weight, z
 
@@ -725,7 +748,10 @@ def _global_terms(peak, sum_exp_at, share: _Share, labels, counted, eps, layout,
     peak = reduced[: peak.numel()].reshape(peak.shape)
     if stats is not None:
         global_max = reduced[peak.numel() : 2 * peak.numel()].reshape(peak.shape)
-    even = reduced[-2] == -reduced[-1]  # the largest shard is the smallest
+    # The largest shard is the smallest (a layout the caller gave may hold shards of any size).
+    even = reduced[-2] == -reduced[-1]
+    if layout.given_shard:
+        even = torch.ones_like(even)
     peak = torch.where(torch.isfinite(peak), peak, 0.0)
     weighted = share.w_y is not None
     rows = [sum_exp_at(peak), share.x_y, share.total, share.x_pad]

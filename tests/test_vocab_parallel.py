@@ -137,17 +137,18 @@ def test_every_rank_of_a_group_is_bit_identical(results, check):
             assert len({case["d_hidden_bytes"] for case in cases}) == 1, key
 
 
-def _forward_bytes(rows, weighted, value_bytes, stats=False):
+def _forward_bytes(rows, weighted, value_bytes, stats=False, shard_sizes=True):
     """The forward all-reduces on the CPU, where the host reads the labels: each rank's class
     count and its negative (two int64), so that shards of unequal size raise on every rank
     before any check that depends on K; then the loss's two: the rows' max and the shard sizes
     (two values), and the packed sums (sum-exp, x_y, the support sum, x_pad; with class weights
     w_y per row and two scalars). ``return_stats`` adds each row's raw max to the first and
-    two rows (the entropy's sum and the argmax's tie count) to the second."""
+    two rows (the entropy's sum and the argmax's tie count) to the second. A DTensor's layout
+    gives every rank its classes (``shard_sizes=False``): no class counts to compare."""
     maxima = 2 * rows + 2 if stats else rows + 2
     packed = (5 * rows + 2 if weighted else 4 * rows) + (2 * rows if stats else 0)
     loss = [["all_reduce", maxima * value_bytes], ["all_reduce", packed * value_bytes]]
-    return [["all_reduce", 2 * 8], *loss]
+    return [["all_reduce", 2 * 8], *loss] if shard_sizes else loss
 
 
 @pytest.mark.parametrize("check", ["dense", "fused", "dtensor"])
@@ -155,7 +156,9 @@ def test_collectives_per_call_are_stated_and_o_of_rows(results, check):
     for case in _of(results, check):
         value_bytes, rows = BYTES[case["dtype"]], case["rows"]
         weighted = check == "dense" or "weighted=True" in case["case"]
-        assert case["forward"] == _forward_bytes(rows, weighted, value_bytes), case
+        # a DTensor's layout gives each rank its classes: no class counts to compare
+        forward = _forward_bytes(rows, weighted, value_bytes, shard_sizes=check != "dtensor")
+        assert case["forward"] == forward, case
         # Backward: nothing for the logits; the fused head all-reduces d hidden (rows x D).
         expected = []
         if check == "fused":
@@ -258,13 +261,29 @@ def test_dtensor_logits_take_the_vocabulary_parallel_options(results):
         assert case["replicated"] and case["outputs"] == case["expected_outputs"], case
         assert case["bools_equal"], case  # stats.correct
         assert _close(case, "loss") and _close(case, "grad"), case
-        forward = _forward_bytes(case["rows"], case["weighted"], 8, stats=case["stats"])
+        forward = _forward_bytes(case["rows"], case["weighted"], 8, stats=case["stats"],
+                                 shard_sizes=False)  # fmt: skip
         assert case["forward"] == forward, case
         assert case["backward"] == [], case
         groups.setdefault((case["group"], case["case"]), []).append(case)
     for key, group in groups.items():
         assert len(group) == group[0]["world"], key
         assert len({case["loss_bytes"] for case in group}) == 1, key
+
+
+def test_dtensor_vocabularies_that_do_not_divide_by_the_mesh(results):
+    """K = world * 5 - 3 split as torch's Shard splits it (5, 5, 5, 2 classes on 4 ranks; 4, 3
+    on 2), as torch's loss_parallel takes it: the single-process loss and gradient, with a label
+    and the pad in the smallest shard, class weights, a class mask, z-loss, stats, a transform
+    and the KL form; the loss's two all-reduces (the layout needs no collective)."""
+    cases = _of(results, "dtensor uneven")
+    assert len(cases) == 2 * 4 * 4  # two groups of every rank, four cases
+    assert {case["local_classes"] for case in cases} == {5, 2, 4, 3}
+    for case in cases:
+        assert _close(case, "loss") and _close(case, "grad") and case["bools_equal"], case
+        forward = _forward_bytes(case["rows"], case["weighted"], 8, stats=case["stats"],
+                                 shard_sizes=False)  # fmt: skip
+        assert case["forward"] == forward, case
 
 
 def _megatron_own_loss(logits, target, label_smoothing, rank, world):
@@ -352,6 +371,9 @@ ERRORS = {  # case: what the message must say (the function, the argument, the v
     "or a finite number > 0; got 0.0.",
     "dense return_stats": "vocab_parallel_smoothed_cross_entropy: `return_stats` must be True or "
     "False; got 'yes' (str).",
+    "dtensor a rank without a class": "smoothed_cross_entropy: DTensor `logits` split as torch's "
+    "Shard splits it (2 classes a rank) leaves the last ranks no class: 5 classes over 4 ranks; "
+    "use at most 3 ranks, or pad the vocabulary.",
     "dtensor replicated logits": "smoothed_cross_entropy: DTensor `logits` must be sharded on its "
     "class axis 1 over a 1-D device mesh",
 }

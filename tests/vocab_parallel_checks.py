@@ -794,6 +794,79 @@ def dtensor_option_checks(counter, mesh, world, rank, tag):
     return results
 
 
+UNEVEN_CASES = [  # name, the options: a DTensor vocabulary that does not divide by the mesh
+    ("weight/mean", dict(smoothing=0.1, reduction="mean", weight=True)),
+    ("others_but_pad, the pad in the smallest shard/sum",
+     dict(smoothing=0.3, convention="others_but_pad", pad_index=-1, reduction="sum")),
+    ("class_mask/z_loss/return_z_loss/return_stats",
+     dict(smoothing=0.2, convention="others", reduction="none", class_mask=True, z_loss=0.05,
+          return_z_loss=True, return_stats=True)),
+    ("softcap/logit_scale/kl/mean", dict(smoothing=0.1, reduction="mean", softcap=2.0,
+                                         logit_scale=0.8, kl=True)),
+]  # fmt: skip
+
+
+def dtensor_uneven_checks(counter, mesh, world, rank, tag):
+    """A DTensor whose K does not divide by the mesh (K = world * 5 - 3: shards of 5, 5, 5 and 2
+    classes on 4 ranks, of 4 and 3 on 2), as torch's Shard splits it (torch.chunk), with a
+    label in the last class: against ``lstorch.smoothed_cross_entropy`` on the full logits."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import lstorch
+
+    results = []
+    vocab = world * LOCAL_VOCAB - 3
+    chunk = -(-vocab // world)
+    mine = slice(rank * chunk, min((rank + 1) * chunk, vocab))
+    for index, (name, options) in enumerate(UNEVEN_CASES):
+        logits, labels, class_weight, cotangent, *_ = data(70 + index, world, torch.float64)
+        logits, class_weight = logits[:, :vocab], class_weight[:vocab]
+        labels = torch.where(labels >= vocab, labels - 3, labels)
+        labels[1] = vocab - 1  # a label in the last rank's shard
+        options = dict(options, ignore_index=IGNORE)
+        weight = class_weight if options.pop("weight", False) else None
+        if options.get("pad_index") == -1:
+            options["pad_index"] = vocab - 1
+            labels[2] = vocab - 2
+        if options.get("class_mask"):
+            mask = torch.ones(vocab, dtype=torch.bool)
+            mask[[2, vocab - 2]] = False
+            labels = torch.where((labels != IGNORE) & ~mask[labels.clamp(0)], 0, labels)
+            options["class_mask"] = mask
+        full = logits.clone().requires_grad_(True)
+        expected = lstorch.smoothed_cross_entropy(full, labels, weight=weight, **options)
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        cot = cotangent_for(expected[0], cotangent)
+        (expected_grad,) = torch.autograd.grad(expected[0], full, cot)
+        sharded = distribute_tensor(logits, mesh, [Shard(-1)]).requires_grad_(True)
+        out, forward = counter.measure(
+            lambda sharded=sharded, labels=labels, weight=weight, options=options:
+            lstorch.smoothed_cross_entropy(sharded, labels, weight=weight, **options)
+        )  # fmt: skip
+        out = out if isinstance(out, tuple) else (out,)
+        stats = bool(options.get("return_stats"))
+        flat_out = [*out[:-1], *out[-1]] if stats else list(out)
+        flat_expected = [*expected[:-1], *expected[-1]] if stats else list(expected)
+        local = [value.to_local() for value in flat_out]
+        out[0].to_local().backward(cot)
+        floats = [(a, b) for a, b in zip(local, flat_expected, strict=True)
+                  if a.is_floating_point()]  # fmt: skip
+        bools = [torch.equal(a, b) for a, b in zip(local, flat_expected, strict=True)
+                 if not a.is_floating_point()]  # fmt: skip
+        results.append(
+            dict(
+                check="dtensor uneven", group=tag, world=world, dtype="float64", case=name,
+                rows=ROWS, local_classes=sharded.to_local().shape[-1], bools_equal=all(bools),
+                weighted=weight is not None or "class_mask" in options, stats=stats,
+                loss_diff=max(diff(a, b) for a, b in floats),
+                loss_scale=max(scale(b) for _, b in floats),
+                grad_diff=diff(sharded.grad.to_local(), expected_grad[:, mine]),
+                grad_scale=scale(expected_grad), forward=forward,
+            )
+        )  # fmt: skip
+    return results
+
+
 def error_checks(mesh, world):
     """The messages of bad calls (every rank makes each, so no collective is left waiting)."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
@@ -870,6 +943,10 @@ def error_checks(mesh, world):
         "dense return_stats": lambda: vocab_parallel_smoothed_cross_entropy(
             local, labels, ignore_index=IGNORE, return_stats="yes"
         ),
+        # K = 5 over 4 ranks, split as torch's Shard splits it: 2, 2, 1 and 0 classes
+        "dtensor a rank without a class": lambda: lstorch.smoothed_cross_entropy(
+            distribute_tensor(logits[:, : world + 1], mesh, [Shard(-1)]), labels % (world + 1)
+        ),
         "dtensor replicated logits": lambda: lstorch.smoothed_cross_entropy(
             distribute_tensor(logits, mesh, [Replicate()]), labels, ignore_index=IGNORE
         ),
@@ -923,6 +1000,8 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     results += dtensor_checks(counter, pair_mesh, 2, rank % 2, f"pair{rank // 2}")
     results += dtensor_option_checks(counter, world_mesh, world, rank, "world")
     results += dtensor_option_checks(counter, pair_mesh, 2, rank % 2, f"pair{rank // 2}")
+    results += dtensor_uneven_checks(counter, world_mesh, world, rank, "world")
+    results += dtensor_uneven_checks(counter, pair_mesh, 2, rank % 2, f"pair{rank // 2}")
     results += error_checks(world_mesh, world)
     print(f"rank {rank}: checks {time.perf_counter() - started:.1f} s", file=sys.stderr)
     pathlib.Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
