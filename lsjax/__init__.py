@@ -1,7 +1,11 @@
 """Label-smoothed losses in JAX: pure, jittable, optax-style functions.
 
-Every public function has a PyTorch twin of the same name and keywords in ``lstorch``; the
-twins are listed in ``parity_tests.registry`` and proven equal by ``python -m parity_tests``.
+Every public loss has a PyTorch twin of the same name and keywords in ``lstorch``, apart from
+what one framework alone has: here ``implementation`` (XLA or the Pallas kernels) and
+``cross_entropy`` (torch's own ``F.cross_entropy``, in JAX); there ``inplace_backward``; and
+``axis``, whose default here is the last axis, while lstorch asks for it with 3-d or larger
+logits (torch's ``(N, C, d1, ...)`` puts the classes second). The twins are listed in
+``parity_tests.registry`` and proven equal by ``python -m parity_tests``.
 This package never imports torch. It needs JAX, from the ``[jax]`` extra; without it, importing
 ``lsjax`` raises an ImportError that says so. ``lsjax.calibration`` is the framework-free
 ``lsspec.calibration`` (NumPy only).

@@ -1,7 +1,9 @@
 """The label-smoothed cross-entropy family in JAX: one closed-form core, no one-hot ever built.
 
 Every loss of this package with integer targets reduces to :func:`smoothed_cross_entropy`; its
-PyTorch twin is ``lstorch.smoothed_cross_entropy`` (same name, same keywords, same meaning).
+PyTorch twin is ``lstorch.smoothed_cross_entropy`` (same name, same keywords, same meaning,
+but for ``implementation`` here, ``inplace_backward`` there and ``axis``'s default: see
+``lsjax``'s docstring).
 """
 
 from __future__ import annotations

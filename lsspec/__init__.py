@@ -282,10 +282,10 @@ def check_options(
             f"the class axis; got {num_classes}."
         )
     if convention == "others_but_pad":
-        if num_classes is None and not is_index(pad_index):
+        if num_classes is None and not (is_index(pad_index) and pad_index >= 0):
             raise ValueError(
                 f"{fn}: {arg('convention')}='others_but_pad' needs `{arg('pad_index')}`, an int "
-                f"(the pad column); got {pad_index!r}."
+                f">= 0 (the pad column); got {pad_index!r}."
             )
         if num_classes is not None and (
             not is_index(pad_index) or not 0 <= pad_index < num_classes

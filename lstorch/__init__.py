@@ -1,7 +1,11 @@
 """Label-smoothed losses in PyTorch: functions and ``nn.Module`` s.
 
-Every public function has a JAX twin of the same name and keywords in ``lsjax``; the twins are
-listed in ``parity_tests.registry`` and proven equal by ``python -m parity_tests``. This package
+Every public loss has a JAX twin of the same name and keywords in ``lsjax``, apart from what one
+framework alone has: here ``inplace_backward``; there ``implementation`` (XLA or Pallas) and
+``lsjax.cross_entropy`` (torch's ``F.cross_entropy`` in JAX); and ``axis``, which lstorch asks
+for with 3-d or larger logits (torch's ``(N, C, d1, ...)`` puts the classes second), where lsjax
+takes the last axis. The twins are listed in ``parity_tests.registry`` and proven equal by
+``python -m parity_tests``. This package
 never imports jax. It needs PyTorch, from the ``[torch]`` extra (or a torch build of your own);
 without it, importing ``lstorch`` raises an ImportError that says so. ``lstorch.calibration`` is
 the framework-free ``lsspec.calibration`` (NumPy only).

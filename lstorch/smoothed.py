@@ -1,6 +1,8 @@
 """The label-smoothed cross-entropy family in PyTorch: one closed-form core, no one-hot ever built.
 
-Twin of ``lsjax.smoothed_cross_entropy`` (same name, same keywords, same meaning). The core is a
+Twin of ``lsjax.smoothed_cross_entropy`` (same name, same keywords, same meaning, but for
+``inplace_backward`` here, ``implementation`` there and ``axis``'s default: see ``lstorch``'s
+docstring). The core is a
 ``torch.autograd.Function`` that saves only the input and per-row statistics for backward.
 """
 

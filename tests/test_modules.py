@@ -335,3 +335,17 @@ def test_kl_module_loads_a_checkpoint_saved_with_opennmts_module(ignore_index, d
         )
         with pytest.raises(RuntimeError, match=message):
             model.load_state_dict({**saved, "criterion.one_hot": other})
+
+
+@pytest.mark.parametrize(
+    "module_class", [lstorch.SmoothedCrossEntropyLoss, lstorch.FusedLinearSmoothedCrossEntropyLoss]
+)
+def test_a_negative_pad_index_raises_at_construction(module_class):
+    """No class count is needed to know that -5 is no column: it raises when the module is
+    built, as the function raises when called (where it also names the range)."""
+    message = (
+        rf"{module_class.__name__}: convention='others_but_pad' needs `pad_index`, an int >= 0 "
+        r"\(the pad column\); got -5\."
+    )
+    with pytest.raises(ValueError, match=message):
+        module_class(smoothing=0.1, convention="others_but_pad", pad_index=-5)
