@@ -88,6 +88,17 @@ def sharded_fused_linear_smoothed_cross_entropy(
     statistics come back split over ``batch_axis``, as the per-row losses.
     """
     fn = lsspec.caller("sharded_fused_linear_smoothed_cross_entropy")
+    if not isinstance(mesh, Mesh):
+        raise TypeError(
+            f"{fn}: `mesh` must be a jax.sharding.Mesh; got {mesh!r} ({type(mesh).__name__})."
+        )
+    if batch_axis is not None and batch_axis == vocab_axis:
+        # one mesh axis cannot split both: each device would hold the rows and classes of
+        # its own index only, and the loss would mix rows
+        raise ValueError(
+            f"{fn}: `batch_axis` and `vocab_axis` must be different axes of the mesh (or "
+            f"batch_axis=None); got both {vocab_axis!r}."
+        )
     options = lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction)
     hidden, weight, bias, labels = _check_fused(fn, hidden, weight, bias, labels)
     if hidden.ndim != 2:

@@ -166,6 +166,7 @@ def vocab_parallel_smoothed_cross_entropy(
     """
     fn = lsspec.caller("vocab_parallel_smoothed_cross_entropy", _caller)
     _common.floating(fn, local_logits=local_logits)
+    lsspec.check_has_class_axis(fn, "local_logits", tuple(local_logits.shape))
     labels = _common.integer_labels(fn, labels)  # widened before any comparison
     lsspec.check_labels_shape(fn, tuple(labels.shape), tuple(local_logits.shape[:-1]))
     options = lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction)
@@ -445,14 +446,16 @@ def dtensor_smoothed_cross_entropy(logits, labels, *, axis=None, weight=None, _c
     for option in ("where", "normalizer", "class_mask", "z_loss"):
         if option in options:
             options[option] = _whole(options[option])
+    if weight is not None:  # (K,) on every rank, whole or as a DTensor: every rank checks it
+        if not isinstance(weight, DTensor):
+            weight = _common.tensor_option(fn, "weight", weight, logits.device)
+        lsspec.check_row_options_shapes(fn, num_classes, (), weight=weight)
     if isinstance(weight, DTensor):
         sharded = weight.placements == (Shard(0),)
         weight = weight.to_local()
         if not sharded:
             weight = weight[start:stop]
     elif weight is not None:
-        weight = _common.tensor_option(fn, "weight", weight, logits.device)
-        lsspec.check_row_options_shapes(fn, num_classes, (), weight=weight)
         weight = weight[start:stop]
     output = vocab_parallel_smoothed_cross_entropy(
         local, labels, group=mesh.get_group(), weight=weight, _caller=fn,
@@ -555,6 +558,12 @@ def _prologue(fn, local_classes, labels, options: lsspec.LabelOptions, weight, g
     K)``, this rank's first class and the global class count, where the caller knows them (a
     DTensor's layout: shards may differ in size); None: ``rank * V_local`` and ``world *
     V_local``, every shard of one size."""
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        name, arg = lsspec.names(fn)
+        raise TypeError(
+            f"{name}: `{arg('group')}` must be a torch.distributed.ProcessGroup, or None for "
+            f"the default group; got {group!r} ({type(group).__name__})."
+        )
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if shard is None:
         _check_even_shards(fn, local_classes, labels, group, check_labels)

@@ -371,6 +371,14 @@ ERRORS = {  # case: what the message must say (the function, the argument, the v
     "or a finite number > 0; got 0.0.",
     "dense return_stats": "vocab_parallel_smoothed_cross_entropy: `return_stats` must be True or "
     "False; got 'yes' (str).",
+    "dtensor weight of K + 2 classes": "smoothed_cross_entropy: `weight` must have shape (20,); "
+    "got shape (22,).",
+    "dtensor weight of K - 1 classes, sharded": "smoothed_cross_entropy: `weight` must have shape "
+    "(20,); got shape (19,).",
+    "dense 0-d local_logits": "vocab_parallel_smoothed_cross_entropy: `local_logits` must have at "
+    "least one dimension (a class axis); got shape ().",
+    "dense group 'tp'": "vocab_parallel_smoothed_cross_entropy: `group` must be a "
+    "torch.distributed.ProcessGroup, or None for the default group; got 'tp' (str).",
     "dtensor a rank without a class": "smoothed_cross_entropy: DTensor `logits` split as torch's "
     "Shard splits it (2 classes a rank) leaves the last ranks no class: 5 classes over 4 ranks; "
     "use at most 3 ranks, or pad the vocabulary.",

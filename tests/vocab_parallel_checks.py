@@ -943,6 +943,21 @@ def error_checks(mesh, world):
         "dense return_stats": lambda: vocab_parallel_smoothed_cross_entropy(
             local, labels, ignore_index=IGNORE, return_stats="yes"
         ),
+        # the full (K,) weight, checked on every rank before any rank takes its slice
+        "dtensor weight of K + 2 classes": lambda: lstorch.smoothed_cross_entropy(
+            sharded, labels, ignore_index=IGNORE,
+            weight=distribute_tensor(torch.ones(world * LOCAL_VOCAB + 2), mesh, [Replicate()]),
+        ),
+        "dtensor weight of K - 1 classes, sharded": lambda: lstorch.smoothed_cross_entropy(
+            sharded, labels, ignore_index=IGNORE,
+            weight=distribute_tensor(torch.ones(world * LOCAL_VOCAB - 1), mesh, [Shard(0)]),
+        ),
+        "dense 0-d local_logits": lambda: vocab_parallel_smoothed_cross_entropy(
+            torch.tensor(1.0), torch.tensor(0)
+        ),
+        "dense group 'tp'": lambda: vocab_parallel_smoothed_cross_entropy(
+            local, labels, group="tp"
+        ),
         # K = 5 over 4 ranks, split as torch's Shard splits it: 2, 2, 1 and 0 classes
         "dtensor a rank without a class": lambda: lstorch.smoothed_cross_entropy(
             distribute_tensor(logits[:, : world + 1], mesh, [Shard(-1)]), labels % (world + 1)
