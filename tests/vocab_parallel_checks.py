@@ -721,6 +721,40 @@ DTENSOR_OPTION_CASES = [  # name, the options; where, class_mask and z_loss give
 ]  # fmt: skip
 
 
+def _with_class_mask(options, labels, vocab, masked):
+    """``options["class_mask"]`` masking the classes ``masked``; the labels of counted rows that
+    fall on them moved to class 0 (a masked label is an error)."""
+    mask = torch.ones(vocab, dtype=torch.bool)
+    mask[masked] = False
+    options["class_mask"] = mask
+    return torch.where((labels != IGNORE) & ~mask[labels.clamp(0)], 0, labels)
+
+
+def _single_process(logits, labels, weight, options, cotangent):
+    """``lstorch.smoothed_cross_entropy`` on the full logits: (its outputs as a tuple, the
+    loss's cotangent, the logits' gradient)."""
+    import lstorch
+
+    full = logits.clone().requires_grad_(True)
+    expected = lstorch.smoothed_cross_entropy(full, labels, weight=weight, **options)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    cot = cotangent_for(expected[0], cotangent)
+    (expected_grad,) = torch.autograd.grad(expected[0], full, cot)
+    return expected, cot, expected_grad
+
+
+def _compared(outputs, expected) -> dict:
+    """The outputs against the expected ones: the float ones' largest difference and scale,
+    whether the boolean ones (``RowStats.correct``) are equal."""
+    pairs = list(zip(outputs, expected, strict=True))
+    floats = [(a, b) for a, b in pairs if a.is_floating_point()]
+    return dict(
+        bools_equal=all(torch.equal(a, b) for a, b in pairs if not a.is_floating_point()),
+        loss_diff=max(diff(a, b) for a, b in floats),
+        loss_scale=max(scale(b) for _, b in floats),
+    )
+
+
 def dtensor_option_checks(counter, mesh, world, rank, tag):
     """``lstorch.smoothed_cross_entropy`` of a DTensor sharded on the class axis with the
     options the vocabulary-parallel loss takes (``where`` and ``class_mask`` as replicated
@@ -742,15 +776,8 @@ def dtensor_option_checks(counter, mesh, world, rank, tag):
         where[1] = False
         options["where"] = where
         if options.get("class_mask"):
-            mask = torch.ones(vocab, dtype=torch.bool)
-            mask[MASKED] = False
-            labels = torch.where((labels != IGNORE) & ~mask[labels.clamp(0)], 0, labels)
-            options["class_mask"] = mask
-        full = logits.clone().requires_grad_(True)
-        expected = lstorch.smoothed_cross_entropy(full, labels, weight=weight, **options)
-        expected = expected if isinstance(expected, tuple) else (expected,)
-        cot = cotangent_for(expected[0], cotangent)
-        (expected_grad,) = torch.autograd.grad(expected[0], full, cot)
+            labels = _with_class_mask(options, labels, vocab, MASKED)
+        expected, cot, expected_grad = _single_process(logits, labels, weight, options, cotangent)
         sharded = distribute_tensor(logits, mesh, [Shard(-1)]).requires_grad_(True)
         dtensor_options = dict(options)
         for option in ("where", "class_mask", "z_loss"):
@@ -773,20 +800,14 @@ def dtensor_option_checks(counter, mesh, world, rank, tag):
         local = [value.to_local() for value in flat_out]
         cot_dtensor = distribute_tensor(cot, mesh, [Replicate()])
         _, backward = counter.measure(lambda loss=out[0], cot=cot_dtensor: loss.backward(cot))
-        floats = [(a, b) for a, b in zip(local, flat_expected, strict=True)
-                  if a.is_floating_point()]  # fmt: skip
-        bools = [torch.equal(a, b) for a, b in zip(local, flat_expected, strict=True)
-                 if not a.is_floating_point()]  # fmt: skip
         results.append(
             dict(
                 check="dtensor options", group=tag, world=world, dtype="float64", case=name,
                 rows=ROWS, replicated=replicated, outputs=len(flat_out),
-                expected_outputs=len(flat_expected), bools_equal=all(bools),
+                expected_outputs=len(flat_expected), **_compared(local, flat_expected),
                 weighted=weight is not None or "class_mask" in options,
                 stats=bool(options.get("return_stats")),
                 loss_bytes="".join(hexbytes(value) for value in local),
-                loss_diff=max(diff(a, b) for a, b in floats),
-                loss_scale=max(scale(b) for _, b in floats),
                 grad_diff=diff(sharded.grad.to_local(), expected_grad[:, mine]),
                 grad_scale=scale(expected_grad), forward=forward, backward=backward,
             )
@@ -829,15 +850,8 @@ def dtensor_uneven_checks(counter, mesh, world, rank, tag):
             options["pad_index"] = vocab - 1
             labels[2] = vocab - 2
         if options.get("class_mask"):
-            mask = torch.ones(vocab, dtype=torch.bool)
-            mask[[2, vocab - 2]] = False
-            labels = torch.where((labels != IGNORE) & ~mask[labels.clamp(0)], 0, labels)
-            options["class_mask"] = mask
-        full = logits.clone().requires_grad_(True)
-        expected = lstorch.smoothed_cross_entropy(full, labels, weight=weight, **options)
-        expected = expected if isinstance(expected, tuple) else (expected,)
-        cot = cotangent_for(expected[0], cotangent)
-        (expected_grad,) = torch.autograd.grad(expected[0], full, cot)
+            labels = _with_class_mask(options, labels, vocab, [2, vocab - 2])
+        expected, cot, expected_grad = _single_process(logits, labels, weight, options, cotangent)
         sharded = distribute_tensor(logits, mesh, [Shard(-1)]).requires_grad_(True)
         out, forward = counter.measure(
             lambda sharded=sharded, labels=labels, weight=weight, options=options:
@@ -849,17 +863,12 @@ def dtensor_uneven_checks(counter, mesh, world, rank, tag):
         flat_expected = [*expected[:-1], *expected[-1]] if stats else list(expected)
         local = [value.to_local() for value in flat_out]
         out[0].to_local().backward(cot)
-        floats = [(a, b) for a, b in zip(local, flat_expected, strict=True)
-                  if a.is_floating_point()]  # fmt: skip
-        bools = [torch.equal(a, b) for a, b in zip(local, flat_expected, strict=True)
-                 if not a.is_floating_point()]  # fmt: skip
         results.append(
             dict(
                 check="dtensor uneven", group=tag, world=world, dtype="float64", case=name,
-                rows=ROWS, local_classes=sharded.to_local().shape[-1], bools_equal=all(bools),
+                rows=ROWS, local_classes=sharded.to_local().shape[-1],
+                **_compared(local, flat_expected),
                 weighted=weight is not None or "class_mask" in options, stats=stats,
-                loss_diff=max(diff(a, b) for a, b in floats),
-                loss_scale=max(scale(b) for _, b in floats),
                 grad_diff=diff(sharded.grad.to_local(), expected_grad[:, mine]),
                 grad_scale=scale(expected_grad), forward=forward,
             )
