@@ -532,6 +532,22 @@ def check_logit_transform(
     return transform
 
 
+def is_empty_count(fn: str | Caller, count: object, given: object) -> bool:
+    """Whether a token count read on the host (a number; transformers' ``num_items_in_batch``)
+    is 0: no token of the whole batch counts, and the loss is transformers' ``0 / 0``. A count
+    below 0 or not finite raises, naming ``given``, the value the user passed. An unread one
+    (an array) is not 0 here: where it is not > 0, the loss is NaN."""
+    if not is_number(count):
+        return False
+    if not (count >= 0 and math.isfinite(count)):
+        name, arg = names(fn)
+        raise ValueError(
+            f"{name}: `{arg('normalizer')}` must be a count of tokens, a finite number >= 0; "
+            f"got {given!r}."
+        )
+    return count == 0
+
+
 def check_flags(fn: str | Caller, **flags: object) -> None:
     """Each of ``flags`` (``kl``, ``from_log_probs``, ``inplace_backward``, ...) is True or
     False, a Python bool: a string such as ``"False"``, a number or an array is refused, where

@@ -406,5 +406,38 @@ def test_label_smoother_equals_transformers_with_num_items_in_batch(framework, s
         )  # fmt: skip
         # HF sums its smoothing term in float32 (`log_probs.sum(..., dtype=torch.float32)`).
         np.testing.assert_allclose(float(got), float(expected), rtol=1e-7)
-    with pytest.raises(ValueError, match=r"^label_smoother: `num_items_in_batch` must be"):
-        module.compat.hf.label_smoother(array(logits), array(labels), num_items_in_batch=0)
+    message = (
+        r"^label_smoother: `num_items_in_batch` must be a count of tokens, a finite number >= 0; "
+        r"got -1\.$"
+    )
+    with pytest.raises(ValueError, match=message):
+        module.compat.hf.label_smoother(array(logits), array(labels), num_items_in_batch=-1)
+
+
+def test_label_smoother_with_a_count_of_zero_gives_nan_as_transformers(framework):
+    """A batch whose every label is ignored, counted 0 by the Trainer: transformers'
+    ``LabelSmoother`` gives ``0 / 0``, NaN, with a zero gradient; so do the twins."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    module, array = framework
+    logits = np.random.default_rng(9).standard_normal((2, 5, 7))
+    labels = np.full((2, 5), -100)
+    leaf = torch.tensor(logits, requires_grad=True)
+    expected = LabelSmoother(epsilon=0.1)({"logits": leaf}, torch.tensor(labels),
+                                          num_items_in_batch=0)  # fmt: skip
+    expected.backward()
+    assert expected.isnan() and (leaf.grad == 0).all()  # the oracle's behaviour
+    for count in (0, 0.0, array(np.array(0))):
+        if module is lsjax:
+            loss, grad = jax.value_and_grad(
+                lambda x, count=count: module.compat.hf.label_smoother(
+                    x, array(labels), epsilon=0.1, num_items_in_batch=count
+                )
+            )(array(logits))
+        else:
+            x = array(logits).requires_grad_()
+            loss = module.compat.hf.label_smoother(x, array(labels), epsilon=0.1,
+                                                   num_items_in_batch=count)  # fmt: skip
+            loss.backward()
+            grad = x.grad
+        assert np.isnan(float(loss)) and (np.asarray(grad) == 0).all(), count

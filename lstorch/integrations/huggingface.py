@@ -26,7 +26,6 @@ duck typing (``outputs["logits"]``, ``outputs.logits`` or ``outputs[0]``) and th
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -342,14 +341,8 @@ def _count(fn: lsspec.Caller, num_items_in_batch: object, check_labels) -> tuple
             )
         count = count.reshape(-1)[0]
     value = _common.concrete_scalar(fn, "normalizer", count, check_labels=check_labels)
-    if lsspec.is_number(value):
-        if not (value >= 0 and math.isfinite(value)):
-            raise ValueError(
-                f"{fn}: `num_items_in_batch` must be a count of tokens, a finite number >= 0; "
-                f"got {num_items_in_batch!r}."
-            )
-        if value == 0:
-            return None, True
+    if lsspec.is_empty_count(fn, value, num_items_in_batch):
+        return None, True
     return count, False
 
 
