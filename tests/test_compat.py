@@ -441,3 +441,61 @@ def test_label_smoother_with_a_count_of_zero_gives_nan_as_transformers(framework
             loss.backward()
             grad = x.grad
         assert np.isnan(float(loss)) and (np.asarray(grad) == 0).all(), count
+
+
+# --------------------------------------------------------------------------------------------
+# Defaults: a twin called with the peer's required arguments only computes the peer's call.
+# The registry passes every option, so a default changed in both frameworks alike would pass
+# the twin rows; these are the peers' own signatures, read from their sources.
+
+PEER_DEFAULTS = {
+    # fairseq/criterions/label_smoothed_cross_entropy.py
+    ("fairseq", "label_smoothed_nll_loss"): {"ignore_index": None, "reduce": True},
+    # t5x/losses.py
+    ("t5x", "compute_weighted_cross_entropy"): {
+        "weights": None, "label_smoothing": 0.0, "z_loss": 0.0, "loss_normalizing_factor": None,
+    },
+    # keras/src/losses/losses.py
+    ("keras", "categorical_crossentropy"): {"from_logits": False, "label_smoothing": 0.0,
+                                            "axis": -1},
+    ("keras", "binary_crossentropy"): {"from_logits": False, "label_smoothing": 0.0, "axis": -1},
+    # timm/loss/cross_entropy.py: LabelSmoothingCrossEntropy(smoothing=0.1)
+    ("timm", "label_smoothing_cross_entropy"): {"smoothing": 0.1},
+    # megatron/core/tensor_parallel/cross_entropy.py
+    ("megatron", "cross_entropy"): {"label_smoothing": 0.0},
+    # OpenNMT-py's LabelSmoothingLoss(label_smoothing, tgt_vocab_size, ignore_index=-100)
+    ("opennmt", "kl_label_smoothing_loss"): {"ignore_index": -100},
+    # the forum's LabelSmoothingLoss(classes, smoothing=0.0, dim=-1)
+    ("pytorch_forum", "label_smoothing_loss"): {"smoothing": 0.0, "dim": -1},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("peer", sorted(PEER_DEFAULTS), ids="/".join)
+def test_compat_defaults_are_the_peers(peer, framework):
+    import importlib
+    import inspect
+
+    module, _ = framework
+    family, name = peer
+    if (module, family) == (lstorch, "megatron"):  # PyTorch's is the vocabulary-parallel call
+        name = "vocab_parallel_cross_entropy"
+    function = getattr(importlib.import_module(f"{module.__name__}.compat.{family}"), name)
+    parameters = inspect.signature(function).parameters
+    got = {key: parameters[key].default for key in PEER_DEFAULTS[peer]}
+    assert got == PEER_DEFAULTS[peer]
+
+
+def test_label_smoother_defaults_are_transformers(framework):
+    """Read from the installed transformers: ``LabelSmoother(epsilon=0.1, ignore_index=-100)``
+    and its ``__call__(model_output, labels, shift_labels=False, num_items_in_batch=None)``."""
+    import dataclasses
+    import inspect
+
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    module, _ = framework
+    expected = {field.name: field.default for field in dataclasses.fields(LabelSmoother)}
+    call = inspect.signature(LabelSmoother.__call__).parameters
+    expected.update({key: call[key].default for key in ("shift_labels", "num_items_in_batch")})
+    parameters = inspect.signature(module.compat.hf.label_smoother).parameters
+    assert {key: parameters[key].default for key in expected} == expected
