@@ -66,6 +66,44 @@ def test_class_mask_equals_optax_smooth_labels_where(smoothing, use_where):
     )
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_where_false_rows_leave_the_loss_and_the_means_count(framework, weighted, reduction):
+    """``where=False`` rows count for nothing, in the mean's denominator too. Oracle: torch's
+    ``F.cross_entropy`` on the rows that count (where True and not ignored). The registry's
+    pairwise cover need not hold where x "mean" x unweighted in one case: a mean that kept the
+    where-False rows in its count, without class weights only, passed it."""
+    module, array = framework
+    rng = np.random.default_rng(11)
+    logits = 3 * rng.standard_normal((12, 7))
+    labels = rng.integers(0, 7, size=12)
+    labels[[2, 9]] = -100
+    where = rng.random(12) < 0.6
+    weight = rng.uniform(0.5, 2.0, size=7) if weighted else None
+    counted = where & (labels != -100)
+    x = torch.tensor(logits[counted], requires_grad=True)
+    expected = F.cross_entropy(
+        x, torch.tensor(labels[counted]), label_smoothing=0.1, reduction=reduction,
+        weight=None if weight is None else torch.tensor(weight),
+    )  # fmt: skip
+    (expected_grad,) = torch.autograd.grad(expected, x)
+    options = dict(smoothing=0.1, ignore_index=-100, reduction=reduction, where=array(where))
+    if weighted:
+        options["weight"] = array(weight)
+    if module is lsjax:
+        loss, grad = jax.value_and_grad(
+            lambda z: lsjax.smoothed_cross_entropy(z, array(labels), **options)
+        )(array(logits))
+    else:
+        z = array(logits).requires_grad_()
+        loss = lstorch.smoothed_cross_entropy(z, array(labels), **options)
+        (grad,) = torch.autograd.grad(loss, z)
+    np.testing.assert_allclose(float(loss), float(expected), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(grad)[counted], expected_grad.numpy(), rtol=1e-10,
+                               atol=1e-14)  # fmt: skip
+    assert (np.asarray(grad)[~counted] == 0).all()
+
+
 @pytest.mark.parametrize("convention", ["uniform", "others", "others_but_pad"])
 def test_masked_minus_inf_logits_equal_dropping_the_columns(framework, convention):
     # SEMANTICS §7: masked classes leave the softmax and the support, so -inf logits there give
