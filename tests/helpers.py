@@ -2,7 +2,8 @@
 
 * :func:`profile`: ``"ci"`` or ``"nightly"`` (``python -m pytest --nightly``), what the
   sampled tests read to size themselves.
-* :data:`FRAMEWORKS`, :func:`finite_difference_vjp`, :func:`compiled_temp_bytes`.
+* :data:`FRAMEWORKS`, :func:`finite_difference_vjp`, :func:`compiled_temp_bytes`,
+  :func:`stats_across_blocks_case`.
 """
 
 from __future__ import annotations
@@ -51,3 +52,22 @@ def compiled_temp_bytes(loss: Callable, *shapes: jax.ShapeDtypeStruct, argnums=0
     (``memory_analysis()`` of the compiled program; lowered from shapes, nothing allocated)."""
     step = jax.jit(jax.value_and_grad(loss, argnums=argnums))
     return step.lower(*shapes).compile().memory_analysis().temp_size_in_bytes
+
+
+def stats_across_blocks_case() -> tuple[np.ndarray, np.ndarray, dict]:
+    """Logits ``(6, 50)`` whose maxima a kernel walking blocks of 16 columns meets in the last,
+    partial block and tied across blocks, and their labels: ``(logits, labels, expected)`` with
+    the float64 NumPy ``lse``, ``entropy`` and ``correct`` (``np.argmax``'s first maximum is the
+    label), the oracle of ``return_stats``."""
+    rng = np.random.default_rng(12)
+    logits = rng.uniform(-1.0, 1.0, size=(6, 50)).astype(np.float32)
+    maxima = [[49], [49], [5, 40], [5, 40], [35], [33, 48]]  # columns holding each row's max
+    labels = np.array([49, 3, 40, 5, 35, 48])
+    for row, columns in enumerate(maxima):
+        logits[row, columns] = 4.0
+    x = logits.astype(np.float64)
+    lse = np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)
+    p = np.exp(x - lse[:, None])
+    expected = dict(lse=lse, entropy=-(p * np.log(p)).sum(-1), correct=x.argmax(-1) == labels)
+    assert expected["correct"].tolist() == [True, False, False, True, True, False]
+    return logits, labels, expected

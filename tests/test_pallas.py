@@ -388,3 +388,21 @@ def test_pallas_without_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_stats_across_blocks_take_the_first_maximum(monkeypatch):
+    """Blocks of 16 columns over K = 50 (the last overlapping the third), so the running argmax
+    meets a maximum in the last block and ties across blocks (the first maximum wins, as
+    ``torch.argmax``). Oracle: float64 NumPy (``tests.helpers.stats_across_blocks_case``)."""
+    from tests.helpers import stats_across_blocks_case
+
+    config = pallas_kernels.Config(jax.default_backend(), 8, 16)
+    monkeypatch.setattr(pallas_kernels, "default_config", lambda backend=None: config)
+    logits, labels, expected = stats_across_blocks_case()
+    *_, stats = lsjax.smoothed_cross_entropy(
+        jnp.asarray(logits), jnp.asarray(labels), smoothing=0.1, return_stats=True,
+        implementation="pallas",
+    )  # fmt: skip
+    assert np.asarray(stats.correct).tolist() == expected["correct"].tolist()
+    np.testing.assert_allclose(np.asarray(stats.lse), expected["lse"], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(stats.entropy), expected["entropy"], rtol=1e-5)

@@ -166,3 +166,31 @@ def test_inplace_backward_refuses_to_corrupt_a_node_that_saved_the_logits():
     )
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_stats_across_blocks_take_the_first_maximum(monkeypatch):
+    """The kernels walk a row in blocks of columns (8192 on a GPU, one block for every K the
+    registry's cases have); blocks of 16 over K = 50 here, three whole and a partial one, so the
+    running argmax meets a maximum in the last, partial block and ties across blocks (torch's
+    first maximum wins). Oracle: float64 NumPy (``tests.helpers.stats_across_blocks_case``)."""
+    pytest.importorskip("triton", reason="Triton is in the dev extras; CI installs it")
+    import numpy as np
+
+    import lstorch
+    from lstorch import triton_kernels
+    from tests.helpers import stats_across_blocks_case
+
+    logits, labels, expected = stats_across_blocks_case()
+    monkeypatch.setattr(triton_kernels, "_config", lambda num_classes, kernel: (16, 4))
+    monkeypatch.setenv("LSTORCH_TRITON", "all")
+    x = torch.tensor(logits, requires_grad=True)
+
+    def call():
+        return lstorch.smoothed_cross_entropy(x, torch.tensor(labels), smoothing=0.1,
+                                              return_stats=True)  # fmt: skip
+
+    assert _launches(call) > 0
+    *_, stats = call()
+    assert stats.correct.tolist() == expected["correct"].tolist()
+    np.testing.assert_allclose(stats.lse.numpy(), expected["lse"], rtol=1e-6)
+    np.testing.assert_allclose(stats.entropy.numpy(), expected["entropy"], rtol=1e-5)
