@@ -105,9 +105,14 @@ def _smoothed_cases() -> tuple[dict, ...]:
     for index, case in enumerate(main):
         if case["convention"] == "others_but_pad" and case["num_classes"] < 3:
             continue
-        case["axis"] = (-1, 1)[index % 2]
-        case["masked"] = index % 3 == 0
-        case["kl"] = index % 4 < 2 and not case["weighted"]
+        # Rotations that no option of the grid follows: its options change with periods of 2,
+        # 4, 12, 36 and 144 cases, so a rotation by index % 2 or % 3 would repeat one of them
+        # (the class axis was 1 exactly when weighted, and no unweighted "mean" case had a
+        # where mask). Every pair of values of two options meets in some case
+        # (tests/test_parity.py checks it).
+        case["axis"] = (-1, 1)[(index + index // 2) % 2]
+        case["masked"] = index % 7 in (0, 3)
+        case["kl"] = index % 11 < 5 and not case["weighted"]
         case["from_log_probs"] = index % 5 == 0
         cases.append(case)
     plain = dict(ignored=True, weighted=False, axis=-1, masked=False, kl=False)

@@ -86,3 +86,27 @@ def _jax_equals_the_oracle(twin, indices):
     report = _each_case(run, twin, indices)
     assert len(report.results) == len(indices)
     assert report.passed, "against the float64 NumPy oracle:\n" + str(report)
+
+
+def test_the_smoothed_grid_meets_every_pair_of_option_values():
+    """In ``smoothed_cross_entropy``'s grid every value of each option meets every value of
+    each other option in some case (but where the loss refuses the pair: ``"others_but_pad"``
+    with 2 classes, the KL form with class weights). The options the grid rotates (class axis,
+    ``where``, KL, log-probabilities) once followed the grid's own options: the class axis was
+    1 exactly when weighted, and no unweighted ``"mean"`` case had a ``where`` mask."""
+    import itertools
+
+    (twin,) = [twin for twin in TWINS if twin.name == "smoothed_cross_entropy"]
+    keys = ("convention", "smoothing", "num_classes", "reduction", "ignored", "weighted",
+            "axis", "masked", "kl", "from_log_probs")  # fmt: skip
+    from parity_tests.registry import SMOOTHINGS  # the grid's (beside its cases near 0 and 1)
+
+    grid = [c for c in twin.cases if set(c) == set(keys) and c["smoothing"] in SMOOTHINGS]
+    refused = {("convention", "others_but_pad", "num_classes", 2), ("weighted", True, "kl", True)}
+    missing = []
+    for first, second in itertools.combinations(keys, 2):
+        met = {(case[first], case[second]) for case in grid}
+        for a, b in itertools.product({c[first] for c in grid}, {c[second] for c in grid}):
+            if (a, b) not in met and (first, a, second, b) not in refused:
+                missing.append((first, a, second, b))
+    assert len(grid) > 300 and not missing, missing
