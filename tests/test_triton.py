@@ -22,8 +22,9 @@ from tests.helpers import profile
 def test_the_kernels_equal_the_oracle_in_every_option():
     pytest.importorskip("triton", reason="Triton is in the dev extras; CI installs it")
     output = run_check_script("triton_checks.py", timeout=600)
-    # ci: a pairwise cover of the 90 (shape, convention, variant, dtype) cases; nightly: all
-    expected = "90 of 90 cases" if profile() == "nightly" else " of 90 cases"
+    # ci: a pairwise cover of the 270 (shape, convention, variant, reduction, dtype) cases;
+    # nightly: all
+    expected = "270 of 270 cases" if profile() == "nightly" else " of 270 cases"
     assert expected in output and ": 0 failures" in output, output
 
 

@@ -4,9 +4,12 @@
 Triton's interpreter on the CPU (it sets ``TRITON_INTERPRET=1`` before Triton is imported, which
 is why this is a script that ``tests/test_triton.py`` starts in a subprocess). Every case forces
 the kernels with ``LSTORCH_TRITON=all`` and checks, per dtype, the loss and the gradient pulled
-back with a random non-scalar cotangent (``reduction="none"``) against
-``parity_tests.oracles.smoothed_cross_entropy`` on the same rounded inputs, with the suite's
-tolerances; NaN and inf in ignored rows must not reach the loss or the gradient; and
+back with the upstream gradient of its reduction (a random cotangent for ``"none"``; a 0-d
+scaled one for ``"mean"`` and ``"sum"``, which reaches the kernel expanded, with stride 0)
+against ``parity_tests.oracles.smoothed_cross_entropy`` on the same rounded inputs. The loss is
+float32 in every dtype (accumulated in float32 from the bf16 values), so its tolerance is
+float32's; the bf16 gradient, rounded once, has bf16's. NaN and inf in ignored rows must not
+reach the loss or the gradient; and
 ``inplace_backward=True`` must give bitwise the gradient of the out-of-place path, written into
 the logits. First of all, the process's first lstorch call is a compiled one: one graph for
 three steps, calling the kernels' operators. Prints one line per failure and a summary; exits 1
@@ -40,15 +43,16 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SHAPES = (((6, 37), -1), ((3, 37, 2), 1), ((3, 20000), -1))
 VARIANTS = ("plain", "weight", "class_mask", "z_loss", "kl")
 CONVENTIONS = ("uniform", "others", "others_but_pad")
+REDUCTIONS = ("none", "mean", "sum")
 
 
-def make_case(shape, axis, convention, variant, seed):
+def make_case(shape, axis, convention, variant, reduction, seed):
     rng = np.random.default_rng(seed)
     logits = 4.0 * rng.standard_normal(shape)
     num_classes = shape[axis]
     row_shape = tuple(size for dim, size in enumerate(shape) if dim != axis % len(shape))
     labels = rng.integers(0, num_classes, size=row_shape)
-    kwargs = dict(smoothing=0.15, convention=convention, axis=axis, reduction="none")
+    kwargs = dict(smoothing=0.15, convention=convention, axis=axis, reduction=reduction)
     if convention == "others_but_pad":
         kwargs["pad_index"] = 1
     if variant == "weight":
@@ -93,8 +97,8 @@ def run(logits, labels, kwargs, dtype, cotangent, inplace=False):
     return (*values, x.detach()) if inplace else values
 
 
-def check_case(shape, axis, convention, variant, dtype, seed) -> list[str]:
-    logits, labels, kwargs = make_case(shape, axis, convention, variant, seed)
+def check_case(shape, axis, convention, variant, reduction, dtype, seed) -> list[str]:
+    logits, labels, kwargs = make_case(shape, axis, convention, variant, reduction, seed)
     rounded = round_to(logits, dtype)
     expected, vjp = oracles.smoothed_cross_entropy(
         np.nan_to_num(rounded, nan=0.0, posinf=0.0, neginf=-np.inf), labels, **kwargs
@@ -102,10 +106,10 @@ def check_case(shape, axis, convention, variant, dtype, seed) -> list[str]:
     cotangent = np.random.default_rng(seed + 1).uniform(0.5, 1.5, np.shape(expected))
     expected_grad = vjp(cotangent)
     rtol, atol = DEFAULT_TOLERANCES[dtype]
-    name = f"{shape} axis={axis} {convention} {variant} {dtype}"
+    name = f"{shape} axis={axis} {convention} {variant} {reduction} {dtype}"
     failures = []
     value, grad = run(logits, labels, kwargs, dtype, cotangent)
-    if not np.allclose(value, expected, rtol=rtol, atol=atol):
+    if not np.allclose(value, expected, *DEFAULT_TOLERANCES["float32"]):
         failures.append(f"{name}: loss off by {np.nanmax(np.abs(value - expected)):.3g}")
     if not np.allclose(grad, expected_grad, rtol=rtol, atol=atol):
         failures.append(f"{name}: gradient off by {np.nanmax(np.abs(grad - expected_grad)):.3g}")
@@ -164,14 +168,15 @@ def check_the_kernels_ran() -> list[str]:
 def main() -> int:
     failures = check_a_compiled_first_call()  # first: no lstorch call may come before it
     failures += check_the_kernels_ran()
-    cases = list(itertools.product(SHAPES, CONVENTIONS, VARIANTS, TORCH_DTYPES))
+    cases = list(itertools.product(SHAPES, CONVENTIONS, VARIANTS, REDUCTIONS, TORCH_DTYPES))
     chosen = range(len(cases))
-    if profile() == "ci":  # every pair of (shape, convention, variant, dtype) values, once
-        keys = [dict(shape=c[0], convention=c[1], variant=c[2], dtype=c[3]) for c in cases]
+    if profile() == "ci":  # every pair of (shape, convention, variant, reduction, dtype) values
+        names = ("shape", "convention", "variant", "reduction", "dtype")
+        keys = [dict(zip(names, case, strict=True)) for case in cases]
         chosen = [index for index, *_ in pairwise_cover(keys, "triton_checks")]
     for seed in chosen:  # a case's seed is its index in the full product, in every profile
-        (shape, axis), convention, variant, dtype = cases[seed]
-        failures += check_case(shape, axis, convention, variant, dtype, seed)
+        (shape, axis), *options = cases[seed]
+        failures += check_case(shape, axis, *options, seed)
     for line in failures:
         print("FAIL", line)
     mode = "GPU" if DEVICE == "cuda" else "Triton interpreter on the CPU"
