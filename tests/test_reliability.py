@@ -15,6 +15,7 @@ import torch
 
 import lsjax
 import lstorch
+from parity_tests import oracles
 
 CONFIGS = [
     dict(smoothing=0.1, reduction="mean", ignore_index=-100),
@@ -87,6 +88,31 @@ def test_non_finite_in_a_where_false_row_reaches_nothing(bad):
     )
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(x.grad).all() and not x.grad[4].any()
+
+
+MASKED_CONFIGS = [*CONFIGS, dict(smoothing=0.3, softcap=5.0, logit_scale=0.5, z_loss=1e-3)]
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, 1e30])
+@pytest.mark.parametrize("config", MASKED_CONFIGS, ids=str)
+def test_a_masked_column_holding_inf_or_a_huge_logit_reaches_nothing(config, bad):
+    """``class_mask`` takes its columns out of the softmax and the support, whatever they hold:
+    +inf, -inf or a logit far above the allowed ones there give the loss and gradient of the
+    float64 oracle on the allowed columns, and those columns a zero gradient (what a NaN there
+    gives is in docs/options.md: it differs between the frameworks)."""
+    logits, labels = _data()
+    labels = _labels_for(config, labels)
+    class_mask = np.ones(6, bool)
+    class_mask[[1, 4]] = False  # the pad (3) stays allowed
+    labels = np.where(np.isin(labels, [1, 4]), 0, labels)
+    config = {**config, "class_mask": class_mask}
+    expected, vjp = oracles.smoothed_cross_entropy(logits, labels, **config)
+    expected_grad = vjp(np.ones_like(expected))
+    logits[:, ~class_mask] = bad
+    for framework, (value, grad) in _both(logits, labels, config).items():
+        np.testing.assert_allclose(value, np.sum(expected), rtol=1e-12, err_msg=framework)
+        np.testing.assert_allclose(grad, expected_grad, rtol=1e-10, atol=1e-12, err_msg=framework)
+        assert not grad[:, ~class_mask].any(), framework
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
