@@ -103,11 +103,14 @@ def test_the_report_refuses_unknown_names_and_counts_a_crashed_subprocess(monkey
         return subprocess.CompletedProcess(command, -11)
 
     monkeypatch.setattr(report.subprocess, "run", crashed)
-    rows, unreachable, failures = report._sharded_in_subprocess(
-        ["timm.label_smoothing_cross_entropy"], "ci"
-    )
-    assert rows == [] and unreachable == []
-    assert failures and "exited with code -11" in failures[0]
+    import jax
+
+    monkeypatch.setattr(jax, "devices", lambda *backend: [None])  # one device: a subprocess
+    flags = ["--paths-only", "--path", "jax: sharded", "--sample", "ci"]
+    assert report.main([*flags, "--twin", "timm.label_smoothing_cross_entropy"]) == 1
+    printed = capsys.readouterr().out
+    assert "FAIL [jax: sharded] the subprocess exited with code -11" in printed
+    assert "0 path rows, 0 path checks; 1 failed" in printed
 
 
 def test_every_path_is_reached_by_the_twins_it_should_be():
