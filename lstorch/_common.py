@@ -341,6 +341,21 @@ def device_scalar(value, dtype, device) -> torch.Tensor:
     return torch.full((), value, dtype=dtype, device=device)
 
 
+def _sum_scale(loss: torch.Tensor) -> float | torch.Tensor:
+    """``lsspec.sum_scale(loss.numel())``, the power of two the rows are scaled by before the
+    mean's sum. Under ``torch.compile`` the row count may be symbolic (a dynamic shape: a new
+    sequence length in every batch), and ``int()`` of it would make Dynamo specialize the graph
+    to that count and recompile for the next one; so when compiling, the same power of two is
+    taken in the graph (``frexp`` of the count: the same exponent for any count below 2**24,
+    and above it never a larger scale, as rounding can only move the count up to a power of
+    two)."""
+    count = loss.numel()
+    if not torch.compiler.is_compiling():
+        return lsspec.sum_scale(count)
+    exponent = torch.frexp(torch.full((), count, dtype=torch.float32, device=loss.device))[1]
+    return torch.ldexp(torch.ones((), dtype=loss.dtype, device=loss.device), -(exponent + 1))
+
+
 def reduce(loss, row_weight, reduction: str, normalizer=None) -> torch.Tensor:
     """``"none"``: ``loss``; ``"sum"``: its sum; ``"mean"``: the sum over ``sum(row_weight)`` (0
     when that is 0), or over ``normalizer`` when given."""
@@ -351,7 +366,7 @@ def reduce(loss, row_weight, reduction: str, normalizer=None) -> torch.Tensor:
     # The mean of rows near the float32 maximum is finite while their sum is not: each row is
     # scaled by a power of two before it is added and the quotient scaled back, which is the
     # unscaled quotient bit for bit wherever that one is finite (lsspec.sum_scale).
-    scale = lsspec.sum_scale(loss.numel())
+    scale = _sum_scale(loss)
     total = (loss * scale).sum()
     if normalizer is not None:
         # A normalizer that was not read (a tensor on an accelerator, inside torch.compile) and

@@ -426,6 +426,44 @@ def test_torch_compile_takes_python_float_options_that_change():
             _assert_close(torch.autograd.grad(got, x), torch.autograd.grad(want, x))
 
 
+@pytest.mark.parametrize("kernels", ["off", "all"])
+def test_torch_compile_takes_a_new_row_count_every_step_without_recompiling(kernels, monkeypatch):
+    """A language model's batches hold a new number of tokens each step. Dynamo compiles the
+    first shape, then once more with the row count symbolic (automatic dynamic shapes), and
+    that graph must serve every later count: nothing in lstorch may specialize it to a count
+    (``int()`` of a symbolic size did, in the mean's overflow scaling, and every new count
+    recompiled until Dynamo's cache limit sent the step back to eager). Plain torch ops and
+    the Triton kernels (in Triton's interpreter on the CPU); against ``F.cross_entropy``."""
+    if kernels == "all":
+        pytest.importorskip("triton", reason="Triton is in the dev extras; CI installs it")
+    monkeypatch.setenv("LSTORCH_TRITON", kernels)
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.compiler.reset()  # Dynamo remembers which sizes changed, per code object
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def step(x, labels):
+        return lstorch.smoothed_cross_entropy(
+            x, labels, smoothing=0.1, ignore_index=IGNORE, reduction="mean"
+        )
+
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    launches = KernelLaunches()
+    for rows in (5, 9, 13, 4, 21):
+        x = _random(rows, CLASSES, seed=rows).float().requires_grad_()  # the kernels' dtype
+        labels = torch.arange(rows) % CLASSES
+        labels[1] = IGNORE
+        want = F.cross_entropy(x, labels, label_smoothing=0.1, ignore_index=IGNORE)
+        with launches.counting():
+            got = compiled(x, labels)
+            (grad,) = torch.autograd.grad(got, x)
+        # float32 on both sides: torch's own tolerance for float32
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(grad, torch.autograd.grad(want, x)[0])
+    assert counter.frame_count == 2, counter.frame_count
+    assert (launches.count > 0) == (kernels == "all")
+
+
 # --------------------------------------------------------------------------------------------
 # The fused loss: fused_linear_smoothed_cross_entropy, against F.linear + F.cross_entropy
 
