@@ -234,8 +234,13 @@ def as_array(fn: Any, name: str, value: Any) -> Array:
 
 
 def array_or_none(fn: Any, name: str, value: Any) -> Any:
-    """``weight``/``where``/``class_mask`` as an array (a Python list becomes one), or None."""
-    return None if value is None else as_array(fn, name, value)
+    """``weight``/``where``/``class_mask`` as an array (a Python list becomes one), or None; a
+    complex one is a TypeError (``lsspec.check_real``)."""
+    if value is None:
+        return None
+    value = as_array(fn, name, value)
+    lsspec.check_real(fn, name, value)
+    return value
 
 
 def floating(fn: Any, **arrays: ArrayLike) -> tuple[Array, ...]:

@@ -328,6 +328,16 @@ def dtype_error(fn: str | Caller, name: str, got: object, allowed: str) -> TypeE
     return TypeError(f"{fn}: `{arg(name)}` must have {allowed}; got dtype {got}.")
 
 
+def check_real(fn: str | Caller, name: str, value: object) -> None:
+    """A numeric option (a weight, a mask, soft labels) of either framework, when given, is not
+    complex: casting it to the loss's real dtype would drop its imaginary part silently (torch's
+    ``F.cross_entropy`` refuses a complex ``weight``)."""
+    dtype = getattr(value, "dtype", None)
+    flag = getattr(dtype, "is_complex", None)  # a torch.dtype; a NumPy/JAX dtype has a kind
+    if flag is True or (flag is None and getattr(dtype, "kind", None) == "c"):
+        raise dtype_error(fn, name, dtype, "a real (not complex) dtype")
+
+
 def check_has_class_axis(fn: str | Caller, name: str, shape: tuple) -> None:
     """An input with a class axis has at least one dimension (a 0-d one has no class axis)."""
     if len(shape) < 1:

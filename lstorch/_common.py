@@ -223,19 +223,22 @@ def tensor_option(fn, name, value, device):
     tensor is kept as it is. Python floats become float64, the precision they hold
     (``torch.as_tensor`` would round them to float32, torch's default dtype, and a float64 loss
     would then differ from one given the same weights as a float64 tensor); the loss casts a
-    weight to its compute dtype. A NumPy array keeps its dtype."""
+    weight to its compute dtype. A NumPy array keeps its dtype. A complex one is a TypeError
+    (``lsspec.check_real``)."""
     if value is None or isinstance(value, torch.Tensor):
+        lsspec.check_real(fn, name, value)
         return value
     try:
         tensor = torch.as_tensor(value, device=device)
         if tensor.is_floating_point() and not hasattr(value, "dtype"):
             tensor = torch.as_tensor(value, dtype=torch.float64, device=device)
-        return tensor
     except (TypeError, ValueError, RuntimeError) as error:
         fn, arg = lsspec.names(fn)
         raise TypeError(
             f"{fn}: `{arg(name)}` must be a tensor or a list of numbers; got {value!r} ({error})."
         ) from None
+    lsspec.check_real(fn, name, tensor)
+    return tensor
 
 
 def class_axis(fn, axis, ndim, shape) -> int:

@@ -83,6 +83,10 @@ CASES = [
     ("labels out of range (concrete)", _call(labels=np.array([0, 1, 7, 2]))),
     ("`labels` shape not the logits' minus the class axis", _call(labels=np.zeros((4, 1), int))),
     ("`weight` of the wrong length", _call({"weight": np.ones(4, np.float32)})),
+    (
+        "a complex `weight` (its imaginary part would be dropped)",
+        _call({"weight": np.ones(5, np.complex64)}),
+    ),
     ("`where` of the wrong shape", _call({"where": np.ones(3, bool)})),
     ("`where` not boolean", _call({"where": np.ones(4, np.float32)})),
     ("integer logits", _call(logits=np.zeros((4, 5), np.int32))),

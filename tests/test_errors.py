@@ -447,6 +447,44 @@ def test_errors_name_the_function_called_and_its_arguments(framework, call, mess
         call(module, array)
 
 
+_COMPLEX = np.array([1, 2j, 1, 1, 1], np.complex64)
+_HIDDEN, _OUTPUT = np.ones((4, 3), np.float32), np.ones((5, 3), np.float32)
+
+# Every numeric option a loss casts to its real dtype, given complex: each would lose its
+# imaginary part silently (torch's F.cross_entropy refuses a complex weight).
+COMPLEX_CALLS = [
+    (lambda m, a: m.smoothed_cross_entropy(a(_LOGITS), a(_LABELS), weight=a(_COMPLEX)),
+     "smoothed_cross_entropy: `weight`"),
+    (lambda m, a: m.soft_target_cross_entropy(a(_LOGITS), a(_PROBS), weight=list(_COMPLEX)),
+     "soft_target_cross_entropy: `weight`"),
+    (lambda m, a: m.sigmoid_binary_cross_entropy(a(_LOGITS), a(_PROBS), pos_weight=a(_COMPLEX)),
+     "sigmoid_binary_cross_entropy: `pos_weight`"),
+    (lambda m, a: m.fused_linear_smoothed_cross_entropy(
+        a(_HIDDEN), a(_OUTPUT), a(_LABELS), class_weight=a(_COMPLEX)),
+     "fused_linear_smoothed_cross_entropy: `class_weight`"),
+    (lambda m, a: m.compat.t5x.compute_weighted_cross_entropy(
+        a(_LOGITS), a(_LABELS), weights=a(_COMPLEX[:4])),
+     "compute_weighted_cross_entropy: `weights`"),
+    (lambda m, a: m.compat.keras.categorical_crossentropy(
+        a(_PROBS * 1j), a(_LOGITS), from_logits=True),
+     "categorical_crossentropy: `y_true`"),
+    (lambda m, a: m.compat.keras.binary_crossentropy(a(_PROBS * 1j), a(_LOGITS)),
+     "binary_crossentropy: `y_true`"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("call", "named"), COMPLEX_CALLS, ids=[n for _, n in COMPLEX_CALLS])
+def test_a_complex_weight_or_target_is_refused(framework, call, named):
+    module, array = framework
+    with pytest.raises(TypeError, match=rf"^{named} must have a real \(not complex\) dtype; "):
+        call(module, array)
+
+
+def test_a_module_refuses_a_complex_weight_when_built():
+    with pytest.raises(TypeError, match=r"^SmoothedCrossEntropyLoss: `weight` must have a real"):
+        lstorch.SmoothedCrossEntropyLoss(weight=torch.as_tensor(_COMPLEX))
+
+
 def test_cross_entropy_mirror_names_itself_and_torchs_arguments():
     logits, labels = _data()
     with pytest.raises(

@@ -14,6 +14,13 @@ from lsjax.binary import sigmoid_binary_cross_entropy
 from lsjax.soft import soft_target_cross_entropy
 
 
+def _real(fn: str, name: str, value: ArrayLike) -> jax.Array:
+    """``value`` as an array, not complex (Keras's cast would drop an imaginary part)."""
+    value = as_array(fn, name, value)
+    lsspec.check_real(fn, name, value)
+    return value
+
+
 def categorical_crossentropy(
     y_true: ArrayLike,
     y_pred: ArrayLike,
@@ -40,7 +47,7 @@ def categorical_crossentropy(
     y_pred = as_array(fn, "y_pred", y_pred)
     lsspec.check_has_class_axis(fn, "y_pred", y_pred.shape)
     compute_dtype = jnp.promote_types(y_pred.dtype, jnp.float32)
-    y_true = as_array(fn, "y_true", y_true).astype(compute_dtype)
+    y_true = _real(fn, "y_true", y_true).astype(compute_dtype)
     if not from_logits:
         lsspec.check_axis(fn, axis, y_pred.ndim)
         probs = y_pred.astype(compute_dtype)
@@ -90,7 +97,7 @@ def binary_crossentropy(
         y_pred = jnp.log(probs) - jnp.log1p(-probs)
     elementwise = sigmoid_binary_cross_entropy(
         y_pred,
-        as_array(fn, "y_true", y_true).astype(compute_dtype),
+        _real(fn, "y_true", y_true).astype(compute_dtype),
         smoothing=label_smoothing,
         _caller=lsspec.caller(
             "binary_crossentropy", logits="y_pred", labels="y_true", smoothing="label_smoothing"
