@@ -144,7 +144,11 @@ def check_check_labels(fn: str | Caller, check_labels: object) -> bool | None:
 
 
 def is_number(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    """A Python or NumPy int or float (not a bool: ``True`` is no smoothing). Other real types
+    (``fractions.Fraction``) are not: neither framework takes one as a scalar operand."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    return isinstance(value, numbers.Integral) or not isinstance(value, numbers.Rational)
 
 
 def is_finite(value: float) -> bool:
@@ -160,11 +164,13 @@ def is_index(value: object) -> bool:
 
 
 def scalar_type_error(fn: str | Caller, name: str, value: object) -> TypeError:
-    """A scalar option (smoothing, normalizer, z_loss, ...) that is neither a number nor a 0-d
-    array or tensor of a real dtype: None, a string, a tuple, a bool."""
+    """A scalar option (smoothing, normalizer, z_loss, ...) that is neither a number
+    (:func:`is_number`) nor a 0-d array or tensor of a real dtype: None, a string, a tuple, a
+    bool, a ``Fraction``."""
     fn, arg = names(fn)
     return TypeError(
-        f"{fn}: `{arg(name)}` must be a real number or a 0-d array/tensor of a real dtype; got "
+        f"{fn}: `{arg(name)}` must be a real number (a Python or NumPy int or float) or a 0-d "
+        f"array/tensor of a real dtype; got "
         f"{value!r} ({type(value).__name__})."
     )
 

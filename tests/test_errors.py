@@ -1,6 +1,8 @@
 """Bad input gets a clear error naming the argument, what was given and what is allowed, in both
 frameworks, with the same words (the messages come from lsspec)."""
 
+from fractions import Fraction
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -305,13 +307,13 @@ def test_accelerator_tensor_options_are_not_read_and_give_nan():
         assert np.isnan(loss(**{name: torch.tensor(bad, device="cuda")})), name
 
 
-@pytest.mark.parametrize("value", [None, "0.1", (0.1,), [0.1], True])
+@pytest.mark.parametrize("value", [None, "0.1", (0.1,), [0.1], True, Fraction(1, 10)], ids=repr)
 def test_a_scalar_option_of_the_wrong_type_is_named(framework, value):
     module, array = framework
     logits, labels = _data()
     message = (
-        r"smoothed_cross_entropy: `smoothing` must be a real number or a 0-d array/tensor of a "
-        r"real dtype; got "
+        r"smoothed_cross_entropy: `smoothing` must be a real number \(a Python or NumPy int or "
+        r"float\) or a 0-d array/tensor of a real dtype; got "
     )
     with pytest.raises(TypeError, match=message):
         module.smoothed_cross_entropy(array(logits), array(labels), smoothing=value)
