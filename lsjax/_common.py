@@ -244,12 +244,16 @@ def array_or_none(fn: Any, name: str, value: Any) -> Any:
 
 
 def floating(fn: Any, **arrays: ArrayLike) -> tuple[Array, ...]:
-    """The named inputs as arrays, each of a floating dtype (else a TypeError naming it)."""
+    """The named inputs as arrays, each of a floating dtype of 16 bits or more (else a
+    TypeError naming it): float8 has no arithmetic of its own to accumulate a loss in, and
+    torch's losses refuse it too."""
     checked = []
     for name, value in arrays.items():
         value = as_array(fn, name, value)
         if not jnp.issubdtype(value.dtype, jnp.floating):
             raise lsspec.dtype_error(fn, name, value.dtype, "a floating dtype")
+        if value.dtype.itemsize < 2:
+            raise lsspec.dtype_error(fn, name, value.dtype, lsspec.WIDE_FLOATS)
         checked.append(value)
     return tuple(checked)
 

@@ -329,6 +329,10 @@ def shape_error(fn: str | Caller, name: str, got: tuple, allowed: str) -> ValueE
     return ValueError(f"{fn}: `{arg(name)}` must have {allowed}; got shape {tuple(got)}.")
 
 
+# The floating dtypes the losses take (float8 is refused: lsjax and lstorch ``floating``).
+WIDE_FLOATS = "a floating dtype of 16 bits or more (float16, bfloat16, float32, float64)"
+
+
 def dtype_error(fn: str | Caller, name: str, got: object, allowed: str) -> TypeError:
     fn, arg = names(fn)
     return TypeError(f"{fn}: `{arg(name)}` must have {allowed}; got dtype {got}.")

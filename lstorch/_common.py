@@ -451,12 +451,16 @@ def tensors(fn, **inputs: object) -> None:
 
 
 def floating(fn, **inputs: torch.Tensor) -> None:
-    """Each named input is a tensor of a floating dtype (else a TypeError naming it)."""
+    """Each named input is a tensor of a floating dtype of 16 bits or more (else a TypeError
+    naming it): float8 has no arithmetic of its own to accumulate a loss in, and torch's
+    losses refuse it too."""
     tensors(fn, **inputs)
     for name, value in inputs.items():
         if not value.is_floating_point():
             allowed = "a floating dtype (a float torch.Tensor)"
             raise lsspec.dtype_error(fn, name, value.dtype, allowed)
+        if value.dtype.itemsize < 2:
+            raise lsspec.dtype_error(fn, name, value.dtype, lsspec.WIDE_FLOATS)
 
 
 def integer_labels(fn, labels: torch.Tensor, name: str = "labels") -> torch.Tensor:

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 import lsspec
+from lsjax import _common
 from lsjax._common import ArrayLike, as_array
 from lsjax.binary import sigmoid_binary_cross_entropy
 from lsjax.soft import soft_target_cross_entropy
@@ -44,7 +45,7 @@ def categorical_crossentropy(
     """
     fn = "categorical_crossentropy"
     lsspec.check_flags(fn, from_logits=from_logits)
-    y_pred = as_array(fn, "y_pred", y_pred)
+    (y_pred,) = _common.floating(fn, y_pred=y_pred)
     lsspec.check_has_class_axis(fn, "y_pred", y_pred.shape)
     compute_dtype = jnp.promote_types(y_pred.dtype, jnp.float32)
     y_true = _real(fn, "y_true", y_true).astype(compute_dtype)
@@ -87,7 +88,7 @@ def binary_crossentropy(
     """
     fn = "binary_crossentropy"
     lsspec.check_flags(fn, from_logits=from_logits)
-    y_pred = as_array(fn, "y_pred", y_pred)
+    (y_pred,) = _common.floating(fn, y_pred=y_pred)
     compute_dtype = jnp.promote_types(y_pred.dtype, jnp.float32)
     lsspec.check_axis(fn, axis, max(y_pred.ndim, 1))
     if not from_logits:

@@ -32,7 +32,7 @@ def cross_entropy_with_logits(
     this is not the derivative of the loss; T5X does the same).
     """
     fn = "cross_entropy_with_logits"
-    logits = as_array(fn, "logits", logits)
+    (logits,) = _common.floating(fn, logits=logits)
     targets = as_array(fn, "targets", targets)
     # Checked here, where the value is still concrete (inside the custom_vjp it is traced).
     z_value = _common.concrete_scalar(fn, "z_loss", z_loss)
@@ -117,7 +117,7 @@ def compute_weighted_cross_entropy(
     target out of range gives a NaN row, as under ``jit``).
     """
     fn = "compute_weighted_cross_entropy"
-    logits = as_array(fn, "logits", logits)
+    (logits,) = _common.floating(fn, logits=logits)
     targets = as_array(fn, "targets", targets)
     weights = _common.array_or_none(fn, "weights", weights)
     factor = _common.concrete_scalar(
