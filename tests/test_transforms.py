@@ -317,6 +317,64 @@ def test_all_rows_ignored_mean_is_zero_with_zero_gradient_in_both_frameworks():
     assert torch.isnan(F.cross_entropy(x, torch.as_tensor(labels), label_smoothing=0.1))
 
 
+def test_a_weighted_mean_over_rows_of_weight_0_is_0_with_a_zero_gradient():
+    """Class weights whose counted rows weigh 0 in all (``weight[pad] = 0`` on an all-pad
+    batch, the older way to leave the pad out): nothing to average, so 0 with a zero gradient,
+    as with every row ignored, where torch gives NaN. Both frameworks, plain and fused."""
+    weight, expected = [0.0, 0.0, 1.0, 1.0], 0.0
+    rng = np.random.default_rng(7)
+    hidden, output = rng.standard_normal((3, 2)), rng.standard_normal((4, 2))
+    logits, labels = hidden @ output.T, np.array([0, 1, 0])
+    options = dict(smoothing=0.1, reduction="mean")
+
+    def check(value, grad):
+        np.testing.assert_equal(float(value), expected)
+        assert not np.asarray(grad).any()
+
+    check(
+        *jax.value_and_grad(
+            lambda x: lsjax.smoothed_cross_entropy(x, labels, weight=np.array(weight), **options)
+        )(logits)
+    )
+    check(
+        *jax.value_and_grad(
+            lambda h: lsjax.fused_linear_smoothed_cross_entropy(
+                h, output, labels, class_weight=np.array(weight), **options
+            )
+        )(hidden)
+    )
+    for call, leaf in (
+        (
+            lambda x: lstorch.smoothed_cross_entropy(
+                x, torch.tensor(labels), weight=torch.tensor(weight, dtype=x.dtype), **options
+            ),
+            torch.tensor(logits),
+        ),
+        (
+            lambda h: lstorch.fused_linear_smoothed_cross_entropy(
+                h,
+                torch.tensor(output),
+                torch.tensor(labels),
+                class_weight=torch.tensor(weight, dtype=h.dtype),
+                **options,
+            ),
+            torch.tensor(hidden),
+        ),
+    ):
+        leaf.requires_grad_()
+        loss = call(leaf)
+        loss.backward()
+        check(loss.detach(), leaf.grad)
+    # torch's own function: NaN (0/0 in its NLL term)
+    torch_value = F.cross_entropy(
+        torch.tensor(logits),
+        torch.tensor(labels),
+        weight=torch.tensor(weight, dtype=torch.float64),
+        label_smoothing=0.1,
+    )
+    assert torch.isnan(torch_value)
+
+
 def test_nan_in_an_ignored_row_reaches_neither_loss_nor_gradient():
     logits, labels = _inputs()
     logits = logits.at[0].set(jnp.nan)  # row 0 is labelled -100
