@@ -9,6 +9,7 @@ product :func:`times`, and the reduction. Their PyTorch counterparts are in
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -51,6 +52,29 @@ def times(scale: Array, term: Array) -> Array:
 def is_zero(tangent: Any) -> bool:
     """Whether a tangent is JAX's symbolic zero: that input is not being differentiated."""
     return isinstance(tangent, SymbolicZero)
+
+
+def constant(fn: Any, name: str, value: Any) -> Any:
+    """``value``, an input the loss takes as a constant (a class weight). Where it is being
+    differentiated (under ``jax.grad``/``jax.jvp``, its tangent is not JAX's symbolic zero) the
+    derivative raises ``lsspec.differentiated_constant_error`` naming ``fn`` and ``name``,
+    instead of the silent zero that ``jax.lax.stop_gradient`` would give. A concrete value (or
+    None) is returned as it is, binding nothing."""
+    return _traced_constant(fn, name, value) if is_traced(value) else value
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _traced_constant(fn: Any, name: str, value: Array) -> Array:
+    return value
+
+
+def _traced_constant_jvp(fn, name, primals, tangents):
+    if not is_zero(tangents[0]):
+        raise lsspec.differentiated_constant_error(fn, name)
+    return primals[0], jnp.zeros_like(primals[0])
+
+
+_traced_constant.defjvp(_traced_constant_jvp, symbolic_zeros=True)
 
 
 def _times_jvp(primals, tangents):

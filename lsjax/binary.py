@@ -72,6 +72,7 @@ def sigmoid_binary_cross_entropy(
         if outside.any():
             raise lsspec.binary_labels_error(fn, values[outside].tolist())
     ulp = _common.ulp_of_one(smoothing)
+    pos_weight = _common.constant(fn, "pos_weight", pos_weight)
     return _after_checks_jit(reduction, ulp, logits, labels, smoothing, pos_weight)
 
 

@@ -128,7 +128,7 @@ def fused_linear_smoothed_cross_entropy(
       class_weight: per-class weights ``(V,)``: the dense loss's ``weight`` (torch's class
         ``weight``), named apart from the head's ``weight``. A row is ``(1 - eps) w_y (lse - x_y)
         + eps sum_{c in S} w_c (lse - x_c) / |S|`` and ``"mean"`` divides by the sum of ``w_y``
-        over counted rows. A constant (not differentiated).
+        over counted rows. A constant (differentiated, a TypeError).
       where: boolean row mask with the labels' shape; False rows count for nothing.
       normalizer: with ``reduction="mean"``, divide the sum by this instead (for gradient
         accumulation: the token count of the whole accumulated batch). A finite number > 0.
@@ -314,6 +314,7 @@ def _check_extra_options(
     )
     # z-loss is compiled in only when it can matter: a concrete 0 leaves the program unchanged.
     with_z = return_z_loss or not (lsspec.is_number(z_value) and z_value == 0)
+    class_weight = _common.constant(fn, "class_weight", class_weight)
     return _Extra(class_weight, where, class_mask, z_loss, with_z, transform)
 
 

@@ -257,7 +257,8 @@ def smoothed_cross_entropy(
       ignore_index: rows whose label equals it count for nothing (torch's ``ignore_index``).
       pad_index: the pad column, required by and only allowed with ``"others_but_pad"``. It never
         receives smoothing mass, and rows whose label is the pad count for nothing.
-      weight: per-class weights, shape ``(K,)``. Treated as a constant (not differentiated).
+      weight: per-class weights, shape ``(K,)``. A constant: differentiating through it
+        raises a TypeError (a silent zero derivative would be a wrong number).
       where: boolean row mask with the labels' shape (optax's ``where``); False rows count for
         nothing.
       axis: the class axis of ``logits``; the last by default at every rank (optax's and Flax's
@@ -387,6 +388,7 @@ def smoothed_cross_entropy(
     # (With the Pallas kernels, as the calls around them: their block sizes are chosen for the
     # platform when a program is traced, and a cached trace would keep another platform's.)
     after_checks = _after_checks_jit if layout.xla else _after_checks
+    weight = _common.constant(fn, "weight", weight)
     return after_checks(
         layout, options, logits, labels, where, smoothing, weight, class_mask,
         z_loss if with_z else None, normalizer,

@@ -90,6 +90,7 @@ def soft_target_cross_entropy(
     with_z = return_z_loss or not (lsspec.is_number(z_value) and z_value == 0)
     layout = _Layout(axis, reduction, from_log_probs, return_z_loss, _common.ulp_of_one(smoothing))
     z_loss = z_loss if with_z else None
+    weight = _common.constant(fn, "weight", weight)
     return _after_checks_jit(layout, logits, targets, where, smoothing, weight, z_loss)
 
 

@@ -348,6 +348,19 @@ def check_real(fn: str | Caller, name: str, value: object) -> None:
         raise dtype_error(fn, name, dtype, "a real (not complex) dtype")
 
 
+def differentiated_constant_error(fn: str | Caller, name: str) -> TypeError:
+    """A class weight (``weight``, ``class_weight``, ``pos_weight``) that is being
+    differentiated: the losses take it as a constant, and a silent zero (or missing) derivative
+    would be a plausible wrong number. torch's ``F.cross_entropy`` refuses it too."""
+    fn, arg = names(fn)
+    return TypeError(
+        f"{fn}: `{arg(name)}` is a constant of the loss (its derivative is not computed); got "
+        f"a `{arg(name)}` that is being differentiated (requires_grad in PyTorch, an input of "
+        "jax.grad or jax.jvp in JAX). Pass it detached (tensor.detach(), "
+        "jax.lax.stop_gradient)."
+    )
+
+
 def check_has_class_axis(fn: str | Caller, name: str, shape: tuple) -> None:
     """An input with a class axis has at least one dimension (a 0-d one has no class axis)."""
     if len(shape) < 1:

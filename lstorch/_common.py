@@ -224,9 +224,14 @@ def tensor_option(fn, name, value, device):
     (``torch.as_tensor`` would round them to float32, torch's default dtype, and a float64 loss
     would then differ from one given the same weights as a float64 tensor); the loss casts a
     weight to its compute dtype. A NumPy array keeps its dtype. A complex one is a TypeError
-    (``lsspec.check_real``)."""
+    (``lsspec.check_real``), and so is one that requires grad where autograd records: these
+    options are constants, and the loss would drop their derivative silently
+    (``lsspec.differentiated_constant_error``; torch's ``F.cross_entropy`` refuses such a
+    weight too)."""
     if value is None or isinstance(value, torch.Tensor):
         lsspec.check_real(fn, name, value)
+        if value is not None and value.requires_grad and torch.is_grad_enabled():
+            raise lsspec.differentiated_constant_error(fn, name)
         return value
     try:
         tensor = torch.as_tensor(value, device=device)

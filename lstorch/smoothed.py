@@ -218,8 +218,8 @@ def smoothed_cross_entropy(
       ignore_index: rows whose label equals it count for nothing (torch's ``ignore_index``).
       pad_index: the pad column, required by and only allowed with ``"others_but_pad"``. It never
         receives smoothing mass, and rows whose label is the pad count for nothing.
-      weight: per-class weights, shape ``(K,)``, a tensor or a Python list; a constant (not
-        differentiated).
+      weight: per-class weights, shape ``(K,)``, a tensor or a Python list; a constant: one
+        that requires grad (autograd recording) is a TypeError, as in ``F.cross_entropy``.
       where: boolean row mask with the labels' shape (a tensor or a list); False rows count for
         nothing.
       axis: the class axis of ``logits``. ``None`` (the default) is the last axis of ``(C,)``

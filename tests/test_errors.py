@@ -1,6 +1,7 @@
 """Bad input gets a clear error naming the argument, what was given and what is allowed, in both
 frameworks, with the same words (the messages come from lsspec)."""
 
+import functools
 from fractions import Fraction
 
 import jax
@@ -514,6 +515,49 @@ def test_float8_inputs_are_refused(framework_name, call, named):
     message = rf"^{named} must have a floating dtype of 16 bits or more \(float16, bfloat16, "
     with pytest.raises(TypeError, match=message):
         call(module, array, _FLOAT8[framework_name])
+
+
+# Each function's class weight, as f(weight) for the frameworks' derivatives.
+_WEIGHTED = {
+    "smoothed_cross_entropy: `weight`":
+        lambda m, a, w: m.smoothed_cross_entropy(a(_LOGITS), a(_LABELS), weight=w, reduction="sum"),
+    "soft_target_cross_entropy: `weight`":
+        lambda m, a, w: m.soft_target_cross_entropy(a(_LOGITS), a(_PROBS), weight=w,
+                                                    reduction="sum"),
+    "sigmoid_binary_cross_entropy: `pos_weight`":
+        lambda m, a, w: m.sigmoid_binary_cross_entropy(a(_LOGITS), a(_PROBS), pos_weight=w,
+                                                       reduction="sum"),
+    "fused_linear_smoothed_cross_entropy: `class_weight`":
+        lambda m, a, w: m.fused_linear_smoothed_cross_entropy(
+            a(_HIDDEN), a(_OUTPUT), a(_LABELS), class_weight=w, reduction="sum"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("named", list(_WEIGHTED))
+def test_a_class_weight_being_differentiated_is_refused(named):
+    """The class weights are constants of the losses. Differentiated, JAX's stop_gradient gave
+    a silent zero derivative and lstorch's detach a missing one (``weight.grad is None``):
+    plausible wrong numbers. Now a named error in both frameworks, under ``jax.grad`` and
+    ``jax.jvp``, and for a tensor that requires grad or a ``torch.func.grad`` input (torch's
+    ``F.cross_entropy`` refuses such a weight too). Not differentiated, a traced weight works."""
+    call = _WEIGHTED[named]
+    weights = np.linspace(0.5, 1.5, 5, dtype=np.float32)
+    message = rf"^{named} is a constant of the loss \(its derivative is not computed\)"
+    jax_loss = functools.partial(call, lsjax, jnp.asarray)
+    for derivative in (jax.grad, lambda f: lambda w: jax.jvp(f, (w,), (w,))):
+        with pytest.raises(TypeError, match=message):
+            derivative(jax_loss)(jnp.asarray(weights))
+    torch_loss = functools.partial(call, lstorch, torch.as_tensor)
+    with pytest.raises(TypeError, match=message):
+        torch_loss(torch.tensor(weights, requires_grad=True))
+    with pytest.raises(TypeError, match=message):
+        torch.func.grad(torch_loss)(torch.tensor(weights))
+    # Constants they are: a traced or grad-requiring weight that is not differentiated works.
+    want = float(torch_loss(torch.tensor(weights)))
+    np.testing.assert_allclose(float(jax.jit(jax_loss)(jnp.asarray(weights))), want, rtol=1e-6)
+    with torch.no_grad():
+        got = torch_loss(torch.tensor(weights, requires_grad=True))
+    np.testing.assert_allclose(float(got), want, rtol=1e-6)
 
 
 def test_a_module_refuses_a_complex_weight_when_built():
