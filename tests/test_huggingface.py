@@ -351,6 +351,13 @@ def test_bad_calls_name_the_function_and_the_argument():
         fused_causal_lm_loss(tiny_gpt2(), labels.tolist(), labels)
     with pytest.raises(TypeError, match=r"fused_causal_lm_loss: `attention_mask` must be a"):
         fused_causal_lm_loss(tiny_gpt2(), labels, labels, attention_mask="x")
+    # the shapes as given (not after the shift, nor the model's hidden states'), token ids ints
+    with pytest.raises(ValueError, match=r"fused_causal_lm_loss: `labels` must have the "
+                       r"input_ids' shape \(2, 4\); got shape \(2, 3\)\.$"):  # fmt: skip
+        fused_causal_lm_loss(tiny_gpt2(), labels, labels[:, 1:])
+    with pytest.raises(TypeError, match=r"fused_causal_lm_loss: `input_ids` must have an "
+                       r"integer dtype \(an int torch.Tensor\); got dtype torch.float32"):
+        fused_causal_lm_loss(tiny_gpt2(), labels.float(), labels)
     # tensor options are checked when the loss is built, before training starts
     with pytest.raises(TypeError, match=r"compute_loss_func: `weight` must be a tensor or a "
                        r"list of numbers; got 'w'"):  # fmt: skip

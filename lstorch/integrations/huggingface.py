@@ -217,11 +217,15 @@ def fused_causal_lm_loss(
     _check_options(fn, options, fused_linear_smoothed_cross_entropy)
     _check_values(fn, fused_linear_smoothed_cross_entropy, smoothing, ignore_index, options)
     _common.tensors(fn, input_ids=input_ids, labels=labels)
+    _common.integer_labels(fn, input_ids, "input_ids")  # token ids, before the model sees them
+    if shift_labels:
+        _check_time_axis(fn, labels)
+    if tuple(labels.shape) != tuple(input_ids.shape):  # checked as given, not after the shift
+        allowed = f"the input_ids' shape {tuple(input_ids.shape)}"
+        raise lsspec.shape_error(fn, "labels", tuple(labels.shape), allowed)
     if attention_mask is not None:
         _common.tensors(fn, attention_mask=attention_mask)
     count, empty = _count(fn, num_items_in_batch, options.get("check_labels"))
-    if shift_labels:
-        _check_time_axis(fn, labels)
     head, body = _head_and_body(fn, model)
     outputs = body(input_ids=input_ids, attention_mask=attention_mask)
     hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
