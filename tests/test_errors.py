@@ -560,6 +560,15 @@ def test_a_class_weight_being_differentiated_is_refused(named):
     np.testing.assert_allclose(float(got), want, rtol=1e-6)
 
 
+def test_keras_binary_crossentropy_of_0d_inputs_is_named_in_both_frameworks(framework):
+    """Keras takes the mean over ``axis``, which a 0-d input does not have (lsjax raised
+    ``jnp.mean``'s IndexError; lstorch returned a number)."""
+    module, array = framework
+    with pytest.raises(ValueError, match=r"^binary_crossentropy: `y_pred` must have at least one "
+                       r"dimension, for the mean; got shape \(\)\.$"):  # fmt: skip
+        module.compat.keras.binary_crossentropy(array(np.float32(1.0)), array(np.float32(0.3)))
+
+
 def test_a_module_refuses_a_complex_weight_when_built():
     with pytest.raises(TypeError, match=r"^SmoothedCrossEntropyLoss: `weight` must have a real"):
         lstorch.SmoothedCrossEntropyLoss(weight=torch.as_tensor(_COMPLEX))

@@ -90,7 +90,9 @@ def binary_crossentropy(
     lsspec.check_flags(fn, from_logits=from_logits)
     (y_pred,) = _common.floating(fn, y_pred=y_pred)
     compute_dtype = jnp.promote_types(y_pred.dtype, jnp.float32)
-    lsspec.check_axis(fn, axis, max(y_pred.ndim, 1))
+    if y_pred.ndim == 0:  # Keras's mean over `axis` needs one (NumPy and JAX raise there)
+        raise lsspec.shape_error(fn, "y_pred", y_pred.shape, "at least one dimension, for the mean")
+    lsspec.check_axis(fn, axis, y_pred.ndim)
     if not from_logits:
         probs = jnp.clip(
             y_pred.astype(compute_dtype), lsspec.KERAS_EPSILON, 1.0 - lsspec.KERAS_EPSILON

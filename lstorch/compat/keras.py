@@ -80,7 +80,10 @@ def binary_crossentropy(
     lsspec.check_real(fn, "y_true", y_true)  # Keras's cast would drop an imaginary part
     lsspec.check_flags(fn, from_logits=from_logits)
     compute_dtype = _common.compute_dtype(y_pred.dtype)
-    lsspec.check_axis(fn, axis, max(y_pred.ndim, 1))
+    if y_pred.ndim == 0:  # Keras's mean over `axis` needs one (NumPy and JAX raise there)
+        allowed = "at least one dimension, for the mean"
+        raise lsspec.shape_error(fn, "y_pred", tuple(y_pred.shape), allowed)
+    lsspec.check_axis(fn, axis, y_pred.ndim)
     if not from_logits:
         probs = y_pred.to(compute_dtype).clamp(lsspec.KERAS_EPSILON, 1.0 - lsspec.KERAS_EPSILON)
         y_pred = torch.log(probs) - torch.log1p(-probs)
