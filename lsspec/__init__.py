@@ -361,6 +361,19 @@ def differentiated_constant_error(fn: str | Caller, name: str) -> TypeError:
     )
 
 
+def check_causal_shift(fn: str | Caller, logits: tuple, labels: tuple) -> None:
+    """Hugging Face's ``shift_labels=True`` (``logits[..., :-1, :]``, ``labels[..., 1:]``)
+    needs a time axis before the classes in ``logits`` and takes ``labels`` as ``(..., time)``:
+    a trailing axis of 1 (which HF accepts without the shift) would be shifted instead of
+    time."""
+    if len(logits) < 2:
+        raise shape_error(fn, "logits", logits, "a time axis before the class axis for "
+                          "shift_labels=True (at least 2 dimensions)")  # fmt: skip
+    if len(labels) == len(logits) and labels[-1] == 1:
+        raise shape_error(fn, "labels", labels, "no trailing axis of 1 with shift_labels=True, "
+                          "which shifts their last axis (time)")  # fmt: skip
+
+
 def check_has_class_axis(fn: str | Caller, name: str, shape: tuple) -> None:
     """An input with a class axis has at least one dimension (a 0-d one has no class axis)."""
     if len(shape) < 1:

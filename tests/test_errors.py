@@ -569,6 +569,24 @@ def test_keras_binary_crossentropy_of_0d_inputs_is_named_in_both_frameworks(fram
         module.compat.keras.binary_crossentropy(array(np.float32(1.0)), array(np.float32(0.3)))
 
 
+def test_the_hf_label_smoothers_shift_needs_a_time_axis(framework):
+    """``shift_labels=True`` on 1-D logits raised an IndexError from the slicing, and labels
+    with a trailing axis of 1 were shifted along it ("got shape (1, 4, 0)")."""
+    module, array = framework
+    smoother = module.compat.hf.label_smoother
+    with pytest.raises(ValueError, match=r"^label_smoother: `logits` must have a time axis "
+                       r"before the class axis for shift_labels=True .*; got shape \(5,\)"):
+        smoother(array(_LOGITS[0]), array(np.array(2)), shift_labels=True)
+    with pytest.raises(ValueError, match=r"^label_smoother: `labels` must have no trailing axis "
+                       r"of 1 with shift_labels=True.*; got shape \(1, 4, 1\)"):
+        smoother(array(_LOGITS[None]), array(_LABELS[None, :, None]), shift_labels=True)
+    # without the shift, HF's trailing axis of 1 is taken
+    np.testing.assert_allclose(
+        np.asarray(smoother(array(_LOGITS[None]), array(_LABELS[None, :, None]))),
+        np.asarray(smoother(array(_LOGITS[None]), array(_LABELS[None]))),
+    )
+
+
 def test_a_module_refuses_a_complex_weight_when_built():
     with pytest.raises(TypeError, match=r"^SmoothedCrossEntropyLoss: `weight` must have a real"):
         lstorch.SmoothedCrossEntropyLoss(weight=torch.as_tensor(_COMPLEX))

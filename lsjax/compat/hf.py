@@ -46,6 +46,7 @@ def label_smoother(
     labels = as_array(fn, "labels", labels)
     lsspec.check_flags(fn, shift_labels=shift_labels)
     if shift_labels:
+        lsspec.check_causal_shift(fn, tuple(logits.shape), tuple(labels.shape))
         logits = logits[..., :-1, :]
         labels = labels[..., 1:]
     if labels.ndim == logits.ndim and labels.shape[-1] == 1:  # any other shape is refused
