@@ -330,9 +330,12 @@ def fit_temperature(
     Args:
       logits: ``(n, K)`` finite held-out logits, NumPy, JAX or PyTorch.
       labels: ``(n,)`` integer true classes in ``[0, K)``.
-      bounds: ``(T_min, T_max)`` with ``0 < T_min < T_max < inf``. When the NLL keeps decreasing
-        past a bound (e.g. every held-out sample correct with a margin: ``T -> 0``; logits worse
-        than chance: ``T -> inf``), that bound is returned.
+      bounds: ``(T_min, T_max)`` with ``0 < T_min < T_max < inf`` (a tuple, list or NumPy
+        array). When the NLL keeps decreasing past a bound (e.g. every held-out sample correct
+        with a margin: ``T -> 0``; logits worse than chance: ``T -> inf``), that bound is
+        returned. When it does not depend on ``T`` at all (every row's logits equal, or one
+        class), the logits say nothing about a temperature: 1 (no scaling) is returned, or the
+        bound nearest to it.
 
     Returns:
       The fitted temperature as a Python float.
@@ -340,7 +343,7 @@ def fit_temperature(
     fn = "fit_temperature"
     logits, _ = _check_scores(fn, "logits", logits)
     labels = _check_labels(fn, labels, *logits.shape)
-    if not isinstance(bounds, tuple | list) or len(bounds) != 2:
+    if not isinstance(bounds, tuple | list | np.ndarray) or np.shape(bounds) != (2,):
         raise ValueError(f"{fn}: `bounds` must be a pair (T_min, T_max); got {bounds!r}.")
     t_min = _check_temperature(fn, "bounds[0]", bounds[0])
     t_max = _check_temperature(fn, "bounds[1]", bounds[1])
@@ -359,7 +362,9 @@ def fit_temperature(
         return float(np.mean(mean_x - x_y)), float(np.mean(var_x))
 
     beta_lo, beta_hi = 1.0 / t_max, 1.0 / t_min
-    slope_lo, _ = slope_and_curvature(beta_lo)
+    slope_lo, curvature_lo = slope_and_curvature(beta_lo)
+    if curvature_lo == 0:  # every row's logits equal (or K = 1): the NLL does not depend on T
+        return min(max(1.0, t_min), t_max)
     if slope_lo >= 0:  # NLL non-decreasing in beta over the whole range: smallest beta wins.
         return t_max
     slope_hi, _ = slope_and_curvature(beta_hi)

@@ -207,6 +207,22 @@ def test_temperature_hits_the_bounds():
     assert calibration.fit_temperature(logits, np.array([1, 0])) == 100.0
 
 
+def test_temperature_of_logits_that_say_nothing_is_one():
+    """Every row's logits equal (or one class): the NLL is log K (or 0) at every T, so the
+    data say nothing about a temperature, and 1 (no scaling) comes back, or the bound nearest
+    to it; the slope test alone returned T_max, 100, a confident-looking answer."""
+    flat = np.full((4, 3), 2.5)
+    labels = np.array([0, 1, 2, 0])
+    assert calibration.fit_temperature(flat, labels) == 1.0
+    assert calibration.fit_temperature(flat[:, :1], np.zeros(4, int)) == 1.0
+    assert calibration.fit_temperature(flat, labels, bounds=np.array([2.0, 5.0])) == 2.0
+    # the NLL really is flat: the same at T = 0.5 and 50 (the oracle: log K)
+    for temperature in (0.5, 50.0):
+        assert calibration.negative_log_likelihood(
+            flat, labels, temperature=temperature
+        ) == pytest.approx(np.log(3), rel=1e-12)
+
+
 def test_temperature_one_sample_and_jax_input():
     # One sample, two classes, the model wrong: T_max is the best it can do.
     assert calibration.fit_temperature(jnp.asarray([[1.0, 0.0]]), jnp.asarray([1])) == 100.0
