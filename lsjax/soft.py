@@ -81,6 +81,7 @@ def soft_target_cross_entropy(
     z_value = _common.concrete_scalar(fn, "z_loss", z_loss)
     lsspec.check_z_loss(fn, z_value, from_log_probs=from_log_probs, return_z_loss=return_z_loss)
     num_classes = logits.shape[axis]
+    lsspec.check_some_classes(fn, num_classes)
     rows = lsspec.row_shape(logits.shape, axis)
     lsspec.check_row_options_shapes(
         fn, num_classes, rows, weight=weight, where=where, has_labels=False

@@ -361,6 +361,17 @@ def differentiated_constant_error(fn: str | Caller, name: str) -> TypeError:
     )
 
 
+def check_some_classes(fn: str | Caller, num_classes: int) -> None:
+    """A loss over soft targets has at least one class: over none, the smoothing's ``eps / K``
+    is 0/0 and every row NaN."""
+    if num_classes < 1:
+        fn, arg = names(fn)
+        raise ValueError(
+            f"{fn}: `{arg('logits')}` must have at least 1 class along the class axis; got "
+            f"{num_classes}."
+        )
+
+
 def check_causal_shift(fn: str | Caller, logits: tuple, labels: tuple) -> None:
     """Hugging Face's ``shift_labels=True`` (``logits[..., :-1, :]``, ``labels[..., 1:]``)
     needs a time axis before the classes in ``logits`` and takes ``labels`` as ``(..., time)``:

@@ -587,6 +587,17 @@ def test_the_hf_label_smoothers_shift_needs_a_time_axis(framework):
     )
 
 
+def test_soft_targets_over_no_class_are_named(framework):
+    """K = 0: the smoothing's eps / K was 0/0, a NaN per row (the labelled losses raised)."""
+    module, array = framework
+    empty = array(np.zeros((3, 0), np.float32))
+    with pytest.raises(ValueError, match=r"^soft_target_cross_entropy: `logits` must have at "
+                       r"least 1 class along the class axis; got 0\.$"):  # fmt: skip
+        module.soft_target_cross_entropy(empty, empty)
+    with pytest.raises(ValueError, match=r"^soft_target_cross_entropy: `x` must have at least"):
+        module.compat.timm.soft_target_cross_entropy(empty, empty)
+
+
 def test_a_module_refuses_a_complex_weight_when_built():
     with pytest.raises(TypeError, match=r"^SmoothedCrossEntropyLoss: `weight` must have a real"):
         lstorch.SmoothedCrossEntropyLoss(weight=torch.as_tensor(_COMPLEX))
