@@ -122,9 +122,13 @@ def concrete_scalar(
         return None
     if lsspec.is_number(value):
         return float(value)
-    value = numpy_as_tensor(value)
+    given = value  # named as given in errors (np.True_, not its tensor)
+    try:
+        value = numpy_as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):  # a NumPy array of strings or objects
+        raise lsspec.scalar_type_error(fn, name, given) from None
     if not isinstance(value, torch.Tensor) or value.dtype == torch.bool or value.is_complex():
-        raise lsspec.scalar_type_error(fn, name, value)
+        raise lsspec.scalar_type_error(fn, name, given)
     if value.dim() != 0:  # a (1,)-shaped option would broadcast the rows to (1, N)
         raise lsspec.shape_error(fn, name, tuple(value.shape), "a scalar shape ()")
     if reads_values(value, check_labels):

@@ -2,6 +2,7 @@
 frameworks, with the same words (the messages come from lsspec)."""
 
 import functools
+import re
 from fractions import Fraction
 
 import jax
@@ -308,13 +309,17 @@ def test_accelerator_tensor_options_are_not_read_and_give_nan():
         assert np.isnan(loss(**{name: torch.tensor(bad, device="cuda")})), name
 
 
-@pytest.mark.parametrize("value", [None, "0.1", (0.1,), [0.1], True, Fraction(1, 10)], ids=repr)
+@pytest.mark.parametrize(
+    "value",
+    [None, "0.1", (0.1,), [0.1], True, Fraction(1, 10), np.True_, np.array("0.1")],
+    ids=repr,
+)
 def test_a_scalar_option_of_the_wrong_type_is_named(framework, value):
     module, array = framework
     logits, labels = _data()
-    message = (
+    message = (  # the value as given (not a tensor lstorch made of it)
         r"smoothed_cross_entropy: `smoothing` must be a real number \(a Python or NumPy int or "
-        r"float\) or a 0-d array/tensor of a real dtype; got "
+        rf"float\) or a 0-d array/tensor of a real dtype; got {re.escape(repr(value))} "
     )
     with pytest.raises(TypeError, match=message):
         module.smoothed_cross_entropy(array(logits), array(labels), smoothing=value)
