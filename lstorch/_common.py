@@ -344,6 +344,21 @@ def check_class_mask_support(fn, class_mask, convention, pad_index, check_labels
         lsspec.check_class_mask_support(fn, class_mask.tolist(), convention, pad_index)
 
 
+def check_class_tensors(fn, tensors: dict, convention, pad_index, check_labels=None) -> None:
+    """The per-class tensors (a class weight, ``class_mask``), where given, as far as they need
+    no input, for a module or a loss built before its first call: one dimension, a class mask
+    of dtype bool that leaves a class to smooth over (their length is checked against the
+    logits' classes in the call)."""
+    for name, value in tensors.items():
+        if value is None:
+            continue
+        if value.ndim != 1:
+            raise lsspec.shape_error(fn, name, tuple(value.shape), "one dimension, (K,)")
+        if name == "class_mask":
+            check_bool(fn, name, value)
+            check_class_mask_support(fn, value, convention, pad_index, check_labels)
+
+
 def device_scalar(value, dtype, device) -> torch.Tensor:
     """A 0-d tensor of ``value`` on ``device``: a Python number is filled there (on a GPU, a
     host-to-device copy from pageable memory would wait for the stream), a tensor is cast."""

@@ -56,6 +56,11 @@ class _LossModule(nn.Module):
                 self.register_buffer(name, value)
             else:
                 setattr(self, name, arguments[name])
+        if self._buffer_names:  # (each module with buffers takes a convention and a pad)
+            _common.check_class_tensors(
+                self._caller(), {name: getattr(self, name) for name in self._buffer_names},
+                self.convention, self.pad_index, self.check_labels,
+            )  # fmt: skip
         self._check(self._caller())
 
     def _caller(self) -> lsspec.Caller:

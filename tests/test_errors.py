@@ -603,6 +603,27 @@ def test_soft_targets_over_no_class_are_named(framework):
         module.compat.timm.soft_target_cross_entropy(empty, empty)
 
 
+@pytest.mark.parametrize(
+    ("module", "weight_name"),
+    [
+        ("SmoothedCrossEntropyLoss", "weight"),
+        ("FusedLinearSmoothedCrossEntropyLoss", "class_weight"),
+    ],
+)
+def test_a_module_checks_its_class_tensors_when_built(module, weight_name):
+    """What needs no input is checked at construction, before training starts: a weight of
+    two dimensions, an integer class mask, one that masks every class (these raised only in
+    the first ``forward``)."""
+    build = getattr(lstorch, module)
+    with pytest.raises(ValueError, match=rf"^{module}: `{weight_name}` must have one dimension, "
+                       r"\(K,\); got shape \(5, 1\)\.$"):  # fmt: skip
+        build(**{weight_name: torch.ones(5, 1)})
+    with pytest.raises(TypeError, match=rf"^{module}: `class_mask` must have dtype bool"):
+        build(class_mask=torch.ones(5, dtype=torch.int64))
+    with pytest.raises(ValueError, match=rf"^{module}: `class_mask` allows 0 class\(es\)"):
+        build(class_mask=[False] * 5)
+
+
 def test_a_module_refuses_a_complex_weight_when_built():
     with pytest.raises(TypeError, match=r"^SmoothedCrossEntropyLoss: `weight` must have a real"):
         lstorch.SmoothedCrossEntropyLoss(weight=torch.as_tensor(_COMPLEX))

@@ -364,6 +364,12 @@ def test_bad_calls_name_the_function_and_the_argument():
         compute_loss_func(weight="w")
     with pytest.raises(TypeError, match=r"compute_loss_func: `class_mask` must be a tensor"):
         compute_loss_func(class_mask="m")
+    with pytest.raises(TypeError, match=r"compute_loss_func: `class_mask` must have dtype bool"):
+        compute_loss_func(class_mask=[1] * VOCAB)
+    with pytest.raises(ValueError, match=r"compute_loss_func: `class_mask` allows 0 class"):
+        compute_loss_func(class_mask=[False] * VOCAB)
+    with pytest.raises(ValueError, match=r"compute_loss_func: `weight` must have one dimension"):
+        compute_loss_func(weight=[[1.0]] * VOCAB)
     for count in (-3, torch.tensor(-3), float("nan")):  # the value given, not a conversion
         message = (
             r"compute_loss_func: `num_items_in_batch` must be a count of tokens, a finite "

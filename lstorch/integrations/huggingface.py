@@ -290,9 +290,14 @@ def _check_values(
     values = _keywords(function)
     values.update(options, smoothing=smoothing, ignore_index=ignore_index, reduction="mean")
     _OPTION_CHECKS[function](fn, None, lsspec.LabelOptions.of(values), **values)
-    for name in ("weight", "class_weight", "class_mask"):  # a tensor, or a list of numbers
-        if name in options:
-            _common.tensor_option(fn, name, options[name], None)
+    tensors = {  # each a tensor, or a list of numbers
+        name: _common.tensor_option(fn, name, options[name], None)
+        for name in ("weight", "class_weight", "class_mask")
+        if name in options
+    }
+    _common.check_class_tensors(
+        fn, tensors, values["convention"], values["pad_index"], values.get("check_labels")
+    )
 
 
 def _on_device(options: dict, device: torch.device) -> dict:
