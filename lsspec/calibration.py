@@ -105,7 +105,13 @@ def _concrete(fn: str, name: str, value: Any) -> _Concrete:
                 f"({error})."
             ) from error
         return _Concrete(array, dtype, eps)
-    array = np.asarray(value)
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as error:  # a ragged list: NumPy's own words say why
+        raise TypeError(
+            f"{fn}: `{name}` must be an array, a tensor or a (non-ragged) nested list of "
+            f"numbers; got {type(value).__name__} ({error})."
+        ) from None
     return _Concrete(array, array.dtype, _float_eps(array.dtype))
 
 
@@ -430,6 +436,11 @@ def plot_reliability_diagram(
     ece = _ece(diagram)
     if ax is None:
         _, ax = plt.subplots(figsize=(4, 4))
+    elif not all(hasattr(ax, method) for method in ("bar", "plot", "legend")):
+        raise TypeError(
+            f"plot_reliability_diagram: `ax` must be a matplotlib Axes or None; got {ax!r} "
+            f"({type(ax).__name__})."
+        )
     filled = diagram.count > 0
     left = diagram.edges[:-1][filled]
     width = np.diff(diagram.edges)[filled]

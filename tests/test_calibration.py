@@ -241,6 +241,9 @@ def test_plot_reliability_diagram_draws_the_bin_accuracies(tmp_path):
     legend = [text.get_text() for text in ax.get_legend().get_texts()]
     assert "gap to confidence (ECE 0.220)" in legend, legend
     ax.figure.savefig(tmp_path / "diagram.png")
+    with pytest.raises(TypeError, match=r"^plot_reliability_diagram: `ax` must be a matplotlib "
+                       r"Axes or None; got 'x' \(str\)\.$"):  # fmt: skip
+        calibration.plot_reliability_diagram(HAND_PROBS, HAND_LABELS, ax="x")
     assert (tmp_path / "diagram.png").stat().st_size > 0
 
 
@@ -313,6 +316,10 @@ def test_bad_temperature_and_logits():
         calibration.negative_log_likelihood(np.zeros((2, 3)), np.array([0, 1]), temperature=-1)
     with pytest.raises(ValueError, match=r"fit_temperature: `logits` must be finite.*-inf"):
         calibration.fit_temperature(np.array([[0.0, -np.inf]]), np.array([0]))
+    # a ragged list: named, with NumPy's reason (it raised NumPy's ValueError alone)
+    with pytest.raises(TypeError, match=r"^fit_temperature: `logits` must be an array, a tensor "
+                       r"or a \(non-ragged\) nested list of numbers; got list \(setting"):
+        calibration.fit_temperature([[0.5, 0.5], [1.0]], [0, 1])
 
 
 def test_traced_input_is_refused():
