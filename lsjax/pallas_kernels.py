@@ -114,7 +114,9 @@ def default_config(backend: str | None = None) -> Config:
     return Config(backend, block_rows=1 if backend == "gpu" else 8)
 
 
-def chosen(fn: Any, implementation: Any, x: jax.Array, *, from_log_probs: bool) -> bool:
+def chosen(
+    fn: Any, implementation: Any, x: jax.Array, *, from_log_probs: bool, options: tuple = ()
+) -> bool:
     """Whether ``smoothed_cross_entropy`` (called as ``fn``) runs its core on these kernels.
 
     ``"xla"``: never. ``"pallas"``: always (interpret mode without a GPU or TPU); the kernels
@@ -123,7 +125,10 @@ def chosen(fn: Any, implementation: Any, x: jax.Array, *, from_log_probs: bool) 
     force that implementation wherever the kernels take the call (log-probabilities stay on XLA);
     its ``"auto"`` takes the kernels for float32/bf16/fp16 logits when JAX's default backend is a
     GPU and JAX sees one device, and XLA elsewhere (TPU included: the Mosaic lowering was never
-    run on one). With several devices the logits may be sharded under ``jit``, and a
+    run on one), and XLA wherever the logits or the differentiable ``options`` (smoothing,
+    z-loss) are being differentiated in forward mode or twice (:func:`_needs_forward_mode`: the
+    kernels' ``custom_vjp`` takes neither, so ``jax.hessian`` of an ``"auto"`` loss works on a
+    GPU too). With several devices the logits may be sharded under ``jit``, and a
     ``pallas_call`` is a custom call that XLA's SPMD partitioner does not split: it would gather
     the logits whole onto every device. Inside ``shard_map`` (per-device code) the kernels are
     safe: pass ``implementation="pallas"`` there.
@@ -148,7 +153,32 @@ def chosen(fn: Any, implementation: Any, x: jax.Array, *, from_log_probs: bool) 
     )
     if forced != "auto":
         return forced == "pallas"
-    return _backend() == "gpu" and _device_count() == 1 and x.dtype != jnp.float64
+    return (
+        _backend() == "gpu"
+        and _device_count() == 1
+        and x.dtype != jnp.float64
+        and not _needs_forward_mode(x, *options)
+    )
+
+
+def _needs_forward_mode(*values: Any) -> bool:
+    """Whether any of ``values`` is being differentiated in forward mode (``jax.jvp``,
+    ``jacfwd``, ``hessian``) or twice (``grad`` of ``grad``), read from its tracers' nesting:
+    ``jax.grad`` traces with a ``LinearizeTracer``, forward mode with a ``JVPTracer``; ``vmap``'s
+    and ``jit``'s tracers are looked through. Best effort: a tracer of another kind ends the
+    walk (the kernels are then taken, as before)."""
+    for value in values:
+        linearized = 0
+        while isinstance(value, jax.core.Tracer):
+            kind = type(value).__name__
+            if kind == "JVPTracer":
+                return True
+            if kind == "LinearizeTracer":
+                linearized += 1
+                if linearized > 1:
+                    return True
+            value = getattr(value, "primal", getattr(value, "val", None))
+    return False
 
 
 # --------------------------------------------------------------------------------------------

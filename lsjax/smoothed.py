@@ -318,7 +318,8 @@ def smoothed_cross_entropy(
         ``"xla"``: plain XLA ops, every derivative. ``"auto"``: the kernels for
         float32/bf16/fp16 logits when JAX's default backend is a GPU and JAX sees one device
         (XLA's partitioner does not split a kernel: sharded logits would be gathered whole;
-        inside ``shard_map`` pass ``"pallas"``), XLA elsewhere (TPU too);
+        inside ``shard_map`` pass ``"pallas"``), XLA elsewhere (TPU too) and wherever the
+        call is differentiated in forward mode or twice (``jvp``, ``jacfwd``, ``hessian``);
         the environment variable ``LSJAX_IMPLEMENTATION=xla|pallas`` overrides that choice
         (log-probabilities stay on XLA). The tests run the kernels in interpret mode on CPUs;
         on an H200 they ran in the GPU benchmark (``benchmarks/RESULTS.md``, run 4), values
@@ -371,7 +372,10 @@ def smoothed_cross_entropy(
     from lsjax import pallas_kernels  # imports Pallas: only when a loss is computed
 
     core = _row_loss_jit
-    if pallas_kernels.chosen(fn, implementation, logits, from_log_probs=from_log_probs):
+    differentiable = (smoothing, z_loss)
+    if pallas_kernels.chosen(
+        fn, implementation, logits, from_log_probs=from_log_probs, options=differentiable
+    ):
         core = pallas_kernels.row_loss
     _common.check_class_mask_support(fn, class_mask, convention, pad_index, check_labels)
     _common.check_label_range(

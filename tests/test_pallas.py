@@ -328,6 +328,49 @@ def test_auto_takes_the_kernels_on_a_single_gpu_only(monkeypatch):
     assert pallas_kernels.chosen("f", "pallas", f32, from_log_probs=False)
 
 
+def test_auto_leaves_forward_mode_and_second_derivatives_to_xla(monkeypatch):
+    """The kernels are a ``custom_vjp``: reverse mode once. On a GPU, ``"auto"`` took them
+    under ``jax.jvp``, ``jacfwd`` and ``hessian`` too, which then failed inside JAX ("can't
+    apply forward-mode autodiff (jvp) to a custom_vjp function"). It now reads the tracers and
+    leaves forward mode and second derivatives (of the logits or the smoothing) to XLA. The
+    decision is what is checked here: XLA runs every call (this machine has no GPU to compile
+    the kernels for)."""
+    monkeypatch.delenv(pallas_kernels.ENVIRONMENT_VARIABLE, raising=False)
+    monkeypatch.setattr(pallas_kernels, "_backend", lambda: "gpu")
+    monkeypatch.setattr(pallas_kernels, "_device_count", lambda: 1)
+    decisions, decide = [], pallas_kernels.chosen
+
+    def recorded(*args, **kwargs):
+        decisions.append(decide(*args, **kwargs))
+        return False
+
+    monkeypatch.setattr(pallas_kernels, "chosen", recorded)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 5)), jnp.float32)
+    labels = jnp.array([0, 4, 2])
+
+    def loss(x, eps=0.1):
+        return lsjax.smoothed_cross_entropy(x, labels, smoothing=eps, reduction="sum")
+
+    def grad_of_grad(x):
+        return jax.grad(lambda y: jnp.sum(jax.grad(loss)(y) ** 2))(x)
+
+    runs = {  # name: (call, whether the kernels are the choice)
+        "grad": (lambda: jax.grad(loss)(x), True),
+        "jit(grad)": (lambda: jax.jit(jax.grad(loss))(x), True),
+        "vmap(grad)": (lambda: jax.vmap(jax.grad(loss))(jnp.stack([x, x])), True),
+        "grad in the smoothing": (lambda: jax.grad(lambda e: loss(x, e))(0.1), True),
+        "jvp": (lambda: jax.jvp(loss, (x,), (x,)), False),
+        "jacfwd": (lambda: jax.jacfwd(loss)(x), False),
+        "hessian": (lambda: jax.hessian(loss)(x), False),
+        "grad of grad": (lambda: grad_of_grad(x), False),
+        "jvp in the smoothing": (lambda: jax.jvp(lambda e: loss(x, e), (0.1,), (1.0,)), False),
+    }
+    for name, (run, kernels) in runs.items():
+        decisions.clear()
+        run()
+        assert decisions and all(d is kernels for d in decisions), (name, decisions)
+
+
 def test_bad_implementation_names_function_argument_value_and_choices(monkeypatch):
     x, labels = jnp.zeros((2, 3)), jnp.array([0, 1])
     with pytest.raises(
