@@ -128,7 +128,7 @@ def fused_linear_smoothed_cross_entropy(
       class_weight: per-class weights ``(V,)``: the dense loss's ``weight`` (torch's class
         ``weight``), named apart from the head's ``weight``. A row is ``(1 - eps) w_y (lse - x_y)
         + eps sum_{c in S} w_c (lse - x_c) / |S|`` and ``"mean"`` divides by the sum of ``w_y``
-        over counted rows. A constant (differentiated, a TypeError).
+        over counted rows. A constant: differentiating through it raises a TypeError.
       where: boolean row mask with the labels' shape; False rows count for nothing.
       normalizer: with ``reduction="mean"``, divide the sum by this instead (for gradient
         accumulation: the token count of the whole accumulated batch). A finite number > 0.
