@@ -348,6 +348,19 @@ def check_real(fn: str | Caller, name: str, value: object) -> None:
         raise dtype_error(fn, name, dtype, "a real (not complex) dtype")
 
 
+def device_error(
+    fn: str | Caller, name: str, got: object, reference: str, expected: object
+) -> ValueError:
+    """A tensor on another device than the input the loss runs on (``reference``: the logits,
+    the hidden states): PyTorch's own error would come from inside the loss and name neither
+    the function nor the argument."""
+    fn, arg = names(fn)
+    return ValueError(
+        f"{fn}: `{arg(name)}` must be on the device of `{arg(reference)}` ({expected}); got a "
+        f"tensor on {got}. Move it there (`.to({arg(reference)}.device)`)."
+    )
+
+
 def differentiated_constant_error(fn: str | Caller, name: str) -> TypeError:
     """A class weight (``weight``, ``class_weight``, ``pos_weight``) that is being
     differentiated: the losses take it as a constant, and a silent zero (or missing) derivative

@@ -221,7 +221,7 @@ def z_loss_tensor(value, dtype, device) -> torch.Tensor:
     return torch.where((z >= 0) & torch.isfinite(z), z, torch.nan)
 
 
-def tensor_option(fn, name, value, device):
+def tensor_option(fn, name, value, device, reference: str = "logits"):
     """``weight``, ``where``, ``class_mask`` or ``pos_weight`` as a tensor: a Python list or
     number (or another array-like) becomes one on ``device``, as lsjax accepts any array-like; a
     tensor is kept as it is. Python floats become float64, the precision they hold
@@ -231,11 +231,14 @@ def tensor_option(fn, name, value, device):
     (``lsspec.check_real``), and so is one that requires grad where autograd records: these
     options are constants, and the loss would drop their derivative silently
     (``lsspec.differentiated_constant_error``; torch's ``F.cross_entropy`` refuses such a
-    weight too)."""
+    weight too). A tensor on another device than ``device`` (that of the input named
+    ``reference``) is a ValueError (:func:`same_device`); ``device=None`` checks none."""
     if value is None or isinstance(value, torch.Tensor):
         lsspec.check_real(fn, name, value)
         if value is not None and value.requires_grad and torch.is_grad_enabled():
             raise lsspec.differentiated_constant_error(fn, name)
+        if value is not None and device is not None:
+            same_device(fn, reference, device, **{name: value})
         return value
     try:
         tensor = torch.as_tensor(value, device=device)
@@ -494,6 +497,23 @@ def integer_labels(fn, labels: torch.Tensor, name: str = "labels") -> torch.Tens
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise lsspec.dtype_error(fn, name, labels.dtype, "an integer dtype (an int torch.Tensor)")
     return index_labels(labels)
+
+
+def same_device(fn, reference: str, device: torch.device, **inputs: torch.Tensor) -> None:
+    """Each named tensor is on ``device``, the device of the input named ``reference`` (else
+    ``lsspec.device_error``, naming both): torch's own error would come from inside the loss,
+    naming neither, and a Triton kernel would be handed a pointer it cannot read. A 0-d CPU
+    tensor other than the labels is a scalar that torch's ops take on any device, as torch's
+    losses do, and passes."""
+    for name, value in inputs.items():
+        if value.device == device:
+            continue
+        if name not in _LABEL_NAMES and value.ndim == 0 and value.device.type == "cpu":
+            continue
+        raise lsspec.device_error(fn, name, value.device, reference, device)
+
+
+_LABEL_NAMES = ("labels", "targets", "target", "y_true")
 
 
 def check_bool(fn, name: str, value: torch.Tensor | None) -> None:

@@ -53,6 +53,7 @@ def sigmoid_binary_cross_entropy(
     """
     fn = lsspec.caller("sigmoid_binary_cross_entropy", _caller)
     _common.floating(fn, logits=logits, labels=labels)
+    _common.same_device(fn, "logits", logits.device, labels=labels)
     lsspec.check_same_shape(fn, "labels", tuple(labels.shape), tuple(logits.shape))
     pos_weight = _common.tensor_option(fn, "pos_weight", pos_weight, logits.device)
     if pos_weight is not None:

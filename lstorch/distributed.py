@@ -168,9 +168,10 @@ def vocab_parallel_smoothed_cross_entropy(
     _common.floating(fn, local_logits=local_logits)
     lsspec.check_has_class_axis(fn, "local_logits", tuple(local_logits.shape))
     labels = _common.integer_labels(fn, labels)  # widened before any comparison
+    _common.same_device(fn, "local_logits", local_logits.device, labels=labels)
     lsspec.check_labels_shape(fn, tuple(labels.shape), tuple(local_logits.shape[:-1]))
     options = lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction)
-    where = _common.tensor_option(fn, "where", where, local_logits.device)
+    where = _common.tensor_option(fn, "where", where, local_logits.device, "local_logits")
     _common.check_bool(fn, "where", where)
     compute_dtype = _common.compute_dtype(local_logits.dtype)
     layout, counted, class_weight, z = _prologue(
@@ -315,7 +316,7 @@ def vocab_parallel_fused_linear_smoothed_cross_entropy(
     chunk_size = lsspec.check_chunk_size(fn, chunk_size)
     compute_dtype = _common.compute_dtype(operand_dtype)
     local_classes = weight_shard.shape[0]
-    where = _common.tensor_option(names, "where", where, hidden.device)
+    where = _common.tensor_option(names, "where", where, hidden.device, "hidden")
     _common.check_bool(names, "where", where)
     layout, counted, class_weight, z = _prologue(
         lsspec.caller(fn, weight="class_weight"), local_classes, labels, options, class_weight,
@@ -580,7 +581,7 @@ def _prologue(fn, local_classes, labels, options: lsspec.LabelOptions, weight, g
     # The z-loss is computed only when it can matter (as in the single-device losses).
     with_z = return_z_loss or isinstance(z_loss, torch.Tensor) or z_value != 0
     z = _common.z_loss_tensor(z_loss if with_z else 0.0, compute_dtype, device)
-    weight = _common.tensor_option(fn, "weight", weight, device)
+    weight = _common.tensor_option(fn, "weight", weight, device, "labels")
     if weight is not None:
         _common.floating(fn, weight=weight)
         if tuple(weight.shape) != (local_classes,):
@@ -589,7 +590,7 @@ def _prologue(fn, local_classes, labels, options: lsspec.LabelOptions, weight, g
                 f"shape ({local_classes},), this rank's slice of the class weights",
             )  # fmt: skip
         weight = weight.detach().to(dtype=compute_dtype, device=device)
-    class_mask = _common.tensor_option(fn, "class_mask", class_mask, device)
+    class_mask = _common.tensor_option(fn, "class_mask", class_mask, device, "labels")
     local_mask = size = None
     if class_mask is not None:  # the full mask on every rank: every rank checks and raises alike
         _common.check_bool(fn, "class_mask", class_mask)

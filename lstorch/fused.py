@@ -157,10 +157,11 @@ def fused_linear_smoothed_cross_entropy(
     (who errors name: ``FusedLinearSmoothedCrossEntropyLoss`` when the module called).
     """
     fn = lsspec.caller("fused_linear_smoothed_cross_entropy", _caller)
-    class_weight = _common.tensor_option(fn, "class_weight", class_weight, hidden.device)
-    where = _common.tensor_option(fn, "where", where, hidden.device)
-    class_mask = _common.tensor_option(fn, "class_mask", class_mask, hidden.device)
     operand_dtype = _check_fused(fn, hidden, weight, bias, labels)
+    device = hidden.device
+    class_weight = _common.tensor_option(fn, "class_weight", class_weight, device, "hidden")
+    where = _common.tensor_option(fn, "where", where, device, "hidden")
+    class_mask = _common.tensor_option(fn, "class_mask", class_mask, device, "hidden")
     labels = _common.index_labels(labels)  # before any comparison, and so weight[labels] indexes
     num_classes = weight.shape[0]
     _check_row_options(fn, num_classes, tuple(labels.shape), class_weight, where, class_mask)
@@ -306,6 +307,8 @@ def _check_fused(fn, hidden, weight, bias, labels) -> torch.dtype:
     or under ``torch.autocast`` the one ``F.linear`` would cast its inputs to."""
     _common.floating(fn, hidden=hidden, weight=weight, **({} if bias is None else {"bias": bias}))
     _common.integer_labels(fn, labels)
+    others = {"weight": weight, "labels": labels, **({} if bias is None else {"bias": bias})}
+    _common.same_device(fn, "hidden", hidden.device, **others)
     lsspec.check_linear_shapes(
         fn,
         tuple(hidden.shape),

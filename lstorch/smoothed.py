@@ -96,6 +96,7 @@ def _check_arrays(fn, logits, labels, axis, weight, where, class_mask=None):
     as a non-negative int)."""
     _common.floating(fn, logits=logits)
     labels = _common.integer_labels(fn, labels)
+    _common.same_device(fn, "logits", logits.device, labels=labels)
     lsspec.check_has_class_axis(fn, "logits", tuple(logits.shape))
     axis = _common.class_axis(fn, axis, logits.ndim, tuple(logits.shape))
     rows = lsspec.row_shape(logits.shape, axis)

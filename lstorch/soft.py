@@ -67,6 +67,7 @@ def soft_target_cross_entropy(
     """
     fn = lsspec.caller("soft_target_cross_entropy", _caller)
     _common.floating(fn, logits=logits, targets=targets)
+    _common.same_device(fn, "logits", logits.device, targets=targets)
     lsspec.check_has_class_axis(fn, "logits", tuple(logits.shape))
     lsspec.check_same_shape(fn, "targets", tuple(targets.shape), tuple(logits.shape))
     axis = _common.class_axis(fn, axis, logits.ndim, tuple(logits.shape))

@@ -565,6 +565,70 @@ def test_a_class_weight_being_differentiated_is_refused(named):
     np.testing.assert_allclose(float(got), want, rtol=1e-6)
 
 
+# PyTorch only: one input of each call left on the CPU while the rest are on another device
+# ("meta": shapes without storage, the one other device every machine has), as f(on, cpu).
+_DEVICE_CALLS = [
+    (lambda on, cpu: lstorch.smoothed_cross_entropy(on(_LOGITS), cpu(_LABELS)),
+     "smoothed_cross_entropy: `labels` must be on the device of `logits`"),
+    (lambda on, cpu: lstorch.smoothed_cross_entropy(
+        on(_LOGITS), on(_LABELS), weight=cpu(_PROBS[0])),
+     "smoothed_cross_entropy: `weight` must be on the device of `logits`"),
+    (lambda on, cpu: lstorch.smoothed_cross_entropy(
+        on(_LOGITS), on(_LABELS), class_mask=cpu(np.ones(5, bool))),
+     "smoothed_cross_entropy: `class_mask` must be on the device of `logits`"),
+    (lambda on, cpu: lstorch.SmoothedCrossEntropyLoss(weight=cpu(_PROBS[0]))(
+        on(_LOGITS), on(_LABELS)),
+     "SmoothedCrossEntropyLoss: `weight` must be on the device of `logits`"),
+    (lambda on, cpu: lstorch.soft_target_cross_entropy(on(_LOGITS), cpu(_PROBS)),
+     "soft_target_cross_entropy: `targets` must be on the device of `logits`"),
+    (lambda on, cpu: lstorch.sigmoid_binary_cross_entropy(
+        on(_LOGITS), on(_PROBS), pos_weight=cpu(_PROBS[0])),
+     "sigmoid_binary_cross_entropy: `pos_weight` must be on the device of `logits`"),
+    (lambda on, cpu: lstorch.fused_linear_smoothed_cross_entropy(
+        on(_HIDDEN), cpu(_OUTPUT), on(_LABELS)),
+     "fused_linear_smoothed_cross_entropy: `weight` must be on the device of `hidden`"),
+    (lambda on, cpu: lstorch.fused_linear_smoothed_cross_entropy(
+        on(_HIDDEN), on(_OUTPUT), on(_LABELS), where=cpu(np.ones(4, bool))),
+     "fused_linear_smoothed_cross_entropy: `where` must be on the device of `hidden`"),
+    (lambda on, cpu: lstorch.label_smoothing_loss(on(_LOGITS), cpu(_LABELS), classes=5),
+     "label_smoothing_loss: `target` must be on the device of `pred`"),
+    (lambda on, cpu: lstorch.compat.fairseq.label_smoothed_nll_loss(
+        on(_LOGITS), cpu(_LABELS), 0.1),
+     "label_smoothed_nll_loss: `target` must be on the device of `lprobs`"),
+    (lambda on, cpu: lstorch.compat.t5x.compute_weighted_cross_entropy(
+        on(_LOGITS), on(_LABELS), weights=cpu(_PROBS[:, 0])),
+     "compute_weighted_cross_entropy: `weights` must be on the device of `logits`"),
+    (lambda on, cpu: lstorch.compat.keras.categorical_crossentropy(cpu(_PROBS), on(_LOGITS)),
+     "categorical_crossentropy: `y_true` must be on the device of `y_pred`"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("call", "named"), _DEVICE_CALLS, ids=[n for _, n in _DEVICE_CALLS])
+def test_an_input_on_another_device_is_named(call, named):
+    """A tensor left on another device than the logits: torch's own error came from inside
+    the loss and named neither the function nor the argument (and a Triton kernel would be
+    handed a pointer it cannot read). Each entry point names both, as it names a bad shape."""
+    def on(value):
+        return torch.as_tensor(value, device="meta")
+
+    with pytest.raises(ValueError, match=rf"^{named} \(meta\); got a tensor on cpu\."):
+        call(on, torch.as_tensor)
+
+
+def test_a_0d_cpu_option_is_a_scalar_on_any_device():
+    """torch's ops take a 0-d CPU tensor as a scalar on any device, and so do the options of
+    the losses (``pos_weight``, a 0-d ``where`` of one row); labels are not options: on the
+    CPU they are refused as above, as torch's CUDA losses refuse them."""
+    logits, probs = torch.as_tensor(_LOGITS, device="meta"), torch.as_tensor(_PROBS, device="meta")
+    loss = lstorch.sigmoid_binary_cross_entropy(logits, probs, pos_weight=torch.tensor(2.0))
+    assert loss.device.type == "meta" and loss.shape == (4, 5)
+    row, label = torch.as_tensor(_LOGITS[0], device="meta"), torch.tensor(1, device="meta")
+    loss = lstorch.smoothed_cross_entropy(row, label, smoothing=0.1, where=torch.tensor(True))
+    assert loss.device.type == "meta" and loss.shape == ()
+    with pytest.raises(ValueError, match=r"`labels` must be on the device of `logits` \(meta\)"):
+        lstorch.smoothed_cross_entropy(row, torch.tensor(1), smoothing=0.1)
+
+
 def test_keras_binary_crossentropy_of_0d_inputs_is_named_in_both_frameworks(framework):
     """Keras takes the mean over ``axis``, which a 0-d input does not have (lsjax raised
     ``jnp.mean``'s IndexError; lstorch returned a number)."""

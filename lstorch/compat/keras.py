@@ -34,6 +34,7 @@ def categorical_crossentropy(
     fn = "categorical_crossentropy"
     _common.tensors(fn, y_true=y_true, y_pred=y_pred)
     _common.floating(fn, y_pred=y_pred)
+    _common.same_device(fn, "y_pred", y_pred.device, y_true=y_true)
     lsspec.check_real(fn, "y_true", y_true)  # Keras's cast would drop an imaginary part
     lsspec.check_flags(fn, from_logits=from_logits)
     lsspec.check_has_class_axis(fn, "y_pred", tuple(y_pred.shape))
@@ -77,6 +78,7 @@ def binary_crossentropy(
     fn = "binary_crossentropy"
     _common.tensors(fn, y_true=y_true, y_pred=y_pred)
     _common.floating(fn, y_pred=y_pred)
+    _common.same_device(fn, "y_pred", y_pred.device, y_true=y_true)
     lsspec.check_real(fn, "y_true", y_true)  # Keras's cast would drop an imaginary part
     lsspec.check_flags(fn, from_logits=from_logits)
     compute_dtype = _common.compute_dtype(y_pred.dtype)
