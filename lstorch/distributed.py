@@ -181,12 +181,32 @@ def vocab_parallel_smoothed_cross_entropy(
         logit_scale=logit_scale, return_stats=return_stats, shard=_shard,
     )  # fmt: skip
     eps = _common.smoothing_tensor(smoothing, compute_dtype, local_logits.device)  # differentiated
+    _check_not_a_compiled_transform(fn, group)
     rows = _common.with_forward_mode(_VocabParallelRows, _VocabParallelRowsForwardMode)
     loss, z_part, lse, _, w_y, _, entropy, correct = rows.apply(
         local_logits, labels, counted, eps, class_weight, z, layout
     )
     outputs = _reduced(loss, z_part, counted, w_y, reduction, normalizer, return_z_loss)
     return _with_stats(outputs, return_stats, counted, lse, entropy, correct)
+
+
+def _check_not_a_compiled_transform(fn, group, any_world=False) -> None:
+    """Refuses ``torch.compile`` tracing a ``torch.func`` transform of the loss
+    (``lstorch._common.traced_functorch``) over more than one rank (any number with
+    ``any_world``): Dynamo inlines the autograd.Function's ``forward`` and skips its
+    ``backward`` (pytorch#193279, in torch 2.13), so the gradient would lack the other ranks'
+    part (the collectives' own derivatives), a plausible wrong number. One rank has no other
+    part: its inlined forward differentiates to the right gradient."""
+    if not _common.traced_functorch():
+        return
+    if any_world or dist.get_world_size(group) > 1:
+        name, _ = lsspec.names(fn)
+        raise NotImplementedError(
+            f"{name}: torch.compile of a torch.func transform of this loss (torch.func.grad, "
+            "vjp, jacrev, ...) is not supported: Dynamo inlines the loss's forward and skips its "
+            "backward (pytorch#193279, torch 2.13), and the gradient would be wrong. Run the "
+            "transform eagerly, or compile a step that calls .backward()."
+        )
 
 
 def _with_stats(outputs, return_stats, counted, lse, entropy, correct):
@@ -329,6 +349,7 @@ def vocab_parallel_fused_linear_smoothed_cross_entropy(
     eps = _common.smoothing_tensor(smoothing, compute_dtype, hidden.device)  # differentiated
     if bias_shard is None:
         bias_shard = torch.zeros(local_classes, dtype=hidden.dtype, device=hidden.device)
+    _check_not_a_compiled_transform(fn, group, any_world=True)  # eager transforms: refused
     loss, z_part, lse, _, w_y, _, entropy, correct = _FusedVocabParallelRows.apply(
         hidden.reshape(-1, hidden.shape[-1]),
         weight_shard,

@@ -561,7 +561,8 @@ class _FusedRows(torch.autograd.Function):
     def forward(hidden, weight, bias, labels, counted, eps, class_weight, class_mask, z, options):
         # Autocast off in both passes: the products see the operands rounded by _operand, in
         # float32, the same in forward and backward.
-        with torch.no_grad(), _autocast_off(hidden.device.type):
+        grad_mode = torch.enable_grad() if _common.traced_functorch() else torch.no_grad()
+        with grad_mode, _autocast_off(hidden.device.type):
             inputs = (hidden, weight, bias, labels, counted, eps, class_weight, class_mask, z)
             return _terms(options, *inputs)
 

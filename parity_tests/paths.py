@@ -2,7 +2,8 @@
 
 A twin (``registry.TWINS``) is proven on its plain path by ``compare``: eager JAX against eager
 PyTorch. Users run other paths: lstorch's Triton kernels, ``inplace_backward``,
-``torch.compile``, ``torch.func``; ``jax.jit``, ``vmap``, sharded arrays. A fast path is only as
+``torch.compile``, ``torch.func`` and ``torch.compile`` of a ``torch.func`` transform;
+``jax.jit``, ``vmap``, sharded arrays. A fast path is only as
 good as the proof that it equals the plain one in every call users make, so each path here runs
 the registry's own cases and, for each case and dtype, checks the path's outputs and gradient
 
@@ -85,8 +86,13 @@ JAX_DTYPES = {"float64": jnp.float64, "float32": jnp.float32, "bfloat16": jnp.bf
 # :func:`ci_sample`, a few cases of the twin rows' pairwise cover; a number here limits it.
 SAMPLES = {
     # torch.compile costs seconds of Inductor and C++ compilation per case and dtype.
-    "ci": {"torch: compile": 1, "torch: compile + triton": 1},
-    "report": {"default": 6, "torch: compile": 3, "torch: compile + triton": 3},
+    "ci": {"torch: compile": 1, "torch: compile + triton": 1, "torch: compile + func.grad": 1},
+    "report": {
+        "default": 6,
+        "torch: compile": 3,
+        "torch: compile + triton": 3,
+        "torch: compile + func.grad": 3,
+    },
     "all": {"default": None},
 }
 
@@ -312,6 +318,40 @@ def torch_func_grad(fn, args, kwargs, dtype, dense_by_kind):
         call = functools.partial(_bound, fn, rest, options)
         outputs, grad = _torch_func(call, x, kind, dense)
         results[kind] = (_outputs_numpy(outputs), _as_numpy(grad, kind))
+    return [results]
+
+
+class _CountingEager:
+    """``torch.compile``'s ``"eager"`` backend (the graph Dynamo traced, run as it is),
+    counting the graphs."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, graph, example_inputs):
+        self.graphs += 1
+        return graph.forward
+
+
+def torch_compile_func_grad(fn, args, kwargs, dtype, dense_by_kind):
+    """``torch.compile`` of ``torch.func.grad`` (``vjp`` for a cotangent or a 0-d upstream
+    gradient): a functional training step compiled whole. Dynamo traces the transform itself,
+    and inlines an autograd.Function's ``forward`` where it should call its ``backward``
+    (pytorch#193279, in torch 2.13): the fused head's gradient came out exactly 0 here. The
+    backend is ``"eager"``: what goes wrong is in the graph Dynamo traces, and Inductor would
+    add seconds of C++ compilation per case."""
+    torch._dynamo.reset()
+    backend = _CountingEager()
+    results = {}
+    for kind, dense in dense_by_kind.items():
+        x, rest, options = _torch_inputs(args, kwargs, dtype, "cpu")
+        call = functools.partial(_bound, fn, rest, options)
+        step = torch.compile(lambda x, call=call, kind=kind, dense=dense:
+                             _torch_func(call, x, kind, dense), backend=backend)  # fmt: skip
+        outputs, grad = step(x)
+        results[kind] = (_outputs_numpy(outputs), _as_numpy(grad, kind))
+    if backend.graphs == 0:
+        raise RuntimeError("torch.compile compiled no graph: the call ran eagerly")
     return [results]
 
 
@@ -557,6 +597,7 @@ PATHS: tuple[Path, ...] = (
     ),
     Path("torch: func.grad", "torch", torch_func_grad),
     Path("torch: func.vmap", "torch", torch_func_vmap, examples=2),
+    Path("torch: compile + func.grad", "torch", torch_compile_func_grad),
     Path("jax: jit", "jax", jax_jit),
     Path("jax: vmap", "jax", jax_vmap, examples=2),
     Path("jax: sharded", "jax", jax_sharded, check=_check_shardable),

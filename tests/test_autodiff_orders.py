@@ -20,6 +20,7 @@ margin and still catches any wrong term.
 
 import functools
 
+import numpy as np
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 import lstorch
 from lstorch.compat import fairseq, hf, keras, t5x, timm
 from lstorch.distributed import vocab_parallel_smoothed_cross_entropy
+from parity_tests import oracles
 from parity_tests.paths import KernelLaunches
 
 TOLERANCE = dict(rtol=1e-10, atol=1e-12)
@@ -624,6 +626,49 @@ def test_fused_torch_func_grad_and_per_sample_vmap_with_batched_labels():
             examples[0][index], weight, bias, examples[1][index]
         )
         _assert_close([g[index] for g in per_sample], expected)
+
+
+# Every option the fused head's forward computes (masked classes, class weights, ignored rows,
+# the z-loss, softcap and logit scale), for the float64 NumPy oracle.
+_COMPILED_OPTIONS = dict(
+    smoothing=0.2, convention="others", ignore_index=IGNORE, reduction="mean", z_loss=0.01,
+    softcap=4.0, logit_scale=0.8, chunk_size=3,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("wrt", [("weight", "bias"), ("hidden",), ("hidden", "weight", "bias")])
+def test_fused_under_torch_compile_of_torch_func_grad(wrt):
+    """A functional step compiled whole, ``torch.compile(torch.func.grad(loss))``: Dynamo
+    traces the transform, inlines the Function's ``forward`` and differentiates its ops,
+    skipping ``backward`` (pytorch#193279, in torch 2.13). The forward ran under ``no_grad``,
+    and where the hidden states were not differentiated (a head trained on fixed features, a
+    ``functional_call`` over the head's parameters) the gradient came out exactly 0. Against
+    the float64 NumPy oracle, with every option the forward computes."""
+    hidden, weight, bias, labels, _ = _fused_problem("uniform-bias-ignore-mean")
+    class_weight = torch.linspace(0.5, 1.5, VOCAB, dtype=DTYPE)
+    class_mask = torch.arange(VOCAB) != 5
+    given = dict(hidden=hidden, weight=weight, bias=bias)
+    options = dict(_COMPILED_OPTIONS, class_weight=class_weight, class_mask=class_mask)
+
+    def loss(*differentiated):
+        inputs = dict(given, **dict(zip(wrt, differentiated, strict=True)))
+        return lstorch.fused_linear_smoothed_cross_entropy(
+            inputs["hidden"], inputs["weight"], labels, bias=inputs["bias"], **options
+        )
+
+    torch._dynamo.reset()
+    argnums = tuple(range(len(wrt)))
+    step = torch.compile(torch.func.grad_and_value(loss, argnums=argnums), backend="eager")
+    grads, value = step(*(given[name].clone() for name in wrt))
+    numpy_options = {
+        k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in options.items()
+    }
+    expected, vjp = oracles.fused_linear_smoothed_cross_entropy(
+        hidden.numpy(), weight.numpy(), labels.numpy(), bias=bias.numpy(), wrt=wrt,
+        **numpy_options,
+    )  # fmt: skip
+    _assert_close(value, torch.as_tensor(expected))
+    _assert_close(grads, tuple(torch.as_tensor(g) for g in vjp(np.ones(()))))
 
 
 # --------------------------------------------------------------------------------------------

@@ -384,6 +384,11 @@ ERRORS = {  # case: what the message must say (the function, the argument, the v
     "use at most 3 ranks, or pad the vocabulary.",
     "dtensor replicated logits": "smoothed_cross_entropy: DTensor `logits` must be sharded on its "
     "class axis 1 over a 1-D device mesh",
+    "dense compiled func.grad": "NotImplementedError: vocab_parallel_smoothed_cross_entropy: "
+    "torch.compile of a torch.func transform of this loss (torch.func.grad, vjp, jacrev, ...) "
+    "is not supported",
+    "fused compiled func.grad": "NotImplementedError: "
+    "vocab_parallel_fused_linear_smoothed_cross_entropy: torch.compile of a torch.func transform",
 }
 
 

@@ -54,7 +54,7 @@ class _CrossEntropyWithLogits(torch.autograd.Function):
 
     @staticmethod
     def forward(logits, targets, z_loss):
-        return soft_target_cross_entropy(
+        loss, z_part = soft_target_cross_entropy(
             logits,
             targets,
             z_loss=z_loss,
@@ -62,6 +62,9 @@ class _CrossEntropyWithLogits(torch.autograd.Function):
             axis=-1,
             _caller=lsspec.caller("cross_entropy_with_logits"),
         )
+        if _common.traced_functorch():  # Dynamo differentiates these ops, not ``backward``
+            return _with_the_rule(logits, targets, z_loss, loss, z_part)
+        return loss, z_part
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -86,6 +89,24 @@ class _CrossEntropyWithLogits(torch.autograd.Function):
         deriv, log_softmax = _CrossEntropyWithLogits._rule(ctx)
         g = grad_loss.unsqueeze(-1)
         return (g * deriv).to(logits.dtype), (-g * log_softmax).to(targets.dtype), None
+
+
+def _with_the_rule(logits, targets, z_loss, loss, z_part):
+    """``(loss, z_part)`` of the same values, built so that differentiating their ops gives
+    T5X's rule: where ``torch.compile`` traces a ``torch.func`` transform, Dynamo inlines the
+    Function's ``forward`` and differentiates it by its ops, skipping ``backward``
+    (``lstorch._common.traced_functorch``), which would give the true derivative instead.
+    ``loss + (r - r.detach())`` with ``r = sum_c deriv_c logits_c - sum_c log_softmax_c
+    targets_c`` (``deriv`` and ``log_softmax`` constants) has the loss's value and the rule's
+    derivative; ``z_part`` is detached (the rule gives its cotangent nothing)."""
+    x, t = logits.to(z_loss.dtype), targets.to(z_loss.dtype)
+    log_softmax = torch.log_softmax(x.detach(), dim=-1)
+    lse = torch.logsumexp(x.detach(), dim=-1, keepdim=True)
+    deriv = (1.0 + 2.0 * z_loss.detach() * lse) * log_softmax.exp() - t.detach()
+    rule = (deriv * x).sum(-1) - (log_softmax * t).sum(-1)
+    zero = rule - rule.detach()  # 0 in value, the rule in derivative
+    zero = torch.where(torch.isfinite(rule), zero, 0.0)  # an infinite row keeps its value
+    return loss.detach() + zero, z_part.detach()
 
 
 class _CrossEntropyWithLogitsForwardMode(_CrossEntropyWithLogits):
