@@ -116,10 +116,14 @@ def test_an_out_of_range_label_under_vmap_is_nan_for_its_example_only():
         assert torch.isfinite(per_example[[0, 1, 3]]).all(), param_name
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("rows", ROWS)
-def test_fused_head_per_sample_gradients_equal_a_loop_of_backward_calls(rows):
+def test_fused_head_per_sample_gradients_equal_a_loop_of_backward_calls(rows, compiled):
     """The fused loss takes the head's parameters itself: per example, ``(..., FEATURES)``
-    hidden states and the labels' shape, one row (a 0-d label) included."""
+    hidden states and the labels' shape, one row (a 0-d label) included. Also compiled whole,
+    ``torch.compile(vmap(grad(loss)))``: Dynamo inlines the Function's forward there (its
+    ``backward`` skipped, pytorch#193279), and the forward ran under ``no_grad``: the
+    gradient was exactly 0."""
     head = _head()
     inputs, labels, where = _batch(rows=ROWS[rows])
     params = {name: p.detach() for name, p in head.named_parameters()}
@@ -130,7 +134,11 @@ def test_fused_head_per_sample_gradients_equal_a_loop_of_backward_calls(rows):
             class_weight=CLASS_WEIGHT, where=m, reduction="sum",
         )  # fmt: skip
 
-    batched = vmap(grad(loss), in_dims=(None, 0, 0, 0))(params, inputs, labels, where)
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0, 0))
+    if compiled:
+        torch._dynamo.reset()
+        per_sample = torch.compile(per_sample, backend="eager")
+    batched = per_sample(params, inputs, labels, where)
     for index in range(len(inputs)):
         head.zero_grad()
         loss(dict(head.named_parameters()), inputs[index], labels[index], where[index]).backward()
