@@ -163,8 +163,8 @@ def _torch_func(call, x, kind, dense):
             return [leaf for leaf in output_leaves(outputs) if leaf.is_floating_point()], outputs
 
         _, pull, outputs = torch.func.vjp(floating_and_all, x, has_aux=True)
-        cot = [
-            torch.tensor(c, dtype=leaf.dtype, device=leaf.device)
+        cot = [  # as_tensor: a NumPy array here, a tensor where Dynamo traces it
+            torch.as_tensor(c, dtype=leaf.dtype, device=leaf.device)
             for c, leaf in zip(dense, output_leaves(outputs), strict=True)
             if leaf.is_floating_point()
         ]
