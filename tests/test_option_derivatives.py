@@ -443,7 +443,7 @@ def test_fused_linear_derivative_equals_finite_differences(framework, convention
 
 
 # ---------------------------------------------------------------------------------------------
-# Under transforms: jax.jit, jax.vmap; torch.func.grad, torch.func.vmap
+# Under transforms: jax.jit, jax.vmap; torch.func.grad, torch.func.vmap, torch.compile of grad
 
 
 def _transform_objectives(framework):
@@ -478,21 +478,20 @@ def _transform_objectives(framework):
             False,
         ),
     }
-    if framework == "jax":  # lstorch's fused Function is not a torch.func one (no setup_context)
-        objectives["fused_linear_smoothed_cross_entropy"] = (
-            _objective(
-                framework,
-                lib.fused_linear_smoothed_cross_entropy,
-                (
-                    rng.standard_normal((5, 3)),
-                    rng.standard_normal((CLASSES, 3)),
-                    rng.integers(0, CLASSES, 5),
-                ),
-                {"convention": "others", "reduction": "sum"},
-                1.0,
+    objectives["fused_linear_smoothed_cross_entropy"] = (
+        _objective(
+            framework,
+            lib.fused_linear_smoothed_cross_entropy,
+            (
+                rng.standard_normal((5, 3)),
+                rng.standard_normal((CLASSES, 3)),
+                rng.integers(0, CLASSES, 5),
             ),
-            False,
-        )
+            {"convention": "others", "reduction": "sum"},
+            1.0,
+        ),
+        False,
+    )
     return objectives
 
 
@@ -516,17 +515,25 @@ def test_jax_grad_over_smoothing_under_jit_and_vmap(name):
                 np.testing.assert_allclose(float(got_z), expected_z, rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("name", [name for name in TRANSFORMED if not name.startswith("fused")])
-def test_torch_func_grad_over_a_smoothing_tensor(name):
+@pytest.mark.parametrize("name", TRANSFORMED)
+def test_torch_func_grad_over_a_smoothing_tensor_batched_and_compiled(name):
     objective, with_z = _transform_objectives("torch")[name]
     grad = torch.func.grad(objective, argnums=(0, 1))
     z_loss = torch.tensor(0.02, dtype=torch.float64)
     smoothings = torch.tensor(SMOOTHINGS, dtype=torch.float64)
     d_eps_batch, d_z_batch = torch.func.vmap(grad, in_dims=(0, None))(smoothings, z_loss)
+    # Compiled whole, Dynamo traces the transform itself (see docs/pytorch.md).
+    torch._dynamo.reset()
+    compiled = torch.compile(grad, backend="eager")
     for index, smoothing in enumerate(SMOOTHINGS):
         expected_eps, expected_z = _central(objective, smoothing, 0.02)
         d_eps, d_z = grad(smoothings[index], z_loss)
-        for got_eps, got_z in ((d_eps, d_z), (d_eps_batch[index], d_z_batch[index])):
+        d_eps_compiled, d_z_compiled = compiled(smoothings[index], z_loss)
+        for got_eps, got_z in (
+            (d_eps, d_z),
+            (d_eps_batch[index], d_z_batch[index]),
+            (d_eps_compiled, d_z_compiled),
+        ):
             np.testing.assert_allclose(float(got_eps), expected_eps, rtol=RTOL, atol=ATOL)
             if with_z:
                 np.testing.assert_allclose(float(got_z), expected_z, rtol=RTOL, atol=ATOL)
