@@ -142,6 +142,36 @@ def test_minus_inf_logit_without_a_class_mask_gives_an_honest_inf():
     np.testing.assert_allclose(torch_rows.numpy(), no_smoothing, rtol=1e-12)
 
 
+def test_forward_mode_at_smoothing_0_with_a_minus_inf_logit():
+    """With a -inf logit the smoothing slope is +inf (one-sided, at 0). A jvp that leaves the
+    smoothing still is exact where that tangent is a symbolic zero (lsjax, the smoothing closed
+    over) or a zero lstorch's jvp multiplies safely; an explicit zero tangent in lsjax gives
+    NaN (0 * inf: its tangent must stay linear for jax.grad to transpose it), as
+    docs/options.md says. Against the float64 oracle's vjp."""
+    rng = np.random.default_rng(3)
+    logits, labels = rng.standard_normal((4, 6)), np.array([0, 1, 2, 3])
+    logits[:, 5] = -np.inf
+    tangent = rng.standard_normal(logits.shape)
+    value, vjp = oracles.smoothed_cross_entropy(logits, labels, smoothing=0.0, reduction="sum")
+    expected = np.sum(vjp(np.ones(())) * tangent)  # the -inf column's gradient is exactly 0
+
+    def loss(x, smoothing):
+        return lsjax.smoothed_cross_entropy(x, labels, smoothing=smoothing, reduction="sum")
+
+    got = jax.jvp(lambda x: loss(x, 0.0), (jnp.asarray(logits),), (jnp.asarray(tangent),))
+    np.testing.assert_allclose(got, (value, expected), rtol=1e-12)
+    explicit = jax.jvp(loss, (jnp.asarray(logits), 0.0), (jnp.asarray(tangent), 0.0))[1]
+    assert np.isnan(explicit)
+    torch_got = torch.func.jvp(
+        lambda x, eps: lstorch.smoothed_cross_entropy(
+            x, torch.as_tensor(labels), smoothing=eps, reduction="sum"
+        ),
+        (torch.as_tensor(logits), torch.tensor(0.0, dtype=torch.float64)),
+        (torch.as_tensor(tangent), torch.tensor(0.0, dtype=torch.float64)),
+    )
+    np.testing.assert_allclose([float(t) for t in torch_got], (value, expected), rtol=1e-12)
+
+
 # ------------------------------------------------------------------------- JAX transformations
 
 
