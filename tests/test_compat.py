@@ -309,6 +309,31 @@ def test_t5x_gradient_is_the_derivative_for_distributions_and_drops_the_z_part(n
     assert np.all(grad_of(lambda out: out[1]) == 0)
 
 
+@pytest.mark.parametrize("name", ["jax", "torch"])
+def test_t5x_z_loss_gets_t5xs_zero_derivative_and_the_weighted_loss_the_true_one(name):
+    """T5X's custom rule returns no derivative for ``z_loss``: the twin gives 0 (``jax.grad``,
+    ``torch.func.grad``), as documented. ``compute_weighted_cross_entropy``, differentiated by
+    autodiff in T5X, gives ``d/dz sum_rows z lse**2 = sum lse**2`` (NumPy's lse)."""
+    module, array = FRAMEWORKS[name]
+    rng = np.random.default_rng(7)
+    logits = 3 * rng.standard_normal((4, 5))
+    labels = rng.integers(0, 5, 4)
+    targets = rng.dirichlet(np.ones(5), size=4)
+    t5x = module.compat.t5x
+    grad = jax.grad if name == "jax" else torch.func.grad
+
+    def custom(z):
+        return t5x.cross_entropy_with_logits(array(logits), array(targets), z)[0].sum()
+
+    def weighted(z):
+        return t5x.compute_weighted_cross_entropy(array(logits), array(labels), z_loss=z)[0]
+
+    z = array(np.float64(0.1))
+    lse = np.log(np.exp(logits).sum(-1))
+    assert float(grad(custom)(z)) == 0.0
+    np.testing.assert_allclose(float(grad(weighted)(z)), np.sum(lse**2), rtol=1e-12)
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input names the argument, the value and what is allowed (messages from lsspec)
 

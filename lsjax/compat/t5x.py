@@ -29,7 +29,10 @@ def cross_entropy_with_logits(
     targets)`` for the logits and ``-g * log_softmax(logits)`` for the targets, where ``g`` is
     the cotangent of ``loss``. The cotangent of ``z_part`` is ignored (T5X: "only used for
     logging"), and the ``1`` assumes that each row of ``targets`` sums to 1 (for other targets
-    this is not the derivative of the loss; T5X does the same).
+    this is not the derivative of the loss; T5X does the same). ``z_loss`` gets a zero
+    derivative, as in T5X's rule, even when traced (``jax.grad`` with respect to it gives 0;
+    :func:`compute_weighted_cross_entropy`, which T5X differentiates by autodiff, gives
+    ``sum lse**2``).
     """
     fn = "cross_entropy_with_logits"
     (logits,) = _common.floating(fn, logits=logits)

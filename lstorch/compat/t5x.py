@@ -23,7 +23,9 @@ def cross_entropy_with_logits(
     The value is ``lstorch.soft_target_cross_entropy(logits, targets, z_loss=z_loss,
     return_z_loss=True)`` (the vocabulary on the last axis); the ``1`` in the rule assumes that
     each row of ``targets`` sums to 1 (for other targets it is not the derivative of the loss;
-    T5X does the same).
+    T5X does the same). ``z_loss`` gets no derivative, as in T5X's rule (a tensor that requires
+    grad keeps ``.grad`` None, ``torch.func.grad`` gives 0; ``compute_weighted_cross_entropy``,
+    which T5X differentiates by autodiff, gives ``sum lse**2``).
     """
     fn = "cross_entropy_with_logits"
     # Checked here (inside the autograd.Function the value is a tensor on the logits' device).
