@@ -128,10 +128,14 @@ def chosen(
     run on one), and XLA wherever the logits or the differentiable ``options`` (smoothing,
     z-loss) are being differentiated in forward mode or twice (:func:`_needs_forward_mode`: the
     kernels' ``custom_vjp`` takes neither, so ``jax.hessian`` of an ``"auto"`` loss works on a
-    GPU too). With several devices the logits may be sharded under ``jit``, and a
-    ``pallas_call`` is a custom call that XLA's SPMD partitioner does not split: it would gather
-    the logits whole onto every device. Inside ``shard_map`` (per-device code) the kernels are
-    safe: pass ``implementation="pallas"`` there.
+    GPU too). That check reads the tracers the call is given: an inner ``jax.jit`` or
+    ``jax.checkpoint`` between the loss and an outer ``jvp``/``hessian``/grad-of-grad hides
+    them, and the kernels then refuse it with JAX's own error; pass ``"xla"`` there. With
+    several devices the logits may be sharded under ``jit``, and a ``pallas_call`` is a custom
+    call that XLA's SPMD partitioner does not split: it would gather the logits whole onto
+    every device. Inside ``shard_map`` (per-device code) the kernels are safe: pass
+    ``implementation="pallas"`` there, with ``check_vma=False`` (the kernels do not declare
+    over which mesh axes their outputs vary; ``shard_map``'s default check refuses them).
     """
     implementation = lsspec.check_choice(fn, "implementation", implementation, IMPLEMENTATIONS)
     if implementation == "pallas":

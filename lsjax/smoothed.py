@@ -318,8 +318,10 @@ def smoothed_cross_entropy(
         ``"xla"``: plain XLA ops, every derivative. ``"auto"``: the kernels for
         float32/bf16/fp16 logits when JAX's default backend is a GPU and JAX sees one device
         (XLA's partitioner does not split a kernel: sharded logits would be gathered whole;
-        inside ``shard_map`` pass ``"pallas"``), XLA elsewhere (TPU too) and wherever the
-        call is differentiated in forward mode or twice (``jvp``, ``jacfwd``, ``hessian``);
+        inside ``shard_map`` pass ``"pallas"`` and ``check_vma=False``), XLA elsewhere (TPU
+        too) and wherever the call is differentiated in forward mode or twice (``jvp``,
+        ``jacfwd``, ``hessian``; not seen through an inner ``jit``/``checkpoint``: pass
+        ``"xla"`` there);
         the environment variable ``LSJAX_IMPLEMENTATION=xla|pallas`` overrides that choice
         (log-probabilities stay on XLA). The tests run the kernels in interpret mode on CPUs;
         on an H200 they ran in the GPU benchmark (``benchmarks/RESULTS.md``, run 4), values

@@ -200,6 +200,35 @@ def test_vmap_of_grad_and_of_jit():
         _assert_close(grads[index], vjp(np.ones(())), "float32", f"grad {index}")
 
 
+def test_inside_shard_map_with_check_vma_off():
+    """Per-device code, as the docstring says to run the kernels with several devices:
+    ``jax.shard_map`` over the rows with ``check_vma=False`` (the kernels do not declare over
+    which mesh axes their outputs vary), the loss and its gradient against the oracle."""
+    if len(jax.devices()) < 2:
+        pytest.skip("needs two JAX devices (tests/conftest.py gives the CPU two)")
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    rng = np.random.default_rng(5)
+    x, labels = _inputs(rng, 8, K)
+    x = round_to(x, "float32")
+    mesh = Mesh(np.array(jax.devices()[:2]), ("rows",))
+
+    def per_device(x, labels):
+        loss = lsjax.smoothed_cross_entropy(
+            x, labels, smoothing=0.1, reduction="sum", implementation="pallas"
+        )
+        return jax.lax.psum(loss, "rows")
+
+    sharded = jax.shard_map(
+        per_device, mesh=mesh, in_specs=(P("rows"), P("rows")), out_specs=P(), check_vma=False
+    )
+    value, grad = jax.jit(jax.value_and_grad(sharded))(jnp.asarray(x, jnp.float32), labels)
+    expected, vjp = oracles.smoothed_cross_entropy(x, labels, smoothing=0.1, reduction="sum")
+    _assert_close(value, expected, "float32", "loss")
+    _assert_close(grad, vjp(np.ones(())), "float32", "grad")
+
+
 @pytest.mark.parametrize("kl", [False, True])
 def test_derivatives_in_smoothing_and_z_loss(kl):
     rng = np.random.default_rng(11)
