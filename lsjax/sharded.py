@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 import lsspec
 from lsjax import _closed_form, _common
@@ -34,6 +34,20 @@ from lsjax.fused import (
 )
 
 Array = jax.Array
+
+
+def _laid_out(mesh: Mesh, specs: tuple, inputs: tuple) -> tuple:
+    """The inputs laid out as ``specs`` say, on a mesh with explicit axes (the default of
+    ``jax.make_mesh``), where ``shard_map`` checks the inputs' layout against its ``in_specs``
+    instead of moving them; on an auto mesh it moves them itself, and they pass unchanged."""
+    if all(kind == AxisType.Auto for kind in mesh.axis_types):
+        return inputs
+    return jax.tree.map(
+        lambda spec, value: jax.sharding.reshard(value, NamedSharding(mesh, spec)),
+        specs,
+        inputs,
+        is_leaf=lambda node: isinstance(node, PartitionSpec),
+    )
 
 
 def sharded_fused_linear_smoothed_cross_entropy(
@@ -134,7 +148,8 @@ def sharded_fused_linear_smoothed_cross_entropy(
     options = _FusedOptions(
         convention, pad_index, chunk_size, vocab_axis, kl, z is not None, transform, return_stats
     )
-    row_mask = jnp.ones(labels.shape, bool) if extra.where is None else extra.where
+    # ones_like: laid out as the labels are (an explicit-axes mesh checks it against in_specs)
+    row_mask = jnp.ones_like(labels, dtype=bool) if extra.where is None else extra.where
     classes = {"class_weight": class_weight, "class_mask": class_mask}
     classes = {name: value for name, value in classes.items() if value is not None}
 
@@ -167,19 +182,20 @@ def sharded_fused_linear_smoothed_cross_entropy(
 
     rows_spec = PartitionSpec(batch_axis)
     out_spec = rows_spec if reduction == "none" else PartitionSpec()
+    in_specs = (
+        PartitionSpec(batch_axis, None),
+        PartitionSpec(vocab_axis, None),
+        PartitionSpec(vocab_axis),
+        rows_spec,
+        rows_spec,
+        PartitionSpec(),
+        PartitionSpec(),
+        {name: PartitionSpec(vocab_axis) for name in classes},
+    )
     sharded = jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(
-            PartitionSpec(batch_axis, None),
-            PartitionSpec(vocab_axis, None),
-            PartitionSpec(vocab_axis),
-            rows_spec,
-            rows_spec,
-            PartitionSpec(),
-            PartitionSpec(),
-            {name: PartitionSpec(vocab_axis) for name in classes},
-        ),
+        in_specs=in_specs,
         out_specs=(
             *((out_spec, out_spec) if return_z_loss else (out_spec,)),
             *(((rows_spec, rows_spec, rows_spec),) if return_stats else ()),
@@ -187,7 +203,8 @@ def sharded_fused_linear_smoothed_cross_entropy(
     )
     z = jnp.zeros((), compute_dtype) if z is None else z  # a placeholder without a z-loss
     bias = _zero_bias(weight, bias)
-    outputs = sharded(hidden, weight, bias, labels, row_mask, eps, z, classes)
+    inputs = (hidden, weight, bias, labels, row_mask, eps, z, classes)
+    outputs = sharded(*_laid_out(mesh, in_specs, inputs))
     if return_stats:
         lse, entropy, correct = outputs[-1]
         outputs = (*outputs[:-1], _closed_form.RowStats(lse, entropy, correct > 0))

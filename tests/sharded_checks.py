@@ -14,7 +14,7 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 import lsjax
 from lsjax.sharded import sharded_fused_linear_smoothed_cross_entropy
@@ -220,6 +220,37 @@ def main() -> None:
                 ),
             )
         )
+    # 3. A mesh with explicit axes (jax.make_mesh's default): shard_map checks the inputs'
+    # layout there instead of moving them, so the loss lays them out itself. The hidden states
+    # placed on the batch axis, the rest (labels, weight, bias) as the caller has them.
+    explicit = jax.make_mesh((2, 4), ("batch", "vocab"), axis_types=(AxisType.Explicit,) * 2)
+    options = dict(smoothing=0.1, convention="others", ignore_index=-100, reduction="mean",
+                   chunk_size=96)  # fmt: skip
+
+    def on_explicit(h, w, b, y):
+        def scalar(h, w, b):
+            return sharded_fused_linear_smoothed_cross_entropy(
+                h, w, y, bias=b, mesh=explicit, **options
+            )
+
+        return jax.value_and_grad(scalar, argnums=(0, 1, 2))(h, w, b)
+
+    def on_one_device(h, w, b, y):
+        def scalar(h, w, b):
+            return lsjax.fused_linear_smoothed_cross_entropy(h, w, y, bias=b, **options)
+
+        return jax.value_and_grad(scalar, argnums=(0, 1, 2))(h, w, b)
+
+    expected = jax.jit(on_one_device)(*(jnp.asarray(a) for a in (hidden, weight, bias, labels)))
+    h = jax.device_put(hidden, NamedSharding(explicit, PartitionSpec("batch", None)))
+    got = jax.jit(on_explicit)(h, *(jnp.asarray(a) for a in (weight, bias, labels)))
+    results["explicit"] = dict(
+        diffs=[
+            float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True)
+        ],
+        scales=[float(np.max(np.abs(np.asarray(b)))) for b in jax.tree.leaves(expected)],
+    )
     # Control: the parser does see an all-gather of the logits when one is asked for.
     x = jax.device_put(logits, NamedSharding(mesh, PartitionSpec("batch", "vocab")))
     gather = jax.jit(lambda x: x * 2, out_shardings=NamedSharding(mesh, PartitionSpec()))

@@ -56,6 +56,17 @@ def test_sharded_weight_gives_the_single_device_fused_and_dense_results(results)
         assert case["non_finite_reaches_nothing"], case
 
 
+def test_the_sharded_fused_loss_on_a_mesh_with_explicit_axes(results):
+    """``jax.make_mesh``'s default axes are explicit: ``shard_map`` then checks its inputs'
+    layout instead of moving them, and the loss failed unless the caller had placed every
+    input (and its own mask of rows) exactly as its ``in_specs`` say. It lays them out itself
+    now: the loss and its gradients equal the single-device fused loss's."""
+    case = results["explicit"]
+    assert len(case["diffs"]) == 4, case  # the loss and d hidden, d weight, d bias
+    for diff, scale in zip(case["diffs"], case["scales"], strict=True):
+        assert scale > 0 and diff <= 4 * RTOL * max(scale, 1.0), case
+
+
 def test_check_labels_decides_whether_the_sharded_fused_loss_reads_the_labels():
     """As in ``lsjax.fused_linear_smoothed_cross_entropy``: concrete labels out of range raise
     by default (the host reads them); ``check_labels=False`` reads nothing, and the row that
