@@ -316,9 +316,10 @@ def differentiated_again(*tensors: torch.Tensor) -> bool:
 
 def traced_functorch() -> bool:
     """Whether ``torch.compile`` traces a ``torch.func`` transform (``compile(func.grad(f))``).
-    Dynamo then inlines an autograd.Function's ``forward`` and differentiates its ops by their
-    own rules, dropping the Function's ``backward`` (pytorch#193279, in torch 2.13): a forward
-    that ran under ``no_grad`` gave an exactly zero gradient."""
+    Dynamo may then inline an autograd.Function's ``forward`` and differentiate its ops by
+    their own rules, dropping the Function's ``backward`` (pytorch#193279, in torch 2.13; it
+    did for the fused head whenever its first input was not differentiated): a forward that
+    ran under ``no_grad`` gave an exactly zero gradient."""
     return torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 

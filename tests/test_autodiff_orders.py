@@ -733,6 +733,24 @@ def _distributed(name, group):
     return logits, ours, reference
 
 
+def test_vocab_parallel_refuses_torch_compile_of_a_torch_func_transform(one_rank_group):
+    """``torch.compile(torch.func.grad(loss))``: Dynamo may inline the Function's forward and
+    skip its backward (pytorch#193279); the vocabulary-parallel forward, written for its
+    backward, then gave a gradient off by 0.15 (against ``F.cross_entropy``), on one rank as on
+    two. Refused by name instead (eager ``torch.func.grad`` is right: the tests above)."""
+    logits, labels = _random(ROWS, CLASSES, seed=8), torch.tensor([0, 3, 1, 5, 2])
+
+    def loss(x):
+        return vocab_parallel_smoothed_cross_entropy(
+            x, labels, smoothing=0.1, reduction="mean", group=one_rank_group
+        )
+
+    torch._dynamo.reset()
+    message = "vocab_parallel_smoothed_cross_entropy: torch.compile of a torch.func transform"
+    with pytest.raises(NotImplementedError, match=message):
+        torch.compile(torch.func.grad(loss), backend="eager")(logits)
+
+
 @pytest.mark.parametrize("name", DISTRIBUTED_CASES)
 def test_vocab_parallel_hessian_vector_product_matches_the_dense_logits(name, one_rank_group):
     logits, ours, reference = _distributed(name, one_rank_group)
