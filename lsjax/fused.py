@@ -19,9 +19,11 @@ and recomputes each chunk's logits to form ``g * (softmax - q)`` one chunk at a 
 ``d bias_chunk = sum_rows coeff``.
 Its PyTorch twin is ``lstorch.fused_linear_smoothed_cross_entropy``.
 
-Reverse mode only: ``jax.grad``/``jax.vjp`` (under ``jit`` and ``vmap`` too). Forward mode and
-second order (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) raise JAX's "can't apply
-forward-mode autodiff (jvp) to a custom_vjp function"; for them use the dense route,
+Reverse mode: ``jax.grad``/``jax.vjp`` (under ``jit`` and ``vmap`` too), and second order
+through it (``jax.hessian``, which is ``jacfwd`` of ``jacrev``; Hessian-vector products;
+gradient penalties): the backward is made of differentiable ops. Forward mode of the loss
+itself (``jax.jvp``, ``jax.jacfwd``) raises JAX's "can't apply forward-mode autodiff (jvp) to a
+custom_vjp function"; for it use the dense route,
 ``lsjax.smoothed_cross_entropy(hidden @ weight.T + bias, labels, ...)`` (its logits built).
 The PyTorch twin, built on ``torch.autograd.Function``, has forward mode and double backward.
 """

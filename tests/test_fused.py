@@ -45,6 +45,46 @@ def _temp_bytes(loss):
     return compiled_temp_bytes(loss, *shapes, argnums=(0, 1, 2))
 
 
+def test_jax_hessian_of_the_fused_loss_is_torchs_of_the_dense_logits():
+    """Second order through reverse mode (``jax.hessian``: ``jacfwd`` of ``jacrev``; a
+    Hessian-vector product, a gradient penalty): the custom_vjp's backward is made of
+    differentiable ops, so its derivative is exact; only forward mode of the loss itself
+    (``jax.jvp``, ``jax.jacfwd``) is refused. Against ``torch.autograd.functional.hessian`` of
+    ``F.cross_entropy`` on the dense logits, float64, every block of (hidden, weight, bias)."""
+    rng = np.random.default_rng(11)
+    hidden, weight, bias = (
+        rng.standard_normal((4, 3)),
+        rng.standard_normal((7, 3)),
+        rng.standard_normal(7),
+    )
+    labels, class_weight = np.array([0, 3, -100, 6]), np.linspace(0.5, 1.5, 7)
+    options = dict(smoothing=0.1, ignore_index=-100, reduction="mean", chunk_size=3)
+
+    def ours(h, w, b):
+        return lsjax.fused_linear_smoothed_cross_entropy(
+            h, w, labels, bias=b, class_weight=class_weight, **options
+        )
+
+    def dense(h, w, b):
+        return F.cross_entropy(
+            h @ w.T + b,
+            torch.as_tensor(labels),
+            weight=torch.as_tensor(class_weight),
+            label_smoothing=0.1,
+            ignore_index=-100,
+        )
+
+    got = jax.hessian(ours, argnums=(0, 1, 2))(hidden, weight, bias)
+    want = torch.autograd.functional.hessian(
+        dense, tuple(map(torch.as_tensor, (hidden, weight, bias)))
+    )
+    for i in range(3):
+        for j in range(3):
+            np.testing.assert_allclose(got[i][j], want[i][j].numpy(), rtol=1e-10, atol=1e-12)
+    with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
+        jax.jacfwd(ours)(hidden, weight, bias)
+
+
 def test_fused_temporaries_at_the_issue_size_are_under_5_percent_of_the_logits():
     def fused(hidden, weight, bias, labels):
         return lsjax.fused_linear_smoothed_cross_entropy(
