@@ -146,7 +146,7 @@ def chosen(
                 f"got `{arg('from_log_probs')}=True`. Use implementation='xla' (or 'auto', which "
                 "falls back to XLA there)."
             )
-        return True
+        return _reverse_mode_only(fn, None, x, options)
     if implementation == "xla" or from_log_probs:
         return False
     forced = lsspec.check_choice(
@@ -156,13 +156,31 @@ def chosen(
         IMPLEMENTATIONS,
     )
     if forced != "auto":
-        return forced == "pallas"
+        forced_by = f"{ENVIRONMENT_VARIABLE}=pallas"
+        return forced == "pallas" and _reverse_mode_only(fn, forced_by, x, options)
     return (
         _backend() == "gpu"
         and _device_count() == 1
         and x.dtype != jnp.float64
         and not _needs_forward_mode(x, *options)
     )
+
+
+def _reverse_mode_only(fn, forced_by: str | None, x, options) -> bool:
+    """True, or a named error where the kernels are asked for and the call is differentiated
+    in forward mode or twice (:func:`_needs_forward_mode`): their ``custom_vjp`` takes neither,
+    and JAX's own error ("can't apply forward-mode autodiff (jvp) to a custom_vjp function",
+    "Linearization failed") names no function of ours."""
+    if _needs_forward_mode(x, *options):
+        name, arg = lsspec.names(fn)
+        asked = forced_by or f"{arg('implementation')}='pallas'"
+        raise NotImplementedError(
+            f"{name}: the Pallas kernels ({asked}) take reverse-mode derivatives once "
+            "(jax.grad, jax.vjp); got a call differentiated in forward mode or twice (jax.jvp, "
+            "jax.jacfwd, jax.hessian, grad of grad). Use implementation='xla' (or 'auto', "
+            "which leaves such calls to XLA)."
+        )
+    return True
 
 
 def _needs_forward_mode(*values: Any) -> bool:

@@ -314,7 +314,8 @@ def smoothed_cross_entropy(
         logits in forward, one read and one write in backward); compiled on a GPU (Triton) or
         TPU (Mosaic), in Pallas's slow interpret mode elsewhere. They take logits, not
         ``from_log_probs=True`` (an error), and reverse-mode derivatives only (``grad``,
-        ``vjp``, under ``jit``/``vmap``; not ``jax.jvp``/``jacfwd``/``hessian``).
+        ``vjp``, under ``jit``/``vmap``; ``jax.jvp``/``jacfwd``/``hessian`` and grad of grad
+        are a ``NotImplementedError``).
         ``"xla"``: plain XLA ops, every derivative. ``"auto"``: the kernels for
         float32/bf16/fp16 logits when JAX's default backend is a GPU and JAX sees one device
         (XLA's partitioner does not split a kernel: sharded logits would be gathered whole;

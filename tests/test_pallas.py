@@ -400,6 +400,35 @@ def test_auto_leaves_forward_mode_and_second_derivatives_to_xla(monkeypatch):
         assert decisions and all(d is kernels for d in decisions), (name, decisions)
 
 
+@pytest.mark.parametrize("forced", [False, True], ids=["argument", "environment"])
+def test_pallas_under_forward_mode_or_twice_is_named(monkeypatch, forced):
+    """The kernels take reverse mode once. Asked for them (``implementation="pallas"``, or
+    ``LSJAX_IMPLEMENTATION=pallas``) under ``jvp``, ``hessian`` or grad of grad, JAX's own
+    error named nothing of ours ("can't apply forward-mode autodiff (jvp) to a custom_vjp
+    function", "Linearization failed"); now one error names the function and the way out.
+    ``jax.grad`` still runs the kernels."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 5)), jnp.float32)
+    labels = jnp.array([0, 4, 2])
+    options = {"implementation": "auto"} if forced else {"implementation": "pallas"}
+    if forced:
+        monkeypatch.setenv(pallas_kernels.ENVIRONMENT_VARIABLE, "pallas")
+
+    def loss(x, eps=0.1):
+        return lsjax.smoothed_cross_entropy(x, labels, smoothing=eps, reduction="sum", **options)
+
+    asked = "LSJAX_IMPLEMENTATION=pallas" if forced else "implementation='pallas'"
+    message = rf"^smoothed_cross_entropy: the Pallas kernels \({asked}\) take reverse-mode"
+    for run in (
+        lambda: jax.jvp(loss, (x,), (x,)),
+        lambda: jax.hessian(loss)(x),
+        lambda: jax.grad(lambda y: jnp.sum(jax.grad(loss)(y) ** 2))(x),
+        lambda: jax.jvp(lambda e: loss(x, e), (0.1,), (1.0,)),
+    ):
+        with pytest.raises(NotImplementedError, match=message):
+            run()
+    assert np.isfinite(np.asarray(jax.grad(loss)(x))).all()
+
+
 def test_bad_implementation_names_function_argument_value_and_choices(monkeypatch):
     x, labels = jnp.zeros((2, 3)), jnp.array([0, 1])
     with pytest.raises(
