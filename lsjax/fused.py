@@ -187,7 +187,8 @@ def fused_linear_smoothed_cross_entropy(
         convention, pad_index, chunk_size, None, kl, extra.with_z, transform, return_stats
     )
     layout = _Layout(reduction, return_z_loss, ignore_index, _common.ulp_of_one(smoothing))
-    return _after_checks_jit(
+    run = _common.with_auto_axes(_after_checks_jit, hidden, -1, weight, bias, labels)
+    return run(
         core_options, layout, hidden, weight, bias, labels, extra.where, smoothing,
         extra.class_weight, extra.class_mask, extra.z_loss if extra.with_z else None, normalizer,
     )  # fmt: skip

@@ -396,6 +396,9 @@ def smoothed_cross_entropy(
     # platform when a program is traced, and a cached trace would keep another platform's.)
     after_checks = _after_checks_jit if layout.xla else _after_checks
     weight = _common.constant(fn, "weight", weight)
+    after_checks = _common.with_auto_axes(
+        after_checks, logits, axis, labels, where, weight, class_mask
+    )
     return after_checks(
         layout, options, logits, labels, where, smoothing, weight, class_mask,
         z_loss if with_z else None, normalizer,

@@ -49,13 +49,20 @@ def main() -> None:
     logits = np.asarray(
         jnp.dot(hidden, weight.T, precision=jax.lax.Precision.HIGHEST) + bias, np.float32
     )
-    results = {"logits": [], "fused": []}
+    results = {"logits": [], "fused": [], "fused_explicit": []}
+    # jax.make_mesh's default: the layout is part of each array's type, and JAX checks it.
+    explicit = jax.make_mesh((2, 4), ("batch", "vocab"), axis_types=(AxisType.Explicit,) * 2)
+    class_weight = rng.uniform(0.5, 2.0, VOCAB).astype(np.float32)
 
-    # 1. smoothed_cross_entropy on logits sharded (batch, vocab) by a NamedSharding under jit.
-    for convention, pad_index, reduction in (
-        ("uniform", None, "none"),
-        ("others", None, "mean"),
-        ("others_but_pad", 5, "sum"),
+    # 1. smoothed_cross_entropy on logits sharded (batch, vocab) by a NamedSharding under jit,
+    # on a mesh with Auto axes and on one with Explicit axes (with the class weights split over
+    # the vocabulary, as the logits are).
+    for convention, pad_index, reduction, on in (
+        ("uniform", None, "none", mesh),
+        ("others", None, "mean", mesh),
+        ("others_but_pad", 5, "sum", mesh),
+        ("uniform", None, "none", explicit),
+        ("others_but_pad", 5, "sum", explicit),
     ):
         options = dict(
             smoothing=0.1,
@@ -64,6 +71,8 @@ def main() -> None:
             ignore_index=-100,
             reduction=reduction,
         )
+        if on is explicit:
+            options["weight"] = class_weight
 
         def loss(x, y, eps, options=options):
             def scalar(x, eps):
@@ -74,14 +83,19 @@ def main() -> None:
 
         eps = jnp.float32(options["smoothing"])
         single = jax.jit(loss)(jnp.asarray(logits), jnp.asarray(labels), eps)
-        x = jax.device_put(logits, NamedSharding(mesh, PartitionSpec("batch", "vocab")))
-        y = jax.device_put(labels, NamedSharding(mesh, PartitionSpec("batch")))
+        if on is explicit:
+            options["weight"] = jax.device_put(
+                class_weight, NamedSharding(on, PartitionSpec("vocab"))
+            )
+        x = jax.device_put(logits, NamedSharding(on, PartitionSpec("batch", "vocab")))
+        y = jax.device_put(labels, NamedSharding(on, PartitionSpec("batch")))
         compiled = jax.jit(loss).lower(x, y, eps).compile()
         sharded = compiled(x, y, eps)
         gathers = all_gathers(compiled.as_text())
         results["logits"].append(
             dict(
-                case=f"{convention}/{reduction}",
+                case=f"{convention}/{reduction}/{'explicit' if on is explicit else 'auto'}",
+                temp_bytes=compiled.memory_analysis().temp_size_in_bytes,
                 loss_diff=float(np.max(np.abs(np.asarray(sharded[0]) - np.asarray(single[0])))),
                 grad_diff=float(np.max(np.abs(np.asarray(sharded[1]) - np.asarray(single[1])))),
                 loss_scale=float(np.max(np.abs(np.asarray(single[0])))),
@@ -101,7 +115,6 @@ def main() -> None:
     # 2. The fused loss with the weight split over the vocabulary (shard_map), with the dense
     # loss's other options too: class weights and mask split over the vocabulary as the weight,
     # the row mask over the batch.
-    class_weight = rng.uniform(0.5, 2.0, VOCAB).astype(np.float32)
     class_mask = rng.random(VOCAB) < 0.7
     class_mask[labels[labels >= 0]] = True  # every label allowed
     class_mask[300] = False  # a masked pad
@@ -223,7 +236,6 @@ def main() -> None:
     # 3. A mesh with explicit axes (jax.make_mesh's default): shard_map checks the inputs'
     # layout there instead of moving them, so the loss lays them out itself. The hidden states
     # placed on the batch axis, the rest (labels, weight, bias) as the caller has them.
-    explicit = jax.make_mesh((2, 4), ("batch", "vocab"), axis_types=(AxisType.Explicit,) * 2)
     options = dict(smoothing=0.1, convention="others", ignore_index=-100, reduction="mean",
                    chunk_size=96)  # fmt: skip
 
@@ -251,6 +263,29 @@ def main() -> None:
         ],
         scales=[float(np.max(np.abs(np.asarray(b)))) for b in jax.tree.leaves(expected)],
     )
+    # 4. The fused loss itself (not the sharded one) on inputs laid over the explicit mesh, as
+    # a data-parallel step has them (the hidden states split over the batch, the weight whole),
+    # and with the weight and bias split over the vocabulary too: the single-device results.
+    for weight_spec in (PartitionSpec(), PartitionSpec("vocab", None)):
+        bias_spec = PartitionSpec(*weight_spec[:1])
+        placed = [
+            jax.device_put(hidden, NamedSharding(explicit, PartitionSpec("batch", None))),
+            jax.device_put(weight, NamedSharding(explicit, weight_spec)),
+            jax.device_put(bias, NamedSharding(explicit, bias_spec)),
+            jax.device_put(labels, NamedSharding(explicit, PartitionSpec("batch"))),
+        ]
+        got = jax.jit(on_one_device)(*placed)
+        results["fused_explicit"].append(
+            dict(
+                case=str(weight_spec),
+                diffs=[
+                    float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True)
+                ],
+                scales=[float(np.max(np.abs(np.asarray(b)))) for b in jax.tree.leaves(expected)],
+                layouts=[str(leaf.sharding.spec) for leaf in jax.tree.leaves(got)],
+            )
+        )
     # Control: the parser does see an all-gather of the logits when one is asked for.
     x = jax.device_put(logits, NamedSharding(mesh, PartitionSpec("batch", "vocab")))
     gather = jax.jit(lambda x: x * 2, out_shardings=NamedSharding(mesh, PartitionSpec()))

@@ -33,7 +33,7 @@ def test_the_hlo_reader_sees_an_all_gather_of_the_logits(results):
 
 
 def test_sharded_logits_give_the_single_device_loss_and_gradient(results):
-    assert len(results["logits"]) == 3
+    assert len(results["logits"]) == 5
     for case in results["logits"]:
         assert case["loss_diff"] <= 4 * RTOL * case["loss_scale"], case
         assert case["grad_diff"] <= 1e-7, case  # gradient entries are O(1/rows)
@@ -42,6 +42,34 @@ def test_sharded_logits_give_the_single_device_loss_and_gradient(results):
         assert case["grad_sharded"] == "P('batch', 'vocab')", case
         assert case["replicas_identical"], case
         assert case["biggest_all_gather"] < results["rows_x_vocab_per_device"], case
+
+
+def test_explicit_mesh_axes_keep_the_auto_meshs_temporaries(results):
+    """On a mesh with ``Explicit`` axes (``jax.make_mesh``'s default) the dense loss runs
+    under ``auto_axes``: XLA plans the temporaries it plans on an ``Auto`` mesh, not the
+    rows x V/devices arrays the explicit layout rules would keep (the class weights, split over
+    the vocabulary, add a few hundred bytes)."""
+    by_case = {case["case"]: case for case in results["logits"]}
+    for options in ("uniform/none", "others_but_pad/sum"):
+        auto, explicit = by_case[f"{options}/auto"], by_case[f"{options}/explicit"]
+        # A float32 rows x V/devices array is 4 x rows_x_vocab_per_device bytes: the slack is a
+        # quarter of one.
+        assert explicit["temp_bytes"] <= auto["temp_bytes"] + results["rows_x_vocab_per_device"]
+
+
+def test_the_fused_loss_on_inputs_laid_over_an_explicit_mesh(results):
+    """``lsjax.fused_linear_smoothed_cross_entropy`` (not the sharded head) on an explicit
+    mesh: its hand-written derivative's products have no layout JAX's rules can tell, so it
+    refused every layout; under ``auto_axes`` it gives the single-device loss and gradients,
+    each gradient laid out as its input."""
+    cases = results["fused_explicit"]
+    assert [case["case"] for case in cases] == ["P()", "P('vocab', None)"]
+    for case in cases:
+        assert len(case["diffs"]) == 4, case  # the loss and d hidden, d weight, d bias
+        for diff, scale in zip(case["diffs"], case["scales"], strict=True):
+            assert scale > 0 and diff <= 4 * RTOL * max(scale, 1.0), case
+    assert cases[0]["layouts"] == ["P()", "P('batch', None)", "P(None, None)", "P(None,)"]
+    assert cases[1]["layouts"] == ["P()", "P('batch', None)", "P('vocab', None)", "P('vocab',)"]
 
 
 def test_sharded_weight_gives_the_single_device_fused_and_dense_results(results):
