@@ -67,13 +67,15 @@ def run(names: list[str] | None = None) -> tuple[list[dict], list[str]]:
     return rows, failures
 
 
-def _sharded_in_subprocess(names, sample) -> tuple[list[dict], list, list[str]]:
-    """The sharded path on two host devices, in a fresh interpreter (XLA's device count is set
-    before jax is imported): its rows, its unreachable entries, and a failure if it crashed
+def _sharded_in_subprocess(names, path_names, sample) -> tuple[list[dict], list, list[str]]:
+    """The sharded paths on two host devices, in a fresh interpreter (XLA's device count is set
+    before jax is imported): their rows, their unreachable entries, and a failure if it crashed
     (wrote no result: its traceback is on stderr)."""
     with tempfile.TemporaryDirectory() as folder:
         out = os.path.join(folder, "sharded.json")
-        command = [sys.executable, "-m", "parity_tests", "--path", "jax: sharded"]
+        command = [sys.executable, "-m", "parity_tests"]
+        for name in path_names:
+            command += ["--path", name]
         command += ["--sample", sample, "--json", out, "--paths-only"]
         for name in names or ():
             command += ["--twin", name]
@@ -81,7 +83,8 @@ def _sharded_in_subprocess(names, sample) -> tuple[list[dict], list, list[str]]:
         done = subprocess.run(command, env={**os.environ, "XLA_FLAGS": flags}, check=False,
                               stdout=subprocess.DEVNULL)  # fmt: skip
         if not os.path.exists(out):  # a crash: a failure, never a path left out
-            return [], [], [f"[jax: sharded] the subprocess exited with code {done.returncode} "
+            label = ", ".join(path_names)
+            return [], [], [f"[{label}] the subprocess exited with code {done.returncode} "
                             "and wrote no result (its error is above)"]  # fmt: skip
         with open(out) as handle:
             result = json.load(handle)
@@ -93,13 +96,15 @@ def run_paths(names, path_names, sample) -> tuple[list[dict], list, list[str]]:
 
     twins = [twin for twin in TWINS if not names or twin.name in names]
     selected = [path for path in paths.PATHS if not path_names or path.name in path_names]
-    local = [p for p in selected if p.name != "jax: sharded" or len(jax.devices()) >= 2]
+    # The sharded paths need two devices: with one, they run in a subprocess that has two.
+    elsewhere = [p.name for p in selected if p.devices > len(jax.devices())]
+    local = [p for p in selected if p.name not in elsewhere]
     results, unreachable = paths.run_paths(twins, local, profile=sample)
     rows, crashed = [result.row() for result in results], []
-    if any(p.name == "jax: sharded" for p in selected) and len(jax.devices()) < 2:
-        sharded_rows, sharded_unreachable, crashed = _sharded_in_subprocess(names, sample)
-        rows += sharded_rows
-        unreachable += sharded_unreachable
+    if elsewhere:
+        more_rows, more_unreachable, crashed = _sharded_in_subprocess(names, elsewhere, sample)
+        rows += more_rows
+        unreachable += more_unreachable
     return rows, unreachable, crashed
 
 

@@ -3,7 +3,9 @@
 A twin (``registry.TWINS``) is proven on its plain path by ``compare``: eager JAX against eager
 PyTorch. Users run other paths: lstorch's Triton kernels, ``inplace_backward``,
 ``torch.compile``, ``torch.func`` and ``torch.compile`` of a ``torch.func`` transform;
-``jax.jit``, ``vmap``, sharded arrays. A fast path is only as
+``jax.jit``, ``vmap``, arrays sharded over a mesh whose axes are ``Auto`` (XLA's partitioner
+lays out the rest) or ``Explicit`` (``jax.make_mesh``'s default: the layout is part of each
+array's type, and JAX checks it). A fast path is only as
 good as the proof that it equals the plain one in every call users make, so each path here runs
 the registry's own cases and, for each case and dtype, checks the path's outputs and gradient
 
@@ -27,9 +29,11 @@ gradient expanded to the rows' shape, with stride 0, after a ``"mean"``/``"sum"`
 A twin reaches a path where its call can: a Triton row needs a call that runs lstorch's kernels
 (``Twin.kernels``), a Pallas row one that reaches lsjax's core with logits (``Twin.pallas``;
 ``LSJAX_IMPLEMENTATION=pallas``), an ``inplace_backward`` row one that takes that keyword
-(``Twin.inplace``), and only the side of a twin that is this project's code is run on its paths
-(``Twin.ours``: ``F.cross_entropy`` and optax's route are specifications, not ours to prove).
-A path that a twin cannot take yet says why (``Twin.unreachable``); the report prints it.
+(``Twin.inplace``), an explicit-mesh row one whose ``x`` is one array (not the fused twins'
+packed vector, ``Twin.packed``), and only the side of a twin that is this project's code is run
+on its paths (``Twin.ours``: ``F.cross_entropy`` and optax's route are specifications, not
+ours to prove). A path that a twin cannot take yet says why (``Twin.unreachable``); the
+report prints it.
 
 The CPU interprets the Triton and Pallas kernels (slow) and compiles with Inductor (seconds per
 graph), so a run may SAMPLE each twin's cases per path (:data:`SAMPLES`): every reduction of the
@@ -442,19 +446,23 @@ def _jitted(fn, constants, dense_by_kind):
     return jax.jit(program)
 
 
-def jax_jit(fn, args, kwargs, dtype, dense_by_kind, *, sharded=False):
-    """``jax.jit`` of forward and pull-back (``sharded=True``: with ``x`` laid over every
-    device, split along its class axis where it divides, else its first axis that divides)."""
+def jax_jit(fn, args, kwargs, dtype, dense_by_kind, *, sharded=None):
+    """``jax.jit`` of forward and pull-back (``sharded``: :func:`_shard`'s mesh, with ``x`` laid
+    over every device)."""
     with jax_precision(dtype):
         x, rest, arrays, constants = _jax_inputs(args, kwargs, dtype)
-        if sharded:
-            x = _shard(x, kwargs)
+        if sharded is not None:
+            x, arrays = _shard(x, arrays, kwargs, explicit=sharded == "explicit")
         results = _jitted(fn, constants, dense_by_kind)(x, rest, arrays)
         return [{kind: _jax_numpy(*value, kind) for kind, value in results.items()}]
 
 
 def jax_sharded(fn, args, kwargs, dtype, dense_by_kind):
-    return jax_jit(fn, args, kwargs, dtype, dense_by_kind, sharded=True)
+    return jax_jit(fn, args, kwargs, dtype, dense_by_kind, sharded="auto")
+
+
+def jax_sharded_explicit(fn, args, kwargs, dtype, dense_by_kind):
+    return jax_jit(fn, args, kwargs, dtype, dense_by_kind, sharded="explicit")
 
 
 def jax_pallas(fn, args, kwargs, dtype, dense_by_kind, launches):
@@ -495,15 +503,30 @@ def _check_shardable(args, kwargs):
     _split_axis(np.shape(args[0]), kwargs)
 
 
-def _shard(x, kwargs):
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+def _shard(x, arrays, kwargs, *, explicit=False):
+    """``x`` laid over every device, split along its class axis where that divides, else its
+    first axis that does; the other arrays as they were. ``explicit``: on a mesh whose axis is
+    ``Explicit`` (``jax.make_mesh``'s default: the layout is part of each array's type and JAX
+    checks every operation against it) instead of ``Auto`` (XLA's partitioner decides), and,
+    where the classes are split, each class vector (a ``(K,)`` array option: a class weight, a
+    class mask) split with them, as a vocabulary-parallel model holds it."""
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-    devices = jax.devices()
+    count = len(jax.devices())
     split = _split_axis(x.shape, kwargs)
     spec = [None] * x.ndim
     spec[split] = "devices"
-    mesh = Mesh(np.array(devices), ("devices",))
-    return jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec)))
+    kind = AxisType.Explicit if explicit else AxisType.Auto
+    mesh = jax.make_mesh((count,), ("devices",), axis_types=(kind,))
+    x = jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec)))
+    classes = kwargs.get("axis", kwargs.get("dim", -1)) % x.ndim
+    if explicit and split == classes:
+        by_class = NamedSharding(mesh, PartitionSpec("devices"))
+        arrays = {
+            key: jax.device_put(value, by_class) if value.shape == (x.shape[classes],) else value
+            for key, value in arrays.items()
+        }
+    return x, arrays
 
 
 def jax_vmap(fn, args, kwargs, dtype, dense_by_kind):
@@ -544,10 +567,12 @@ class Path:
     name: str
     framework: str
     run: Callable
-    needs: tuple[str, ...] = ()  # the Twin flags this path needs: "kernels", "inplace", "pallas"
+    # the Twin flags this path needs: "kernels", "inplace", "pallas", "unpacked" (not packed)
+    needs: tuple[str, ...] = ()
     dtypes: tuple[str, ...] = DTYPES  # the kernels take float32/bf16/fp16 logits, not float64
     kernels: str = ""  # the kernels ("Triton", "Pallas") the path must be seen to launch
     examples: int = 1  # results per call: 2 under vmap (x and x / 2)
+    devices: int = 1  # the devices the path needs (the sharded paths lay x over 2)
     # ``check(args, kwargs)`` raises NotApplicable for a case the path cannot take, before the
     # case's oracle and plain path are computed (None: every case applies).
     check: Callable | None = None
@@ -597,7 +622,16 @@ PATHS: tuple[Path, ...] = (
     Path("torch: compile + func.grad", "torch", torch_compile_func_grad),
     Path("jax: jit", "jax", jax_jit),
     Path("jax: vmap", "jax", jax_vmap, examples=2),
-    Path("jax: sharded", "jax", jax_sharded, check=_check_shardable),
+    Path("jax: sharded", "jax", jax_sharded, check=_check_shardable, devices=2),
+    # (the fused head's own inputs on an explicit mesh: tests/test_sharded.py)
+    Path(
+        "jax: sharded, explicit mesh",
+        "jax",
+        jax_sharded_explicit,
+        ("unpacked",),
+        check=_check_shardable,
+        devices=2,
+    ),
     Path("jax: pallas", "jax", jax_pallas, ("pallas",), ("float32", "bfloat16"), "Pallas"),
 )
 PLAIN = {"torch": torch_eager, "jax": jax_eager}
@@ -608,7 +642,8 @@ def reaches(twin, path: Path) -> bool | str:
     reason) when it should and does not yet."""
     if path.framework not in twin.ours:
         return False
-    flags = {"kernels": twin.kernels, "inplace": twin.inplace, "pallas": twin.pallas}
+    flags = {"kernels": twin.kernels, "inplace": twin.inplace, "pallas": twin.pallas,
+             "unpacked": not twin.packed}  # fmt: skip
     if not all(flags[need] for need in path.needs):
         return False
     return twin.unreachable.get(path.name, True)

@@ -54,6 +54,8 @@ class Twin:
     # path only). ``kernels``: the torch call runs lstorch's Triton kernels (LSTORCH_TRITON=all).
     # ``inplace``: the torch call takes ``inplace_backward``. ``pallas``: the jax call reaches
     # lsjax's core with logits, which lsjax's Pallas kernels take (LSJAX_IMPLEMENTATION=pallas).
+    # ``packed``: ``x`` packs several arrays into one vector (the fused head's hidden, weight
+    # and bias), which no model lays out over a mesh: the explicit-mesh path does not take it.
     # ``unreachable``: {path name: why}
     # for a path this twin's call should take and cannot yet; the report prints the reason.
     # ``path_tolerances``: per dtype, one side against its plain path and the float64 oracle
@@ -62,6 +64,7 @@ class Twin:
     kernels: bool = False
     inplace: bool = False
     pallas: bool = False
+    packed: bool = False
     unreachable: dict = dataclasses.field(default_factory=dict)
     path_tolerances: dict | None = None
 
@@ -1211,6 +1214,7 @@ TWINS: tuple[Twin, ...] = (
         _fused_cases(),
         _fused_oracle,
         tolerances=_FLOAT32_CANCELLING_SUMS,
+        packed=True,
     ),
     Twin(
         "FusedLinearSmoothedCrossEntropyLoss (module)",
@@ -1220,6 +1224,7 @@ TWINS: tuple[Twin, ...] = (
         _fused_cases()[1::4],
         _fused_oracle,
         tolerances=_FLOAT32_CANCELLING_SUMS,
+        packed=True,
     ),
     Twin(
         "fused_linear_smoothed_cross_entropy (softcap, logit_scale, return_stats)",
@@ -1229,6 +1234,7 @@ TWINS: tuple[Twin, ...] = (
         _fused_lm_cases(),
         _fused_oracle,
         tolerances=_FLOAT32_CANCELLING_SUMS,
+        packed=True,
     ),
     Twin(
         "FusedLinearSmoothedCrossEntropyLoss (module; softcap, logit_scale, return_stats)",
@@ -1238,6 +1244,7 @@ TWINS: tuple[Twin, ...] = (
         _fused_lm_cases()[::2],
         _fused_oracle,
         tolerances=_FLOAT32_CANCELLING_SUMS,
+        packed=True,
     ),
 )
 

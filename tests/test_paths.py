@@ -56,8 +56,8 @@ def _check_rows(twin, path, results):
 def test_twin_on_path_equals_plain_path_and_oracle(path, twin):
     if "kernels" in path.needs:
         pytest.importorskip("triton", reason="Triton is in the dev extras; CI installs it")
-    if path.name == "jax: sharded" and len(jax.devices()) < 2:
-        pytest.skip("the sharded path needs two or more JAX devices")
+    if path.devices > len(jax.devices()):
+        pytest.skip(f"the path needs {path.devices} JAX devices")
     sample = "all" if profile() == "nightly" else "ci"
     _check_rows(twin, path, paths.run_twin_path(twin, path, profile=sample))
 
