@@ -168,6 +168,11 @@ def fused_linear_smoothed_cross_entropy(
       ``return_z_loss=True``. Gradients come back in the inputs' dtypes: ``d hidden`` is
       accumulated over every chunk, and each class's ``d weight`` row over every row, in float32
       (float64 for float64 inputs), and rounded to the inputs' dtype once.
+
+    Sharded inputs: under ``jit``, ``hidden`` and ``weight`` in any layout (for a vocabulary
+    split with collectives over the shards, :mod:`lsjax.sharded`). On a mesh with ``Explicit``
+    axes (``jax.make_mesh``'s default) the loss computes under ``jax.sharding.auto_axes``, as
+    :func:`lsjax.smoothed_cross_entropy` does: each gradient comes back laid out as its input.
     """
     fn = lsspec.caller("fused_linear_smoothed_cross_entropy", _caller)
     options = lsspec.LabelOptions(smoothing, convention, ignore_index, pad_index, reduction)

@@ -342,6 +342,11 @@ def smoothed_cross_entropy(
       per row with ``reduction="none"``, else a scalar. When no row counts, ``"mean"`` returns 0
       with a zero gradient (torch returns NaN there).
 
+    Sharded inputs: logits split over the rows, the classes or both, under ``jit``. On a mesh
+    with ``Explicit`` axes (``jax.make_mesh``'s default) the loss computes under
+    ``jax.sharding.auto_axes`` (XLA's partitioner plans the same temporaries as on an ``Auto``
+    mesh) and returns the per-row loss laid out as the logits' rows, a scalar replicated.
+
     Errors and traced inputs: every bad option raises ``ValueError``/``TypeError`` naming the
     argument, the value given and what is allowed. The scalar options (``smoothing``,
     ``normalizer``, ``z_loss``) are Python numbers or 0-d arrays of a real dtype; concrete
