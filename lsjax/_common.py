@@ -49,15 +49,25 @@ def times(scale: Array, term: Array) -> Array:
     return jnp.where(scale == 0, jnp.zeros_like(term), scale * term)
 
 
-def explicit_mesh(*arrays: Any) -> Any:
-    """The mesh of the first of ``arrays`` laid out over an ``Explicit`` mesh axis, or None."""
+def explicit_mesh(*arrays: Any) -> tuple[Any, tuple[str, ...]]:
+    """``(mesh, axes)``: the mesh and its ``Explicit`` axes where one of ``arrays`` is split
+    over one of them (its type's sharding names it), else ``(None, ())``. A mesh's other axes
+    (``Auto``, or ``Manual`` inside ``shard_map``) are not among them."""
     for value in arrays:
         sharding = getattr(jax.typeof(value), "sharding", None) if value is not None else None
         mesh = getattr(sharding, "mesh", None)
-        types = getattr(mesh, "axis_types", ())
-        if any(kind == jax.sharding.AxisType.Explicit for kind in types):
-            return mesh
-    return None
+        names, kinds = getattr(mesh, "axis_names", ()), getattr(mesh, "axis_types", ())
+        explicit = {
+            name
+            for name, kind in zip(names, kinds, strict=True)
+            if kind == jax.sharding.AxisType.Explicit
+        }
+        used = set()
+        for entry in getattr(sharding, "spec", None) or ():
+            used |= set(entry if isinstance(entry, tuple) else (entry,)) & explicit
+        if used:
+            return mesh, tuple(sorted(explicit))
+    return None, ()
 
 
 def with_auto_axes(fn: Any, inputs: Any, class_axis: int, *others: Any) -> Any:
@@ -75,7 +85,7 @@ def with_auto_axes(fn: Any, inputs: Any, class_axis: int, *others: Any) -> Any:
     Each output comes back laid out as the rows of ``inputs`` (a per-row output) or replicated
     (a scalar). Only the JAX arrays among ``fn``'s arguments pass through ``auto_axes``; the
     others (static options, Python numbers) are bound."""
-    mesh = explicit_mesh(inputs, *others)
+    mesh, axes = explicit_mesh(inputs, *others)
     if mesh is None:
         return fn
     spec = tuple(jax.typeof(inputs).sharding.spec)
@@ -99,9 +109,9 @@ def with_auto_axes(fn: Any, inputs: Any, class_axis: int, *others: Any) -> Any:
         # The outputs' shapes, traced with the mesh's axes Auto as well (every output
         # replicated): traced as they are, the arrays would meet the checks of Explicit axes.
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        shapes = jax.eval_shape(jax.sharding.auto_axes(on_arrays, out_sharding=replicated), *arrays)
-        layouts = jax.tree.map(layout, shapes)
-        return jax.sharding.auto_axes(on_arrays, out_sharding=layouts)(*arrays)
+        on_auto = jax.sharding.auto_axes(on_arrays, axes=axes, out_sharding=replicated)
+        layouts = jax.tree.map(layout, jax.eval_shape(on_auto, *arrays))
+        return jax.sharding.auto_axes(on_arrays, axes=axes, out_sharding=layouts)(*arrays)
 
     return run
 

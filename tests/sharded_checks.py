@@ -286,6 +286,40 @@ def main() -> None:
                 layouts=[str(leaf.sharding.spec) for leaf in jax.tree.leaves(got)],
             )
         )
+
+    # 5. Inside shard_map over the batch axis of the explicit mesh (its other axis still
+    # Explicit): the per-shard logits split over the vocabulary (the loss; JAX 0.10 cannot take
+    # a gradient through auto_axes there, for its own functions too), then not split at all
+    # (the loss and its gradient).
+    def per_batch_shard(x, y):
+        return jax.lax.psum(lsjax.smoothed_cross_entropy(x, y, **sum_options), "batch")
+
+    sum_options = dict(smoothing=0.1, ignore_index=-100, reduction="sum")
+    in_batch = jax.shard_map(per_batch_shard, mesh=explicit, in_specs=PartitionSpec("batch"),
+                             out_specs=PartitionSpec(), axis_names={"batch"})  # fmt: skip
+    single = jax.value_and_grad(lambda x: lsjax.smoothed_cross_entropy(x, labels, **sum_options))
+    expected = single(jnp.asarray(logits))
+    results["partial_manual"] = []
+    for spec, differentiated in (
+        (PartitionSpec("batch", "vocab"), False),
+        (PartitionSpec("batch", None), True),
+    ):
+        x = jax.device_put(logits, NamedSharding(explicit, spec))
+        y = jax.device_put(labels, NamedSharding(explicit, PartitionSpec("batch")))
+        if differentiated:
+            got = jax.jit(jax.value_and_grad(in_batch))(x, y)
+        else:
+            got = (jax.jit(in_batch)(x, y),)
+        results["partial_manual"].append(
+            dict(
+                case=str(spec),
+                diffs=[
+                    float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                    for a, b in zip(got, expected, strict=False)
+                ],
+                scales=[float(np.max(np.abs(np.asarray(b)))) for b in expected[: len(got)]],
+            )
+        )
     # Control: the parser does see an all-gather of the logits when one is asked for.
     x = jax.device_put(logits, NamedSharding(mesh, PartitionSpec("batch", "vocab")))
     gather = jax.jit(lambda x: x * 2, out_shardings=NamedSharding(mesh, PartitionSpec()))

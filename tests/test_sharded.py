@@ -72,6 +72,21 @@ def test_the_fused_loss_on_inputs_laid_over_an_explicit_mesh(results):
     assert cases[1]["layouts"] == ["P()", "P('batch', None)", "P('vocab', None)", "P('vocab',)"]
 
 
+def test_inside_shard_map_over_one_axis_of_an_explicit_mesh(results):
+    """In ``shard_map`` over the batch axis of a (batch, vocab) mesh with explicit axes, the
+    vocabulary axis is still ``Explicit`` and the batch axis ``Manual``, which ``auto_axes``
+    may not turn ``Auto``: the loss takes only the explicit axes there (it raised
+    ``NotImplementedError`` when it took them all). Logits split over the vocabulary inside:
+    the single-device loss (JAX 0.10 takes no gradient through ``auto_axes`` inside
+    ``shard_map``, not even of ``jax.nn.logsumexp``); not split: the loss and its gradient."""
+    cases = results["partial_manual"]
+    assert [case["case"] for case in cases] == ["P('batch', 'vocab')", "P('batch', None)"]
+    assert [len(case["diffs"]) for case in cases] == [1, 2]
+    for case in cases:
+        for diff, scale in zip(case["diffs"], case["scales"], strict=True):
+            assert scale > 0 and diff <= 4 * RTOL * max(scale, 1.0), case
+
+
 def test_sharded_weight_gives_the_single_device_fused_and_dense_results(results):
     assert len(results["fused"]) == 8
     for case in results["fused"]:
