@@ -516,12 +516,15 @@ def _lse_parts(options, hidden, weight, bias, classes, compute_dtype) -> _Pass:
     peak, total, support_sum, moment, best, best_index = carry
     if options.axis_name is not None:  # the global max, and the sum-exp relative to it
         axis = options.axis_name
-        global_peak = jax.lax.pmax(peak, axis)
+        # The shift the sum-exp is taken relative to: the result does not depend on it, so it
+        # is held constant for differentiation (JAX has no derivative of pmax, and a second
+        # derivative differentiates this pass).
+        global_peak = jax.lax.pmax(jax.lax.stop_gradient(peak), axis)
         factor = jnp.exp(peak - finite(global_peak))
         if options.with_stats:  # the entropy's sum moved to the global max; the first argmax
             moved = jnp.where(jnp.isfinite(peak), peak - finite(global_peak), 0.0)
             moment = jax.lax.psum(factor * (moment + moved * total), axis)
-            global_best = jax.lax.pmax(best, axis)
+            global_best = jax.lax.pmax(jax.lax.stop_gradient(best), axis)  # only compared
             later = jnp.iinfo(jnp.int32).max  # a shard without the max offers no class
             best_index = jax.lax.pmin(jnp.where(best == global_best, best_index, later), axis)
         total = jax.lax.psum(total * factor, axis)

@@ -93,7 +93,9 @@ def sharded_fused_linear_smoothed_cross_entropy(
     ``y`` contributes) and ``sum_c x_c = hidden . sum_c w_c + sum_c b_c`` are ``psum`` s. The
     backward pass all-reduces ``d hidden``; ``d weight`` and ``d bias`` stay local. A traced
     ``smoothing`` is differentiated as in the fused loss (its derivative is summed over the
-    batch shards, once: the per-row slope is already global over the vocabulary).
+    batch shards, once: the per-row slope is already global over the vocabulary). Second order
+    through reverse mode (``jax.hessian``, Hessian-vector products) as in the single-device
+    function: the all-reduced max is a shift the result does not depend on, held constant.
 
     ``softcap``, ``logit_scale`` and ``return_stats`` as in the single-device function: the
     transformed support sum is a ``psum`` of each shard's forward-loop sum; the statistics'

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 import lsjax
 import lstorch
+from lsjax.sharded import sharded_fused_linear_smoothed_cross_entropy
 from parity_tests import oracles
 from tests.helpers import compiled_temp_bytes
 
@@ -83,6 +84,47 @@ def test_jax_hessian_of_the_fused_loss_is_torchs_of_the_dense_logits():
             np.testing.assert_allclose(got[i][j], want[i][j].numpy(), rtol=1e-10, atol=1e-12)
     with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
         jax.jacfwd(ours)(hidden, weight, bias)
+
+
+def test_jax_hessian_of_the_vocabulary_split_head_is_torchs_of_the_dense_logits():
+    """The same second order with the weight split over two devices
+    (``lsjax.sharded.sharded_fused_linear_smoothed_cross_entropy``): a second derivative
+    differentiates the forward's statistics, whose global max is an all-reduced max (``pmax``,
+    which JAX cannot differentiate; the sum-exp does not depend on that shift). Chunks of 3 are
+    ragged within each device's 4 classes; ``return_stats`` adds the argmax's all-reduced max."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]).reshape(1, 2), ("batch", "vocab"))
+    rng = np.random.default_rng(12)
+    hidden, weight, bias = (
+        rng.standard_normal((4, 3)),
+        rng.standard_normal((8, 3)),
+        rng.standard_normal(8),
+    )
+    labels, class_weight = np.array([0, 5, -100, 7]), np.linspace(0.5, 1.5, 8)
+    options = dict(smoothing=0.1, ignore_index=-100, reduction="mean", chunk_size=3)
+
+    def ours(h, w, b):
+        loss, _ = sharded_fused_linear_smoothed_cross_entropy(
+            h, w, labels, mesh=mesh, bias=b, class_weight=class_weight, return_stats=True,
+            **options,
+        )  # fmt: skip
+        return loss
+
+    def dense(h, w, b):
+        return F.cross_entropy(
+            h @ w.T + b,
+            torch.as_tensor(labels),
+            weight=torch.as_tensor(class_weight),
+            label_smoothing=0.1,
+            ignore_index=-100,
+        )
+
+    got = jax.jit(jax.hessian(ours, argnums=(0, 1, 2)))(hidden, weight, bias)
+    want = torch.autograd.functional.hessian(
+        dense, tuple(map(torch.as_tensor, (hidden, weight, bias)))
+    )
+    for i in range(3):
+        for j in range(3):
+            np.testing.assert_allclose(got[i][j], want[i][j].numpy(), rtol=1e-10, atol=1e-12)
 
 
 def test_fused_temporaries_at_the_issue_size_are_under_5_percent_of_the_logits():
