@@ -26,9 +26,11 @@ integers comes first: the ranks' class counts, so that shards of unequal size ra
 rank before any check that depends on ``K`` could raise on some alone. A backward that will be
 differentiated again (``create_graph=True``, forward over reverse) recomputes the global lse
 through a differentiable all-reduce (one more of ``R b`` bytes, and one in its own backward), so
-that Hessian-vector products are exact; forward mode (``jvp``, ``torch.autograd.forward_ad``)
-all-reduces the rows' O(R) tangents once (``R b`` bytes; ``2 R b`` with a z-loss: the loss's and
-the z-part's). ``where``, ``normalizer``, ``kl``, ``z_loss`` and ``return_z_loss`` add no
+that Hessian-vector products are exact (the fused head also passes its hidden states and their
+gradient through differentiable all-reduces). Forward mode of the dense loss (``jvp``,
+``torch.autograd.forward_ad``; the fused head has none) all-reduces the rows' O(R) tangents once
+(``R b`` bytes; ``2 R b`` with a z-loss: the loss's and the z-part's). ``where``,
+``normalizer``, ``kl``, ``z_loss`` and ``return_z_loss`` add no
 communication: the row mask is the same on every rank, and the KL constant and ``z lse**2`` are
 functions of the global statistics already all-reduced. ``class_mask`` is the full ``(K,)`` mask
 on every rank (``K`` bytes, as the labels are replicated): every rank checks it and raises alike
@@ -323,8 +325,13 @@ def vocab_parallel_fused_linear_smoothed_cross_entropy(
     Returns:
       float32 for bf16/fp16/float32 inputs, float64 for float64; per row for ``"none"``, else
       a scalar; ``(loss, z_part)`` with ``return_z_loss``; ``(..., stats)`` with
-      ``return_stats``. The same on every rank. First-order gradients only: a backward that
-      would be differentiated again (``create_graph=True``, ``torch.func`` transforms) raises.
+      ``return_stats``. The same on every rank. Reverse mode to any order: a backward that
+      will be differentiated again (``create_graph=True``, ``torch.func.grad`` of
+      ``torch.func.grad``) recomputes the global lse through a differentiable all-reduce, and
+      the hidden states' gradient is all-reduced as a differentiable op, so Hessian-vector
+      products of the hidden states and of each rank's weight rows are exact (one more
+      all-reduce of ``R b`` bytes; the second backward all-reduces ``R b`` and ``R D b``).
+      Forward mode (``jvp``, ``torch.autograd.forward_ad``) raises.
     """
     fn = "vocab_parallel_fused_linear_smoothed_cross_entropy"
     names = lsspec.caller(fn, weight="weight_shard", bias="bias_shard")
@@ -684,6 +691,63 @@ class _AllReduceSum(torch.autograd.Function):
         same batch, as every rank runs the same transform)."""
         del info
         return _AllReduceSum.apply(tensor, group), in_dims[0]
+
+
+class _ReplicatedInput(torch.autograd.Function):
+    """The identity on a tensor every rank holds whole (the fused head's hidden states), whose
+    gradient is the sum of the ranks' parts: the backward all-reduces it (Megatron's "copy to
+    the tensor-parallel region"). Its backward is :class:`_ReducedOutput`, and the reverse, so
+    that both can be differentiated again."""
+
+    @staticmethod
+    def forward(tensor, group):
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.group = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _ReducedOutput.apply(grad, ctx.group), None
+
+    @staticmethod
+    def jvp(ctx, tangent, _):
+        return tangent
+
+    @staticmethod
+    def vmap(info, in_dims, tensor, group):
+        del info
+        return _ReplicatedInput.apply(tensor, group), in_dims[0]
+
+
+class _ReducedOutput(torch.autograd.Function):
+    """``all_reduce(SUM)`` of each rank's part of a tensor every rank then holds whole (the
+    fused head's ``d hidden``), whose cotangent every rank holds whole too: the backward passes
+    it as is (Megatron's "reduce from the tensor-parallel region")."""
+
+    @staticmethod
+    def forward(tensor, group):
+        total = tensor.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        return total
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.group = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _ReplicatedInput.apply(grad, ctx.group), None
+
+    @staticmethod
+    def jvp(ctx, tangent, _):
+        return _ReducedOutput.apply(tangent, ctx.group)
+
+    @staticmethod
+    def vmap(info, in_dims, tensor, group):
+        del info
+        return _ReducedOutput.apply(tensor, group), in_dims[0]
 
 
 def _without_pad(local_mask, layout, local_classes: int, device):
@@ -1218,23 +1282,35 @@ class _FusedVocabParallelRows(torch.autograd.Function):
         ctx.mark_non_differentiable(lse, eps_slope, w_y, support_weight, entropy, correct)
 
     @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(
+            "vocab_parallel_fused_linear_smoothed_cross_entropy: forward-mode AD (jvp, "
+            "torch.autograd.forward_ad, jacfwd) is not implemented; reverse mode is, to any "
+            "order (double backward, torch.func.grad of torch.func.grad). For forward mode use "
+            "vocab_parallel_smoothed_cross_entropy of F.linear(hidden, weight_shard, "
+            "bias_shard)."
+        )
+
+    @staticmethod
     def backward(ctx, grad_loss, grad_z, *grad_statistics):
         """Per local chunk: ``coeff = g * (A softmax(x) - t)`` (rows x chunk), ``d hidden +=
         coeff @ W_chunk``, ``d W_chunk = coeff.T @ hidden``, ``d b_chunk = sum coeff``; then
-        ``d hidden`` is all-reduced over the group (each rank holds its classes' part)."""
+        ``d hidden`` is all-reduced over the group (each rank holds its classes' part). A
+        backward that will be differentiated again builds the same through differentiable ops
+        (:func:`_differentiable_fused_gradients`)."""
         del grad_statistics  # internal statistics, never differentiated.
         saved = _FusedSaved(*ctx.saved_tensors)
         layout = ctx.layout
-        if _common.differentiated_again(saved.hidden, saved.weight, saved.bias):
-            raise NotImplementedError(
-                "vocab_parallel_fused_linear_smoothed_cross_entropy: first-order gradients "
-                "only; got a backward that will be differentiated again (create_graph=True, "
-                "a torch.func transform or forward-mode tangents)."
-            )
         grad_z = grad_z if layout.with_z else None
-        d_hidden, d_weight, d_bias = _fused_gradients(saved, grad_loss, grad_z, layout)
-        if ctx.needs_input_grad[0]:
-            dist.all_reduce(d_hidden, op=dist.ReduceOp.SUM, group=layout.group)
+        if _common.differentiated_again(saved.hidden, saved.weight, saved.bias):
+            with _fused._autocast_off(saved.hidden.device.type):
+                d_hidden, d_weight, d_bias = _differentiable_fused_gradients(
+                    saved, grad_loss, grad_z, layout
+                )
+        else:
+            d_hidden, d_weight, d_bias = _fused_gradients(saved, grad_loss, grad_z, layout)
+            if ctx.needs_input_grad[0]:
+                dist.all_reduce(d_hidden, op=dist.ReduceOp.SUM, group=layout.group)
         d_eps = None
         bad = _bad_rows(saved, layout)
         if saved.eps_slope is not None:  # the whole loss's derivative, the same on every rank
@@ -1246,6 +1322,59 @@ class _FusedVocabParallelRows(torch.autograd.Function):
             d_hidden.to(hidden.dtype), d_weight.to(weight.dtype), d_bias.to(bias.dtype),
             None, None, d_eps, None, d_z, None,
         )  # fmt: skip
+
+
+def _differentiable_fused_gradients(saved: _FusedSaved, grad_loss, grad_z, layout: _Layout):
+    """:func:`_fused_gradients` (``d hidden`` all-reduced) through differentiable, out-of-place
+    ops, for a backward that will be differentiated again. The global lse is recomputed from
+    (hidden, weight, bias) through :class:`_AllReduceSum` (relative to the saved lse, the same
+    on every rank); the hidden states enter through :class:`_ReplicatedInput` and ``d hidden``
+    leaves through :class:`_ReducedOutput`. A second derivative then has every rank's terms:
+    of the hidden states (all-reduced), and of each rank's rows of the weight and bias (the
+    other ranks' through the lse)."""
+    operand_dtype, compute_dtype = layout.operand_dtype, saved.eps.dtype
+    weight, bias, counted = saved.weight, saved.bias, saved.counted
+    hidden = _ReplicatedInput.apply(saved.hidden, layout.group)
+    hidden_c = _fused._counted_rows_only(
+        _fused._operand(hidden, operand_dtype, compute_dtype), counted
+    )
+    chunks = _fused._chunks(weight.shape[0], layout.chunk_size)
+
+    def chunk_logits(start, stop):  # (raw, transformed)
+        raw = _fused._chunk_logits(hidden_c, weight, bias, start, stop, operand_dtype,
+                                   compute_dtype)  # fmt: skip
+        return raw, _closed_form.transformed(raw, layout.transform)
+
+    shift = torch.where(counted & torch.isfinite(saved.lse), saved.lse, 0.0).unsqueeze(-1)
+    local = 0.0
+    for start, stop in chunks:
+        _, logits = chunk_logits(start, stop)
+        local = local + torch.exp(_allowed(logits, layout.local_mask, start, stop) - shift).sum(-1)
+    total = _AllReduceSum.apply(local, layout.group)
+    lse = torch.where(counted, torch.log(total) + shift.squeeze(-1), 0.0)
+    bad = _bad_rows(saved, layout)
+    scale = torch.where(bad, torch.nan, grad_loss.to(compute_dtype))
+    scale = torch.where(counted, scale, 0.0).unsqueeze(-1)
+    mass = _target_mass(saved.eps, saved.support_weight, saved.w_y, layout).unsqueeze(-1)
+    softmax_scale = scale * mass + _z_scale(saved.z, lse, layout, grad_loss, grad_z)
+    keep = counted.unsqueeze(-1)
+    part, d_weight, d_bias = 0.0, [], []
+    for start, stop in chunks:
+        raw, logits = chunk_logits(start, stop)
+        softmax = torch.exp(_allowed(logits, layout.local_mask, start, stop) - lse.unsqueeze(-1))
+        target = _local_target(
+            saved.labels, counted, saved.eps, saved.class_weight, saved.w_y, layout, start,
+            stop, hidden.device,
+        )  # fmt: skip
+        coeff = softmax_scale * softmax - target * scale
+        if layout.transform.active:  # the chain rule through t = softcap(scale * x)
+            coeff = coeff * _closed_form.transform_slope(raw, layout.transform)
+        coeff = torch.where(keep, coeff, 0.0)
+        weight_chunk = _fused._operand(weight[start:stop], operand_dtype, compute_dtype)
+        part = part + coeff @ weight_chunk
+        d_weight.append(coeff.T @ hidden_c)
+        d_bias.append(coeff.sum(0))
+    return _ReducedOutput.apply(part, layout.group), torch.cat(d_weight), torch.cat(d_bias)
 
 
 def _fused_gradients(saved: _FusedSaved, grad_loss, grad_z, layout: _Layout):

@@ -3,7 +3,8 @@
 One subprocess (``tests/vocab_parallel_checks.py``) starts its own process group of 4 ranks and
 runs every check over the whole world and over two groups of 2 ranks side by side: the
 vocabulary-parallel loss with class weights (its Hessian-vector products and forward-mode
-tangents included), the vocabulary-parallel fused head (under autocast too), Megatron's
+tangents included), the vocabulary-parallel fused head (under autocast too, and its
+Hessian-vector products), Megatron's
 ``vocab_parallel_cross_entropy`` and ``lstorch.smoothed_cross_entropy`` of DTensor logits
 sharded on the class axis. Each result equals the single-process loss and gradients, is bit for
 bit the same on every rank of its group, and runs the stated collectives: their number and
@@ -63,6 +64,23 @@ def test_with_class_weights_second_derivatives_and_forward_mode_equal_the_dense_
     for case in _of(results, "higher order"):
         assert _close(case, "hvp"), case  # double backward: the other ranks' terms included
         assert _close(case, "jvp"), case  # forward mode: each rank's share, all-reduced
+
+
+def test_fused_head_second_derivatives_equal_torchs_and_the_dense_ones(results):
+    """Hessian-vector products by double backward of the hidden states and of each rank's rows
+    of the weight and bias: the other ranks' terms reach both through the lse's all-reduce,
+    and the hidden states' through the all-reduce of their gradient."""
+    cases = _of(results, "fused higher order")
+    assert len(cases) == 4 * 4 * 2  # 4 cases, on 4 ranks, over the world and over pairs
+    for case in cases:
+        assert "error" not in case and _close(case, "hvp"), case
+        if "torch_hvp_diff" in case:
+            assert _close(case, "torch_hvp"), case
+    assert sum("torch_hvp_diff" in case for case in cases) == 8  # uniform, torch's own loss
+    groups = {}
+    for case in cases:  # the hidden states' product, all-reduced: the same on every rank
+        groups.setdefault((case["group"], case["case"]), set()).add(case["hvp_bytes"][0])
+    assert all(len(hidden_bytes) == 1 for hidden_bytes in groups.values()), groups
 
 
 def test_fused_head_under_autocast_rounds_as_the_single_process_fused_loss(results):
@@ -389,6 +407,9 @@ ERRORS = {  # case: what the message must say (the function, the argument, the v
     "is not supported",
     "fused compiled func.grad": "NotImplementedError: "
     "vocab_parallel_fused_linear_smoothed_cross_entropy: torch.compile of a torch.func transform",
+    "fused forward mode": "NotImplementedError: "
+    "vocab_parallel_fused_linear_smoothed_cross_entropy: forward-mode AD (jvp, "
+    "torch.autograd.forward_ad, jacfwd) is not implemented",
 }
 
 

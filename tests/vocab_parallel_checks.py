@@ -16,7 +16,8 @@ of the same vocabulary:
   and ``return_z_loss`` (``d z_loss`` too);
 * ``transforms``: both losses with ``softcap``, ``logit_scale`` and ``return_stats`` (the
   argmax's ties across ranks included);
-* ``higher order`` (class weights: double backward and forward mode), ``autocast`` (the fused
+* ``higher order`` (class weights: double backward and forward mode; the fused head's double
+  backward against ``F.cross_entropy`` too), ``autocast`` (the fused
   head under bf16 autocast) and ``errors`` (the messages of bad calls).
 
 Each result is compared on the rank with the single-process loss and gradients (the dense
@@ -590,6 +591,98 @@ def higher_order_checks(counter, group, world, rank, tag):
                 jvp_scale=scale(dense_jvp.tangent),
             )
         )  # fmt: skip
+    return results + fused_higher_order_checks(group, world, rank, tag)
+
+
+FUSED_HIGHER_ORDER_CASES = [
+    *FUSED_CASES,
+    ("uniform", None, "mean", 0.1, True, True, dict(z_loss=0.01, softcap=3.0, chunk_size=2)),
+]
+
+
+def fused_higher_order_checks(group, world, rank, tag):
+    """The fused head's Hessian-vector product by double backward, of the hidden states (every
+    rank's terms, all-reduced) and of this rank's rows of the weight and bias (the other ranks'
+    terms through the lse): against ``F.cross_entropy`` of the full logits where torch has the
+    loss (the uniform convention without a z-loss or softcap), and against
+    ``lstorch.smoothed_cross_entropy`` of them for every case, in float64."""
+    import lstorch
+    from lstorch.distributed import vocab_parallel_fused_linear_smoothed_cross_entropy
+
+    results = []
+    mine = slice(rank * LOCAL_VOCAB, (rank + 1) * LOCAL_VOCAB)
+    for index, case in enumerate(FUSED_HIGHER_ORDER_CASES):
+        convention, pad_index, reduction, smoothing, weighted, with_bias, *more = case
+        more = more[0] if more else {}
+        _, labels, class_weight, cotangent, hidden, weight, bias = data(
+            40 + index, world, torch.float64
+        )
+        generator = torch.Generator().manual_seed(index)
+        vectors = [torch.randn(t.shape, generator=generator, dtype=torch.float64)
+                   for t in (hidden, weight, bias)]  # fmt: skip
+        full_weight = class_weight if weighted else None
+        extra = {name: value for name, value in more.items() if name != "chunk_size"}
+        options = dict(convention=convention, pad_index=pad_index, ignore_index=IGNORE,
+                       reduction=reduction, smoothing=smoothing, **extra)  # fmt: skip
+        # chunks of 3 are ragged within each rank's 5 classes
+        fused_options = dict(options, chunk_size=more.get("chunk_size", 3))
+
+        def ours(h, w, b=None, options=fused_options, labels=labels, full_weight=full_weight):
+            return vocab_parallel_fused_linear_smoothed_cross_entropy(
+                h, w, labels, bias_shard=b, group=group,
+                class_weight=None if full_weight is None else full_weight[mine], **options,
+            )  # fmt: skip
+
+        def dense(h, w, b=None, options=options, labels=labels, full_weight=full_weight):
+            logits = h @ w.T + (0.0 if b is None else b)
+            return lstorch.smoothed_cross_entropy(logits, labels, weight=full_weight, **options)
+
+        def torchs(h, w, b=None, options=options, labels=labels, full_weight=full_weight):
+            logits = h @ w.T + (0.0 if b is None else b)
+            return F.cross_entropy(
+                logits, labels, weight=full_weight, ignore_index=IGNORE,
+                reduction=options["reduction"], label_smoothing=options["smoothing"],
+            )  # fmt: skip
+
+        def hvp(loss_fn, inputs, vs, cotangent=cotangent):
+            inputs = [t.clone().requires_grad_(True) for t in inputs]
+            loss = loss_fn(*inputs)
+            grads = torch.autograd.grad(loss, inputs, cotangent_for(loss, cotangent),
+                                        create_graph=True)  # fmt: skip
+            product = sum((g * v).sum() for g, v in zip(grads, vs, strict=True))
+            return torch.autograd.grad(product, inputs), loss
+
+        count = 3 if with_bias else 2
+        full_inputs, full_vectors = (hidden, weight, bias)[:count], vectors[:count]
+        local_inputs = [hidden] + [t[mine] for t in full_inputs[1:]]
+        local_vectors = [vectors[0]] + [v[mine] for v in full_vectors[1:]]
+        try:
+            ours_hvp, loss = hvp(ours, local_inputs, local_vectors)
+        except NotImplementedError as error:  # reported by the test, not a crash of every rank
+            results.append(dict(check="fused higher order", group=tag, world=world,
+                                dtype="float64", case=str(case), error=str(error)))  # fmt: skip
+            continue
+
+        def mine_of(products):
+            return [products[0]] + [p[mine] for p in products[1:]]
+
+        dense_hvp = mine_of(hvp(dense, full_inputs, full_vectors)[0])
+        result = dict(
+            check="fused higher order", group=tag, world=world, dtype="float64",
+            case=f"{convention}/{reduction}/{smoothing}/weighted={weighted}/bias={with_bias}"
+                 f"/{sorted(more)}",
+            loss_bytes=hexbytes(loss),
+            hvp_diff=max(diff(a, b) for a, b in zip(ours_hvp, dense_hvp, strict=True)),
+            hvp_scale=max(scale(b) for b in dense_hvp),
+            hvp_bytes=[hexbytes(ours_hvp[0])],
+        )  # fmt: skip
+        if convention == "uniform" and not extra:
+            torch_hvp = mine_of(hvp(torchs, full_inputs, full_vectors)[0])
+            result.update(
+                torch_hvp_diff=max(diff(a, b) for a, b in zip(ours_hvp, torch_hvp, strict=True)),
+                torch_hvp_scale=max(scale(b) for b in torch_hvp),
+            )  # fmt: skip
+        results.append(result)
     return results
 
 
@@ -990,6 +1083,11 @@ def error_checks(mesh, world):
             lambda w: vocab_parallel_fused_linear_smoothed_cross_entropy(
                 hidden, w, labels, ignore_index=IGNORE, reduction="mean"),
             weight[:LOCAL_VOCAB],
+        ),
+        "fused forward mode": lambda: torch.func.jvp(
+            lambda h: vocab_parallel_fused_linear_smoothed_cross_entropy(
+                h, weight[:LOCAL_VOCAB], labels, ignore_index=IGNORE),
+            (hidden,), (torch.ones_like(hidden),),
         ),
     }  # fmt: skip
     results = []
