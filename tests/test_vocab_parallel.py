@@ -74,6 +74,7 @@ def test_fused_head_second_derivatives_equal_torchs_and_the_dense_ones(results):
     assert len(cases) == 4 * 4 * 2  # 4 cases, on 4 ranks, over the world and over pairs
     for case in cases:
         assert "error" not in case and _close(case, "hvp"), case
+        assert _close(case, "func_hvp"), case  # torch.func.grad of torch.func.grad
         if "torch_hvp_diff" in case:
             assert _close(case, "torch_hvp"), case
     assert sum("torch_hvp_diff" in case for case in cases) == 8  # uniform, torch's own loss

@@ -667,6 +667,17 @@ def fused_higher_order_checks(group, world, rank, tag):
             return [products[0]] + [p[mine] for p in products[1:]]
 
         dense_hvp = mine_of(hvp(dense, full_inputs, full_vectors)[0])
+
+        def scalar(h, inputs=local_inputs, cotangent=cotangent):  # torch.func wants a scalar
+            loss = ours(h, *inputs[1:])
+            return (loss * cotangent_for(loss, cotangent)).sum()
+
+        # torch.func.grad of torch.func.grad: the (hidden, hidden) block's product
+        func_hvp = torch.func.grad(
+            lambda h, v=vectors[0]: (torch.func.grad(scalar)(h) * v).sum()
+        )(hidden)
+        hidden_only = [vectors[0]] + [torch.zeros_like(v) for v in full_vectors[1:]]
+        dense_hidden_hvp = hvp(dense, full_inputs, hidden_only)[0][0]
         result = dict(
             check="fused higher order", group=tag, world=world, dtype="float64",
             case=f"{convention}/{reduction}/{smoothing}/weighted={weighted}/bias={with_bias}"
@@ -675,6 +686,8 @@ def fused_higher_order_checks(group, world, rank, tag):
             hvp_diff=max(diff(a, b) for a, b in zip(ours_hvp, dense_hvp, strict=True)),
             hvp_scale=max(scale(b) for b in dense_hvp),
             hvp_bytes=[hexbytes(ours_hvp[0])],
+            func_hvp_diff=diff(func_hvp, dense_hidden_hvp),
+            func_hvp_scale=scale(dense_hidden_hvp),
         )  # fmt: skip
         if convention == "uniform" and not extra:
             torch_hvp = mine_of(hvp(torchs, full_inputs, full_vectors)[0])
