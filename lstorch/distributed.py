@@ -693,7 +693,21 @@ class _AllReduceSum(torch.autograd.Function):
         return _AllReduceSum.apply(tensor, group), in_dims[0]
 
 
-class _ReplicatedInput(torch.autograd.Function):
+class _ReducedOutput(_AllReduceSum):
+    """``all_reduce(SUM)`` of each rank's part of a tensor every rank then holds whole (the
+    fused head's ``d hidden``), whose cotangent every rank holds whole too: the backward passes
+    it as is (Megatron's "reduce from the tensor-parallel region")."""
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _ReplicatedInput.apply(grad, ctx.group), None
+
+    @staticmethod
+    def jvp(ctx, tangent, _):
+        return _ReducedOutput.apply(tangent, ctx.group)
+
+
+class _ReplicatedInput(_AllReduceSum):
     """The identity on a tensor every rank holds whole (the fused head's hidden states), whose
     gradient is the sum of the ranks' parts: the backward all-reduces it (Megatron's "copy to
     the tensor-parallel region"). Its backward is :class:`_ReducedOutput`, and the reverse, so
@@ -704,50 +718,12 @@ class _ReplicatedInput(torch.autograd.Function):
         return tensor.view_as(tensor)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.group = inputs[1]
-
-    @staticmethod
     def backward(ctx, grad):
         return _ReducedOutput.apply(grad, ctx.group), None
 
     @staticmethod
     def jvp(ctx, tangent, _):
         return tangent
-
-    @staticmethod
-    def vmap(info, in_dims, tensor, group):
-        del info
-        return _ReplicatedInput.apply(tensor, group), in_dims[0]
-
-
-class _ReducedOutput(torch.autograd.Function):
-    """``all_reduce(SUM)`` of each rank's part of a tensor every rank then holds whole (the
-    fused head's ``d hidden``), whose cotangent every rank holds whole too: the backward passes
-    it as is (Megatron's "reduce from the tensor-parallel region")."""
-
-    @staticmethod
-    def forward(tensor, group):
-        total = tensor.clone()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-        return total
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.group = inputs[1]
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _ReplicatedInput.apply(grad, ctx.group), None
-
-    @staticmethod
-    def jvp(ctx, tangent, _):
-        return _ReducedOutput.apply(tangent, ctx.group)
-
-    @staticmethod
-    def vmap(info, in_dims, tensor, group):
-        del info
-        return _ReducedOutput.apply(tensor, group), in_dims[0]
 
 
 def _without_pad(local_mask, layout, local_classes: int, device):

@@ -46,68 +46,42 @@ def _temp_bytes(loss):
     return compiled_temp_bytes(loss, *shapes, argnums=(0, 1, 2))
 
 
-def test_jax_hessian_of_the_fused_loss_is_torchs_of_the_dense_logits():
+@pytest.mark.parametrize("layout", ["one device", "vocabulary over two devices"])
+def test_jax_hessian_of_the_fused_loss_is_torchs_of_the_dense_logits(layout):
     """Second order through reverse mode (``jax.hessian``: ``jacfwd`` of ``jacrev``; a
     Hessian-vector product, a gradient penalty): the custom_vjp's backward is made of
     differentiable ops, so its derivative is exact; only forward mode of the loss itself
     (``jax.jvp``, ``jax.jacfwd``) is refused. Against ``torch.autograd.functional.hessian`` of
-    ``F.cross_entropy`` on the dense logits, float64, every block of (hidden, weight, bias)."""
-    rng = np.random.default_rng(11)
-    hidden, weight, bias = (
-        rng.standard_normal((4, 3)),
-        rng.standard_normal((7, 3)),
-        rng.standard_normal(7),
-    )
-    labels, class_weight = np.array([0, 3, -100, 6]), np.linspace(0.5, 1.5, 7)
-    options = dict(smoothing=0.1, ignore_index=-100, reduction="mean", chunk_size=3)
+    ``F.cross_entropy`` on the dense logits, float64, every block of (hidden, weight, bias).
 
-    def ours(h, w, b):
-        return lsjax.fused_linear_smoothed_cross_entropy(
-            h, w, labels, bias=b, class_weight=class_weight, **options
-        )
-
-    def dense(h, w, b):
-        return F.cross_entropy(
-            h @ w.T + b,
-            torch.as_tensor(labels),
-            weight=torch.as_tensor(class_weight),
-            label_smoothing=0.1,
-            ignore_index=-100,
-        )
-
-    got = jax.hessian(ours, argnums=(0, 1, 2))(hidden, weight, bias)
-    want = torch.autograd.functional.hessian(
-        dense, tuple(map(torch.as_tensor, (hidden, weight, bias)))
-    )
-    for i in range(3):
-        for j in range(3):
-            np.testing.assert_allclose(got[i][j], want[i][j].numpy(), rtol=1e-10, atol=1e-12)
-    with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
-        jax.jacfwd(ours)(hidden, weight, bias)
-
-
-def test_jax_hessian_of_the_vocabulary_split_head_is_torchs_of_the_dense_logits():
-    """The same second order with the weight split over two devices
-    (``lsjax.sharded.sharded_fused_linear_smoothed_cross_entropy``): a second derivative
+    With the weight split over two devices
+    (``lsjax.sharded.sharded_fused_linear_smoothed_cross_entropy``) a second derivative
     differentiates the forward's statistics, whose global max is an all-reduced max (``pmax``,
-    which JAX cannot differentiate; the sum-exp does not depend on that shift). Chunks of 3 are
-    ragged within each device's 4 classes; ``return_stats`` adds the argmax's all-reduced max."""
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]).reshape(1, 2), ("batch", "vocab"))
-    rng = np.random.default_rng(12)
+    which JAX cannot differentiate; the sum-exp does not depend on that shift); there
+    ``return_stats`` adds the argmax's all-reduced max. Chunks of 3 are ragged within the 8
+    classes, and within each device's 4."""
+    rng = np.random.default_rng(11)
     hidden, weight, bias = (
         rng.standard_normal((4, 3)),
         rng.standard_normal((8, 3)),
         rng.standard_normal(8),
     )
     labels, class_weight = np.array([0, 5, -100, 7]), np.linspace(0.5, 1.5, 8)
-    options = dict(smoothing=0.1, ignore_index=-100, reduction="mean", chunk_size=3)
+    options = dict(smoothing=0.1, ignore_index=-100, reduction="mean", chunk_size=3,
+                   class_weight=class_weight)  # fmt: skip
+    if layout == "one device":
 
-    def ours(h, w, b):
-        loss, _ = sharded_fused_linear_smoothed_cross_entropy(
-            h, w, labels, mesh=mesh, bias=b, class_weight=class_weight, return_stats=True,
-            **options,
-        )  # fmt: skip
-        return loss
+        def ours(h, w, b):
+            return lsjax.fused_linear_smoothed_cross_entropy(h, w, labels, bias=b, **options)
+
+    else:
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]).reshape(1, 2), ("batch", "vocab"))
+
+        def ours(h, w, b):
+            loss, _ = sharded_fused_linear_smoothed_cross_entropy(
+                h, w, labels, mesh=mesh, bias=b, return_stats=True, **options
+            )
+            return loss
 
     def dense(h, w, b):
         return F.cross_entropy(
@@ -125,6 +99,9 @@ def test_jax_hessian_of_the_vocabulary_split_head_is_torchs_of_the_dense_logits(
     for i in range(3):
         for j in range(3):
             np.testing.assert_allclose(got[i][j], want[i][j].numpy(), rtol=1e-10, atol=1e-12)
+    if layout == "one device":
+        with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
+            jax.jacfwd(ours)(hidden, weight, bias)
 
 
 def test_fused_temporaries_at_the_issue_size_are_under_5_percent_of_the_logits():
