@@ -392,7 +392,10 @@ def index_labels(labels: Array) -> Array:
     Widening before any comparison makes narrow labels give exactly what int64 labels give, and
     widening to ONE dtype makes the compiled program the same whatever the labels' dtype: XLA's
     fusion choices (and so the order of float32 additions) may otherwise differ by a last bit.
-    Labels as wide as the target are left as they are.
+    Inside a caller's jit the widening itself is fused into the loss's fusions, which changes
+    their operand order and so which products XLA:CPU fuses into multiply-adds: a result may
+    differ there by one unit in the last place. Labels as wide as the target are left as they
+    are.
     """
     target = jnp.dtype(jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
     if labels.dtype.itemsize < target.itemsize:

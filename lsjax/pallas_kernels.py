@@ -276,9 +276,14 @@ def _forward_kernel(params_ref, rows_ref, w_y_ref, *refs, num_classes, block, co
         running_sum = running_sum * rescale + jnp.sum(
             jnp.exp(x_lse - new_shift), axis=1, keepdims=True
         )
-        # The pad never enters the sum (see lsjax.smoothed._row_terms): summed and subtracted
-        # after, a pad logit of -1e9 would swamp the others' sum, and a -inf one make it NaN.
-        summed = new if convention != 2 else new & (cols != pad)
+        # The label ("others", "others_but_pad") and the pad never enter the sum (see
+        # lsjax.smoothed._row_terms): summed and subtracted after, the label's term would cancel
+        # against the others', a pad logit of -1e9 would swamp them, and a -inf one make it NaN.
+        summed = new
+        if convention >= 1:
+            summed = summed & (cols != labels)
+        if convention == 2:
+            summed = summed & (cols != pad)
         u = (allowed & summed).astype(dtype)
         if has_weight:  # u_ref holds the weights times the class mask
             u = jnp.where(summed, u_ref[:, pl.ds(start, block)], 0.0)
@@ -308,10 +313,9 @@ def _forward_kernel(params_ref, rows_ref, w_y_ref, *refs, num_classes, block, co
     eps = params_ref[0, EPS]
     size = params_ref[0, SIZE]
     support_weight = params_ref[0, TOTAL_WEIGHT]
-    if convention >= 1:  # y is not in the support
-        support_sum = support_sum - w_y * ((x_y - peak) * sum_scale)
+    if convention >= 1:  # y is not in the support (left out of support_sum as it was read)
         support_weight = support_weight - w_y
-    if convention == 2:  # nor is the pad (left out of support_sum as it was read)
+    if convention == 2:  # nor is the pad (left out of support_sum too)
         support_weight = support_weight - params_ref[0, PAD_WEIGHT]
     confidence = 1.0 - eps
     true_term = w_y * ((peak - x_y) + log_sum)

@@ -160,6 +160,54 @@ def _zero_masked(x: Array, class_mask: Array, companion: Array) -> Array:
     return jnp.minimum(jnp.maximum(x, floor), ceiling) * mask
 
 
+def _support_sum(values: Array, in_support: Array | None) -> Array:
+    """``sum_c values_c`` over the columns ``in_support`` (all of them when None)."""
+    if in_support is None:
+        return jnp.sum(values, axis=-1)
+    return _selected_sum(values, in_support)
+
+
+@jax.custom_jvp
+def _selected_sum(values: Array, selected: Array) -> Array:
+    """``sum_c values_c [selected_c]`` over the last axis, as ONE variadic reduction whose
+    operands are ``values`` and ``selected``: XLA:CPU fuses the select into it (a select
+    feeding a plain sum is materialised as rows x K). A value that is not selected never
+    enters, whatever it is (-inf, NaN)."""
+
+    def combine(left, right):
+        (left_sum, left_kept), (right_sum, right_kept) = left, right
+        total = jnp.where(left_kept, left_sum, 0.0) + jnp.where(right_kept, right_sum, 0.0)
+        return total, jnp.ones_like(left_kept)
+
+    start = (np.array(0.0, values.dtype), np.array(True))
+    total, _ = jax.lax.reduce((values, selected), start, combine, (values.ndim - 1,))
+    return total
+
+
+@_selected_sum.defjvp
+def _selected_sum_jvp(primals, tangents):
+    """Linear in ``values``: ``d total = sum_c d values_c [selected_c]``."""
+    values, selected = primals
+    d_total = jnp.sum(jnp.where(selected, tangents[0], 0.0), axis=-1)
+    return _selected_sum(values, selected), d_total
+
+
+def _support_columns(options, shape, safe_labels) -> Array | None:
+    """Whether each column of a ``shape`` array is in its row's support (before a class mask):
+    all but the label (``"others"``), also not the pad (``"others_but_pad"``); None for
+    ``"uniform"``, where every column is."""
+    if options.convention == "uniform":
+        return None
+    classes = jax.lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1)
+    # An identity gather (the safe labels are in [0, K)): XLA computes it in a fusion of its
+    # own, so the reduction reads int32 labels whatever the labels' dtype and is the same code.
+    labels = jnp.arange(shape[-1], dtype=jnp.int32)[safe_labels]
+    in_support = classes != labels[..., None]
+    if options.convention == "others_but_pad":
+        in_support = in_support & (classes != options.pad_index)
+    return in_support
+
+
 def _check_arrays(fn, logits, labels, axis, weight, where, class_mask=None):
     """Shared input checks; returns (logits, labels widened by ``_common.index_labels``, class
     axis as a non-negative int). ``weight``, ``where`` and ``class_mask`` may be any array-like
@@ -506,32 +554,31 @@ def _row_terms(options, x, labels, counted, eps, weight, class_mask=None) -> _cl
     scale = lsspec.sum_scale(num_classes)
     x_summed = _transformed_alone(x, compute_dtype, labels, transform)
     x_summed = x_summed - peak_apart[..., None]
-    summed_columns = class_mask
-    if options.convention == "others_but_pad":
-        # The pad never enters the sum: summed and subtracted after, a pad logit of -1e9 would
-        # swamp the others' sum (float32 keeps ~7 digits) and a -inf one make it NaN.
-        not_pad = jnp.arange(num_classes) != options.pad_index
-        summed_columns = not_pad if class_mask is None else class_mask & not_pad
-    if summed_columns is not None:
-        x_summed = _zero_masked(x_summed, summed_columns, labels)
+    if class_mask is not None:
+        x_summed = _zero_masked(x_summed, class_mask, labels)
+    # The label (and the pad) never enter the support's sums: summed and subtracted after, the
+    # label's term w_y (x_y - peak) would cancel against the others' (at smoothing 1 with a
+    # confident label, the float32 rounding of ~16 in a sum of ~1e-4), a pad logit of -1e9
+    # would swamp the others' sum and a -inf one make it NaN. The select compares each column
+    # with the row's label, so XLA fuses it into the reduction (no rows x K temporary).
+    in_support = _support_columns(options, x.shape, safe_labels)
     x_y = jnp.take_along_axis(x, safe_labels[..., None], axis=-1)[..., 0].astype(compute_dtype)
     x_y = _closed_form.transformed(x_y, transform)
     mask_weight = 1.0 if class_mask is None else class_mask.astype(compute_dtype)
     if weight is None:
         w_y = 1.0
         w_pad = 1.0 if class_mask is None else mask_weight[options.pad_index or 0]
-        support_sum = jnp.sum(x_summed * scale, axis=-1)
+        support_sum = _support_sum(x_summed * scale, in_support)
         support_weight = float(num_classes) if class_mask is None else jnp.sum(mask_weight)
     else:
         masked_weight = weight * mask_weight
         w_y = weight[safe_labels]
         w_pad = masked_weight[options.pad_index] if options.pad_index is not None else 0.0
-        support_sum = jnp.sum(x_summed * (weight * scale), axis=-1)
+        support_sum = _support_sum(x_summed * (weight * scale), in_support)
         support_weight = jnp.sum(masked_weight)
-    if options.convention != "uniform":
-        support_sum = support_sum - w_y * ((x_y - peak) * scale)
+    if options.convention != "uniform":  # (y and the pad are out of support_sum already)
         support_weight = support_weight - w_y
-    if options.convention == "others_but_pad":  # (the pad is out of support_sum already)
+    if options.convention == "others_but_pad":
         support_weight = support_weight - w_pad
     return _closed_form.RowTerms(
         peak + log_sum,

@@ -432,6 +432,56 @@ def _column_sum(x: torch.Tensor, column_weight: torch.Tensor, pad_index: int | N
     return before + torch.matmul(x[..., pad_index + 1 :], column_weight[pad_index + 1 :])
 
 
+def _support_sum(x_summed, column_weight, pad_index, labels, *, own: bool) -> torch.Tensor:
+    """``sum_c column_weight_c x_summed_c`` over the support: every column but ``pad_index``
+    (:func:`_column_sum`) and, unless ``labels`` is None (``"uniform"``), each row's label.
+
+    The label is left out, not summed and subtracted after: its term would cancel against the
+    others' (at smoothing 1 with a confident label, float32's rounding of ~16 in a sum of
+    ~1e-4) and a -inf label logit would make it NaN. Its column is set to 0 for the products:
+    in place and restored after (O(rows) work) when ``x_summed`` is this call's ``own`` buffer
+    and autograd does not record it; otherwise in a copy, made block by block on a CPU
+    (:func:`_blockwise_without_labels`), whole elsewhere: on a GPU, under ``torch.compile``
+    (Inductor fuses it), under ``torch.func`` and when autograd records."""
+    if labels is None:
+        return _column_sum(x_summed, column_weight, pad_index)
+    index = labels.unsqueeze(-1)
+    recorded = torch.is_grad_enabled() and x_summed.requires_grad
+    if own and not recorded:
+        kept = x_summed.gather(-1, index)
+        total = _column_sum(x_summed.scatter_(-1, index, 0.0), column_weight, pad_index)
+        x_summed.scatter_(-1, index, kept)  # restored for its next reader (the softmax)
+        return total
+    eager_cpu = x_summed.device.type == "cpu" and not (
+        torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+    )
+    if recorded or not eager_cpu:
+        return _column_sum(x_summed.scatter(-1, index, 0.0), column_weight, pad_index)
+    return _blockwise_without_labels(x_summed, column_weight, pad_index, index)
+
+
+# Rows per block of the copy in _blockwise_without_labels: about 4 MB of float32 logits.
+_BLOCK_ELEMENTS = 2**20
+
+
+def _blockwise_without_labels(x, column_weight, pad_index, index) -> torch.Tensor:
+    """:func:`_column_sum` of ``x`` (not to be written) with each row's ``index`` column as 0,
+    through one reused buffer of a few rows: the copy stays small and in cache (a whole copy
+    of ``x`` costs several times the products themselves on a CPU)."""
+    rows = x.reshape(-1, x.shape[-1])
+    index = index.reshape(-1, 1)
+    block = max(1, _BLOCK_ELEMENTS // max(1, x.shape[-1]))
+    buffer = torch.empty((min(block, rows.shape[0]), x.shape[-1]), dtype=x.dtype, device=x.device)
+    totals = []
+    for start in range(0, rows.shape[0], block):
+        part = buffer[: min(block, rows.shape[0] - start)]
+        part.copy_(rows[start : start + block]).scatter_(-1, index[start : start + block], 0.0)
+        totals.append(_column_sum(part, column_weight, pad_index))
+    if not totals:  # no rows
+        return x.new_zeros(x.shape[:-1])
+    return torch.cat(totals).reshape(x.shape[:-1])
+
+
 def _row_terms(
     options, x, labels, counted, eps, weight, class_mask, lse=None
 ) -> _closed_form.RowTerms:
@@ -453,6 +503,9 @@ def _row_terms(
             zeros, torch.zeros_like(zeros)
         )  # two outputs: never one tensor twice
     transform = options.transform
+    # Whether ``shifted`` is a buffer of this call's (else it is ``x`` itself: log-probabilities
+    # in the compute dtype, no transform)
+    own = not options.from_log_probs or transform.active or x.dtype != compute_dtype
     if lse is None:
         upcast = _closed_form.transformed(x.to(compute_dtype), transform)
         if class_mask is not None:
@@ -472,6 +525,7 @@ def _row_terms(
     else:
         mask_weight = class_mask.to(compute_dtype)
         x_summed = shifted.masked_fill(~class_mask, 0)
+        own = True
     scale = lsspec.sum_scale(num_classes)
     # Each term scaled before it is added (a product with a (K,) vector: no rows x K temporary).
     if weight is None:
@@ -485,9 +539,11 @@ def _row_terms(
         w_pad = masked_weight[options.pad_index] if options.pad_index is not None else 0.0
         column_weight = weight * scale
         support_weight = masked_weight.sum()
-    support_sum = _column_sum(x_summed, column_weight, options.pad_index)
-    if options.convention != "uniform":
-        support_sum = support_sum - w_y * ((x_y - peak) * scale)
+    support_labels = None if options.convention == "uniform" else safe_labels
+    support_sum = _support_sum(
+        x_summed, column_weight, options.pad_index, support_labels, own=own
+    )
+    if options.convention != "uniform":  # (y and the pad are out of support_sum already)
         support_weight = support_weight - w_y
     if options.convention == "others_but_pad":
         support_weight = support_weight - w_pad

@@ -120,6 +120,8 @@ def _forward_kernel(
     # Online, as in flash attention: the running max, the sum of exp(x - shift) and the support
     # sum of u (x - shift), each rescaled when the shift moves (the shift is the running max,
     # 0 while it is not finite, as lstorch.smoothed._peak).
+    safe, w_y, state = _row_setup(label_ptr, counted_ptr, params_ptr, weight_ptr, mask_ptr, row,
+                                  num_classes, HAS_WEIGHT, HAS_MASK)  # fmt: skip
     running_max = tl.full([], float("-inf"), tl.float32)
     shift = tl.zeros([], tl.float32)
     running_sum = tl.zeros([], tl.float32)
@@ -161,7 +163,12 @@ def _forward_kernel(
             best = tl.where(later, block_max, best)
         running_sum = running_sum * rescale + tl.sum(tl.exp(x_lse - new_shift), 0)
         in_support = allowed
-        if CONVENTION == 2:  # the pad never enters the sum (see lstorch.smoothed._column_sum)
+        # The label ("others", "others_but_pad") and the pad never enter the sum (see
+        # lstorch.smoothed._row_terms): summed and subtracted after, the label's term would
+        # cancel against the others', a pad logit of -1e9 would swamp them, a -inf one give NaN.
+        if CONVENTION >= 1:
+            in_support = in_support & (cols != safe)
+        if CONVENTION == 2:
             in_support = in_support & (cols != PAD)
         u = tl.where(in_support, 1.0, 0.0)
         if HAS_WEIGHT:
@@ -178,16 +185,13 @@ def _forward_kernel(
     log_sum = tl.log(running_sum)
     lse = peak + log_sum
 
-    safe, w_y, state = _row_setup(label_ptr, counted_ptr, params_ptr, weight_ptr, mask_ptr, row,
-                                  num_classes, HAS_WEIGHT, HAS_MASK)  # fmt: skip
     eps = tl.load(params_ptr + EPS)
     size = tl.load(params_ptr + SIZE)
     support_weight = tl.load(params_ptr + TOTAL_WEIGHT)
     x_y = _transformed(tl.load(row_ptr + safe).to(tl.float32), logit_scale, cap, HAS_SCALE, HAS_CAP)
-    if CONVENTION >= 1:  # y is not in the support
-        support_sum -= w_y * ((x_y - peak) * SUM_SCALE)
+    if CONVENTION >= 1:  # y is not in the support (left out of support_sum as it was read)
         support_weight -= w_y
-    if CONVENTION == 2:  # nor is the pad (left out of support_sum as it was read)
+    if CONVENTION == 2:  # nor is the pad (left out of support_sum too)
         support_weight -= tl.load(params_ptr + PAD_WEIGHT)
     confidence = 1.0 - eps
     true_term = w_y * ((peak - x_y) + log_sum)

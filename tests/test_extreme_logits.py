@@ -11,6 +11,10 @@
   shift of 0, must not compute ``0 * exp(+1e5)`` (NaN).
 * The mean of rows near the float32 maximum: their sum overflows, their mean does not; the
   reduction scales each row by a power of two before adding (``lsspec.sum_scale``).
+* A confident wrong label at smoothing 1 (``"others"``): the loss is the other classes' term
+  alone, ~1e-4 in float32 log-probabilities, while the label's term is ~16. Summed over every
+  class and subtracted after, the label's term left float32's rounding of 16 in the result
+  (1% of it). The support's sum leaves the label out as it reads the logits.
 
 Oracles: torch's own ``F.cross_entropy`` (loss and gradient) for ``"uniform"``, and the float64
 NumPy formula of ``parity_tests.oracles`` for every convention, on the same float32 inputs. Both
@@ -139,3 +143,48 @@ def test_the_example_matches_torch_cross_entropy(framework):
     value, grad = run(logits, labels, "uniform", {})
     np.testing.assert_allclose(value, expected.detach().numpy(), rtol=1e-6)
     np.testing.assert_allclose(grad, reference.grad.numpy(), rtol=0, atol=1e-6)
+
+
+# Log-probabilities of a confident wrong label (label 1): the other classes' log-probabilities
+# are ~-1e-4 (and -30 for others_but_pad's pad, column 2).
+CONFIDENT_WRONG = {
+    "others": (np.log(np.array([[1.0, 1.1e-4], [1.0, 1.4e-4]]) / [[1.00011], [1.00014]]), {}),
+    "others_but_pad": (
+        np.log(np.array([[1.0, 1.1e-4, 1e-13], [1.0, 1.4e-4, 1e-13]]) / [[1.00011], [1.00014]]),
+        {"pad_index": 2},
+    ),
+}
+
+
+@pytest.mark.parametrize("path", _paths(), ids=lambda p: p[0])
+@pytest.mark.parametrize("convention", list(CONFIDENT_WRONG))
+def test_a_confident_wrong_label_at_smoothing_1_keeps_the_small_loss_exact(
+    convention, path, monkeypatch
+):
+    # Log-probabilities never take the kernels: those two paths check the cores they fall back to
+    name, _, env = path
+    for key, value in env.items():
+        if key == "LSTORCH_TRITON" and not torch.cuda.is_available():
+            pytest.importorskip("triton")
+        monkeypatch.setenv(key, value)
+    log_probs, extra = CONFIDENT_WRONG[convention]
+    log_probs = log_probs.astype(np.float32)
+    labels = np.array([1, 1])
+    weight = np.array([0.7, 1.9, 1.3][: log_probs.shape[-1]], np.float32)
+    options = dict(smoothing=1.0, convention=convention, from_log_probs=True, **extra)
+    if name.startswith("jax"):
+        value = jax.jit(
+            lambda x: lsjax.smoothed_cross_entropy(
+                x, jnp.asarray(labels), weight=jnp.asarray(weight), **options
+            )
+        )(jnp.asarray(log_probs))
+    else:
+        value = lstorch.smoothed_cross_entropy(
+            torch.tensor(log_probs), torch.tensor(labels), weight=torch.tensor(weight), **options
+        )
+    expected, _ = oracles.smoothed_cross_entropy(
+        log_probs.astype(np.float64), labels, weight=weight.astype(np.float64), **options
+    )
+    assert np.all(expected > 5e-5) and np.all(expected < 2e-4)  # the other class's term alone
+    # a few float32 roundings of a ~1e-4 value (the label's term summed and subtracted: 1e-2)
+    np.testing.assert_allclose(np.asarray(value), expected, rtol=1e-6)
