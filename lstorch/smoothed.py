@@ -440,9 +440,9 @@ def _support_sum(x_summed, column_weight, pad_index, labels, *, own: bool) -> to
     others' (at smoothing 1 with a confident label, float32's rounding of ~16 in a sum of
     ~1e-4) and a -inf label logit would make it NaN. Its column is set to 0 for the products:
     in place and restored after (O(rows) work) when ``x_summed`` is this call's ``own`` buffer
-    and autograd does not record it; otherwise in a copy, made block by block on a CPU
-    (:func:`_blockwise_without_labels`), whole elsewhere: on a GPU, under ``torch.compile``
-    (Inductor fuses it), under ``torch.func`` and when autograd records."""
+    and autograd does not record it; otherwise in a copy (the caller's float32
+    log-probabilities: a transient rows x K copy, ~3x the products' time on a CPU; under
+    ``torch.compile`` Inductor fuses it)."""
     if labels is None:
         return _column_sum(x_summed, column_weight, pad_index)
     index = labels.unsqueeze(-1)
@@ -452,34 +452,7 @@ def _support_sum(x_summed, column_weight, pad_index, labels, *, own: bool) -> to
         total = _column_sum(x_summed.scatter_(-1, index, 0.0), column_weight, pad_index)
         x_summed.scatter_(-1, index, kept)  # restored for its next reader (the softmax)
         return total
-    eager_cpu = x_summed.device.type == "cpu" and not (
-        torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
-    )
-    if recorded or not eager_cpu:
-        return _column_sum(x_summed.scatter(-1, index, 0.0), column_weight, pad_index)
-    return _blockwise_without_labels(x_summed, column_weight, pad_index, index)
-
-
-# Rows per block of the copy in _blockwise_without_labels: about 4 MB of float32 logits.
-_BLOCK_ELEMENTS = 2**20
-
-
-def _blockwise_without_labels(x, column_weight, pad_index, index) -> torch.Tensor:
-    """:func:`_column_sum` of ``x`` (not to be written) with each row's ``index`` column as 0,
-    through one reused buffer of a few rows: the copy stays small and in cache (a whole copy
-    of ``x`` costs several times the products themselves on a CPU)."""
-    rows = x.reshape(-1, x.shape[-1])
-    index = index.reshape(-1, 1)
-    block = max(1, _BLOCK_ELEMENTS // max(1, x.shape[-1]))
-    buffer = torch.empty((min(block, rows.shape[0]), x.shape[-1]), dtype=x.dtype, device=x.device)
-    totals = []
-    for start in range(0, rows.shape[0], block):
-        part = buffer[: min(block, rows.shape[0] - start)]
-        part.copy_(rows[start : start + block]).scatter_(-1, index[start : start + block], 0.0)
-        totals.append(_column_sum(part, column_weight, pad_index))
-    if not totals:  # no rows
-        return x.new_zeros(x.shape[:-1])
-    return torch.cat(totals).reshape(x.shape[:-1])
+    return _column_sum(x_summed.scatter(-1, index, 0.0), column_weight, pad_index)
 
 
 def _row_terms(
