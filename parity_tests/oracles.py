@@ -131,8 +131,10 @@ def smoothed_cross_entropy(
         log_probs = safe_x
     else:  # log-softmax over the allowed classes; -inf on the masked ones
         lse, log_probs = _allowed_log_softmax(safe_x, allowed)
-    finite_log_probs = np.where(np.isfinite(log_probs), log_probs, 0.0)  # t is 0 where -inf
+    finite_log_probs = np.where(np.isfinite(log_probs), log_probs, 0.0)  # for the classes t skips
     rows = -(t * finite_log_probs).sum(axis=-1)
+    # -log 0 = inf: a class the target weighs, with a log-probability of -inf, makes the row inf
+    rows = np.where(((t > 0) & np.isneginf(log_probs)).any(axis=-1), np.inf, rows)
     if kl:
         rows = rows + _xlogx(q).sum(axis=-1)
     if from_log_probs:

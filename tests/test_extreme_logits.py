@@ -188,3 +188,60 @@ def test_a_confident_wrong_label_at_smoothing_1_keeps_the_small_loss_exact(
     assert np.all(expected > 5e-5) and np.all(expected < 2e-4)  # the other class's term alone
     # a few float32 roundings of a ~1e-4 value (the label's term summed and subtracted: 1e-2)
     np.testing.assert_allclose(np.asarray(value), expected, rtol=1e-6)
+
+
+# A label whose logit (or log-probability) is -inf: -log p_y = inf wherever the target weighs the
+# label (as in F.cross_entropy), and at smoothing 1 in "others" it does not: the loss is the other
+# classes' finite term. Either way the gradient is finite: softmax(x) sum(t) - t, 0 at the label
+# at smoothing 1.
+NEG_INF_LABEL = np.array([[2.0, -np.inf, 0.5, -1.0], [1.0, 0.0, -np.inf, 3.0]], np.float32)
+NEG_INF_LABEL_CONVENTIONS = {"uniform": {}, "others": {}, "others_but_pad": {"pad_index": 3}}
+
+
+@pytest.mark.parametrize("path", _paths(), ids=lambda p: p[0])
+@pytest.mark.parametrize("convention", list(NEG_INF_LABEL_CONVENTIONS))
+@pytest.mark.parametrize("from_log_probs", [False, True], ids=["logits", "log_probs"])
+def test_a_label_logit_of_minus_inf_gives_inf_or_the_other_classes_finite_loss(
+    from_log_probs, convention, path, monkeypatch
+):
+    name, _, env = path
+    for key, value in env.items():
+        if key == "LSTORCH_TRITON" and not torch.cuda.is_available():
+            pytest.importorskip("triton")
+        monkeypatch.setenv(key, value)
+    inputs = NEG_INF_LABEL
+    if from_log_probs:
+        inputs = inputs - np.log(np.exp(inputs.astype(np.float64)).sum(-1, keepdims=True))
+        inputs = inputs.astype(np.float32)
+    labels = np.array([1, 2])
+    for smoothing in (0.1, 1.0):
+        options = dict(
+            smoothing=smoothing,
+            convention=convention,
+            from_log_probs=from_log_probs,
+            **NEG_INF_LABEL_CONVENTIONS[convention],
+        )
+        if name.startswith("jax"):
+
+            def loss(x, options=options):
+                return lsjax.smoothed_cross_entropy(x, jnp.asarray(labels), **options)
+
+            value, grad = jax.jit(
+                lambda x, loss=loss: (loss(x), jax.grad(lambda x: loss(x).sum())(x))
+            )(jnp.asarray(inputs))
+        else:
+            x = torch.tensor(inputs, requires_grad=True)
+            value = lstorch.smoothed_cross_entropy(x, torch.tensor(labels), **options)
+            value.sum().backward()
+            grad = x.grad
+        value, grad = (
+            np.asarray(value.detach() if hasattr(value, "detach") else value),
+            np.asarray(grad),
+        )
+        expected, vjp = oracles.smoothed_cross_entropy(inputs.astype(np.float64), labels, **options)
+        at_label = smoothing == 1.0 and convention != "uniform"
+        assert np.all(np.isfinite(expected) == at_label), (smoothing, expected)
+        # inf where the oracle is inf, else float32 rounding of an O(1) loss
+        np.testing.assert_allclose(value, expected, rtol=1e-6)
+        assert np.all(np.isfinite(grad)), grad
+        np.testing.assert_allclose(grad, vjp(np.ones(2)), rtol=0, atol=1e-6)
