@@ -692,19 +692,16 @@ def _logits_tangents(options, x, dx, terms, counted, eps, weight, class_mask, z)
     keep = counted[..., None]
     classes = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
     is_target = classes == safe_labels[..., None]
-    in_support = jnp.ones(x.shape, bool)
-    if options.convention != "uniform":
-        in_support = ~is_target
-    if options.convention == "others_but_pad":
-        in_support = in_support & (classes != options.pad_index)
+    in_support = _support_columns(options, x.shape, safe_labels)
     w = 1.0 if weight is None else weight
     if class_mask is not None:  # masked classes leave the support (a (K,) product, not a select)
         w = w * class_mask.astype(eps.dtype)
     on_true = (1.0 - eps) * w_y
     per_class = eps / size
-    target = jnp.where(is_target, on_true[..., None], 0.0) + jnp.where(
-        in_support, per_class * w, 0.0
-    )
+    smoothing_part = per_class * w
+    if in_support is not None:
+        smoothing_part = jnp.where(in_support, smoothing_part, 0.0)
+    target = jnp.where(is_target, on_true[..., None], 0.0) + smoothing_part
     dx = dx.astype(eps.dtype)
     transform = options.transform
     if transform.active:  # the chain rule: dt = (dt/dx) dx, elementwise
