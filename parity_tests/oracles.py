@@ -131,7 +131,8 @@ def smoothed_cross_entropy(
         log_probs = safe_x
     else:  # log-softmax over the allowed classes; -inf on the masked ones
         lse, log_probs = _allowed_log_softmax(safe_x, allowed)
-    finite_log_probs = np.where(np.isfinite(log_probs), log_probs, 0.0)  # for the classes t skips
+    # 0 for the -inf of the classes t skips (a NaN stays: it is the row's loss)
+    finite_log_probs = np.where(np.isneginf(log_probs), 0.0, log_probs)
     rows = -(t * finite_log_probs).sum(axis=-1)
     # -log 0 = inf: a class the target weighs, with a log-probability of -inf, makes the row inf
     rows = np.where(((t > 0) & np.isneginf(log_probs)).any(axis=-1), np.inf, rows)
@@ -233,9 +234,11 @@ def smoothed_cross_entropy_option_derivatives(
         log_probs = safe_x
     else:
         lse, log_probs = _allowed_log_softmax(safe_x, allowed)
-    finite_log_probs = np.where(np.isfinite(log_probs), log_probs, 0.0)
     target_slope = w * uniform - w[safe_labels][..., None] * onehot  # d t / d eps
-    eps_rows = -(target_slope * finite_log_probs).sum(axis=-1)
+    # a class the slope skips adds 0 (its log-prob may be -inf); a -inf it weighs adds inf
+    with np.errstate(invalid="ignore"):
+        slope_terms = np.where(target_slope == 0, 0.0, target_slope * log_probs)
+    eps_rows = -slope_terms.sum(axis=-1)
     if kl:
         q = (1 - eps) * onehot + eps * uniform
         q_slope = uniform - onehot  # d q / d eps
