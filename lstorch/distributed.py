@@ -83,6 +83,7 @@ def vocab_parallel_smoothed_cross_entropy(
     where: torch.Tensor | None = None,
     normalizer: float | torch.Tensor | None = None,
     kl: bool = False,
+    from_log_probs: bool = False,
     class_mask: torch.Tensor | None = None,
     z_loss: float | torch.Tensor = 0.0,
     return_z_loss: bool = False,
@@ -137,6 +138,11 @@ def vocab_parallel_smoothed_cross_entropy(
         this instead (the token count of a whole accumulated batch).
       kl: as ``smoothed_cross_entropy``: the KL form (SEMANTICS.md §2), the loss plus the
         target's ``sum_c q_c log q_c``, a constant per row from the global ``|S|``.
+      from_log_probs: as ``smoothed_cross_entropy``: ``local_logits`` are this rank's slice of
+        log-probabilities (``log_softmax`` over all K classes, taken before the split): the
+        loss is ``-sum_c q_c x_c`` with no lse (the two all-reduces carry the same bytes, the
+        max and the sum-exp as constants), its gradient ``-g t`` on the slice. Not with
+        ``z_loss``, ``softcap``, ``logit_scale`` or ``return_stats``, which need logits.
       class_mask: as ``smoothed_cross_entropy``: the FULL boolean ``(K,)`` mask, the same on
         every rank (unlike ``weight``, not a slice); masked classes leave the lse, the softmax
         and the smoothing's support (SEMANTICS.md §7). A counted row whose label is masked
@@ -163,8 +169,6 @@ def vocab_parallel_smoothed_cross_entropy(
       float32 for bf16/fp16/float32 logits, float64 for float64; per row for ``"none"``, else
       a scalar; ``(loss, z_part)`` with ``return_z_loss``; ``(..., stats)`` with
       ``return_stats``. The same on every rank.
-
-    Not taken yet (``smoothed_cross_entropy`` has it): ``from_log_probs``.
     """
     fn = lsspec.caller("vocab_parallel_smoothed_cross_entropy", _caller)
     _common.floating(fn, local_logits=local_logits)
@@ -179,8 +183,9 @@ def vocab_parallel_smoothed_cross_entropy(
     layout, counted, class_weight, z = _prologue(
         fn, local_logits.shape[-1], labels, options, weight, group, compute_dtype,
         check_labels=check_labels, where=where, normalizer=normalizer, kl=kl,
-        class_mask=class_mask, z_loss=z_loss, return_z_loss=return_z_loss, softcap=softcap,
-        logit_scale=logit_scale, return_stats=return_stats, shard=_shard,
+        from_log_probs=from_log_probs, class_mask=class_mask, z_loss=z_loss,
+        return_z_loss=return_z_loss, softcap=softcap, logit_scale=logit_scale,
+        return_stats=return_stats, shard=_shard,
     )  # fmt: skip
     eps = _common.smoothing_tensor(smoothing, compute_dtype, local_logits.device)  # differentiated
     _check_not_a_compiled_transform(fn)
@@ -385,8 +390,8 @@ def is_dtensor(value: object) -> bool:
 # The options of smoothed_cross_entropy that the vocabulary-parallel path takes (and weight).
 _DTENSOR_OPTIONS = (
     "smoothing", "convention", "ignore_index", "pad_index", "reduction", "where", "normalizer",
-    "kl", "class_mask", "z_loss", "return_z_loss", "softcap", "logit_scale", "return_stats",
-    "check_labels",
+    "kl", "from_log_probs", "class_mask", "z_loss", "return_z_loss", "softcap", "logit_scale",
+    "return_stats", "check_labels",
 )  # fmt: skip
 
 
@@ -412,13 +417,13 @@ def dtensor_smoothed_cross_entropy(logits, labels, *, axis=None, weight=None, _c
     mesh's process group, without gathering the logits. ``labels`` are a tensor or a
     replicated DTensor; ``weight`` a full ``(K,)`` tensor (each rank takes its slice) or a
     DTensor sharded or replicated over the same mesh. ``where``, ``normalizer``, ``kl``,
-    ``class_mask`` (the full ``(K,)`` mask), ``z_loss``, ``return_z_loss``, ``softcap``,
-    ``logit_scale``, ``return_stats`` and ``check_labels`` are those of
-    :func:`vocab_parallel_smoothed_cross_entropy` (a tensor option may be a DTensor: its local
-    tensor when replicated, else gathered whole). Returns what the dense call returns, each
-    tensor a replicated DTensor on the mesh (``(loss, z_part)``, ``RowStats`` of DTensors; the
-    loss's backward reaches ``logits`` as a ``Shard(axis)`` gradient). ``from_log_probs`` and
-    ``inplace_backward`` raise when given a value other than their default."""
+    ``from_log_probs``, ``class_mask`` (the full ``(K,)`` mask), ``z_loss``,
+    ``return_z_loss``, ``softcap``, ``logit_scale``, ``return_stats`` and ``check_labels`` are
+    those of :func:`vocab_parallel_smoothed_cross_entropy` (a tensor option may be a DTensor:
+    its local tensor when replicated, else gathered whole). Returns what the dense call
+    returns, each tensor a replicated DTensor on the mesh (``(loss, z_part)``, ``RowStats`` of
+    DTensors; the loss's backward reaches ``logits`` as a ``Shard(axis)`` gradient).
+    ``inplace_backward`` raises when given a value other than its default."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
     from lstorch.smoothed import smoothed_cross_entropy
@@ -510,6 +515,7 @@ class _Layout(NamedTuple):
     chunk_size: int = 0  # the fused head's classes per chunk
     operand_dtype: torch.dtype | None = None  # the fused head's operands' (autocast's) dtype
     kl: bool = False  # the KL form: plus the target's sum_c q_c log q_c, a constant per row
+    from_log_probs: bool = False  # the input is log-probabilities: lse 0, no softmax
     with_z: bool = False  # a z-loss term z lse**2 (computed only when it can matter)
     class_mask: Any = None  # the full (K,) class mask, the same on every rank, or None
     local_mask: Any = None  # this rank's slice of it
@@ -578,8 +584,9 @@ def _check_even_shards(fn, local_classes: int, labels, group, check_labels) -> N
 
 def _prologue(fn, local_classes, labels, options: lsspec.LabelOptions, weight, group,
               compute_dtype, *, check_labels=None, where=None, normalizer=None, kl=False,
-              class_mask=None, z_loss=0.0, return_z_loss=False, softcap=None, logit_scale=1.0,
-              return_stats=False, shard=None, **fused):  # fmt: skip
+              from_log_probs=False, class_mask=None, z_loss=0.0, return_z_loss=False,
+              softcap=None, logit_scale=1.0, return_stats=False, shard=None,
+              **fused):  # fmt: skip
     """The shared checks: ``(layout, counted rows, this rank's class weights in the compute
     dtype or None, the z-loss weight as a 0-d compute-dtype tensor)``. ``shard``: ``(start,
     K)``, this rank's first class and the global class count, where the caller knows them (a
@@ -600,8 +607,9 @@ def _prologue(fn, local_classes, labels, options: lsspec.LabelOptions, weight, g
     lsspec.check_row_options_shapes(fn, num_classes, tuple(labels.shape), where=where)
     z_value, transform = _common.check_loss_options(
         fn, num_classes, options, check_labels, normalizer=normalizer, kl=kl,
-        has_weight=weight is not None, z_loss=z_loss, return_z_loss=return_z_loss,
-        softcap=softcap, logit_scale=logit_scale, return_stats=return_stats,
+        has_weight=weight is not None, from_log_probs=from_log_probs, z_loss=z_loss,
+        return_z_loss=return_z_loss, softcap=softcap, logit_scale=logit_scale,
+        return_stats=return_stats,
     )  # fmt: skip
     device = labels.device
     # The z-loss is computed only when it can matter (as in the single-device losses).
@@ -639,7 +647,8 @@ def _prologue(fn, local_classes, labels, options: lsspec.LabelOptions, weight, g
     )
     layout = _Layout(
         options.convention, options.pad_index, start, num_classes, group,
-        kl=kl, with_z=with_z, class_mask=class_mask, local_mask=local_mask, size=size,
+        kl=kl, from_log_probs=from_log_probs, with_z=with_z, class_mask=class_mask,
+        local_mask=local_mask, size=size,
         transform=transform, with_stats=return_stats, caller=fn, check_labels=check_labels,
         given_shard=shard is not None, **fused,
     )  # fmt: skip
@@ -836,6 +845,8 @@ def _global_terms(peak, sum_exp_at, share: _Share, labels, counted, eps, layout,
     per_row = packed[: len(rows) * peak.numel()].reshape(len(rows), *peak.shape)
     sum_exp, x_y, support_sum, x_pad = per_row[:4]
     lse = torch.where(even, torch.log(sum_exp) + peak, torch.nan)
+    if layout.from_log_probs:  # log-probabilities: the lse is 0 (their logsumexp, taken whole)
+        lse = torch.where(even, torch.zeros_like(peak), torch.nan)
     entropy = correct = None
     if stats is not None:  # H = log sum_exp - sum_c p_c (t_c - peak); argmax: no tie before y
         entropy = torch.where(counted, torch.log(sum_exp) - per_row[-2] / sum_exp, 0.0)
@@ -928,13 +939,15 @@ def _bad_rows(saved, layout: _Layout):
 def _dense_coefficients(saved: _Saved, lse, layout, grad_loss, grad_z=None):
     """``(g A + g_total 2 z lse) softmax(x) - g t`` on this rank's classes (rows x V_local,
     compute dtype), ``g_total = g + g_z`` (the z-part's cotangent, None: 0); the z term only
-    with a z-loss."""
+    with a z-loss. Of log-probabilities (``from_log_probs``): ``-g t``."""
     x, eps = saved.x, saved.eps
     g = grad_loss.to(eps.dtype).unsqueeze(-1)
     target = _local_target(
         saved.labels, saved.counted, eps, saved.class_weight, saved.w_y, layout, 0,
         x.shape[-1], x.device,
     )  # fmt: skip
+    if layout.from_log_probs:  # log-probabilities: -g t (no softmax, no z-loss, no transform)
+        return -g * target
     scale = g * _target_mass(eps, saved.support_weight, saved.w_y, layout).unsqueeze(-1)
     scale = scale + _z_scale(saved.z, lse, layout, grad_loss, grad_z)
     t = _closed_form.transformed(x.to(eps.dtype), layout.transform)
@@ -963,8 +976,12 @@ class _VocabParallelRows(torch.autograd.Function):
         compute_dtype = eps.dtype
         with torch.no_grad():
             t = _transformed(x, layout, compute_dtype)  # x itself without a transform
-            allowed = _allowed(t, layout.local_mask)
-            peak = allowed.amax(dim=-1).to(compute_dtype)
+            if layout.from_log_probs:  # no lse (0), so no peak and no sum-exp to share
+                allowed = None
+                peak = torch.zeros(x.shape[:-1], dtype=compute_dtype, device=x.device)
+            else:
+                allowed = _allowed(t, layout.local_mask)
+                peak = allowed.amax(dim=-1).to(compute_dtype)
             safe_labels, _ = _closed_form.label_rows(
                 labels, counted, eps, layout.num_classes, layout.class_mask
             )
@@ -986,6 +1003,8 @@ class _VocabParallelRows(torch.autograd.Function):
             )
 
             def sum_exp_at(global_peak):
+                if layout.from_log_probs:  # a constant: _global_terms sets lse = 0
+                    return torch.zeros_like(global_peak)
                 return torch.exp(allowed.to(compute_dtype) - global_peak.unsqueeze(-1)).sum(-1)
 
             stats = None
@@ -1046,15 +1065,16 @@ class _VocabParallelRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_z, *grad_statistics):
         """``(g A + (g + g_z) 2 z lse) softmax(x) - g t`` on this rank's classes (``g_z`` the
-        z-part's cotangent; no z term without a z-loss); no communication, except when
-        the gradient will be differentiated again: then the global lse is recomputed from ``x``
-        through ``_AllReduceSum`` (shifted by the saved lse, the same on every rank), so that
-        its dependence on every rank's logits is in the graph."""
+        z-part's cotangent; no z term without a z-loss), ``-g t`` of log-probabilities; no
+        communication, except when the gradient of logits will be differentiated again: then
+        the global lse is recomputed from ``x`` through ``_AllReduceSum`` (shifted by the
+        saved lse, the same on every rank), so that its dependence on every rank's logits is in
+        the graph."""
         del grad_statistics  # internal statistics, never differentiated.
         saved = _Saved(*ctx.saved_tensors)
         x, counted, eps = saved.x, saved.counted, saved.eps
         safe_lse = torch.where(counted, saved.lse, 0.0)
-        if _common.differentiated_again(x):
+        if _common.differentiated_again(x) and not ctx.layout.from_log_probs:
             shift = torch.where(torch.isfinite(saved.lse), saved.lse, 0.0).unsqueeze(-1)
             t = _closed_form.transformed(x.to(eps.dtype), ctx.layout.transform)
             local = torch.exp(_allowed(t, ctx.layout.local_mask) - shift).sum(-1)

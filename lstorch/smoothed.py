@@ -200,7 +200,7 @@ def smoothed_cross_entropy(
       logits: float tensor; the class axis is ``axis``. bf16/fp16 are accumulated in float32.
         A DTensor sharded on the class axis over a 1-D mesh is computed vocabulary-parallel,
         never gathered (``lstorch.distributed.dtensor_smoothed_cross_entropy``), with every
-        option but ``from_log_probs`` and ``inplace_backward``; each output tensor comes back
+        option but ``inplace_backward``; each output tensor comes back
         a replicated DTensor.
       labels: int tensor with the logits' shape without the class axis. Any integer dtype
         (uint8 included) gives what int64 labels give; an ``ignore_index`` the dtype cannot

@@ -223,6 +223,36 @@ def test_where_normalizer_kl_mask_and_z_loss_give_the_single_process_loss_and_gr
         assert len({(case["loss_bytes"], case["grad_bytes"]) for case in group}) == 1, key
 
 
+def test_log_probabilities_give_the_single_process_loss_and_derivatives(results):
+    # from_log_probs=True, each rank holding its slice of log_softmax over the whole
+    # vocabulary: the loss, the gradient's slice, d smoothing, the double backward's derivative
+    # in the cotangent and the forward-mode tangent equal lstorch.smoothed_cross_entropy's of
+    # the whole log-probabilities, in float64 and float32; the plain call's collectives (the
+    # lse is 0, not all-reduced: the same packed bytes), none in backward, even with
+    # create_graph (no lse to recompute).
+    cases = _of(results, "log probs")
+    names = {
+        "uniform/mean",
+        "others/kl/none",
+        "others_but_pad/weight/sum",
+        "class_mask/weight/where/normalizer",
+    }
+    assert {(case["case"], case["dtype"]) for case in cases} == {
+        (name, dtype) for name in names for dtype in ("float64", "float32")
+    }
+    groups = {}
+    for case in cases:
+        assert _close(case, "loss") and _close(case, "grad"), case
+        assert _close(case, "eps_grad") and _close(case, "jvp"), case
+        value_bytes = BYTES[case["dtype"]]
+        assert case["forward"] == _forward_bytes(case["rows"], case["weighted"], value_bytes)
+        assert case["backward"] == [], case
+        groups.setdefault((case["group"], case["case"], case["dtype"]), []).append(case)
+    for key, group in groups.items():  # bit for bit the same on every rank of its group
+        assert len(group) == group[0]["world"], key
+        assert len({case["loss_bytes"] for case in group}) == 1, key
+
+
 def test_softcap_logit_scale_and_return_stats_give_the_single_process_results(results):
     # Both losses with softcap, logit_scale and return_stats: the loss, every gradient and the
     # stats (lse, entropy, correct) equal lstorch.smoothed_cross_entropy's of the full logits.
@@ -274,6 +304,7 @@ def test_dtensor_logits_take_the_vocabulary_parallel_options(results):
     assert {case["case"] for case in cases} == {
         "where/normalizer/kl/class_mask/z_loss",
         "softcap/logit_scale/weight/return_stats",
+        "from_log_probs/kl/class_mask",
     }
     groups = {}
     for case in cases:
@@ -381,11 +412,16 @@ ERRORS = {  # case: what the message must say (the function, the argument, the v
     "fused masked label": "vocab_parallel_fused_linear_smoothed_cross_entropy: `labels` of "
     "counted rows must be classes that `class_mask` allows (True); got labels of masked classes "
     "[1",
-    # every option of the vocabulary-parallel loss passes; log-probabilities are not logits
-    "dtensor from_log_probs": "smoothed_cross_entropy: `from_log_probs` is not supported with "
-    "DTensor logits (the vocabulary-parallel path takes smoothing, convention, ignore_index, "
-    "pad_index, reduction, where, normalizer, kl, class_mask, z_loss, return_z_loss, softcap, "
-    "logit_scale, return_stats, check_labels, weight and axis); got from_log_probs=True.",
+    # every option of the vocabulary-parallel loss passes; its backward is never in place
+    "dtensor inplace_backward": "smoothed_cross_entropy: `inplace_backward` is not supported "
+    "with DTensor logits (the vocabulary-parallel path takes smoothing, convention, "
+    "ignore_index, pad_index, reduction, where, normalizer, kl, from_log_probs, class_mask, "
+    "z_loss, return_z_loss, softcap, logit_scale, return_stats, check_labels, weight and axis); "
+    "got inplace_backward=True.",
+    # log-probabilities have no logsumexp to penalise, as in the single-device loss
+    "dense from_log_probs z_loss": "vocab_parallel_smoothed_cross_entropy: `z_loss` (and "
+    "return_z_loss=True) needs logits: with from_log_probs=True there is no logsumexp to "
+    "penalise; got z_loss=0.1, return_z_loss=False.",
     "fused softcap": "vocab_parallel_fused_linear_smoothed_cross_entropy: `softcap` must be None "
     "or a finite number > 0; got 0.0.",
     "dense return_stats": "vocab_parallel_smoothed_cross_entropy: `return_stats` must be True or "

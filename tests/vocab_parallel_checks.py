@@ -14,6 +14,8 @@ of the same vocabulary:
 * ``dtensor options``: the same with the options the vocabulary-parallel loss takes;
 * ``options``: both losses with ``where``, ``normalizer``, ``kl``, ``class_mask``, ``z_loss``
   and ``return_z_loss`` (``d z_loss`` too);
+* ``log probs``: the dense loss with ``from_log_probs=True`` on each rank's slice of the
+  log-probabilities (its derivatives to second order and forward mode too);
 * ``transforms``: both losses with ``softcap``, ``logit_scale`` and ``return_stats`` (the
   argmax's ties across ranks included);
 * ``higher order`` (class weights: double backward and forward mode; the fused head's double
@@ -400,6 +402,104 @@ def option_checks(counter, group, world, rank, tag):
                     loss_scale=scale(total(expected)),
                     grad_diff=max(diff(a, b) for a, b in zip(grads, expected_all, strict=True)),
                     grad_scale=max(scale(g) for g in expected_grads),
+                    forward=forward, backward=backward,
+                )
+            )  # fmt: skip
+    return results
+
+
+LOG_PROB_CASES = [  # name, the options (weight, class_mask, where: built from the data)
+    ("uniform/mean", dict(smoothing=0.1, reduction="mean")),
+    ("others/kl/none", dict(smoothing=0.2, convention="others", kl=True, reduction="none")),
+    ("others_but_pad/weight/sum", dict(smoothing=0.3, convention="others_but_pad", pad_index=3,
+                                       reduction="sum", weight=True)),
+    ("class_mask/weight/where/normalizer", dict(smoothing=0.2, convention="others",
+                                                reduction="mean", class_mask=True, weight=True,
+                                                where=True, normalizer=7.0)),
+]  # fmt: skip
+
+
+def log_prob_checks(counter, group, world, rank, tag):
+    """``vocab_parallel_smoothed_cross_entropy(..., from_log_probs=True)`` on this rank's slice
+    of ``log_softmax`` over the whole vocabulary (masked classes at ``-inf`` with a class mask),
+    against ``lstorch.smoothed_cross_entropy(..., from_log_probs=True)`` of the whole
+    log-probabilities, in float64 and float32: the loss, this rank's slice of the gradient,
+    ``d smoothing``, the forward-mode tangent (each rank holding its slice of it), and the
+    double backward's derivative in the cotangent (each rank's share, summed over the group),
+    with the collectives of the plain call."""
+    import torch.autograd.forward_ad as fwAD
+
+    import lstorch
+    from lstorch.distributed import vocab_parallel_smoothed_cross_entropy
+
+    results = []
+    mine = slice(rank * LOCAL_VOCAB, (rank + 1) * LOCAL_VOCAB)
+    vocab = world * LOCAL_VOCAB
+    for index, (name, case_options) in enumerate(LOG_PROB_CASES):
+        for dtype in (torch.float64, torch.float32):
+            logits, labels, class_weight, cotangent, *_ = data(70 + index, world, dtype)
+            options = dict(case_options, ignore_index=IGNORE, from_log_probs=True)
+            smoothing = options.pop("smoothing")
+            full_weight = class_weight if options.pop("weight", False) else None
+            if options.pop("where", False):
+                options["where"] = torch.arange(ROWS) != 1  # a row that would count, left out
+            if options.get("class_mask"):
+                labels = _with_class_mask(options, labels, vocab, MASKED)
+                logits = logits.masked_fill(~options["class_mask"], -torch.inf)
+            log_probs = torch.log_softmax(logits, dim=-1)  # over the whole vocabulary
+            tangent = torch.randn(log_probs.shape, generator=torch.Generator().manual_seed(index),
+                                  dtype=torch.float64).to(dtype)  # fmt: skip
+
+            def loss_of(x, eps, weight, labels=labels, options=options, parallel=False):
+                if parallel:
+                    return vocab_parallel_smoothed_cross_entropy(
+                        x, labels, group=group, smoothing=eps, weight=weight, **options
+                    )
+                return lstorch.smoothed_cross_entropy(
+                    x, labels, smoothing=eps, weight=weight, **options
+                )
+
+            full = log_probs.clone().requires_grad_(True)
+            dense_eps = torch.tensor(smoothing, dtype=dtype, requires_grad=True)
+            dense = loss_of(full, dense_eps, full_weight)
+            dense_cot = cotangent_for(dense, cotangent).requires_grad_(True)
+            dense_grad, dense_eps_grad = torch.autograd.grad(
+                dense, (full, dense_eps), dense_cot, create_graph=True
+            )
+            (dense_second,) = torch.autograd.grad((dense_grad * tangent).sum(), dense_cot)
+            local = log_probs[:, mine].clone().requires_grad_(True)
+            eps = torch.tensor(smoothing, dtype=dtype, requires_grad=True)
+            local_weight = None if full_weight is None else full_weight[mine]
+            loss, forward = counter.measure(
+                lambda local=local, eps=eps, w=local_weight: loss_of(local, eps, w, parallel=True)
+            )
+            cot = cotangent_for(loss, cotangent).requires_grad_(True)
+            (grad, eps_grad), backward = counter.measure(
+                lambda loss=loss, local=local, eps=eps, cot=cot: torch.autograd.grad(
+                    loss, (local, eps), cot, create_graph=True
+                )
+            )
+            (second,) = torch.autograd.grad((grad * tangent[:, mine]).sum(), cot)
+            dist.all_reduce(second, group=group)  # each rank's classes' share of it
+            with fwAD.dual_level():
+                ours_jvp = fwAD.unpack_dual(loss_of(
+                    fwAD.make_dual(log_probs[:, mine], tangent[:, mine]), smoothing,
+                    local_weight, parallel=True,
+                )).tangent  # fmt: skip
+                dense_jvp = fwAD.unpack_dual(
+                    loss_of(fwAD.make_dual(log_probs, tangent), smoothing, full_weight)
+                ).tangent
+            results.append(
+                dict(
+                    check="log probs", group=tag, world=world, dtype=str(dtype)[6:], case=name,
+                    rows=ROWS, weighted=full_weight is not None or "class_mask" in options,
+                    loss_bytes=hexbytes(loss),
+                    loss_diff=diff(loss, dense), loss_scale=scale(dense),
+                    grad_diff=max(diff(grad, dense_grad[:, mine]), diff(second, dense_second)),
+                    grad_scale=max(scale(dense_grad), scale(dense_second)),
+                    eps_grad_diff=diff(eps_grad, dense_eps_grad),
+                    eps_grad_scale=scale(dense_eps_grad),
+                    jvp_diff=diff(ours_jvp, dense_jvp), jvp_scale=scale(dense_jvp),
                     forward=forward, backward=backward,
                 )
             )  # fmt: skip
@@ -824,6 +924,12 @@ DTENSOR_OPTION_CASES = [  # name, the options; where, class_mask and z_loss give
         dict(smoothing=0.1, reduction="none", softcap=2.0, logit_scale=0.8, weight=True,
              return_stats=True),
     ),
+    # the log-probabilities over the whole vocabulary, sharded as the logits are
+    (
+        "from_log_probs/kl/class_mask",
+        dict(smoothing=0.2, convention="others", reduction="none", kl=True, class_mask=True,
+             from_log_probs=True),
+    ),
 ]  # fmt: skip
 
 
@@ -883,6 +989,9 @@ def dtensor_option_checks(counter, mesh, world, rank, tag):
         options["where"] = where
         if options.get("class_mask"):
             labels = _with_class_mask(options, labels, vocab, MASKED)
+        if options.get("from_log_probs"):  # the masked classes' log-probabilities: -inf
+            mask = options.get("class_mask", torch.ones(vocab, dtype=torch.bool))
+            logits = torch.log_softmax(logits.masked_fill(~mask, -torch.inf), dim=-1)
         expected, cot, expected_grad = _single_process(logits, labels, weight, options, cotangent)
         sharded = distribute_tensor(logits, mesh, [Shard(-1)]).requires_grad_(True)
         dtensor_options = dict(options)
@@ -1054,8 +1163,11 @@ def error_checks(mesh, world):
             class_mask=torch.arange(world * LOCAL_VOCAB) != 1,
             ignore_index=IGNORE,
         ),
-        "dtensor from_log_probs": lambda: lstorch.smoothed_cross_entropy(
-            sharded, labels, ignore_index=IGNORE, smoothing=0.1, from_log_probs=True
+        "dtensor inplace_backward": lambda: lstorch.smoothed_cross_entropy(
+            sharded, labels, ignore_index=IGNORE, smoothing=0.1, inplace_backward=True
+        ),
+        "dense from_log_probs z_loss": lambda: vocab_parallel_smoothed_cross_entropy(
+            local, labels, ignore_index=IGNORE, from_log_probs=True, z_loss=0.1
         ),
         "fused softcap": lambda: vocab_parallel_fused_linear_smoothed_cross_entropy(
             hidden, weight[:LOCAL_VOCAB], labels, ignore_index=IGNORE, softcap=0.0
@@ -1146,7 +1258,8 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     for group, size, tag in ((None, world, "world"), (pair, 2, f"pair{rank // 2}")):
         pair_rank = dist.get_rank(group)
         for checks in (dense_checks, fused_checks, megatron_checks, higher_order_checks,
-                       autocast_checks, option_checks, transform_checks):  # fmt: skip
+                       autocast_checks, option_checks, log_prob_checks,
+                       transform_checks):  # fmt: skip
             results += checks(counter, group, size, pair_rank, tag)
     results += dtensor_checks(counter, world_mesh, world, rank, "world")
     results += dtensor_checks(counter, pair_mesh, 2, rank % 2, f"pair{rank // 2}")
