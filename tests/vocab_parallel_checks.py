@@ -18,6 +18,8 @@ of the same vocabulary:
   log-probabilities (its derivatives to second order and forward mode too);
 * ``transforms``: both losses with ``softcap``, ``logit_scale`` and ``return_stats`` (the
   argmax's ties across ranks included);
+* ``compiled``: a training step under ``torch.compile`` that calls each loss and
+  ``.backward()`` (the whole world only);
 * ``higher order`` (class weights: double backward and forward mode; the fused head's double
   backward against ``F.cross_entropy`` too), ``autocast`` (the fused
   head under bf16 autocast) and ``errors`` (the messages of bad calls).
@@ -836,6 +838,85 @@ def autocast_checks(counter, group, world, rank, tag):
     ]  # fmt: skip
 
 
+COMPILED_CASES = [  # kind, the options: return_stats reads its local max after the all-reduce
+    ("dense", dict(smoothing=0.1, convention="others", reduction="mean", z_loss=0.01,
+                   return_z_loss=True, return_stats=True)),
+    ("fused", dict(smoothing=0.2, reduction="sum", return_stats=True, chunk_size=2)),
+]  # fmt: skip
+
+
+def compiled_checks(counter, group, world, rank, tag):
+    """A training step compiled by ``torch.compile`` (Inductor, the default backend) that
+    calls each vocabulary-parallel loss and ``.backward()``, against the same step run eagerly
+    and the single-process loss of the whole logits: the loss, the z-part, the stats (lse,
+    entropy, and ``correct`` on rows whose label is the argmax), every gradient. Half the rows'
+    labels are their argmax, so that ``correct`` has rows of both kinds."""
+    import lstorch
+    from lstorch.distributed import (
+        vocab_parallel_fused_linear_smoothed_cross_entropy,
+        vocab_parallel_smoothed_cross_entropy,
+    )
+
+    results = []
+    mine = slice(rank * LOCAL_VOCAB, (rank + 1) * LOCAL_VOCAB)
+    for index, (kind, options) in enumerate(COMPILED_CASES):
+        logits, labels, _, _, hidden, weight, bias = data(90 + index, world, torch.float32)
+        if kind == "fused":
+            logits = F.linear(hidden, weight, bias)
+        labels = torch.where(torch.arange(ROWS) % 2 == 0, logits.argmax(-1), labels)
+        options = dict(options, ignore_index=IGNORE)
+
+        def step(*tensors, kind=kind, labels=labels, options=options):
+            if kind == "dense":
+                out = vocab_parallel_smoothed_cross_entropy(
+                    tensors[0], labels, group=group, **options
+                )
+            else:
+                out = vocab_parallel_fused_linear_smoothed_cross_entropy(
+                    tensors[0], tensors[1], labels, bias_shard=tensors[2], group=group,
+                    **options,
+                )  # fmt: skip
+            total = out[0] + 0.5 * out[1] if options.get("return_z_loss") else out[0]
+            total.backward()
+            return out
+
+        def inputs(kind=kind, logits=logits, hidden=hidden, weight=weight, bias=bias):
+            tensors = [logits[:, mine]] if kind == "dense" else [hidden, weight[mine], bias[mine]]
+            return [tensor.clone().requires_grad_(True) for tensor in tensors]
+
+        eager_inputs, compiled_inputs = inputs(), inputs()
+        eager = step(*eager_inputs)
+        compiled = torch.compile(step)(*compiled_inputs)
+        single = dict(options)
+        single.pop("chunk_size", None)
+        expected = lstorch.smoothed_cross_entropy(logits, labels, **single)
+        *values, stats = compiled
+        *eager_values, eager_stats = eager
+        *expected_values, expected_stats = expected
+        results.append(
+            dict(
+                check="compiled", group=tag, world=world, dtype="float32", case=kind,
+                correct=[stats.correct.tolist(), eager_stats.correct.tolist(),
+                         expected_stats.correct.tolist()],
+                loss_diff=max(
+                    diff(a, b) for a, b in zip([*values, stats.lse, stats.entropy],
+                                               [*eager_values, eager_stats.lse,
+                                                eager_stats.entropy], strict=True)
+                ),
+                loss_scale=max(scale(v) for v in [*eager_values, eager_stats.lse]),
+                expected_diff=max(
+                    diff(a, b) for a, b in zip([*values, stats.lse, stats.entropy],
+                                               [*expected_values, expected_stats.lse,
+                                                expected_stats.entropy], strict=True)
+                ),
+                grad_diff=max(diff(a.grad, b.grad)
+                              for a, b in zip(compiled_inputs, eager_inputs, strict=True)),
+                grad_scale=max(scale(a.grad) for a in eager_inputs),
+            )
+        )  # fmt: skip
+    return results
+
+
 # The example of lstorch.compat.megatron.vocab_parallel_cross_entropy's docstring.
 MEGATRON_EXAMPLE = [2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 1.5, 0.25]
 
@@ -1252,9 +1333,12 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     world_mesh = init_device_mesh("cpu", (world,))
     pair_mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("data", "vocab"))
     pair_mesh = pair_mesh["vocab"]
-    counter = install_counter()
     started = time.perf_counter()
-    results = []
+    # torch.compile (Inductor's C++ compilations, seconds each), over the whole world only, and
+    # before the counter wraps torch.distributed's functions: Dynamo would trace the wrappers
+    # (a Python list they append to) instead of the collectives themselves.
+    results = compiled_checks(None, None, world, rank, "world")
+    counter = install_counter()
     for group, size, tag in ((None, world, "world"), (pair, 2, f"pair{rank // 2}")):
         pair_rank = dist.get_rank(group)
         for checks in (dense_checks, fused_checks, megatron_checks, higher_order_checks,
