@@ -291,14 +291,17 @@ def values_readable(tensor: torch.Tensor) -> bool:
     """Whether the host can read ``tensor``'s values: not inside ``torch.compile`` (the read
     would break the graph) and not batched by ``torch.func.vmap`` (a vmapped value cannot be
     read; per-sample-gradient code vmaps over the labels)."""
-    if torch.compiler.is_compiling():
-        return False
+    return not torch.compiler.is_compiling() and not vmapped(tensor)
+
+
+def vmapped(tensor: torch.Tensor) -> bool:
+    """Whether ``torch.func.vmap`` batches ``tensor``, under any other transform too."""
     functorch = torch._C._functorch
     while functorch.is_functorch_wrapped_tensor(tensor):  # e.g. vmap(grad(loss)): unwrap grad's
         if functorch.is_batchedtensor(tensor):
-            return False
+            return True
         tensor = functorch.get_unwrapped(tensor)
-    return True
+    return False
 
 
 def differentiated_again(*tensors: torch.Tensor) -> bool:

@@ -448,7 +448,7 @@ def _support_sum(x_summed, column_weight, pad_index, labels, *, own: bool) -> to
     index = labels.unsqueeze(-1)
     recorded = torch.is_grad_enabled() and x_summed.requires_grad
     # torch.func.vmap has no batching rule for scatter_ (it would loop over the batch)
-    if own and not recorded and not torch._C._are_functorch_transforms_active():
+    if own and not recorded and not _common.vmapped(x_summed):
         kept = x_summed.gather(-1, index)
         total = _column_sum(x_summed.scatter_(-1, index, 0.0), column_weight, pad_index)
         x_summed.scatter_(-1, index, kept)  # restored for its next reader (the softmax)
