@@ -49,6 +49,7 @@ import functools
 import itertools
 import os
 import sys
+import warnings
 import zlib
 from collections.abc import Callable, Sequence
 
@@ -359,7 +360,9 @@ def torch_compile_func_grad(fn, args, kwargs, dtype, dense_by_kind):
 def torch_func_vmap(fn, args, kwargs, dtype, dense_by_kind):
     """``torch.func.vmap`` of the per-example ``torch.func`` gradient (as per-sample-gradient
     code does) over a batch of two examples, ``x`` and ``x / 2``, every positional array (the
-    labels or targets) batched with it; returns one result per example."""
+    labels or targets) batched with it; returns one result per example. Raises where an op
+    has no batching rule: vmap then runs it once per example, and torch warns of "a
+    performance drop"."""
     results = [{}, {}]
     for kind, dense in dense_by_kind.items():
         x, rest, options = _torch_inputs(args, kwargs, dtype, "cpu")
@@ -370,7 +373,12 @@ def torch_func_vmap(fn, args, kwargs, dtype, dense_by_kind):
         def example(x, *rest, kind=kind, dense=dense, options=options):
             return _torch_func(functools.partial(_bound, fn, rest, options), x, kind, dense)
 
-        outputs, grads = torch.func.vmap(example, in_dims=(0, *dims))(batch, *rests)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            outputs, grads = torch.func.vmap(example, in_dims=(0, *dims))(batch, *rests)
+        slow = {str(w.message) for w in caught if "performance drop" in str(w.message)}
+        if slow:
+            raise RuntimeError(f"torch.func.vmap looped over the examples: {sorted(slow)}")
         for index in range(2):
             per_example = [leaf[index] for leaf in output_leaves(outputs)]
             results[index][kind] = (_outputs_numpy(per_example), _as_numpy(grads[index], kind))
