@@ -42,6 +42,10 @@ forward all-reduces and no collective: the max carries each row's raw max logit 
 (``2 R b``), the packed sum two more values per row (``+ 2 R b``: the entropy's ``sum_c exp(t_c
 - m) (t_c - m)`` and the argmax's tie count).
 
+Under ``torch.compile`` each loss's ``autograd.Function`` runs outside the graph, as it runs
+eagerly (a graph break; PyTorch 2.13's Inductor miscompiled its in-place all-reduces, see
+:func:`_eager_apply`), and the rest of the step compiles around it.
+
 The JAX counterparts are ``lsjax.smoothed_cross_entropy`` on logits placed by a
 ``NamedSharding`` and ``lsjax.sharded.sharded_fused_linear_smoothed_cross_entropy``.
 """
