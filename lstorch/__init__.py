@@ -35,6 +35,18 @@ from lstorch.modules import (
 from lstorch.smoothed import smoothed_cross_entropy
 from lstorch.soft import soft_target_cross_entropy
 
+
+def __getattr__(name: str):
+    """``lstorch.distributed`` on first use (it imports ``torch._dynamo``, about a second and a
+    half, which ``import lstorch`` does not): ``lstorch.distributed.X`` works after ``import
+    lstorch`` alone, as ``import lstorch.distributed`` does."""
+    if name == "distributed":
+        import importlib
+
+        return importlib.import_module("lstorch.distributed")
+    raise AttributeError(f"module 'lstorch' has no attribute {name!r}")
+
+
 __all__ = [
     "FusedLinearSmoothedCrossEntropyLoss",
     "KLLabelSmoothingLoss",

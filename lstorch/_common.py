@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import struct
+import sys
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -285,6 +286,13 @@ def at_labels(table: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """
     picked = table.index_select(0, labels.reshape(-1))
     return picked.reshape(labels.shape + table.shape[1:])
+
+
+def is_dtensor(value: object) -> bool:
+    """Whether ``value`` is a ``torch.distributed.tensor.DTensor`` (without importing that
+    module: a DTensor cannot exist unless it was imported)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(value, module.DTensor)
 
 
 def values_readable(tensor: torch.Tensor) -> bool:

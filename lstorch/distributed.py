@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import sys
 from typing import Any, NamedTuple
 
 import torch
@@ -63,7 +62,7 @@ import torch.distributed as dist
 import lsspec
 from lstorch import _closed_form, _common
 from lstorch import fused as _fused  # its chunking and rounding helpers (private), not copied
-from lstorch._common import times
+from lstorch._common import is_dtensor, times
 
 __all__ = [
     "dtensor_smoothed_cross_entropy",
@@ -399,13 +398,6 @@ def vocab_parallel_fused_linear_smoothed_cross_entropy(
     )  # fmt: skip
     return _with_stats(outputs, return_stats, counted, lse.reshape(shape),
                        entropy.reshape(shape), correct.reshape(shape))  # fmt: skip
-
-
-def is_dtensor(value: object) -> bool:
-    """Whether ``value`` is a ``torch.distributed.tensor.DTensor`` (without importing that
-    module: a DTensor cannot exist unless it was imported)."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(value, module.DTensor)
 
 
 # The options of smoothed_cross_entropy that the vocabulary-parallel path takes (and weight).

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 
 import lsspec
-from lstorch import _closed_form, _common, distributed
+from lstorch import _closed_form, _common
 from lstorch._common import times
 
 
@@ -68,6 +68,14 @@ def _triton_available() -> bool:
         )
         return False
     return True
+
+
+def _dtensor_smoothed_cross_entropy() -> Callable:
+    """``lstorch.distributed.dtensor_smoothed_cross_entropy``, imported at the first DTensor call
+    (``lstorch.distributed`` imports ``torch._dynamo``, which ``import lstorch`` does not)."""
+    from lstorch.distributed import dtensor_smoothed_cross_entropy
+
+    return dtensor_smoothed_cross_entropy
 
 
 def _use_triton(x: torch.Tensor, from_log_probs: bool) -> bool:
@@ -320,8 +328,8 @@ def smoothed_cross_entropy(
       Szegedy et al. 2016, "Rethinking the Inception Architecture for Computer Vision";
       Müller, Kornblith & Hinton 2019, "When Does Label Smoothing Help?".
     """
-    if distributed.is_dtensor(logits):  # sharded on the class axis: never gathered
-        return distributed.dtensor_smoothed_cross_entropy(**locals())
+    if _common.is_dtensor(logits):  # sharded on the class axis: never gathered
+        return _dtensor_smoothed_cross_entropy()(**locals())
     fn = lsspec.caller("smoothed_cross_entropy", _caller)
     if isinstance(logits, torch.Tensor):
         weight = _common.tensor_option(fn, "weight", weight, logits.device)
@@ -447,8 +455,10 @@ def _support_sum(x_summed, column_weight, pad_index, labels, *, own: bool) -> to
         return _column_sum(x_summed, column_weight, pad_index)
     index = labels.unsqueeze(-1)
     recorded = torch.is_grad_enabled() and x_summed.requires_grad
-    # torch.func.vmap has no batching rule for scatter_ (it would loop over the batch)
-    if own and not recorded and not _common.vmapped(x_summed):
+    # torch.func.vmap has no batching rule for scatter_ (it would loop over the batch); under
+    # torch.compile, whose tracer cannot ask functorch, the graph is functional anyway
+    batched = not torch.compiler.is_compiling() and _common.vmapped(x_summed)
+    if own and not recorded and not batched:
         kept = x_summed.gather(-1, index)
         total = _column_sum(x_summed.scatter_(-1, index, 0.0), column_weight, pad_index)
         x_summed.scatter_(-1, index, kept)  # restored for its next reader (the softmax)

@@ -1362,7 +1362,8 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def main() -> None:
     import torch.distributed.tensor  # noqa: F401  (imported once, before the ranks fork)
 
-    import lstorch.compat.megatron  # noqa: F401
+    import lstorch.compat.megatron
+    import lstorch.distributed  # noqa: F401  (and torch._dynamo, which it imports)
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

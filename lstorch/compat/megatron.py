@@ -10,7 +10,6 @@ import torch.distributed as dist
 
 import lsspec
 from lstorch import _common
-from lstorch.distributed import vocab_parallel_smoothed_cross_entropy
 from lstorch.smoothed import smoothed_cross_entropy
 
 
@@ -71,6 +70,9 @@ def vocab_parallel_cross_entropy(
             vocab_parallel_logits, target, smoothing=label_smoothing, convention="others",
             axis=-1, check_labels=check_labels, _caller=caller,
         )  # fmt: skip
+    # imported here: lstorch.distributed imports torch._dynamo, which import lstorch does not
+    from lstorch.distributed import vocab_parallel_smoothed_cross_entropy
+
     return vocab_parallel_smoothed_cross_entropy(
         vocab_parallel_logits, target, group=group, smoothing=label_smoothing,
         convention="others", check_labels=check_labels, _caller=caller,
