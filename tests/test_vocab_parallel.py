@@ -229,7 +229,8 @@ def test_a_compiled_step_gives_the_eager_and_single_process_results(results):
     # cores' in-place all-reduce of a concatenation (the fused head's loss 6.40 for 5.94; the
     # dense loss's stats.correct False on correct rows), so the loss's Function runs outside
     # the graph. Loss, z-part, stats and gradients equal the eager step's on both ranks of a
-    # pair (the bug showed on 2 ranks as on 4).
+    # pair (the bug showed on 2 ranks as on 4), the step's backward sending a 0-d grad_outputs
+    # into a scaled loss (dense) or random per-row cotangents (fused, unreduced).
     cases = [case for case in results if case["check"] == "compiled"]
     assert sorted((case["case"], case["rank"]) for case in cases) == [
         (kind, rank) for kind in ("dense", "fused") for rank in (0, 1)

@@ -838,19 +838,24 @@ def autocast_checks(counter, group, world, rank, tag):
     ]  # fmt: skip
 
 
-COMPILED_CASES = [  # kind, the options: return_stats reads its local max after the all-reduce
+# kind, the options (return_stats reads its local max after the all-reduce), and the upstream
+# gradient the step's .backward() sends: a 0-d grad_outputs into a scaled sum of the mean loss
+# and its z-part, and random per-row cotangents into the unreduced loss.
+COMPILED_CASES = [
     ("dense", dict(smoothing=0.1, convention="others", reduction="mean", z_loss=0.01,
-                   return_z_loss=True, return_stats=True)),
-    ("fused", dict(smoothing=0.2, reduction="sum", return_stats=True, chunk_size=2)),
+                   return_z_loss=True, return_stats=True), "0-d grad_outputs"),
+    ("fused", dict(smoothing=0.2, reduction="none", return_stats=True, chunk_size=2), "random"),
 ]  # fmt: skip
+ZERO_DIM_GRAD = 0.375  # exact in float32
 
 
 def compiled_checks(counter, group, world, rank, tag):
     """A training step compiled by ``torch.compile`` (Inductor, the default backend) that
-    calls each vocabulary-parallel loss and ``.backward()``, against the same step run eagerly
-    and the single-process loss of the whole logits: the loss, the z-part, the stats (lse,
-    entropy, and ``correct`` on rows whose label is the argmax), every gradient. Half the rows'
-    labels are their argmax, so that ``correct`` has rows of both kinds."""
+    calls each vocabulary-parallel loss and ``.backward()`` (with the case's upstream gradient),
+    against the same step run eagerly and the single-process loss of the whole logits: the
+    loss, the z-part, the stats (lse, entropy, and ``correct`` on rows whose label is the
+    argmax), every gradient. Half the rows' labels are their argmax, so that ``correct`` has
+    rows of both kinds."""
     import lstorch
     from lstorch.distributed import (
         vocab_parallel_fused_linear_smoothed_cross_entropy,
@@ -859,14 +864,15 @@ def compiled_checks(counter, group, world, rank, tag):
 
     results = []
     mine = slice(rank * LOCAL_VOCAB, (rank + 1) * LOCAL_VOCAB)
-    for index, (kind, options) in enumerate(COMPILED_CASES):
-        logits, labels, _, _, hidden, weight, bias = data(90 + index, world, torch.float32)
+    for index, (kind, options, upstream) in enumerate(COMPILED_CASES):
+        logits, labels, _, cotangent, hidden, weight, bias = data(90 + index, world, torch.float32)
         if kind == "fused":
             logits = F.linear(hidden, weight, bias)
         labels = torch.where(torch.arange(ROWS) % 2 == 0, logits.argmax(-1), labels)
         options = dict(options, ignore_index=IGNORE)
 
-        def step(*tensors, kind=kind, labels=labels, options=options):
+        def step(*tensors, kind=kind, labels=labels, options=options, upstream=upstream,
+                 cotangent=cotangent):  # fmt: skip
             if kind == "dense":
                 out = vocab_parallel_smoothed_cross_entropy(
                     tensors[0], labels, group=group, **options
@@ -876,8 +882,11 @@ def compiled_checks(counter, group, world, rank, tag):
                     tensors[0], tensors[1], labels, bias_shard=tensors[2], group=group,
                     **options,
                 )  # fmt: skip
-            total = out[0] + 0.5 * out[1] if options.get("return_z_loss") else out[0]
-            total.backward()
+            if upstream == "random":
+                out[0].backward(cotangent)
+            else:
+                total = out[0] + 0.5 * out[1] if options.get("return_z_loss") else out[0]
+                total.backward(torch.tensor(ZERO_DIM_GRAD))
             return out
 
         def inputs(kind=kind, logits=logits, hidden=hidden, weight=weight, bias=bias):
