@@ -357,6 +357,20 @@ def torch_compile_func_grad(fn, args, kwargs, dtype, dense_by_kind):
     return [results]
 
 
+@contextlib.contextmanager
+def vmap_without_loops():
+    """Raises ``RuntimeError`` where ``torch.func.vmap`` in the block ran an op once per
+    example. vmap runs every op by its batching rule; an op without one (an in-place
+    ``scatter_``, for one) falls back to a loop over the examples, and torch warns of "a
+    performance drop". The warnings are caught whatever the filters outside say."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    slow = {str(w.message) for w in caught if "performance drop" in str(w.message)}
+    if slow:
+        raise RuntimeError(f"torch.func.vmap looped over the examples: {sorted(slow)}")
+
+
 def torch_func_vmap(fn, args, kwargs, dtype, dense_by_kind):
     """``torch.func.vmap`` of the per-example ``torch.func`` gradient (as per-sample-gradient
     code does) over a batch of two examples, ``x`` and ``x / 2``, every positional array (the
@@ -373,12 +387,8 @@ def torch_func_vmap(fn, args, kwargs, dtype, dense_by_kind):
         def example(x, *rest, kind=kind, dense=dense, options=options):
             return _torch_func(functools.partial(_bound, fn, rest, options), x, kind, dense)
 
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with vmap_without_loops():
             outputs, grads = torch.func.vmap(example, in_dims=(0, *dims))(batch, *rests)
-        slow = {str(w.message) for w in caught if "performance drop" in str(w.message)}
-        if slow:
-            raise RuntimeError(f"torch.func.vmap looped over the examples: {sorted(slow)}")
         for index in range(2):
             per_example = [leaf[index] for leaf in output_leaves(outputs)]
             results[index][kind] = (_outputs_numpy(per_example), _as_numpy(grads[index], kind))
