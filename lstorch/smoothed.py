@@ -524,9 +524,7 @@ def _row_terms(
         column_weight = weight * scale
         support_weight = masked_weight.sum()
     support_labels = None if options.convention == "uniform" else safe_labels
-    support_sum = _support_sum(
-        x_summed, column_weight, options.pad_index, support_labels, own=own
-    )
+    support_sum = _support_sum(x_summed, column_weight, options.pad_index, support_labels, own=own)
     if options.convention != "uniform":  # (y and the pad are out of support_sum already)
         support_weight = support_weight - w_y
     if options.convention == "others_but_pad":

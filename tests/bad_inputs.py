@@ -62,7 +62,7 @@ CASES = [
     ),
     ("`z_loss` negative", _call({"z_loss": -1.0})),
     ("`smoothing` an array of shape (1,), not 0-d", _call({"smoothing": np.array([0.1])})),
-    ("a flag not True or False (`kl=\"False\"` would read as True)", _call({"kl": "False"})),
+    ('a flag not True or False (`kl="False"` would read as True)', _call({"kl": "False"})),
     (
         "`pad_index=True` (a bool is no class index)",
         _call({"convention": "others_but_pad", "pad_index": True}),

@@ -660,9 +660,7 @@ def test_fused_under_torch_compile_of_torch_func_grad(wrt):
     argnums = tuple(range(len(wrt)))
     step = torch.compile(torch.func.grad_and_value(loss, argnums=argnums), backend="eager")
     grads, value = step(*(given[name].clone() for name in wrt))
-    numpy_options = {
-        k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in options.items()
-    }
+    numpy_options = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in options.items()}
     expected, vjp = oracles.fused_linear_smoothed_cross_entropy(
         hidden.numpy(), weight.numpy(), labels.numpy(), bias=bias.numpy(), wrt=wrt,
         **numpy_options,

@@ -317,8 +317,11 @@ def test_bad_temperature_and_logits():
     with pytest.raises(ValueError, match=r"fit_temperature: `logits` must be finite.*-inf"):
         calibration.fit_temperature(np.array([[0.0, -np.inf]]), np.array([0]))
     # a ragged list: named, with NumPy's reason (it raised NumPy's ValueError alone)
-    with pytest.raises(TypeError, match=r"^fit_temperature: `logits` must be an array, a tensor "
-                       r"or a \(non-ragged\) nested list of numbers; got list \(setting"):
+    with pytest.raises(
+        TypeError,
+        match=r"^fit_temperature: `logits` must be an array, a tensor "
+        r"or a \(non-ragged\) nested list of numbers; got list \(setting",
+    ):
         calibration.fit_temperature([[0.5, 0.5], [1.0]], [0, 1])
 
 

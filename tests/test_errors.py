@@ -608,6 +608,7 @@ def test_an_input_on_another_device_is_named(call, named):
     """A tensor left on another device than the logits: torch's own error came from inside
     the loss and named neither the function nor the argument (and a Triton kernel would be
     handed a pointer it cannot read). Each entry point names both, as it names a bad shape."""
+
     def on(value):
         return torch.as_tensor(value, device="meta")
 
@@ -643,11 +644,17 @@ def test_the_hf_label_smoothers_shift_needs_a_time_axis(framework):
     with a trailing axis of 1 were shifted along it ("got shape (1, 4, 0)")."""
     module, array = framework
     smoother = module.compat.hf.label_smoother
-    with pytest.raises(ValueError, match=r"^label_smoother: `logits` must have a time axis "
-                       r"before the class axis for shift_labels=True .*; got shape \(5,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"^label_smoother: `logits` must have a time axis "
+        r"before the class axis for shift_labels=True .*; got shape \(5,\)",
+    ):
         smoother(array(_LOGITS[0]), array(np.array(2)), shift_labels=True)
-    with pytest.raises(ValueError, match=r"^label_smoother: `labels` must have no trailing axis "
-                       r"of 1 with shift_labels=True.*; got shape \(1, 4, 1\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"^label_smoother: `labels` must have no trailing axis "
+        r"of 1 with shift_labels=True.*; got shape \(1, 4, 1\)",
+    ):
         smoother(array(_LOGITS[None]), array(_LABELS[None, :, None]), shift_labels=True)
     # without the shift, HF's trailing axis of 1 is taken
     np.testing.assert_allclose(

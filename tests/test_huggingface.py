@@ -355,8 +355,11 @@ def test_bad_calls_name_the_function_and_the_argument():
     with pytest.raises(ValueError, match=r"fused_causal_lm_loss: `labels` must have the "
                        r"input_ids' shape \(2, 4\); got shape \(2, 3\)\.$"):  # fmt: skip
         fused_causal_lm_loss(tiny_gpt2(), labels, labels[:, 1:])
-    with pytest.raises(TypeError, match=r"fused_causal_lm_loss: `input_ids` must have an "
-                       r"integer dtype \(an int torch.Tensor\); got dtype torch.float32"):
+    with pytest.raises(
+        TypeError,
+        match=r"fused_causal_lm_loss: `input_ids` must have an "
+        r"integer dtype \(an int torch.Tensor\); got dtype torch.float32",
+    ):
         fused_causal_lm_loss(tiny_gpt2(), labels.float(), labels)
     # tensor options are checked when the loss is built, before training starts
     with pytest.raises(TypeError, match=r"compute_loss_func: `weight` must be a tensor or a "

@@ -775,9 +775,9 @@ def fused_higher_order_checks(group, world, rank, tag):
             return (loss * cotangent_for(loss, cotangent)).sum()
 
         # torch.func.grad of torch.func.grad: the (hidden, hidden) block's product
-        func_hvp = torch.func.grad(
-            lambda h, v=vectors[0]: (torch.func.grad(scalar)(h) * v).sum()
-        )(hidden)
+        func_hvp = torch.func.grad(lambda h, v=vectors[0]: (torch.func.grad(scalar)(h) * v).sum())(
+            hidden
+        )
         hidden_only = [vectors[0]] + [torch.zeros_like(v) for v in full_vectors[1:]]
         dense_hidden_hvp = hvp(dense, full_inputs, hidden_only)[0][0]
         result = dict(
