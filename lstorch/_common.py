@@ -10,6 +10,7 @@ Their JAX counterparts are in ``lsjax._common``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import struct
 import sys
@@ -332,6 +333,17 @@ def traced_functorch() -> bool:
     did for the fused head whenever its first input was not differentiated): a forward that
     ran under ``no_grad`` gave an exactly zero gradient."""
     return torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
+def autocast_off(device_type: str):
+    """A context in which ``torch.autocast`` leaves this device type's operations alone.
+
+    The losses compute in their own dtype (``compute_dtype``) inside and out of an autocast
+    region, as ``F.cross_entropy`` does (it is on autocast's float32 list): a ``torch.matmul``
+    of the closed form (the support sum ``sum_c w_c x_c``) would otherwise run in bf16/fp16."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def with_forward_mode(function: type, with_jvp: type) -> type:

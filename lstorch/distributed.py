@@ -171,7 +171,8 @@ def vocab_parallel_smoothed_cross_entropy(
     Returns:
       float32 for bf16/fp16/float32 logits, float64 for float64; per row for ``"none"``, else
       a scalar; ``(loss, z_part)`` with ``return_z_loss``; ``(..., stats)`` with
-      ``return_stats``. The same on every rank.
+      ``return_stats``. The same on every rank, and the same inside a ``torch.autocast``
+      region as outside it.
     """
     fn = lsspec.caller("vocab_parallel_smoothed_cross_entropy", _caller)
     _common.floating(fn, local_logits=local_logits)
@@ -987,7 +988,7 @@ class _VocabParallelRows(torch.autograd.Function):
     @staticmethod
     def forward(x, labels, counted, eps, class_weight, z, layout):
         compute_dtype = eps.dtype
-        with torch.no_grad():
+        with torch.no_grad(), _common.autocast_off(x.device.type):
             t = _transformed(x, layout, compute_dtype)  # x itself without a transform
             if layout.from_log_probs:  # no lse (0), so no peak and no sum-exp to share
                 allowed = None
@@ -1085,6 +1086,11 @@ class _VocabParallelRows(torch.autograd.Function):
         the graph."""
         del grad_statistics  # internal statistics, never differentiated.
         saved = _Saved(*ctx.saved_tensors)
+        with _common.autocast_off(saved.x.device.type):  # as the forward computed
+            return _VocabParallelRows._backward(ctx, saved, grad_loss, grad_z)
+
+    @staticmethod
+    def _backward(ctx, saved, grad_loss, grad_z):
         x, counted, eps = saved.x, saved.counted, saved.eps
         safe_lse = torch.where(counted, saved.lse, 0.0)
         if _common.differentiated_again(x) and not ctx.layout.from_log_probs:
@@ -1124,8 +1130,13 @@ class _VocabParallelRowsForwardMode(_VocabParallelRows):
         with a z-loss ``d z_part = sum_c 2 z lse softmax(x)_c dx_c``): each rank's share,
         all-reduced (one all-reduce of O(rows) values, two per row with a z-loss, run on every
         rank); plus ``slope d eps`` and ``lse**2 d z``."""
-        eps_tangent, z_tangent = other_tangents[2], other_tangents[4]  # the rest: constants
         saved = _Saved(*ctx.saved_tensors)
+        with _common.autocast_off(saved.x.device.type):  # as the forward computed
+            return _VocabParallelRowsForwardMode._jvp(ctx, saved, x_tangent, other_tangents)
+
+    @staticmethod
+    def _jvp(ctx, saved, x_tangent, other_tangents):
+        eps_tangent, z_tangent = other_tangents[2], other_tangents[4]  # the rest: constants
         counted, eps, layout = saved.counted, saved.eps, ctx.layout
         d_loss = torch.zeros_like(saved.lse)
         d_z = torch.zeros_like(saved.lse)
@@ -1202,7 +1213,7 @@ class _FusedVocabParallelRows(torch.autograd.Function):
     @staticmethod
     def forward(hidden, weight, bias, labels, counted, eps, class_weight, z, layout):
         operand_dtype, compute_dtype = layout.operand_dtype, eps.dtype
-        with torch.no_grad(), _fused._autocast_off(hidden.device.type):
+        with torch.no_grad(), _common.autocast_off(hidden.device.type):
             hidden_c = _fused._counted_rows_only(
                 _fused._operand(hidden, operand_dtype, compute_dtype), counted
             )
@@ -1312,7 +1323,7 @@ class _FusedVocabParallelRows(torch.autograd.Function):
         layout = ctx.layout
         grad_z = grad_z if layout.with_z else None
         if _common.differentiated_again(saved.hidden, saved.weight, saved.bias):
-            with _fused._autocast_off(saved.hidden.device.type):
+            with _common.autocast_off(saved.hidden.device.type):
                 d_hidden, d_weight, d_bias = _differentiable_fused_gradients(
                     saved, grad_loss, grad_z, layout
                 )
@@ -1406,7 +1417,7 @@ def _fused_gradients(saved: _FusedSaved, grad_loss, grad_z, layout: _Layout):
     d_hidden = torch.zeros_like(hidden_c)
     d_weight = torch.empty(weight.shape, dtype=compute_dtype, device=weight.device)
     d_bias = torch.empty(bias.shape, dtype=compute_dtype, device=bias.device)
-    with torch.no_grad(), _fused._autocast_off(hidden.device.type):
+    with torch.no_grad(), _common.autocast_off(hidden.device.type):
         for start, stop in _fused._chunks(weight.shape[0], layout.chunk_size):
             coeff = _fused._chunk_logits(
                 hidden_c, weight, bias, start, stop, operand_dtype, compute_dtype

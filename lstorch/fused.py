@@ -9,7 +9,6 @@ recomputes each chunk's logits there. Under ``torch.autocast`` the inputs are ro
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, NamedTuple
 
 import torch
@@ -295,13 +294,6 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
-def _autocast_off(device_type: str):
-    """A context in which autocast leaves this device type's operations alone."""
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
 def _check_fused(fn, hidden, weight, bias, labels) -> torch.dtype:
     """Checks the inputs; returns the dtype the products see (the operand dtype): the hidden's,
     or under ``torch.autocast`` the one ``F.linear`` would cast its inputs to."""
@@ -562,7 +554,7 @@ class _FusedRows(torch.autograd.Function):
         # Autocast off in both passes: the products see the operands rounded by _operand, in
         # float32, the same in forward and backward.
         grad_mode = torch.enable_grad() if _common.traced_functorch() else torch.no_grad()
-        with grad_mode, _autocast_off(hidden.device.type):
+        with grad_mode, _common.autocast_off(hidden.device.type):
             inputs = (hidden, weight, bias, labels, counted, eps, class_weight, class_mask, z)
             return _terms(options, *inputs)
 
@@ -591,7 +583,7 @@ class _FusedRows(torch.autograd.Function):
         options = ctx.options
         grad_z = grad_z if options.with_z else None
         if _common.differentiated_again(saved.hidden, saved.weight, saved.bias):
-            with _autocast_off(saved.hidden.device.type):
+            with _common.autocast_off(saved.hidden.device.type):
                 grads = _differentiable_gradients(options, saved, grad_loss, grad_z)
         else:
             grads = _gradients(options, saved, grad_loss, grad_z)
@@ -618,7 +610,7 @@ class _FusedRowsForwardMode(_FusedRows):
         eps_tangent, z_tangent = other_tangents[2], other_tangents[5]  # labels, masks: constants
         saved = _Saved(*ctx.saved_tensors)
         options = ctx.options
-        with _autocast_off(saved.hidden.device.type):
+        with _common.autocast_off(saved.hidden.device.type):
             tangents = (hidden_tangent, weight_tangent, bias_tangent)
             d_loss, d_z = _loss_tangent(options, saved, tangents)
         if eps_tangent is not None:
@@ -752,7 +744,7 @@ def _gradients(options, saved: _Saved, grad_loss, grad_z):
     d_hidden = torch.zeros_like(hidden_c)
     d_weight = torch.empty_like(weight)
     d_bias = torch.empty_like(bias)
-    with torch.no_grad(), _autocast_off(hidden.device.type):
+    with torch.no_grad(), _common.autocast_off(hidden.device.type):
         for start, stop in _chunks(num_classes, options.chunk_size):
             coeff = _chunk_logits(hidden_c, weight, bias, start, stop, operand_dtype, compute_dtype)
             slope = None

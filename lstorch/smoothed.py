@@ -308,6 +308,8 @@ def smoothed_cross_entropy(
     Returns:
       The loss in float32 for bf16/fp16/float32 logits and float64 for float64 logits: per row
       with ``reduction="none"``, else a scalar; ``(loss, z_part)`` with ``return_z_loss=True``.
+      Inside a ``torch.autocast`` region the loss and its derivatives are computed exactly as
+      outside it, as ``F.cross_entropy`` (on autocast's float32 list) is.
 
     Errors and values that are not read: every bad option raises ``ValueError``/``TypeError``
     naming the argument, the value given and what is allowed. A number, and a tensor that
@@ -909,7 +911,8 @@ class _RowLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(x, labels, counted, eps, weight, class_mask, z, options):
-        return _row_loss_forward(options, x, labels, counted, eps, weight, class_mask, z)
+        with _common.autocast_off(x.device.type):
+            return _row_loss_forward(options, x, labels, counted, eps, weight, class_mask, z)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -942,6 +945,13 @@ class _RowLoss(torch.autograd.Function):
         if grad_loss is None and grad_z is None:
             return (None,) * 8
         saved = _RowLoss._unpack(ctx)
+        # A backward called inside an autocast region (on the CPU autograd runs it on the
+        # caller's thread, in its autocast state) computes as the forward did.
+        with _common.autocast_off(saved.x.device.type):
+            return _RowLoss._backward(ctx, saved, grad_loss, grad_z)
+
+    @staticmethod
+    def _backward(ctx, saved: _Saved, grad_loss, grad_z):
         if grad_loss is None:
             grad_loss = torch.zeros_like(grad_z)
         if grad_z is None and ctx.options.with_z:
@@ -974,6 +984,11 @@ class _RowLossForwardMode(_RowLoss):
     @staticmethod
     def jvp(ctx, x_tangent, *other_tangents):
         saved = _RowLoss._unpack(ctx)
+        with _common.autocast_off(saved.x.device.type):
+            return _RowLossForwardMode._jvp(ctx, saved, x_tangent, other_tangents)
+
+    @staticmethod
+    def _jvp(ctx, saved: _Saved, x_tangent, other_tangents):
         eps_tangent, z_tangent = other_tangents[2], other_tangents[5]
         d_loss, d_z = torch.zeros_like(saved.lse.peak), torch.zeros_like(saved.lse.peak)
         if x_tangent is not None:

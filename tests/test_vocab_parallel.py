@@ -90,6 +90,15 @@ def test_fused_head_under_autocast_rounds_as_the_single_process_fused_loss(resul
         assert case["grad_dtypes"] == ["torch.float32"] * 3, case  # the inputs' own dtypes
 
 
+def test_the_dense_loss_under_autocast_computes_as_outside_it(results):
+    # Autocast ran the class-weighted support sum (a matrix product) in bf16: loss and
+    # gradient now equal the call outside the region bit for bit, and the single process's.
+    for case in _of(results, "autocast dense"):
+        assert case["same_as_outside"], case
+        assert _close(case, "loss") and _close(case, "grad"), case
+        assert case["dtypes"] == ["torch.float32"] * 2, case
+
+
 def test_class_weights_give_torch_cross_entropy(results):
     # The uniform convention with class weights is F.cross_entropy(weight=..., label_smoothing).
     cases = [case for case in _of(results, "dense") if case["case"].startswith("uniform")]
@@ -142,7 +151,8 @@ def test_dtensor_logits_give_a_replicated_loss_and_a_sharded_gradient(results):
 
 
 @pytest.mark.parametrize(
-    "check", ["dense", "fused", "megatron", "dtensor", "higher order", "autocast"]
+    "check",
+    ["dense", "fused", "megatron", "dtensor", "higher order", "autocast", "autocast dense"],
 )
 def test_every_rank_of_a_group_is_bit_identical(results, check):
     groups = {}

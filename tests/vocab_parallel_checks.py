@@ -802,14 +802,47 @@ def fused_higher_order_checks(group, world, rank, tag):
 
 
 def autocast_checks(counter, group, world, rank, tag):
-    """The fused head under ``torch.autocast`` (bf16 on the CPU): the single-process fused
-    loss's rounding, in both passes, against ``lstorch.fused_linear_smoothed_cross_entropy``
-    of the whole weight under the same autocast."""
+    """The losses under ``torch.autocast`` (bf16 on the CPU). The dense loss computes as
+    outside the region; the fused head rounds as the single-process fused loss does, in both
+    passes, against ``lstorch.fused_linear_smoothed_cross_entropy`` of the whole weight under
+    the same autocast."""
     import lstorch
-    from lstorch.distributed import vocab_parallel_fused_linear_smoothed_cross_entropy
+    from lstorch.distributed import (
+        vocab_parallel_fused_linear_smoothed_cross_entropy,
+        vocab_parallel_smoothed_cross_entropy,
+    )
 
     mine = slice(rank * LOCAL_VOCAB, (rank + 1) * LOCAL_VOCAB)
-    _, labels, _, _, hidden, weight, bias = data(30, world, torch.float32)
+    logits, labels, class_weight, cotangent, hidden, weight, bias = data(30, world, torch.float32)
+    results = []
+    # The dense loss, forward and backward inside the region (the CPU runs the backward in the
+    # caller's autocast state), against the same call outside it and the single process's: its
+    # class-weighted support sum is a matrix product, which autocast would run in bf16.
+    dense = dict(smoothing=0.1, convention="others", ignore_index=IGNORE)
+    runs = []
+    for enabled in (True, False):
+        local = logits[:, mine].clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            rows = vocab_parallel_smoothed_cross_entropy(
+                local, labels, group=group, weight=class_weight[mine], **dense
+            )
+            (grad,) = torch.autograd.grad(rows, local, cotangent)
+        runs.append((rows, grad))
+    whole = logits.clone().requires_grad_(True)
+    expected = lstorch.smoothed_cross_entropy(whole, labels, weight=class_weight, **dense)
+    (expected_grad,) = torch.autograd.grad(expected, whole, cotangent)
+    (rows, grad), (plain_rows, plain_grad) = runs
+    results.append(
+        dict(
+            check="autocast dense", group=tag, world=world, dtype="float32",
+            case="dense/bf16 autocast", loss_bytes=hexbytes(rows),
+            same_as_outside=hexbytes(rows) == hexbytes(plain_rows)
+            and hexbytes(grad) == hexbytes(plain_grad),
+            loss_diff=diff(rows, expected), loss_scale=scale(expected),
+            grad_diff=diff(grad, expected_grad[:, mine]), grad_scale=scale(expected_grad),
+            dtypes=[str(rows.dtype), str(grad.dtype)],
+        )
+    )  # fmt: skip
     full = [hidden.clone(), weight.clone(), bias.clone()]
     ours = [hidden.clone(), weight[mine].clone(), bias[mine].clone()]
     for tensor in full + ours:
@@ -824,7 +857,7 @@ def autocast_checks(counter, group, world, rank, tag):
         )
     expected_grads = torch.autograd.grad(expected, full)
     grads = torch.autograd.grad(loss, ours)
-    return [
+    results.append(
         dict(
             check="autocast", group=tag, world=world, dtype="float32",
             case="fused/bf16 autocast", loss_bytes=hexbytes(loss),
@@ -835,7 +868,8 @@ def autocast_checks(counter, group, world, rank, tag):
             grad_scale=max(scale(g) for g in expected_grads),
             grad_dtypes=[str(g.dtype) for g in grads],
         )
-    ]  # fmt: skip
+    )  # fmt: skip
+    return results
 
 
 # kind, the options (return_stats reads its local max after the all-reduce), and the upstream
