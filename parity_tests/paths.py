@@ -2,7 +2,8 @@
 
 A twin (``registry.TWINS``) is proven on its plain path by ``compare``: eager JAX against eager
 PyTorch. Users run other paths: lstorch's Triton kernels, ``inplace_backward``,
-``torch.compile``, ``torch.func`` and ``torch.compile`` of a ``torch.func`` transform;
+``torch.compile``, ``torch.autocast`` (mixed precision), ``torch.func`` and ``torch.compile``
+of a ``torch.func`` transform;
 ``jax.jit``, ``vmap``, arrays sharded over a mesh whose axes are ``Auto`` (XLA's partitioner
 lays out the rest) or ``Explicit`` (``jax.make_mesh``'s default: the layout is part of each
 array's type, and JAX checks it). A fast path is only as
@@ -314,6 +315,17 @@ def torch_compile(fn, args, kwargs, dtype, dense_by_kind, *, device="cpu"):
     return [results]
 
 
+def torch_autocast(fn, args, kwargs, dtype, dense_by_kind):
+    """The plain call, forward and backward, inside ``torch.autocast("cpu", torch.bfloat16)``,
+    AMP's region (on the CPU autograd runs the backward on the caller's thread, in its autocast
+    state). Autocast casts the inputs of the ops on its lists, ``matmul`` to bf16; a loss
+    computes as outside the region, as ``F.cross_entropy`` (on autocast's float32 list) does.
+    The fused head rounds its operands as ``F.linear`` would be cast (by design, in float32):
+    it takes this path in float64 and bfloat16, where that cast changes nothing."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return torch_eager(fn, args, kwargs, dtype, dense_by_kind)
+
+
 def _bound(fn, rest, options, x):
     """``fn(x, *rest, **options)``: the call with everything but ``x`` bound."""
     return fn(x, *rest, **options)
@@ -594,6 +606,14 @@ class Path:
     # ``check(args, kwargs)`` raises NotApplicable for a case the path cannot take, before the
     # case's oracle and plain path are computed (None: every case applies).
     check: Callable | None = None
+    # The dtypes of ``dtypes`` that the packed twins (the fused head) take (None: all of them).
+    packed_dtypes: tuple[str, ...] | None = None
+
+    def dtypes_of(self, twin) -> tuple[str, ...]:
+        """The dtypes ``twin`` runs in on this path."""
+        if twin.packed and self.packed_dtypes is not None:
+            return tuple(dtype for dtype in self.dtypes if dtype in self.packed_dtypes)
+        return self.dtypes
 
     @property
     def plain(self) -> str:
@@ -635,6 +655,7 @@ PATHS: tuple[Path, ...] = (
         TRITON_DTYPES,
         kernels="Triton",
     ),
+    Path("torch: autocast", "torch", torch_autocast, packed_dtypes=("float64", "bfloat16")),
     Path("torch: func.grad", "torch", torch_func_grad),
     Path("torch: func.vmap", "torch", torch_func_vmap, examples=2),
     Path("torch: compile + func.grad", "torch", torch_compile_func_grad),
@@ -766,19 +787,20 @@ def ci_sample(twin, path: Path) -> list[tuple[int, tuple[str, ...]]]:
     cover does)."""
     kernels = bool(path.kernels)
     cover = twin_cover(twin)
+    path_dtypes = path.dtypes_of(twin)
     limit = SAMPLES["ci"].get(path.name)
     if "kernels" in path.needs and limit is None:
-        candidates = [(index, path.dtypes) for index in dict.fromkeys(i for i, _ in cover)]
+        candidates = [(index, path_dtypes) for index in dict.fromkeys(i for i, _ in cover)]
     elif "kernels" in path.needs:
         indices = dict.fromkeys(i for i, _ in cover)
-        candidates = [(index, (dtype,)) for index in indices for dtype in path.dtypes]
+        candidates = [(index, (dtype,)) for index in indices for dtype in path_dtypes]
     else:
-        candidates = [(index, (dtype,)) for index, dtype in cover if dtype in path.dtypes]
+        candidates = [(index, (dtype,)) for index, dtype in cover if dtype in path_dtypes]
     if path.check is not None:
         applicable = [pair for pair in candidates if _applies(twin, path, pair[0])]
         if not applicable:
             everything = range(len(twin.cases))
-            applicable = [(i, path.dtypes) for i in everything if _applies(twin, path, i)][:1]
+            applicable = [(i, path_dtypes) for i in everything if _applies(twin, path, i)][:1]
         candidates = applicable
     features = []
     for index, dtypes in candidates:
@@ -915,7 +937,7 @@ def run_twin_path(twin, path: Path, *, profile: str = "report", dtypes=DTYPES) -
     """
     fn = twin.jax_fn if path.framework == "jax" else twin.torch_fn
     tolerances = {**DEFAULT_TOLERANCES, **(twin.path_tolerances or {})}
-    dtypes = [dtype for dtype in dtypes if dtype in path.dtypes]
+    dtypes = [dtype for dtype in dtypes if dtype in path.dtypes_of(twin)]
     results = {dtype: PathResult(twin.name, path.name, dtype) for dtype in dtypes}
     launches = {dtype: KernelLaunches() for dtype in dtypes}
     factors = (1.0, 0.5)[: path.examples]  # the scale of x in each example of a call

@@ -137,6 +137,13 @@ def test_every_path_is_reached_by_the_twins_it_should_be():
     )
     for path in ("torch: func.grad", "torch: func.vmap"):
         assert set(fused) <= set(by_path[path])
+    # every PyTorch twin runs under autocast; the fused head (which rounds its operands as
+    # F.linear's autocast would) in the dtypes where that rounding changes nothing
+    autocast = next(path for path in paths.PATHS if path.name == "torch: autocast")
+    assert len(by_path["torch: autocast"]) == sum("torch" in t.ours for t in TWINS)
+    for twin in TWINS:
+        expected = ("float64", "bfloat16") if twin.packed else ("float64", "float32", "bfloat16")
+        assert autocast.dtypes_of(twin) == expected, twin.name
 
 
 def test_the_sample_keeps_every_reduction():
