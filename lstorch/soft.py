@@ -111,10 +111,14 @@ def soft_target_cross_entropy(
     z_part = _common.z_loss_tensor(z_loss, compute_dtype, x.device) * lse.square()
     if return_z_loss or isinstance(z_loss, torch.Tensor) or z_value != 0:
         loss = loss + z_part
-    loss = torch.where(valid, loss, torch.where(counted, torch.nan, 0.0))
+    # NaN on the counted rows of a smoothing outside [0, 1], 0 on the others; a NaN of the
+    # loss's dtype (torch.where of two Python numbers takes torch's default dtype, and with
+    # torch.set_default_dtype(torch.float64) the float32 loss came back float64)
+    invalid = torch.where(counted, torch.full_like(lse, torch.nan), 0.0)
+    loss = torch.where(valid, loss, invalid)
     row_weight = counted.to(compute_dtype)
     if return_z_loss:
-        z_part = torch.where(valid, z_part, torch.where(counted, torch.nan, 0.0))
+        z_part = torch.where(valid, z_part, invalid)
         return (
             _common.reduce(loss, row_weight, reduction, None),
             _common.reduce(z_part, row_weight, reduction, None),

@@ -1,4 +1,5 @@
-"""Non-finite inputs, every transformation users apply, and determinism, in both frameworks.
+"""Non-finite inputs, every transformation users apply, determinism, in both frameworks, and
+torch's default dtype.
 
 Expected values come from torch's own functions (hvp, F.cross_entropy), from the plain eager
 call of the same loss (itself checked against the float64 oracle in test_parity/test_properties),
@@ -15,7 +16,9 @@ import torch
 
 import lsjax
 import lstorch
-from parity_tests import oracles
+from parity_tests import oracles, paths
+from parity_tests.compare import output_leaves
+from parity_tests.registry import TWINS
 
 CONFIGS = [
     dict(smoothing=0.1, reduction="mean", ignore_index=-100),
@@ -260,3 +263,51 @@ def test_bitwise_deterministic_across_calls(config):
     runs = [jitted(jnp.asarray(logits, jnp.float32)) for _ in range(2)]
     assert np.asarray(runs[0][0]).tobytes() == np.asarray(runs[1][0]).tobytes()
     assert np.asarray(runs[0][1]).tobytes() == np.asarray(runs[1][1]).tobytes()
+
+
+# ------------------------------------------------------------------------- torch's default dtype
+
+
+def _torch_call(twin, index, dtype):
+    """The twin's PyTorch call on registry case ``index`` in ``dtype`` (its other floating
+    arrays in float32): the outputs' leaves and the gradient of their sum, as tensors."""
+    args, kwargs = twin.make_inputs(np.random.default_rng(index), dict(twin.cases[index]))
+
+    def tensor(value, floating):
+        if not isinstance(value, np.ndarray):
+            return value
+        if np.issubdtype(value.dtype, np.floating):
+            return torch.tensor(value, dtype=floating)
+        return torch.from_numpy(value)
+
+    x = tensor(np.asarray(args[0]), dtype).requires_grad_(True)
+    rest = [tensor(value, torch.float32) for value in args[1:]]
+    options = {key: tensor(value, torch.float32) for key, value in kwargs.items()}
+    leaves = output_leaves(twin.torch_fn(x, *rest, **options))
+    total = sum(leaf.double().sum() for leaf in leaves if leaf.requires_grad)
+    (grad,) = torch.autograd.grad(total, x)
+    return [leaf.detach() for leaf in leaves], grad
+
+
+@pytest.mark.parametrize(
+    "twin", [twin for twin in TWINS if "torch" in twin.ours], ids=lambda twin: twin.name
+)
+def test_torch_default_dtype_float64_changes_no_output(twin):
+    """``torch.set_default_dtype(torch.float64)``, as scientific code sets it, changes neither
+    the dtype nor a bit of any output or gradient of float32 and bf16 logits. A fill built from
+    two Python numbers takes the default dtype: ``soft_target_cross_entropy``'s NaN-or-0 fill
+    made its float32 loss (and T5X's and Keras's over it) come back float64."""
+    cover = [(index, dtype) for index, dtype in paths.twin_cover(twin) if dtype != "float64"]
+    for index, name in cover[:4]:
+        dtype = getattr(torch, name)
+        expected, expected_grad = _torch_call(twin, index, dtype)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            leaves, grad = _torch_call(twin, index, dtype)
+        finally:
+            torch.set_default_dtype(previous)
+        assert len(leaves) == len(expected), index
+        for leaf, want in zip([*leaves, grad], [*expected, expected_grad], strict=True):
+            # the same dtype (checked by default) and the same values, NaN where NaN
+            torch.testing.assert_close(leaf, want, rtol=0, atol=0, equal_nan=True)
