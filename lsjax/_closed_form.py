@@ -76,7 +76,8 @@ def support_size(
         return size
     size = size - jnp.sum(~class_mask)
     if convention == "others_but_pad":
-        size = size + ~class_mask[pad_index]  # a masked pad is not excluded twice
+        # a masked pad is not excluded twice
+        size = size + (~class_mask[pad_index]).astype(size.dtype)
     return size if dtype is None else size.astype(dtype)
 
 

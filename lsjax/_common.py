@@ -28,8 +28,10 @@ def is_traced(value: Any) -> bool:
 
 
 def compute_dtype(dtype) -> Any:
-    """The dtype a loss accumulates in: float32 for bf16/fp16/float32, float64 for float64."""
-    return jnp.promote_types(dtype, jnp.float32)
+    """The dtype a loss accumulates in: float32 for bf16/fp16/float32, float64 for float64.
+    (Chosen, not promoted: ``jnp.promote_types`` raises under
+    ``jax.numpy_dtype_promotion("strict")``, which has no implicit bf16 -> float32.)"""
+    return jnp.dtype(jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32)
 
 
 def xlogx(value: Array) -> Array:

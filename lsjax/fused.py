@@ -495,7 +495,8 @@ def _lse_parts(options, hidden, weight, bias, classes, compute_dtype) -> _Pass:
             moment = rescale * (moment + moved * total) + chunk_moment
             values = jnp.where(keep, raw, -jnp.inf)
             chunk_best = jnp.max(values, axis=-1)
-            chunk_index = (start_class + offset + jnp.argmax(values, axis=-1)).astype(jnp.int32)
+            first = jnp.argmax(values, axis=-1).astype(jnp.int32)  # (int64 under x64)
+            chunk_index = (start_class + offset + first).astype(jnp.int32)
             take = chunk_best > best
             best = jnp.where(take, chunk_best, best)
             best_index = jnp.where(take, chunk_index, best_index)
@@ -512,7 +513,7 @@ def _lse_parts(options, hidden, weight, bias, classes, compute_dtype) -> _Pass:
         jnp.zeros(rows, jnp.int32),
     )
     start = tuple(_varying(value, hidden, weight, bias) for value in start)
-    carry, _ = jax.lax.scan(step, start, jnp.arange(count))
+    carry, _ = jax.lax.scan(step, start, jnp.arange(count, dtype=jnp.int32))
     peak, total, support_sum, moment, best, best_index = carry
     if options.axis_name is not None:  # the global max, and the sum-exp relative to it
         axis = options.axis_name
@@ -619,9 +620,10 @@ def _row_statistics(options, hidden, weight, bias, labels, counted, eps, classes
     if classes.class_mask is not None:  # masked classes leave the softmax and the support
         label_allowed = _gather(options, classes.class_mask.astype(jnp.int32), safe_labels, start)
         bad = bad | (counted & (label_allowed == 0))
-        size = size - _psum(jnp.sum(~classes.class_mask), options)
+        size = size - _psum(jnp.sum(~classes.class_mask, dtype=jnp.int32), options)
         if options.convention == "others_but_pad":  # a masked pad is not excluded twice
             size = size + 1 - _gather(options, classes.class_mask.astype(jnp.int32), pad, start)
+        size = size.astype(compute_dtype)  # (an integer count would meet float sums)
     x_y = column(safe_labels)
     w_y = 1.0
     if classes.class_weight is not None:
@@ -681,7 +683,8 @@ def _fused_terms(options, hidden, weight, bias, labels, counted, eps, class_weig
     form = dict(convention=options.convention, kl=options.kl)
     output = _closed_form.row_loss(terms, counted, eps, z=z, **form)
     if options.with_stats:  # 0, 0 and False on rows that do not count (as the dense loss)
-        correct = (forward.argmax == terms.safe_labels) & counted & ~terms.bad
+        on_label = forward.argmax == terms.safe_labels.astype(forward.argmax.dtype)
+        correct = on_label & counted & ~terms.bad
         row_stats = (
             jnp.where(counted, terms.lse, 0.0),
             jnp.where(counted, forward.entropy, 0.0),
@@ -780,7 +783,7 @@ def _fused_rows_bwd(options, residuals: _Residuals, grads):
         raw = _chunk_logits(hidden_c, weight, bias, offset, chunk, compute_dtype)
         logits = _closed_form.transformed(raw, options.transform)
         classes_here = start + offset + jax.lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
-        is_target = classes_here == safe_labels[:, None]
+        is_target = classes_here == safe_labels[:, None].astype(jnp.int32)  # (int64 under x64)
         in_support = jnp.ones(is_target.shape, bool)
         if options.convention != "uniform":
             in_support = ~is_target

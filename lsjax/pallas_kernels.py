@@ -438,7 +438,7 @@ def _inputs(options, num_classes, labels, counted, eps, weight, class_mask, z) -
         mask_values = class_mask.astype(dtype)
         u = mask_values if u is None else u * mask_values
     w_y = jnp.ones(labels.shape, dtype) if weight is None else weight[safe]
-    size = support_size(options.convention, num_classes, options.pad_index, class_mask)
+    size = support_size(options.convention, num_classes, options.pad_index, class_mask, dtype)
     total = jnp.asarray(num_classes, dtype) if u is None else jnp.sum(u)
     pad_weight = jnp.asarray(0.0, dtype)
     if options.pad_index is not None:

@@ -691,7 +691,7 @@ def _logits_tangents(options, x, dx, terms, counted, eps, weight, class_mask, z)
     safe_labels, bad, size = terms.safe_labels, terms.bad, terms.size
     keep = counted[..., None]
     classes = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-    is_target = classes == safe_labels[..., None]
+    is_target = classes == safe_labels[..., None].astype(jnp.int32)  # (int64 under x64)
     in_support = _support_columns(options, x.shape, safe_labels)
     w = 1.0 if weight is None else weight
     if class_mask is not None:  # masked classes leave the support (a (K,) product, not a select)

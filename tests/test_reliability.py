@@ -311,3 +311,49 @@ def test_torch_default_dtype_float64_changes_no_output(twin):
         for leaf, want in zip([*leaves, grad], [*expected, expected_grad], strict=True):
             # the same dtype (checked by default) and the same values, NaN where NaN
             torch.testing.assert_close(leaf, want, rtol=0, atol=0, equal_nan=True)
+
+
+# ------------------------------------------------------------------ JAX's strict dtype promotion
+
+
+def _jax_call(twin, index, dtype):
+    """The twin's JAX call on registry case ``index`` in ``dtype`` (its other floating arrays
+    in float32): the outputs' leaves and the gradient of their sum."""
+    args, kwargs = twin.make_inputs(np.random.default_rng(index), dict(twin.cases[index]))
+
+    def array(value, floating):
+        if not isinstance(value, np.ndarray):
+            return value
+        return jnp.asarray(value, floating if np.issubdtype(value.dtype, np.floating) else None)
+
+    rest = [array(value, jnp.float32) for value in args[1:]]
+    options = {key: array(value, jnp.float32) for key, value in kwargs.items()}
+
+    def total(x):
+        leaves = output_leaves(twin.jax_fn(x, *rest, **options))
+        floating = [leaf for leaf in leaves if jnp.issubdtype(leaf.dtype, jnp.floating)]
+        return sum(jnp.sum(leaf.astype(jnp.float32)) for leaf in floating), leaves
+
+    grad, leaves = jax.grad(total, has_aux=True)(array(np.asarray(args[0]), dtype))
+    return [np.asarray(leaf) for leaf in leaves], np.asarray(grad)
+
+
+@pytest.mark.parametrize(
+    "twin", [twin for twin in TWINS if "jax" in twin.ours], ids=lambda twin: twin.name
+)
+def test_jax_strict_dtype_promotion_changes_no_output(twin):
+    """Under ``jax.numpy_dtype_promotion("strict")`` (no implicit promotion between dtypes of
+    one kind, bf16 -> float32 included) every JAX twin runs, with the outputs and gradient of
+    the default promotion, bit for bit and dtype for dtype. It raised for bf16 logits in every
+    twin (``jnp.promote_types(bf16, float32)`` for the compute dtype), and for a class mask
+    (an integer class count met float sums)."""
+    cover = [(index, dtype) for index, dtype in paths.twin_cover(twin) if dtype != "float64"]
+    masked = [(i, d) for i, d in cover if "mask" in str(twin.cases[i]).lower()]
+    for index, name in list(dict.fromkeys(cover[:2] + masked[:1])):
+        dtype = getattr(jnp, name)
+        expected, expected_grad = _jax_call(twin, index, dtype)
+        with jax.numpy_dtype_promotion("strict"):
+            leaves, grad = _jax_call(twin, index, dtype)
+        for leaf, want in zip([*leaves, grad], [*expected, expected_grad], strict=True):
+            assert leaf.dtype == want.dtype, (twin.name, index)
+            np.testing.assert_array_equal(leaf, want, strict=True)

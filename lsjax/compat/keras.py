@@ -47,7 +47,7 @@ def categorical_crossentropy(
     lsspec.check_flags(fn, from_logits=from_logits)
     (y_pred,) = _common.floating(fn, y_pred=y_pred)
     lsspec.check_has_class_axis(fn, "y_pred", y_pred.shape)
-    compute_dtype = jnp.promote_types(y_pred.dtype, jnp.float32)
+    compute_dtype = _common.compute_dtype(y_pred.dtype)
     y_true = _real(fn, "y_true", y_true).astype(compute_dtype)
     if not from_logits:
         lsspec.check_axis(fn, axis, y_pred.ndim)
@@ -89,7 +89,7 @@ def binary_crossentropy(
     fn = "binary_crossentropy"
     lsspec.check_flags(fn, from_logits=from_logits)
     (y_pred,) = _common.floating(fn, y_pred=y_pred)
-    compute_dtype = jnp.promote_types(y_pred.dtype, jnp.float32)
+    compute_dtype = _common.compute_dtype(y_pred.dtype)
     if y_pred.ndim == 0:  # Keras's mean over `axis` needs one (NumPy and JAX raise there)
         raise lsspec.shape_error(fn, "y_pred", y_pred.shape, "at least one dimension, for the mean")
     lsspec.check_axis(fn, axis, y_pred.ndim)

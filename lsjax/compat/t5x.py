@@ -40,7 +40,7 @@ def cross_entropy_with_logits(
     # Checked here, where the value is still concrete (inside the custom_vjp it is traced).
     z_value = _common.concrete_scalar(fn, "z_loss", z_loss)
     lsspec.check_z_loss(fn, z_value, from_log_probs=False, return_z_loss=True)
-    compute_dtype = jnp.promote_types(logits.dtype, jnp.float32)
+    compute_dtype = _common.compute_dtype(logits.dtype)
     return _cross_entropy_with_logits_jit(logits, targets, jnp.asarray(z_loss, compute_dtype))
 
 
