@@ -9,7 +9,9 @@
 * float64 tests need jax_enable_x64; every array here names its dtype, so turning it on globally
   changes no float32 or bf16 result. JAX has two CPU devices (for the sharded path).
 * One persistent JAX compilation cache, shared by the pytest-xdist workers, the subprocesses
-  the tests start and the next run (see :func:`_share_one_compilation_cache`).
+  the tests start and the next run (see :func:`_share_one_compilation_cache`); Inductor's
+  cache beside it. Both under ``~/.cache/label-smoothing-parity`` unless
+  ``JAX_COMPILATION_CACHE_DIR`` or ``TORCHINDUCTOR_CACHE_DIR`` is set.
 """
 
 import gc
@@ -35,6 +37,11 @@ def _set_up_the_frameworks() -> None:
     # 1.001 fails the compile rows with the cache warm, as without it). Read when torch's
     # functorch config is imported, so set before torch.
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE_ALLOW_CUSTOM_AUTOGRAD", "1")
+    # Inductor's cache (its compiled C++, FX graphs and AOTAutograd's graphs) beside JAX's, in
+    # the user's cache folder, rather than its default /tmp/torchinductor_$USER, which a reboot
+    # or a cleaner of /tmp empties (a cold cache: minutes of C++ compiles). Read when Inductor's
+    # config is imported, so set before torch.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_cache_home(), "inductor"))
     import torch
 
     # torch.compile (the compile path of tests/test_paths.py) compiles in this process instead
@@ -86,23 +93,27 @@ def _collect_the_oldest_generation_rarely() -> None:
     gc.set_threshold(threshold0, threshold1, 1000)
 
 
+def _cache_home() -> str:
+    """``~/.cache/label-smoothing-parity`` (under ``$XDG_CACHE_HOME`` when that is set): the
+    folder of the compilation caches the tests keep between runs."""
+    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(home, "label-smoothing-parity")
+
+
 def _share_one_compilation_cache() -> None:
     """Point JAX's persistent compilation cache at one folder that every test process uses.
 
     ``JAX_COMPILATION_CACHE_DIR`` names it (``~/.cache/label-smoothing-parity/jax`` unless it is
     set already), so the xdist workers and every subprocess a test starts inherit it: a program
     one of them compiled is read back by the others (several times cheaper than compiling it),
-    and by the next run, as Inductor's own cache (``/tmp/torchinductor_$USER``) already is.
+    and by the next run, as Inductor's cache (``~/.cache/label-smoothing-parity/inductor``) is.
     It also catches the programs JAX's in-memory caches evict: the suite compiles more distinct
     small programs (twin cases, dtypes and shapes) than they keep. The key of an entry is the
     program, its compile options and the jax/jaxlib versions: same key, same executable.
     """
     import jax
 
-    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-        home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        folder = os.path.join(home, "label-smoothing-parity", "jax")
-        os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_cache_home(), "jax"))
     # Cache every program, however small or quick to compile (the environment variables reach
     # the subprocesses too).
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
