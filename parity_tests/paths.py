@@ -2,8 +2,8 @@
 
 A twin (``registry.TWINS``) is proven on its plain path by ``compare``: eager JAX against eager
 PyTorch. Users run other paths: lstorch's Triton kernels, ``inplace_backward``,
-``torch.compile``, ``torch.autocast`` (mixed precision), ``torch.func`` and ``torch.compile``
-of a ``torch.func`` transform;
+``torch.compile``, ``torch.autocast`` (mixed precision) eager and under ``torch.compile``,
+``torch.func`` and ``torch.compile`` of a ``torch.func`` transform;
 ``jax.jit``, ``vmap``, arrays sharded over a mesh whose axes are ``Auto`` (XLA's partitioner
 lays out the rest) or ``Explicit`` (``jax.make_mesh``'s default: the layout is part of each
 array's type, and JAX checks it). A fast path is only as
@@ -92,11 +92,17 @@ JAX_DTYPES = {"float64": jnp.float64, "float32": jnp.float32, "bfloat16": jnp.bf
 # :func:`ci_sample`, a few cases of the twin rows' pairwise cover; a number here limits it.
 SAMPLES = {
     # torch.compile costs seconds of Inductor and C++ compilation per case and dtype.
-    "ci": {"torch: compile": 1, "torch: compile + triton": 1, "torch: compile + func.grad": 1},
+    "ci": {
+        "torch: compile": 1,
+        "torch: compile + triton": 1,
+        "torch: compile + autocast": 1,
+        "torch: compile + func.grad": 1,
+    },
     "report": {
         "default": 6,
         "torch: compile": 3,
         "torch: compile + triton": 3,
+        "torch: compile + autocast": 3,
         "torch: compile + func.grad": 3,
     },
     "all": {"default": None},
@@ -324,6 +330,17 @@ def torch_autocast(fn, args, kwargs, dtype, dense_by_kind):
     it takes this path in float64 and bfloat16, where that cast changes nothing."""
     with torch.autocast("cpu", dtype=torch.bfloat16):
         return torch_eager(fn, args, kwargs, dtype, dense_by_kind)
+
+
+def torch_compile_autocast(fn, args, kwargs, dtype, dense_by_kind):
+    """:func:`torch_compile` inside ``torch.autocast("cpu", torch.bfloat16)``: AMP's region
+    around a compiled training step, the usual way a language model trains. Dynamo traces the
+    region's state into the graph, and with it the switch that turns autocast off inside the
+    dense core's and the fused head's Functions (``lstorch._common.autocast_off``); the
+    backward runs inside the region, as in :func:`torch_autocast`. The dtypes are those of
+    :func:`torch_autocast`, compared with the plain path as there."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return torch_compile(fn, args, kwargs, dtype, dense_by_kind)
 
 
 def _bound(fn, rest, options, x):
@@ -656,6 +673,12 @@ PATHS: tuple[Path, ...] = (
         kernels="Triton",
     ),
     Path("torch: autocast", "torch", torch_autocast, packed_dtypes=("float64", "bfloat16")),
+    Path(
+        "torch: compile + autocast",
+        "torch",
+        torch_compile_autocast,
+        packed_dtypes=("float64", "bfloat16"),
+    ),
     Path("torch: func.grad", "torch", torch_func_grad),
     Path("torch: func.vmap", "torch", torch_func_vmap, examples=2),
     Path("torch: compile + func.grad", "torch", torch_compile_func_grad),

@@ -139,11 +139,14 @@ def test_every_path_is_reached_by_the_twins_it_should_be():
         assert set(fused) <= set(by_path[path])
     # every PyTorch twin runs under autocast; the fused head (which rounds its operands as
     # F.linear's autocast would) in the dtypes where that rounding changes nothing
-    autocast = next(path for path in paths.PATHS if path.name == "torch: autocast")
-    assert len(by_path["torch: autocast"]) == sum("torch" in t.ours for t in TWINS)
-    for twin in TWINS:
-        expected = ("float64", "bfloat16") if twin.packed else ("float64", "float32", "bfloat16")
-        assert autocast.dtypes_of(twin) == expected, twin.name
+    # (eager and compiled)
+    for name in ("torch: autocast", "torch: compile + autocast"):
+        autocast = next(path for path in paths.PATHS if path.name == name)
+        assert len(by_path[name]) == sum("torch" in t.ours for t in TWINS), name
+        for twin in TWINS:
+            packed = ("float64", "bfloat16")
+            expected = packed if twin.packed else ("float64", "float32", "bfloat16")
+            assert autocast.dtypes_of(twin) == expected, (name, twin.name)
 
 
 def test_the_sample_keeps_every_reduction():
