@@ -3,9 +3,9 @@
 Runs every registered twin (JAX against PyTorch) in float64, float32 and bfloat16, and every twin's
 float64 NumPy oracle against both frameworks; then every twin on every execution path it reaches
 (``parity_tests.paths``: lstorch's Triton kernels, ``inplace_backward``, ``torch.compile``,
-``torch.func``; ``jax.jit``, ``vmap``, sharded, lsjax's Pallas kernels), each against its plain
-path and the oracle, with every kind of upstream gradient. Prints the tables; exits 1 on any
-failure.
+``torch.autocast``, ``torch.func``; ``jax.jit``, ``vmap``, sharded, lsjax's Pallas kernels),
+each against its plain path and the oracle, with every kind of upstream gradient. Prints the
+tables; exits 1 on any failure.
 
 ``--twin NAME`` runs one twin, ``--path NAME`` one path (``--path none``: the twins only),
 ``--sample ci|report|all`` how many cases per twin and path (default ``report``; ``all`` runs every
