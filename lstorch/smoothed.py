@@ -449,18 +449,21 @@ def _support_sum(x_summed, column_weight, pad_index, labels, *, own: bool) -> to
     The label is left out, not summed and subtracted after: its term would cancel against the
     others' (at smoothing 1 with a confident label, float32's rounding of ~16 in a sum of
     ~1e-4) and a -inf label logit would make it NaN. Its column is set to 0 for the products:
-    in place and restored after (O(rows) work) when ``x_summed`` is this call's ``own`` buffer
-    and autograd does not record it; otherwise in a copy (the caller's float32
-    log-probabilities: a transient rows x K copy, ~3x the products' time on a CPU; under
-    ``torch.compile`` Inductor fuses it)."""
+    in place and restored after (O(rows) work) when ``x_summed`` is this call's ``own`` buffer,
+    autograd does not record it and the call runs eagerly; otherwise in a copy (the caller's
+    float32 log-probabilities: a transient rows x K copy, ~3x the products' time on a CPU;
+    under ``torch.compile`` Inductor fuses it into the products)."""
     if labels is None:
         return _column_sum(x_summed, column_weight, pad_index)
     index = labels.unsqueeze(-1)
     recorded = torch.is_grad_enabled() and x_summed.requires_grad
-    # torch.func.vmap has no batching rule for scatter_ (it would loop over the batch); under
-    # torch.compile, whose tracer cannot ask functorch, the graph is functional anyway
-    batched = not torch.compiler.is_compiling() and _common.vmapped(x_summed)
-    if own and not recorded and not batched:
+    # Under torch.compile the graph is functional anyway, and torch 2.13's Inductor miscompiled
+    # the scatter-and-restore where the buffer's class axis is not last in memory (axis=1 of
+    # (N, C, d) logits: the loss 1.07 off, the gradient too, with no error). torch.func.vmap
+    # has no batching rule for scatter_ (it would loop over the batch); it is asked only
+    # eagerly, as Dynamo's tracer cannot ask functorch.
+    compiling = torch.compiler.is_compiling()
+    if own and not recorded and not compiling and not _common.vmapped(x_summed):
         kept = x_summed.gather(-1, index)
         total = _column_sum(x_summed.scatter_(-1, index, 0.0), column_weight, pad_index)
         x_summed.scatter_(-1, index, kept)  # restored for its next reader (the softmax)
