@@ -334,13 +334,27 @@ def torch_autocast(fn, args, kwargs, dtype, dense_by_kind):
 
 def torch_compile_autocast(fn, args, kwargs, dtype, dense_by_kind):
     """:func:`torch_compile` inside ``torch.autocast("cpu", torch.bfloat16)``: AMP's region
-    around a compiled training step, the usual way a language model trains. Dynamo traces the
-    region's state into the graph, and with it the switch that turns autocast off inside the
-    dense core's and the fused head's Functions (``lstorch._common.autocast_off``); the
-    backward runs inside the region, as in :func:`torch_autocast`. The dtypes are those of
-    :func:`torch_autocast`, compared with the plain path as there."""
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        return torch_compile(fn, args, kwargs, dtype, dense_by_kind)
+    around a compiled training step, the usual way a language model trains. What it guards is
+    autocast reaching a loss's own ops, the closed form's support-sum product above all, which
+    the losses prevent by switching autocast off inside their Functions
+    (``lstorch._common.autocast_off``); Dynamo must carry that switch, and the region, into the
+    compiled forward and backward. Without the switch, float32 logits at 1,000 classes (16
+    rows, summed) came out 7e-3 off eagerly and under this path, and within 2e-5 under
+    Inductor's default CPU code (below).
+
+    Each twin runs in the one dtype where that shows: float32 logits, whose tolerance is about
+    1e-5 relative (bf16 logits were as far off, inside bf16's tolerance; float64, which
+    autocast leaves alone, would prove :func:`torch_compile` again); the fused head in
+    bfloat16 (in float32 it rounds its operands as autocast casts ``F.linear``'s, by design).
+    The plain path is compared as in :func:`torch_autocast`."""
+    # Inductor rounds where eager rounds (each bf16 result of an op on autocast's lists). By
+    # default, on a CPU, it fuses a bf16 matrix product into float32 code and skips the rounding
+    # that a GPU's bf16 matrix multiply makes: the bug above would pass here and fail on a GPU.
+    from torch._inductor import config as inductor_config
+
+    with inductor_config.patch(emulate_precision_casts=True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return torch_compile(fn, args, kwargs, dtype, dense_by_kind)
 
 
 def _bound(fn, rest, options, x):
@@ -623,13 +637,16 @@ class Path:
     # ``check(args, kwargs)`` raises NotApplicable for a case the path cannot take, before the
     # case's oracle and plain path are computed (None: every case applies).
     check: Callable | None = None
-    # The dtypes of ``dtypes`` that the packed twins (the fused head) take (None: all of them).
+    # The dtypes of ``dtypes`` that the packed twins (the fused head) take, and those that the
+    # other twins take (None: all of them).
     packed_dtypes: tuple[str, ...] | None = None
+    unpacked_dtypes: tuple[str, ...] | None = None
 
     def dtypes_of(self, twin) -> tuple[str, ...]:
         """The dtypes ``twin`` runs in on this path."""
-        if twin.packed and self.packed_dtypes is not None:
-            return tuple(dtype for dtype in self.dtypes if dtype in self.packed_dtypes)
+        taken = self.packed_dtypes if twin.packed else self.unpacked_dtypes
+        if taken is not None:
+            return tuple(dtype for dtype in self.dtypes if dtype in taken)
         return self.dtypes
 
     @property
@@ -677,7 +694,9 @@ PATHS: tuple[Path, ...] = (
         "torch: compile + autocast",
         "torch",
         torch_compile_autocast,
-        packed_dtypes=("float64", "bfloat16"),
+        dtypes=("float32", "bfloat16"),
+        packed_dtypes=("bfloat16",),
+        unpacked_dtypes=("float32",),
     ),
     Path("torch: func.grad", "torch", torch_func_grad),
     Path("torch: func.vmap", "torch", torch_func_vmap, examples=2),
